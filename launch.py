@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""The one entry point: pack images, run, measure perplexity, verify.
+
+    python launch.py run                                   # embedded SmolLM2-135M-Instruct, default chat prompt
+    python launch.py pack --checkpoint DIR_OR_GGUF --out model.img [--dtype bf16]
+    python launch.py pack --synthetic llama3.1-8b --layers 4 --out synth.img
+    python launch.py run --image model.img --prompt "Hello" --chat --max-new-tokens 64
+    python launch.py perplexity --image model.img --text-file wiki.txt --context 512
+    python launch.py verify --image model.img
+
+Every user error (bad file, bad flag value) prints one line to stderr and exits with code 2; ``--help`` on
+any command explains its flags. This file parses and dispatches; the work is in runtime/ and model/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from model.errors import UserError
+
+
+def _add_image_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--image", required=required,
+                   help="packed image: a file or a block device" +
+                   ("" if required else " (default: the embedded SmolLM2-135M-Instruct, packed once into the cache)"))
+    p.add_argument("--manifest", help="the image's manifest (default: IMAGE.manifest.json; required for block devices)")
+
+
+def _add_device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"],
+                   help="where the model computes (default: cuda if available, else cpu)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="launch.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("pack", help="pack a checkpoint (or synthetic weights) into a runtime image",
+                       description="Pack a Meta directory, a Hugging Face directory or a .gguf file into one "
+                                   "image: a 4 KiB header, then every group as one aligned, checksummed extent.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="Meta dir (params.json + consolidated.*.pth), HF dir (config.json + "
+                                          "*.safetensors) or a .gguf file")
+    src.add_argument("--synthetic", choices=["llama3.1-70b", "llama3.1-8b", "llama3.2-1b", "tiny"],
+                     help="random weights (never zeros) in a published shape, for benchmarks")
+    p.add_argument("--layers", type=int, help="with --synthetic: number of layers (default: the shape's own)")
+    p.add_argument("--seed", type=int, default=0, help="with --synthetic: random seed (default 0)")
+    p.add_argument("--out", required=True, help="image to write: a regular file or a block device")
+    p.add_argument("--manifest", help="manifest path (default OUT.manifest.json; required for a block device)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="stored dtype (default bf16)")
+    p.add_argument("--force", action="store_true",
+                   help="write to a block device that holds a partition table (never overrides 'mounted' or "
+                        "'too small')")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+    p = sub.add_parser("run", help="generate text", description="Generate from a packed image.")
+    _add_image_args(p)
+    p.add_argument("--mode", default="full", choices=["full"],
+                   help="full: every group loaded onto the device (the in-memory reference)")
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", help="prompt text (default with no image: a chat question)")
+    prompt.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="context length to allocate the KV cache for (default: prompt + new tokens)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    _add_device_args(p)
+    p.add_argument("--out-json", help="write prompt/output token ids, text and timings to this JSON file")
+    p.add_argument("--quiet", action="store_true", help="print only the generated text")
+
+    p = sub.add_parser("perplexity", help="perplexity of a text file",
+                       description="Perplexity over consecutive non-overlapping windows of N tokens.")
+    _add_image_args(p)
+    p.add_argument("--text-file", required=True, help="UTF-8 text to score")
+    p.add_argument("--context", type=int, default=512, help="window length in tokens (default 512)")
+    _add_device_args(p)
+    p.add_argument("--out-json", help="write perplexity and token count to this JSON file")
+
+    p = sub.add_parser("verify", help="check an image's header, manifest and every group checksum")
+    _add_image_args(p, required=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from runtime import commands
+
+    try:
+        return getattr(commands, args.command)(args) or 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

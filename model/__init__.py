@@ -1,0 +1,1 @@
+"""The Llama model (Meta's names), its arguments, checkpoint loaders and tokenizers."""

@@ -1,0 +1,273 @@
+"""The Llama architecture with Meta's module and state-dict names, split into weight groups.
+
+A model is a sequence of *groups*, the unit the runtime stores, streams and binds:
+
+    tok_embeddings                     tok_embeddings.weight
+    layers.{i}.attention               layers.{i}.attention.{wq,wk,wv,wo}.weight, layers.{i}.attention_norm.weight
+    layers.{i}.feed_forward            layers.{i}.feed_forward.{w1,w2,w3}.weight, layers.{i}.ffn_norm.weight
+    head                               norm.weight, output.weight (output absent when tied to the embedding)
+
+Each group's forward is a plain function that takes its weights as a mapping of *local* names (the
+state-dict key with the group's layer prefix removed, e.g. ``attention.wq.weight``) to tensors. The
+runtime passes views into a staging buffer or a shared-memory slot; nothing here allocates weights.
+
+Rotary embeddings follow Meta's layout: q/k features are interleaved (re, im) pairs. Loaders of Hugging
+Face checkpoints undo HF's row permutation so that every image holds Meta's layout.
+
+``Transformer`` (an nn.Module with Meta's names) exists so that a Meta state dict loads with strict=True;
+its forward goes through the same group functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Iterator, Mapping, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.args import ModelArgs, RopeScaling
+
+Weights = Mapping[str, torch.Tensor]
+
+ATTN_TENSORS = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "attention.wo.weight",
+                "attention_norm.weight")
+FFN_TENSORS = ("feed_forward.w1.weight", "feed_forward.w2.weight", "feed_forward.w3.weight", "ffn_norm.weight")
+
+
+# ---- groups ------------------------------------------------------------------------------------------
+
+def group_names(args: ModelArgs) -> list[str]:
+    """All groups in forward order (the order of the cyclic scan)."""
+    names = ["tok_embeddings"]
+    for i in range(args.n_layers):
+        names += [f"layers.{i}.attention", f"layers.{i}.feed_forward"]
+    return names + ["head"]
+
+
+def group_tensor_shapes(args: ModelArgs, group: str) -> dict[str, tuple[int, ...]]:
+    """Local tensor name -> shape for one group."""
+    d, hd = args.dim, args.head_dim
+    if group == "tok_embeddings":
+        return {"tok_embeddings.weight": (args.vocab_size, d)}
+    if group == "head":
+        shapes = {"norm.weight": (d,)}
+        if not args.tie_embeddings:
+            shapes["output.weight"] = (args.vocab_size, d)
+        return shapes
+    kind = group.rsplit(".", 1)[-1]
+    if kind == "attention":
+        return {"attention.wq.weight": (args.n_heads * hd, d), "attention.wk.weight": (args.n_kv_heads * hd, d),
+                "attention.wv.weight": (args.n_kv_heads * hd, d), "attention.wo.weight": (d, args.n_heads * hd),
+                "attention_norm.weight": (d,)}
+    if kind == "feed_forward":
+        return {"feed_forward.w1.weight": (args.ffn_hidden, d), "feed_forward.w2.weight": (d, args.ffn_hidden),
+                "feed_forward.w3.weight": (args.ffn_hidden, d), "ffn_norm.weight": (d,)}
+    raise KeyError(f"unknown group {group!r}")
+
+
+def group_prefix(group: str) -> str:
+    """State-dict prefix of a group's local names: 'layers.3.' for layer groups, '' otherwise."""
+    return group.rsplit(".", 1)[0] + "." if group.startswith("layers.") else ""
+
+
+def global_names(args: ModelArgs) -> Iterator[tuple[str, str, str]]:
+    """(group, local name, state-dict key) for every tensor of the model."""
+    for g in group_names(args):
+        for local in group_tensor_shapes(args, g):
+            yield g, local, group_prefix(g) + local
+
+
+def group_kind(group: str) -> str:
+    return group.rsplit(".", 1)[-1] if group.startswith("layers.") else group
+
+
+# ---- numerics ----------------------------------------------------------------------------------------
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in fp32, as Meta's reference does, then cast back to x's dtype."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return y.type_as(x) * weight
+
+
+def rope_frequencies(args: ModelArgs) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,) in fp64, with Llama-3.1 scaling when configured."""
+    hd = args.head_dim
+    inv = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    s = args.rope_scaling
+    if s is None:
+        return inv
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor)
+    scaled = torch.where(wavelen > low_wavelen, inv / s.factor, inv)
+    mid = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+    return torch.where(mid, (1 - smooth) * inv / s.factor + smooth * inv, scaled)
+
+
+def rope_scaling_matches(s: RopeScaling, theta: float, head_dim: int, divisors: np.ndarray) -> bool:
+    """Whether llama.cpp's ``rope_freqs`` divisors equal what scaling ``s`` does to the base frequencies."""
+    base = ModelArgs(dim=head_dim, n_layers=1, n_heads=1, vocab_size=1, ffn_hidden=1, rope_theta=theta)
+    scaled = dataclasses.replace(base, rope_scaling=s)
+    ratio = (rope_frequencies(base) / rope_frequencies(scaled)).numpy()
+    return ratio.shape == divisors.shape and bool(np.allclose(ratio, divisors, rtol=1e-3))
+
+
+class Rope:
+    """cos/sin tables for positions [0, max_len), built once per device."""
+
+    def __init__(self, args: ModelArgs, max_len: int, device: torch.device | str = "cpu") -> None:
+        t = torch.arange(max_len, dtype=torch.float64)
+        angles = torch.outer(t, rope_frequencies(args))  # (max_len, hd/2)
+        self.cos = angles.cos().float().to(device)
+        self.sin = angles.sin().float().to(device)
+        self.max_len = max_len
+
+    def apply(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """x: (B, S, H, hd) with interleaved (re, im) pairs -> rotated, same dtype."""
+        s = x.shape[1]
+        if start + s > self.max_len:
+            raise ValueError(f"position {start + s} exceeds the rotary table of {self.max_len}")
+        cos = self.cos[start:start + s].view(1, s, 1, -1)
+        sin = self.sin[start:start + s].view(1, s, 1, -1)
+        xf = x.float().unflatten(-1, (-1, 2))  # (B, S, H, hd/2, 2)
+        re, im = xf[..., 0], xf[..., 1]
+        out = torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1)
+        return out.flatten(-2).type_as(x)
+
+
+class KVCache:
+    """Per-layer key/value tensors (B, max_len, n_kv_heads, head_dim) on one device."""
+
+    def __init__(self, args: ModelArgs, batch: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device | str) -> None:
+        shape = (batch, max_len, args.n_kv_heads, args.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        self.max_len = max_len
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+# ---- group forwards ----------------------------------------------------------------------------------
+
+def embed_forward(tokens: torch.Tensor, w: Weights) -> torch.Tensor:
+    """tokens (B, S) int64 -> h (B, S, dim)."""
+    return F.embedding(tokens, w["tok_embeddings.weight"])
+
+
+def attention_forward(h: torch.Tensor, w: Weights, args: ModelArgs, layer: int, rope: Rope, cache: KVCache,
+                      start: int) -> torch.Tensor:
+    """h (B, S, dim) -> h + Attention(RMSNorm(h)), updating the cache at positions [start, start+S)."""
+    b, s, _ = h.shape
+    x = rms_norm(h, w["attention_norm.weight"], args.norm_eps)
+    q = F.linear(x, w["attention.wq.weight"]).view(b, s, args.n_heads, args.head_dim)
+    k = F.linear(x, w["attention.wk.weight"]).view(b, s, args.n_kv_heads, args.head_dim)
+    v = F.linear(x, w["attention.wv.weight"]).view(b, s, args.n_kv_heads, args.head_dim)
+    q, k = rope.apply(q, start), rope.apply(k, start)
+    ck, cv = cache.k[layer], cache.v[layer]
+    ck[:b, start:start + s] = k
+    cv[:b, start:start + s] = v
+    end = start + s
+    keys = ck[:b, :end].transpose(1, 2)  # (B, n_kv, end, hd)
+    values = cv[:b, :end].transpose(1, 2)
+    q = q.transpose(1, 2)  # (B, n_heads, S, hd)
+    mask = None
+    if s > 1:  # query i sits at position start+i and sees keys [0, start+i]
+        qpos = torch.arange(start, end, device=h.device).view(s, 1)
+        mask = torch.arange(end, device=h.device).view(1, end) <= qpos
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=args.n_rep > 1)
+    out = out.transpose(1, 2).reshape(b, s, args.n_heads * args.head_dim)  # (B, S, n_heads*hd)
+    return h + F.linear(out, w["attention.wo.weight"])
+
+
+def ffn_forward(h: torch.Tensor, w: Weights, args: ModelArgs) -> torch.Tensor:
+    """h (B, S, dim) -> h + W2(silu(W1 x) * W3 x), x = RMSNorm(h)."""
+    x = rms_norm(h, w["ffn_norm.weight"], args.norm_eps)
+    gate = F.silu(F.linear(x, w["feed_forward.w1.weight"]))
+    return h + F.linear(gate * F.linear(x, w["feed_forward.w3.weight"]), w["feed_forward.w2.weight"])
+
+
+def head_forward(h: torch.Tensor, w: Weights, args: ModelArgs, embed_w: Optional[Weights] = None) -> torch.Tensor:
+    """h (B, S, dim) -> logits (B, S, vocab) in fp32. Tied models pass the embedding group."""
+    out_w = embed_w["tok_embeddings.weight"] if args.tie_embeddings else w["output.weight"]
+    return F.linear(rms_norm(h, w["norm.weight"], args.norm_eps), out_w).float()
+
+
+# ---- Meta-named module (strict state-dict loading; in-memory reference) ------------------------------
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        hd = args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * hd, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * hd, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * hd, bias=False)
+        self.wo = nn.Linear(args.n_heads * hd, args.dim, bias=False)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.ffn_hidden, bias=False)
+        self.w2 = nn.Linear(args.ffn_hidden, args.dim, bias=False)
+        self.w3 = nn.Linear(args.dim, args.ffn_hidden, bias=False)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+
+class Transformer(nn.Module):
+    """Meta's module tree. Build on the meta device and ``load_state_dict(sd, strict=True, assign=True)``."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        if not args.tie_embeddings:
+            self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+
+    def group_weights(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Group name -> {local name: parameter}, for the group forwards."""
+        sd = self.state_dict()
+        return {g: {local: sd[key] for local in group_tensor_shapes(self.args, g)
+                    for key in [group_prefix(g) + local]}
+                for g in group_names(self.args)}
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, start: int, rope: Rope, cache: KVCache) -> torch.Tensor:
+        groups = self.group_weights()
+        return forward_groups(tokens, start, self.args, groups.__getitem__, rope, cache)
+
+
+def forward_groups(tokens: torch.Tensor, start: int, args: ModelArgs, get, rope: Rope,
+                   cache: KVCache) -> torch.Tensor:
+    """One forward pass over every group in order; ``get(group) -> Weights`` supplies the weights."""
+    embed_w = get("tok_embeddings")
+    h = embed_forward(tokens, embed_w)
+    for i in range(args.n_layers):
+        h = attention_forward(h, get(f"layers.{i}.attention"), args, i, rope, cache, start)
+        h = ffn_forward(h, get(f"layers.{i}.feed_forward"), args)
+    return head_forward(h, get("head"), args, embed_w)

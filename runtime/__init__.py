@@ -1,0 +1,1 @@
+"""The streaming runtime: image format, packing, weight sources, generation, and (later) the pool."""

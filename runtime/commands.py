@@ -1,0 +1,157 @@
+"""The commands of launch.py, one function each, taking the parsed argparse namespace.
+
+Each returns an exit code (None for 0) and raises ``UserError`` for bad input. Runs in the launch.py process.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from model.errors import ConfigError, UserError
+
+
+def pack(a) -> None:
+    from runtime.pack import pack as do_pack
+
+    if a.synthetic:
+        from model.synthetic import SyntheticCheckpoint
+
+        ck = SyntheticCheckpoint(a.synthetic, a.layers, seed=a.seed)
+    else:
+        if a.layers is not None:
+            raise ConfigError("--layers applies only with --synthetic")
+        from model.checkpoint import open_checkpoint
+
+        ck = open_checkpoint(a.checkpoint)
+    manifest = do_pack(ck, a.out, a.manifest, a.dtype, a.force, quiet=a.quiet)
+    print(f"wrote {a.out} ({ck.args.n_layers} layers, {a.dtype}) and {manifest}")
+
+
+def verify(a) -> None:
+    from runtime.image import Image
+    from runtime.progress import Progress
+
+    image = Image.open(a.image, a.manifest)
+    progress = Progress(f"verifying {image.path}", image.image_size)
+    image.verify(lambda i, n, size: progress.update(size))
+    progress.done()
+    print(f"{image.path}: header, manifest and {len(image.groups)} group checksums OK")
+
+
+def _open_image(a):
+    from runtime.image import Image
+
+    if a.image is None:
+        if a.manifest:
+            raise ConfigError("--manifest needs --image")
+        from runtime.embedded import embedded_image
+
+        return Image.open(embedded_image())
+    return Image.open(a.image, a.manifest)
+
+
+def _device(name: Optional[str]) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available to this process")
+    return torch.device(name)
+
+
+def _tokenizer(image, required: bool):
+    name = image.manifest.get("tokenizer")
+    if not name:
+        if required:
+            raise UserError(f"{image.manifest_path}: the image has no tokenizer; give --prompt-ids")
+        return None
+    from model.tokenizer import Tokenizer
+    from runtime.pack import tokenizer_dir_for
+
+    return Tokenizer.load(tokenizer_dir_for(image.manifest_path).with_name(name))
+
+
+def _prompt_ids(a, tok, default_chat: bool) -> list[int]:
+    if a.prompt_ids is not None:
+        try:
+            return [int(x) for x in a.prompt_ids.split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError(f"--prompt-ids must be comma-separated integers, found {a.prompt_ids!r}") from None
+    from runtime.embedded import DEFAULT_PROMPT
+
+    text = a.prompt if a.prompt is not None else DEFAULT_PROMPT
+    if a.chat or default_chat:
+        return tok.encode_chat([{"role": "user", "content": text}])
+    return tok.encode(text)
+
+
+class TokenPrinter:
+    """Prints generated text as tokens arrive, decoding the whole output so multi-byte characters stay whole."""
+
+    def __init__(self, tok) -> None:
+        self.tok, self.ids, self.shown = tok, [], ""
+
+    def __call__(self, token: int) -> None:
+        self.ids.append(token)
+        if self.tok is None:
+            print(token, end=" ", flush=True)
+            return
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            return
+        sys.stdout.write(text[len(self.shown):])
+        sys.stdout.flush()
+        self.shown = text
+
+
+def run(a) -> None:
+    from runtime.generate import Generator, SamplingConfig
+    from runtime.weights import InMemoryWeights
+
+    image = _open_image(a)
+    ids_given = a.prompt_ids is not None
+    tok = _tokenizer(image, required=not ids_given)
+    prompt = _prompt_ids(a, tok, default_chat=a.image is None and a.prompt is None and not ids_given)
+    cfg = SamplingConfig(a.max_new_tokens, a.temperature, a.top_p, a.seed)
+    device = _device(a.device)
+    t0 = time.perf_counter()
+    source = InMemoryWeights(image, device, quiet=a.quiet)
+    load_ms = (time.perf_counter() - t0) * 1e3
+    gen = Generator(source, a.max_seq_len or len(prompt) + a.max_new_tokens)
+    printer = TokenPrinter(tok)
+    res = gen.generate(prompt, cfg, tok.eos_ids if tok else frozenset(), printer)
+    print()
+    t = res.timings()
+    if not a.quiet:
+        tps = f"{t['decode_tok_s']:.2f} tok/s" if t["decode_tok_s"] else "n/a"
+        print(f"[{len(prompt)} prompt tokens, {len(res.output_token_ids)} generated; load {load_ms:.0f} ms, "
+              f"prefill {t['prefill_ms']:.1f} ms, decode {tps}; stop: {res.stop_reason}]", file=sys.stderr)
+    if a.out_json:
+        out = {"prompt_token_ids": res.prompt_token_ids, "output_token_ids": res.output_token_ids,
+               "text": tok.decode(res.output_token_ids) if tok else None, "stop_reason": res.stop_reason,
+               "mode": a.mode, "device": str(device), "image": str(image.path), "load_ms": load_ms, **t}
+        Path(a.out_json).write_text(json.dumps(out, indent=1))
+
+
+def perplexity(a) -> None:
+    from runtime.generate import Generator
+    from runtime.weights import InMemoryWeights
+
+    image = _open_image(a)
+    tok = _tokenizer(image, required=True)
+    try:
+        text = Path(a.text_file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{a.text_file}: cannot read the text ({e})") from None
+    ids = tok.encode(text)
+    source = InMemoryWeights(image, _device(a.device))
+    ppl, count, nll = Generator(source, a.context).perplexity(ids, a.context)
+    print(f"perplexity {ppl:.4f} over {count} predicted tokens ({len(ids)} tokens, windows of {a.context})")
+    if a.out_json:
+        Path(a.out_json).write_text(json.dumps({"perplexity": ppl, "tokens": count, "nll": nll,
+                                                "context": a.context, "text_tokens": len(ids)}, indent=1))

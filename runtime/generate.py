@@ -1,0 +1,159 @@
+"""Token generation and perplexity over any weight source.
+
+A *weight source* supplies each group's weights by name (``source.get(group) -> {local name: tensor}``)
+on ``source.device`` in ``source.dtype``; the in-memory source is ``runtime.weights.InMemoryWeights``, the
+streamed sources come with the pool. Generation is the same code for every mode: prefill the prompt in
+chunks, then decode one token per forward pass, sampling with temperature / top-p from a seeded generator,
+stopping on the tokenizer's end tokens. Runs in the client (GPU) process.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Protocol, Sequence
+
+import torch
+
+from model.args import ModelArgs
+from model.errors import ConfigError
+from model.llama import KVCache, Rope, Weights, forward_groups
+
+
+class WeightSource(Protocol):
+    args: ModelArgs
+    device: torch.device
+    dtype: torch.dtype
+
+    def get(self, group: str) -> Weights: ...
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ConfigError(f"--max-new-tokens must be >= 0, found {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ConfigError(f"--temperature must be >= 0, found {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"--top-p must be in (0, 1], found {self.top_p}")
+
+
+@dataclass
+class GenerationResult:
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0
+    token_ms: list[float] = field(default_factory=list)  # wall time of each decode step
+    stop_reason: str = "length"
+
+    def timings(self) -> dict:
+        n = len(self.output_token_ids)
+        decode_steps = max(n - 1, 0)
+        return {"prefill_ms": self.prefill_ms, "ttft_ms": self.prefill_ms, "decode_ms": self.decode_ms,
+                "decode_tokens": decode_steps,
+                "decode_tok_s": decode_steps / (self.decode_ms / 1e3) if self.decode_ms > 0 else None,
+                "e2e_ms": self.prefill_ms + self.decode_ms, "token_ms": self.token_ms}
+
+
+def sample(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator) -> torch.Tensor:
+    """logits (B, vocab) fp32 -> token ids (B,). Greedy at temperature 0, else top-p (nucleus) sampling."""
+    if cfg.temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / cfg.temperature, dim=-1)
+    sorted_p, idx = probs.sort(dim=-1, descending=True)
+    drop = sorted_p.cumsum(-1) - sorted_p > cfg.top_p  # keep the smallest prefix whose mass reaches top_p
+    sorted_p = sorted_p.masked_fill(drop, 0.0)
+    choice = torch.multinomial(sorted_p.cpu(), 1, generator=gen).to(idx.device)  # (B, 1)
+    return idx.gather(-1, choice).squeeze(-1)
+
+
+class Generator:
+    """Runs forward passes over a weight source with one KV cache sized for the longest request."""
+
+    def __init__(self, source: WeightSource, max_seq_len: int, prefill_chunk: int = 2048) -> None:
+        self.source, self.args = source, source.args
+        if max_seq_len > self.args.max_seq_len:
+            raise ConfigError(f"--max-seq-len {max_seq_len} exceeds the model's context {self.args.max_seq_len}")
+        self.max_seq_len, self.prefill_chunk = max_seq_len, prefill_chunk
+        self.rope = Rope(self.args, max_seq_len, source.device)
+
+    def new_cache(self, batch: int = 1) -> KVCache:
+        return KVCache(self.args, batch, self.max_seq_len, self.source.dtype, self.source.device)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, start: int, cache: KVCache) -> torch.Tensor:
+        """tokens (B, S) -> logits (B, S, vocab) fp32, prefilling in chunks of ``prefill_chunk``."""
+        outs = []
+        for i in range(0, tokens.shape[1], self.prefill_chunk):
+            chunk = tokens[:, i:i + self.prefill_chunk]
+            outs.append(forward_groups(chunk, start + i, self.args, self.source.get, self.rope, cache))
+        return torch.cat(outs, dim=1)
+
+    def _sync(self) -> None:
+        if self.source.device.type == "cuda":
+            torch.cuda.synchronize(self.source.device)
+
+    def generate(self, prompt: Sequence[int], cfg: SamplingConfig, stop_ids: frozenset[int] = frozenset(),
+                 on_token: Optional[Callable[[int], None]] = None) -> GenerationResult:
+        if not prompt:
+            raise ConfigError("the prompt is empty: give --prompt or --prompt-ids")
+        if len(prompt) + cfg.max_new_tokens > self.max_seq_len:
+            raise ConfigError(f"prompt ({len(prompt)} tokens) + --max-new-tokens ({cfg.max_new_tokens}) exceeds "
+                              f"--max-seq-len {self.max_seq_len}")
+        res = GenerationResult(list(prompt), [])
+        if cfg.max_new_tokens == 0:
+            return res
+        gen = torch.Generator().manual_seed(cfg.seed)
+        cache = self.new_cache(1)
+        t0 = time.perf_counter()
+        tokens = torch.tensor([list(prompt)], dtype=torch.long, device=self.source.device)
+        nxt = sample(self.forward(tokens, 0, cache)[:, -1], cfg, gen)
+        res.prefill_ms = (time.perf_counter() - t0) * 1e3
+        pos = len(prompt)
+        while True:
+            tok = int(nxt.item())
+            res.output_token_ids.append(tok)
+            if on_token:
+                on_token(tok)
+            if tok in stop_ids:
+                res.stop_reason = "stop_token"
+                break
+            if len(res.output_token_ids) >= cfg.max_new_tokens:
+                break
+            t1 = time.perf_counter()
+            nxt = sample(self.forward(nxt.view(1, 1), pos, cache)[:, -1], cfg, gen)
+            pos += 1
+            res.token_ms.append((time.perf_counter() - t1) * 1e3)  # .item() above synchronised the step
+        res.decode_ms = sum(res.token_ms)
+        return res
+
+    @torch.inference_mode()
+    def perplexity(self, ids: Sequence[int], context: int) -> tuple[float, int, float]:
+        """Perplexity over consecutive non-overlapping windows of ``context`` tokens.
+
+        Each window predicts its tokens 1..n-1 from the ones before them inside the window. Returns
+        (perplexity, predicted tokens, summed negative log-likelihood).
+        """
+        if context < 2:
+            raise ConfigError(f"--context must be at least 2, found {context}")
+        nll, count = 0.0, 0
+        for i in range(0, len(ids), context):
+            window = list(ids[i:i + context])
+            if len(window) < 2:
+                break
+            cache = self.new_cache(1)
+            x = torch.tensor([window], dtype=torch.long, device=self.source.device)
+            logp = self.forward(x, 0, cache)[0, :-1].log_softmax(-1)  # (n-1, vocab)
+            nll -= float(logp.gather(-1, x[0, 1:, None]).sum())
+            count += len(window) - 1
+        if count == 0:
+            raise ConfigError(f"the text has {len(ids)} tokens: too few for a window of {context}")
+        return math.exp(nll / count), count, nll
