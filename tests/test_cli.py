@@ -1,0 +1,134 @@
+"""launch.py as a user meets it: --help for every command, and every bad input a one-line error naming the
+file and what was expected and found, exit code 2, no traceback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import run_launch
+from model.synthetic import SyntheticCheckpoint
+from runtime.pack import pack
+
+COMMANDS = {"pack": ["--checkpoint", "--synthetic", "--layers", "--out", "--manifest", "--dtype", "--force"],
+            "run": ["--image", "--manifest", "--mode", "--prompt", "--prompt-ids", "--chat", "--max-new-tokens",
+                    "--temperature", "--top-p", "--seed", "--device", "--out-json"],
+            "perplexity": ["--image", "--text-file", "--context", "--out-json"],
+            "verify": ["--image", "--manifest"]}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_help_explains_every_flag(command):
+    out = run_launch(command, "--help").stdout
+    for flag in COMMANDS[command]:
+        assert flag in out, f"{command} --help lacks {flag}"
+
+
+def assert_user_error(proc, *needles):
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, proc.stderr
+    for n in needles:
+        assert str(n) in lines[0], (n, lines[0])
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "tiny.img"
+    pack(SyntheticCheckpoint("tiny", n_layers=2), out, dtype="fp32", quiet=True)
+    return out
+
+
+def test_missing_checkpoint(tmp_path):
+    assert_user_error(run_launch("pack", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "x.img"),
+                                 check=False), tmp_path / "nope", "no such file")
+
+
+def test_checkpoint_dir_without_model_files(tmp_path):
+    assert_user_error(run_launch("pack", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "x.img"),
+                                 check=False), tmp_path, "params.json")
+
+
+def test_params_with_unknown_key(tmp_path):
+    (tmp_path / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 1, "n_heads": 4, "vocab_size": 32,
+                                                      "rotary_magic": 3}))
+    assert_user_error(run_launch("pack", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "x.img"),
+                                 check=False), tmp_path / "params.json", "rotary_magic")
+
+
+def test_missing_image(tmp_path):
+    assert_user_error(run_launch("run", "--image", str(tmp_path / "none.img"), "--prompt-ids", "1", check=False),
+                      tmp_path / "none.img")
+
+
+def test_missing_manifest(tiny, tmp_path):
+    assert_user_error(run_launch("run", "--image", str(tiny), "--manifest", str(tmp_path / "m.json"),
+                                 "--prompt-ids", "1", check=False), tmp_path / "m.json", "manifest not found")
+
+
+def test_corrupt_group_is_named_at_run(tiny, tmp_path):
+    bad = tmp_path / "bad.img"
+    bad.write_bytes(tiny.read_bytes())
+    (tmp_path / "bad.img.manifest.json").write_text((tiny.parent / "tiny.img.manifest.json").read_text())
+    m = json.loads((tmp_path / "bad.img.manifest.json").read_text())
+    g = next(g for g in m["groups"] if g["name"] == "layers.1.attention")
+    with open(bad, "r+b") as f:
+        f.seek(g["offset"] + 100)
+        f.write(b"\xff\xfe")
+    proc = run_launch("run", "--image", str(bad), "--prompt-ids", "1,2", "--max-new-tokens", "2", check=False)
+    assert_user_error(proc, bad, "layers.1.attention", g["offset"], "crc32")
+
+
+def test_not_an_image(tmp_path):
+    img = tmp_path / "x.img"
+    img.write_bytes(b"\0" * 8192)
+    (tmp_path / "x.img.manifest.json").write_text("{}")
+    assert_user_error(run_launch("verify", "--image", str(img), check=False), "manifest", "lacks")
+
+
+@pytest.mark.parametrize("flags,needle", [(["--prompt-ids", "1,x"], "--prompt-ids"),
+                                          (["--prompt-ids", "1", "--max-new-tokens", "-1"], "--max-new-tokens"),
+                                          (["--prompt-ids", "1", "--top-p", "0"], "--top-p"),
+                                          (["--prompt", "hi"], "no tokenizer"),
+                                          (["--prompt-ids", "1", "--max-seq-len", "99999999"], "--max-seq-len")])
+def test_bad_run_flags(tiny, flags, needle):
+    assert_user_error(run_launch("run", "--image", str(tiny), *flags, check=False), needle)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_without_gpu(tiny):
+    assert_user_error(run_launch("run", "--image", str(tiny), "--prompt-ids", "1", "--device", "cuda", check=False),
+                      "--device cuda")
+
+
+def test_layers_without_synthetic(tmp_path):
+    assert_user_error(run_launch("pack", "--checkpoint", str(tmp_path), "--layers", "2", "--out",
+                                 str(tmp_path / "x.img"), check=False), "--layers")
+
+
+def test_pack_into_missing_directory(tmp_path):
+    assert_user_error(run_launch("pack", "--synthetic", "tiny", "--out", str(tmp_path / "no" / "x.img"),
+                                 check=False), tmp_path / "no")
+
+
+def test_run_prompt_ids_and_json(tiny, tmp_path):
+    out = tmp_path / "o.json"
+    proc = run_launch("run", "--image", str(tiny), "--prompt-ids", "5,6,7", "--max-new-tokens", "4", "--out-json",
+                      str(out))
+    res = json.loads(out.read_text())
+    assert res["prompt_token_ids"] == [5, 6, 7] and len(res["output_token_ids"]) == 4
+    assert {"prefill_ms", "decode_ms", "ttft_ms", "text"} <= set(res)
+    assert proc.stdout.split()[:4] == [str(t) for t in res["output_token_ids"]]  # printed as generated
+
+
+def test_sampling_is_seeded(tiny, tmp_path):
+    outs = []
+    for seed in (1, 1, 2):
+        out = tmp_path / f"s{len(outs)}.json"
+        run_launch("run", "--image", str(tiny), "--prompt-ids", "5,6", "--max-new-tokens", "12", "--temperature",
+                   "1.5", "--top-p", "0.95", "--seed", str(seed), "--out-json", str(out))
+        outs.append(json.loads(out.read_text())["output_token_ids"])
+    assert outs[0] == outs[1] and outs[0] != outs[2]
