@@ -19,7 +19,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from model.errors import ConfigError
 
@@ -43,17 +43,21 @@ class ModelArgs:
     n_heads: int
     vocab_size: int
     ffn_hidden: int
-    n_kv_heads: Optional[int] = None
-    head_dim: Optional[int] = None
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
     norm_eps: float = 1e-5
     rope_theta: float = 500000.0
-    rope_scaling: Optional[RopeScaling] = None
+    rope_scaling: RopeScaling | None = None
     tie_embeddings: bool = False
     max_seq_len: int = 8192
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
+        for key in ("dim", "n_heads"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{key} must be a positive integer, found {value!r}")
         if self.head_dim is None:
             if self.dim % self.n_heads:
                 raise ConfigError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
@@ -97,7 +101,7 @@ class ModelArgs:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "manifest") -> "ModelArgs":
+    def from_dict(cls, d: dict[str, Any], source: str = "manifest") -> ModelArgs:
         d = dict(d)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
@@ -111,13 +115,13 @@ class ModelArgs:
             raise ConfigError(f"{source}: {e}") from None
 
     @classmethod
-    def from_params_json(cls, path: str | Path) -> "ModelArgs":
+    def from_params_json(cls, path: str | Path) -> ModelArgs:
         path = Path(path)
         p = _read_json(path)
         return cls.from_params(p, source=str(path))
 
     @classmethod
-    def from_params(cls, p: dict[str, Any], source: str = "params.json") -> "ModelArgs":
+    def from_params(cls, p: dict[str, Any], source: str = "params.json") -> ModelArgs:
         known = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
                  "norm_eps", "rope_theta", "use_scaled_rope", "rope_scaling_factor", "max_batch_size",
                  "max_seq_len"}
@@ -147,7 +151,7 @@ class ModelArgs:
             raise ConfigError(f"{source}: {e}") from None
 
     @classmethod
-    def from_hf_config(cls, path: str | Path) -> "ModelArgs":
+    def from_hf_config(cls, path: str | Path) -> ModelArgs:
         path = Path(path)
         c = _read_json(path)
         archs = c.get("architectures") or []
@@ -163,7 +167,7 @@ class ModelArgs:
             if key not in c:
                 raise ConfigError(f"{path}: missing key {key!r}")
         scaling = None
-        rs = c.get("rope_scaling")
+        rs = c.get("rope_scaling") or c.get("rope_parameters")  # transformers >= 5 saves rope_parameters
         if rs:
             kind = rs.get("rope_type", rs.get("type"))
             if kind == "default":
@@ -190,7 +194,7 @@ class ModelArgs:
             raise ConfigError(f"{path}: {e}") from None
 
 
-def meta_ffn_hidden(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:
+def meta_ffn_hidden(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
     """FFN hidden size exactly as Meta's FeedForward computes it (llama-models, model.py)."""
     hidden = int(2 * (4 * dim) / 3)
     if ffn_dim_multiplier is not None:
@@ -225,7 +229,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def preset(name: str, n_layers: Optional[int] = None) -> ModelArgs:
+def preset(name: str, n_layers: int | None = None) -> ModelArgs:
     if name not in PRESETS:
         raise ConfigError(f"unknown model shape {name!r}; choose one of {sorted(PRESETS)}")
     p = dict(PRESETS[name])

@@ -23,7 +23,7 @@ import json
 import re
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,7 +48,7 @@ class Checkpoint(ABC):
         """Write tensor ``key`` into ``out`` (converting dtype); readers may override to avoid temporaries."""
         out.copy_(self.tensor(key))
 
-    def tokenizer_source(self) -> Optional[Path]:
+    def tokenizer_source(self) -> Path | None:
         """A path ``model.tokenizer.load_tokenizer`` accepts, or None if the checkpoint ships none."""
         return None
 
@@ -126,7 +126,7 @@ class MetaCheckpoint(Checkpoint):
             parts.append(sd[key])
         return self._check_shape(key, merge_shards(key, parts, self.shapes[key], self.files), str(self.files[0]))
 
-    def tokenizer_source(self) -> Optional[Path]:
+    def tokenizer_source(self) -> Path | None:
         p = self.path / "tokenizer.model"
         return p if p.exists() else None
 
@@ -188,8 +188,8 @@ class HFCheckpoint(Checkpoint):
         except ConfigError as e:
             raise CheckpointError(str(e)) from None
         super().__init__(path, args)
+        self._handles: dict[str, Any] = {}  # before _weight_map, which opens model.safetensors
         self.weight_map = self._weight_map()
-        self._handles: dict[str, Any] = {}
 
     def _weight_map(self) -> dict[str, str]:
         index = self.path / "model.safetensors.index.json"
@@ -235,7 +235,7 @@ class HFCheckpoint(Checkpoint):
             t = unpermute_hf(t, self.args.n_kv_heads)
         return self._check_shape(key, t, str(f))
 
-    def tokenizer_source(self) -> Optional[Path]:
+    def tokenizer_source(self) -> Path | None:
         for name in ("tokenizer.json", "tokenizer.model"):
             if (self.path / name).exists():
                 return self.path / name
@@ -271,10 +271,12 @@ class GGUFCheckpoint(Checkpoint):
     def __init__(self, path: Path) -> None:
         import gguf
 
+        self.path = path  # _args() names the file in its errors before Checkpoint.__init__ runs
         try:
             self.reader = gguf.GGUFReader(str(path), "r")
         except Exception as e:
-            raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+            raise CheckpointError(f"{path}: not a readable GGUF file of {path.stat().st_size} bytes, truncated or "
+                                  f"corrupt ({type(e).__name__}: {e})") from None
         self.tensors = {t.name: t for t in self.reader.tensors}
         super().__init__(path, self._args())
 
@@ -316,7 +318,7 @@ class GGUFCheckpoint(Checkpoint):
         except ConfigError as e:
             raise CheckpointError(f"{self.path}: {e}") from None
 
-    def _rope_scaling(self, args: dict) -> Optional[RopeScaling]:
+    def _rope_scaling(self, args: dict) -> RopeScaling | None:
         """llama.cpp stores Llama-3.1 scaling as a ``rope_freqs`` tensor of divisors; recognise its parameters."""
         if "rope_freqs.weight" not in self.tensors:
             return None
@@ -350,5 +352,6 @@ class GGUFCheckpoint(Checkpoint):
             t = t.float()
         return self._check_shape(key, t, str(self.path))
 
-    def tokenizer_source(self) -> Optional[Path]:
+    def tokenizer_source(self) -> Path | None:
         return self.path
+

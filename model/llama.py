@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterator, Mapping, Optional
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import torch
@@ -195,7 +195,7 @@ def ffn_forward(h: torch.Tensor, w: Weights, args: ModelArgs) -> torch.Tensor:
     return h + F.linear(gate * F.linear(x, w["feed_forward.w3.weight"]), w["feed_forward.w2.weight"])
 
 
-def head_forward(h: torch.Tensor, w: Weights, args: ModelArgs, embed_w: Optional[Weights] = None) -> torch.Tensor:
+def head_forward(h: torch.Tensor, w: Weights, args: ModelArgs, embed_w: Weights | None = None) -> torch.Tensor:
     """h (B, S, dim) -> logits (B, S, vocab) in fp32. Tied models pass the embedding group."""
     out_w = embed_w["tok_embeddings.weight"] if args.tie_embeddings else w["output.weight"]
     return F.linear(rms_norm(h, w["norm.weight"], args.norm_eps), out_w).float()

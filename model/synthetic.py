@@ -8,8 +8,6 @@ weights are 1 + N(0, 0.1). Runs in the ``launch.py pack`` process.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from model.args import ModelArgs, preset
@@ -21,7 +19,7 @@ POOL_ELEMENTS = 1 << 24  # 16 Mi values (64 MiB fp32): larger than any row, smal
 class SyntheticCheckpoint(Checkpoint):
     format = "synthetic"
 
-    def __init__(self, name: str, n_layers: Optional[int] = None, seed: int = 0) -> None:
+    def __init__(self, name: str, n_layers: int | None = None, seed: int = 0) -> None:
         args = preset(name, n_layers)
         super().__init__(name, args)  # type: ignore[arg-type]
         self.name = name
@@ -49,5 +47,5 @@ class SyntheticCheckpoint(Checkpoint):
         return {"format": "synthetic", "shape": self.name, "n_layers": self.args.n_layers}
 
 
-def synthetic_args(name: str, n_layers: Optional[int] = None) -> ModelArgs:
+def synthetic_args(name: str, n_layers: int | None = None) -> ModelArgs:
     return preset(name, n_layers)

@@ -27,7 +27,6 @@ import os
 import re
 import stat
 import struct
-from typing import Optional
 
 from model.errors import UserError
 
@@ -147,7 +146,7 @@ def _partitions(name: str, sys_root: str) -> list[str]:
     return found
 
 
-def _parent_disk(name: str, sys_root: str) -> Optional[str]:
+def _parent_disk(name: str, sys_root: str) -> str | None:
     """The whole disk that holds partition ``name`` (the /sys/class/block/<disk> with a <name> entry)."""
     block_dir = _block_dir(sys_root)
     if not os.path.isdir(block_dir):
@@ -190,7 +189,7 @@ def _exclusively_busy(path: str) -> bool:
 
 
 def device_in_use(path, mounts_file="/proc/self/mounts", sys_root="/sys",
-                  swaps_file="/proc/swaps") -> Optional[str]:
+                  swaps_file="/proc/swaps") -> str | None:
     """Why block device ``path`` (or a partition of it, or its parent disk) is in use, every reason joined
     with '; '; None when it is free. See the module docstring for what is checked."""
     mounts, swaps = mounted_sources(mounts_file), _swap_devices(swaps_file)
@@ -211,7 +210,7 @@ def device_in_use(path, mounts_file="/proc/self/mounts", sys_root="/sys",
     return "; ".join(reasons) or None
 
 
-def partition_table(path) -> Optional[str]:
+def partition_table(path) -> str | None:
     """'gpt', 'mbr' or None, from the first 34 sectors of ``path`` (a file or a block device)."""
     try:
         with open(path, "rb") as f:

@@ -9,7 +9,6 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -56,7 +55,7 @@ def _open_image(a):
     return Image.open(a.image, a.manifest)
 
 
-def _device(name: Optional[str]) -> torch.device:
+def _device(name: str | None) -> torch.device:
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Protocol, Sequence
+from typing import Protocol
 
 import torch
 
@@ -102,7 +103,7 @@ class Generator:
             torch.cuda.synchronize(self.source.device)
 
     def generate(self, prompt: Sequence[int], cfg: SamplingConfig, stop_ids: frozenset[int] = frozenset(),
-                 on_token: Optional[Callable[[int], None]] = None) -> GenerationResult:
+                 on_token: Callable[[int], None] | None = None) -> GenerationResult:
         if not prompt:
             raise ConfigError("the prompt is empty: give --prompt or --prompt-ids")
         if len(prompt) + cfg.max_new_tokens > self.max_seq_len:

@@ -34,7 +34,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -69,7 +69,7 @@ class GroupSpec:
     name: str
     offset: int  # bytes from the start of the image
     size: int  # padded extent size, a multiple of ALIGN
-    crc32: Optional[int]
+    crc32: int | None
     tensors: tuple[TensorSpec, ...]
 
     @property
@@ -77,7 +77,7 @@ class GroupSpec:
         return self.name.rsplit(".", 1)[-1] if self.name.startswith("layers.") else self.name
 
     @property
-    def layer(self) -> Optional[int]:
+    def layer(self) -> int | None:
         return int(self.name.split(".")[1]) if self.name.startswith("layers.") else None
 
     def to_dict(self) -> dict[str, Any]:
@@ -161,7 +161,7 @@ class Image:
 
     # ---- opening and validation ----------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | Path, manifest_path: str | Path | None = None) -> "Image":
+    def open(cls, path: str | Path, manifest_path: str | Path | None = None) -> Image:
         from runtime.blockdev import check_readable, is_block_device, target_size
 
         path = Path(path)
@@ -198,7 +198,7 @@ class Image:
             raise ImageFormatError(f"{self.manifest_path}: {len(got)} groups, the model needs {len(expected)}")
 
     # ---- reading -------------------------------------------------------------------------------
-    def read_group(self, name: str, out: Optional[memoryview] = None, verify: bool = True) -> memoryview:
+    def read_group(self, name: str, out: memoryview | None = None, verify: bool = True) -> memoryview:
         """Buffered read of a whole group extent into ``out`` (or a new buffer), crc32-verified."""
         g = self.groups[name]
         buf = out if out is not None else memoryview(bytearray(g.size))

@@ -17,7 +17,6 @@ import shutil
 import time
 import uuid as uuidlib
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -25,12 +24,20 @@ from model.checkpoint import Checkpoint
 from model.errors import ConfigError
 from model.llama import group_prefix
 from runtime.blockdev import check_pack_target, is_block_device
-from runtime.image import (FORMAT_VERSION, TORCH_DTYPES, GroupSpec, crc32_of, default_manifest_path, pack_header,
-                           plan_layout, tensor_views)
+from runtime.image import (
+    FORMAT_VERSION,
+    TORCH_DTYPES,
+    GroupSpec,
+    crc32_of,
+    default_manifest_path,
+    pack_header,
+    plan_layout,
+    tensor_views,
+)
 from runtime.progress import Progress
 
 
-def pack(ck: Checkpoint, out: str | Path, manifest: Optional[str | Path] = None, dtype: str = "bf16",
+def pack(ck: Checkpoint, out: str | Path, manifest: str | Path | None = None, dtype: str = "bf16",
          force: bool = False, quiet: bool = False) -> Path:
     """Write ``ck`` as an image at ``out``; returns the manifest path."""
     out = Path(out)
@@ -55,7 +62,7 @@ def pack(ck: Checkpoint, out: str | Path, manifest: Optional[str | Path] = None,
     return manifest_path
 
 
-def _manifest_path(out: Path, manifest: Optional[str | Path]) -> Path:
+def _manifest_path(out: Path, manifest: str | Path | None) -> Path:
     if manifest is not None:
         return Path(manifest)
     if is_block_device(out):
@@ -98,7 +105,7 @@ def tokenizer_dir_for(manifest_path: Path) -> Path:
     return manifest_path.with_name(name + ".tokenizer")
 
 
-def _copy_tokenizer(ck: Checkpoint, manifest_path: Path) -> Optional[str]:
+def _copy_tokenizer(ck: Checkpoint, manifest_path: Path) -> str | None:
     """Save the checkpoint's tokenizer beside the manifest; returns the directory name (relative)."""
     src = ck.tokenizer_source()
     if src is None:

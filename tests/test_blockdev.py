@@ -19,8 +19,15 @@ import pytest
 
 from model.errors import UserError
 from runtime import blockdev
-from runtime.blockdev import (check_pack_target, check_readable, device_in_use, is_block_device,
-                              mounted_sources, partition_table, target_size)
+from runtime.blockdev import (
+    check_pack_target,
+    check_readable,
+    device_in_use,
+    is_block_device,
+    mounted_sources,
+    partition_table,
+    target_size,
+)
 
 MiB = 1 << 20
 FakeStatvfs = namedtuple("FakeStatvfs", "f_bavail f_frsize")

@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import run_launch
+
 from model.synthetic import SyntheticCheckpoint
 from runtime.pack import pack
 

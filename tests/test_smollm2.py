@@ -9,8 +9,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import run_launch
+
 from runtime.generate import Generator
 from runtime.image import Image
 from runtime.weights import InMemoryWeights
