@@ -96,6 +96,8 @@ class TokenPrinter:
         self.tok, self.ids, self.shown = tok, [], ""
 
     def __call__(self, token: int) -> None:
+        if self.tok is not None and token in self.tok.eos_ids:
+            return  # the end-of-turn marker ends the answer; it is not part of it
         self.ids.append(token)
         if self.tok is None:
             print(token, end=" ", flush=True)

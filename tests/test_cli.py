@@ -4,6 +4,9 @@ file and what was expected and found, exit code 2, no traceback."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -132,3 +135,41 @@ def test_sampling_is_seeded(tiny, tmp_path):
                    "1.5", "--top-p", "0.95", "--seed", str(seed), "--out-json", str(out))
         outs.append(json.loads(out.read_text())["output_token_ids"])
     assert outs[0] == outs[1] and outs[0] != outs[2]
+
+
+@pytest.mark.slow
+def test_embedded_default_answers_and_is_packed_once(smol_gguf, tmp_path):
+    env = {"LLMSTREAM_CACHE_DIR": str(tmp_path / "cache")}
+    first = run_launch("run", "--max-new-tokens", "12", "--device", "cpu", env=env)
+    assert "packing the embedded" in first.stderr and str(tmp_path / "cache") in first.stderr
+    assert "Paris" in first.stdout and "<|im_end|>" not in first.stdout
+    second = run_launch("run", "--max-new-tokens", "12", "--device", "cpu", env=env)
+    assert "using the embedded" in second.stderr and second.stdout == first.stdout
+
+
+def _can_use_loop():
+    return os.geteuid() == 0 and os.path.exists("/dev/loop-control") and shutil.which("losetup")
+
+
+@pytest.mark.skipif(not _can_use_loop(), reason="needs root, /dev/loop-control and losetup")
+def test_pack_and_run_on_a_block_device(tmp_path, tiny):
+    backing = tmp_path / "disk"
+    with open(backing, "wb") as f:
+        f.truncate(32 << 20)
+    attach = subprocess.run(["losetup", "--find", "--show", str(backing)], capture_output=True, text=True)
+    if attach.returncode != 0:
+        pytest.skip(f"losetup could not attach a loop device: {attach.stderr.strip()}")
+    dev, manifest = attach.stdout.strip(), str(tmp_path / "dev.manifest.json")
+    try:
+        assert_user_error(run_launch("pack", "--synthetic", "tiny", "--layers", "2", "--out", dev, check=False),
+                          dev, "--manifest")
+        run_launch("pack", "--synthetic", "tiny", "--layers", "2", "--dtype", "fp32", "--out", dev, "--manifest",
+                   manifest)
+        run_launch("verify", "--image", dev, "--manifest", manifest)
+        on_dev = run_launch("run", "--image", dev, "--manifest", manifest, "--prompt-ids", "3,4", "--max-new-tokens",
+                            "5", "--quiet").stdout
+        on_file = run_launch("run", "--image", str(tiny), "--prompt-ids", "3,4", "--max-new-tokens", "5",
+                             "--quiet").stdout
+        assert on_dev == on_file  # same seed, same shape: the same model whatever the medium
+    finally:
+        subprocess.run(["losetup", "--detach", dev], check=True)
