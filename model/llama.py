@@ -258,16 +258,30 @@ class Transformer(nn.Module):
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start: int, rope: Rope, cache: KVCache) -> torch.Tensor:
-        groups = self.group_weights()
-        return forward_groups(tokens, start, self.args, groups.__getitem__, rope, cache)
+        return forward_groups(tokens, start, self.args, DictSource(self.group_weights()), rope, cache)
 
 
-def forward_groups(tokens: torch.Tensor, start: int, args: ModelArgs, get, rope: Rope,
+class DictSource:
+    """The simplest weight source: every group's weights already in a dict on the compute device."""
+
+    def __init__(self, groups: Mapping[str, Weights]) -> None:
+        self.groups = groups
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return embed_forward(tokens, self.groups["tok_embeddings"])
+
+    def get(self, group: str) -> Weights:
+        return self.groups[group]
+
+
+def forward_groups(tokens: torch.Tensor, start: int, args: ModelArgs, source, rope: Rope,
                    cache: KVCache) -> torch.Tensor:
-    """One forward pass over every group in order; ``get(group) -> Weights`` supplies the weights."""
-    embed_w = get("tok_embeddings")
-    h = embed_forward(tokens, embed_w)
+    """One forward pass. ``source.embed(tokens)`` does the lookup; ``source.get(group)`` supplies each group's
+    weights, called in the pass order (layers, then for tied models tok_embeddings as the output matrix, then
+    head), which is the order a streaming source prefetches in."""
+    h = source.embed(tokens)
     for i in range(args.n_layers):
-        h = attention_forward(h, get(f"layers.{i}.attention"), args, i, rope, cache, start)
-        h = ffn_forward(h, get(f"layers.{i}.feed_forward"), args)
-    return head_forward(h, get("head"), args, embed_w)
+        h = attention_forward(h, source.get(f"layers.{i}.attention"), args, i, rope, cache, start)
+        h = ffn_forward(h, source.get(f"layers.{i}.feed_forward"), args)
+    out_w = source.get("tok_embeddings") if args.tie_embeddings else None
+    return head_forward(h, source.get("head"), args, out_w)

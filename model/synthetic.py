@@ -19,10 +19,10 @@ POOL_ELEMENTS = 1 << 24  # 16 Mi values (64 MiB fp32): larger than any row, smal
 class SyntheticCheckpoint(Checkpoint):
     format = "synthetic"
 
-    def __init__(self, name: str, n_layers: int | None = None, seed: int = 0) -> None:
-        args = preset(name, n_layers)
-        super().__init__(name, args)  # type: ignore[arg-type]
-        self.name = name
+    def __init__(self, name: str | ModelArgs, n_layers: int | None = None, seed: int = 0) -> None:
+        args = name if isinstance(name, ModelArgs) else preset(name, n_layers)
+        self.name = "custom" if isinstance(name, ModelArgs) else name
+        super().__init__(self.name, args)  # type: ignore[arg-type]
         self.gen = torch.Generator().manual_seed(seed)
         self.pool = torch.randn(POOL_ELEMENTS, generator=self.gen) * 0.02
 
@@ -46,6 +46,3 @@ class SyntheticCheckpoint(Checkpoint):
     def describe(self) -> dict:
         return {"format": "synthetic", "shape": self.name, "n_layers": self.args.n_layers}
 
-
-def synthetic_args(name: str, n_layers: int | None = None) -> ModelArgs:
-    return preset(name, n_layers)

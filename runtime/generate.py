@@ -27,6 +27,8 @@ class WeightSource(Protocol):
     device: torch.device
     dtype: torch.dtype
 
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor: ...
+
     def get(self, group: str) -> Weights: ...
 
 
@@ -95,7 +97,7 @@ class Generator:
         outs = []
         for i in range(0, tokens.shape[1], self.prefill_chunk):
             chunk = tokens[:, i:i + self.prefill_chunk]
-            outs.append(forward_groups(chunk, start + i, self.args, self.source.get, self.rope, cache))
+            outs.append(forward_groups(chunk, start + i, self.args, self.source, self.rope, cache))
         return torch.cat(outs, dim=1)
 
     def _sync(self) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from model.llama import Weights
+from model.llama import Weights, embed_forward
 from runtime.image import TORCH_DTYPES, Image, tensor_views
 from runtime.progress import Progress
 
@@ -27,6 +27,9 @@ class InMemoryWeights:
             self.groups[name] = {k: v.to(self.device) for k, v in views.items()}
             progress.update(spec.size, name)
         progress.done()
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return embed_forward(tokens, self.groups["tok_embeddings"])
 
     def get(self, group: str) -> Weights:
         return self.groups[group]
