@@ -32,6 +32,29 @@ def _add_device_args(p: argparse.ArgumentParser) -> None:
                    help="where the model computes (default: cuda if available, else cpu)")
 
 
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("placement and streaming (DESIGN.md sections 2-4)")
+    g.add_argument("--mode", default="mixed", choices=["full", "preload", "stream", "mixed"],
+                   help="full: every group loaded onto the device (the in-memory reference); preload: every group "
+                        "not on the GPU pinned in the DRAM tier; stream: no DRAM tier, everything not on the GPU "
+                        "read from disk every pass; mixed (default): GPU tier, then DRAM tier, then stream, from the "
+                        "budgets below")
+    g.add_argument("--gpu-mem-gb", type=float, help="GPU budget in GB (1e9 bytes) for resident groups, KV cache, "
+                                                   "activations and staging (default: the GPU's free memory)")
+    g.add_argument("--dram-gb", type=float, help="DRAM budget in GB for the shared ring: DRAM tier + window "
+                                                "(default: 80%% of available memory)")
+    g.add_argument("--gpu-cached-layers", type=int, help="keep exactly layers 0..N-1 on the GPU (overrides the "
+                                                         "GPU budget's choice)")
+    g.add_argument("--cpu-cache-layers", type=int, help="keep exactly the next M layers in the DRAM tier")
+    g.add_argument("--prefetch-distance", type=int,
+                   help="window slots: how many streamed groups are read ahead of use (default 2 x depth)")
+    g.add_argument("--group-prefetch-depth", type=int, default=2,
+                   help="GPU staging buffers: copies run up to this many groups ahead of compute (default 2)")
+    g.add_argument("--workers", type=int, default=2, help="I/O worker processes (default 2)")
+    g.add_argument("--staging-mb", type=int, default=16,
+                   help="each group read is split into chunks of this many MiB, read in parallel (default 16)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="launch.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,8 +81,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="generate text", description="Generate from a packed image.")
     _add_image_args(p)
-    p.add_argument("--mode", default="full", choices=["full"],
-                   help="full: every group loaded onto the device (the in-memory reference)")
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help="prompt text (default with no image: a chat question)")
     prompt.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
@@ -73,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_args(p)
     p.add_argument("--out-json", help="write prompt/output token ids, text and timings to this JSON file")
     p.add_argument("--quiet", action="store_true", help="print only the generated text")
+    _add_runtime_args(p)
 
     p = sub.add_parser("perplexity", help="perplexity of a text file",
                        description="Perplexity over consecutive non-overlapping windows of N tokens.")
@@ -81,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=512, help="window length in tokens (default 512)")
     _add_device_args(p)
     p.add_argument("--out-json", help="write perplexity and token count to this JSON file")
+    _add_runtime_args(p)
 
     p = sub.add_parser("verify", help="check an image's header, manifest and every group checksum")
     _add_image_args(p, required=True)

@@ -111,37 +111,40 @@ class TokenPrinter:
 
 
 def run(a) -> None:
+    from runtime.engine import RuntimeConfig, open_source
     from runtime.generate import Generator, SamplingConfig
-    from runtime.weights import InMemoryWeights
 
     image = _open_image(a)
     ids_given = a.prompt_ids is not None
     tok = _tokenizer(image, required=not ids_given)
     prompt = _prompt_ids(a, tok, default_chat=a.image is None and a.prompt is None and not ids_given)
     cfg = SamplingConfig(a.max_new_tokens, a.temperature, a.top_p, a.seed)
+    rcfg = RuntimeConfig.from_args(a)
     device = _device(a.device)
+    max_len = a.max_seq_len or len(prompt) + a.max_new_tokens
     t0 = time.perf_counter()
-    source = InMemoryWeights(image, device, quiet=a.quiet)
-    load_ms = (time.perf_counter() - t0) * 1e3
-    gen = Generator(source, a.max_seq_len or len(prompt) + a.max_new_tokens)
-    printer = TokenPrinter(tok)
-    res = gen.generate(prompt, cfg, tok.eos_ids if tok else frozenset(), printer)
+    with open_source(image, rcfg, device, max_len=max_len) as (source, plan, _):
+        load_ms = (time.perf_counter() - t0) * 1e3
+        printer = TokenPrinter(tok)
+        res = Generator(source, max_len).generate(prompt, cfg, tok.eos_ids if tok else frozenset(), printer)
     print()
     t = res.timings()
     if not a.quiet:
         tps = f"{t['decode_tok_s']:.2f} tok/s" if t["decode_tok_s"] else "n/a"
-        print(f"[{len(prompt)} prompt tokens, {len(res.output_token_ids)} generated; load {load_ms:.0f} ms, "
-              f"prefill {t['prefill_ms']:.1f} ms, decode {tps}; stop: {res.stop_reason}]", file=sys.stderr)
+        print(f"[{len(prompt)} prompt tokens, {len(res.output_token_ids)} generated; mode {a.mode}; load "
+              f"{load_ms:.0f} ms, prefill {t['prefill_ms']:.1f} ms, decode {tps}; stop: {res.stop_reason}]",
+              file=sys.stderr)
     if a.out_json:
         out = {"prompt_token_ids": res.prompt_token_ids, "output_token_ids": res.output_token_ids,
                "text": tok.decode(res.output_token_ids) if tok else None, "stop_reason": res.stop_reason,
-               "mode": a.mode, "device": str(device), "image": str(image.path), "load_ms": load_ms, **t}
+               "mode": a.mode, "device": str(device), "image": str(image.path), "load_ms": load_ms, **t,
+               "plan": plan.to_dict() if plan else None}
         Path(a.out_json).write_text(json.dumps(out, indent=1))
 
 
 def perplexity(a) -> None:
+    from runtime.engine import RuntimeConfig, open_source
     from runtime.generate import Generator
-    from runtime.weights import InMemoryWeights
 
     image = _open_image(a)
     tok = _tokenizer(image, required=True)
@@ -150,8 +153,8 @@ def perplexity(a) -> None:
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{a.text_file}: cannot read the text ({e})") from None
     ids = tok.encode(text)
-    source = InMemoryWeights(image, _device(a.device))
-    ppl, count, nll = Generator(source, a.context).perplexity(ids, a.context)
+    with open_source(image, RuntimeConfig.from_args(a), _device(a.device), max_len=a.context) as (source, _, _):
+        ppl, count, nll = Generator(source, a.context).perplexity(ids, a.context)
     print(f"perplexity {ppl:.4f} over {count} predicted tokens ({len(ids)} tokens, windows of {a.context})")
     if a.out_json:
         Path(a.out_json).write_text(json.dumps({"perplexity": ppl, "tokens": count, "nll": nll,

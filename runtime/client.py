@@ -1,0 +1,299 @@
+"""The client side of a pool: attach, ask for group sequences, and a streamed weight source for the model.
+
+Runs in the GPU process (or the CPU process on a machine without a GPU). ``PoolClient`` is the attachment:
+it claims a client row, writes sequences of group ids into its region, sends START / RELEASE / STOP_STREAM
+commands, and waits for READY events on its semaphore. Every wait has a timeout and checks that the
+coordinator is alive (its pid, and a heartbeat it refreshes every loop), so a dead pool is reported within
+``dead_after_s`` instead of hanging.
+
+``StreamedWeights`` is the weight source for ``runtime.generate``. Its tiers come from a placement plan
+(runtime/placement.py):
+  - GPU tier: streamed through the window once at start and copied into tensors resident on the device.
+  - DRAM tier: read in place from its ring slot (pinned for the pool's lifetime).
+  - streamed set: the coordinator keeps the client's window filled in cyclic order; each group is used
+    from its slot and the slot released right after.
+On CUDA the ring is registered once with cudaHostRegister, and DRAM/streamed groups are copied on a
+dedicated copy stream into K staging buffers, up to K groups ahead of compute, with CUDA events between the
+streams (no synchronize in the layer loop); a slot is released once the event recorded after its copy has
+completed. On the CPU the model computes straight from slot memory.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+from model.errors import UserError
+from model.llama import Weights
+from runtime.image import TORCH_DTYPES, Image, tensor_views
+from runtime.shm import (
+    CLIENT_ATTACHED,
+    MAGIC,
+    MSG_FAILED,
+    MSG_READY,
+    MSG_RELEASE,
+    MSG_START,
+    MSG_STOP_STREAM,
+    POOL_FAILED,
+    POOL_RUNNING,
+    POOL_STOPPING,
+    SLOT_READY,
+    VERSION,
+    PoolHandle,
+    PoolResources,
+    sem_wait,
+)
+
+
+class PoolDied(UserError):
+    """The pool's coordinator is gone or failed; the message says which and why."""
+
+
+class PoolClient:
+    def __init__(self, handle: PoolHandle, index: int = 0, dead_after_s: float = 5.0) -> None:
+        self.handle, self.j, self.dead_after_s = handle, index, dead_after_s
+        self.res = PoolResources.attach(handle)
+        hd = self.res.header
+        if int(hd["magic"]) != MAGIC or int(hd["version"]) != VERSION:
+            raise UserError(f"pool {handle.name!r}: control block magic/version {int(hd['magic']):#x}/"
+                            f"{int(hd['version'])}, expected {MAGIC:#x}/{VERSION}")
+        row = self.res.clients[index]
+        row["pid"], row["state"] = os.getpid(), CLIENT_ATTACHED
+        self.ready: dict[int, tuple[int, int]] = {}  # sequence position -> (slot, seq)
+
+    # ---- liveness ------------------------------------------------------------------------------
+    def check_alive(self) -> None:
+        hd = self.res.header
+        state, pid = int(hd["state"]), int(hd["coord_pid"])
+        if state == POOL_FAILED:
+            raise PoolDied(f"pool {self.handle.name!r} failed: {self.res.get_error()}")
+        if state == POOL_STOPPING:
+            raise PoolDied(f"pool {self.handle.name!r} is stopping")
+        age = (time.monotonic_ns() - int(hd["heartbeat_ns"])) / 1e9
+        from runtime.pool import pid_alive
+
+        if not pid_alive(pid) or age > self.dead_after_s:
+            raise PoolDied(f"pool {self.handle.name!r}: coordinator pid {pid} is gone (last heartbeat {age:.1f} s "
+                           f"ago); its clients cannot continue")
+
+    def wait_running(self, timeout_s: float = 3600.0) -> None:
+        """Wait until the DRAM tier is filled (the pool serves)."""
+        deadline = time.monotonic() + timeout_s
+        while int(self.res.header["state"]) != POOL_RUNNING:
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise PoolDied(f"pool {self.handle.name!r} did not finish filling its DRAM tier in {timeout_s:.0f} s")
+            time.sleep(0.01)
+
+    # ---- sequences -----------------------------------------------------------------------------
+    def start(self, groups: list[int], cyclic: bool) -> None:
+        seq = self.res.sequences[self.j]
+        if len(groups) > len(seq):
+            raise ValueError(f"sequence of {len(groups)} groups exceeds the region of {len(seq)}")
+        seq[:len(groups)] = groups
+        self.ready.clear()
+        self.res.commands[self.j].put(MSG_START, len(groups), int(cyclic))
+
+    def wait_ready(self, pos: int, timeout_s: float = 600.0) -> tuple[int, int]:
+        """Block until the group at sequence position ``pos`` is in a slot; returns (slot, seq)."""
+        deadline = time.monotonic() + timeout_s
+        while pos not in self.ready:
+            self._drain()
+            if pos in self.ready:
+                break
+            if not sem_wait(self.res.sem_clients[self.j], 0.1):
+                self.check_alive()
+                if time.monotonic() > deadline:
+                    raise PoolDied(f"pool {self.handle.name!r}: no data for sequence position {pos} after "
+                                   f"{timeout_s:.0f} s")
+        return self.ready.pop(pos)
+
+    def _drain(self) -> None:
+        for kind, a, b, c in self.res.events[self.j].drain():
+            if kind == MSG_READY:
+                self.ready[c] = (a, b)
+            elif kind == MSG_FAILED:
+                raise PoolDied(f"pool {self.handle.name!r}: {self.res.get_error()}")
+
+    def release(self, slot: int, seq: int) -> None:
+        self.res.commands[self.j].put(MSG_RELEASE, slot, seq)
+
+    def stop_stream(self, detach: bool = False) -> None:
+        try:
+            self.res.commands[self.j].put(MSG_STOP_STREAM, 0, 0, int(detach))
+        except (ValueError, RuntimeError):
+            pass
+
+    def close(self) -> None:
+        self.stop_stream(detach=True)
+        self.res.close()
+
+
+class StreamedWeights:
+    """Weight source over a pool (see module docstring). ``plan`` is a runtime.placement.Plan."""
+
+    def __init__(self, image: Image, plan, client: PoolClient, device: torch.device, staging: int = 2) -> None:
+        self.image, self.args, self.plan, self.client = image, image.args, plan, client
+        self.device, self.dtype = torch.device(device), TORCH_DTYPES[image.dtype]
+        self.names = list(image.groups)
+        self.gid = {n: i for i, n in enumerate(self.names)}
+        self.res = client.res
+        self.ring = torch.frombuffer(self.res.ring, dtype=torch.uint8)
+        self.cuda = self.device.type == "cuda"
+        client.wait_running()
+        self._check_dram_tier()
+        self.registered = self._register_ring() if self.cuda else False
+        self.resident: dict[str, Weights] = {}
+        self._load_gpu_tier()
+        self.sched = [g for g in plan.sequence if g not in plan.gpu]  # non-resident groups, pass order
+        self.stream_seq = [g for g in plan.sequence if g in plan.stream]
+        self.pos = 0  # position in sched (cyclic)
+        self.stream_pos = 0  # absolute position in the streamed sequence
+        self.held: tuple[int, int] | None = None  # CPU: the streamed slot the last group was computed from
+        if self.stream_seq:
+            client.start([self.gid[g] for g in self.stream_seq], cyclic=True)
+        if self.cuda:
+            self._init_pipeline(staging)
+
+    # ---- setup ---------------------------------------------------------------------------------
+    def _check_dram_tier(self) -> None:
+        for g in self.plan.dram:
+            s = int(self.res.groups[self.gid[g]]["slot"])
+            if s < 0 or int(self.res.slots[s]["state"]) != SLOT_READY:
+                raise UserError(f"pool {self.client.handle.name!r} does not hold {g} in its DRAM tier")
+
+    def _register_ring(self) -> bool:
+        nbytes = self.ring.numel()
+        err = torch.cuda.cudart().cudaHostRegister(self.ring.data_ptr(), nbytes, 0)
+        if int(err) != 0:
+            raise UserError(f"cudaHostRegister of the pool's ring ({nbytes} bytes) failed with error {int(err)}")
+        return True
+
+    def slot_tensor(self, slot: int, nbytes: int) -> torch.Tensor:
+        off = int(self.res.slots[slot]["ring_offset"])
+        return self.ring[off:off + nbytes]
+
+    def dram_views(self, g: str) -> Weights:
+        spec = self.image.groups[g]
+        return tensor_views(spec, self.slot_tensor(int(self.res.groups[self.gid[g]]["slot"]), spec.size))
+
+    def _load_gpu_tier(self) -> None:
+        gpu = list(self.plan.gpu)
+        if not gpu:
+            return
+        self.client.start([self.gid[g] for g in gpu], cyclic=False)
+        for pos, g in enumerate(gpu):
+            slot, seq = self.client.wait_ready(pos)
+            views = tensor_views(self.image.groups[g], self.slot_tensor(slot, self.image.groups[g].size))
+            self.resident[g] = {k: v.to(self.device, copy=True) for k, v in views.items()}
+            if self.cuda:
+                torch.cuda.current_stream(self.device).synchronize()  # copies done before the slot is reused
+            self.client.release(slot, seq)
+        self.client.stop_stream()
+
+    # ---- the weight-source interface ------------------------------------------------------------
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        if "tok_embeddings" in self.resident:
+            return F.embedding(tokens, self.resident["tok_embeddings"]["tok_embeddings.weight"])
+        table = self.dram_views("tok_embeddings")["tok_embeddings.weight"]  # host lookup, rows only
+        return F.embedding(tokens.cpu(), table).to(self.device, non_blocking=True)
+
+    def get(self, group: str) -> Weights:
+        if group in self.resident:
+            return self.resident[group]
+        expected = self.sched[self.pos % len(self.sched)]
+        if group != expected:
+            raise RuntimeError(f"weights requested out of order: {group}, expected {expected}")
+        self.pos += 1
+        return self._get_cuda(group) if self.cuda else self._get_cpu(group)
+
+    def _next_slot(self, group: str) -> tuple[int, int]:
+        """DRAM tier: its fixed slot (seq -1: never released); streamed: wait for the next window slot."""
+        if group in self.plan.dram:
+            return int(self.res.groups[self.gid[group]]["slot"]), -1
+        pos = self.stream_pos
+        self.stream_pos += 1
+        return self.client.wait_ready(pos)
+
+    def _get_cpu(self, group: str) -> Weights:
+        if self.held is not None:  # the previous group's compute has finished: CPU ops are synchronous
+            self.client.release(*self.held)
+            self.held = None
+        slot, seq = self._next_slot(group)
+        if seq >= 0:
+            self.held = (slot, seq)
+        return tensor_views(self.image.groups[group], self.slot_tensor(slot, self.image.groups[group].size))
+
+    # ---- CUDA pipeline -------------------------------------------------------------------------
+    def _init_pipeline(self, k: int) -> None:
+        k = max(1, min(k, len(self.sched))) if self.sched else 0
+        self.k = k
+        self.copy_stream = torch.cuda.Stream(self.device)
+        self.staging = [torch.empty(self.plan.slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(k)]
+        self.copied = [None] * k  # event recorded after the copy into buffer b
+        self.freed = [None] * k  # event recorded on the compute stream after the last use of buffer b
+        self.issued = 0  # copies issued so far (absolute sched positions)
+        self.pending: list[tuple[torch.cuda.Event, int, int]] = []  # (copy event, slot, seq) awaiting release
+
+    def _issue(self, p: int) -> None:
+        """Copy the group at absolute sched position ``p`` into staging buffer p % k on the copy stream."""
+        g = self.sched[p % len(self.sched)]
+        b, size = p % self.k, self.image.groups[g].size
+        slot, seq = self._next_slot(g)
+        with torch.cuda.stream(self.copy_stream):
+            if self.freed[b] is not None:
+                self.copy_stream.wait_event(self.freed[b])
+            self.staging[b][:size].copy_(self.slot_tensor(slot, size), non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(self.copy_stream)
+        self.copied[b] = ev
+        if seq >= 0:
+            self.pending.append((ev, slot, seq))
+        self.issued += 1
+
+    def _release_finished(self) -> None:
+        while self.pending and self.pending[0][0].query():
+            _, slot, seq = self.pending.pop(0)
+            self.client.release(slot, seq)
+
+    def _get_cuda(self, group: str) -> Weights:
+        p = self.pos - 1  # absolute position of ``group``
+        compute = torch.cuda.current_stream(self.device)
+        if p > 0:  # everything for position p-1 is enqueued: its buffer is free once that work runs
+            ev = torch.cuda.Event()
+            ev.record(compute)
+            self.freed[(p - 1) % self.k] = ev
+        while self.issued <= p:  # must have this group's copy in flight
+            self._issue(self.issued)
+        while self.issued < p + self.k and self._ready_without_wait(self.issued):
+            self._issue(self.issued)  # run ahead while data is already in DRAM
+        self._release_finished()
+        b = p % self.k
+        compute.wait_event(self.copied[b])
+        return tensor_views(self.image.groups[group], self.staging[b][:self.image.groups[group].size])
+
+    def _ready_without_wait(self, p: int) -> bool:
+        g = self.sched[p % len(self.sched)]
+        if g in self.plan.dram:
+            return True
+        self.client._drain()
+        return self.stream_pos in self.client.ready
+
+    # ---- teardown ------------------------------------------------------------------------------
+    def close(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            self._release_finished()
+        elif self.held is not None:
+            self.client.release(*self.held)
+            self.held = None
+        self.client.stop_stream()
+        if self.registered:
+            torch.cuda.cudart().cudaHostUnregister(self.ring.data_ptr())
+            self.registered = False
+
+
+__all__ = ["PoolClient", "StreamedWeights", "PoolDied", "MSG_RELEASE"]

@@ -1,0 +1,123 @@
+"""From the command line to a weight source: ``RuntimeConfig``, the placement plan, a private pool.
+
+``open_source(image, cfg, device, ...)`` is a context manager that yields the weight source generation
+runs on. ``--mode full`` loads every group onto the device (runtime/weights.py, the reference); the other
+modes plan the tiers (runtime/placement.py), start a private pool (coordinator + I/O workers,
+runtime/pool.py) sized for the plan, attach to it as its client (runtime/client.py) and stop the pool on
+exit, also when the run fails. Runs in the launch.py process (the client).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from model.errors import ConfigError
+from runtime.image import TORCH_DTYPES, Image
+
+GB = 1e9
+MODES = ("full", "preload", "stream", "mixed")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    mode: str = "mixed"
+    gpu_mem_gb: float | None = None
+    dram_gb: float | None = None
+    gpu_cached_layers: int | None = None
+    cpu_cache_layers: int | None = None
+    prefetch_distance: int | None = None
+    group_prefetch_depth: int = 2
+    workers: int = 2
+    staging_mb: int = 16  # the I/O workers split each group read into chunks of this size, issued in parallel
+    direct_io: bool = True
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"--mode must be one of {MODES}, found {self.mode!r}")
+        for key in ("workers", "staging_mb", "group_prefetch_depth"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"--{key.replace('_', '-')} must be at least 1, found {getattr(self, key)}")
+        for key in ("gpu_mem_gb", "dram_gb"):
+            v = getattr(self, key)
+            if v is not None and v <= 0:
+                raise ConfigError(f"--{key.replace('_', '-')} must be positive, found {v}")
+
+    @classmethod
+    def from_args(cls, a) -> RuntimeConfig:
+        keys = [f for f in cls.__dataclass_fields__ if hasattr(a, f)]
+        return cls(**{k: getattr(a, k) for k in keys})
+
+
+def kv_cache_bytes(image: Image, batch: int, max_len: int) -> int:
+    a = image.args
+    elem = torch.empty((), dtype=TORCH_DTYPES[image.dtype]).element_size()
+    return 2 * a.n_layers * batch * max_len * a.n_kv_heads * a.head_dim * elem
+
+
+def activation_bytes(image: Image, batch: int, chunk: int) -> int:
+    """Rough upper bound of the workspace of one prefill chunk: hidden states, FFN intermediates, logits."""
+    a = image.args
+    elem = torch.empty((), dtype=TORCH_DTYPES[image.dtype]).element_size()
+    return batch * chunk * ((6 * a.dim + 3 * a.ffn_hidden) * elem + a.vocab_size * 4) + (256 << 20)
+
+
+def default_dram_bytes() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available * 0.8)
+
+
+def make_plan(image: Image, cfg: RuntimeConfig, device: torch.device, kv_bytes: int, act_bytes: int):
+    from runtime.placement import Budgets, plan_placement
+
+    gpu = None
+    if device.type == "cuda":
+        gpu = int(cfg.gpu_mem_gb * GB) if cfg.gpu_mem_gb else torch.cuda.mem_get_info(device)[0]
+    dram = int(cfg.dram_gb * GB) if cfg.dram_gb else default_dram_bytes()
+    sizes = {name: g.size for name, g in image.groups.items()}
+    return plan_placement(sizes, image.args, cfg.mode, Budgets(gpu, dram, kv_bytes, act_bytes),
+                          device=device.type, gpu_cached_layers=cfg.gpu_cached_layers,
+                          cpu_cache_layers=cfg.cpu_cache_layers, prefetch_distance=cfg.prefetch_distance,
+                          group_prefetch_depth=cfg.group_prefetch_depth)
+
+
+@contextlib.contextmanager
+def open_source(image: Image, cfg: RuntimeConfig, device: torch.device, batch: int = 1, max_len: int = 2048,
+                chunk: int = 2048):
+    """Yield (weight source, plan or None, pool handle or None) for ``cfg.mode``."""
+    if cfg.mode == "full":
+        from runtime.weights import InMemoryWeights
+
+        yield InMemoryWeights(image, device, quiet=cfg.quiet), None, None
+        return
+    from runtime.client import PoolClient, StreamedWeights
+    from runtime.pool import PoolConfig, PrivatePool
+    from workers.io_worker import WorkerOptions
+
+    plan = make_plan(image, cfg, device, kv_cache_bytes(image, batch, max_len),
+                     activation_bytes(image, batch, min(chunk, max_len)))
+    if not cfg.quiet:
+        print(plan.describe(), file=sys.stderr)
+    # The GPU tier is loaded through the window once, so the window exists (>= 1 slot) whenever it is non-empty.
+    window = max(plan.window_slots, 1 if plan.gpu else 0)
+    slot_bytes = max([plan.slot_bytes] + [image.groups[g].size for g in plan.gpu])
+    pool_cfg = PoolConfig(str(image.path), str(image.manifest_path), f"run{os.getpid()}",
+                          tuple(dict.fromkeys(plan.host + plan.dram)), window, slot_bytes, workers=cfg.workers,
+                          worker_opts=WorkerOptions(direct=cfg.direct_io, chunk_bytes=cfg.staging_mb << 20),
+                          owner_pid=os.getpid())
+    with PrivatePool(pool_cfg) as pool:
+        client = PoolClient(pool.handle)
+        source = None
+        try:
+            source = StreamedWeights(image, plan, client, device, staging=max(plan.staging_buffers, 1))
+            yield source, plan, pool.handle
+        finally:
+            if source is not None:
+                source.close()
+            client.close()
