@@ -15,8 +15,10 @@ by this process: pid, bytes read, reads, errors, reads in flight.
 from __future__ import annotations
 
 import os
+import random
 import sys
 import threading
+import time
 import zlib
 from dataclasses import dataclass
 
@@ -31,11 +33,12 @@ class WorkerOptions:
     direct: bool = True  # O_DIRECT (falls back to buffered + fadvise(DONTNEED) where refused)
     inflight: int = 4  # reads in flight in this worker
     chunk_bytes: int = 16 << 20  # a group read is split into chunks of this size, issued in parallel
+    max_delay_s: float = 0.0  # tests only: sleep a random 0..max_delay_s before each read (shakes the ordering)
 
 
 class Worker:
     def __init__(self, handle: PoolHandle, index: int, image: str, opts: WorkerOptions) -> None:
-        self.index, self.parent = index, os.getppid()
+        self.index, self.parent, self.opts = index, os.getppid(), opts
         self.res = PoolResources.attach(handle)
         self.row = self.res.workers[index]
         self.reader = DirectReader(image, direct=opts.direct, max_inflight=opts.inflight,
@@ -67,6 +70,8 @@ class Worker:
         with self.lock:
             self.pending += 1
             self.row["inflight"] = self.pending
+        if self.opts.max_delay_s:
+            time.sleep(random.uniform(0, self.opts.max_delay_s))
         fut = self.reader.submit(self.res.slot_view(slot, size), offset, size)
         fut.add_done_callback(lambda f: self.complete(f, slot, seq, size, crc))
 
