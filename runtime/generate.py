@@ -87,6 +87,9 @@ class Generator:
             raise ConfigError(f"--max-seq-len {max_seq_len} exceeds the model's context {self.args.max_seq_len}")
         self.max_seq_len, self.prefill_chunk = max_seq_len, prefill_chunk
         self.rope = Rope(self.args, max_seq_len, source.device)
+        if source.device.type == "cuda":
+            # cuDNN's attention builds a graph for every new key length: tens of ms per decode step.
+            torch.backends.cuda.enable_cudnn_sdp(False)
 
     def new_cache(self, batch: int = 1) -> KVCache:
         return KVCache(self.args, batch, self.max_seq_len, self.source.dtype, self.source.device)

@@ -141,7 +141,7 @@ def test_gpu_streamed_equals_full_bf16(synth_bf16, mode):
     prompt, new = PROMPT * 3, 16
     gen = Generator(InMemoryWeights(synth_bf16, dev, quiet=True), len(prompt) + new)
     ref = gen.generate(prompt, SamplingConfig(new)).output_token_ids
-    kw = dict(mode=mode, gpu_mem_gb=1.5, workers=2, quiet=True)
+    kw = dict(mode=mode, gpu_mem_gb=1.5, gpu_cached_layers=0, workers=2, quiet=True)
     if mode == "mixed":
         kw.update(gpu_cached_layers=1, cpu_cache_layers=1, prefetch_distance=2)
     with open_source(synth_bf16, RuntimeConfig(**kw), dev, max_len=len(prompt) + new) as (src, plan, _):
