@@ -2,9 +2,10 @@
 
 Runs in the GPU process (or the CPU process on a machine without a GPU). ``PoolClient`` is the attachment:
 it claims a client row, writes sequences of group ids into its region, sends START / RELEASE / STOP_STREAM
-commands, and waits for READY events on its semaphore. Every wait has a timeout and checks that the
-coordinator is alive (its pid, and a heartbeat it refreshes every loop), so a dead pool is reported within
-``dead_after_s`` instead of hanging.
+commands, and waits for READY events on its semaphore; events that arrive before the STARTED answer to its
+latest START are stale (an earlier sequence, or a dead client on the same index) and dropped. Every wait has
+a timeout and checks that the coordinator is alive (its pid, and a heartbeat it refreshes every loop), so a
+dead pool is reported within ``dead_after_s`` instead of hanging.
 
 ``StreamedWeights`` is the weight source for ``runtime.generate``. Its tiers come from a placement plan
 (runtime/placement.py):
@@ -36,6 +37,7 @@ from runtime.shm import (
     MSG_READY,
     MSG_RELEASE,
     MSG_START,
+    MSG_STARTED,
     MSG_STOP_STREAM,
     POOL_FAILED,
     POOL_RUNNING,
@@ -63,6 +65,7 @@ class PoolClient:
         row = self.res.clients[index]
         row["pid"], row["state"] = os.getpid(), CLIENT_ATTACHED
         self.ready: dict[int, tuple[int, int]] = {}  # sequence position -> (slot, seq)
+        self.started = False  # the coordinator's STARTED for our latest START has arrived
 
     # ---- liveness ------------------------------------------------------------------------------
     def check_alive(self) -> None:
@@ -95,6 +98,8 @@ class PoolClient:
             raise ValueError(f"sequence of {len(groups)} groups exceeds the region of {len(seq)}")
         seq[:len(groups)] = groups
         self.ready.clear()
+        self.started = False
+        self.res.events[self.j].drain()  # all stale (see _drain); keeps the queue short across restarts
         self.res.commands[self.j].put(MSG_START, len(groups), int(cyclic))
 
     def wait_ready(self, pos: int, timeout_s: float = 600.0) -> tuple[int, int]:
@@ -113,7 +118,11 @@ class PoolClient:
 
     def _drain(self) -> None:
         for kind, a, b, c in self.res.events[self.j].drain():
-            if kind == MSG_READY:
+            if kind == MSG_STARTED:
+                self.started = True
+            elif not self.started:
+                continue  # an event of an earlier sequence (or of a dead client on this index): stale
+            elif kind == MSG_READY:
                 self.ready[c] = (a, b)
             elif kind == MSG_FAILED:
                 raise PoolDied(f"pool {self.handle.name!r}: {self.res.get_error()}")

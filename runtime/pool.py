@@ -10,8 +10,9 @@ resource in a ``finally``, and exits when its owner process dies (a private pool
 
 Faults it handles: a worker that dies is replaced and its reads are issued again (with a new seq, so a
 late completion of the old read is ignored); a failed read or checksum mismatch is retried once on
-another worker, then reported to the client with the group, offset and device; a client that dies has its
-window slots freed.
+another worker, then reported to the client with the group, offset and device; a client that dies (or stops
+its stream) has its window slots freed, those with a read in flight once the read completes. Every worker
+that exits with a non-zero code is logged, during the run and at shutdown.
 
 ``PoolConfig`` is plain data (spawn-safe). ``start_private_pool`` runs a coordinator as a child of the
 calling process for one run; the daemon form (``launch.py pool start``) builds on the same class.
@@ -39,6 +40,7 @@ from runtime.shm import (
     MSG_READY,
     MSG_RELEASE,
     MSG_START,
+    MSG_STARTED,
     MSG_STOP,
     MSG_STOP_STREAM,
     POOL_FAILED,
@@ -156,11 +158,13 @@ class Coordinator:
         self.procs[i] = p
 
     # ---- reads ---------------------------------------------------------------------------------
-    def queue_read(self, slot: int, group: int) -> None:
-        """Assign ``group`` to ``slot`` with a new seq and hand the read to the least busy live worker."""
+    def queue_read(self, slot: int, group: int, avoid: int = -1) -> None:
+        """Assign ``group`` to ``slot`` with a new seq and hand the read to the least busy worker (not ``avoid``
+        when there is another)."""
         s = self.res.slots[slot]
         s["group"], s["seq"], s["state"], s["error"] = group, int(s["seq"]) + 1, SLOT_QUEUED, 0
-        w = min(range(self.cfg.workers), key=lambda i: len(self.outstanding[i]))
+        w = min((i for i in range(self.cfg.workers) if i != avoid or self.cfg.workers == 1),
+                key=lambda i: len(self.outstanding[i]))
         s["worker"] = w
         self.outstanding[w][slot] = int(s["seq"])
         self.res.requests[w].put(MSG_READ, slot, int(s["seq"]))
@@ -175,12 +179,22 @@ class Coordinator:
         g = int(s["group"])
         if status == 0:
             self._on_read_ok(slot, g)
+        elif self._is_orphan(slot):
+            self._recycle_orphan(slot)
         elif int(s["reads"]) < 2:
             self.res.header["retries"] += 1
             self.log(f"read of group {self.names[g]} failed ({self._status_text(slot, g, status)}); retrying once")
-            self.queue_read(slot, g)
+            self.queue_read(slot, g, avoid=w)
         else:
             self._on_read_failed(slot, g, status)
+
+    def _is_orphan(self, slot: int) -> bool:
+        """A window slot whose client stopped its stream or died while the slot's read was in flight."""
+        return slot >= len(self.cfg.dram_groups) and int(self.res.slots[slot]["owner"]) < 0
+
+    def _recycle_orphan(self, slot: int) -> None:
+        self.free_slot(slot)  # its read is over: the slot can take a new one
+        self.fill_window((slot - len(self.cfg.dram_groups)) // self.cfg.window_slots)
 
     def _on_read_ok(self, slot: int, g: int) -> None:
         r, s = self.res, self.res.slots[slot]
@@ -193,6 +207,8 @@ class Coordinator:
         owner = int(s["owner"])
         if owner >= 0:
             r.events[owner].put(MSG_READY, slot, int(s["seq"]), self.position.get(slot, -1))
+        elif self._is_orphan(slot):
+            self._recycle_orphan(slot)
 
     def _status_text(self, slot: int, g: int, status: int) -> str:
         grp = self.res.groups[g]
@@ -220,6 +236,7 @@ class Coordinator:
         cl, r = self.clients[j], self.res
         if kind == MSG_START:
             cl.sequence, cl.cyclic, cl.cursor, cl.active = [int(x) for x in r.sequences[j][:a]], bool(b), 0, True
+            r.events[j].put(MSG_STARTED, a)  # the client drops every event before this one (runtime/shm.py)
             self.fill_window(j)
         elif kind == MSG_RELEASE:
             s = r.slots[a]
@@ -231,12 +248,14 @@ class Coordinator:
             for slot in cl.slots:
                 if int(r.slots[slot]["state"]) in (SLOT_READY, SLOT_ERROR):
                     self.free_slot(slot)
+                elif int(r.slots[slot]["state"]) == SLOT_QUEUED:  # freed when its read completes (on_done)
+                    r.slots[slot]["owner"] = -1
             if c:
                 r.clients[j]["state"] = CLIENT_FREE
 
     def free_slot(self, slot: int) -> None:
         s = self.res.slots[slot]
-        s["state"], s["owner"], s["group"] = SLOT_FREE, -1, -1
+        s["state"], s["owner"], s["group"], s["reads"] = SLOT_FREE, -1, -1, 0
         self.position.pop(slot, None)
 
     def fill_window(self, j: int) -> None:
@@ -259,12 +278,6 @@ class Coordinator:
             if int(row["state"]) == CLIENT_ATTACHED and not pid_alive(int(row["pid"])):
                 self.log(f"client {j} (pid {int(row['pid'])}) died; releasing its slots")
                 self.on_command(j, MSG_STOP_STREAM, 0, 0, 1)
-                self._orphan_queued(j)
-
-    def _orphan_queued(self, j: int) -> None:
-        for slot in self.clients[j].slots:  # reads in flight for the dead client complete into no one's hands
-            if int(self.res.slots[slot]["state"]) == SLOT_QUEUED:
-                self.res.slots[slot]["owner"] = -1
 
     # ---- workers -------------------------------------------------------------------------------
     def check_workers(self) -> None:
@@ -347,6 +360,9 @@ class Coordinator:
                 if p is not None and p.exitcode is None:
                     self.res.requests[i].put(MSG_STOP)
             stop_processes([p for p in self.procs if p is not None], grace_s=2.0)
+            for i, p in enumerate(self.procs):
+                if p is not None and p.exitcode != 0:
+                    self.log(f"I/O worker {i} (pid {p.pid}) exited with {p.exitcode} at shutdown")
         finally:
             self.res.unlink()
 
@@ -381,9 +397,9 @@ def stop_processes(procs: list, grace_s: float) -> None:
 
 def coordinator_main(cfg: PoolConfig, ready) -> None:
     """Process entry point: build the pool, report its handle (or the error) through ``ready``, serve."""
+    coord = None  # bound before the handler can run: a SIGTERM during start must not raise NameError
     signal.signal(signal.SIGTERM, lambda *_: setattr(coord, "stop_requested", True) if coord else sys.exit(0))
     signal.signal(signal.SIGINT, signal.SIG_IGN if cfg.owner_pid else signal.default_int_handler)
-    coord = None
     try:
         coord = Coordinator(cfg)
     except Exception as e:

@@ -25,7 +25,8 @@ Control block layout (little-endian; numpy structured arrays over one mmap, offs
 Every queue is single-producer single-consumer (``SpscQueue``): ``head`` is written only by the producer,
 ``tail`` only by the consumer. The producer writes the entry, then advances ``head``, then posts the
 consumer's semaphore; the semaphore post/wait pair orders the entry's bytes before the consumer reads them.
-Capacity is 2 x n_slots + 16: at most one message per slot is outstanding in any queue, so a queue never
+Capacity is 2 x n_slots + 16: at most one message per slot is outstanding in any queue (plus, in a client's
+events, the STARTED answers to its STARTs; the client drains its events at every START), so a queue never
 fills (a full queue is a protocol bug and raises).
 
 Slot states and who moves them (``seq`` increments on every new assignment; a message whose seq does not
@@ -35,8 +36,17 @@ match the slot's current seq is stale and ignored, which is what makes re-issued
     QUEUED --worker: read + crc32 ok--> (DONE message) --coordinator--> READY
     QUEUED --worker: read error / crc mismatch--> (DONE with error) --coordinator: retry once, else--> ERROR
     READY (window slot) --coordinator: READY event to its client; client RELEASE message--> FREE
+    READY / ERROR (window slot) --coordinator: its client's STOP_STREAM, or the client died--> FREE
+    QUEUED (window slot) --coordinator: its client's STOP_STREAM, or the client died--> QUEUED, owner -1 (orphaned:
+        a worker may still be writing into it) --coordinator, on its DONE, whatever the status--> FREE
     READY (DRAM tier) stays READY for the pool's lifetime; clients read it in place and never release it.
     any --coordinator: its worker died--> re-queued to a live worker with seq+1
+A slot's ``reads`` counts the completed reads of its current assignment (a retry is the second); FREE resets it.
+
+Sequences. A client writes its sequence into its region and sends START; READY events carry the sequence position
+they fill. The coordinator answers START with STARTED before any READY of the new sequence, and a client drops
+every event it drains before that marker: they belong to its earlier sequence, or to a dead client that had the
+same index (the coordinator sends nothing to a client's index after processing its STOP_STREAM or its death).
 
 Message entries are four int64 fields ``(kind, a, b, c)``; the kinds are the ``MSG_*`` constants.
 """
@@ -71,8 +81,9 @@ MSG_DONE = 3  # worker -> coordinator: a=slot, b=seq, c=0 ok / errno > 0 / ERR_C
 MSG_START = 4  # client -> coordinator: a=sequence length (in the client's region), b=cyclic (0/1)
 MSG_RELEASE = 5  # client -> coordinator: a=slot, b=seq
 MSG_STOP_STREAM = 6  # client -> coordinator: cancel the client's sequence; c=detach (1) or not (0)
-MSG_READY = 7  # coordinator -> client: a=slot, b=seq, c=group
+MSG_READY = 7  # coordinator -> client: a=slot, b=seq, c=sequence position
 MSG_FAILED = 8  # coordinator -> client: a=slot, b=group, c=error code (crc, errno)
+MSG_STARTED = 9  # coordinator -> client: a=sequence length; START is in effect (events before it are stale)
 ERR_CRC = -1
 
 HEADER_DTYPE = np.dtype([
