@@ -7,6 +7,7 @@
     python launch.py run --image model.img --prompt "Hello" --chat --max-new-tokens 64
     python launch.py perplexity --image model.img --text-file wiki.txt --context 512
     python launch.py verify --image model.img
+    python launch.py bench --image model.img --prompts prompts.txt --max-new-tokens 32 --out-json bench.json
 
 Every user error (bad file, bad flag value) prints one line to stderr and exits with code 2; ``--help`` on
 any command explains its flags. This file parses and dispatches; the work is in runtime/ and model/.
@@ -53,6 +54,41 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=int, default=2, help="I/O worker processes (default 2)")
     g.add_argument("--staging-mb", type=int, default=16,
                    help="each group read is split into chunks of this many MiB, read in parallel (default 16)")
+
+
+def _add_bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="time a generation against the transfer bound (DESIGN.md section 1)",
+                       description="Time prefill and decode, print the seeds' summary block plus the plan, bytes "
+                                   "per token, achieved GB/s per link and achieved / bound; accepts the seeds' "
+                                   "quick-start command line verbatim (runtime/bench.py).")
+    _add_image_args(p)
+    p.add_argument("--raw-device", help="the image on a raw block device (or file); give its --manifest")
+    p.add_argument("--checkpoints", help="the checkpoint the image was packed from: its model arguments must match "
+                                         "the image's; its tokenizer is used when the image has none")
+    p.add_argument("--prompts", help="prompts file, one per line; the first --batch-size non-empty lines (token ids "
+                                     "separated by commas for an image without a tokenizer; default: a short "
+                                     "question)")
+    p.add_argument("--batch-size", type=int, default=1, help="sequences per pass (only 1 for now)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per round (default 32)")
+    p.add_argument("--max-seq-len", type=int, help="KV length; prompts keep their last max-seq-len - max-new-tokens "
+                                                   "tokens (default: prompt + new tokens)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--warmup-rounds", type=int, default=1, help="whole generations run before the measured one "
+                                                                "(default 1)")
+    p.add_argument("--warmup-layers", type=int, help="accepted for the seeds' command line; unused (the tiers are "
+                                                     "filled before the first token)")
+    p.add_argument("--topk-blk", type=int, help="accepted for the seeds' command line; unused until top-k KV blocks "
+                                                "arrive")
+    p.add_argument("--h2d-gbps", type=float, help="H2D link in GB/s for the bound (default: measured at start)")
+    p.add_argument("--disk-gbps", type=float, help="disk bandwidth in GB/s for the bound (default: measured at "
+                                                   "start with O_DIRECT reads of the image)")
+    p.add_argument("--out-json", help="write the seeds' JSON keys plus plan, bytes, links and bound to this file")
+    p.add_argument("--verbose", action="store_true", help="also print the placement table, link measurements "
+                                                          "and per-step times")
+    _add_device_args(p)
+    _add_runtime_args(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_args(p)
     p.add_argument("--out-json", help="write perplexity and token count to this JSON file")
     _add_runtime_args(p)
+
+    _add_bench_parser(sub)
 
     p = sub.add_parser("verify", help="check an image's header, manifest and every group checksum")
     _add_image_args(p, required=True)

@@ -225,7 +225,21 @@ class StreamedWeights:
             return int(self.res.groups[self.gid[group]]["slot"]), -1
         pos = self.stream_pos
         self.stream_pos += 1
+        if self.cuda:
+            self._free_window_for(pos)
         return self.client.wait_ready(pos)
+
+    def _free_window_for(self, pos: int) -> None:
+        """Release copied slots until ``pos`` is ready or none is held: the pool can only fill the window
+        slot we are about to wait for once we give one back (else: deadlock with a full window)."""
+        self._release_finished()
+        while self.pending:
+            self.client._drain()
+            if pos in self.client.ready:
+                return
+            ev, slot, seq = self.pending.pop(0)
+            ev.synchronize()  # a copy only waits on compute already enqueued: this always finishes
+            self.client.release(slot, seq)
 
     def _get_cpu(self, group: str) -> Weights:
         if self.held is not None:  # the previous group's compute has finished: CPU ops are synchronous

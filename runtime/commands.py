@@ -159,3 +159,9 @@ def perplexity(a) -> None:
     if a.out_json:
         Path(a.out_json).write_text(json.dumps({"perplexity": ppl, "tokens": count, "nll": nll,
                                                 "context": a.context, "text_tokens": len(ids)}, indent=1))
+
+
+def bench(a) -> None:
+    from runtime.bench import run_bench
+
+    run_bench(a)

@@ -121,11 +121,10 @@ class Generator:
         cache = self.new_cache(1)
         t0 = time.perf_counter()
         tokens = torch.tensor([list(prompt)], dtype=torch.long, device=self.source.device)
-        nxt = sample(self.forward(tokens, 0, cache)[:, -1], cfg, gen)
+        tok = int(sample(self.forward(tokens, 0, cache)[:, -1], cfg, gen).item())  # .item() waits for the GPU
         res.prefill_ms = (time.perf_counter() - t0) * 1e3
         pos = len(prompt)
         while True:
-            tok = int(nxt.item())
             res.output_token_ids.append(tok)
             if on_token:
                 on_token(tok)
@@ -135,9 +134,10 @@ class Generator:
             if len(res.output_token_ids) >= cfg.max_new_tokens:
                 break
             t1 = time.perf_counter()
-            nxt = sample(self.forward(nxt.view(1, 1), pos, cache)[:, -1], cfg, gen)
+            nxt = torch.tensor([[tok]], dtype=torch.long, device=self.source.device)
+            tok = int(sample(self.forward(nxt, pos, cache)[:, -1], cfg, gen).item())
+            res.token_ms.append((time.perf_counter() - t1) * 1e3)
             pos += 1
-            res.token_ms.append((time.perf_counter() - t1) * 1e3)  # .item() above synchronised the step
         res.decode_ms = sum(res.token_ms)
         return res
 

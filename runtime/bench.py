@@ -1,0 +1,549 @@
+"""The bench command: time one generation and judge it against the bound of DESIGN.md section 1.
+
+    python launch.py bench --image model.img --prompts prompts.txt --max-new-tokens 32 --out-json b.json
+    python launch.py bench --checkpoints DIR --mode mixed --raw-device /dev/nvme0n1p4 --manifest M.json \\
+        --prompts P.txt --batch-size 1 --max-new-tokens 32 --max-seq-len 2048 --temperature 0.6 --top-p 0.9 \\
+        --warmup-rounds 1 --prefetch-distance 6 --group-prefetch-depth 4 --gpu-cached-layers 4 \\
+        --cpu-cache-layers 40 --warmup-layers 4 --staging-mb 64 --topk-blk 8 --out-json b.json --verbose
+
+Accepts the seeds' quick-start command line verbatim (seeds/002_*). What it does, in order:
+
+1. Opens the image (``--image FILE`` or ``--raw-device DEV --manifest M``; neither: the embedded model).
+   ``--checkpoints DIR`` must describe the same model (its ModelArgs equal the image's); it supplies the
+   tokenizer when the image has none.
+2. Reads the prompts (``--prompts``: one per line, the first ``--batch-size`` non-empty lines; lines of
+   comma-separated token ids for an image without a tokenizer) and keeps the last
+   ``max_seq_len - max_new_tokens`` tokens of each (the seeds' rule), reporting every truncation.
+3. Measures the links the bound needs, unless given (``--disk-gbps``, ``--h2d-gbps``), before the pool
+   starts so nothing else uses them:
+     disk  DISK_PROBE_BYTES of O_DIRECT reads of DISK_PROBE_READ bytes each, spread evenly over the image,
+           DISK_PROBE_INFLIGHT in flight (workers/odirect.DirectReader, as the I/O workers read);
+     H2D   (CUDA only) copies of H2D_PROBE_BYTES from pinned host memory, timed with CUDA events, the median
+           of H2D_PROBE_REPEATS after one warm-up copy. The runtime copies from the cudaHostRegister'ed
+           ring, which DESIGN.md measured at the same rate as torch's pinned memory.
+4. Opens the weight source once (one pool for all rounds), runs ``--warmup-rounds`` whole generations,
+   then the measured one. End-of-sequence tokens are ignored, so every round decodes the same count.
+   Step boundaries are taken when each token reaches the host (after the GPU finished the step), and the
+   pool's byte counters are read at each boundary.
+5. Prints the seeds' summary block plus our lines (plan, bytes per token, achieved GB/s per link, the
+   bound and achieved/bound), and writes the seeds' JSON keys plus ours with ``--out-json``.
+
+The bound per decode step is max(disk bytes / disk GB/s, H2D bytes / H2D GB/s) with the plan's bytes per
+pass; compute time is not modelled yet. achieved/bound >= 1 means slower than the bound.
+Runs in the launch.py process (the client); owns nothing shared beyond what ``open_source`` owns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model.args import human_bytes
+from model.errors import ConfigError, UserError
+
+DISK_PROBE_BYTES = 512 << 20
+DISK_PROBE_READ = 16 << 20
+DISK_PROBE_INFLIGHT = 8  # as many as the default pool keeps in flight: 2 workers x 4
+H2D_PROBE_BYTES = 512 << 20
+H2D_PROBE_REPEATS = 5
+GB, MB = 1e9, 1e6
+
+# Keys of the seeds' JSON (seeds/002_*), every one written.
+SEED_KEYS = ("batch_size", "max_new_tokens", "prompt_lens", "prefill_tokens_total", "decode_tokens_total",
+             "prefill_ms", "first_token_decode_ms", "ttft_ms", "decode_ms", "e2e_ms", "throughput_tok_s",
+             "end_to_end_tok_s", "io_bw_MBps", "gpu_mem_GB", "mode", "device")
+SUMMARY_KEYS = ("ttft_ms", "prefill_ms", "first_token_decode_ms", "decode_ms", "e2e_ms", "throughput_tok_s",
+                "end_to_end_tok_s")
+# Seeds' flags accepted but not applied yet: argparse dest -> why.
+UNUSED_FLAGS = {
+    "warmup_layers": "the fixed tiers (GPU and DRAM) are filled before the first token, so there is nothing "
+                     "to warm",
+    "topk_blk": "top-k KV blocks arrive with the long-context issue",
+}
+NOTES = [
+    "bound = max(disk bytes / disk bandwidth, H2D bytes / H2D bandwidth) per decode step with the plan's "
+    "bytes per pass (DESIGN.md section 1); compute time is not modelled yet; achieved/bound >= 1 means slower "
+    "than the bound",
+    "kv_h2d_MBps and kv_d2h_MBps are 0: the KV cache stays on the compute device (no KV offload yet)",
+    "the first token comes from the prefill pass: prefill_ms includes sampling it and ttft_ms = prefill_ms; "
+    "first_token_decode_ms is the first decode step",
+    "decode_tokens_total counts tokens produced by decode steps (max_new_tokens - 1 per sequence); "
+    "end_to_end_tok_s counts every generated token",
+    "end-of-sequence tokens are ignored: every round generates max_new_tokens tokens",
+    "decode_io holds the bytes the pool's workers read while decoding; it differs from the plan's bytes per "
+    "pass by what the window prefetched across the phase boundaries",
+]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """The bench's own flags (the runtime's are RuntimeConfig, the sampler's SamplingConfig)."""
+
+    batch_size: int = 1
+    max_new_tokens: int = 32
+    max_seq_len: int | None = None
+    warmup_rounds: int = 1
+    prompts: str | None = None
+    h2d_gbps: float | None = None
+    disk_gbps: float | None = None
+    verbose: bool = False
+    out_json: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1, found {self.batch_size}")
+        if self.batch_size > 1:
+            raise ConfigError(f"--batch-size {self.batch_size}: batched generation is not implemented yet (it "
+                              f"arrives with the batching issue); use --batch-size 1")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"--max-new-tokens must be at least 1 for a benchmark, found {self.max_new_tokens}")
+        if self.warmup_rounds < 0:
+            raise ConfigError(f"--warmup-rounds must be >= 0, found {self.warmup_rounds}")
+        for key in ("h2d_gbps", "disk_gbps"):
+            v = getattr(self, key)
+            if v is not None and not v > 0:
+                raise ConfigError(f"--{key.replace('_', '-')} must be positive, found {v}")
+
+    @classmethod
+    def from_args(cls, a) -> BenchConfig:
+        return cls(**{f: getattr(a, f) for f in cls.__dataclass_fields__ if hasattr(a, f)})
+
+
+# ---- inputs ----------------------------------------------------------------------------------------------
+
+def open_bench_image(a):
+    """--image FILE, or --raw-device DEV (--manifest M), or the embedded model."""
+    from runtime.commands import _open_image
+    from runtime.image import Image
+
+    if a.raw_device and a.image:
+        raise ConfigError(f"give either --image ({a.image}) or --raw-device ({a.raw_device}), not both")
+    if a.raw_device:
+        return Image.open(a.raw_device, a.manifest)
+    return _open_image(a)
+
+
+def check_checkpoint(path: str, image):
+    """Open ``path`` and refuse it when its ModelArgs differ from the image's; returns the checkpoint."""
+    from model.checkpoint import open_checkpoint
+
+    ck = open_checkpoint(path)
+    mine, theirs = image.args.to_dict(), ck.args.to_dict()
+    diff = [f"{k}: checkpoint {theirs[k]!r}, image {mine[k]!r}" for k in mine if mine[k] != theirs.get(k)]
+    if diff:
+        raise UserError(f"--checkpoints {path} does not match the image {image.path} (manifest "
+                        f"{image.manifest_path}): {'; '.join(diff)}")
+    return ck
+
+
+def load_tokenizer_for(image, ck):
+    """The image's tokenizer; else the checkpoint's; else None (prompts must then be token ids)."""
+    from runtime.commands import _tokenizer
+
+    tok = _tokenizer(image, required=False)
+    if tok is None and ck is not None and (src := ck.tokenizer_source()) is not None:
+        from model.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(src)
+    return tok
+
+
+def read_prompts(path: str | None, n: int, tok, vocab_size: int) -> list[list[int]]:
+    """The first ``n`` non-empty lines of ``path`` as token ids (text, or comma-separated ids without a
+    tokenizer); without ``path`` the default prompt text."""
+    if path is None:
+        if tok is None:
+            raise UserError("the image has no tokenizer: give --prompts FILE with lines of comma-separated token "
+                            "ids (or --checkpoints DIR with a tokenizer)")
+        from runtime.embedded import DEFAULT_PROMPT
+
+        return [tok.encode(DEFAULT_PROMPT)] * n
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read the prompts ({e})") from None
+    found = [(i + 1, ln) for i, ln in enumerate(lines) if ln.strip()][:n]
+    if len(found) < n:
+        raise UserError(f"{path}: {len(found)} non-empty line(s), --batch-size {n} needs {n}")
+    return [tok.encode(ln) if tok is not None else _ids(ln, f"{path}:{no}", vocab_size) for no, ln in found]
+
+
+def _ids(line: str, where: str, vocab_size: int) -> list[int]:
+    try:
+        ids = [int(x) for x in line.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{where}: the image has no tokenizer, so a prompt must be comma-separated token ids; "
+                        f"found {line[:60]!r}") from None
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise UserError(f"{where}: token id {bad[0]} is outside the vocabulary 0..{vocab_size - 1}")
+    return ids
+
+
+def fit_prompts(prompts: list[list[int]], cfg: BenchConfig, model_ctx: int) -> tuple[list[list[int]], int, list]:
+    """Keep the last max_seq_len - max_new_tokens tokens of each prompt (the seeds' rule).
+
+    Returns (prompts, KV length to allocate, truncations as dicts)."""
+    limit = cfg.max_seq_len or model_ctx
+    if limit > model_ctx:
+        raise ConfigError(f"--max-seq-len {limit} exceeds the model's context {model_ctx}")
+    keep = limit - cfg.max_new_tokens
+    if keep < 1:
+        raise ConfigError(f"--max-seq-len {limit} leaves no room for a prompt after --max-new-tokens "
+                          f"{cfg.max_new_tokens}")
+    cut = [{"prompt": i, "tokens": len(p), "kept": keep} for i, p in enumerate(prompts) if len(p) > keep]
+    prompts = [p[-keep:] for p in prompts]
+    return prompts, cfg.max_seq_len or max(map(len, prompts)) + cfg.max_new_tokens, cut
+
+
+def unused_flags(a) -> list[dict[str, Any]]:
+    return [{"flag": "--" + k.replace("_", "-"), "value": getattr(a, k), "reason": why}
+            for k, why in UNUSED_FLAGS.items() if getattr(a, k, None) is not None]
+
+
+# ---- link measurements -----------------------------------------------------------------------------------
+
+def measure_disk(path: str, size: int) -> dict[str, Any]:
+    """O_DIRECT reads spread evenly over the first ``size`` bytes of ``path`` (see the module docstring)."""
+    from workers.odirect import DirectReader, aligned_buffer
+
+    notes: list[str] = []
+    with DirectReader(path, max_inflight=DISK_PROBE_INFLIGHT, chunk_bytes=DISK_PROBE_READ, log=notes.append) as r:
+        a = r.alignment
+        region = size // a * a
+        read = min(DISK_PROBE_READ, region) // a * a
+        n = max(1, min(DISK_PROBE_BYTES, region) // read)
+        offsets = [i * (region - read) // max(n - 1, 1) // a * a for i in range(n)]
+        buf = aligned_buffer(read * DISK_PROBE_INFLIGHT, a)
+        futures: list = [None] * DISK_PROBE_INFLIGHT
+        t0 = time.perf_counter()
+        for i, off in enumerate(offsets):
+            b = i % DISK_PROBE_INFLIGHT
+            if futures[b] is not None:
+                futures[b].result()
+            futures[b] = r.submit(buf[b * read:(b + 1) * read], off)
+        for f in futures:
+            if f is not None:
+                f.result()
+        seconds = time.perf_counter() - t0
+        direct = r.direct
+    method = (f"{n} {'O_DIRECT' if direct else 'buffered (O_DIRECT refused)'} reads of {human_bytes(read)} spread "
+              f"over {human_bytes(region)} of {path}, {DISK_PROBE_INFLIGHT} in flight")
+    return {"gbps": n * read / seconds / GB, "source": "measured", "method": method, "bytes": n * read,
+            "seconds": seconds, "direct": direct, "notes": notes}
+
+
+def measure_h2d(device: torch.device) -> dict[str, Any]:
+    """Pinned host -> GPU copies timed with CUDA events (see the module docstring)."""
+    nbytes = min(H2D_PROBE_BYTES, torch.cuda.mem_get_info(device)[0] // 4) // 4096 * 4096
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dev.copy_(host, non_blocking=True)  # warm-up
+    torch.cuda.synchronize(device)
+    samples = []
+    for _ in range(H2D_PROBE_REPEATS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dev.copy_(host, non_blocking=True)
+        end.record()
+        end.synchronize()
+        samples.append(nbytes / (start.elapsed_time(end) / 1e3) / GB)
+    del host, dev
+    torch.cuda.empty_cache()  # give the probe's memory back before the plan reads the free memory
+    return {"gbps": statistics.median(samples), "source": "measured", "samples_gbps": samples,
+            "method": f"pinned host -> {device} copies of {human_bytes(nbytes)}, CUDA events, median of "
+                      f"{H2D_PROBE_REPEATS} after one warm-up"}
+
+
+def links(cfg: BenchConfig, image, device: torch.device) -> dict[str, Any]:
+    """Disk and H2D bandwidths for the bound: given on the command line, else measured now."""
+    disk = ({"gbps": cfg.disk_gbps, "source": "--disk-gbps"} if cfg.disk_gbps
+            else measure_disk(str(image.path), image.image_size))
+    if device.type != "cuda":
+        h2d = None if cfg.h2d_gbps is None else {"gbps": cfg.h2d_gbps, "source": "--h2d-gbps",
+                                                 "note": "unused: the model computes on the CPU (no H2D link)"}
+    else:
+        h2d = {"gbps": cfg.h2d_gbps, "source": "--h2d-gbps"} if cfg.h2d_gbps else measure_h2d(device)
+    return {"disk": disk, "h2d": h2d}
+
+
+# ---- one timed round -------------------------------------------------------------------------------------
+
+def pool_counters(source) -> dict[str, int] | None:
+    """The pool's byte and read counters now; None for a source without a pool (--mode full)."""
+    client = getattr(source, "client", None)
+    if client is None:
+        return None
+    hd = client.res.header
+    out = {k: int(hd[k]) for k in ("bytes_dram", "bytes_stream", "reads", "retries", "errors")}
+    out["disk_bytes"] = int(client.res.workers["bytes_read"].sum())
+    return out
+
+
+def _bytes(plan, groups) -> int:
+    return sum(plan.group_bytes[g] for g in groups)
+
+
+def _delta(a: dict | None, b: dict | None) -> dict[str, int] | None:
+    return None if a is None or b is None else {k: b[k] - a[k] for k in a}
+
+
+@dataclass
+class Round:
+    """Wall-clock stamps of one generation: start, each token's arrival on the host, end; pool counters at
+    the start and at each token."""
+
+    start: float = 0.0
+    stamps: list[float] = field(default_factory=list)
+    counters: list[dict | None] = field(default_factory=list)
+    end: float = 0.0
+    tokens: list[int] = field(default_factory=list)
+
+    @property
+    def step_ms(self) -> list[float]:
+        return [(b - a) * 1e3 for a, b in zip(self.stamps, self.stamps[1:])]
+
+    @property
+    def step_disk_bytes(self) -> list[int] | None:
+        """Bytes the pool's workers read during each decode step (None without a pool)."""
+        if self.counters[0] is None:
+            return None
+        return [y["disk_bytes"] - x["disk_bytes"] for x, y in zip(self.counters[1:], self.counters[2:])]
+
+    def timings(self, batch: int) -> dict[str, float]:
+        ttft = (self.stamps[0] - self.start) * 1e3
+        steps = self.step_ms
+        decode, e2e = sum(steps), (self.end - self.start) * 1e3
+        return {"prefill_ms": ttft, "first_token_decode_ms": steps[0] if steps else 0.0, "ttft_ms": ttft,
+                "decode_ms": decode, "e2e_ms": e2e,
+                "throughput_tok_s": batch * len(steps) / (decode / 1e3) if decode > 0 else 0.0,
+                "end_to_end_tok_s": batch * len(self.tokens) / (e2e / 1e3)}
+
+
+def run_round(gen, source, prompts: Sequence[list[int]], sampling) -> Round:
+    """One whole generation (batch 1 today; the batch list is the shape batching will fill)."""
+    if len(prompts) != 1:
+        raise ConfigError(f"{len(prompts)} prompts: batched generation is not implemented yet")
+    r = Round()
+
+    def on_token(tok: int) -> None:  # called once the token is on the host: its step has finished
+        r.stamps.append(time.perf_counter())
+        r.counters.append(pool_counters(source))
+        r.tokens.append(tok)
+
+    r.counters.append(pool_counters(source))
+    r.start = time.perf_counter()
+    gen.generate(prompts[0], sampling, frozenset(), on_token)
+    r.end = time.perf_counter()
+    return r
+
+
+# ---- the report ------------------------------------------------------------------------------------------
+
+def io_report(r: Round, plan, decode_s: float, steps: int) -> dict[str, Any]:
+    """Bytes per token by tier (plan), bytes read per phase (pool counters) and achieved GB/s per link."""
+    prefill, decode = _delta(r.counters[0], r.counters[1]), _delta(r.counters[1], r.counters[-1])
+    disk_pp = plan.disk_bytes_per_pass if plan else 0
+    h2d_pp = plan.h2d_bytes_per_pass if plan else 0
+    per_token = {"disk": disk_pp, "h2d": h2d_pp, "gpu_resident": plan.gpu_tier_bytes if plan else None,
+                 "dram_tier": _bytes(plan, plan.dram) if plan else 0, "stream": disk_pp}
+    disk_read = decode["disk_bytes"] if decode else 0
+    h2d_moved = h2d_pp * steps
+    achieved = {"disk_GBps": disk_read / decode_s / GB if decode_s > 0 else 0.0,
+                "h2d_GBps": h2d_moved / decode_s / GB if decode_s > 0 else 0.0}
+    if decode:
+        decode = {**decode, "steps": steps, "disk_bytes_per_step": disk_read / steps if steps else 0.0}
+    return {"bytes_per_token": per_token, "prefill_io": prefill, "decode_io": decode, "achieved": achieved,
+            "h2d_bytes_decode": h2d_moved}
+
+
+def bound_report(plan, lk: dict, step_ms: float | None) -> dict[str, Any]:
+    """max(disk bytes / disk GB/s, H2D bytes / H2D GB/s) per decode step, and achieved / bound."""
+    terms = {}
+    if plan and plan.disk_bytes_per_pass:
+        terms["disk"] = plan.disk_bytes_per_pass / (lk["disk"]["gbps"] * GB) * 1e3
+    if plan and plan.h2d_bytes_per_pass and lk["h2d"]:
+        terms["h2d"] = plan.h2d_bytes_per_pass / (lk["h2d"]["gbps"] * GB) * 1e3
+    if not terms:
+        return {"step_ms": None, "limited_by": None, "terms_ms": {}, "decode_step_ms": step_ms, "ratio": None,
+                "why_none": "no weight bytes move per step (compute time is not modelled yet)"}
+    limited = max(terms, key=terms.get)
+    ratio = step_ms / terms[limited] if step_ms else None
+    return {"step_ms": terms[limited], "limited_by": limited, "terms_ms": terms, "decode_step_ms": step_ms,
+            "ratio": ratio}
+
+
+def memory_report(device: torch.device, source, handle) -> tuple[dict, dict]:
+    """gpu_mem_GB (the seeds' keys + peak) and host memory: RSS, peak RSS, pinned (registered ring) bytes."""
+    import psutil
+
+    cuda = device.type == "cuda"
+    gpu = {"allocated_GB": torch.cuda.memory_allocated(device) / GB if cuda else 0.0,
+           "reserved_GB": torch.cuda.memory_reserved(device) / GB if cuda else 0.0,
+           "peak_allocated_GB": torch.cuda.max_memory_allocated(device) / GB if cuda else 0.0}
+    ring = handle.ring_bytes if handle is not None else 0
+    rss = psutil.Process().memory_info().rss
+    peak = max(rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # ru_maxrss: KiB on Linux
+    host = {"rss_GB": rss / GB, "peak_rss_GB": peak / GB,
+            "ring_GB": ring / GB, "pinned_GB": ring / GB if getattr(source, "registered", False) else 0.0}
+    return gpu, host
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda" and device.index is None:
+        return f"cuda:{torch.cuda.current_device()}"
+    return str(device)
+
+
+def build_report(a, cfg: BenchConfig, ctx: dict, r: Round) -> dict[str, Any]:
+    plan, lk, n = ctx["plan"], ctx["links"], cfg.batch_size
+    t = r.timings(n)
+    steps = len(r.step_ms)
+    io = io_report(r, plan, t["decode_ms"] / 1e3, steps)
+    step_ms = t["decode_ms"] / steps if steps else None
+    bound = bound_report(plan, lk, step_ms)
+    gpu_mem, host_mem = ctx["memory"]
+    weight_h2d = io["h2d_bytes_decode"] / (t["decode_ms"] / 1e3) / MB if t["decode_ms"] > 0 else 0.0
+    out = {"batch_size": n, "max_new_tokens": cfg.max_new_tokens, "prompt_lens": [len(p) for p in ctx["prompts"]],
+           "prefill_tokens_total": sum(len(p) for p in ctx["prompts"]), "decode_tokens_total": n * steps, **t,
+           "io_bw_MBps": {"weight_h2d_MBps": weight_h2d, "kv_h2d_MBps": 0.0, "kv_d2h_MBps": 0.0},
+           "gpu_mem_GB": gpu_mem, "mode": a.mode, "device": _device_name(ctx["device"])}
+    out.update({"generated_tokens_total": n * len(r.tokens), "warmup_rounds": cfg.warmup_rounds,
+                "load_ms": ctx["load_ms"], "step_ms": r.step_ms,
+                "step_disk_bytes": r.step_disk_bytes,
+                "image": {"path": str(ctx["image"].path), "manifest": str(ctx["image"].manifest_path),
+                          "dtype": ctx["image"].dtype},
+                "checkpoints": a.checkpoints, "prompts_file": cfg.prompts, "prompt_truncation": ctx["cut"],
+                "plan": plan.to_dict() if plan else None, **{k: io[k] for k in ("bytes_per_token", "prefill_io",
+                                                                                "decode_io")},
+                "achieved_GBps": io["achieved"], "links": lk, "bound": bound,
+                "achieved_over_bound": bound["ratio"], "host_mem_GB": host_mem,
+                "unused_flags": ctx["unused"], "notes": NOTES + ctx["notes"],
+                "flags": {k: v for k, v in vars(a).items() if k != "command"}})
+    return out
+
+
+# ---- printing --------------------------------------------------------------------------------------------
+
+def _gb(n: float) -> str:
+    """Decimal units, as the cost model (DESIGN.md): GB above 0.1 GB, else MB."""
+    return f"{n / GB:.2f} GB" if n >= 1e8 else f"{n / MB:.2f} MB"
+
+
+def plan_line(plan) -> str:
+    if plan is None:
+        return "none (--mode full: every group loaded onto the device)"
+    return (f"{plan.mode} on {plan.device}: gpu {len(plan.gpu)} groups {_gb(plan.gpu_tier_bytes)}, dram "
+            f"{len(plan.dram)} groups {_gb(_bytes(plan, plan.dram))} (+ host {_gb(plan.host_bytes)}), stream "
+            f"{len(plan.stream)} groups {_gb(plan.disk_bytes_per_pass)} through {plan.window_slots} slots, "
+            f"staging {plan.staging_buffers} x {_gb(plan.slot_bytes)}")
+
+
+def bytes_line(tok: dict, cuda: bool) -> str:
+    if tok["gpu_resident"] is None:
+        return "none move (--mode full)"
+    h2d = (f"H2D {_gb(tok['h2d'])} (dram tier {_gb(tok['dram_tier'])} + stream {_gb(tok['stream'])})" if cuda
+           else f"no H2D (the CPU reads the dram tier's {_gb(tok['dram_tier'])} in place)")
+    return f"disk {_gb(tok['disk'])}, {h2d}, resident {_gb(tok['gpu_resident'])}"
+
+
+def link_line(achieved: float, link: dict | None, moved: float) -> str:
+    if link is None:
+        return "no H2D link (the model computes on the CPU)"
+    how = "measured" if link["source"] == "measured" else f"given with {link['source']}"
+    return f"{_gb(moved)} in decode, {achieved:.3f} GB/s achieved of {link['gbps']:.3f} GB/s ({how})"
+
+
+def bound_line(rep: dict) -> str:
+    b = rep["bound"]
+    if b["step_ms"] is None:
+        return f"none: {b['why_none']}"
+    lim = b["limited_by"]
+    moved = rep["bytes_per_token"]["disk" if lim == "disk" else "h2d"]
+    if b["ratio"] is None:
+        return f"bound {b['step_ms']:.1f} ms per decode step; no decode step was measured (--max-new-tokens 1)"
+    low = " (below 1: the link figure is low, e.g. a short measurement)" if b["ratio"] < 0.95 else ""
+    return (f"decode step {b['decode_step_ms']:.1f} ms, bound {b['step_ms']:.1f} ms ({lim} {_gb(moved)} @ "
+            f"{rep['links'][lim]['gbps']:.2f} GB/s), achieved/bound {b['ratio']:.2f}{low}")
+
+
+def summary(rep: dict, plan) -> str:
+    """The seeds' block, then ours."""
+    ours = {"plan": plan_line(plan),
+            "bytes_per_token": bytes_line(rep["bytes_per_token"], rep["device"].startswith("cuda")),
+            "disk": link_line(rep["achieved_GBps"]["disk_GBps"], rep["links"]["disk"],
+                              (rep["decode_io"] or {}).get("disk_bytes", 0)),
+            "h2d": link_line(rep["achieved_GBps"]["h2d_GBps"], rep["links"]["h2d"],
+                             rep["io_bw_MBps"]["weight_h2d_MBps"] * MB * rep["decode_ms"] / 1e3),
+            "bound": bound_line(rep)}
+    width = max(map(len, [*SUMMARY_KEYS, *ours]))
+    lines = ["=== Benchmark Summary ==="]
+    lines += [f"  {k:>{width}}: {rep[k]:.{2 if k.endswith('tok_s') else 3}f}" for k in SUMMARY_KEYS]
+    lines += [f"  {k:>{width}}: {v}" for k, v in ours.items()]
+    return "\n".join(lines)
+
+
+def verbose_lines(rep: dict, describe: str | None) -> str:
+    lines = [describe or "placement: none (--mode full)"]
+    for name, lk in rep["links"].items():
+        if lk and lk["source"] == "measured":
+            lines.append(f"link {name}: {lk['gbps']:.3f} GB/s: {lk['method']}")
+    disk_bytes = rep["step_disk_bytes"]
+    for i, ms in enumerate(rep["step_ms"]):
+        disk = f", disk {_gb(disk_bytes[i])} read" if disk_bytes else ""
+        lines.append(f"decode step {i + 1}: {ms:.3f} ms{disk}")
+    return "\n".join(lines)
+
+
+# ---- the command -----------------------------------------------------------------------------------------
+
+def run_bench(a) -> None:
+    from runtime.commands import _device
+    from runtime.engine import RuntimeConfig, open_source
+    from runtime.generate import Generator, SamplingConfig
+
+    cfg = BenchConfig.from_args(a)
+    sampling = SamplingConfig(cfg.max_new_tokens, a.temperature, a.top_p, a.seed)
+    rcfg = dataclasses.replace(RuntimeConfig.from_args(a), quiet=True)
+    unused = unused_flags(a)
+    for u in unused:
+        print(f"warning: {u['flag']} {u['value']} is accepted but unused: {u['reason']}", file=sys.stderr)
+    image = open_bench_image(a)
+    ck = check_checkpoint(a.checkpoints, image) if a.checkpoints else None
+    tok = load_tokenizer_for(image, ck)
+    device = _device(a.device)
+    prompts = read_prompts(cfg.prompts, cfg.batch_size, tok, image.args.vocab_size)
+    prompts, max_len, cut = fit_prompts(prompts, cfg, image.args.max_seq_len)
+    for c in cut:
+        print(f"warning: prompt {c['prompt']} has {c['tokens']} tokens; kept its last {c['kept']} (--max-seq-len "
+              f"- --max-new-tokens)", file=sys.stderr)
+    lk = links(cfg, image, device)
+    t0 = time.perf_counter()
+    with open_source(image, rcfg, device, batch=cfg.batch_size, max_len=max_len) as (source, plan, handle):
+        load_ms = (time.perf_counter() - t0) * 1e3
+        gen = Generator(source, max_len)
+        for i in range(cfg.warmup_rounds):
+            run_round(gen, source, prompts, sampling)
+            print(f"warm-up round {i + 1}/{cfg.warmup_rounds} done", file=sys.stderr)
+        r = run_round(gen, source, prompts, sampling)
+        memory = memory_report(device, source, handle)
+    notes = [] if device.type == "cuda" else ["no H2D link: the model computes on the CPU from ring memory"]
+    ctx = {"plan": plan, "links": lk, "prompts": prompts, "memory": memory, "device": device, "image": image,
+           "load_ms": load_ms, "cut": cut, "unused": unused, "notes": notes}
+    rep = build_report(a, cfg, ctx, r)
+    print(summary(rep, plan))
+    if cfg.verbose:
+        print(verbose_lines(rep, plan.describe() if plan else None))
+    if cfg.out_json:
+        Path(cfg.out_json).write_text(json.dumps(rep, indent=1))
+        print(f"JSON written to {cfg.out_json}")
