@@ -195,12 +195,6 @@ def ffn_forward(h: torch.Tensor, w: Weights, args: ModelArgs) -> torch.Tensor:
     return h + F.linear(gate * F.linear(x, w["feed_forward.w3.weight"]), w["feed_forward.w2.weight"])
 
 
-def head_forward(h: torch.Tensor, w: Weights, args: ModelArgs, embed_w: Weights | None = None) -> torch.Tensor:
-    """h (B, S, dim) -> logits (B, S, vocab) in fp32. Tied models pass the embedding group."""
-    out_w = embed_w["tok_embeddings.weight"] if args.tie_embeddings else w["output.weight"]
-    return F.linear(rms_norm(h, w["norm.weight"], args.norm_eps), out_w).float()
-
-
 # ---- Meta-named module (strict state-dict loading; in-memory reference) ------------------------------
 
 class RMSNorm(nn.Module):
@@ -274,14 +268,23 @@ class DictSource:
         return self.groups[group]
 
 
-def forward_groups(tokens: torch.Tensor, start: int, args: ModelArgs, source, rope: Rope,
-                   cache: KVCache) -> torch.Tensor:
-    """One forward pass. ``source.embed(tokens)`` does the lookup; ``source.get(group)`` supplies each group's
-    weights, called in the pass order (layers, then for tied models tok_embeddings as the output matrix, then
-    head), which is the order a streaming source prefetches in."""
+def forward_groups(tokens: torch.Tensor, start: int, args: ModelArgs, source, rope: Rope, cache: KVCache,
+                   last_only: bool = False) -> torch.Tensor:
+    """One forward pass -> logits (B, S, vocab), or (B, 1, vocab) for the last position with ``last_only``.
+
+    The weight-source contract: ``source.embed(tokens)`` does the lookup; ``source.get(group)`` is called in
+    the pass order (runtime/placement.py ``pass_sequence``) and the weights it returns are valid only until
+    the next ``get``: a streaming source reuses their buffer for a group further ahead. So every group's
+    weights are used before the next group is fetched; a tied model applies the final norm (head group)
+    before it fetches the embedding as its output matrix.
+    """
     h = source.embed(tokens)
     for i in range(args.n_layers):
         h = attention_forward(h, source.get(f"layers.{i}.attention"), args, i, rope, cache, start)
         h = ffn_forward(h, source.get(f"layers.{i}.feed_forward"), args)
-    out_w = source.get("tok_embeddings") if args.tie_embeddings else None
-    return head_forward(h, source.get("head"), args, out_w)
+    if last_only:
+        h = h[:, -1:]
+    head = source.get("head")
+    x = rms_norm(h, head["norm.weight"], args.norm_eps)
+    out_w = source.get("tok_embeddings")["tok_embeddings.weight"] if args.tie_embeddings else head["output.weight"]
+    return F.linear(x, out_w).float()

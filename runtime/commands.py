@@ -153,7 +153,8 @@ def perplexity(a) -> None:
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{a.text_file}: cannot read the text ({e})") from None
     ids = tok.encode(text)
-    with open_source(image, RuntimeConfig.from_args(a), _device(a.device), max_len=a.context) as (source, _, _):
+    with open_source(image, RuntimeConfig.from_args(a), _device(a.device), max_len=a.context,
+                     all_logits=True) as (source, _, _):
         ppl, count, nll = Generator(source, a.context).perplexity(ids, a.context)
     print(f"perplexity {ppl:.4f} over {count} predicted tokens ({len(ids)} tokens, windows of {a.context})")
     if a.out_json:

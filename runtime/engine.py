@@ -60,11 +60,13 @@ def kv_cache_bytes(image: Image, batch: int, max_len: int) -> int:
     return 2 * a.n_layers * batch * max_len * a.n_kv_heads * a.head_dim * elem
 
 
-def activation_bytes(image: Image, batch: int, chunk: int) -> int:
-    """Rough upper bound of the workspace of one prefill chunk: hidden states, FFN intermediates, logits."""
+def activation_bytes(image: Image, batch: int, chunk: int, all_logits: bool = False) -> int:
+    """Rough upper bound of the workspace of one prefill chunk: hidden states, FFN intermediates, and fp32
+    logits (every position's for perplexity, else the last position's)."""
     a = image.args
     elem = torch.empty((), dtype=TORCH_DTYPES[image.dtype]).element_size()
-    return batch * chunk * ((6 * a.dim + 3 * a.ffn_hidden) * elem + a.vocab_size * 4) + (256 << 20)
+    logits = batch * (chunk if all_logits else 1) * a.vocab_size * 4
+    return batch * chunk * (6 * a.dim + 3 * a.ffn_hidden) * elem + logits + (256 << 20)
 
 
 def default_dram_bytes() -> int:
@@ -89,7 +91,7 @@ def make_plan(image: Image, cfg: RuntimeConfig, device: torch.device, kv_bytes: 
 
 @contextlib.contextmanager
 def open_source(image: Image, cfg: RuntimeConfig, device: torch.device, batch: int = 1, max_len: int = 2048,
-                chunk: int = 2048):
+                chunk: int = 2048, all_logits: bool = False):
     """Yield (weight source, plan or None, pool handle or None) for ``cfg.mode``."""
     if cfg.mode == "full":
         from runtime.weights import InMemoryWeights
@@ -101,7 +103,7 @@ def open_source(image: Image, cfg: RuntimeConfig, device: torch.device, batch: i
     from workers.io_worker import WorkerOptions
 
     plan = make_plan(image, cfg, device, kv_cache_bytes(image, batch, max_len),
-                     activation_bytes(image, batch, min(chunk, max_len)))
+                     activation_bytes(image, batch, min(chunk, max_len), all_logits))
     if not cfg.quiet:
         print(plan.describe(), file=sys.stderr)
     # The GPU tier is loaded through the window once, so the window exists (>= 1 slot) whenever it is non-empty.

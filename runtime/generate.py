@@ -95,13 +95,15 @@ class Generator:
         return KVCache(self.args, batch, self.max_seq_len, self.source.dtype, self.source.device)
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, start: int, cache: KVCache) -> torch.Tensor:
-        """tokens (B, S) -> logits (B, S, vocab) fp32, prefilling in chunks of ``prefill_chunk``."""
+    def forward(self, tokens: torch.Tensor, start: int, cache: KVCache, last_only: bool = False) -> torch.Tensor:
+        """tokens (B, S) -> logits (B, S, vocab) fp32 (or the last position's, (B, 1, vocab)), prefilling in
+        chunks of ``prefill_chunk``: one weight pass per chunk."""
         outs = []
         for i in range(0, tokens.shape[1], self.prefill_chunk):
             chunk = tokens[:, i:i + self.prefill_chunk]
-            outs.append(forward_groups(chunk, start + i, self.args, self.source, self.rope, cache))
-        return torch.cat(outs, dim=1)
+            last = last_only and i + self.prefill_chunk >= tokens.shape[1]
+            outs.append(forward_groups(chunk, start + i, self.args, self.source, self.rope, cache, last_only=last))
+        return outs[-1] if last_only else torch.cat(outs, dim=1)
 
     def _sync(self) -> None:
         if self.source.device.type == "cuda":
@@ -121,7 +123,8 @@ class Generator:
         cache = self.new_cache(1)
         t0 = time.perf_counter()
         tokens = torch.tensor([list(prompt)], dtype=torch.long, device=self.source.device)
-        tok = int(sample(self.forward(tokens, 0, cache)[:, -1], cfg, gen).item())  # .item() waits for the GPU
+        logits = self.forward(tokens, 0, cache, last_only=True)[:, -1]
+        tok = int(sample(logits, cfg, gen).item())  # .item() waits for the GPU to finish the pass
         res.prefill_ms = (time.perf_counter() - t0) * 1e3
         pos = len(prompt)
         while True:
@@ -135,7 +138,7 @@ class Generator:
                 break
             t1 = time.perf_counter()
             nxt = torch.tensor([[tok]], dtype=torch.long, device=self.source.device)
-            tok = int(sample(self.forward(nxt, pos, cache)[:, -1], cfg, gen).item())
+            tok = int(sample(self.forward(nxt, pos, cache, last_only=True)[:, -1], cfg, gen).item())
             res.token_ms.append((time.perf_counter() - t1) * 1e3)
             pos += 1
         res.decode_ms = sum(res.token_ms)

@@ -2,9 +2,10 @@
 
 DESIGN.md sections 1 and 2. One forward pass uses the groups in a fixed cyclic order (``pass_sequence``):
 
-    layers.0.attention, layers.0.feed_forward, ..., layers.{L-1}.feed_forward, [tok_embeddings,] head
+    layers.0.attention, layers.0.feed_forward, ..., layers.{L-1}.feed_forward, head[, tok_embeddings]
 
-(``tok_embeddings`` appears before ``head`` only for tied models, where it is the output matrix.) LRU on a
+(``tok_embeddings`` follows ``head`` only for tied models, where it is the output matrix: the final norm
+is applied first, so each group's weights are used before the next group is fetched.) LRU on a
 cyclic scan larger than the cache hits nothing, so the plan is a set of *fixed* tiers for the whole run:
 
     gpu     resident on the compute device; never copied again           costs GPU bytes once
@@ -208,7 +209,7 @@ def _opt(n: int | None) -> str:
 def pass_sequence(args: ModelArgs) -> tuple[str, ...]:
     """The groups one forward pass copies or uses on the compute device, in order (not the host lookup)."""
     seq = [g for g in group_names(args) if g != HOST_GROUP]
-    return tuple(seq[:-1] + ([HOST_GROUP] if args.tie_embeddings else []) + seq[-1:])
+    return tuple(seq + ([HOST_GROUP] if args.tie_embeddings else []))
 
 
 def layout_group_bytes(args: ModelArgs, dtype: str = "bf16") -> dict[str, int]:

@@ -148,11 +148,11 @@ def test_every_group_is_in_exactly_one_tier_and_budgets_hold():
 
 # ---- the pass sequence and the group choice -----------------------------------------------------------------------
 
-def test_tied_model_uses_the_embedding_as_output_before_the_head():
+def test_tied_model_uses_the_embedding_as_output_after_the_head():
     tied, _ = shape("llama3.2-1b")
     untied, _ = shape("llama3.1-8b")
     assert tied.tie_embeddings and not untied.tie_embeddings
-    assert pass_sequence(tied)[-2:] == ("tok_embeddings", "head") and len(pass_sequence(tied)) == 2 * 16 + 2
+    assert pass_sequence(tied)[-2:] == ("head", "tok_embeddings") and len(pass_sequence(tied)) == 2 * 16 + 2
     assert "tok_embeddings" not in pass_sequence(untied) and pass_sequence(untied)[-1] == "head"
     assert pass_sequence(untied)[:3] == ("layers.0.attention", "layers.0.feed_forward", "layers.1.attention")
 

@@ -149,3 +149,37 @@ def test_gpu_streamed_equals_full_bf16(synth_bf16, mode):
         assert plan.h2d_bytes_per_pass > 0 and (mode == "preload" or plan.stream)
         out = Generator(src, len(prompt) + new).generate(prompt, SamplingConfig(new)).output_token_ids
     assert out == ref
+
+
+class PoisoningSource:
+    """A weight source that enforces the contract of ``forward_groups``: weights are valid only until the
+    next ``get``. On every ``get`` it fills the previously returned group with NaN, as a streaming source
+    reusing that buffer would (with other weights); a model that still reads them produces NaN."""
+
+    def __init__(self, image: Image) -> None:
+        self.ref = InMemoryWeights(image, "cpu", quiet=True)
+        self.args, self.device, self.dtype = self.ref.args, self.ref.device, self.ref.dtype
+        self.live = {g: {k: v.clone() for k, v in w.items()} for g, w in self.ref.groups.items()}
+        self.last = None
+
+    def embed(self, tokens):
+        return self.ref.embed(tokens)
+
+    def get(self, group):
+        if self.last is not None:
+            for t in self.live[self.last].values():
+                t.fill_(float("nan"))
+        for k, t in self.live[group].items():
+            t.copy_(self.ref.groups[group][k])
+        self.last = group
+        return self.live[group]
+
+
+def test_model_uses_each_group_before_fetching_the_next(tiny):
+    x = torch.tensor([PROMPT])
+    full = Generator(InMemoryWeights(tiny, "cpu", quiet=True), 16)
+    strict = Generator(PoisoningSource(tiny), 16)
+    ref = full.forward(x, 0, full.new_cache(1))
+    out = strict.forward(x, 0, strict.new_cache(1))
+    assert not out.isnan().any()
+    assert torch.equal(out, ref)
