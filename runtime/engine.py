@@ -89,10 +89,19 @@ def make_plan(image: Image, cfg: RuntimeConfig, device: torch.device, kv_bytes: 
                           group_prefetch_depth=cfg.group_prefetch_depth)
 
 
+def cap_gpu_memory(device: torch.device, gb: float) -> None:
+    """Make ``--gpu-mem-gb`` a hard cap: PyTorch's allocator refuses to hold more (emulates a smaller card;
+    the CUDA context itself, a few hundred MB, is outside any allocator and not counted)."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, gb * GB / total), device)
+
+
 @contextlib.contextmanager
 def open_source(image: Image, cfg: RuntimeConfig, device: torch.device, batch: int = 1, max_len: int = 2048,
                 chunk: int = 2048, all_logits: bool = False):
     """Yield (weight source, plan or None, pool handle or None) for ``cfg.mode``."""
+    if device.type == "cuda" and cfg.gpu_mem_gb:
+        cap_gpu_memory(device, cfg.gpu_mem_gb)
     if cfg.mode == "full":
         from runtime.weights import InMemoryWeights
 
