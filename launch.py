@@ -8,6 +8,7 @@
     python launch.py perplexity --image model.img --text-file wiki.txt --context 512
     python launch.py verify --image model.img
     python launch.py bench --image model.img --prompts prompts.txt --max-new-tokens 32 --out-json bench.json
+    python launch.py run --image model.img --prompt "Hello" --trace run.trace.json   # then ui.perfetto.dev
 
 Every user error (bad file, bad flag value) prints one line to stderr and exits with code 2; ``--help`` on
 any command explains its flags. This file parses and dispatches; the work is in runtime/ and model/.
@@ -54,6 +55,10 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=int, default=2, help="I/O worker processes (default 2)")
     g.add_argument("--staging-mb", type=int, default=16,
                    help="each group read is split into chunks of this many MiB, read in parallel (default 16)")
+    g.add_argument("--trace", metavar="FILE",
+                   help="write a Chrome trace-event JSON of the run to FILE (open it in ui.perfetto.dev or "
+                        "chrome://tracing; benchmarks/render_trace.py draws it): each I/O worker's disk reads, "
+                        "each H2D copy and each group's compute, on one clock")
 
 
 def _add_bench_parser(sub) -> None:

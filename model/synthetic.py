@@ -25,6 +25,7 @@ class SyntheticCheckpoint(Checkpoint):
         super().__init__(self.name, args)  # type: ignore[arg-type]
         self.gen = torch.Generator().manual_seed(seed)
         self.pool = torch.randn(POOL_ELEMENTS, generator=self.gen) * 0.02
+        self._pools: dict[torch.dtype, torch.Tensor] = {}
 
     def tensor(self, key: str) -> torch.Tensor:
         out = torch.empty(self.shapes[key])
@@ -36,11 +37,12 @@ class SyntheticCheckpoint(Checkpoint):
         if out.dim() == 1:
             out.copy_(1 + 0.1 * torch.randn(out.shape, generator=self.gen))
             return
+        pool = self._pools.setdefault(out.dtype, self.pool.to(out.dtype))  # converted once: copies are memcpy
         flat, pos = out.view(-1), int(torch.randint(0, POOL_ELEMENTS, (1,), generator=self.gen))
         done = 0
         while done < flat.numel():
             n = min(flat.numel() - done, POOL_ELEMENTS - pos)
-            flat[done:done + n].copy_(self.pool[pos:pos + n])
+            flat[done:done + n].copy_(pool[pos:pos + n])
             done, pos = done + n, 0
 
     def describe(self) -> dict:

@@ -144,8 +144,10 @@ class PoolClient:
 class StreamedWeights:
     """Weight source over a pool (see module docstring). ``plan`` is a runtime.placement.Plan."""
 
-    def __init__(self, image: Image, plan, client: PoolClient, device: torch.device, staging: int = 2) -> None:
+    def __init__(self, image: Image, plan, client: PoolClient, device: torch.device, staging: int = 2,
+                 trace=None) -> None:
         self.image, self.args, self.plan, self.client = image, image.args, plan, client
+        self.trace = trace  # runtime.trace.ClientTrace with --trace: records copies and slot waits
         self.device, self.dtype = torch.device(device), TORCH_DTYPES[image.dtype]
         self.names = list(image.groups)
         self.gid = {n: i for i, n in enumerate(self.names)}
@@ -227,7 +229,11 @@ class StreamedWeights:
         self.stream_pos += 1
         if self.cuda:
             self._free_window_for(pos)
-        return self.client.wait_ready(pos)
+        t0 = time.monotonic_ns() if self.trace else 0
+        ready = self.client.wait_ready(pos)
+        if self.trace:
+            self.trace.wait(group, t0, pos)
+        return ready
 
     def _free_window_for(self, pos: int) -> None:
         """Release copied slots until ``pos`` is ready or none is held: the pool can only fill the window
@@ -269,9 +275,12 @@ class StreamedWeights:
         with torch.cuda.stream(self.copy_stream):
             if self.freed[b] is not None:
                 self.copy_stream.wait_event(self.freed[b])
+            c0 = self.trace.mark(self.copy_stream) if self.trace else None  # after the wait: the copy itself
             self.staging[b][:size].copy_(self.slot_tensor(slot, size), non_blocking=True)
-            ev = torch.cuda.Event()
+            ev = torch.cuda.Event(enable_timing=self.trace is not None)
             ev.record(self.copy_stream)
+        if self.trace:
+            self.trace.copy(g, c0, ev, size, b)
         self.copied[b] = ev
         if seq >= 0:
             self.pending.append((ev, slot, seq))

@@ -36,6 +36,7 @@ class RuntimeConfig:
     staging_mb: int = 16  # the I/O workers split each group read into chunks of this size, issued in parallel
     direct_io: bool = True
     quiet: bool = False
+    trace: str | None = None  # --trace FILE: a Chrome trace of the run (runtime/trace.py)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -99,7 +100,23 @@ def cap_gpu_memory(device: torch.device, gb: float) -> None:
 @contextlib.contextmanager
 def open_source(image: Image, cfg: RuntimeConfig, device: torch.device, batch: int = 1, max_len: int = 2048,
                 chunk: int = 2048, all_logits: bool = False):
-    """Yield (weight source, plan or None, pool handle or None) for ``cfg.mode``."""
+    """Yield (weight source, plan or None, pool handle or None) for ``cfg.mode``. With ``cfg.trace`` the
+    source records its computes and the pool its reads; the trace is written once the pool has stopped."""
+    if cfg.trace is None:
+        with _open_source(image, cfg, device, batch, max_len, chunk, all_logits, None) as out:
+            yield out
+        return
+    from runtime.trace import TraceSession
+
+    with TraceSession(cfg.trace, device, list(image.groups)) as ts, \
+            _open_source(image, cfg, device, batch, max_len, chunk, all_logits, ts) as (source, plan, handle), \
+            ts.wrap(source) as traced:
+        yield traced, plan, handle
+
+
+@contextlib.contextmanager
+def _open_source(image: Image, cfg: RuntimeConfig, device: torch.device, batch: int, max_len: int, chunk: int,
+                 all_logits: bool, trace):
     if device.type == "cuda" and cfg.gpu_mem_gb:
         cap_gpu_memory(device, cfg.gpu_mem_gb)
     if cfg.mode == "full":
@@ -120,13 +137,15 @@ def open_source(image: Image, cfg: RuntimeConfig, device: torch.device, batch: i
     slot_bytes = max([plan.slot_bytes] + [image.groups[g].size for g in plan.gpu])
     pool_cfg = PoolConfig(str(image.path), str(image.manifest_path), f"run{os.getpid()}",
                           tuple(dict.fromkeys(plan.host + plan.dram)), window, slot_bytes, workers=cfg.workers,
-                          worker_opts=WorkerOptions(direct=cfg.direct_io, chunk_bytes=cfg.staging_mb << 20),
+                          worker_opts=WorkerOptions(direct=cfg.direct_io, chunk_bytes=cfg.staging_mb << 20,
+                                                    trace_dir=trace.dir if trace else None),
                           owner_pid=os.getpid())
     with PrivatePool(pool_cfg) as pool:
         client = PoolClient(pool.handle)
         source = None
         try:
-            source = StreamedWeights(image, plan, client, device, staging=max(plan.staging_buffers, 1))
+            source = StreamedWeights(image, plan, client, device, staging=max(plan.staging_buffers, 1),
+                                     trace=trace.client if trace else None)
             yield source, plan, pool.handle
         finally:
             if source is not None:

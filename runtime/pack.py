@@ -71,8 +71,12 @@ def _manifest_path(out: Path, manifest: str | Path | None) -> Path:
 
 
 def _write_group(fd: int, ck: Checkpoint, g: GroupSpec, progress: Progress) -> GroupSpec:
-    buf = torch.zeros(g.size, dtype=torch.uint8)
-    prefix = group_prefix(g.name)
+    buf = torch.empty(g.size, dtype=torch.uint8)
+    prefix, pos = group_prefix(g.name), 0
+    for t in g.tensors:  # zero only the alignment padding; every tensor byte is written by fill()
+        buf[pos:t.offset].zero_()
+        pos = t.offset + t.nbytes
+    buf[pos:].zero_()
     for name, view in tensor_views(g, buf).items():
         ck.fill(prefix + name, view)
     data = buf.numpy()

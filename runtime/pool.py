@@ -61,6 +61,7 @@ from runtime.shm import (
     sem_wait,
     validate_pool_name,
 )
+from runtime.trace import SORT_COORDINATOR, Recorder
 from workers.io_worker import WorkerOptions, worker_main
 
 LOOP_S = 0.05  # the coordinator wakes at least this often (heartbeat, liveness checks)
@@ -93,6 +94,7 @@ class ClientState:
 class Coordinator:
     def __init__(self, cfg: PoolConfig) -> None:
         self.cfg = cfg
+        self.trace = Recorder("coordinator", SORT_COORDINATOR) if cfg.worker_opts.trace_dir else None
         validate_pool_name(cfg.name)
         self.image = Image.open(cfg.image, cfg.manifest)
         self.names = list(self.image.groups)
@@ -333,6 +335,9 @@ class Coordinator:
             dt = time.monotonic() - t0
             self.log(f"DRAM tier filled: {n} groups, {total / 1e9:.2f} GB in {dt:.2f} s "
                      f"({total / 1e9 / max(dt, 1e-9):.2f} GB/s)")
+            if self.trace:
+                self.trace.span("fill DRAM tier", "pool", "pool", int(t0 * 1e9), time.monotonic_ns(),
+                                {"groups": n, "bytes": total, "GBps": round(total / 1e9 / max(dt, 1e-9), 3)})
 
     def owner_alive(self) -> bool:
         return self.cfg.owner_pid is None or pid_alive(self.cfg.owner_pid)
@@ -359,12 +364,14 @@ class Coordinator:
             for i, p in enumerate(self.procs):
                 if p is not None and p.exitcode is None:
                     self.res.requests[i].put(MSG_STOP)
-            stop_processes([p for p in self.procs if p is not None], grace_s=2.0)
+            stop_processes([p for p in self.procs if p is not None], grace_s=2.0 if self.trace is None else 30.0)
             for i, p in enumerate(self.procs):
                 if p is not None and p.exitcode != 0:
                     self.log(f"I/O worker {i} (pid {p.pid}) exited with {p.exitcode} at shutdown")
         finally:
             self.res.unlink()
+            if self.trace:
+                self.trace.dump(self.cfg.worker_opts.trace_dir)
 
 
 def pid_alive(pid: int) -> bool:
@@ -422,6 +429,7 @@ class PrivatePool:
         self.proc = ctx.Process(target=coordinator_main, args=(cfg, send), name=f"llms-pool-{cfg.name}")
         self.proc.start()
         send.close()
+        self.grace_s = 5.0 if cfg.worker_opts.trace_dir is None else 60.0  # traced: its processes write files
         if not recv.poll(start_timeout_s):
             self.stop()
             raise UserError(f"pool {cfg.name!r}: coordinator did not start within {start_timeout_s:.0f} s")
@@ -439,7 +447,7 @@ class PrivatePool:
     def stop(self) -> None:
         if self.proc.exitcode is None:
             self.proc.terminate()
-        stop_processes([self.proc], grace_s=5.0)
+        stop_processes([self.proc], grace_s=self.grace_s)
         if getattr(self, "handle", None) is not None and self.proc.exitcode not in (0, -signal.SIGTERM):
             from runtime.shm import unlink_all
 

@@ -23,6 +23,7 @@ import zlib
 from dataclasses import dataclass
 
 from runtime.shm import ERR_CRC, MSG_DONE, MSG_READ, MSG_STOP, PoolHandle, PoolResources, sem_wait
+from runtime.trace import WorkerTrace
 from workers.odirect import DirectReader
 
 POLL_S = 0.25
@@ -34,6 +35,7 @@ class WorkerOptions:
     inflight: int = 4  # reads in flight in this worker
     chunk_bytes: int = 16 << 20  # a group read is split into chunks of this size, issued in parallel
     max_delay_s: float = 0.0  # tests only: sleep a random 0..max_delay_s before each read (shakes the ordering)
+    trace_dir: str | None = None  # --trace: record each read, write them here at exit (runtime/trace.py)
 
 
 class Worker:
@@ -46,6 +48,7 @@ class Worker:
         self.row["pid"], self.row["direct"], self.row["inflight"] = os.getpid(), int(self.reader.direct), 0
         self.lock = threading.Lock()  # completion queue producer side and the row's counters
         self.pending = 0
+        self.trace = WorkerTrace(index) if opts.trace_dir else None
 
     def log(self, msg: str) -> None:
         print(f"[io-worker {self.index} pid {os.getpid()}] {msg}", file=sys.stderr, flush=True)
@@ -72,10 +75,12 @@ class Worker:
             self.row["inflight"] = self.pending
         if self.opts.max_delay_s:
             time.sleep(random.uniform(0, self.opts.max_delay_s))
+        traced = (time.monotonic_ns(), int(s["group"])) if self.trace else None  # (submitted at, group)
         fut = self.reader.submit(self.res.slot_view(slot, size), offset, size)
-        fut.add_done_callback(lambda f: self.complete(f, slot, seq, size, crc))
+        fut.add_done_callback(lambda f: self.complete(f, slot, seq, size, crc, traced))
 
-    def complete(self, fut, slot: int, seq: int, size: int, crc: int) -> None:
+    def complete(self, fut, slot: int, seq: int, size: int, crc: int, traced: tuple | None = None) -> None:
+        t1 = time.monotonic_ns() if traced else 0  # the bytes are in the slot; the crc check follows
         status, err = 0, fut.exception()
         if err is not None:
             status = getattr(err, "errno", None) or 5  # EIO when the error carries no errno
@@ -92,9 +97,13 @@ class Worker:
             self.row["bytes_read"] += size if err is None else 0
             self.row["errors"] += status != 0
             self.res.completions[self.index].put(MSG_DONE, slot, seq, status)
+        if traced:
+            self.trace.read(traced[1], slot, seq, size, self.opts.chunk_bytes, traced[0], t1, status)
 
     def close(self) -> None:
         self.reader.close()
+        if self.trace:
+            self.trace.dump(self.opts.trace_dir)
         self.res.close()
 
 
