@@ -8,6 +8,7 @@
     python launch.py perplexity --image model.img --text-file wiki.txt --context 512
     python launch.py verify --image model.img
     python launch.py bench --image model.img --prompts prompts.txt --max-new-tokens 32 --out-json bench.json
+    python launch.py probe --image model.img --gpu-mem-gb 24 --dram-gb 64 --out-json probe.json
     python launch.py run --image model.img --prompt "Hello" --trace run.trace.json   # then ui.perfetto.dev
 
 Every user error (bad file, bad flag value) prints one line to stderr and exits with code 2; ``--help`` on
@@ -96,6 +97,41 @@ def _add_bench_parser(sub) -> None:
     _add_runtime_args(p)
 
 
+def _add_probe_parser(sub) -> None:
+    p = sub.add_parser("probe", help="measure links, disk and per-group compute; recommend prefetch distances",
+                       description="The seeds' single-layer study, automated: host -> GPU bandwidth (pinned and "
+                                   "cudaHostRegister'ed shm), O_DIRECT read bandwidth over reader processes x read "
+                                   "sizes, compute per group (attention, FFN, head; prefill and decode) with random "
+                                   "weights in the model's shapes; then what hides what, the pass bound per tier "
+                                   "choice, the recommended --prefetch-distance / --group-prefetch-depth and the "
+                                   "tier plan for the budgets given (runtime/probe.py). On a CPU-only machine the "
+                                   "host -> GPU links are skipped, with the reason.")
+    p.add_argument("--image", help="packed image (file or block device): its model's shapes and dtype, and the disk "
+                                   "read (default: no image: --shape, and a temp file of --probe-gb in $TMPDIR)")
+    p.add_argument("--manifest", help="the image's manifest (default: IMAGE.manifest.json; required for block devices)")
+    p.add_argument("--shape", help="without --image: a published shape, one of llama3.1-70b, llama3.1-8b, "
+                                   "llama3.2-1b, tiny (default llama3.1-8b)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="without --image: the weights' dtype "
+                                                                       "(default bf16)")
+    _add_device_args(p)
+    p.add_argument("--workers-list", default="1,2,4,8",
+                   help="reader process counts of the disk table, comma-separated (default 1,2,4,8)")
+    p.add_argument("--read-mb-list", default="1,4,16,64",
+                   help="read sizes of the disk table in MiB, comma-separated (default 1,4,16,64)")
+    p.add_argument("--probe-gb", type=float, default=1.0,
+                   help="GB (1e9 bytes) read per disk measurement (at most the image), size of the temp file without "
+                        "--image, and of the host -> GPU copies (default 1.0)")
+    p.add_argument("--prefill-tokens", type=int, help="tokens of the timed prefill chunk (default 2048 on cuda, 128 "
+                                                      "on the cpu)")
+    p.add_argument("--decode-context", type=int, default=256,
+                   help="cached tokens before the timed decode token (default 256)")
+    p.add_argument("--gpu-mem-gb", type=float, help="GPU budget in GB for the tier plan (a plan for cuda, also from "
+                                                    "a CPU probe)")
+    p.add_argument("--dram-gb", type=float, help="DRAM budget in GB for the tier plan's ring (default with "
+                                                 "--gpu-mem-gb: 80%% of available memory)")
+    p.add_argument("--out-json", help="write every measurement, the analysis, the recommendation and the plan here")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="launch.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -147,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_args(p)
 
     _add_bench_parser(sub)
+    _add_probe_parser(sub)
 
     p = sub.add_parser("verify", help="check an image's header, manifest and every group checksum")
     _add_image_args(p, required=True)

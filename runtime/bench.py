@@ -38,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import resource
-import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -50,6 +49,7 @@ import torch
 
 from model.args import human_bytes
 from model.errors import ConfigError, UserError
+from runtime.probe import measure_h2d_pinned, timed_reads
 
 DISK_PROBE_BYTES = 512 << 20
 DISK_PROBE_READ = 16 << 20
@@ -215,7 +215,7 @@ def unused_flags(a) -> list[dict[str, Any]]:
 
 def measure_disk(path: str, size: int) -> dict[str, Any]:
     """O_DIRECT reads spread evenly over the first ``size`` bytes of ``path`` (see the module docstring)."""
-    from workers.odirect import DirectReader, aligned_buffer
+    from workers.odirect import DirectReader
 
     notes: list[str] = []
     with DirectReader(path, max_inflight=DISK_PROBE_INFLIGHT, chunk_bytes=DISK_PROBE_READ, log=notes.append) as r:
@@ -224,18 +224,7 @@ def measure_disk(path: str, size: int) -> dict[str, Any]:
         read = min(DISK_PROBE_READ, region) // a * a
         n = max(1, min(DISK_PROBE_BYTES, region) // read)
         offsets = [i * (region - read) // max(n - 1, 1) // a * a for i in range(n)]
-        buf = aligned_buffer(read * DISK_PROBE_INFLIGHT, a)
-        futures: list = [None] * DISK_PROBE_INFLIGHT
-        t0 = time.perf_counter()
-        for i, off in enumerate(offsets):
-            b = i % DISK_PROBE_INFLIGHT
-            if futures[b] is not None:
-                futures[b].result()
-            futures[b] = r.submit(buf[b * read:(b + 1) * read], off)
-        for f in futures:
-            if f is not None:
-                f.result()
-        seconds = time.perf_counter() - t0
+        seconds = timed_reads(r, offsets, read, DISK_PROBE_INFLIGHT)
         direct = r.direct
     method = (f"{n} {'O_DIRECT' if direct else 'buffered (O_DIRECT refused)'} reads of {human_bytes(read)} spread "
               f"over {human_bytes(region)} of {path}, {DISK_PROBE_INFLIGHT} in flight")
@@ -246,23 +235,12 @@ def measure_disk(path: str, size: int) -> dict[str, Any]:
 def measure_h2d(device: torch.device) -> dict[str, Any]:
     """Pinned host -> GPU copies timed with CUDA events (see the module docstring)."""
     nbytes = min(H2D_PROBE_BYTES, torch.cuda.mem_get_info(device)[0] // 4) // 4096 * 4096
-    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dev.copy_(host, non_blocking=True)  # warm-up
-    torch.cuda.synchronize(device)
-    samples = []
-    for _ in range(H2D_PROBE_REPEATS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dev.copy_(host, non_blocking=True)
-        end.record()
-        end.synchronize()
-        samples.append(nbytes / (start.elapsed_time(end) / 1e3) / GB)
-    del host, dev
+    link = measure_h2d_pinned(dev, H2D_PROBE_REPEATS)
+    del dev
     torch.cuda.empty_cache()  # give the probe's memory back before the plan reads the free memory
-    return {"gbps": statistics.median(samples), "source": "measured", "samples_gbps": samples,
-            "method": f"pinned host -> {device} copies of {human_bytes(nbytes)}, CUDA events, median of "
-                      f"{H2D_PROBE_REPEATS} after one warm-up"}
+    return {"gbps": link["gbps"], "source": "measured", "samples_gbps": link["samples_gbps"],
+            "method": link["method"]}
 
 
 def links(cfg: BenchConfig, image, device: torch.device) -> dict[str, Any]:

@@ -166,3 +166,9 @@ def bench(a) -> None:
     from runtime.bench import run_bench
 
     run_bench(a)
+
+
+def probe(a) -> int:
+    from runtime.probe import run_probe
+
+    return run_probe(a)

@@ -4,7 +4,9 @@
 runs on. ``--mode full`` loads every group onto the device (runtime/weights.py, the reference); the other
 modes plan the tiers (runtime/placement.py), start a private pool (coordinator + I/O workers,
 runtime/pool.py) sized for the plan, attach to it as its client (runtime/client.py) and stop the pool on
-exit, also when the run fails. Runs in the launch.py process (the client).
+exit, also when the run fails. With ``--trace FILE`` (``RuntimeConfig.trace``) the source is wrapped to
+record its computes, the pool's processes record their reads, and FILE is written once the pool has
+stopped (runtime/trace.py). Runs in the launch.py process (the client).
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ disk bytes per pass are exactly the streamed set's, and no DRAM-tier group is ev
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from runtime.engine import RuntimeConfig, open_source
 from runtime.generate import Generator, SamplingConfig
 from runtime.image import Image
 from runtime.pack import pack
-from runtime.shm import leftover_names
+from runtime.shm import SLOT_QUEUED, leftover_names
 from runtime.weights import InMemoryWeights
 
 PROMPT = [3, 17, 42, 7, 99, 5, 23]
@@ -40,6 +41,15 @@ def reference(image: Image, prompt: list[int], new: int):
     return tokens, logits
 
 
+def counters(src, image: Image) -> tuple[dict, dict]:
+    reads = {name: int(src.res.groups[i]["reads"]) for i, name in enumerate(image.groups)}
+    return reads, {k: int(src.res.header[k]) for k in ("bytes_dram", "bytes_stream", "reads")}
+
+
+def in_flight(src) -> bool:
+    return bool((src.res.slots["state"] == SLOT_QUEUED).any())
+
+
 def run_streamed(image: Image, cfg: RuntimeConfig, prompt: list[int], new: int):
     """Greedy tokens, prefill logits, the plan and the pool's per-group read counts."""
     max_len = len(prompt) + new
@@ -48,8 +58,13 @@ def run_streamed(image: Image, cfg: RuntimeConfig, prompt: list[int], new: int):
         tokens = gen.generate(prompt, SamplingConfig(new)).output_token_ids
         logits = gen.forward(torch.tensor([prompt]), 0, gen.new_cache(1))
         passes = len(tokens) + 1  # one prefill pass + one per decode step, + the logits pass above
-        reads = {name: int(src.res.groups[i]["reads"]) for i, name in enumerate(image.groups)}
-        header = {k: int(src.res.header[k]) for k in ("bytes_dram", "bytes_stream", "reads")}
+        src.client.stop_stream()  # no new reads; then wait for those in flight, so the counters agree
+        reads, header = counters(src, image)
+        deadline = time.monotonic() + 10
+        while (reads, header) != (again := counters(src, image)) or in_flight(src):
+            assert time.monotonic() < deadline, "reads still in flight after 10 s"
+            time.sleep(0.05)
+            reads, header = again
     assert not leftover_names(pool=handle.name), "the private pool left shared memory behind"
     return tokens, logits, plan, passes, reads, header
 

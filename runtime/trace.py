@@ -1,0 +1,308 @@
+"""``--trace FILE``: a Chrome trace-event JSON of one run, across the pool's processes (open it in
+https://ui.perfetto.dev or chrome://tracing; render it with benchmarks/render_trace.py).
+
+What it shows, one row per process and track, so a reader sees what hides what:
+  io-worker N / disk reads[ K]   one span per group read, from submit to verified (name: the group; args:
+                                 slot, seq, bytes, read_ms, GBps, chunks, crc_ms, status), with the crc32
+                                 check nested at its end. Reads in flight at once go on lanes "disk reads",
+                                 "disk reads 2", ... (a track's spans must nest, not overlap).
+  coordinator / pool             the fill of the DRAM tier, one span (from queueing its reads, so it holds
+                                 the workers' start).
+  client / H2D copy stream       (CUDA) one span per group copy into a staging buffer.
+  client / compute               one span per group: compute of group p runs from get(p) (after the compute
+                                 stream's wait for its copy) to get(p+1); "embed" opens each pass; the pass's
+                                 last group ends at the next pass's embed (so it also holds the output
+                                 projection and sampling) or when the run ends. args: pass.
+  client / slot waits            host time blocked in wait_ready for a streamed group's window slot.
+
+Clocks. Every process stamps with time.monotonic_ns() (CLOCK_MONOTONIC, one clock for all processes of the
+host), so spans line up without any exchange. CUDA work is stamped with timing events on its stream, and
+converted to host time by anchoring: after a synchronize, one event is recorded at a known host time, and an
+event's host time is anchor_host + anchor.elapsed_time(event). The anchor moves forward to a converted event
+at least every REANCHOR_MS so cudaEventElapsedTime's float milliseconds keep sub-microsecond precision on
+long runs; the anchor's own uncertainty (half the record-and-synchronize time) is in the file's metadata.
+Events completed on the GPU are converted as the run goes, so only a few hundred CUDA events are alive.
+
+Processes and files. Each process records into a list in its own memory (no per-event IPC) and writes it
+once, at exit or STOP, to ``<trace dir>/<process>-<pid>.json`` (written to .tmp, then renamed). The trace
+dir is a temporary directory next to FILE that ``TraceSession`` (in the client, the launch.py process)
+creates and owns: the pool gets its path through ``WorkerOptions.trace_dir``; after the pool has stopped
+the session merges every process's file with the client's events into FILE and removes the directory, also
+when the run failed. A process killed with SIGKILL loses its events (the merge lists the files it found).
+
+Bounds. At most MAX_EVENTS spans per process and in FILE (the earliest are kept); when capped, the metadata
+(``otherData``) says so and counts the spans dropped per process. A span costs about 0.5 KB of memory.
+Tracing off costs nothing: every hook is behind a ``None`` check.
+
+Run the tests with: ``python -m pytest -q tests/test_trace.py``
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+import torch
+
+from model.errors import ConfigError
+
+MAX_EVENTS = 1_000_000
+REANCHOR_MS = 1000.0  # move the CUDA anchor at least this often (float ms precision)
+CONVERT_EVERY = 256  # convert completed CUDA spans once this many are pending
+SORT_WORKER, SORT_COORDINATOR, SORT_CLIENT = 0, 1000, 2000  # process order: disk, then pool, then GPU
+READS, COPIES, COMPUTE, WAITS = "disk reads", "H2D copy stream", "compute", "slot waits"  # the tracks
+
+
+class Recorder:
+    """One process's spans in host CLOCK_MONOTONIC ns, in memory until ``dump``. Thread-safe appends."""
+
+    def __init__(self, process: str, sort: int, cap: int = MAX_EVENTS) -> None:
+        self.process, self.sort, self.cap, self.pid = process, sort, cap, os.getpid()
+        self.threads: dict[str, int] = {}  # track name -> tid (1, 2, ... in order of first use)
+        self.events: list[tuple] = []  # (name, cat, tid, t0_ns, t1_ns, args)
+        self.dropped = 0
+        self.lanes: dict[str, list[int]] = {}  # track -> end (ns) of the last span on each of its lanes
+        self.lock = threading.Lock()
+
+    def tid(self, thread: str) -> int:
+        with self.lock:
+            return self.threads.setdefault(thread, len(self.threads) + 1)
+
+    def span(self, name: str, cat: str, thread: str, t0: int, t1: int, args: dict | None = None) -> None:
+        if len(self.events) >= self.cap:
+            self.dropped += 1
+            return
+        self.events.append((name, cat, self.tid(thread), t0, t1, args or {}))
+
+    def lane(self, thread: str, t0: int, t1: int) -> str:
+        """The first lane of ``thread`` free at ``t0`` (spans are recorded as they end, so a lane's spans
+        follow each other); lane 0 is ``thread`` itself, lane k is "``thread`` k+1"."""
+        with self.lock:
+            ends = self.lanes.setdefault(thread, [])
+            k = next((i for i, end in enumerate(ends) if end <= t0), len(ends))
+            ends[k:k + 1] = [t1]
+        return thread if k == 0 else f"{thread} {k + 1}"
+
+    def part(self) -> dict:
+        return {"process": self.process, "pid": self.pid, "sort": self.sort, "dropped": self.dropped,
+                "threads": sorted((t, n) for n, t in self.threads.items()), "events": self.events}
+
+    def dump(self, directory: str) -> Path | None:
+        """Write this process's spans to ``directory`` (tmp + rename: the merge never sees half a file). A
+        failure (the client gone and its directory with it) is reported, never raised: we are exiting."""
+        path = Path(directory) / f"{self.process.replace(' ', '-')}-{self.pid}.json"
+        tmp = path.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps(self.part(), separators=(",", ":")))
+            tmp.rename(path)
+        except OSError as e:
+            print(f"[{self.process} pid {self.pid}] trace: cannot write {path}: {e}", file=sys.stderr, flush=True)
+            return None
+        return path
+
+
+class WorkerTrace(Recorder):
+    """An I/O worker's reads (workers/io_worker.py). Group names are filled in at the merge (the worker
+    knows only group indices)."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__(f"io-worker {index}", SORT_WORKER + index)
+
+    def read(self, group: int, slot: int, seq: int, size: int, chunk_bytes: int, t0: int, t1: int,
+             status: int) -> None:
+        """A read submitted at ``t0``, its bytes in the slot at ``t1``, verified now."""
+        t2 = time.monotonic_ns()
+        read_s = max(t1 - t0, 1) / 1e9
+        args = {"group": group, "slot": slot, "seq": seq, "bytes": size, "read_ms": round(read_s * 1e3, 3),
+                "GBps": round(size / read_s / 1e9, 3), "chunks": -(-size // chunk_bytes),
+                "crc_ms": round((t2 - t1) / 1e6, 3), "status": status}
+        track = self.lane(READS, t0, t2)
+        self.span(f"group {group}", "read", track, t0, t2, args)
+        self.span("crc32", "crc", track, t1, t2)
+
+
+class ClientTrace(Recorder):
+    """The client's copies, computes and waits. ``mark`` stamps now: host ns on the CPU, a recorded CUDA
+    timing event (on ``stream``, default the compute stream) on CUDA; spans between two marks are converted
+    to host ns once their end event has completed (see the module docstring)."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__("client", SORT_CLIENT)
+        self.device, self.cuda = torch.device(device), torch.device(device).type == "cuda"
+        for t in ((COPIES,) if self.cuda else ()) + (COMPUTE, WAITS):
+            self.tid(t)  # track order: copies above computes above waits
+        self.pending: deque = deque()  # CUDA spans: (name, cat, thread, start event, end event, args)
+        self.open: tuple | None = None  # the compute span in progress: (name, pass, start mark)
+        self.passes = 0
+        self.anchor_error_ns = 0
+        if self.cuda:
+            self._anchor()
+
+    def _anchor(self) -> None:
+        torch.cuda.synchronize(self.device)
+        ev = torch.cuda.Event(enable_timing=True)
+        t0 = time.monotonic_ns()
+        ev.record(torch.cuda.current_stream(self.device))
+        ev.synchronize()
+        t1 = time.monotonic_ns()
+        self.ref, self.ref_ns, self.anchor_error_ns = ev, (t0 + t1) // 2, (t1 - t0) // 2
+
+    def mark(self, stream=None):
+        if not self.cuda:
+            return time.monotonic_ns()
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record(stream if stream is not None else torch.cuda.current_stream(self.device))
+        return ev
+
+    def stamped(self, name: str, cat: str, thread: str, m0, m1, args: dict | None = None) -> None:
+        """A span between two marks."""
+        if not self.cuda:
+            self.span(name, cat, thread, m0, m1, args)
+            return
+        self.pending.append((name, cat, thread, m0, m1, args))
+        if len(self.pending) >= CONVERT_EVERY:
+            self.convert()
+
+    def convert(self, wait: bool = False) -> None:
+        """Turn pending CUDA spans whose end event completed (all of them with ``wait``) into host spans."""
+        if wait and self.pending:
+            torch.cuda.synchronize(self.device)
+        while self.pending and (wait or self.pending[0][4].query()):
+            name, cat, thread, e0, e1, args = self.pending.popleft()
+            self.span(name, cat, thread, self._host_ns(e0), self._host_ns(e1), args)
+
+    def _host_ns(self, ev) -> int:
+        dt_ms = self.ref.elapsed_time(ev)
+        t = self.ref_ns + round(dt_ms * 1e6)
+        if abs(dt_ms) > REANCHOR_MS:
+            self.ref, self.ref_ns = ev, t
+        return t
+
+    # ---- hooks: runtime/client.py (copies, waits) and TracedSource (computes) ---------------------------
+    def copy(self, group: str, m0, m1, size: int, buffer: int) -> None:
+        self.stamped(group, "copy", COPIES, m0, m1, {"bytes": size, "staging_buffer": buffer})
+
+    def wait(self, group: str, t0: int, position: int) -> None:
+        self.span(group, "wait", WAITS, t0, time.monotonic_ns(), {"position": position})
+
+    def compute_begin(self, name: str) -> None:
+        self.open = (name, self.passes, self.mark())
+
+    def compute_end(self) -> None:
+        if self.open is not None:
+            name, n, m0 = self.open
+            self.open = None
+            self.stamped(name, "compute", COMPUTE, m0, self.mark(), {"pass": n})
+
+
+class TracedSource:
+    """A weight source that records each group's compute (see the module docstring); everything else is
+    the wrapped source's. A context manager: leaving it ends the span in progress."""
+
+    def __init__(self, source, trace: ClientTrace) -> None:
+        self.source, self.trace = source, trace
+
+    def __getattr__(self, name: str):
+        return getattr(self.source, name)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.trace.compute_end()
+        self.trace.passes += 1
+        self.trace.compute_begin("embed")
+        return self.source.embed(tokens)
+
+    def get(self, group: str):
+        self.trace.compute_end()  # group p-1's work is all enqueued
+        w = self.source.get(group)  # on CUDA this enqueues the compute stream's wait for the copy
+        self.trace.compute_begin(group)
+        return w
+
+    def __enter__(self) -> TracedSource:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.trace.compute_end()
+
+
+class TraceSession:
+    """One traced run (client side): the parts directory, the client's recorder, the merge into FILE.
+
+    Use as a context manager around the pool's lifetime: on exit (after the pool stopped and its processes
+    wrote their parts) it writes FILE and removes the parts directory."""
+
+    def __init__(self, out: str, device: torch.device, group_names: list[str]) -> None:
+        self.out = Path(out)
+        if self.out.is_dir() or not self.out.parent.is_dir():
+            raise ConfigError(f"--trace {out}: needs a file path in an existing directory")
+        self.names = list(group_names)
+        self.origin_ns = time.monotonic_ns()
+        self.client = ClientTrace(device)
+        self.dir = tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".parts", dir=self.out.parent)
+
+    def wrap(self, source) -> TracedSource:
+        return TracedSource(source, self.client)
+
+    def __enter__(self) -> TraceSession:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            n = self.write()
+            print(f"trace: {n} events written to {self.out}", file=sys.stderr)
+        except Exception as e:  # never hide the run's own error behind the trace's
+            if exc is None:
+                raise
+            print(f"trace: not written ({e})", file=sys.stderr)
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def write(self) -> int:
+        """Merge the parts and the client's spans into FILE; returns the number of spans written."""
+        self.client.compute_end()
+        if self.client.cuda:
+            self.client.convert(wait=True)
+        parts = [json.loads(p.read_text()) for p in sorted(Path(self.dir).glob("*.json"))]
+        parts.append(self.client.part())
+        doc = merge(parts, self.names, self.origin_ns, self.client.anchor_error_ns if self.client.cuda else None)
+        tmp = self.out.with_name(self.out.name + ".tmp")
+        tmp.write_text(json.dumps(doc, separators=(",", ":")))
+        tmp.rename(self.out)
+        return doc["otherData"]["events"]
+
+
+def merge(parts: list[dict], names: list[str], origin_ns: int, anchor_error_ns: int | None) -> dict:
+    """Processes' parts -> a Chrome trace-event document ("X" spans in us since ``origin_ns``, "M" names)."""
+    meta, spans, dropped = [], [], {}
+    for part in sorted(parts, key=lambda p: (p["sort"], p["pid"])):
+        pid = part["pid"]
+        meta.append({"ph": "M", "name": "process_name", "pid": pid, "args": {"name": part["process"]}})
+        meta.append({"ph": "M", "name": "process_sort_index", "pid": pid, "args": {"sort_index": part["sort"]}})
+        for tid, thread in part["threads"]:
+            meta.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": tid, "args": {"name": thread}})
+            meta.append({"ph": "M", "name": "thread_sort_index", "pid": pid, "tid": tid, "args": {"sort_index": tid}})
+        for name, cat, tid, t0, t1, args in part["events"]:
+            if cat == "read":  # the worker knew the group's index only
+                name = args["group"] = names[args["group"]]
+            spans.append({"ph": "X", "name": name, "cat": cat, "pid": pid, "tid": tid,
+                          "ts": round((t0 - origin_ns) / 1e3, 3), "dur": round(max(t1 - t0, 0) / 1e3, 3),
+                          "args": args})
+        if part["dropped"]:
+            dropped[f"{part['process']} (pid {pid})"] = part["dropped"]
+    spans.sort(key=lambda e: (e["ts"], -e["dur"]))  # a parent before the spans nested in it
+    if len(spans) > MAX_EVENTS:
+        dropped["merge (latest spans)"] = len(spans) - MAX_EVENTS
+        del spans[MAX_EVENTS:]
+    other = {"tool": "llmstream --trace (runtime/trace.py)", "clock": "CLOCK_MONOTONIC",
+             "origin_ns": origin_ns, "events": len(spans), "max_events": MAX_EVENTS, "capped": bool(dropped),
+             "dropped": dropped, "processes": [p["process"] for p in parts]}
+    if anchor_error_ns is not None:
+        other["cuda_anchor_error_us"] = anchor_error_ns / 1e3
+    return {"traceEvents": meta + spans, "displayTimeUnit": "ms", "otherData": other}
+
