@@ -95,8 +95,9 @@ def make_plan(image: Image, cfg: RuntimeConfig, device: torch.device, kv_bytes: 
 def cap_gpu_memory(device: torch.device, gb: float) -> None:
     """Make ``--gpu-mem-gb`` a hard cap: PyTorch's allocator refuses to hold more (emulates a smaller card;
     the CUDA context itself, a few hundred MB, is outside any allocator and not counted)."""
-    total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, gb * GB / total), device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, gb * GB / total), index)
 
 
 @contextlib.contextmanager
