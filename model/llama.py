@@ -179,11 +179,12 @@ def attention_forward(h: torch.Tensor, w: Weights, args: ModelArgs, layer: int, 
     keys = ck[:b, :end].transpose(1, 2)  # (B, n_kv, end, hd)
     values = cv[:b, :end].transpose(1, 2)
     q = q.transpose(1, 2)  # (B, n_heads, S, hd)
-    mask = None
-    if s > 1:  # query i sits at position start+i and sees keys [0, start+i]
+    mask, causal = None, s > 1 and start == 0  # a first chunk is plainly causal: flash kernels, no S x S mask
+    if s > 1 and start > 0:  # a later chunk: query i sits at position start+i and sees keys [0, start+i]
         qpos = torch.arange(start, end, device=h.device).view(s, 1)
         mask = torch.arange(end, device=h.device).view(1, end) <= qpos
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=args.n_rep > 1)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
+                                         enable_gqa=args.n_rep > 1)
     out = out.transpose(1, 2).reshape(b, s, args.n_heads * args.head_dim)  # (B, S, n_heads*hd)
     return h + F.linear(out, w["attention.wo.weight"])
 

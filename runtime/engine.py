@@ -69,7 +69,8 @@ def activation_bytes(image: Image, batch: int, chunk: int, all_logits: bool = Fa
     a = image.args
     elem = torch.empty((), dtype=TORCH_DTYPES[image.dtype]).element_size()
     logits = batch * (chunk if all_logits else 1) * a.vocab_size * 4
-    return batch * chunk * (6 * a.dim + 3 * a.ffn_hidden) * elem + logits + (256 << 20)
+    scores = batch * a.n_heads * chunk * chunk * 4  # a masked (later) chunk may take the math kernel's scores
+    return batch * chunk * (6 * a.dim + 3 * a.ffn_hidden) * elem + logits + scores + (256 << 20)
 
 
 def default_dram_bytes() -> int:

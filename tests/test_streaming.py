@@ -198,3 +198,14 @@ def test_model_uses_each_group_before_fetching_the_next(tiny):
     out = strict.forward(x, 0, strict.new_cache(1))
     assert not out.isnan().any()
     assert torch.equal(out, ref)
+
+
+def test_chunked_prefill_equals_one_pass(tiny):
+    """Prefill in chunks (a causal first chunk, then masked later chunks over the cache) equals one pass."""
+    src = InMemoryWeights(tiny, "cpu", quiet=True)
+    x = torch.tensor([PROMPT * 3])
+    one = Generator(src, 32)
+    chunked = Generator(src, 32, prefill_chunk=4)
+    ref = one.forward(x, 0, one.new_cache(1))
+    out = chunked.forward(x, 0, chunked.new_cache(1))
+    assert (out - ref).abs().max().item() <= 1e-5
