@@ -10,6 +10,8 @@ For each model shape (synthetic Llama-3.1-8B and -70B shapes, as many layers as 
     (a) DRAM-resident decode    --mode preload
     (b) disk-bound decode       --mode mixed with a DRAM budget of half the model (the page cache dropped)
     (c) prefill of 2048 tokens  --mode preload, one new token; compute time from --mode full uncapped
+    (d) cold start              --mode preload with the page cache dropped: start to first token, against
+                                (tier bytes / disk bandwidth + one pass's bound)
 
 Each regime is one ``launch.py bench`` subprocess whose JSON carries the run's own byte counts, the links
 measured in the same run, the bound and achieved/bound. For the 8B shape the suite also runs the peer users
@@ -37,7 +39,7 @@ SCALES = {  # shape -> (layers, GPU cap GB) per scale
     "small": {"llama3.1-8b": (8, 3.0), "llama3.1-70b": (4, 6.0)},  # 70B x4 is 11 GB: a cap it must stream under
     "cpu-smoke": {"tiny": (4, None)},
 }
-TARGETS = {"decode_dram": 1.10, "decode_disk": 1.10, "prefill": 1.15, "peer_speedup": 6.0}
+TARGETS = {"decode_dram": 1.10, "decode_disk": 1.10, "prefill": 1.15, "ttft_cold": 1.2, "peer_speedup": 6.0}
 
 
 def sh(cmd: list[str], log: Path, timeout: float = 900) -> int:
@@ -91,6 +93,9 @@ def run_shape(shape: str, layers: int, cap: float | None, a, out: Path) -> dict:
                                str(max(2, a.new_tokens // 4)), "--warmup-rounds", "0", "--mode", "mixed",
                                "--dram-gb", f"{model_gb * (0.5 if model_gb > 2 else 0.95):.3f}", *cap_flags],
                                a.device)
+    res["page_cache_dropped_cold"] = drop_page_cache()
+    res["cold_start"] = bench(image, out, f"{shape}-d-cold", ["--prompts", str(short), "--max-new-tokens", "1",
+                              "--warmup-rounds", "0", "--mode", "preload", *cap_flags], a.device)
     pre = ["--prompts", str(long), "--max-new-tokens", "1", "--max-seq-len", str(a.prefill_tokens + 1),
            "--warmup-rounds", "1"]
     res["prefill"] = bench(image, out, f"{shape}-c-prefill", pre + ["--mode", "preload", *cap_flags], a.device)
@@ -117,6 +122,16 @@ def _verdict(ratios: list[float], target: float) -> str:
     return f"{'PASS' if hi <= target else 'FAIL'} (max {hi:.2f})"
 
 
+def cold_ratio(r: dict) -> float | None:
+    """Time from start to first token with an empty page cache over (tiers read once from disk + one pass)."""
+    j = r.get("cold_start")
+    if not j or not j["links"]["disk"].get("gbps"):
+        return None
+    tier_bytes = j["plan"]["dram_tier_bytes"] + j["plan"]["gpu_tier_bytes"]  # read from disk once at start
+    bound_ms = tier_bytes / (j["links"]["disk"]["gbps"] * 1e9) * 1e3 + (j["bound"].get("step_ms") or 0.0)
+    return (j["load_ms"] + j["ttft_ms"]) / bound_ms
+
+
 def verdicts(results: list[dict], peer: dict | None) -> dict[str, str]:
     v = {}
     for key in ("decode_dram", "decode_disk"):
@@ -125,6 +140,7 @@ def verdicts(results: list[dict], peer: dict | None) -> dict[str, str]:
         v[key] = _verdict(ratios, TARGETS[key])
     pr = [x for x in (prefill_ratio(r) for r in results) if x]
     v["prefill"] = _verdict(pr, TARGETS["prefill"])
+    v["ttft_cold"] = _verdict([x for x in (cold_ratio(r) for r in results) if x], TARGETS["ttft_cold"])
     if peer and peer.get("speedup"):
         v["peer_speedup"] = f"{'PASS' if peer['speedup'] >= TARGETS['peer_speedup'] else 'FAIL'} " \
                             f"({peer['speedup']:.1f}x)"
