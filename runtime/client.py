@@ -328,4 +328,4 @@ class StreamedWeights:
             self.registered = False
 
 
-__all__ = ["PoolClient", "StreamedWeights", "PoolDied", "MSG_RELEASE"]
+__all__ = ["PoolClient", "StreamedWeights", "PoolDied"]

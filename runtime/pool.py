@@ -14,7 +14,7 @@ another worker, then reported to the client with the group, offset and device; a
 its stream) has its window slots freed, those with a read in flight once the read completes. Every worker
 that exits with a non-zero code is logged, during the run and at shutdown.
 
-``PoolConfig`` is plain data (spawn-safe). ``start_private_pool`` runs a coordinator as a child of the
+``PoolConfig`` is plain data (spawn-safe). ``PrivatePool`` runs a coordinator as a child of the
 calling process for one run; the daemon form (``launch.py pool start``) builds on the same class.
 """
 
@@ -53,7 +53,6 @@ from runtime.shm import (
     SLOT_QUEUED,
     SLOT_READY,
     TIER_DRAM,
-    TIER_GPU,
     TIER_STREAM,
     VERSION,
     PoolHandle,
@@ -460,4 +459,4 @@ class PrivatePool:
         self.stop()
 
 
-__all__ = ["PoolConfig", "Coordinator", "PrivatePool", "TIER_GPU", "TIER_DRAM", "TIER_STREAM"]
+__all__ = ["PoolConfig", "Coordinator", "PrivatePool"]
