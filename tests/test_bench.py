@@ -8,7 +8,7 @@ import json
 
 import pytest
 from ckpt_writers import write_meta
-from conftest import run_launch
+from conftest import assert_user_error, run_launch
 
 from model.checkpoint import open_checkpoint
 from model.synthetic import SyntheticCheckpoint
@@ -47,13 +47,6 @@ def prompts(tmp_path):
     p.write_text("\n" + ",".join(str(i) for i in range(1, 81)) + "\n5,6,7\n")  # 80 ids: truncated to 60
     return p
 
-
-def assert_user_error(proc, *needles) -> None:
-    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
-    assert "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr
-    for n in needles:
-        assert str(n) in lines[0], (n, lines[0])
 
 
 def check_report(proc, out_json, device: str = "cpu") -> dict:

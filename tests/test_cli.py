@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import run_launch
+from conftest import assert_user_error, run_launch
 
 from model.synthetic import SyntheticCheckpoint
 from runtime.pack import pack
@@ -28,14 +28,6 @@ def test_help_explains_every_flag(command):
     for flag in COMMANDS[command]:
         assert flag in out, f"{command} --help lacks {flag}"
 
-
-def assert_user_error(proc, *needles):
-    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
-    assert "Traceback" not in proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, proc.stderr
-    for n in needles:
-        assert str(n) in lines[0], (n, lines[0])
 
 
 @pytest.fixture(scope="module")

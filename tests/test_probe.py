@@ -12,7 +12,7 @@ import json
 import math
 
 import pytest
-from conftest import run_launch
+from conftest import assert_user_error, run_launch
 
 from model.args import preset
 from model.errors import UserError
@@ -57,13 +57,6 @@ def no_shm_leftovers():
 def probe_names() -> list[str]:
     return [n for n in leftover_names() if ".probe" in n]
 
-
-def assert_user_error(proc, *needles) -> None:
-    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
-    assert "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr
-    for n in needles:
-        assert str(n) in lines[0], (n, lines[0])
 
 
 def check_common(rep: dict, streamable: int) -> None:
