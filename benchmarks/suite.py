@@ -3,22 +3,27 @@
     python benchmarks/suite.py --workdir /tmp/suite --out $OUT                 # GPU machine
     python benchmarks/suite.py --scale cpu-smoke --workdir /tmp/s --out /tmp/s  # CPU check of the plumbing
 
-For each model shape (synthetic Llama-3.1-8B and -70B shapes, as many layers as --layers-* give), at batch
+For each model shape (synthetic Llama-3.1-8B and -70B shapes, as many layers as --scale gives), at batch
 1 with the GPU capped (``--gpu-mem-gb``, a hard cap on PyTorch's allocator: 6 GiB for the 8B shape as an
 8 GB card, 24 GB for the 70B shape as a 24 GB card):
 
     (a) DRAM-resident decode    --mode preload
-    (b) disk-bound decode       --mode mixed with a DRAM budget of half the model (the page cache dropped)
+    (b) disk-bound decode       --mode mixed, DRAM for the host embedding, the window and half the layers
+                                (the page cache dropped first)
     (c) prefill of 2048 tokens  --mode preload, one new token; compute time from --mode full uncapped
-    (d) cold start              --mode preload with the page cache dropped: start to first token, against
-                                (tier bytes / disk bandwidth + one pass's bound)
+    (d) cold start              --mode preload with the page cache dropped: the process's start to its first
+                                token, against (tier bytes / disk bandwidth + one pass's bound)
+
+An image with fewer layers than the real model runs under an *emulated* cap: the cap minus the layer bytes
+the whole model's plan keeps on the GPU, so the truncated model streams its layers as the whole model streams
+most of its own (a 70B x8 image would otherwise sit wholly in 24 GB). Its (a) step is extrapolated to the
+whole model by H2D bytes per pass, labelled as such.
 
 Each regime is one ``launch.py bench`` subprocess whose JSON carries the run's own byte counts, the links
 measured in the same run, the bound and achieved/bound. For the 8B shape the suite also runs the peer users
 pick today, transformers + accelerate (``device_map="auto"``, ``max_memory`` at the same GPU budget), on the
-same weights written as a Hugging Face checkpoint, and reports ours / peer. 70B figures are per layer and
-extrapolated to 80 layers, labelled as such. Everything lands in OUT/suite.json; the last line is the
-verdict for each target.
+same weights written as a Hugging Face checkpoint, and reports ours / peer. Everything lands in
+OUT/suite.json (rewritten after each shape); the last line is the verdict for each target.
 """
 
 from __future__ import annotations
@@ -30,16 +35,48 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 SCALES = {  # shape -> (layers, GPU cap GB) per scale
     "full": {"llama3.1-8b": (32, 6 * 1.073741824), "llama3.1-70b": (8, 24.0)},
-    "small": {"llama3.1-8b": (8, 3.0), "llama3.1-70b": (4, 6.0)},  # 70B x4 is 11 GB: a cap it must stream under
+    "small": {"llama3.1-8b": (8, 6 * 1.073741824), "llama3.1-70b": (4, 24.0)},
     "cpu-smoke": {"tiny": (4, None)},
 }
+FULL_LAYERS = {"llama3.1-8b": 32, "llama3.1-70b": 80}  # the real models, for truncated images' extrapolation
 TARGETS = {"decode_dram": 1.10, "decode_disk": 1.10, "prefill": 1.15, "ttft_cold": 1.2, "peer_speedup": 6.0}
+WORKERS = 4  # I/O workers per pool (the GPU machine has 16 cores)
+KV_TOKENS = 2049  # the prefill regime's context: the KV cache the emulated cap must leave room for
+
+
+def emulated_cap(shape: str, layers: int, cap: float | None, dtype: str) -> tuple[float | None, dict | None]:
+    """The GPU cap for an image truncated to ``layers`` that puts it where the whole model would be.
+
+    The whole model under ``cap`` keeps some layers resident and streams the rest; a truncated image under
+    the same cap might fit entirely and stream nothing. So the truncated run gets the cap minus the layer
+    bytes the whole model's plan keeps resident: the GPU then holds what it would hold besides those layers
+    (head, staging buffers, KV, activations) and streams its layers as the whole model streams most of its
+    own. Returns (cap, the whole model's plan as a dict) or (cap, None) when the image is the whole model."""
+    from model.args import preset
+    from runtime.placement import Budgets, layout_group_bytes, plan_placement
+
+    full = FULL_LAYERS.get(shape)
+    if cap is None or full is None or layers >= full:
+        return cap, None
+    from runtime.engine import activation_bytes, kv_cache_bytes
+
+    a = preset(shape, full)
+    whole = SimpleNamespace(args=a, dtype=dtype)  # what the estimates read of an image
+    kv, act = kv_cache_bytes(whole, 1, KV_TOKENS), activation_bytes(whole, 1, KV_TOKENS - 1)
+    plan = plan_placement(layout_group_bytes(a, dtype), a, "preload", Budgets(int(cap * 1e9), 1 << 50, kv, act))
+    sizes = plan.group_bytes
+    resident_layers = sum(sizes[g] for g in plan.gpu if g.startswith("layers."))
+    return (cap * 1e9 - resident_layers) / 1e9, {"layers": full, "gpu_groups": len(plan.gpu),
+                                                 "gpu_tier_bytes": plan.gpu_tier_bytes,
+                                                 "h2d_bytes_per_pass": plan.h2d_bytes_per_pass,
+                                                 "resident_layer_bytes": resident_layers}
 
 
 def sh(cmd: list[str], log: Path, timeout: float = 900) -> int:
@@ -73,34 +110,77 @@ def bench(image: Path, out: Path, name: str, flags: list[str], device: str) -> d
     return json.loads(js.read_text()) if rc == 0 and js.exists() else None
 
 
+def disk_dram_gb(image) -> float:
+    """The disk-bound regime's DRAM budget: the host embedding, the window (4 slots of the largest streamed
+    group), and half of the layers; the other half streams from disk every pass."""
+    groups = image.groups
+    layers = [g.size for n, g in groups.items() if n.startswith("layers.")]
+    return (groups["tok_embeddings"].size + 4 * max(layers) + sum(layers) / 2) / 1e9
+
+
 def run_shape(shape: str, layers: int, cap: float | None, a, out: Path) -> dict:
     from model.args import preset
+    from runtime.image import Image
 
     args = preset(shape, layers)
+    dtype = "bf16" if a.device == "cuda" else "fp32"
     image = Path(a.workdir) / f"{shape}-{layers}l.img"
+    res = {"shape": shape, "layers": layers, "gpu_cap_gb": cap}
     if not image.exists():
+        t = time.monotonic()
         sh([sys.executable, "launch.py", "pack", "--synthetic", shape, "--layers", str(layers), "--out", str(image),
-            "--dtype", "bf16" if a.device == "cuda" else "fp32"], out / f"pack-{shape}.log")
-    model_gb = image.stat().st_size / 1e9
+            "--dtype", dtype], out / f"pack-{shape}.log")
+        res["pack_s"] = time.monotonic() - t
+    img = Image.open(image)
+    res["image_gb"] = img.image_size / 1e9
+    run_cap, res["whole_model_plan"] = emulated_cap(shape, layers, cap, dtype)
+    res["run_gpu_cap_gb"] = run_cap
     short = prompt_file(out / f"{shape}-short.txt", 16, args.vocab_size)
     long = prompt_file(out / f"{shape}-2048.txt", a.prefill_tokens, args.vocab_size)
-    cap_flags = ["--gpu-mem-gb", f"{cap:.3f}"] if cap else []
+    common = ["--workers", str(WORKERS)] + (["--gpu-mem-gb", f"{run_cap:.3f}"] if run_cap else [])
     dec = ["--prompts", str(short), "--max-new-tokens", str(a.new_tokens), "--warmup-rounds", "1"]
-    res = {"shape": shape, "layers": layers, "gpu_cap_gb": cap, "image_gb": model_gb}
-    res["decode_dram"] = bench(image, out, f"{shape}-a-preload", dec + ["--mode", "preload", *cap_flags], a.device)
+    res["decode_dram"] = bench(image, out, f"{shape}-a-preload", dec + ["--mode", "preload", *common], a.device)
     res["page_cache_dropped"] = drop_page_cache()
     res["decode_disk"] = bench(image, out, f"{shape}-b-disk", ["--prompts", str(short), "--max-new-tokens",
                                str(max(2, a.new_tokens // 4)), "--warmup-rounds", "0", "--mode", "mixed",
-                               "--dram-gb", f"{model_gb * (0.5 if model_gb > 2 else 0.95):.3f}", *cap_flags],
-                               a.device)
+                               "--dram-gb", f"{disk_dram_gb(img):.3f}", *common], a.device)
+    links = [res[k]["links"] for k in ("decode_dram", "decode_disk") if res.get(k)]
     res["page_cache_dropped_cold"] = drop_page_cache()
+    # Cold start: the links measured above are passed in, so the process measures nothing before it loads.
+    given = []
+    if links and links[-1]["disk"] and links[-1]["disk"].get("gbps"):
+        given += ["--disk-gbps", f"{links[-1]['disk']['gbps']:.4f}"]
+    if links and links[-1]["h2d"] and links[-1]["h2d"].get("gbps"):
+        given += ["--h2d-gbps", f"{links[-1]['h2d']['gbps']:.4f}"]
     res["cold_start"] = bench(image, out, f"{shape}-d-cold", ["--prompts", str(short), "--max-new-tokens", "1",
-                              "--warmup-rounds", "0", "--mode", "preload", *cap_flags], a.device)
+                              "--warmup-rounds", "0", "--mode", "preload", *given, *common], a.device)
     pre = ["--prompts", str(long), "--max-new-tokens", "1", "--max-seq-len", str(a.prefill_tokens + 1),
            "--warmup-rounds", "1"]
-    res["prefill"] = bench(image, out, f"{shape}-c-prefill", pre + ["--mode", "preload", *cap_flags], a.device)
-    res["prefill_compute"] = bench(image, out, f"{shape}-c-compute", pre + ["--mode", "full"], a.device)
+    res["prefill"] = bench(image, out, f"{shape}-c-prefill", pre + ["--mode", "preload", *common], a.device)
+    res["prefill_compute"] = bench(image, out, f"{shape}-c-compute", pre[:2] + [
+        "--max-new-tokens", "4", "--max-seq-len", str(a.prefill_tokens + 4), "--warmup-rounds", "1", "--mode",
+        "full"], a.device)
+    res["extrapolated"] = extrapolate(res)
     return res
+
+
+def extrapolate(r: dict) -> dict | None:
+    """The whole model's decode step from this truncated run, labelled as such: the measured DRAM-resident
+    step scaled by H2D bytes per pass (the whole model's plan over this run's), plus the compute of the
+    layers the whole model keeps resident (the full-mode decode step per layer)."""
+    w, j, c = r.get("whole_model_plan"), r.get("decode_dram"), r.get("prefill_compute")
+    if not w or not j or not j["bound"].get("step_ms"):
+        return None
+    run_h2d = j["plan"]["h2d_bytes_per_pass"]
+    scale = w["h2d_bytes_per_pass"] / run_h2d
+    per_layer_compute = c["bound"]["decode_step_ms"] / r["layers"] if c and c["bound"].get("decode_step_ms") else 0
+    resident_layers = w["resident_layer_bytes"] / (sum(v for k, v in j["plan"]["group_bytes"].items()
+                                                       if k.startswith("layers.")) / r["layers"])
+    step = j["bound"]["decode_step_ms"] * scale + per_layer_compute * resident_layers
+    bound = j["bound"]["step_ms"] * scale
+    return {"label": f"extrapolated to {w['layers']} layers from {r['layers']} (not measured)",
+            "decode_step_ms": step, "bound_ms": bound, "ratio": step / bound, "tokens_per_s": 1e3 / step,
+            "h2d_scale": scale, "resident_layers": resident_layers, "per_layer_compute_ms": per_layer_compute}
 
 
 def prefill_ratio(r: dict) -> float | None:
@@ -122,14 +202,21 @@ def _verdict(ratios: list[float], target: float) -> str:
     return f"{'PASS' if hi <= target else 'FAIL'} (max {hi:.2f})"
 
 
-def cold_ratio(r: dict) -> float | None:
-    """Time from start to first token with an empty page cache over (tiers read once from disk + one pass)."""
+def cold_ms(r: dict) -> tuple[float, float] | None:
+    """(time from the process's start to its first token with an empty page cache, the bound: the tiers
+    read once from disk (host embedding, DRAM and GPU tiers) at the measured disk rate + one pass's bound)."""
     j = r.get("cold_start")
-    if not j or not j["links"]["disk"].get("gbps"):
+    if not j or not j["links"]["disk"].get("gbps") or j.get("process_start_to_first_token_ms") is None:
         return None
-    tier_bytes = j["plan"]["dram_tier_bytes"] + j["plan"]["gpu_tier_bytes"]  # read from disk once at start
+    p = j["plan"]
+    tier_bytes = p["host_bytes"] + p["dram_tier_bytes"] + p["gpu_tier_bytes"]
     bound_ms = tier_bytes / (j["links"]["disk"]["gbps"] * 1e9) * 1e3 + (j["bound"].get("step_ms") or 0.0)
-    return (j["load_ms"] + j["ttft_ms"]) / bound_ms
+    return j["process_start_to_first_token_ms"], bound_ms
+
+
+def cold_ratio(r: dict) -> float | None:
+    c = cold_ms(r)
+    return c[0] / c[1] if c else None
 
 
 def verdicts(results: list[dict], peer: dict | None) -> dict[str, str]:
@@ -154,23 +241,38 @@ def _f(x: float | None, digits: int = 1) -> str:
 
 
 def table(results: list[dict], peer: dict | None) -> str:
-    rows = ["| shape | regime | step ms | bound ms | limited by | achieved/bound | GPU alloc GB |",
+    rows = ["| shape | regime | ms | bound ms | limited by | achieved/bound | GPU peak GB (cap) |",
             "|---|---|---|---|---|---|---|"]
     for r in results:
-        for key, label in (("decode_dram", "(a) DRAM decode"), ("decode_disk", "(b) disk decode"),
-                           ("prefill", "(c) prefill")):
+        name = f"{r['shape']} x{r['layers']}"
+        cap = f" ({r['run_gpu_cap_gb']:.2f})" if r.get("run_gpu_cap_gb") else ""
+        for key, label in (("decode_dram", "(a) DRAM decode step"), ("decode_disk", "(b) disk decode step"),
+                           ("prefill", f"(c) prefill {r.get('prefill') and r['prefill']['prefill_tokens_total']}")):
             j = r.get(key)
             if not j:
-                rows.append(f"| {r['shape']} x{r['layers']} | {label} | failed | | | | |")
+                rows.append(f"| {name} | {label} | failed | | | | |")
                 continue
             b = j["bound"]
             step = j["prefill_ms"] if key == "prefill" else b["decode_step_ms"]
             ratio = prefill_ratio(r) if key == "prefill" else j["achieved_over_bound"]
-            rows.append(f"| {r['shape']} x{r['layers']} | {label} | {step:.1f} | {_f(b.get('step_ms'))} | "
-                        f"{b.get('limited_by')} | {_f(ratio, 2)} | {j['gpu_mem_GB']['allocated_GB']:.2f} |")
+            bound = b.get("step_ms")
+            limited = b.get("limited_by")
+            if key == "prefill" and r.get("prefill_compute"):
+                compute = r["prefill_compute"]["prefill_ms"]
+                if bound is None or compute > bound:
+                    bound, limited = compute, "compute"
+            rows.append(f"| {name} | {label} | {step:.1f} | {_f(bound)} | {limited} | {_f(ratio, 2)} | "
+                        f"{j['gpu_mem_GB']['peak_allocated_GB']:.2f}{cap} |")
+        c = cold_ms(r)
+        rows.append(f"| {name} | (d) cold start to first token | {_f(c and c[0], 0)} | {_f(c and c[1], 0)} | "
+                    f"disk + pass | {_f(cold_ratio(r), 2)} | |")
+        x = r.get("extrapolated")
+        if x:
+            rows.append(f"| {r['shape']} x{x['label'].split()[2]} | (a) DRAM decode step, {x['label']} | "
+                        f"{x['decode_step_ms']:.1f} | {x['bound_ms']:.1f} | h2d | {x['ratio']:.2f} | |")
     if peer:
-        rows.append(f"| peer (accelerate) | decode | {peer.get('s_per_token', 0) * 1e3:.1f} | | | ours/peer speedup "
-                    f"{peer.get('speedup', 0):.1f}x | |")
+        rows.append(f"| peer (accelerate) | decode step | {peer.get('s_per_token', 0) * 1e3:.1f} | | | ours/peer "
+                    f"speedup {peer.get('speedup', 0):.1f}x | |")
     return "\n".join(rows)
 
 
@@ -183,6 +285,8 @@ def main() -> int:
     p.add_argument("--new-tokens", type=int, default=16, help="decode tokens per measured round (default 16)")
     p.add_argument("--prefill-tokens", type=int, default=2048, help="prefill length (default 2048)")
     p.add_argument("--skip-peer", action="store_true", help="do not run transformers + accelerate")
+    p.add_argument("--peer-tokens", type=int, default=4, help="decode tokens the peer is timed over (default 4)")
+    p.add_argument("--shapes", default=None, help="comma-separated subset of the scale's shapes (default all)")
     a = p.parse_args()
     import torch
 
@@ -190,20 +294,37 @@ def main() -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     Path(a.workdir).mkdir(parents=True, exist_ok=True)
+    shapes = SCALES[a.scale]
+    if a.shapes:
+        unknown = set(a.shapes.split(",")) - set(shapes)
+        if unknown:
+            p.error(f"--shapes: {sorted(unknown)} not in scale {a.scale} ({sorted(shapes)})")
+        shapes = {k: v for k, v in shapes.items() if k in a.shapes.split(",")}
     t0 = time.monotonic()
-    results = [run_shape(shape, layers, cap, a, out) for shape, (layers, cap) in SCALES[a.scale].items()]
-    peer = None
-    if not a.skip_peer and a.device == "cuda" and "llama3.1-8b" in SCALES[a.scale]:
-        from benchmarks.peer_accelerate import run_peer
+    results, peer = [], None
 
-        r8 = next(r for r in results if r["shape"] == "llama3.1-8b")
-        peer = run_peer(Path(a.workdir) / f"llama3.1-8b-{r8['layers']}l.img", r8["gpu_cap_gb"], a.new_tokens, out)
-        ours = r8["decode_dram"]["bound"]["decode_step_ms"] / 1e3 if r8.get("decode_dram") else None
-        if ours and peer.get("s_per_token"):
-            peer["ours_s_per_token"], peer["speedup"] = ours, peer["s_per_token"] / ours
-    v = verdicts(results, peer)
-    (out / "suite.json").write_text(json.dumps({"results": results, "peer": peer, "verdicts": v,
-                                                "targets": TARGETS, "wall_s": time.monotonic() - t0}, indent=1))
+    def save() -> dict[str, str]:
+        v = verdicts(results, peer)
+        (out / "suite.json").write_text(json.dumps({"results": results, "peer": peer, "verdicts": v,
+                                                    "targets": TARGETS, "scale": a.scale,
+                                                    "wall_s": time.monotonic() - t0}, indent=1))
+        return v
+
+    for shape, (layers, cap) in shapes.items():
+        r = run_shape(shape, layers, cap, a, out)
+        results.append(r)
+        save()  # what is done survives a later step running out of time
+        print(f"{shape}: done at {time.monotonic() - t0:.0f} s", flush=True)
+        if shape == "llama3.1-8b" and not a.skip_peer and a.device == "cuda":
+            from benchmarks.peer_accelerate import run_peer
+
+            peer = run_peer(Path(a.workdir) / f"{shape}-{layers}l.img", r["run_gpu_cap_gb"], a.peer_tokens, out)
+            ours = r["decode_dram"]["bound"]["decode_step_ms"] / 1e3 if r.get("decode_dram") else None
+            if ours and peer.get("s_per_token"):
+                peer["ours_s_per_token"], peer["speedup"] = ours, peer["s_per_token"] / ours
+            save()
+            print(f"peer: done at {time.monotonic() - t0:.0f} s", flush=True)
+    v = save()
     print(table(results, peer))
     print("targets: " + "; ".join(f"{k} {s}" for k, s in v.items()))
     return 0

@@ -17,12 +17,16 @@ Accepts the seeds' quick-start command line verbatim (seeds/002_*). What it does
 3. Measures the links the bound needs, unless given (``--disk-gbps``, ``--h2d-gbps``), before the pool
    starts so nothing else uses them:
      disk  DISK_PROBE_BYTES of O_DIRECT reads of DISK_PROBE_READ bytes each, spread evenly over the image,
-           DISK_PROBE_INFLIGHT in flight (workers/odirect.DirectReader, as the I/O workers read);
+           --workers x READS_PER_WORKER in flight (workers/odirect.DirectReader, as the pool's workers read);
      H2D   (CUDA only) copies of H2D_PROBE_BYTES from pinned host memory, timed with CUDA events, the median
            of H2D_PROBE_REPEATS after one warm-up copy. The runtime copies from the cudaHostRegister'ed
            ring, which DESIGN.md measured at the same rate as torch's pinned memory.
 4. Opens the weight source once (one pool for all rounds), runs ``--warmup-rounds`` whole generations,
    then the measured one. End-of-sequence tokens are ignored, so every round decodes the same count.
+   ``load_ms`` is the pool's start to the weight source's readiness (``load_breakdown_ms``: pool start,
+   ring registration, the rest of the DRAM-tier fill, the GPU tier); ``process_start_to_first_token_ms``
+   is the first round's first token against the process's creation (interpreter, imports, CUDA start-up
+   and the link measurement included: pass --disk-gbps/--h2d-gbps to leave the latter out).
    Step boundaries are taken when each token reaches the host (after the GPU finished the step), and the
    pool's byte counters are read at each boundary.
 5. Prints the seeds' summary block plus our lines (plan, bytes per token, achieved GB/s per link, the
@@ -45,15 +49,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 
 from model.args import human_bytes
 from model.errors import ConfigError, UserError
 from runtime.probe import measure_h2d_pinned, timed_reads
 
-DISK_PROBE_BYTES = 512 << 20
+DISK_PROBE_BYTES = 2 << 30  # about a second: shorter samples of a virtual disk swing by 20 %
 DISK_PROBE_READ = 16 << 20
-DISK_PROBE_INFLIGHT = 8  # as many as the default pool keeps in flight: 2 workers x 4
+READS_PER_WORKER = 4  # workers/io_worker.WorkerOptions.inflight: the probe keeps as many in flight as the pool
 H2D_PROBE_BYTES = 512 << 20
 H2D_PROBE_REPEATS = 5
 GB, MB = 1e9, 1e6
@@ -213,21 +218,21 @@ def unused_flags(a) -> list[dict[str, Any]]:
 
 # ---- link measurements -----------------------------------------------------------------------------------
 
-def measure_disk(path: str, size: int) -> dict[str, Any]:
+def measure_disk(path: str, size: int, inflight: int) -> dict[str, Any]:
     """O_DIRECT reads spread evenly over the first ``size`` bytes of ``path`` (see the module docstring)."""
     from workers.odirect import DirectReader
 
     notes: list[str] = []
-    with DirectReader(path, max_inflight=DISK_PROBE_INFLIGHT, chunk_bytes=DISK_PROBE_READ, log=notes.append) as r:
+    with DirectReader(path, max_inflight=inflight, chunk_bytes=DISK_PROBE_READ, log=notes.append) as r:
         a = r.alignment
         region = size // a * a
         read = min(DISK_PROBE_READ, region) // a * a
         n = max(1, min(DISK_PROBE_BYTES, region) // read)
         offsets = [i * (region - read) // max(n - 1, 1) // a * a for i in range(n)]
-        seconds = timed_reads(r, offsets, read, DISK_PROBE_INFLIGHT)
+        seconds = timed_reads(r, offsets, read, inflight)
         direct = r.direct
     method = (f"{n} {'O_DIRECT' if direct else 'buffered (O_DIRECT refused)'} reads of {human_bytes(read)} spread "
-              f"over {human_bytes(region)} of {path}, {DISK_PROBE_INFLIGHT} in flight")
+              f"over {human_bytes(region)} of {path}, {inflight} in flight")
     return {"gbps": n * read / seconds / GB, "source": "measured", "method": method, "bytes": n * read,
             "seconds": seconds, "direct": direct, "notes": notes}
 
@@ -243,10 +248,11 @@ def measure_h2d(device: torch.device) -> dict[str, Any]:
             "method": link["method"]}
 
 
-def links(cfg: BenchConfig, image, device: torch.device) -> dict[str, Any]:
-    """Disk and H2D bandwidths for the bound: given on the command line, else measured now."""
+def links(cfg: BenchConfig, image, device: torch.device, workers: int) -> dict[str, Any]:
+    """Disk and H2D bandwidths for the bound: given on the command line, else measured now (the disk with as
+    many reads in flight as the pool's ``workers`` keep)."""
     disk = ({"gbps": cfg.disk_gbps, "source": "--disk-gbps"} if cfg.disk_gbps
-            else measure_disk(str(image.path), image.image_size))
+            else measure_disk(str(image.path), image.image_size, workers * READS_PER_WORKER))
     if device.type != "cuda":
         h2d = None if cfg.h2d_gbps is None else {"gbps": cfg.h2d_gbps, "source": "--h2d-gbps",
                                                  "note": "unused: the model computes on the CPU (no H2D link)"}
@@ -397,7 +403,8 @@ def build_report(a, cfg: BenchConfig, ctx: dict, r: Round) -> dict[str, Any]:
            "io_bw_MBps": {"weight_h2d_MBps": weight_h2d, "kv_h2d_MBps": 0.0, "kv_d2h_MBps": 0.0},
            "gpu_mem_GB": gpu_mem, "mode": a.mode, "device": _device_name(ctx["device"])}
     out.update({"generated_tokens_total": n * len(r.tokens), "warmup_rounds": cfg.warmup_rounds,
-                "load_ms": ctx["load_ms"], "step_ms": r.step_ms,
+                "load_ms": ctx["load_ms"], "load_breakdown_ms": ctx["load_breakdown_ms"],
+                "process_start_to_first_token_ms": ctx["process_to_first_token_ms"], "step_ms": r.step_ms,
                 "step_disk_bytes": r.step_disk_bytes,
                 "image": {"path": str(ctx["image"].path), "manifest": str(ctx["image"].manifest_path),
                           "dtype": ctx["image"].dtype},
@@ -505,19 +512,26 @@ def run_bench(a) -> None:
     for c in cut:
         print(f"warning: prompt {c['prompt']} has {c['tokens']} tokens; kept its last {c['kept']} (--max-seq-len "
               f"- --max-new-tokens)", file=sys.stderr)
-    lk = links(cfg, image, device)
+    lk = links(cfg, image, device, rcfg.workers)
     t0 = time.perf_counter()
     with open_source(image, rcfg, device, batch=cfg.batch_size, max_len=max_len) as (source, plan, handle):
         load_ms = (time.perf_counter() - t0) * 1e3
         gen = Generator(source, max_len)
+        first = None
         for i in range(cfg.warmup_rounds):
-            run_round(gen, source, prompts, sampling)
+            first = first or run_round(gen, source, prompts, sampling)
             print(f"warm-up round {i + 1}/{cfg.warmup_rounds} done", file=sys.stderr)
         r = run_round(gen, source, prompts, sampling)
         memory = memory_report(device, source, handle)
+        breakdown = getattr(source, "load_ms", None)
+    first = first or r
+    # The process's first token, on the wall clock, against the process's start (psutil, 10 ms resolution):
+    # the whole cold-start cost a user waits for, interpreter and CUDA start-up included.
+    first_wall = time.time() - (time.perf_counter() - first.stamps[0])
+    to_first_ms = (first_wall - psutil.Process().create_time()) * 1e3
     notes = [] if device.type == "cuda" else ["no H2D link: the model computes on the CPU from ring memory"]
     ctx = {"plan": plan, "links": lk, "prompts": prompts, "memory": memory, "device": device, "image": image,
-           "load_ms": load_ms, "cut": cut, "unused": unused, "notes": notes}
+           "load_ms": load_ms, "load_breakdown_ms": breakdown, "process_to_first_token_ms": to_first_ms, "cut": cut, "unused": unused, "notes": notes}
     rep = build_report(a, cfg, ctx, r)
     print(summary(rep, plan))
     if cfg.verbose:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -144,12 +145,15 @@ def _open_source(image: Image, cfg: RuntimeConfig, device: torch.device, batch: 
                           worker_opts=WorkerOptions(direct=cfg.direct_io, chunk_bytes=cfg.staging_mb << 20,
                                                     trace_dir=trace.dir if trace else None),
                           owner_pid=os.getpid())
+    t0 = time.perf_counter()
     with PrivatePool(pool_cfg) as pool:
+        started_ms = (time.perf_counter() - t0) * 1e3
         client = PoolClient(pool.handle)
         source = None
         try:
             source = StreamedWeights(image, plan, client, device, staging=max(plan.staging_buffers, 1),
                                      trace=trace.client if trace else None)
+            source.load_ms = {"pool_start": started_ms, **source.load_ms}
             yield source, plan, pool.handle
         finally:
             if source is not None:

@@ -34,13 +34,14 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from model.args import ModelArgs
 from model.errors import ConfigError, ImageFormatError, ReadError
-from model.llama import group_names, group_tensor_shapes
+from model.groups import group_names, group_tensor_shapes
+
+if TYPE_CHECKING:
+    import torch
 
 MAGIC = b"LLMSTRM\0"
 FORMAT_VERSION = 1
@@ -48,7 +49,16 @@ HEADER_SIZE = 4096
 ALIGN = 4096
 TENSOR_ALIGN = 256
 HEADER_FMT = "<8sIIIIQ16s"
-TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+def __getattr__(name: str):
+    """``TORCH_DTYPES`` on first use: the pool's processes import this module without paying for torch."""
+    if name == "TORCH_DTYPES":
+        import torch
+
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def align_up(n: int, a: int = ALIGN) -> int:
@@ -89,9 +99,9 @@ class GroupSpec:
 
 def plan_layout(args: ModelArgs, dtype: str) -> list[GroupSpec]:
     """Offsets of every group and tensor for ``args`` stored in ``dtype`` (crc32 not yet known)."""
-    if dtype not in TORCH_DTYPES:
-        raise ConfigError(f"dtype must be one of {sorted(TORCH_DTYPES)}, found {dtype!r}")
-    esize = torch.empty((), dtype=TORCH_DTYPES[dtype]).element_size()
+    if dtype not in DTYPE_BYTES:
+        raise ConfigError(f"dtype must be one of {sorted(DTYPE_BYTES)}, found {dtype!r}")
+    esize = DTYPE_BYTES[dtype]
     groups, offset = [], HEADER_SIZE
     for g in group_names(args):
         tensors, pos = [], 0
@@ -244,11 +254,14 @@ def pread_into(fd: int, buf: memoryview, offset: int, path: str) -> None:
 
 def tensor_views(group: GroupSpec, buf) -> dict[str, torch.Tensor]:
     """Tensors of ``group`` as views into ``buf`` (bytes-like or a uint8 tensor holding the extent)."""
+    import torch
+
+    dtypes = __getattr__("TORCH_DTYPES")
     base = buf if isinstance(buf, torch.Tensor) else torch.frombuffer(buf, dtype=torch.uint8)
     out = {}
     for t in group.tensors:
         raw = base[t.offset:t.offset + t.nbytes]
-        out[t.name] = raw.view(TORCH_DTYPES[t.dtype]).view(t.shape)
+        out[t.name] = raw.view(dtypes[t.dtype]).view(t.shape)
     return out
 
 
@@ -278,6 +291,6 @@ def _load_manifest(path: Path) -> dict[str, Any]:
     if m["format"] != "llmstream-image" or m["version"] != FORMAT_VERSION:
         raise ImageFormatError(f"{path}: manifest format {m['format']!r} version {m['version']}, expected "
                                f"'llmstream-image' version {FORMAT_VERSION}")
-    if m["dtype"] not in TORCH_DTYPES:
-        raise ImageFormatError(f"{path}: dtype {m['dtype']!r}, expected one of {sorted(TORCH_DTYPES)}")
+    if m["dtype"] not in DTYPE_BYTES:
+        raise ImageFormatError(f"{path}: dtype {m['dtype']!r}, expected one of {sorted(DTYPE_BYTES)}")
     return m

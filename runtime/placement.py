@@ -56,7 +56,7 @@ from typing import Any
 
 from model.args import ModelArgs, human_bytes
 from model.errors import ConfigError
-from model.llama import group_names
+from model.groups import group_names
 
 MODES = ("preload", "stream", "mixed")
 HOST_GROUP = "tok_embeddings"

@@ -48,10 +48,12 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from model.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_EVENTS = 1_000_000
 REANCHOR_MS = 1000.0  # move the CUDA anchor at least this often (float ms precision)
@@ -134,7 +136,10 @@ class ClientTrace(Recorder):
     to host ns once their end event has completed (see the module docstring)."""
 
     def __init__(self, device: torch.device) -> None:
+        import torch  # here, not at the top: the pool's processes import this module for WorkerTrace
+
         super().__init__("client", SORT_CLIENT)
+        self.torch_cuda = torch.cuda
         self.device, self.cuda = torch.device(device), torch.device(device).type == "cuda"
         for t in ((COPIES,) if self.cuda else ()) + (COMPUTE, WAITS):
             self.tid(t)  # track order: copies above computes above waits
@@ -146,10 +151,10 @@ class ClientTrace(Recorder):
             self._anchor()
 
     def _anchor(self) -> None:
-        torch.cuda.synchronize(self.device)
-        ev = torch.cuda.Event(enable_timing=True)
+        self.torch_cuda.synchronize(self.device)
+        ev = self.torch_cuda.Event(enable_timing=True)
         t0 = time.monotonic_ns()
-        ev.record(torch.cuda.current_stream(self.device))
+        ev.record(self.torch_cuda.current_stream(self.device))
         ev.synchronize()
         t1 = time.monotonic_ns()
         self.ref, self.ref_ns, self.anchor_error_ns = ev, (t0 + t1) // 2, (t1 - t0) // 2
@@ -157,8 +162,8 @@ class ClientTrace(Recorder):
     def mark(self, stream=None):
         if not self.cuda:
             return time.monotonic_ns()
-        ev = torch.cuda.Event(enable_timing=True)
-        ev.record(stream if stream is not None else torch.cuda.current_stream(self.device))
+        ev = self.torch_cuda.Event(enable_timing=True)
+        ev.record(stream if stream is not None else self.torch_cuda.current_stream(self.device))
         return ev
 
     def stamped(self, name: str, cat: str, thread: str, m0, m1, args: dict | None = None) -> None:
@@ -173,7 +178,7 @@ class ClientTrace(Recorder):
     def convert(self, wait: bool = False) -> None:
         """Turn pending CUDA spans whose end event completed (all of them with ``wait``) into host spans."""
         if wait and self.pending:
-            torch.cuda.synchronize(self.device)
+            self.torch_cuda.synchronize(self.device)
         while self.pending and (wait or self.pending[0][4].query()):
             name, cat, thread, e0, e1, args = self.pending.popleft()
             self.span(name, cat, thread, self._host_ns(e0), self._host_ns(e1), args)

@@ -21,8 +21,11 @@ def test_suite_cpu_smoke(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert lines[-1].startswith("targets: ") and "decode_disk" in lines[-1] and "ttft_cold" in lines[-1]
-    assert any(line.startswith("| tiny x4 | (a) DRAM decode |") for line in lines)
+    assert any(line.startswith("| tiny x4 | (a) DRAM decode step |") for line in lines)
+    assert any(line.startswith("| tiny x4 | (d) cold start to first token |") for line in lines)
     res = json.loads((tmp_path / "o" / "suite.json").read_text())
     r = res["results"][0]
     assert all(r[k] for k in ("decode_dram", "decode_disk", "prefill", "prefill_compute", "cold_start"))
+    assert r["cold_start"]["process_start_to_first_token_ms"] > r["cold_start"]["load_ms"] > 0
+    assert set(r["cold_start"]["load_breakdown_ms"]) >= {"pool_start", "register_ring", "gpu_tier"}
     assert set(res["verdicts"]) == {"decode_dram", "decode_disk", "prefill", "ttft_cold", "peer_speedup"}
