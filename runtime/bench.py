@@ -17,7 +17,7 @@ Accepts the seeds' quick-start command line verbatim (seeds/002_*). What it does
 3. Measures the links the bound needs, unless given (``--disk-gbps``, ``--h2d-gbps``), before the pool
    starts so nothing else uses them:
      disk  DISK_PROBE_BYTES of O_DIRECT reads of DISK_PROBE_READ bytes each, spread evenly over the image,
-           --workers x READS_PER_WORKER in flight (workers/odirect.DirectReader, as the pool's workers read);
+           as many in flight as one I/O worker keeps (workers/odirect.DirectReader, as the workers read);
      H2D   (CUDA only) copies of H2D_PROBE_BYTES from pinned host memory, timed with CUDA events, the median
            of H2D_PROBE_REPEATS after one warm-up copy. The runtime copies from the cudaHostRegister'ed
            ring, which DESIGN.md measured at the same rate as torch's pinned memory.
@@ -41,24 +41,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import resource
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
-import torch
 
 from model.args import human_bytes
 from model.errors import ConfigError, UserError
-from runtime.probe import measure_h2d_pinned, timed_reads
+
+if TYPE_CHECKING:
+    import torch
 
 DISK_PROBE_BYTES = 2 << 30  # about a second: shorter samples of a virtual disk swing by 20 %
 DISK_PROBE_READ = 16 << 20
-READS_PER_WORKER = 4  # workers/io_worker.WorkerOptions.inflight: the probe keeps as many in flight as the pool
 H2D_PROBE_BYTES = 512 << 20
 H2D_PROBE_REPEATS = 5
 GB, MB = 1e9, 1e6
@@ -220,6 +221,7 @@ def unused_flags(a) -> list[dict[str, Any]]:
 
 def measure_disk(path: str, size: int, inflight: int) -> dict[str, Any]:
     """O_DIRECT reads spread evenly over the first ``size`` bytes of ``path`` (see the module docstring)."""
+    from runtime.probe import timed_reads
     from workers.odirect import DirectReader
 
     notes: list[str] = []
@@ -239,6 +241,10 @@ def measure_disk(path: str, size: int, inflight: int) -> dict[str, Any]:
 
 def measure_h2d(device: torch.device) -> dict[str, Any]:
     """Pinned host -> GPU copies timed with CUDA events (see the module docstring)."""
+    import torch
+
+    from runtime.probe import measure_h2d_pinned
+
     nbytes = min(H2D_PROBE_BYTES, torch.cuda.mem_get_info(device)[0] // 4) // 4096 * 4096
     dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
     link = measure_h2d_pinned(dev, H2D_PROBE_REPEATS)
@@ -248,17 +254,27 @@ def measure_h2d(device: torch.device) -> dict[str, Any]:
             "method": link["method"]}
 
 
-def links(cfg: BenchConfig, image, device: torch.device, workers: int) -> dict[str, Any]:
+def links(cfg: BenchConfig, image, device: torch.device) -> dict[str, Any]:
     """Disk and H2D bandwidths for the bound: given on the command line, else measured now (the disk with as
-    many reads in flight as the pool's ``workers`` keep)."""
+    many reads in flight as one I/O worker keeps for one group)."""
+    from workers.io_worker import WorkerOptions
+
     disk = ({"gbps": cfg.disk_gbps, "source": "--disk-gbps"} if cfg.disk_gbps
-            else measure_disk(str(image.path), image.image_size, workers * READS_PER_WORKER))
+            else measure_disk(str(image.path), image.image_size, WorkerOptions().inflight))
     if device.type != "cuda":
         h2d = None if cfg.h2d_gbps is None else {"gbps": cfg.h2d_gbps, "source": "--h2d-gbps",
                                                  "note": "unused: the model computes on the CPU (no H2D link)"}
     else:
         h2d = {"gbps": cfg.h2d_gbps, "source": "--h2d-gbps"} if cfg.h2d_gbps else measure_h2d(device)
     return {"disk": disk, "h2d": h2d}
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (/proc/self/stat starttime against CLOCK_BOOTTIME: 10 ms ticks,
+    where psutil's create_time adds the boot time's whole-second rounding)."""
+    with open("/proc/self/stat") as f:
+        start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+    return time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
 
 
 # ---- one timed round -------------------------------------------------------------------------------------
@@ -369,7 +385,7 @@ def bound_report(plan, lk: dict, step_ms: float | None) -> dict[str, Any]:
 
 def memory_report(device: torch.device, source, handle) -> tuple[dict, dict]:
     """gpu_mem_GB (the seeds' keys + peak) and host memory: RSS, peak RSS, pinned (registered ring) bytes."""
-    import psutil
+    import torch
 
     cuda = device.type == "cuda"
     gpu = {"allocated_GB": torch.cuda.memory_allocated(device) / GB if cuda else 0.0,
@@ -384,6 +400,8 @@ def memory_report(device: torch.device, source, handle) -> tuple[dict, dict]:
 
 
 def _device_name(device: torch.device) -> str:
+    import torch
+
     if device.type == "cuda" and device.index is None:
         return f"cuda:{torch.cuda.current_device()}"
     return str(device)
@@ -493,12 +511,9 @@ def verbose_lines(rep: dict, describe: str | None) -> str:
 # ---- the command -----------------------------------------------------------------------------------------
 
 def run_bench(a) -> None:
-    from runtime.commands import _device
-    from runtime.engine import RuntimeConfig, open_source
-    from runtime.generate import Generator, SamplingConfig
+    from runtime.engine import RuntimeConfig, start_early
 
     cfg = BenchConfig.from_args(a)
-    sampling = SamplingConfig(cfg.max_new_tokens, a.temperature, a.top_p, a.seed)
     rcfg = dataclasses.replace(RuntimeConfig.from_args(a), quiet=True)
     unused = unused_flags(a)
     for u in unused:
@@ -506,15 +521,32 @@ def run_bench(a) -> None:
     image = open_bench_image(a)
     ck = check_checkpoint(a.checkpoints, image) if a.checkpoints else None
     tok = load_tokenizer_for(image, ck)
-    device = _device(a.device)
     prompts = read_prompts(cfg.prompts, cfg.batch_size, tok, image.args.vocab_size)
     prompts, max_len, cut = fit_prompts(prompts, cfg, image.args.max_seq_len)
     for c in cut:
         print(f"warning: prompt {c['prompt']} has {c['tokens']} tokens; kept its last {c['kept']} (--max-seq-len "
               f"- --max-new-tokens)", file=sys.stderr)
-    lk = links(cfg, image, device, rcfg.workers)
+    # With both links given nothing is measured before the pool, so it may start before torch does.
+    early = (start_early(image, rcfg, a.device, cfg.batch_size, max_len)
+             if cfg.disk_gbps and (cfg.h2d_gbps or a.device == "cpu") else None)
+    try:
+        _run_bench(a, cfg, rcfg, image, prompts, max_len, cut, unused, early)
+    finally:
+        if early is not None:
+            early.stop()
+
+
+def _run_bench(a, cfg: BenchConfig, rcfg, image, prompts, max_len: int, cut: list, unused: list, early) -> None:
+    from runtime.commands import _device
+    from runtime.engine import open_source
+    from runtime.generate import Generator, SamplingConfig
+
+    sampling = SamplingConfig(cfg.max_new_tokens, a.temperature, a.top_p, a.seed)
+    device = _device(a.device)
+    lk = links(cfg, image, device)
     t0 = time.perf_counter()
-    with open_source(image, rcfg, device, batch=cfg.batch_size, max_len=max_len) as (source, plan, handle):
+    with open_source(image, rcfg, device, batch=cfg.batch_size, max_len=max_len, early=early) as (source, plan,
+                                                                                                 handle):
         load_ms = (time.perf_counter() - t0) * 1e3
         gen = Generator(source, max_len)
         first = None
@@ -525,13 +557,13 @@ def run_bench(a) -> None:
         memory = memory_report(device, source, handle)
         breakdown = getattr(source, "load_ms", None)
     first = first or r
-    # The process's first token, on the wall clock, against the process's start (psutil, 10 ms resolution):
-    # the whole cold-start cost a user waits for, interpreter and CUDA start-up included.
-    first_wall = time.time() - (time.perf_counter() - first.stamps[0])
-    to_first_ms = (first_wall - psutil.Process().create_time()) * 1e3
+    # The process's first token against the process's start: the whole cold-start cost a user waits for,
+    # interpreter and CUDA start-up included.
+    to_first_ms = (process_age_s() - (time.perf_counter() - first.stamps[0])) * 1e3
     notes = [] if device.type == "cuda" else ["no H2D link: the model computes on the CPU from ring memory"]
     ctx = {"plan": plan, "links": lk, "prompts": prompts, "memory": memory, "device": device, "image": image,
-           "load_ms": load_ms, "load_breakdown_ms": breakdown, "process_to_first_token_ms": to_first_ms, "cut": cut, "unused": unused, "notes": notes}
+           "load_ms": load_ms, "load_breakdown_ms": breakdown, "process_to_first_token_ms": to_first_ms,
+           "cut": cut, "unused": unused, "notes": notes}
     rep = build_report(a, cfg, ctx, r)
     print(summary(rep, plan))
     if cfg.verbose:

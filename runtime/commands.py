@@ -9,10 +9,12 @@ import json
 import sys
 import time
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from model.errors import ConfigError, UserError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def pack(a) -> None:
@@ -56,6 +58,8 @@ def _open_image(a):
 
 
 def _device(name: str | None) -> torch.device:
+    import torch
+
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -111,19 +115,30 @@ class TokenPrinter:
 
 
 def run(a) -> None:
-    from runtime.engine import RuntimeConfig, open_source
-    from runtime.generate import Generator, SamplingConfig
+    from runtime.engine import RuntimeConfig, start_early
 
     image = _open_image(a)
     ids_given = a.prompt_ids is not None
     tok = _tokenizer(image, required=not ids_given)
     prompt = _prompt_ids(a, tok, default_chat=a.image is None and a.prompt is None and not ids_given)
-    cfg = SamplingConfig(a.max_new_tokens, a.temperature, a.top_p, a.seed)
     rcfg = RuntimeConfig.from_args(a)
-    device = _device(a.device)
     max_len = a.max_seq_len or len(prompt) + a.max_new_tokens
+    early = start_early(image, rcfg, a.device, max_len=max_len)  # the DRAM tier fills while torch starts
+    try:
+        _run(a, image, tok, prompt, rcfg, max_len, early)
+    finally:
+        if early is not None:
+            early.stop()
+
+
+def _run(a, image, tok, prompt, rcfg, max_len, early) -> None:
+    from runtime.engine import open_source
+    from runtime.generate import Generator, SamplingConfig
+
+    cfg = SamplingConfig(a.max_new_tokens, a.temperature, a.top_p, a.seed)
+    device = _device(a.device)
     t0 = time.perf_counter()
-    with open_source(image, rcfg, device, max_len=max_len) as (source, plan, _):
+    with open_source(image, rcfg, device, max_len=max_len, early=early) as (source, plan, _):
         load_ms = (time.perf_counter() - t0) * 1e3
         printer = TokenPrinter(tok)
         res = Generator(source, max_len).generate(prompt, cfg, tok.eos_ids if tok else frozenset(), printer)

@@ -12,17 +12,24 @@ stopped (runtime/trace.py). Runs in the launch.py process (the client).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import sys
 import time
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from model.errors import ConfigError
-from runtime.image import TORCH_DTYPES, Image
+from runtime.image import DTYPE_BYTES, Image
+
+if TYPE_CHECKING:
+    import torch
+
+    from runtime.placement import Plan
+    from runtime.pool import PrivatePool
 
 GB = 1e9
+_POOL_NUMBERS = itertools.count()  # private pools of this process: run<pid>-<n>
 MODES = ("full", "preload", "stream", "mixed")
 
 
@@ -60,7 +67,7 @@ class RuntimeConfig:
 
 def kv_cache_bytes(image: Image, batch: int, max_len: int) -> int:
     a = image.args
-    elem = torch.empty((), dtype=TORCH_DTYPES[image.dtype]).element_size()
+    elem = DTYPE_BYTES[image.dtype]
     return 2 * a.n_layers * batch * max_len * a.n_kv_heads * a.head_dim * elem
 
 
@@ -68,7 +75,7 @@ def activation_bytes(image: Image, batch: int, chunk: int, all_logits: bool = Fa
     """Rough upper bound of the workspace of one prefill chunk: hidden states, FFN intermediates, and fp32
     logits (every position's for perplexity, else the last position's)."""
     a = image.args
-    elem = torch.empty((), dtype=TORCH_DTYPES[image.dtype]).element_size()
+    elem = DTYPE_BYTES[image.dtype]
     logits = batch * (chunk if all_logits else 1) * a.vocab_size * 4
     scores = batch * a.n_heads * chunk * chunk * 4  # a masked (later) chunk may take the math kernel's scores
     return batch * chunk * (6 * a.dim + 3 * a.ffn_hidden) * elem + logits + scores + (256 << 20)
@@ -85,7 +92,12 @@ def make_plan(image: Image, cfg: RuntimeConfig, device: torch.device, kv_bytes: 
 
     gpu = None
     if device.type == "cuda":
-        gpu = int(cfg.gpu_mem_gb * GB) if cfg.gpu_mem_gb else torch.cuda.mem_get_info(device)[0]
+        if cfg.gpu_mem_gb:
+            gpu = int(cfg.gpu_mem_gb * GB)
+        else:
+            import torch
+
+            gpu = torch.cuda.mem_get_info(device)[0]
     dram = int(cfg.dram_gb * GB) if cfg.dram_gb else default_dram_bytes()
     sizes = {name: g.size for name, g in image.groups.items()}
     return plan_placement(sizes, image.args, cfg.mode, Budgets(gpu, dram, kv_bytes, act_bytes),
@@ -94,21 +106,78 @@ def make_plan(image: Image, cfg: RuntimeConfig, device: torch.device, kv_bytes: 
                           group_prefetch_depth=cfg.group_prefetch_depth)
 
 
-def cap_gpu_memory(device: torch.device, gb: float) -> None:
+def cap_gpu_memory(device: torch.device, gb: float | None) -> None:
     """Make ``--gpu-mem-gb`` a hard cap: PyTorch's allocator refuses to hold more (emulates a smaller card;
-    the CUDA context itself, a few hundred MB, is outside any allocator and not counted)."""
+    the CUDA context itself, a few hundred MB, is outside any allocator and not counted). None lifts it."""
+    import torch
+
     index = device.index if device.index is not None else torch.cuda.current_device()
     total = torch.cuda.get_device_properties(index).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, gb * GB / total), index)
+    torch.cuda.set_per_process_memory_fraction(1.0 if gb is None else min(1.0, gb * GB / total), index)
+
+
+@dataclass
+class EarlyStart:
+    """A private pool started before torch and CUDA (``start_early``); ``open_source`` takes it over."""
+
+    plan: Plan
+    pool: PrivatePool
+    device_type: str
+    started_ms: float
+
+    def stop(self) -> None:
+        self.pool.stop()  # idempotent: a no-op once open_source has stopped it
+
+
+def start_early(image: Image, cfg: RuntimeConfig, device: str | None, batch: int = 1, max_len: int = 2048,
+                chunk: int = 2048, all_logits: bool = False) -> EarlyStart | None:
+    """Start the run's pool now, before the caller imports torch and starts CUDA (seconds with a cold page
+    cache), so the DRAM tier fills meanwhile. Only where the plan needs neither: a streaming mode, no trace,
+    and on CUDA a given --gpu-mem-gb. ``device`` None guesses CUDA from /dev/nvidiactl; ``open_source``
+    discards the pool if the guess was wrong. The caller must ``stop()`` it if it never reaches
+    ``open_source`` (``stop`` is idempotent, so a ``finally`` may always call it)."""
+    from types import SimpleNamespace
+
+    if cfg.mode == "full" or cfg.trace is not None:
+        return None
+    kind = (device or ("cuda" if os.path.exists("/dev/nvidiactl") else "cpu")).split(":")[0]
+    if kind == "cuda" and not cfg.gpu_mem_gb:
+        return None
+    plan = make_plan(image, cfg, SimpleNamespace(type=kind), kv_cache_bytes(image, batch, max_len),
+                     activation_bytes(image, batch, min(chunk, max_len), all_logits))
+    t0 = time.perf_counter()
+    pool = _start_pool(image, cfg, plan, None)
+    return EarlyStart(plan, pool, kind, (time.perf_counter() - t0) * 1e3)
+
+
+def _start_pool(image: Image, cfg: RuntimeConfig, plan, trace) -> PrivatePool:
+    from runtime.pool import PoolConfig, PrivatePool
+    from workers.io_worker import WorkerOptions
+
+    if not cfg.quiet:
+        print(plan.describe(), file=sys.stderr)
+    # The GPU tier is loaded through the window once: 2 slots at least (one filling while the other is copied).
+    window = max(plan.window_slots, min(2, len(plan.gpu)))
+    slot_bytes = max([plan.slot_bytes] + [image.groups[g].size for g in plan.gpu])
+    pool_cfg = PoolConfig(str(image.path), str(image.manifest_path), f"run{os.getpid()}-{next(_POOL_NUMBERS)}",
+                          tuple(dict.fromkeys(plan.host + plan.dram)), window, slot_bytes, workers=cfg.workers,
+                          worker_opts=WorkerOptions(direct=cfg.direct_io, chunk_bytes=cfg.staging_mb << 20,
+                                                    trace_dir=trace.dir if trace else None),
+                          owner_pid=os.getpid())
+    return PrivatePool(pool_cfg)
 
 
 @contextlib.contextmanager
 def open_source(image: Image, cfg: RuntimeConfig, device: torch.device, batch: int = 1, max_len: int = 2048,
-                chunk: int = 2048, all_logits: bool = False):
+                chunk: int = 2048, all_logits: bool = False, early: EarlyStart | None = None):
     """Yield (weight source, plan or None, pool handle or None) for ``cfg.mode``. With ``cfg.trace`` the
-    source records its computes and the pool its reads; the trace is written once the pool has stopped."""
+    source records its computes and the pool its reads; the trace is written once the pool has stopped.
+    ``early``: the pool ``start_early`` started for this run (used if it was planned for ``device``'s type)."""
+    if early is not None and early.device_type != device.type:
+        early.stop()
+        early = None
     if cfg.trace is None:
-        with _open_source(image, cfg, device, batch, max_len, chunk, all_logits, None) as out:
+        with _open_source(image, cfg, device, batch, max_len, chunk, all_logits, None, early) as out:
             yield out
         return
     from runtime.trace import TraceSession
@@ -121,33 +190,31 @@ def open_source(image: Image, cfg: RuntimeConfig, device: torch.device, batch: i
 
 @contextlib.contextmanager
 def _open_source(image: Image, cfg: RuntimeConfig, device: torch.device, batch: int, max_len: int, chunk: int,
-                 all_logits: bool, trace):
-    if device.type == "cuda" and cfg.gpu_mem_gb:
+                 all_logits: bool, trace, early: EarlyStart | None = None, capped: bool = False):
+    if device.type == "cuda" and cfg.gpu_mem_gb and not capped:
         cap_gpu_memory(device, cfg.gpu_mem_gb)
+        try:
+            with _open_source(image, cfg, device, batch, max_len, chunk, all_logits, trace, early, True) as out:
+                yield out
+        finally:
+            cap_gpu_memory(device, None)  # the cap is the process's: lift it with the source
+        return
     if cfg.mode == "full":
         from runtime.weights import InMemoryWeights
 
         yield InMemoryWeights(image, device, quiet=cfg.quiet), None, None
         return
     from runtime.client import PoolClient, StreamedWeights
-    from runtime.pool import PoolConfig, PrivatePool
-    from workers.io_worker import WorkerOptions
 
-    plan = make_plan(image, cfg, device, kv_cache_bytes(image, batch, max_len),
-                     activation_bytes(image, batch, min(chunk, max_len), all_logits))
-    if not cfg.quiet:
-        print(plan.describe(), file=sys.stderr)
-    # The GPU tier is loaded through the window once, so the window exists (>= 1 slot) whenever it is non-empty.
-    window = max(plan.window_slots, 1 if plan.gpu else 0)
-    slot_bytes = max([plan.slot_bytes] + [image.groups[g].size for g in plan.gpu])
-    pool_cfg = PoolConfig(str(image.path), str(image.manifest_path), f"run{os.getpid()}",
-                          tuple(dict.fromkeys(plan.host + plan.dram)), window, slot_bytes, workers=cfg.workers,
-                          worker_opts=WorkerOptions(direct=cfg.direct_io, chunk_bytes=cfg.staging_mb << 20,
-                                                    trace_dir=trace.dir if trace else None),
-                          owner_pid=os.getpid())
-    t0 = time.perf_counter()
-    with PrivatePool(pool_cfg) as pool:
+    if early is not None:
+        plan, pool, started_ms = early.plan, early.pool, early.started_ms
+    else:
+        plan = make_plan(image, cfg, device, kv_cache_bytes(image, batch, max_len),
+                         activation_bytes(image, batch, min(chunk, max_len), all_logits))
+        t0 = time.perf_counter()
+        pool = _start_pool(image, cfg, plan, trace)
         started_ms = (time.perf_counter() - t0) * 1e3
+    with pool:
         client = PoolClient(pool.handle)
         source = None
         try:

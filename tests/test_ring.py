@@ -477,10 +477,10 @@ def test_generate_stream_survives_worker_kill(tmp_path, leftovers, capfd):
     sampling = SamplingConfig(max_new_tokens=24)
     with open_source(image, RuntimeConfig(mode="full", quiet=True), torch.device("cpu")) as (source, _, _):
         want = Generator(source, len(prompt) + 24).generate(prompt, sampling).output_token_ids
-    leftovers.add_pool(f"run{os.getpid()}")
     cfg = RuntimeConfig(mode="stream", prefetch_distance=2, workers=2, quiet=True)
     killed: list[int] = []
     with open_source(image, cfg, torch.device("cpu")) as (source, plan, handle):
+        leftovers.add_pool(handle.name)
         res = source.res
         leftovers.watch(*worker_pids(res), int(res.header["coord_pid"]))
         go, stop = threading.Event(), threading.Event()

@@ -6,10 +6,13 @@ disk bytes per pass are exactly the streamed set's, and no DRAM-tier group is ev
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
+from conftest import ROOT
 
 from model.args import preset
 from model.synthetic import SyntheticCheckpoint
@@ -156,6 +159,8 @@ def test_gpu_streamed_equals_full_bf16(synth_bf16, mode):
     prompt, new = PROMPT * 3, 16
     gen = Generator(InMemoryWeights(synth_bf16, dev, quiet=True), len(prompt) + new)
     ref = gen.generate(prompt, SamplingConfig(new)).output_token_ids
+    del gen  # the reference's weights must not count against the streamed run's cap
+    torch.cuda.empty_cache()
     kw = dict(mode=mode, gpu_mem_gb=1.5, gpu_cached_layers=0, workers=2, quiet=True)
     if mode == "mixed":
         kw.update(gpu_cached_layers=1, cpu_cache_layers=1, prefetch_distance=2)
@@ -209,3 +214,36 @@ def test_chunked_prefill_equals_one_pass(tiny):
     ref = one.forward(x, 0, one.new_cache(1))
     out = chunked.forward(x, 0, chunked.new_cache(1))
     assert (out - ref).abs().max().item() <= 1e-5
+
+
+def test_early_start_fills_before_torch_and_matches(tiny, tmp_path):
+    """start_early plans and starts the pool without importing torch (so the DRAM tier fills while torch and
+    CUDA start up); open_source takes the pool over and the tokens equal the reference; the pool is gone
+    afterwards. A pool started for the wrong device type is stopped, not leaked."""
+    code = f"""
+import sys
+from runtime.engine import RuntimeConfig, start_early
+from runtime.image import Image
+from runtime.shm import leftover_names
+image = Image.open({str(tiny.path)!r})
+cfg = RuntimeConfig(mode="mixed", dram_gb=1.0, quiet=True)
+early = start_early(image, cfg, "cpu", max_len=20)
+assert early is not None and "torch" not in sys.modules, sys.modules.get("torch")
+assert leftover_names(pool=early.pool.handle.name)
+wrong = start_early(image, cfg, "cpu", max_len=20)
+import torch
+from runtime.engine import open_source
+from runtime.generate import Generator, SamplingConfig
+with open_source(image, cfg, torch.device("cpu"), max_len=20, early=early) as (src, plan, handle):
+    print(Generator(src, 20).generate({PROMPT!r}, SamplingConfig(8)).output_token_ids)
+wrong.device_type = "cuda"  # as if the guess had been wrong: open_source stops it and starts its own
+with open_source(image, cfg, torch.device("cpu"), max_len=20, early=wrong) as (src, plan, handle):
+    pass
+early.stop(); wrong.stop()
+assert not leftover_names(pool=early.pool.handle.name) and not leftover_names(pool=wrong.pool.handle.name)
+assert wrong.pool.proc.exitcode is not None
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref, _ = reference(tiny, PROMPT, 8)
+    assert proc.stdout.strip().splitlines()[-1] == str(ref)

@@ -32,7 +32,7 @@ POLL_S = 0.25
 @dataclass(frozen=True)
 class WorkerOptions:
     direct: bool = True  # O_DIRECT (falls back to buffered + fadvise(DONTNEED) where refused)
-    inflight: int = 4  # reads in flight in this worker
+    inflight: int = 16  # chunk reads in flight in this worker: one large group read alone keeps the disk busy
     chunk_bytes: int = 16 << 20  # a group read is split into chunks of this size, issued in parallel
     max_delay_s: float = 0.0  # tests only: sleep a random 0..max_delay_s before each read (shakes the ordering)
     trace_dir: str | None = None  # --trace: record each read, write them here at exit (runtime/trace.py)
