@@ -11,6 +11,9 @@ if [ "${WITH_TESTS:-1}" = 1 ]; then
   timeout 150 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_streaming.py tests/test_bench.py \
     tests/test_trace.py -k "gpu or cuda" 2>&1 | tail -6
 fi
+if [ "${WITH_REGISTER:-0}" = 1 ]; then
+  timeout 90 python3 benchmarks/register_bench.py --gib 8 2>&1 | grep -v "^\[" | tee "$OUT/register.txt" | head -4
+fi
 timeout "${SUITE_S:-420}" python3 benchmarks/suite.py --scale "${SCALE:-full}" --workdir /tmp/suite --out /tmp/suite-out \
   ${SUITE_ARGS:-} 2>&1 | grep -vE "^\[pool|^\\$|WARNING" | tail -30
 cp /tmp/suite-out/suite.json "$OUT"/ 2>/dev/null
