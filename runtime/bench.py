@@ -17,7 +17,7 @@ Accepts the seeds' quick-start command line verbatim (seeds/002_*). What it does
 3. Measures the links the bound needs, unless given (``--disk-gbps``, ``--h2d-gbps``), before the pool
    starts so nothing else uses them:
      disk  DISK_PROBE_BYTES of O_DIRECT reads of DISK_PROBE_READ bytes each, spread evenly over the image,
-           as many in flight as one I/O worker keeps (workers/odirect.DirectReader, as the workers read);
+           as many in flight as the pool's workers keep at most (--workers x 16; workers/odirect.DirectReader);
      H2D   (CUDA only) copies of H2D_PROBE_BYTES from pinned host memory, timed with CUDA events, the median
            of H2D_PROBE_REPEATS after one warm-up copy. The runtime copies from the cudaHostRegister'ed
            ring, which DESIGN.md measured at the same rate as torch's pinned memory.
@@ -254,13 +254,13 @@ def measure_h2d(device: torch.device) -> dict[str, Any]:
             "method": link["method"]}
 
 
-def links(cfg: BenchConfig, image, device: torch.device) -> dict[str, Any]:
+def links(cfg: BenchConfig, image, device: torch.device, workers: int) -> dict[str, Any]:
     """Disk and H2D bandwidths for the bound: given on the command line, else measured now (the disk with as
-    many reads in flight as one I/O worker keeps for one group)."""
+    many reads in flight as the pool's ``workers`` keep at most)."""
     from workers.io_worker import WorkerOptions
 
     disk = ({"gbps": cfg.disk_gbps, "source": "--disk-gbps"} if cfg.disk_gbps
-            else measure_disk(str(image.path), image.image_size, WorkerOptions().inflight))
+            else measure_disk(str(image.path), image.image_size, workers * WorkerOptions().inflight))
     if device.type != "cuda":
         h2d = None if cfg.h2d_gbps is None else {"gbps": cfg.h2d_gbps, "source": "--h2d-gbps",
                                                  "note": "unused: the model computes on the CPU (no H2D link)"}
@@ -543,7 +543,8 @@ def _run_bench(a, cfg: BenchConfig, rcfg, image, prompts, max_len: int, cut: lis
 
     sampling = SamplingConfig(cfg.max_new_tokens, a.temperature, a.top_p, a.seed)
     device = _device(a.device)
-    lk = links(cfg, image, device)
+    lk = links(cfg, image, device, rcfg.workers)
+    to_open_ms = process_age_s() * 1e3
     t0 = time.perf_counter()
     with open_source(image, rcfg, device, batch=cfg.batch_size, max_len=max_len, early=early) as (source, plan,
                                                                                                  handle):
@@ -562,7 +563,8 @@ def _run_bench(a, cfg: BenchConfig, rcfg, image, prompts, max_len: int, cut: lis
     to_first_ms = (process_age_s() - (time.perf_counter() - first.stamps[0])) * 1e3
     notes = [] if device.type == "cuda" else ["no H2D link: the model computes on the CPU from ring memory"]
     ctx = {"plan": plan, "links": lk, "prompts": prompts, "memory": memory, "device": device, "image": image,
-           "load_ms": load_ms, "load_breakdown_ms": breakdown, "process_to_first_token_ms": to_first_ms,
+           "load_ms": load_ms, "load_breakdown_ms": {"process_start_to_load": to_open_ms, **(breakdown or {})},
+           "process_to_first_token_ms": to_first_ms,
            "cut": cut, "unused": unused, "notes": notes}
     rep = build_report(a, cfg, ctx, r)
     print(summary(rep, plan))

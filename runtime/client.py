@@ -157,7 +157,7 @@ class StreamedWeights:
         self.res = client.res
         self.ring = torch.frombuffer(self.res.ring, dtype=torch.uint8)
         self.cuda = self.device.type == "cuda"
-        # Register while the pool fills: pinning faults the pages in, which overlaps with the disk reads.
+        # Registered behind the fill, chunk by chunk as the workers complete it (see _register_ring).
         t0 = time.perf_counter()
         self.registered = self._register_ring() if self.cuda else False
         t1 = time.perf_counter()
@@ -188,31 +188,51 @@ class StreamedWeights:
 
     def _register_ring(self) -> bool:
         """cudaHostRegister the ring in chunks of >= REGISTER_CHUNK cut at slot boundaries, from several
-        threads: pinning faults in and locks each page, which one thread does at about 2.5 GB/s. Every copy
-        reads within one slot, so within one registration."""
+        threads, each chunk once its DRAM-tier slots are READY. Pinning a page the workers have already read
+        into costs little (25 GB/s on the H100 machine); pinning a fresh page faults it in first (2 GB/s), so
+        registering the DRAM tier behind the fill instead of ahead of it takes the faults off the critical
+        path. Window-only chunks are registered at once. Every copy reads within one slot, so within one
+        registration. Returns once every chunk is registered (the DRAM tier is then full)."""
         import concurrent.futures as cf
 
         size, base = self.ring.numel(), self.ring.data_ptr()
-        cuts = sorted({int(o) for o in self.res.slots["ring_offset"]} | {0}) + [size]
+        offsets = [int(o) for o in self.res.slots["ring_offset"]]
+        cuts = sorted(set(offsets) | {0}) + [size]
         chunks, start = [], 0
         for c in cuts[1:]:
             if c - start >= REGISTER_CHUNK or c == size:
                 chunks.append((start, c - start))
                 start = c
+        dram = {int(s) for s in self.res.groups["slot"] if s >= 0}
+        members = {c: [s for s in dram if c[0] <= offsets[s] < c[0] + c[1]] for c in chunks}
         cudart = torch.cuda.cudart()
 
         def register(chunk: tuple[int, int]) -> int:
             with torch.cuda.device(self.device):
                 return int(cudart.cudaHostRegister(base + chunk[0], chunk[1], 1))  # 1: cudaHostRegisterPortable
 
-        with cf.ThreadPoolExecutor(min(REGISTER_THREADS, len(chunks))) as ex:
-            errors = list(ex.map(register, chunks))
-        self.registrations = [base + off for (off, _), e in zip(chunks, errors) if e == 0]
-        if any(errors):
-            bad = next((c, e) for c, e in zip(chunks, errors) if e)
+        futures: dict = {}
+        try:
+            with cf.ThreadPoolExecutor(min(REGISTER_THREADS, len(chunks))) as ex:
+                while len(futures) < len(chunks):
+                    states = self.res.slots["state"]
+                    for c in chunks:
+                        if c not in futures and all(int(states[s]) == SLOT_READY for s in members[c]):
+                            futures[c] = ex.submit(register, c)
+                    if len(futures) < len(chunks):
+                        self.client.check_alive()  # raises if the fill failed or the pool died
+                        time.sleep(0.005)
+        finally:  # the executor has joined: every submitted registration has returned
+            errors = {c: f.result() for c, f in futures.items()}
+            self.registrations = [base + c[0] for c, e in errors.items() if e == 0]
+            if len(errors) < len(chunks):
+                self._unregister()
+        bad = [(c, e) for c, e in errors.items() if e]
+        if bad:
             self._unregister()
-            raise UserError(f"cudaHostRegister of the pool's ring failed with error {bad[1]} at offset {bad[0][0]} "
-                            f"({bad[0][1]} bytes of {size})")
+            (off, n), e = bad[0]
+            raise UserError(f"cudaHostRegister of the pool's ring failed with error {e} at offset {off} ({n} bytes "
+                            f"of {size})")
         return True
 
     def _unregister(self) -> None:
