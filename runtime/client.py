@@ -249,7 +249,15 @@ class StreamedWeights:
         return tensor_views(spec, self.slot_tensor(int(self.res.groups[self.gid[g]]["slot"]), spec.size))
 
     def _load_gpu_tier(self) -> None:
-        gpu = list(self.plan.gpu)
+        """Copy the GPU tier to the device: from the pool's DRAM tier where it holds those groups (see
+        runtime.engine.gpu_tier_in_dram), else through the window, one group after another."""
+        in_dram = [g for g in self.plan.gpu if int(self.res.groups[self.gid[g]]["slot"]) >= 0]
+        for g in in_dram:
+            self.resident[g] = {k: v.to(self.device, copy=True, non_blocking=True)
+                                for k, v in self.dram_views(g).items()}
+        if self.cuda and in_dram:
+            torch.cuda.current_stream(self.device).synchronize()
+        gpu = [g for g in self.plan.gpu if g not in self.resident]
         if not gpu:
             return
         self.client.start([self.gid[g] for g in gpu], cyclic=False)

@@ -150,17 +150,31 @@ def start_early(image: Image, cfg: RuntimeConfig, device: str | None, batch: int
     return EarlyStart(plan, pool, kind, (time.perf_counter() - t0) * 1e3)
 
 
+def gpu_tier_in_dram(plan) -> bool:
+    """Whether a private pool also reads the GPU tier into DRAM with its DRAM tier. Worth it when nothing
+    streams (the disk is idle after the fill; with a cold start the fill runs while torch and CUDA start,
+    and the GPU tier is then copied from pinned DRAM at the H2D rate instead of read from disk after
+    them) and the DRAM budget holds the copy: it stays for the run (pinned)."""
+    b = plan.budgets.dram_bytes
+    return bool(plan.gpu) and plan.is_cuda and not plan.stream and (b is None or
+                                                                    plan.ring_bytes + plan.gpu_tier_bytes <= b)
+
+
 def _start_pool(image: Image, cfg: RuntimeConfig, plan, trace) -> PrivatePool:
     from runtime.pool import PoolConfig, PrivatePool
     from workers.io_worker import WorkerOptions
 
     if not cfg.quiet:
         print(plan.describe(), file=sys.stderr)
-    # The GPU tier is loaded through the window once: 2 slots at least (one filling while the other is copied).
-    window = max(plan.window_slots, min(2, len(plan.gpu)))
-    slot_bytes = max([plan.slot_bytes] + [image.groups[g].size for g in plan.gpu])
+    mirror = gpu_tier_in_dram(plan)
+    if mirror:  # read with the DRAM tier, so it fills while torch and CUDA start, then copied from DRAM
+        window, slot_bytes = plan.window_slots, plan.slot_bytes
+    else:  # loaded through the window once: 2 slots at least (one filling while the other is copied)
+        window = max(plan.window_slots, min(2, len(plan.gpu)))
+        slot_bytes = max([plan.slot_bytes] + [image.groups[g].size for g in plan.gpu])
+    dram_groups = tuple(dict.fromkeys(plan.host + plan.dram + (plan.gpu if mirror else ())))
     pool_cfg = PoolConfig(str(image.path), str(image.manifest_path), f"run{os.getpid()}-{next(_POOL_NUMBERS)}",
-                          tuple(dict.fromkeys(plan.host + plan.dram)), window, slot_bytes, workers=cfg.workers,
+                          dram_groups, window, slot_bytes, workers=cfg.workers,
                           worker_opts=WorkerOptions(direct=cfg.direct_io, chunk_bytes=cfg.staging_mb << 20,
                                                     trace_dir=trace.dir if trace else None),
                           owner_pid=os.getpid())

@@ -153,8 +153,10 @@ def synth_bf16(tmp_path_factory):
 
 
 @cuda
-@pytest.mark.parametrize("mode", ["preload", "stream", "mixed"])
+@pytest.mark.parametrize("mode", ["preload", "stream", "mixed", "preload-gpu-tier"])
 def test_gpu_streamed_equals_full_bf16(synth_bf16, mode):
+    """Every mode equals the reference. preload-gpu-tier: a layer resident on the GPU, copied there from
+    the pool's DRAM tier (the GPU tier read with the fill); mixed loads its GPU layer through the window."""
     dev = torch.device("cuda")
     prompt, new = PROMPT * 3, 16
     gen = Generator(InMemoryWeights(synth_bf16, dev, quiet=True), len(prompt) + new)
@@ -164,9 +166,14 @@ def test_gpu_streamed_equals_full_bf16(synth_bf16, mode):
     kw = dict(mode=mode, gpu_mem_gb=1.5, gpu_cached_layers=0, workers=2, quiet=True)
     if mode == "mixed":
         kw.update(gpu_cached_layers=1, cpu_cache_layers=1, prefetch_distance=2)
+    if mode == "preload-gpu-tier":
+        kw.update(mode="preload", gpu_cached_layers=1)
     with open_source(synth_bf16, RuntimeConfig(**kw), dev, max_len=len(prompt) + new) as (src, plan, _):
         assert src.registered and src.ring.is_pinned()  # the ring's pages are registered with CUDA
-        assert plan.h2d_bytes_per_pass > 0 and (mode == "preload" or plan.stream)
+        assert plan.h2d_bytes_per_pass > 0 and (mode.startswith("preload") or plan.stream)
+        in_dram = [g for g in plan.gpu if int(src.res.groups[src.gid[g]]["slot"]) >= 0]
+        assert len(plan.gpu) == {"preload": 0, "stream": 0, "mixed": 2, "preload-gpu-tier": 2}[mode]
+        assert in_dram == (list(plan.gpu) if mode == "preload-gpu-tier" else [])
         out = Generator(src, len(prompt) + new).generate(prompt, SamplingConfig(new)).output_token_ids
     assert out == ref
 
