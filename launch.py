@@ -10,6 +10,7 @@
     python launch.py bench --image model.img --prompts prompts.txt --max-new-tokens 32 --out-json bench.json
     python launch.py probe --image model.img --gpu-mem-gb 24 --dram-gb 64 --out-json probe.json
     python launch.py run --image model.img --prompt "Hello" --trace run.trace.json   # then ui.perfetto.dev
+    python launch.py pool start --image model.img --name m; python launch.py run --attach m; pool stop m
 
 Every user error (bad file, bad flag value) prints one line to stderr and exits with code 2; ``--help`` on
 any command explains its flags. This file parses and dispatches; the work is in runtime/ and model/.
@@ -56,6 +57,11 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=int, default=2, help="I/O worker processes (default 2)")
     g.add_argument("--staging-mb", type=int, default=16,
                    help="each group read is split into chunks of this many MiB, read in parallel (default 16)")
+    g.add_argument("--attach", metavar="NAME",
+                   help="use the running daemon pool NAME (launch.py pool start) instead of starting a private "
+                        "pool: nothing is read from disk that the pool holds; the image defaults to the pool's, "
+                        "the GPU tier comes from --gpu-mem-gb; --mode, --dram-gb, --cpu-cache-layers, "
+                        "--prefetch-distance and --trace do not apply")
     g.add_argument("--trace", metavar="FILE",
                    help="write a Chrome trace-event JSON of the run to FILE (open it in ui.perfetto.dev or "
                         "chrome://tracing; benchmarks/render_trace.py draws it): each I/O worker's disk reads, "
@@ -187,7 +193,56 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="check an image's header, manifest and every group checksum")
     _add_image_args(p, required=True)
+    _add_pool_parser(sub)
     return parser
+
+
+def _add_pool_parser(sub) -> None:
+    p = sub.add_parser("pool", help="daemon pools that keep the DRAM tier warm for runs that --attach",
+                       description="A pool is a coordinator and its I/O workers holding an image's DRAM tier in "
+                                   "POSIX shared memory; it runs detached until stopped, and runs attach to it "
+                                   "(run/bench/perplexity --attach NAME) without reading anything it holds. Pool "
+                                   "records, logs and locks live in the user's pool dir ($LLMS_POOL_DIR, else "
+                                   "$XDG_RUNTIME_DIR/llmstream, else /tmp/llmstream-UID).")
+    ps = p.add_subparsers(dest="pool_command", required=True, metavar="ACTION")
+    q = ps.add_parser("start", help="start a pool detached, fill its DRAM tier (progress shown), return",
+                      description="Start a daemon pool: own session, log file, record in the pool dir.")
+    q.add_argument("--image", required=True, help="packed image: a file or a block device")
+    q.add_argument("--manifest", help="the image's manifest (default IMAGE.manifest.json; required for a device)")
+    q.add_argument("--name", required=True, help="pool name: 1-64 letters, digits, '-' or '_'")
+    q.add_argument("--dram-gb", type=float, help="DRAM for the pool's ring (DRAM tier + window slots), GB; "
+                                                 "refused above the available memory (default: the whole model if "
+                                                 "it fits in 80%% of the available memory, else that much)")
+    q.add_argument("--workers", type=int, default=2, help="I/O worker processes (default 2)")
+    q.add_argument("--clients", type=int, default=4, help="runs that may attach at once (default 4)")
+    q.add_argument("--window-slots", type=int, help="window slots per client for the groups the pool does not "
+                                                    "hold (default 4 when it does not hold the whole model, else 0)")
+    q.add_argument("--staging-mb", type=int, default=16, help="each group read is split into chunks of this many "
+                                                              "MiB (default 16)")
+    q.add_argument("--no-direct", action="store_true", help="buffered reads instead of O_DIRECT")
+    q.add_argument("--no-wait", action="store_true", help="return once the pool is up, before its DRAM tier is "
+                                                          "filled (attached runs wait for the fill)")
+    q.add_argument("--start-timeout", type=float, default=60.0, help="seconds to wait for the coordinator to come "
+                                                                     "up (default 60)")
+    q.add_argument("--quiet", action="store_true", help="no progress lines")
+    q = ps.add_parser("stop", help="stop a pool: SIGTERM, then SIGKILL after --timeout; leftovers removed")
+    q.add_argument("name", help="pool name")
+    q.add_argument("--timeout", type=float, default=10.0, help="seconds before SIGTERM escalates to SIGKILL "
+                                                               "(default 10)")
+    q = ps.add_parser("list", help="this user's pools: state, pid, DRAM tier, clients, uptime, image")
+    q.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    q = ps.add_parser("status", help="processes (psutil), slot table and clients of one pool",
+                      description="Per process (coordinator, each I/O worker, each attached client): pid, role, "
+                                  "CPU %%, RSS, locked/pinned memory, disk read bytes and rate; the slot table; the "
+                                  "clients. The JSON schema is documented in docs/POOL.md.")
+    q.add_argument("name", help="pool name")
+    q.add_argument("--watch", action="store_true", help="refresh in place like top until Ctrl-C")
+    q.add_argument("--interval", type=float, default=1.0, help="seconds between samples (default 1)")
+    q.add_argument("--json", action="store_true", help="print one JSON snapshot (with --watch: one per line)")
+    q = ps.add_parser("cleanup", help="remove what dead pools left: records, shared memory, semaphores",
+                      description="Remove the leftovers of pools whose coordinator is gone (and names in /dev/shm of "
+                                  "this user that no live pool accounts for); live pools are never touched.")
+    q.add_argument("name", nargs="?", help="only this pool (default: every dead pool of this user)")
 
 
 def main(argv: list[str] | None = None) -> int:

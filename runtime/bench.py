@@ -564,7 +564,7 @@ def _run_bench(a, cfg: BenchConfig, rcfg, image, prompts, max_len: int, cut: lis
     notes = [] if device.type == "cuda" else ["no H2D link: the model computes on the CPU from ring memory"]
     ctx = {"plan": plan, "links": lk, "prompts": prompts, "memory": memory, "device": device, "image": image,
            "load_ms": load_ms, "load_breakdown_ms": {"process_start_to_load": to_open_ms, **(breakdown or {})},
-           "process_to_first_token_ms": to_first_ms,
+           "process_to_first_token_ms": to_first_ms, "open_to_first_token_ms": (first.stamps[0] - t0) * 1e3,
            "cut": cut, "unused": unused, "notes": notes}
     rep = build_report(a, cfg, ctx, r)
     print(summary(rep, plan))

@@ -58,9 +58,10 @@ class PoolDied(UserError):
 
 
 class PoolClient:
-    def __init__(self, handle: PoolHandle, index: int = 0, dead_after_s: float = 5.0) -> None:
+    def __init__(self, handle: PoolHandle, index: int = 0, dead_after_s: float = 5.0, ring: str = "rw") -> None:
+        """``ring``: "ro" maps the pool's data read-only (a client of a daemon pool; see runtime/daemon.py)."""
         self.handle, self.j, self.dead_after_s = handle, index, dead_after_s
-        self.res = PoolResources.attach(handle)
+        self.res = PoolResources.attach(handle, ring=ring)
         hd = self.res.header
         if int(hd["magic"]) != MAGIC or int(hd["version"]) != VERSION:
             raise UserError(f"pool {handle.name!r}: control block magic/version {int(hd['magic']):#x}/"
@@ -144,6 +145,15 @@ class PoolClient:
         self.res.close()
 
 
+def _ring_tensor(res: PoolResources) -> torch.Tensor:
+    """The ring as a flat uint8 tensor (not writable through it when the mapping is read-only)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        return torch.frombuffer(res.ring, dtype=torch.uint8)
+
+
 class StreamedWeights:
     """Weight source over a pool (see module docstring). ``plan`` is a runtime.placement.Plan."""
 
@@ -155,7 +165,7 @@ class StreamedWeights:
         self.names = list(image.groups)
         self.gid = {n: i for i, n in enumerate(self.names)}
         self.res = client.res
-        self.ring = torch.frombuffer(self.res.ring, dtype=torch.uint8)
+        self.ring = _ring_tensor(self.res)
         self.cuda = self.device.type == "cuda"
         # Registered behind the fill, chunk by chunk as the workers complete it (see _register_ring).
         t0 = time.perf_counter()
@@ -207,9 +217,12 @@ class StreamedWeights:
         members = {c: [s for s in dram if c[0] <= offsets[s] < c[0] + c[1]] for c in chunks}
         cudart = torch.cuda.cudart()
 
+        # cudaHostRegisterPortable (1), plus cudaHostRegisterReadOnly (8) for a read-only mapping
+        flags = 1 | (8 if self.res.ring_readonly else 0)
+
         def register(chunk: tuple[int, int]) -> int:
             with torch.cuda.device(self.device):
-                return int(cudart.cudaHostRegister(base + chunk[0], chunk[1], 1))  # 1: cudaHostRegisterPortable
+                return int(cudart.cudaHostRegister(base + chunk[0], chunk[1], flags))
 
         futures: dict = {}
         try:
@@ -228,6 +241,16 @@ class StreamedWeights:
             if len(errors) < len(chunks):
                 self._unregister()
         bad = [(c, e) for c, e in errors.items() if e]
+        if bad and flags & 8:
+            # The device cannot register read-only memory: map the ring writable (the kernel's page
+            # permissions were the only protection lost) and register that.
+            self._unregister()
+            torch.cuda.synchronize(self.device)
+            self.ring = None
+            self.res.remap_ring("rw")
+            self.ring = _ring_tensor(self.res)
+            self.ring_note = f"cudaHostRegisterReadOnly failed (error {bad[0][1]}): the ring is mapped writable"
+            return self._register_ring()
         if bad:
             self._unregister()
             (off, n), e = bad[0]
@@ -280,6 +303,8 @@ class StreamedWeights:
     def get(self, group: str) -> Weights:
         if group in self.resident:
             return self.resident[group]
+        if self.pos % len(self.sched) == 0:
+            self.client.check_alive()  # once a pass: a dead pool fails the run even if nothing streams
         expected = self.sched[self.pos % len(self.sched)]
         if group != expected:
             raise RuntimeError(f"weights requested out of order: {group}, expected {expected}")

@@ -48,6 +48,11 @@ def verify(a) -> None:
 def _open_image(a):
     from runtime.image import Image
 
+    if a.image is None and getattr(a, "attach", None):  # the image the pool serves
+        from runtime.daemon import read_record
+
+        rec = read_record(a.attach)
+        return Image.open(rec["image"]["path"], rec["image"]["manifest"])
     if a.image is None:
         if a.manifest:
             raise ConfigError("--manifest needs --image")
@@ -187,3 +192,15 @@ def probe(a) -> int:
     from runtime.probe import run_probe
 
     return run_probe(a)
+
+
+def pool(a) -> None:
+    from runtime import daemon
+
+    if a.pool_command == "status":
+        from runtime.monitor import status
+
+        status(a)
+        return
+    actions = {"start": daemon.start, "stop": daemon.stop, "list": daemon.list_pools, "cleanup": daemon.cleanup}
+    actions[a.pool_command](a)

@@ -47,6 +47,7 @@ class RuntimeConfig:
     direct_io: bool = True
     quiet: bool = False
     trace: str | None = None  # --trace FILE: a Chrome trace of the run (runtime/trace.py)
+    attach: str | None = None  # --attach NAME: use the daemon pool NAME (runtime/daemon.py), no private pool
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -58,6 +59,15 @@ class RuntimeConfig:
             v = getattr(self, key)
             if v is not None and v <= 0:
                 raise ConfigError(f"--{key.replace('_', '-')} must be positive, found {v}")
+
+        if self.attach is not None:
+            fixed = {"--mode": self.mode not in ("mixed",), "--dram-gb": self.dram_gb is not None,
+                     "--cpu-cache-layers": self.cpu_cache_layers is not None,
+                     "--prefetch-distance": self.prefetch_distance is not None, "--trace": self.trace is not None}
+            bad = [k for k, v in fixed.items() if v]
+            if bad:
+                raise ConfigError(f"{', '.join(bad)} cannot be given with --attach: the pool fixed its DRAM tier and "
+                                  f"window when it started, and its processes are not traced")
 
     @classmethod
     def from_args(cls, a) -> RuntimeConfig:
@@ -93,17 +103,50 @@ def make_plan(image: Image, cfg: RuntimeConfig, device: torch.device, kv_bytes: 
     gpu = None
     if device.type == "cuda":
         if cfg.gpu_mem_gb:
-            gpu = int(cfg.gpu_mem_gb * GB)
+            gpu = int(cfg.gpu_mem_gb * GB)  # checked against the GPU's memory by cap_gpu_memory
         else:
             import torch
 
             gpu = torch.cuda.mem_get_info(device)[0]
-    dram = int(cfg.dram_gb * GB) if cfg.dram_gb else default_dram_bytes()
+    if cfg.dram_gb:
+        import psutil
+
+        dram, avail = int(cfg.dram_gb * GB), psutil.virtual_memory().available
+        if dram > avail:
+            raise ConfigError(f"--dram-gb {cfg.dram_gb:g} ({dram} bytes) exceeds the available memory "
+                              f"{avail / GB:.2f} GB ({avail} bytes, psutil.virtual_memory().available)")
+    else:
+        dram = default_dram_bytes()
     sizes = {name: g.size for name, g in image.groups.items()}
     return plan_placement(sizes, image.args, cfg.mode, Budgets(gpu, dram, kv_bytes, act_bytes),
                           device=device.type, gpu_cached_layers=cfg.gpu_cached_layers,
                           cpu_cache_layers=cfg.cpu_cache_layers, prefetch_distance=cfg.prefetch_distance,
                           group_prefetch_depth=cfg.group_prefetch_depth)
+
+
+def plan_for_pool(image: Image, cfg: RuntimeConfig, device: torch.device, rec: dict, kv_bytes: int,
+                  act_bytes: int):
+    """A client's placement within what the daemon pool ``rec`` holds: the GPU tier from the client's own
+    GPU budget (as ``make_plan``); the DRAM tier is every other group the pool holds; the rest streams
+    through this client's window slots. Refuses what the pool cannot serve."""
+    import dataclasses
+
+    base = make_plan(image, dataclasses.replace(cfg, mode="mixed", dram_gb=None, attach=None), device, kv_bytes,
+                     act_bytes)
+    held, name = set(rec["dram_groups"]), rec["name"]
+    dram = tuple(g for g in base.sequence if g not in base.gpu and g in held)
+    stream = tuple(g for g in base.sequence if g not in base.gpu and g not in held)
+    window = int(rec["window_slots"])
+    if stream and window < 1:
+        raise ConfigError(f"pool {name!r} holds {len(held)} of {len(image.groups)} groups and has no window slots "
+                          f"for the other {len(stream)}: start it with --window-slots, or give this run more "
+                          f"--gpu-mem-gb")
+    too_big = [g for g in stream if base.group_bytes[g] > int(rec["slot_bytes"])]
+    if too_big:
+        raise ConfigError(f"pool {name!r}: group {too_big[0]} ({base.group_bytes[too_big[0]]} bytes) does not fit its "
+                          f"window slots of {rec['slot_bytes']} bytes")
+    return dataclasses.replace(base, dram=dram, stream=stream, window_slots=window if stream else 0,
+                               budgets=dataclasses.replace(base.budgets, dram_bytes=None))
 
 
 def cap_gpu_memory(device: torch.device, gb: float | None) -> None:
@@ -113,6 +156,9 @@ def cap_gpu_memory(device: torch.device, gb: float | None) -> None:
 
     index = device.index if device.index is not None else torch.cuda.current_device()
     total = torch.cuda.get_device_properties(index).total_memory
+    if gb is not None and gb * GB > total:
+        raise ConfigError(f"--gpu-mem-gb {gb:g} ({int(gb * GB)} bytes) exceeds the GPU's memory: "
+                          f"{torch.cuda.get_device_name(index)} has {total / GB:.2f} GB ({total} bytes)")
     torch.cuda.set_per_process_memory_fraction(1.0 if gb is None else min(1.0, gb * GB / total), index)
 
 
@@ -138,7 +184,7 @@ def start_early(image: Image, cfg: RuntimeConfig, device: str | None, batch: int
     ``open_source`` (``stop`` is idempotent, so a ``finally`` may always call it)."""
     from types import SimpleNamespace
 
-    if cfg.mode == "full" or cfg.trace is not None:
+    if cfg.mode == "full" or cfg.trace is not None or cfg.attach is not None:
         return None
     kind = (device or ("cuda" if os.path.exists("/dev/nvidiactl") else "cpu")).split(":")[0]
     if kind == "cuda" and not cfg.gpu_mem_gb:
@@ -220,6 +266,11 @@ def _open_source(image: Image, cfg: RuntimeConfig, device: torch.device, batch: 
         return
     from runtime.client import PoolClient, StreamedWeights
 
+    if cfg.attach is not None:
+        with _attached_source(image, cfg, device, batch, max_len, chunk, all_logits) as out:
+            yield out
+        return
+
     if early is not None:
         plan, pool, started_ms = early.plan, early.pool, early.started_ms
     else:
@@ -240,3 +291,49 @@ def _open_source(image: Image, cfg: RuntimeConfig, device: torch.device, batch: 
             if source is not None:
                 source.close()
             client.close()
+
+
+@contextlib.contextmanager
+def _attached_source(image: Image, cfg: RuntimeConfig, device: torch.device, batch: int, max_len: int, chunk: int,
+                     all_logits: bool):
+    """The weight source over the daemon pool ``cfg.attach`` (runtime/daemon.py): claim a client row, plan
+    within what the pool holds, map the ring read-only; the row is given back on exit, also on failure."""
+    from runtime.client import PoolClient, StreamedWeights
+    from runtime.daemon import attach
+
+    t0 = time.perf_counter()
+    att = attach(cfg.attach, str(image.path))
+    client = None
+    try:
+        plan = plan_for_pool(att.image, cfg, device, att.record, kv_cache_bytes(image, batch, max_len),
+                             activation_bytes(image, batch, min(chunk, max_len), all_logits))
+        if not cfg.quiet:
+            print(f"attached to pool {cfg.attach!r} (pid {att.record['pid']}) as client {att.index}\n"
+                  + plan.describe(), file=sys.stderr)
+        client = PoolClient(att.handle, att.index, ring="ro")
+        attach_ms = (time.perf_counter() - t0) * 1e3
+        source = None
+        try:
+            source = StreamedWeights(att.image, plan, client, device, staging=max(plan.staging_buffers, 1))
+            source.load_ms = {"attach": attach_ms, **source.load_ms}
+            yield source, plan, att.handle
+        finally:
+            if source is not None:
+                source.close()
+    finally:
+        if client is not None:
+            client.close()
+        else:
+            _release_row(att)
+
+
+def _release_row(att) -> None:
+    """Give back a claimed client row that no PoolClient took over (planning failed)."""
+    from runtime.shm import CLIENT_FREE, PoolResources
+
+    res = PoolResources.attach(att.handle, ring=False)
+    try:
+        if int(res.clients[att.index]["pid"]) == os.getpid():
+            res.clients[att.index]["state"] = CLIENT_FREE
+    finally:
+        res.close()

@@ -207,6 +207,10 @@ class Image:
         if len(expected) != len(got):
             raise ImageFormatError(f"{self.manifest_path}: {len(got)} groups, the model needs {len(expected)}")
 
+    def manifest_crcs(self) -> dict[str, list[int | None]]:
+        """Every group's [offset, size, crc32]: what a pool checks to know the image is the one it serves."""
+        return {n: [g.offset, g.size, g.crc32] for n, g in self.groups.items()}
+
     # ---- reading -------------------------------------------------------------------------------
     def read_group(self, name: str, out: memoryview | None = None, verify: bool = True) -> memoryview:
         """Buffered read of a whole group extent into ``out`` (or a new buffer), crc32-verified."""

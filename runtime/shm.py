@@ -207,13 +207,17 @@ class SpscQueue:
 class PoolResources:
     """The attached (or created) segments, their numpy views, and the semaphores of one pool."""
 
-    def __init__(self, h: PoolHandle, create: bool) -> None:
+    def __init__(self, h: PoolHandle, create: bool, ring: str = "rw") -> None:
+        """``ring``: "rw" maps the data ring writable (the coordinator, workers), "ro" read-only (a client of
+        a daemon pool), "none" not at all (monitoring, pool commands)."""
         self.handle, self.created, self.layout = h, create, ControlLayout(h)
         self._sems: list[posix_ipc.Semaphore] = []
         flags = posix_ipc.O_CREX if create else 0
+        self.ring = None
         try:
             self.ctl = self._map(h.prefix + ".ctl", self.layout.size, flags)
-            self.ring = self._map(h.prefix + ".ring", h.ring_bytes, flags)
+            if ring != "none":
+                self.ring = self._map(h.prefix + ".ring", h.ring_bytes, flags, read_only=ring == "ro")
             self.sem_coord = self._sem("coord", flags)
             self.sem_workers = [self._sem(f"w{i}", flags) for i in range(h.n_workers)]
             self.sem_clients = [self._sem(f"c{j}", flags) for j in range(h.n_clients)]
@@ -224,6 +228,9 @@ class PoolResources:
                                 f"pool is running under this name, or a dead one left it: launch.py pool cleanup") \
                     from None
             raise UserError(f"pool {h.name!r}: its shared memory is gone ({e}); the pool has stopped") from None
+        except UserError:
+            self.close()
+            raise
         except BaseException:
             if create:
                 unlink_all(h)
@@ -236,13 +243,20 @@ class PoolResources:
         return cls(h, create=True)
 
     @classmethod
-    def attach(cls, h: PoolHandle) -> PoolResources:
-        return cls(h, create=False)
+    def attach(cls, h: PoolHandle, ring: str | bool = "rw") -> PoolResources:
+        return cls(h, create=False, ring={True: "rw", False: "none"}.get(ring, ring))
 
-    def _map(self, name: str, size: int, flags: int) -> mmap.mmap:
-        shm = posix_ipc.SharedMemory(name, flags, mode=0o600, size=size if flags else 0)
+    def _map(self, name: str, size: int, flags: int, read_only: bool = False) -> mmap.mmap:
+        shm = posix_ipc.SharedMemory(name, flags, mode=0o600, size=size if flags else 0, read_only=read_only)
         try:
-            return mmap.mmap(shm.fd, size)
+            st = os.fstat(shm.fd)
+            if st.st_uid != os.getuid():  # names are per user, but /dev/shm is shared: never attach another's
+                raise UserError(f"pool {self.handle.name!r}: {name} belongs to uid {st.st_uid}, not to this user "
+                                f"(uid {os.getuid()}): refused")
+            if st.st_size < size:
+                raise UserError(f"pool {self.handle.name!r}: {name} is {st.st_size} bytes, expected {size} (stale "
+                                f"or foreign segment); launch.py pool cleanup")
+            return mmap.mmap(shm.fd, size, prot=mmap.PROT_READ if read_only else mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             shm.close_fd()
 
@@ -269,6 +283,20 @@ class PoolResources:
                          for j, (cq, _) in enumerate(lay.client_queues)]
         self.events = [SpscQueue(buf, eq, cap, self.sem_clients[j], f"events of client {j}")
                        for j, (_, eq) in enumerate(lay.client_queues)]
+
+    def remap_ring(self, mode: str) -> None:
+        """Map the ring again, "rw" or "ro" (the old mapping is dropped; no view of it may be alive)."""
+        old, self.ring = self.ring, self._map(self.handle.prefix + ".ring", self.handle.ring_bytes, 0,
+                                              read_only=mode == "ro")
+        if old is not None:
+            try:
+                old.close()
+            except BufferError:
+                pass
+
+    @property
+    def ring_readonly(self) -> bool:
+        return self.ring is not None and memoryview(self.ring).readonly
 
     def set_error(self, text: str) -> None:
         """Coordinator only: the pool's fatal error, for clients to report."""
