@@ -26,7 +26,9 @@ Accepts the seeds' quick-start command line verbatim (seeds/002_*). What it does
    ``load_ms`` is the pool's start to the weight source's readiness (``load_breakdown_ms``: pool start,
    ring registration, the rest of the DRAM-tier fill, the GPU tier); ``process_start_to_first_token_ms``
    is the first round's first token against the process's creation (interpreter, imports, CUDA start-up
-   and the link measurement included: pass --disk-gbps/--h2d-gbps to leave the latter out).
+   and the link measurement included: pass --disk-gbps/--h2d-gbps to leave the latter out);
+   ``open_to_first_token_ms`` from opening the weight source (a private pool's start, or the attach to a
+   daemon pool with --attach) to that first token.
    Step boundaries are taken when each token reaches the host (after the GPU finished the step), and the
    pool's byte counters are read at each boundary.
 5. Prints the seeds' summary block plus our lines (plan, bytes per token, achieved GB/s per link, the
@@ -422,7 +424,8 @@ def build_report(a, cfg: BenchConfig, ctx: dict, r: Round) -> dict[str, Any]:
            "gpu_mem_GB": gpu_mem, "mode": a.mode, "device": _device_name(ctx["device"])}
     out.update({"generated_tokens_total": n * len(r.tokens), "warmup_rounds": cfg.warmup_rounds,
                 "load_ms": ctx["load_ms"], "load_breakdown_ms": ctx["load_breakdown_ms"],
-                "process_start_to_first_token_ms": ctx["process_to_first_token_ms"], "step_ms": r.step_ms,
+                "process_start_to_first_token_ms": ctx["process_to_first_token_ms"],
+                "open_to_first_token_ms": ctx["open_to_first_token_ms"], "step_ms": r.step_ms,
                 "step_disk_bytes": r.step_disk_bytes,
                 "image": {"path": str(ctx["image"].path), "manifest": str(ctx["image"].manifest_path),
                           "dtype": ctx["image"].dtype},

@@ -82,9 +82,12 @@ class PoolClient:
         age = (time.monotonic_ns() - int(hd["heartbeat_ns"])) / 1e9
         from runtime.pool import pid_alive
 
-        if not pid_alive(pid) or age > self.dead_after_s:
+        if not pid_alive(pid):
             raise PoolDied(f"pool {self.handle.name!r}: coordinator pid {pid} is gone (last heartbeat {age:.1f} s "
                            f"ago); its clients cannot continue")
+        if age > self.dead_after_s:
+            raise PoolDied(f"pool {self.handle.name!r}: coordinator pid {pid} is not responding (last heartbeat "
+                           f"{age:.1f} s ago: stopped or hung); its clients cannot continue")
 
     def wait_running(self, timeout_s: float = 3600.0) -> None:
         """Wait until the DRAM tier is filled (the pool serves)."""

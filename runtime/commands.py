@@ -122,11 +122,11 @@ class TokenPrinter:
 def run(a) -> None:
     from runtime.engine import RuntimeConfig, start_early
 
+    rcfg = RuntimeConfig.from_args(a)  # flags first: a bad combination is reported before anything is opened
     image = _open_image(a)
     ids_given = a.prompt_ids is not None
     tok = _tokenizer(image, required=not ids_given)
     prompt = _prompt_ids(a, tok, default_chat=a.image is None and a.prompt is None and not ids_given)
-    rcfg = RuntimeConfig.from_args(a)
     max_len = a.max_seq_len or len(prompt) + a.max_new_tokens
     early = start_early(image, rcfg, a.device, max_len=max_len)  # the DRAM tier fills while torch starts
     try:
@@ -166,6 +166,7 @@ def perplexity(a) -> None:
     from runtime.engine import RuntimeConfig, open_source
     from runtime.generate import Generator
 
+    rcfg = RuntimeConfig.from_args(a)
     image = _open_image(a)
     tok = _tokenizer(image, required=True)
     try:
@@ -173,7 +174,7 @@ def perplexity(a) -> None:
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{a.text_file}: cannot read the text ({e})") from None
     ids = tok.encode(text)
-    with open_source(image, RuntimeConfig.from_args(a), _device(a.device), max_len=a.context,
+    with open_source(image, rcfg, _device(a.device), max_len=a.context,
                      all_logits=True) as (source, _, _):
         ppl, count, nll = Generator(source, a.context).perplexity(ids, a.context)
     print(f"perplexity {ppl:.4f} over {count} predicted tokens ({len(ids)} tokens, windows of {a.context})")

@@ -17,7 +17,9 @@ copied from the pool's DRAM where the pool holds it. Clients map the ring read-o
 
 Leftovers: a record whose coordinator is gone (SIGKILL, a crash, a reboot of the machine's /dev/shm) is
 stale. ``pool start`` of the same name and ``pool cleanup`` unlink its segments and semaphores and remove
-the record; nothing stale is ever attached to (``attach`` checks the coordinator's pid and heartbeat).
+the record; nothing stale is ever attached to (``attach`` checks the coordinator's pid and heartbeat). /dev/shm
+is one namespace for all of a user's pool dirs: names whose control block belongs to a live coordinator (a
+pool of the same name recorded in another pool dir, or a private pool) are never removed.
 """
 
 from __future__ import annotations
@@ -94,8 +96,9 @@ def read_record(name: str) -> dict:
     except (OSError, ValueError) as e:
         raise UserError(f"{p}: unreadable pool record ({e}); launch.py pool cleanup {name}") from None
     if st.st_uid != os.getuid() or rec.get("uid") != os.getuid():
-        raise UserError(f"pool {name!r} belongs to uid {rec.get('uid', st.st_uid)}, not to this user "
-                        f"(uid {os.getuid()}): refused")
+        owner = st.st_uid if st.st_uid != os.getuid() else rec.get("uid")  # the one that is not ours
+        raise UserError(f"pool {name!r} belongs to uid {owner} (record {p} owned by uid {st.st_uid}, its uid "
+                        f"field {rec.get('uid')}), not to this user (uid {os.getuid()}): refused")
     if rec.get("version") != RECORD_VERSION:
         raise UserError(f"{p}: record version {rec.get('version')}, expected {RECORD_VERSION}; launch.py pool "
                         f"cleanup {name}")
@@ -187,7 +190,7 @@ def plan_pool(image: Image, dram_gb: float | None, n_clients: int, window: int |
     w = DEFAULT_WINDOW if window is None else window
     if w < 1:
         raise ConfigError(f"--window-slots {w}: a pool that does not hold the whole model needs at least 1")
-    largest = max(sizes.values())
+    largest = max(n for g, n in sizes.items() if g != HOST_GROUP)  # the host embedding never streams
     floor = sizes[HOST_GROUP] + n_clients * w * largest
     if floor > budget:
         raise ConfigError(f"--dram-gb {budget / 1e9:g} GB ({budget} bytes) cannot hold the host embedding "
@@ -206,7 +209,9 @@ def plan_pool(image: Image, dram_gb: float | None, n_clients: int, window: int |
 
 
 def _clean_stale(name: str, quiet: bool = False) -> list[str]:
-    """Remove what a dead pool ``name`` left (segments, semaphores, record); returns the names removed."""
+    """Remove what a dead pool ``name`` left (segments, semaphores, record); returns the names removed. Names
+    whose control block belongs to a live coordinator (a pool of the same name started from another pool dir,
+    or a private pool) are never removed (``_live_owner``)."""
     removed = []
     p = record_path(name)
     rec = None
@@ -217,15 +222,49 @@ def _clean_stale(name: str, quiet: bool = False) -> list[str]:
             rec = None
         if rec is not None and coordinator_alive(rec):
             return []
-        if rec is not None and rec.get("handle"):
-            removed += unlink_all(handle_of(rec))
         p.unlink(missing_ok=True)
         removed.append(str(p))
-    for n in leftover_names(pool=name):  # names no record accounts for
-        removed += _unlink_name(n)
+    if _live_owner(name) is None:
+        if rec is not None and rec.get("handle"):
+            removed += unlink_all(handle_of(rec))
+        for n in leftover_names(pool=name):  # names no record accounts for
+            removed += _unlink_name(n)
     if removed and not quiet:
         print(f"pool {name}: removed the leftovers of a dead pool: {', '.join(removed)}", file=sys.stderr)
     return removed
+
+
+def _live_owner(name: str) -> int | None:
+    """The pid of the live coordinator whose control block ``/llms.<uid>.<name>.ctl`` names it, else None
+    (no control block, an unwritten or foreign one, or its coordinator is gone). /dev/shm is one namespace
+    for every pool dir of this user: a pool of the same name recorded elsewhere must not be taken for dead."""
+    import mmap
+
+    import numpy as np
+    import posix_ipc
+
+    from runtime.pool import pid_alive
+    from runtime.shm import HEADER_DTYPE, MAGIC
+
+    try:
+        shm = posix_ipc.SharedMemory(f"/llms.{os.getuid()}.{name}.ctl", 0, read_only=True)
+    except posix_ipc.ExistentialError:
+        return None
+    try:
+        if os.fstat(shm.fd).st_size < HEADER_DTYPE.itemsize:
+            return None
+        with mmap.mmap(shm.fd, HEADER_DTYPE.itemsize, prot=mmap.PROT_READ) as m:
+            hd = np.frombuffer(m.read(HEADER_DTYPE.itemsize), HEADER_DTYPE, 1)[0]
+    finally:
+        shm.close_fd()
+    pid = int(hd["coord_pid"])
+    if int(hd["magic"]) != MAGIC or pid <= 0 or not pid_alive(pid):
+        return None
+    try:  # a reused pid is not a coordinator: the daemon's, or a private pool's (a multiprocessing child)
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return pid
+    return pid if b"runtime.daemon" in cmd or b"multiprocessing" in cmd else None
 
 
 def _unlink_name(entry: str) -> list[str]:
@@ -252,6 +291,7 @@ def start(a) -> None:
     for key in ("workers", "clients", "staging_mb"):
         if getattr(a, key) < 1:
             raise ConfigError(f"--{key.replace('_', '-')} must be at least 1, found {getattr(a, key)}")
+    dc = plan_pool(image, a.dram_gb, a.clients, a.window_slots)  # refused before anything is created
     with _lock(name):
         p = record_path(name)
         if p.exists():
@@ -261,7 +301,10 @@ def start(a) -> None:
                     raise UserError(f"pool name {name!r} is in use: pid {rec['pid']} serves {rec['image']['path']} "
                                     f"(launch.py pool stop {name}, or choose another name)")
         _clean_stale(name)
-        dc = plan_pool(image, a.dram_gb, a.clients, a.window_slots)
+        owner = _live_owner(name)
+        if owner is not None:
+            raise UserError(f"pool name {name!r} is in use: coordinator pid {owner} serves it, recorded in another "
+                            f"pool dir than {pool_dir()} (or a private pool); choose another name")
         dc = DaemonConfig(name, str(image.path), str(image.manifest_path), dc.dram_groups, dc.window_slots,
                           dc.slot_bytes, a.clients, a.workers, a.staging_mb, not a.no_direct, dc.dram_budget)
         log = log_path(name)

@@ -283,8 +283,9 @@ def _open_source(image: Image, cfg: RuntimeConfig, device: torch.device, batch: 
         client = PoolClient(pool.handle)
         source = None
         try:
-            source = StreamedWeights(image, plan, client, device, staging=max(plan.staging_buffers, 1),
-                                     trace=trace.client if trace else None)
+            with _warming_up(image, device, max_len, chunk):
+                source = StreamedWeights(image, plan, client, device, staging=max(plan.staging_buffers, 1),
+                                         trace=trace.client if trace else None)
             source.load_ms = {"pool_start": started_ms, **source.load_ms}
             yield source, plan, pool.handle
         finally:
@@ -314,7 +315,8 @@ def _attached_source(image: Image, cfg: RuntimeConfig, device: torch.device, bat
         attach_ms = (time.perf_counter() - t0) * 1e3
         source = None
         try:
-            source = StreamedWeights(att.image, plan, client, device, staging=max(plan.staging_buffers, 1))
+            with _warming_up(image, device, max_len, chunk):
+                source = StreamedWeights(att.image, plan, client, device, staging=max(plan.staging_buffers, 1))
             source.load_ms = {"attach": attach_ms, **source.load_ms}
             yield source, plan, att.handle
         finally:
@@ -337,3 +339,29 @@ def _release_row(att) -> None:
             res.clients[att.index]["state"] = CLIENT_FREE
     finally:
         res.close()
+
+
+@contextlib.contextmanager
+def _warming_up(image: Image, device: torch.device, max_len: int, chunk: int):
+    """Load CUDA's libraries and kernels (runtime.generate.warm_up) in a thread while the body runs (the ring's
+    registration and the GPU tier's copy); joined on exit. A failed warm-up costs nothing but the warm-up."""
+    if device.type != "cuda":
+        yield
+        return
+    import threading
+
+    from runtime.generate import warm_up
+    from runtime.image import TORCH_DTYPES
+
+    def run() -> None:
+        try:
+            warm_up(image.args, TORCH_DTYPES[image.dtype], device, max(1, min(chunk, max_len - 1)))
+        except Exception as e:  # e.g. out of memory under a tight cap: the first pass pays instead
+            print(f"note: CUDA warm-up skipped ({type(e).__name__}: {str(e)[:200]})", file=sys.stderr)
+
+    t = threading.Thread(target=run, name="cuda-warm-up", daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        t.join()

@@ -237,6 +237,7 @@ class Coordinator:
         cl, r = self.clients[j], self.res
         if kind == MSG_START:
             cl.sequence, cl.cyclic, cl.cursor, cl.active = [int(x) for x in r.sequences[j][:a]], bool(b), 0, True
+            r.clients[j]["seq_len"], r.clients[j]["cyclic"] = a, int(bool(b))  # for pool status
             r.events[j].put(MSG_STARTED, a)  # the client drops every event before this one (runtime/shm.py)
             self.fill_window(j)
         elif kind == MSG_RELEASE:
@@ -246,6 +247,7 @@ class Coordinator:
                 self.fill_window(j)
         elif kind == MSG_STOP_STREAM:
             cl.active = False
+            r.clients[j]["seq_len"], r.clients[j]["cyclic"] = 0, 0
             for slot in cl.slots:
                 if int(r.slots[slot]["state"]) in (SLOT_READY, SLOT_ERROR):
                     self.free_slot(slot)

@@ -178,6 +178,36 @@ def test_gpu_streamed_equals_full_bf16(synth_bf16, mode):
     assert out == ref
 
 
+@cuda
+@pytest.mark.parametrize("dram_gb", [None, 0.95])
+def test_gpu_attached_equals_full_bf16(synth_bf16, tmp_path, monkeypatch, dram_gb):
+    """A run attached to a daemon pool (the whole model held, or part of it with the rest streaming through
+    the client's window) on CUDA: a resident layer copied from the pool's DRAM, the ring mapped read-only
+    and registered; tokens equal the reference; the pool leaves nothing behind."""
+    dev = torch.device("cuda")
+    prompt, new = PROMPT * 3, 16
+    gen = Generator(InMemoryWeights(synth_bf16, dev, quiet=True), len(prompt) + new)
+    ref = gen.generate(prompt, SamplingConfig(new)).output_token_ids
+    del gen
+    torch.cuda.empty_cache()
+    monkeypatch.setenv("LLMS_POOL_DIR", str(tmp_path / "pools"))
+    name = f"gpuattach{'all' if dram_gb is None else 'part'}"
+    start = [sys.executable, "launch.py", "pool", "start", "--image", str(synth_bf16.path), "--name", name,
+             "--quiet"] + ([] if dram_gb is None else ["--dram-gb", str(dram_gb), "--clients", "1",
+                                                       "--window-slots", "2"])
+    subprocess.run(start, cwd=ROOT, check=True, timeout=120)
+    try:
+        cfg = RuntimeConfig(gpu_mem_gb=1.5, gpu_cached_layers=1, quiet=True, attach=name)
+        with open_source(synth_bf16, cfg, dev, max_len=len(prompt) + new) as (src, plan, _):
+            assert src.registered and src.res.ring_readonly == (getattr(src, "ring_note", None) is None)
+            assert bool(plan.stream) == (dram_gb is not None)
+            out = Generator(src, len(prompt) + new).generate(prompt, SamplingConfig(new)).output_token_ids
+    finally:
+        subprocess.run([sys.executable, "launch.py", "pool", "stop", name], cwd=ROOT, timeout=60)
+    assert out == ref
+    assert leftover_names(pool=name) == []
+
+
 class PoisoningSource:
     """A weight source that enforces the contract of ``forward_groups``: weights are valid only until the
     next ``get``. On every ``get`` it fills the previously returned group with NaN, as a streaming source
