@@ -397,7 +397,7 @@ def memory_report(device: torch.device, source, handle) -> tuple[dict, dict]:
     rss = psutil.Process().memory_info().rss
     peak = max(rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # ru_maxrss: KiB on Linux
     host = {"rss_GB": rss / GB, "peak_rss_GB": peak / GB,
-            "ring_GB": ring / GB, "pinned_GB": ring / GB if getattr(source, "registered", False) else 0.0}
+            "ring_GB": ring / GB, "pinned_GB": getattr(source, "pinned_bytes", 0) / GB}
     return gpu, host
 
 

@@ -218,7 +218,8 @@ def _start_pool(image: Image, cfg: RuntimeConfig, plan, trace) -> PrivatePool:
     else:  # loaded through the window once: 2 slots at least (one filling while the other is copied)
         window = max(plan.window_slots, min(2, len(plan.gpu)))
         slot_bytes = max([plan.slot_bytes] + [image.groups[g].size for g in plan.gpu])
-    dram_groups = tuple(dict.fromkeys(plan.host + plan.dram + (plan.gpu if mirror else ())))
+    # In the order of first use: the embedding, the GPU tier (loaded first), the DRAM tier in pass order.
+    dram_groups = tuple(dict.fromkeys(plan.host + (plan.gpu if mirror else ()) + plan.dram))
     pool_cfg = PoolConfig(str(image.path), str(image.manifest_path), f"run{os.getpid()}-{next(_POOL_NUMBERS)}",
                           dram_groups, window, slot_bytes, workers=cfg.workers,
                           worker_opts=WorkerOptions(direct=cfg.direct_io, chunk_bytes=cfg.staging_mb << 20,

@@ -284,16 +284,6 @@ class PoolResources:
         self.events = [SpscQueue(buf, eq, cap, self.sem_clients[j], f"events of client {j}")
                        for j, (_, eq) in enumerate(lay.client_queues)]
 
-    def remap_ring(self, mode: str) -> None:
-        """Map the ring again, "rw" or "ro" (the old mapping is dropped; no view of it may be alive)."""
-        old, self.ring = self.ring, self._map(self.handle.prefix + ".ring", self.handle.ring_bytes, 0,
-                                              read_only=mode == "ro")
-        if old is not None:
-            try:
-                old.close()
-            except BufferError:
-                pass
-
     @property
     def ring_readonly(self) -> bool:
         return self.ring is not None and memoryview(self.ring).readonly

@@ -199,7 +199,7 @@ def test_gpu_attached_equals_full_bf16(synth_bf16, tmp_path, monkeypatch, dram_g
     try:
         cfg = RuntimeConfig(gpu_mem_gb=1.5, gpu_cached_layers=1, quiet=True, attach=name)
         with open_source(synth_bf16, cfg, dev, max_len=len(prompt) + new) as (src, plan, _):
-            assert src.registered and src.res.ring_readonly == (getattr(src, "ring_note", None) is None)
+            assert src.registered and src.res.ring_readonly  # mapped read-only, registered read-only
             assert bool(plan.stream) == (dram_gb is not None)
             out = Generator(src, len(prompt) + new).generate(prompt, SamplingConfig(new)).output_token_ids
     finally:
