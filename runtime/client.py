@@ -51,7 +51,7 @@ from runtime.shm import (
 
 REGISTER_CHUNK = 512 << 20  # the ring is registered in chunks of at least this size (at slot boundaries) ...
 REGISTER_THREADS = min(16, os.cpu_count() or 1)  # ... from this many threads
-MADV_POPULATE_READ = 22  # Linux 5.14: fault a range's pages in (read) before pinning them; faster from threads
+MADV_POPULATE_READ = 22  # Linux 5.14: fault a range's pages in before pinning them (faster from many threads)
 
 
 class PoolDied(UserError):
@@ -158,120 +158,6 @@ def _ring_tensor(res: PoolResources) -> torch.Tensor:
         return torch.frombuffer(res.ring, dtype=torch.uint8)
 
 
-class Registrar:
-    """Registers a client's ring with CUDA (cudaHostRegister) in the background, in the order the client
-    first copies from it, so that the first pass overlaps the registration instead of waiting for all of it.
-
-    The ring is cut into chunks of >= REGISTER_CHUNK at slot boundaries (every copy reads within one slot,
-    so within one registration). Chunks holding none of this client's slots (other clients' windows) are
-    not registered. A chunk with DRAM-tier slots is registered once the pool has filled them: pinning a
-    page the workers have read into costs little (19 GB/s from 16 threads for a freshly attached mapping
-    on the H200 machine, with MADV_POPULATE_READ first), pinning a fresh page faults it in first (2 GB/s).
-    Registrations run on REGISTER_THREADS threads; ``wait(slot)`` blocks until the slot's chunk is done and
-    raises the registration's error, ``close()`` stops submitting, joins and unregisters everything."""
-
-    def __init__(self, sw: StreamedWeights, first_use: list[int]) -> None:
-        import concurrent.futures as cf
-        import threading
-
-        self.sw, self.res, self.device = sw, sw.res, sw.device
-        self.base, size = sw.ring.data_ptr(), sw.ring.numel()
-        offsets = [int(o) for o in self.res.slots["ring_offset"]]
-        cuts = sorted(set(offsets) | {0}) + [size]
-        chunks, start = [], 0
-        for c in cuts[1:]:
-            if c - start >= REGISTER_CHUNK or c == size:
-                chunks.append((start, c - start))
-                start = c
-        self.chunk_of = {s: next(i for i, (o, n) in enumerate(chunks) if o <= offsets[s] < o + n)
-                         for s in range(len(offsets))}
-        rank: dict[int, int] = {}
-        for r, s in enumerate(first_use):
-            rank.setdefault(self.chunk_of[s], r)
-        dram = {int(s) for s in self.res.groups["slot"] if s >= 0}
-        self.members = {i: [s for s in dram if self.chunk_of[s] == i] for i in rank}
-        self.order = sorted(rank, key=rank.get)  # the chunks to register, in the order of first use
-        self.chunks = chunks
-        self.flags = 1 | (8 if self.res.ring_readonly else 0)  # Portable, + ReadOnly for a read-only mapping
-        self.done = {i: threading.Event() for i in self.order}
-        self.errors: dict[int, int] = {}
-        self.registered: list[int] = []
-        self.pinned_bytes = 0  # registered so far
-        self.lock = threading.Lock()
-        self.stopping = threading.Event()
-        self.failure: BaseException | None = None
-        self.t0 = time.perf_counter()
-        self.pool = cf.ThreadPoolExecutor(max(1, min(REGISTER_THREADS, len(self.order))))
-        self.thread = threading.Thread(target=self._submit_all, name="ring-registrar", daemon=True)
-        self.thread.start()
-
-    def _register(self, i: int) -> None:
-        off, n = self.chunks[i]
-        try:
-            if self.stopping.is_set():
-                return
-            try:
-                self.res.ring.madvise(MADV_POPULATE_READ, off, n)
-            except (OSError, ValueError):
-                pass  # an older kernel: cudaHostRegister faults the pages in itself
-            with torch.cuda.device(self.device):
-                err = int(torch.cuda.cudart().cudaHostRegister(self.base + off, n, self.flags))
-            with self.lock:
-                if err:
-                    self.errors[i] = err
-                else:
-                    self.registered.append(self.base + off)
-                    self.pinned_bytes += n
-                if len(self.registered) + len(self.errors) == len(self.order):
-                    self.sw.load_ms["ring_registered"] = (time.perf_counter() - self.t0) * 1e3
-        finally:
-            self.done[i].set()
-
-    def _submit_all(self) -> None:
-        """Submit each chunk, in order of first use, once its DRAM-tier slots are filled."""
-        pending = list(self.order)
-        try:
-            while pending and not self.stopping.is_set():
-                states = self.res.slots["state"]
-                for i in [i for i in pending if all(int(states[s]) == SLOT_READY for s in self.members[i])]:
-                    self.pool.submit(self._register, i)
-                    pending.remove(i)
-                if pending:
-                    self.sw.client.check_alive()
-                    time.sleep(0.002)
-        except BaseException as e:  # the pool died or failed during the fill: waiters re-raise it
-            self.failure = e
-            for i in pending:
-                self.done[i].set()
-
-    def ready(self, slot: int) -> bool:
-        i = self.chunk_of[slot]
-        return i not in self.done or (self.done[i].is_set() and i not in self.errors and self.failure is None)
-
-    def wait(self, slot: int, what: str) -> None:
-        i = self.chunk_of[slot]
-        if i not in self.done:
-            raise RuntimeError(f"slot {slot} ({what}) is not among the client's slots to register")
-        while not self.done[i].wait(0.05):
-            self.sw.client.check_alive()
-        if self.failure is not None:
-            raise self.failure
-        if i in self.errors:
-            off, n = self.chunks[i]
-            ro = " (a read-only mapping: this driver may not support cudaHostRegisterReadOnly)" \
-                if self.flags & 8 else ""
-            raise UserError(f"cudaHostRegister of the pool's ring failed with error {self.errors[i]} at offset "
-                            f"{off} ({n} bytes), needed for {what}{ro}")
-
-    def close(self) -> None:
-        self.stopping.set()
-        self.thread.join()
-        self.pool.shutdown(wait=True)  # every submitted registration has returned
-        for ptr in self.registered:
-            torch.cuda.cudart().cudaHostUnregister(ptr)
-        self.registered, self.pinned_bytes = [], 0
-
-
 class StreamedWeights:
     """Weight source over a pool (see module docstring). ``plan`` is a runtime.placement.Plan."""
 
@@ -285,73 +171,114 @@ class StreamedWeights:
         self.res = client.res
         self.ring = _ring_tensor(self.res)
         self.cuda = self.device.type == "cuda"
-        self.resident: dict[str, Weights] = {}
+        # Registered behind the fill, chunk by chunk as the workers complete it (see _register_ring).
+        t0 = time.perf_counter()
+        self.registered = self._register_ring() if self.cuda else False
+        t1 = time.perf_counter()
+        client.wait_running()
+        t2 = time.perf_counter()
         self._check_dram_tier()
+        self.resident: dict[str, Weights] = {}
+        self._load_gpu_tier()
+        t3 = time.perf_counter()
+        self.load_ms = {"register_ring": (t1 - t0) * 1e3, "wait_dram_tier_after_register": (t2 - t1) * 1e3,
+                        "gpu_tier": (t3 - t2) * 1e3}
         self.sched = [g for g in plan.sequence if g not in plan.gpu]  # non-resident groups, pass order
         self.stream_seq = [g for g in plan.sequence if g in plan.stream]
-        self.load_ms: dict[str, float] = {}
-        # No waiting for the DRAM-tier fill or the ring's registration here: both go on in the background
-        # (the pool's workers; the Registrar, in the order of first use), and each copy waits only for its
-        # own slot (_wait_usable). The first pass thus overlaps the rest of the fill and registration.
-        self.registered = self.cuda
-        self.registrar = Registrar(self, self._first_use_slots()) if self.cuda else None
-        try:
-            t0 = time.perf_counter()
-            self._load_gpu_tier()
-            self.load_ms["gpu_tier"] = (time.perf_counter() - t0) * 1e3
-            self.pos = 0  # position in sched (cyclic)
-            self.stream_pos = 0  # absolute position in the streamed sequence
-            self.held: tuple[int, int] | None = None  # CPU: the streamed slot the last group was computed from
-            if self.stream_seq:
-                client.start([self.gid[g] for g in self.stream_seq], cyclic=True)
-            if self.cuda:
-                self._init_pipeline(staging)
-        except BaseException:
-            if self.registrar is not None:
-                self.registrar.close()
-            raise
+        self.pos = 0  # position in sched (cyclic)
+        self.stream_pos = 0  # absolute position in the streamed sequence
+        self.held: tuple[int, int] | None = None  # CPU: the streamed slot the last group was computed from
+        if self.stream_seq:
+            client.start([self.gid[g] for g in self.stream_seq], cyclic=True)
+        if self.cuda:
+            self._init_pipeline(staging)
 
     # ---- setup ---------------------------------------------------------------------------------
     def _check_dram_tier(self) -> None:
         for g in self.plan.dram:
-            if int(self.res.groups[self.gid[g]]["slot"]) < 0:
+            s = int(self.res.groups[self.gid[g]]["slot"])
+            if s < 0 or int(self.res.slots[s]["state"]) != SLOT_READY:
                 raise UserError(f"pool {self.client.handle.name!r} does not hold {g} in its DRAM tier")
 
-    def _slot_of(self, g: str) -> int:
-        return int(self.res.groups[self.gid[g]]["slot"])
-
-    def _window_slots(self) -> list[int]:
-        """This client's window slots (the coordinator's layout: DRAM-tier slots, then W per client)."""
+    def _own_slots(self) -> set[int]:
+        """The slots this client copies from: the DRAM-tier slots of its GPU and DRAM tiers, and its own
+        window slots (the coordinator's layout: DRAM-tier slots, then W per client)."""
+        slot = {g: int(self.res.groups[self.gid[g]]["slot"]) for g in self.names}
+        own = {slot[g] for g in tuple(self.plan.gpu) + tuple(self.plan.dram) if slot[g] >= 0}
         n_dram = int((self.res.groups["slot"] >= 0).sum())
-        w = (self.client.handle.n_slots - n_dram) // max(self.client.handle.n_clients, 1)
-        return list(range(n_dram + self.client.j * w, n_dram + (self.client.j + 1) * w))
+        h = self.client.handle
+        w = (h.n_slots - n_dram) // max(h.n_clients, 1)
+        return own | set(range(n_dram + self.client.j * w, n_dram + (self.client.j + 1) * w))
 
-    def _first_use_slots(self) -> list[int]:
-        """Every slot this client copies from, in the order of first use: the GPU tier (from the DRAM tier,
-        or through the window), then one pass's groups (a streamed group: the window)."""
-        order, window = [], self._window_slots()
-        for g in list(self.plan.gpu) + self.sched:
-            s = self._slot_of(g)
-            order += [s] if s >= 0 and g not in self.plan.stream else window
-        return list(dict.fromkeys(order))
+    def _register_ring(self) -> bool:
+        """cudaHostRegister the ring in chunks of >= REGISTER_CHUNK cut at slot boundaries, from
+        REGISTER_THREADS threads, each chunk once its DRAM-tier slots are READY; chunks holding none of this
+        client's slots (other clients' windows) are left alone. Pinning a page the workers have already read
+        into costs little, pinning a fresh page faults it in first (2 GB/s), so the DRAM tier is registered
+        behind the fill. A freshly attached mapping has no page tables yet: MADV_POPULATE_READ from the same
+        threads first (16 GB: 0.9 s instead of 1.9 s on the H200 machine, benchmarks/attach_register_bench.py).
+        The registration is finished before any copy: cudaHostRegister holds a lock every CUDA call of the
+        process waits for (a copy issued meanwhile took 363 ms instead of 14), so the first pass cannot run
+        behind it. Every copy reads within one slot, so within one registration."""
+        import concurrent.futures as cf
 
-    def _wait_usable(self, slot: int, what: str) -> None:
-        """A DRAM-tier slot: wait until the pool has filled it; on CUDA also until it is registered."""
-        if int(self.res.slots[slot]["state"]) != SLOT_READY:
-            while int(self.res.slots[slot]["state"]) != SLOT_READY:
-                self.client.check_alive()  # raises if the fill failed or the pool died
-                time.sleep(0.001)
-        if self.registrar is not None:
-            self.registrar.wait(slot, what)
+        size, base = self.ring.numel(), self.ring.data_ptr()
+        offsets = [int(o) for o in self.res.slots["ring_offset"]]
+        cuts = sorted(set(offsets) | {0}) + [size]
+        chunks, start = [], 0
+        for c in cuts[1:]:
+            if c - start >= REGISTER_CHUNK or c == size:
+                chunks.append((start, c - start))
+                start = c
+        own = self._own_slots()
+        chunks = [c for c in chunks if any(c[0] <= offsets[s] < c[0] + c[1] for s in own)]
+        dram = {int(s) for s in self.res.groups["slot"] if s >= 0}
+        members = {c: [s for s in dram if c[0] <= offsets[s] < c[0] + c[1]] for c in chunks}
+        cudart = torch.cuda.cudart()
+        flags = 1 | (8 if self.res.ring_readonly else 0)  # Portable, + ReadOnly for a read-only mapping
 
-    def _usable_now(self, slot: int) -> bool:
-        return int(self.res.slots[slot]["state"]) == SLOT_READY and (
-            self.registrar is None or self.registrar.ready(slot))
+        def register(chunk: tuple[int, int]) -> int:
+            try:
+                self.res.ring.madvise(MADV_POPULATE_READ, chunk[0], chunk[1])
+            except (OSError, ValueError):
+                pass  # an older kernel: cudaHostRegister faults the pages in itself
+            with torch.cuda.device(self.device):
+                return int(cudart.cudaHostRegister(base + chunk[0], chunk[1], flags))
+
+        futures: dict = {}
+        try:
+            with cf.ThreadPoolExecutor(max(1, min(REGISTER_THREADS, len(chunks)))) as ex:
+                while len(futures) < len(chunks):
+                    states = self.res.slots["state"]
+                    for c in chunks:
+                        if c not in futures and all(int(states[s]) == SLOT_READY for s in members[c]):
+                            futures[c] = ex.submit(register, c)
+                    if len(futures) < len(chunks):
+                        self.client.check_alive()  # raises if the fill failed or the pool died
+                        time.sleep(0.005)
+        finally:  # the executor has joined: every submitted registration has returned
+            errors = {c: f.result() for c, f in futures.items()}
+            self.registrations = [(base + c[0], c[1]) for c, e in errors.items() if e == 0]
+            if len(errors) < len(chunks):
+                self._unregister()
+        bad = [(c, e) for c, e in errors.items() if e]
+        if bad:
+            self._unregister()
+            (off, n), e = bad[0]
+            ro = " (a read-only mapping: this driver may not support cudaHostRegisterReadOnly)" if flags & 8 else ""
+            raise UserError(f"cudaHostRegister of the pool's ring failed with error {e} at offset {off} ({n} bytes "
+                            f"of {size}){ro}")
+        return True
+
+    def _unregister(self) -> None:
+        for ptr, _ in self.registrations:
+            torch.cuda.cudart().cudaHostUnregister(ptr)
+        self.registrations = []
 
     @property
     def pinned_bytes(self) -> int:
-        """Bytes of the ring this process has registered with CUDA (its chunks; not other clients' windows)."""
-        return self.registrar.pinned_bytes if self.registrar is not None else 0
+        """Bytes of the ring this process has registered with CUDA (not other clients' windows)."""
+        return sum(n for _, n in getattr(self, "registrations", []))
 
     def slot_tensor(self, slot: int, nbytes: int) -> torch.Tensor:
         off = int(self.res.slots[slot]["ring_offset"])
@@ -363,14 +290,12 @@ class StreamedWeights:
 
     def _load_gpu_tier(self) -> None:
         """Copy the GPU tier to the device: from the pool's DRAM tier where it holds those groups (see
-        runtime.engine.gpu_tier_in_dram), each group once its slot is filled and registered; else through
-        the window, one group after another."""
-        for g in self.plan.gpu:
-            if self._slot_of(g) >= 0:
-                self._wait_usable(self._slot_of(g), g)
-                self.resident[g] = {k: v.to(self.device, copy=True, non_blocking=True)
-                                    for k, v in self.dram_views(g).items()}
-        if self.cuda and self.resident:
+        runtime.engine.gpu_tier_in_dram), else through the window, one group after another."""
+        in_dram = [g for g in self.plan.gpu if int(self.res.groups[self.gid[g]]["slot"]) >= 0]
+        for g in in_dram:
+            self.resident[g] = {k: v.to(self.device, copy=True, non_blocking=True)
+                                for k, v in self.dram_views(g).items()}
+        if self.cuda and in_dram:
             torch.cuda.current_stream(self.device).synchronize()
         gpu = [g for g in self.plan.gpu if g not in self.resident]
         if not gpu:
@@ -378,8 +303,6 @@ class StreamedWeights:
         self.client.start([self.gid[g] for g in gpu], cyclic=False)
         for pos, g in enumerate(gpu):
             slot, seq = self.client.wait_ready(pos)
-            if self.registrar is not None:
-                self.registrar.wait(slot, g)
             views = tensor_views(self.image.groups[g], self.slot_tensor(slot, self.image.groups[g].size))
             self.resident[g] = {k: v.to(self.device, copy=True) for k, v in views.items()}
             if self.cuda:
@@ -391,10 +314,6 @@ class StreamedWeights:
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         if "tok_embeddings" in self.resident:
             return F.embedding(tokens, self.resident["tok_embeddings"]["tok_embeddings.weight"])
-        host = self._slot_of("tok_embeddings")
-        while int(self.res.slots[host]["state"]) != SLOT_READY:  # a CPU lookup: no registration needed
-            self.client.check_alive()
-            time.sleep(0.001)
         table = self.dram_views("tok_embeddings")["tok_embeddings.weight"]  # host lookup, rows only
         return F.embedding(tokens.cpu(), table).to(self.device, non_blocking=True)
 
@@ -412,18 +331,13 @@ class StreamedWeights:
     def _next_slot(self, group: str) -> tuple[int, int]:
         """DRAM tier: its fixed slot (seq -1: never released); streamed: wait for the next window slot."""
         if group in self.plan.dram:
-            slot = self._slot_of(group)
-            if not self._usable_now(slot):  # only during the first pass, while the fill or registration runs
-                self._wait_usable(slot, group)
-            return slot, -1
+            return int(self.res.groups[self.gid[group]]["slot"]), -1
         pos = self.stream_pos
         self.stream_pos += 1
         if self.cuda:
             self._free_window_for(pos)
         t0 = time.monotonic_ns() if self.trace else 0
         ready = self.client.wait_ready(pos)
-        if self.registrar is not None:
-            self.registrar.wait(ready[0], group)
         if self.trace:
             self.trace.wait(group, t0, pos)
         return ready
@@ -503,7 +417,7 @@ class StreamedWeights:
     def _ready_without_wait(self, p: int) -> bool:
         g = self.sched[p % len(self.sched)]
         if g in self.plan.dram:
-            return self._usable_now(self._slot_of(g))
+            return True
         self.client._drain()
         return self.stream_pos in self.client.ready
 
@@ -516,8 +430,8 @@ class StreamedWeights:
             self.client.release(*self.held)
             self.held = None
         self.client.stop_stream()
-        if self.registrar is not None:
-            self.registrar.close()
+        if self.registered:
+            self._unregister()
             self.registered = False
 
 

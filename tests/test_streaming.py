@@ -169,7 +169,8 @@ def test_gpu_streamed_equals_full_bf16(synth_bf16, mode):
     if mode == "preload-gpu-tier":
         kw.update(mode="preload", gpu_cached_layers=1)
     with open_source(synth_bf16, RuntimeConfig(**kw), dev, max_len=len(prompt) + new) as (src, plan, _):
-        assert src.registered and src.ring.is_pinned()  # the ring's pages are registered with CUDA
+        # the ring's pages this client copies from are registered with CUDA
+        assert src.registered and src.slot_tensor(min(src._own_slots()), 16).is_pinned()
         assert plan.h2d_bytes_per_pass > 0 and (mode.startswith("preload") or plan.stream)
         in_dram = [g for g in plan.gpu if int(src.res.groups[src.gid[g]]["slot"]) >= 0]
         assert len(plan.gpu) == {"preload": 0, "stream": 0, "mixed": 2, "preload-gpu-tier": 2}[mode]
@@ -200,6 +201,7 @@ def test_gpu_attached_equals_full_bf16(synth_bf16, tmp_path, monkeypatch, dram_g
         cfg = RuntimeConfig(gpu_mem_gb=1.5, gpu_cached_layers=1, quiet=True, attach=name)
         with open_source(synth_bf16, cfg, dev, max_len=len(prompt) + new) as (src, plan, _):
             assert src.registered and src.res.ring_readonly  # mapped read-only, registered read-only
+            assert src.slot_tensor(min(src._own_slots()), 16).is_pinned()
             assert bool(plan.stream) == (dram_gb is not None)
             out = Generator(src, len(prompt) + new).generate(prompt, SamplingConfig(new)).output_token_ids
     finally:
