@@ -31,7 +31,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -59,13 +58,9 @@ DEFAULT_WINDOW = 4
 # ---- the pool dir and records ---------------------------------------------------------------------
 def pool_dir(create: bool = True) -> Path:
     """This user's pool dir (see the module doc); refuses one another user owns or others can write."""
-    explicit = os.environ.get("LLMS_POOL_DIR")
-    if explicit:
-        d = Path(explicit)
-    elif os.environ.get("XDG_RUNTIME_DIR"):
-        d = Path(os.environ["XDG_RUNTIME_DIR"]) / "llmstream"
-    else:
-        d = Path(tempfile.gettempdir()) / f"llmstream-{os.getuid()}"
+    from runtime.env import pool_dir_path
+
+    d = pool_dir_path()
     if create:
         d.mkdir(mode=0o700, parents=True, exist_ok=True)
     if d.exists():

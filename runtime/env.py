@@ -2,6 +2,8 @@
 
 LLMSTREAM_CACHE_DIR   where the embedded default model is packed (default: $XDG_CACHE_HOME/llmstream, or
                       ~/.cache/llmstream).
+LLMS_POOL_DIR         where daemon pools keep their records, logs and locks (default: $XDG_RUNTIME_DIR/llmstream,
+                      or /tmp/llmstream-UID); runtime/daemon.py checks it is the user's and private.
 """
 
 from __future__ import annotations
@@ -16,3 +18,14 @@ def cache_dir() -> Path:
         return Path(explicit)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "llmstream"
+
+
+def pool_dir_path() -> Path:
+    explicit = os.environ.get("LLMS_POOL_DIR")
+    if explicit:
+        return Path(explicit)
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        return Path(os.environ["XDG_RUNTIME_DIR"]) / "llmstream"
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / f"llmstream-{os.getuid()}"
