@@ -80,7 +80,8 @@ def _add_bench_parser(sub) -> None:
     p.add_argument("--prompts", help="prompts file, one per line; the first --batch-size non-empty lines (token ids "
                                      "separated by commas for an image without a tokenizer; default: a short "
                                      "question)")
-    p.add_argument("--batch-size", type=int, default=1, help="sequences per pass (only 1 for now)")
+    p.add_argument("--batch-size", type=int, default=1, help="sequences per pass: the first B prompts of --prompts "
+                                                             "share every weight pass (default 1)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per round (default 32)")
     p.add_argument("--max-seq-len", type=int, help="KV length; prompts keep their last max-seq-len - max-new-tokens "
                                                    "tokens (default: prompt + new tokens)")
@@ -167,6 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help="prompt text (default with no image: a chat question)")
     prompt.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
+    prompt.add_argument("--prompts", metavar="FILE",
+                        help="many prompts, one per non-empty line (text, or comma-separated token ids for an image "
+                             "without a tokenizer), run --batch-size at a time; --out-json gets a list 'results' in "
+                             "input order")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="with --prompts: sequences that share every weight pass (default 1)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
     p.add_argument("--max-seq-len", type=int, default=None,

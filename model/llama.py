@@ -86,13 +86,18 @@ class Rope:
         self.sin = angles.sin().float().to(device)
         self.max_len = max_len
 
-    def apply(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """x: (B, S, H, hd) with interleaved (re, im) pairs -> rotated, same dtype."""
-        s = x.shape[1]
+    def apply(self, x: torch.Tensor, start: int, pad: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, S, H, hd) with interleaved (re, im) pairs at cache slots [start, start+S) -> rotated, same
+        dtype. ``pad`` (B,): a left-padded batch, sequence b's token at slot j has position j - pad[b]."""
+        b, s = x.shape[:2]
         if start + s > self.max_len:
             raise ValueError(f"position {start + s} exceeds the rotary table of {self.max_len}")
-        cos = self.cos[start:start + s].view(1, s, 1, -1)
-        sin = self.sin[start:start + s].view(1, s, 1, -1)
+        if pad is None:
+            cos = self.cos[start:start + s].view(1, s, 1, -1)
+            sin = self.sin[start:start + s].view(1, s, 1, -1)
+        else:
+            pos = (torch.arange(start, start + s, device=pad.device).view(1, s) - pad.view(b, 1)).clamp_(min=0)
+            cos, sin = self.cos[pos].unsqueeze(2), self.sin[pos].unsqueeze(2)  # (B, S, 1, hd/2)
         xf = x.float().unflatten(-1, (-1, 2))  # (B, S, H, hd/2, 2)
         re, im = xf[..., 0], xf[..., 1]
         out = torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1)
@@ -108,6 +113,26 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
         self.max_len = max_len
+        # A left-padded batch of prompts of different lengths: pad[b] leading slots of sequence b hold no token
+        # (set_padding). Its attention masks those keys; its positions start at 0 at slot pad[b].
+        self.pad: torch.Tensor | None = None
+        self._mask: tuple[tuple[int, int], torch.Tensor] | None = None
+
+    def set_padding(self, pad: list[int]) -> None:
+        self.pad = torch.tensor(pad, dtype=torch.long, device=self.k[0].device) if any(pad) else None
+        self._mask = None
+
+    def padded_mask(self, start: int, s: int) -> torch.Tensor:
+        """(B, 1, S, start+S) bool: query i (slot start+i) of sequence b sees key slots [pad[b], start+i];
+        a padding query sees itself only (so its row stays finite; no real token ever sees it)."""
+        if self._mask is not None and self._mask[0] == (start, s):
+            return self._mask[1]
+        dev, end = self.pad.device, start + s
+        q = torch.arange(start, end, device=dev).view(1, s, 1)
+        k = torch.arange(end, device=dev).view(1, 1, end)
+        mask = ((k >= self.pad.view(-1, 1, 1)) & (k <= q)) | (k == q)
+        self._mask = ((start, s), mask.unsqueeze(1))
+        return self._mask[1]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
@@ -128,7 +153,7 @@ def attention_forward(h: torch.Tensor, w: Weights, args: ModelArgs, layer: int, 
     q = F.linear(x, w["attention.wq.weight"]).view(b, s, args.n_heads, args.head_dim)
     k = F.linear(x, w["attention.wk.weight"]).view(b, s, args.n_kv_heads, args.head_dim)
     v = F.linear(x, w["attention.wv.weight"]).view(b, s, args.n_kv_heads, args.head_dim)
-    q, k = rope.apply(q, start), rope.apply(k, start)
+    q, k = rope.apply(q, start, cache.pad), rope.apply(k, start, cache.pad)
     ck, cv = cache.k[layer], cache.v[layer]
     ck[:b, start:start + s] = k
     cv[:b, start:start + s] = v
@@ -137,7 +162,9 @@ def attention_forward(h: torch.Tensor, w: Weights, args: ModelArgs, layer: int, 
     values = cv[:b, :end].transpose(1, 2)
     q = q.transpose(1, 2)  # (B, n_heads, S, hd)
     mask, causal = None, s > 1 and start == 0  # a first chunk is plainly causal: flash kernels, no S x S mask
-    if s > 1 and start > 0:  # a later chunk: query i sits at position start+i and sees keys [0, start+i]
+    if cache.pad is not None:  # a left-padded batch: every sequence masks its padding
+        mask, causal = cache.padded_mask(start, s)[:b], False
+    elif s > 1 and start > 0:  # a later chunk: query i sits at position start+i and sees keys [0, start+i]
         qpos = torch.arange(start, end, device=h.device).view(s, 1)
         mask = torch.arange(end, device=h.device).view(1, end) <= qpos
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,

@@ -28,7 +28,8 @@ Accepts the seeds' quick-start command line verbatim (seeds/002_*). What it does
    is the first round's first token against the process's creation (interpreter, imports, CUDA start-up
    and the link measurement included: pass --disk-gbps/--h2d-gbps to leave the latter out);
    ``open_to_first_token_ms`` from opening the weight source (a private pool's start, or the attach to a
-   daemon pool with --attach) to that first token.
+   daemon pool with --attach) to that first token; the CUDA context is created before it (process start-up,
+   in ``process_start_to_load``).
    Step boundaries are taken when each token reaches the host (after the GPU finished the step), and the
    pool's byte counters are read at each boundary.
 5. Prints the seeds' summary block plus our lines (plan, bytes per token, achieved GB/s per link, the
@@ -110,9 +111,6 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1, found {self.batch_size}")
-        if self.batch_size > 1:
-            raise ConfigError(f"--batch-size {self.batch_size}: batched generation is not implemented yet (it "
-                              f"arrives with the batching issue); use --batch-size 1")
         if self.max_new_tokens < 1:
             raise ConfigError(f"--max-new-tokens must be at least 1 for a benchmark, found {self.max_new_tokens}")
         if self.warmup_rounds < 0:
@@ -309,7 +307,8 @@ class Round:
     stamps: list[float] = field(default_factory=list)
     counters: list[dict | None] = field(default_factory=list)
     end: float = 0.0
-    tokens: list[int] = field(default_factory=list)
+    tokens: list[list[int | None]] = field(default_factory=list)  # per step, each sequence's token
+    results: list = field(default_factory=list)  # runtime.generate.GenerationResult per sequence
 
     @property
     def step_ms(self) -> list[float]:
@@ -333,19 +332,17 @@ class Round:
 
 
 def run_round(gen, source, prompts: Sequence[list[int]], sampling) -> Round:
-    """One whole generation (batch 1 today; the batch list is the shape batching will fill)."""
-    if len(prompts) != 1:
-        raise ConfigError(f"{len(prompts)} prompts: batched generation is not implemented yet")
+    """One whole generation of the batch: every sequence decodes ``max_new_tokens`` (no stop tokens)."""
     r = Round()
 
-    def on_token(tok: int) -> None:  # called once the token is on the host: its step has finished
+    def on_step(toks: list[int | None]) -> None:  # called once the step's tokens are on the host
         r.stamps.append(time.perf_counter())
         r.counters.append(pool_counters(source))
-        r.tokens.append(tok)
+        r.tokens.append(toks)
 
     r.counters.append(pool_counters(source))
     r.start = time.perf_counter()
-    gen.generate(prompts[0], sampling, frozenset(), on_token)
+    r.results = gen.generate_batch(prompts, sampling, frozenset(), on_step)
     r.end = time.perf_counter()
     return r
 
@@ -422,6 +419,9 @@ def build_report(a, cfg: BenchConfig, ctx: dict, r: Round) -> dict[str, Any]:
            "prefill_tokens_total": sum(len(p) for p in ctx["prompts"]), "decode_tokens_total": n * steps, **t,
            "io_bw_MBps": {"weight_h2d_MBps": weight_h2d, "kv_h2d_MBps": 0.0, "kv_d2h_MBps": 0.0},
            "gpu_mem_GB": gpu_mem, "mode": a.mode, "device": _device_name(ctx["device"])}
+    tok = ctx.get("tokenizer")
+    out["results"] = [{"prompt_token_ids": x.prompt_token_ids, "output_token_ids": x.output_token_ids,
+                       "text": tok.decode(x.output_token_ids) if tok else None} for x in r.results]
     out.update({"generated_tokens_total": n * len(r.tokens), "warmup_rounds": cfg.warmup_rounds,
                 "load_ms": ctx["load_ms"], "load_breakdown_ms": ctx["load_breakdown_ms"],
                 "process_start_to_first_token_ms": ctx["process_to_first_token_ms"],
@@ -533,13 +533,14 @@ def run_bench(a) -> None:
     early = (start_early(image, rcfg, a.device, cfg.batch_size, max_len)
              if cfg.disk_gbps and (cfg.h2d_gbps or a.device == "cpu") else None)
     try:
-        _run_bench(a, cfg, rcfg, image, prompts, max_len, cut, unused, early)
+        _run_bench(a, cfg, rcfg, image, prompts, max_len, cut, unused, early, tok)
     finally:
         if early is not None:
             early.stop()
 
 
-def _run_bench(a, cfg: BenchConfig, rcfg, image, prompts, max_len: int, cut: list, unused: list, early) -> None:
+def _run_bench(a, cfg: BenchConfig, rcfg, image, prompts, max_len: int, cut: list, unused: list, early,
+               tok=None) -> None:
     from runtime.commands import _device
     from runtime.engine import open_source
     from runtime.generate import Generator, SamplingConfig
@@ -547,6 +548,11 @@ def _run_bench(a, cfg: BenchConfig, rcfg, image, prompts, max_len: int, cut: lis
     sampling = SamplingConfig(cfg.max_new_tokens, a.temperature, a.top_p, a.seed)
     device = _device(a.device)
     lk = links(cfg, image, device, rcfg.workers)
+    if device.type == "cuda":  # the CUDA context is the process's start-up, whether or not links were measured
+        import torch
+
+        torch.empty(1, device=device)
+        torch.cuda.synchronize(device)
     to_open_ms = process_age_s() * 1e3
     t0 = time.perf_counter()
     with open_source(image, rcfg, device, batch=cfg.batch_size, max_len=max_len, early=early) as (source, plan,
@@ -566,6 +572,7 @@ def _run_bench(a, cfg: BenchConfig, rcfg, image, prompts, max_len: int, cut: lis
     to_first_ms = (process_age_s() - (time.perf_counter() - first.stamps[0])) * 1e3
     notes = [] if device.type == "cuda" else ["no H2D link: the model computes on the CPU from ring memory"]
     ctx = {"plan": plan, "links": lk, "prompts": prompts, "memory": memory, "device": device, "image": image,
+           "tokenizer": tok,
            "load_ms": load_ms, "load_breakdown_ms": {"process_start_to_load": to_open_ms, **(breakdown or {})},
            "process_to_first_token_ms": to_first_ms, "open_to_first_token_ms": (first.stamps[0] - t0) * 1e3,
            "cut": cut, "unused": unused, "notes": notes}

@@ -123,7 +123,14 @@ def run(a) -> None:
     from runtime.engine import RuntimeConfig, start_early
 
     rcfg = RuntimeConfig.from_args(a)  # flags first: a bad combination is reported before anything is opened
+    if a.batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, found {a.batch_size}")
+    if a.batch_size > 1 and not a.prompts:
+        raise ConfigError("--batch-size applies to --prompts FILE")
     image = _open_image(a)
+    if a.prompts:
+        _run_prompts(a, image, rcfg)
+        return
     ids_given = a.prompt_ids is not None
     tok = _tokenizer(image, required=not ids_given)
     prompt = _prompt_ids(a, tok, default_chat=a.image is None and a.prompt is None and not ids_given)
@@ -160,6 +167,67 @@ def _run(a, image, tok, prompt, rcfg, max_len, early) -> None:
                "mode": a.mode, "device": str(device), "image": str(image.path), "load_ms": load_ms, **t,
                "plan": plan.to_dict() if plan else None}
         Path(a.out_json).write_text(json.dumps(out, indent=1))
+
+
+def _read_prompt_file(a, image, tok) -> list[list[int]]:
+    from runtime.bench import _ids
+
+    try:
+        lines = Path(a.prompts).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{a.prompts}: cannot read the prompts ({e})") from None
+    found = [(i + 1, ln) for i, ln in enumerate(lines) if ln.strip()]
+    if not found:
+        raise UserError(f"{a.prompts}: no non-empty line")
+    if tok is None:
+        return [_ids(ln, f"{a.prompts}:{no}", image.args.vocab_size) for no, ln in found]
+    if a.chat:
+        return [tok.encode_chat([{"role": "user", "content": ln}]) for _, ln in found]
+    return [tok.encode(ln) for _, ln in found]
+
+
+def _run_prompts(a, image, rcfg) -> None:
+    """``run --prompts FILE``: every prompt, --batch-size at a time, each batch sharing its weight passes."""
+    from runtime.engine import open_source, start_early
+    from runtime.generate import Generator, SamplingConfig
+
+    tok = _tokenizer(image, required=False)
+    prompts = _read_prompt_file(a, image, tok)
+    b = min(a.batch_size, len(prompts))
+    max_len = a.max_seq_len or max(len(p) for p in prompts) + a.max_new_tokens
+    early = start_early(image, rcfg, a.device, batch=b, max_len=max_len)
+    cfg = SamplingConfig(a.max_new_tokens, a.temperature, a.top_p, a.seed)
+    results, t0 = [], time.perf_counter()
+    try:
+        device = _device(a.device)
+        with open_source(image, rcfg, device, batch=b, max_len=max_len, early=early) as (source, plan, _):
+            load_ms = (time.perf_counter() - t0) * 1e3
+            gen = Generator(source, max_len)
+            stop = tok.eos_ids if tok else frozenset()
+            for i in range(0, len(prompts), b):
+                results += gen.generate_batch(prompts[i:i + b], cfg, stop)
+                if not a.quiet:
+                    print(f"[{min(i + b, len(prompts))}/{len(prompts)} prompts done]", file=sys.stderr)
+    finally:
+        if early is not None:
+            early.stop()
+    total_s = time.perf_counter() - t0
+    out = []
+    for i, r in enumerate(results):
+        ids = [t for t in r.output_token_ids if not (tok and t in tok.eos_ids)]
+        text = tok.decode(ids) if tok else None
+        print(f"--- {i + 1}: {text if text is not None else ' '.join(map(str, ids))}")
+        out.append({"prompt_token_ids": r.prompt_token_ids, "output_token_ids": r.output_token_ids, "text": text,
+                    "stop_reason": r.stop_reason})
+    n_tok = sum(len(r.output_token_ids) for r in results)
+    if not a.quiet:
+        print(f"[{len(prompts)} prompts in batches of {b}; {n_tok} tokens generated; load {load_ms:.0f} ms, "
+              f"total {total_s:.1f} s, {n_tok / total_s:.2f} tok/s]", file=sys.stderr)
+    if a.out_json:
+        Path(a.out_json).write_text(json.dumps({"results": out, "batch_size": b, "mode": a.mode,
+                                                "image": str(image.path), "load_ms": load_ms,
+                                                "total_s": total_s, "plan": plan.to_dict() if plan else None},
+                                               indent=1))
 
 
 def perplexity(a) -> None:

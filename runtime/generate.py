@@ -170,6 +170,62 @@ class Generator:
         res.decode_ms = sum(res.token_ms)
         return res
 
+    def generate_batch(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig,
+                       stop_ids: frozenset[int] = frozenset(),
+                       on_step: Callable[[list[int | None]], None] | None = None) -> list[GenerationResult]:
+        """Generate for several prompts at once: every weight pass (prefill and each decode step) serves the
+        whole batch. Prompts of different lengths are left-padded (the cache masks the padding and each
+        sequence's positions start at 0), so each sequence's tokens are those it gets alone (greedy; up to
+        float rounding of batched kernels). Each sequence stops on its own (a stop token or
+        ``max_new_tokens``); the batch runs until all have stopped. ``on_step`` gets each step's tokens once
+        they are on the host (None for a sequence that has stopped)."""
+        if len(prompts) == 1:
+            return [self.generate(prompts[0], cfg, stop_ids,
+                                  (lambda t: on_step([t])) if on_step else None)]
+        if not prompts or any(not p for p in prompts):
+            raise ConfigError("a prompt of the batch is empty")
+        longest = max(len(p) for p in prompts)
+        if longest + cfg.max_new_tokens > self.max_seq_len:
+            raise ConfigError(f"the longest prompt ({longest} tokens) + --max-new-tokens ({cfg.max_new_tokens}) "
+                              f"exceeds --max-seq-len {self.max_seq_len}")
+        results = [GenerationResult(list(p), []) for p in prompts]
+        if cfg.max_new_tokens == 0:
+            return results
+        gen = torch.Generator().manual_seed(cfg.seed)
+        cache = self.new_cache(len(prompts))
+        pad = [longest - len(p) for p in prompts]
+        cache.set_padding(pad)
+        dev = self.source.device
+        t0 = time.perf_counter()
+        tokens = torch.tensor([[0] * n + list(p) for n, p in zip(pad, prompts)], dtype=torch.long, device=dev)
+        toks = sample(self.forward(tokens, 0, cache, last_only=True)[:, -1], cfg, gen).tolist()
+        prefill_ms = (time.perf_counter() - t0) * 1e3
+        live = [True] * len(prompts)
+        pos, token_ms = longest, []
+        while True:
+            emitted = [t if alive else None for t, alive in zip(toks, live)]
+            for i, r in enumerate(results):
+                if emitted[i] is None:
+                    continue
+                r.output_token_ids.append(toks[i])
+                if toks[i] in stop_ids:
+                    r.stop_reason, live[i] = "stop_token", False
+                elif len(r.output_token_ids) >= cfg.max_new_tokens:
+                    live[i] = False
+            if on_step:
+                on_step(emitted)
+            if not any(live):
+                break
+            t1 = time.perf_counter()
+            nxt = torch.tensor(toks, dtype=torch.long, device=dev).view(-1, 1)
+            toks = sample(self.forward(nxt, pos, cache, last_only=True)[:, -1], cfg, gen).tolist()
+            token_ms.append((time.perf_counter() - t1) * 1e3)
+            pos += 1
+        for r in results:
+            r.prefill_ms, r.token_ms = prefill_ms, token_ms[:max(len(r.output_token_ids) - 1, 0)]
+            r.decode_ms = sum(r.token_ms)
+        return results
+
     @torch.inference_mode()
     def perplexity(self, ids: Sequence[int], context: int) -> tuple[float, int, float]:
         """Perplexity over consecutive non-overlapping windows of ``context`` tokens.
