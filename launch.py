@@ -68,6 +68,20 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
                         "each H2D copy and each group's compute, on one clock")
 
 
+def _add_kv_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("KV cache")
+    g.add_argument("--kv-block-tokens", type=int, default=64,
+                   help="KV cache block size in tokens: the unit of KV moves and of --topk-blk (default 64)")
+    g.add_argument("--kv-offload", default="auto", choices=["auto", "on", "off"],
+                   help="on: keep the KV cache in (pinned) DRAM and bring each layer's blocks to the GPU before "
+                        "its attention, overlapped with compute; auto (default): only when the GPU budget cannot "
+                        "hold the whole KV cache; off: never")
+    g.add_argument("--topk-blk", type=int,
+                   help="approximate decode attention: per KV head only the K best blocks (scored from per-block "
+                        "key min/max, as in Quest) plus the first block and the 2 most recent; off by default "
+                        "(exact attention)")
+
+
 def _add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="time a generation against the transfer bound (DESIGN.md section 1)",
                        description="Time prefill and decode, print the seeds' summary block plus the plan, bytes "
@@ -92,8 +106,6 @@ def _add_bench_parser(sub) -> None:
                                                                 "(default 1)")
     p.add_argument("--warmup-layers", type=int, help="accepted for the seeds' command line; unused (the tiers are "
                                                      "filled before the first token)")
-    p.add_argument("--topk-blk", type=int, help="accepted for the seeds' command line; unused until top-k KV blocks "
-                                                "arrive")
     p.add_argument("--h2d-gbps", type=float, help="H2D link in GB/s for the bound (default: measured at start)")
     p.add_argument("--disk-gbps", type=float, help="disk bandwidth in GB/s for the bound (default: measured at "
                                                    "start with O_DIRECT reads of the image)")
@@ -102,6 +114,7 @@ def _add_bench_parser(sub) -> None:
                                                           "and per-step times")
     _add_device_args(p)
     _add_runtime_args(p)
+    _add_kv_args(p)
 
 
 def _add_probe_parser(sub) -> None:
@@ -185,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-json", help="write prompt/output token ids, text and timings to this JSON file")
     p.add_argument("--quiet", action="store_true", help="print only the generated text")
     _add_runtime_args(p)
+    _add_kv_args(p)
 
     p = sub.add_parser("perplexity", help="perplexity of a text file",
                        description="Perplexity over consecutive non-overlapping windows of N tokens.")

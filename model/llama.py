@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Mapping
 
 import numpy as np
@@ -105,21 +106,75 @@ class Rope:
 
 
 class KVCache:
-    """Per-layer key/value tensors (B, max_len, n_kv_heads, head_dim) on one device."""
+    """Per-layer key/value tensors (B, max_len, n_kv_heads, head_dim) on one device.
+
+    ``attention_forward`` takes a layer's tensors with ``acquire(layer)`` and hands them back with
+    ``release(layer, start, s)`` once it has written slots [start, start+s): a subclass keeps them elsewhere
+    between uses (``TieredKVCache``). The cache is cut into blocks of ``block_tokens`` slots; with
+    ``topk_blk`` set, a decode step attends only to the best-scoring blocks (``topk_blocks``), scored from
+    per-block per-channel key minima and maxima kept here (Quest); ``topk_blk`` None is exact attention.
+    ``attn_ms`` accumulates decode-step attention time when ``profile`` is set (synchronising the device)."""
 
     def __init__(self, args: ModelArgs, batch: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device | str) -> None:
+                 device: torch.device | str, block_tokens: int = 64, topk_blk: int | None = None,
+                 window_blocks: int = 2, alloc: bool = True) -> None:
+        if block_tokens < 1:
+            raise ValueError(f"--kv-block-tokens must be at least 1, found {block_tokens}")
+        if topk_blk is not None and topk_blk < 1:
+            raise ValueError(f"--topk-blk must be at least 1, found {topk_blk}")
         shape = (batch, max_len, args.n_kv_heads, args.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
-        self.max_len = max_len
+        self.shape, self.dtype, self.device, self.n_layers = shape, dtype, torch.device(device), args.n_layers
+        if alloc:
+            self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+            self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        self.max_len, self.block_tokens = max_len, block_tokens
+        self.topk_blk, self.window_blocks = topk_blk, window_blocks
+        n_blocks = -(-max_len // block_tokens)
+        if topk_blk is not None:  # per block and channel: min and max of the keys written so far
+            sshape = (batch, n_blocks, args.n_kv_heads, args.head_dim)
+            self.kmin = [torch.full(sshape, float("inf"), device=device) for _ in range(args.n_layers)]
+            self.kmax = [torch.full(sshape, float("-inf"), device=device) for _ in range(args.n_layers)]
         # A left-padded batch of prompts of different lengths: pad[b] leading slots of sequence b hold no token
         # (set_padding). Its attention masks those keys; its positions start at 0 at slot pad[b].
         self.pad: torch.Tensor | None = None
         self._mask: tuple[tuple[int, int], torch.Tensor] | None = None
+        self.profile, self.attn_ms, self.attended_blocks, self.total_blocks = False, 0.0, 0, 0
+
+    def nbytes(self) -> int:
+        return 2 * self.n_layers * math.prod(self.shape) * torch.tensor([], dtype=self.dtype).element_size()
+
+    def acquire(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[layer], self.v[layer]
+
+    def release(self, layer: int, start: int, s: int) -> None:
+        if self.topk_blk is not None:
+            self._summarise(layer, start, s)
+
+    def _summarise(self, layer: int, start: int, s: int) -> None:
+        """Refresh the min/max summaries of the blocks that slots [start, start+s) touch."""
+        bt = self.block_tokens
+        first, last = start // bt, (start + s - 1) // bt
+        lo, hi = first * bt, min((last + 1) * bt, self.max_len)
+        k = self.k_for_summary(layer)[:, lo:hi].float()  # (B, span, n_kv, hd)
+        pad_to = (last - first + 1) * bt - (hi - lo)
+        valid = torch.arange(lo, hi + pad_to, device=k.device) < start + s  # slots not yet written: excluded
+        if self.pad is not None:
+            valid = valid.view(1, -1) & (torch.arange(lo, hi + pad_to, device=k.device).view(1, -1)
+                                         >= self.pad.view(-1, 1))
+        else:
+            valid = valid.view(1, -1)
+        if pad_to:
+            k = torch.cat([k, k.new_zeros(k.shape[0], pad_to, *k.shape[2:])], dim=1)
+        k = k.view(k.shape[0], -1, bt, *k.shape[2:])  # (B, blocks, bt, n_kv, hd)
+        v = valid.view(valid.shape[0], -1, bt, 1, 1)
+        self.kmin[layer][:, first:last + 1] = torch.where(v, k, float("inf")).amin(2)
+        self.kmax[layer][:, first:last + 1] = torch.where(v, k, float("-inf")).amax(2)
+
+    def k_for_summary(self, layer: int) -> torch.Tensor:
+        return self.k[layer]
 
     def set_padding(self, pad: list[int]) -> None:
-        self.pad = torch.tensor(pad, dtype=torch.long, device=self.k[0].device) if any(pad) else None
+        self.pad = torch.tensor(pad, dtype=torch.long, device=self.device) if any(pad) else None
         self._mask = None
 
     def padded_mask(self, start: int, s: int) -> torch.Tensor:
@@ -134,8 +189,114 @@ class KVCache:
         self._mask = ((start, s), mask.unsqueeze(1))
         return self._mask[1]
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+    def topk_blocks(self, layer: int, q: torch.Tensor, end: int) -> torch.Tensor | None:
+        """Block ids (B, n_kv, M) a decode query q (B, n_heads, 1, hd) at slot end-1 attends to: the first
+        block, the ``window_blocks`` most recent and the ``topk_blk`` best of the others by the upper bound
+        sum_c max(q_c min_c, q_c max_c) (the largest over the query heads of a KV head); None when that
+        would be every block (then attention is exact)."""
+        bt, k = self.block_tokens, self.topk_blk
+        n = -(-end // bt)  # blocks holding slots [0, end)
+        if n <= 1 + self.window_blocks + k:
+            return None
+        b, n_heads, _, hd = q.shape
+        n_kv = self.kmin[layer].shape[2]
+        qg = q.float().view(b, n_kv, n_heads // n_kv, hd)  # (B, n_kv, rep, hd)
+        lo = self.kmin[layer][:, 1:n - self.window_blocks].permute(0, 2, 1, 3)  # (B, n_kv, cand, hd)
+        hi = self.kmax[layer][:, 1:n - self.window_blocks].permute(0, 2, 1, 3)
+        ub = torch.maximum(qg.unsqueeze(3) * lo.unsqueeze(2), qg.unsqueeze(3) * hi.unsqueeze(2)).sum(-1)
+        best = ub.amax(2).topk(k, dim=-1).indices + 1  # (B, n_kv, k): candidate blocks start at block 1
+        fixed = torch.tensor([0] + list(range(n - self.window_blocks, n)), device=q.device)
+        return torch.cat([fixed.view(1, 1, -1).expand(b, n_kv, -1), best], dim=-1)
+
+
+class TieredKVCache(KVCache):
+    """The KV cache in DRAM (pinned on CUDA), each layer's blocks copied to one of two device buffers before
+    the layer's attention and its new slots copied back after it, on a copy stream: the next layer's blocks
+    are fetched into the other buffer while this layer's attention and FFN run (consecutive layers always
+    use different buffers, also across passes with an odd layer count). Only the blocks holding written
+    slots move. Counts the bytes moved each way (``h2d_bytes``, ``d2h_bytes``). On the CPU the same moves
+    are plain copies."""
+
+    def __init__(self, args: ModelArgs, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str,
+                 **kw) -> None:
+        super().__init__(args, batch, max_len, dtype, device, alloc=False, **kw)
+        self.cuda = self.device.type == "cuda"
+        pin = self.cuda
+        self.host_k = [torch.zeros(self.shape, dtype=dtype, pin_memory=pin) for _ in range(args.n_layers)]
+        self.host_v = [torch.zeros(self.shape, dtype=dtype, pin_memory=pin) for _ in range(args.n_layers)]
+        self.buf_k = [torch.zeros(self.shape, dtype=dtype, device=device) for _ in range(2)]
+        self.buf_v = [torch.zeros(self.shape, dtype=dtype, device=device) for _ in range(2)]
+        self.loaded: list[int | None] = [None, None]  # the layer each buffer holds
+        self.current = 1  # the buffer of the layer last acquired (the first layer goes to buffer 0)
+        self.ready: list[torch.cuda.Event | None] = [None, None]  # copy finished (CUDA)
+        self.written = [0] * args.n_layers  # slots [0, written) of each layer hold tokens
+        self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.h2d_bytes = self.d2h_bytes = 0
+        self.row_bytes = math.prod(self.shape[2:]) * self.host_k[0].element_size()
+
+    def _buffer_of(self, layer: int) -> int | None:
+        return next((b for b in (0, 1) if self.loaded[b] == layer), None)
+
+    def _fetch(self, layer: int, b: int) -> None:
+        """Copy layer's written blocks into buffer b (on the copy stream, after the compute that used that
+        buffer last)."""
+        bt = self.block_tokens
+        rows = min(-(-self.written[layer] // bt) * bt, self.max_len)
+        if self.cuda:
+            used = torch.cuda.Event()
+            used.record(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.copy_stream):
+                self.copy_stream.wait_event(used)
+                self._copy_in(layer, b, rows)
+                ev = torch.cuda.Event()
+                ev.record(self.copy_stream)
+            self.ready[b] = ev
+        else:
+            self._copy_in(layer, b, rows)
+        self.loaded[b] = layer
+
+    def _copy_in(self, layer: int, b: int, rows: int) -> None:
+        if rows:
+            self.buf_k[b][:, :rows].copy_(self.host_k[layer][:, :rows], non_blocking=True)
+            self.buf_v[b][:, :rows].copy_(self.host_v[layer][:, :rows], non_blocking=True)
+            self.h2d_bytes += 2 * rows * self.row_bytes * self.shape[0]
+
+    def acquire(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        b = self._buffer_of(layer)
+        if b is None:  # not prefetched (the first use): the buffer the previous layer did not use
+            b = 1 - self.current
+            self._fetch(layer, b)
+        self.current = b
+        if self.cuda and self.ready[b] is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.ready[b])
+        return self.buf_k[b], self.buf_v[b]
+
+    def k_for_summary(self, layer: int) -> torch.Tensor:
+        return self.buf_k[self._buffer_of(layer)]
+
+    def release(self, layer: int, start: int, s: int) -> None:
+        super().release(layer, start, s)
+        b, end = self._buffer_of(layer), start + s
+        if self.cuda:
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.copy_stream):
+                self.copy_stream.wait_event(done)
+                self._copy_out(layer, b, start, end)
+        else:
+            self._copy_out(layer, b, start, end)
+        self.written[layer] = max(self.written[layer], end)
+        nxt = (layer + 1) % self.n_layers
+        if self._buffer_of(nxt) is None:
+            self._fetch(nxt, 1 - b)  # into the other buffer, while this layer's attention and FFN run
+
+    def _copy_out(self, layer: int, b: int, start: int, end: int) -> None:
+        self.host_k[layer][:, start:end].copy_(self.buf_k[b][:, start:end], non_blocking=True)
+        self.host_v[layer][:, start:end].copy_(self.buf_v[b][:, start:end], non_blocking=True)
+        self.d2h_bytes += 2 * (end - start) * self.row_bytes * self.shape[0]
+
+    def gpu_bytes(self) -> int:
+        return 4 * math.prod(self.shape) * self.host_k[0].element_size()
 
 
 # ---- group forwards ----------------------------------------------------------------------------------
@@ -154,23 +315,69 @@ def attention_forward(h: torch.Tensor, w: Weights, args: ModelArgs, layer: int, 
     k = F.linear(x, w["attention.wk.weight"]).view(b, s, args.n_kv_heads, args.head_dim)
     v = F.linear(x, w["attention.wv.weight"]).view(b, s, args.n_kv_heads, args.head_dim)
     q, k = rope.apply(q, start, cache.pad), rope.apply(k, start, cache.pad)
-    ck, cv = cache.k[layer], cache.v[layer]
+    ck, cv = cache.acquire(layer)
     ck[:b, start:start + s] = k
     cv[:b, start:start + s] = v
+    cache.release(layer, start, s)
     end = start + s
-    keys = ck[:b, :end].transpose(1, 2)  # (B, n_kv, end, hd)
-    values = cv[:b, :end].transpose(1, 2)
     q = q.transpose(1, 2)  # (B, n_heads, S, hd)
-    mask, causal = None, s > 1 and start == 0  # a first chunk is plainly causal: flash kernels, no S x S mask
-    if cache.pad is not None:  # a left-padded batch: every sequence masks its padding
-        mask, causal = cache.padded_mask(start, s)[:b], False
-    elif s > 1 and start > 0:  # a later chunk: query i sits at position start+i and sees keys [0, start+i]
-        qpos = torch.arange(start, end, device=h.device).view(s, 1)
-        mask = torch.arange(end, device=h.device).view(1, end) <= qpos
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
-                                         enable_gqa=args.n_rep > 1)
+    timed = cache.profile and s == 1
+    if timed:
+        _sync(h.device)
+        t0 = time.perf_counter()
+    blocks = cache.topk_blocks(layer, q, end) if s == 1 and cache.topk_blk is not None else None
+    if blocks is not None:
+        out = _block_attention(q, ck[:b], cv[:b], blocks, end, cache, args)
+    else:
+        if s == 1 and cache.topk_blk is not None:
+            cache.attended_blocks += b * args.n_kv_heads * -(-end // cache.block_tokens)
+            cache.total_blocks += b * args.n_kv_heads * -(-end // cache.block_tokens)
+        keys = ck[:b, :end].transpose(1, 2)  # (B, n_kv, end, hd)
+        values = cv[:b, :end].transpose(1, 2)
+        mask, causal = None, s > 1 and start == 0  # a first chunk is plainly causal: flash kernels, no S x S mask
+        if cache.pad is not None:  # a left-padded batch: every sequence masks its padding
+            mask, causal = cache.padded_mask(start, s)[:b], False
+        elif s > 1 and start > 0:  # a later chunk: query i sits at position start+i and sees keys [0, start+i]
+            qpos = torch.arange(start, end, device=h.device).view(s, 1)
+            mask = torch.arange(end, device=h.device).view(1, end) <= qpos
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
+                                             enable_gqa=args.n_rep > 1)
+    if timed:
+        _sync(h.device)
+        cache.attn_ms += (time.perf_counter() - t0) * 1e3
     out = out.transpose(1, 2).reshape(b, s, args.n_heads * args.head_dim)  # (B, S, n_heads*hd)
     return h + F.linear(out, w["attention.wo.weight"])
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _block_attention(q: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, blocks: torch.Tensor, end: int,
+                     cache: KVCache, args: ModelArgs) -> torch.Tensor:
+    """Decode attention over the chosen blocks only: q (B, n_heads, 1, hd), cache (B, max_len, n_kv, hd),
+    blocks (B, n_kv, M) -> (B, n_heads, 1, hd). Slots past ``end`` and padding slots are masked."""
+    b, n_kv, m = blocks.shape
+    bt, hd = cache.block_tokens, args.head_dim
+    n_blocks = -(-cache.max_len // bt)
+    cache.attended_blocks += blocks.numel()
+    cache.total_blocks += b * n_kv * -(-end // bt)
+
+    def gather(t: torch.Tensor) -> torch.Tensor:
+        if t.shape[1] < n_blocks * bt:  # the last block is partial: pad it (masked below)
+            t = torch.cat([t, t.new_zeros(b, n_blocks * bt - t.shape[1], n_kv, hd)], dim=1)
+        t = t.view(b, n_blocks, bt, n_kv, hd).permute(0, 3, 1, 2, 4)  # (B, n_kv, blocks, bt, hd)
+        idx = blocks.view(b, n_kv, m, 1, 1).expand(b, n_kv, m, bt, hd)
+        return t.gather(2, idx).reshape(b, n_kv, m * bt, hd)
+
+    keys, values = gather(ck), gather(cv)
+    slots = (blocks.unsqueeze(-1) * bt + torch.arange(bt, device=q.device)).view(b, n_kv, m * bt)
+    valid = slots < end
+    if cache.pad is not None:
+        valid &= slots >= cache.pad.view(b, 1, 1)
+    mask = valid.repeat_interleave(args.n_rep, dim=1).unsqueeze(2)  # (B, n_heads, 1, m*bt)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=args.n_rep > 1)
 
 
 def ffn_forward(h: torch.Tensor, w: Weights, args: ModelArgs) -> torch.Tensor:

@@ -77,13 +77,13 @@ SUMMARY_KEYS = ("ttft_ms", "prefill_ms", "first_token_decode_ms", "decode_ms", "
 UNUSED_FLAGS = {
     "warmup_layers": "the fixed tiers (GPU and DRAM) are filled before the first token, so there is nothing "
                      "to warm",
-    "topk_blk": "top-k KV blocks arrive with the long-context issue",
 }
 NOTES = [
     "bound = max(disk bytes / disk bandwidth, H2D bytes / H2D bandwidth) per decode step with the plan's "
     "bytes per pass (DESIGN.md section 1); compute time is not modelled yet; achieved/bound >= 1 means slower "
     "than the bound",
-    "kv_h2d_MBps and kv_d2h_MBps are 0: the KV cache stays on the compute device (no KV offload yet)",
+    "kv_h2d_MBps and kv_d2h_MBps: KV bytes moved between DRAM and the GPU during decode (--kv-offload) over "
+    "the decode time; 0 when the KV cache stays on the compute device",
     "the first token comes from the prefill pass: prefill_ms includes sampling it and ttft_ms = prefill_ms; "
     "first_token_decode_ms is the first decode step",
     "decode_tokens_total counts tokens produced by decode steps (max_new_tokens - 1 per sequence); "
@@ -309,6 +309,9 @@ class Round:
     end: float = 0.0
     tokens: list[list[int | None]] = field(default_factory=list)  # per step, each sequence's token
     results: list = field(default_factory=list)  # runtime.generate.GenerationResult per sequence
+    kv_after_prefill: tuple[int, int] = (0, 0)  # KV bytes moved (H2D, D2H) by the end of prefill ...
+    kv_end: tuple[int, int] = (0, 0)  # ... and by the end
+    attended: float | None = None  # with --topk-blk: the fraction of KV blocks decode attention read
 
     @property
     def step_ms(self) -> list[float]:
@@ -339,11 +342,16 @@ def run_round(gen, source, prompts: Sequence[list[int]], sampling) -> Round:
         r.stamps.append(time.perf_counter())
         r.counters.append(pool_counters(source))
         r.tokens.append(toks)
+        if len(r.tokens) == 1:
+            r.kv_after_prefill = gen.kv_moved()
 
+    gen.reset_counters()
     r.counters.append(pool_counters(source))
     r.start = time.perf_counter()
     r.results = gen.generate_batch(prompts, sampling, frozenset(), on_step)
     r.end = time.perf_counter()
+    r.kv_end = gen.kv_moved()
+    r.attended = gen.attended_fraction()
     return r
 
 
@@ -406,6 +414,13 @@ def _device_name(device: torch.device) -> str:
     return str(device)
 
 
+def kv_rates(r: Round, decode_ms: float) -> dict[str, float]:
+    """KV MB/s each way during decode (the seeds' keys), from the bytes the KV cache moved."""
+    s = decode_ms / 1e3
+    h2d, d2h = (r.kv_end[i] - r.kv_after_prefill[i] for i in (0, 1))
+    return {"kv_h2d_MBps": h2d / s / MB if s > 0 else 0.0, "kv_d2h_MBps": d2h / s / MB if s > 0 else 0.0}
+
+
 def build_report(a, cfg: BenchConfig, ctx: dict, r: Round) -> dict[str, Any]:
     plan, lk, n = ctx["plan"], ctx["links"], cfg.batch_size
     t = r.timings(n)
@@ -417,8 +432,12 @@ def build_report(a, cfg: BenchConfig, ctx: dict, r: Round) -> dict[str, Any]:
     weight_h2d = io["h2d_bytes_decode"] / (t["decode_ms"] / 1e3) / MB if t["decode_ms"] > 0 else 0.0
     out = {"batch_size": n, "max_new_tokens": cfg.max_new_tokens, "prompt_lens": [len(p) for p in ctx["prompts"]],
            "prefill_tokens_total": sum(len(p) for p in ctx["prompts"]), "decode_tokens_total": n * steps, **t,
-           "io_bw_MBps": {"weight_h2d_MBps": weight_h2d, "kv_h2d_MBps": 0.0, "kv_d2h_MBps": 0.0},
+           "io_bw_MBps": {"weight_h2d_MBps": weight_h2d, **kv_rates(r, t["decode_ms"])},
            "gpu_mem_GB": gpu_mem, "mode": a.mode, "device": _device_name(ctx["device"])}
+    out["kv"] = {"offload": bool(getattr(ctx.get("source"), "kv_offload", False)), "block_tokens": a.kv_block_tokens,
+                 "topk_blk": a.topk_blk, "decode_h2d_bytes": r.kv_end[0] - r.kv_after_prefill[0],
+                 "decode_d2h_bytes": r.kv_end[1] - r.kv_after_prefill[1], "prefill_h2d_bytes": r.kv_after_prefill[0],
+                 "prefill_d2h_bytes": r.kv_after_prefill[1], "attended_block_fraction": r.attended}
     tok = ctx.get("tokenizer")
     out["results"] = [{"prompt_token_ids": x.prompt_token_ids, "output_token_ids": x.output_token_ids,
                        "text": tok.decode(x.output_token_ids) if tok else None} for x in r.results]
@@ -541,9 +560,9 @@ def run_bench(a) -> None:
 
 def _run_bench(a, cfg: BenchConfig, rcfg, image, prompts, max_len: int, cut: list, unused: list, early,
                tok=None) -> None:
-    from runtime.commands import _device
+    from runtime.commands import _device, generator_for
     from runtime.engine import open_source
-    from runtime.generate import Generator, SamplingConfig
+    from runtime.generate import SamplingConfig
 
     sampling = SamplingConfig(cfg.max_new_tokens, a.temperature, a.top_p, a.seed)
     device = _device(a.device)
@@ -558,7 +577,7 @@ def _run_bench(a, cfg: BenchConfig, rcfg, image, prompts, max_len: int, cut: lis
     with open_source(image, rcfg, device, batch=cfg.batch_size, max_len=max_len, early=early) as (source, plan,
                                                                                                  handle):
         load_ms = (time.perf_counter() - t0) * 1e3
-        gen = Generator(source, max_len)
+        gen = generator_for(a, source, max_len)
         first = None
         for i in range(cfg.warmup_rounds):
             first = first or run_round(gen, source, prompts, sampling)
@@ -572,7 +591,7 @@ def _run_bench(a, cfg: BenchConfig, rcfg, image, prompts, max_len: int, cut: lis
     to_first_ms = (process_age_s() - (time.perf_counter() - first.stamps[0])) * 1e3
     notes = [] if device.type == "cuda" else ["no H2D link: the model computes on the CPU from ring memory"]
     ctx = {"plan": plan, "links": lk, "prompts": prompts, "memory": memory, "device": device, "image": image,
-           "tokenizer": tok,
+           "tokenizer": tok, "source": source,
            "load_ms": load_ms, "load_breakdown_ms": {"process_start_to_load": to_open_ms, **(breakdown or {})},
            "process_to_first_token_ms": to_first_ms, "open_to_first_token_ms": (first.stamps[0] - t0) * 1e3,
            "cut": cut, "unused": unused, "notes": notes}

@@ -84,6 +84,15 @@ def _tokenizer(image, required: bool):
     return Tokenizer.load(tokenizer_dir_for(image.manifest_path).with_name(name))
 
 
+def generator_for(a, source, max_len: int, **kw):
+    """A Generator with the KV-cache flags of ``a`` (--kv-block-tokens, --topk-blk) and the offload decision
+    ``runtime.engine`` made for the source (--kv-offload)."""
+    from runtime.generate import Generator
+
+    return Generator(source, max_len, kv_block_tokens=getattr(a, "kv_block_tokens", 64),
+                     topk_blk=getattr(a, "topk_blk", None), kv_offload=getattr(source, "kv_offload", False), **kw)
+
+
 def _prompt_ids(a, tok, default_chat: bool) -> list[int]:
     if a.prompt_ids is not None:
         try:
@@ -145,7 +154,7 @@ def run(a) -> None:
 
 def _run(a, image, tok, prompt, rcfg, max_len, early) -> None:
     from runtime.engine import open_source
-    from runtime.generate import Generator, SamplingConfig
+    from runtime.generate import SamplingConfig
 
     cfg = SamplingConfig(a.max_new_tokens, a.temperature, a.top_p, a.seed)
     device = _device(a.device)
@@ -153,7 +162,7 @@ def _run(a, image, tok, prompt, rcfg, max_len, early) -> None:
     with open_source(image, rcfg, device, max_len=max_len, early=early) as (source, plan, _):
         load_ms = (time.perf_counter() - t0) * 1e3
         printer = TokenPrinter(tok)
-        res = Generator(source, max_len).generate(prompt, cfg, tok.eos_ids if tok else frozenset(), printer)
+        res = generator_for(a, source, max_len).generate(prompt, cfg, tok.eos_ids if tok else frozenset(), printer)
     print()
     t = res.timings()
     if not a.quiet:
@@ -189,7 +198,7 @@ def _read_prompt_file(a, image, tok) -> list[list[int]]:
 def _run_prompts(a, image, rcfg) -> None:
     """``run --prompts FILE``: every prompt, --batch-size at a time, each batch sharing its weight passes."""
     from runtime.engine import open_source, start_early
-    from runtime.generate import Generator, SamplingConfig
+    from runtime.generate import SamplingConfig
 
     tok = _tokenizer(image, required=False)
     prompts = _read_prompt_file(a, image, tok)
@@ -202,7 +211,7 @@ def _run_prompts(a, image, rcfg) -> None:
         device = _device(a.device)
         with open_source(image, rcfg, device, batch=b, max_len=max_len, early=early) as (source, plan, _):
             load_ms = (time.perf_counter() - t0) * 1e3
-            gen = Generator(source, max_len)
+            gen = generator_for(a, source, max_len)
             stop = tok.eos_ids if tok else frozenset()
             for i in range(0, len(prompts), b):
                 results += gen.generate_batch(prompts[i:i + b], cfg, stop)
@@ -232,7 +241,6 @@ def _run_prompts(a, image, rcfg) -> None:
 
 def perplexity(a) -> None:
     from runtime.engine import RuntimeConfig, open_source
-    from runtime.generate import Generator
 
     rcfg = RuntimeConfig.from_args(a)
     image = _open_image(a)
@@ -244,7 +252,7 @@ def perplexity(a) -> None:
     ids = tok.encode(text)
     with open_source(image, rcfg, _device(a.device), max_len=a.context,
                      all_logits=True) as (source, _, _):
-        ppl, count, nll = Generator(source, a.context).perplexity(ids, a.context)
+        ppl, count, nll = generator_for(a, source, a.context).perplexity(ids, a.context)
     print(f"perplexity {ppl:.4f} over {count} predicted tokens ({len(ids)} tokens, windows of {a.context})")
     if a.out_json:
         Path(a.out_json).write_text(json.dumps({"perplexity": ppl, "tokens": count, "nll": nll,

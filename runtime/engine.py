@@ -48,6 +48,7 @@ class RuntimeConfig:
     quiet: bool = False
     trace: str | None = None  # --trace FILE: a Chrome trace of the run (runtime/trace.py)
     attach: str | None = None  # --attach NAME: use the daemon pool NAME (runtime/daemon.py), no private pool
+    kv_offload: str = "auto"  # --kv-offload: "on" | "off" | "auto" (when the GPU budget cannot hold the KV cache)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -55,6 +56,8 @@ class RuntimeConfig:
         for key in ("workers", "staging_mb", "group_prefetch_depth"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"--{key.replace('_', '-')} must be at least 1, found {getattr(self, key)}")
+        if self.kv_offload not in ("auto", "on", "off"):
+            raise ConfigError(f"--kv-offload must be auto, on or off, found {self.kv_offload!r}")
         for key in ("gpu_mem_gb", "dram_gb"):
             v = getattr(self, key)
             if v is not None and v <= 0:
@@ -75,10 +78,43 @@ class RuntimeConfig:
         return cls(**{k: getattr(a, k) for k in keys})
 
 
-def kv_cache_bytes(image: Image, batch: int, max_len: int) -> int:
+def chunk_per_sequence(chunk: int, batch: int) -> int:
+    """Prefill tokens per sequence in one weight pass: ``chunk`` tokens per pass shared by the batch, so a
+    batch's activations stay those of one chunk (runtime.generate.Generator.forward uses the same rule)."""
+    return max(16, chunk // max(batch, 1))
+
+
+def kv_cache_bytes(image: Image, batch: int, max_len: int, offload: bool = False) -> int:
+    """The KV cache's bytes on the compute device: all of it, or with offload two layers' buffers."""
     a = image.args
     elem = DTYPE_BYTES[image.dtype]
-    return 2 * a.n_layers * batch * max_len * a.n_kv_heads * a.head_dim * elem
+    return 2 * (2 if offload else a.n_layers) * batch * max_len * a.n_kv_heads * a.head_dim * elem
+
+
+def plan_with_kv(image: Image, cfg: RuntimeConfig, device, batch: int, max_len: int, act_bytes: int, plan_fn):
+    """(plan, kv offload?) for ``cfg.kv_offload``: "auto" offloads the KV cache only when the plan with the
+    whole cache on the device is infeasible (its ConfigError) and the one with two layers' buffers is not.
+    An offloaded cache must fit the available memory (pinned)."""
+    want = {"on": [True], "off": [False], "auto": [False, True]}[cfg.kv_offload]
+    if getattr(device, "type", "cpu") != "cuda":
+        want = [cfg.kv_offload == "on"]  # on the CPU the "device" is DRAM: offload only when asked (tests)
+    err = None
+    for off in want:
+        try:
+            plan = plan_fn(kv_cache_bytes(image, batch, max_len, off))
+        except ConfigError as e:
+            err = err or e
+            continue
+        if off:
+            import psutil
+
+            full, avail = kv_cache_bytes(image, batch, max_len), psutil.virtual_memory().available
+            if full > avail:
+                raise ConfigError(f"the KV cache ({full / GB:.2f} GB for batch {batch} x {max_len} tokens) does not "
+                                  f"fit the available memory {avail / GB:.2f} GB; lower --max-seq-len or "
+                                  f"--batch-size") from err
+        return plan, off
+    raise err
 
 
 def activation_bytes(image: Image, batch: int, chunk: int, all_logits: bool = False) -> int:
@@ -170,6 +206,7 @@ class EarlyStart:
     pool: PrivatePool
     device_type: str
     started_ms: float
+    kv_offload: bool = False
 
     def stop(self) -> None:
         self.pool.stop()  # idempotent: a no-op once open_source has stopped it
@@ -189,11 +226,13 @@ def start_early(image: Image, cfg: RuntimeConfig, device: str | None, batch: int
     kind = (device or ("cuda" if os.path.exists("/dev/nvidiactl") else "cpu")).split(":")[0]
     if kind == "cuda" and not cfg.gpu_mem_gb:
         return None
-    plan = make_plan(image, cfg, SimpleNamespace(type=kind), kv_cache_bytes(image, batch, max_len),
-                     activation_bytes(image, batch, min(chunk, max_len), all_logits))
+    dev = SimpleNamespace(type=kind)
+    act = activation_bytes(image, batch, min(chunk_per_sequence(chunk, batch), max_len), all_logits)
+    plan, offload = plan_with_kv(image, cfg, dev, batch, max_len, act,
+                                 lambda kv: make_plan(image, cfg, dev, kv, act))
     t0 = time.perf_counter()
     pool = _start_pool(image, cfg, plan, None)
-    return EarlyStart(plan, pool, kind, (time.perf_counter() - t0) * 1e3)
+    return EarlyStart(plan, pool, kind, (time.perf_counter() - t0) * 1e3, offload)
 
 
 def gpu_tier_in_dram(plan) -> bool:
@@ -263,7 +302,9 @@ def _open_source(image: Image, cfg: RuntimeConfig, device: torch.device, batch: 
     if cfg.mode == "full":
         from runtime.weights import InMemoryWeights
 
-        yield InMemoryWeights(image, device, quiet=cfg.quiet), None, None
+        source = InMemoryWeights(image, device, quiet=cfg.quiet)
+        source.kv_offload = cfg.kv_offload == "on"
+        yield source, None, None
         return
     from runtime.client import PoolClient, StreamedWeights
 
@@ -273,10 +314,11 @@ def _open_source(image: Image, cfg: RuntimeConfig, device: torch.device, batch: 
         return
 
     if early is not None:
-        plan, pool, started_ms = early.plan, early.pool, early.started_ms
+        plan, pool, started_ms, offload = early.plan, early.pool, early.started_ms, early.kv_offload
     else:
-        plan = make_plan(image, cfg, device, kv_cache_bytes(image, batch, max_len),
-                         activation_bytes(image, batch, min(chunk, max_len), all_logits))
+        act = activation_bytes(image, batch, min(chunk_per_sequence(chunk, batch), max_len), all_logits)
+        plan, offload = plan_with_kv(image, cfg, device, batch, max_len, act,
+                                     lambda kv: make_plan(image, cfg, device, kv, act))
         t0 = time.perf_counter()
         pool = _start_pool(image, cfg, plan, trace)
         started_ms = (time.perf_counter() - t0) * 1e3
@@ -288,6 +330,7 @@ def _open_source(image: Image, cfg: RuntimeConfig, device: torch.device, batch: 
                 source = StreamedWeights(image, plan, client, device, staging=max(plan.staging_buffers, 1),
                                          trace=trace.client if trace else None)
             source.load_ms = {"pool_start": started_ms, **source.load_ms}
+            source.kv_offload = offload
             yield source, plan, pool.handle
         finally:
             if source is not None:
@@ -307,8 +350,9 @@ def _attached_source(image: Image, cfg: RuntimeConfig, device: torch.device, bat
     att = attach(cfg.attach, str(image.path))
     client = None
     try:
-        plan = plan_for_pool(att.image, cfg, device, att.record, kv_cache_bytes(image, batch, max_len),
-                             activation_bytes(image, batch, min(chunk, max_len), all_logits))
+        act = activation_bytes(image, batch, min(chunk_per_sequence(chunk, batch), max_len), all_logits)
+        plan, offload = plan_with_kv(image, cfg, device, batch, max_len, act,
+                                     lambda kv: plan_for_pool(att.image, cfg, device, att.record, kv, act))
         if not cfg.quiet:
             print(f"attached to pool {cfg.attach!r} (pid {att.record['pid']}) as client {att.index}\n"
                   + plan.describe(), file=sys.stderr)
@@ -319,6 +363,7 @@ def _attached_source(image: Image, cfg: RuntimeConfig, device: torch.device, bat
             with _warming_up(image, device, max_len, chunk):
                 source = StreamedWeights(att.image, plan, client, device, staging=max(plan.staging_buffers, 1))
             source.load_ms = {"attach": attach_ms, **source.load_ms}
+            source.kv_offload = offload
             yield source, plan, att.handle
         finally:
             if source is not None:

@@ -19,7 +19,7 @@ import torch
 
 from model.args import ModelArgs
 from model.errors import ConfigError
-from model.llama import KVCache, Rope, Weights, forward_groups
+from model.llama import KVCache, Rope, TieredKVCache, Weights, forward_groups
 
 
 class WeightSource(Protocol):
@@ -107,7 +107,18 @@ def warm_up(args, dtype: torch.dtype, device: torch.device, tokens: int) -> None
 class Generator:
     """Runs forward passes over a weight source with one KV cache sized for the longest request."""
 
-    def __init__(self, source: WeightSource, max_seq_len: int, prefill_chunk: int = 2048) -> None:
+    def __init__(self, source: WeightSource, max_seq_len: int, prefill_chunk: int = 2048, kv_block_tokens: int = 64,
+                 topk_blk: int | None = None, kv_offload: bool = False, profile_attention: bool = False) -> None:
+        """``kv_block_tokens``, ``topk_blk``: the KV cache's blocks and top-k decode attention (model.llama
+        KVCache; None: exact). ``kv_offload``: the KV cache lives in DRAM, two layers at a time on the device
+        (TieredKVCache). ``profile_attention``: time decode attention (``attn_time_ms``; synchronises)."""
+        if kv_block_tokens < 1:
+            raise ConfigError(f"--kv-block-tokens must be at least 1, found {kv_block_tokens}")
+        if topk_blk is not None and topk_blk < 1:
+            raise ConfigError(f"--topk-blk must be at least 1, found {topk_blk}")
+        self.kv_block_tokens, self.topk_blk, self.kv_offload = kv_block_tokens, topk_blk, kv_offload
+        self.profile_attention = profile_attention
+        self.caches: list[KVCache] = []  # every cache made since reset_counters (their byte and time counters)
         self.source, self.args = source, source.args
         if max_seq_len > self.args.max_seq_len:
             raise ConfigError(f"--max-seq-len {max_seq_len} exceeds the model's context {self.args.max_seq_len}")
@@ -118,16 +129,41 @@ class Generator:
             torch.backends.cuda.enable_cudnn_sdp(False)
 
     def new_cache(self, batch: int = 1) -> KVCache:
-        return KVCache(self.args, batch, self.max_seq_len, self.source.dtype, self.source.device)
+        cls = TieredKVCache if self.kv_offload else KVCache
+        cache = cls(self.args, batch, self.max_seq_len, self.source.dtype, self.source.device,
+                    block_tokens=self.kv_block_tokens, topk_blk=self.topk_blk)
+        cache.profile = self.profile_attention
+        self.caches.append(cache)
+        return cache
+
+    def reset_counters(self) -> None:
+        self.caches = []
+
+    @property
+    def attn_time_ms(self) -> float:
+        """Decode-step attention time of the caches since reset_counters (with profile_attention)."""
+        return sum(c.attn_ms for c in self.caches)
+
+    def kv_moved(self) -> tuple[int, int]:
+        """KV bytes copied (host -> device, device -> host) by the caches since reset_counters."""
+        return (sum(getattr(c, "h2d_bytes", 0) for c in self.caches),
+                sum(getattr(c, "d2h_bytes", 0) for c in self.caches))
+
+    def attended_fraction(self) -> float | None:
+        total = sum(c.total_blocks for c in self.caches)
+        return sum(c.attended_blocks for c in self.caches) / total if total else None
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start: int, cache: KVCache, last_only: bool = False) -> torch.Tensor:
         """tokens (B, S) -> logits (B, S, vocab) fp32 (or the last position's, (B, 1, vocab)), prefilling in
-        chunks of ``prefill_chunk``: one weight pass per chunk."""
-        outs = []
-        for i in range(0, tokens.shape[1], self.prefill_chunk):
-            chunk = tokens[:, i:i + self.prefill_chunk]
-            last = last_only and i + self.prefill_chunk >= tokens.shape[1]
+        chunks of ``prefill_chunk`` tokens per weight pass (per sequence: prefill_chunk / B, at least 16)."""
+        from runtime.engine import chunk_per_sequence
+
+        outs, step = [], chunk_per_sequence(self.prefill_chunk, tokens.shape[0]) if tokens.shape[0] > 1 \
+            else self.prefill_chunk
+        for i in range(0, tokens.shape[1], step):
+            chunk = tokens[:, i:i + step]
+            last = last_only and i + step >= tokens.shape[1]
             outs.append(forward_groups(chunk, start + i, self.args, self.source, self.rope, cache, last_only=last))
         return outs[-1] if last_only else torch.cat(outs, dim=1)
 

@@ -76,7 +76,7 @@ def check_cost_model(rep: dict, limited_by: str = "disk") -> None:
     assert rep["bound"]["ratio"] == rep["achieved_over_bound"] and rep["bound"]["limited_by"] == limited_by
     assert rep["decode_io"]["disk_bytes"] > 0 and rep["achieved_GBps"]["disk_GBps"] > 0
     assert len(rep["step_ms"]) == 3 and rep["links"]["disk"]["gbps"] > 0
-    assert {u["flag"] for u in rep["unused_flags"]} == {"--topk-blk", "--warmup-layers"}
+    assert {u["flag"] for u in rep["unused_flags"]} == {"--warmup-layers"}
     assert all(u["reason"] for u in rep["unused_flags"])
 
 
@@ -89,7 +89,7 @@ def test_seed_command_on_image(tiny, prompts, tmp_path):
     assert rep["links"]["disk"] == {"gbps": 1.0, "source": "--disk-gbps"}
     assert rep["prompt_lens"] == [60] and rep["prompt_truncation"] == [{"prompt": 0, "tokens": 80, "kept": 60}]
     assert "kept its last 60" in proc.stderr
-    assert "warning: --topk-blk 8 is accepted but unused" in proc.stderr
+    assert "--topk-blk" not in proc.stderr and rep["kv"]["topk_blk"] == 8  # applied now (top-k KV blocks)
     assert "warning: --warmup-layers 4 is accepted but unused" in proc.stderr
     assert "placement: mode mixed" in proc.stdout and "decode step 3:" in proc.stdout  # --verbose
 
@@ -106,9 +106,9 @@ def test_seed_command_with_checkpoints_and_raw_device(meta, prompts, tmp_path):
     assert rep["checkpoints"] == str(meta / "ckpt") and rep["image"]["path"] == str(meta / "meta.img")
 
 
-def test_batch_size_above_one_is_refused(tiny, prompts):
-    proc = run_launch("bench", "--image", str(tiny), "--prompts", str(prompts), "--batch-size", "2", check=False)
-    assert_user_error(proc, "--batch-size 2", "batched generation is not implemented yet")
+def test_batch_size_needs_as_many_prompts(tiny, prompts):
+    proc = run_launch("bench", "--image", str(tiny), "--prompts", str(prompts), "--batch-size", "3", check=False)
+    assert_user_error(proc, "2 non-empty line(s), --batch-size 3 needs 3")
 
 
 def test_checkpoint_of_another_model_is_refused(meta, tmp_path):
