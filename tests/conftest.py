@@ -66,3 +66,20 @@ def hf_smol(smol_gguf):
 def hf_smol_tokenizer(smol_gguf):
     transformers = pytest.importorskip("transformers")
     return transformers.AutoTokenizer.from_pretrained(str(smol_gguf.parent), gguf_file=smol_gguf.name)
+
+
+def pack_tiny(tmp_path_factory, variant: str, seed: int, layers: int = 3):
+    """A packed fp32 image of the tiny preset, ``variant`` "untied" or "tied" (embedding as output)."""
+    import dataclasses
+
+    from model.args import preset
+    from model.synthetic import SyntheticCheckpoint
+    from runtime.image import Image
+    from runtime.pack import pack
+
+    args = preset("tiny", layers)
+    if variant == "tied":
+        args = dataclasses.replace(args, tie_embeddings=True)
+    out = tmp_path_factory.mktemp(variant) / "tiny.img"
+    pack(SyntheticCheckpoint(args, seed=seed), out, dtype="fp32", quiet=True)
+    return Image.open(out)

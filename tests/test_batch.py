@@ -4,19 +4,15 @@ and through ``run --prompts`` / ``bench --batch-size``."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
 import torch
-from conftest import assert_user_error, run_launch
+from conftest import assert_user_error, pack_tiny, run_launch
 
-from model.args import preset
-from model.synthetic import SyntheticCheckpoint
 from runtime.engine import RuntimeConfig, open_source
 from runtime.generate import Generator, SamplingConfig
 from runtime.image import Image
-from runtime.pack import pack
 from runtime.weights import InMemoryWeights
 
 PROMPTS = [[3, 17, 42, 7, 99, 5, 23, 11, 2], [5, 6], [100, 200, 300, 400, 1], [9], [44, 45, 46]]
@@ -24,12 +20,7 @@ PROMPTS = [[3, 17, 42, 7, 99, 5, 23, 11, 2], [5, 6], [100, 200, 300, 400, 1], [9
 
 @pytest.fixture(scope="module", params=["untied", "tied"])
 def tiny(request, tmp_path_factory):
-    args = preset("tiny", 3)
-    if request.param == "tied":
-        args = dataclasses.replace(args, tie_embeddings=True)
-    out = tmp_path_factory.mktemp(request.param) / "tiny.img"
-    pack(SyntheticCheckpoint(args, seed=11), out, dtype="fp32", quiet=True)
-    return Image.open(out)
+    return pack_tiny(tmp_path_factory, request.param, seed=11)
 
 
 def solo(gen: Generator, prompts, new: int, stop=frozenset()):

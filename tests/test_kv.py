@@ -4,13 +4,12 @@ K covers every block, reading fewer blocks when it does not)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import run_launch
+from conftest import pack_tiny, run_launch
 
 from model.args import preset
 from model.synthetic import SyntheticCheckpoint
@@ -25,12 +24,7 @@ PROMPTS = [[3, 17, 42, 7, 99, 5, 23, 11, 2] * 6, [5, 6] * 5, [100, 200, 300, 400
 
 @pytest.fixture(scope="module", params=["untied", "tied"])
 def tiny(request, tmp_path_factory):
-    args = preset("tiny", 3)
-    if request.param == "tied":
-        args = dataclasses.replace(args, tie_embeddings=True)
-    out = tmp_path_factory.mktemp(request.param) / "tiny.img"
-    pack(SyntheticCheckpoint(args, seed=5), out, dtype="fp32", quiet=True)
-    return Image.open(out)
+    return pack_tiny(tmp_path_factory, request.param, seed=5)
 
 
 def outputs(gen: Generator, new: int = 16):

@@ -5,16 +5,14 @@ disk bytes per pass are exactly the streamed set's, and no DRAM-tier group is ev
 
 from __future__ import annotations
 
-import dataclasses
 import subprocess
 import sys
 import time
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, pack_tiny
 
-from model.args import preset
 from model.synthetic import SyntheticCheckpoint
 from runtime.engine import RuntimeConfig, open_source
 from runtime.generate import Generator, SamplingConfig
@@ -29,12 +27,7 @@ NEW = 10
 
 @pytest.fixture(scope="module", params=["untied", "tied"])
 def tiny(request, tmp_path_factory):
-    args = preset("tiny", 3)
-    if request.param == "tied":
-        args = dataclasses.replace(args, tie_embeddings=True)
-    out = tmp_path_factory.mktemp(request.param) / "tiny.img"
-    pack(SyntheticCheckpoint(args, seed=7), out, dtype="fp32", quiet=True)
-    return Image.open(out)
+    return pack_tiny(tmp_path_factory, request.param, seed=7)
 
 
 def reference(image: Image, prompt: list[int], new: int):
