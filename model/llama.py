@@ -122,7 +122,8 @@ class KVCache:
             raise ValueError(f"--kv-block-tokens must be at least 1, found {block_tokens}")
         if topk_blk is not None and topk_blk < 1:
             raise ValueError(f"--topk-blk must be at least 1, found {topk_blk}")
-        shape = (batch, max_len, args.n_kv_heads, args.head_dim)
+        # slots rounded up to whole blocks, so blocks are views (top-k gathers only the blocks it reads)
+        shape = (batch, -(-max_len // block_tokens) * block_tokens, args.n_kv_heads, args.head_dim)
         self.shape, self.dtype, self.device, self.n_layers = shape, dtype, torch.device(device), args.n_layers
         if alloc:
             self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
@@ -154,17 +155,12 @@ class KVCache:
         """Refresh the min/max summaries of the blocks that slots [start, start+s) touch."""
         bt = self.block_tokens
         first, last = start // bt, (start + s - 1) // bt
-        lo, hi = first * bt, min((last + 1) * bt, self.max_len)
+        lo, hi = first * bt, (last + 1) * bt  # the cache holds whole blocks
         k = self.k_for_summary(layer)[:, lo:hi].float()  # (B, span, n_kv, hd)
-        pad_to = (last - first + 1) * bt - (hi - lo)
-        valid = torch.arange(lo, hi + pad_to, device=k.device) < start + s  # slots not yet written: excluded
+        slot = torch.arange(lo, hi, device=k.device).view(1, -1)
+        valid = slot < start + s  # slots not written yet are left out
         if self.pad is not None:
-            valid = valid.view(1, -1) & (torch.arange(lo, hi + pad_to, device=k.device).view(1, -1)
-                                         >= self.pad.view(-1, 1))
-        else:
-            valid = valid.view(1, -1)
-        if pad_to:
-            k = torch.cat([k, k.new_zeros(k.shape[0], pad_to, *k.shape[2:])], dim=1)
+            valid = valid & (slot >= self.pad.view(-1, 1))
         k = k.view(k.shape[0], -1, bt, *k.shape[2:])  # (B, blocks, bt, n_kv, hd)
         v = valid.view(valid.shape[0], -1, bt, 1, 1)
         self.kmin[layer][:, first:last + 1] = torch.where(v, k, float("inf")).amin(2)
@@ -327,7 +323,7 @@ def attention_forward(h: torch.Tensor, w: Weights, args: ModelArgs, layer: int, 
         t0 = time.perf_counter()
     blocks = cache.topk_blocks(layer, q, end) if s == 1 and cache.topk_blk is not None else None
     if blocks is not None:
-        out = _block_attention(q, ck[:b], cv[:b], blocks, end, cache, args)
+        out = _block_attention(q, ck, cv, blocks, end, cache, args)
     else:
         if s == 1 and cache.topk_blk is not None:
             cache.attended_blocks += b * args.n_kv_heads * -(-end // cache.block_tokens)
@@ -364,14 +360,12 @@ def _block_attention(q: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, blocks
     cache.attended_blocks += blocks.numel()
     cache.total_blocks += b * n_kv * -(-end // bt)
 
-    def gather(t: torch.Tensor) -> torch.Tensor:
-        if t.shape[1] < n_blocks * bt:  # the last block is partial: pad it (masked below)
-            t = torch.cat([t, t.new_zeros(b, n_blocks * bt - t.shape[1], n_kv, hd)], dim=1)
+    def gather(t: torch.Tensor) -> torch.Tensor:  # t: the cache's (B, n_blocks * bt, n_kv, hd), no copy
         t = t.view(b, n_blocks, bt, n_kv, hd).permute(0, 3, 1, 2, 4)  # (B, n_kv, blocks, bt, hd)
         idx = blocks.view(b, n_kv, m, 1, 1).expand(b, n_kv, m, bt, hd)
         return t.gather(2, idx).reshape(b, n_kv, m * bt, hd)
 
-    keys, values = gather(ck), gather(cv)
+    keys, values = gather(ck[:b]), gather(cv[:b])
     slots = (blocks.unsqueeze(-1) * bt + torch.arange(bt, device=q.device)).view(b, n_kv, m * bt)
     valid = slots < end
     if cache.pad is not None:
