@@ -184,9 +184,7 @@ def config_name(topk: int | None) -> str:
 def _blocks(gen) -> tuple[int, int]:
     """(attended, total) KV blocks of the decode steps since the generator's counters were reset (0, 0 when
     the runtime does not count them)."""
-    caches = getattr(gen, "caches", None) or []
-    return (sum(getattr(c, "attended_blocks", 0) for c in caches),
-            sum(getattr(c, "total_blocks", 0) for c in caches))
+    return gen.block_counts() if hasattr(gen, "block_counts") else (0, 0)
 
 
 def run_cases(gen, cases: list[Case], tok, new_tokens: int, batch_size: int = 1, log=None) -> list[dict]:

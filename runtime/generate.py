@@ -118,7 +118,8 @@ class Generator:
             raise ConfigError(f"--topk-blk must be at least 1, found {topk_blk}")
         self.kv_block_tokens, self.topk_blk, self.kv_offload = kv_block_tokens, topk_blk, kv_offload
         self.profile_attention = profile_attention
-        self.caches: list[KVCache] = []  # every cache made since reset_counters (their byte and time counters)
+        self.cache: KVCache | None = None  # the latest cache; the counters of earlier ones are folded into:
+        self.folded = {"h2d": 0, "d2h": 0, "attn_ms": 0.0, "attended": 0, "total": 0}
         self.source, self.args = source, source.args
         if max_seq_len > self.args.max_seq_len:
             raise ConfigError(f"--max-seq-len {max_seq_len} exceeds the model's context {self.args.max_seq_len}")
@@ -129,29 +130,48 @@ class Generator:
             torch.backends.cuda.enable_cudnn_sdp(False)
 
     def new_cache(self, batch: int = 1) -> KVCache:
+        self._fold()  # the previous cache is dropped here (only its counters are kept): no KV memory piles up
         cls = TieredKVCache if self.kv_offload else KVCache
         cache = cls(self.args, batch, self.max_seq_len, self.source.dtype, self.source.device,
                     block_tokens=self.kv_block_tokens, topk_blk=self.topk_blk)
         cache.profile = self.profile_attention
-        self.caches.append(cache)
+        self.cache = cache
         return cache
 
+    def _counters(self, c: KVCache | None) -> dict:
+        if c is None:
+            return {"h2d": 0, "d2h": 0, "attn_ms": 0.0, "attended": 0, "total": 0}
+        return {"h2d": getattr(c, "h2d_bytes", 0), "d2h": getattr(c, "d2h_bytes", 0), "attn_ms": c.attn_ms,
+                "attended": c.attended_blocks, "total": c.total_blocks}
+
+    def _fold(self) -> None:
+        for k, v in self._counters(self.cache).items():
+            self.folded[k] += v
+        self.cache = None
+
+    def _count(self, key: str):
+        return self.folded[key] + self._counters(self.cache)[key]
+
     def reset_counters(self) -> None:
-        self.caches = []
+        self.cache = None
+        self.folded = self._counters(None)
 
     @property
     def attn_time_ms(self) -> float:
-        """Decode-step attention time of the caches since reset_counters (with profile_attention)."""
-        return sum(c.attn_ms for c in self.caches)
+        """Decode-step attention time since reset_counters (with profile_attention)."""
+        return self._count("attn_ms")
 
     def kv_moved(self) -> tuple[int, int]:
-        """KV bytes copied (host -> device, device -> host) by the caches since reset_counters."""
-        return (sum(getattr(c, "h2d_bytes", 0) for c in self.caches),
-                sum(getattr(c, "d2h_bytes", 0) for c in self.caches))
+        """KV bytes copied (host -> device, device -> host) since reset_counters."""
+        return self._count("h2d"), self._count("d2h")
+
+    def block_counts(self) -> tuple[int, int]:
+        """(KV blocks decode attention read, blocks it would read exactly) since reset_counters (top-k)."""
+        return self._count("attended"), self._count("total")
 
     def attended_fraction(self) -> float | None:
-        total = sum(c.total_blocks for c in self.caches)
-        return sum(c.attended_blocks for c in self.caches) / total if total else None
+        attended, total = self.block_counts()
+        return attended / total if total else None
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start: int, cache: KVCache, last_only: bool = False) -> torch.Tensor:
