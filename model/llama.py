@@ -291,9 +291,6 @@ class TieredKVCache(KVCache):
         self.host_v[layer][:, start:end].copy_(self.buf_v[b][:, start:end], non_blocking=True)
         self.d2h_bytes += 2 * (end - start) * self.row_bytes * self.shape[0]
 
-    def gpu_bytes(self) -> int:
-        return 4 * math.prod(self.shape) * self.host_k[0].element_size()
-
 
 # ---- group forwards ----------------------------------------------------------------------------------
 

@@ -164,9 +164,9 @@ def load_tokenizer_for(image, ck):
     return tok
 
 
-def read_prompts(path: str | None, n: int, tok, vocab_size: int) -> list[list[int]]:
-    """The first ``n`` non-empty lines of ``path`` as token ids (text, or comma-separated ids without a
-    tokenizer); without ``path`` the default prompt text."""
+def read_prompts(path: str | None, n: int | None, tok, vocab_size: int, chat: bool = False) -> list[list[int]]:
+    """The first ``n`` (None: all) non-empty lines of ``path`` as token ids (text, wrapped in the chat
+    template with ``chat``, or comma-separated ids without a tokenizer); without ``path`` the default prompt."""
     if path is None:
         if tok is None:
             raise UserError("the image has no tokenizer: give --prompts FILE with lines of comma-separated token "
@@ -179,9 +179,13 @@ def read_prompts(path: str | None, n: int, tok, vocab_size: int) -> list[list[in
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: cannot read the prompts ({e})") from None
     found = [(i + 1, ln) for i, ln in enumerate(lines) if ln.strip()][:n]
-    if len(found) < n:
+    if not found:
+        raise UserError(f"{path}: no non-empty line")
+    if n is not None and len(found) < n:
         raise UserError(f"{path}: {len(found)} non-empty line(s), --batch-size {n} needs {n}")
-    return [tok.encode(ln) if tok is not None else _ids(ln, f"{path}:{no}", vocab_size) for no, ln in found]
+    if tok is None:
+        return [_ids(ln, f"{path}:{no}", vocab_size) for no, ln in found]
+    return [tok.encode_chat([{"role": "user", "content": ln}]) if chat else tok.encode(ln) for _, ln in found]
 
 
 def _ids(line: str, where: str, vocab_size: int) -> list[int]:

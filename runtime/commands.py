@@ -178,30 +178,15 @@ def _run(a, image, tok, prompt, rcfg, max_len, early) -> None:
         Path(a.out_json).write_text(json.dumps(out, indent=1))
 
 
-def _read_prompt_file(a, image, tok) -> list[list[int]]:
-    from runtime.bench import _ids
-
-    try:
-        lines = Path(a.prompts).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{a.prompts}: cannot read the prompts ({e})") from None
-    found = [(i + 1, ln) for i, ln in enumerate(lines) if ln.strip()]
-    if not found:
-        raise UserError(f"{a.prompts}: no non-empty line")
-    if tok is None:
-        return [_ids(ln, f"{a.prompts}:{no}", image.args.vocab_size) for no, ln in found]
-    if a.chat:
-        return [tok.encode_chat([{"role": "user", "content": ln}]) for _, ln in found]
-    return [tok.encode(ln) for _, ln in found]
-
-
 def _run_prompts(a, image, rcfg) -> None:
     """``run --prompts FILE``: every prompt, --batch-size at a time, each batch sharing its weight passes."""
     from runtime.engine import open_source, start_early
     from runtime.generate import SamplingConfig
 
     tok = _tokenizer(image, required=False)
-    prompts = _read_prompt_file(a, image, tok)
+    from runtime.bench import read_prompts
+
+    prompts = read_prompts(a.prompts, None, tok, image.args.vocab_size, chat=a.chat)
     b = min(a.batch_size, len(prompts))
     max_len = a.max_seq_len or max(len(p) for p in prompts) + a.max_new_tokens
     early = start_early(image, rcfg, a.device, batch=b, max_len=max_len)

@@ -306,7 +306,7 @@ def _open_source(image: Image, cfg: RuntimeConfig, device: torch.device, batch: 
         source.kv_offload = cfg.kv_offload == "on"
         yield source, None, None
         return
-    from runtime.client import PoolClient, StreamedWeights
+    from runtime.client import PoolClient
 
     if cfg.attach is not None:
         with _attached_source(image, cfg, device, batch, max_len, chunk, all_logits) as out:
@@ -324,18 +324,29 @@ def _open_source(image: Image, cfg: RuntimeConfig, device: torch.device, batch: 
         started_ms = (time.perf_counter() - t0) * 1e3
     with pool:
         client = PoolClient(pool.handle)
-        source = None
         try:
-            with _warming_up(image, device, max_len, chunk):
-                source = StreamedWeights(image, plan, client, device, staging=max(plan.staging_buffers, 1),
-                                         trace=trace.client if trace else None)
-            source.load_ms = {"pool_start": started_ms, **source.load_ms}
-            source.kv_offload = offload
-            yield source, plan, pool.handle
+            with _streamed(image, plan, client, device, max_len, chunk, {"pool_start": started_ms}, offload,
+                           trace.client if trace else None) as source:
+                yield source, plan, pool.handle
         finally:
-            if source is not None:
-                source.close()
             client.close()
+
+
+@contextlib.contextmanager
+def _streamed(image: Image, plan, client, device: torch.device, max_len: int, chunk: int, load_ms: dict,
+              offload: bool, trace=None):
+    """The StreamedWeights over ``client`` (built while CUDA warms up), closed on exit; ``load_ms`` goes first
+    in its load breakdown, ``offload`` is the KV-offload decision the Generator takes from it."""
+    from runtime.client import StreamedWeights
+
+    with _warming_up(image, device, max_len, chunk):
+        source = StreamedWeights(image, plan, client, device, staging=max(plan.staging_buffers, 1), trace=trace)
+    try:
+        source.load_ms = {**load_ms, **source.load_ms}
+        source.kv_offload = offload
+        yield source
+    finally:
+        source.close()
 
 
 @contextlib.contextmanager
@@ -343,7 +354,7 @@ def _attached_source(image: Image, cfg: RuntimeConfig, device: torch.device, bat
                      all_logits: bool):
     """The weight source over the daemon pool ``cfg.attach`` (runtime/daemon.py): claim a client row, plan
     within what the pool holds, map the ring read-only; the row is given back on exit, also on failure."""
-    from runtime.client import PoolClient, StreamedWeights
+    from runtime.client import PoolClient
     from runtime.daemon import attach
 
     t0 = time.perf_counter()
@@ -358,16 +369,8 @@ def _attached_source(image: Image, cfg: RuntimeConfig, device: torch.device, bat
                   + plan.describe(), file=sys.stderr)
         client = PoolClient(att.handle, att.index, ring="ro")
         attach_ms = (time.perf_counter() - t0) * 1e3
-        source = None
-        try:
-            with _warming_up(image, device, max_len, chunk):
-                source = StreamedWeights(att.image, plan, client, device, staging=max(plan.staging_buffers, 1))
-            source.load_ms = {"attach": attach_ms, **source.load_ms}
-            source.kv_offload = offload
+        with _streamed(att.image, plan, client, device, max_len, chunk, {"attach": attach_ms}, offload) as source:
             yield source, plan, att.handle
-        finally:
-            if source is not None:
-                source.close()
     finally:
         if client is not None:
             client.close()
