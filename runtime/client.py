@@ -174,6 +174,19 @@ class StreamedWeights:
         # Registered behind the fill, chunk by chunk as the workers complete it (see _register_ring).
         t0 = time.perf_counter()
         self.registered = self._register_ring() if self.cuda else False
+        try:
+            self._set_up(plan, staging, t0)
+        except BaseException:  # e.g. out of GPU memory for the staging buffers: never leave pages registered
+            try:
+                self.client.stop_stream()
+            finally:  # (a later mapping at the same address would fail, error 712, or corrupt copies)
+                if self.registered:
+                    self._unregister()
+                    self.registered = False
+            raise
+
+    def _set_up(self, plan, staging: int, t0: float) -> None:
+        client = self.client
         t1 = time.perf_counter()
         client.wait_running()
         t2 = time.perf_counter()
@@ -423,16 +436,18 @@ class StreamedWeights:
 
     # ---- teardown ------------------------------------------------------------------------------
     def close(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-            self._release_finished()
-        elif self.held is not None:
-            self.client.release(*self.held)
-            self.held = None
-        self.client.stop_stream()
-        if self.registered:
-            self._unregister()
-            self.registered = False
+        try:
+            if self.cuda:
+                torch.cuda.synchronize(self.device)
+                self._release_finished()
+            elif self.held is not None:
+                self.client.release(*self.held)
+                self.held = None
+            self.client.stop_stream()
+        finally:  # the registration goes before the ring is unmapped, whatever failed above
+            if self.registered:
+                self._unregister()
+                self.registered = False
 
 
 __all__ = ["PoolClient", "StreamedWeights", "PoolDied"]

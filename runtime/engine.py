@@ -339,10 +339,10 @@ def _streamed(image: Image, plan, client, device: torch.device, max_len: int, ch
     in its load breakdown, ``offload`` is the KV-offload decision the Generator takes from it."""
     from runtime.client import StreamedWeights
 
-    with _warming_up(image, device, max_len, chunk):
+    with _warming_up(image, device, max_len, chunk) as waited:
         source = StreamedWeights(image, plan, client, device, staging=max(plan.staging_buffers, 1), trace=trace)
     try:
-        source.load_ms = {**load_ms, **source.load_ms}
+        source.load_ms = {**load_ms, **source.load_ms, **waited}
         source.kv_offload = offload
         yield source
     finally:
@@ -394,8 +394,9 @@ def _release_row(att) -> None:
 def _warming_up(image: Image, device: torch.device, max_len: int, chunk: int):
     """Load CUDA's libraries and kernels (runtime.generate.warm_up) in a thread while the body runs (the ring's
     registration and the GPU tier's copy); joined on exit. A failed warm-up costs nothing but the warm-up."""
+    waited: dict[str, float] = {}
     if device.type != "cuda":
-        yield
+        yield waited
         return
     import threading
 
@@ -411,6 +412,8 @@ def _warming_up(image: Image, device: torch.device, max_len: int, chunk: int):
     t = threading.Thread(target=run, name="cuda-warm-up", daemon=True)
     t.start()
     try:
-        yield
+        yield waited
     finally:
+        t0 = time.perf_counter()
         t.join()
+        waited["warm_up_wait"] = (time.perf_counter() - t0) * 1e3

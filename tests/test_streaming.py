@@ -173,6 +173,39 @@ def test_gpu_streamed_equals_full_bf16(synth_bf16, mode):
 
 
 @cuda
+def test_gpu_failed_set_up_unregisters_the_ring(synth_bf16, monkeypatch):
+    """A weight source whose set-up fails after the ring was registered (here: its staging buffers) gives
+    the registration back before the ring is unmapped; a stale one made the next run's copies fail (CUDA
+    error 712 or "invalid argument" on memory later mapped at the same address). The next run works."""
+    from runtime.client import StreamedWeights
+
+    dev = torch.device("cuda")
+    prompt, new = PROMPT, 4
+    built = []
+
+    def failing(self, k):
+        built.append(self)
+        raise RuntimeError("staging buffers: simulated failure")
+
+    cfg = RuntimeConfig(mode="preload", gpu_mem_gb=1.5, gpu_cached_layers=0, workers=2, quiet=True)
+    with monkeypatch.context() as m:
+        m.setattr(StreamedWeights, "_init_pipeline", failing)
+        with pytest.raises(RuntimeError, match="simulated"):
+            with open_source(synth_bf16, cfg, dev, max_len=len(prompt) + new):
+                pass
+    assert built and built[0].registrations == [] and not built[0].registered
+    built.clear()
+    gen = Generator(InMemoryWeights(synth_bf16, dev, quiet=True), len(prompt) + new)
+    ref = gen.generate(prompt, SamplingConfig(new)).output_token_ids
+    del gen
+    torch.cuda.empty_cache()
+    with open_source(synth_bf16, cfg, dev, max_len=len(prompt) + new) as (src, _, _):
+        assert src.registered
+        out = Generator(src, len(prompt) + new).generate(prompt, SamplingConfig(new)).output_token_ids
+    assert out == ref
+
+
+@cuda
 @pytest.mark.parametrize("dram_gb", [None, 0.95])
 def test_gpu_attached_equals_full_bf16(synth_bf16, tmp_path, monkeypatch, dram_gb):
     """A run attached to a daemon pool (the whole model held, or part of it with the rest streaming through
