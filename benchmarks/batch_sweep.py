@@ -68,6 +68,7 @@ def main() -> int:
                str(a.workers), "--out-json", str(js), *given] + (["--gpu-mem-gb", f"{cap:.3f}"] if cap else [])
         if sh(cmd, out / f"b{b}.log") or not js.exists():
             rows.append({"batch": b, "failed": True, "log": (out / f"b{b}.log").read_text()[-1500:]})
+            save(out, rows, a, cap)
             continue
         j = json.loads(js.read_text())
         if not given:  # later runs take the first run's links: nothing measured before each load
@@ -83,11 +84,16 @@ def main() -> int:
                      "kv_d2h_per_step": j["kv"]["decode_d2h_bytes"] / steps, "weight_h2d_per_step": w_step,
                      "bound_ms": (w_step + kv_step) / (h2d * 1e9) * 1e3 if h2d else None,
                      "gpu_peak_GB": j["gpu_mem_GB"]["peak_allocated_GB"], "pinned_GB": j["host_mem_GB"]["pinned_GB"]})
+        save(out, rows, a, cap)
     report(rows, a, cap)
+    return 0
+
+
+def save(out: Path, rows: list[dict], a, cap) -> None:
+    """batch.json after every batch size: a run cut short keeps the rows it finished."""
     (out / "batch.json").write_text(json.dumps({"shape": a.shape, "layers": a.layers, "cap_gb": cap, "rows": rows,
                                                 "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens},
                                                indent=1))
-    return 0
 
 
 def report(rows: list[dict], a, cap) -> None:

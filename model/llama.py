@@ -333,13 +333,31 @@ def attention_forward(h: torch.Tensor, w: Weights, args: ModelArgs, layer: int, 
         elif s > 1 and start > 0:  # a later chunk: query i sits at position start+i and sees keys [0, start+i]
             qpos = torch.arange(start, end, device=h.device).view(s, 1)
             mask = torch.arange(end, device=h.device).view(1, end) <= qpos
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
-                                             enable_gqa=args.n_rep > 1)
+        if mask is not None and args.n_rep > 1:
+            out = _folded_gqa_attention(q, keys, values, mask, args)
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
+                                                 enable_gqa=args.n_rep > 1)
     if timed:
         _sync(h.device)
         cache.attn_ms += (time.perf_counter() - t0) * 1e3
     out = out.transpose(1, 2).reshape(b, s, args.n_heads * args.head_dim)  # (B, S, n_heads*hd)
     return h + F.linear(out, w["attention.wo.weight"])
+
+
+def _folded_gqa_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                          args: ModelArgs) -> torch.Tensor:
+    """Masked attention with grouped KV heads: each KV head's n_rep query heads become n_rep x S query rows
+    against that head's keys, the mask repeated to match. SDPA's enable_gqa with a mask takes the math kernel,
+    which expands the keys and values n_rep times and materialises the scores (a batch of 64 at 2K tokens:
+    2 GB a layer); folded, the memory-efficient kernel runs with the keys as they are in the cache.
+    q (B, n_heads, S, hd); keys, values (B, n_kv, L, hd); mask broadcastable to (B, 1, S, L) -> (B, n_heads, S, hd)."""
+    b, n_heads, s, hd = q.shape
+    r = args.n_rep
+    qf = q.reshape(b, n_heads // r, r * s, hd)  # head h = kv * r + j: rows (j, s) of KV head kv
+    m = mask.view(-1, 1, s, mask.shape[-1]).repeat(1, 1, r, 1)  # (B or 1, 1, r * S, L)
+    return F.scaled_dot_product_attention(qf, keys, values, attn_mask=m).reshape(b, n_heads, s, hd)  # CUDA's
+    # memory-efficient kernel returns a (B, rows, heads, hd)-strided tensor: reshape, not view
 
 
 def _sync(device: torch.device) -> None:
@@ -367,8 +385,10 @@ def _block_attention(q: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, blocks
     valid = slots < end
     if cache.pad is not None:
         valid &= slots >= cache.pad.view(b, 1, 1)
-    mask = valid.repeat_interleave(args.n_rep, dim=1).unsqueeze(2)  # (B, n_heads, 1, m*bt)
-    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=args.n_rep > 1)
+    # each KV head's query heads as rows (as _folded_gqa_attention): no expanded keys, a mask-capable kernel
+    qf = q.reshape(b, n_kv, args.n_rep, hd)
+    out = F.scaled_dot_product_attention(qf, keys, values, attn_mask=valid.unsqueeze(2))  # mask (B, n_kv, 1, m*bt)
+    return out.reshape(b, n_kv * args.n_rep, 1, hd)
 
 
 def ffn_forward(h: torch.Tensor, w: Weights, args: ModelArgs) -> torch.Tensor:

@@ -5,6 +5,7 @@ disk bytes per pass are exactly the streamed set's, and no DRAM-tier group is ev
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 import time
@@ -216,7 +217,9 @@ def test_gpu_attached_equals_full_bf16(synth_bf16, tmp_path, monkeypatch, dram_g
     gen = Generator(InMemoryWeights(synth_bf16, dev, quiet=True), len(prompt) + new)
     ref = gen.generate(prompt, SamplingConfig(new)).output_token_ids
     del gen
+    gc.collect()  # the reference's weights must not count against the attached run's cap
     torch.cuda.empty_cache()
+    print("MEM before attach", torch.cuda.memory_allocated())
     monkeypatch.setenv("LLMS_POOL_DIR", str(tmp_path / "pools"))
     name = f"gpuattach{'all' if dram_gb is None else 'part'}"
     start = [sys.executable, "launch.py", "pool", "start", "--image", str(synth_bf16.path), "--name", name,
