@@ -268,6 +268,9 @@ def _add_pool_parser(sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from runtime.env import allocator_defaults
+
+    allocator_defaults()  # before torch starts CUDA
     from runtime import commands
 
     try:

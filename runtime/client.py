@@ -162,7 +162,7 @@ class StreamedWeights:
     """Weight source over a pool (see module docstring). ``plan`` is a runtime.placement.Plan."""
 
     def __init__(self, image: Image, plan, client: PoolClient, device: torch.device, staging: int = 2,
-                 trace=None) -> None:
+                 trace=None, on_allocated=None) -> None:
         self.image, self.args, self.plan, self.client = image, image.args, plan, client
         self.trace = trace  # runtime.trace.ClientTrace with --trace: records copies and slot waits
         self.device, self.dtype = torch.device(device), TORCH_DTYPES[image.dtype]
@@ -171,12 +171,25 @@ class StreamedWeights:
         self.res = client.res
         self.ring = _ring_tensor(self.res)
         self.cuda = self.device.type == "cuda"
+        self.sched = [g for g in plan.sequence if g not in plan.gpu]  # non-resident groups, pass order
+        self.stream_seq = [g for g in plan.sequence if g in plan.stream]
+        self.pos = 0  # position in sched (cyclic)
+        self.stream_pos = 0  # absolute position in the streamed sequence
+        self.held: tuple[int, int] | None = None  # CPU: the streamed slot the last group was computed from
+        # The plan's device memory first (GPU tier buffers, staging buffers), then ``on_allocated`` (the CUDA
+        # warm-up thread: what it allocates comes out of the activations' share, never out of these).
+        self.tier_bufs = {g: torch.empty(image.groups[g].size, dtype=torch.uint8, device=self.device)
+                          for g in plan.gpu}
+        if self.cuda:
+            self._init_pipeline(staging)
+        if on_allocated is not None:
+            on_allocated()
         # Registered behind the fill, chunk by chunk as the workers complete it (see _register_ring).
         t0 = time.perf_counter()
         self.registered = self._register_ring() if self.cuda else False
         try:
-            self._set_up(plan, staging, t0)
-        except BaseException:  # e.g. out of GPU memory for the staging buffers: never leave pages registered
+            self._set_up(t0)
+        except BaseException:  # e.g. the pool died: never leave pages registered
             try:
                 self.client.stop_stream()
             finally:  # (a later mapping at the same address would fail, error 712, or corrupt copies)
@@ -185,7 +198,7 @@ class StreamedWeights:
                     self.registered = False
             raise
 
-    def _set_up(self, plan, staging: int, t0: float) -> None:
+    def _set_up(self, t0: float) -> None:
         client = self.client
         t1 = time.perf_counter()
         client.wait_running()
@@ -196,15 +209,8 @@ class StreamedWeights:
         t3 = time.perf_counter()
         self.load_ms = {"register_ring": (t1 - t0) * 1e3, "wait_dram_tier_after_register": (t2 - t1) * 1e3,
                         "gpu_tier": (t3 - t2) * 1e3}
-        self.sched = [g for g in plan.sequence if g not in plan.gpu]  # non-resident groups, pass order
-        self.stream_seq = [g for g in plan.sequence if g in plan.stream]
-        self.pos = 0  # position in sched (cyclic)
-        self.stream_pos = 0  # absolute position in the streamed sequence
-        self.held: tuple[int, int] | None = None  # CPU: the streamed slot the last group was computed from
         if self.stream_seq:
             client.start([self.gid[g] for g in self.stream_seq], cyclic=True)
-        if self.cuda:
-            self._init_pipeline(staging)
 
     # ---- setup ---------------------------------------------------------------------------------
     def _check_dram_tier(self) -> None:
@@ -304,10 +310,14 @@ class StreamedWeights:
     def _load_gpu_tier(self) -> None:
         """Copy the GPU tier to the device: from the pool's DRAM tier where it holds those groups (see
         runtime.engine.gpu_tier_in_dram), else through the window, one group after another."""
+        def load(g: str, slot: int) -> None:  # one copy per group into its buffer, the tensors views of it
+            spec = self.image.groups[g]
+            self.tier_bufs[g].copy_(self.slot_tensor(slot, spec.size), non_blocking=True)
+            self.resident[g] = tensor_views(spec, self.tier_bufs[g])
+
         in_dram = [g for g in self.plan.gpu if int(self.res.groups[self.gid[g]]["slot"]) >= 0]
         for g in in_dram:
-            self.resident[g] = {k: v.to(self.device, copy=True, non_blocking=True)
-                                for k, v in self.dram_views(g).items()}
+            load(g, int(self.res.groups[self.gid[g]]["slot"]))
         if self.cuda and in_dram:
             torch.cuda.current_stream(self.device).synchronize()
         gpu = [g for g in self.plan.gpu if g not in self.resident]
@@ -316,8 +326,7 @@ class StreamedWeights:
         self.client.start([self.gid[g] for g in gpu], cyclic=False)
         for pos, g in enumerate(gpu):
             slot, seq = self.client.wait_ready(pos)
-            views = tensor_views(self.image.groups[g], self.slot_tensor(slot, self.image.groups[g].size))
-            self.resident[g] = {k: v.to(self.device, copy=True) for k, v in views.items()}
+            load(g, slot)
             if self.cuda:
                 torch.cuda.current_stream(self.device).synchronize()  # copies done before the slot is reused
             self.client.release(slot, seq)

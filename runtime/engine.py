@@ -92,29 +92,34 @@ def kv_cache_bytes(image: Image, batch: int, max_len: int, offload: bool = False
 
 
 def plan_with_kv(image: Image, cfg: RuntimeConfig, device, batch: int, max_len: int, act_bytes: int, plan_fn):
-    """(plan, kv offload?) for ``cfg.kv_offload``: "auto" offloads the KV cache only when the plan with the
-    whole cache on the device is infeasible (its ConfigError) and the one with two layers' buffers is not.
-    An offloaded cache must fit the available memory (pinned)."""
+    """(plan, kv offload?) for ``cfg.kv_offload``. "auto" on CUDA plans both ways (the whole cache on the
+    device, or two layers' buffers there and the cache in pinned DRAM) and takes the one that moves fewer bytes
+    over the H2D link per decode step: the weights not resident, plus, offloaded, the whole cache read back.
+    The device's KV displaces at most its own bytes of weights, but the GPU tier holds whole groups, so either
+    can win (70B-shaped, batch 32: the cache on the device pushed the tier from 2.7 to 0.3 GB). Ties stay on
+    the device. An offloaded cache must fit the available memory (pinned)."""
     want = {"on": [True], "off": [False], "auto": [False, True]}[cfg.kv_offload]
     if getattr(device, "type", "cpu") != "cuda":
         want = [cfg.kv_offload == "on"]  # on the CPU the "device" is DRAM: offload only when asked (tests)
-    err = None
+    err, plans = None, {}
     for off in want:
         try:
-            plan = plan_fn(kv_cache_bytes(image, batch, max_len, off))
+            plans[off] = plan_fn(kv_cache_bytes(image, batch, max_len, off))
         except ConfigError as e:
             err = err or e
-            continue
-        if off:
-            import psutil
+    if not plans:
+        raise err
+    full = kv_cache_bytes(image, batch, max_len)
+    off = min(plans, key=lambda o: (plans[o].h2d_bytes_per_pass + (full if o else 0), o))
+    if off:
+        import psutil
 
-            full, avail = kv_cache_bytes(image, batch, max_len), psutil.virtual_memory().available
-            if full > avail:
-                raise ConfigError(f"the KV cache ({full / GB:.2f} GB for batch {batch} x {max_len} tokens) does not "
-                                  f"fit the available memory {avail / GB:.2f} GB; lower --max-seq-len or "
-                                  f"--batch-size") from err
-        return plan, off
-    raise err
+        avail = psutil.virtual_memory().available
+        if full > avail:
+            raise ConfigError(f"the KV cache ({full / GB:.2f} GB for batch {batch} x {max_len} tokens) does not "
+                              f"fit the available memory {avail / GB:.2f} GB; lower --max-seq-len or "
+                              f"--batch-size") from err
+    return plans[off], off
 
 
 def activation_bytes(image: Image, batch: int, chunk: int, all_logits: bool = False) -> int:
@@ -339,9 +344,14 @@ def _streamed(image: Image, plan, client, device: torch.device, max_len: int, ch
     in its load breakdown, ``offload`` is the KV-offload decision the Generator takes from it."""
     from runtime.client import StreamedWeights
 
-    with _warming_up(image, device, max_len, chunk) as waited:
-        source = StreamedWeights(image, plan, client, device, staging=max(plan.staging_buffers, 1), trace=trace)
+    warm = _WarmUp(image, device, max_len, chunk)
     try:
+        source = StreamedWeights(image, plan, client, device, staging=max(plan.staging_buffers, 1), trace=trace,
+                                 on_allocated=warm.start)
+    finally:
+        warm.join()
+    try:
+        waited = {} if warm.waited_ms is None else {"warm_up_wait": warm.waited_ms}
         source.load_ms = {**load_ms, **source.load_ms, **waited}
         source.kv_offload = offload
         yield source
@@ -390,30 +400,36 @@ def _release_row(att) -> None:
         res.close()
 
 
-@contextlib.contextmanager
-def _warming_up(image: Image, device: torch.device, max_len: int, chunk: int):
-    """Load CUDA's libraries and kernels (runtime.generate.warm_up) in a thread while the body runs (the ring's
-    registration and the GPU tier's copy); joined on exit. A failed warm-up costs nothing but the warm-up."""
-    waited: dict[str, float] = {}
-    if device.type != "cuda":
-        yield waited
-        return
-    import threading
+class _WarmUp:
+    """Load CUDA's libraries and kernels (runtime.generate.warm_up) in a thread while the ring is registered
+    and the GPU tier copied. Started by the weight source once its own device memory (staging buffers, GPU
+    tier) is allocated, so the warm-up's tensors live in the activations' share of the budget and never take
+    what the plan gave the source. A failed warm-up costs nothing but the warm-up."""
 
-    from runtime.generate import warm_up
-    from runtime.image import TORCH_DTYPES
+    def __init__(self, image: Image, device: torch.device, max_len: int, chunk: int) -> None:
+        self.image, self.device, self.tokens = image, device, max(1, min(chunk, max_len - 1))
+        self.thread = None
+        self.waited_ms: float | None = None
 
-    def run() -> None:
+    def start(self) -> None:
+        if self.device.type != "cuda" or self.thread is not None:
+            return
+        import threading
+
+        self.thread = threading.Thread(target=self._run, name="cuda-warm-up", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        from runtime.generate import warm_up
+        from runtime.image import TORCH_DTYPES
+
         try:
-            warm_up(image.args, TORCH_DTYPES[image.dtype], device, max(1, min(chunk, max_len - 1)))
+            warm_up(self.image.args, TORCH_DTYPES[self.image.dtype], self.device, self.tokens)
         except Exception as e:  # e.g. out of memory under a tight cap: the first pass pays instead
             print(f"note: CUDA warm-up skipped ({type(e).__name__}: {str(e)[:200]})", file=sys.stderr)
 
-    t = threading.Thread(target=run, name="cuda-warm-up", daemon=True)
-    t.start()
-    try:
-        yield waited
-    finally:
-        t0 = time.perf_counter()
-        t.join()
-        waited["warm_up_wait"] = (time.perf_counter() - t0) * 1e3
+    def join(self) -> None:
+        if self.thread is not None:
+            t0 = time.perf_counter()
+            self.thread.join()
+            self.waited_ms = (time.perf_counter() - t0) * 1e3

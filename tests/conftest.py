@@ -11,6 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from runtime.env import allocator_defaults
+
+allocator_defaults()  # as launch.py does, before a test module starts CUDA
+
 ROOT = Path(__file__).resolve().parent.parent
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -86,6 +86,28 @@ def test_auto_offload_when_the_gpu_budget_cannot_hold_the_kv(tmp_path):
         plan(tight, "off")
 
 
+def test_auto_offload_takes_the_fewer_bytes_per_step(tiny):
+    """Both plans feasible: "auto" compares the weights each moves per step, plus the whole cache read back
+    when offloaded (the GPU tier holds whole groups, so the device's KV can displace more than its size)."""
+    batch, max_len, dev = 8, 512, SimpleNamespace(type="cuda")
+    full, two = kv_cache_bytes(tiny, batch, max_len), kv_cache_bytes(tiny, batch, max_len, True)
+    cfg = RuntimeConfig(mode="preload", gpu_mem_gb=1, kv_offload="auto", quiet=True)
+
+    def choose(on_device_h2d: int, offloaded_h2d: int) -> bool:
+        plans = {full: SimpleNamespace(h2d_bytes_per_pass=on_device_h2d),
+                 two: SimpleNamespace(h2d_bytes_per_pass=offloaded_h2d)}
+        plan, off = plan_with_kv(tiny, cfg, dev, batch, max_len, 0, lambda kv: plans[kv])
+        assert plan is plans[two if off else full]
+        return off
+
+    assert choose(10**9 + full + 1, 10**9) is True  # the device's KV displaced more weights than it reads back
+    assert choose(10**9 + full, 10**9) is False  # a tie stays on the device
+    assert choose(10**9, 10**9) is False
+    cpu = plan_with_kv(tiny, cfg, SimpleNamespace(type="cpu"), batch, max_len, 0,
+                       lambda kv: SimpleNamespace(h2d_bytes_per_pass=0))
+    assert cpu[1] is False  # on the CPU only --kv-offload on offloads
+
+
 @pytest.mark.parametrize("offload", [False, True])
 def test_topk_covering_every_block_is_exact(tiny, offload):
     src = InMemoryWeights(tiny, "cpu", quiet=True)

@@ -175,7 +175,7 @@ def test_gpu_streamed_equals_full_bf16(synth_bf16, mode):
 
 @cuda
 def test_gpu_failed_set_up_unregisters_the_ring(synth_bf16, monkeypatch):
-    """A weight source whose set-up fails after the ring was registered (here: its staging buffers) gives
+    """A weight source whose set-up fails after the ring was registered (here: its DRAM-tier check) gives
     the registration back before the ring is unmapped; a stale one made the next run's copies fail (CUDA
     error 712 or "invalid argument" on memory later mapped at the same address). The next run works."""
     from runtime.client import StreamedWeights
@@ -184,13 +184,13 @@ def test_gpu_failed_set_up_unregisters_the_ring(synth_bf16, monkeypatch):
     prompt, new = PROMPT, 4
     built = []
 
-    def failing(self, k):
+    def failing(self):
         built.append(self)
-        raise RuntimeError("staging buffers: simulated failure")
+        raise RuntimeError("DRAM tier check: simulated failure")
 
     cfg = RuntimeConfig(mode="preload", gpu_mem_gb=1.5, gpu_cached_layers=0, workers=2, quiet=True)
     with monkeypatch.context() as m:
-        m.setattr(StreamedWeights, "_init_pipeline", failing)
+        m.setattr(StreamedWeights, "_check_dram_tier", failing)
         with pytest.raises(RuntimeError, match="simulated"):
             with open_source(synth_bf16, cfg, dev, max_len=len(prompt) + new):
                 pass
