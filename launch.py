@@ -74,8 +74,14 @@ def _add_kv_args(p: argparse.ArgumentParser) -> None:
                    help="KV cache block size in tokens: the unit of KV moves and of --topk-blk (default 64)")
     g.add_argument("--kv-offload", default="auto", choices=["auto", "on", "off"],
                    help="on: keep the KV cache in (pinned) DRAM and bring each layer's blocks to the GPU before "
-                        "its attention, overlapped with compute; auto (default): only when the GPU budget cannot "
-                        "hold the whole KV cache; off: never")
+                        "its attention, overlapped with compute; auto (default): when the GPU budget cannot hold "
+                        "the whole KV cache, or when keeping it there would push more weight bytes over the link "
+                        "per step than offloading moves; off: never")
+    g.add_argument("--host-attention", action="store_true",
+                   help="with the KV cache offloaded: decode attention runs on the CPU over the DRAM cache (as "
+                        "FlexGen), so the cache never crosses the H2D link while decoding; each layer sends its "
+                        "new query, key and value to the host and gets the attention output back. Prefill "
+                        "attention stays on the GPU. Not with --topk-blk")
     g.add_argument("--topk-blk", type=int,
                    help="approximate decode attention: per KV head only the K best blocks (scored from per-block "
                         "key min/max, as in Quest) plus the first block and the 2 most recent; off by default "

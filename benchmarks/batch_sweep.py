@@ -9,10 +9,11 @@ the KV cache's traffic takes over. One ``launch.py bench`` per batch size, a tab
 As in the seeds' bench: prompts of ``--prompt-tokens`` tokens (distinct per sequence), ``--new-tokens`` new
 tokens, ``--mode preload`` under the GPU cap (an image with fewer layers than the model gets the suite's
 emulated cap, benchmarks/suite.py). The KV cache is offloaded to DRAM when the cap cannot hold it
-(``--kv-offload auto``). Per batch size: prefill time, the decode step, its ratio to batch 1's, tokens/s,
-weight and KV bytes per step and the transfer bound max over the H2D link of (weights + KV moved per step).
-The table marks the first batch size whose step exceeds 1.2 x batch 1's: from there the step is no longer
-the weight pass's (compute, or the KV cache's traffic, which the bound column separates).
+(``--kv-offload auto``); ``--host-attention`` then runs its decode attention on the CPU. Per batch size:
+prefill time, the decode step, its ratio to batch 1's, tokens/s, weight and KV bytes per step and the
+transfer bound max over the H2D link of (weights + KV moved per step). The table marks the first batch size
+whose step exceeds 1.2 x batch 1's: from there the step is no longer the weight pass's (compute, or the KV
+cache's traffic, which the bound column separates).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=32, help="new tokens per sequence (default 32)")
     ap.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
     ap.add_argument("--workers", type=int, default=4, help="I/O workers (default 4)")
+    ap.add_argument("--host-attention", action="store_true",
+                    help="pass --host-attention: an offloaded KV cache's decode attention runs on the CPU")
     ap.add_argument("--workdir", required=True, help="where the image is packed")
     ap.add_argument("--out", required=True, help="logs, per-batch JSON and batch.json")
     a = ap.parse_args()
@@ -65,7 +68,8 @@ def main() -> int:
         cmd = [sys.executable, "launch.py", "bench", "--image", str(image), "--device", a.device, "--prompts",
                str(prompts), "--batch-size", str(b), "--max-new-tokens", str(a.new_tokens), "--max-seq-len",
                str(a.prompt_tokens + a.new_tokens), "--warmup-rounds", "0", "--mode", "preload", "--workers",
-               str(a.workers), "--out-json", str(js), *given] + (["--gpu-mem-gb", f"{cap:.3f}"] if cap else [])
+               str(a.workers), "--out-json", str(js), *given]
+        cmd += (["--gpu-mem-gb", f"{cap:.3f}"] if cap else []) + (["--host-attention"] if a.host_attention else [])
         if sh(cmd, out / f"b{b}.log") or not js.exists():
             rows.append({"batch": b, "failed": True, "log": (out / f"b{b}.log").read_text()[-1500:]})
             save(out, rows, a, cap)
@@ -80,7 +84,8 @@ def main() -> int:
         kv_step = j["kv"]["decode_h2d_bytes"] / steps
         w_step = j["bytes_per_token"]["h2d"]
         rows.append({"batch": b, "prefill_s": j["prefill_ms"] / 1e3, "step_ms": j["bound"]["decode_step_ms"],
-                     "tok_s": j["throughput_tok_s"], "kv_offload": j["kv"]["offload"], "kv_h2d_per_step": kv_step,
+                     "tok_s": j["throughput_tok_s"], "kv_offload": j["kv"]["offload"],
+                     "host_attention": j["kv"]["host_attention"], "kv_h2d_per_step": kv_step,
                      "kv_d2h_per_step": j["kv"]["decode_d2h_bytes"] / steps, "weight_h2d_per_step": w_step,
                      "bound_ms": (w_step + kv_step) / (h2d * 1e9) * 1e3 if h2d else None,
                      "gpu_peak_GB": j["gpu_mem_GB"]["peak_allocated_GB"], "pinned_GB": j["host_mem_GB"]["pinned_GB"]})
@@ -94,6 +99,12 @@ def save(out: Path, rows: list[dict], a, cap) -> None:
     (out / "batch.json").write_text(json.dumps({"shape": a.shape, "layers": a.layers, "cap_gb": cap, "rows": rows,
                                                 "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens},
                                                indent=1))
+
+
+def kv_where(r: dict) -> str:
+    if not r["kv_offload"]:
+        return "no"
+    return "yes, host attention" if r.get("host_attention") else "yes"
 
 
 def report(rows: list[dict], a, cap) -> None:
@@ -114,7 +125,7 @@ def report(rows: list[dict], a, cap) -> None:
             marked, note = True, " (first step over 1.2x batch 1's)"
         bound = f"{r['bound_ms']:.1f}" if r["bound_ms"] else "-"
         print(f"| {r['batch']} | {r['prefill_s']:.2f} | {r['step_ms']:.1f} | "
-              f"{f'{ratio:.2f}' if ratio else '-'}{note} | {r['tok_s']:.1f} | {'yes' if r['kv_offload'] else 'no'} | "
+              f"{f'{ratio:.2f}' if ratio else '-'}{note} | {r['tok_s']:.1f} | {kv_where(r)} | "
               f"{r['kv_h2d_per_step'] / 1e9:.2f} | {r['weight_h2d_per_step'] / 1e9:.2f} | {bound} | "
               f"{r['gpu_peak_GB']:.2f} |")
 

@@ -140,6 +140,7 @@ class KVCache:
         self.pad: torch.Tensor | None = None
         self._mask: tuple[tuple[int, int], torch.Tensor] | None = None
         self.profile, self.attn_ms, self.attended_blocks, self.total_blocks = False, 0.0, 0, 0
+        self.host_attention = False  # TieredKVCache: decode attention on the host (attend_on_host)
 
     def nbytes(self) -> int:
         return 2 * self.n_layers * math.prod(self.shape) * torch.tensor([], dtype=self.dtype).element_size()
@@ -214,8 +215,14 @@ class TieredKVCache(KVCache):
     are plain copies."""
 
     def __init__(self, args: ModelArgs, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str,
-                 **kw) -> None:
+                 host_attention: bool = False, **kw) -> None:
         super().__init__(args, batch, max_len, dtype, device, alloc=False, **kw)
+        if host_attention and self.topk_blk is not None:
+            raise ValueError("host attention and top-k blocks do not go together")
+        self.host_attention = host_attention
+        self.pad_host: torch.Tensor | None = None
+        self.out_pending = False  # copies of new slots into the host cache issued and not yet waited for
+        self.qkv_host: torch.Tensor | None = None  # pinned staging of a decode step's q, k, v (host attention)
         self.cuda = self.device.type == "cuda"
         pin = self.cuda
         self.host_k = [torch.zeros(self.shape, dtype=dtype, pin_memory=pin) for _ in range(args.n_layers)]
@@ -290,6 +297,51 @@ class TieredKVCache(KVCache):
         self.host_k[layer][:, start:end].copy_(self.buf_k[b][:, start:end], non_blocking=True)
         self.host_v[layer][:, start:end].copy_(self.buf_v[b][:, start:end], non_blocking=True)
         self.d2h_bytes += 2 * (end - start) * self.row_bytes * self.shape[0]
+        self.out_pending = self.cuda
+
+    def set_padding(self, pad: list[int]) -> None:
+        super().set_padding(pad)
+        self.pad_host = torch.tensor(pad, dtype=torch.long) if any(pad) else None
+
+    def attend_on_host(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
+                       n_rep: int) -> torch.Tensor:
+        """A decode step's attention where the cache lives (FlexGen's CPU attention): q (B, n_heads, 1, hd),
+        the new k and v (B, 1, n_kv, hd) go to the host (one small copy), are written into the host cache at
+        slot ``start``, attention runs there over slots [0, start] (each KV head's query heads folded into
+        rows, padding masked), and the output (B, n_heads, 1, hd) comes back: per layer and step 2 x B x
+        (n_heads + 2 n_kv) x hd elements move instead of the layer's whole cache. The caller's device work up
+        to here is waited for (the copy of q, k, v)."""
+        b, n_heads, _, hd = q.shape
+        n_kv = k.shape[2]
+        flat = torch.cat([q.reshape(b, -1), k.reshape(b, -1), v.reshape(b, -1)], dim=1)
+        if self.cuda:
+            if self.out_pending:  # the prefill's last slots must be in the host cache before it is read
+                self.copy_stream.synchronize()
+                self.out_pending = False
+            if self.qkv_host is None or self.qkv_host.shape != flat.shape:
+                self.qkv_host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+            self.qkv_host.copy_(flat, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(self.device))
+            done.synchronize()
+            flat = self.qkv_host
+            self.d2h_bytes += flat.numel() * flat.element_size()
+        nq, nk = n_heads * hd, n_kv * hd
+        self.host_k[layer][:b, start] = flat[:, nq:nq + nk].view(b, n_kv, hd)
+        self.host_v[layer][:b, start] = flat[:, nq + nk:].view(b, n_kv, hd)
+        end = start + 1
+        self.written[layer] = max(self.written[layer], end)
+        keys = self.host_k[layer][:b, :end].transpose(1, 2)  # (B, n_kv, end, hd), a view
+        values = self.host_v[layer][:b, :end].transpose(1, 2)
+        mask = None
+        if self.pad_host is not None:
+            mask = torch.arange(end).view(1, 1, 1, end) >= self.pad_host[:b].view(-1, 1, 1, 1)
+        out = F.scaled_dot_product_attention(flat[:, :nq].view(b, n_kv, n_rep, hd), keys, values, attn_mask=mask)
+        out = out.reshape(b, n_heads, 1, hd)
+        if not self.cuda:
+            return out
+        self.h2d_bytes += out.numel() * out.element_size()
+        return out.to(self.device)
 
 
 # ---- group forwards ----------------------------------------------------------------------------------
@@ -308,10 +360,12 @@ def attention_forward(h: torch.Tensor, w: Weights, args: ModelArgs, layer: int, 
     k = F.linear(x, w["attention.wk.weight"]).view(b, s, args.n_kv_heads, args.head_dim)
     v = F.linear(x, w["attention.wv.weight"]).view(b, s, args.n_kv_heads, args.head_dim)
     q, k = rope.apply(q, start, cache.pad), rope.apply(k, start, cache.pad)
-    ck, cv = cache.acquire(layer)
-    ck[:b, start:start + s] = k
-    cv[:b, start:start + s] = v
-    cache.release(layer, start, s)
+    on_host = s == 1 and cache.host_attention  # the cache's own CPU attention (TieredKVCache.attend_on_host)
+    if not on_host:
+        ck, cv = cache.acquire(layer)
+        ck[:b, start:start + s] = k
+        cv[:b, start:start + s] = v
+        cache.release(layer, start, s)
     end = start + s
     q = q.transpose(1, 2)  # (B, n_heads, S, hd)
     timed = cache.profile and s == 1
@@ -319,7 +373,9 @@ def attention_forward(h: torch.Tensor, w: Weights, args: ModelArgs, layer: int, 
         _sync(h.device)
         t0 = time.perf_counter()
     blocks = cache.topk_blocks(layer, q, end) if s == 1 and cache.topk_blk is not None else None
-    if blocks is not None:
+    if on_host:
+        out = cache.attend_on_host(layer, q, k, v, start, args.n_rep)
+    elif blocks is not None:
         out = _block_attention(q, ck, cv, blocks, end, cache, args)
     else:
         if s == 1 and cache.topk_blk is not None:

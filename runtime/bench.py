@@ -439,7 +439,9 @@ def build_report(a, cfg: BenchConfig, ctx: dict, r: Round) -> dict[str, Any]:
            "io_bw_MBps": {"weight_h2d_MBps": weight_h2d, **kv_rates(r, t["decode_ms"])},
            "gpu_mem_GB": gpu_mem, "mode": a.mode, "device": _device_name(ctx["device"])}
     out["kv"] = {"offload": bool(getattr(ctx.get("source"), "kv_offload", False)), "block_tokens": a.kv_block_tokens,
-                 "topk_blk": a.topk_blk, "decode_h2d_bytes": r.kv_end[0] - r.kv_after_prefill[0],
+                 "topk_blk": a.topk_blk, "host_attention": bool(getattr(a, "host_attention", False)
+                                                                and getattr(ctx.get("source"), "kv_offload", False)),
+                 "decode_h2d_bytes": r.kv_end[0] - r.kv_after_prefill[0],
                  "decode_d2h_bytes": r.kv_end[1] - r.kv_after_prefill[1], "prefill_h2d_bytes": r.kv_after_prefill[0],
                  "prefill_d2h_bytes": r.kv_after_prefill[1], "attended_block_fraction": r.attended}
     tok = ctx.get("tokenizer")

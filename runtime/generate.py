@@ -108,15 +108,20 @@ class Generator:
     """Runs forward passes over a weight source with one KV cache sized for the longest request."""
 
     def __init__(self, source: WeightSource, max_seq_len: int, prefill_chunk: int = 2048, kv_block_tokens: int = 64,
-                 topk_blk: int | None = None, kv_offload: bool = False, profile_attention: bool = False) -> None:
+                 topk_blk: int | None = None, kv_offload: bool = False, profile_attention: bool = False,
+                 host_attention: bool = False) -> None:
         """``kv_block_tokens``, ``topk_blk``: the KV cache's blocks and top-k decode attention (model.llama
         KVCache; None: exact). ``kv_offload``: the KV cache lives in DRAM, two layers at a time on the device
-        (TieredKVCache). ``profile_attention``: time decode attention (``attn_time_ms``; synchronises)."""
+        (TieredKVCache); ``host_attention``: its decode attention runs on the CPU where it lives.
+        ``profile_attention``: time decode attention (``attn_time_ms``; synchronises)."""
         if kv_block_tokens < 1:
             raise ConfigError(f"--kv-block-tokens must be at least 1, found {kv_block_tokens}")
         if topk_blk is not None and topk_blk < 1:
             raise ConfigError(f"--topk-blk must be at least 1, found {topk_blk}")
+        if host_attention and topk_blk is not None:
+            raise ConfigError("--host-attention and --topk-blk do not go together: top-k scores blocks on the GPU")
         self.kv_block_tokens, self.topk_blk, self.kv_offload = kv_block_tokens, topk_blk, kv_offload
+        self.host_attention = host_attention and kv_offload  # only an offloaded cache lives on the host
         self.profile_attention = profile_attention
         self.cache: KVCache | None = None  # the latest cache; the counters of earlier ones are folded into:
         self.folded = {"h2d": 0, "d2h": 0, "attn_ms": 0.0, "attended": 0, "total": 0}
@@ -131,9 +136,10 @@ class Generator:
 
     def new_cache(self, batch: int = 1) -> KVCache:
         self._fold()  # the previous cache is dropped here (only its counters are kept): no KV memory piles up
+        kw = {"host_attention": True} if self.host_attention else {}
         cls = TieredKVCache if self.kv_offload else KVCache
         cache = cls(self.args, batch, self.max_seq_len, self.source.dtype, self.source.device,
-                    block_tokens=self.kv_block_tokens, topk_blk=self.topk_blk)
+                    block_tokens=self.kv_block_tokens, topk_blk=self.topk_blk, **kw)
         cache.profile = self.profile_attention
         self.cache = cache
         return cache

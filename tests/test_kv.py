@@ -54,6 +54,25 @@ def test_offloaded_kv_equals_resident(tiny, block):
     assert h2d > d2h  # each layer's written blocks come back before every pass
 
 
+def test_host_attention_equals_resident(tiny):
+    """Decode attention on the host over the offloaded cache (FlexGen's CPU attention): the same tokens for a
+    batch of mixed lengths (padding masked) and for one sequence; while decoding no KV block is copied to
+    the device, and the decode steps' new slots reach the host cache directly."""
+    src = InMemoryWeights(tiny, "cpu", quiet=True)
+    ref = outputs(Generator(src, 96, prefill_chunk=16))
+    gen = Generator(src, 96, prefill_chunk=16, kv_offload=True, host_attention=True)
+    h2d = []
+    res = gen.generate_batch(PROMPTS, SamplingConfig(16), on_step=lambda t: h2d.append(gen.kv_moved()[0]))
+    assert [r.output_token_ids for r in res] == ref
+    assert h2d[0] > 0 and h2d[-1] == h2d[0]  # prefill fetched blocks; the 15 decode steps none
+    assert gen.cache.written == [max(len(p) for p in PROMPTS) + 15] * tiny.args.n_layers
+    one = Generator(src, 80, kv_offload=True, host_attention=True)
+    assert one.generate(PROMPTS[0], SamplingConfig(12)).output_token_ids == \
+        Generator(src, 80).generate(PROMPTS[0], SamplingConfig(12)).output_token_ids
+    with pytest.raises(ConfigError, match="--topk-blk"):
+        Generator(src, 80, kv_offload=True, host_attention=True, topk_blk=2)
+
+
 def test_single_sequence_offloaded(tiny):
     src = InMemoryWeights(tiny, "cpu", quiet=True)
     p = PROMPTS[0]
@@ -199,8 +218,16 @@ def test_gpu_kv_over_budget_offloads_and_matches(tmp_path):
             gen = Generator(src, max_len, kv_offload=True)
             out = [r.output_token_ids for r in gen.generate_batch(prompts, SamplingConfig(8))]
             moved = gen.kv_moved()
+            host = Generator(src, max_len, kv_offload=True, host_attention=True)  # decode attention on the CPU
+            steps = []
+            res = host.generate_batch(prompts, SamplingConfig(8), on_step=lambda _: steps.append(host.kv_moved()))
+            out_host = [r.output_token_ids for r in res]
             del src, gen
+            host = None  # its cache and buffers go before the cap is lifted
     finally:
         torch.cuda.empty_cache()
     assert offloaded and out == ref
     assert moved[0] > 0 and moved[1] > 0
+    assert out_host == ref
+    a = image.args  # 7 decode steps moved no KV block to the GPU: only each layer's attention output (bf16)
+    assert steps[-1][0] - steps[0][0] == 7 * a.n_layers * b * a.n_heads * a.head_dim * 2
