@@ -82,6 +82,10 @@ def _add_kv_args(p: argparse.ArgumentParser) -> None:
                         "FlexGen), so the cache never crosses the H2D link while decoding; each layer sends its "
                         "new query, key and value to the host and gets the attention output back. Prefill "
                         "attention stays on the GPU. Not with --topk-blk")
+    g.add_argument("--prefill-chunk", type=int, default=2048,
+                   help="prompt tokens per weight pass, shared by the sequences of a batch (default 2048; at "
+                        "least 16 per sequence): the plan keeps GPU room for one chunk's activations. A larger "
+                        "chunk means fewer passes to prefill a big batch, and less room for the GPU tier")
     g.add_argument("--topk-blk", type=int,
                    help="approximate decode attention: per KV head only the K best blocks (scored from per-block "
                         "key min/max, as in Quest) plus the first block and the 2 most recent; off by default "

@@ -41,6 +41,9 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=32, help="new tokens per sequence (default 32)")
     ap.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
     ap.add_argument("--workers", type=int, default=4, help="I/O workers (default 4)")
+    ap.add_argument("--prefill-chunk", type=int,
+                    help="pass --prefill-chunk: prompt tokens per weight pass, shared by the batch (bench's default: "
+                         "2048)")
     ap.add_argument("--host-attention", action="store_true",
                     help="pass --host-attention: an offloaded KV cache's decode attention runs on the CPU")
     ap.add_argument("--workdir", required=True, help="where the image is packed")
@@ -70,6 +73,7 @@ def main() -> int:
                str(a.prompt_tokens + a.new_tokens), "--warmup-rounds", "0", "--mode", "preload", "--workers",
                str(a.workers), "--out-json", str(js), *given]
         cmd += (["--gpu-mem-gb", f"{cap:.3f}"] if cap else []) + (["--host-attention"] if a.host_attention else [])
+        cmd += ["--prefill-chunk", str(a.prefill_chunk)] if a.prefill_chunk else []
         if sh(cmd, out / f"b{b}.log") or not js.exists():
             rows.append({"batch": b, "failed": True, "log": (out / f"b{b}.log").read_text()[-1500:]})
             save(out, rows, a, cap)

@@ -91,7 +91,8 @@ def generator_for(a, source, max_len: int, **kw):
 
     return Generator(source, max_len, kv_block_tokens=getattr(a, "kv_block_tokens", 64),
                      topk_blk=getattr(a, "topk_blk", None), kv_offload=getattr(source, "kv_offload", False),
-                     host_attention=getattr(a, "host_attention", False), **kw)
+                     host_attention=getattr(a, "host_attention", False),
+                     prefill_chunk=getattr(a, "prefill_chunk", 2048), **kw)
 
 
 def _prompt_ids(a, tok, default_chat: bool) -> list[int]:

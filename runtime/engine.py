@@ -49,10 +49,13 @@ class RuntimeConfig:
     trace: str | None = None  # --trace FILE: a Chrome trace of the run (runtime/trace.py)
     attach: str | None = None  # --attach NAME: use the daemon pool NAME (runtime/daemon.py), no private pool
     kv_offload: str = "auto"  # --kv-offload: "on" | "off" | "auto" (when the GPU budget cannot hold the KV cache)
+    prefill_chunk: int = 2048  # --prefill-chunk: prompt tokens per weight pass, shared by a batch's sequences
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"--mode must be one of {MODES}, found {self.mode!r}")
+        if self.prefill_chunk < 16:
+            raise ConfigError(f"--prefill-chunk must be at least 16 tokens, found {self.prefill_chunk}")
         for key in ("workers", "staging_mb", "group_prefetch_depth"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"--{key.replace('_', '-')} must be at least 1, found {getattr(self, key)}")
@@ -218,7 +221,7 @@ class EarlyStart:
 
 
 def start_early(image: Image, cfg: RuntimeConfig, device: str | None, batch: int = 1, max_len: int = 2048,
-                chunk: int = 2048, all_logits: bool = False) -> EarlyStart | None:
+                chunk: int | None = None, all_logits: bool = False) -> EarlyStart | None:
     """Start the run's pool now, before the caller imports torch and starts CUDA (seconds with a cold page
     cache), so the DRAM tier fills meanwhile. Only where the plan needs neither: a streaming mode, no trace,
     and on CUDA a given --gpu-mem-gb. ``device`` None guesses CUDA from /dev/nvidiactl; ``open_source``
@@ -232,6 +235,7 @@ def start_early(image: Image, cfg: RuntimeConfig, device: str | None, batch: int
     if kind == "cuda" and not cfg.gpu_mem_gb:
         return None
     dev = SimpleNamespace(type=kind)
+    chunk = chunk or cfg.prefill_chunk
     act = activation_bytes(image, batch, min(chunk_per_sequence(chunk, batch), max_len), all_logits)
     plan, offload = plan_with_kv(image, cfg, dev, batch, max_len, act,
                                  lambda kv: make_plan(image, cfg, dev, kv, act))
@@ -274,10 +278,12 @@ def _start_pool(image: Image, cfg: RuntimeConfig, plan, trace) -> PrivatePool:
 
 @contextlib.contextmanager
 def open_source(image: Image, cfg: RuntimeConfig, device: torch.device, batch: int = 1, max_len: int = 2048,
-                chunk: int = 2048, all_logits: bool = False, early: EarlyStart | None = None):
+                chunk: int | None = None, all_logits: bool = False, early: EarlyStart | None = None):
     """Yield (weight source, plan or None, pool handle or None) for ``cfg.mode``. With ``cfg.trace`` the
     source records its computes and the pool its reads; the trace is written once the pool has stopped.
-    ``early``: the pool ``start_early`` started for this run (used if it was planned for ``device``'s type)."""
+    ``early``: the pool ``start_early`` started for this run (used if it was planned for ``device``'s type).
+    ``chunk``: prompt tokens per weight pass the plan makes room for (default ``cfg.prefill_chunk``)."""
+    chunk = chunk or cfg.prefill_chunk
     if early is not None and early.device_type != device.type:
         early.stop()
         early = None

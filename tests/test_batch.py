@@ -91,16 +91,21 @@ def test_smollm2_batch_equals_solo(smol_image):
 def test_run_prompts_cli(tiny, tmp_path):
     f = tmp_path / "p.txt"
     f.write_text("\n".join(",".join(map(str, p)) for p in PROMPTS[:4]) + "\n\n")
+    long = tmp_path / "long.txt"  # prompts of 20-45 tokens: --prefill-chunk 16 takes several passes each
+    long.write_text("\n".join(",".join(map(str, p * 5)) for p in PROMPTS[:4]) + "\n")
     outs = {}
-    for b in (1, 3):
-        js = tmp_path / f"b{b}.json"
-        run_launch("run", "--image", str(tiny.path), "--prompts", str(f), "--batch-size", str(b),
-                   "--max-new-tokens", "6", "--device", "cpu", "--out-json", str(js), "--quiet")
-        outs[b] = json.loads(js.read_text())
-    assert outs[3]["batch_size"] == 3
-    assert [r["prompt_token_ids"] for r in outs[3]["results"]] == PROMPTS[:4]  # input order
-    assert [r["output_token_ids"] for r in outs[3]["results"]] == [r["output_token_ids"] for r in outs[1]["results"]]
-    assert all(len(r["output_token_ids"]) == 6 for r in outs[3]["results"])
+    for name, file, b, chunk in (("short", f, 1, 2048), ("short", f, 3, 2048), ("long", long, 1, 2048),
+                                 ("long", long, 3, 16)):
+        js = tmp_path / f"{name}-{b}-{chunk}.json"
+        run_launch("run", "--image", str(tiny.path), "--prompts", str(file), "--batch-size", str(b),
+                   "--max-new-tokens", "6", "--device", "cpu", "--out-json", str(js), "--quiet",
+                   "--prefill-chunk", str(chunk))
+        j = json.loads(js.read_text())
+        outs[name, b] = [r["output_token_ids"] for r in j["results"]]
+        assert j["batch_size"] == b and all(len(r["output_token_ids"]) == 6 for r in j["results"])
+        if name == "short":
+            assert [r["prompt_token_ids"] for r in j["results"]] == PROMPTS[:4]  # input order
+    assert outs["short", 3] == outs["short", 1] and outs["long", 3] == outs["long", 1]
 
 
 def test_bench_batch(tiny, tmp_path):
@@ -124,6 +129,7 @@ def test_batch_bad_input(tiny, tmp_path):
         return run_launch("run", "--image", str(tiny.path), "--device", "cpu", *args, check=False)
 
     assert_user_error(run("--prompts", str(f), "--batch-size", "0"), "--batch-size")
+    assert_user_error(run("--prompts", str(f), "--prefill-chunk", "8"), "--prefill-chunk")
     assert_user_error(run("--prompt-ids", "1,2", "--batch-size", "2"), "--prompts")
     (tmp_path / "e.txt").write_text("\n\n")
     assert_user_error(run("--prompts", str(tmp_path / "e.txt")), "no non-empty line")
