@@ -80,8 +80,9 @@ def _add_kv_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--host-attention", action="store_true",
                    help="with the KV cache offloaded: decode attention runs on the CPU over the DRAM cache (as "
                         "FlexGen), so the cache never crosses the H2D link while decoding; each layer sends its "
-                        "new query, key and value to the host and gets the attention output back. Prefill "
-                        "attention stays on the GPU. Not with --topk-blk")
+                        "new query, key and value to the host and gets the attention output back (and --kv-offload "
+                        "auto counts the offloaded cache as costing the link nothing). Prefill attention stays on "
+                        "the GPU. Not with --topk-blk")
     g.add_argument("--prefill-chunk", type=int, default=2048,
                    help="prompt tokens per weight pass, shared by the sequences of a batch (default 2048; at "
                         "least 16 per sequence): the plan keeps GPU room for one chunk's activations. A larger "

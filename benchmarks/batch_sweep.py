@@ -11,7 +11,8 @@ tokens, ``--mode preload`` under the GPU cap (an image with fewer layers than th
 emulated cap, benchmarks/suite.py). The KV cache is offloaded to DRAM when the cap cannot hold it
 (``--kv-offload auto``); ``--host-attention`` then runs its decode attention on the CPU. Per batch size:
 prefill time, the decode step, its ratio to batch 1's, tokens/s, weight and KV bytes per step and the
-transfer bound max over the H2D link of (weights + KV moved per step). The table marks the first batch size
+transfer bound max over the H2D link of (weights + KV moved per step), and with host attention the KV bytes
+it reads per step over the CPU's measured attention rate. The table marks the first batch size
 whose step exceeds 1.2 x batch 1's: from there the step is no longer the weight pass's (compute, or the KV
 cache's traffic, which the bound column separates).
 """
@@ -91,11 +92,20 @@ def main() -> int:
                      "tok_s": j["throughput_tok_s"], "kv_offload": j["kv"]["offload"],
                      "host_attention": j["kv"]["host_attention"], "kv_h2d_per_step": kv_step,
                      "kv_d2h_per_step": j["kv"]["decode_d2h_bytes"] / steps, "weight_h2d_per_step": w_step,
-                     "bound_ms": (w_step + kv_step) / (h2d * 1e9) * 1e3 if h2d else None,
+                     "bound_ms": bound_ms(j, w_step + kv_step, h2d),
                      "gpu_peak_GB": j["gpu_mem_GB"]["peak_allocated_GB"], "pinned_GB": j["host_mem_GB"]["pinned_GB"]})
         save(out, rows, a, cap)
     report(rows, a, cap)
     return 0
+
+
+def bound_ms(j: dict, h2d_bytes: float, h2d_gbps: float | None) -> float | None:
+    """max(H2D bytes per step over the link, host-attended KV bytes per step over the CPU's attention rate)."""
+    terms = [h2d_bytes / (h2d_gbps * 1e9) * 1e3] if h2d_gbps else []
+    host = j["links"].get("host_attention")
+    if host and j["kv"].get("host_kv_bytes_per_step"):
+        terms.append(j["kv"]["host_kv_bytes_per_step"] / (host["gbps"] * 1e9) * 1e3)
+    return max(terms) if terms else None
 
 
 def save(out: Path, rows: list[dict], a, cap) -> None:

@@ -36,7 +36,9 @@ Accepts the seeds' quick-start command line verbatim (seeds/002_*). What it does
    bound and achieved/bound), and writes the seeds' JSON keys plus ours with ``--out-json``.
 
 The bound per decode step is max(disk bytes / disk GB/s, H2D bytes / H2D GB/s) with the plan's bytes per
-pass; compute time is not modelled yet. achieved/bound >= 1 means slower than the bound.
+pass, and with ``--host-attention`` (an offloaded cache attended on the CPU) also the step's KV bytes over
+the CPU's attention rate measured after the run (``links.host_attention``); compute time is not modelled
+yet. achieved/bound >= 1 means slower than the bound.
 Runs in the launch.py process (the client); owns nothing shared beyond what ``open_source`` owns.
 """
 
@@ -258,6 +260,34 @@ def measure_h2d(device: torch.device) -> dict[str, Any]:
             "method": link["method"]}
 
 
+def torch_element_size(dtype) -> int:
+    import torch
+
+    return torch.tensor([], dtype=dtype).element_size()
+
+
+def measure_host_attention(args, batch: int, length: int, dtype) -> dict[str, Any]:
+    """How fast this process's CPU threads attend over an offloaded KV cache (``--host-attention``): one
+    layer's decode attention as ``TieredKVCache.attend_on_host`` runs it (keys and values in the cache's
+    (B, slots, n_kv, hd) layout, each KV head's query heads folded into rows), timed over a few repeats; GB/s
+    of keys and values read. The bound's host-attention term is a step's KV bytes over this rate."""
+    import torch
+    import torch.nn.functional as F
+
+    shape = (batch, length, args.n_kv_heads, args.head_dim)
+    k, v = torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
+    q = torch.randn(batch, args.n_kv_heads, args.n_rep, args.head_dim).to(dtype)
+    samples = []
+    for _ in range(4):
+        t0 = time.perf_counter()
+        F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2))
+        samples.append(time.perf_counter() - t0)
+    nbytes = 2 * k.numel() * k.element_size()
+    best = sorted(samples[1:])[len(samples[1:]) // 2]  # the median after a first, cold run
+    return {"gbps": nbytes / best / GB, "source": "measured", "method": f"CPU attention over {batch} x {length} "
+            f"slots of one layer ({nbytes / GB:.3f} GB), {torch.get_num_threads()} threads, median of 3"}
+
+
 def links(cfg: BenchConfig, image, device: torch.device, workers: int) -> dict[str, Any]:
     """Disk and H2D bandwidths for the bound: given on the command line, else measured now (the disk with as
     many reads in flight as the pool's ``workers`` keep at most)."""
@@ -378,9 +408,12 @@ def io_report(r: Round, plan, decode_s: float, steps: int) -> dict[str, Any]:
             "h2d_bytes_decode": h2d_moved}
 
 
-def bound_report(plan, lk: dict, step_ms: float | None) -> dict[str, Any]:
-    """max(disk bytes / disk GB/s, H2D bytes / H2D GB/s) per decode step, and achieved / bound."""
+def bound_report(plan, lk: dict, step_ms: float | None, host_kv_bytes: float = 0) -> dict[str, Any]:
+    """max(disk bytes / disk GB/s, H2D bytes / H2D GB/s, host-attended KV bytes / the CPU's attention rate)
+    per decode step, and achieved / bound."""
     terms = {}
+    if host_kv_bytes and lk.get("host_attention"):
+        terms["host_attention"] = host_kv_bytes / (lk["host_attention"]["gbps"] * GB) * 1e3
     if plan and plan.disk_bytes_per_pass:
         terms["disk"] = plan.disk_bytes_per_pass / (lk["disk"]["gbps"] * GB) * 1e3
     if plan and plan.h2d_bytes_per_pass and lk["h2d"]:
@@ -431,7 +464,8 @@ def build_report(a, cfg: BenchConfig, ctx: dict, r: Round) -> dict[str, Any]:
     steps = len(r.step_ms)
     io = io_report(r, plan, t["decode_ms"] / 1e3, steps)
     step_ms = t["decode_ms"] / steps if steps else None
-    bound = bound_report(plan, lk, step_ms)
+    host_kv = ctx.get("host_kv_bytes_per_step", 0)
+    bound = bound_report(plan, lk, step_ms, host_kv)
     gpu_mem, host_mem = ctx["memory"]
     weight_h2d = io["h2d_bytes_decode"] / (t["decode_ms"] / 1e3) / MB if t["decode_ms"] > 0 else 0.0
     out = {"batch_size": n, "max_new_tokens": cfg.max_new_tokens, "prompt_lens": [len(p) for p in ctx["prompts"]],
@@ -441,7 +475,7 @@ def build_report(a, cfg: BenchConfig, ctx: dict, r: Round) -> dict[str, Any]:
     out["kv"] = {"offload": bool(getattr(ctx.get("source"), "kv_offload", False)), "block_tokens": a.kv_block_tokens,
                  "topk_blk": a.topk_blk, "host_attention": bool(getattr(a, "host_attention", False)
                                                                 and getattr(ctx.get("source"), "kv_offload", False)),
-                 "decode_h2d_bytes": r.kv_end[0] - r.kv_after_prefill[0],
+                 "host_kv_bytes_per_step": host_kv, "decode_h2d_bytes": r.kv_end[0] - r.kv_after_prefill[0],
                  "decode_d2h_bytes": r.kv_end[1] - r.kv_after_prefill[1], "prefill_h2d_bytes": r.kv_after_prefill[0],
                  "prefill_d2h_bytes": r.kv_after_prefill[1], "attended_block_fraction": r.attended}
     tok = ctx.get("tokenizer")
@@ -500,7 +534,8 @@ def bound_line(rep: dict) -> str:
     if b["step_ms"] is None:
         return f"none: {b['why_none']}"
     lim = b["limited_by"]
-    moved = rep["bytes_per_token"]["disk" if lim == "disk" else "h2d"]
+    moved = (rep["kv"]["host_kv_bytes_per_step"] if lim == "host_attention"
+             else rep["bytes_per_token"]["disk" if lim == "disk" else "h2d"])
     if b["ratio"] is None:
         return f"bound {b['step_ms']:.1f} ms per decode step; no decode step was measured (--max-new-tokens 1)"
     low = " (below 1: the link figure is low, e.g. a short measurement)" if b["ratio"] < 0.95 else ""
@@ -595,12 +630,22 @@ def _run_bench(a, cfg: BenchConfig, rcfg, image, prompts, max_len: int, cut: lis
     # The process's first token against the process's start: the whole cold-start cost a user waits for,
     # interpreter and CUDA start-up included.
     to_first_ms = (process_age_s() - (time.perf_counter() - first.stamps[0])) * 1e3
+    host_kv = 0
+    if gen.host_attention and r.step_ms:  # the decode steps attended over the host cache: their bytes and rate
+        from runtime.image import TORCH_DTYPES
+
+        args, longest, steps = image.args, max(len(p) for p in prompts), len(r.step_ms)
+        mean_len = longest + (steps + 1) / 2  # step i reads slots [0, longest + i] of every sequence
+        elem = torch_element_size(TORCH_DTYPES[image.dtype])
+        host_kv = 2 * args.n_layers * len(prompts) * mean_len * args.n_kv_heads * args.head_dim * elem
+        lk = {**lk, "host_attention": measure_host_attention(args, len(prompts), int(mean_len),
+                                                             TORCH_DTYPES[image.dtype])}
     notes = [] if device.type == "cuda" else ["no H2D link: the model computes on the CPU from ring memory"]
     ctx = {"plan": plan, "links": lk, "prompts": prompts, "memory": memory, "device": device, "image": image,
            "tokenizer": tok, "source": source,
            "load_ms": load_ms, "load_breakdown_ms": {"process_start_to_load": to_open_ms, **(breakdown or {})},
            "process_to_first_token_ms": to_first_ms, "open_to_first_token_ms": (first.stamps[0] - t0) * 1e3,
-           "cut": cut, "unused": unused, "notes": notes}
+           "cut": cut, "unused": unused, "notes": notes, "host_kv_bytes_per_step": host_kv}
     rep = build_report(a, cfg, ctx, r)
     print(summary(rep, plan))
     if cfg.verbose:

@@ -122,6 +122,8 @@ def test_auto_offload_takes_the_fewer_bytes_per_step(tiny):
     assert choose(10**9 + full + 1, 10**9) is True  # the device's KV displaced more weights than it reads back
     assert choose(10**9 + full, 10**9) is False  # a tie stays on the device
     assert choose(10**9, 10**9) is False
+    cfg = RuntimeConfig(mode="preload", gpu_mem_gb=1, kv_offload="auto", host_attention=True, quiet=True)
+    assert choose(10**9 + 1, 10**9) is True  # attended on the host, the offloaded cache costs the link nothing
     cpu = plan_with_kv(tiny, cfg, SimpleNamespace(type="cpu"), batch, max_len, 0,
                        lambda kv: SimpleNamespace(h2d_bytes_per_pass=0))
     assert cpu[1] is False  # on the CPU only --kv-offload on offloads
@@ -168,7 +170,8 @@ def test_cli_kv_flags(tiny, tmp_path):
     f = tmp_path / "p.txt"
     f.write_text("\n".join(",".join(map(str, p)) for p in PROMPTS) + "\n")
     res = {}
-    for name, extra in {"ref": [], "off": ["--kv-offload", "on", "--kv-block-tokens", "8"]}.items():
+    for name, extra in {"ref": [], "off": ["--kv-offload", "on", "--kv-block-tokens", "8"],
+                        "host": ["--kv-offload", "on", "--host-attention"]}.items():
         js = tmp_path / f"{name}.json"
         run_launch("bench", "--image", str(tiny.path), "--prompts", str(f), "--batch-size", "3", "--max-new-tokens",
                    "8", "--warmup-rounds", "0", "--device", "cpu", "--mode", "preload", "--disk-gbps", "1",
@@ -179,6 +182,14 @@ def test_cli_kv_flags(tiny, tmp_path):
     kv = res["off"]["kv"]
     assert kv["offload"] and kv["decode_h2d_bytes"] > 0 and kv["decode_d2h_bytes"] > 0
     assert res["off"]["io_bw_MBps"]["kv_h2d_MBps"] > 0 and res["ref"]["io_bw_MBps"]["kv_h2d_MBps"] == 0
+    host = res["host"]  # decode attention on the host: same tokens, no KV block fetched while decoding, and the
+    assert [r["output_token_ids"] for r in host["results"]] == [r["output_token_ids"]  # bound has its term
+                                                                for r in res["ref"]["results"]]
+    a, longest = tiny.args, max(len(p) for p in PROMPTS[:3])
+    assert host["kv"]["host_attention"] and host["kv"]["decode_h2d_bytes"] == 0
+    assert host["kv"]["host_kv_bytes_per_step"] == 2 * a.n_layers * 3 * (longest + 4) * a.n_kv_heads * a.head_dim * 4
+    assert host["links"]["host_attention"]["gbps"] > 0 and host["bound"]["terms_ms"]["host_attention"] > 0
+    assert not res["off"]["kv"]["host_attention"] and "host_attention" not in res["off"]["links"]
     bad = run_launch("run", "--image", str(tiny.path), "--prompt-ids", "1,2", "--topk-blk", "0", "--device", "cpu",
                      check=False)
     assert bad.returncode == 2 and "--topk-blk" in bad.stderr and "Traceback" not in bad.stderr
