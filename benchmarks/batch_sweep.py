@@ -12,9 +12,10 @@ emulated cap, benchmarks/suite.py). The KV cache is offloaded to DRAM when the c
 (``--kv-offload auto``); ``--host-attention`` then runs its decode attention on the CPU. Per batch size:
 prefill time, the decode step, its ratio to batch 1's, tokens/s, weight and KV bytes per step and the
 transfer bound max over the H2D link of (weights + KV moved per step), and with host attention the KV bytes
-it reads per step over the CPU's measured attention rate. The table marks the first batch size
-whose step exceeds 1.2 x batch 1's: from there the step is no longer the weight pass's (compute, or the KV
-cache's traffic, which the bound column separates).
+it reads per step over the CPU's measured attention rate. Prefill: its weight passes (a pass's
+--prefill-chunk tokens are shared by the batch) and their transfer bound, passes x the weights one moves.
+The table marks the first batch size whose step exceeds 1.2 x batch 1's: from there the step is no longer
+the weight pass's (compute, or the KV cache's traffic, which the bound column separates).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.suite import emulated_cap, sh  # noqa: E402
+from runtime.engine import chunk_per_sequence  # noqa: E402
 
 RATIO = 1.2
 
@@ -88,7 +90,10 @@ def main() -> int:
         h2d = (j["links"].get("h2d") or {}).get("gbps")
         kv_step = j["kv"]["decode_h2d_bytes"] / steps
         w_step = j["bytes_per_token"]["h2d"]
-        rows.append({"batch": b, "prefill_s": j["prefill_ms"] / 1e3, "step_ms": j["bound"]["decode_step_ms"],
+        passes = -(-a.prompt_tokens // chunk_per_sequence(a.prefill_chunk or 2048, b))
+        rows.append({"batch": b, "prefill_s": j["prefill_ms"] / 1e3, "prefill_passes": passes,
+                     "prefill_bound_s": passes * w_step / (h2d * 1e9) if h2d else None,
+                     "step_ms": j["bound"]["decode_step_ms"],
                      "tok_s": j["throughput_tok_s"], "kv_offload": j["kv"]["offload"],
                      "host_attention": j["kv"]["host_attention"], "kv_h2d_per_step": kv_step,
                      "kv_d2h_per_step": j["kv"]["decode_d2h_bytes"] / steps, "weight_h2d_per_step": w_step,
@@ -125,8 +130,8 @@ def report(rows: list[dict], a, cap) -> None:
     ok = [r for r in rows if not r.get("failed")]
     base = ok[0]["step_ms"] if ok and ok[0]["batch"] == 1 else None
     print(f"{a.shape} x{a.layers}, cap {cap} GB, prompts {a.prompt_tokens} tokens, {a.new_tokens} new tokens")
-    print("| batch | prefill s | decode step ms | step / batch-1 step | tokens/s | KV offloaded | KV H2D GB/step | "
-          "weights H2D GB/step | bound ms | GPU peak GB |")
+    print("| batch | prefill s (weight passes, bound s) | decode step ms | step / batch-1 step | tokens/s | "
+          "KV offloaded | KV H2D GB/step | weights H2D GB/step | bound ms | GPU peak GB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     marked = False
     for r in rows:
@@ -138,7 +143,8 @@ def report(rows: list[dict], a, cap) -> None:
         if ratio is not None and ratio > RATIO and not marked:
             marked, note = True, " (first step over 1.2x batch 1's)"
         bound = f"{r['bound_ms']:.1f}" if r["bound_ms"] else "-"
-        print(f"| {r['batch']} | {r['prefill_s']:.2f} | {r['step_ms']:.1f} | "
+        pb = f"{r['prefill_bound_s']:.2f}" if r.get("prefill_bound_s") else "-"
+        print(f"| {r['batch']} | {r['prefill_s']:.2f} ({r['prefill_passes']}, {pb}) | {r['step_ms']:.1f} | "
               f"{f'{ratio:.2f}' if ratio else '-'}{note} | {r['tok_s']:.1f} | {kv_where(r)} | "
               f"{r['kv_h2d_per_step'] / 1e9:.2f} | {r['weight_h2d_per_step'] / 1e9:.2f} | {bound} | "
               f"{r['gpu_peak_GB']:.2f} |")
