@@ -14,8 +14,10 @@ prefill time, the decode step, its ratio to batch 1's, tokens/s, weight and KV b
 transfer bound max over the H2D link of (weights + KV moved per step), and with host attention the KV bytes
 it reads per step over the CPU's measured attention rate. Prefill: its weight passes (a pass's
 --prefill-chunk tokens are shared by the batch) and their transfer bound, passes x the weights one moves.
-The table marks the first batch size whose step exceeds 1.2 x batch 1's: from there the step is no longer
-the weight pass's (compute, or the KV cache's traffic, which the bound column separates).
+With ``--compute-bound`` each batch size also runs with every weight resident (``--mode full``, no cap):
+that decode step is the compute floor. The table marks the first batch size whose step exceeds 1.2 x batch
+1's: from there the step is no longer the weight pass's (compute, which the compute column shows, or the KV
+cache's traffic or host attention, which the bound column shows).
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ def main() -> int:
     ap.add_argument("--prefill-chunk", type=int,
                     help="pass --prefill-chunk: prompt tokens per weight pass, shared by the batch (bench's default: "
                          "2048)")
+    ap.add_argument("--compute-bound", action="store_true",
+                    help="also run each batch size with every weight resident (bench --mode full, no cap, KV on "
+                         "the device): its decode step is the compute the streamed step cannot go below")
     ap.add_argument("--host-attention", action="store_true",
                     help="pass --host-attention: an offloaded KV cache's decode attention runs on the CPU")
     ap.add_argument("--workdir", required=True, help="where the image is packed")
@@ -99,9 +104,25 @@ def main() -> int:
                      "kv_d2h_per_step": j["kv"]["decode_d2h_bytes"] / steps, "weight_h2d_per_step": w_step,
                      "bound_ms": bound_ms(j, w_step + kv_step, h2d),
                      "gpu_peak_GB": j["gpu_mem_GB"]["peak_allocated_GB"], "pinned_GB": j["host_mem_GB"]["pinned_GB"]})
+        if a.compute_bound:
+            rows[-1]["compute_ms"] = compute_step_ms(a, image, prompts, b, out)
         save(out, rows, a, cap)
     report(rows, a, cap)
     return 0
+
+
+def compute_step_ms(a, image: Path, prompts: Path, b: int, out: Path) -> float | None:
+    """The decode step with the whole model resident and nothing moving (``--mode full``, no GPU cap, the KV
+    cache on the device): the compute floor of the streamed step at this batch size. None if it failed."""
+    js = out / f"b{b}-full.json"
+    cmd = [sys.executable, "launch.py", "bench", "--image", str(image), "--device", a.device, "--prompts",
+           str(prompts), "--batch-size", str(b), "--max-new-tokens", str(a.new_tokens), "--max-seq-len",
+           str(a.prompt_tokens + a.new_tokens), "--warmup-rounds", "0", "--mode", "full", "--kv-offload", "off",
+           "--disk-gbps", "1", "--h2d-gbps", "1", "--out-json", str(js)]
+    cmd += ["--prefill-chunk", str(a.prefill_chunk)] if a.prefill_chunk else []
+    if sh(cmd, out / f"b{b}-full.log") or not js.exists():
+        return None
+    return json.loads(js.read_text())["bound"]["decode_step_ms"]
 
 
 def bound_ms(j: dict, h2d_bytes: float, h2d_gbps: float | None) -> float | None:
@@ -131,12 +152,12 @@ def report(rows: list[dict], a, cap) -> None:
     base = ok[0]["step_ms"] if ok and ok[0]["batch"] == 1 else None
     print(f"{a.shape} x{a.layers}, cap {cap} GB, prompts {a.prompt_tokens} tokens, {a.new_tokens} new tokens")
     print("| batch | prefill s (weight passes, bound s) | decode step ms | step / batch-1 step | tokens/s | "
-          "KV offloaded | KV H2D GB/step | weights H2D GB/step | bound ms | GPU peak GB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "KV offloaded | KV H2D GB/step | weights H2D GB/step | bound ms | compute ms | GPU peak GB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     marked = False
     for r in rows:
         if r.get("failed"):
-            print(f"| {r['batch']} | failed (see b{r['batch']}.log) | | | | | | | | |")
+            print(f"| {r['batch']} | failed (see b{r['batch']}.log) | | | | | | | | | |")
             continue
         ratio = r["step_ms"] / base if base else None
         note = ""
@@ -144,9 +165,10 @@ def report(rows: list[dict], a, cap) -> None:
             marked, note = True, " (first step over 1.2x batch 1's)"
         bound = f"{r['bound_ms']:.1f}" if r["bound_ms"] else "-"
         pb = f"{r['prefill_bound_s']:.2f}" if r.get("prefill_bound_s") else "-"
+        compute = f"{r['compute_ms']:.1f}" if r.get("compute_ms") else "-"
         print(f"| {r['batch']} | {r['prefill_s']:.2f} ({r['prefill_passes']}, {pb}) | {r['step_ms']:.1f} | "
               f"{f'{ratio:.2f}' if ratio else '-'}{note} | {r['tok_s']:.1f} | {kv_where(r)} | "
-              f"{r['kv_h2d_per_step'] / 1e9:.2f} | {r['weight_h2d_per_step'] / 1e9:.2f} | {bound} | "
+              f"{r['kv_h2d_per_step'] / 1e9:.2f} | {r['weight_h2d_per_step'] / 1e9:.2f} | {bound} | {compute} | "
               f"{r['gpu_peak_GB']:.2f} |")
 
 

@@ -2,7 +2,7 @@
 # One GPU-machine call for issue 6: the CUDA tests of batching / KV offload, the batch sweep for the 8B shape
 # (32 layers, 6 GiB cap) and the 70B shape (8 layers, emulated 24 GB cap), then the retrieval benchmark.
 # Usage (repo root, GPU machine, .whl carried): bash benchmarks/gpu_batch.sh; env: SHAPES, BATCHES, SWEEP_S,
-# SWEEP_ARGS (e.g. --host-attention), WITH_TESTS, WITH_RETRIEVAL, RETRIEVAL_ARGS, RETRIEVAL_S. Results in $OUT:
+# SWEEP_ARGS (e.g. "--host-attention --compute-bound"), WITH_TESTS, WITH_RETRIEVAL, RETRIEVAL_ARGS, RETRIEVAL_S. Results in $OUT:
 # batch-SHAPE.json, retrieval.json and one logs tarball (the machine returns few files).
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null || exit 1

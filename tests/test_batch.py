@@ -148,11 +148,12 @@ def test_batch_sweep_cpu(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "benchmarks/batch_sweep.py", "--shape", "tiny", "--layers", "2", "--device",
                            "cpu", "--batches", "1,3", "--prompt-tokens", "40", "--new-tokens", "3",
-                           "--prefill-chunk", "32", "--workdir", str(tmp_path / "w"), "--out", str(out)],
+                           "--prefill-chunk", "32", "--compute-bound", "--workdir", str(tmp_path / "w"),
+                           "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads((out / "batch.json").read_text())["rows"]
     assert [r["batch"] for r in rows] == [1, 3] and not any(r.get("failed") for r in rows)
     assert [r["prefill_passes"] for r in rows] == [2, 3]  # 40 tokens: 32 per pass alone, 16 each in a batch of 3
-    assert all(r["tok_s"] > 0 and r["step_ms"] > 0 for r in rows)
+    assert all(r["tok_s"] > 0 and r["step_ms"] > 0 and r["compute_ms"] > 0 for r in rows)  # --mode full ran too
     assert "| 3 |" in proc.stdout.splitlines()[-1]
