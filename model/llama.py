@@ -86,6 +86,7 @@ class Rope:
         self.cos = angles.cos().float().to(device)
         self.sin = angles.sin().float().to(device)
         self.max_len = max_len
+        self._padded: tuple | None = None  # (start, S, pad, cos, sin) of the last padded lookup
 
     def apply(self, x: torch.Tensor, start: int, pad: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, S, H, hd) with interleaved (re, im) pairs at cache slots [start, start+S) -> rotated, same
@@ -96,9 +97,12 @@ class Rope:
         if pad is None:
             cos = self.cos[start:start + s].view(1, s, 1, -1)
             sin = self.sin[start:start + s].view(1, s, 1, -1)
+        elif self._padded is not None and self._padded[:2] == (start, s) and self._padded[2] is pad:
+            cos, sin = self._padded[3:]  # the same slots as the previous call (q and k, every layer of a pass)
         else:
             pos = (torch.arange(start, start + s, device=pad.device).view(1, s) - pad.view(b, 1)).clamp_(min=0)
             cos, sin = self.cos[pos].unsqueeze(2), self.sin[pos].unsqueeze(2)  # (B, S, 1, hd/2)
+            self._padded = (start, s, pad, cos, sin)
         xf = x.float().unflatten(-1, (-1, 2))  # (B, S, H, hd/2, 2)
         re, im = xf[..., 0], xf[..., 1]
         out = torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1)
@@ -138,7 +142,7 @@ class KVCache:
         # A left-padded batch of prompts of different lengths: pad[b] leading slots of sequence b hold no token
         # (set_padding). Its attention masks those keys; its positions start at 0 at slot pad[b].
         self.pad: torch.Tensor | None = None
-        self._mask: tuple[tuple[int, int], torch.Tensor] | None = None
+        self._mask: tuple[tuple[int, int, int], torch.Tensor] | None = None
         self.profile, self.attn_ms, self.attended_blocks, self.total_blocks = False, 0.0, 0, 0
         self.host_attention = False  # TieredKVCache: decode attention on the host (attend_on_host)
 
@@ -174,17 +178,27 @@ class KVCache:
         self.pad = torch.tensor(pad, dtype=torch.long, device=self.device) if any(pad) else None
         self._mask = None
 
-    def padded_mask(self, start: int, s: int) -> torch.Tensor:
-        """(B, 1, S, start+S) bool: query i (slot start+i) of sequence b sees key slots [pad[b], start+i];
-        a padding query sees itself only (so its row stays finite; no real token ever sees it)."""
-        if self._mask is not None and self._mask[0] == (start, s):
+    def mask_for(self, start: int, s: int, rep: int = 1) -> torch.Tensor | None:
+        """Bool mask (B or 1, 1, rep x S, start+S) of the queries at slots [start, start+S), each KV head's
+        ``rep`` query heads folded into rows (``_folded_gqa_attention``); None where none is needed (no
+        padding, and a first chunk, which is plainly causal, or a decode query). Cached: the layers of one
+        pass build it once. In a left-padded batch query i of sequence b sees key slots [pad[b], start+i], and a
+        padding query sees itself only (so its row stays finite; no real token ever sees it)."""
+        key = (start, s, rep)
+        if self._mask is not None and self._mask[0] == key:
             return self._mask[1]
-        dev, end = self.pad.device, start + s
-        q = torch.arange(start, end, device=dev).view(1, s, 1)
-        k = torch.arange(end, device=dev).view(1, 1, end)
-        mask = ((k >= self.pad.view(-1, 1, 1)) & (k <= q)) | (k == q)
-        self._mask = ((start, s), mask.unsqueeze(1))
-        return self._mask[1]
+        end = start + s
+        q = torch.arange(start, end, device=self.device).view(1, s, 1)
+        k = torch.arange(end, device=self.device).view(1, 1, end)
+        if self.pad is not None:
+            mask = ((k >= self.pad.view(-1, 1, 1)) & (k <= q)) | (k == q)
+        elif s > 1 and start > 0:  # a later chunk: query i sits at slot start+i and sees keys [0, start+i]
+            mask = k <= q
+        else:
+            return None
+        mask = mask.unsqueeze(1).repeat(1, 1, rep, 1) if rep > 1 else mask.unsqueeze(1)
+        self._mask = (key, mask)
+        return mask
 
     def topk_blocks(self, layer: int, q: torch.Tensor, end: int) -> torch.Tensor | None:
         """Block ids (B, n_kv, M) a decode query q (B, n_heads, 1, hd) at slot end-1 attends to: the first
@@ -383,17 +397,12 @@ def attention_forward(h: torch.Tensor, w: Weights, args: ModelArgs, layer: int, 
             cache.total_blocks += b * args.n_kv_heads * -(-end // cache.block_tokens)
         keys = ck[:b, :end].transpose(1, 2)  # (B, n_kv, end, hd)
         values = cv[:b, :end].transpose(1, 2)
-        mask, causal = None, s > 1 and start == 0  # a first chunk is plainly causal: flash kernels, no S x S mask
-        if cache.pad is not None:  # a left-padded batch: every sequence masks its padding
-            mask, causal = cache.padded_mask(start, s)[:b], False
-        elif s > 1 and start > 0:  # a later chunk: query i sits at position start+i and sees keys [0, start+i]
-            qpos = torch.arange(start, end, device=h.device).view(s, 1)
-            mask = torch.arange(end, device=h.device).view(1, end) <= qpos
+        mask = cache.mask_for(start, s, args.n_rep)  # None: no padding and a plainly causal chunk or decode
         if mask is not None and args.n_rep > 1:
-            out = _folded_gqa_attention(q, keys, values, mask, args)
-        else:
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
-                                                 enable_gqa=args.n_rep > 1)
+            out = _folded_gqa_attention(q, keys, values, mask[:b])
+        else:  # a first chunk without padding is plainly causal: flash kernels, no S x S mask
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=None if mask is None else mask[:b],
+                                                 is_causal=mask is None and s > 1, enable_gqa=args.n_rep > 1)
     if timed:
         _sync(h.device)
         cache.attn_ms += (time.perf_counter() - t0) * 1e3
@@ -401,19 +410,18 @@ def attention_forward(h: torch.Tensor, w: Weights, args: ModelArgs, layer: int, 
     return h + F.linear(out, w["attention.wo.weight"])
 
 
-def _folded_gqa_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                          args: ModelArgs) -> torch.Tensor:
+def _folded_gqa_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                          mask: torch.Tensor) -> torch.Tensor:
     """Masked attention with grouped KV heads: each KV head's n_rep query heads become n_rep x S query rows
-    against that head's keys, the mask repeated to match. SDPA's enable_gqa with a mask takes the math kernel,
-    which expands the keys and values n_rep times and materialises the scores (a batch of 64 at 2K tokens:
-    2 GB a layer); folded, the memory-efficient kernel runs with the keys as they are in the cache.
-    q (B, n_heads, S, hd); keys, values (B, n_kv, L, hd); mask broadcastable to (B, 1, S, L) -> (B, n_heads, S, hd)."""
+    against that head's keys, under a mask already folded the same way (``KVCache.mask_for``). SDPA's
+    enable_gqa with a mask takes the math kernel, which expands the keys and values n_rep times and
+    materialises the scores (a batch of 64 at 2K tokens: 2 GB a layer); folded, the memory-efficient kernel
+    runs with the keys as they are in the cache.
+    q (B, n_heads, S, hd); keys, values (B, n_kv, L, hd); mask (B or 1, 1, n_rep x S, L) -> (B, n_heads, S, hd)."""
     b, n_heads, s, hd = q.shape
-    r = args.n_rep
-    qf = q.reshape(b, n_heads // r, r * s, hd)  # head h = kv * r + j: rows (j, s) of KV head kv
-    m = mask.view(-1, 1, s, mask.shape[-1]).repeat(1, 1, r, 1)  # (B or 1, 1, r * S, L)
-    return F.scaled_dot_product_attention(qf, keys, values, attn_mask=m).reshape(b, n_heads, s, hd)  # CUDA's
-    # memory-efficient kernel returns a (B, rows, heads, hd)-strided tensor: reshape, not view
+    qf = q.reshape(b, keys.shape[1], -1, hd)  # head h = kv * n_rep + j: rows (j, s) of KV head kv
+    # reshape, not view: CUDA's memory-efficient kernel returns a (B, rows, heads, hd)-strided tensor
+    return F.scaled_dot_product_attention(qf, keys, values, attn_mask=mask).reshape(b, n_heads, s, hd)
 
 
 def _sync(device: torch.device) -> None:
