@@ -260,12 +260,6 @@ def measure_h2d(device: torch.device) -> dict[str, Any]:
             "method": link["method"]}
 
 
-def torch_element_size(dtype) -> int:
-    import torch
-
-    return torch.tensor([], dtype=dtype).element_size()
-
-
 def measure_host_attention(args, batch: int, length: int, dtype) -> dict[str, Any]:
     """How fast this process's CPU threads attend over an offloaded KV cache (``--host-attention``): one
     layer's decode attention as ``TieredKVCache.attend_on_host`` runs it (keys and values in the cache's
@@ -632,13 +626,13 @@ def _run_bench(a, cfg: BenchConfig, rcfg, image, prompts, max_len: int, cut: lis
     to_first_ms = (process_age_s() - (time.perf_counter() - first.stamps[0])) * 1e3
     host_kv = 0
     if gen.host_attention and r.step_ms:  # the decode steps attended over the host cache: their bytes and rate
+        from runtime.engine import kv_cache_bytes
         from runtime.image import TORCH_DTYPES
 
-        args, longest, steps = image.args, max(len(p) for p in prompts), len(r.step_ms)
+        longest, steps = max(len(p) for p in prompts), len(r.step_ms)
         mean_len = longest + (steps + 1) / 2  # step i reads slots [0, longest + i] of every sequence
-        elem = torch_element_size(TORCH_DTYPES[image.dtype])
-        host_kv = 2 * args.n_layers * len(prompts) * mean_len * args.n_kv_heads * args.head_dim * elem
-        lk = {**lk, "host_attention": measure_host_attention(args, len(prompts), int(mean_len),
+        host_kv = kv_cache_bytes(image, len(prompts), mean_len)
+        lk = {**lk, "host_attention": measure_host_attention(image.args, len(prompts), int(mean_len),
                                                              TORCH_DTYPES[image.dtype])}
     notes = [] if device.type == "cuda" else ["no H2D link: the model computes on the CPU from ring memory"]
     ctx = {"plan": plan, "links": lk, "prompts": prompts, "memory": memory, "device": device, "image": image,
