@@ -283,12 +283,20 @@ def main(argv: list[str] | None = None) -> int:
 
     allocator_defaults()  # before torch starts CUDA
     from runtime import commands
+    from runtime.gpumem import oom_report, start_history
 
+    start_history()  # only with LLMS_CUDA_MEMORY_HISTORY
     try:
         return getattr(commands, args.command)(args) or 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if type(e).__name__ != "OutOfMemoryError":  # torch's, without importing torch for every command
+            raise
+        print(f"error: {str(e).splitlines()[0]}\n{oom_report()}\nlower --batch-size, --prefill-chunk or "
+              f"--max-seq-len, or give the run more GPU memory (--gpu-mem-gb)", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

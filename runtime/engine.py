@@ -149,11 +149,12 @@ def make_plan(image: Image, cfg: RuntimeConfig, device: torch.device, kv_bytes: 
 
     gpu = None
     if device.type == "cuda":
-        if cfg.gpu_mem_gb:
-            gpu = int(cfg.gpu_mem_gb * GB)  # checked against the GPU's memory by cap_gpu_memory
-        else:
-            import torch
+        import torch
 
+        if cfg.gpu_mem_gb:  # checked against the GPU's memory by cap_gpu_memory
+            # the cap is the process's: what it already holds (an earlier model, cuBLAS workspaces) is not ours
+            gpu = int(cfg.gpu_mem_gb * GB) - torch.cuda.memory_allocated(device)
+        else:
             gpu = torch.cuda.mem_get_info(device)[0]
     if cfg.dram_gb:
         import psutil

@@ -6,6 +6,9 @@ LLMS_POOL_DIR         where daemon pools keep their records, logs and locks (def
                       or /tmp/llmstream-UID); runtime/daemon.py checks it is the user's and private.
 PYTORCH_CUDA_ALLOC_CONF  PyTorch's; when neither it nor PYTORCH_ALLOC_CONF is set, launch.py sets
                       expandable_segments:True before torch starts (allocator_defaults).
+LLMS_CUDA_MEMORY_HISTORY  set (to anything but 0 or empty): record the Python stack of every CUDA allocation,
+                      so that an out-of-memory error names the lines of code holding the memory
+                      (runtime/gpumem.py).
 """
 
 from __future__ import annotations
@@ -40,3 +43,7 @@ def allocator_defaults() -> None:
     batch 32). Must run before torch initialises CUDA; a no-op on the CPU."""
     if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and "PYTORCH_ALLOC_CONF" not in os.environ:
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+
+
+def cuda_memory_history() -> bool:
+    return os.environ.get("LLMS_CUDA_MEMORY_HISTORY", "") not in ("", "0")

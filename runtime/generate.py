@@ -82,8 +82,10 @@ def warm_up(args, dtype: torch.dtype, device: torch.device, tokens: int) -> None
     """Run the model's code once on one layer of uninitialised weights (its attention's real shapes, a
     narrower FFN, a 256-token vocabulary): a prefill of ``tokens`` and a decode step. In a fresh process the
     first pass pays for loading CUDA's libraries and kernels (cuBLAS handles, lazily loaded modules: about
-    0.5 s on the H100 machine); ``runtime.engine`` runs this on its own stream in a thread while the ring is
-    registered, so that cost leaves the critical path. The outputs are discarded (the weights may hold NaN)."""
+    0.5 s on the H100 machine); ``runtime.engine`` runs this in a thread while the ring is registered, so that
+    cost leaves the critical path. It runs on the default stream, as the passes will: cuBLAS keeps a workspace
+    for every stream it ran on for the life of the process. The outputs are discarded (the weights may hold
+    NaN)."""
     import dataclasses
 
     from model.groups import group_names, group_tensor_shapes
@@ -94,7 +96,7 @@ def warm_up(args, dtype: torch.dtype, device: torch.device, tokens: int) -> None
     torch.backends.cuda.enable_cudnn_sdp(False)  # as Generator: the kernel the passes will use
     # the FFN narrowed to 2048: the warm-up must fit beside the GPU tier being copied meanwhile
     small = dataclasses.replace(args, n_layers=1, vocab_size=256, ffn_hidden=min(args.ffn_hidden, 2048))
-    with torch.inference_mode(), torch.cuda.stream(torch.cuda.Stream(device)):
+    with torch.inference_mode():
         groups = {g: {k: torch.empty(shape, dtype=dtype, device=device)
                       for k, shape in group_tensor_shapes(small, g).items()} for g in group_names(small)}
         rope, cache = Rope(small, tokens + 1, device), KVCache(small, 1, tokens + 1, dtype, device)

@@ -165,3 +165,32 @@ def test_pack_and_run_on_a_block_device(tmp_path, tiny):
         assert on_dev == on_file  # same seed, same shape: the same model whatever the medium
     finally:
         subprocess.run(["losetup", "--detach", dev], check=True)
+
+
+def test_out_of_memory_is_an_error_with_a_memory_report(monkeypatch, capsys):
+    """A CUDA out-of-memory error (simulated: torch's exception from a command) ends the run with exit code 3
+    and a message that says what to lower, not a traceback."""
+    import launch
+    from runtime import commands
+
+    def oom(_args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 56.00 MiB.\nmore detail")
+
+    monkeypatch.setattr(commands, "run", oom)
+    assert launch.main(["run", "--image", "x.img", "--prompt", "hi"]) == 3
+    err = capsys.readouterr().err
+    assert "error: CUDA out of memory. Tried to allocate 56.00 MiB." in err and "--batch-size" in err
+    assert "more detail" not in err and "Traceback" not in err
+
+
+def test_live_allocations_group_blocks_by_the_line_that_made_them():
+    from runtime.gpumem import live_allocations
+
+    mine = [{"filename": "/x/torch/nn/functional.py", "line": 9, "name": "linear"},
+            {"filename": "/repo/model/llama.py", "line": 462, "name": "ffn_forward"}]
+    snap = [{"blocks": [{"state": "active_allocated", "size": 2 << 20, "requested_size": 3 << 19, "frames": mine},
+                        {"state": "active_allocated", "size": 2 << 20, "requested_size": 1 << 20, "frames": mine},
+                        {"state": "inactive", "size": 64 << 20},
+                        {"state": "active_allocated", "size": 8 << 20}]}]
+    rows = live_allocations(snap)
+    assert rows == [("blocks of 8.0 MiB", 8 << 20, 1), ("llama.py:462 ffn_forward", (3 << 19) + (1 << 20), 2)]
