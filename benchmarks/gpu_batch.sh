@@ -11,7 +11,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 if [ "${WITH_TESTS:-1}" = 1 ]; then
   timeout 200 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_kv.py tests/test_batch.py \
-    tests/test_streaming.py -k "gpu or cuda" -s 2>&1 | grep -E "MEM|^E |passed|failed|FAILED|^tests/.*(Error|assert)" | cut -c1-400 | tail -12
+    tests/test_streaming.py -k "gpu or cuda" -s 2>&1 | grep -E "host attention:|^E |passed|failed|FAILED|^tests/.*(Error|assert)" | cut -c1-400 | tail -12
 fi
 for spec in ${SHAPES:-llama3.1-8b:32:6.442 llama3.1-70b:8:24}; do
   IFS=: read -r shape layers cap <<< "$spec"

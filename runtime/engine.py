@@ -51,10 +51,13 @@ class RuntimeConfig:
     kv_offload: str = "auto"  # --kv-offload: "on" | "off" | "auto" (when the GPU budget cannot hold the KV cache)
     prefill_chunk: int = 2048  # --prefill-chunk: prompt tokens per weight pass, shared by a batch's sequences
     host_attention: bool = False  # --host-attention: an offloaded KV cache is attended on the host when decoding
+    kv_block_tokens: int = 64  # --kv-block-tokens: the cache's slots come in whole blocks (model.llama.KVCache)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"--mode must be one of {MODES}, found {self.mode!r}")
+        if self.kv_block_tokens < 1:
+            raise ConfigError(f"--kv-block-tokens must be at least 1, found {self.kv_block_tokens}")
         if self.prefill_chunk < 16:
             raise ConfigError(f"--prefill-chunk must be at least 16 tokens, found {self.prefill_chunk}")
         for key in ("workers", "staging_mb", "group_prefetch_depth"):
@@ -88,11 +91,13 @@ def chunk_per_sequence(chunk: int, batch: int) -> int:
     return max(16, chunk // max(batch, 1))
 
 
-def kv_cache_bytes(image: Image, batch: int, max_len: int, offload: bool = False) -> int:
-    """The KV cache's bytes on the compute device: all of it, or with offload two layers' buffers."""
+def kv_cache_bytes(image: Image, batch: int, max_len: int, offload: bool = False, block_tokens: int = 1) -> int:
+    """The KV cache's bytes on the compute device: all of it, or with offload two layers' buffers; its slots
+    rounded up to whole blocks of ``block_tokens``, as model.llama.KVCache allocates them."""
     a = image.args
     elem = DTYPE_BYTES[image.dtype]
-    return 2 * (2 if offload else a.n_layers) * batch * max_len * a.n_kv_heads * a.head_dim * elem
+    slots = -(-max_len // block_tokens) * block_tokens
+    return 2 * (2 if offload else a.n_layers) * batch * slots * a.n_kv_heads * a.head_dim * elem
 
 
 def plan_with_kv(image: Image, cfg: RuntimeConfig, device, batch: int, max_len: int, act_bytes: int, plan_fn):
@@ -109,12 +114,12 @@ def plan_with_kv(image: Image, cfg: RuntimeConfig, device, batch: int, max_len: 
     err, plans = None, {}
     for off in want:
         try:
-            plans[off] = plan_fn(kv_cache_bytes(image, batch, max_len, off))
+            plans[off] = plan_fn(kv_cache_bytes(image, batch, max_len, off, cfg.kv_block_tokens))
         except ConfigError as e:
             err = err or e
     if not plans:
         raise err
-    full = kv_cache_bytes(image, batch, max_len)
+    full = kv_cache_bytes(image, batch, max_len, block_tokens=cfg.kv_block_tokens)
     read_back = 0 if cfg.host_attention else full
     off = min(plans, key=lambda o: (plans[o].h2d_bytes_per_pass + (read_back if o else 0), o))
     if off:
@@ -147,13 +152,14 @@ def default_dram_bytes() -> int:
 def make_plan(image: Image, cfg: RuntimeConfig, device: torch.device, kv_bytes: int, act_bytes: int):
     from runtime.placement import Budgets, plan_placement
 
-    gpu = None
+    gpu, held = None, 0
     if device.type == "cuda":
         import torch
 
         if cfg.gpu_mem_gb:  # checked against the GPU's memory by cap_gpu_memory
             # the cap is the process's: what it already holds (an earlier model, cuBLAS workspaces) is not ours
-            gpu = int(cfg.gpu_mem_gb * GB) - torch.cuda.memory_allocated(device)
+            held = torch.cuda.memory_allocated(device) if torch.cuda.is_initialized() else 0
+            gpu = int(cfg.gpu_mem_gb * GB) - held
         else:
             gpu = torch.cuda.mem_get_info(device)[0]
     if cfg.dram_gb:
@@ -166,10 +172,16 @@ def make_plan(image: Image, cfg: RuntimeConfig, device: torch.device, kv_bytes: 
     else:
         dram = default_dram_bytes()
     sizes = {name: g.size for name, g in image.groups.items()}
-    return plan_placement(sizes, image.args, cfg.mode, Budgets(gpu, dram, kv_bytes, act_bytes),
-                          device=device.type, gpu_cached_layers=cfg.gpu_cached_layers,
-                          cpu_cache_layers=cfg.cpu_cache_layers, prefetch_distance=cfg.prefetch_distance,
-                          group_prefetch_depth=cfg.group_prefetch_depth)
+    try:
+        return plan_placement(sizes, image.args, cfg.mode, Budgets(gpu, dram, kv_bytes, act_bytes),
+                              device=device.type, gpu_cached_layers=cfg.gpu_cached_layers,
+                              cpu_cache_layers=cfg.cpu_cache_layers, prefetch_distance=cfg.prefetch_distance,
+                              group_prefetch_depth=cfg.group_prefetch_depth)
+    except ConfigError as e:
+        if held:
+            raise ConfigError(f"{e} (the budget is --gpu-mem-gb {cfg.gpu_mem_gb:g} less the {held / 2**20:.0f} MiB "
+                              f"this process already held on the GPU)") from None
+        raise
 
 
 def plan_for_pool(image: Image, cfg: RuntimeConfig, device: torch.device, rec: dict, kv_bytes: int,

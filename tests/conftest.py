@@ -19,6 +19,19 @@ ROOT = Path(__file__).resolve().parent.parent
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def gpu_cap_gb(gb: float) -> float:
+    """--gpu-mem-gb that leaves a run in this test process ``gb`` GB: runtime.engine.make_plan leaves out of
+    the cap what the process already holds on the GPU (cuBLAS workspaces, a reference model not yet
+    collected), so a test's budget is on top of that."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    return gb + torch.cuda.memory_allocated() / 1e9
+
+
 def run_launch(*args: str, check: bool = True, env: dict | None = None, timeout: float = 300):
     """Run ``python launch.py ARGS`` from the repo root; returns the CompletedProcess."""
     proc = subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], capture_output=True, text=True,

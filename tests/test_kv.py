@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import pack_tiny, run_launch
+from conftest import gpu_cap_gb, pack_tiny, run_launch
 
 from model.args import preset
 from model.errors import ConfigError
@@ -195,6 +195,16 @@ def test_cli_kv_flags(tiny, tmp_path):
     assert bad.returncode == 2 and "--topk-blk" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def first_decode_logits(gen: Generator, prompts: list[list[int]]) -> torch.Tensor:
+    """The logits (B, vocab) of the first decode step after a greedy prefill of the left-padded prompts."""
+    cache, longest = gen.new_cache(len(prompts)), max(len(p) for p in prompts)
+    cache.set_padding([longest - len(p) for p in prompts])
+    dev = gen.source.device
+    tokens = torch.tensor([[0] * (longest - len(p)) + p for p in prompts], dtype=torch.long, device=dev)
+    nxt = gen.forward(tokens, 0, cache, last_only=True)[:, -1].argmax(-1).view(-1, 1)
+    return gen.forward(nxt, longest, cache, last_only=True)[:, -1].float().cpu()
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
@@ -216,11 +226,11 @@ def test_gpu_kv_over_budget_offloads_and_matches(tmp_path):
     # (the plan's own arithmetic, as open_source makes it): offloaded it fits, on the device it does not.
     b = len(prompts)
     act = activation_bytes(image, b, min(chunk_per_sequence(2048, b), max_len))
-    kv_two, kv_full = kv_cache_bytes(image, b, max_len, True), kv_cache_bytes(image, b, max_len)
+    kv_two, kv_full = kv_cache_bytes(image, b, max_len, True, 64), kv_cache_bytes(image, b, max_len, block_tokens=64)
     need = make_plan(image, RuntimeConfig(mode="preload", gpu_mem_gb=100, gpu_cached_layers=0), dev, kv_two,
                      act).gpu_bytes_total
-    cfg = RuntimeConfig(mode="preload", gpu_mem_gb=(need + (kv_full - kv_two) / 2) / 1e9, gpu_cached_layers=0,
-                        quiet=True)
+    cfg = RuntimeConfig(mode="preload", gpu_mem_gb=gpu_cap_gb((need + (kv_full - kv_two) / 2) / 1e9),
+                        gpu_cached_layers=0, quiet=True)
     with pytest.raises(ConfigError):
         make_plan(image, cfg, dev, kv_full, act)
     try:
@@ -233,12 +243,19 @@ def test_gpu_kv_over_budget_offloads_and_matches(tmp_path):
             steps = []
             res = host.generate_batch(prompts, SamplingConfig(8), on_step=lambda _: steps.append(host.kv_moved()))
             out_host = [r.output_token_ids for r in res]
+            # The CPU's attention sums in another order than the GPU's kernel: the same to bf16 rounding, not
+            # to the bit, so a random model's greedy tokens may part after a few steps. Its first decode step's
+            # logits are compared instead, with the GPU's attention over the same offloaded cache.
+            on_gpu, on_host = first_decode_logits(gen, prompts), first_decode_logits(host, prompts)
             del src, gen
             host = None  # its cache and buffers go before the cap is lifted
     finally:
         torch.cuda.empty_cache()
     assert offloaded and out == ref
     assert moved[0] > 0 and moved[1] > 0
-    assert out_host == ref
+    assert [o[:1] for o in out_host] == [r[:1] for r in ref]
+    err = float((on_host - on_gpu).abs().max() / on_gpu.abs().max())
+    print(f"host attention: logits' largest difference {err:.4f} of the largest logit")
+    assert err < 0.02, f"host attention's logits differ from the GPU's by {err:.3f} of their largest"
     a = image.args  # 7 decode steps moved no KV block to the GPU: only each layer's attention output (bf16)
     assert steps[-1][0] - steps[0][0] == 7 * a.n_layers * b * a.n_heads * a.head_dim * 2

@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, pack_tiny
+from conftest import ROOT, gpu_cap_gb, pack_tiny
 
 from model.synthetic import SyntheticCheckpoint
 from runtime.engine import RuntimeConfig, open_source
@@ -157,7 +157,7 @@ def test_gpu_streamed_equals_full_bf16(synth_bf16, mode):
     ref = gen.generate(prompt, SamplingConfig(new)).output_token_ids
     del gen  # the reference's weights must not count against the streamed run's cap
     torch.cuda.empty_cache()
-    kw = dict(mode=mode, gpu_mem_gb=1.5, gpu_cached_layers=0, workers=2, quiet=True)
+    kw = dict(mode=mode, gpu_mem_gb=gpu_cap_gb(1.5), gpu_cached_layers=0, workers=2, quiet=True)
     if mode == "mixed":
         kw.update(gpu_cached_layers=1, cpu_cache_layers=1, prefetch_distance=2)
     if mode == "preload-gpu-tier":
@@ -188,7 +188,7 @@ def test_gpu_failed_set_up_unregisters_the_ring(synth_bf16, monkeypatch):
         built.append(self)
         raise RuntimeError("DRAM tier check: simulated failure")
 
-    cfg = RuntimeConfig(mode="preload", gpu_mem_gb=1.5, gpu_cached_layers=0, workers=2, quiet=True)
+    cfg = RuntimeConfig(mode="preload", gpu_mem_gb=gpu_cap_gb(1.5), gpu_cached_layers=0, workers=2, quiet=True)
     with monkeypatch.context() as m:
         m.setattr(StreamedWeights, "_check_dram_tier", failing)
         with pytest.raises(RuntimeError, match="simulated"):
@@ -199,7 +199,7 @@ def test_gpu_failed_set_up_unregisters_the_ring(synth_bf16, monkeypatch):
     gen = Generator(InMemoryWeights(synth_bf16, dev, quiet=True), len(prompt) + new)
     ref = gen.generate(prompt, SamplingConfig(new)).output_token_ids
     del gen
-    torch.cuda.empty_cache()
+    cfg = RuntimeConfig(mode="preload", gpu_mem_gb=gpu_cap_gb(1.5), gpu_cached_layers=0, workers=2, quiet=True)
     with open_source(synth_bf16, cfg, dev, max_len=len(prompt) + new) as (src, _, _):
         assert src.registered
         out = Generator(src, len(prompt) + new).generate(prompt, SamplingConfig(new)).output_token_ids
@@ -219,7 +219,6 @@ def test_gpu_attached_equals_full_bf16(synth_bf16, tmp_path, monkeypatch, dram_g
     del gen
     gc.collect()  # the reference's weights must not count against the attached run's cap
     torch.cuda.empty_cache()
-    print("MEM before attach", torch.cuda.memory_allocated())
     monkeypatch.setenv("LLMS_POOL_DIR", str(tmp_path / "pools"))
     name = f"gpuattach{'all' if dram_gb is None else 'part'}"
     start = [sys.executable, "launch.py", "pool", "start", "--image", str(synth_bf16.path), "--name", name,
@@ -227,7 +226,7 @@ def test_gpu_attached_equals_full_bf16(synth_bf16, tmp_path, monkeypatch, dram_g
                                                        "--window-slots", "2"])
     subprocess.run(start, cwd=ROOT, check=True, timeout=120)
     try:
-        cfg = RuntimeConfig(gpu_mem_gb=1.5, gpu_cached_layers=1, quiet=True, attach=name)
+        cfg = RuntimeConfig(gpu_mem_gb=gpu_cap_gb(1.5), gpu_cached_layers=1, quiet=True, attach=name)
         with open_source(synth_bf16, cfg, dev, max_len=len(prompt) + new) as (src, plan, _):
             assert src.registered and src.res.ring_readonly  # mapped read-only, registered read-only
             assert src.slot_tensor(min(src._own_slots()), 16).is_pinned()
