@@ -239,10 +239,18 @@ class TieredKVCache(KVCache):
         self.qkv_host: torch.Tensor | None = None  # pinned staging of a decode step's q, k, v (host attention)
         self.cuda = self.device.type == "cuda"
         pin = self.cuda
-        self.host_k = [torch.zeros(self.shape, dtype=dtype, pin_memory=pin) for _ in range(args.n_layers)]
-        self.host_v = [torch.zeros(self.shape, dtype=dtype, pin_memory=pin) for _ in range(args.n_layers)]
-        self.buf_k = [torch.zeros(self.shape, dtype=dtype, device=device) for _ in range(2)]
-        self.buf_v = [torch.zeros(self.shape, dtype=dtype, device=device) for _ in range(2)]
+        # Stored slot-major, (slots, B, n_kv, hd), and seen through (B, slots, ...) views: a range of slots of
+        # every sequence is one contiguous span, so each copy is one DMA. Batch-major, a copy of rows [0, r)
+        # was B strided pieces, which PyTorch stages through pageable memory (3 GB/s at batch 32).
+        store = (self.shape[1], self.shape[0], *self.shape[2:])
+        self.store_k = [torch.zeros(store, dtype=dtype, pin_memory=pin) for _ in range(args.n_layers)]
+        self.store_v = [torch.zeros(store, dtype=dtype, pin_memory=pin) for _ in range(args.n_layers)]
+        self.buf_store_k = [torch.zeros(store, dtype=dtype, device=device) for _ in range(2)]
+        self.buf_store_v = [torch.zeros(store, dtype=dtype, device=device) for _ in range(2)]
+        self.host_k = [t.transpose(0, 1) for t in self.store_k]  # (B, slots, n_kv, hd) views
+        self.host_v = [t.transpose(0, 1) for t in self.store_v]
+        self.buf_k = [t.transpose(0, 1) for t in self.buf_store_k]
+        self.buf_v = [t.transpose(0, 1) for t in self.buf_store_v]
         self.loaded: list[int | None] = [None, None]  # the layer each buffer holds
         self.current = 1  # the buffer of the layer last acquired (the first layer goes to buffer 0)
         self.ready: list[torch.cuda.Event | None] = [None, None]  # copy finished (CUDA)
@@ -274,8 +282,8 @@ class TieredKVCache(KVCache):
 
     def _copy_in(self, layer: int, b: int, rows: int) -> None:
         if rows:
-            self.buf_k[b][:, :rows].copy_(self.host_k[layer][:, :rows], non_blocking=True)
-            self.buf_v[b][:, :rows].copy_(self.host_v[layer][:, :rows], non_blocking=True)
+            self.buf_store_k[b][:rows].copy_(self.store_k[layer][:rows], non_blocking=True)
+            self.buf_store_v[b][:rows].copy_(self.store_v[layer][:rows], non_blocking=True)
             self.h2d_bytes += 2 * rows * self.row_bytes * self.shape[0]
 
     def acquire(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -308,8 +316,8 @@ class TieredKVCache(KVCache):
             self._fetch(nxt, 1 - b)  # into the other buffer, while this layer's attention and FFN run
 
     def _copy_out(self, layer: int, b: int, start: int, end: int) -> None:
-        self.host_k[layer][:, start:end].copy_(self.buf_k[b][:, start:end], non_blocking=True)
-        self.host_v[layer][:, start:end].copy_(self.buf_v[b][:, start:end], non_blocking=True)
+        self.store_k[layer][start:end].copy_(self.buf_store_k[b][start:end], non_blocking=True)
+        self.store_v[layer][start:end].copy_(self.buf_store_v[b][start:end], non_blocking=True)
         self.d2h_bytes += 2 * (end - start) * self.row_bytes * self.shape[0]
         self.out_pending = self.cuda
 
