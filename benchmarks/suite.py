@@ -80,12 +80,30 @@ def emulated_cap(shape: str, layers: int, cap: float | None, dtype: str) -> tupl
 
 
 def sh(cmd: list[str], log: Path, timeout: float = 900) -> int:
+    """Run cmd with its output in log. Interrupted (its timeout, Ctrl-C, or SIGTERM, say from timeout(1)
+    around the benchmark) it stops the command as Ctrl-C would, so that a run stops its pool and leaves no
+    shared memory behind (SIGKILL only if it has not exited in 30 s), then re-raises."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     print("$", " ".join(cmd), flush=True)
     with open(log, "w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, timeout=timeout)
-    if proc.returncode:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except BaseException:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            raise
+    if rc:
         print(log.read_text()[-3000:], flush=True)
-    return proc.returncode
+    return rc
 
 
 def drop_page_cache() -> bool:

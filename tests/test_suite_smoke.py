@@ -29,3 +29,28 @@ def test_suite_cpu_smoke(tmp_path):
     assert r["cold_start"]["process_start_to_first_token_ms"] > r["cold_start"]["load_ms"] > 0
     assert set(r["cold_start"]["load_breakdown_ms"]) >= {"pool_start", "register_ring", "gpu_tier"}
     assert set(res["verdicts"]) == {"decode_dram", "decode_disk", "prefill", "ttft_cold", "peer_speedup"}
+
+
+@pytest.mark.parametrize("how", ["sigterm", "timeout"])
+def test_sh_stops_its_command_as_ctrl_c_would(tmp_path, how):
+    """A benchmark killed by timeout(1) (SIGTERM), or whose command overruns sh's timeout, stops the command
+    with SIGINT, so a run stops its pool and cleans up (here: the command records that it was interrupted)."""
+    import signal
+    import time
+
+    marker, log = tmp_path / "marker", tmp_path / "cmd.log"
+    child = ("import pathlib, time\ntry:\n    print('started', flush=True); time.sleep(60)\n"
+             f"except KeyboardInterrupt:\n    pathlib.Path({str(marker)!r}).write_text('interrupted')\n")
+    limit = 2 if how == "timeout" else 120
+    script = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from pathlib import Path\n"
+              f"from benchmarks.suite import sh\nsh([sys.executable, '-c', {child!r}], Path({str(log)!r}), {limit})")
+    p = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (log.exists() and "started" in log.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if how == "sigterm":
+        p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert marker.read_text() == "interrupted"
+    assert p.returncode != 0
+    assert ("TimeoutExpired" in err) == (how == "timeout")
