@@ -402,16 +402,17 @@ def io_report(r: Round, plan, decode_s: float, steps: int) -> dict[str, Any]:
             "h2d_bytes_decode": h2d_moved}
 
 
-def bound_report(plan, lk: dict, step_ms: float | None, host_kv_bytes: float = 0) -> dict[str, Any]:
-    """max(disk bytes / disk GB/s, H2D bytes / H2D GB/s, host-attended KV bytes / the CPU's attention rate)
-    per decode step, and achieved / bound."""
+def bound_report(plan, lk: dict, step_ms: float | None, host_kv_bytes: float = 0,
+                 kv_h2d_bytes: float = 0) -> dict[str, Any]:
+    """max(disk bytes / disk GB/s, H2D bytes (weights + the offloaded KV cache read back) / H2D GB/s,
+    host-attended KV bytes / the CPU's attention rate) per decode step, and achieved / bound."""
     terms = {}
     if host_kv_bytes and lk.get("host_attention"):
         terms["host_attention"] = host_kv_bytes / (lk["host_attention"]["gbps"] * GB) * 1e3
     if plan and plan.disk_bytes_per_pass:
         terms["disk"] = plan.disk_bytes_per_pass / (lk["disk"]["gbps"] * GB) * 1e3
-    if plan and plan.h2d_bytes_per_pass and lk["h2d"]:
-        terms["h2d"] = plan.h2d_bytes_per_pass / (lk["h2d"]["gbps"] * GB) * 1e3
+    if plan and (plan.h2d_bytes_per_pass or kv_h2d_bytes) and lk["h2d"]:
+        terms["h2d"] = (plan.h2d_bytes_per_pass + kv_h2d_bytes) / (lk["h2d"]["gbps"] * GB) * 1e3
     if not terms:
         return {"step_ms": None, "limited_by": None, "terms_ms": {}, "decode_step_ms": step_ms, "ratio": None,
                 "why_none": "no weight bytes move per step (compute time is not modelled yet)"}
@@ -459,7 +460,8 @@ def build_report(a, cfg: BenchConfig, ctx: dict, r: Round) -> dict[str, Any]:
     io = io_report(r, plan, t["decode_ms"] / 1e3, steps)
     step_ms = t["decode_ms"] / steps if steps else None
     host_kv = ctx.get("host_kv_bytes_per_step", 0)
-    bound = bound_report(plan, lk, step_ms, host_kv)
+    kv_h2d = (r.kv_end[0] - r.kv_after_prefill[0]) / steps if steps else 0.0  # the offloaded cache read back
+    bound = bound_report(plan, lk, step_ms, host_kv, kv_h2d)
     gpu_mem, host_mem = ctx["memory"]
     weight_h2d = io["h2d_bytes_decode"] / (t["decode_ms"] / 1e3) / MB if t["decode_ms"] > 0 else 0.0
     out = {"batch_size": n, "max_new_tokens": cfg.max_new_tokens, "prompt_lens": [len(p) for p in ctx["prompts"]],
@@ -469,7 +471,8 @@ def build_report(a, cfg: BenchConfig, ctx: dict, r: Round) -> dict[str, Any]:
     out["kv"] = {"offload": bool(getattr(ctx.get("source"), "kv_offload", False)), "block_tokens": a.kv_block_tokens,
                  "topk_blk": a.topk_blk, "host_attention": bool(getattr(a, "host_attention", False)
                                                                 and getattr(ctx.get("source"), "kv_offload", False)),
-                 "host_kv_bytes_per_step": host_kv, "decode_h2d_bytes": r.kv_end[0] - r.kv_after_prefill[0],
+                 "host_kv_bytes_per_step": host_kv, "h2d_bytes_per_step": kv_h2d,
+                 "decode_h2d_bytes": r.kv_end[0] - r.kv_after_prefill[0],
                  "decode_d2h_bytes": r.kv_end[1] - r.kv_after_prefill[1], "prefill_h2d_bytes": r.kv_after_prefill[0],
                  "prefill_d2h_bytes": r.kv_after_prefill[1], "attended_block_fraction": r.attended}
     tok = ctx.get("tokenizer")
@@ -529,7 +532,8 @@ def bound_line(rep: dict) -> str:
         return f"none: {b['why_none']}"
     lim = b["limited_by"]
     moved = (rep["kv"]["host_kv_bytes_per_step"] if lim == "host_attention"
-             else rep["bytes_per_token"]["disk" if lim == "disk" else "h2d"])
+             else rep["bytes_per_token"]["disk"] if lim == "disk"
+             else rep["bytes_per_token"]["h2d"] + rep["kv"]["h2d_bytes_per_step"])  # weights + KV read back
     if b["ratio"] is None:
         return f"bound {b['step_ms']:.1f} ms per decode step; no decode step was measured (--max-new-tokens 1)"
     low = " (below 1: the link figure is low, e.g. a short measurement)" if b["ratio"] < 0.95 else ""

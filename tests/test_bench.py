@@ -139,3 +139,18 @@ def test_seed_command_on_cuda(tiny, prompts, tmp_path):
     assert rep["bytes_per_token"]["h2d"] == rep["plan"]["h2d_bytes_per_pass"] > rep["bytes_per_token"]["disk"]
     assert rep["io_bw_MBps"]["weight_h2d_MBps"] > 0 and rep["gpu_mem_GB"]["allocated_GB"] > 0
     assert rep["host_mem_GB"]["pinned_GB"] == rep["host_mem_GB"]["ring_GB"] > 0
+
+
+def test_bound_counts_the_offloaded_kv_read_back():
+    """An offloaded KV cache read back each decode step crosses the H2D link with the weights: the bound is
+    their sum over the link (8B-shaped, batch 32 on the H200: 10.4 + 8.7 GB at 54.6 GB/s, 351 ms)."""
+    from types import SimpleNamespace
+
+    from runtime.bench import bound_report
+
+    plan = SimpleNamespace(disk_bytes_per_pass=0, h2d_bytes_per_pass=10_435_870_720)
+    lk = {"disk": {"gbps": 1.5}, "h2d": {"gbps": 54.59}}
+    b = bound_report(plan, lk, 349.9, kv_h2d_bytes=8_719_958_016)
+    assert b["limited_by"] == "h2d" and abs(b["step_ms"] - 19_155_828_736 / 54.59e9 * 1e3) < 1e-6
+    assert abs(b["ratio"] - 349.9 / b["step_ms"]) < 1e-12 and 0.99 < b["ratio"] < 1.0
+    assert bound_report(plan, lk, 349.9)["step_ms"] < 0.6 * b["step_ms"]  # without the KV: weights only
