@@ -340,6 +340,8 @@ class Round:
     kv_after_prefill: tuple[int, int] = (0, 0)  # KV bytes moved (H2D, D2H) by the end of prefill ...
     kv_end: tuple[int, int] = (0, 0)  # ... and by the end
     attended: float | None = None  # with --topk-blk: the fraction of KV blocks decode attention read
+    kv_alloc_ms: float = 0.0  # the KV cache's allocation, inside the prefill time (an offloaded one is pinned)
+    kv_host_bytes: int = 0  # an offloaded cache's host store
 
     @property
     def step_ms(self) -> list[float]:
@@ -379,6 +381,8 @@ def run_round(gen, source, prompts: Sequence[list[int]], sampling) -> Round:
     r.results = gen.generate_batch(prompts, sampling, frozenset(), on_step)
     r.end = time.perf_counter()
     r.kv_end = gen.kv_moved()
+    r.kv_alloc_ms = gen.cache_alloc_ms
+    r.kv_host_bytes = getattr(getattr(gen.cache, "host_store", None), "nbytes", 0)
     r.attended = gen.attended_fraction()
     return r
 
@@ -474,7 +478,8 @@ def build_report(a, cfg: BenchConfig, ctx: dict, r: Round) -> dict[str, Any]:
                  "host_kv_bytes_per_step": host_kv, "h2d_bytes_per_step": kv_h2d,
                  "decode_h2d_bytes": r.kv_end[0] - r.kv_after_prefill[0],
                  "decode_d2h_bytes": r.kv_end[1] - r.kv_after_prefill[1], "prefill_h2d_bytes": r.kv_after_prefill[0],
-                 "prefill_d2h_bytes": r.kv_after_prefill[1], "attended_block_fraction": r.attended}
+                 "prefill_d2h_bytes": r.kv_after_prefill[1], "attended_block_fraction": r.attended,
+                 "alloc_ms": r.kv_alloc_ms, "host_bytes": r.kv_host_bytes}
     tok = ctx.get("tokenizer")
     out["results"] = [{"prompt_token_ids": x.prompt_token_ids, "output_token_ids": x.output_token_ids,
                        "text": tok.decode(x.output_token_ids) if tok else None} for x in r.results]

@@ -125,6 +125,7 @@ class Generator:
         self.kv_block_tokens, self.topk_blk, self.kv_offload = kv_block_tokens, topk_blk, kv_offload
         self.host_attention = host_attention and kv_offload  # only an offloaded cache lives on the host
         self.profile_attention = profile_attention
+        self.cache_alloc_ms = 0.0  # how long the latest cache took to allocate (pinned host memory: seconds)
         self.cache: KVCache | None = None  # the latest cache; the counters of earlier ones are folded into:
         self.folded = {"h2d": 0, "d2h": 0, "attn_ms": 0.0, "attended": 0, "total": 0}
         self.source, self.args = source, source.args
@@ -140,8 +141,10 @@ class Generator:
         self._fold()  # the previous cache is dropped here (only its counters are kept): no KV memory piles up
         kw = {"host_attention": True} if self.host_attention else {}
         cls = TieredKVCache if self.kv_offload else KVCache
+        t0 = time.perf_counter()
         cache = cls(self.args, batch, self.max_seq_len, self.source.dtype, self.source.device,
                     block_tokens=self.kv_block_tokens, topk_blk=self.topk_blk, **kw)
+        self.cache_alloc_ms = (time.perf_counter() - t0) * 1e3  # in a batch's prefill time; the bench reports it
         cache.profile = self.profile_attention
         self.cache = cache
         return cache

@@ -182,6 +182,10 @@ def test_cli_kv_flags(tiny, tmp_path):
     kv = res["off"]["kv"]
     assert kv["offload"] and kv["decode_h2d_bytes"] > 0 and kv["decode_d2h_bytes"] > 0
     assert res["off"]["io_bw_MBps"]["kv_h2d_MBps"] > 0 and res["ref"]["io_bw_MBps"]["kv_h2d_MBps"] == 0
+    max_len = max(len(p) for p in PROMPTS[:3]) + 8  # bench's --max-seq-len: the longest prompt + new tokens
+    slots = -(-max_len // 8) * 8  # whole blocks of --kv-block-tokens 8; the host store is exactly that (fp32)
+    assert kv["host_bytes"] == 2 * tiny.args.n_layers * 3 * slots * tiny.args.n_kv_heads * tiny.args.head_dim * 4
+    assert kv["alloc_ms"] > 0 and res["ref"]["kv"]["host_bytes"] == 0
     host = res["host"]  # decode attention on the host: same tokens, no KV block fetched while decoding, and the
     assert [r["output_token_ids"] for r in host["results"]] == [r["output_token_ids"]  # bound has its term
                                                                 for r in res["ref"]["results"]]
