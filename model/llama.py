@@ -245,9 +245,15 @@ class HostStore:
         self.tensor = raw[off:off + self.nbytes].view(dtype).view(shape)
         ptr = raw.data_ptr() + off
         err = int(torch.cuda.cudart().cudaHostRegister(ptr, size, 0))
-        if err:
-            raise RuntimeError(f"cudaHostRegister of the offloaded KV cache ({size} bytes) failed with CUDA error "
-                               f"{err}")
+        if err:  # PyTorch's pinned allocator instead: rounded up, but pinned
+            import sys
+
+            print(f"note: cudaHostRegister of the offloaded KV cache ({size} bytes) failed with CUDA error {err}; "
+                  f"pinned by PyTorch's allocator instead", file=sys.stderr)
+            del raw, self.tensor
+            self.tensor = torch.zeros(shape, dtype=dtype, pin_memory=True)
+            self.pinned = self.nbytes
+            return
         self.pinned = size
         fin = weakref.finalize(self, HostStore._unregister, ptr, raw, torch.cuda.current_device())
         fin.atexit = False  # at exit the process's pages go anyway; CUDA may be torn down by then
