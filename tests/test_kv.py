@@ -263,3 +263,32 @@ def test_gpu_kv_over_budget_offloads_and_matches(tmp_path):
     assert err < 0.02, f"host attention's logits differ from the GPU's by {err:.3f} of their largest"
     a = image.args  # 7 decode steps moved no KV block to the GPU: only each layer's attention output (bf16)
     assert steps[-1][0] - steps[0][0] == 7 * a.n_layers * b * a.n_heads * a.head_dim * 2
+
+
+def test_host_store_registers_whole_pages_exactly_once(monkeypatch):
+    """The offloaded cache's host store (CUDA's registration faked): one cudaHostRegister of whole pages from a
+    page boundary where the tensor starts, exactly the tensor's bytes rounded up to a page (PyTorch's pinned
+    allocator would round 136 MB up to 256 MB), and one cudaHostUnregister of the same address once the store
+    is collected, after the device's work."""
+    import gc
+
+    from model.llama import HostStore
+
+    calls = []
+    fake = SimpleNamespace(cudaHostRegister=lambda p, n, f: calls.append(("register", p, n, f)) or 0,
+                           cudaHostUnregister=lambda p: calls.append(("unregister", p)) or 0)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(("synchronize", device)))
+    shape = (2, 3, 5, 7, 11)
+    store = HostStore(shape, torch.bfloat16, pin=True)
+    t = store.tensor
+    assert t.shape == shape and t.dtype == torch.bfloat16 and t.is_contiguous() and not t.any()
+    nbytes = 2 * 3 * 5 * 7 * 11 * 2
+    assert store.nbytes == nbytes and store.pinned == -(-nbytes // 4096) * 4096
+    assert calls == [("register", t.data_ptr(), store.pinned, 0)] and t.data_ptr() % 4096 == 0
+    ptr = t.data_ptr()
+    del store, t
+    gc.collect()
+    assert calls[1:] == [("synchronize", 0), ("unregister", ptr)]
+    assert HostStore(shape, torch.float32, pin=False).pinned == 0 and len(calls) == 3  # on the CPU: no pinning
