@@ -216,7 +216,10 @@ class KVCache:
         hi = self.kmax[layer][:, 1:n - self.window_blocks].permute(0, 2, 1, 3)
         ub = torch.maximum(qg.unsqueeze(3) * lo.unsqueeze(2), qg.unsqueeze(3) * hi.unsqueeze(2)).sum(-1)
         best = ub.amax(2).topk(k, dim=-1).indices + 1  # (B, n_kv, k): candidate blocks start at block 1
-        fixed = torch.tensor([0] + list(range(n - self.window_blocks, n)), device=q.device)
+        # block 0 and the recent window, made on the device: torch.tensor(list, device=cuda) is a pageable copy
+        # that waits for the GPU to catch up, in every layer of every step
+        fixed = torch.arange(n - self.window_blocks - 1, n, device=q.device)
+        fixed[0] = 0
         return torch.cat([fixed.view(1, 1, -1).expand(b, n_kv, -1), best], dim=-1)
 
 
