@@ -13,7 +13,8 @@ emulated cap, benchmarks/suite.py). The KV cache is offloaded to DRAM when the c
 prefill time, the decode step, its ratio to batch 1's, tokens/s, weight and KV bytes per step and the
 transfer bound max over the H2D link of (weights + KV moved per step), and with host attention the KV bytes
 it reads per step over the CPU's measured attention rate. Prefill: its weight passes (a pass's
---prefill-chunk tokens are shared by the batch) and their transfer bound, passes x the weights one moves.
+--prefill-chunk tokens are shared by the batch), their transfer bound (passes x the weights one moves, plus
+the KV cache read back between chunks when it is offloaded) and the KV cache's allocation (inside prefill).
 With ``--compute-bound`` each batch size also runs with every weight resident (``--mode full``, no cap):
 that decode step is the compute floor. The table marks the first batch size whose step exceeds 1.2 x batch
 1's: from there the step is no longer the weight pass's (compute, which the compute column shows, or the KV
@@ -97,7 +98,9 @@ def main() -> int:
         w_step = j["bytes_per_token"]["h2d"]
         passes = -(-a.prompt_tokens // chunk_per_sequence(a.prefill_chunk or 2048, b))
         rows.append({"batch": b, "prefill_s": j["prefill_ms"] / 1e3, "prefill_passes": passes,
-                     "prefill_bound_s": passes * w_step / (h2d * 1e9) if h2d else None,
+                     # the weight passes and the KV read back between chunks (later chunks attend to earlier)
+                     "prefill_bound_s": (passes * w_step + j["kv"]["prefill_h2d_bytes"]) / (h2d * 1e9) if h2d else None,
+                     "prefill_kv_h2d": j["kv"]["prefill_h2d_bytes"], "kv_alloc_s": j["kv"].get("alloc_ms", 0) / 1e3,
                      "step_ms": j["bound"]["decode_step_ms"],
                      "tok_s": j["throughput_tok_s"], "kv_offload": j["kv"]["offload"],
                      "host_attention": j["kv"]["host_attention"], "kv_h2d_per_step": kv_step,
@@ -151,8 +154,8 @@ def report(rows: list[dict], a, cap) -> None:
     ok = [r for r in rows if not r.get("failed")]
     base = ok[0]["step_ms"] if ok and ok[0]["batch"] == 1 else None
     print(f"{a.shape} x{a.layers}, cap {cap} GB, prompts {a.prompt_tokens} tokens, {a.new_tokens} new tokens")
-    print("| batch | prefill s (weight passes, bound s) | decode step ms | step / batch-1 step | tokens/s | "
-          "KV offloaded | KV H2D GB/step | weights H2D GB/step | bound ms | compute ms | GPU peak GB |")
+    print("| batch | prefill s (weight passes, bound s, KV allocation s) | decode step ms | step / batch-1 step | "
+          "tokens/s | KV offloaded | KV H2D GB/step | weights H2D GB/step | bound ms | compute ms | GPU peak GB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     marked = False
     for r in rows:
@@ -166,7 +169,8 @@ def report(rows: list[dict], a, cap) -> None:
         bound = f"{r['bound_ms']:.1f}" if r["bound_ms"] else "-"
         pb = f"{r['prefill_bound_s']:.2f}" if r.get("prefill_bound_s") else "-"
         compute = f"{r['compute_ms']:.1f}" if r.get("compute_ms") else "-"
-        print(f"| {r['batch']} | {r['prefill_s']:.2f} ({r['prefill_passes']}, {pb}) | {r['step_ms']:.1f} | "
+        print(f"| {r['batch']} | {r['prefill_s']:.2f} ({r['prefill_passes']}, {pb}, {r.get('kv_alloc_s', 0):.2f}) | "
+              f"{r['step_ms']:.1f} | "
               f"{f'{ratio:.2f}' if ratio else '-'}{note} | {r['tok_s']:.1f} | {kv_where(r)} | "
               f"{r['kv_h2d_per_step'] / 1e9:.2f} | {r['weight_h2d_per_step'] / 1e9:.2f} | {bound} | {compute} | "
               f"{r['gpu_peak_GB']:.2f} |")
