@@ -147,7 +147,7 @@ class KVCache:
         self.host_attention = False  # TieredKVCache: decode attention on the host (attend_on_host)
 
     def nbytes(self) -> int:
-        return 2 * self.n_layers * math.prod(self.shape) * torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * self.n_layers * math.prod(self.shape) * self.dtype.itemsize
 
     def acquire(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[layer], self.v[layer]
@@ -234,7 +234,7 @@ class HostStore:
     PAGE = 4096
 
     def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> None:
-        self.nbytes = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
+        self.nbytes = math.prod(shape) * dtype.itemsize
         self.pinned = 0
         if not (pin and self.nbytes):
             self.tensor = torch.zeros(shape, dtype=dtype)

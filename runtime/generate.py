@@ -195,9 +195,9 @@ class Generator:
         for i in range(0, tokens.shape[1], step):  # with last_only no chunk computes every position's logits
             chunk = tokens[:, i:i + step]  # (B x chunk x vocab fp32: 1 GB for 4 x 512 x 128K, beyond the plan)
             out = forward_groups(chunk, start + i, self.args, self.source, self.rope, cache, last_only=last_only)
-            # last_only keeps the latest chunk's only: B x vocab fp32 a chunk piled up to 0.5 GB (batch 32, 32
-            # chunks), beyond the plan
-            outs = [out] if last_only else outs + [out]
+            if last_only:  # the latest chunk's only: B x vocab fp32 a chunk piled up to 0.5 GB (batch 32, 32
+                outs.clear()  # chunks), beyond the plan
+            outs.append(out)
         return outs[-1] if last_only else torch.cat(outs, dim=1)
 
     def _sync(self) -> None:
