@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -55,6 +56,9 @@ def main() -> int:
                          "the device): its decode step is the compute the streamed step cannot go below")
     ap.add_argument("--host-attention", action="store_true",
                     help="pass --host-attention: an offloaded KV cache's decode attention runs on the CPU")
+    ap.add_argument("--bench-args", default="",
+                    help="more flags for every streamed bench run, one string (e.g. \"--group-prefetch-depth 4\"); "
+                         "TRACE in it becomes the batch's trace file in --out (e.g. \"--trace TRACE\")")
     ap.add_argument("--workdir", required=True, help="where the image is packed")
     ap.add_argument("--out", required=True, help="logs, per-batch JSON and batch.json")
     a = ap.parse_args()
@@ -83,6 +87,7 @@ def main() -> int:
                str(a.workers), "--out-json", str(js), *given]
         cmd += (["--gpu-mem-gb", f"{cap:.3f}"] if cap else []) + (["--host-attention"] if a.host_attention else [])
         cmd += ["--prefill-chunk", str(a.prefill_chunk)] if a.prefill_chunk else []
+        cmd += [str(out / f"b{b}.trace.json") if x == "TRACE" else x for x in shlex.split(a.bench_args)]
         if sh(cmd, out / f"b{b}.log") or not js.exists():
             rows.append({"batch": b, "failed": True, "log": (out / f"b{b}.log").read_text()[-1500:]})
             save(out, rows, a, cap)

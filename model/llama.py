@@ -284,6 +284,7 @@ class TieredKVCache(KVCache):
         self.pad_host: torch.Tensor | None = None
         self.out_pending = False  # copies of new slots into the host cache issued and not yet waited for
         self.qkv_host: torch.Tensor | None = None  # pinned staging of a decode step's q, k, v (host attention)
+        self.out_host: torch.Tensor | None = None  # pinned staging of its attention output, copied back async
         self.cuda = self.device.type == "cuda"
         # Stored slot-major, (slots, B, n_kv, hd), and seen through (B, slots, ...) views: a range of slots of
         # every sequence is one contiguous span, so each copy is one DMA. Batch-major, a copy of rows [0, r)
@@ -409,8 +410,13 @@ class TieredKVCache(KVCache):
         out = out.reshape(b, n_heads, 1, hd)
         if not self.cuda:
             return out
+        # Pinned, so the copy back is a plain DMA on the compute stream (a pageable one is staged by the driver
+        # and holds this thread); reused safely: the next layer's call first waits for the stream past it.
+        if self.out_host is None or self.out_host.shape != out.shape:
+            self.out_host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+        self.out_host.copy_(out)
         self.h2d_bytes += out.numel() * out.element_size()
-        return out.to(self.device)
+        return self.out_host.to(self.device, non_blocking=True)
 
 
 # ---- group forwards ----------------------------------------------------------------------------------

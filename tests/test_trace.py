@@ -266,3 +266,32 @@ def test_cuda_copies_precede_their_computes(tiny, tmp_path):
             assert c["ts"] + c["dur"] <= k["ts"] + tol_us, (g, c, k)
     origin = doc["otherData"]["origin_ns"]
     assert all(t["t0"] <= origin + e["ts"] * 1e3 <= t["t1"] for e in spans(doc))
+
+
+def test_trace_summary_per_pass(tmp_path):
+    """benchmarks/trace_summary.py: a pass runs from its embed span to the end of its last group; the copy
+    stream's busy time is the union of the copies inside it (overlaps counted once, clipped to the pass)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import trace_summary
+
+    meta = [{"ph": "M", "name": "thread_name", "pid": 1, "tid": 1, "args": {"name": "compute"}},
+            {"ph": "M", "name": "thread_name", "pid": 1, "tid": 2, "args": {"name": "H2D copy stream"}}]
+
+    def x(name, cat, tid, ts, dur, **args):
+        return {"ph": "X", "name": name, "cat": cat, "pid": 1, "tid": tid, "ts": ts, "dur": dur, "args": args}
+
+    spans = [x("embed", "compute", 1, 0, 10), x("layers.0.attention", "compute", 1, 10, 40),
+             x("layers.0.feed_forward", "compute", 1, 50, 50),
+             x("embed", "compute", 1, 100, 10), x("layers.0.attention", "compute", 1, 110, 90),
+             x("layers.0.feed_forward", "copy", 2, 5, 30, bytes=1000),  # 5-35
+             x("layers.0.attention", "copy", 2, 20, 30, bytes=500),  # 20-50: overlaps, counted once
+             x("layers.0.feed_forward", "copy", 2, 90, 40, bytes=2000)]  # 90-130: split between passes
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"traceEvents": meta + spans}))
+    rows = trace_summary.summarize(str(path))
+    assert [r["wall_ms"] for r in rows] == [0.1, 0.1]
+    assert rows[0]["copy_busy_ms"] == pytest.approx(0.055)  # 5-50 and 90-100
+    assert rows[1]["copy_busy_ms"] == pytest.approx(0.030)  # 100-130
+    assert rows[0]["copied_GB"] == pytest.approx(3500 / 1e9) and rows[1]["copied_GB"] == 0
+    assert rows[0]["attention_ms"] == pytest.approx(0.04) and rows[0]["ffn_ms"] == pytest.approx(0.05)
+    assert rows[1]["attention_ms"] == pytest.approx(0.09) and rows[1]["other_ms"] == pytest.approx(0.01)
