@@ -11,6 +11,7 @@
     python launch.py probe --image model.img --gpu-mem-gb 24 --dram-gb 64 --out-json probe.json
     python launch.py run --image model.img --prompt "Hello" --trace run.trace.json   # then ui.perfetto.dev
     python launch.py pool start --image model.img --name m; python launch.py run --attach m; pool stop m
+    python launch.py pool serve m --device cuda --gpu-mem-gb 20   # runs --attach m then go through its server
 
 Every user error (bad file, bad flag value) prints one line to stderr and exits with code 2; ``--help`` on
 any command explains its flags. This file parses and dispatches; the work is in runtime/ and model/.
@@ -62,6 +63,9 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
                         "pool: nothing is read from disk that the pool holds; the image defaults to the pool's, "
                         "the GPU tier comes from --gpu-mem-gb; --mode, --dram-gb, --cpu-cache-layers, "
                         "--prefetch-distance and --trace do not apply")
+    g.add_argument("--no-server", action="store_true",
+                   help="with --attach: run the model in this process even when the pool has a server (launch.py "
+                        "pool serve); by default a run attached to a serving pool hands its prompt to the server")
     g.add_argument("--trace", metavar="FILE",
                    help="write a Chrome trace-event JSON of the run to FILE (open it in ui.perfetto.dev or "
                         "chrome://tracing; benchmarks/render_trace.py draws it): each I/O worker's disk reads, "
@@ -257,6 +261,33 @@ def _add_pool_parser(sub) -> None:
     q.add_argument("--start-timeout", type=float, default=60.0, help="seconds to wait for the coordinator to come "
                                                                      "up (default 60)")
     q.add_argument("--quiet", action="store_true", help="no progress lines")
+    q = ps.add_parser("serve", help="start a server on the pool: one process with the model ready on its device "
+                                    "that generates for every run --attach NAME",
+                      description="Start the pool's server (runtime/server.py): a detached process that attaches to "
+                                  "the pool once (plan, ring registered with CUDA, GPU tier copied, CUDA warmed up) "
+                                  "and then generates for the runs and benches that attach to the pool, one request "
+                                  "at a time in arrival order, so their first token costs the prefill only. Its "
+                                  "limits (device, GPU budget, sequence length, batch, KV flags) are fixed here; a "
+                                  "run that needs others passes --no-server. Log: the pool dir's NAME.server.log.")
+    q.add_argument("name", help="pool name (a running pool: launch.py pool start)")
+    q.add_argument("--stop", action="store_true", help="stop the pool's server instead (SIGTERM, then SIGKILL after "
+                                                       "--timeout); the pool keeps running")
+    q.add_argument("--timeout", type=float, default=10.0, help="with --stop: seconds before SIGKILL (default 10)")
+    q.add_argument("--device", default=None, choices=["cpu", "cuda"],
+                   help="where the server computes (default: cuda if available, else cpu)")
+    q.add_argument("--gpu-mem-gb", type=float, help="the server's GPU budget in GB (default: the GPU's free memory)")
+    q.add_argument("--max-seq-len", type=int, default=4096, help="longest prompt + new tokens a request may have: "
+                                                                 "the KV cache the plan makes room for (default 4096)")
+    q.add_argument("--batch-size", type=int, default=1, help="most sequences per weight pass a request may ask for "
+                                                             "(run/bench --prompts --batch-size; default 1)")
+    q.add_argument("--group-prefetch-depth", type=int, default=2, help="GPU staging buffers (default 2)")
+    q.add_argument("--h2d-gbps", type=float, help="H2D link in GB/s for the bound its bench reports give (default: "
+                                                  "measured when it starts)")
+    q.add_argument("--disk-gbps", type=float, help="disk bandwidth in GB/s for the bound (default: measured when it "
+                                                   "starts, if the server streams from disk)")
+    q.add_argument("--start-timeout", type=float, default=600.0, help="seconds to wait for it to serve (default 600)")
+    q.add_argument("--quiet", action="store_true", help="print only the last line")
+    _add_kv_args(q)
     q = ps.add_parser("stop", help="stop a pool: SIGTERM, then SIGKILL after --timeout; leftovers removed")
     q.add_argument("name", help="pool name")
     q.add_argument("--timeout", type=float, default=10.0, help="seconds before SIGTERM escalates to SIGKILL "

@@ -364,9 +364,11 @@ class Round:
                 "end_to_end_tok_s": batch * len(self.tokens) / (e2e / 1e3)}
 
 
-def run_round(gen, source, prompts: Sequence[list[int]], sampling) -> Round:
-    """One whole generation of the batch: every sequence decodes ``max_new_tokens`` (no stop tokens)."""
+def run_round(gen, source, prompts: Sequence[list[int]], sampling, on_step=None) -> Round:
+    """One whole generation of the batch: every sequence decodes ``max_new_tokens`` (no stop tokens).
+    ``on_step`` also gets each pass's tokens (the pool's server sends them on)."""
     r = Round()
+    extra = on_step
 
     def on_step(toks: list[int | None]) -> None:  # called once the step's tokens are on the host
         r.stamps.append(time.perf_counter())
@@ -374,6 +376,8 @@ def run_round(gen, source, prompts: Sequence[list[int]], sampling) -> Round:
         r.tokens.append(toks)
         if len(r.tokens) == 1:
             r.kv_after_prefill = gen.kv_moved()
+        if extra is not None:
+            extra(toks)
 
     gen.reset_counters()
     r.counters.append(pool_counters(source))
@@ -546,9 +550,9 @@ def bound_line(rep: dict) -> str:
             f"{rep['links'][lim]['gbps']:.2f} GB/s), achieved/bound {b['ratio']:.2f}{low}")
 
 
-def summary(rep: dict, plan) -> str:
-    """The seeds' block, then ours."""
-    ours = {"plan": plan_line(plan),
+def summary(rep: dict, plan_text: str) -> str:
+    """The seeds' block, then ours (``plan_text``: plan_line of the run's plan)."""
+    ours = {"plan": plan_text,
             "bytes_per_token": bytes_line(rep["bytes_per_token"], rep["device"].startswith("cuda")),
             "disk": link_line(rep["achieved_GBps"]["disk_GBps"], rep["links"]["disk"],
                               (rep["decode_io"] or {}).get("disk_bytes", 0)),
@@ -592,6 +596,12 @@ def run_bench(a) -> None:
     for c in cut:
         print(f"warning: prompt {c['prompt']} has {c['tokens']} tokens; kept its last {c['kept']} (--max-seq-len "
               f"- --max-new-tokens)", file=sys.stderr)
+    from runtime.server import server_for
+
+    srv = server_for(a)
+    if srv is not None:
+        _bench_via_server(a, cfg, srv, prompts, cut, unused, tok)
+        return
     # With both links given nothing is measured before the pool, so it may start before torch does.
     early = (start_early(image, rcfg, a.device, cfg.batch_size, max_len)
              if cfg.disk_gbps and (cfg.h2d_gbps or a.device == "cpu") else None)
@@ -650,9 +660,46 @@ def _run_bench(a, cfg: BenchConfig, rcfg, image, prompts, max_len: int, cut: lis
            "process_to_first_token_ms": to_first_ms, "open_to_first_token_ms": (first.stamps[0] - t0) * 1e3,
            "cut": cut, "unused": unused, "notes": notes, "host_kv_bytes_per_step": host_kv}
     rep = build_report(a, cfg, ctx, r)
-    print(summary(rep, plan))
+    print(summary(rep, plan_line(plan)))
     if cfg.verbose:
         print(verbose_lines(rep, plan.describe() if plan else None))
+    if cfg.out_json:
+        Path(cfg.out_json).write_text(json.dumps(rep, indent=1))
+        print(f"JSON written to {cfg.out_json}")
+
+
+def _bench_via_server(a, cfg: BenchConfig, srv: dict, prompts, cut: list, unused: list, tok) -> None:
+    """``bench --attach NAME`` when the pool has a server (runtime/server.py): the server runs the rounds on
+    the model it holds and builds the report; this process adds what it saw: the time from connecting to
+    the first token (``open_to_first_token_ms``) and from its own start."""
+    from runtime.server import check_run_flags, request
+
+    check_run_flags(a, srv)
+    req = {"prompts": prompts, "batch_size": cfg.batch_size, "max_new_tokens": cfg.max_new_tokens,
+           "temperature": a.temperature, "top_p": a.top_p, "seed": a.seed, "bench": True}
+    to_open_ms = process_age_s() * 1e3
+    t0 = time.perf_counter()
+    first = None
+    for i in range(cfg.warmup_rounds + 1):
+        stamps: list[float] = []
+        done = request(srv, req, lambda m, stamps=stamps: stamps.append(time.perf_counter()))
+        first = first or (stamps[0] if stamps else time.perf_counter())
+        if i < cfg.warmup_rounds:
+            print(f"warm-up round {i + 1}/{cfg.warmup_rounds} done", file=sys.stderr)
+    to_first_ms = (process_age_s() - (time.perf_counter() - first)) * 1e3
+    rep = done["report"]
+    for res in rep["results"]:
+        res["text"] = tok.decode(res["output_token_ids"]) if tok else None
+    rep.update({"mode": "server", "load_ms": 0.0, "load_breakdown_ms": {"process_start_to_load": to_open_ms},
+                "open_to_first_token_ms": (first - t0) * 1e3, "process_start_to_first_token_ms": to_first_ms,
+                "warmup_rounds": cfg.warmup_rounds, "prompts_file": cfg.prompts, "prompt_truncation": cut,
+                "unused_flags": unused, "checkpoints": a.checkpoints,
+                "server": {k: srv.get(k) for k in ("name", "pid", "device", "ready_s", "load_breakdown_ms",
+                                                   "gpu_mem_gb", "max_seq_len", "batch_size")},
+                "flags": {k: v for k, v in vars(a).items() if k != "command"}})
+    print(summary(rep, f"the server's (pid {srv['pid']}): {done['plan_line']}"))
+    if cfg.verbose:
+        print(verbose_lines(rep, f"placement: the server's (launch.py pool status {srv['name']})"))
     if cfg.out_json:
         Path(cfg.out_json).write_text(json.dumps(rep, indent=1))
         print(f"JSON written to {cfg.out_json}")

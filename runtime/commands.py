@@ -139,12 +139,20 @@ def run(a) -> None:
     if a.batch_size > 1 and not a.prompts:
         raise ConfigError("--batch-size applies to --prompts FILE")
     image = _open_image(a)
+    from runtime.server import check_run_flags, server_for
+
+    srv = server_for(a)
+    if srv is not None:
+        check_run_flags(a, srv)
     if a.prompts:
-        _run_prompts(a, image, rcfg)
+        _run_prompts(a, image, rcfg, srv)
         return
     ids_given = a.prompt_ids is not None
     tok = _tokenizer(image, required=not ids_given)
     prompt = _prompt_ids(a, tok, default_chat=a.image is None and a.prompt is None and not ids_given)
+    if srv is not None:
+        _run_via_server(a, image, tok, prompt, srv)
+        return
     max_len = a.max_seq_len or len(prompt) + a.max_new_tokens
     early = start_early(image, rcfg, a.device, max_len=max_len)  # the DRAM tier fills while torch starts
     try:
@@ -180,10 +188,50 @@ def _run(a, image, tok, prompt, rcfg, max_len, early) -> None:
         Path(a.out_json).write_text(json.dumps(out, indent=1))
 
 
-def _run_prompts(a, image, rcfg) -> None:
-    """``run --prompts FILE``: every prompt, --batch-size at a time, each batch sharing its weight passes."""
+def _request(a, tok) -> dict:
+    """The sampling part of a request to a pool's server (runtime/server.py)."""
+    return {"max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "top_p": a.top_p, "seed": a.seed,
+            "stop_ids": sorted(tok.eos_ids) if tok else []}
+
+
+def _run_via_server(a, image, tok, prompt, srv) -> None:
+    """``run --attach NAME`` through the pool's server: the prompt goes to it, the tokens print as they come."""
+    from runtime.generate import GenerationResult
+    from runtime.server import request
+
+    printer = TokenPrinter(tok)
+    t0, first = time.perf_counter(), []
+
+    def on_message(m: dict) -> None:
+        if "token" in m:
+            first.append(first[0] if first else time.perf_counter())
+            printer(m["token"])
+
+    done = request(srv, {"prompt_ids": prompt, **_request(a, tok)}, on_message)
+    print()
+    r = done["results"][0]
+    res = GenerationResult(r["prompt_token_ids"], r["output_token_ids"], r["prefill_ms"], r["decode_ms"],
+                           r["token_ms"], r["stop_reason"])
+    t = res.timings()
+    first_ms = ((first[0] if first else time.perf_counter()) - t0) * 1e3
+    if not a.quiet:
+        tps = f"{t['decode_tok_s']:.2f} tok/s" if t["decode_tok_s"] else "n/a"
+        print(f"[{len(prompt)} prompt tokens, {len(res.output_token_ids)} generated; through pool {srv['name']}'s "
+              f"server (pid {srv['pid']}, {srv['device']}); first token {first_ms:.0f} ms (prefill "
+              f"{t['prefill_ms']:.1f} ms), decode {tps}; stop: {res.stop_reason}]", file=sys.stderr)
+    if a.out_json:
+        out = {"prompt_token_ids": res.prompt_token_ids, "output_token_ids": res.output_token_ids,
+               "text": tok.decode(res.output_token_ids) if tok else None, "stop_reason": res.stop_reason,
+               "mode": "server", "device": srv["device"], "image": str(image.path), "load_ms": 0.0,
+               "first_token_ms": first_ms, **t, "plan": srv.get("plan"), "server_pid": srv["pid"]}
+        Path(a.out_json).write_text(json.dumps(out, indent=1))
+
+
+def _run_prompts(a, image, rcfg, srv=None) -> None:
+    """``run --prompts FILE``: every prompt, --batch-size at a time, each batch sharing its weight passes (in
+    this process, or in the pool's server ``srv``)."""
     from runtime.engine import open_source, start_early
-    from runtime.generate import SamplingConfig
+    from runtime.generate import GenerationResult, SamplingConfig
 
     tok = _tokenizer(image, required=False)
     from runtime.bench import read_prompts
@@ -191,6 +239,15 @@ def _run_prompts(a, image, rcfg) -> None:
     prompts = read_prompts(a.prompts, None, tok, image.args.vocab_size, chat=a.chat)
     b = min(a.batch_size, len(prompts))
     max_len = a.max_seq_len or max(len(p) for p in prompts) + a.max_new_tokens
+    if srv is not None:
+        from runtime.server import request
+
+        t0 = time.perf_counter()
+        done = request(srv, {"prompts": prompts, "batch_size": b, **_request(a, tok)})
+        results = [GenerationResult(r["prompt_token_ids"], r["output_token_ids"], r["prefill_ms"], r["decode_ms"],
+                                    r["token_ms"], r["stop_reason"]) for r in done["results"]]
+        _print_prompts(a, tok, prompts, b, results, 0.0, t0, image, None)
+        return
     early = start_early(image, rcfg, a.device, batch=b, max_len=max_len)
     cfg = SamplingConfig(a.max_new_tokens, a.temperature, a.top_p, a.seed)
     results, t0 = [], time.perf_counter()
@@ -207,6 +264,10 @@ def _run_prompts(a, image, rcfg) -> None:
     finally:
         if early is not None:
             early.stop()
+    _print_prompts(a, tok, prompts, b, results, load_ms, t0, image, plan)
+
+
+def _print_prompts(a, tok, prompts, b: int, results, load_ms: float, t0: float, image, plan) -> None:
     total_s = time.perf_counter() - t0
     out = []
     for i, r in enumerate(results):
@@ -265,6 +326,11 @@ def pool(a) -> None:
         from runtime.monitor import status
 
         status(a)
+        return
+    if a.pool_command == "serve":
+        from runtime.server import serve
+
+        serve(a)
         return
     actions = {"start": daemon.start, "stop": daemon.stop, "list": daemon.list_pools, "cleanup": daemon.cleanup}
     actions[a.pool_command](a)

@@ -17,7 +17,9 @@ copied from the pool's DRAM where the pool holds it. Clients map the ring read-o
 
 Leftovers: a record whose coordinator is gone (SIGKILL, a crash, a reboot of the machine's /dev/shm) is
 stale. ``pool start`` of the same name and ``pool cleanup`` unlink its segments and semaphores and remove
-the record; nothing stale is ever attached to (``attach`` checks the coordinator's pid and heartbeat). /dev/shm
+the record; nothing stale is ever attached to (``attach`` checks the coordinator's pid and heartbeat). A pool
+may also have a server (``pool serve``, runtime/server.py): ``pool stop`` stops it first, and a dead one's
+record and socket go with the pool's other leftovers. /dev/shm
 is one namespace for all of a user's pool dirs: names whose control block belongs to a live coordinator (a
 pool of the same name recorded in another pool dir, or a private pool) are never removed.
 """
@@ -207,7 +209,9 @@ def _clean_stale(name: str, quiet: bool = False) -> list[str]:
     """Remove what a dead pool ``name`` left (segments, semaphores, record); returns the names removed. Names
     whose control block belongs to a live coordinator (a pool of the same name started from another pool dir,
     or a private pool) are never removed (``_live_owner``)."""
-    removed = []
+    from runtime import server
+
+    removed = server.clean_stale(name)  # a dead server's record and socket (a live one's never)
     p = record_path(name)
     rec = None
     if p.exists():
@@ -216,7 +220,7 @@ def _clean_stale(name: str, quiet: bool = False) -> list[str]:
         except (OSError, ValueError):
             rec = None
         if rec is not None and coordinator_alive(rec):
-            return []
+            return removed
         p.unlink(missing_ok=True)
         removed.append(str(p))
     if _live_owner(name) is None:
@@ -392,11 +396,14 @@ def _kill(pid: int, sig: int = signal.SIGKILL) -> None:
 
 # ---- pool stop / list / cleanup ---------------------------------------------------------------------
 def stop(a) -> None:
+    from runtime import server
     from runtime.pool import pid_alive
 
     rec = read_record(a.name)
     name, pid = rec["name"], int(rec["pid"])
     t0 = time.monotonic()
+    if server.live_server(name) is not None:  # first the server, an attached client of the pool
+        print(server.stop(name, a.timeout))
     how = "was not running"
     if coordinator_alive(rec):
         os.kill(pid, signal.SIGTERM)  # graceful: the coordinator stops its workers and unlinks everything

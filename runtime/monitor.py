@@ -119,6 +119,14 @@ def _read_tables(rec: dict) -> dict:
         res.close()
 
 
+def _server_pid(name: str) -> int | None:
+    """The pid of the pool's running server (``pool serve``; one of its attached clients), else None."""
+    from runtime.server import live_server
+
+    srv = live_server(name)
+    return int(srv["pid"]) if srv else None
+
+
 def snapshot(rec: dict, prev: dict | None = None) -> dict:
     """One sample of pool ``rec`` (its record, runtime.daemon.read_record); rates against ``prev``, the
     previous snapshot of the same pool (None: rates and CPU % are null). Layout: docs/POOL.md."""
@@ -193,7 +201,7 @@ def snapshot(rec: dict, prev: dict | None = None) -> dict:
             "groups": int(hd["n_groups"]), "dram_groups": n_dram, "workers": int(hd["n_workers"]),
             "client_slots": int(hd["n_clients"]), "clients_attached": len(attached),
             "ring_bytes": int(hd["ring_bytes"]), "dram_budget_bytes": rec.get("dram_budget"), "log": rec.get("log"),
-            "error": tabs["error"] or None}
+            "error": tabs["error"] or None, "server_pid": _server_pid(rec["name"])}
     return {"schema": SCHEMA, "time_unix": now, "monotonic_s": mono, "interval_s": dt, "pool": pool,
             "processes": processes, "slots": slot_summary, "io": io, "clients": client_rows}
 
@@ -243,7 +251,8 @@ def render(snap: dict) -> str:
                      ", ".join(f"{sl['window_' + k]} {k}" for k in STATE_KEYS) + orph)
     else:
         lines.append("window  none (the DRAM tier holds the whole model)")
-    lines.append(f"clients {p['clients_attached']} of {p['client_slots']} attached")
+    server = f"; client pid {p['server_pid']} is the pool's server (pool serve)" if p["server_pid"] else ""
+    lines.append(f"clients {p['clients_attached']} of {p['client_slots']} attached{server}")
     lines.append("")
     lines.append(f"{'PID':>8} {'ROLE':<12} {'CPU%':>6} {'RSS':>10} {'LOCKED':>10} {'PINNED':>10} {'READ':>10} "
                  f"{'READ/s':>12} {'INFL':>4}")

@@ -26,7 +26,15 @@ segment, semaphore, record or process (checked by the ``pools`` fixture after ea
   test_bad_start_input / test_bad_input_with_live_pool   refused up front with the numbers, exit 2, one line, no
       traceback, nothing left (record, /dev/shm name, process).
 
-CPU only; tiny fp32 images; about 30 s on 2 cores.
+  test_server_runs_and_bench           ``pool serve``: runs and a bench attached to the pool go through its server
+      with the reference's tokens, two at once too; status names it; what it cannot serve is refused with the
+      numbers and it keeps serving; a second server is refused; ``--no-server`` runs in-process; ``--stop``.
+  test_server_client_and_server_killed a client SIGKILLed mid-request only loses its request; the server
+      SIGKILLed mid-request: its client fails at once naming it, its client row comes back, later runs attach
+      in-process, the next ``pool serve`` removes its leftovers and serves.
+  test_server_exits_with_its_pool      SIGKILL of the coordinator: the server exits by itself, removing its files.
+
+CPU only; tiny fp32 images; about 45 s on 2 cores.
 """
 
 from __future__ import annotations
@@ -52,7 +60,7 @@ from conftest import ROOT, assert_user_error, run_launch
 
 from model.errors import UserError
 from model.synthetic import SyntheticCheckpoint
-from runtime import daemon
+from runtime import daemon, server
 from runtime.client import PoolClient
 from runtime.daemon import handle_of, read_record
 from runtime.engine import RuntimeConfig, _release_row, open_source
@@ -214,7 +222,8 @@ class Pools:
         names = sorted(n for pool in self.names for n in leftover_names(pool=pool))
         procs = [f"{p.pid} {' '.join(p.cmdline())[:100]}" for p in self.tagged()]
         procs += [f"{pid} (coordinator or worker)" for pid in sorted(self.pids) if self.ours(pid)]
-        records = sorted(p.name for p in self.dir.glob("*.json")) if self.dir.exists() else []
+        records = sorted(p.name for pat in ("*.json", "*.server", "*.sock")  # pool and server records, sockets
+                         for p in self.dir.glob(pat)) if self.dir.exists() else []
         return ([f"/dev/shm names: {names}"] if names else []) + ([f"processes: {procs}"] if procs else []) + \
             ([f"records: {records}"] if records else [])
 
@@ -803,3 +812,130 @@ def test_bad_input_with_live_pool(image, pools, tmp_path):
     finally:
         res.close()
     assert {p.pid for p in pools.tagged()} == procs  # no process but the pool's (and its resource tracker)
+
+
+# ---- the pool's server ------------------------------------------------------------------------------------
+
+
+def serve(name: str, *args: str, check: bool = True):
+    return run_launch("pool", "serve", name, "--device", "cpu", "--max-seq-len", "4096", *args, check=check,
+                      timeout=120)
+
+
+def tokens_of(out_json: Path) -> list[int]:
+    return json.loads(out_json.read_text())["output_token_ids"]
+
+
+def test_server_runs_and_bench(image, pools, tmp_path):
+    name = pools.name("srv")
+    pools.start(image, name)
+    assert f"pool {name} serves on cpu" in serve(name, "--quiet").stdout
+    srv = server.live_server(name)
+    assert srv is not None and alive(srv["pid"])
+    for f in (server.record_path(name), server.socket_path(name)):
+        assert f.stat().st_mode & 0o777 == 0o600, f
+    js = tmp_path / "r.json"
+    run_launch(*attach_args(name, PROMPTS[0], NEW, js))
+    got = json.loads(js.read_text())
+    assert (got["mode"], got["server_pid"]) == ("server", srv["pid"]), got
+    assert got["output_token_ids"] == reference(image, PROMPTS[0])
+
+    # two at once: served one after the other, each its solo output
+    outs = [tmp_path / f"c{i}.json" for i in range(2)]
+    procs = [launch_bg(tmp_path, f"c{i}", *attach_args(name, p, 24, outs[i])) for i, p in enumerate(PROMPTS)]
+    for proc, _, err in procs:
+        assert proc.wait(60) == 0, err.read_text()
+    assert [tokens_of(o) for o in outs] == [reference(image, p, 24) for p in PROMPTS]
+
+    # a bench through it: the server's round, this process's time to the first token
+    pf, bj = tmp_path / "p.txt", tmp_path / "b.json"
+    pf.write_text(",".join(map(str, PROMPTS[1])) + "\n")
+    run_launch("bench", "--attach", name, "--prompts", str(pf), "--max-new-tokens", str(NEW), "--warmup-rounds",
+               "1", "--out-json", str(bj))
+    b = json.loads(bj.read_text())
+    assert b["mode"] == "server" and b["server"]["pid"] == srv["pid"], b["server"]
+    assert b["results"][0]["output_token_ids"] == reference(image, PROMPTS[1])
+    assert 0 < b["prefill_ms"] <= b["open_to_first_token_ms"] < b["process_start_to_first_token_ms"], b
+    assert len(b["step_ms"]) == NEW - 1 and b["plan"]["mode"] == "mixed"
+
+    snap = json.loads(run_launch("pool", "status", name, "--json").stdout)
+    assert snap["pool"]["server_pid"] == srv["pid"] and [c["pid"] for c in snap["clients"]] == [srv["pid"]]
+
+    # what it cannot serve is refused, with the numbers; it keeps serving
+    assert_user_error(run_launch(*attach_args(name, PROMPTS[0], 5000), check=False), "5000", "--max-seq-len 4096")
+    assert_user_error(run_launch(*attach_args(name, PROMPTS[0], 2), "--gpu-mem-gb", "1", check=False),
+                      "--gpu-mem-gb", "--no-server")
+    assert_user_error(serve(name, check=False), repr(name), "already has a server", str(srv["pid"]))
+    run_launch(*attach_args(name, PROMPTS[1], NEW, js))
+    assert tokens_of(js) == reference(image, PROMPTS[1])
+
+    # --no-server: the run attaches itself, same tokens
+    run_launch(*attach_args(name, PROMPTS[0], NEW, js), "--no-server")
+    assert json.loads(js.read_text())["mode"] == "mixed" and tokens_of(js) == reference(image, PROMPTS[0])
+
+    out = run_launch("pool", "serve", name, "--stop").stdout
+    assert f"pool {name}: server pid {srv['pid']} stopped" in out, out
+    assert not alive(srv["pid"]) and not server.record_path(name).exists() and not server.socket_path(name).exists()
+    assert attached_run(name, PROMPTS[1]) == reference(image, PROMPTS[1])  # the pool serves on
+
+
+def test_server_client_and_server_killed(image, pools, tmp_path):
+    name = pools.name("srvkill")
+    pools.start(image, name)
+    serve(name, "--quiet")
+    srv = server.live_server(name)
+
+    def long_run(tag: str):
+        proc, out, err = launch_bg(tmp_path, tag, *attach_args(name, PROMPTS[0], 4000))
+        wait_until(lambda: len(out.read_text().split()) >= 5 or proc.poll() is not None, 60, "tokens arrive")
+        assert proc.poll() is None, err.read_text()
+        return proc, err
+
+    # a client killed mid-request: only its request is lost
+    proc, _ = long_run("killed")
+    proc.kill()
+    proc.wait()
+    log = server.log_path(name)
+    wait_until(lambda: "went away" in log.read_text(), 10, "the server drops the request", tick=0.05)
+    js = tmp_path / "r.json"
+    run_launch(*attach_args(name, PROMPTS[1], NEW, js))
+    assert tokens_of(js) == reference(image, PROMPTS[1]) and json.loads(js.read_text())["server_pid"] == srv["pid"]
+
+    # the server killed mid-request: its client fails at once, naming it
+    proc, err = long_run("orphan")
+    os.kill(srv["pid"], signal.SIGKILL)
+    try:
+        rc = proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"the client did not fail within 10 s of the server's SIGKILL:\n{err.read_text()}")
+    assert_user_error(SimpleNamespace(returncode=rc, stderr=err.read_text()), repr(name), f"pid {srv['pid']}",
+                      "closed the connection")
+    res = control(name)
+    try:  # its client row comes back (the coordinator's check of dead clients)
+        wait_until(lambda: (res.clients["state"] == CLIENT_FREE).all(), 5, "the server's row given back")
+    finally:
+        res.close()
+    assert server.live_server(name) is None and server.record_path(name).exists()  # stale, not used:
+    run_launch(*attach_args(name, PROMPTS[0], NEW, js))
+    assert json.loads(js.read_text())["mode"] == "mixed" and tokens_of(js) == reference(image, PROMPTS[0])
+
+    p = serve(name)  # removes the leftovers, says so, serves
+    assert f"pool {name}: removed a dead server's leftovers" in p.stderr, p.stderr
+    srv2 = server.live_server(name)
+    assert srv2["pid"] != srv["pid"]
+    run_launch(*attach_args(name, PROMPTS[0], NEW, js))
+    assert json.loads(js.read_text())["server_pid"] == srv2["pid"] and tokens_of(js) == reference(image, PROMPTS[0])
+
+
+def test_server_exits_with_its_pool(image, pools):
+    name = pools.name("srvpool")
+    pools.start(image, name)
+    serve(name, "--quiet")
+    srv, rec = server.live_server(name), read_record(name)
+    os.kill(rec["pid"], signal.SIGKILL)
+    dt = wait_until(lambda: not alive(srv["pid"]), 15, "the server exits after its pool's coordinator", tick=0.05)
+    print(f"the server exited {dt:.2f} s after the coordinator's SIGKILL")
+    assert not server.record_path(name).exists() and not server.socket_path(name).exists()
+    assert "died" in server.log_path(name).read_text() or "gone" in server.log_path(name).read_text()
+    run_launch("pool", "cleanup", name)

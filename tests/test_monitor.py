@@ -29,7 +29,7 @@ SCHEMA = {
         "name": STR, "state": STR, "pid": INT, "image": STR, "image_uuid": STR, "image_bytes": INT,
         "started_unix": NUM, "uptime_s": NUM, "heartbeat_age_s": NUM, "groups": INT, "dram_groups": INT,
         "workers": INT, "client_slots": INT, "clients_attached": INT, "ring_bytes": INT, "dram_budget_bytes": INT,
-        "log": STR, "error": STR_}.items()},
+        "log": STR, "error": STR_, "server_pid": INT_}.items()},
     **{f"processes[].{k}": t for k, t in {
         "pid": INT, "role": STR, "index": INT_, "alive": BOOL, "started_unix": NUM_, "cpu_pct": NUM_,
         "cpu_time_s": NUM_, "rss_bytes": INT_, "shared_bytes": INT_, "locked_bytes": INT_, "pinned_bytes": INT_,
@@ -331,7 +331,8 @@ def test_sample_of_a_vanished_process():
     again = sample_process(os.getpid(), "client", 0, me, 0.5)
     assert again["cpu_pct"] is not None and again["read_bytes_per_s"] is not None
     snap = {"pool": {"name": "x", "state": "running", "pid": 1, "uptime_s": 3725, "heartbeat_age_s": 0.01,
-                     "image": "/i.img", "image_bytes": 2048, "error": None, "client_slots": 1, "clients_attached": 0},
+                     "image": "/i.img", "image_bytes": 2048, "error": None, "client_slots": 1, "clients_attached": 0,
+                     "server_pid": None},
             "io": {"dram_read_bytes": 0, "stream_read_bytes": 0, "disk_read_bytes": 0, "reads": 0, "retries": 0,
                    "errors": 0, "worker_restarts": 0, "reads_in_flight": 0, "reads_queued": 0, "reads_per_s": None,
                    "stream_read_bytes_per_s": None, "disk_read_bytes_per_s": None},

@@ -1,0 +1,541 @@
+"""A pool's server: one process that stays attached to a daemon pool with the model ready on its device and
+generates for the runs that attach (``launch.py pool serve NAME``).
+
+Why. A run that attaches to a pool itself (runtime/engine.py ``_attached_source``) reads nothing from disk,
+but every such process pays its own start-up on the GPU before its first token: cudaHostRegister of the ring
+it copies from (15 GB: 0.7-1.3 s on the H200 machine), its GPU tier's copy, and CUDA's libraries and kernels.
+The server pays them once: it attaches as one of the pool's clients (the same code path), plans its GPU tier
+from its own ``--gpu-mem-gb``, runs one pass to check itself, and then serves. A run that attaches while it
+serves sends its prompt and gets its tokens back, and its first token costs the prefill.
+
+Files in the pool dir (private, runtime/daemon.py): ``NAME.server`` (its record: JSON with pid, device,
+limits, plan, links and bound; written once it serves) and ``NAME.sock`` (a Unix stream socket, mode 0600;
+a peer of another uid is refused, checked with SO_PEERCRED), log ``NAME.server.log``.
+
+Protocol: JSON lines. The client sends one request, ``{"prompt_ids": [...], "max_new_tokens": N,
+"temperature": T, "top_p": P, "seed": S, "stop_ids": [...]}`` (or ``"prompts": [[...], ...]`` with
+``"batch_size": B`` for a batch, and ``"bench": true`` for a timed round), and reads ``{"token": id}`` per
+token (``{"step": [ids]}`` per pass for a batch), then ``{"done": true, ...}`` with the result, or
+``{"error": "..."}``. Requests are served one at a time in the order they arrive (the socket's backlog), so
+neither of two clients can starve the other; each waits for the ones before it.
+
+Faults. A client that goes away (SIGKILL) is noticed at the first token that cannot be sent: its request is
+dropped and the next one served. A server that dies ends its clients' requests at once (their socket
+closes): they fail with a message naming its pid and log. The server exits when its pool's coordinator is
+gone (checked every 0.5 s while idle, and by the weight source while generating) and on SIGTERM (``pool
+serve NAME --stop``, ``pool stop NAME``), removing its record and socket; after a SIGKILL, ``pool cleanup``,
+``pool stop`` or the next ``pool serve`` removes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from model.errors import ConfigError, UserError
+
+RECORD_VERSION = 1
+MAX_REQUEST = 64 << 20  # bytes of one request line
+SEND_TIMEOUT_S = 30.0  # a client that stops reading for this long is dropped
+
+
+# ---- files ------------------------------------------------------------------------------------------------
+
+def record_path(name: str) -> Path:
+    from runtime.daemon import pool_dir
+    from runtime.shm import validate_pool_name
+
+    return pool_dir() / f"{validate_pool_name(name)}.server"
+
+
+def socket_path(name: str) -> Path:
+    from runtime.daemon import pool_dir
+    from runtime.shm import validate_pool_name
+
+    return pool_dir() / f"{validate_pool_name(name)}.sock"
+
+
+def log_path(name: str) -> Path:
+    from runtime.daemon import pool_dir
+    from runtime.shm import validate_pool_name
+
+    return pool_dir() / f"{validate_pool_name(name)}.server.log"
+
+
+def read_record(name: str) -> dict | None:
+    p = record_path(name)
+    try:
+        st = p.stat()
+        rec = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+    if st.st_uid != os.getuid() or rec.get("uid") != os.getuid() or rec.get("version") != RECORD_VERSION:
+        return None
+    return rec
+
+
+def server_alive(rec: dict) -> bool:
+    """The record's pid runs a server (a reused pid does not)."""
+    from runtime.pool import pid_alive
+
+    pid = rec.get("pid")
+    if not pid or not pid_alive(int(pid)):
+        return False
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return True
+    return b"runtime.server" in cmd
+
+
+def server_for(a) -> dict | None:
+    """The live server a run with ``--attach NAME`` goes through; None: the run attaches in-process
+    (``--no-server``, no ``--attach``, or the pool has no server)."""
+    name = getattr(a, "attach", None)
+    if not name or getattr(a, "no_server", False):
+        return None
+    return live_server(name)
+
+
+def live_server(name: str) -> dict | None:
+    """The record of pool ``name``'s running server, else None."""
+    rec = read_record(name)
+    return rec if rec is not None and server_alive(rec) else None
+
+
+def clean_stale(name: str) -> list[str]:
+    """Remove a dead server's record and socket (never a live one's); returns the paths removed."""
+    rec = read_record(name)
+    if rec is not None and server_alive(rec):
+        return []
+    removed = []
+    for p in (record_path(name), socket_path(name)):
+        if p.exists() or p.is_socket():
+            p.unlink(missing_ok=True)
+            removed.append(str(p))
+    return removed
+
+
+# ---- starting and stopping (launch.py pool serve) ------------------------------------------------------
+
+def serve(a) -> None:
+    """``pool serve NAME``: start the server detached and wait until it serves (or ``--stop`` it)."""
+    from runtime.daemon import _lock, coordinator_alive
+    from runtime.daemon import read_record as read_pool
+
+    if a.stop:
+        print(stop(a.name, a.timeout))
+        return
+    pool = read_pool(a.name)
+    if not coordinator_alive(pool):
+        raise UserError(f"pool {a.name!r} is not running (coordinator pid {pool.get('pid')} is gone); launch.py "
+                        f"pool cleanup {a.name}, then pool start")
+    for key in ("max_seq_len", "batch_size"):
+        if getattr(a, key) < 1:
+            raise ConfigError(f"--{key.replace('_', '-')} must be at least 1, found {getattr(a, key)}")
+    if a.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda: no CUDA device is available to this process")
+    with _lock(a.name):
+        rec = live_server(a.name)
+        if rec is not None:
+            raise UserError(f"pool {a.name!r} already has a server: pid {rec['pid']} on {rec['device']} "
+                            f"(launch.py pool serve {a.name} --stop)")
+        removed = clean_stale(a.name)
+        if removed:
+            print(f"pool {a.name}: removed a dead server's leftovers: {', '.join(removed)}", file=sys.stderr)
+        cfg = {"name": a.name, "device": a.device or ("cuda" if _cuda_available() else "cpu"),
+               "max_seq_len": a.max_seq_len, "batch_size": a.batch_size, "gpu_mem_gb": a.gpu_mem_gb,
+               "prefill_chunk": a.prefill_chunk, "kv_offload": a.kv_offload, "kv_block_tokens": a.kv_block_tokens,
+               "host_attention": a.host_attention, "topk_blk": a.topk_blk, "group_prefetch_depth":
+               a.group_prefetch_depth, "h2d_gbps": a.h2d_gbps, "disk_gbps": a.disk_gbps}
+        from runtime.daemon import pool_dir
+
+        cfg_file = pool_dir() / f"{a.name}.serve-start"
+        fd = os.open(cfg_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(cfg, f)
+        log = log_path(a.name)
+        logf = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        root = str(Path(__file__).resolve().parent.parent)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + [x for x in [os.environ.get("PYTHONPATH")] if x]),
+                   PYTHONUNBUFFERED="1")
+        proc = subprocess.Popen([sys.executable, "-m", "runtime.server", str(cfg_file)], cwd=root, env=env,
+                                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True,
+                                close_fds=True)
+        os.close(logf)
+    rec = _wait_serving(a.name, proc, log, a.start_timeout)
+    if not a.quiet:
+        print(f"pool {a.name}: server pid {rec['pid']} on {rec['device']}, up to {rec['max_seq_len']} tokens x "
+              f"{rec['batch_size']} sequences; ready in {rec['ready_s']:.1f} s; log {log}", file=sys.stderr)
+    print(f"pool {a.name} serves on {rec['device']}: launch.py run --attach {a.name} goes through it")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _wait_serving(name: str, proc: subprocess.Popen, log: Path, timeout_s: float) -> dict:
+    from runtime.daemon import _log_tail
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            clean_stale(name)
+            raise UserError(f"pool {name}: the server exited with code {proc.returncode} before serving; its log "
+                            f"{log}:\n{_log_tail(log)}")
+        rec = read_record(name)
+        if rec is not None and rec.get("pid") == proc.pid:
+            return rec
+        time.sleep(0.05)
+    _kill_wait(proc.pid, 5.0)
+    proc.wait()
+    clean_stale(name)
+    raise UserError(f"pool {name}: the server did not serve within {timeout_s:.0f} s (--start-timeout); log {log}:\n"
+                    f"{_log_tail(log)}")
+
+
+def _kill_wait(pid: int, timeout_s: float, sig: int = signal.SIGKILL) -> bool:
+    """Send ``sig`` and wait up to ``timeout_s`` for the process to go; True if it went."""
+    from runtime.pool import pid_alive
+
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+    deadline = time.monotonic() + timeout_s
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return not pid_alive(pid)
+
+
+def stop(name: str, timeout_s: float = 10.0) -> str:
+    """Stop pool ``name``'s server (SIGTERM, SIGKILL after ``timeout_s``), remove its files; says what it did."""
+    rec = read_record(name)
+    if rec is None or not server_alive(rec):
+        removed = clean_stale(name)
+        return f"pool {name}: no server running" + (f"; removed {', '.join(removed)}" if removed else "")
+    pid = int(rec["pid"])
+    how = "stopped"
+    if not _kill_wait(pid, timeout_s, signal.SIGTERM):
+        _kill_wait(pid, 5.0)
+        how = f"did not stop within {timeout_s:g} s: killed"
+    clean_stale(name)
+    return f"pool {name}: server pid {pid} {how}"
+
+
+# ---- the client side (run / bench --attach) ---------------------------------------------------------------
+
+def request(rec: dict, req: dict, on_message: Callable[[dict], None] | None = None,
+            timeout_s: float = 600.0) -> dict:
+    """Send ``req`` to the server of ``rec`` and read its answer: ``on_message`` gets each token or step
+    message; returns the final ``done`` message. UserError if the server refuses the request, dies or
+    does not answer within ``timeout_s`` (a request waits for those before it)."""
+    name, pid = rec["name"], rec["pid"]
+    log = rec.get("log", "")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout_s)
+    try:
+        try:
+            s.connect(rec["socket"])
+        except OSError as e:
+            raise UserError(f"pool {name!r}: its server (pid {pid}) does not answer on {rec['socket']} ({e}); "
+                            f"launch.py pool serve {name} --stop, or run with --no-server") from None
+        f = s.makefile("rwb")
+        f.write(json.dumps(req).encode() + b"\n")
+        f.flush()
+        while True:
+            try:
+                line = f.readline()
+            except TimeoutError:
+                raise UserError(f"pool {name!r}: its server (pid {pid}) sent nothing for {timeout_s:.0f} s; "
+                                f"log {log}") from None
+            except OSError as e:
+                line, why = b"", str(e)
+            else:
+                why = "connection closed"
+            if not line:
+                raise UserError(f"pool {name!r}: its server (pid {pid}) closed the connection before the answer "
+                                f"was complete ({why}: it died or was stopped); log {log}")
+            msg = json.loads(line)
+            if "error" in msg:
+                raise UserError(f"pool {name!r}, its server: {msg['error']}")
+            if msg.get("done"):
+                return msg
+            if on_message is not None:
+                on_message(msg)
+    finally:
+        s.close()
+
+
+# Run flags the server fixes when it starts: an attached run through it must leave them at these defaults.
+FIXED_FLAGS = {"gpu_mem_gb": None, "kv_offload": "auto", "kv_block_tokens": 64, "host_attention": False,
+               "topk_blk": None, "prefill_chunk": 2048, "gpu_cached_layers": None, "group_prefetch_depth": 2}
+
+
+def check_run_flags(a, rec: dict) -> None:
+    """Refuse a run through the server whose flags it cannot honour (naming the flag)."""
+    if getattr(a, "device", None) and not rec["device"].startswith(a.device):
+        raise ConfigError(f"--device {a.device}: pool {rec['name']!r}'s server runs on {rec['device']} (leave out "
+                          f"--device, or run with --no-server)")
+    for key, default in FIXED_FLAGS.items():
+        v = getattr(a, key, default)
+        if v != default:
+            raise ConfigError(f"--{key.replace('_', '-')} {v}: pool {rec['name']!r}'s server fixed its own when it "
+                              f"started (launch.py pool serve); leave it out or run with --no-server")
+
+
+# ---- the server process ------------------------------------------------------------------------------------
+
+class _Stop(Exception):
+    pass
+
+
+def server_main(cfg_file: str) -> int:
+    cfg = json.loads(Path(cfg_file).read_text())
+    Path(cfg_file).unlink(missing_ok=True)
+    name = cfg["name"]
+    stopping = {"flag": False}
+
+    def on_term(signum, _frame) -> None:
+        stopping["flag"] = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    print(f"[server {name} pid {os.getpid()}] starting on {cfg['device']}", flush=True)
+    sock = None
+    try:
+        sock = _serve(cfg, stopping)
+        return 0
+    except UserError as e:
+        print(f"[server {name}] error: {e}", flush=True)
+        return 2
+    finally:
+        with contextlib.suppress(OSError):
+            rec = read_record(name)
+            if rec is not None and rec.get("pid") == os.getpid():
+                record_path(name).unlink()
+        if sock is not None or socket_path(name).is_socket():
+            with contextlib.suppress(OSError):
+                rec = read_record(name)
+                if rec is None or rec.get("pid") == os.getpid():
+                    socket_path(name).unlink()
+        print(f"[server {name} pid {os.getpid()}] stopped", flush=True)
+
+
+def _serve(cfg: dict, stopping: dict):
+    import argparse
+
+    import torch
+
+    from runtime.bench import bound_report, measure_disk, measure_h2d, memory_report
+    from runtime.commands import generator_for
+    from runtime.daemon import read_record as read_pool
+    from runtime.engine import RuntimeConfig, open_source
+    from runtime.generate import SamplingConfig
+    from runtime.image import Image
+
+    name = cfg["name"]
+    t_start = time.perf_counter()
+    pool = read_pool(name)
+    image = Image.open(pool["image"]["path"], pool["image"]["manifest"])
+    device = torch.device(cfg["device"])
+    ns = argparse.Namespace(attach=name, mode="mixed", gpu_mem_gb=cfg["gpu_mem_gb"], quiet=True,
+                            kv_block_tokens=cfg["kv_block_tokens"], kv_offload=cfg["kv_offload"],
+                            host_attention=cfg["host_attention"], topk_blk=cfg["topk_blk"],
+                            prefill_chunk=cfg["prefill_chunk"], group_prefetch_depth=cfg["group_prefetch_depth"])
+    rcfg = RuntimeConfig.from_args(ns)
+    lk: dict[str, Any] = {"disk": {"gbps": cfg["disk_gbps"], "source": "--disk-gbps"} if cfg["disk_gbps"] else None,
+                          "h2d": None}
+    if device.type == "cuda":  # measured before the plan takes the GPU budget
+        lk["h2d"] = ({"gbps": cfg["h2d_gbps"], "source": "--h2d-gbps"} if cfg["h2d_gbps"] else measure_h2d(device))
+    max_len, batch = cfg["max_seq_len"], cfg["batch_size"]
+    with open_source(image, rcfg, device, batch=batch, max_len=max_len) as (source, plan, handle):
+        if lk["disk"] is None and plan is not None and plan.disk_bytes_per_pass:  # the run streams from disk
+            lk["disk"] = measure_disk(str(image.path), image.image_size, 4)
+        gen = generator_for(ns, source, max_len)
+        gen.generate([1], SamplingConfig(1))  # one pass: the whole path is warm before the first request
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        bound = bound_report(plan, lk, None)
+        gpu, host = memory_report(device, source, handle)
+        sock = _listen(socket_path(name))
+        rec = {"version": RECORD_VERSION, "name": name, "uid": os.getuid(), "pid": os.getpid(),
+               "socket": str(socket_path(name)), "log": str(log_path(name)), "device": str(device),
+               "max_seq_len": max_len, "batch_size": batch, "gpu_mem_gb": cfg["gpu_mem_gb"],
+               "started_unix": time.time(), "ready_s": time.perf_counter() - t_start,
+               "plan": plan.to_dict() if plan else None, "links": lk, "bound": bound,
+               "load_breakdown_ms": getattr(source, "load_ms", None), "gpu_mem_GB": gpu, "host_mem_GB": host,
+               "image": str(image.path)}
+        tmp = record_path(name).with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(rec, f, indent=1)
+        os.replace(tmp, record_path(name))
+        print(f"[server {name}] serving on {device} after {rec['ready_s']:.1f} s: {plan.describe() if plan else ''}",
+              flush=True)
+        ctx = {"gen": gen, "source": source, "plan": plan, "handle": handle, "device": device, "links": lk,
+               "image": image, "max_len": max_len, "batch": batch, "rec": rec, "ns": ns, "stopping": stopping}
+        try:
+            while not stopping["flag"]:
+                try:
+                    conn, _ = sock.accept()
+                except TimeoutError:
+                    source.client.check_alive()  # raises once the pool's coordinator is gone
+                    continue
+                with conn:
+                    _handle(conn, ctx)
+        finally:
+            sock.close()
+    return sock
+
+
+def _listen(path: Path) -> socket.socket:
+    path.unlink(missing_ok=True)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)  # the socket file is created 0600
+    try:
+        s.bind(str(path))
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    s.listen(64)
+    s.settimeout(0.5)
+    return s
+
+
+def _send(f, msg: dict) -> None:
+    f.write(json.dumps(msg).encode() + b"\n")
+    f.flush()
+
+
+def _handle(conn: socket.socket, ctx: dict) -> None:
+    """Serve one connection's request; a client that has gone away only costs its request."""
+    from runtime.client import PoolDied
+
+    name = ctx["rec"]["name"]
+    pid, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    conn.settimeout(SEND_TIMEOUT_S)
+    f = conn.makefile("rwb")
+    try:
+        if uid != os.getuid():
+            _send(f, {"error": f"uid {uid} may not use the server of uid {os.getuid()}"})
+            print(f"[server {name}] refused pid {pid} of uid {uid}", flush=True)
+            return
+        line = f.readline(MAX_REQUEST)
+        if not line:
+            return  # the client went away before asking
+        t0 = time.perf_counter()
+        try:
+            req = json.loads(line)
+            if not isinstance(req, dict):
+                raise ConfigError("a request is one JSON object")
+
+            def send(m: dict) -> None:
+                if ctx["stopping"]["flag"]:
+                    raise _Stop
+                _send(f, m)
+
+            done = _generate(req, ctx, send)
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            raise
+        except _Stop:
+            print(f"[server {name}] stopping: the request of pid {pid} ended", flush=True)
+            _send(f, {"error": "the server is stopping (pool serve --stop, or pool stop): request ended"})
+            return
+        except PoolDied:
+            _send(f, {"error": f"pool {name!r} died while serving this request"})
+            raise
+        except (UserError, ValueError, TypeError, KeyError) as e:
+            print(f"[server {name}] request of pid {pid} refused: {e}", flush=True)
+            _send(f, {"error": str(e)})
+            return
+        except Exception as e:  # the request failed (out of memory, a bug): the next one is still served
+            traceback.print_exc()
+            _send(f, {"error": f"the request failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                               f" (server log {ctx['rec']['log']})"})
+            return
+        _send(f, done)
+        print(f"[server {name}] pid {pid}: {done.get('summary', '')} in {time.perf_counter() - t0:.2f} s", flush=True)
+    except (BrokenPipeError, ConnectionResetError, TimeoutError) as e:
+        print(f"[server {name}] pid {pid} went away ({type(e).__name__}); its request dropped", flush=True)
+
+
+def _generate(req: dict, ctx: dict, send: Callable[[dict], None]) -> dict:
+    """Run one request; ``send`` streams its tokens. Returns the ``done`` message."""
+    import torch
+
+    from runtime.bench import memory_report, run_round
+    from runtime.generate import SamplingConfig
+
+    gen, device = ctx["gen"], ctx["device"]
+    vocab = ctx["image"].args.vocab_size
+    prompts = req.get("prompts") or [req.get("prompt_ids")]
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, list) and p for p in prompts):
+        raise ConfigError("the request has no prompt (prompt_ids or prompts: lists of token ids)")
+    for i, p in enumerate(prompts):
+        bad = [t for t in p if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ConfigError(f"prompt {i + 1}: token id {bad[0]!r} is outside the vocabulary (0..{vocab - 1})")
+    b = int(req.get("batch_size") or 1)
+    if not 1 <= b <= ctx["batch"]:
+        raise ConfigError(f"--batch-size {b}: the server holds a KV cache for {ctx['batch']} sequences (pool "
+                          f"serve --batch-size)")
+    new = int(req.get("max_new_tokens", 32))
+    longest = max(len(p) for p in prompts)
+    if longest + new > ctx["max_len"]:
+        raise ConfigError(f"prompt ({longest} tokens) + --max-new-tokens ({new}) exceeds the server's "
+                          f"--max-seq-len {ctx['max_len']} (pool serve --max-seq-len)")
+    cfg = SamplingConfig(new, float(req.get("temperature", 0.0)), float(req.get("top_p", 1.0)),
+                         int(req.get("seed", 0)))
+    stop_ids = frozenset(int(t) for t in req.get("stop_ids", []))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    if req.get("bench"):  # a timed round as launch.py bench runs it, each pass's tokens sent as they come
+        import argparse
+
+        from runtime.bench import BenchConfig, build_report, plan_line
+
+        r = run_round(gen, ctx["source"], prompts[:b], cfg, on_step=lambda toks: send({"step": toks}))
+        bcfg = BenchConfig(batch_size=b, max_new_tokens=new, max_seq_len=ctx["max_len"], warmup_rounds=0)
+        a = argparse.Namespace(**vars(ctx["ns"]), checkpoints=None)
+        rctx = {"plan": ctx["plan"], "links": ctx["links"], "prompts": prompts[:b], "device": device,
+                "memory": memory_report(device, ctx["source"], ctx["handle"]), "image": ctx["image"],
+                "tokenizer": None, "source": ctx["source"], "load_ms": 0.0, "load_breakdown_ms": {},
+                "process_to_first_token_ms": None, "open_to_first_token_ms": None, "cut": [], "unused": [],
+                "notes": [f"through pool {ctx['rec']['name']!r}'s server (pid {os.getpid()}): the model was "
+                          f"loaded when the server started"], "host_kv_bytes_per_step": 0}
+        return {"done": True, "report": build_report(a, bcfg, rctx, r), "plan_line": plan_line(ctx["plan"]),
+                "summary": f"bench round, batch {b}, {len(r.tokens)} passes"}
+    results = []
+    if len(prompts) == 1:
+        results.append(gen.generate(prompts[0], cfg, stop_ids, lambda t: send({"token": t})))
+    else:
+        for i in range(0, len(prompts), b):
+            results += gen.generate_batch(prompts[i:i + b], cfg, stop_ids, lambda toks: send({"step": toks}))
+    n = sum(len(r.output_token_ids) for r in results)
+    return {"done": True, "results": [_result(x) for x in results],
+            "summary": f"{len(prompts)} prompt(s), {sum(map(len, prompts))} prompt tokens, {n} generated"}
+
+
+def _result(r) -> dict:
+    return {"prompt_token_ids": r.prompt_token_ids, "output_token_ids": r.output_token_ids,
+            "stop_reason": r.stop_reason, "prefill_ms": r.prefill_ms, "decode_ms": r.decode_ms, "token_ms": r.token_ms}
+
+
+if __name__ == "__main__":
+    sys.exit(server_main(sys.argv[1]))
