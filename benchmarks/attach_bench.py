@@ -8,7 +8,9 @@ Steps, each a ``launch.py`` subprocess: (1) the compute bound, ``bench --mode fu
 (every weight already on the device; its measured prefill after a warm-up round); (2) ``pool start`` with
 the whole model in the DRAM tier (timed: the fill a warm pool saves every later run); (3) ``--rounds``
 runs of ``bench --attach`` with one new token and no warm-up: each one a new process that attaches, plans,
-registers the ring, copies its GPU tier from the pool's DRAM and runs the prefill. Reported per round: the
+registers the ring, copies its GPU tier from the pool's DRAM and runs the prefill (with ``--server``: each
+hands its prompt to the pool's server, started once after the pool; the open is then the connection to
+it, and what the server paid once is reported as ``server_start_s``). Reported per round: the
 time from opening the weight source (the attach) to the first token, its breakdown, and the time from the
 process's start (interpreter and torch import included) for context; (4) one private-pool run (no pool)
 for comparison. The bound is max(one weight pass over the measured H2D link, the compute bound); the
@@ -60,6 +62,9 @@ def main() -> int:
     ap.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (default 128)")
     ap.add_argument("--rounds", type=int, default=3, help="attached runs, each a new process (default 3)")
     ap.add_argument("--workers", type=int, default=4, help="the pool's I/O workers (default 4)")
+    ap.add_argument("--server", action="store_true",
+                    help="also start the pool's server (pool serve, with the attached runs' --gpu-mem-gb) and run "
+                         "the rounds through it: each round's process hands its prompt to the server")
     ap.add_argument("--out", required=True, help="output directory: logs and attach.json")
     a = ap.parse_args()
     out = Path(a.out)
@@ -91,7 +96,8 @@ def main() -> int:
     common = ["--device", a.device, "--prompts", str(prompt), "--max-new-tokens", "1",
               "--max-seq-len", str(a.prompt_tokens + 1)]
     cap = ["--gpu-mem-gb", f"{a.gpu_mem_gb}"] if a.gpu_mem_gb else []
-    res: dict = {"device": a.device, "prompt_tokens": a.prompt_tokens, "image": image_arg[1], "rounds": []}
+    res: dict = {"device": a.device, "prompt_tokens": a.prompt_tokens, "image": image_arg[1], "rounds": [],
+                 "server": a.server}
 
     res["compute"] = bench(out, "compute-full", image_arg, common + ["--mode", "full", "--warmup-rounds", "1"])
     name = f"ab{os.getpid()}"
@@ -102,6 +108,14 @@ def main() -> int:
     try:
         if rc:
             return 1
+        if a.server:  # the server attaches once, here, with the budget the rounds would have had
+            t = time.monotonic()
+            rc = sh(launch("pool", "serve", name, "--device", a.device, "--max-seq-len", str(a.prompt_tokens + 1),
+                           *cap, "--quiet"), out / "pool-serve.log")
+            res["server_start_s"] = time.monotonic() - t
+            if rc:
+                return 1
+            cap = []  # the server's
         given: list[str] = []
         for i in range(a.rounds):
             j = bench(out, f"attach-{i}", [], common + ["--attach", name, "--warmup-rounds", "0", *cap, *given])
@@ -135,7 +149,8 @@ def report(res: dict) -> None:
         ok = ttft <= bound + TARGET_SLACK_MS
         verdicts.append(ok)
         b = j.get("load_breakdown_ms") or {}
-        rows.append(f"| attach {i + 1} | {ttft:.0f} | {j['process_start_to_first_token_ms']:.0f} | "
+        label = "through the server" if j.get("mode") == "server" else "attach"
+        rows.append(f"| {label} {i + 1} | {ttft:.0f} | {j['process_start_to_first_token_ms']:.0f} | "
                     f"{b.get('attach', 0):.0f} | {b.get('register_ring', 0):.0f} | {b.get('gpu_tier', 0):.0f} | "
                     f"{j['prefill_ms']:.0f} | {bound:.0f} | {bound + TARGET_SLACK_MS:.0f} | "
                     f"{'PASS' if ok else 'FAIL'} |")
@@ -145,6 +160,9 @@ def report(res: dict) -> None:
                     f"{p['process_start_to_first_token_ms']:.0f} | | | | {p['prefill_ms']:.0f} | | | |")
     res["table"] = "\n".join(rows)
     res["verdict"] = "PASS" if verdicts and all(verdicts) else "FAIL"
+    if res.get("server_start_s") is not None:
+        print(f"pool serve (the server attaches once: plan, registration, GPU tier, CUDA start-up, one pass): "
+              f"{res['server_start_s']:.1f} s")
     print(f"pool start (fill the DRAM tier): {res['pool_start_s']:.1f} s; compute bound (full-mode prefill of "
           f"{res['prompt_tokens']} tokens): {compute_ms:.1f} ms")
     print(res["table"])
