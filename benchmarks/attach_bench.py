@@ -115,10 +115,11 @@ def main() -> int:
             res["server_start_s"] = time.monotonic() - t
             if rc:
                 return 1
-            cap = []  # the server's
+        round_cap = [] if a.server else cap  # through the server: the server's
         given: list[str] = []
         for i in range(a.rounds):
-            j = bench(out, f"attach-{i}", [], common + ["--attach", name, "--warmup-rounds", "0", *cap, *given])
+            j = bench(out, f"attach-{i}", [], common + ["--attach", name, "--warmup-rounds", "0", *round_cap,
+                                                        *given])
             if j is None:
                 return 1
             res["rounds"].append(j)
