@@ -264,12 +264,15 @@ def measure_host_attention(args, batch: int, length: int, dtype) -> dict[str, An
     """How fast this process's CPU threads attend over an offloaded KV cache (``--host-attention``): one
     layer's decode attention as ``TieredKVCache.attend_on_host`` runs it (keys and values in the cache's
     (B, slots, n_kv, hd) layout, each KV head's query heads folded into rows), timed over a few repeats; GB/s
-    of keys and values read. The bound's host-attention term is a step's KV bytes over this rate."""
+    of keys and values read. The bound's host-attention term is a step's KV bytes over this rate. The keys lie
+    slot-major, as in the offloaded store (``TieredKVCache``: strided per sequence), and the GPU is idle
+    meanwhile: in a run the weight stream's DMA shares the memory bandwidth, and the CPU attends up to 4x
+    slower (benchmarks/host_attention_probe.py), so this bound is optimistic."""
     import torch
     import torch.nn.functional as F
 
-    shape = (batch, length, args.n_kv_heads, args.head_dim)
-    k, v = torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
+    shape = (length, batch, args.n_kv_heads, args.head_dim)
+    k, v = torch.randn(shape).to(dtype).transpose(0, 1), torch.randn(shape).to(dtype).transpose(0, 1)
     q = torch.randn(batch, args.n_kv_heads, args.n_rep, args.head_dim).to(dtype)
     samples = []
     for _ in range(4):
@@ -279,7 +282,8 @@ def measure_host_attention(args, batch: int, length: int, dtype) -> dict[str, An
     nbytes = 2 * k.numel() * k.element_size()
     best = sorted(samples[1:])[len(samples[1:]) // 2]  # the median after a first, cold run
     return {"gbps": nbytes / best / GB, "source": "measured", "method": f"CPU attention over {batch} x {length} "
-            f"slots of one layer ({nbytes / GB:.3f} GB), {torch.get_num_threads()} threads, median of 3"}
+            f"slots of one layer ({nbytes / GB:.3f} GB, slot-major), {torch.get_num_threads()} threads, GPU idle, "
+            f"median of 3"}
 
 
 def links(cfg: BenchConfig, image, device: torch.device, workers: int) -> dict[str, Any]:
