@@ -278,8 +278,10 @@ def _add_pool_parser(sub) -> None:
     q.add_argument("--gpu-mem-gb", type=float, help="the server's GPU budget in GB (default: the GPU's free memory)")
     q.add_argument("--max-seq-len", type=int, default=4096, help="longest prompt + new tokens a request may have: "
                                                                  "the KV cache the plan makes room for (default 4096)")
-    q.add_argument("--batch-size", type=int, default=1, help="most sequences per weight pass a request may ask for "
-                                                             "(run/bench --prompts --batch-size; default 1)")
+    q.add_argument("--batch-size", type=int, default=1,
+                   help="most sequences per weight pass (default 1): a request may ask for that many (run/bench "
+                        "--prompts --batch-size), and up to that many greedy requests waiting while the server is "
+                        "busy are served together, sharing every weight pass")
     q.add_argument("--group-prefetch-depth", type=int, default=2, help="GPU staging buffers (default 2)")
     q.add_argument("--h2d-gbps", type=float, help="H2D link in GB/s for the bound its bench reports give (default: "
                                                   "measured when it starts)")

@@ -223,7 +223,8 @@ def _run_via_server(a, image, tok, prompt, srv) -> None:
         out = {"prompt_token_ids": res.prompt_token_ids, "output_token_ids": res.output_token_ids,
                "text": tok.decode(res.output_token_ids) if tok else None, "stop_reason": res.stop_reason,
                "mode": "server", "device": srv["device"], "image": str(image.path), "load_ms": 0.0,
-               "first_token_ms": first_ms, **t, "plan": srv.get("plan"), "server_pid": srv["pid"]}
+               "first_token_ms": first_ms, **t, "plan": srv.get("plan"), "server_pid": srv["pid"],
+               "served_in_batch_of": done.get("batched", 1)}
         Path(a.out_json).write_text(json.dumps(out, indent=1))
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
@@ -241,15 +241,22 @@ class Generator:
 
     def generate_batch(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig,
                        stop_ids: frozenset[int] = frozenset(),
-                       on_step: Callable[[list[int | None]], None] | None = None) -> list[GenerationResult]:
+                       on_step: Callable[[list[int | None]], None] | None = None,
+                       limits: Sequence[int] | None = None) -> list[GenerationResult]:
         """Generate for several prompts at once: every weight pass (prefill and each decode step) serves the
         whole batch. Prompts of different lengths are left-padded (the cache masks the padding and each
         sequence's positions start at 0), so each sequence's tokens are those it gets alone (greedy; up to
         float rounding of batched kernels). Each sequence stops on its own (a stop token or
         ``max_new_tokens``); the batch runs until all have stopped. ``on_step`` gets each step's tokens once
-        they are on the host (None for a sequence that has stopped)."""
+        they are on the host (None for a sequence that has stopped). ``limits``: each sequence's own most new
+        tokens (at most ``cfg.max_new_tokens``; the pool's server batches requests that asked for different
+        numbers)."""
+        if limits is not None and (len(limits) != len(prompts) or
+                                   not all(1 <= n <= cfg.max_new_tokens for n in limits)):
+            raise ConfigError(f"limits {list(limits)}: one per prompt, each 1..{cfg.max_new_tokens}")
         if len(prompts) == 1:
-            return [self.generate(prompts[0], cfg, stop_ids,
+            one = cfg if limits is None else replace(cfg, max_new_tokens=limits[0])
+            return [self.generate(prompts[0], one, stop_ids,
                                   (lambda t: on_step([t])) if on_step else None)]
         if not prompts or any(not p for p in prompts):
             raise ConfigError("a prompt of the batch is empty")
@@ -279,7 +286,7 @@ class Generator:
                 r.output_token_ids.append(toks[i])
                 if toks[i] in stop_ids:
                     r.stop_reason, live[i] = "stop_token", False
-                elif len(r.output_token_ids) >= cfg.max_new_tokens:
+                elif len(r.output_token_ids) >= (cfg.max_new_tokens if limits is None else limits[i]):
                     live[i] = False
             if on_step:
                 on_step(emitted)

@@ -16,8 +16,11 @@ Protocol: JSON lines. The client sends one request, ``{"prompt_ids": [...], "max
 "temperature": T, "top_p": P, "seed": S, "stop_ids": [...]}`` (or ``"prompts": [[...], ...]`` with
 ``"batch_size": B`` for a batch, and ``"bench": true`` for a timed round), and reads ``{"token": id}`` per
 token (``{"step": [ids]}`` per pass for a batch), then ``{"done": true, ...}`` with the result, or
-``{"error": "..."}``. Requests are served one at a time in the order they arrive (the socket's backlog), so
-neither of two clients can starve the other; each waits for the ones before it.
+``{"error": "..."}``. Requests are served in the order they arrive (the socket's backlog), so neither of two
+clients can starve the other. Those that arrive while the server is busy wait for it; then, with ``pool serve
+--batch-size B``, up to B of them that are greedy single prompts share their weight passes as one batch (each
+gets exactly its solo tokens, stops on its own and gets its tokens as they come): two clients then cost about
+one pass each step instead of two.
 
 Faults. A client that goes away (SIGKILL) is noticed at the first token that cannot be sent: its request is
 dropped and the next one served. A server that dies ends its clients' requests at once (their socket
@@ -397,8 +400,8 @@ def _serve(cfg: dict, stopping: dict):
                 except TimeoutError:
                     source.client.check_alive()  # raises once the pool's coordinator is gone
                     continue
-                with conn:
-                    _handle(conn, ctx)
+                first = _open(conn, ctx)
+                _serve_queue(([first] if first else []) + _accept_queued(sock, ctx), ctx)
         finally:
             sock.close()
     return sock
@@ -423,66 +426,220 @@ def _send(f, msg: dict) -> None:
     f.flush()
 
 
-def _handle(conn: socket.socket, ctx: dict) -> None:
-    """Serve one connection's request; a client that has gone away only costs its request."""
-    from runtime.client import PoolDied
+class _Request:
+    """One accepted connection and its request."""
 
+    def __init__(self, conn: socket.socket, f, pid: int, req: dict) -> None:
+        self.conn, self.f, self.pid, self.req = conn, f, pid, req
+        self.parsed: dict = {}  # _parse of req
+        self.gone = False  # the client went away: nothing more is sent
+
+    def send(self, msg: dict) -> None:
+        _send(self.f, msg)
+
+    def batchable(self) -> bool:
+        """A greedy single prompt: it gives the same tokens alone or in a batch, so it may share passes."""
+        r = self.req
+        return (not r.get("bench") and "prompts" not in r and float(r.get("temperature", 0.0)) == 0.0
+                and isinstance(r.get("prompt_ids"), list))
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.f.close()
+        with contextlib.suppress(OSError):
+            self.conn.close()
+
+
+def _open(conn: socket.socket, ctx: dict) -> _Request | None:
+    """Check the peer and read its request line; None (the connection closed) if refused or gone."""
     name = ctx["rec"]["name"]
     pid, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
     conn.settimeout(SEND_TIMEOUT_S)
     f = conn.makefile("rwb")
+    r = _Request(conn, f, pid, {})
     try:
         if uid != os.getuid():
-            _send(f, {"error": f"uid {uid} may not use the server of uid {os.getuid()}"})
+            r.send({"error": f"uid {uid} may not use the server of uid {os.getuid()}"})
             print(f"[server {name}] refused pid {pid} of uid {uid}", flush=True)
-            return
-        line = f.readline(MAX_REQUEST)
-        if not line:
-            return  # the client went away before asking
-        t0 = time.perf_counter()
+        else:
+            line = f.readline(MAX_REQUEST)
+            if line:  # else the client went away before asking
+                try:
+                    r.req = json.loads(line)
+                    if not isinstance(r.req, dict):
+                        raise ValueError("a request is one JSON object")
+                    return r
+                except ValueError as e:
+                    r.send({"error": f"not a request: {e}"})
+    except (OSError, TimeoutError):
+        pass
+    r.close()
+    return None
+
+
+def _accept_queued(sock: socket.socket, ctx: dict) -> list[_Request]:
+    """The requests waiting in the socket's backlog now (they arrived while the server was busy)."""
+    out = []
+    sock.settimeout(0)
+    try:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, TimeoutError):
+                break
+            r = _open(conn, ctx)
+            if r is not None:
+                out.append(r)
+    finally:
+        sock.settimeout(0.5)
+    return out
+
+
+def _serve_queue(reqs: list[_Request], ctx: dict) -> None:
+    """Serve ``reqs`` in arrival order; consecutive batchable ones (greedy single prompts) share their weight
+    passes, up to the server's ``--batch-size`` sequences within its ``--max-seq-len``."""
+    groups: list[list[_Request]] = []
+    for r in reqs:
         try:
-            req = json.loads(line)
-            if not isinstance(req, dict):
-                raise ConfigError("a request is one JSON object")
-
-            def send(m: dict) -> None:
-                if ctx["stopping"]["flag"]:
-                    raise _Stop
-                _send(f, m)
-
-            done = _generate(req, ctx, send)
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
-            raise
-        except _Stop:
-            print(f"[server {name}] stopping: the request of pid {pid} ended", flush=True)
-            _send(f, {"error": "the server is stopping (pool serve --stop, or pool stop): request ended"})
-            return
-        except PoolDied:
-            _send(f, {"error": f"pool {name!r} died while serving this request"})
-            raise
-        except (UserError, ValueError, TypeError, KeyError) as e:
-            print(f"[server {name}] request of pid {pid} refused: {e}", flush=True)
-            _send(f, {"error": str(e)})
-            return
-        except Exception as e:  # the request failed (out of memory, a bug): the next one is still served
-            traceback.print_exc()
-            _send(f, {"error": f"the request failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                               f" (server log {ctx['rec']['log']})"})
-            return
-        _send(f, done)
-        print(f"[server {name}] pid {pid}: {done.get('summary', '')} in {time.perf_counter() - t0:.2f} s", flush=True)
-    except (BrokenPipeError, ConnectionResetError, TimeoutError) as e:
-        print(f"[server {name}] pid {pid} went away ({type(e).__name__}); its request dropped", flush=True)
+            r.parsed = _parse(r.req, ctx)
+        except (UserError, ValueError, TypeError, KeyError) as e:  # refused alone, with the numbers
+            print(f"[server {ctx['rec']['name']}] request of pid {r.pid} refused: {e}", flush=True)
+            with contextlib.suppress(OSError, TimeoutError):
+                r.send({"error": str(e)})
+            r.close()
+            continue
+        g = groups[-1] if groups else None
+        if g and r.batchable() and g[0].batchable() and len(g) < ctx["batch"] and \
+                r.req.get("stop_ids", []) == g[0].req.get("stop_ids", []) and \
+                _fits(g + [r], ctx["max_len"]):
+            g.append(r)
+        else:
+            groups.append([r])
+    for g in groups:
+        try:
+            _serve_group(g, ctx)
+        finally:
+            for r in g:
+                r.close()
 
 
-def _generate(req: dict, ctx: dict, send: Callable[[dict], None]) -> dict:
-    """Run one request; ``send`` streams its tokens. Returns the ``done`` message."""
-    import torch
+def _fits(group: list[_Request], max_len: int) -> bool:
+    try:
+        longest = max(len(r.req["prompt_ids"]) for r in group)
+        return longest + max(int(r.req.get("max_new_tokens", 32)) for r in group) <= max_len
+    except (TypeError, ValueError):
+        return False
 
-    from runtime.bench import memory_report, run_round
+
+def _serve_group(group: list[_Request], ctx: dict) -> None:
+    """Run one request, or a batch of them; each client gets its tokens, then its result or an error. A client
+    that has gone away only loses its own request."""
+    from runtime.client import PoolDied
+
+    name = ctx["rec"]["name"]
+    t0 = time.perf_counter()
+    who = ", ".join(f"pid {r.pid}" for r in group)
+
+    def fail(msg: str) -> None:
+        for r in group:
+            if not r.gone:
+                with contextlib.suppress(OSError, TimeoutError):
+                    r.send({"error": msg})
+
+    try:
+        dones = _generate(group, ctx) if len(group) > 1 else [_generate_one(group[0], ctx)]
+    except _Stop:
+        print(f"[server {name}] stopping: the request of {who} ended", flush=True)
+        fail("the server is stopping (pool serve --stop, or pool stop): request ended")
+        return
+    except PoolDied:
+        fail(f"pool {name!r} died while serving this request")
+        raise
+    except (UserError, ValueError, TypeError, KeyError) as e:
+        print(f"[server {name}] request of {who} refused: {e}", flush=True)
+        fail(str(e))
+        return
+    except Exception as e:  # the request failed (out of memory, a bug): the next one is still served
+        traceback.print_exc()
+        fail(f"the request failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (server log "
+             f"{ctx['rec']['log']})")
+        return
+    for r, done in zip(group, dones):
+        if r.gone:
+            continue
+        try:
+            r.send(done)
+        except (OSError, TimeoutError) as e:
+            _gone(r, ctx, e)
+    batch = f" (one batch of {len(group)})" if len(group) > 1 else ""
+    print(f"[server {name}] {who}: {dones[0].get('summary', '')}{batch} in {time.perf_counter() - t0:.2f} s",
+          flush=True)
+
+
+def _gone(r: _Request, ctx: dict, e: BaseException) -> None:
+    r.gone = True
+    print(f"[server {ctx['rec']['name']}] pid {r.pid} went away ({type(e).__name__}); its request dropped",
+          flush=True)
+
+
+def _generate_one(r: _Request, ctx: dict) -> dict:
+    """One request alone; a client that has gone away ends it."""
+    def send(m: dict) -> None:
+        if ctx["stopping"]["flag"]:
+            raise _Stop
+        try:
+            r.send(m)
+        except (OSError, TimeoutError) as e:
+            _gone(r, ctx, e)
+            raise _Gone from None
+
+    try:
+        return _generate_request(r.req, ctx, send)
+    except _Gone:
+        return {"done": True, "summary": "dropped"}
+
+
+class _Gone(Exception):
+    pass
+
+
+def _generate(group: list[_Request], ctx: dict) -> list[dict]:
+    """Greedy single-prompt requests in one batch: every weight pass serves them all; each sequence stops on
+    its own (its stop tokens, its max_new_tokens), and each client gets its tokens as they come."""
     from runtime.generate import SamplingConfig
 
-    gen, device = ctx["gen"], ctx["device"]
+    parsed = [r.parsed for r in group]
+    prompts = [p["prompts"][0] for p in parsed]
+    limits = [p["cfg"].max_new_tokens for p in parsed]
+    cfg = SamplingConfig(max(limits))
+
+    def on_step(toks: list[int | None]) -> None:
+        if ctx["stopping"]["flag"]:
+            raise _Stop
+        for r, t in zip(group, toks):
+            if t is None or r.gone:
+                continue
+            try:
+                r.send({"token": t})
+            except (OSError, TimeoutError) as e:
+                _gone(r, ctx, e)
+        if all(r.gone for r in group):
+            raise _Gone
+
+    try:
+        results = ctx["gen"].generate_batch(prompts, cfg, parsed[0]["stop_ids"], on_step, limits=limits)
+    except _Gone:
+        return [{"done": True, "summary": "dropped"} for _ in group]
+    n = sum(len(r.output_token_ids) for r in results)
+    return [{"done": True, "results": [_result(x)], "batched": len(group),
+             "summary": f"{len(group)} prompts, {n} tokens generated"} for x in results]
+
+
+def _parse(req: dict, ctx: dict) -> dict:
+    """A request's prompts, batch, sampling and stop tokens, checked against the server's limits (ConfigError
+    naming the numbers)."""
+    from runtime.generate import SamplingConfig
+
     vocab = ctx["image"].args.vocab_size
     prompts = req.get("prompts") or [req.get("prompt_ids")]
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, list) and p for p in prompts):
@@ -503,6 +660,18 @@ def _generate(req: dict, ctx: dict, send: Callable[[dict], None]) -> dict:
     cfg = SamplingConfig(new, float(req.get("temperature", 0.0)), float(req.get("top_p", 1.0)),
                          int(req.get("seed", 0)))
     stop_ids = frozenset(int(t) for t in req.get("stop_ids", []))
+    return {"prompts": prompts, "b": b, "new": new, "cfg": cfg, "stop_ids": stop_ids}
+
+
+def _generate_request(req: dict, ctx: dict, send: Callable[[dict], None]) -> dict:
+    """Run one request; ``send`` streams its tokens. Returns the ``done`` message."""
+    import torch
+
+    from runtime.bench import memory_report, run_round
+
+    gen, device = ctx["gen"], ctx["device"]
+    p = _parse(req, ctx)
+    prompts, b, new, cfg, stop_ids = p["prompts"], p["b"], p["new"], p["cfg"], p["stop_ids"]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if req.get("bench"):  # a timed round as launch.py bench runs it, each pass's tokens sent as they come

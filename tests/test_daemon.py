@@ -33,6 +33,8 @@ segment, semaphore, record or process (checked by the ``pools`` fixture after ea
       SIGKILLed mid-request: its client fails at once naming it, its client row comes back, later runs attach
       in-process, the next ``pool serve`` removes its leftovers and serves.
   test_server_exits_with_its_pool      SIGKILL of the coordinator: the server exits by itself, removing its files.
+  test_server_batches_waiting_requests two greedy requests waiting while the server is busy share their passes
+      (--batch-size 3): each gets exactly its solo tokens, as many as it asked for, as they come.
 
 CPU only; tiny fp32 images; about 45 s on 2 cores.
 """
@@ -45,6 +47,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -851,7 +854,7 @@ def test_server_runs_and_bench(image, pools, tmp_path):
     pf, bj = tmp_path / "p.txt", tmp_path / "b.json"
     pf.write_text(",".join(map(str, PROMPTS[1])) + "\n")
     run_launch("bench", "--attach", name, "--prompts", str(pf), "--max-new-tokens", str(NEW), "--warmup-rounds",
-               "1", "--out-json", str(bj))
+               "0", "--out-json", str(bj))  # one round: its prefill (the server's clock) lies inside its first token
     b = json.loads(bj.read_text())
     assert b["mode"] == "server" and b["server"]["pid"] == srv["pid"], b["server"]
     assert b["results"][0]["output_token_ids"] == reference(image, PROMPTS[1])
@@ -939,3 +942,34 @@ def test_server_exits_with_its_pool(image, pools):
     assert not server.record_path(name).exists() and not server.socket_path(name).exists()
     assert "died" in server.log_path(name).read_text() or "gone" in server.log_path(name).read_text()
     run_launch("pool", "cleanup", name)
+
+
+def test_server_batches_waiting_requests(image, pools, tmp_path):
+    """With --batch-size 3, greedy requests that wait while the server is busy share their weight passes:
+    each gets exactly its solo tokens (and only as many as it asked for), as they come."""
+    name = pools.name("srvbatch")
+    pools.start(image, name)
+    serve(name, "--batch-size", "3", "--quiet")
+    srv = server.live_server(name)
+    proc, out, err = launch_bg(tmp_path, "busy", *attach_args(name, PROMPTS[0], 4000))
+    wait_until(lambda: len(out.read_text().split()) >= 5 or proc.poll() is not None, 60, "the server is busy")
+    assert proc.poll() is None, err.read_text()
+    asks = [(PROMPTS[1], 8), ([3, 1, 4, 1, 5, 9, 2], 24)]
+    socks = []
+    for prompt, new in asks:  # both wait in the backlog, their requests sent
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(60)
+        s.connect(srv["socket"])
+        s.sendall(json.dumps({"prompt_ids": prompt, "max_new_tokens": new}).encode() + b"\n")
+        socks.append(s)
+    proc.kill()  # the busy request's client goes: its request is dropped, the two waiting are served together
+    proc.wait()
+    for s, (prompt, new) in zip(socks, asks):
+        with s, s.makefile("rb") as f:
+            msgs = [json.loads(line) for line in f]
+        streamed = [m["token"] for m in msgs if "token" in m]
+        done = msgs[-1]
+        assert done.get("done") and done["batched"] == 2, msgs[-1]
+        assert streamed == done["results"][0]["output_token_ids"] == reference(image, prompt, new)
+    log = server.log_path(name).read_text()
+    assert "went away" in log and "(one batch of 2)" in log, log
