@@ -126,18 +126,22 @@ def _write_record(rec: dict) -> None:
     os.replace(tmp, p)
 
 
-def coordinator_alive(rec: dict) -> bool:
-    """The record's coordinator is running (and is a pool coordinator: a reused pid is not)."""
+def runs_module(pid, module: str) -> bool:
+    """``pid`` is alive and runs ``python -m module`` (a reused pid does not)."""
     from runtime.pool import pid_alive
 
-    pid = rec.get("pid")
     if not pid or not pid_alive(int(pid)):
         return False
     try:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return True  # no /proc: trust the pid
-    return b"runtime.daemon" in cmd
+    return module.encode() in cmd
+
+
+def coordinator_alive(rec: dict) -> bool:
+    """The record's coordinator is running (and is a pool coordinator: a reused pid is not)."""
+    return runs_module(rec.get("pid"), "runtime.daemon")
 
 
 def image_identity(path: str) -> dict:
@@ -307,18 +311,7 @@ def start(a) -> None:
         dc = DaemonConfig(name, str(image.path), str(image.manifest_path), dc.dram_groups, dc.window_slots,
                           dc.slot_bytes, a.clients, a.workers, a.staging_mb, not a.no_direct, dc.dram_budget)
         log = log_path(name)
-        cfg_file = pool_dir() / f"{name}.start.json"
-        fd = os.open(cfg_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(asdict(dc), f)
-        logf = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        root = str(Path(__file__).resolve().parent.parent)
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + [x for x in [os.environ.get("PYTHONPATH")] if x]),
-                   PYTHONUNBUFFERED="1")
-        proc = subprocess.Popen([sys.executable, "-m", "runtime.daemon", str(cfg_file)], cwd=root, env=env,
-                                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True,
-                                close_fds=True)
-        os.close(logf)
+        proc = spawn_detached("runtime.daemon", asdict(dc), pool_dir() / f"{name}.start.json", log)
         held = sum(image.groups[g].size for g in dc.dram_groups)
         rec = _wait_record(name, proc, log, a.start_timeout)
     print(f"pool {name}: coordinator pid {rec['pid']}, {a.workers} I/O workers, {a.clients} client slots; DRAM "
@@ -327,6 +320,24 @@ def start(a) -> None:
     if not a.no_wait:
         _wait_filled(rec, held, proc, log, quiet=a.quiet)
     print(f"pool {name} is serving {image.path}: launch.py run --attach {name}")
+
+
+def spawn_detached(module: str, cfg: dict, cfg_file: Path, log: Path) -> subprocess.Popen:
+    """``python -m module CFG_FILE`` detached from the terminal: its own session, stdin /dev/null, output
+    appended to ``log``; ``cfg`` goes to ``cfg_file`` (mode 0600), which the process reads and removes."""
+    fd = os.open(cfg_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(cfg, f)
+    logf = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + [x for x in [os.environ.get("PYTHONPATH")] if x]),
+               PYTHONUNBUFFERED="1")
+    try:
+        return subprocess.Popen([sys.executable, "-m", module, str(cfg_file)], cwd=root, env=env,
+                                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True,
+                                close_fds=True)
+    finally:
+        os.close(logf)
 
 
 def _log_tail(log: Path, n: int = 8) -> str:

@@ -90,16 +90,9 @@ def read_record(name: str) -> dict | None:
 
 def server_alive(rec: dict) -> bool:
     """The record's pid runs a server (a reused pid does not)."""
-    from runtime.pool import pid_alive
+    from runtime.daemon import runs_module
 
-    pid = rec.get("pid")
-    if not pid or not pid_alive(int(pid)):
-        return False
-    try:
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return True
-    return b"runtime.server" in cmd
+    return runs_module(rec.get("pid"), "runtime.server")
 
 
 def server_for(a) -> dict | None:
@@ -165,21 +158,10 @@ def serve(a) -> None:
                "prefill_chunk": a.prefill_chunk, "kv_offload": a.kv_offload, "kv_block_tokens": a.kv_block_tokens,
                "host_attention": a.host_attention, "topk_blk": a.topk_blk, "group_prefetch_depth":
                a.group_prefetch_depth, "h2d_gbps": a.h2d_gbps, "disk_gbps": a.disk_gbps}
-        from runtime.daemon import pool_dir
+        from runtime.daemon import pool_dir, spawn_detached
 
-        cfg_file = pool_dir() / f"{a.name}.serve-start"
-        fd = os.open(cfg_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(cfg, f)
         log = log_path(a.name)
-        logf = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        root = str(Path(__file__).resolve().parent.parent)
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + [x for x in [os.environ.get("PYTHONPATH")] if x]),
-                   PYTHONUNBUFFERED="1")
-        proc = subprocess.Popen([sys.executable, "-m", "runtime.server", str(cfg_file)], cwd=root, env=env,
-                                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True,
-                                close_fds=True)
-        os.close(logf)
+        proc = spawn_detached("runtime.server", cfg, pool_dir() / f"{a.name}.serve-start", log)
     rec = _wait_serving(a.name, proc, log, a.start_timeout)
     if not a.quiet:
         print(f"pool {a.name}: server pid {rec['pid']} on {rec['device']}, up to {rec['max_seq_len']} tokens x "
