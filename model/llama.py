@@ -373,8 +373,8 @@ class TieredKVCache(KVCache):
         super().set_padding(pad)
         self.pad_host = torch.tensor(pad, dtype=torch.long) if any(pad) else None
 
-    def attend_on_host(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
-                       n_rep: int) -> torch.Tensor:
+    def attend_on_host(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       start: int) -> torch.Tensor:
         """A decode step's attention where the cache lives (FlexGen's CPU attention): q (B, n_heads, 1, hd),
         the new k and v (B, 1, n_kv, hd) go to the host (one small copy), are written into the host cache at
         slot ``start``, attention runs there over slots [0, start] (each KV head's query heads folded into
@@ -406,8 +406,7 @@ class TieredKVCache(KVCache):
         mask = None
         if self.pad_host is not None:
             mask = torch.arange(end).view(1, 1, 1, end) >= self.pad_host[:b].view(-1, 1, 1, 1)
-        out = F.scaled_dot_product_attention(flat[:, :nq].view(b, n_kv, n_rep, hd), keys, values, attn_mask=mask)
-        out = out.reshape(b, n_heads, 1, hd)
+        out = _folded_gqa_attention(flat[:, :nq].view(b, n_heads, 1, hd), keys, values, mask)
         if not self.cuda:
             return out
         # Pinned, so the copy back is a plain DMA on the compute stream (a pageable one is staged by the driver
@@ -449,7 +448,7 @@ def attention_forward(h: torch.Tensor, w: Weights, args: ModelArgs, layer: int, 
         t0 = time.perf_counter()
     blocks = cache.topk_blocks(layer, q, end) if s == 1 and cache.topk_blk is not None else None
     if on_host:
-        out = cache.attend_on_host(layer, q, k, v, start, args.n_rep)
+        out = cache.attend_on_host(layer, q, k, v, start)
     elif blocks is not None:
         out = _block_attention(q, ck, cv, blocks, end, cache, args)
     else:
@@ -472,13 +471,15 @@ def attention_forward(h: torch.Tensor, w: Weights, args: ModelArgs, layer: int, 
 
 
 def _folded_gqa_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                          mask: torch.Tensor) -> torch.Tensor:
+                          mask: torch.Tensor | None) -> torch.Tensor:
     """Masked attention with grouped KV heads: each KV head's n_rep query heads become n_rep x S query rows
-    against that head's keys, under a mask already folded the same way (``KVCache.mask_for``). SDPA's
+    against that head's keys, under a mask folded the same way (``KVCache.mask_for``) or broadcast over the
+    rows (a decode step's, per sequence or per KV head: top-k blocks, host attention). SDPA's
     enable_gqa with a mask takes the math kernel, which expands the keys and values n_rep times and
     materialises the scores (a batch of 64 at 2K tokens: 2 GB a layer); folded, the memory-efficient kernel
     runs with the keys as they are in the cache.
-    q (B, n_heads, S, hd); keys, values (B, n_kv, L, hd); mask (B or 1, 1, n_rep x S, L) -> (B, n_heads, S, hd)."""
+    q (B, n_heads, S, hd); keys, values (B, n_kv, L, hd); mask (B or 1, 1 or n_kv, n_rep x S or 1, L) or None
+    -> (B, n_heads, S, hd)."""
     b, n_heads, s, hd = q.shape
     qf = q.reshape(b, keys.shape[1], -1, hd)  # head h = kv * n_rep + j: rows (j, s) of KV head kv
     # reshape, not view: CUDA's memory-efficient kernel returns a (B, rows, heads, hd)-strided tensor
@@ -510,10 +511,7 @@ def _block_attention(q: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, blocks
     valid = slots < end
     if cache.pad is not None:
         valid &= slots >= cache.pad.view(b, 1, 1)
-    # each KV head's query heads as rows (as _folded_gqa_attention): no expanded keys, a mask-capable kernel
-    qf = q.reshape(b, n_kv, args.n_rep, hd)
-    out = F.scaled_dot_product_attention(qf, keys, values, attn_mask=valid.unsqueeze(2))  # mask (B, n_kv, 1, m*bt)
-    return out.reshape(b, n_kv * args.n_rep, 1, hd)
+    return _folded_gqa_attention(q, keys, values, valid.unsqueeze(2))  # mask (B, n_kv, 1, m*bt)
 
 
 def ffn_forward(h: torch.Tensor, w: Weights, args: ModelArgs) -> torch.Tensor:
