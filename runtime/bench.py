@@ -372,21 +372,20 @@ def run_round(gen, source, prompts: Sequence[list[int]], sampling, on_step=None)
     """One whole generation of the batch: every sequence decodes ``max_new_tokens`` (no stop tokens).
     ``on_step`` also gets each pass's tokens (the pool's server sends them on)."""
     r = Round()
-    extra = on_step
 
-    def on_step(toks: list[int | None]) -> None:  # called once the step's tokens are on the host
+    def record(toks: list[int | None]) -> None:  # called once the step's tokens are on the host
         r.stamps.append(time.perf_counter())
         r.counters.append(pool_counters(source))
         r.tokens.append(toks)
         if len(r.tokens) == 1:
             r.kv_after_prefill = gen.kv_moved()
-        if extra is not None:
-            extra(toks)
+        if on_step is not None:
+            on_step(toks)
 
     gen.reset_counters()
     r.counters.append(pool_counters(source))
     r.start = time.perf_counter()
-    r.results = gen.generate_batch(prompts, sampling, frozenset(), on_step)
+    r.results = gen.generate_batch(prompts, sampling, frozenset(), record)
     r.end = time.perf_counter()
     r.kv_end = gen.kv_moved()
     r.kv_alloc_ms = gen.cache_alloc_ms

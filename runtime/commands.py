@@ -204,14 +204,13 @@ def _run_via_server(a, image, tok, prompt, srv) -> None:
 
     def on_message(m: dict) -> None:
         if "token" in m:
-            first.append(first[0] if first else time.perf_counter())
+            if not first:
+                first.append(time.perf_counter())
             printer(m["token"])
 
     done = request(srv, {"prompt_ids": prompt, **_request(a, tok)}, on_message)
     print()
-    r = done["results"][0]
-    res = GenerationResult(r["prompt_token_ids"], r["output_token_ids"], r["prefill_ms"], r["decode_ms"],
-                           r["token_ms"], r["stop_reason"])
+    res = GenerationResult(**done["results"][0])
     t = res.timings()
     first_ms = ((first[0] if first else time.perf_counter()) - t0) * 1e3
     if not a.quiet:
@@ -245,8 +244,7 @@ def _run_prompts(a, image, rcfg, srv=None) -> None:
 
         t0 = time.perf_counter()
         done = request(srv, {"prompts": prompts, "batch_size": b, **_request(a, tok)})
-        results = [GenerationResult(r["prompt_token_ids"], r["output_token_ids"], r["prefill_ms"], r["decode_ms"],
-                                    r["token_ms"], r["stop_reason"]) for r in done["results"]]
+        results = [GenerationResult(**r) for r in done["results"]]
         _print_prompts(a, tok, prompts, b, results, 0.0, t0, image, None)
         return
     early = start_early(image, rcfg, a.device, batch=b, max_len=max_len)

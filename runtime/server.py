@@ -684,8 +684,10 @@ def _generate_request(req: dict, ctx: dict, send: Callable[[dict], None]) -> dic
 
 
 def _result(r) -> dict:
-    return {"prompt_token_ids": r.prompt_token_ids, "output_token_ids": r.output_token_ids,
-            "stop_reason": r.stop_reason, "prefill_ms": r.prefill_ms, "decode_ms": r.decode_ms, "token_ms": r.token_ms}
+    """A GenerationResult as JSON (the client rebuilds it with GenerationResult(**d))."""
+    import dataclasses
+
+    return dataclasses.asdict(r)
 
 
 if __name__ == "__main__":
