@@ -72,6 +72,18 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
                         "each H2D copy and each group's compute, on one clock")
 
 
+def _host_layers(text: str) -> int | str:
+    if text == "all":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of layers (1 or more) or all, found {text!r}")
+    return n
+
+
 def _add_kv_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("KV cache")
     g.add_argument("--kv-block-tokens", type=int, default=64,
@@ -81,12 +93,14 @@ def _add_kv_args(p: argparse.ArgumentParser) -> None:
                         "its attention, overlapped with compute; auto (default): when the GPU budget cannot hold "
                         "the whole KV cache, or when keeping it there would push more weight bytes over the link "
                         "per step than offloading moves; off: never")
-    g.add_argument("--host-attention", action="store_true",
-                   help="with the KV cache offloaded: decode attention runs on the CPU over the DRAM cache (as "
-                        "FlexGen), so the cache never crosses the H2D link while decoding; each layer sends its "
-                        "new query, key and value to the host and gets the attention output back (and --kv-offload "
-                        "auto counts the offloaded cache as costing the link nothing). Prefill attention stays on "
-                        "the GPU. Not with --topk-blk")
+    g.add_argument("--host-attention", nargs="?", const="all", type=_host_layers, metavar="N|all",
+                   help="with the KV cache offloaded: decode attention of N layers (spread evenly; all when no N "
+                        "is given) runs on the CPU over the DRAM cache (as FlexGen), so their cache never crosses "
+                        "the H2D link while decoding: each such layer sends its new query, key and value to the "
+                        "host and gets the attention output back. The other layers' cache is read back over the "
+                        "link as without the flag, so N balances the CPU's share of the step's KV bytes against "
+                        "the link's (--kv-offload auto counts only theirs). Prefill attention stays on the GPU. "
+                        "Not with --topk-blk")
     g.add_argument("--prefill-chunk", type=int, default=2048,
                    help="prompt tokens per weight pass, shared by the sequences of a batch (default 2048; at "
                         "least 16 per sequence): the plan keeps GPU room for one chunk's activations. A larger "

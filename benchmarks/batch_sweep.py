@@ -54,8 +54,9 @@ def main() -> int:
     ap.add_argument("--compute-bound", action="store_true",
                     help="also run each batch size with every weight resident (bench --mode full, no cap, KV on "
                          "the device): its decode step is the compute the streamed step cannot go below")
-    ap.add_argument("--host-attention", action="store_true",
-                    help="pass --host-attention: an offloaded KV cache's decode attention runs on the CPU")
+    ap.add_argument("--host-attention", nargs="?", const="all", metavar="N|all",
+                    help="pass --host-attention [N]: the decode attention of N layers (all without N) of an "
+                         "offloaded KV cache runs on the CPU")
     ap.add_argument("--bench-args", default="",
                     help="more flags for every streamed bench run, one string (e.g. \"--group-prefetch-depth 4\"); "
                          "TRACE in it becomes the batch's trace file in --out (e.g. \"--trace TRACE\")")
@@ -85,7 +86,8 @@ def main() -> int:
                str(prompts), "--batch-size", str(b), "--max-new-tokens", str(a.new_tokens), "--max-seq-len",
                str(a.prompt_tokens + a.new_tokens), "--warmup-rounds", "0", "--mode", "preload", "--workers",
                str(a.workers), "--out-json", str(js), *given]
-        cmd += (["--gpu-mem-gb", f"{cap:.3f}"] if cap else []) + (["--host-attention"] if a.host_attention else [])
+        cmd += (["--gpu-mem-gb", f"{cap:.3f}"] if cap else []) + (["--host-attention", a.host_attention]
+                                                                if a.host_attention else [])
         cmd += ["--prefill-chunk", str(a.prefill_chunk)] if a.prefill_chunk else []
         cmd += [str(out / f"b{b}.trace.json") if x == "TRACE" else x for x in shlex.split(a.bench_args)]
         if sh(cmd, out / f"b{b}.log") or not js.exists():
@@ -109,6 +111,7 @@ def main() -> int:
                      "step_ms": j["bound"]["decode_step_ms"],
                      "tok_s": j["throughput_tok_s"], "kv_offload": j["kv"]["offload"],
                      "host_attention": j["kv"]["host_attention"], "kv_h2d_per_step": kv_step,
+                     "host_layers": j["kv"].get("host_attention_layers", 0), "layers": a.layers,
                      "kv_d2h_per_step": j["kv"]["decode_d2h_bytes"] / steps, "weight_h2d_per_step": w_step,
                      "bound_ms": bound_ms(j, w_step + kv_step, h2d),
                      "gpu_peak_GB": j["gpu_mem_GB"]["peak_allocated_GB"], "pinned_GB": j["host_mem_GB"]["pinned_GB"]})
@@ -152,7 +155,9 @@ def save(out: Path, rows: list[dict], a, cap) -> None:
 def kv_where(r: dict) -> str:
     if not r["kv_offload"]:
         return "no"
-    return "yes, host attention" if r.get("host_attention") else "yes"
+    if not r.get("host_attention"):
+        return "yes"
+    return f"yes, {r.get('host_layers', '?')} of {r.get('layers', '?')} layers attended on the host"
 
 
 def report(rows: list[dict], a, cap) -> None:

@@ -1,21 +1,44 @@
 #!/usr/bin/env bash
 # One GPU-machine call for --host-attention (issue 6): the CPU's attention rate alone and with the H2D link
-# busy (benchmarks/host_attention_probe.py), then the 8B-shaped batch sweep with host attention, traced, at each
-# --group-prefetch-depth in DEPTHS, with the per-pass trace summary of its decode steps.
+# busy (benchmarks/host_attention_probe.py), then the 8B-shaped batch sweep with N layers attended on the host
+# for each N in HOSTS (0: every layer read back over the link), and a table of the decode steps last.
 # Usage (repo root, GPU machine, .whl carried): bash benchmarks/gpu_host_attention.sh; env: BATCHES (32),
-# DEPTHS ("2 4"), NEW_TOKENS (8). Results in $OUT.
+# HOSTS ("all"), NEW_TOKENS (8), THREADS (torch's CPU threads, default torch's), WITH_PROBE (1),
+# WITH_TESTS (0), BENCH_ARGS (more bench flags; TRACE: a trace per batch). Results in $OUT.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 benchmarks/host_attention_probe.py --shape llama3.1-8b --batch 32 --length 2064
-for depth in ${DEPTHS:-2 4}; do
+[ -n "${THREADS:-}" ] && export OMP_NUM_THREADS=$THREADS
+if [ "${WITH_TESTS:-0}" = 1 ]; then
+  timeout 200 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_kv.py tests/test_batch.py \
+    tests/test_streaming.py -k "gpu or cuda" 2>&1 | grep -E "^E |passed|failed|FAILED" | cut -c1-400 | tail -8
+fi
+[ "${WITH_PROBE:-1}" = 1 ] && python3 benchmarks/host_attention_probe.py --shape llama3.1-8b --batch 32 --length 2064
+for n in ${HOSTS:-all}; do
+  flag=(--host-attention "$n"); [ "$n" = 0 ] && flag=()
   timeout "${SWEEP_S:-200}" python3 benchmarks/batch_sweep.py --shape llama3.1-8b --layers 32 --cap 6.442 \
-    --batches "${BATCHES:-32}" --new-tokens "${NEW_TOKENS:-8}" --host-attention --workdir /tmp/bs \
-    --out "/tmp/ha-$depth" --bench-args "--group-prefetch-depth $depth --trace TRACE ${BENCH_ARGS:-}" 2>&1 | tail -2
-  for t in /tmp/ha-$depth/b*.trace.json; do
-    echo "depth $depth, $t"; python3 benchmarks/trace_summary.py "$t" --last 3
+    --batches "${BATCHES:-32}" --new-tokens "${NEW_TOKENS:-8}" "${flag[@]}" --workdir /tmp/bs \
+    --out "/tmp/ha-$n" --bench-args "${BENCH_ARGS:-}" > "/tmp/ha-$n.log" 2>&1 || tail -3 "/tmp/ha-$n.log"
+  for t in /tmp/ha-$n/b*.trace.json; do
+    [ -e "$t" ] && { echo "host layers $n, $t"; python3 benchmarks/trace_summary.py "$t" --last 3; }
   done
-  cp "/tmp/ha-$depth/batch.json" "$OUT/batch-depth$depth.json" 2>/dev/null
+  cp "/tmp/ha-$n/batch.json" "$OUT/batch-host$n.json" 2>/dev/null
 done
 ls /dev/shm | grep llms || echo "no leftover shared memory"
+python3 - "$OUT" <<'EOF'
+import json, sys
+from pathlib import Path
+print("| host layers | batch | decode step ms | bound ms | KV H2D GB/step | host KV GB/step | CPU GB/s (link busy) | tok/s |")
+print("|---|---|---|---|---|---|---|---|")
+for f in sorted(Path(sys.argv[1]).glob("batch-host*.json")):
+    for r in json.loads(f.read_text())["rows"]:
+        if r.get("failed"):
+            print(f"| {f.stem[10:]} | {r['batch']} | failed | | | | | |")
+            continue
+        j = json.loads((Path(f"/tmp/ha-{f.stem[10:]}") / f"b{r['batch']}.json").read_text())
+        host = j["links"].get("host_attention") or {}
+        print(f"| {r.get('host_layers', 0)} | {r['batch']} | {r['step_ms']:.1f} | {r['bound_ms'] or 0:.1f} | "
+              f"{r['kv_h2d_per_step'] / 1e9:.2f} | {j['kv']['host_kv_bytes_per_step'] / 1e9:.2f} | "
+              f"{host.get('gbps', 0):.1f} | {r['tok_s']:.1f} |")
+EOF

@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     n_kv, hd, b, n = args.n_kv_heads, args.head_dim, a.batch, a.length
     q = torch.randn(b, n_kv, args.n_rep, hd).to(dt)
     layouts = {"batch-major": torch.randn(b, n, n_kv, hd).to(dt),
-               "slot-major": torch.randn(n, b, n_kv, hd).to(dt).transpose(0, 1)}
+               "slot-major": torch.randn(n, b, n_kv, hd).to(dt).transpose(0, 1),
+               "head-major": torch.randn(b, n_kv, n, hd).to(dt).transpose(1, 2)}
     cuda = torch.cuda.is_available()
     print(f"{a.shape}: batch {b} x {n} slots, {n_kv} KV heads x {hd}, bf16, {torch.get_num_threads()} threads; "
           f"one layer's keys+values {2 * b * n * n_kv * hd * 2 / GB:.3f} GB")
@@ -98,7 +99,44 @@ def main(argv: list[str] | None = None) -> int:
             link = bl.gbps
         print(f"| {name} | {idle:.1f} | {'-' if busy is None else f'{busy:.1f}'} | "
               f"{'-' if link is None else f'{link:.1f}'} |")
+    if cuda:
+        copy_rates(b, n, n_kv, hd, dt)
     return 0
+
+
+def copy_rates(b: int, n: int, n_kv: int, hd: int, dt: torch.dtype) -> None:
+    """GB/s of the offloaded cache's copies: a layer's rows [0, n) to the GPU as one contiguous copy
+    (slot-major store) and as one 2-D copy of B x n_kv rows (head-major store, model.copy2d), and a decode
+    step's one new slot back to the host both ways."""
+    from model.copy2d import copy_2d
+
+    dev = torch.device("cuda")
+    host = torch.empty(b * n_kv * (n + 64) * hd, dtype=dt).pin_memory()
+    gpu = torch.empty(b * n_kv * (n + 64) * hd, dtype=dt, device=dev)
+    hm_h, hm_g = host.view(b, n_kv, n + 64, hd), gpu.view(b, n_kv, n + 64, hd)
+    sm_h, sm_g = host.view(n + 64, b, n_kv, hd), gpu.view(n + 64, b, n_kv, hd)
+
+    def rate(fn, nbytes: int, repeats: int = 10) -> float:
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+        return nbytes * repeats / (time.perf_counter() - t0) / GB
+
+    full = b * n_kv * n * hd * host.element_size()
+    one = b * n_kv * hd * host.element_size()
+    print("| copy | bytes | GB/s |")
+    print("|---|---|---|")
+    print(f"| H2D rows [0, {n}), slot-major, contiguous | {full} | "
+          f"{rate(lambda: sm_g[:n].copy_(sm_h[:n], non_blocking=True), full):.1f} |")
+    print(f"| H2D rows [0, {n}), head-major, 2-D | {full} | "
+          f"{rate(lambda: copy_2d(hm_g[:, :, :n], hm_h[:, :, :n]), full):.1f} |")
+    print(f"| D2H one slot, slot-major, contiguous | {one} | "
+          f"{rate(lambda: sm_h[n].copy_(sm_g[n], non_blocking=True), one, 100):.2f} |")
+    print(f"| D2H one slot, head-major, 2-D | {one} | "
+          f"{rate(lambda: copy_2d(hm_h[:, :, n:n + 1], hm_g[:, :, n:n + 1]), one, 100):.2f} |")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.args import ModelArgs, RopeScaling
+from model.copy2d import copy_2d
 from model.groups import (  # noqa: F401 (re-exported)
     ATTN_TENSORS,
     FFN_TENSORS,
@@ -144,7 +145,11 @@ class KVCache:
         self.pad: torch.Tensor | None = None
         self._mask: tuple[tuple[int, int, int], torch.Tensor] | None = None
         self.profile, self.attn_ms, self.attended_blocks, self.total_blocks = False, 0.0, 0, 0
-        self.host_attention = False  # TieredKVCache: decode attention on the host (attend_on_host)
+        self.host_attention = False  # TieredKVCache: some layers' decode attention on the host (attend_on_host)
+
+    def attends_on_host(self, layer: int) -> bool:
+        """Whether this layer's decode attention runs where the cache lives (TieredKVCache.attend_on_host)."""
+        return False
 
     def nbytes(self) -> int:
         return 2 * self.n_layers * math.prod(self.shape) * self.dtype.itemsize
@@ -267,38 +272,70 @@ class HostStore:
         torch.cuda.cudart().cudaHostUnregister(ptr)
 
 
+def host_layer_count(value: bool | int | str | None, n_layers: int) -> int:
+    """How many layers ``--host-attention [N|all]`` attends on the host: none for None/False, every layer for
+    True or "all", else N (1 to n_layers)."""
+    if value is None or value is False:
+        return 0
+    if value is True or value == "all":
+        return n_layers
+    n = int(value)
+    if not 1 <= n <= n_layers:
+        raise ValueError(f"--host-attention {value}: the model has {n_layers} layers (give 1 to {n_layers}, or all)")
+    return n
+
+
+def spread_layers(count: int, n_layers: int) -> frozenset[int]:
+    """``count`` of ``n_layers`` layers spread evenly (layer i when floor((i+1) count / n) passes an integer);
+    layer 0 only when all are taken."""
+    if not 0 <= count <= n_layers:
+        raise ValueError(f"host attention layers must be 0 to {n_layers}, found {count}")
+    return frozenset(i for i in range(n_layers) if (i + 1) * count // n_layers > i * count // n_layers)
+
+
 class TieredKVCache(KVCache):
     """The KV cache in DRAM (pinned on CUDA), each layer's blocks copied to one of two device buffers before
     the layer's attention and its new slots copied back after it, on a copy stream: the next layer's blocks
     are fetched into the other buffer while this layer's attention and FFN run (consecutive layers always
     use different buffers, also across passes with an odd layer count). Only the blocks holding written
     slots move. Counts the bytes moved each way (``h2d_bytes``, ``d2h_bytes``). On the CPU the same moves
-    are plain copies."""
+    are plain copies.
+
+    ``host_layers`` of the layers (spread evenly, ``spread_layers``) are attended on the host when decoding
+    (``attend_on_host``): their cache never crosses the link after prefill, the others' is read back each
+    step, so the CPU's and the link's shares of the step's KV bytes can be balanced.
+
+    Stored head-major, (B, n_kv, slots, hd) per layer, host and device buffers alike, and seen through (B,
+    slots, n_kv, hd) views: each sequence's and KV head's keys are contiguous, the layout the CPU's
+    attention reads fastest (2x slot-major's rate with the weight stream's DMA busy,
+    benchmarks/host_attention_probe.py), and a range of slots of every sequence and head is B x n_kv rows at
+    one pitch, so each copy is one 2-D DMA (model.copy2d; PyTorch would stage a strided copy through
+    pageable memory, 3 GB/s)."""
 
     def __init__(self, args: ModelArgs, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str,
-                 host_attention: bool = False, **kw) -> None:
+                 host_attention: bool | int | str | None = None, **kw) -> None:
         super().__init__(args, batch, max_len, dtype, device, alloc=False, **kw)
-        if host_attention and self.topk_blk is not None:
+        n_host = host_layer_count(host_attention, args.n_layers)
+        if n_host and self.topk_blk is not None:
             raise ValueError("host attention and top-k blocks do not go together")
-        self.host_attention = host_attention
+        self.host_layers = spread_layers(n_host, args.n_layers)
+        self.host_attention = bool(n_host)
         self.pad_host: torch.Tensor | None = None
-        self.out_pending = False  # copies of new slots into the host cache issued and not yet waited for
+        self.out_done: list[torch.cuda.Event | None] = [None] * args.n_layers  # copies into the host cache
         self.qkv_host: torch.Tensor | None = None  # pinned staging of a decode step's q, k, v (host attention)
         self.out_host: torch.Tensor | None = None  # pinned staging of its attention output, copied back async
         self.cuda = self.device.type == "cuda"
-        # Stored slot-major, (slots, B, n_kv, hd), and seen through (B, slots, ...) views: a range of slots of
-        # every sequence is one contiguous span, so each copy is one DMA. Batch-major, a copy of rows [0, r)
-        # was B strided pieces, which PyTorch stages through pageable memory (3 GB/s at batch 32).
-        store = (self.shape[1], self.shape[0], *self.shape[2:])
+        b, slots, n_kv, hd = self.shape
+        store = (b, n_kv, slots, hd)
         self.host_store = HostStore((2, args.n_layers, *store), dtype, pin=self.cuda)
         self.store_k = list(self.host_store.tensor[0].unbind(0))
         self.store_v = list(self.host_store.tensor[1].unbind(0))
         self.buf_store_k = [torch.zeros(store, dtype=dtype, device=device) for _ in range(2)]
         self.buf_store_v = [torch.zeros(store, dtype=dtype, device=device) for _ in range(2)]
-        self.host_k = [t.transpose(0, 1) for t in self.store_k]  # (B, slots, n_kv, hd) views
-        self.host_v = [t.transpose(0, 1) for t in self.store_v]
-        self.buf_k = [t.transpose(0, 1) for t in self.buf_store_k]
-        self.buf_v = [t.transpose(0, 1) for t in self.buf_store_v]
+        self.host_k = [t.transpose(1, 2) for t in self.store_k]  # (B, slots, n_kv, hd) views
+        self.host_v = [t.transpose(1, 2) for t in self.store_v]
+        self.buf_k = [t.transpose(1, 2) for t in self.buf_store_k]
+        self.buf_v = [t.transpose(1, 2) for t in self.buf_store_v]
         self.loaded: list[int | None] = [None, None]  # the layer each buffer holds
         self.current = 1  # the buffer of the layer last acquired (the first layer goes to buffer 0)
         self.ready: list[torch.cuda.Event | None] = [None, None]  # copy finished (CUDA)
@@ -306,6 +343,9 @@ class TieredKVCache(KVCache):
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.h2d_bytes = self.d2h_bytes = 0
         self.row_bytes = math.prod(self.shape[2:]) * self.host_k[0].element_size()
+
+    def attends_on_host(self, layer: int) -> bool:
+        return layer in self.host_layers
 
     def _buffer_of(self, layer: int) -> int | None:
         return next((b for b in (0, 1) if self.loaded[b] == layer), None)
@@ -330,8 +370,8 @@ class TieredKVCache(KVCache):
 
     def _copy_in(self, layer: int, b: int, rows: int) -> None:
         if rows:
-            self.buf_store_k[b][:rows].copy_(self.store_k[layer][:rows], non_blocking=True)
-            self.buf_store_v[b][:rows].copy_(self.store_v[layer][:rows], non_blocking=True)
+            copy_2d(self.buf_store_k[b][:, :, :rows], self.store_k[layer][:, :, :rows], self.copy_stream)
+            copy_2d(self.buf_store_v[b][:, :, :rows], self.store_v[layer][:, :, :rows], self.copy_stream)
             self.h2d_bytes += 2 * rows * self.row_bytes * self.shape[0]
 
     def acquire(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -360,14 +400,18 @@ class TieredKVCache(KVCache):
             self._copy_out(layer, b, start, end)
         self.written[layer] = max(self.written[layer], end)
         nxt = (layer + 1) % self.n_layers
+        while s == 1 and nxt in self.host_layers and nxt != layer:  # decoding: the next layer read back
+            nxt = (nxt + 1) % self.n_layers
         if self._buffer_of(nxt) is None:
             self._fetch(nxt, 1 - b)  # into the other buffer, while this layer's attention and FFN run
 
     def _copy_out(self, layer: int, b: int, start: int, end: int) -> None:
-        self.store_k[layer][start:end].copy_(self.buf_store_k[b][start:end], non_blocking=True)
-        self.store_v[layer][start:end].copy_(self.buf_store_v[b][start:end], non_blocking=True)
+        copy_2d(self.store_k[layer][:, :, start:end], self.buf_store_k[b][:, :, start:end], self.copy_stream)
+        copy_2d(self.store_v[layer][:, :, start:end], self.buf_store_v[b][:, :, start:end], self.copy_stream)
         self.d2h_bytes += 2 * (end - start) * self.row_bytes * self.shape[0]
-        self.out_pending = self.cuda
+        if self.cuda and layer in self.host_layers:  # the host reads these slots when it attends this layer
+            self.out_done[layer] = torch.cuda.Event()
+            self.out_done[layer].record(self.copy_stream)
 
     def set_padding(self, pad: list[int]) -> None:
         super().set_padding(pad)
@@ -385,9 +429,9 @@ class TieredKVCache(KVCache):
         n_kv = k.shape[2]
         flat = torch.cat([q.reshape(b, -1), k.reshape(b, -1), v.reshape(b, -1)], dim=1)
         if self.cuda:
-            if self.out_pending:  # the prefill's last slots must be in the host cache before it is read
-                self.copy_stream.synchronize()
-                self.out_pending = False
+            if self.out_done[layer] is not None:  # the prefill's slots of this layer must be in the host cache
+                self.out_done[layer].synchronize()
+                self.out_done[layer] = None
             if self.qkv_host is None or self.qkv_host.shape != flat.shape:
                 self.qkv_host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
             self.qkv_host.copy_(flat, non_blocking=True)
@@ -434,7 +478,7 @@ def attention_forward(h: torch.Tensor, w: Weights, args: ModelArgs, layer: int, 
     k = F.linear(x, w["attention.wk.weight"]).view(b, s, args.n_kv_heads, args.head_dim)
     v = F.linear(x, w["attention.wv.weight"]).view(b, s, args.n_kv_heads, args.head_dim)
     q, k = rope.apply(q, start, cache.pad), rope.apply(k, start, cache.pad)
-    on_host = s == 1 and cache.host_attention  # the cache's own CPU attention (TieredKVCache.attend_on_host)
+    on_host = s == 1 and cache.attends_on_host(layer)  # the cache's own CPU attention
     if not on_host:
         ck, cv = cache.acquire(layer)
         ck[:b, start:start + s] = k

@@ -50,7 +50,8 @@ class RuntimeConfig:
     attach: str | None = None  # --attach NAME: use the daemon pool NAME (runtime/daemon.py), no private pool
     kv_offload: str = "auto"  # --kv-offload: "on" | "off" | "auto" (when the GPU budget cannot hold the KV cache)
     prefill_chunk: int = 2048  # --prefill-chunk: prompt tokens per weight pass, shared by a batch's sequences
-    host_attention: bool = False  # --host-attention: an offloaded KV cache is attended on the host when decoding
+    host_attention: bool | int | str | None = None  # --host-attention [N|all]: layers of an offloaded KV cache
+    # attended on the host when decoding
     kv_block_tokens: int = 64  # --kv-block-tokens: the cache's slots come in whole blocks (model.llama.KVCache)
 
     def __post_init__(self) -> None:
@@ -103,8 +104,8 @@ def kv_cache_bytes(image: Image, batch: int, max_len: int, offload: bool = False
 def plan_with_kv(image: Image, cfg: RuntimeConfig, device, batch: int, max_len: int, act_bytes: int, plan_fn):
     """(plan, kv offload?) for ``cfg.kv_offload``. "auto" on CUDA plans both ways (the whole cache on the
     device, or two layers' buffers there and the cache in pinned DRAM) and takes the one that moves fewer bytes
-    over the H2D link per decode step: the weights not resident, plus, offloaded, the whole cache read back
-    (nothing with ``cfg.host_attention``: decode attention then runs where the cache lives). The device's KV
+    over the H2D link per decode step: the weights not resident, plus, offloaded, the cache of the layers read
+    back (not those of ``cfg.host_attention``: their decode attention runs where the cache lives). The device's KV
     displaces at most its own bytes of weights, but the GPU tier holds whole groups, so either can win
     (70B-shaped, batch 32: the cache on the device pushed the tier from 2.7 to 0.3 GB). Ties stay on the
     device. An offloaded cache must fit the available memory (pinned)."""
@@ -120,7 +121,13 @@ def plan_with_kv(image: Image, cfg: RuntimeConfig, device, batch: int, max_len: 
     if not plans:
         raise err
     full = kv_cache_bytes(image, batch, max_len, block_tokens=cfg.kv_block_tokens)
-    read_back = 0 if cfg.host_attention else full
+    from model.llama import host_layer_count
+
+    n = image.args.n_layers
+    try:
+        read_back = full * (n - host_layer_count(cfg.host_attention, n)) // n
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     off = min(plans, key=lambda o: (plans[o].h2d_bytes_per_pass + (read_back if o else 0), o))
     if off:
         import psutil

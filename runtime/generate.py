@@ -19,7 +19,7 @@ import torch
 
 from model.args import ModelArgs
 from model.errors import ConfigError
-from model.llama import KVCache, Rope, TieredKVCache, Weights, forward_groups
+from model.llama import KVCache, Rope, TieredKVCache, Weights, forward_groups, host_layer_count
 
 
 class WeightSource(Protocol):
@@ -111,10 +111,11 @@ class Generator:
 
     def __init__(self, source: WeightSource, max_seq_len: int, prefill_chunk: int = 2048, kv_block_tokens: int = 64,
                  topk_blk: int | None = None, kv_offload: bool = False, profile_attention: bool = False,
-                 host_attention: bool = False) -> None:
+                 host_attention: bool | int | str | None = None) -> None:
         """``kv_block_tokens``, ``topk_blk``: the KV cache's blocks and top-k decode attention (model.llama
         KVCache; None: exact). ``kv_offload``: the KV cache lives in DRAM, two layers at a time on the device
-        (TieredKVCache); ``host_attention``: its decode attention runs on the CPU where it lives.
+        (TieredKVCache); ``host_attention`` (True or "all": every layer, N: N layers spread evenly): those layers'
+        decode attention runs on the CPU where the cache lives.
         ``profile_attention``: time decode attention (``attn_time_ms``; synchronises)."""
         if kv_block_tokens < 1:
             raise ConfigError(f"--kv-block-tokens must be at least 1, found {kv_block_tokens}")
@@ -123,7 +124,11 @@ class Generator:
         if host_attention and topk_blk is not None:
             raise ConfigError("--host-attention and --topk-blk do not go together: top-k scores blocks on the GPU")
         self.kv_block_tokens, self.topk_blk, self.kv_offload = kv_block_tokens, topk_blk, kv_offload
-        self.host_attention = host_attention and kv_offload  # only an offloaded cache lives on the host
+        try:  # only an offloaded cache lives on the host
+            self.host_layers = host_layer_count(host_attention, source.args.n_layers) if kv_offload else 0
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.host_attention = bool(self.host_layers)
         self.profile_attention = profile_attention
         self.cache_alloc_ms = 0.0  # how long the latest cache took to allocate (pinned host memory: seconds)
         self.cache: KVCache | None = None  # the latest cache; the counters of earlier ones are folded into:
@@ -139,7 +144,7 @@ class Generator:
 
     def new_cache(self, batch: int = 1) -> KVCache:
         self._fold()  # the previous cache is dropped here (only its counters are kept): no KV memory piles up
-        kw = {"host_attention": True} if self.host_attention else {}
+        kw = {"host_attention": self.host_layers} if self.host_layers else {}
         cls = TieredKVCache if self.kv_offload else KVCache
         t0 = time.perf_counter()
         cache = cls(self.args, batch, self.max_seq_len, self.source.dtype, self.source.device,

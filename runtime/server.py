@@ -267,7 +267,7 @@ def request(rec: dict, req: dict, on_message: Callable[[dict], None] | None = No
 
 
 # Run flags the server fixes when it starts: an attached run through it must leave them at these defaults.
-FIXED_FLAGS = {"gpu_mem_gb": None, "kv_offload": "auto", "kv_block_tokens": 64, "host_attention": False,
+FIXED_FLAGS = {"gpu_mem_gb": None, "kv_offload": "auto", "kv_block_tokens": 64, "host_attention": None,
                "topk_blk": None, "prefill_chunk": 2048, "gpu_cached_layers": None, "group_prefetch_depth": 2}
 
 
@@ -669,7 +669,8 @@ def _generate_request(req: dict, ctx: dict, send: Callable[[dict], None]) -> dic
                 "tokenizer": None, "source": ctx["source"], "load_ms": 0.0, "load_breakdown_ms": {},
                 "process_to_first_token_ms": None, "open_to_first_token_ms": None, "cut": [], "unused": [],
                 "notes": [f"through pool {ctx['rec']['name']!r}'s server (pid {os.getpid()}): the model was "
-                          f"loaded when the server started"], "host_kv_bytes_per_step": 0}
+                          f"loaded when the server started"], "host_kv_bytes_per_step": 0,
+                "host_layers": gen.host_layers}
         return {"done": True, "report": build_report(a, bcfg, rctx, r), "plan_line": plan_line(ctx["plan"]),
                 "summary": f"bench round, batch {b}, {len(r.tokens)} passes"}
     results = []

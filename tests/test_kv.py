@@ -13,6 +13,7 @@ from conftest import gpu_cap_gb, pack_tiny, run_launch
 
 from model.args import preset
 from model.errors import ConfigError
+from model.llama import TieredKVCache, host_layer_count, spread_layers
 from model.synthetic import SyntheticCheckpoint
 from runtime.engine import (
     RuntimeConfig,
@@ -71,6 +72,40 @@ def test_host_attention_equals_resident(tiny):
         Generator(src, 80).generate(PROMPTS[0], SamplingConfig(12)).output_token_ids
     with pytest.raises(ConfigError, match="--topk-blk"):
         Generator(src, 80, kv_offload=True, host_attention=True, topk_blk=2)
+
+
+@pytest.fixture(scope="module")
+def six(tmp_path_factory):
+    return pack_tiny(tmp_path_factory, "untied", seed=7, layers=6)
+
+
+@pytest.mark.parametrize("n_host", [2, 3])
+def test_host_attention_on_some_layers(six, n_host, monkeypatch):
+    """--host-attention N: N layers spread evenly are attended on the host, the others read back: the same
+    tokens, and while decoding exactly the other layers' blocks are fetched to the device."""
+    src = InMemoryWeights(six, "cpu", quiet=True)
+    ref = outputs(Generator(src, 96, prefill_chunk=16))
+    fetched, fetch = [], TieredKVCache._fetch
+    monkeypatch.setattr(TieredKVCache, "_fetch", lambda self, layer, b: (fetched.append(layer), fetch(self, layer, b)))
+    gen = Generator(src, 96, prefill_chunk=16, kv_offload=True, host_attention=n_host)
+    steps = []
+    res = gen.generate_batch(PROMPTS, SamplingConfig(16), on_step=lambda t: steps.append(len(fetched)))
+    assert [r.output_token_ids for r in res] == ref
+    host = gen.cache.host_layers
+    assert host == spread_layers(n_host, 6) and len(host) == n_host
+    assert set(fetched[steps[0]:]) == set(range(6)) - host  # the decode steps' fetches (after the first token)
+    assert set(fetched[:steps[0]]) == set(range(6))  # prefill reads every layer's earlier chunks back
+
+
+def test_spread_layers_and_counts():
+    assert spread_layers(0, 8) == frozenset()
+    assert spread_layers(8, 8) == frozenset(range(8))
+    assert spread_layers(2, 8) == {3, 7} and spread_layers(6, 8) == {1, 2, 3, 5, 6, 7}
+    assert all(0 not in spread_layers(k, 32) and len(spread_layers(k, 32)) == k for k in range(32))
+    assert host_layer_count(None, 4) == 0 and host_layer_count(True, 4) == 4 and host_layer_count("all", 4) == 4
+    assert host_layer_count(3, 4) == 3
+    with pytest.raises(ValueError, match="4 layers"):
+        host_layer_count(5, 4)
 
 
 def test_single_sequence_offloaded(tiny):
@@ -171,7 +206,8 @@ def test_cli_kv_flags(tiny, tmp_path):
     f.write_text("\n".join(",".join(map(str, p)) for p in PROMPTS) + "\n")
     res = {}
     for name, extra in {"ref": [], "off": ["--kv-offload", "on", "--kv-block-tokens", "8"],
-                        "host": ["--kv-offload", "on", "--host-attention"]}.items():
+                        "host": ["--kv-offload", "on", "--host-attention"],
+                        "half": ["--kv-offload", "on", "--host-attention", "2"]}.items():
         js = tmp_path / f"{name}.json"
         run_launch("bench", "--image", str(tiny.path), "--prompts", str(f), "--batch-size", "3", "--max-new-tokens",
                    "8", "--warmup-rounds", "0", "--device", "cpu", "--mode", "preload", "--disk-gbps", "1",
@@ -194,6 +230,16 @@ def test_cli_kv_flags(tiny, tmp_path):
     assert host["kv"]["host_kv_bytes_per_step"] == 2 * a.n_layers * 3 * (longest + 4) * a.n_kv_heads * a.head_dim * 4
     assert host["links"]["host_attention"]["gbps"] > 0 and host["bound"]["terms_ms"]["host_attention"] > 0
     assert not res["off"]["kv"]["host_attention"] and "host_attention" not in res["off"]["links"]
+    half = res["half"]["kv"]  # two of the three layers on the host: their share of the bytes there
+    assert [r["output_token_ids"] for r in res["half"]["results"]] == [r["output_token_ids"]
+                                                                       for r in res["ref"]["results"]]
+    assert half["host_attention_layers"] == 2 and host["kv"]["host_attention_layers"] == a.n_layers
+    assert half["host_kv_bytes_per_step"] * a.n_layers == host["kv"]["host_kv_bytes_per_step"] * 2
+    assert half["decode_h2d_bytes"] == 0  # the one other layer stays in its device buffer (of two)
+    for bad, why in (("0", "1 or more"), ("x", "1 or more"), (str(a.n_layers + 1), f"{a.n_layers} layers")):
+        r = run_launch("run", "--image", str(tiny.path), "--prompt-ids", "1,2", "--kv-offload", "on",
+                       "--host-attention", bad, "--device", "cpu", check=False)
+        assert r.returncode == 2 and why in r.stderr and "Traceback" not in r.stderr, r.stderr
     bad = run_launch("run", "--image", str(tiny.path), "--prompt-ids", "1,2", "--topk-blk", "0", "--device", "cpu",
                      check=False)
     assert bad.returncode == 2 and "--topk-blk" in bad.stderr and "Traceback" not in bad.stderr
