@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # One GPU-machine call for --host-attention (issue 6): the CPU's attention rate alone and with the H2D link
-# busy (benchmarks/host_attention_probe.py), then the 8B-shaped batch sweep with N layers attended on the host
+# busy (benchmarks/host_attention_probe.py), then the batch sweep (8B-shaped unless SHAPE) with N layers attended on the host
 # for each N in HOSTS (0: every layer read back over the link), and a table of the decode steps last.
 # Usage (repo root, GPU machine, .whl carried): bash benchmarks/gpu_host_attention.sh; env: BATCHES (32),
-# HOSTS ("all"), NEW_TOKENS (8), THREADS (torch's CPU threads, default torch's), WITH_PROBE (1),
-# WITH_TESTS (0), BENCH_ARGS (more bench flags; TRACE: a trace per batch). Results in $OUT.
+# HOSTS ("all"), SHAPE (shape:layers:cap, default llama3.1-8b:32:6.442), NEW_TOKENS (8), THREADS (torch's
+# CPU threads, default torch's), WITH_PROBE (1), WITH_TESTS (0), BENCH_ARGS (more bench flags; TRACE: a trace per batch). Results in $OUT.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
@@ -15,9 +15,10 @@ if [ "${WITH_TESTS:-0}" = 1 ]; then
     tests/test_streaming.py -k "gpu or cuda" 2>&1 | grep -E "^E |passed|failed|FAILED" | cut -c1-400 | tail -8
 fi
 [ "${WITH_PROBE:-1}" = 1 ] && python3 benchmarks/host_attention_probe.py --shape llama3.1-8b --batch 32 --length 2064
+IFS=: read -r shape layers cap <<< "${SHAPE:-llama3.1-8b:32:6.442}"
 for n in ${HOSTS:-all}; do
   flag=(--host-attention "$n"); [ "$n" = 0 ] && flag=()
-  timeout "${SWEEP_S:-200}" python3 benchmarks/batch_sweep.py --shape llama3.1-8b --layers 32 --cap 6.442 \
+  timeout "${SWEEP_S:-200}" python3 benchmarks/batch_sweep.py --shape "$shape" --layers "$layers" --cap "$cap" \
     --batches "${BATCHES:-32}" --new-tokens "${NEW_TOKENS:-8}" "${flag[@]}" --workdir /tmp/bs \
     --out "/tmp/ha-$n" --bench-args "${BENCH_ARGS:-}" > "/tmp/ha-$n.log" 2>&1 || tail -3 "/tmp/ha-$n.log"
   for t in /tmp/ha-$n/b*.trace.json; do
