@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # One GPU-machine call for --host-attention (issue 6): the CPU's attention rate alone and with the H2D link
-# busy (benchmarks/host_attention_probe.py), then the batch sweep (8B-shaped unless SHAPE) with N layers attended on the host
-# for each N in HOSTS (0: every layer read back over the link), and a table of the decode steps last.
+# busy (benchmarks/host_attention_probe.py), then the batch sweep (8B-shaped unless SHAPE) with N layers
+# attended on the host for each N in HOSTS (0: every layer read back over the link), and a table of the
+# decode steps last.
 # Usage (repo root, GPU machine, .whl carried): bash benchmarks/gpu_host_attention.sh; env: BATCHES (32),
 # HOSTS ("all"), SHAPE (shape:layers:cap, default llama3.1-8b:32:6.442), NEW_TOKENS (8), THREADS (torch's
-# CPU threads, default torch's), WITH_PROBE (1), WITH_TESTS (0), BENCH_ARGS (more bench flags; TRACE: a trace per batch). Results in $OUT.
+# CPU threads, default torch's), WITH_PROBE (1), WITH_TESTS (0), BENCH_ARGS (more bench flags; TRACE: a
+# trace per batch). Results in $OUT.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
