@@ -55,3 +55,25 @@ def global_names(args: ModelArgs) -> Iterator[tuple[str, str, str]]:
 
 def group_kind(group: str) -> str:
     return group.rsplit(".", 1)[-1] if group.startswith("layers.") else group
+
+
+def spread_layers(count: int, n_layers: int) -> frozenset[int]:
+    """``count`` of ``n_layers`` layers (or any items in order) spread evenly: layer i when floor((i+1) count /
+    n) passes an integer; layer 0 only when all are taken. Host-attended layers (model.llama.TieredKVCache)
+    and each kind's GPU-resident groups (runtime.placement) are chosen this way."""
+    if not 0 <= count <= n_layers:
+        raise ValueError(f"spread_layers: count must be 0 to {n_layers}, found {count}")
+    return frozenset(i for i in range(n_layers) if (i + 1) * count // n_layers > i * count // n_layers)
+
+
+def host_layer_count(value: bool | int | str | None, n_layers: int) -> int:
+    """How many layers ``--host-attention [N|all]`` attends on the host: none for None/False, every layer for
+    True or "all", else N (1 to n_layers)."""
+    if value is None or value is False:
+        return 0
+    if value is True or value == "all":
+        return n_layers
+    n = int(value)
+    if not 1 <= n <= n_layers:
+        raise ValueError(f"--host-attention {value}: the model has {n_layers} layers (give 1 to {n_layers}, or all)")
+    return n

@@ -40,6 +40,8 @@ from model.groups import (  # noqa: F401 (re-exported)
     group_names,
     group_prefix,
     group_tensor_shapes,
+    host_layer_count,
+    spread_layers,
 )
 
 Weights = Mapping[str, torch.Tensor]
@@ -270,27 +272,6 @@ class HostStore:
     def _unregister(ptr: int, _tensor: torch.Tensor, device: int) -> None:  # the tensor is held until unpinned
         torch.cuda.synchronize(device)  # no copy may still read or write the pages
         torch.cuda.cudart().cudaHostUnregister(ptr)
-
-
-def host_layer_count(value: bool | int | str | None, n_layers: int) -> int:
-    """How many layers ``--host-attention [N|all]`` attends on the host: none for None/False, every layer for
-    True or "all", else N (1 to n_layers)."""
-    if value is None or value is False:
-        return 0
-    if value is True or value == "all":
-        return n_layers
-    n = int(value)
-    if not 1 <= n <= n_layers:
-        raise ValueError(f"--host-attention {value}: the model has {n_layers} layers (give 1 to {n_layers}, or all)")
-    return n
-
-
-def spread_layers(count: int, n_layers: int) -> frozenset[int]:
-    """``count`` of ``n_layers`` layers spread evenly (layer i when floor((i+1) count / n) passes an integer);
-    layer 0 only when all are taken."""
-    if not 0 <= count <= n_layers:
-        raise ValueError(f"host attention layers must be 0 to {n_layers}, found {count}")
-    return frozenset(i for i in range(n_layers) if (i + 1) * count // n_layers > i * count // n_layers)
 
 
 class TieredKVCache(KVCache):

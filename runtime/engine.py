@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from model.errors import ConfigError
+from model.groups import host_layer_count
 from runtime.image import DTYPE_BYTES, Image
 
 if TYPE_CHECKING:
@@ -121,8 +122,6 @@ def plan_with_kv(image: Image, cfg: RuntimeConfig, device, batch: int, max_len: 
     if not plans:
         raise err
     full = kv_cache_bytes(image, batch, max_len, block_tokens=cfg.kv_block_tokens)
-    from model.llama import host_layer_count
-
     n = image.args.n_layers
     try:
         read_back = full * (n - host_layer_count(cfg.host_attention, n)) // n

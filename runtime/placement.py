@@ -25,7 +25,10 @@ prefill each weight copy must hide under the compute of the groups ahead of it (
 K groups ahead): the FFN groups carry the most bytes per FLOP (70B, 2048-token chunk: 1.41 GB for 3.84 ms,
 against attention's 0.30 GB for 0.94 ms plus the token-quadratic score FLOPs that need no weights), so they
 are the copies hardest to hide and the first to keep resident; then attention, then the head (and a tied
-embedding). One more effect can beat that order: every staging buffer and window slot is as large
+embedding). The resident groups of a kind are spread evenly over the pass, not the first ones: with the copy
+stream at most K groups ahead, every stretch of the pass should carry its share of the copies, so that none
+idles the link while another makes the compute wait (the CPU's attention per layer with --host-attention).
+One more effect can beat that order: every staging buffer and window slot is as large
 as the largest group that passes through it, so keeping the largest group resident (the 70B head, 2.1 GB,
 or a tied 1B embedding) can free more staging than it costs. ``_fill_gpu`` therefore tries every slot size
 (groups larger than it are forced resident, the rest filled in preference order) and keeps the plan with the
@@ -304,8 +307,9 @@ def _fill_gpu(seq: tuple[str, ...], sizes: dict[str, int], avail: int, k: int) -
     """GPU tier from ``avail`` bytes (budget minus KV and activations), K staging buffers reserved.
 
     Staging buffers are as large as the largest non-resident group, so try each slot size s: groups larger
-    than s are forced resident, K*s is reserved, the rest fills in preference order (ffn, attn, other; pass
-    order within a kind). The most resident bytes wins; ties go to the largest s (the plain preference).
+    than s are forced resident, K*s is reserved, the rest fills in preference order (ffn, attn, other),
+    each kind's resident groups spread evenly over the pass (``_spread_within_kinds``). The most resident
+    bytes wins; ties go to the largest s (the plain preference).
     Returns () when not even the staging buffers fit; the budget check then reports the numbers.
     """
     order = sorted(seq, key=lambda g: _RANK[group_kind(g)])  # stable: pass order within a kind
@@ -320,10 +324,31 @@ def _fill_gpu(seq: tuple[str, ...], sizes: dict[str, int], avail: int, k: int) -
             if g not in chosen and sizes[g] <= room:
                 chosen.add(g)
                 room -= sizes[g]
+        chosen = _spread_within_kinds(seq, sizes, chosen, set(forced))
         resident = sum(sizes[g] for g in chosen)
         if resident > best[0]:
             best = (resident, tuple(g for g in seq if g in chosen))
     return best[1]
+
+
+def _spread_within_kinds(seq: tuple[str, ...], sizes: dict[str, int], chosen: set[str],
+                         forced: set[str]) -> set[str]:
+    """The same number of resident groups of each layer kind (all of one size), spread evenly over the pass
+    instead of the first ones: the copy stream runs at most K groups ahead of the compute, so a pass whose
+    first layers are all resident and last all streamed leaves the link idle early and the compute waiting
+    late, whenever a layer's compute is not negligible (host attention's CPU time, prefill). Spread, every
+    stretch of the pass carries its share of the copies."""
+    from model.groups import spread_layers
+
+    out = set(chosen)
+    for kind in ("ffn", "attn"):
+        groups = [g for g in seq if group_kind(g) == kind and g not in forced]
+        if len({sizes[g] for g in groups}) != 1:
+            continue
+        c = sum(g in chosen for g in groups)
+        out -= set(groups)
+        out |= {groups[i] for i in spread_layers(c, len(groups))}
+    return out
 
 
 def _choose_dram(seq, sizes, gpu, mode, budgets, args, cuda, w_req, cpu_layers) -> tuple[str, ...]:

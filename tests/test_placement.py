@@ -13,6 +13,7 @@ import pytest
 
 from model.args import preset
 from model.errors import ConfigError
+from model.groups import spread_layers
 from runtime.placement import Budgets, group_kind, layout_group_bytes, pass_sequence, plan_placement
 
 GiB = 1 << 30
@@ -174,7 +175,12 @@ def test_ffn_groups_are_preferred_for_the_gpu_tier(gib):
     ffn = [g for g in plan.gpu if group_kind(g) == "ffn"]
     attn = [g for g in plan.gpu if group_kind(g) == "attn"]
     assert ffn, plan.describe()
-    assert ffn == [f"layers.{i}.feed_forward" for i in range(len(ffn))]  # pass order within a kind
+    # spread evenly over the pass: one in every n_layers / len(ffn) layers, never the first ones bunched
+    assert ffn == [f"layers.{i}.feed_forward" for i in sorted(spread_layers(len(ffn), args.n_layers))]
+    idx = [int(g.split(".")[1]) for g in ffn]
+    if len(ffn) < args.n_layers:
+        gaps = [b - a for a, b in zip([-1] + idx, idx)]
+        assert max(gaps) - min(gaps) <= 1 and idx[-1] == args.n_layers - 1, idx
     left = budgets.gpu_bytes - plan.gpu_bytes_total
     assert not attn or len(ffn) == args.n_layers or left < sizes["layers.0.feed_forward"]
 
