@@ -323,6 +323,7 @@ class TieredKVCache(KVCache):
         self.written = [0] * args.n_layers  # slots [0, written) of each layer hold tokens
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.h2d_bytes = self.d2h_bytes = 0
+        self.host_ms = self.host_wait_ms = 0.0  # attend_on_host: the CPU's attention, and its wait for q, k, v
         self.row_bytes = math.prod(self.shape[2:]) * self.host_k[0].element_size()
 
     def attends_on_host(self, layer: int) -> bool:
@@ -409,6 +410,7 @@ class TieredKVCache(KVCache):
         b, n_heads, _, hd = q.shape
         n_kv = k.shape[2]
         flat = torch.cat([q.reshape(b, -1), k.reshape(b, -1), v.reshape(b, -1)], dim=1)
+        t0 = time.perf_counter()
         if self.cuda:
             if self.out_done[layer] is not None:  # the prefill's slots of this layer must be in the host cache
                 self.out_done[layer].synchronize()
@@ -421,6 +423,7 @@ class TieredKVCache(KVCache):
             done.synchronize()
             flat = self.qkv_host
             self.d2h_bytes += flat.numel() * flat.element_size()
+        t1 = time.perf_counter()
         nq, nk = n_heads * hd, n_kv * hd
         self.host_k[layer][:b, start] = flat[:, nq:nq + nk].view(b, n_kv, hd)
         self.host_v[layer][:b, start] = flat[:, nq + nk:].view(b, n_kv, hd)
@@ -432,6 +435,8 @@ class TieredKVCache(KVCache):
         if self.pad_host is not None:
             mask = torch.arange(end).view(1, 1, 1, end) >= self.pad_host[:b].view(-1, 1, 1, 1)
         out = _folded_gqa_attention(flat[:, :nq].view(b, n_heads, 1, hd), keys, values, mask)
+        self.host_wait_ms += (t1 - t0) * 1e3
+        self.host_ms += (time.perf_counter() - t1) * 1e3
         if not self.cuda:
             return out
         # Pinned, so the copy back is a plain DMA on the compute stream (a pageable one is staged by the driver

@@ -372,6 +372,7 @@ class Round:
     results: list = field(default_factory=list)  # runtime.generate.GenerationResult per sequence
     kv_after_prefill: tuple[int, int] = (0, 0)  # KV bytes moved (H2D, D2H) by the end of prefill ...
     kv_end: tuple[int, int] = (0, 0)  # ... and by the end
+    host_ms: tuple[float, float] = (0.0, 0.0)  # host attention: the CPU's attention, its wait for q, k, v (ms)
     attended: float | None = None  # with --topk-blk: the fraction of KV blocks decode attention read
     kv_alloc_ms: float = 0.0  # the KV cache's allocation, inside the prefill time (an offloaded one is pinned)
     kv_host_bytes: int = 0  # an offloaded cache's host store
@@ -417,6 +418,7 @@ def run_round(gen, source, prompts: Sequence[list[int]], sampling, on_step=None)
     r.results = gen.generate_batch(prompts, sampling, frozenset(), record)
     r.end = time.perf_counter()
     r.kv_end = gen.kv_moved()
+    r.host_ms = gen.host_attention_ms()
     r.kv_alloc_ms = gen.cache_alloc_ms
     r.kv_host_bytes = getattr(getattr(gen.cache, "host_store", None), "nbytes", 0)
     r.attended = gen.attended_fraction()
@@ -512,6 +514,9 @@ def build_report(a, cfg: BenchConfig, ctx: dict, r: Round) -> dict[str, Any]:
                  "topk_blk": a.topk_blk, "host_attention": bool(ctx.get("host_layers")),
                  "host_attention_layers": ctx.get("host_layers", 0),
                  "host_kv_bytes_per_step": host_kv, "h2d_bytes_per_step": kv_h2d,
+                 # measured in the run: the CPU's attention per decode step, and its wait for the queries
+                 "host_attention_ms_per_step": r.host_ms[0] / steps if steps else 0.0,
+                 "host_wait_ms_per_step": r.host_ms[1] / steps if steps else 0.0,
                  "decode_h2d_bytes": r.kv_end[0] - r.kv_after_prefill[0],
                  "decode_d2h_bytes": r.kv_end[1] - r.kv_after_prefill[1], "prefill_h2d_bytes": r.kv_after_prefill[0],
                  "prefill_d2h_bytes": r.kv_after_prefill[1], "attended_block_fraction": r.attended,
@@ -591,6 +596,13 @@ def summary(rep: dict, plan_text: str) -> str:
             "h2d": link_line(rep["achieved_GBps"]["h2d_GBps"], rep["links"]["h2d"],
                              rep["io_bw_MBps"]["weight_h2d_MBps"] * MB * rep["decode_ms"] / 1e3),
             "bound": bound_line(rep)}
+    kv = rep["kv"]
+    if kv.get("host_attention"):
+        ms, gb = kv["host_attention_ms_per_step"], kv["host_kv_bytes_per_step"]
+        rate = f" ({gb / GB / (ms / 1e3):.1f} GB/s in the run)" if ms > 0 else ""
+        ours["host attention"] = (f"{kv['host_attention_layers']} layers: {ms:.1f} ms of CPU attention per decode "
+                                  f"step over {_gb(gb)}{rate}, after {kv['host_wait_ms_per_step']:.1f} ms waiting "
+                                  f"for the device's queries")
     width = max(map(len, [*SUMMARY_KEYS, *ours]))
     lines = ["=== Benchmark Summary ==="]
     lines += [f"  {k:>{width}}: {rep[k]:.{2 if k.endswith('tok_s') else 3}f}" for k in SUMMARY_KEYS]

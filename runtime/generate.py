@@ -132,7 +132,7 @@ class Generator:
         self.profile_attention = profile_attention
         self.cache_alloc_ms = 0.0  # how long the latest cache took to allocate (pinned host memory: seconds)
         self.cache: KVCache | None = None  # the latest cache; the counters of earlier ones are folded into:
-        self.folded = {"h2d": 0, "d2h": 0, "attn_ms": 0.0, "attended": 0, "total": 0}
+        self.folded = self._counters(None)
         self.source, self.args = source, source.args
         if max_seq_len > self.args.max_seq_len:
             raise ConfigError(f"--max-seq-len {max_seq_len} exceeds the model's context {self.args.max_seq_len}")
@@ -156,9 +156,11 @@ class Generator:
 
     def _counters(self, c: KVCache | None) -> dict:
         if c is None:
-            return {"h2d": 0, "d2h": 0, "attn_ms": 0.0, "attended": 0, "total": 0}
+            return {"h2d": 0, "d2h": 0, "attn_ms": 0.0, "attended": 0, "total": 0, "host_ms": 0.0,
+                    "host_wait_ms": 0.0}
         return {"h2d": getattr(c, "h2d_bytes", 0), "d2h": getattr(c, "d2h_bytes", 0), "attn_ms": c.attn_ms,
-                "attended": c.attended_blocks, "total": c.total_blocks}
+                "attended": c.attended_blocks, "total": c.total_blocks, "host_ms": getattr(c, "host_ms", 0.0),
+                "host_wait_ms": getattr(c, "host_wait_ms", 0.0)}
 
     def _fold(self) -> None:
         for k, v in self._counters(self.cache).items():
@@ -176,6 +178,11 @@ class Generator:
     def attn_time_ms(self) -> float:
         """Decode-step attention time since reset_counters (with profile_attention)."""
         return self._count("attn_ms")
+
+    def host_attention_ms(self) -> tuple[float, float]:
+        """(ms the CPU spent attending, ms it waited for the device's queries first) since reset_counters
+        (--host-attention; TieredKVCache.attend_on_host)."""
+        return self._count("host_ms"), self._count("host_wait_ms")
 
     def kv_moved(self) -> tuple[int, int]:
         """KV bytes copied (host -> device, device -> host) since reset_counters."""

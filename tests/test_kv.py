@@ -229,6 +229,7 @@ def test_cli_kv_flags(tiny, tmp_path):
     assert host["kv"]["host_attention"] and host["kv"]["decode_h2d_bytes"] == 0
     assert host["kv"]["host_kv_bytes_per_step"] == 2 * a.n_layers * 3 * (longest + 4) * a.n_kv_heads * a.head_dim * 4
     assert host["links"]["host_attention"]["gbps"] > 0 and host["bound"]["terms_ms"]["host_attention"] > 0
+    assert host["kv"]["host_attention_ms_per_step"] > 0 and res["off"]["kv"]["host_attention_ms_per_step"] == 0
     assert not res["off"]["kv"]["host_attention"] and "host_attention" not in res["off"]["links"]
     half = res["half"]["kv"]  # two of the three layers on the host: their share of the bytes there
     assert [r["output_token_ids"] for r in res["half"]["results"]] == [r["output_token_ids"]
