@@ -44,6 +44,6 @@ for f in sorted(Path(sys.argv[1]).glob("batch-host*.json")):
         host = j["links"].get("host_attention") or {}
         print(f"| {r.get('host_layers', 0)} | {r['batch']} | {r['step_ms']:.1f} | {r['bound_ms'] or 0:.1f} | "
               f"{r['kv_h2d_per_step'] / 1e9:.2f} | {j['kv']['host_kv_bytes_per_step'] / 1e9:.2f} | "
-              f"{host.get('gbps', 0):.1f} | {j['kv'].get('host_attention_ms_per_step', 0):.1f} | "
+              f"{host.get('probe', host).get('gbps', 0):.1f} | {j['kv'].get('host_attention_ms_per_step', 0):.1f} | "
               f"{j['kv'].get('host_wait_ms_per_step', 0):.1f} | {r['tok_s']:.1f} |")
 EOF
