@@ -105,6 +105,12 @@ def _add_kv_args(p: argparse.ArgumentParser) -> None:
                    help="prompt tokens per weight pass, shared by the sequences of a batch (default 2048; at "
                         "least 16 per sequence): the plan keeps GPU room for one chunk's activations. A larger "
                         "chunk means fewer passes to prefill a big batch, and less room for the GPU tier")
+    g.add_argument("--prefill-by-sequence", action="store_true",
+                   help="with the KV cache offloaded: prefill a batch whole prompts at a time, as many sequences "
+                        "per weight pass as --prefill-chunk tokens hold, instead of a slice of every sequence per "
+                        "pass; the same number of passes, and nothing read back between them (chunked across the "
+                        "batch, each pass reads the batch's written KV back over the link). Off by default: not "
+                        "measured on the GPU yet")
     g.add_argument("--topk-blk", type=int,
                    help="approximate decode attention: per KV head only the K best blocks (scored from per-block "
                         "key min/max, as in Quest) plus the first block and the 2 most recent; off by default "

@@ -324,6 +324,7 @@ class TieredKVCache(KVCache):
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.h2d_bytes = self.d2h_bytes = 0
         self.host_ms = self.host_wait_ms = 0.0  # attend_on_host: the CPU's attention, and its wait for q, k, v
+        self.length: int | None = None  # a sub_batch's prompt slots: once written, it prefetches nothing
         self.row_bytes = math.prod(self.shape[2:]) * self.host_k[0].element_size()
 
     def attends_on_host(self, layer: int) -> bool:
@@ -384,6 +385,8 @@ class TieredKVCache(KVCache):
         nxt = (layer + 1) % self.n_layers
         while s == 1 and nxt in self.host_layers and nxt != layer:  # decoding: the next layer read back
             nxt = (nxt + 1) % self.n_layers
+        if self.length is not None and end >= self.length:  # a sub-batch's prefill is done: no pass follows
+            return
         if self._buffer_of(nxt) is None:
             self._fetch(nxt, 1 - b)  # into the other buffer, while this layer's attention and FFN run
 
@@ -398,6 +401,54 @@ class TieredKVCache(KVCache):
     def set_padding(self, pad: list[int]) -> None:
         super().set_padding(pad)
         self.pad_host = torch.tensor(pad, dtype=torch.long) if any(pad) else None
+
+    def sub_batch(self, b0: int, b1: int, pad: list[int], length: int) -> TieredKVCache:
+        """A cache of sequences [b0, b1) of this one, for a prefill that gives each weight pass whole prompts
+        of a few sequences (``Generator.forward_by_sequence``): its host store is rows [b0, b1) of this
+        store, its device buffers the first b1 - b0 rows of this cache's (no new device memory), its copy
+        stream this one's (so its copies keep their order with this cache's). Nothing it attends to is read
+        back: its slots start unwritten, and a pass over whole prompts writes every slot it reads. ``pad``:
+        the padding of its sequences (as in set_padding); ``length``: their slots (padding included), after
+        which no later pass needs a layer fetched. Give it back with ``absorb``."""
+        import copy
+
+        sub = copy.copy(self)
+        n = b1 - b0
+        sub.shape = (n, *self.shape[1:])
+        sub.store_k = [t[b0:b1] for t in self.store_k]
+        sub.store_v = [t[b0:b1] for t in self.store_v]
+        sub.buf_store_k = [t[:n] for t in self.buf_store_k]
+        sub.buf_store_v = [t[:n] for t in self.buf_store_v]
+        sub.host_k = [t.transpose(1, 2) for t in sub.store_k]
+        sub.host_v = [t.transpose(1, 2) for t in sub.store_v]
+        sub.buf_k = [t.transpose(1, 2) for t in sub.buf_store_k]
+        sub.buf_v = [t.transpose(1, 2) for t in sub.buf_store_v]
+        if self.topk_blk is not None:
+            sub.kmin = [t[b0:b1] for t in self.kmin]
+            sub.kmax = [t[b0:b1] for t in self.kmax]
+        sub.loaded, sub.current, sub.ready = [None, None], self.current, [None, None]
+        sub.written, sub.out_done = [0] * self.n_layers, [None] * self.n_layers
+        sub.h2d_bytes = sub.d2h_bytes = 0
+        sub.attn_ms, sub.host_ms, sub.host_wait_ms = 0.0, 0.0, 0.0
+        sub.attended_blocks = sub.total_blocks = 0
+        sub.length = length
+        sub.set_padding(pad)
+        return sub
+
+    def absorb(self, sub: TieredKVCache) -> None:
+        """Take back a ``sub_batch`` after its prefill: its slots are written, its copies (on the shared copy
+        stream) are this cache's, and this cache's device buffers no longer hold any layer."""
+        self.written = [max(a, b) for a, b in zip(self.written, sub.written)]
+        self.out_done = [b if b is not None else a for a, b in zip(self.out_done, sub.out_done)]
+        self.h2d_bytes += sub.h2d_bytes
+        self.d2h_bytes += sub.d2h_bytes
+        self.attn_ms += sub.attn_ms
+        self.host_ms += sub.host_ms
+        self.host_wait_ms += sub.host_wait_ms
+        self.attended_blocks += sub.attended_blocks
+        self.total_blocks += sub.total_blocks
+        self.ready = [e if e is not None else r for e, r in zip(sub.ready, self.ready)]
+        self.loaded, self.current = [None, None], sub.current
 
     def attend_on_host(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        start: int) -> torch.Tensor:

@@ -111,12 +111,14 @@ class Generator:
 
     def __init__(self, source: WeightSource, max_seq_len: int, prefill_chunk: int = 2048, kv_block_tokens: int = 64,
                  topk_blk: int | None = None, kv_offload: bool = False, profile_attention: bool = False,
-                 host_attention: bool | int | str | None = None) -> None:
+                 host_attention: bool | int | str | None = None, prefill_by_sequence: bool = False) -> None:
         """``kv_block_tokens``, ``topk_blk``: the KV cache's blocks and top-k decode attention (model.llama
         KVCache; None: exact). ``kv_offload``: the KV cache lives in DRAM, two layers at a time on the device
         (TieredKVCache); ``host_attention`` (True or "all": every layer, N: N layers spread evenly): those layers'
         decode attention runs on the CPU where the cache lives.
-        ``profile_attention``: time decode attention (``attn_time_ms``; synchronises)."""
+        ``profile_attention``: time decode attention (``attn_time_ms``; synchronises).
+        ``prefill_by_sequence``: an offloaded cache's batch is prefilled whole prompts at a time
+        (``forward_by_sequence``)."""
         if kv_block_tokens < 1:
             raise ConfigError(f"--kv-block-tokens must be at least 1, found {kv_block_tokens}")
         if topk_blk is not None and topk_blk < 1:
@@ -130,6 +132,7 @@ class Generator:
             raise ConfigError(str(e)) from None
         self.host_attention = bool(self.host_layers)
         self.profile_attention = profile_attention
+        self.prefill_by_sequence = prefill_by_sequence
         self.cache_alloc_ms = 0.0  # how long the latest cache took to allocate (pinned host memory: seconds)
         self.cache: KVCache | None = None  # the latest cache; the counters of earlier ones are folded into:
         self.folded = self._counters(None)
@@ -212,6 +215,33 @@ class Generator:
             outs.append(out)
         return outs[-1] if last_only else torch.cat(outs, dim=1)
 
+    @torch.inference_mode()
+    def forward_by_sequence(self, tokens: torch.Tensor, cache: TieredKVCache, pad: list[int]) -> torch.Tensor:
+        """A left-padded batch's prefill (tokens (B, S) from slot 0) that gives each weight pass the whole
+        prompts of as many sequences as ``prefill_chunk`` tokens hold (at least one; a longer prompt is
+        chunked on its own), each group into its rows of the offloaded cache (``TieredKVCache.sub_batch``).
+        Chunked across the batch (``forward``), every pass after the first reads the batch's written slots
+        back over the link (batch 32 x 2048 tokens, 8B: 133 GB); here nothing is read back when a pass holds
+        whole prompts, for as many weight passes (B x S / prefill_chunk), and only a prompt's own earlier
+        chunks when it is longer than a pass. -> the last position's logits (B, 1, vocab) fp32."""
+        b, s = tokens.shape
+        per = max(1, self.prefill_chunk // s)
+        outs = []
+        for b0 in range(0, b, per):
+            sub = cache.sub_batch(b0, min(b0 + per, b), pad[b0:b0 + per], s)
+            outs.append(self.forward(tokens[b0:b0 + per], 0, sub, last_only=True))
+            cache.absorb(sub)
+        return torch.cat(outs, dim=0)
+
+    def _prefill(self, tokens: torch.Tensor, cache: KVCache, pad: list[int]) -> torch.Tensor:
+        from runtime.engine import chunk_per_sequence
+
+        b, s = tokens.shape
+        if (self.prefill_by_sequence and isinstance(cache, TieredKVCache) and b > 1
+                and chunk_per_sequence(self.prefill_chunk, b) < s):  # chunked, it would read slots back
+            return self.forward_by_sequence(tokens, cache, pad)
+        return self.forward(tokens, 0, cache, last_only=True)
+
     def _sync(self) -> None:
         if self.source.device.type == "cuda":
             torch.cuda.synchronize(self.source.device)
@@ -286,7 +316,7 @@ class Generator:
         dev = self.source.device
         t0 = time.perf_counter()
         tokens = torch.tensor([[0] * n + list(p) for n, p in zip(pad, prompts)], dtype=torch.long, device=dev)
-        toks = sample(self.forward(tokens, 0, cache, last_only=True)[:, -1], cfg, gen).tolist()
+        toks = sample(self._prefill(tokens, cache, pad)[:, -1], cfg, gen).tolist()
         prefill_ms = (time.perf_counter() - t0) * 1e3
         live = [True] * len(prompts)
         pos, token_ms = longest, []

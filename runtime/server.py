@@ -155,7 +155,8 @@ def serve(a) -> None:
             print(f"pool {a.name}: removed a dead server's leftovers: {', '.join(removed)}", file=sys.stderr)
         cfg = {"name": a.name, "device": a.device or ("cuda" if _cuda_available() else "cpu"),
                "max_seq_len": a.max_seq_len, "batch_size": a.batch_size, "gpu_mem_gb": a.gpu_mem_gb,
-               "prefill_chunk": a.prefill_chunk, "kv_offload": a.kv_offload, "kv_block_tokens": a.kv_block_tokens,
+               "prefill_chunk": a.prefill_chunk, "prefill_by_sequence": a.prefill_by_sequence,
+               "kv_offload": a.kv_offload, "kv_block_tokens": a.kv_block_tokens,
                "host_attention": a.host_attention, "topk_blk": a.topk_blk, "group_prefetch_depth":
                a.group_prefetch_depth, "h2d_gbps": a.h2d_gbps, "disk_gbps": a.disk_gbps}
         from runtime.daemon import pool_dir, spawn_detached
@@ -268,7 +269,8 @@ def request(rec: dict, req: dict, on_message: Callable[[dict], None] | None = No
 
 # Run flags the server fixes when it starts: an attached run through it must leave them at these defaults.
 FIXED_FLAGS = {"gpu_mem_gb": None, "kv_offload": "auto", "kv_block_tokens": 64, "host_attention": None,
-               "topk_blk": None, "prefill_chunk": 2048, "gpu_cached_layers": None, "group_prefetch_depth": 2}
+               "topk_blk": None, "prefill_chunk": 2048, "gpu_cached_layers": None, "group_prefetch_depth": 2,
+               "prefill_by_sequence": False}
 
 
 def check_run_flags(a, rec: dict) -> None:
@@ -342,7 +344,8 @@ def _serve(cfg: dict, stopping: dict):
     ns = argparse.Namespace(attach=name, mode="mixed", gpu_mem_gb=cfg["gpu_mem_gb"], quiet=True,
                             kv_block_tokens=cfg["kv_block_tokens"], kv_offload=cfg["kv_offload"],
                             host_attention=cfg["host_attention"], topk_blk=cfg["topk_blk"],
-                            prefill_chunk=cfg["prefill_chunk"], group_prefetch_depth=cfg["group_prefetch_depth"])
+                            prefill_chunk=cfg["prefill_chunk"], group_prefetch_depth=cfg["group_prefetch_depth"],
+                            prefill_by_sequence=cfg.get("prefill_by_sequence", False))
     rcfg = RuntimeConfig.from_args(ns)
     lk: dict[str, Any] = {"disk": {"gbps": cfg["disk_gbps"], "source": "--disk-gbps"} if cfg["disk_gbps"] else None,
                           "h2d": None}

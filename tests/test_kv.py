@@ -97,6 +97,35 @@ def test_host_attention_on_some_layers(six, n_host, monkeypatch):
     assert set(fetched[:steps[0]]) == set(range(6))  # prefill reads every layer's earlier chunks back
 
 
+@pytest.mark.parametrize("chunk", [64, 32, 16])
+def test_prefill_by_sequence(six, chunk):
+    """--prefill-by-sequence: an offloaded batch prefilled whole prompts at a time (chunk 64 holds one 54-token
+    prompt per pass; chunk 32 and 16 cut each prompt on its own): the same tokens as the resident cache, with
+    all layers or some attended on the host, and only a prompt's own earlier chunks read back while
+    prefilling (nothing when a pass holds whole prompts), against every earlier slot of the batch chunked
+    across it."""
+    src = InMemoryWeights(six, "cpu", quiet=True)
+    ref = outputs(Generator(src, 96, prefill_chunk=chunk))
+    moved = {}
+    for name, kw in {"across": {}, "by_sequence": {"prefill_by_sequence": True},
+                     "host": {"prefill_by_sequence": True, "host_attention": 3}}.items():
+        gen = Generator(src, 96, prefill_chunk=chunk, kv_offload=True, **kw)
+        first = []
+        res = gen.generate_batch(PROMPTS, SamplingConfig(16),
+                                 on_step=lambda t, gen=gen, first=first: first.append(gen.kv_moved()))
+        assert [r.output_token_ids for r in res] == ref, name
+        moved[name] = first[0]  # (H2D, D2H) by the first token: the prefill's
+        assert gen.cache.written == [max(len(p) for p in PROMPTS) + 15] * 6
+    a, longest = six.args, max(len(p) for p in PROMPTS)
+    row = a.n_kv_heads * a.head_dim * 4
+    assert moved["by_sequence"][1] == moved["across"][1] == 2 * 6 * len(PROMPTS) * longest * row  # each slot once
+    assert moved["across"][0] > 0
+    if chunk >= longest:
+        assert moved["by_sequence"][0] == 0 and moved["host"][0] == 0
+    else:
+        assert 0 < moved["by_sequence"][0] < moved["across"][0]
+
+
 def test_spread_layers_and_counts():
     assert spread_layers(0, 8) == frozenset()
     assert spread_layers(8, 8) == frozenset(range(8))
@@ -207,7 +236,8 @@ def test_cli_kv_flags(tiny, tmp_path):
     res = {}
     for name, extra in {"ref": [], "off": ["--kv-offload", "on", "--kv-block-tokens", "8"],
                         "host": ["--kv-offload", "on", "--host-attention"],
-                        "half": ["--kv-offload", "on", "--host-attention", "2"]}.items():
+                        "half": ["--kv-offload", "on", "--host-attention", "2"],
+                        "seq": ["--kv-offload", "on", "--prefill-by-sequence", "--prefill-chunk", "64"]}.items():
         js = tmp_path / f"{name}.json"
         run_launch("bench", "--image", str(tiny.path), "--prompts", str(f), "--batch-size", "3", "--max-new-tokens",
                    "8", "--warmup-rounds", "0", "--device", "cpu", "--mode", "preload", "--disk-gbps", "1",
@@ -237,6 +267,9 @@ def test_cli_kv_flags(tiny, tmp_path):
     assert half["host_attention_layers"] == 2 and host["kv"]["host_attention_layers"] == a.n_layers
     assert half["host_kv_bytes_per_step"] * a.n_layers == host["kv"]["host_kv_bytes_per_step"] * 2
     assert half["decode_h2d_bytes"] == 0  # the one other layer stays in its device buffer (of two)
+    seq = res["seq"]  # a whole prompt per pass: nothing read back while prefilling, every slot written once
+    assert [r["output_token_ids"] for r in seq["results"]] == [r["output_token_ids"] for r in res["ref"]["results"]]
+    assert seq["kv"]["prefill_h2d_bytes"] == 0 and seq["kv"]["prefill_d2h_bytes"] > 0
     for bad, why in (("0", "1 or more"), ("x", "1 or more"), (str(a.n_layers + 1), f"{a.n_layers} layers")):
         r = run_launch("run", "--image", str(tiny.path), "--prompt-ids", "1,2", "--kv-offload", "on",
                        "--host-attention", bad, "--device", "cpu", check=False)
@@ -298,6 +331,14 @@ def test_gpu_kv_over_budget_offloads_and_matches(tmp_path):
             # to the bit, so a random model's greedy tokens may part after a few steps. Its first decode step's
             # logits are compared instead, with the GPU's attention over the same offloaded cache.
             on_gpu, on_host = first_decode_logits(gen, prompts), first_decode_logits(host, prompts)
+            # whole prompts per pass (--prefill-by-sequence): nothing read back while prefilling; its passes
+            # differ from the chunked ones (bf16 rounding), so the first tokens are compared
+            by_seq = Generator(src, max_len, kv_offload=True, prefill_by_sequence=True)
+            seq_moved = []
+            seq = by_seq.generate_batch(prompts, SamplingConfig(8),
+                                        on_step=lambda _: seq_moved.append(by_seq.kv_moved()))
+            out_seq, seq_prefill_h2d = [r.output_token_ids for r in seq], seq_moved[0][0]
+            by_seq = None
             del src, gen
             host = None  # its cache and buffers go before the cap is lifted
     finally:
@@ -305,6 +346,7 @@ def test_gpu_kv_over_budget_offloads_and_matches(tmp_path):
     assert offloaded and out == ref
     assert moved[0] > 0 and moved[1] > 0
     assert [o[:1] for o in out_host] == [r[:1] for r in ref]
+    assert seq_prefill_h2d == 0 and [o[:1] for o in out_seq] == [r[:1] for r in ref]
     err = float((on_host - on_gpu).abs().max() / on_gpu.abs().max())
     print(f"host attention: logits' largest difference {err:.4f} of the largest logit")
     assert err < 0.02, f"host attention's logits differ from the GPU's by {err:.3f} of their largest"
