@@ -109,8 +109,9 @@ def _add_kv_args(p: argparse.ArgumentParser) -> None:
                    help="with the KV cache offloaded: prefill a batch whole prompts at a time, as many sequences "
                         "per weight pass as --prefill-chunk tokens hold, instead of a slice of every sequence per "
                         "pass; the same number of passes, and nothing read back between them (chunked across the "
-                        "batch, each pass reads the batch's written KV back over the link). Off by default: not "
-                        "measured on the GPU yet")
+                        "batch, each pass reads the batch's written KV back over the link); with --host-attention "
+                        "all the GPU then keeps KV buffers for one pass's sequences instead of the batch's. Off by "
+                        "default: not measured on the GPU yet")
     g.add_argument("--topk-blk", type=int,
                    help="approximate decode attention: per KV head only the K best blocks (scored from per-block "
                         "key min/max, as in Quest) plus the first block and the 2 most recent; off by default "

@@ -294,7 +294,7 @@ class TieredKVCache(KVCache):
     pageable memory, 3 GB/s)."""
 
     def __init__(self, args: ModelArgs, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str,
-                 host_attention: bool | int | str | None = None, **kw) -> None:
+                 host_attention: bool | int | str | None = None, device_rows: int | None = None, **kw) -> None:
         super().__init__(args, batch, max_len, dtype, device, alloc=False, **kw)
         n_host = host_layer_count(host_attention, args.n_layers)
         if n_host and self.topk_blk is not None:
@@ -308,11 +308,18 @@ class TieredKVCache(KVCache):
         self.cuda = self.device.type == "cuda"
         b, slots, n_kv, hd = self.shape
         store = (b, n_kv, slots, hd)
+        # device_rows < batch: only sub_batch prefills of that many sequences use the buffers (every layer
+        # attended on the host; runtime.engine.kv_device_rows)
+        self.device_rows = b if device_rows is None else device_rows
+        if not 1 <= self.device_rows <= b or (self.device_rows < b and len(self.host_layers) < args.n_layers):
+            raise ValueError(f"device rows {self.device_rows} for a batch of {b}: fewer than the batch only when "
+                             f"every layer is attended on the host")
+        buf = (self.device_rows, n_kv, slots, hd)
         self.host_store = HostStore((2, args.n_layers, *store), dtype, pin=self.cuda)
         self.store_k = list(self.host_store.tensor[0].unbind(0))
         self.store_v = list(self.host_store.tensor[1].unbind(0))
-        self.buf_store_k = [torch.zeros(store, dtype=dtype, device=device) for _ in range(2)]
-        self.buf_store_v = [torch.zeros(store, dtype=dtype, device=device) for _ in range(2)]
+        self.buf_store_k = [torch.zeros(buf, dtype=dtype, device=device) for _ in range(2)]
+        self.buf_store_v = [torch.zeros(buf, dtype=dtype, device=device) for _ in range(2)]
         self.host_k = [t.transpose(1, 2) for t in self.store_k]  # (B, slots, n_kv, hd) views
         self.host_v = [t.transpose(1, 2) for t in self.store_v]
         self.buf_k = [t.transpose(1, 2) for t in self.buf_store_k]
@@ -412,8 +419,12 @@ class TieredKVCache(KVCache):
         which no later pass needs a layer fetched. Give it back with ``absorb``."""
         import copy
 
-        sub = copy.copy(self)
         n = b1 - b0
+        if not 1 <= n <= self.device_rows or not 0 <= b0 < b1 <= self.shape[0]:
+            raise ValueError(f"sub_batch [{b0}, {b1}) of a batch of {self.shape[0]} with {self.device_rows} "
+                             f"device rows")
+        sub = copy.copy(self)
+        sub.device_rows = n
         sub.shape = (n, *self.shape[1:])
         sub.store_k = [t[b0:b1] for t in self.store_k]
         sub.store_v = [t[b0:b1] for t in self.store_v]

@@ -148,6 +148,11 @@ class Generator:
     def new_cache(self, batch: int = 1) -> KVCache:
         self._fold()  # the previous cache is dropped here (only its counters are kept): no KV memory piles up
         kw = {"host_attention": self.host_layers} if self.host_layers else {}
+        if self.kv_offload:
+            from runtime.engine import kv_device_rows
+
+            kw["device_rows"] = kv_device_rows(batch, self.max_seq_len, self.prefill_chunk, self.prefill_by_sequence,
+                                               self.host_layers, self.args.n_layers)
         cls = TieredKVCache if self.kv_offload else KVCache
         t0 = time.perf_counter()
         cache = cls(self.args, batch, self.max_seq_len, self.source.dtype, self.source.device,
@@ -225,7 +230,7 @@ class Generator:
         whole prompts, for as many weight passes (B x S / prefill_chunk), and only a prompt's own earlier
         chunks when it is longer than a pass. -> the last position's logits (B, 1, vocab) fp32."""
         b, s = tokens.shape
-        per = max(1, self.prefill_chunk // s)
+        per = min(max(1, self.prefill_chunk // s), cache.device_rows)
         outs = []
         for b0 in range(0, b, per):
             sub = cache.sub_batch(b0, min(b0 + per, b), pad[b0:b0 + per], s)
@@ -237,8 +242,9 @@ class Generator:
         from runtime.engine import chunk_per_sequence
 
         b, s = tokens.shape
-        if (self.prefill_by_sequence and isinstance(cache, TieredKVCache) and b > 1
-                and chunk_per_sequence(self.prefill_chunk, b) < s):  # chunked, it would read slots back
+        if isinstance(cache, TieredKVCache) and b > 1 and (
+                cache.device_rows < b  # its device buffers hold fewer sequences than the batch
+                or (self.prefill_by_sequence and chunk_per_sequence(self.prefill_chunk, b) < s)):
             return self.forward_by_sequence(tokens, cache, pad)
         return self.forward(tokens, 0, cache, last_only=True)
 

@@ -20,6 +20,7 @@ from runtime.engine import (
     activation_bytes,
     chunk_per_sequence,
     kv_cache_bytes,
+    kv_device_rows,
     make_plan,
     open_source,
     plan_with_kv,
@@ -124,6 +125,27 @@ def test_prefill_by_sequence(six, chunk):
         assert moved["by_sequence"][0] == 0 and moved["host"][0] == 0
     else:
         assert 0 < moved["by_sequence"][0] < moved["across"][0]
+
+
+def test_device_buffers_of_one_pass_when_every_layer_is_on_the_host(six, tiny):
+    """--prefill-by-sequence with --host-attention all: no layer's cache is read back while decoding, so the
+    device buffers hold one pass's sequences, not the batch's (the plan reserves that much), and the tokens
+    are the resident cache's."""
+    src = InMemoryWeights(six, "cpu", quiet=True)
+    ref = outputs(Generator(src, 96, prefill_chunk=128))
+    gen = Generator(src, 96, prefill_chunk=128, kv_offload=True, host_attention="all", prefill_by_sequence=True)
+    assert outputs(gen) == ref
+    assert gen.cache.device_rows == 1 and gen.cache.buf_store_k[0].shape[0] == 1  # 128 // 96: one sequence
+    some = Generator(src, 96, prefill_chunk=128, kv_offload=True, host_attention=5, prefill_by_sequence=True)
+    assert outputs(some) == ref and some.cache.device_rows == len(PROMPTS)  # one layer is read back
+    assert kv_device_rows(64, 2080, 8192, True, 80, 80) == 3 and kv_device_rows(64, 2080, 8192, False, 80, 80) == 64
+    assert kv_device_rows(2, 2080, 8192, True, 80, 80) == 2 and kv_device_rows(64, 2080, 8192, True, 79, 80) == 64
+    seen = []
+    cfg = RuntimeConfig(mode="preload", gpu_mem_gb=1, kv_offload="on", host_attention="all", prefill_by_sequence=True,
+                        prefill_chunk=256, quiet=True)
+    plan_with_kv(tiny, cfg, SimpleNamespace(type="cuda"), 8, 100, 0,
+                 lambda kv: seen.append(kv) or SimpleNamespace(h2d_bytes_per_pass=0))
+    assert seen == [kv_cache_bytes(tiny, 8, 100, True, 64, device_rows=2)]  # 256 // 100 sequences a pass
 
 
 def test_spread_layers_and_counts():
