@@ -223,7 +223,10 @@ class Pools:
 
     def leftovers(self) -> list[str]:
         names = sorted(n for pool in self.names for n in leftover_names(pool=pool))
-        procs = [f"{p.pid} {' '.join(p.cmdline())[:100]}" for p in self.tagged()]
+        procs = []
+        for p in self.tagged():
+            with contextlib.suppress(psutil.Error):  # gone, or a zombie, since tagged() looked: not left behind
+                procs.append(f"{p.pid} {' '.join(p.cmdline())[:100]}")
         procs += [f"{pid} (coordinator or worker)" for pid in sorted(self.pids) if self.ours(pid)]
         records = sorted(p.name for pat in ("*.json", "*.server", "*.sock")  # pool and server records, sockets
                          for p in self.dir.glob(pat)) if self.dir.exists() else []
