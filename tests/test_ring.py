@@ -84,6 +84,13 @@ def _alive(p: psutil.Process) -> bool:
         return False
 
 
+def _cmdline(p: psutil.Process) -> str:
+    try:
+        return " ".join(p.cmdline())[:80]
+    except psutil.Error:  # gone or a zombie since it was listed
+        return "(exited)"
+
+
 def _is_resource_tracker(p: psutil.Process) -> bool:
     try:  # multiprocessing's spawn starts one per process tree and keeps it: not the pool's
         return any("resource_tracker" in a for a in p.cmdline())
@@ -137,7 +144,7 @@ class Leftovers:
             time.sleep(0.05)
         procs, names, problems = self.processes(), self.names(), []
         if procs:
-            problems.append(f"processes left: {[(p.pid, ' '.join(p.cmdline())[:80]) for p in procs]}")
+            problems.append(f"processes left: {[(p.pid, _cmdline(p)) for p in procs]}")
         if names:
             problems.append(f"/dev/shm names left: {names}")
         for p in procs:
