@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -39,35 +38,9 @@ def attention_gbps(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, repeats: i
     return 2 * k.numel() * k.element_size() / best / GB
 
 
-class BusyLink:
-    """A thread copying a pinned buffer to the GPU in a loop on its own stream, until stopped."""
-
-    def __init__(self, device: torch.device, nbytes: int = 256 << 20) -> None:
-        self.src = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
-        self.dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        self.stream, self.stop, self.bytes = torch.cuda.Stream(device), threading.Event(), 0
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        with torch.cuda.stream(self.stream):
-            while not self.stop.is_set():
-                self.dst.copy_(self.src, non_blocking=True)
-                self.stream.synchronize()
-                self.bytes += self.src.numel()
-
-    def __enter__(self) -> BusyLink:
-        self.t0 = time.perf_counter()
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join()
-        self.gbps = self.bytes / (time.perf_counter() - self.t0) / GB
-
-
 def main(argv: list[str] | None = None) -> int:
     from model.args import preset
+    from runtime.bench import BusyLink
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="llama3.1-8b", help="synthetic shape for the head counts (default llama3.1-8b)")

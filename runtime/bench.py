@@ -260,6 +260,40 @@ def measure_h2d(device: torch.device) -> dict[str, Any]:
             "method": link["method"]}
 
 
+class BusyLink:
+    """A thread copying a pinned 256 MiB buffer to the GPU in a loop on its own stream, while the ``with``
+    block runs: the H2D link busy as the weight stream keeps it. ``gbps``: the link's rate meanwhile."""
+
+    def __init__(self, device: torch.device, nbytes: int = 256 << 20) -> None:
+        import threading
+
+        import torch
+
+        self.src = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+        self.dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        self.stream, self.stop, self.bytes = torch.cuda.Stream(device), threading.Event(), 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import torch
+
+        with torch.cuda.stream(self.stream):
+            while not self.stop.is_set():
+                self.dst.copy_(self.src, non_blocking=True)
+                self.stream.synchronize()
+                self.bytes += self.src.numel()
+
+    def __enter__(self) -> BusyLink:
+        self.t0 = time.perf_counter()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.gbps = self.bytes / (time.perf_counter() - self.t0) / GB
+
+
 def measure_host_attention(args, batch: int, length: int, dtype, device: torch.device) -> dict[str, Any]:
     """How fast this process's CPU threads attend over an offloaded KV cache (``--host-attention``): one
     layer's decode attention as ``TieredKVCache.attend_on_host`` runs it (keys and values head-major, as the
@@ -268,8 +302,6 @@ def measure_host_attention(args, batch: int, length: int, dtype, device: torch.d
     rate. On CUDA it is timed while a thread keeps the H2D link busy with pinned copies, as the weight stream
     does in a run: the CPU and the DMA engine share the host's memory bandwidth, and the CPU attends up to 2x
     slower than with the link idle (benchmarks/host_attention_probe.py); the idle rate is reported too."""
-    import threading
-
     import torch
 
     from model.llama import _folded_gqa_attention
@@ -292,26 +324,11 @@ def measure_host_attention(args, batch: int, length: int, dtype, device: torch.d
            f"slots of one layer ({nbytes / GB:.3f} GB, head-major), {torch.get_num_threads()} threads, median of 3"}
     if device.type != "cuda":
         return out
-    src = torch.empty(256 << 20, dtype=torch.uint8).pin_memory()
-    dst = torch.empty(src.shape, dtype=torch.uint8, device=device)
-    stop, stream = threading.Event(), torch.cuda.Stream(device)
-
-    def busy() -> None:
-        with torch.cuda.stream(stream):
-            while not stop.is_set():
-                dst.copy_(src, non_blocking=True)
-                stream.synchronize()
-
-    t = threading.Thread(target=busy, daemon=True)
-    t.start()
-    try:
+    with BusyLink(device) as link:
         time.sleep(0.1)
         loaded = rate()
-    finally:
-        stop.set()
-        t.join()
-    out.update(gbps=loaded, method=out["method"] + "; with the H2D link kept busy by pinned copies (gbps) and "
-               "idle (idle_gbps)")
+    out.update(gbps=loaded, link_gbps=link.gbps, method=out["method"] + "; with the H2D link kept busy by "
+               "pinned copies (gbps; the link's rate meanwhile: link_gbps) and idle (idle_gbps)")
     return out
 
 
