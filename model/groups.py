@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from model.args import ModelArgs
+from model.errors import ConfigError
 
 ATTN_TENSORS = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "attention.wo.weight",
                 "attention_norm.weight")
@@ -75,5 +76,5 @@ def host_layer_count(value: bool | int | str | None, n_layers: int) -> int:
         return n_layers
     n = int(value)
     if not 1 <= n <= n_layers:
-        raise ValueError(f"--host-attention {value}: the model has {n_layers} layers (give 1 to {n_layers}, or all)")
+        raise ConfigError(f"--host-attention {value}: the model has {n_layers} layers (give 1 to {n_layers}, or all)")
     return n

@@ -147,7 +147,6 @@ class KVCache:
         self.pad: torch.Tensor | None = None
         self._mask: tuple[tuple[int, int, int], torch.Tensor] | None = None
         self.profile, self.attn_ms, self.attended_blocks, self.total_blocks = False, 0.0, 0, 0
-        self.host_attention = False  # TieredKVCache: some layers' decode attention on the host (attend_on_host)
 
     def attends_on_host(self, layer: int) -> bool:
         """Whether this layer's decode attention runs where the cache lives (TieredKVCache.attend_on_host)."""
@@ -300,7 +299,6 @@ class TieredKVCache(KVCache):
         if n_host and self.topk_blk is not None:
             raise ValueError("host attention and top-k blocks do not go together")
         self.host_layers = spread_layers(n_host, args.n_layers)
-        self.host_attention = bool(n_host)
         self.pad_host: torch.Tensor | None = None
         self.out_done: list[torch.cuda.Event | None] = [None] * args.n_layers  # copies into the host cache
         self.qkv_host: torch.Tensor | None = None  # pinned staging of a decode step's q, k, v (host attention)
@@ -439,9 +437,7 @@ class TieredKVCache(KVCache):
             sub.kmax = [t[b0:b1] for t in self.kmax]
         sub.loaded, sub.current, sub.ready = [None, None], self.current, [None, None]
         sub.written, sub.out_done = [0] * self.n_layers, [None] * self.n_layers
-        sub.h2d_bytes = sub.d2h_bytes = 0
-        sub.attn_ms, sub.host_ms, sub.host_wait_ms = 0.0, 0.0, 0.0
-        sub.attended_blocks = sub.total_blocks = 0
+        sub.h2d_bytes = sub.d2h_bytes = 0  # its own copies, added back by absorb
         sub.length = length
         sub.set_padding(pad)
         return sub
@@ -453,13 +449,7 @@ class TieredKVCache(KVCache):
         self.out_done = [b if b is not None else a for a, b in zip(self.out_done, sub.out_done)]
         self.h2d_bytes += sub.h2d_bytes
         self.d2h_bytes += sub.d2h_bytes
-        self.attn_ms += sub.attn_ms
-        self.host_ms += sub.host_ms
-        self.host_wait_ms += sub.host_wait_ms
-        self.attended_blocks += sub.attended_blocks
-        self.total_blocks += sub.total_blocks
-        self.ready = [e if e is not None else r for e, r in zip(sub.ready, self.ready)]
-        self.loaded, self.current = [None, None], sub.current
+        self.loaded, self.current = [None, None], sub.current  # the next acquire fetches (and waits) anew
 
     def attend_on_host(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        start: int) -> torch.Tensor:

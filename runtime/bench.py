@@ -718,7 +718,7 @@ def _run_bench(a, cfg: BenchConfig, rcfg, image, prompts, max_len: int, cut: lis
     # interpreter and CUDA start-up included.
     to_first_ms = (process_age_s() - (time.perf_counter() - first.stamps[0])) * 1e3
     host_kv = 0
-    if gen.host_attention and r.step_ms:  # the decode steps attended over the host cache: their bytes and rate
+    if gen.host_layers and r.step_ms:  # the decode steps attended over the host cache: their bytes and rate
         from runtime.engine import kv_cache_bytes
         from runtime.image import TORCH_DTYPES
 

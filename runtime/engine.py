@@ -127,10 +127,7 @@ def plan_with_kv(image: Image, cfg: RuntimeConfig, device, batch: int, max_len: 
     (70B-shaped, batch 32: the cache on the device pushed the tier from 2.7 to 0.3 GB). Ties stay on the
     device. An offloaded cache must fit the available memory (pinned)."""
     n = image.args.n_layers
-    try:
-        n_host = host_layer_count(cfg.host_attention, n)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    n_host = host_layer_count(cfg.host_attention, n)
     rows = kv_device_rows(batch, max_len, cfg.prefill_chunk, cfg.prefill_by_sequence, n_host, n)
     want = {"on": [True], "off": [False], "auto": [False, True]}[cfg.kv_offload]
     if getattr(device, "type", "cpu") != "cuda":

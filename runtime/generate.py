@@ -126,11 +126,8 @@ class Generator:
         if host_attention and topk_blk is not None:
             raise ConfigError("--host-attention and --topk-blk do not go together: top-k scores blocks on the GPU")
         self.kv_block_tokens, self.topk_blk, self.kv_offload = kv_block_tokens, topk_blk, kv_offload
-        try:  # only an offloaded cache lives on the host
-            self.host_layers = host_layer_count(host_attention, source.args.n_layers) if kv_offload else 0
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        self.host_attention = bool(self.host_layers)
+        # layers attended on the host; only an offloaded cache lives there
+        self.host_layers = host_layer_count(host_attention, source.args.n_layers) if kv_offload else 0
         self.profile_attention = profile_attention
         self.prefill_by_sequence = prefill_by_sequence
         self.cache_alloc_ms = 0.0  # how long the latest cache took to allocate (pinned host memory: seconds)
