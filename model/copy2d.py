@@ -25,17 +25,15 @@ def _cudart() -> ctypes.CDLL:
         names = []
         with open("/proc/self/maps") as f:
             for line in f:
-                path = line.split()[-1] if len(line.split()) >= 6 else ""
-                if "libcudart" in path and path not in names:
-                    names.append(path)
+                fields = line.split()
+                if len(fields) >= 6 and "libcudart" in fields[5] and fields[5] not in names:
+                    names.append(fields[5])
         names += ["libcudart.so", "libcudart.so.13", "libcudart.so.12"]
         for name in names:
             try:
                 lib = ctypes.CDLL(name)
                 fn = lib.cudaMemcpy2DAsync
-            except OSError:
-                continue
-            except AttributeError:
+            except (OSError, AttributeError):
                 continue
             fn.restype = ctypes.c_int
             fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t,

@@ -298,8 +298,8 @@ def measure_host_attention(args, batch: int, length: int, dtype, device: torch.d
     """How fast this process's CPU threads attend over an offloaded KV cache (``--host-attention``): one
     layer's decode attention as ``TieredKVCache.attend_on_host`` runs it (keys and values head-major, as the
     offloaded store holds them; each KV head's query heads folded into rows), timed over a few repeats; GB/s
-    of keys and values read. The bound's host-attention term is the step's host-attended KV bytes over this
-    rate. On CUDA it is timed while a thread keeps the H2D link busy with pinned copies, as the weight stream
+    of keys and values read, reported beside the rate of the run itself (host_attention_link), which the
+    bound uses. On CUDA it is timed while a thread keeps the H2D link busy with pinned copies, as the weight stream
     does in a run: the CPU and the DMA engine share the host's memory bandwidth, and the CPU attends up to 2x
     slower than with the link idle (benchmarks/host_attention_probe.py); the idle rate is reported too."""
     import torch
@@ -629,7 +629,8 @@ def summary(rep: dict, plan_text: str) -> str:
     kv = rep["kv"]
     if kv.get("host_attention"):
         ms, gb = kv["host_attention_ms_per_step"], kv["host_kv_bytes_per_step"]
-        rate = f" ({gb / GB / (ms / 1e3):.1f} GB/s in the run)" if ms > 0 else ""
+        lk = rep["links"].get("host_attention") or {}
+        rate = f" ({lk['gbps']:.1f} GB/s in the run)" if ms > 0 and "gbps" in lk else ""
         ours["host attention"] = (f"{kv['host_attention_layers']} layers: {ms:.1f} ms of CPU attention per decode "
                                   f"step over {_gb(gb)}{rate}, after {kv['host_wait_ms_per_step']:.1f} ms waiting "
                                   f"for the device's queries")
