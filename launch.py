@@ -105,13 +105,15 @@ def _add_kv_args(p: argparse.ArgumentParser) -> None:
                    help="prompt tokens per weight pass, shared by the sequences of a batch (default 2048; at "
                         "least 16 per sequence): the plan keeps GPU room for one chunk's activations. A larger "
                         "chunk means fewer passes to prefill a big batch, and less room for the GPU tier")
-    g.add_argument("--prefill-by-sequence", action="store_true",
+    g.add_argument("--prefill-by-sequence", action=argparse.BooleanOptionalAction, default=None,
                    help="with the KV cache offloaded: prefill a batch whole prompts at a time, as many sequences "
                         "per weight pass as --prefill-chunk tokens hold, instead of a slice of every sequence per "
-                        "pass; the same number of passes, and nothing read back between them (chunked across the "
-                        "batch, each pass reads the batch's written KV back over the link); with --host-attention "
-                        "all the GPU then keeps KV buffers for one pass's sequences instead of the batch's. Off by "
-                        "default: not measured on the GPU yet")
+                        "pass, so nothing is read back between passes (chunked across the batch, each pass reads "
+                        "the batch's written KV back over the link: 560 GB for 70B-shaped batch 128 x 2048); "
+                        "with --host-attention all the GPU then keeps KV buffers for one pass's prompts instead "
+                        "of the batch's. Default: whole prompts when that takes no more weight passes, and "
+                        "always with --host-attention all; --no-prefill-by-sequence: always chunked across the "
+                        "batch")
     g.add_argument("--topk-blk", type=int,
                    help="approximate decode attention: per KV head only the K best blocks (scored from per-block "
                         "key min/max, as in Quest) plus the first block and the 2 most recent; off by default "

@@ -22,7 +22,7 @@ for n in ${HOSTS:-all}; do
   flag=(--host-attention "$n"); [ "$n" = 0 ] && flag=()
   timeout "${SWEEP_S:-200}" python3 benchmarks/batch_sweep.py --shape "$shape" --layers "$layers" --cap "$cap" \
     --batches "${BATCHES:-32}" --new-tokens "${NEW_TOKENS:-8}" "${flag[@]}" --workdir /tmp/bs \
-    --out "/tmp/ha-$n" --bench-args "${BENCH_ARGS:-}" > "/tmp/ha-$n.log" 2>&1 || tail -3 "/tmp/ha-$n.log"
+    --out "/tmp/ha-$n" --bench-args="${BENCH_ARGS:-}" > "/tmp/ha-$n.log" 2>&1 || tail -3 "/tmp/ha-$n.log"
   for t in /tmp/ha-$n/b*.trace.json; do
     [ -e "$t" ] && { echo "host layers $n, $t"; python3 benchmarks/trace_summary.py "$t" --last 3; }
   done

@@ -410,24 +410,32 @@ class TieredKVCache(KVCache):
     def sub_batch(self, b0: int, b1: int, pad: list[int], length: int) -> TieredKVCache:
         """A cache of sequences [b0, b1) of this one, for a prefill that gives each weight pass whole prompts
         of a few sequences (``Generator.forward_by_sequence``): its host store is rows [b0, b1) of this
-        store, its device buffers the first b1 - b0 rows of this cache's (no new device memory), its copy
-        stream this one's (so its copies keep their order with this cache's). Nothing it attends to is read
-        back: its slots start unwritten, and a pass over whole prompts writes every slot it reads. ``pad``:
-        the padding of its sequences (as in set_padding); ``length``: their slots (padding included), after
-        which no later pass needs a layer fetched. Give it back with ``absorb``."""
+        store, its device buffers the first b1 - b0 rows of this cache's (no new device memory), or, when it
+        has more sequences than those rows but its ``length`` slots each fit their memory, that memory packed
+        as (b1 - b0, n_kv, length, hd) (short prompts; the pass must then write every slot it reads, as one
+        pass over whole prompts does). Its copy stream is this one's (so its copies keep their order with this
+        cache's). Nothing it attends to is read back: its slots start unwritten, and a pass over whole prompts
+        writes every slot it reads. ``pad``: the padding of its sequences (as in set_padding); ``length``:
+        their slots (padding included), after which no later pass needs a layer fetched. Give it back with
+        ``absorb``."""
         import copy
 
-        n = b1 - b0
-        if not 1 <= n <= self.device_rows or not 0 <= b0 < b1 <= self.shape[0]:
-            raise ValueError(f"sub_batch [{b0}, {b1}) of a batch of {self.shape[0]} with {self.device_rows} "
-                             f"device rows")
+        n, (_, n_kv, slots, hd) = b1 - b0, self.buf_store_k[0].shape
+        packed = n > self.device_rows
+        if n < 1 or not 0 <= b0 < b1 <= self.shape[0] or (packed and n * length > self.device_rows * slots):
+            raise ValueError(f"sub_batch [{b0}, {b1}) of {length} slots, of a batch of {self.shape[0]} with "
+                             f"{self.device_rows} device rows of {slots} slots")
         sub = copy.copy(self)
         sub.device_rows = n
         sub.shape = (n, *self.shape[1:])
         sub.store_k = [t[b0:b1] for t in self.store_k]
         sub.store_v = [t[b0:b1] for t in self.store_v]
-        sub.buf_store_k = [t[:n] for t in self.buf_store_k]
-        sub.buf_store_v = [t[:n] for t in self.buf_store_v]
+        if packed:  # same memory, slots of this sub-batch's prompts only
+            sub.buf_store_k = [t.view(-1)[:n * n_kv * length * hd].view(n, n_kv, length, hd) for t in self.buf_store_k]
+            sub.buf_store_v = [t.view(-1)[:n * n_kv * length * hd].view(n, n_kv, length, hd) for t in self.buf_store_v]
+        else:
+            sub.buf_store_k = [t[:n] for t in self.buf_store_k]
+            sub.buf_store_v = [t[:n] for t in self.buf_store_v]
         sub.host_k = [t.transpose(1, 2) for t in sub.store_k]
         sub.host_v = [t.transpose(1, 2) for t in sub.store_v]
         sub.buf_k = [t.transpose(1, 2) for t in sub.buf_store_k]

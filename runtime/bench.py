@@ -406,6 +406,7 @@ class Round:
     attended: float | None = None  # with --topk-blk: the fraction of KV blocks decode attention read
     kv_alloc_ms: float = 0.0  # the KV cache's allocation, inside the prefill time (an offloaded one is pinned)
     kv_host_bytes: int = 0  # an offloaded cache's host store
+    by_sequence: bool = False  # the batch was prefilled whole prompts at a time (Generator._prefill)
 
     @property
     def step_ms(self) -> list[float]:
@@ -439,6 +440,7 @@ def run_round(gen, source, prompts: Sequence[list[int]], sampling, on_step=None)
         r.tokens.append(toks)
         if len(r.tokens) == 1:
             r.kv_after_prefill = gen.kv_moved()
+            r.by_sequence = gen.prefilled_by_sequence
         if on_step is not None:
             on_step(toks)
 
@@ -549,7 +551,8 @@ def build_report(a, cfg: BenchConfig, ctx: dict, r: Round) -> dict[str, Any]:
                  "host_wait_ms_per_step": r.host_ms[1] / steps if steps else 0.0,
                  "decode_h2d_bytes": r.kv_end[0] - r.kv_after_prefill[0],
                  "decode_d2h_bytes": r.kv_end[1] - r.kv_after_prefill[1], "prefill_h2d_bytes": r.kv_after_prefill[0],
-                 "prefill_d2h_bytes": r.kv_after_prefill[1], "attended_block_fraction": r.attended,
+                 "prefill_d2h_bytes": r.kv_after_prefill[1], "prefill_by_sequence": r.by_sequence,
+                 "attended_block_fraction": r.attended,
                  "alloc_ms": r.kv_alloc_ms, "host_bytes": r.kv_host_bytes}
     tok = ctx.get("tokenizer")
     out["results"] = [{"prompt_token_ids": x.prompt_token_ids, "output_token_ids": x.output_token_ids,

@@ -93,7 +93,7 @@ def generator_for(a, source, max_len: int, **kw):
                      topk_blk=getattr(a, "topk_blk", None), kv_offload=getattr(source, "kv_offload", False),
                      host_attention=getattr(a, "host_attention", False),
                      prefill_chunk=getattr(a, "prefill_chunk", 2048),
-                     prefill_by_sequence=getattr(a, "prefill_by_sequence", False), **kw)
+                     prefill_by_sequence=getattr(a, "prefill_by_sequence", None), **kw)
 
 
 def _prompt_ids(a, tok, default_chat: bool) -> list[int]:

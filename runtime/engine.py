@@ -53,7 +53,9 @@ class RuntimeConfig:
     prefill_chunk: int = 2048  # --prefill-chunk: prompt tokens per weight pass, shared by a batch's sequences
     host_attention: bool | int | str | None = None  # --host-attention [N|all]: layers of an offloaded KV cache
     # attended on the host when decoding
-    prefill_by_sequence: bool = False  # --prefill-by-sequence: an offloaded batch prefilled whole prompts at a time
+    # --[no-]prefill-by-sequence: an offloaded batch prefilled whole prompts at a time (None: when that takes no
+    # more weight passes, and always with every layer attended on the host; runtime.generate.Generator._prefill)
+    prefill_by_sequence: bool | None = None
     kv_block_tokens: int = 64  # --kv-block-tokens: the cache's slots come in whole blocks (model.llama.KVCache)
 
     def __post_init__(self) -> None:
@@ -106,16 +108,18 @@ def kv_cache_bytes(image: Image, batch: int, max_len: int, offload: bool = False
     return 2 * (2 if offload else a.n_layers) * rows * slots * a.n_kv_heads * a.head_dim * elem
 
 
-def kv_device_rows(batch: int, max_len: int, prefill_chunk: int, by_sequence: bool, host_layers: int,
+def kv_device_rows(batch: int, max_len: int, prefill_chunk: int, by_sequence: bool | None, host_layers: int,
                    n_layers: int) -> int:
-    """Sequences an offloaded cache's two device buffers hold: the batch's, except when every layer is
-    attended on the host (no layer's cache is read back while decoding) and the prefill goes whole prompts
-    at a time (``--prefill-by-sequence``): then only one pass's sequences ever reach the device, as many as
-    ``prefill_chunk`` holds of ``max_len`` tokens (at least one). At batch 128 of the 70B shape that frees the
-    2.2 GB the buffers took from the GPU tier."""
-    if not (by_sequence and host_layers == n_layers):
+    """Sequences of ``max_len`` slots an offloaded cache's two device buffers hold: the batch's, except when
+    every layer is attended on the host (no layer's cache is read back while decoding) and the prefill goes
+    whole prompts at a time (``by_sequence`` True or None, the default): then only one pass's prompts ever
+    reach the device, at most ``prefill_chunk`` tokens, so the buffers hold that many slots, in whole
+    sequences of ``max_len`` (at least one; shorter prompts are packed into the same memory,
+    ``TieredKVCache.sub_batch``). At batch 128 of the 70B shape that frees the 2.2 GB the buffers took from
+    the GPU tier."""
+    if by_sequence is False or host_layers != n_layers:
         return batch
-    return min(batch, max(1, prefill_chunk // max_len))
+    return min(batch, max(1, -(-prefill_chunk // max_len)))
 
 
 def plan_with_kv(image: Image, cfg: RuntimeConfig, device, batch: int, max_len: int, act_bytes: int, plan_fn):

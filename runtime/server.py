@@ -270,7 +270,7 @@ def request(rec: dict, req: dict, on_message: Callable[[dict], None] | None = No
 # Run flags the server fixes when it starts: an attached run through it must leave them at these defaults.
 FIXED_FLAGS = {"gpu_mem_gb": None, "kv_offload": "auto", "kv_block_tokens": 64, "host_attention": None,
                "topk_blk": None, "prefill_chunk": 2048, "gpu_cached_layers": None, "group_prefetch_depth": 2,
-               "prefill_by_sequence": False}
+               "prefill_by_sequence": None}
 
 
 def check_run_flags(a, rec: dict) -> None:
@@ -345,7 +345,7 @@ def _serve(cfg: dict, stopping: dict):
                             kv_block_tokens=cfg["kv_block_tokens"], kv_offload=cfg["kv_offload"],
                             host_attention=cfg["host_attention"], topk_blk=cfg["topk_blk"],
                             prefill_chunk=cfg["prefill_chunk"], group_prefetch_depth=cfg["group_prefetch_depth"],
-                            prefill_by_sequence=cfg.get("prefill_by_sequence", False))
+                            prefill_by_sequence=cfg.get("prefill_by_sequence"))
     rcfg = RuntimeConfig.from_args(ns)
     lk: dict[str, Any] = {"disk": {"gbps": cfg["disk_gbps"], "source": "--disk-gbps"} if cfg["disk_gbps"] else None,
                           "h2d": None}

@@ -100,7 +100,7 @@ def test_host_attention_on_some_layers(six, n_host, monkeypatch):
 
 @pytest.mark.parametrize("chunk", [64, 32, 16])
 def test_prefill_by_sequence(six, chunk):
-    """--prefill-by-sequence: an offloaded batch prefilled whole prompts at a time (chunk 64 holds one 54-token
+    """--[no-]prefill-by-sequence: an offloaded batch prefilled whole prompts at a time (chunk 64 holds one 54-token
     prompt per pass; chunk 32 and 16 cut each prompt on its own): the same tokens as the resident cache, with
     all layers or some attended on the host, and only a prompt's own earlier chunks read back while
     prefilling (nothing when a pass holds whole prompts), against every earlier slot of the batch chunked
@@ -108,8 +108,8 @@ def test_prefill_by_sequence(six, chunk):
     src = InMemoryWeights(six, "cpu", quiet=True)
     ref = outputs(Generator(src, 96, prefill_chunk=chunk))
     moved = {}
-    for name, kw in {"across": {}, "by_sequence": {"prefill_by_sequence": True},
-                     "host": {"prefill_by_sequence": True, "host_attention": 3}}.items():
+    for name, kw in {"across": {"prefill_by_sequence": False}, "by_sequence": {"prefill_by_sequence": True},
+                     "host": {"prefill_by_sequence": True, "host_attention": 3}, "default": {}}.items():
         gen = Generator(src, 96, prefill_chunk=chunk, kv_offload=True, **kw)
         first = []
         res = gen.generate_batch(PROMPTS, SamplingConfig(16),
@@ -125,27 +125,49 @@ def test_prefill_by_sequence(six, chunk):
         assert moved["by_sequence"][0] == 0 and moved["host"][0] == 0
     else:
         assert 0 < moved["by_sequence"][0] < moved["across"][0]
+    # by default whole prompts when that takes no more passes: chunk 64, 3 passes either way; chunk 32 and 16,
+    # across the batch: 4 passes of 16 tokens a prompt, against 6 and 12
+    assert moved["default"] == moved["by_sequence" if chunk == 64 else "across"]
+    assert Generator(src, 96, prefill_chunk=chunk).prefill_passes(3, longest) == {64: (3, 3), 32: (4, 6),
+                                                                                   16: (4, 12)}[chunk]
 
 
-def test_device_buffers_of_one_pass_when_every_layer_is_on_the_host(six, tiny):
-    """--prefill-by-sequence with --host-attention all: no layer's cache is read back while decoding, so the
-    device buffers hold one pass's sequences, not the batch's (the plan reserves that much), and the tokens
-    are the resident cache's."""
+def test_device_buffers_of_one_pass_when_every_layer_is_on_the_host(six, tiny, monkeypatch):
+    """With --host-attention all no layer's cache is read back while decoding, so with whole prompts per pass
+    (the default) the device buffers hold one pass's prefill_chunk tokens, not the batch's (the plan reserves
+    that much): whole rows of max_len slots, into which a pass packs as many shorter prompts as fit. The
+    tokens are the resident cache's, with the rows plain (max_len 96: two rows for 128 tokens), packed (max_len
+    400: two 54-slot prompts in one row's memory) and chunked across the batch (--no-prefill-by-sequence: the
+    batch's rows)."""
     src = InMemoryWeights(six, "cpu", quiet=True)
     ref = outputs(Generator(src, 96, prefill_chunk=128))
-    gen = Generator(src, 96, prefill_chunk=128, kv_offload=True, host_attention="all", prefill_by_sequence=True)
-    assert outputs(gen) == ref
-    assert gen.cache.device_rows == 1 and gen.cache.buf_store_k[0].shape[0] == 1  # 128 // 96: one sequence
+    subs = []
+    real = TieredKVCache.sub_batch
+    monkeypatch.setattr(TieredKVCache, "sub_batch", lambda self, b0, b1, pad, length: subs.append(
+        (b1 - b0, self.device_rows)) or real(self, b0, b1, pad, length))
+    for max_len, by_sequence, rows, passes in ((96, None, 2, [(2, 2), (1, 2)]), (400, None, 1, [(2, 1), (1, 1)]),
+                                               (96, False, 3, [])):
+        subs.clear()
+        gen = Generator(src, max_len, prefill_chunk=128, kv_offload=True, host_attention="all",
+                        prefill_by_sequence=by_sequence)
+        assert outputs(gen) == ref, (max_len, by_sequence)
+        assert gen.cache.device_rows == rows and gen.cache.buf_store_k[0].shape[0] == rows
+        assert subs == passes  # (sequences of a pass, the cache's device rows): 128 // 54 prompts a pass
     some = Generator(src, 96, prefill_chunk=128, kv_offload=True, host_attention=5, prefill_by_sequence=True)
     assert outputs(some) == ref and some.cache.device_rows == len(PROMPTS)  # one layer is read back
-    assert kv_device_rows(64, 2080, 8192, True, 80, 80) == 3 and kv_device_rows(64, 2080, 8192, False, 80, 80) == 64
+    # rows of max_len slots holding one pass's prefill_chunk tokens, whole prompts by default (None)
+    assert kv_device_rows(64, 2080, 8192, True, 80, 80) == 4 and kv_device_rows(64, 2080, 8192, None, 80, 80) == 4
+    assert kv_device_rows(64, 2080, 8192, False, 80, 80) == 64 and kv_device_rows(64, 2080, 2048, None, 80, 80) == 1
     assert kv_device_rows(2, 2080, 8192, True, 80, 80) == 2 and kv_device_rows(64, 2080, 8192, True, 79, 80) == 64
+    with pytest.raises(ValueError, match="device rows"):  # three 54-slot prompts do not fit one 96-slot row
+        TieredKVCache(six.args, 3, 96, torch.float32, "cpu", host_attention="all", device_rows=1).sub_batch(
+            0, 3, [0, 0, 0], 54)
     seen = []
     cfg = RuntimeConfig(mode="preload", gpu_mem_gb=1, kv_offload="on", host_attention="all", prefill_by_sequence=True,
                         prefill_chunk=256, quiet=True)
     plan_with_kv(tiny, cfg, SimpleNamespace(type="cuda"), 8, 100, 0,
                  lambda kv: seen.append(kv) or SimpleNamespace(h2d_bytes_per_pass=0))
-    assert seen == [kv_cache_bytes(tiny, 8, 100, True, 64, device_rows=2)]  # 256 // 100 sequences a pass
+    assert seen == [kv_cache_bytes(tiny, 8, 100, True, 64, device_rows=3)]  # 256 tokens in rows of 100
 
 
 def test_spread_layers_and_counts():
@@ -198,7 +220,7 @@ def test_auto_offload_takes_the_fewer_bytes_per_step(tiny):
     full, two = kv_cache_bytes(tiny, batch, max_len), kv_cache_bytes(tiny, batch, max_len, True)
     cfg = RuntimeConfig(mode="preload", gpu_mem_gb=1, kv_offload="auto", quiet=True)
 
-    def choose(on_device_h2d: int, offloaded_h2d: int) -> bool:
+    def choose(on_device_h2d: int, offloaded_h2d: int, two: int = two) -> bool:
         plans = {full: SimpleNamespace(h2d_bytes_per_pass=on_device_h2d),
                  two: SimpleNamespace(h2d_bytes_per_pass=offloaded_h2d)}
         plan, off = plan_with_kv(tiny, cfg, dev, batch, max_len, 0, lambda kv: plans[kv])
@@ -209,7 +231,9 @@ def test_auto_offload_takes_the_fewer_bytes_per_step(tiny):
     assert choose(10**9 + full, 10**9) is False  # a tie stays on the device
     assert choose(10**9, 10**9) is False
     cfg = RuntimeConfig(mode="preload", gpu_mem_gb=1, kv_offload="auto", host_attention=True, quiet=True)
-    assert choose(10**9 + 1, 10**9) is True  # attended on the host, the offloaded cache costs the link nothing
+    # attended on the host, the offloaded cache costs the link nothing, and its device buffers hold one
+    # prefill pass's 2048 tokens: 4 of the 8 sequences
+    assert choose(10**9 + 1, 10**9, kv_cache_bytes(tiny, batch, max_len, True, device_rows=4)) is True
     cpu = plan_with_kv(tiny, cfg, SimpleNamespace(type="cpu"), batch, max_len, 0,
                        lambda kv: SimpleNamespace(h2d_bytes_per_pass=0))
     assert cpu[1] is False  # on the CPU only --kv-offload on offloads
@@ -259,7 +283,8 @@ def test_cli_kv_flags(tiny, tmp_path):
     for name, extra in {"ref": [], "off": ["--kv-offload", "on", "--kv-block-tokens", "8"],
                         "host": ["--kv-offload", "on", "--host-attention"],
                         "half": ["--kv-offload", "on", "--host-attention", "2"],
-                        "seq": ["--kv-offload", "on", "--prefill-by-sequence", "--prefill-chunk", "64"]}.items():
+                        "seq": ["--kv-offload", "on", "--prefill-by-sequence", "--prefill-chunk", "64"],
+                        "across": ["--kv-offload", "on", "--no-prefill-by-sequence", "--prefill-chunk", "64"]}.items():
         js = tmp_path / f"{name}.json"
         run_launch("bench", "--image", str(tiny.path), "--prompts", str(f), "--batch-size", "3", "--max-new-tokens",
                    "8", "--warmup-rounds", "0", "--device", "cpu", "--mode", "preload", "--disk-gbps", "1",
@@ -292,6 +317,10 @@ def test_cli_kv_flags(tiny, tmp_path):
     seq = res["seq"]  # a whole prompt per pass: nothing read back while prefilling, every slot written once
     assert [r["output_token_ids"] for r in seq["results"]] == [r["output_token_ids"] for r in res["ref"]["results"]]
     assert seq["kv"]["prefill_h2d_bytes"] == 0 and seq["kv"]["prefill_d2h_bytes"] > 0
+    across = res["across"]  # a slice of every prompt per pass: the batch's earlier slots read back
+    assert [r["output_token_ids"] for r in across["results"]] == [r["output_token_ids"] for r in res["ref"]["results"]]
+    assert across["kv"]["prefill_h2d_bytes"] > 0 and across["kv"]["prefill_d2h_bytes"] == seq["kv"]["prefill_d2h_bytes"]
+    assert seq["kv"]["prefill_by_sequence"] and not across["kv"]["prefill_by_sequence"]
     for bad, why in (("0", "1 or more"), ("x", "1 or more"), (str(a.n_layers + 1), f"{a.n_layers} layers")):
         r = run_launch("run", "--image", str(tiny.path), "--prompt-ids", "1,2", "--kv-offload", "on",
                        "--host-attention", bad, "--device", "cpu", check=False)
@@ -304,10 +333,11 @@ def test_cli_kv_flags(tiny, tmp_path):
 def first_decode_logits(gen: Generator, prompts: list[list[int]]) -> torch.Tensor:
     """The logits (B, vocab) of the first decode step after a greedy prefill of the left-padded prompts."""
     cache, longest = gen.new_cache(len(prompts)), max(len(p) for p in prompts)
-    cache.set_padding([longest - len(p) for p in prompts])
+    pad = [longest - len(p) for p in prompts]
+    cache.set_padding(pad)
     dev = gen.source.device
     tokens = torch.tensor([[0] * (longest - len(p)) + p for p in prompts], dtype=torch.long, device=dev)
-    nxt = gen.forward(tokens, 0, cache, last_only=True)[:, -1].argmax(-1).view(-1, 1)
+    nxt = gen._prefill(tokens, cache, pad)[:, -1].argmax(-1).view(-1, 1)
     return gen.forward(nxt, longest, cache, last_only=True)[:, -1].float().cpu()
 
 
@@ -326,6 +356,8 @@ def test_gpu_kv_over_budget_offloads_and_matches(tmp_path):
     max_len = 900 + 50 * 3 + 8
     ref_gen = Generator(InMemoryWeights(image, dev, quiet=True), max_len)
     ref = [r.output_token_ids for r in ref_gen.generate_batch(prompts, SamplingConfig(8))]
+    short = [p[:300 + 20 * i] for i, p in enumerate(prompts)]  # two to a pass of 1024 tokens
+    ref_short = [r.output_token_ids for r in ref_gen.generate_batch(short, SamplingConfig(8))]
     del ref_gen
     torch.cuda.empty_cache()
     # The budget: what the plan needs with two layers' KV buffers, plus half of what the whole cache adds
@@ -345,7 +377,8 @@ def test_gpu_kv_over_budget_offloads_and_matches(tmp_path):
             gen = Generator(src, max_len, kv_offload=True)
             out = [r.output_token_ids for r in gen.generate_batch(prompts, SamplingConfig(8))]
             moved = gen.kv_moved()
-            host = Generator(src, max_len, kv_offload=True, host_attention=True)  # decode attention on the CPU
+            # decode attention on the CPU, after the same prefill as gen's
+            host = Generator(src, max_len, kv_offload=True, host_attention=True, prefill_by_sequence=False)
             steps = []
             res = host.generate_batch(prompts, SamplingConfig(8), on_step=lambda _: steps.append(host.kv_moved()))
             out_host = [r.output_token_ids for r in res]
@@ -361,6 +394,11 @@ def test_gpu_kv_over_budget_offloads_and_matches(tmp_path):
                                         on_step=lambda _: seq_moved.append(by_seq.kv_moved()))
             out_seq, seq_prefill_h2d = [r.output_token_ids for r in seq], seq_moved[0][0]
             by_seq = None
+            # every layer on the host, whole prompts per pass by default: device buffers of one 1058-slot row,
+            # into which two short prompts are packed a pass
+            packed = Generator(src, max_len, kv_offload=True, host_attention=True, prefill_chunk=1024)
+            out_packed = [r.output_token_ids for r in packed.generate_batch(short, SamplingConfig(8))]
+            packed_rows, packed = (packed.cache.device_rows, packed.sequences_per_pass(4, 360)), None
             del src, gen
             host = None  # its cache and buffers go before the cap is lifted
     finally:
@@ -369,6 +407,7 @@ def test_gpu_kv_over_budget_offloads_and_matches(tmp_path):
     assert moved[0] > 0 and moved[1] > 0
     assert [o[:1] for o in out_host] == [r[:1] for r in ref]
     assert seq_prefill_h2d == 0 and [o[:1] for o in out_seq] == [r[:1] for r in ref]
+    assert packed_rows == (1, 2) and [o[:1] for o in out_packed] == [r[:1] for r in ref_short]
     err = float((on_host - on_gpu).abs().max() / on_gpu.abs().max())
     print(f"host attention: logits' largest difference {err:.4f} of the largest logit")
     assert err < 0.02, f"host attention's logits differ from the GPU's by {err:.3f} of their largest"
