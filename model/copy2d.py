@@ -66,6 +66,22 @@ def rows_of(t: torch.Tensor) -> tuple[int, int, int]:
     return rows, inner * t.element_size(), pitch * t.element_size()
 
 
+def copy_rows(dst: torch.Tensor, src: torch.Tensor) -> tuple[int, int, int, int]:
+    """(rows, row bytes, dst pitch, src pitch) of one 2-D copy of src into dst (same shape, each rows at one
+    pitch, ``rows_of``). A side laid out densely is one row of everything; it takes the other side's rows at
+    their width (a packed sub-batch's device buffer against the host store's strided slots)."""
+    rows, width, dpitch = rows_of(dst)
+    srows, swidth, spitch = rows_of(src)
+    if (rows, width) != (srows, swidth) and rows * width == srows * swidth:
+        if srows == 1 and swidth % width == 0:
+            srows, swidth, spitch = rows, width, width
+        elif rows == 1 and width % swidth == 0:
+            rows, width, dpitch = srows, swidth, swidth
+    if (rows, width) != (srows, swidth):
+        raise ValueError(f"copy_2d: rows differ ({srows} x {swidth} B into {rows} x {width} B)")
+    return rows, width, dpitch, spitch
+
+
 def copy_2d(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream | None = None) -> None:
     """dst.copy_(src) for same-shaped host/device tensors that are each rows at one pitch, as one
     cudaMemcpy2DAsync on ``stream`` (default: the current one). The host side must be pinned for the copy to
@@ -77,10 +93,7 @@ def copy_2d(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream | No
         return
     if dst.numel() == 0:
         return
-    rows, width, dpitch = rows_of(dst)
-    srows, swidth, spitch = rows_of(src)
-    if (rows, width) != (srows, swidth):
-        raise ValueError(f"copy_2d: rows differ ({srows} x {swidth} B into {rows} x {width} B)")
+    rows, width, dpitch, spitch = copy_rows(dst, src)
     dev = dst.device if dst.device.type == "cuda" else src.device
     s = stream if stream is not None else torch.cuda.current_stream(dev)
     err = _cudart().cudaMemcpy2DAsync(ctypes.c_void_p(dst.data_ptr()), dpitch, ctypes.c_void_p(src.data_ptr()),

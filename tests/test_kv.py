@@ -12,6 +12,7 @@ import torch
 from conftest import gpu_cap_gb, pack_tiny, run_launch
 
 from model.args import preset
+from model.copy2d import copy_rows
 from model.errors import ConfigError
 from model.llama import TieredKVCache, host_layer_count, spread_layers
 from model.synthetic import SyntheticCheckpoint
@@ -211,6 +212,19 @@ def test_auto_offload_when_the_gpu_budget_cannot_hold_the_kv(tmp_path):
     assert off is True and p.budgets.kv_bytes == kv_cache_bytes(tiny, batch, max_len, True)
     with pytest.raises(Exception, match="gpu-mem-gb"):
         plan(tight, "off")
+
+
+def test_copy_rows_of_packed_and_strided_slots():
+    """One 2-D copy between the host store's slots [0, 40) of two sequences (16 rows at the store's pitch)
+    and a packed sub-batch's device buffer (dense: one row of everything, split at the other side's width)."""
+    host = torch.zeros(4, 8, 100, 64)[1:3, :, :40]
+    packed = torch.zeros(2 * 8 * 40 * 64).view(2, 8, 40, 64)
+    width, pitch = 40 * 64 * 4, 100 * 64 * 4
+    assert copy_rows(host, packed) == (16, width, pitch, width)
+    assert copy_rows(packed, host) == (16, width, width, pitch)
+    assert copy_rows(host, host) == (16, width, pitch, pitch)
+    with pytest.raises(ValueError, match="one pitch"):  # sequence-major rows of a head-major store
+        copy_rows(torch.zeros(8, 2, 40, 64).transpose(0, 1), packed)
 
 
 def test_auto_offload_takes_the_fewer_bytes_per_step(tiny):
