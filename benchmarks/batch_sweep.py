@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.suite import emulated_cap, sh  # noqa: E402
-from runtime.engine import chunk_per_sequence  # noqa: E402
+from runtime.engine import prefill_passes  # noqa: E402
 
 RATIO = 1.2
 
@@ -103,7 +103,8 @@ def main() -> int:
         h2d = (j["links"].get("h2d") or {}).get("gbps")
         kv_step = j["kv"]["decode_h2d_bytes"] / steps
         w_step = j["bytes_per_token"]["h2d"]
-        passes = -(-a.prompt_tokens // chunk_per_sequence(a.prefill_chunk or 2048, b))
+        # chunked across the batch, or whole prompts a pass (runtime.generate.Generator._prefill chose)
+        passes = prefill_passes(a.prefill_chunk or 2048, b, a.prompt_tokens)[bool(j["kv"].get("prefill_by_sequence"))]
         rows.append({"batch": b, "prefill_s": j["prefill_ms"] / 1e3, "prefill_passes": passes,
                      # the weight passes and the KV read back between chunks (later chunks attend to earlier)
                      "prefill_bound_s": (passes * w_step + j["kv"]["prefill_h2d_bytes"]) / (h2d * 1e9) if h2d else None,

@@ -96,6 +96,19 @@ def chunk_per_sequence(chunk: int, batch: int) -> int:
     return max(16, chunk // max(batch, 1))
 
 
+def sequences_per_pass(chunk: int, batch: int, length: int) -> int:
+    """Prompts of ``length`` tokens one weight pass of a whole-prompt prefill takes (at least one; a longer
+    prompt is chunked on its own): runtime.generate.Generator.forward_by_sequence."""
+    return min(batch, max(1, chunk // length))
+
+
+def prefill_passes(chunk: int, batch: int, length: int) -> tuple[int, int]:
+    """Weight passes to prefill ``batch`` prompts of ``length`` tokens, ``chunk`` tokens a pass: (chunked
+    across the batch, whole prompts at a time)."""
+    across = -(-length // (chunk_per_sequence(chunk, batch) if batch > 1 else chunk))
+    return across, -(-batch // sequences_per_pass(chunk, batch, length)) * -(-length // chunk)
+
+
 def kv_cache_bytes(image: Image, batch: int, max_len: int, offload: bool = False, block_tokens: int = 1,
                    device_rows: int | None = None) -> int:
     """The KV cache's bytes on the compute device: all of it, or with offload two layers' buffers of

@@ -228,27 +228,16 @@ class Generator:
         back over the link (batch 32 x 2048 tokens, 8B: 133 GB); here nothing is read back when a pass holds
         whole prompts, and only a prompt's own earlier chunks when it is longer than a pass.
         -> the last position's logits (B, 1, vocab) fp32."""
+        from runtime.engine import sequences_per_pass
+
         b, s = tokens.shape
-        per = self.sequences_per_pass(b, s)
+        per = sequences_per_pass(self.prefill_chunk, b, s)
         outs = []
         for b0 in range(0, b, per):
             sub = cache.sub_batch(b0, min(b0 + per, b), pad[b0:b0 + per], s)
             outs.append(self.forward(tokens[b0:b0 + per], 0, sub, last_only=True))
             cache.absorb(sub)
         return torch.cat(outs, dim=0)
-
-    def sequences_per_pass(self, batch: int, length: int) -> int:
-        """Prompts of ``length`` tokens one weight pass of ``forward_by_sequence`` takes whole."""
-        return min(batch, max(1, self.prefill_chunk // length))
-
-    def prefill_passes(self, batch: int, length: int) -> tuple[int, int]:
-        """Weight passes to prefill ``batch`` prompts of ``length`` tokens: (chunked across the batch, whole
-        prompts at a time)."""
-        from runtime.engine import chunk_per_sequence
-
-        across = -(-length // (chunk_per_sequence(self.prefill_chunk, batch) if batch > 1 else self.prefill_chunk))
-        per = self.sequences_per_pass(batch, length)
-        return across, -(-batch // per) * -(-length // self.prefill_chunk)
 
     def _prefill(self, tokens: torch.Tensor, cache: KVCache, pad: list[int]) -> torch.Tensor:
         """An offloaded cache's batch goes whole prompts at a time (``forward_by_sequence``) when its device
@@ -257,10 +246,12 @@ class Generator:
         then it also reads nothing back. It takes more passes when a pass holds a few prompts but more of
         each prompt across the batch (32 prompts of 1100 tokens in 2048-token passes: 32 against 18); those
         read the batch's earlier slots back instead, which costs less than the extra passes."""
+        from runtime.engine import prefill_passes
+
         b, s = tokens.shape
         self.prefilled_by_sequence = False
         if isinstance(cache, TieredKVCache) and b > 1:
-            across, whole = self.prefill_passes(b, s)
+            across, whole = prefill_passes(self.prefill_chunk, b, s)
             if cache.device_rows < b or (self.prefill_by_sequence is not False and across > 1
                                          and (self.prefill_by_sequence or whole <= across)):
                 self.prefilled_by_sequence = True

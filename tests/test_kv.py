@@ -25,6 +25,8 @@ from runtime.engine import (
     make_plan,
     open_source,
     plan_with_kv,
+    prefill_passes,
+    sequences_per_pass,
 )
 from runtime.generate import Generator, SamplingConfig
 from runtime.image import Image
@@ -129,8 +131,7 @@ def test_prefill_by_sequence(six, chunk):
     # by default whole prompts when that takes no more passes: chunk 64, 3 passes either way; chunk 32 and 16,
     # across the batch: 4 passes of 16 tokens a prompt, against 6 and 12
     assert moved["default"] == moved["by_sequence" if chunk == 64 else "across"]
-    assert Generator(src, 96, prefill_chunk=chunk).prefill_passes(3, longest) == {64: (3, 3), 32: (4, 6),
-                                                                                   16: (4, 12)}[chunk]
+    assert prefill_passes(chunk, 3, longest) == {64: (3, 3), 32: (4, 6), 16: (4, 12)}[chunk]
 
 
 def test_device_buffers_of_one_pass_when_every_layer_is_on_the_host(six, tiny, monkeypatch):
@@ -412,7 +413,7 @@ def test_gpu_kv_over_budget_offloads_and_matches(tmp_path):
             # into which two short prompts are packed a pass
             packed = Generator(src, max_len, kv_offload=True, host_attention=True, prefill_chunk=1024)
             out_packed = [r.output_token_ids for r in packed.generate_batch(short, SamplingConfig(8))]
-            packed_rows, packed = (packed.cache.device_rows, packed.sequences_per_pass(4, 360)), None
+            packed_rows, packed = (packed.cache.device_rows, sequences_per_pass(1024, 4, 360)), None
             del src, gen
             host = None  # its cache and buffers go before the cap is lifted
     finally:
