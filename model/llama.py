@@ -300,6 +300,7 @@ class TieredKVCache(KVCache):
             raise ValueError("host attention and top-k blocks do not go together")
         self.host_layers = spread_layers(n_host, args.n_layers)
         self.pad_host: torch.Tensor | None = None
+        self._host_mask: tuple[tuple[int, int], torch.Tensor] | None = None  # attend_on_host's, for (B, end)
         self.out_done: list[torch.cuda.Event | None] = [None] * args.n_layers  # copies into the host cache
         self.qkv_host: torch.Tensor | None = None  # pinned staging of a decode step's q, k, v (host attention)
         self.out_host: torch.Tensor | None = None  # pinned staging of its attention output, copied back async
@@ -406,6 +407,7 @@ class TieredKVCache(KVCache):
     def set_padding(self, pad: list[int]) -> None:
         super().set_padding(pad)
         self.pad_host = torch.tensor(pad, dtype=torch.long) if any(pad) else None
+        self._host_mask = None
 
     def sub_batch(self, b0: int, b1: int, pad: list[int], length: int) -> TieredKVCache:
         """A cache of sequences [b0, b1) of this one, for a prefill that gives each weight pass whole prompts
@@ -492,8 +494,10 @@ class TieredKVCache(KVCache):
         keys = self.host_k[layer][:b, :end].transpose(1, 2)  # (B, n_kv, end, hd), a view
         values = self.host_v[layer][:b, :end].transpose(1, 2)
         mask = None
-        if self.pad_host is not None:
-            mask = torch.arange(end).view(1, 1, 1, end) >= self.pad_host[:b].view(-1, 1, 1, 1)
+        if self.pad_host is not None:  # the same for every layer of a step: built once a step
+            if self._host_mask is None or self._host_mask[0] != (b, end):
+                self._host_mask = (b, end), torch.arange(end).view(1, 1, 1, end) >= self.pad_host[:b].view(-1, 1, 1, 1)
+            mask = self._host_mask[1]
         out = _folded_gqa_attention(flat[:, :nq].view(b, n_heads, 1, hd), keys, values, mask)
         self.host_wait_ms += (t1 - t0) * 1e3
         self.host_ms += (time.perf_counter() - t1) * 1e3
