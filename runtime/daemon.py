@@ -412,9 +412,10 @@ def stop(a) -> None:
 
     rec = read_record(a.name)
     name, pid = rec["name"], int(rec["pid"])
-    t0 = time.monotonic()
+    t_all = time.monotonic()
     if server.live_server(name) is not None:  # first the server, an attached client of the pool
         print(server.stop(name, a.timeout))
+    t0 = time.monotonic()  # the coordinator's own --timeout, after the server's
     how = "was not running"
     if coordinator_alive(rec):
         os.kill(pid, signal.SIGTERM)  # graceful: the coordinator stops its workers and unlinks everything
@@ -435,7 +436,7 @@ def stop(a) -> None:
             time.sleep(0.02)
         _kill(w)
     extra = f"; removed {len(removed) - 1} leftover names" if len(removed) > 1 else ""
-    print(f"pool {name} (pid {pid}) {how} in {time.monotonic() - t0:.2f} s{extra}")
+    print(f"pool {name} (pid {pid}) {how} in {time.monotonic() - t_all:.2f} s{extra}")
 
 
 def _worker_pids(rec: dict) -> list[int]:

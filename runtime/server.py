@@ -127,6 +127,7 @@ def clean_stale(name: str) -> list[str]:
 
 def serve(a) -> None:
     """``pool serve NAME``: start the server detached and wait until it serves (or ``--stop`` it)."""
+    from runtime.commands import _device
     from runtime.daemon import _lock, coordinator_alive
     from runtime.daemon import read_record as read_pool
 
@@ -140,11 +141,7 @@ def serve(a) -> None:
     for key in ("max_seq_len", "batch_size"):
         if getattr(a, key) < 1:
             raise ConfigError(f"--{key.replace('_', '-')} must be at least 1, found {getattr(a, key)}")
-    if a.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError("--device cuda: no CUDA device is available to this process")
+    device = str(_device(a.device))  # cuda when there is one; --device cuda without one refused
     with _lock(a.name):
         rec = live_server(a.name)
         if rec is not None:
@@ -153,7 +150,7 @@ def serve(a) -> None:
         removed = clean_stale(a.name)
         if removed:
             print(f"pool {a.name}: removed a dead server's leftovers: {', '.join(removed)}", file=sys.stderr)
-        cfg = {"name": a.name, "device": a.device or ("cuda" if _cuda_available() else "cpu"),
+        cfg = {"name": a.name, "device": device,
                "max_seq_len": a.max_seq_len, "batch_size": a.batch_size, "gpu_mem_gb": a.gpu_mem_gb,
                "prefill_chunk": a.prefill_chunk, "prefill_by_sequence": a.prefill_by_sequence,
                "kv_offload": a.kv_offload, "kv_block_tokens": a.kv_block_tokens,
@@ -168,12 +165,6 @@ def serve(a) -> None:
         print(f"pool {a.name}: server pid {rec['pid']} on {rec['device']}, up to {rec['max_seq_len']} tokens x "
               f"{rec['batch_size']} sequences; ready in {rec['ready_s']:.1f} s; log {log}", file=sys.stderr)
     print(f"pool {a.name} serves on {rec['device']}: launch.py run --attach {a.name} goes through it")
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _wait_serving(name: str, proc: subprocess.Popen, log: Path, timeout_s: float) -> dict:
@@ -502,7 +493,12 @@ def _serve_queue(reqs: list[_Request], ctx: dict) -> None:
             groups.append([r])
     for g in groups:
         try:
-            _serve_group(g, ctx)
+            if ctx["stopping"]["flag"]:  # not started: each prefill would run before the stop is seen
+                for r in g:
+                    with contextlib.suppress(OSError, TimeoutError):
+                        r.send({"error": "the server is stopping (pool serve --stop, or pool stop): request not run"})
+            else:
+                _serve_group(g, ctx)
         finally:
             for r in g:
                 r.close()
@@ -579,7 +575,7 @@ def _generate_one(r: _Request, ctx: dict) -> dict:
             raise _Gone from None
 
     try:
-        return _generate_request(r.req, ctx, send)
+        return _generate_request(r.req, ctx, send, r.parsed)
     except _Gone:
         return {"done": True, "summary": "dropped"}
 
@@ -648,14 +644,15 @@ def _parse(req: dict, ctx: dict) -> dict:
     return {"prompts": prompts, "b": b, "new": new, "cfg": cfg, "stop_ids": stop_ids}
 
 
-def _generate_request(req: dict, ctx: dict, send: Callable[[dict], None]) -> dict:
-    """Run one request; ``send`` streams its tokens. Returns the ``done`` message."""
+def _generate_request(req: dict, ctx: dict, send: Callable[[dict], None], parsed: dict | None = None) -> dict:
+    """Run one request; ``send`` streams its tokens. Returns the ``done`` message. ``parsed``: ``_parse`` of
+    ``req`` if already done."""
     import torch
 
     from runtime.bench import memory_report, run_round
 
     gen, device = ctx["gen"], ctx["device"]
-    p = _parse(req, ctx)
+    p = parsed or _parse(req, ctx)
     prompts, b, new, cfg, stop_ids = p["prompts"], p["b"], p["new"], p["cfg"], p["stop_ids"]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
