@@ -118,12 +118,16 @@ def handle_of(rec: dict) -> PoolHandle:
 
 
 def _write_record(rec: dict) -> None:
-    p = record_path(rec["name"])
-    tmp = p.with_suffix(".json.tmp")
+    write_private(record_path(rec["name"]), rec)
+
+
+def write_private(path: Path, obj: dict) -> None:
+    """``obj`` as JSON at ``path``, mode 0600, replaced whole (readers never see half a file)."""
+    tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump(rec, f, indent=1)
-    os.replace(tmp, p)
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
 
 
 def runs_module(pid, module: str) -> bool:

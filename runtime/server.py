@@ -97,15 +97,17 @@ def server_alive(rec: dict) -> bool:
 
 def server_for(a) -> dict | None:
     """The live server a run with ``--attach NAME`` goes through; None: the run attaches in-process
-    (``--no-server``, no ``--attach``, or the pool has no server)."""
+    (``--no-server``, no ``--attach``, or the pool has no server serving yet)."""
     name = getattr(a, "attach", None)
     if not name or getattr(a, "no_server", False):
         return None
-    return live_server(name)
+    rec = live_server(name)
+    return rec if rec is not None and not rec.get("starting") else None
 
 
 def live_server(name: str) -> dict | None:
-    """The record of pool ``name``'s running server, else None."""
+    """The record of pool ``name``'s running server, else None. A server still loading has a placeholder
+    record (``"starting": true``, written by ``serve`` as it spawns it, so a second ``serve`` is refused)."""
     rec = read_record(name)
     return rec if rec is not None and server_alive(rec) else None
 
@@ -145,8 +147,8 @@ def serve(a) -> None:
     with _lock(a.name):
         rec = live_server(a.name)
         if rec is not None:
-            raise UserError(f"pool {a.name!r} already has a server: pid {rec['pid']} on {rec['device']} "
-                            f"(launch.py pool serve {a.name} --stop)")
+            raise UserError(f"pool {a.name!r} already has a server: pid {rec['pid']} on {rec['device']}"
+                            f"{', starting' if rec.get('starting') else ''} (launch.py pool serve {a.name} --stop)")
         removed = clean_stale(a.name)
         if removed:
             print(f"pool {a.name}: removed a dead server's leftovers: {', '.join(removed)}", file=sys.stderr)
@@ -156,10 +158,13 @@ def serve(a) -> None:
                "kv_offload": a.kv_offload, "kv_block_tokens": a.kv_block_tokens,
                "host_attention": a.host_attention, "topk_blk": a.topk_blk, "group_prefetch_depth":
                a.group_prefetch_depth, "h2d_gbps": a.h2d_gbps, "disk_gbps": a.disk_gbps}
-        from runtime.daemon import pool_dir, spawn_detached
+        from runtime.daemon import pool_dir, spawn_detached, write_private
 
         log = log_path(a.name)
         proc = spawn_detached("runtime.server", cfg, pool_dir() / f"{a.name}.serve-start", log)
+        # under the lock, before the server's own record (it takes the lock to write that)
+        write_private(record_path(a.name), {"version": RECORD_VERSION, "name": a.name, "uid": os.getuid(),
+                                            "pid": proc.pid, "device": device, "log": str(log), "starting": True})
     rec = _wait_serving(a.name, proc, log, a.start_timeout)
     if not a.quiet:
         print(f"pool {a.name}: server pid {rec['pid']} on {rec['device']}, up to {rec['max_seq_len']} tokens x "
@@ -177,7 +182,7 @@ def _wait_serving(name: str, proc: subprocess.Popen, log: Path, timeout_s: float
             raise UserError(f"pool {name}: the server exited with code {proc.returncode} before serving; its log "
                             f"{log}:\n{_log_tail(log)}")
         rec = read_record(name)
-        if rec is not None and rec.get("pid") == proc.pid:
+        if rec is not None and rec.get("pid") == proc.pid and not rec.get("starting"):
             return rec
         time.sleep(0.05)
     _kill_wait(proc.pid, 5.0)
@@ -322,6 +327,7 @@ def _serve(cfg: dict, stopping: dict):
 
     from runtime.bench import bound_report, measure_disk, measure_h2d, memory_report
     from runtime.commands import generator_for
+    from runtime.daemon import _lock, write_private
     from runtime.daemon import read_record as read_pool
     from runtime.engine import RuntimeConfig, open_source
     from runtime.generate import SamplingConfig
@@ -360,11 +366,8 @@ def _serve(cfg: dict, stopping: dict):
                "plan": plan.to_dict() if plan else None, "links": lk, "bound": bound,
                "load_breakdown_ms": getattr(source, "load_ms", None), "gpu_mem_GB": gpu, "host_mem_GB": host,
                "image": str(image.path)}
-        tmp = record_path(name).with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(rec, f, indent=1)
-        os.replace(tmp, record_path(name))
+        with _lock(name):  # after serve's placeholder
+            write_private(record_path(name), rec)
         print(f"[server {name}] serving on {device} after {rec['ready_s']:.1f} s: {plan.describe() if plan else ''}",
               flush=True)
         ctx = {"gen": gen, "source": source, "plan": plan, "handle": handle, "device": device, "links": lk,

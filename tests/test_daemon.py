@@ -926,10 +926,18 @@ def test_server_client_and_server_killed(image, pools, tmp_path):
     run_launch(*attach_args(name, PROMPTS[0], NEW, js))
     assert json.loads(js.read_text())["mode"] == "mixed" and tokens_of(js) == reference(image, PROMPTS[0])
 
-    p = serve(name)  # removes the leftovers, says so, serves
-    assert f"pool {name}: removed a dead server's leftovers" in p.stderr, p.stderr
+    # serves again, removing the leftovers and saying so; while it loads, its placeholder record refuses a
+    # second server, and runs attach in-process
+    proc, _, err = launch_bg(tmp_path, "serve2", "pool", "serve", name, "--device", "cpu", "--max-seq-len", "4096")
+    wait_until(lambda: (server.read_record(name) or {}).get("pid", srv["pid"]) != srv["pid"] or proc.poll() is not None,
+               30, "the new server's record")
+    starting = server.read_record(name)
+    assert starting["starting"] and server.server_for(SimpleNamespace(attach=name)) is None, starting
+    assert_user_error(serve(name, check=False), repr(name), "already has a server", str(starting["pid"]), "starting")
+    assert proc.wait(120) == 0, err.read_text()
+    assert f"pool {name}: removed a dead server's leftovers" in err.read_text(), err.read_text()
     srv2 = server.live_server(name)
-    assert srv2["pid"] != srv["pid"]
+    assert srv2["pid"] == starting["pid"] != srv["pid"] and not srv2.get("starting")
     run_launch(*attach_args(name, PROMPTS[0], NEW, js))
     assert json.loads(js.read_text())["server_pid"] == srv2["pid"] and tokens_of(js) == reference(image, PROMPTS[0])
 
