@@ -32,8 +32,8 @@ ls /dev/shm | grep llms || echo "no leftover shared memory"
 python3 - "$OUT" <<'EOF'
 import json, sys
 from pathlib import Path
-print("| host layers | batch | decode step ms | bound ms | KV H2D GB/step | host KV GB/step | CPU GB/s (link busy, "
-      "after the run) | CPU attention ms/step (in the run) | its wait for q ms/step | tok/s |")
+print("| host layers | batch | decode step ms | bound ms | KV H2D GB/step | host KV GB/step | CPU GB/s (in the "
+      "run) | CPU attention ms/step (in the run) | its wait for q ms/step | tok/s |")
 print("|---|---|---|---|---|---|---|---|---|---|")
 for f in sorted(Path(sys.argv[1]).glob("batch-host*.json")):
     for r in json.loads(f.read_text())["rows"]:
@@ -44,6 +44,6 @@ for f in sorted(Path(sys.argv[1]).glob("batch-host*.json")):
         host = j["links"].get("host_attention") or {}
         print(f"| {r.get('host_layers', 0)} | {r['batch']} | {r['step_ms']:.1f} | {r['bound_ms'] or 0:.1f} | "
               f"{r['kv_h2d_per_step'] / 1e9:.2f} | {j['kv']['host_kv_bytes_per_step'] / 1e9:.2f} | "
-              f"{host.get('probe', host).get('gbps', 0):.1f} | {j['kv'].get('host_attention_ms_per_step', 0):.1f} | "
+              f"{host.get('gbps', 0):.1f} | {j['kv'].get('host_attention_ms_per_step', 0):.1f} | "
               f"{j['kv'].get('host_wait_ms_per_step', 0):.1f} | {r['tok_s']:.1f} |")
 EOF

@@ -6,7 +6,8 @@
 Host attention reads a layer's offloaded keys and values from DRAM while the weight stream's DMA reads the
 next groups from DRAM too, so the two share the memory system. This times one layer's decode attention (as
 ``TieredKVCache.attend_on_host`` runs it: each KV head's query heads folded into rows) over keys laid out
-batch-major (contiguous per sequence) and slot-major (the offloaded store's layout, strided per sequence),
+batch-major (contiguous per sequence), slot-major (strided per sequence) and head-major (the offloaded store's
+layout, contiguous per sequence and KV head),
 first with the GPU idle and then while a thread keeps the H2D link busy with pinned 256 MiB copies (CUDA
 only). GB/s of keys and values read per attention call, median of 5 after a first run; the link's achieved
 rate during the busy runs is printed too.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -25,6 +27,34 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 GB = 1e9
+
+
+class BusyLink:
+    """A thread copying a pinned 256 MiB buffer to the GPU in a loop on its own stream, while the ``with``
+    block runs: the H2D link busy as the weight stream keeps it. ``gbps``: the link's rate meanwhile."""
+
+    def __init__(self, device: torch.device, nbytes: int = 256 << 20) -> None:
+        self.src = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+        self.dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        self.stream, self.stop, self.bytes = torch.cuda.Stream(device), threading.Event(), 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with torch.cuda.stream(self.stream):
+            while not self.stop.is_set():
+                self.dst.copy_(self.src, non_blocking=True)
+                self.stream.synchronize()
+                self.bytes += self.src.numel()
+
+    def __enter__(self) -> BusyLink:
+        self.t0 = time.perf_counter()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.gbps = self.bytes / (time.perf_counter() - self.t0) / GB
 
 
 def attention_gbps(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, repeats: int = 5) -> float:
@@ -40,7 +70,6 @@ def attention_gbps(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, repeats: i
 
 def main(argv: list[str] | None = None) -> int:
     from model.args import preset
-    from runtime.bench import BusyLink
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="llama3.1-8b", help="synthetic shape for the head counts (default llama3.1-8b)")

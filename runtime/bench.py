@@ -37,8 +37,8 @@ Accepts the seeds' quick-start command line verbatim (seeds/002_*). What it does
 
 The bound per decode step is max(disk bytes / disk GB/s, H2D bytes / H2D GB/s) with the plan's bytes per
 pass, and with ``--host-attention`` (an offloaded cache attended on the CPU) also the CPU's attention time
-per decode step measured in the run (``links.host_attention``: its rate, with a separate measurement after
-the run under ``probe``); GPU compute time is not modelled yet. achieved/bound >= 1 means slower than the bound.
+per decode step measured in the run (``links.host_attention``: its rate); GPU compute time is not modelled
+yet. achieved/bound >= 1 means slower than the bound.
 Runs in the launch.py process (the client); owns nothing shared beyond what ``open_source`` owns.
 """
 
@@ -260,89 +260,16 @@ def measure_h2d(device: torch.device) -> dict[str, Any]:
             "method": link["method"]}
 
 
-class BusyLink:
-    """A thread copying a pinned 256 MiB buffer to the GPU in a loop on its own stream, while the ``with``
-    block runs: the H2D link busy as the weight stream keeps it. ``gbps``: the link's rate meanwhile."""
-
-    def __init__(self, device: torch.device, nbytes: int = 256 << 20) -> None:
-        import threading
-
-        import torch
-
-        self.src = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
-        self.dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        self.stream, self.stop, self.bytes = torch.cuda.Stream(device), threading.Event(), 0
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        import torch
-
-        with torch.cuda.stream(self.stream):
-            while not self.stop.is_set():
-                self.dst.copy_(self.src, non_blocking=True)
-                self.stream.synchronize()
-                self.bytes += self.src.numel()
-
-    def __enter__(self) -> BusyLink:
-        self.t0 = time.perf_counter()
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join()
-        self.gbps = self.bytes / (time.perf_counter() - self.t0) / GB
-
-
-def measure_host_attention(args, batch: int, length: int, dtype, device: torch.device) -> dict[str, Any]:
-    """How fast this process's CPU threads attend over an offloaded KV cache (``--host-attention``): one
-    layer's decode attention as ``TieredKVCache.attend_on_host`` runs it (keys and values head-major, as the
-    offloaded store holds them; each KV head's query heads folded into rows), timed over a few repeats; GB/s
-    of keys and values read, reported beside the rate of the run itself (host_attention_link), which the
-    bound uses. On CUDA it is timed while a thread keeps the H2D link busy with pinned copies, as the weight stream
-    does in a run: the CPU and the DMA engine share the host's memory bandwidth, and the CPU attends up to 2x
-    slower than with the link idle (benchmarks/host_attention_probe.py); the idle rate is reported too."""
-    import torch
-
-    from model.llama import _folded_gqa_attention
-
-    shape = (batch, args.n_kv_heads, length, args.head_dim)
-    k, v = torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
-    q = torch.randn(batch, args.n_heads, 1, args.head_dim).to(dtype)
-    nbytes = 2 * k.numel() * k.element_size()
-
-    def rate() -> float:
-        samples = []
-        for _ in range(4):
-            t0 = time.perf_counter()
-            _folded_gqa_attention(q, k, v, None)
-            samples.append(time.perf_counter() - t0)
-        return nbytes / sorted(samples[1:])[1] / GB  # the median after a first, cold run
-
-    idle = rate()
-    out = {"gbps": idle, "idle_gbps": idle, "source": "measured", "method": f"CPU attention over {batch} x {length} "
-           f"slots of one layer ({nbytes / GB:.3f} GB, head-major), {torch.get_num_threads()} threads, median of 3"}
-    if device.type != "cuda":
-        return out
-    with BusyLink(device) as link:
-        time.sleep(0.1)
-        loaded = rate()
-    out.update(gbps=loaded, link_gbps=link.gbps, method=out["method"] + "; with the H2D link kept busy by "
-               "pinned copies (gbps; the link's rate meanwhile: link_gbps) and idle (idle_gbps)")
-    return out
-
-
-def host_attention_link(host_kv: float, cpu_ms: float, probe: dict[str, Any]) -> dict[str, Any]:
+def host_attention_link(host_kv: float, cpu_ms: float) -> dict[str, Any] | None:
     """The CPU's attention rate for the bound: the step's host-attended KV bytes over the CPU's attention time
     per decode step in the run itself (``TieredKVCache.attend_on_host``), so the bound's host term is that
-    time. A separate measurement after the run (``probe``, measure_host_attention) is kept beside it: on the
-    H200 machine it read 16-22 GB/s while the same processes' runs attended at 34-46 GB/s, so it is no
-    figure to bound a step with."""
+    time. (A separate measurement after the run read 16-22 GB/s on the H200 machine where the runs attended
+    at 34-46 GB/s; benchmarks/host_attention_probe.py measures the CPU's rate alone.) None without time."""
     if cpu_ms <= 0:
-        return {**probe, "probe": dict(probe)}
+        return None
     return {"gbps": host_kv / (cpu_ms / 1e3) / GB, "source": "measured in the run",
             "method": f"{host_kv / GB:.3f} GB of keys and values per decode step attended on the CPU in "
-                      f"{cpu_ms:.1f} ms (this run's mean)", "probe": probe}
+                      f"{cpu_ms:.1f} ms (this run's mean)"}
 
 
 def links(cfg: BenchConfig, image, device: torch.device, workers: int) -> dict[str, Any]:
@@ -533,7 +460,17 @@ def build_report(a, cfg: BenchConfig, ctx: dict, r: Round) -> dict[str, Any]:
     steps = len(r.step_ms)
     io = io_report(r, plan, t["decode_ms"] / 1e3, steps)
     step_ms = t["decode_ms"] / steps if steps else None
-    host_kv = ctx.get("host_kv_bytes_per_step", 0)
+    host_kv = 0
+    if ctx.get("host_layers") and steps:  # the decode steps attended over the host cache: their bytes and time
+        from runtime.engine import kv_cache_bytes
+
+        image = ctx["image"]
+        # step i reads slots [0, longest + i] of every sequence
+        mean_len = max(len(p) for p in ctx["prompts"]) + (steps + 1) / 2
+        host_kv = kv_cache_bytes(image, n, mean_len) * ctx["host_layers"] / image.args.n_layers
+        host = host_attention_link(host_kv, r.host_ms[0] / steps)
+        if host is not None:
+            lk = {**lk, "host_attention": host}
     kv_h2d = (r.kv_end[0] - r.kv_after_prefill[0]) / steps if steps else 0.0  # the offloaded cache read back
     bound = bound_report(plan, lk, step_ms, host_kv, kv_h2d)
     gpu_mem, host_mem = ctx["memory"]
@@ -721,23 +658,12 @@ def _run_bench(a, cfg: BenchConfig, rcfg, image, prompts, max_len: int, cut: lis
     # The process's first token against the process's start: the whole cold-start cost a user waits for,
     # interpreter and CUDA start-up included.
     to_first_ms = (process_age_s() - (time.perf_counter() - first.stamps[0])) * 1e3
-    host_kv = 0
-    if gen.host_layers and r.step_ms:  # the decode steps attended over the host cache: their bytes and rate
-        from runtime.engine import kv_cache_bytes
-        from runtime.image import TORCH_DTYPES
-
-        longest, steps = max(len(p) for p in prompts), len(r.step_ms)
-        mean_len = longest + (steps + 1) / 2  # step i reads slots [0, longest + i] of every sequence
-        host_kv = kv_cache_bytes(image, len(prompts), mean_len) * gen.host_layers / image.args.n_layers
-        probe = measure_host_attention(image.args, len(prompts), int(mean_len), TORCH_DTYPES[image.dtype], device)
-        lk = {**lk, "host_attention": host_attention_link(host_kv, r.host_ms[0] / steps, probe)}
     notes = [] if device.type == "cuda" else ["no H2D link: the model computes on the CPU from ring memory"]
     ctx = {"plan": plan, "links": lk, "prompts": prompts, "memory": memory, "device": device, "image": image,
            "tokenizer": tok, "source": source,
            "load_ms": load_ms, "load_breakdown_ms": {"process_start_to_load": to_open_ms, **(breakdown or {})},
            "process_to_first_token_ms": to_first_ms, "open_to_first_token_ms": (first.stamps[0] - t0) * 1e3,
-           "cut": cut, "unused": unused, "notes": notes, "host_kv_bytes_per_step": host_kv,
-           "host_layers": gen.host_layers}
+           "cut": cut, "unused": unused, "notes": notes, "host_layers": gen.host_layers}
     rep = build_report(a, cfg, ctx, r)
     print(summary(rep, plan_line(plan)))
     if cfg.verbose:

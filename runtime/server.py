@@ -672,8 +672,7 @@ def _generate_request(req: dict, ctx: dict, send: Callable[[dict], None], parsed
                 "tokenizer": None, "source": ctx["source"], "load_ms": 0.0, "load_breakdown_ms": {},
                 "process_to_first_token_ms": None, "open_to_first_token_ms": None, "cut": [], "unused": [],
                 "notes": [f"through pool {ctx['rec']['name']!r}'s server (pid {os.getpid()}): the model was "
-                          f"loaded when the server started"], "host_kv_bytes_per_step": 0,
-                "host_layers": gen.host_layers}
+                          f"loaded when the server started"], "host_layers": gen.host_layers}
         return {"done": True, "report": build_report(a, bcfg, rctx, r), "plan_line": plan_line(ctx["plan"]),
                 "summary": f"bench round, batch {b}, {len(r.tokens)} passes"}
     results = []
