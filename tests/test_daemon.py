@@ -852,6 +852,7 @@ def test_server_runs_and_bench(image, pools, tmp_path):
     for proc, _, err in procs:
         assert proc.wait(60) == 0, err.read_text()
     assert [tokens_of(o) for o in outs] == [reference(image, p, 24) for p in PROMPTS]
+    assert [json.loads(o.read_text())["server_pid"] for o in outs] == [srv["pid"]] * 2  # not attached in-process
 
     # a bench through it: the server's round, this process's time to the first token
     pf, bj = tmp_path / "p.txt", tmp_path / "b.json"

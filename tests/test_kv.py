@@ -26,7 +26,6 @@ from runtime.engine import (
     open_source,
     plan_with_kv,
     prefill_passes,
-    sequences_per_pass,
 )
 from runtime.generate import Generator, SamplingConfig
 from runtime.image import Image
@@ -360,7 +359,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 @cuda
-def test_gpu_kv_over_budget_offloads_and_matches(tmp_path):
+def test_gpu_kv_over_budget_offloads_and_matches(tmp_path, monkeypatch):
     """On CUDA: a batch whose KV cache exceeds the GPU budget runs with the cache offloaded (auto), with the
     same tokens as a run with all KV on the GPU; KV bytes moved are reported."""
     out = tmp_path / "s.img"
@@ -411,9 +410,13 @@ def test_gpu_kv_over_budget_offloads_and_matches(tmp_path):
             by_seq = None
             # every layer on the host, whole prompts per pass by default: device buffers of one 1058-slot row,
             # into which two short prompts are packed a pass
+            subs = []
+            real = TieredKVCache.sub_batch
+            monkeypatch.setattr(TieredKVCache, "sub_batch", lambda self, b0, b1, pad, length: subs.append(
+                (b1 - b0, self.device_rows)) or real(self, b0, b1, pad, length))
             packed = Generator(src, max_len, kv_offload=True, host_attention=True, prefill_chunk=1024)
             out_packed = [r.output_token_ids for r in packed.generate_batch(short, SamplingConfig(8))]
-            packed_rows, packed = (packed.cache.device_rows, sequences_per_pass(1024, 4, 360)), None
+            packed_rows, packed = packed.cache.device_rows, None
             del src, gen
             host = None  # its cache and buffers go before the cap is lifted
     finally:
@@ -422,7 +425,8 @@ def test_gpu_kv_over_budget_offloads_and_matches(tmp_path):
     assert moved[0] > 0 and moved[1] > 0
     assert [o[:1] for o in out_host] == [r[:1] for r in ref]
     assert seq_prefill_h2d == 0 and [o[:1] for o in out_seq] == [r[:1] for r in ref]
-    assert packed_rows == (1, 2) and [o[:1] for o in out_packed] == [r[:1] for r in ref_short]
+    # two 360-slot prompts a pass in the memory of one 1058-slot row
+    assert packed_rows == 1 and subs == [(2, 1), (2, 1)] and [o[:1] for o in out_packed] == [r[:1] for r in ref_short]
     err = float((on_host - on_gpu).abs().max() / on_gpu.abs().max())
     print(f"host attention: logits' largest difference {err:.4f} of the largest logit")
     assert err < 0.02, f"host attention's logits differ from the GPU's by {err:.3f} of their largest"
