@@ -664,10 +664,14 @@ def _run_bench(a, cfg: BenchConfig, rcfg, image, prompts, max_len: int, cut: lis
            "load_ms": load_ms, "load_breakdown_ms": {"process_start_to_load": to_open_ms, **(breakdown or {})},
            "process_to_first_token_ms": to_first_ms, "open_to_first_token_ms": (first.stamps[0] - t0) * 1e3,
            "cut": cut, "unused": unused, "notes": notes, "host_layers": gen.host_layers}
-    rep = build_report(a, cfg, ctx, r)
-    print(summary(rep, plan_line(plan)))
+    _emit(cfg, build_report(a, cfg, ctx, r), plan_line(plan), plan.describe() if plan else None)
+
+
+def _emit(cfg: BenchConfig, rep: dict, plan_text: str, placement: str | None) -> None:
+    """The summary block, the verbose lines with --verbose, and the JSON with --out-json."""
+    print(summary(rep, plan_text))
     if cfg.verbose:
-        print(verbose_lines(rep, plan.describe() if plan else None))
+        print(verbose_lines(rep, placement))
     if cfg.out_json:
         Path(cfg.out_json).write_text(json.dumps(rep, indent=1))
         print(f"JSON written to {cfg.out_json}")
@@ -702,9 +706,5 @@ def _bench_via_server(a, cfg: BenchConfig, srv: dict, prompts, cut: list, unused
                 "server": {k: srv.get(k) for k in ("name", "pid", "device", "ready_s", "load_breakdown_ms",
                                                    "gpu_mem_gb", "max_seq_len", "batch_size")},
                 "flags": {k: v for k, v in vars(a).items() if k != "command"}})
-    print(summary(rep, f"the server's (pid {srv['pid']}): {done['plan_line']}"))
-    if cfg.verbose:
-        print(verbose_lines(rep, f"placement: the server's (launch.py pool status {srv['name']})"))
-    if cfg.out_json:
-        Path(cfg.out_json).write_text(json.dumps(rep, indent=1))
-        print(f"JSON written to {cfg.out_json}")
+    _emit(cfg, rep, f"the server's (pid {srv['pid']}): {done['plan_line']}",
+          f"placement: the server's (launch.py pool status {srv['name']})")

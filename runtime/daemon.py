@@ -409,6 +409,17 @@ def _kill(pid: int, sig: int = signal.SIGKILL) -> None:
         os.kill(pid, sig)
 
 
+def kill_wait(pid: int, timeout_s: float, sig: int = signal.SIGKILL) -> bool:
+    """Send ``sig`` and wait up to ``timeout_s`` for the process to go; True if it went."""
+    from runtime.pool import pid_alive
+
+    _kill(pid, sig)
+    deadline = time.monotonic() + timeout_s
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return not pid_alive(pid)
+
+
 # ---- pool stop / list / cleanup ---------------------------------------------------------------------
 def stop(a) -> None:
     from runtime import server
@@ -416,21 +427,15 @@ def stop(a) -> None:
 
     rec = read_record(a.name)
     name, pid = rec["name"], int(rec["pid"])
-    t_all = time.monotonic()
+    t0 = time.monotonic()
     if server.live_server(name) is not None:  # first the server, an attached client of the pool
         print(server.stop(name, a.timeout))
-    t0 = time.monotonic()  # the coordinator's own --timeout, after the server's
     how = "was not running"
     if coordinator_alive(rec):
-        os.kill(pid, signal.SIGTERM)  # graceful: the coordinator stops its workers and unlinks everything
-        how = "stopped"
-        while pid_alive(pid) and time.monotonic() - t0 < a.timeout:
-            time.sleep(0.02)
-        if pid_alive(pid):
-            _kill(pid)  # escalate
+        how = "stopped"  # graceful: the coordinator stops its workers and unlinks everything
+        if not kill_wait(pid, a.timeout, signal.SIGTERM):
+            kill_wait(pid, 5.0)  # escalate
             how = f"did not stop within {a.timeout:g} s: killed"
-            while pid_alive(pid) and time.monotonic() - t0 < a.timeout + 5:
-                time.sleep(0.02)
     workers = _worker_pids(rec)
     with _lock(name):
         removed = _clean_stale(name, quiet=True)
@@ -440,7 +445,7 @@ def stop(a) -> None:
             time.sleep(0.02)
         _kill(w)
     extra = f"; removed {len(removed) - 1} leftover names" if len(removed) > 1 else ""
-    print(f"pool {name} (pid {pid}) {how} in {time.monotonic() - t_all:.2f} s{extra}")
+    print(f"pool {name} (pid {pid}) {how} in {time.monotonic() - t0:.2f} s{extra}")
 
 
 def _worker_pids(rec: dict) -> list[int]:

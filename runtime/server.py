@@ -119,7 +119,7 @@ def clean_stale(name: str) -> list[str]:
         return []
     removed = []
     for p in (record_path(name), socket_path(name)):
-        if p.exists() or p.is_socket():
+        if p.exists():
             p.unlink(missing_ok=True)
             removed.append(str(p))
     return removed
@@ -173,7 +173,7 @@ def serve(a) -> None:
 
 
 def _wait_serving(name: str, proc: subprocess.Popen, log: Path, timeout_s: float) -> dict:
-    from runtime.daemon import _log_tail
+    from runtime.daemon import _log_tail, kill_wait
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -185,35 +185,25 @@ def _wait_serving(name: str, proc: subprocess.Popen, log: Path, timeout_s: float
         if rec is not None and rec.get("pid") == proc.pid and not rec.get("starting"):
             return rec
         time.sleep(0.05)
-    _kill_wait(proc.pid, 5.0)
+    kill_wait(proc.pid, 5.0)
     proc.wait()
     clean_stale(name)
     raise UserError(f"pool {name}: the server did not serve within {timeout_s:.0f} s (--start-timeout); log {log}:\n"
                     f"{_log_tail(log)}")
 
 
-def _kill_wait(pid: int, timeout_s: float, sig: int = signal.SIGKILL) -> bool:
-    """Send ``sig`` and wait up to ``timeout_s`` for the process to go; True if it went."""
-    from runtime.pool import pid_alive
-
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, sig)
-    deadline = time.monotonic() + timeout_s
-    while pid_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return not pid_alive(pid)
-
-
 def stop(name: str, timeout_s: float = 10.0) -> str:
     """Stop pool ``name``'s server (SIGTERM, SIGKILL after ``timeout_s``), remove its files; says what it did."""
+    from runtime.daemon import kill_wait
+
     rec = read_record(name)
     if rec is None or not server_alive(rec):
         removed = clean_stale(name)
         return f"pool {name}: no server running" + (f"; removed {', '.join(removed)}" if removed else "")
     pid = int(rec["pid"])
     how = "stopped"
-    if not _kill_wait(pid, timeout_s, signal.SIGTERM):
-        _kill_wait(pid, 5.0)
+    if not kill_wait(pid, timeout_s, signal.SIGTERM):
+        kill_wait(pid, 5.0)
         how = f"did not stop within {timeout_s:g} s: killed"
     clean_stale(name)
     return f"pool {name}: server pid {pid} {how}"
