@@ -58,6 +58,9 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=int, default=2, help="I/O worker processes (default 2)")
     g.add_argument("--staging-mb", type=int, default=16,
                    help="each group read is split into chunks of this many MiB, read in parallel (default 16)")
+    g.add_argument("--threads", type=int, metavar="N",
+                   help="CPU compute threads of this run (default: the cores shared evenly by the runs computing "
+                        "on this machine's CPU at the time, recounted as they come and go)")
     g.add_argument("--attach", metavar="NAME",
                    help="use the running daemon pool NAME (launch.py pool start) instead of starting a private "
                         "pool: nothing is read from disk that the pool holds; the image defaults to the pool's, "
@@ -212,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="write to a block device that holds a partition table (never overrides 'mounted' or "
                         "'too small')")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip reading the new image back to check every group's crc32 before it replaces the old "
+                        "one (the header and layout are still checked)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
 
     p = sub.add_parser("run", help="generate text", description="Generate from a packed image.")
@@ -345,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return getattr(commands, args.command)(args) or 0
     except UserError as e:
+        if commands.TokenPrinter.line_open:  # the streamed text stopped mid-line
+            print(flush=True)
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
@@ -354,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
               f"--max-seq-len, or give the run more GPU memory (--gpu-mem-gb)", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
+        if commands.TokenPrinter.line_open:  # the streamed text stopped mid-line
+            print(flush=True)
         print("interrupted", file=sys.stderr)
         return 130
 

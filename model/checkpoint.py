@@ -52,6 +52,12 @@ class Checkpoint(ABC):
         """A path ``model.tokenizer.load_tokenizer`` accepts, or None if the checkpoint ships none."""
         return None
 
+    def source_files(self) -> list[Path]:
+        """The files this checkpoint is read from: the file, or every file of its directory (a pack must not
+        write over any of them)."""
+        p = Path(self.path)
+        return [p] if p.is_file() else sorted(f for f in p.iterdir() if f.is_file())
+
     def _check_shape(self, key: str, t: torch.Tensor, where: str) -> torch.Tensor:
         want = tuple(self.shapes[key])
         if tuple(t.shape) != want:
@@ -229,11 +235,12 @@ class HFCheckpoint(Checkpoint):
             raise
         except Exception as e:
             raise CheckpointError(f"{f}: cannot read tensor {name} ({e})") from None
+        self._check_shape(key, t, str(f))  # before the un-permute, which would fail on another shape
         if key.endswith("attention.wq.weight"):
             t = unpermute_hf(t, self.args.n_heads)
         elif key.endswith("attention.wk.weight"):
             t = unpermute_hf(t, self.args.n_kv_heads)
-        return self._check_shape(key, t, str(f))
+        return t
 
     def tokenizer_source(self) -> Path | None:
         for name in ("tokenizer.json", "tokenizer.model"):

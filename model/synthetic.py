@@ -45,6 +45,9 @@ class SyntheticCheckpoint(Checkpoint):
             flat[done:done + n].copy_(pool[pos:pos + n])
             done, pos = done + n, 0
 
+    def source_files(self) -> list:
+        return []  # drawn, not read
+
     def describe(self) -> dict:
         return {"format": "synthetic", "shape": self.name, "n_layers": self.args.n_layers}
 

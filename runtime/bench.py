@@ -596,14 +596,16 @@ def verbose_lines(rep: dict, describe: str | None) -> str:
 # ---- the command -----------------------------------------------------------------------------------------
 
 def run_bench(a) -> None:
-    from runtime.engine import RuntimeConfig, start_early
+    from runtime.engine import RuntimeConfig, SamplingConfig, start_early
 
     cfg = BenchConfig.from_args(a)
     rcfg = dataclasses.replace(RuntimeConfig.from_args(a), quiet=True)
+    sampling = SamplingConfig(cfg.max_new_tokens, a.temperature, a.top_p, a.seed)
     unused = unused_flags(a)
     for u in unused:
         print(f"warning: {u['flag']} {u['value']} is accepted but unused: {u['reason']}", file=sys.stderr)
     image = open_bench_image(a)
+    rcfg.check_for(image)
     ck = check_checkpoint(a.checkpoints, image) if a.checkpoints else None
     tok = load_tokenizer_for(image, ck)
     prompts = read_prompts(cfg.prompts, cfg.batch_size, tok, image.args.vocab_size)
@@ -621,19 +623,17 @@ def run_bench(a) -> None:
     early = (start_early(image, rcfg, a.device, cfg.batch_size, max_len)
              if cfg.disk_gbps and (cfg.h2d_gbps or a.device == "cpu") else None)
     try:
-        _run_bench(a, cfg, rcfg, image, prompts, max_len, cut, unused, early, tok)
+        _run_bench(a, cfg, rcfg, sampling, image, prompts, max_len, cut, unused, early, tok)
     finally:
         if early is not None:
             early.stop()
 
 
-def _run_bench(a, cfg: BenchConfig, rcfg, image, prompts, max_len: int, cut: list, unused: list, early,
+def _run_bench(a, cfg: BenchConfig, rcfg, sampling, image, prompts, max_len: int, cut: list, unused: list, early,
                tok=None) -> None:
     from runtime.commands import _device, generator_for
     from runtime.engine import open_source
-    from runtime.generate import SamplingConfig
 
-    sampling = SamplingConfig(cfg.max_new_tokens, a.temperature, a.top_p, a.seed)
     device = _device(a.device)
     lk = links(cfg, image, device, rcfg.workers)
     if device.type == "cuda":  # the CUDA context is the process's start-up, whether or not links were measured

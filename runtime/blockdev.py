@@ -246,27 +246,29 @@ def _check_block_target(path, image_bytes: int, force: bool, mounts_file, swaps_
 
 
 def _check_file_target(path, image_bytes: int) -> None:
-    """Refuse a file target whose directory is missing or read-only, or whose filesystem lacks the space."""
+    """Refuse a file target whose directory is missing or read-only, or whose filesystem lacks the space. The
+    image is written beside an existing file and replaces it only once complete (runtime/staged.py), so an
+    overwrite needs room for both."""
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
     if not os.path.isdir(parent):
         raise UserError(f"{path}: parent directory {parent} does not exist (expected an existing directory)")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"{path}: parent directory {parent} is not writable by uid {os.geteuid()}")
-    existing = 0
-    if os.path.lexists(path):
+    exists = os.path.lexists(path)
+    if exists:
         st = _stat_or_raise(path)
         if not stat.S_ISREG(st.st_mode):
             raise UserError(f"{path}: expected a regular file or a block device, "
                             f"found mode {oct(st.st_mode)}")
         if not os.access(path, os.W_OK):
             raise UserError(f"{path}: exists and is not writable by uid {os.geteuid()}")
-        existing = st.st_blocks * 512  # space given back on overwrite: allocated bytes, not a sparse size
     vfs = os.statvfs(parent)
     free = vfs.f_bavail * vfs.f_frsize
-    if free + existing < image_bytes:
+    if free < image_bytes:
+        beside = " (the existing image stays until the new one is complete)" if exists else ""
         raise UserError(f"{path}: not enough free space in {parent}: need {_fmt(image_bytes)}, have "
-                        f"{_fmt(free)} free + {_fmt(existing)} from the file being overwritten")
+                        f"{_fmt(free)} free{beside}")
 
 
 def check_pack_target(path, image_bytes: int, force: bool = False, *, mounts_file="/proc/self/mounts",
@@ -281,11 +283,54 @@ def check_pack_target(path, image_bytes: int, force: bool = False, *, mounts_fil
 
 
 def check_readable(path) -> None:
-    """Raise UserError naming ``path`` when it does not exist, or exists but this process may not read it."""
+    """Raise UserError naming ``path`` when it does not exist, is neither a regular file nor a block device (a
+    directory, /dev/null), or exists but this process may not read it."""
     if not os.path.exists(path):
         raise UserError(f"{path}: does not exist (expected a readable image file or block device)")
+    st = os.stat(path)
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise UserError(f"{path}: is {_file_kind(st.st_mode)}, not an image (expected a regular file or a block "
+                        f"device)")
     if not os.access(path, os.R_OK):
-        st = os.stat(path)
         mode = stat.S_IMODE(st.st_mode)
         raise UserError(f"{path}: no read permission for uid {os.geteuid()} (file mode {mode:o}, "
                         f"owner uid {st.st_uid} gid {st.st_gid})")
+
+
+def _file_kind(mode: int) -> str:
+    for test, what in ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return what
+    return f"of mode {oct(mode)}"
+
+
+def queue_depth(path) -> tuple[int, str] | None:
+    """(requests the block layer queues, the device's name) for the device that holds ``path`` (a block device
+    itself, or the filesystem of a file), from /sys/dev/block/MAJ:MIN/queue/nr_requests (a partition's is its
+    disk's); None where there is no such device (tmpfs, overlay, no /sys)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    dev = st.st_rdev if stat.S_ISBLK(st.st_mode) else st.st_dev
+    base = f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"
+    for q in (f"{base}/queue/nr_requests", f"{base}/../queue/nr_requests"):
+        try:
+            with open(q) as f:
+                return int(f.read().strip()), os.path.basename(os.path.realpath(base))
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def worker_limit(path, inflight: int, cores: int | None = None) -> tuple[int, str]:
+    """How many I/O worker processes reading ``path`` are useful here, and why: each keeps ``inflight`` reads in
+    flight and checksums what it reads, so more than two per core, or more than the device's queue holds,
+    only adds processes."""
+    cores = cores or os.cpu_count() or 1
+    limit, why = 2 * cores, f"2 per core, {cores} cores"
+    q = queue_depth(path)
+    if q is not None and max(1, q[0] // inflight) < limit:
+        limit, why = max(1, q[0] // inflight), f"the queue of {q[1]} holds {q[0]} requests, {inflight} per worker"
+    return max(limit, 1), why

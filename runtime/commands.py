@@ -30,7 +30,13 @@ def pack(a) -> None:
         from model.checkpoint import open_checkpoint
 
         ck = open_checkpoint(a.checkpoint)
-    manifest = do_pack(ck, a.out, a.manifest, a.dtype, a.force, quiet=a.quiet)
+    from runtime.daemon import pools_serving
+
+    serving = pools_serving(a.out)
+    if serving:
+        raise UserError(f"--out {a.out}: {', '.join(serving)} serves this image; stop it first (launch.py pool "
+                        f"stop NAME) or write the image elsewhere")
+    manifest = do_pack(ck, a.out, a.manifest, a.dtype, a.force, quiet=a.quiet, verify=not a.no_verify)
     print(f"wrote {a.out} ({ck.args.n_layers} layers, {a.dtype}) and {manifest}")
 
 
@@ -89,6 +95,10 @@ def generator_for(a, source, max_len: int, **kw):
     ``runtime.engine`` made for the source (--kv-offload)."""
     from runtime.generate import Generator
 
+    if source.device.type == "cpu" or getattr(a, "host_attention", None):  # computes on the CPU's cores
+        from runtime.threads import ComputeThreads
+
+        kw.setdefault("threads", ComputeThreads(getattr(a, "threads", None), quiet=getattr(a, "quiet", True)))
     return Generator(source, max_len, kv_block_tokens=getattr(a, "kv_block_tokens", 64),
                      topk_blk=getattr(a, "topk_blk", None), kv_offload=getattr(source, "kv_offload", False),
                      host_attention=getattr(a, "host_attention", False),
@@ -96,12 +106,19 @@ def generator_for(a, source, max_len: int, **kw):
                      prefill_by_sequence=getattr(a, "prefill_by_sequence", None), **kw)
 
 
-def _prompt_ids(a, tok, default_chat: bool) -> list[int]:
+def _prompt_ids(a, tok, default_chat: bool, vocab_size: int) -> list[int]:
     if a.prompt_ids is not None:
         try:
-            return [int(x) for x in a.prompt_ids.split(",") if x.strip()]
+            ids = [int(x) for x in a.prompt_ids.split(",") if x.strip()]
         except ValueError:
             raise ConfigError(f"--prompt-ids must be comma-separated integers, found {a.prompt_ids!r}") from None
+        bad = [(i, t) for i, t in enumerate(ids) if not 0 <= t < vocab_size]
+        if bad:
+            raise ConfigError(f"--prompt-ids: token {bad[0][0] + 1} is {bad[0][1]}, outside the model's vocabulary "
+                              f"(0..{vocab_size - 1})")
+        if not ids:
+            raise ConfigError("--prompt-ids is empty: give at least one token id")
+        return ids
     from runtime.embedded import DEFAULT_PROMPT
 
     text = a.prompt if a.prompt is not None else DEFAULT_PROMPT
@@ -111,7 +128,10 @@ def _prompt_ids(a, tok, default_chat: bool) -> list[int]:
 
 
 class TokenPrinter:
-    """Prints generated text as tokens arrive, decoding the whole output so multi-byte characters stay whole."""
+    """Prints generated text as tokens arrive, decoding the whole output so multi-byte characters stay whole.
+    ``line_open``: some printer left stdout in the middle of a line (launch.py ends it before a message)."""
+
+    line_open = False
 
     def __init__(self, tok) -> None:
         self.tok, self.ids, self.shown = tok, [], ""
@@ -122,52 +142,61 @@ class TokenPrinter:
         self.ids.append(token)
         if self.tok is None:
             print(token, end=" ", flush=True)
+            TokenPrinter.line_open = True
             return
         text = self.tok.decode(self.ids)
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
             return
         sys.stdout.write(text[len(self.shown):])
         sys.stdout.flush()
+        TokenPrinter.line_open = bool(text) and not text.endswith("\n")
         self.shown = text
 
 
 def run(a) -> None:
-    from runtime.engine import RuntimeConfig, start_early
+    from runtime.engine import RuntimeConfig, SamplingConfig, start_early
 
     rcfg = RuntimeConfig.from_args(a)  # flags first: a bad combination is reported before anything is opened
+    sampling = SamplingConfig(a.max_new_tokens, a.temperature, a.top_p, a.seed)
+    if a.max_seq_len is not None and a.max_seq_len < 1:
+        raise ConfigError(f"--max-seq-len must be at least 1, found {a.max_seq_len}")
     if a.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, found {a.batch_size}")
     if a.batch_size > 1 and not a.prompts:
         raise ConfigError("--batch-size applies to --prompts FILE")
     image = _open_image(a)
+    rcfg.check_for(image)
     from runtime.server import check_run_flags, server_for
 
     srv = server_for(a)
     if srv is not None:
         check_run_flags(a, srv)
     if a.prompts:
-        _run_prompts(a, image, rcfg, srv)
+        _run_prompts(a, image, rcfg, sampling, srv)
         return
     ids_given = a.prompt_ids is not None
     tok = _tokenizer(image, required=not ids_given)
-    prompt = _prompt_ids(a, tok, default_chat=a.image is None and a.prompt is None and not ids_given)
+    prompt = _prompt_ids(a, tok, a.image is None and a.prompt is None and not ids_given, image.args.vocab_size)
     if srv is not None:
         _run_via_server(a, image, tok, prompt, srv)
         return
     max_len = a.max_seq_len or len(prompt) + a.max_new_tokens
+    if len(prompt) + a.max_new_tokens > max_len:
+        raise ConfigError(f"prompt ({len(prompt)} tokens) + --max-new-tokens ({a.max_new_tokens}) exceeds "
+                          f"--max-seq-len {max_len}")
+    if max_len > image.args.max_seq_len:
+        raise ConfigError(f"--max-seq-len {max_len} exceeds the model's context {image.args.max_seq_len}")
     early = start_early(image, rcfg, a.device, max_len=max_len)  # the DRAM tier fills while torch starts
     try:
-        _run(a, image, tok, prompt, rcfg, max_len, early)
+        _run(a, image, tok, prompt, rcfg, sampling, max_len, early)
     finally:
         if early is not None:
             early.stop()
 
 
-def _run(a, image, tok, prompt, rcfg, max_len, early) -> None:
+def _run(a, image, tok, prompt, rcfg, cfg, max_len, early) -> None:
     from runtime.engine import open_source
-    from runtime.generate import SamplingConfig
 
-    cfg = SamplingConfig(a.max_new_tokens, a.temperature, a.top_p, a.seed)
     device = _device(a.device)
     t0 = time.perf_counter()
     with open_source(image, rcfg, device, max_len=max_len, early=early) as (source, plan, _):
@@ -175,6 +204,7 @@ def _run(a, image, tok, prompt, rcfg, max_len, early) -> None:
         printer = TokenPrinter(tok)
         res = generator_for(a, source, max_len).generate(prompt, cfg, tok.eos_ids if tok else frozenset(), printer)
     print()
+    TokenPrinter.line_open = False
     t = res.timings()
     if not a.quiet:
         tps = f"{t['decode_tok_s']:.2f} tok/s" if t["decode_tok_s"] else "n/a"
@@ -211,6 +241,7 @@ def _run_via_server(a, image, tok, prompt, srv) -> None:
 
     done = request(srv, {"prompt_ids": prompt, **_request(a, tok)}, on_message)
     print()
+    TokenPrinter.line_open = False
     res = GenerationResult(**done["results"][0])
     t = res.timings()
     first_ms = ((first[0] if first else time.perf_counter()) - t0) * 1e3
@@ -228,11 +259,11 @@ def _run_via_server(a, image, tok, prompt, srv) -> None:
         Path(a.out_json).write_text(json.dumps(out, indent=1))
 
 
-def _run_prompts(a, image, rcfg, srv=None) -> None:
+def _run_prompts(a, image, rcfg, cfg, srv=None) -> None:
     """``run --prompts FILE``: every prompt, --batch-size at a time, each batch sharing its weight passes (in
     this process, or in the pool's server ``srv``)."""
     from runtime.engine import open_source, start_early
-    from runtime.generate import GenerationResult, SamplingConfig
+    from runtime.generate import GenerationResult
 
     tok = _tokenizer(image, required=False)
     from runtime.bench import read_prompts
@@ -248,8 +279,9 @@ def _run_prompts(a, image, rcfg, srv=None) -> None:
         results = [GenerationResult(**r) for r in done["results"]]
         _print_prompts(a, tok, prompts, b, results, 0.0, t0, image, None)
         return
+    if max_len > image.args.max_seq_len:
+        raise ConfigError(f"--max-seq-len {max_len} exceeds the model's context {image.args.max_seq_len}")
     early = start_early(image, rcfg, a.device, batch=b, max_len=max_len)
-    cfg = SamplingConfig(a.max_new_tokens, a.temperature, a.top_p, a.seed)
     results, t0 = [], time.perf_counter()
     try:
         device = _device(a.device)
@@ -291,7 +323,12 @@ def perplexity(a) -> None:
     from runtime.engine import RuntimeConfig, open_source
 
     rcfg = RuntimeConfig.from_args(a)
+    if a.context < 2:
+        raise ConfigError(f"--context must be at least 2, found {a.context}")
     image = _open_image(a)
+    rcfg.check_for(image)
+    if a.context > image.args.max_seq_len:
+        raise ConfigError(f"--context {a.context} exceeds the model's context {image.args.max_seq_len}")
     tok = _tokenizer(image, required=True)
     try:
         text = Path(a.text_file).read_text(encoding="utf-8")

@@ -54,6 +54,7 @@ RECORD_VERSION = 1
 STATE_NAMES = {POOL_STARTING: "starting", POOL_FILLING: "filling", POOL_RUNNING: "running", 4: "stopping",
                POOL_FAILED: "failed"}
 DEFAULT_CLIENTS = 4
+MAX_CLIENTS = 64  # runs attached at once: each has its own semaphore, queues and window slots
 DEFAULT_WINDOW = 4
 
 
@@ -245,6 +246,13 @@ def _live_owner(name: str) -> int | None:
     """The pid of the live coordinator whose control block ``/llms.<uid>.<name>.ctl`` names it, else None
     (no control block, an unwritten or foreign one, or its coordinator is gone). /dev/shm is one namespace
     for every pool dir of this user: a pool of the same name recorded elsewhere must not be taken for dead."""
+    hd = _live_header(name)
+    return None if hd is None else int(hd["coord_pid"])
+
+
+def _live_header(name: str):
+    """The control-block header of pool ``name`` when a live coordinator owns it (its pid runs a daemon pool
+    or a private pool's multiprocessing child: a reused pid does not), else None."""
     import mmap
 
     import numpy as np
@@ -267,11 +275,45 @@ def _live_owner(name: str) -> int | None:
     pid = int(hd["coord_pid"])
     if int(hd["magic"]) != MAGIC or pid <= 0 or not pid_alive(pid):
         return None
-    try:  # a reused pid is not a coordinator: the daemon's, or a private pool's (a multiprocessing child)
+    try:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
-        return pid
-    return pid if b"runtime.daemon" in cmd or b"multiprocessing" in cmd else None
+        return hd
+    return hd if b"runtime.daemon" in cmd or b"multiprocessing" in cmd else None
+
+
+def pools_serving(path: str | os.PathLike) -> list[str]:
+    """The live pools of this user that serve the image at ``path`` (the same file, by path or inode, for a
+    daemon pool's record; the same header uuid for any pool, private ones included): what re-packing it would
+    break under them."""
+    from runtime.image import HEADER_SIZE, unpack_header
+    from runtime.shm import POOL_STOPPING
+
+    if not os.path.exists(path):
+        return []
+    st, real = os.stat(path), os.path.realpath(path)
+    hits = {}
+    for rec in list_records():
+        img = rec.get("image") or {}
+        same = img.get("path") and (os.path.realpath(img["path"]) == real or
+                                    (img.get("ino"), img.get("dev")) == (st.st_ino, st.st_dev))
+        if same and coordinator_alive(rec):
+            hits[rec["name"]] = f"pool {rec['name']!r} (coordinator pid {rec['pid']})"
+    try:
+        with open(path, "rb") as f:
+            uuid = unpack_header(f.read(HEADER_SIZE), str(path))["uuid"]
+    except (OSError, UserError):
+        return list(hits.values())
+    prefix = f"llms.{os.getuid()}."
+    for entry in leftover_names():
+        if not (entry.startswith(prefix) and entry.endswith(".ctl")):
+            continue
+        name = entry[len(prefix):-len(".ctl")]
+        hd = _live_header(name)
+        if name not in hits and hd is not None and bytes(hd["uuid"]).ljust(16, b"\0").hex() == uuid and \
+                int(hd["state"]) != POOL_STOPPING:
+            hits[name] = f"pool {name!r} (coordinator pid {int(hd['coord_pid'])})"
+    return list(hits.values())
 
 
 def _unlink_name(entry: str) -> list[str]:
@@ -291,13 +333,24 @@ def _unlink_name(entry: str) -> list[str]:
 def start(a) -> None:
     """``pool start``: refuse bad input up front, start the daemon, wait until it serves (progress shown)."""
     from runtime.blockdev import check_readable
+    from runtime.pool import check_worker_count
+    from workers.io_worker import WorkerOptions
 
     name = validate_pool_name(a.name)
-    check_readable(a.image)
-    image = Image.open(os.path.abspath(a.image), a.manifest and os.path.abspath(a.manifest))
-    for key in ("workers", "clients", "staging_mb"):
+    for key in ("clients", "staging_mb"):
         if getattr(a, key) < 1:
             raise ConfigError(f"--{key.replace('_', '-')} must be at least 1, found {getattr(a, key)}")
+    if a.clients > MAX_CLIENTS:
+        raise ConfigError(f"--clients {a.clients}: at most {MAX_CLIENTS} runs may attach to one pool")
+    if a.dram_gb is not None and not a.dram_gb > 0:
+        raise ConfigError(f"--dram-gb must be positive, found {a.dram_gb}")
+    if a.window_slots is not None and a.window_slots < 0:
+        raise ConfigError(f"--window-slots must be >= 0, found {a.window_slots}")
+    if not a.start_timeout > 0:
+        raise ConfigError(f"--start-timeout must be positive, found {a.start_timeout}")
+    check_readable(a.image)
+    image = Image.open(os.path.abspath(a.image), a.manifest and os.path.abspath(a.manifest))
+    check_worker_count(a.workers, str(image.path), WorkerOptions().inflight)
     dc = plan_pool(image, a.dram_gb, a.clients, a.window_slots)  # refused before anything is created
     with _lock(name):
         p = record_path(name)
@@ -395,13 +448,44 @@ def _wait_filled(rec: dict, total: int, proc: subprocess.Popen, log: Path, quiet
 
 @contextlib.contextmanager
 def _lock(name: str):
-    """The pool's lock file (serialises start / cleanup / client-row claims of one pool name)."""
-    fd = os.open(pool_dir() / f"{validate_pool_name(name)}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
+    """The pool's lock file (serialises start / cleanup / client-row claims of one pool name). The file is
+    removed with the pool (``_forget``, under the lock), so a waiter that wakes on a removed file takes the
+    new one instead."""
+    path = pool_dir() / f"{validate_pool_name(name)}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
         yield
     finally:
         os.close(fd)
+
+
+def _forget(name: str) -> list[str]:
+    """Under the pool's lock, once nothing of pool ``name`` is alive: remove its logs and its lock file."""
+    from runtime import server
+
+    removed = []
+    for p in (log_path(name), server.log_path(name), pool_dir() / f"{name}.lock"):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+            removed.append(str(p))
+    return removed
+
+
+def _traces(name: str) -> bool:
+    """Whether pool ``name`` has anything in the pool dir or /dev/shm (a record, a log, a lock, names)."""
+    from runtime import server
+
+    files = [record_path(name), log_path(name), server.record_path(name), server.log_path(name),
+             server.socket_path(name), pool_dir() / f"{name}.lock"]
+    return any(os.path.lexists(p) for p in files) or bool(leftover_names(pool=name))
 
 
 def _kill(pid: int, sig: int = signal.SIGKILL) -> None:
@@ -439,6 +523,8 @@ def stop(a) -> None:
     workers = _worker_pids(rec)
     with _lock(name):
         removed = _clean_stale(name, quiet=True)
+        if not coordinator_alive(rec) and _live_owner(name) is None and server.live_server(name) is None:
+            _forget(name)
     for w in workers:  # they exit by themselves once their coordinator is gone; make sure
         deadline = time.monotonic() + 3
         while pid_alive(w) and time.monotonic() < deadline:
@@ -506,10 +592,13 @@ def list_pools(a) -> None:
 def cleanup(a) -> None:
     """Remove dead pools' leftovers: records, segments, semaphores; and names in /dev/shm of this user that
     no live pool (daemon or a private pool of a live process) accounts for."""
+    from runtime import server
     from runtime.pool import pid_alive
 
     names = [a.name] if a.name else sorted({r["name"] for r in list_records()} |
-                                           {n.removeprefix("sem.").split(".")[2] for n in leftover_names()})
+                                           {n.removeprefix("sem.").split(".")[2] for n in leftover_names()} |
+                                           {p.name.split(".")[0] for p in pool_dir().glob("*.lock")} |
+                                           {p.name.split(".")[0] for p in pool_dir().glob("*.log")})
     removed = []
     for name in names:
         validate_pool_name(name)
@@ -517,8 +606,18 @@ def cleanup(a) -> None:
             with contextlib.suppress(ValueError):
                 if pid_alive(int(name[3:].split("-")[0])):
                     continue
+        if not _traces(name):
+            if a.name:
+                print(f"pool {name}: nothing to remove (no record, log, lock or shared memory of that name)")
+            continue
         with _lock(name):
             removed += _clean_stale(name, quiet=True)
+            rec = None
+            with contextlib.suppress(UserError):
+                rec = read_record(name)
+            if (rec is None or not coordinator_alive(rec)) and _live_owner(name) is None and \
+                    server.live_server(name) is None:
+                removed += _forget(name)
     for n in removed:
         print(f"removed {n}")
     print(f"cleanup: {len(removed)} names removed" if removed else "cleanup: nothing to remove")
@@ -592,21 +691,13 @@ def attach(name: str, image_path: str | None = None) -> Attachment:
 
 # ---- the daemon process ----------------------------------------------------------------------------
 def daemon_main(cfg_file: str) -> int:
-    from runtime.pool import Coordinator, PoolConfig
+    from runtime.pool import Coordinator, PoolConfig, on_stop_signal
     from workers.io_worker import WorkerOptions
 
     dc = DaemonConfig(**json.loads(Path(cfg_file).read_text()))
     Path(cfg_file).unlink(missing_ok=True)
-    coord = None
-
-    def on_term(signum, _frame) -> None:
-        if coord is not None:
-            coord.stop_requested = True
-        else:
-            raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_term)
+    signal.signal(signal.SIGTERM, on_stop_signal)
+    signal.signal(signal.SIGINT, on_stop_signal)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     pcfg = PoolConfig(dc.image, dc.manifest, dc.name, tuple(dc.dram_groups), dc.window_slots, max(dc.slot_bytes, 1),
                       n_clients=dc.n_clients, workers=dc.workers,

@@ -57,8 +57,16 @@ class RuntimeConfig:
     # more weight passes, and always with every layer attended on the host; runtime.generate.Generator._prefill)
     prefill_by_sequence: bool | None = None
     kv_block_tokens: int = 64  # --kv-block-tokens: the cache's slots come in whole blocks (model.llama.KVCache)
+    topk_blk: int | None = None  # --topk-blk: decode attention over the K best blocks (None: exact)
+    threads: int | None = None  # --threads: CPU compute threads (None: the cores shared by the machine's runs)
 
     def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads must be at least 1, found {self.threads}")
+        if self.topk_blk is not None and self.topk_blk < 1:
+            raise ConfigError(f"--topk-blk must be at least 1, found {self.topk_blk}")
+        if self.host_attention and self.topk_blk is not None:
+            raise ConfigError("--host-attention and --topk-blk do not go together: top-k scores blocks on the GPU")
         if self.mode not in MODES:
             raise ConfigError(f"--mode must be one of {MODES}, found {self.mode!r}")
         if self.kv_block_tokens < 1:
@@ -84,10 +92,34 @@ class RuntimeConfig:
                 raise ConfigError(f"{', '.join(bad)} cannot be given with --attach: the pool fixed its DRAM tier and "
                                   f"window when it started, and its processes are not traced")
 
+    def check_for(self, image: Image) -> None:
+        """What needs the image: the I/O workers its device makes useful (a private pool's)."""
+        if self.mode != "full" and self.attach is None:
+            from runtime.pool import check_worker_count
+            from workers.io_worker import WorkerOptions
+
+            check_worker_count(self.workers, str(image.path), WorkerOptions().inflight)
+
     @classmethod
     def from_args(cls, a) -> RuntimeConfig:
         keys = [f for f in cls.__dataclass_fields__ if hasattr(a, f)]
         return cls(**{k: getattr(a, k) for k in keys})
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ConfigError(f"--max-new-tokens must be >= 0, found {self.max_new_tokens}")
+        if not self.temperature >= 0:
+            raise ConfigError(f"--temperature must be >= 0, found {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"--top-p must be in (0, 1], found {self.top_p}")
 
 
 def chunk_per_sequence(chunk: int, batch: int) -> int:
@@ -309,8 +341,11 @@ def gpu_tier_in_dram(plan) -> bool:
 
 
 def _start_pool(image: Image, cfg: RuntimeConfig, plan, trace) -> PrivatePool:
-    from runtime.pool import PoolConfig, PrivatePool
+    from runtime.pool import PoolConfig, PrivatePool, check_worker_count
     from workers.io_worker import WorkerOptions
+
+    opts = WorkerOptions(direct=cfg.direct_io, chunk_bytes=cfg.staging_mb << 20, trace_dir=trace.dir if trace else None)
+    check_worker_count(cfg.workers, str(image.path), opts.inflight)
 
     if not cfg.quiet:
         print(plan.describe(), file=sys.stderr)
@@ -323,10 +358,8 @@ def _start_pool(image: Image, cfg: RuntimeConfig, plan, trace) -> PrivatePool:
     # In the order of first use: the embedding, the GPU tier (loaded first), the DRAM tier in pass order.
     dram_groups = tuple(dict.fromkeys(plan.host + (plan.gpu if mirror else ()) + plan.dram))
     pool_cfg = PoolConfig(str(image.path), str(image.manifest_path), f"run{os.getpid()}-{next(_POOL_NUMBERS)}",
-                          dram_groups, window, slot_bytes, workers=cfg.workers,
-                          worker_opts=WorkerOptions(direct=cfg.direct_io, chunk_bytes=cfg.staging_mb << 20,
-                                                    trace_dir=trace.dir if trace else None),
-                          owner_pid=os.getpid())
+                          dram_groups, window, slot_bytes, workers=cfg.workers, worker_opts=opts,
+                          owner_pid=os.getpid(), quiet=cfg.quiet)
     return PrivatePool(pool_cfg)
 
 

@@ -9,6 +9,9 @@ PYTORCH_CUDA_ALLOC_CONF  PyTorch's; when neither it nor PYTORCH_ALLOC_CONF is se
 LLMS_CUDA_MEMORY_HISTORY  set (to anything but 0 or empty): record the Python stack of every CUDA allocation,
                       so that an out-of-memory error names the lines of code holding the memory
                       (runtime/gpumem.py).
+LLMS_PACK_KILL_AT     tests only: the pack process SIGKILLs itself at a named point, to show that nothing is
+                      lost there (runtime/pack.py, runtime/staged.py): group-N (after writing group N),
+                      before-commit, rename-N (before the commit's rename N).
 """
 
 from __future__ import annotations
@@ -47,3 +50,7 @@ def allocator_defaults() -> None:
 
 def cuda_memory_history() -> bool:
     return os.environ.get("LLMS_CUDA_MEMORY_HISTORY", "") not in ("", "0")
+
+
+def pack_kill_at() -> str | None:
+    return os.environ.get("LLMS_PACK_KILL_AT") or None

@@ -20,6 +20,7 @@ import torch
 from model.args import ModelArgs
 from model.errors import ConfigError
 from model.llama import KVCache, Rope, TieredKVCache, Weights, forward_groups, host_layer_count
+from runtime.engine import SamplingConfig  # noqa: F401 (re-exported: it is checked before torch starts)
 
 
 class WeightSource(Protocol):
@@ -30,22 +31,6 @@ class WeightSource(Protocol):
     def embed(self, tokens: torch.Tensor) -> torch.Tensor: ...
 
     def get(self, group: str) -> Weights: ...
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    max_new_tokens: int = 64
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 0:
-            raise ConfigError(f"--max-new-tokens must be >= 0, found {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ConfigError(f"--temperature must be >= 0, found {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"--top-p must be in (0, 1], found {self.top_p}")
 
 
 @dataclass
@@ -111,12 +96,14 @@ class Generator:
 
     def __init__(self, source: WeightSource, max_seq_len: int, prefill_chunk: int = 2048, kv_block_tokens: int = 64,
                  topk_blk: int | None = None, kv_offload: bool = False, profile_attention: bool = False,
-                 host_attention: bool | int | str | None = None, prefill_by_sequence: bool | None = None) -> None:
+                 host_attention: bool | int | str | None = None, prefill_by_sequence: bool | None = None,
+                 threads=None) -> None:
         """``kv_block_tokens``, ``topk_blk``: the KV cache's blocks and top-k decode attention (model.llama
         KVCache; None: exact). ``kv_offload``: the KV cache lives in DRAM, two layers at a time on the device
         (TieredKVCache); ``host_attention`` (True or "all": every layer, N: N layers spread evenly): those layers'
         decode attention runs on the CPU where the cache lives.
         ``profile_attention``: time decode attention (``attn_time_ms``; synchronises).
+        ``threads``: a runtime.threads.ComputeThreads, refreshed once a pass (the CPU's share of this run).
         ``prefill_by_sequence``: an offloaded cache's batch is prefilled whole prompts at a time
         (``forward_by_sequence``); None: when that takes no more weight passes than chunking across the batch,
         and always when the cache's device buffers hold fewer sequences than the batch (``_prefill``)."""
@@ -130,6 +117,7 @@ class Generator:
         # layers attended on the host; only an offloaded cache lives there
         self.host_layers = host_layer_count(host_attention, source.args.n_layers) if kv_offload else 0
         self.profile_attention = profile_attention
+        self.threads = threads
         self.prefill_by_sequence = prefill_by_sequence
         self.prefilled_by_sequence = False  # how the latest batch was prefilled (_prefill)
         self.cache_alloc_ms = 0.0  # how long the latest cache took to allocate (pinned host memory: seconds)
@@ -211,6 +199,8 @@ class Generator:
 
         outs, step = [], chunk_per_sequence(self.prefill_chunk, tokens.shape[0]) if tokens.shape[0] > 1 \
             else self.prefill_chunk
+        if self.threads is not None:
+            self.threads.refresh()
         for i in range(0, tokens.shape[1], step):  # with last_only no chunk computes every position's logits
             chunk = tokens[:, i:i + step]  # (B x chunk x vocab fp32: 1 GB for 4 x 512 x 128K, beyond the plan)
             out = forward_groups(chunk, start + i, self.args, self.source, self.rope, cache, last_only=last_only)

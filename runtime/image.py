@@ -186,14 +186,20 @@ class Image:
         return image
 
     def _validate(self, size: int) -> None:
-        if size < self.image_size:
-            raise ImageFormatError(f"{self.path}: size {size} bytes, manifest {self.manifest_path} expects "
-                                   f"at least {self.image_size} (truncated image?)")
+        """The header first (its uuid tells a manifest of another image from a truncated image), then the size,
+        then the layout of the model arguments."""
         with open(self.path, "rb") as f:
-            hdr = unpack_header(f.read(HEADER_SIZE), str(self.path))
+            raw = f.read(HEADER_SIZE)
+        if len(raw) < HEADER_SIZE:
+            raise ImageFormatError(f"{self.path}: {size} bytes, shorter than the {HEADER_SIZE}-byte header that "
+                                   f"manifest {self.manifest_path} expects (truncated, or not an image)")
+        hdr = unpack_header(raw, str(self.path))
         if hdr["uuid"] != self.uuid:
             raise ImageFormatError(f"{self.path}: header uuid {hdr['uuid']} does not match manifest "
                                    f"{self.manifest_path} uuid {self.uuid} (manifest of another image?)")
+        if size < self.image_size:
+            raise ImageFormatError(f"{self.path}: size {size} bytes, manifest {self.manifest_path} expects "
+                                   f"at least {self.image_size} (truncated image?)")
         if (hdr["n_groups"], hdr["image_size"]) != (len(self.groups), self.image_size):
             raise ImageFormatError(f"{self.path}: header says {hdr['n_groups']} groups / {hdr['image_size']} "
                                    f"bytes, manifest says {len(self.groups)} / {self.image_size}")

@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from model.errors import UserError
+from model.errors import ConfigError, UserError
 from runtime.image import ALIGN, Image, align_up
 from runtime.shm import (
     CLIENT_ATTACHED,
@@ -64,6 +64,13 @@ from runtime.trace import SORT_COORDINATOR, Recorder
 from workers.io_worker import WorkerOptions, worker_main
 
 LOOP_S = 0.05  # the coordinator wakes at least this often (heartbeat, liveness checks)
+_SIGNALLED = [False]  # SIGTERM/SIGINT seen in this process (set by the handler, read at every stage)
+
+
+def on_stop_signal(signum, _frame) -> None:
+    """The coordinator's SIGTERM (and a daemon's SIGINT) handler: only a flag, so that a signal at any moment,
+    the creation of the shared memory included, leaves nothing half made; every stage checks it."""
+    _SIGNALLED[0] = True
 
 
 @dataclass(frozen=True)
@@ -78,7 +85,7 @@ class PoolConfig:
     workers: int = 2
     worker_opts: WorkerOptions = field(default_factory=WorkerOptions)
     owner_pid: int | None = None  # private pool: exit when this process is gone
-    verbose: bool = False
+    quiet: bool = False  # no progress lines (the DRAM tier's fill); faults are always logged
 
 
 @dataclass
@@ -150,6 +157,21 @@ class Coordinator:
 
     def log(self, msg: str) -> None:
         print(f"[pool {self.cfg.name} pid {os.getpid()}] {msg}", file=sys.stderr, flush=True)
+
+    def should_stop(self) -> bool:
+        """Asked to stop (``pool stop``, SIGTERM) or orphaned (a private pool whose run is gone)."""
+        return self.stop_requested or _SIGNALLED[0] or not self.owner_alive()
+
+    def start_workers(self) -> bool:
+        """Start every worker, heartbeating between them; False if told to stop meanwhile (the started ones
+        are stopped by ``shutdown``)."""
+        for i in range(self.cfg.workers):
+            if self.should_stop():
+                self.log(f"stopping while starting its I/O workers ({i} of {self.cfg.workers} started)")
+                return False
+            self.start_worker(i)
+            self.heartbeat()
+        return True
 
     def start_worker(self, i: int) -> None:
         ctx = mp.get_context("spawn")
@@ -285,7 +307,7 @@ class Coordinator:
     # ---- workers -------------------------------------------------------------------------------
     def check_workers(self) -> None:
         for i, p in enumerate(self.procs):
-            if p is not None and p.exitcode is not None and not self.stop_requested:
+            if p is not None and p.exitcode is not None and not self.should_stop():
                 self.replace_worker(i, p.exitcode)
 
     def replace_worker(self, i: int, exitcode: int) -> None:
@@ -323,19 +345,20 @@ class Coordinator:
             self.queue_read(s, int(r.slots[s]["group"]) if int(r.slots[s]["group"]) >= 0 else
                             self.index[self.cfg.dram_groups[s]])
         while sum(int(r.slots[s]["state"]) == SLOT_READY for s in range(n)) < n:
-            if int(r.header["state"]) == POOL_FAILED or self.stop_requested or not self.owner_alive():
+            if int(r.header["state"]) == POOL_FAILED or self.should_stop():
                 return
             self.step()
             self.check_workers()
-            if time.monotonic() - last > 2.0 and total:
+            if time.monotonic() - last > 2.0 and total and not self.cfg.quiet:
                 last = time.monotonic()
                 done = int(r.header["bytes_dram"])
                 self.log(f"filling DRAM tier: {done / 1e9:.2f} / {total / 1e9:.2f} GB "
                          f"({done / 1e9 / max(last - t0, 1e-9):.2f} GB/s)")
         if n:
             dt = time.monotonic() - t0
-            self.log(f"DRAM tier filled: {n} groups, {total / 1e9:.2f} GB in {dt:.2f} s "
-                     f"({total / 1e9 / max(dt, 1e-9):.2f} GB/s)")
+            if not self.cfg.quiet:
+                self.log(f"DRAM tier filled: {n} groups, {total / 1e9:.2f} GB in {dt:.2f} s "
+                         f"({total / 1e9 / max(dt, 1e-9):.2f} GB/s)")
             if self.trace:
                 self.trace.span("fill DRAM tier", "pool", "pool", int(t0 * 1e9), time.monotonic_ns(),
                                 {"groups": n, "bytes": total, "GBps": round(total / 1e9 / max(dt, 1e-9), 3)})
@@ -344,13 +367,13 @@ class Coordinator:
         return self.cfg.owner_pid is None or pid_alive(self.cfg.owner_pid)
 
     def serve(self) -> None:
-        for i in range(self.cfg.workers):
-            self.start_worker(i)
+        if not self.start_workers():
+            return
         self.fill_dram_tier()
         if int(self.res.header["state"]) == POOL_FILLING:
             self.res.header["state"] = POOL_RUNNING
         last_check = 0.0
-        while not self.stop_requested and self.owner_alive():
+        while not self.should_stop():
             self.step()
             if time.monotonic() - last_check > 0.2:
                 last_check = time.monotonic()
@@ -373,6 +396,15 @@ class Coordinator:
             self.res.unlink()
             if self.trace:
                 self.trace.dump(self.cfg.worker_opts.trace_dir)
+
+
+def check_worker_count(workers: int, image_path: str, inflight: int) -> None:
+    """Refuse more I/O workers than can be useful for ``image_path`` on this machine (blockdev.worker_limit)."""
+    from runtime.blockdev import worker_limit
+
+    limit, why = worker_limit(image_path, inflight)
+    if not 1 <= workers <= limit:
+        raise ConfigError(f"--workers {workers}: 1 to {limit} I/O workers are useful for {image_path} here ({why})")
 
 
 def pid_alive(pid: int) -> bool:
@@ -405,17 +437,18 @@ def stop_processes(procs: list, grace_s: float) -> None:
 
 def coordinator_main(cfg: PoolConfig, ready) -> None:
     """Process entry point: build the pool, report its handle (or the error) through ``ready``, serve."""
-    coord = None  # bound before the handler can run: a SIGTERM during start must not raise NameError
-    signal.signal(signal.SIGTERM, lambda *_: setattr(coord, "stop_requested", True) if coord else sys.exit(0))
-    signal.signal(signal.SIGINT, signal.SIG_IGN if cfg.owner_pid else signal.default_int_handler)
+    signal.signal(signal.SIGTERM, on_stop_signal)
+    signal.signal(signal.SIGINT, signal.SIG_IGN if cfg.owner_pid else on_stop_signal)
     try:
         coord = Coordinator(cfg)
     except Exception as e:
         ready.send(("error", f"{e}"))
         return
-    ready.send(("ok", coord.handle))
-    ready.close()
     try:
+        if coord.should_stop():  # signalled, or the run gone, while the shared memory was made
+            return
+        ready.send(("ok", coord.handle))
+        ready.close()
         coord.serve()
     finally:
         coord.shutdown()

@@ -42,6 +42,10 @@ class Worker:
     def __init__(self, handle: PoolHandle, index: int, image: str, opts: WorkerOptions) -> None:
         self.index, self.parent, self.opts = index, os.getppid(), opts
         self.res = PoolResources.attach(handle)
+        coord = int(self.res.header["coord_pid"])
+        if coord != self.parent:  # it died while this process started
+            self.res.close()
+            raise RuntimeError(f"coordinator pid {coord} is gone")
         self.row = self.res.workers[index]
         self.reader = DirectReader(image, direct=opts.direct, max_inflight=opts.inflight,
                                    chunk_bytes=opts.chunk_bytes, log=self.log)
