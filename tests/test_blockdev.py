@@ -280,16 +280,14 @@ def test_pack_target_not_enough_space(tmp_path, monkeypatch):
     assert str(10 * MiB) in msg and str(100 * 4096) in msg and "GiB" in msg
 
 
-def test_pack_target_overwrite_counts_existing_file(tmp_path, monkeypatch):
+def test_pack_target_overwrite_needs_room_for_both(tmp_path, monkeypatch):
+    """The new image is written beside the old one (which stays until it is complete): no credit for the old."""
     existing = tmp_path / "old.img"
     existing.write_bytes(os.urandom(2 * MiB))
-    allocated = os.stat(existing).st_blocks * 512
     monkeypatch.setattr(blockdev.os, "statvfs", lambda p: FakeStatvfs(f_bavail=256, f_frsize=4096))  # 1 MiB
-    check_pack_target(str(existing), MiB + allocated)
-    with pytest.raises(UserError, match="not enough free space"):
-        check_pack_target(str(existing), MiB + allocated + 1)
-    with pytest.raises(UserError, match="not enough free space"):  # a new file gets no such credit
-        check_pack_target(str(tmp_path / "new.img"), MiB + allocated)
+    check_pack_target(str(existing), MiB)
+    with pytest.raises(UserError, match="not enough free space.*existing image stays"):
+        check_pack_target(str(existing), MiB + 1)
 
 
 # ---- check_pack_target: block devices, simulated on the fake tree --------------------------------------

@@ -228,8 +228,8 @@ class Pools:
             with contextlib.suppress(psutil.Error):  # gone, or a zombie, since tagged() looked: not left behind
                 procs.append(f"{p.pid} {' '.join(p.cmdline())[:100]}")
         procs += [f"{pid} (coordinator or worker)" for pid in sorted(self.pids) if self.ours(pid)]
-        records = sorted(p.name for pat in ("*.json", "*.server", "*.sock")  # pool and server records, sockets
-                         for p in self.dir.glob(pat)) if self.dir.exists() else []
+        records = sorted(p.name for pat in ("*.json", "*.server", "*.sock", "*.lock", "*.log")  # records, sockets,
+                         for p in self.dir.glob(pat)) if self.dir.exists() else []  # locks and logs
         return ([f"/dev/shm names: {names}"] if names else []) + ([f"processes: {procs}"] if procs else []) + \
             ([f"records: {records}"] if records else [])
 
@@ -684,9 +684,9 @@ def test_image_changed(image, pools, tmp_path):
     os.utime(img, ns=keep)
     _refused(name, "header uuid", Image.open(other).uuid)
 
-    # a real re-pack of the path (launch.py pack): refused on the CLI
-    run_launch("pack", "--synthetic", "tiny", "--layers", "4", "--seed", "9", "--dtype", "fp32", "--out", str(img),
-               "--quiet")
+    # a real re-pack of the path (launch.py pack refuses it while the pool serves: the library call, as another
+    # tool would): a new file renamed over the old one, so the attach is refused on the CLI
+    pack(SyntheticCheckpoint("tiny", n_layers=4, seed=9), img, dtype="fp32", quiet=True)
     proc = run_launch(*attach_args(name, PROMPTS[0], 2), check=False)
     assert_user_error(proc, repr(name), "attach refused")
     res = control(name)
@@ -759,6 +759,10 @@ BAD_START = {
     "missing-image": (["--image", "{tmp}/none.img"], ["{tmp}/none.img", "does not exist"]),
     "unreadable-image": (["--image", "{tmp}/locked.img"], ["{tmp}/locked.img", "no read permission"]),
     "clients-0": (["--clients", "0"], ["--clients must be at least 1, found 0"]),
+    "clients-1000": (["--clients", "1000"], ["--clients 1000: at most 64"]),
+    "dram-negative": (["--dram-gb", "-1"], ["--dram-gb must be positive, found -1.0"]),
+    "workers-1000": (["--workers", "1000"], ["--workers 1000: 1 to", "useful"]),
+    "image-dir": (["--image", "{tmp}"], ["{tmp}", "is a directory, not an image"]),
     "name-dotdot": (["--name", "../x"], ["'../x'", "1-64 characters"]),
     "name-slash": (["--name", "a/b"], ["'a/b'", "1-64 characters"]),
     "name-empty": (["--name", ""], ["''", "1-64 characters"]),
@@ -818,6 +822,29 @@ def test_bad_input_with_live_pool(image, pools, tmp_path):
     finally:
         res.close()
     assert {p.pid for p in pools.tagged()} == procs  # no process but the pool's (and its resource tracker)
+    # re-packing the image the pool serves: refused, the image untouched
+    before = (image.read_bytes(), Path(f"{image}.manifest.json").read_bytes())
+    proc = run_launch("pack", "--synthetic", "tiny", "--layers", "4", "--seed", "9", "--out", str(image), check=False)
+    assert_user_error(proc, f"--out {image}", repr(name), f"pid {rec['pid']}", "serves this image")
+    assert (image.read_bytes(), Path(f"{image}.manifest.json").read_bytes()) == before
+
+
+def test_cleanup_and_stop_leave_no_files(image, pools):
+    """``pool cleanup`` of a name nothing knows creates nothing; stop and cleanup remove the lock and the logs."""
+    missing = pools.name("nothing")
+    out = run_launch("pool", "cleanup", missing).stdout
+    assert "nothing to remove" in out and not list(pools.dir.glob(f"{missing}*"))
+    name = pools.name("files")
+    pools.start(image, name)
+    assert sorted(p.name for p in pools.dir.glob(f"{name}*")) == [f"{name}.json", f"{name}.lock", f"{name}.log"]
+    run_launch("pool", "stop", name)
+    assert not list(pools.dir.glob(f"{name}*"))
+    pools.start(image, name)
+    rec = read_record(name)
+    os.kill(rec["pid"], signal.SIGKILL)
+    wait_until(lambda: not alive(rec["pid"]), 10, "the coordinator gone")
+    run_launch("pool", "cleanup", name)
+    assert not list(pools.dir.glob(f"{name}*")) and leftover_names(pool=name) == []
 
 
 # ---- the pool's server ------------------------------------------------------------------------------------
