@@ -82,12 +82,12 @@ def main() -> int:
                 return 1
         image_arg, vocab = ["--image", str(img)], preset(a.synthetic, a.layers).vocab_size
     else:
-        from runtime.image import Image
+        from runtime.format.image import Image
 
         if a.image:
             image_arg = ["--image", a.image]
         else:
-            from runtime.embedded import embedded_image
+            from runtime.format.embedded import embedded_image
 
             image_arg = ["--image", str(embedded_image())]
         vocab = Image.open(image_arg[1]).args.vocab_size

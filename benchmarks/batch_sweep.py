@@ -6,7 +6,7 @@ the KV cache's traffic takes over. One ``launch.py bench`` per batch size, a tab
     python benchmarks/batch_sweep.py --shape tiny --layers 4 --device cpu --batches 1,4 --prompt-tokens 64 \
         --new-tokens 4 --workdir /tmp/bs --out /tmp/bs                                # CPU check of the plumbing
 
-As in the seeds' bench: prompts of ``--prompt-tokens`` tokens (distinct per sequence), ``--new-tokens`` new
+As in the original bench: prompts of ``--prompt-tokens`` tokens (distinct per sequence), ``--new-tokens`` new
 tokens, ``--mode preload`` under the GPU cap (an image with fewer layers than the model gets the suite's
 emulated cap, benchmarks/suite.py). The KV cache is offloaded to DRAM when the cap cannot hold it
 (``--kv-offload auto``); ``--host-attention`` then runs its decode attention on the CPU. Per batch size:
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.suite import emulated_cap, sh  # noqa: E402
-from runtime.engine import prefill_passes  # noqa: E402
+from runtime.engine.batching import prefill_passes  # noqa: E402
 
 RATIO = 1.2
 
@@ -103,7 +103,7 @@ def main() -> int:
         h2d = (j["links"].get("h2d") or {}).get("gbps")
         kv_step = j["kv"]["decode_h2d_bytes"] / steps
         w_step = j["bytes_per_token"]["h2d"]
-        # chunked across the batch, or whole prompts a pass (runtime.generate.Generator._prefill chose)
+        # chunked across the batch, or whole prompts a pass (runtime.engine.generate.Generator._prefill chose)
         passes = prefill_passes(a.prefill_chunk or 2048, b, a.prompt_tokens)[bool(j["kv"].get("prefill_by_sequence"))]
         rows.append({"batch": b, "prefill_s": j["prefill_ms"] / 1e3, "prefill_passes": passes,
                      # the weight passes and the KV read back between chunks (later chunks attend to earlier)

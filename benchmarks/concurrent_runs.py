@@ -3,7 +3,7 @@ each at most 2.5x the solo run's wall time on a 2-core machine).
 
 Each run is a whole ``launch.py run`` process (private pool, workers, model load, prefill, decode), started
 at the same moment; the solo run is timed first, then the concurrent ones, ``--repeat`` times each (the
-medians are compared). The compute threads each run took (runtime/threads.py) are read from its stderr.
+medians are compared). The compute threads each run took (runtime/engine/threads.py) are read from its stderr.
 
     python benchmarks/concurrent_runs.py                       # the embedded SmolLM2, 2 runs, 400 tokens
     python benchmarks/concurrent_runs.py --image smol.img --runs 3 --new-tokens 200 --repeat 3

@@ -5,11 +5,12 @@ import sys
 import torch
 
 from model.synthetic import SyntheticCheckpoint
-from runtime.engine import RuntimeConfig, open_source
-from runtime.generate import Generator
-from runtime.image import Image
-from runtime.pack import pack
-from runtime.weights import InMemoryWeights
+from runtime.engine.config import EngineConfig
+from runtime.engine.generate import Generator
+from runtime.engine.source import open_source
+from runtime.engine.weights import InMemoryWeights
+from runtime.format.image import Image
+from runtime.format.pack import pack
 
 
 class Spy:
@@ -40,7 +41,7 @@ def main():
     g0 = Generator(ref, 64)
     l0 = g0.forward(x, 0, g0.new_cache(1))
     for mode, kw in [("preload", {}), ("mixed", dict(gpu_cached_layers=1, cpu_cache_layers=1, prefetch_distance=2))]:
-        cfg = RuntimeConfig(mode=mode, gpu_mem_gb=1.5, workers=2, quiet=True, **({"gpu_cached_layers": 0} | kw))
+        cfg = EngineConfig.of(mode=mode, gpu_mem_gb=1.5, workers=2, quiet=True, **({"gpu_cached_layers": 0} | kw))
         with open_source(img, cfg, dev, max_len=64) as (src, plan, _):
             print(mode, "gpu", plan.gpu, "dram", plan.dram, "stream", plan.stream)
             spy = Spy(src, ref)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call for the streaming runtime: GPU tests, the mixed-mode debug check, then bench on a
 # synthetic Llama-3.1-8B-shaped image (8 layers) in preload (DRAM-resident) and mixed (disk-bound), with
-# the seeds' quick-start flags. Usage (repo root, GPU machine, .whl carried): bash benchmarks/gpu_issue3.sh
+# the original bench's quick-start flags. Usage (repo root, GPU machine, .whl carried): bash benchmarks/gpu_issue3.sh
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1

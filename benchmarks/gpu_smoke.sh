@@ -12,7 +12,8 @@ python3 - <<'PY'
 # Is the decode step slow because of cuDNN attention? Time 20 decode steps of one 8B-shaped layer, both ways.
 import torch, time
 from model.args import preset
-from model.llama import KVCache, Rope, attention_forward
+from model.llama import Rope, attention_forward
+from runtime.engine.kv import KVCache
 a = preset("llama3.1-8b", 1); dev = "cuda"
 w = {"attention.wq.weight": torch.randn(4096, 4096, device=dev, dtype=torch.bfloat16) * .02,
      "attention.wk.weight": torch.randn(1024, 4096, device=dev, dtype=torch.bfloat16) * .02,

@@ -108,9 +108,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def copy_rates(b: int, n: int, n_kv: int, hd: int, dt: torch.dtype) -> None:
     """GB/s of the offloaded cache's copies: a layer's rows [0, n) to the GPU as one contiguous copy
-    (slot-major store) and as one 2-D copy of B x n_kv rows (head-major store, model.copy2d), and a decode
+    (slot-major store) and as one 2-D copy of B x n_kv rows (head-major store, runtime.engine.copy2d), and a decode
     step's one new slot back to the host both ways."""
-    from model.copy2d import copy_2d
+    from runtime.engine.copy2d import copy_2d
 
     dev = torch.device("cuda")
     host = torch.empty(b * n_kv * (n + 64) * hd, dtype=dt).pin_memory()

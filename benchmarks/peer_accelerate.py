@@ -17,7 +17,7 @@ import torch
 
 from model.args import ModelArgs
 from model.checkpoint import hf_name, permute_hf
-from runtime.image import Image, tensor_views
+from runtime.format.image import Image, tensor_views
 
 
 def hf_config(a: ModelArgs) -> dict:

@@ -5,7 +5,7 @@ fresh shm took 2.5 s to register: measure and cut it").
 
 For a fresh /dev/shm mapping and for one whose pages are already populated (as the DRAM tier is once the
 I/O workers have read into it), registers it as one range and as 512 MiB chunks from 8 threads (what
-runtime/client.py does), then copies 512 MiB from a registered chunk to the GPU to check the rate.
+runtime/engine/streamed.py does), then copies 512 MiB from a registered chunk to the GPU to check the rate.
 """
 
 from __future__ import annotations

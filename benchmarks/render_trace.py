@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Draw a ``--trace`` file (runtime/trace.py) as a Gantt chart PNG, for docs/BENCHMARKS.md.
+"""Draw a ``--trace`` file (runtime/ipc/trace.py) as a Gantt chart PNG, for docs/BENCHMARKS.md.
 
     python benchmarks/render_trace.py run.trace.json run.png                   # the whole run
     python benchmarks/render_trace.py run.trace.json decode.png --window-ms 2800 2900

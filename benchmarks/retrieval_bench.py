@@ -13,8 +13,8 @@ starts with the answer's framing ("The secret code of the blue door is", ``--no-
 so the model has to copy the number from the text. Greedy decoding, ``--new-tokens`` tokens (stopping at
 end of turn); a case is a hit when the expected number appears in the decoded output.
 
-Every case runs with exact attention and with each ``--topk K`` (``Generator(..., topk_blk=K,
-kv_block_tokens=B)``: each decode step attends, per KV head, to the K blocks of B tokens with the highest
+Every case runs with exact attention and with each ``--topk K`` (``Generator(..., KVConfig(topk_blk=K,
+block_tokens=B))``: each decode step attends, per KV head, to the K blocks of B tokens with the highest
 Quest bound, plus the first block and the most recent window). Reported per configuration: accuracy per
 length and overall, and the fraction of KV blocks its decode steps attended to; at the longest length,
 on the first case of that length, a fixed-length decode (``--timing-steps`` steps, no early stop, after a
@@ -28,7 +28,6 @@ summary as JSON. Run on an idle machine: the times are wall times.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import random
 import statistics
@@ -153,28 +152,15 @@ def make_cases(tok, lengths: list[int], n_cases: int, seed: int = 0, depths=DEPT
     return cases
 
 
-def _generator_params() -> set[str]:
-    from runtime.generate import Generator
-
-    return set(inspect.signature(Generator.__init__).parameters)
-
-
-def topk_supported() -> bool:
-    return {"topk_blk", "kv_block_tokens"} <= _generator_params()
-
-
 def make_generator(src, max_len: int, topk: int | None, block: int, prefill_chunk: int = 2048,
                    profile: bool = False):
-    """A Generator, exact (``topk`` None) or top-k over blocks of ``block`` tokens; ``profile`` asks it to time
-    decode attention (``attn_time_ms``) when the runtime can."""
-    from runtime.generate import Generator
+    """A Generator, exact (``topk`` None) or top-k over blocks of ``block`` tokens; ``profile`` times decode
+    attention (``attn_time_ms``)."""
+    from runtime.engine.config import KVConfig, PrefillConfig
+    from runtime.engine.generate import Generator
 
-    kw = {}
-    if topk is not None:
-        kw.update(topk_blk=topk, kv_block_tokens=block)
-    if profile and "profile_attention" in _generator_params():
-        kw["profile_attention"] = True
-    return Generator(src, max_len, prefill_chunk=prefill_chunk, **kw)
+    kv = KVConfig(block_tokens=block, topk_blk=topk) if topk is not None else KVConfig()
+    return Generator(src, max_len, kv, PrefillConfig(chunk=prefill_chunk), profile_attention=profile)
 
 
 def config_name(topk: int | None) -> str:
@@ -190,7 +176,7 @@ def _blocks(gen) -> tuple[int, int]:
 def run_cases(gen, cases: list[Case], tok, new_tokens: int, batch_size: int = 1, log=None) -> list[dict]:
     """Greedy generation for every case (batches of equal target length); one record per case, with the
     fraction of KV blocks its decode steps attended to (None without top-k or without the counters)."""
-    from runtime.generate import SamplingConfig
+    from runtime.engine.generate import SamplingConfig
 
     cfg, stop = SamplingConfig(new_tokens), frozenset(tok.eos_ids)
     records: list[dict] = []
@@ -238,7 +224,7 @@ def time_decode(src, case: Case, topk: int | None, block: int, steps: int, prefi
     once without profiling (the decode step time: median and mean) and once with ``profile_attention``
     (decode attention time per step, synchronised around every layer's attention; None when the runtime
     cannot time it). Also the fraction of KV blocks attended."""
-    from runtime.generate import SamplingConfig
+    from runtime.engine.generate import SamplingConfig
 
     max_len = case.tokens + max(steps, warmup_steps) + 1
     out: dict = {"context": case.tokens, "steps": steps, "attn_ms_per_step": None, "attn_counter": False,
@@ -340,9 +326,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from runtime.commands import _tokenizer
-    from runtime.image import Image
-    from runtime.weights import InMemoryWeights
+    from runtime.engine.weights import InMemoryWeights
+    from runtime.format.image import Image
+    from runtime.format.tokens import image_tokenizer
 
     lengths = parse_ints(a.lengths, "--lengths")
     topks: list[int | None] = [None] + parse_ints(a.topk, "--topk")
@@ -351,21 +337,16 @@ def main(argv: list[str] | None = None) -> int:
     if a.image:
         path = Path(a.image)
     else:
-        from runtime.embedded import embedded_image
+        from runtime.format.embedded import embedded_image
 
         path = embedded_image(a.dtype)
     image = Image.open(path)
-    tok = _tokenizer(image, required=True)
+    tok = image_tokenizer(image, required=True)
     ctx = image.args.max_seq_len
     max_len = max(lengths) + max(a.new_tokens, a.timing_steps + 1)
     if max_len > ctx:
         raise SystemExit(f"error: the longest length {max(lengths)} + {max(a.new_tokens, a.timing_steps + 1)} "
                          f"generated tokens exceeds the model's context {ctx}")
-    if len(topks) > 1 and not topk_supported():
-        print("WARNING: this runtime's Generator does not accept topk_blk / kv_block_tokens yet: only exact "
-              "attention is measured", flush=True)
-        topks = [None]
-
     log = (lambda s: None) if a.quiet else (lambda s: print(s, flush=True))
     t0 = time.perf_counter()
     cases = make_cases(tok, lengths, a.cases, a.seed, answer_prefix=not a.no_answer_prefix, chat=not a.no_chat)

@@ -60,12 +60,12 @@ def emulated_cap(shape: str, layers: int, cap: float | None, dtype: str) -> tupl
     (head, staging buffers, KV, activations) and streams its layers as the whole model streams most of its
     own. Returns (cap, the whole model's plan as a dict) or (cap, None) when the image is the whole model."""
     from model.args import preset
-    from runtime.placement import Budgets, layout_group_bytes, plan_placement
+    from runtime.engine.placement import Budgets, layout_group_bytes, plan_placement
 
     full = FULL_LAYERS.get(shape)
     if cap is None or full is None or layers >= full:
         return cap, None
-    from runtime.engine import activation_bytes, kv_cache_bytes
+    from runtime.engine.batching import activation_bytes, kv_cache_bytes
 
     a = preset(shape, full)
     whole = SimpleNamespace(args=a, dtype=dtype)  # what the estimates read of an image
@@ -138,7 +138,7 @@ def disk_dram_gb(image) -> float:
 
 def run_shape(shape: str, layers: int, cap: float | None, a, out: Path) -> dict:
     from model.args import preset
-    from runtime.image import Image
+    from runtime.format.image import Image
 
     args = preset(shape, layers)
     dtype = "bf16" if a.device == "cuda" else "fp32"

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Per-pass figures of a ``--trace`` file (runtime/trace.py), to see what a decode step waits for.
+"""Per-pass figures of a ``--trace`` file (runtime/ipc/trace.py), to see what a decode step waits for.
 
     python benchmarks/trace_summary.py run.trace.json            # every pass
     python benchmarks/trace_summary.py run.trace.json --last 4   # the last 4 passes (decode steps)

@@ -9,7 +9,7 @@ Three sources, one frozen dataclass:
 Unknown keys, missing keys and broken invariants raise ``ConfigError`` naming the file, the key, and the
 values expected and found. Runs in any process; owns nothing.
 
-Sizes used by the cost model (DESIGN.md section 1) come from here: ``group_params`` and ``layer_bytes``.
+Sizes used by the cost model (docs/DESIGN.md, the cost model) come from here: ``group_params`` and ``layer_bytes``.
 """
 
 from __future__ import annotations

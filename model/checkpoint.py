@@ -30,7 +30,8 @@ import torch
 
 from model.args import ModelArgs, RopeScaling
 from model.errors import CheckpointError, ConfigError
-from model.llama import global_names, group_tensor_shapes, rope_scaling_matches
+from model.groups import global_names, group_tensor_shapes
+from model.llama import rope_scaling_matches
 
 
 class Checkpoint(ABC):

@@ -60,8 +60,8 @@ def group_kind(group: str) -> str:
 
 def spread_layers(count: int, n_layers: int) -> frozenset[int]:
     """``count`` of ``n_layers`` layers (or any items in order) spread evenly: layer i when floor((i+1) count /
-    n) passes an integer; layer 0 only when all are taken. Host-attended layers (model.llama.TieredKVCache)
-    and each kind's GPU-resident groups (runtime.placement) are chosen this way."""
+    n) passes an integer; layer 0 only when all are taken. Host-attended layers (runtime.engine.kv.TieredKVCache)
+    and each kind's GPU-resident groups (runtime.engine.placement) are chosen this way."""
     if not 0 <= count <= n_layers:
         raise ValueError(f"spread_layers: count must be 0 to {n_layers}, found {count}")
     return frozenset(i for i in range(n_layers) if (i + 1) * count // n_layers > i * count // n_layers)

@@ -1,16 +1,16 @@
-"""Environment variables: the one place the runtime reads the environment (STYLE.md rule 10).
+"""Environment variables: the one place the runtime reads the environment .
 
 LLMSTREAM_CACHE_DIR   where the embedded default model is packed (default: $XDG_CACHE_HOME/llmstream, or
                       ~/.cache/llmstream).
 LLMS_POOL_DIR         where daemon pools keep their records, logs and locks (default: $XDG_RUNTIME_DIR/llmstream,
-                      or /tmp/llmstream-UID); runtime/daemon.py checks it is the user's and private.
+                      or /tmp/llmstream-UID); runtime/services/pools.py checks it is the user's and private.
 PYTORCH_CUDA_ALLOC_CONF  PyTorch's; when neither it nor PYTORCH_ALLOC_CONF is set, launch.py sets
                       expandable_segments:True before torch starts (allocator_defaults).
 LLMS_CUDA_MEMORY_HISTORY  set (to anything but 0 or empty): record the Python stack of every CUDA allocation,
                       so that an out-of-memory error names the lines of code holding the memory
-                      (runtime/gpumem.py).
+                      (runtime/engine/gpumem.py).
 LLMS_PACK_KILL_AT     tests only: the pack process SIGKILLs itself at a named point, to show that nothing is
-                      lost there (runtime/pack.py, runtime/staged.py): group-N (after writing group N),
+                      lost there (runtime/format/pack.py, runtime/format/staged.py): group-N (after writing group N),
                       before-commit, rename-N (before the commit's rename N).
 """
 

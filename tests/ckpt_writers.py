@@ -24,7 +24,7 @@ import torch
 
 from model.args import ModelArgs, RopeScaling
 from model.checkpoint import gguf_name, hf_name, permute_hf
-from model.llama import global_names, group_tensor_shapes
+from model.groups import global_names, group_tensor_shapes
 
 # Shapes shared by every tiny checkpoint: head_dim 32 (many rotary frequencies), GQA with n_rep 2,
 # ffn_hidden 448 from Meta's rule (int(1.3 * int(2 * 512 / 3)) = 443, rounded up to 64).

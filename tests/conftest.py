@@ -20,7 +20,7 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def gpu_cap_gb(gb: float) -> float:
-    """--gpu-mem-gb that leaves a run in this test process ``gb`` GB: runtime.engine.make_plan leaves out of
+    """--gpu-mem-gb that leaves a run in this test process ``gb`` GB: runtime.engine.source.make_plan leaves out of
     the cap what the process already holds on the GPU (cuBLAS workspaces, a reference model not yet
     collected), so a test's budget is on top of that."""
     import gc
@@ -61,7 +61,7 @@ def smol_gguf() -> Path:
 @pytest.fixture(scope="session")
 def smol_image(smol_gguf, tmp_path_factory) -> Path:
     from model.checkpoint import open_checkpoint
-    from runtime.pack import pack
+    from runtime.format.pack import pack
 
     out = tmp_path_factory.mktemp("smol") / "smol.fp32.img"
     pack(open_checkpoint(smol_gguf), out, dtype="fp32", quiet=True)
@@ -91,8 +91,8 @@ def pack_tiny(tmp_path_factory, variant: str, seed: int, layers: int = 3):
 
     from model.args import preset
     from model.synthetic import SyntheticCheckpoint
-    from runtime.image import Image
-    from runtime.pack import pack
+    from runtime.format.image import Image
+    from runtime.format.pack import pack
 
     args = preset("tiny", layers)
     if variant == "tied":

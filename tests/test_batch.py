@@ -10,10 +10,11 @@ import pytest
 import torch
 from conftest import assert_user_error, pack_tiny, run_launch
 
-from runtime.engine import RuntimeConfig, open_source
-from runtime.generate import Generator, SamplingConfig
-from runtime.image import Image
-from runtime.weights import InMemoryWeights
+from runtime.engine.config import EngineConfig, PrefillConfig
+from runtime.engine.generate import Generator, SamplingConfig
+from runtime.engine.source import open_source
+from runtime.engine.weights import InMemoryWeights
+from runtime.format.image import Image
 
 PROMPTS = [[3, 17, 42, 7, 99, 5, 23, 11, 2], [5, 6], [100, 200, 300, 400, 1], [9], [44, 45, 46]]
 
@@ -27,9 +28,9 @@ def solo(gen: Generator, prompts, new: int, stop=frozenset()):
     return [gen.generate(p, SamplingConfig(new), stop).output_token_ids for p in prompts]
 
 
-@pytest.mark.parametrize("chunk", [2048, 3])
+@pytest.mark.parametrize("chunk", [2048, 16])
 def test_batch_equals_solo(tiny, chunk):
-    gen = Generator(InMemoryWeights(tiny, "cpu", quiet=True), 40, prefill_chunk=chunk)
+    gen = Generator(InMemoryWeights(tiny, "cpu", quiet=True), 40, prefill=PrefillConfig(chunk=chunk))
     steps = []
     res = gen.generate_batch(PROMPTS, SamplingConfig(12), on_step=steps.append)
     assert [r.output_token_ids for r in res] == solo(gen, PROMPTS, 12)
@@ -68,7 +69,7 @@ def test_each_sequence_stops_on_its_own(tiny):
 def test_streamed_batch_equals_solo(tiny):
     """Through a private pool that streams part of the model (the window recycles every pass)."""
     ref = solo(Generator(InMemoryWeights(tiny, "cpu", quiet=True), 40), PROMPTS, 8)
-    cfg = RuntimeConfig(mode="stream", prefetch_distance=2, workers=2, quiet=True)
+    cfg = EngineConfig.of(mode="stream", prefetch_distance=2, workers=2, quiet=True)
     with open_source(tiny, cfg, torch.device("cpu"), batch=len(PROMPTS), max_len=40) as (src, plan, _):
         assert plan.stream
         res = Generator(src, 40).generate_batch(PROMPTS, SamplingConfig(8))
@@ -76,10 +77,10 @@ def test_streamed_batch_equals_solo(tiny):
 
 
 def test_smollm2_batch_equals_solo(smol_image):
-    from runtime.commands import _tokenizer
+    from runtime.format.tokens import image_tokenizer
 
     smol_image = Image.open(smol_image)
-    tok = _tokenizer(smol_image, required=True)
+    tok = image_tokenizer(smol_image, required=True)
     texts = ["Hi", "What is the capital of France?", "Write a haiku about disks, memory and the speed of light."]
     prompts = [tok.encode_chat([{"role": "user", "content": t}]) for t in texts]
     gen = Generator(InMemoryWeights(smol_image, "cpu", quiet=True), 96)

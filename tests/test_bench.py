@@ -1,4 +1,4 @@
-"""launch.py bench: the seeds' quick-start command line accepted verbatim (paths replaced), the seeds' summary
+"""launch.py bench: the original bench's command line accepted verbatim (paths replaced), its summary
 block and JSON keys, our plan / bytes / links / bound, unused flags reported, and the refusals (batch > 1, a
 checkpoint that is not the image's). CPU, a tiny synthetic image and a tiny Meta checkpoint; a few seconds."""
 
@@ -12,10 +12,11 @@ from conftest import assert_user_error, run_launch
 
 from model.checkpoint import open_checkpoint
 from model.synthetic import SyntheticCheckpoint
-from runtime.bench import SEED_KEYS, SUMMARY_KEYS
-from runtime.pack import pack
+from runtime.format.pack import pack
+from runtime.measure.bench import SEED_KEYS, SUMMARY_KEYS
 
-# The seeds' quick-start flags (seeds/002_*), values scaled to a 2-layer model; paths added per test.
+# The original bench's quick-start flags (docs/DESIGN.md, the bench tool's interface), values scaled to a 2-layer
+# model; paths added per test.
 SEED_FLAGS = ["--mode", "mixed", "--batch-size", "1", "--max-new-tokens", "4", "--max-seq-len", "64",
               "--temperature", "0.6", "--top-p", "0.9", "--warmup-rounds", "1", "--prefetch-distance", "2",
               "--group-prefetch-depth", "2", "--gpu-cached-layers", "0", "--cpu-cache-layers", "1",
@@ -146,7 +147,7 @@ def test_bound_counts_the_offloaded_kv_read_back():
     their sum over the link (8B-shaped, batch 32 on the H200: 10.4 + 8.7 GB at 54.6 GB/s, 351 ms)."""
     from types import SimpleNamespace
 
-    from runtime.bench import bound_report
+    from runtime.measure.bench import bound_report
 
     plan = SimpleNamespace(disk_bytes_per_pass=0, h2d_bytes_per_pass=10_435_870_720)
     lk = {"disk": {"gbps": 1.5}, "h2d": {"gbps": 54.59}}

@@ -1,4 +1,4 @@
-"""Tests for runtime/blockdev.py: the pack-target and readability checks for image files and block devices.
+"""Tests for runtime/format/blockdev.py: the pack-target and readability checks for image files and block devices.
 
 Everything runs on fake trees built in tmp_path (a /dev with regular files standing in for devices, a /sys
 with class/block entries, fake mounts and swaps files), so no root and no real block device is needed.
@@ -18,8 +18,8 @@ from collections import namedtuple
 import pytest
 
 from model.errors import UserError
-from runtime import blockdev
-from runtime.blockdev import (
+from runtime.format import blockdev
+from runtime.format.blockdev import (
     check_pack_target,
     check_readable,
     device_in_use,

@@ -29,7 +29,8 @@ from ckpt_writers import HF_SCALING, hf_reference_logits, shard_dim, write_gguf,
 from model.args import ModelArgs
 from model.checkpoint import GGUFCheckpoint, HFCheckpoint, MetaCheckpoint, open_checkpoint
 from model.errors import CheckpointError, ConfigError
-from model.llama import KVCache, Rope, Transformer
+from model.llama import Rope, Transformer
+from runtime.engine.kv import KVCache
 
 TOL = 1e-4
 META_LEN = 128  # scaling (original context 8192) moves log-probs by ~0.3 here at head_dim 32, >> TOL

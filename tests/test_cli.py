@@ -13,7 +13,7 @@ import torch
 from conftest import assert_user_error, run_launch
 
 from model.synthetic import SyntheticCheckpoint
-from runtime.pack import pack
+from runtime.format.pack import pack
 
 COMMANDS = {"pack": ["--checkpoint", "--synthetic", "--layers", "--out", "--manifest", "--dtype", "--force"],
             "run": ["--image", "--manifest", "--mode", "--prompt", "--prompt-ids", "--chat", "--max-new-tokens",
@@ -171,7 +171,7 @@ def test_out_of_memory_is_an_error_with_a_memory_report(monkeypatch, capsys):
     """A CUDA out-of-memory error (simulated: torch's exception from a command) ends the run with exit code 3
     and a message that says what to lower, not a traceback."""
     import launch
-    from runtime import commands
+    from runtime.cli import commands
 
     def oom(_args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 56.00 MiB.\nmore detail")
@@ -184,7 +184,7 @@ def test_out_of_memory_is_an_error_with_a_memory_report(monkeypatch, capsys):
 
 
 def test_live_allocations_group_blocks_by_the_line_that_made_them():
-    from runtime.gpumem import live_allocations
+    from runtime.engine.gpumem import live_allocations
 
     mine = [{"filename": "/x/torch/nn/functional.py", "line": 9, "name": "linear"},
             {"filename": "/repo/model/llama.py", "line": 462, "name": "ffn_forward"}]

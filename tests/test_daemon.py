@@ -1,5 +1,5 @@
-"""Daemon pools (runtime/daemon.py) with real processes and real signals: every fault ends with no leftover
-segment, semaphore, record or process (checked by the ``pools`` fixture after each test).
+"""Daemon pools (runtime/services/pools.py, runtime/pool/daemon.py) with real processes and real signals: every
+fault ends with no leftover segment, semaphore, record or process (checked by the ``pools`` fixture after each test).
 
   test_lifecycle_security_and_list     start / list --json / attach / stop; /dev/shm names carry the uid and have
       mode 0600; the ring of an attached client is read-only; a record of another uid, or a record file another
@@ -63,14 +63,15 @@ from conftest import ROOT, assert_user_error, run_launch
 
 from model.errors import UserError
 from model.synthetic import SyntheticCheckpoint
-from runtime import daemon, server
-from runtime.client import PoolClient
-from runtime.daemon import handle_of, read_record
-from runtime.engine import RuntimeConfig, _release_row, open_source
-from runtime.generate import Generator, SamplingConfig
-from runtime.image import Image
-from runtime.pack import pack
-from runtime.shm import (
+from runtime.engine.config import EngineConfig
+from runtime.engine.generate import Generator, SamplingConfig
+from runtime.engine.source import open_source
+from runtime.engine.weights import InMemoryWeights
+from runtime.format.image import Image
+from runtime.format.pack import pack
+from runtime.ipc import records
+from runtime.ipc.records import handle_of, pool_file, read_record
+from runtime.ipc.shm import (
     CLIENT_ATTACHED,
     CLIENT_FREE,
     POOL_RUNNING,
@@ -80,7 +81,11 @@ from runtime.shm import (
     PoolResources,
     leftover_names,
 )
-from runtime.weights import InMemoryWeights
+from runtime.pool import attach as attaching
+from runtime.pool.attach import release_row
+from runtime.pool.client import PoolClient
+from runtime.services import pools as pool_cmds
+from runtime.services import server
 
 PROMPTS = ([1, 2, 3, 4], [9, 8, 7, 6, 5])
 NEW = 8
@@ -121,10 +126,10 @@ def reference(image: Path, prompt: list[int], new: int = NEW) -> list[int]:
 
 
 def attached_run(name: str, prompt: list[int], new: int = NEW, on_token=None, image: Path | None = None):
-    """An in-process ``run --attach name`` (the same code path: runtime.engine._attached_source)."""
+    """An in-process ``run --attach name`` (the same code path: runtime.engine.source._attached_source)."""
     rec = read_record(name)
     img = Image.open(image or rec["image"]["path"])
-    cfg = RuntimeConfig(attach=name, quiet=True)
+    cfg = EngineConfig.of(attach=name, quiet=True)
     max_len = len(prompt) + new
     with open_source(img, cfg, torch.device("cpu"), max_len=max_len) as (source, plan, _):
         assert plan.stream, f"the run streams nothing: {plan.describe()}"
@@ -236,10 +241,10 @@ class Pools:
     def finish(self) -> list[str]:
         for name in self.names:
             with contextlib.suppress(UserError, OSError, ValueError, KeyError):
-                if daemon.coordinator_alive(json.loads(daemon.record_path(name).read_text())):
-                    daemon.stop(SimpleNamespace(name=name, timeout=5.0))
+                if records.coordinator_alive(json.loads(pool_file(name, "record").read_text())):
+                    pool_cmds.stop(name, 5.0)
             with contextlib.suppress(UserError):
-                daemon.cleanup(SimpleNamespace(name=name))
+                pool_cmds.cleanup(name)
         deadline = time.monotonic() + 10
         while self.leftovers() and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -248,7 +253,7 @@ class Pools:
             with contextlib.suppress(psutil.Error):
                 p.kill()
         for n in (n for pool in self.names for n in leftover_names(pool=pool)):
-            daemon._unlink_name(n)
+            pool_cmds._unlink_name(n)
         return left
 
 
@@ -306,7 +311,7 @@ def test_lifecycle_security_and_list(image, pools):
         st = os.stat(f"/dev/shm/{n}")
         assert (st.st_mode & 0o777, st.st_uid) == (0o600, uid), (n, oct(st.st_mode), st.st_uid)
     assert pools.dir.stat().st_mode & 0o777 == 0o700
-    for f in (daemon.record_path(name), daemon.log_path(name)):
+    for f in (pool_file(name, "record"), pool_file(name, "log")):
         assert f.stat().st_mode & 0o777 == 0o600, f
 
     listed = json.loads(run_launch("pool", "list", "--json").stdout)
@@ -329,7 +334,7 @@ def test_lifecycle_security_and_list(image, pools):
     assert attached_run(name, PROMPTS[0]) == reference(image, PROMPTS[0])
 
     # a record of another uid, and (as root) a record file another user owns: refused before anything attaches
-    path = daemon.record_path(name)
+    path = pool_file(name, "record")
     text = path.read_text()
     try:
         path.write_text(json.dumps({**rec, "uid": uid + 4242}))
@@ -386,7 +391,7 @@ def test_two_clients_concurrently(image, pools, tmp_path):
         time.sleep(0.2)
         assert all(p.poll() is None for p, _, _ in procs)  # held by the stopped workers
         with pytest.raises(UserError, match="all 2 client slots are attached"):  # a third is refused meanwhile
-            daemon.attach(name)
+            attaching.attach(name)
         reads0 = int(res.header["reads"])
         for w in workers:
             os.kill(w, signal.SIGCONT)
@@ -454,7 +459,7 @@ def test_worker_killed_mid_run(image, pools):
         new_pid = int(res.workers[0]["pid"])
         pools.pids.add(new_pid)
         assert new_pid not in (0, pid) and alive(new_pid) and not alive(pid), (pid, new_pid)
-        log = daemon.log_path(name).read_text()
+        log = pool_file(name, "log").read_text()
         line = next(ln for ln in log.splitlines() if f"(pid {pid}) exited with -9" in ln)
         assert "re-issuing" in line and "re-issuing 0 " not in line, line
         assert int(res.header["errors"]) == 0 and int(res.header["state"]) == POOL_RUNNING
@@ -497,7 +502,8 @@ def test_client_killed(image, pools, tmp_path):
         assert int(res.header["state"]) == POOL_RUNNING and int(res.header["errors"]) == 0
         assert pool_state(name) == "running"
         assert attached_run(name, PROMPTS[0]) == reference(image, PROMPTS[0])
-        assert (res.clients["state"] == CLIENT_FREE).all()
+        # the run gave its row back as it closed; the coordinator frees it on its next loop
+        wait_until(lambda: (res.clients["state"] == CLIENT_FREE).all(), 10, "every client row free again")
     finally:
         if proc is not None and proc.poll() is None:
             proc.kill()
@@ -537,7 +543,7 @@ def test_coordinator_killed(image, pools, tmp_path):
             proc.wait()
     # the leftovers are there, and detected
     left = leftover_names(pool=name)
-    assert f"llms.{os.getuid()}.{name}.ctl" in left and daemon.record_path(name).exists(), left
+    assert f"llms.{os.getuid()}.{name}.ctl" in left and pool_file(name, "record").exists(), left
     assert pool_state(name) == "dead"
     assert_user_error(run_launch(*attach_args(name, PROMPTS[0], 2), check=False), repr(name), "not running",
                       f"pool cleanup {name}")
@@ -564,7 +570,7 @@ def test_coordinator_killed(image, pools, tmp_path):
     assert leftover_names(pool=name)
     out = run_launch("pool", "cleanup", name).stdout
     assert f"removed /llms.{os.getuid()}.{name}.ctl" in out and "names removed" in out, out
-    assert leftover_names(pool=name) == [] and not daemon.record_path(name).exists()
+    assert leftover_names(pool=name) == [] and not pool_file(name, "record").exists()
     assert pool_state(name) == "absent"
 
 
@@ -588,7 +594,7 @@ def test_read_error_and_checksum_mismatch(image, pools, tmp_path):
         f.seek(spec.offset + 1000)
         f.write(bytes(b ^ 0x5A for b in raw))
     os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert daemon.image_identity(str(img)) == {k: rec["image"][k] for k in ("size", "mtime_ns", "ino", "dev")}
+    assert attaching.image_identity(str(img)) == {k: rec["image"][k] for k in ("size", "mtime_ns", "ino", "dev")}
 
     proc = run_launch(*attach_args(name, PROMPTS[0], NEW), check=False)
     assert_user_error(proc, repr(name), f"group {bad}", f"offset {spec.offset}", str(img), "crc32")
@@ -596,13 +602,13 @@ def test_read_error_and_checksum_mismatch(image, pools, tmp_path):
     try:
         hd = res.header
         assert (int(hd["retries"]), int(hd["errors"]), int(hd["state"])) == (1, 1, POOL_RUNNING), hd
-        log = daemon.log_path(name).read_text()
+        log = pool_file(name, "log").read_text()
         assert log.count("retrying once") == 1 and log.count("read failed twice") == 1, log
         wait_until(lambda: (res.clients["state"] == CLIENT_FREE).all(), 2, "the failed client's row given back")
         assert pool_state(name) == "running"
 
         # another client that does not need that group streams the others, byte-exact
-        att = daemon.attach(name)
+        att = attaching.attach(name)
         client = PoolClient(att.handle, att.index, ring="ro")
         try:
             names = list(im.groups)
@@ -637,7 +643,7 @@ def test_read_error_and_checksum_mismatch(image, pools, tmp_path):
 
 def _refused(name: str, *needles: str) -> None:
     with pytest.raises(UserError) as info:
-        daemon.attach(name)
+        attaching.attach(name)
     msg = str(info.value)
     for n in (repr(name), "attach refused", *needles):
         assert n in msg, (n, msg)
@@ -655,8 +661,8 @@ def test_image_changed(image, pools, tmp_path):
     os.utime(img, ns=(keep[0], keep[1] + 5_000_000_000))
     _refused(name, "changed since the pool started", "mtime_ns")
     os.utime(img, ns=keep)
-    att = daemon.attach(name)  # identical again: accepted (and the row given back)
-    _release_row(att)
+    att = attaching.attach(name)  # identical again: accepted (and the row given back)
+    release_row(att)
 
     # appended bytes (CLI: exit 2, one line)
     with open(img, "ab") as f:
@@ -722,7 +728,7 @@ def test_stop_escalates(image, pools):
     assert "did not stop within 1 s: killed" in proc.stdout, proc.stdout
     assert dt < 8, dt
     assert not any(alive(p) for p in [rec["pid"], *workers])
-    assert leftover_names(pool=name) == [] and not daemon.record_path(name).exists()
+    assert leftover_names(pool=name) == [] and not pool_file(name, "record").exists()
 
 
 # ---- another pool dir ------------------------------------------------------------------------------------------
@@ -799,12 +805,12 @@ def test_bad_input_with_live_pool(image, pools, tmp_path):
     name = pools.name("live")
     pools.start(image, name)
     rec = read_record(name)
-    record = daemon.record_path(name).read_text()
+    record = pool_file(name, "record").read_text()
     before, procs = leftover_names(pool=name), {p.pid for p in pools.tagged()}
     # the name in use: refused, the running pool untouched
     proc = pools.start(image, name, check=False)
     assert_user_error(proc, repr(name), "in use", f"pid {rec['pid']}")
-    assert daemon.record_path(name).read_text() == record and leftover_names(pool=name) == before
+    assert pool_file(name, "record").read_text() == record and leftover_names(pool=name) == before
     # run --attach with flags that do not apply, and to a pool that does not exist
     for extra, needles in ((["--dram-gb", "1"], ["--dram-gb", "--attach"]),
                            (["--mode", "preload"], ["--mode", "--attach"])):
@@ -814,7 +820,7 @@ def test_bad_input_with_live_pool(image, pools, tmp_path):
     missing = f"dt{os.getpid()}-nosuch"
     proc = run_launch(*attach_args(missing, PROMPTS[0], 2), check=False)
     assert_user_error(proc, repr(missing), "no pool named", name)
-    assert not daemon.record_path(missing).exists() and leftover_names(pool=missing) == []
+    assert not pool_file(missing, "record").exists() and leftover_names(pool=missing) == []
     res = control(name)
     try:
         assert (res.clients["state"] == CLIENT_FREE).all(), res.clients  # no row was claimed
@@ -863,9 +869,9 @@ def test_server_runs_and_bench(image, pools, tmp_path):
     name = pools.name("srv")
     pools.start(image, name)
     assert f"pool {name} serves on cpu" in serve(name, "--quiet").stdout
-    srv = server.live_server(name)
+    srv = records.live_server(name)
     assert srv is not None and alive(srv["pid"])
-    for f in (server.record_path(name), server.socket_path(name)):
+    for f in (pool_file(name, "server"), pool_file(name, "socket")):
         assert f.stat().st_mode & 0o777 == 0o600, f
     js = tmp_path / "r.json"
     run_launch(*attach_args(name, PROMPTS[0], NEW, js))
@@ -909,7 +915,7 @@ def test_server_runs_and_bench(image, pools, tmp_path):
 
     out = run_launch("pool", "serve", name, "--stop").stdout
     assert f"pool {name}: server pid {srv['pid']} stopped" in out, out
-    assert not alive(srv["pid"]) and not server.record_path(name).exists() and not server.socket_path(name).exists()
+    assert not alive(srv["pid"]) and not pool_file(name, "server").exists() and not pool_file(name, "socket").exists()
     assert attached_run(name, PROMPTS[1]) == reference(image, PROMPTS[1])  # the pool serves on
 
 
@@ -917,7 +923,7 @@ def test_server_client_and_server_killed(image, pools, tmp_path):
     name = pools.name("srvkill")
     pools.start(image, name)
     serve(name, "--quiet")
-    srv = server.live_server(name)
+    srv = records.live_server(name)
 
     def long_run(tag: str):
         proc, out, err = launch_bg(tmp_path, tag, *attach_args(name, PROMPTS[0], 4000))
@@ -929,7 +935,7 @@ def test_server_client_and_server_killed(image, pools, tmp_path):
     proc, _ = long_run("killed")
     proc.kill()
     proc.wait()
-    log = server.log_path(name)
+    log = pool_file(name, "server_log")
     wait_until(lambda: "went away" in log.read_text(), 10, "the server drops the request", tick=0.05)
     js = tmp_path / "r.json"
     run_launch(*attach_args(name, PROMPTS[1], NEW, js))
@@ -950,21 +956,29 @@ def test_server_client_and_server_killed(image, pools, tmp_path):
         wait_until(lambda: (res.clients["state"] == CLIENT_FREE).all(), 5, "the server's row given back")
     finally:
         res.close()
-    assert server.live_server(name) is None and server.record_path(name).exists()  # stale, not used:
+    assert records.live_server(name) is None and pool_file(name, "server").exists()  # stale, not used:
     run_launch(*attach_args(name, PROMPTS[0], NEW, js))
     assert json.loads(js.read_text())["mode"] == "mixed" and tokens_of(js) == reference(image, PROMPTS[0])
 
     # serves again, removing the leftovers and saying so; while it loads, its placeholder record refuses a
     # second server, and runs attach in-process
     proc, _, err = launch_bg(tmp_path, "serve2", "pool", "serve", name, "--device", "cpu", "--max-seq-len", "4096")
-    wait_until(lambda: (server.read_record(name) or {}).get("pid", srv["pid"]) != srv["pid"] or proc.poll() is not None,
-               30, "the new server's record")
-    starting = server.read_record(name)
-    assert starting["starting"] and server.server_for(SimpleNamespace(attach=name)) is None, starting
-    assert_user_error(serve(name, check=False), repr(name), "already has a server", str(starting["pid"]), "starting")
+    wait_until(lambda: (records.read_server_record(name) or {}).get("pid", srv["pid"]) != srv["pid"]
+               or proc.poll() is not None, 30, "the new server's record")
+    starting = records.read_server_record(name)
+    # held while loading (SIGSTOP): the placeholder stays for as long as the second serve takes to ask, however
+    # slow this machine is (it is written as the server is spawned; the server needs seconds to replace it)
+    os.kill(starting["pid"], signal.SIGSTOP)
+    try:
+        held = records.read_server_record(name)
+        assert held["pid"] == starting["pid"] and server.server_for(name) is None, held
+        needles = ("starting",) if held.get("starting") else ()  # else it had served before the stop came
+        assert_user_error(serve(name, check=False), repr(name), "already has a server", str(starting["pid"]), *needles)
+    finally:
+        os.kill(starting["pid"], signal.SIGCONT)
     assert proc.wait(120) == 0, err.read_text()
     assert f"pool {name}: removed a dead server's leftovers" in err.read_text(), err.read_text()
-    srv2 = server.live_server(name)
+    srv2 = records.live_server(name)
     assert srv2["pid"] == starting["pid"] != srv["pid"] and not srv2.get("starting")
     run_launch(*attach_args(name, PROMPTS[0], NEW, js))
     assert json.loads(js.read_text())["server_pid"] == srv2["pid"] and tokens_of(js) == reference(image, PROMPTS[0])
@@ -974,12 +988,12 @@ def test_server_exits_with_its_pool(image, pools):
     name = pools.name("srvpool")
     pools.start(image, name)
     serve(name, "--quiet")
-    srv, rec = server.live_server(name), read_record(name)
+    srv, rec = records.live_server(name), read_record(name)
     os.kill(rec["pid"], signal.SIGKILL)
     dt = wait_until(lambda: not alive(srv["pid"]), 15, "the server exits after its pool's coordinator", tick=0.05)
     print(f"the server exited {dt:.2f} s after the coordinator's SIGKILL")
-    assert not server.record_path(name).exists() and not server.socket_path(name).exists()
-    assert "died" in server.log_path(name).read_text() or "gone" in server.log_path(name).read_text()
+    assert not pool_file(name, "server").exists() and not pool_file(name, "socket").exists()
+    assert "died" in pool_file(name, "server_log").read_text() or "gone" in pool_file(name, "server_log").read_text()
     run_launch("pool", "cleanup", name)
 
 
@@ -989,7 +1003,7 @@ def test_server_batches_waiting_requests(image, pools, tmp_path):
     name = pools.name("srvbatch")
     pools.start(image, name)
     serve(name, "--batch-size", "3", "--quiet")
-    srv = server.live_server(name)
+    srv = records.live_server(name)
     proc, out, err = launch_bg(tmp_path, "busy", *attach_args(name, PROMPTS[0], 4000))
     wait_until(lambda: len(out.read_text().split()) >= 5 or proc.poll() is not None, 60, "the server is busy")
     assert proc.poll() is None, err.read_text()
@@ -1010,5 +1024,5 @@ def test_server_batches_waiting_requests(image, pools, tmp_path):
         done = msgs[-1]
         assert done.get("done") and done["batched"] == 2, msgs[-1]
         assert streamed == done["results"][0]["output_token_ids"] == reference(image, prompt, new)
-    log = server.log_path(name).read_text()
+    log = pool_file(name, "server_log").read_text()
     assert "went away" in log and "(one batch of 2)" in log, log

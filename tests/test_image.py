@@ -10,10 +10,10 @@ import torch
 
 from model.args import preset
 from model.errors import ImageFormatError
-from model.llama import group_names, group_tensor_shapes
+from model.groups import group_names, group_tensor_shapes
 from model.synthetic import SyntheticCheckpoint
-from runtime.image import ALIGN, HEADER_SIZE, TENSOR_ALIGN, Image, plan_layout, tensor_views
-from runtime.pack import pack
+from runtime.format.image import ALIGN, HEADER_SIZE, TENSOR_ALIGN, Image, plan_layout, tensor_views
+from runtime.format.pack import pack
 
 
 @pytest.fixture

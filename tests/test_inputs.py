@@ -13,7 +13,7 @@ leaves behind (nothing in /dev/shm, the pool dir or the output directory).
                      pool start --dram-gb -1: refused before any process starts.
   the coordinator    SIGTERM while it starts its workers, and its run SIGKILLed meanwhile: it stops its workers and
                      unlinks everything within seconds.
-  threads            runs on one machine share its cores (runtime/threads.py).
+  threads            runs on one machine share its cores (runtime/engine/threads.py).
   small              a directory or /dev/null as the image; a manifest of a larger image; the streamed text ends
                      its line before "interrupted".
 """
@@ -37,8 +37,8 @@ from ckpt_writers import write_gguf, write_hf
 from conftest import ROOT, assert_user_error, run_launch
 
 from model.errors import CheckpointError
-from runtime.image import Image
-from runtime.shm import leftover_names
+from runtime.format.image import Image
+from runtime.ipc.shm import leftover_names
 
 PACK_S = 120
 
@@ -199,7 +199,7 @@ def test_hf_q_proj_of_the_wrong_shape_named(tmp_path):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from model.synthetic import SyntheticCheckpoint
-    from runtime.pack import pack
+    from runtime.format.pack import pack
 
     out = tmp_path_factory.mktemp("inputs") / "tiny.img"
     pack(SyntheticCheckpoint("tiny", n_layers=2), out, dtype="fp32", quiet=True)
@@ -251,8 +251,9 @@ def test_pool_start_flags_refused_first(tiny, tmp_path, monkeypatch):
 def _private_pool_script(image: Path, name: str) -> str:
     return f"""
 import os, sys, time
-from runtime.image import Image
-from runtime.pool import PoolConfig, PrivatePool
+from runtime.format.image import Image
+from runtime.ipc.options import PoolConfig
+from runtime.pool.coordinator import PrivatePool
 img = Image.open({str(image)!r})
 pool = PrivatePool(PoolConfig(str(img.path), str(img.manifest_path), {name!r}, tuple(img.groups), 0, 4096,
                               workers=48, owner_pid=os.getpid()))
@@ -303,7 +304,7 @@ def test_coordinator_stops_while_starting_workers(tiny, how):
 # ---- compute threads -------------------------------------------------------------------------------------------
 
 def test_runs_share_the_cores(tmp_path, monkeypatch):
-    from runtime.threads import ComputeThreads
+    from runtime.engine.threads import ComputeThreads
 
     monkeypatch.setenv("LLMS_POOL_DIR", str(tmp_path / "pools"))
     before = torch.get_num_threads()
@@ -338,7 +339,7 @@ def test_directory_and_dev_null_as_the_image(tmp_path):
 
 def test_manifest_of_a_larger_image(tiny, tmp_path):
     from model.synthetic import SyntheticCheckpoint
-    from runtime.pack import pack
+    from runtime.format.pack import pack
 
     big = tmp_path / "big.img"
     pack(SyntheticCheckpoint("tiny", n_layers=4), big, dtype="fp32", quiet=True)

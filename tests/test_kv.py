@@ -12,25 +12,18 @@ import torch
 from conftest import gpu_cap_gb, pack_tiny, run_launch
 
 from model.args import preset
-from model.copy2d import copy_rows
 from model.errors import ConfigError
-from model.llama import TieredKVCache, host_layer_count, spread_layers
+from model.groups import host_layer_count, spread_layers
 from model.synthetic import SyntheticCheckpoint
-from runtime.engine import (
-    RuntimeConfig,
-    activation_bytes,
-    chunk_per_sequence,
-    kv_cache_bytes,
-    kv_device_rows,
-    make_plan,
-    open_source,
-    plan_with_kv,
-    prefill_passes,
-)
-from runtime.generate import Generator, SamplingConfig
-from runtime.image import Image
-from runtime.pack import pack
-from runtime.weights import InMemoryWeights
+from runtime.engine.batching import activation_bytes, chunk_per_sequence, kv_cache_bytes, kv_device_rows, prefill_passes
+from runtime.engine.config import EngineConfig, KVConfig, PrefillConfig
+from runtime.engine.copy2d import copy_rows
+from runtime.engine.generate import Generator, SamplingConfig
+from runtime.engine.kv import TieredKVCache
+from runtime.engine.source import make_plan, open_source, plan_with_kv
+from runtime.engine.weights import InMemoryWeights
+from runtime.format.image import Image
+from runtime.format.pack import pack
 
 PROMPTS = [[3, 17, 42, 7, 99, 5, 23, 11, 2] * 6, [5, 6] * 5, [100, 200, 300, 400, 1] * 4]
 
@@ -47,8 +40,8 @@ def outputs(gen: Generator, new: int = 16):
 @pytest.mark.parametrize("block", [64, 7])
 def test_offloaded_kv_equals_resident(tiny, block):
     src = InMemoryWeights(tiny, "cpu", quiet=True)
-    ref = outputs(Generator(src, 96, prefill_chunk=16))
-    gen = Generator(src, 96, prefill_chunk=16, kv_offload=True, kv_block_tokens=block)
+    ref = outputs(Generator(src, 96, prefill=PrefillConfig(chunk=16)))
+    gen = Generator(src, 96, KVConfig(block_tokens=block), PrefillConfig(chunk=16), offload=True)
     assert outputs(gen) == ref
     a = tiny.args
     row = a.n_kv_heads * a.head_dim * 4  # fp32 bytes of one slot's K (or V) of one sequence
@@ -63,18 +56,18 @@ def test_host_attention_equals_resident(tiny):
     batch of mixed lengths (padding masked) and for one sequence; while decoding no KV block is copied to
     the device, and the decode steps' new slots reach the host cache directly."""
     src = InMemoryWeights(tiny, "cpu", quiet=True)
-    ref = outputs(Generator(src, 96, prefill_chunk=16))
-    gen = Generator(src, 96, prefill_chunk=16, kv_offload=True, host_attention=True)
+    ref = outputs(Generator(src, 96, prefill=PrefillConfig(chunk=16)))
+    gen = Generator(src, 96, KVConfig(host_attention=True), PrefillConfig(chunk=16), offload=True)
     h2d = []
     res = gen.generate_batch(PROMPTS, SamplingConfig(16), on_step=lambda t: h2d.append(gen.kv_moved()[0]))
     assert [r.output_token_ids for r in res] == ref
     assert h2d[0] > 0 and h2d[-1] == h2d[0]  # prefill fetched blocks; the 15 decode steps none
     assert gen.cache.written == [max(len(p) for p in PROMPTS) + 15] * tiny.args.n_layers
-    one = Generator(src, 80, kv_offload=True, host_attention=True)
+    one = Generator(src, 80, KVConfig(host_attention=True), offload=True)
     assert one.generate(PROMPTS[0], SamplingConfig(12)).output_token_ids == \
         Generator(src, 80).generate(PROMPTS[0], SamplingConfig(12)).output_token_ids
     with pytest.raises(ConfigError, match="--topk-blk"):
-        Generator(src, 80, kv_offload=True, host_attention=True, topk_blk=2)
+        Generator(src, 80, KVConfig(host_attention=True, topk_blk=2), offload=True)
 
 
 @pytest.fixture(scope="module")
@@ -87,10 +80,10 @@ def test_host_attention_on_some_layers(six, n_host, monkeypatch):
     """--host-attention N: N layers spread evenly are attended on the host, the others read back: the same
     tokens, and while decoding exactly the other layers' blocks are fetched to the device."""
     src = InMemoryWeights(six, "cpu", quiet=True)
-    ref = outputs(Generator(src, 96, prefill_chunk=16))
+    ref = outputs(Generator(src, 96, prefill=PrefillConfig(chunk=16)))
     fetched, fetch = [], TieredKVCache._fetch
     monkeypatch.setattr(TieredKVCache, "_fetch", lambda self, layer, b: (fetched.append(layer), fetch(self, layer, b)))
-    gen = Generator(src, 96, prefill_chunk=16, kv_offload=True, host_attention=n_host)
+    gen = Generator(src, 96, KVConfig(host_attention=n_host), PrefillConfig(chunk=16), offload=True)
     steps = []
     res = gen.generate_batch(PROMPTS, SamplingConfig(16), on_step=lambda t: steps.append(len(fetched)))
     assert [r.output_token_ids for r in res] == ref
@@ -108,11 +101,11 @@ def test_prefill_by_sequence(six, chunk):
     prefilling (nothing when a pass holds whole prompts), against every earlier slot of the batch chunked
     across it."""
     src = InMemoryWeights(six, "cpu", quiet=True)
-    ref = outputs(Generator(src, 96, prefill_chunk=chunk))
+    ref = outputs(Generator(src, 96, prefill=PrefillConfig(chunk=chunk)))
     moved = {}
-    for name, kw in {"across": {"prefill_by_sequence": False}, "by_sequence": {"prefill_by_sequence": True},
-                     "host": {"prefill_by_sequence": True, "host_attention": 3}, "default": {}}.items():
-        gen = Generator(src, 96, prefill_chunk=chunk, kv_offload=True, **kw)
+    for name, (by_sequence, host) in {"across": (False, None), "by_sequence": (True, None), "host": (True, 3),
+                                      "default": (None, None)}.items():
+        gen = Generator(src, 96, KVConfig(host_attention=host), PrefillConfig(chunk, by_sequence), offload=True)
         first = []
         res = gen.generate_batch(PROMPTS, SamplingConfig(16),
                                  on_step=lambda t, gen=gen, first=first: first.append(gen.kv_moved()))
@@ -141,7 +134,7 @@ def test_device_buffers_of_one_pass_when_every_layer_is_on_the_host(six, tiny, m
     400: two 54-slot prompts in one row's memory) and chunked across the batch (--no-prefill-by-sequence: the
     batch's rows)."""
     src = InMemoryWeights(six, "cpu", quiet=True)
-    ref = outputs(Generator(src, 96, prefill_chunk=128))
+    ref = outputs(Generator(src, 96, prefill=PrefillConfig(chunk=128)))
     subs = []
     real = TieredKVCache.sub_batch
     monkeypatch.setattr(TieredKVCache, "sub_batch", lambda self, b0, b1, pad, length: subs.append(
@@ -149,12 +142,11 @@ def test_device_buffers_of_one_pass_when_every_layer_is_on_the_host(six, tiny, m
     for max_len, by_sequence, rows, passes in ((96, None, 2, [(2, 2), (1, 2)]), (400, None, 1, [(2, 1), (1, 1)]),
                                                (96, False, 3, [])):
         subs.clear()
-        gen = Generator(src, max_len, prefill_chunk=128, kv_offload=True, host_attention="all",
-                        prefill_by_sequence=by_sequence)
+        gen = Generator(src, max_len, KVConfig(host_attention="all"), PrefillConfig(128, by_sequence), offload=True)
         assert outputs(gen) == ref, (max_len, by_sequence)
         assert gen.cache.device_rows == rows and gen.cache.buf_store_k[0].shape[0] == rows
         assert subs == passes  # (sequences of a pass, the cache's device rows): 128 // 54 prompts a pass
-    some = Generator(src, 96, prefill_chunk=128, kv_offload=True, host_attention=5, prefill_by_sequence=True)
+    some = Generator(src, 96, KVConfig(host_attention=5), PrefillConfig(chunk=128, by_sequence=True), offload=True)
     assert outputs(some) == ref and some.cache.device_rows == len(PROMPTS)  # one layer is read back
     # rows of max_len slots holding one pass's prefill_chunk tokens, whole prompts by default (None)
     assert kv_device_rows(64, 2080, 8192, True, 80, 80) == 4 and kv_device_rows(64, 2080, 8192, None, 80, 80) == 4
@@ -164,9 +156,9 @@ def test_device_buffers_of_one_pass_when_every_layer_is_on_the_host(six, tiny, m
         TieredKVCache(six.args, 3, 96, torch.float32, "cpu", host_attention="all", device_rows=1).sub_batch(
             0, 3, [0, 0, 0], 54)
     seen = []
-    cfg = RuntimeConfig(mode="preload", gpu_mem_gb=1, kv_offload="on", host_attention="all", prefill_by_sequence=True,
+    cfg = EngineConfig.of(mode="preload", gpu_mem_gb=1, kv_offload="on", host_attention="all", prefill_by_sequence=True,
                         prefill_chunk=256, quiet=True)
-    plan_with_kv(tiny, cfg, SimpleNamespace(type="cuda"), 8, 100, 0,
+    plan_with_kv(tiny, cfg, SimpleNamespace(type="cuda"), 8, 100,
                  lambda kv: seen.append(kv) or SimpleNamespace(h2d_bytes_per_pass=0))
     assert seen == [kv_cache_bytes(tiny, 8, 100, True, 64, device_rows=3)]  # 256 tokens in rows of 100
 
@@ -186,7 +178,7 @@ def test_single_sequence_offloaded(tiny):
     src = InMemoryWeights(tiny, "cpu", quiet=True)
     p = PROMPTS[0]
     ref = Generator(src, 80).generate(p, SamplingConfig(12)).output_token_ids
-    gen = Generator(src, 80, kv_offload=True, kv_block_tokens=5)
+    gen = Generator(src, 80, KVConfig(block_tokens=5), offload=True)
     assert gen.generate(p, SamplingConfig(12)).output_token_ids == ref
 
 
@@ -201,8 +193,8 @@ def test_auto_offload_when_the_gpu_budget_cannot_hold_the_kv(tmp_path):
     weights = sum(g.size for g in tiny.groups.values())
 
     def plan(gb, mode="auto"):
-        cfg = RuntimeConfig(mode="preload", gpu_mem_gb=gb, kv_offload=mode, quiet=True)
-        return plan_with_kv(tiny, cfg, dev, batch, max_len, act, lambda kv: make_plan(tiny, cfg, dev, kv, act))
+        cfg = EngineConfig.of(mode="preload", gpu_mem_gb=gb, kv_offload=mode, quiet=True)
+        return plan_with_kv(tiny, cfg, dev, batch, max_len, lambda kv: make_plan(tiny, cfg, dev, kv, act))
 
     roomy = (full + 4 * weights + act) / 1e9
     tight = (kv_cache_bytes(tiny, batch, max_len, True) + 4 * weights + act) / 1e9
@@ -232,23 +224,23 @@ def test_auto_offload_takes_the_fewer_bytes_per_step(tiny):
     when offloaded (the GPU tier holds whole groups, so the device's KV can displace more than its size)."""
     batch, max_len, dev = 8, 512, SimpleNamespace(type="cuda")
     full, two = kv_cache_bytes(tiny, batch, max_len), kv_cache_bytes(tiny, batch, max_len, True)
-    cfg = RuntimeConfig(mode="preload", gpu_mem_gb=1, kv_offload="auto", quiet=True)
+    cfg = EngineConfig.of(mode="preload", gpu_mem_gb=1, kv_offload="auto", quiet=True)
 
     def choose(on_device_h2d: int, offloaded_h2d: int, two: int = two) -> bool:
         plans = {full: SimpleNamespace(h2d_bytes_per_pass=on_device_h2d),
                  two: SimpleNamespace(h2d_bytes_per_pass=offloaded_h2d)}
-        plan, off = plan_with_kv(tiny, cfg, dev, batch, max_len, 0, lambda kv: plans[kv])
+        plan, off = plan_with_kv(tiny, cfg, dev, batch, max_len, lambda kv: plans[kv])
         assert plan is plans[two if off else full]
         return off
 
     assert choose(10**9 + full + 1, 10**9) is True  # the device's KV displaced more weights than it reads back
     assert choose(10**9 + full, 10**9) is False  # a tie stays on the device
     assert choose(10**9, 10**9) is False
-    cfg = RuntimeConfig(mode="preload", gpu_mem_gb=1, kv_offload="auto", host_attention=True, quiet=True)
+    cfg = EngineConfig.of(mode="preload", gpu_mem_gb=1, kv_offload="auto", host_attention=True, quiet=True)
     # attended on the host, the offloaded cache costs the link nothing, and its device buffers hold one
     # prefill pass's 2048 tokens: 4 of the 8 sequences
     assert choose(10**9 + 1, 10**9, kv_cache_bytes(tiny, batch, max_len, True, device_rows=4)) is True
-    cpu = plan_with_kv(tiny, cfg, SimpleNamespace(type="cpu"), batch, max_len, 0,
+    cpu = plan_with_kv(tiny, cfg, SimpleNamespace(type="cpu"), batch, max_len,
                        lambda kv: SimpleNamespace(h2d_bytes_per_pass=0))
     assert cpu[1] is False  # on the CPU only --kv-offload on offloads
 
@@ -257,15 +249,15 @@ def test_auto_offload_takes_the_fewer_bytes_per_step(tiny):
 def test_topk_covering_every_block_is_exact(tiny, offload):
     src = InMemoryWeights(tiny, "cpu", quiet=True)
     ref = outputs(Generator(src, 96))
-    gen = Generator(src, 96, kv_block_tokens=8, topk_blk=12, kv_offload=offload)
+    gen = Generator(src, 96, KVConfig(block_tokens=8, topk_blk=12), offload=offload)
     assert outputs(gen) == ref
     assert gen.attended_fraction() == 1.0
 
 
 def test_topk_reads_fewer_blocks(tiny):
     src = InMemoryWeights(tiny, "cpu", quiet=True)
-    exact = Generator(src, 96, kv_block_tokens=4)
-    approx = Generator(src, 96, kv_block_tokens=4, topk_blk=2, profile_attention=True)
+    exact = Generator(src, 96, KVConfig(block_tokens=4))
+    approx = Generator(src, 96, KVConfig(block_tokens=4, topk_blk=2), profile_attention=True)
     out = outputs(approx)
     assert all(len(o) == 16 for o in out)
     frac = approx.attended_fraction()
@@ -277,7 +269,7 @@ def test_topk_reads_fewer_blocks(tiny):
 
 def test_topk_scores_pick_the_matching_block(tiny):
     """A block whose keys align with the query outranks the others (the Quest upper bound)."""
-    from model.llama import KVCache
+    from runtime.engine.kv import KVCache
 
     a = tiny.args
     cache = KVCache(a, 1, 64, torch.float32, "cpu", block_tokens=4, topk_blk=1, window_blocks=1)
@@ -379,20 +371,21 @@ def test_gpu_kv_over_budget_offloads_and_matches(tmp_path, monkeypatch):
     b = len(prompts)
     act = activation_bytes(image, b, min(chunk_per_sequence(2048, b), max_len))
     kv_two, kv_full = kv_cache_bytes(image, b, max_len, True, 64), kv_cache_bytes(image, b, max_len, block_tokens=64)
-    need = make_plan(image, RuntimeConfig(mode="preload", gpu_mem_gb=100, gpu_cached_layers=0), dev, kv_two,
+    need = make_plan(image, EngineConfig.of(mode="preload", gpu_mem_gb=100, gpu_cached_layers=0), dev, kv_two,
                      act).gpu_bytes_total
-    cfg = RuntimeConfig(mode="preload", gpu_mem_gb=gpu_cap_gb((need + (kv_full - kv_two) / 2) / 1e9),
+    cfg = EngineConfig.of(mode="preload", gpu_mem_gb=gpu_cap_gb((need + (kv_full - kv_two) / 2) / 1e9),
                         gpu_cached_layers=0, quiet=True)
     with pytest.raises(ConfigError):
         make_plan(image, cfg, dev, kv_full, act)
     try:
         with open_source(image, cfg, dev, batch=b, max_len=max_len) as (src, plan, _):
             offloaded = src.kv_offload
-            gen = Generator(src, max_len, kv_offload=True)
+            gen = Generator(src, max_len, offload=True)
             out = [r.output_token_ids for r in gen.generate_batch(prompts, SamplingConfig(8))]
             moved = gen.kv_moved()
             # decode attention on the CPU, after the same prefill as gen's
-            host = Generator(src, max_len, kv_offload=True, host_attention=True, prefill_by_sequence=False)
+            host = Generator(src, max_len, KVConfig(host_attention="all"), PrefillConfig(by_sequence=False),
+                             offload=True)
             steps = []
             res = host.generate_batch(prompts, SamplingConfig(8), on_step=lambda _: steps.append(host.kv_moved()))
             out_host = [r.output_token_ids for r in res]
@@ -402,7 +395,7 @@ def test_gpu_kv_over_budget_offloads_and_matches(tmp_path, monkeypatch):
             on_gpu, on_host = first_decode_logits(gen, prompts), first_decode_logits(host, prompts)
             # whole prompts per pass (--prefill-by-sequence): nothing read back while prefilling; its passes
             # differ from the chunked ones (bf16 rounding), so the first tokens are compared
-            by_seq = Generator(src, max_len, kv_offload=True, prefill_by_sequence=True)
+            by_seq = Generator(src, max_len, prefill=PrefillConfig(by_sequence=True), offload=True)
             seq_moved = []
             seq = by_seq.generate_batch(prompts, SamplingConfig(8),
                                         on_step=lambda _: seq_moved.append(by_seq.kv_moved()))
@@ -414,7 +407,7 @@ def test_gpu_kv_over_budget_offloads_and_matches(tmp_path, monkeypatch):
             real = TieredKVCache.sub_batch
             monkeypatch.setattr(TieredKVCache, "sub_batch", lambda self, b0, b1, pad, length: subs.append(
                 (b1 - b0, self.device_rows)) or real(self, b0, b1, pad, length))
-            packed = Generator(src, max_len, kv_offload=True, host_attention=True, prefill_chunk=1024)
+            packed = Generator(src, max_len, KVConfig(host_attention=True), PrefillConfig(chunk=1024), offload=True)
             out_packed = [r.output_token_ids for r in packed.generate_batch(short, SamplingConfig(8))]
             packed_rows, packed = packed.cache.device_rows, None
             del src, gen
@@ -441,7 +434,7 @@ def test_host_store_registers_whole_pages_exactly_once(monkeypatch):
     is collected, after the device's work."""
     import gc
 
-    from model.llama import HostStore
+    from runtime.engine.kv import HostStore
 
     calls = []
     fake = SimpleNamespace(cudaHostRegister=lambda p, n, f: calls.append(("register", p, n, f)) or 0,

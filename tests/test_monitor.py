@@ -1,5 +1,5 @@
-"""``pool status`` (runtime/monitor.py): a real daemon pool of a tiny synthetic image in a private pool dir, the
-JSON schema checked against docs/POOL.md in both directions, the values that must hold, an attached client, the
+"""``pool status`` (runtime/services/monitor.py): a real daemon pool of a tiny synthetic image in a private pool
+dir, the JSON schema checked against docs/POOL.md in both directions, the values that must hold, an attached client, the
 text screen, --watch (Ctrl-C, and the pool dying under it), a missing pool. CPU only, a few seconds."""
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def pool_env(tmp_path_factory):
 
 
 def _pid_alive(pid: int) -> bool:
-    from runtime.pool import pid_alive
+    from runtime.ipc.procs import pid_alive
 
     return pid_alive(pid)
 
@@ -120,8 +120,8 @@ class Pool:
     """A daemon pool started with launch.py pool start; ``stop`` stops it and checks nothing is left."""
 
     def __init__(self, image: Path, name: str) -> None:
-        from runtime.daemon import read_record
-        from runtime.monitor import snapshot
+        from runtime.ipc.records import read_record
+        from runtime.services.monitor import snapshot
 
         self.name = name  # unique per test process: /dev/shm names are per user, not per pool dir
         # --dram-gb 0.02 holds 7 of the 10 groups, so the window slots stream the rest
@@ -136,7 +136,7 @@ class Pool:
         assert len(self.workers) == WORKERS
 
     def stop(self) -> None:
-        from runtime.shm import leftover_names
+        from runtime.ipc.shm import leftover_names
 
         if _pid_alive(self.pid):
             run_launch("pool", "stop", self.name)
@@ -202,8 +202,8 @@ def test_json_schema_and_values(pool):
 def client(pool):
     """This process attached as a client of the pool, streaming the groups the pool does not hold (cyclic);
     it never releases a slot, so its window fills and stays READY."""
-    from runtime.client import PoolClient
-    from runtime.daemon import attach
+    from runtime.pool.attach import attach
+    from runtime.pool.client import PoolClient
 
     att = attach(pool.name)
     c = PoolClient(att.handle, att.index, ring="none")
@@ -292,7 +292,7 @@ def test_watch_json_lines_until_ctrl_c(pool):
 
 def test_watch_reports_a_dead_coordinator(pool_env):
     """The coordinator dies (SIGKILL) under --watch: one error line, exit 2; then pool cleanup leaves nothing."""
-    from runtime.shm import leftover_names
+    from runtime.ipc.shm import leftover_names
 
     p = Pool(pool_env, f"mondie{os.getpid()}")
     proc = _watch(p.name)
@@ -319,7 +319,7 @@ def test_watch_reports_a_dead_coordinator(pool_env):
 
 
 def test_sample_of_a_vanished_process():
-    from runtime.monitor import render, sample_process
+    from runtime.services.monitor import render, sample_process
 
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()

@@ -142,7 +142,7 @@ def test_aligned_buffer():
         assert size == 0 or buffer_address(buf) % a == 0
     with pytest.raises(ValueError, match="alignment 3000"):
         aligned_buffer(10, 3000)
-    assert odirect.DEFAULT_ALIGNMENT == 4096  # runtime.image.ALIGN (not imported: it pulls in torch)
+    assert odirect.DEFAULT_ALIGNMENT == 4096  # runtime.format.image.ALIGN (not imported: it pulls in torch)
 
 
 # ---- direct mode: aligned and unaligned reads ------------------------------------------------------------------

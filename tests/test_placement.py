@@ -1,6 +1,7 @@
-"""Placement (runtime/placement.py): fixed GPU / DRAM / stream tiers from budgets, DESIGN.md sections 1-2.
+"""Placement (runtime/engine/placement.py): fixed GPU / DRAM / stream tiers from budgets, docs/DESIGN.md, the cost
+model and placement.
 
-Pure arithmetic on real group sizes (runtime/image.plan_layout), so every shape, 70B included, runs in
+Pure arithmetic on real group sizes (runtime.format.image.plan_layout), so every shape, 70B included, runs in
 milliseconds on any machine. Run: python -m pytest -q tests/test_placement.py -s  (-s shows the plan tables)
 """
 
@@ -14,7 +15,7 @@ import pytest
 from model.args import preset
 from model.errors import ConfigError
 from model.groups import spread_layers
-from runtime.placement import Budgets, group_kind, layout_group_bytes, pass_sequence, plan_placement
+from runtime.engine.placement import Budgets, group_kind, layout_group_bytes, pass_sequence, plan_placement
 
 GiB = 1 << 30
 _SIZES: dict[str, dict[str, int]] = {}
@@ -35,7 +36,7 @@ def layer_groups(layers) -> set[str]:
     return {f"layers.{i}.{k}" for i in layers for k in ("attention", "feed_forward")}
 
 
-# ---- the DESIGN.md example ----------------------------------------------------------------------------------
+# ---- the docs/DESIGN.md example ----------------------------------------------------------------------------------
 
 def test_design_example_70b_on_24gb_gpu_with_64gb_ring():
     args, sizes = shape("llama3.1-70b")
@@ -43,17 +44,17 @@ def test_design_example_70b_on_24gb_gpu_with_64gb_ring():
                       activation_bytes=2 * GiB)
     plan = plan_placement(sizes, args, "mixed", budgets)
     print("\n" + plan.describe())
-    layer = sizes["layers.0.attention"] + sizes["layers.0.feed_forward"]  # 1.711 GB (DESIGN.md section 1)
+    layer = sizes["layers.0.attention"] + sizes["layers.0.feed_forward"]  # 1.711 GB (docs/DESIGN.md, the cost model)
     assert abs(layer - 1.711e9) < 0.01e9
     gpu_layers = plan.gpu_tier_bytes / layer
     dram_layers = (plan.dram_tier_bytes - plan.host_bytes) / layer
     stream_layers = plan.disk_bytes_per_pass / layer
     print(f"layers' worth: gpu {gpu_layers:.1f}, dram {dram_layers:.1f}, stream {stream_layers:.1f}; "
           f"disk per token {plan.disk_bytes_per_pass / 1e9:.1f} GB")
-    assert 7 <= gpu_layers <= 12  # DESIGN.md: "about 8"
+    assert 7 <= gpu_layers <= 12  # docs/DESIGN.md: "about 8"
     assert 32 <= dram_layers <= 40  # "about 36"
     assert 30 <= stream_layers <= 40  # "36 streamed"
-    assert 55e9 <= plan.disk_bytes_per_pass <= 70e9  # "about 62 GB", against 137 GB for the seeds' ring window
+    assert 55e9 <= plan.disk_bytes_per_pass <= 70e9  # "about 62 GB", against 137 GB for a rolling ring window
     assert plan.weight_bytes / plan.disk_bytes_per_pass > 2
     assert plan.gpu_bytes_total <= budgets.gpu_bytes and plan.ring_bytes <= budgets.dram_bytes
     assert plan.window_slots == 4 and plan.staging_buffers == 2
@@ -68,7 +69,7 @@ def test_8b_preload_in_6gib_gpu_copies_the_rest_every_pass_and_reads_no_disk():
     assert plan.h2d_bytes_per_pass == total - plan.gpu_tier_bytes
     assert plan.disk_bytes_per_pass == 0 and plan.stream == () and plan.window_slots == 0
     assert plan.dram_tier_bytes == total - plan.gpu_tier_bytes + sizes["tok_embeddings"]
-    # more resident than accelerate's 4.98 GB in the same 6 GiB (DESIGN.md section 1)
+    # more resident than accelerate's 4.98 GB in the same 6 GiB (docs/DESIGN.md, the cost model)
     assert 4.98e9 < plan.gpu_tier_bytes and plan.gpu_bytes_total <= 6 * GiB
 
 
@@ -191,7 +192,7 @@ def test_largest_group_is_kept_resident_when_that_shrinks_the_staging_buffers():
     assert "head" in plan.gpu and plan.slot_bytes == sizes["layers.0.feed_forward"]
 
 
-# ---- explicit layer counts (the seeds' flags) ------------------------------------------------------------------
+# ---- explicit layer counts (the original bench's flags) ------------------------------------------------
 
 def test_explicit_layer_counts_give_exactly_those_layers():
     args, sizes = shape("llama3.1-8b")

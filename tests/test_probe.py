@@ -1,4 +1,4 @@
-"""launch.py probe: the seeds' single-layer study on a tiny synthetic image and without an image (temp file
+"""launch.py probe: the per-layer timing study on a tiny synthetic image and without an image (temp file
 deleted), on the CPU: every JSON section, H2D skipped with its reason, positive disk and compute figures, the
 recommended W and K within their bounds, the plan for the budgets, no /dev/shm leftovers, --help and the
 one-line errors. The formulas are checked on given rates; the CUDA test is skipped without CUDA.
@@ -17,9 +17,10 @@ from conftest import assert_user_error, run_launch
 from model.args import preset
 from model.errors import UserError
 from model.synthetic import SyntheticCheckpoint
-from runtime.pack import pack
-from runtime.placement import layout_group_bytes
-from runtime.probe import (
+from runtime.engine.placement import layout_group_bytes
+from runtime.format.pack import pack
+from runtime.ipc.shm import leftover_names
+from runtime.measure.probe import (
     K_MAX,
     ModelSpec,
     ProbeConfig,
@@ -31,7 +32,6 @@ from runtime.probe import (
     plan_cells,
     recommend,
 )
-from runtime.shm import leftover_names
 
 FAST = ["--workers-list", "1,2", "--read-mb-list", "1,16", "--probe-gb", "0.004", "--decode-context", "16",
         "--prefill-tokens", "32"]
@@ -165,7 +165,7 @@ def spec_70b() -> ModelSpec:
 
 
 def test_recommendation_on_the_design_figures():
-    """DESIGN.md's H200 figures: 70B, H2D 55.2 GB/s, disk 1.5 GB/s (8 readers, 0.4 GB/s each), compute
+    """docs/DESIGN.md's H200 figures: 70B, H2D 55.2 GB/s, disk 1.5 GB/s (8 readers, 0.4 GB/s each), compute
     0.94 + 3.84 ms (prefill 2048) and 0.19 + 0.36 ms (decode): both phases are disk- and copy-bound."""
     spec = spec_70b()
     r = Rates(55.2, 1.5, 0.4, 8, {"prefill": {"attention": 0.94, "feed_forward": 3.84, "head": 0.5},

@@ -21,7 +21,6 @@ from benchmarks.retrieval_bench import (  # noqa: E402
     make_generator,
     markdown,
     run_cases,
-    topk_supported,
 )
 
 LENGTH, N_CASES, NEW_TOKENS, BLOCK = 768, 4, 8, 64
@@ -29,12 +28,12 @@ LENGTH, N_CASES, NEW_TOKENS, BLOCK = 768, 4, 8, 64
 
 @pytest.fixture(scope="module")
 def smol(smol_image):
-    from runtime.commands import _tokenizer
-    from runtime.image import Image
-    from runtime.weights import InMemoryWeights
+    from runtime.engine.weights import InMemoryWeights
+    from runtime.format.image import Image
+    from runtime.format.tokens import image_tokenizer
 
     image = Image.open(smol_image)
-    tok = _tokenizer(image, required=True)
+    tok = image_tokenizer(image, required=True)
     return image, tok, InMemoryWeights(image, "cpu", quiet=True)
 
 
@@ -77,8 +76,6 @@ def test_exact_attention_retrieves(exact_records):
 
 
 def test_topk_covering_every_block_equals_exact(smol, cases, exact_records):
-    if not topk_supported():
-        pytest.skip("topk_blk not available")
     _, tok, src = smol
     k_all = -(-(LENGTH + NEW_TOKENS) // BLOCK)  # every block of the longest sequence
     gen = make_generator(src, LENGTH + NEW_TOKENS, k_all, BLOCK)
@@ -89,8 +86,6 @@ def test_topk_covering_every_block_equals_exact(smol, cases, exact_records):
 def test_topk_small_k_runs(smol, cases, exact_records):
     """K=2 of the 12 blocks (plus the first and the 2-block recent window): the run completes and its decode
     steps attend to fewer blocks. Its accuracy is printed, not asserted (on the CPU it loses cases)."""
-    if not topk_supported():
-        pytest.skip("topk_blk not available")
     _, tok, src = smol
     gen = make_generator(src, LENGTH + NEW_TOKENS, 2, BLOCK, profile=True)
     recs = run_cases(gen, cases, tok, NEW_TOKENS)
@@ -99,8 +94,7 @@ def test_topk_small_k_runs(smol, cases, exact_records):
     assert acc["cases"] == N_CASES and 0 <= acc["overall"] <= 1
     assert all(r["decode_steps"] >= 1 and r["output"] for r in recs)
     fractions = [r["attended_fraction"] for r in recs]
-    if all(f is not None for f in fractions):  # the runtime counts attended blocks
-        assert all(0 < f < 0.5 for f in fractions), fractions  # 5 of 12-13 blocks
+    assert all(f is not None and 0 < f < 0.5 for f in fractions), fractions  # 5 of 12-13 blocks
 
 
 def test_markdown_table():
@@ -125,14 +119,12 @@ def test_script_end_to_end(smol_image, tmp_path, capsys):
                "--timing-steps", "3", "--kv-block-tokens", "32", "--out", str(out), "--quiet"])
     assert rc == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[-1].startswith("| topk2 | " if topk_supported() else "| exact | ")
+    assert lines[-1].startswith("| topk2 | ")
     res = json.loads(out.read_text())
     s = res["summary"]
     assert s["cases"] == 2 and s["timing"]["exact"]["steps"] == 3 and s["timing"]["exact"]["step_ms_median"] > 0
-    if topk_supported():  # 256 tokens in 8 blocks of 32: K=2 + the first + a 2-block window is 5 of 8
-        t = s["timing"]["topk2"]
-        assert t["steps"] == 3 and 0 < t["attended_fraction"] < 1 and 0 < s["attended_fraction"]["topk2"] < 1
-        if t["attn_counter"]:
-            assert t["attn_ms_per_step"] > 0 and s["timing"]["exact"]["attn_ms_per_step"] > 0
+    t = s["timing"]["topk2"]  # 256 tokens in 8 blocks of 32: K=2 + the first + a 2-block window is 5 of 8
+    assert t["steps"] == 3 and 0 < t["attended_fraction"] < 1 and 0 < s["attended_fraction"]["topk2"] < 1
+    assert t["attn_counter"] and t["attn_ms_per_step"] > 0 and s["timing"]["exact"]["attn_ms_per_step"] > 0
     assert len(res["records"]["exact"]) == 2 and {"length", "depth", "expected", "output", "hit"} <= set(
         res["records"]["exact"][0])

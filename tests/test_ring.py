@@ -1,6 +1,7 @@
 """The shared-memory ring under stress and faults, with real processes (spawn): coordinator, I/O workers, clients.
 
-The protocol is specified in runtime/shm.py, the fault handling in runtime/pool.py. What each test proves:
+The protocol is specified in runtime/ipc/shm.py, the fault handling in runtime/pool/coordinator.py. What each test
+proves:
 
   test_stress_random_groups_and_delays    random model shape (so every group kind has its own size), random DRAM
       tier, window, worker count, per-read delays and 16/64 KiB chunks; one or two clients consume thousands of
@@ -57,12 +58,12 @@ import torch
 
 from model.args import ModelArgs
 from model.synthetic import SyntheticCheckpoint
-from runtime.client import PoolClient, PoolDied
-from runtime.image import Image
-from runtime.pack import pack
-from runtime.pool import PoolConfig, PrivatePool
-from runtime.shm import CLIENT_FREE, POOL_RUNNING, SLOT_FREE, SLOT_QUEUED, SLOT_READY, TIER_DRAM, leftover_names
-from workers.io_worker import WorkerOptions
+from runtime.format.image import Image
+from runtime.format.pack import pack
+from runtime.ipc.options import PoolConfig, WorkerOptions
+from runtime.ipc.shm import CLIENT_FREE, POOL_RUNNING, SLOT_FREE, SLOT_QUEUED, SLOT_READY, TIER_DRAM, leftover_names
+from runtime.pool.client import PoolClient, PoolDied
+from runtime.pool.coordinator import PrivatePool
 
 SEED = int(os.environ.get("RING_TEST_SEED") or random.SystemRandom().randrange(1 << 32))
 WHY = f"RING_TEST_SEED={SEED}"
@@ -475,16 +476,17 @@ def _alive_pid(pid: int) -> bool:
 
 
 def test_generate_stream_survives_worker_kill(tmp_path, leftovers, capfd):
-    from runtime.engine import RuntimeConfig, open_source
-    from runtime.generate import Generator, SamplingConfig
+    from runtime.engine.config import EngineConfig
+    from runtime.engine.generate import Generator, SamplingConfig
+    from runtime.engine.source import open_source
 
     rng = rng_for("generate")
     image = make_image(tmp_path, rng)
     prompt = [rng.randrange(image.args.vocab_size) for _ in range(rng.randint(3, 12))]
     sampling = SamplingConfig(max_new_tokens=24)
-    with open_source(image, RuntimeConfig(mode="full", quiet=True), torch.device("cpu")) as (source, _, _):
+    with open_source(image, EngineConfig.of(mode="full", quiet=True), torch.device("cpu")) as (source, _, _):
         want = Generator(source, len(prompt) + 24).generate(prompt, sampling).output_token_ids
-    cfg = RuntimeConfig(mode="stream", prefetch_distance=2, workers=2, quiet=True)
+    cfg = EngineConfig.of(mode="stream", prefetch_distance=2, workers=2, quiet=True)
     killed: list[int] = []
     with open_source(image, cfg, torch.device("cpu")) as (source, plan, handle):
         leftovers.add_pool(handle.name)

@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import run_launch
 
-from runtime.generate import Generator
-from runtime.image import Image
-from runtime.weights import InMemoryWeights
+from runtime.engine.generate import Generator
+from runtime.engine.weights import InMemoryWeights
+from runtime.format.image import Image
 
 pytestmark = pytest.mark.slow
 

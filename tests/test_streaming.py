@@ -15,12 +15,13 @@ import torch
 from conftest import ROOT, gpu_cap_gb, pack_tiny
 
 from model.synthetic import SyntheticCheckpoint
-from runtime.engine import RuntimeConfig, open_source
-from runtime.generate import Generator, SamplingConfig
-from runtime.image import Image
-from runtime.pack import pack
-from runtime.shm import SLOT_QUEUED, leftover_names
-from runtime.weights import InMemoryWeights
+from runtime.engine.config import EngineConfig, PrefillConfig
+from runtime.engine.generate import Generator, SamplingConfig
+from runtime.engine.source import open_source
+from runtime.engine.weights import InMemoryWeights
+from runtime.format.image import Image
+from runtime.format.pack import pack
+from runtime.ipc.shm import SLOT_QUEUED, leftover_names
 
 PROMPT = [3, 17, 42, 7, 99, 5, 23]
 NEW = 10
@@ -47,7 +48,7 @@ def in_flight(src) -> bool:
     return bool((src.res.slots["state"] == SLOT_QUEUED).any())
 
 
-def run_streamed(image: Image, cfg: RuntimeConfig, prompt: list[int], new: int):
+def run_streamed(image: Image, cfg: EngineConfig, prompt: list[int], new: int):
     """Greedy tokens, prefill logits, the plan and the pool's per-group read counts."""
     max_len = len(prompt) + new
     with open_source(image, cfg, torch.device("cpu"), max_len=max_len) as (src, plan, handle):
@@ -78,7 +79,7 @@ CONFIGS = {
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_streamed_equals_full(tiny, name):
     ref_tokens, ref_logits = reference(tiny, PROMPT, NEW)
-    cfg = RuntimeConfig(**CONFIGS[name], workers=2, quiet=True)
+    cfg = EngineConfig.of(**CONFIGS[name], workers=2, quiet=True)
     tokens, logits, plan, passes, reads, header = run_streamed(tiny, cfg, PROMPT, NEW)
     assert tokens == ref_tokens
     assert (logits - ref_logits).abs().max().item() <= 1e-5
@@ -104,10 +105,10 @@ def check_accounting(image: Image, plan, passes: int, reads: dict, header: dict)
 
 def test_plans_cover_the_tiers(tiny):
     """The configurations above really exercise each tier (a test that streams nothing proves nothing)."""
-    from runtime.engine import make_plan
+    from runtime.engine.source import make_plan
 
     def plan(**kw):
-        return make_plan(tiny, RuntimeConfig(**kw, quiet=True), torch.device("cpu"), 0, 0)
+        return make_plan(tiny, EngineConfig.of(**kw, quiet=True), torch.device("cpu"), 0, 0)
 
     assert plan(**CONFIGS["preload"]).stream == ()
     assert len(plan(**CONFIGS["stream-w2"]).stream) > 4 and plan(**CONFIGS["stream-w2"]).window_slots == 2
@@ -128,7 +129,7 @@ def test_smollm2_streamed_equals_full(smol_image, mode):
     kw = dict(mode=mode, workers=2, quiet=True)
     if mode == "mixed":
         kw.update(gpu_cached_layers=4, cpu_cache_layers=10, prefetch_distance=2)
-    tokens, logits, plan, passes, reads, header = run_streamed(image, RuntimeConfig(**kw), prompt, 8)
+    tokens, logits, plan, passes, reads, header = run_streamed(image, EngineConfig.of(**kw), prompt, 8)
     assert tokens == ref_tokens
     assert (logits - ref_logits).abs().max().item() <= 1e-5
     check_accounting(image, plan, passes, reads, header)
@@ -162,7 +163,7 @@ def test_gpu_streamed_equals_full_bf16(synth_bf16, mode):
         kw.update(gpu_cached_layers=1, cpu_cache_layers=1, prefetch_distance=2)
     if mode == "preload-gpu-tier":
         kw.update(mode="preload", gpu_cached_layers=1)
-    with open_source(synth_bf16, RuntimeConfig(**kw), dev, max_len=len(prompt) + new) as (src, plan, _):
+    with open_source(synth_bf16, EngineConfig.of(**kw), dev, max_len=len(prompt) + new) as (src, plan, _):
         # the ring's pages this client copies from are registered with CUDA
         assert src.registered and src.slot_tensor(min(src._own_slots()), 16).is_pinned()
         assert plan.h2d_bytes_per_pass > 0 and (mode.startswith("preload") or plan.stream)
@@ -178,7 +179,7 @@ def test_gpu_failed_set_up_unregisters_the_ring(synth_bf16, monkeypatch):
     """A weight source whose set-up fails after the ring was registered (here: its DRAM-tier check) gives
     the registration back before the ring is unmapped; a stale one made the next run's copies fail (CUDA
     error 712 or "invalid argument" on memory later mapped at the same address). The next run works."""
-    from runtime.client import StreamedWeights
+    from runtime.engine.streamed import StreamedWeights
 
     dev = torch.device("cuda")
     prompt, new = PROMPT, 4
@@ -188,7 +189,7 @@ def test_gpu_failed_set_up_unregisters_the_ring(synth_bf16, monkeypatch):
         built.append(self)
         raise RuntimeError("DRAM tier check: simulated failure")
 
-    cfg = RuntimeConfig(mode="preload", gpu_mem_gb=gpu_cap_gb(1.5), gpu_cached_layers=0, workers=2, quiet=True)
+    cfg = EngineConfig.of(mode="preload", gpu_mem_gb=gpu_cap_gb(1.5), gpu_cached_layers=0, workers=2, quiet=True)
     with monkeypatch.context() as m:
         m.setattr(StreamedWeights, "_check_dram_tier", failing)
         with pytest.raises(RuntimeError, match="simulated"):
@@ -199,7 +200,7 @@ def test_gpu_failed_set_up_unregisters_the_ring(synth_bf16, monkeypatch):
     gen = Generator(InMemoryWeights(synth_bf16, dev, quiet=True), len(prompt) + new)
     ref = gen.generate(prompt, SamplingConfig(new)).output_token_ids
     del gen
-    cfg = RuntimeConfig(mode="preload", gpu_mem_gb=gpu_cap_gb(1.5), gpu_cached_layers=0, workers=2, quiet=True)
+    cfg = EngineConfig.of(mode="preload", gpu_mem_gb=gpu_cap_gb(1.5), gpu_cached_layers=0, workers=2, quiet=True)
     with open_source(synth_bf16, cfg, dev, max_len=len(prompt) + new) as (src, _, _):
         assert src.registered
         out = Generator(src, len(prompt) + new).generate(prompt, SamplingConfig(new)).output_token_ids
@@ -226,7 +227,7 @@ def test_gpu_attached_equals_full_bf16(synth_bf16, tmp_path, monkeypatch, dram_g
                                                        "--window-slots", "2"])
     subprocess.run(start, cwd=ROOT, check=True, timeout=120)
     try:
-        cfg = RuntimeConfig(gpu_mem_gb=gpu_cap_gb(1.5), gpu_cached_layers=1, quiet=True, attach=name)
+        cfg = EngineConfig.of(gpu_mem_gb=gpu_cap_gb(1.5), gpu_cached_layers=1, quiet=True, attach=name)
         with open_source(synth_bf16, cfg, dev, max_len=len(prompt) + new) as (src, plan, _):
             assert src.registered and src.res.ring_readonly  # mapped read-only, registered read-only
             assert src.slot_tensor(min(src._own_slots()), 16).is_pinned()
@@ -275,9 +276,9 @@ def test_model_uses_each_group_before_fetching_the_next(tiny):
 def test_chunked_prefill_equals_one_pass(tiny):
     """Prefill in chunks (a causal first chunk, then masked later chunks over the cache) equals one pass."""
     src = InMemoryWeights(tiny, "cpu", quiet=True)
-    x = torch.tensor([PROMPT * 3])
-    one = Generator(src, 32)
-    chunked = Generator(src, 32, prefill_chunk=4)
+    x = torch.tensor([PROMPT * 6])  # 42 tokens: 3 chunks of at most 16 (the smallest --prefill-chunk)
+    one = Generator(src, 64)
+    chunked = Generator(src, 64, prefill=PrefillConfig(chunk=16))
     ref = one.forward(x, 0, one.new_cache(1))
     out = chunked.forward(x, 0, chunked.new_cache(1))
     assert (out - ref).abs().max().item() <= 1e-5
@@ -289,18 +290,19 @@ def test_early_start_fills_before_torch_and_matches(tiny, tmp_path):
     afterwards. A pool started for the wrong device type is stopped, not leaked."""
     code = f"""
 import sys
-from runtime.engine import RuntimeConfig, start_early
-from runtime.image import Image
-from runtime.shm import leftover_names
+from runtime.engine.config import EngineConfig
+from runtime.engine.source import start_early
+from runtime.format.image import Image
+from runtime.ipc.shm import leftover_names
 image = Image.open({str(tiny.path)!r})
-cfg = RuntimeConfig(mode="mixed", dram_gb=1.0, quiet=True)
+cfg = EngineConfig.of(mode="mixed", dram_gb=1.0, quiet=True)
 early = start_early(image, cfg, "cpu", max_len=20)
 assert early is not None and "torch" not in sys.modules, sys.modules.get("torch")
 assert leftover_names(pool=early.pool.handle.name)
 wrong = start_early(image, cfg, "cpu", max_len=20)
 import torch
-from runtime.engine import open_source
-from runtime.generate import Generator, SamplingConfig
+from runtime.engine.source import open_source
+from runtime.engine.generate import Generator, SamplingConfig
 with open_source(image, cfg, torch.device("cpu"), max_len=20, early=early) as (src, plan, handle):
     print(Generator(src, 20).generate({PROMPT!r}, SamplingConfig(8)).output_token_ids)
 wrong.device_type = "cuda"  # as if the guess had been wrong: open_source stops it and starts its own

@@ -1,4 +1,4 @@
-"""``--trace FILE`` (runtime/trace.py) and its renderer (benchmarks/render_trace.py).
+"""``--trace FILE`` (runtime/ipc/trace.py, runtime/engine/trace.py) and its renderer (benchmarks/render_trace.py).
 
 On a tiny synthetic image, streamed by two I/O workers through a 2-slot window, ``run`` and ``bench`` write
 one Chrome trace-event JSON that holds every worker's reads, the client's computes (and on CUDA its copies);
@@ -23,8 +23,8 @@ import torch
 from conftest import ROOT, run_launch
 
 from model.synthetic import SyntheticCheckpoint
-from runtime import trace
-from runtime.pack import pack
+from runtime.format.pack import pack
+from runtime.ipc import trace
 
 PROMPT, NEW, WINDOW = "1,2,3", 4, 2
 RUN = ["--mode", "stream", "--prefetch-distance", str(WINDOW), "--workers", "2", "--prompt-ids", PROMPT,

@@ -1,6 +1,6 @@
 """An I/O worker process: reads whole groups from the image into ring slots and verifies them.
 
-Started by the coordinator (runtime/pool.py) with the ``spawn`` method and given only plain data: the pool
+Started by the coordinator (runtime/pool/coordinator.py) with the ``spawn`` method and given only plain data: the pool
 handle, its index, the image path and options. It attaches to the pool's shared memory (never unlinks),
 then loops: wait on its semaphore (with a timeout), take READ(slot, seq) requests from its queue, read the
 slot's group from the image with O_DIRECT straight into the slot (``workers.odirect.DirectReader``, several
@@ -20,22 +20,13 @@ import sys
 import threading
 import time
 import zlib
-from dataclasses import dataclass
 
-from runtime.shm import ERR_CRC, MSG_DONE, MSG_READ, MSG_STOP, PoolHandle, PoolResources, sem_wait
-from runtime.trace import WorkerTrace
+from runtime.ipc.options import WorkerOptions
+from runtime.ipc.shm import ERR_CRC, MSG_DONE, MSG_READ, MSG_STOP, PoolHandle, PoolResources, sem_wait
+from runtime.ipc.trace import WorkerTrace
 from workers.odirect import DirectReader
 
 POLL_S = 0.25
-
-
-@dataclass(frozen=True)
-class WorkerOptions:
-    direct: bool = True  # O_DIRECT (falls back to buffered + fadvise(DONTNEED) where refused)
-    inflight: int = 16  # chunk reads in flight in this worker: one large group read alone keeps the disk busy
-    chunk_bytes: int = 16 << 20  # a group read is split into chunks of this size, issued in parallel
-    max_delay_s: float = 0.0  # tests only: sleep a random 0..max_delay_s before each read (shakes the ordering)
-    trace_dir: str | None = None  # --trace: record each read, write them here at exit (runtime/trace.py)
 
 
 class Worker:

@@ -1,10 +1,10 @@
 """The O_DIRECT read handle: aligned reads from a packed image (a regular file or a raw block device) straight into
 caller-owned memory, without the page cache, with several reads in flight.
 
-Used by the I/O worker processes (DESIGN.md section 3): each worker opens one ``DirectReader`` on the image and
-reads whole group extents (4 KiB-aligned offsets and sizes) into ring slots in shared memory. Nothing here touches
-shared memory itself; the reader owns only its file descriptor, a small thread pool for ``submit`` and the bounce
-buffers of ``read_range``.
+Used by the I/O worker processes (docs/DESIGN.md, processes and shared resources): each worker opens one
+``DirectReader`` on the image and reads whole group extents (4 KiB-aligned offsets and sizes) into ring slots in
+shared memory. Nothing here touches shared memory itself; the reader owns only its file descriptor, a small thread
+pool for ``submit`` and the bounce buffers of ``read_range``.
 
 Modes:
   direct    the fd was opened with O_RDONLY | O_DIRECT. Offsets, sizes and buffer addresses must be multiples of
@@ -15,7 +15,7 @@ Modes:
             posix_fadvise(POSIX_FADV_DONTNEED) on its range, so the cache neither silently serves the weights (and
             makes a benchmark lie) nor grows with them. A fallback is reported once, through ``log``, naming the path.
 
-Failures are exceptions that carry the path, the offset and the byte counts (STYLE.md rule 9): a read that ends
+Failures are exceptions that carry the path, the offset and the byte counts: a read that ends
 at end of file raises ``ReadError(path, offset, expected, got, "end of file")``; an errno from preadv raises
 ``ReadError`` naming the errno and the offset where it failed; a missing or unreadable path raises ``UserError``.
 
@@ -39,7 +39,7 @@ import numpy as np
 
 from model.errors import ReadError, UserError
 
-DEFAULT_ALIGNMENT = 4096  # the image's extent alignment (runtime.image.ALIGN)
+DEFAULT_ALIGNMENT = 4096  # the image's extent alignment (runtime.format.image.ALIGN)
 DEFAULT_CHUNK_BYTES = 16 << 20
 DEFAULT_MAX_INFLIGHT = 4
 BLKSSZGET = 0x1268  # _IO(0x12, 104): the block device's logical sector size, as an int

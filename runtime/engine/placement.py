@@ -1,0 +1,406 @@
+"""Placement: which weight groups stay on the GPU, which stay pinned in DRAM, which stream from disk.
+
+docs/DESIGN.md, the cost model and placement. One forward pass uses the groups in a fixed cyclic order
+(``pass_sequence``):
+
+    layers.0.attention, layers.0.feed_forward, ..., layers.{L-1}.feed_forward, head[, tok_embeddings]
+
+(``tok_embeddings`` follows ``head`` only for tied models, where it is the output matrix: the final norm
+is applied first, so each group's weights are used before the next group is fetched.) LRU on a
+cyclic scan larger than the cache hits nothing, so the plan is a set of *fixed* tiers for the whole run:
+
+    gpu     resident on the compute device; never copied again           costs GPU bytes once
+    dram    pinned in ring slots; copied to the GPU every pass           costs DRAM bytes once, H2D every pass
+    stream  read from disk every pass through a window of W ring slots   costs disk + H2D every pass
+    host    ``tok_embeddings`` for the token lookup: always pinned in the ring and gathered there, never
+            copied to the GPU for the lookup. Counted in DRAM bytes only. When the model is tied, its use as
+            the output matrix is placed like any group, except that it never streams: its bytes are already
+            pinned in DRAM for the lookups, so it is either in the GPU tier or in the DRAM tier (the same
+            bytes as the host copy, counted once). Reading it from disk every pass would buy nothing.
+
+Per pass (decode step or prefill chunk), time >= max(H2D bytes / link, disk bytes / disk, compute), with
+H2D bytes = dram + stream groups of the sequence (CUDA only) and disk bytes = streamed groups.
+
+Which groups go to the GPU tier. For decode every byte costs the same, so only the byte count matters. For
+prefill each weight copy must hide under the compute of the groups ahead of it (the copy stream runs at most
+K groups ahead): the FFN groups carry the most bytes per FLOP (70B, 2048-token chunk: 1.41 GB for 3.84 ms,
+against attention's 0.30 GB for 0.94 ms plus the token-quadratic score FLOPs that need no weights), so they
+are the copies hardest to hide and the first to keep resident; then attention, then the head (and a tied
+embedding). The resident groups of a kind are spread evenly over the pass, not the first ones: with the copy
+stream at most K groups ahead, every stretch of the pass should carry its share of the copies, so that none
+idles the link while another makes the compute wait (the CPU's attention per layer with --host-attention).
+One more effect can beat that order: every staging buffer and window slot is as large
+as the largest group that passes through it, so keeping the largest group resident (the 70B head, 2.1 GB,
+or a tied 1B embedding) can free more staging than it costs. ``_fill_gpu`` therefore tries every slot size
+(groups larger than it are forced resident, the rest filled in preference order) and keeps the plan with the
+most resident bytes; ties keep the plain preference order.
+
+Which groups go to the DRAM tier: after reserving the window (W slots) and the host embedding, groups in pass
+order, first fit. Any choice with the same bytes is equal for decode (every DRAM or streamed byte crosses
+H2D each pass; every streamed byte also crosses the disk).
+
+Window: W = ``prefetch_distance`` (ring slots, in groups) or 2 * ``group_prefetch_depth`` by default. Fewer
+than 2 is an error (one slot being filled from disk while another is being copied is the smallest window
+that overlaps anything); more than the number of streamed groups is clamped to that number (extra slots
+would never be used), and W is 0 when nothing streams. K staging buffers on the GPU (K =
+``group_prefetch_depth``) when anything is not resident, 0 on the CPU. On the CPU there is no GPU tier
+unless ``gpu_cached_layers`` is given: those layers are then held in the client's own memory, same rules.
+
+Every infeasible request raises ``ConfigError`` naming the budget, the bytes needed and the bytes there are;
+nothing is clamped silently. Pure computation: runs in whichever process plans (launch.py run/bench), owns
+nothing. Check it with ``python -m pytest -q tests/test_placement.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from model.args import ModelArgs, human_bytes
+from model.errors import ConfigError
+from model.groups import group_names
+from runtime.format.image import plan_layout
+
+MODES = ("preload", "stream", "mixed")
+HOST_GROUP = "tok_embeddings"
+_DRAM_HINTS = {"preload": "raise --dram-gb, or use --mode mixed (or stream) to stream what does not fit",
+               "mixed": "raise --dram-gb, or lower --cpu-cache-layers or --prefetch-distance",
+               "stream": "raise --dram-gb, or lower --prefetch-distance"}
+_RANK = {"ffn": 0, "attn": 1, "other": 2}  # GPU-tier preference (see the module docstring)
+
+
+@dataclass(frozen=True)
+class Budgets:
+    gpu_bytes: int | None  # GPU tier and everything else on the GPU: KV cache, activations, K staging buffers
+    dram_bytes: int | None  # the ring: DRAM tier + window slots + host embedding
+    kv_bytes: int = 0  # KV cache the caller allocates on the GPU (reserved first)
+    activation_bytes: int = 0  # workspace estimate reserved on the GPU
+
+    def __post_init__(self) -> None:
+        for key in ("gpu_bytes", "dram_bytes", "kv_bytes", "activation_bytes"):
+            v = getattr(self, key)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+                raise ConfigError(f"budget {key} must be a non-negative integer of bytes, found {v!r}")
+        for key in ("kv_bytes", "activation_bytes"):
+            if getattr(self, key) is None:
+                raise ConfigError(f"budget {key} must be an integer of bytes, found None")
+
+
+@dataclass(frozen=True)
+class Plan:
+    mode: str  # "preload" | "stream" | "mixed"
+    sequence: tuple[str, ...]  # groups in pass order
+    gpu: tuple[str, ...]  # resident on the compute device for the whole run
+    dram: tuple[str, ...]  # pinned in DRAM ring slots for the whole run, copied to the GPU every pass
+    stream: tuple[str, ...]  # read from disk every pass through the window
+    window_slots: int  # W ring slots for the streamed set (0 if nothing streams)
+    staging_buffers: int  # K GPU staging buffers (group prefetch depth), 0 on the CPU
+    slot_bytes: int  # one window slot / staging buffer: the largest group that passes through them
+    group_bytes: Mapping[str, int]
+    host: tuple[str, ...] = (HOST_GROUP,)  # pinned in DRAM for the token lookup, never copied for it
+    device: str = "cuda"
+    budgets: Budgets = field(default_factory=lambda: Budgets(None, None))
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "group_bytes", MappingProxyType(dict(self.group_bytes)))
+
+    # ---- derived byte counts ----------------------------------------------------------------------
+    def _sum(self, names) -> int:
+        return sum(self.group_bytes[g] for g in names)
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+    @property
+    def gpu_tier_bytes(self) -> int:
+        return self._sum(self.gpu)
+
+    @property
+    def host_bytes(self) -> int:
+        return self._sum(self.host)
+
+    @property
+    def dram_tier_bytes(self) -> int:
+        """DRAM tier plus the host embedding, counted once when it is both (a tied model)."""
+        return self._sum(set(self.dram) | set(self.host))
+
+    @property
+    def window_bytes(self) -> int:
+        return self.window_slots * self.slot_bytes
+
+    @property
+    def ring_bytes(self) -> int:
+        return self.dram_tier_bytes + self.window_bytes
+
+    @property
+    def staging_bytes(self) -> int:
+        return self.staging_buffers * self.slot_bytes
+
+    @property
+    def disk_bytes_per_pass(self) -> int:
+        return self._sum(self.stream)
+
+    @property
+    def h2d_bytes_per_pass(self) -> int:
+        if not self.is_cuda:
+            return 0
+        moving = set(self.dram) | set(self.stream)
+        return sum(self.group_bytes[g] for g in self.sequence if g in moving)
+
+    @property
+    def gpu_bytes_total(self) -> int:
+        return self.gpu_tier_bytes + self.staging_bytes + self.budgets.kv_bytes + self.budgets.activation_bytes
+
+    @property
+    def weight_bytes(self) -> int:
+        return self._sum(self.group_bytes)
+
+    # ---- output -----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        keys = ("gpu_tier_bytes", "dram_tier_bytes", "host_bytes", "window_bytes", "ring_bytes", "staging_bytes",
+                "disk_bytes_per_pass", "h2d_bytes_per_pass", "gpu_bytes_total", "weight_bytes")
+        return {"mode": self.mode, "device": self.device, "sequence": list(self.sequence), "gpu": list(self.gpu),
+                "dram": list(self.dram), "stream": list(self.stream), "host": list(self.host),
+                "window_slots": self.window_slots, "staging_buffers": self.staging_buffers,
+                "slot_bytes": self.slot_bytes, "budgets": asdict(self.budgets),
+                **{k: getattr(self, k) for k in keys}, "group_bytes": dict(self.group_bytes)}
+
+    def describe(self) -> str:
+        """A short table: tier, groups (counts by kind), bytes; then per-pass bytes and the budgets."""
+        b, h = self.budgets, human_bytes
+        tied = [g for g in self.host if g in self.sequence]
+        host_use = "token lookup" + (" + output matrix" if set(tied) & set(self.dram) else "")
+        dram_only = [g for g in self.dram if g not in self.host]
+        rows = [("gpu", _counts(self.gpu), self.gpu_tier_bytes),
+                ("dram", _counts(dram_only), self._sum(dram_only)),
+                ("host", f"{', '.join(self.host)} ({host_use})", self.host_bytes),
+                ("stream", _counts(self.stream), self._sum(self.stream)),
+                ("window", f"{self.window_slots} ring slots x {h(self.slot_bytes)}", self.window_bytes),
+                ("staging", f"{self.staging_buffers} GPU buffers x {h(self.slot_bytes)}", self.staging_bytes)]
+        width = max(len(r[1]) for r in rows)
+        lines = [f"placement: mode {self.mode} on {self.device}, {len(self.sequence)} groups per pass, "
+                 f"{h(self.weight_bytes)} of weights",
+                 f"  {'tier':<8} {'groups':<{width}} {'bytes':>11}"]
+        lines += [f"  {t:<8} {g:<{width}} {h(n):>11}" for t, g, n in rows]
+        d, x = self.disk_bytes_per_pass, self.h2d_bytes_per_pass
+        lines.append(f"  per pass: disk {h(d)} ({d / 1e9:.1f} GB), H2D {h(x)} ({x / 1e9:.1f} GB)")
+        lines.append(f"  GPU {h(self.gpu_bytes_total)} = tier + staging + KV {h(b.kv_bytes)} + activations "
+                     f"{h(b.activation_bytes)}, budget {_opt(b.gpu_bytes)}")
+        lines.append(f"  ring {h(self.ring_bytes)} = dram + host + window, budget {_opt(b.dram_bytes)}")
+        return "\n".join(lines)
+
+
+def group_kind(name: str) -> str:
+    """'attn', 'ffn' or 'other' (embedding, head)."""
+    if name.endswith(".attention"):
+        return "attn"
+    return "ffn" if name.endswith(".feed_forward") else "other"
+
+
+def _counts(names: Sequence[str]) -> str:
+    if not names:
+        return "-"
+    parts = [f"{n} {k}" for k in ("ffn", "attn") if (n := sum(group_kind(g) == k for g in names))]
+    return ", ".join(parts + [g for g in names if group_kind(g) == "other"])
+
+
+def _opt(n: int | None) -> str:
+    return "none" if n is None else human_bytes(n)
+
+
+def pass_sequence(args: ModelArgs) -> tuple[str, ...]:
+    """The groups one forward pass copies or uses on the compute device, in order (not the host lookup)."""
+    seq = [g for g in group_names(args) if g != HOST_GROUP]
+    return tuple(seq + ([HOST_GROUP] if args.tie_embeddings else []))
+
+
+def layout_group_bytes(args: ModelArgs, dtype: str = "bf16") -> dict[str, int]:
+    """Padded extent size of every group of an image of ``args`` in ``dtype`` (runtime/format/image.py)."""
+    return {g.name: g.size for g in plan_layout(args, dtype)}
+
+
+# ---- the planner -----------------------------------------------------------------------------------------
+
+def plan_placement(group_bytes: Mapping[str, int], args: ModelArgs, mode: str, budgets: Budgets, *,
+                   device: str = "cuda", gpu_cached_layers: int | None = None, cpu_cache_layers: int | None = None,
+                   prefetch_distance: int | None = None, group_prefetch_depth: int = 2) -> Plan:
+    """Fixed tiers for one run; raises ConfigError for every infeasible or contradictory request.
+
+    group_bytes: every group of ``group_names(args)`` -> its size (``layout_group_bytes``: padded extents).
+    mode: "preload" (every non-GPU group in DRAM, nothing streams), "stream" (no DRAM tier but the host
+      embedding) or "mixed" (DRAM tier from ``budgets.dram_bytes``, the rest streams; no DRAM budget means
+      no limit, so nothing streams).
+    device: "cuda" (a GPU budget or ``gpu_cached_layers`` is required) or "cpu" (no GPU tier but the
+      explicit one, no staging buffers, no H2D bytes).
+    gpu_cached_layers / cpu_cache_layers: the original bench's flags. N puts both groups of layers 0..N-1 in the GPU
+      tier whatever the budget prefers (still checked against it); M puts the non-GPU groups of the next M
+      layers (the first M not wholly on the GPU) in DRAM, mode mixed only; either replaces its tier's
+      budget-driven choice, the other tier is still chosen from its budget.
+    prefetch_distance: window slots W (>= 2; clamped to the streamed set); default 2 * group_prefetch_depth.
+    group_prefetch_depth: K, the GPU staging buffers the copy stream may run ahead by (>= 1).
+    """
+    cuda = _check_inputs(group_bytes, args, mode, device, gpu_cached_layers, cpu_cache_layers,
+                         prefetch_distance, group_prefetch_depth)
+    sizes = dict(group_bytes)
+    seq = pass_sequence(args)
+    k = group_prefetch_depth if cuda else 0
+    w_req = prefetch_distance if prefetch_distance is not None else max(2, 2 * group_prefetch_depth)
+    if gpu_cached_layers is not None:
+        gpu = _layer_groups(range(gpu_cached_layers))
+    elif cuda:
+        if budgets.gpu_bytes is None:
+            raise ConfigError("placement on cuda needs a GPU budget: give --gpu-mem-gb (the GPU memory this run "
+                              "may use for resident weights, KV cache, activations and staging buffers), or "
+                              "--gpu-cached-layers")
+        gpu = _fill_gpu(seq, sizes, budgets.gpu_bytes - budgets.kv_bytes - budgets.activation_bytes, k)
+    else:
+        gpu = ()
+    dram = _choose_dram(seq, sizes, gpu, mode, budgets, args, cuda, w_req, cpu_cache_layers)
+    stream = tuple(g for g in seq if g not in set(gpu) | set(dram))
+    through = stream + (dram if cuda else ())  # groups that pass through slots or staging buffers
+    plan = Plan(mode=mode, sequence=seq, gpu=gpu, dram=dram, stream=stream,
+                window_slots=min(w_req, len(stream)), staging_buffers=k if (dram or stream) else 0,
+                slot_bytes=max((sizes[g] for g in through), default=0), group_bytes=sizes, host=(HOST_GROUP,),
+                device=device, budgets=budgets)
+    _check_gpu(plan)
+    _check_dram(plan)
+    return plan
+
+
+def _check_inputs(group_bytes, args, mode, device, gpu_layers, cpu_layers, distance, depth) -> bool:
+    if mode not in MODES:
+        raise ConfigError(f"--mode {mode!r}: placement modes are {list(MODES)}")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ConfigError(f"--device {device!r}: expected 'cpu' or 'cuda'")
+    want = set(group_names(args))
+    if set(group_bytes) != want:
+        raise ConfigError(f"group sizes do not match the model: missing {sorted(want - set(group_bytes))[:4]}, "
+                          f"unknown {sorted(set(group_bytes) - want)[:4]}")
+    bad = {g: n for g, n in group_bytes.items() if not isinstance(n, int) or n < 0}
+    if bad:
+        raise ConfigError(f"group sizes must be non-negative integers of bytes, found {dict(list(bad.items())[:4])}")
+    if not isinstance(depth, int) or depth < 1:
+        raise ConfigError(f"--group-prefetch-depth {depth!r}: needs at least 1 staging buffer")
+    if distance is not None and distance < 2:
+        raise ConfigError(f"--prefetch-distance {distance}: the window needs at least 2 slots (one filling from "
+                          f"disk while another is copied to the GPU)")
+    for flag, n in (("--gpu-cached-layers", gpu_layers), ("--cpu-cache-layers", cpu_layers)):
+        if n is not None and not 0 <= n <= args.n_layers:
+            raise ConfigError(f"{flag} {n}: the model has {args.n_layers} layers")
+    if (gpu_layers or 0) + (cpu_layers or 0) > args.n_layers:
+        raise ConfigError(f"--gpu-cached-layers {gpu_layers} + --cpu-cache-layers {cpu_layers} exceed the "
+                          f"model's {args.n_layers} layers")
+    if cpu_layers is not None and mode != "mixed":
+        raise ConfigError(f"--cpu-cache-layers applies to --mode mixed; --mode {mode} "
+                          + ("keeps every non-GPU group in DRAM" if mode == "preload" else "keeps none in DRAM"))
+    return device.startswith("cuda")
+
+
+def _layer_groups(layers) -> tuple[str, ...]:
+    return tuple(f"layers.{i}.{kind}" for i in layers for kind in ("attention", "feed_forward"))
+
+
+def _fill_gpu(seq: tuple[str, ...], sizes: dict[str, int], avail: int, k: int) -> tuple[str, ...]:
+    """GPU tier from ``avail`` bytes (budget minus KV and activations), K staging buffers reserved.
+
+    Staging buffers are as large as the largest non-resident group, so try each slot size s: groups larger
+    than s are forced resident, K*s is reserved, the rest fills in preference order (ffn, attn, other),
+    each kind's resident groups spread evenly over the pass (``_spread_within_kinds``). The most resident
+    bytes wins; ties go to the largest s (the plain preference).
+    Returns () when not even the staging buffers fit; the budget check then reports the numbers.
+    """
+    order = sorted(seq, key=lambda g: _RANK[group_kind(g)])  # stable: pass order within a kind
+    best: tuple[int, tuple[str, ...]] = (-1, ())
+    for s in sorted({sizes[g] for g in seq}, reverse=True) + [0]:
+        forced = [g for g in seq if sizes[g] > s]
+        room = avail - k * s - sum(sizes[g] for g in forced)
+        if room < 0:
+            continue
+        chosen = set(forced)
+        for g in order:
+            if g not in chosen and sizes[g] <= room:
+                chosen.add(g)
+                room -= sizes[g]
+        chosen = _spread_within_kinds(seq, sizes, chosen, set(forced))
+        resident = sum(sizes[g] for g in chosen)
+        if resident > best[0]:
+            best = (resident, tuple(g for g in seq if g in chosen))
+    return best[1]
+
+
+def _spread_within_kinds(seq: tuple[str, ...], sizes: dict[str, int], chosen: set[str],
+                         forced: set[str]) -> set[str]:
+    """The same number of resident groups of each layer kind (all of one size), spread evenly over the pass
+    instead of the first ones: the copy stream runs at most K groups ahead of the compute, so a pass whose
+    first layers are all resident and last all streamed leaves the link idle early and the compute waiting
+    late, whenever a layer's compute is not negligible (host attention's CPU time, prefill). Spread, every
+    stretch of the pass carries its share of the copies."""
+    from model.groups import spread_layers
+
+    out = set(chosen)
+    for kind in ("ffn", "attn"):
+        groups = [g for g in seq if group_kind(g) == kind and g not in forced]
+        if len({sizes[g] for g in groups}) != 1:
+            continue
+        c = sum(g in chosen for g in groups)
+        out -= set(groups)
+        out |= {groups[i] for i in spread_layers(c, len(groups))}
+    return out
+
+
+def _choose_dram(seq, sizes, gpu, mode, budgets, args, cuda, w_req, cpu_layers) -> tuple[str, ...]:
+    """DRAM tier: a tied embedding's output use always (its host copy is there); then by mode and budget."""
+    on_gpu = set(gpu)
+    rest = [g for g in seq if g not in on_gpu]
+    tied = [g for g in rest if g == HOST_GROUP]
+    candidates = [g for g in rest if g != HOST_GROUP]
+    if mode == "stream":
+        return tuple(tied)
+    if mode == "preload" or (budgets.dram_bytes is None and cpu_layers is None):
+        return tuple(rest)
+    if cpu_layers is not None:
+        layers = [i for i in range(args.n_layers) if not set(_layer_groups([i])) <= on_gpu][:cpu_layers]
+        chosen = set(_layer_groups(layers)) - on_gpu
+    else:
+        chosen = _fill_dram(candidates, sizes, budgets.dram_bytes - sizes[HOST_GROUP], rest, cuda, w_req)
+    return tuple(g for g in seq if g in chosen or g in tied)
+
+
+def _fill_dram(candidates, sizes, avail, rest, cuda, w_req) -> set[str]:
+    """First fit in pass order, keeping room for the window; the window shrinks as fewer groups stream."""
+    through = rest if cuda else candidates  # on the CPU only streamed groups pass through the slots
+    slot = max((sizes[g] for g in through), default=0)
+    chosen, used, left = set(), 0, len(candidates)
+    for g in candidates:
+        if used + sizes[g] + min(w_req, left - 1) * slot <= avail:
+            chosen.add(g)
+            used += sizes[g]
+            left -= 1
+    return chosen
+
+
+def _check_gpu(p: Plan) -> None:
+    b, h = p.budgets, human_bytes
+    if b.gpu_bytes is None or p.gpu_bytes_total <= b.gpu_bytes:
+        return
+    where = "--gpu-mem-gb" if p.is_cuda else "--gpu-mem-gb (client memory on the CPU)"
+    raise ConfigError(
+        f"{where} {h(b.gpu_bytes)} cannot hold KV cache {h(b.kv_bytes)} + activations {h(b.activation_bytes)} + "
+        f"staging {p.staging_buffers} x {h(p.slot_bytes)} + GPU tier {len(p.gpu)} groups {h(p.gpu_tier_bytes)} "
+        f"= {h(p.gpu_bytes_total)} ({p.gpu_bytes_total} > {b.gpu_bytes} bytes); raise --gpu-mem-gb, or lower "
+        f"--max-seq-len, --group-prefetch-depth or --gpu-cached-layers")
+
+
+def _check_dram(p: Plan) -> None:
+    b, h = p.budgets, human_bytes
+    if b.dram_bytes is None or p.ring_bytes <= b.dram_bytes:
+        return
+    dram_only = p._sum(set(p.dram) - set(p.host))
+    raise ConfigError(
+        f"--dram-gb {h(b.dram_bytes)} cannot hold host embedding {h(p.host_bytes)} + DRAM tier "
+        f"{len(p.dram)} groups {h(dram_only)} + window {p.window_slots} x {h(p.slot_bytes)} = {h(p.ring_bytes)} "
+        f"({p.ring_bytes} > {b.dram_bytes} bytes); " + _DRAM_HINTS[p.mode])
+

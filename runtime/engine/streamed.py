@@ -1,0 +1,344 @@
+"""``StreamedWeights``: the weight source over a pool, for runtime/engine/generate.py. Runs in the client.
+
+Its tiers come from a placement plan (runtime/engine/placement.py):
+  - GPU tier: streamed through the window once at start and copied into tensors resident on the device.
+  - DRAM tier: read in place from its ring slot (pinned for the pool's lifetime).
+  - streamed set: the coordinator keeps the client's window filled in cyclic order; each group is used
+    from its slot and the slot released right after.
+On CUDA the ring is registered once with cudaHostRegister, and DRAM/streamed groups are copied on a
+dedicated copy stream into K staging buffers, up to K groups ahead of compute, with CUDA events between the
+streams (no synchronize in the layer loop); a slot is released once the event recorded after its copy has
+completed. On the CPU the model computes straight from slot memory.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+from model.errors import UserError
+from model.llama import Weights
+from runtime.format.image import TORCH_DTYPES, Image, tensor_views
+from runtime.ipc.shm import SLOT_READY, PoolResources
+from runtime.pool.client import PoolClient
+
+REGISTER_CHUNK = 512 << 20  # the ring is registered in chunks of at least this size (at slot boundaries) ...
+REGISTER_THREADS = min(16, os.cpu_count() or 1)  # ... from this many threads
+MADV_POPULATE_READ = 22  # Linux 5.14: fault a range's pages in before pinning them (faster from many threads)
+
+
+def _ring_tensor(res: PoolResources) -> torch.Tensor:
+    """The ring as a flat uint8 tensor (not writable through it when the mapping is read-only)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        return torch.frombuffer(res.ring, dtype=torch.uint8)
+
+
+class StreamedWeights:
+    """Weight source over a pool (see module docstring; a runtime.engine.weights.WeightSource). ``plan`` is a
+    runtime.engine.placement.Plan; ``kv_offload``: the plan's KV decision, which the Generator takes."""
+
+    def __init__(self, image: Image, plan, client: PoolClient, device: torch.device, staging: int = 2,
+                 trace=None, on_allocated=None, kv_offload: bool = False) -> None:
+        self.image, self.args, self.plan, self.client = image, image.args, plan, client
+        self.trace = trace  # runtime.engine.trace.ClientTrace with --trace: records copies and slot waits
+        self.device, self.dtype = torch.device(device), TORCH_DTYPES[image.dtype]
+        self.kv_offload = kv_offload
+        self.load_ms: dict[str, float] = {}  # the start-up by phase (filled by _set_up)
+        self.registrations: list[tuple[int, int]] = []  # (address, bytes) registered with CUDA
+        self.names = list(image.groups)
+        self.gid = {n: i for i, n in enumerate(self.names)}
+        self.res = client.res
+        self.ring = _ring_tensor(self.res)
+        self.cuda = self.device.type == "cuda"
+        self.sched = [g for g in plan.sequence if g not in plan.gpu]  # non-resident groups, pass order
+        self.stream_seq = [g for g in plan.sequence if g in plan.stream]
+        self.pos = 0  # position in sched (cyclic)
+        self.stream_pos = 0  # absolute position in the streamed sequence
+        self.held: tuple[int, int] | None = None  # CPU: the streamed slot the last group was computed from
+        # The plan's device memory first (GPU tier buffers, staging buffers), then ``on_allocated`` (the CUDA
+        # warm-up thread: what it allocates comes out of the activations' share, never out of these).
+        self.tier_bufs = {g: torch.empty(image.groups[g].size, dtype=torch.uint8, device=self.device)
+                          for g in plan.gpu}
+        if self.cuda:
+            self._init_pipeline(staging)
+        if on_allocated is not None:
+            on_allocated()
+        # Registered behind the fill, chunk by chunk as the workers complete it (see _register_ring).
+        t0 = time.perf_counter()
+        self.registered = self._register_ring() if self.cuda else False
+        try:
+            self._set_up(t0)
+        except BaseException:  # e.g. the pool died: never leave pages registered
+            try:
+                self.client.stop_stream()
+            finally:  # (a later mapping at the same address would fail, error 712, or corrupt copies)
+                if self.registered:
+                    self._unregister()
+                    self.registered = False
+            raise
+
+    def _set_up(self, t0: float) -> None:
+        client = self.client
+        t1 = time.perf_counter()
+        client.wait_running()
+        t2 = time.perf_counter()
+        self._check_dram_tier()
+        self.resident: dict[str, Weights] = {}
+        self._load_gpu_tier()
+        t3 = time.perf_counter()
+        self.load_ms = {"register_ring": (t1 - t0) * 1e3, "wait_dram_tier_after_register": (t2 - t1) * 1e3,
+                        "gpu_tier": (t3 - t2) * 1e3}
+        if self.stream_seq:
+            client.start([self.gid[g] for g in self.stream_seq], cyclic=True)
+
+    # ---- setup ---------------------------------------------------------------------------------
+    def _check_dram_tier(self) -> None:
+        for g in self.plan.dram:
+            s = int(self.res.groups[self.gid[g]]["slot"])
+            if s < 0 or int(self.res.slots[s]["state"]) != SLOT_READY:
+                raise UserError(f"pool {self.client.handle.name!r} does not hold {g} in its DRAM tier")
+
+    def _own_slots(self) -> set[int]:
+        """The slots this client copies from: the DRAM-tier slots of its GPU and DRAM tiers, and its own
+        window slots (the coordinator's layout: DRAM-tier slots, then W per client)."""
+        slot = {g: int(self.res.groups[self.gid[g]]["slot"]) for g in self.names}
+        own = {slot[g] for g in tuple(self.plan.gpu) + tuple(self.plan.dram) if slot[g] >= 0}
+        n_dram = int((self.res.groups["slot"] >= 0).sum())
+        h = self.client.handle
+        w = (h.n_slots - n_dram) // max(h.n_clients, 1)
+        return own | set(range(n_dram + self.client.j * w, n_dram + (self.client.j + 1) * w))
+
+    def _register_ring(self) -> bool:
+        """cudaHostRegister the ring in chunks of >= REGISTER_CHUNK cut at slot boundaries, from
+        REGISTER_THREADS threads, each chunk once its DRAM-tier slots are READY; chunks holding none of this
+        client's slots (other clients' windows) are left alone. Pinning a page the workers have already read
+        into costs little, pinning a fresh page faults it in first (2 GB/s), so the DRAM tier is registered
+        behind the fill. A freshly attached mapping has no page tables yet: MADV_POPULATE_READ from the same
+        threads first (16 GB: 0.9 s instead of 1.9 s on the H200 machine, benchmarks/attach_register_bench.py).
+        The registration is finished before any copy: cudaHostRegister holds a lock every CUDA call of the
+        process waits for (a copy issued meanwhile took 363 ms instead of 14), so the first pass cannot run
+        behind it. Every copy reads within one slot, so within one registration."""
+        import concurrent.futures as cf
+
+        size, base = self.ring.numel(), self.ring.data_ptr()
+        offsets = [int(o) for o in self.res.slots["ring_offset"]]
+        cuts = sorted(set(offsets) | {0}) + [size]
+        chunks, start = [], 0
+        for c in cuts[1:]:
+            if c - start >= REGISTER_CHUNK or c == size:
+                chunks.append((start, c - start))
+                start = c
+        own = self._own_slots()
+        chunks = [c for c in chunks if any(c[0] <= offsets[s] < c[0] + c[1] for s in own)]
+        dram = {int(s) for s in self.res.groups["slot"] if s >= 0}
+        members = {c: [s for s in dram if c[0] <= offsets[s] < c[0] + c[1]] for c in chunks}
+        cudart = torch.cuda.cudart()
+        flags = 1 | (8 if self.res.ring_readonly else 0)  # Portable, + ReadOnly for a read-only mapping
+
+        def register(chunk: tuple[int, int]) -> int:
+            try:
+                self.res.ring.madvise(MADV_POPULATE_READ, chunk[0], chunk[1])
+            except (OSError, ValueError):
+                pass  # an older kernel: cudaHostRegister faults the pages in itself
+            with torch.cuda.device(self.device):
+                return int(cudart.cudaHostRegister(base + chunk[0], chunk[1], flags))
+
+        futures: dict = {}
+        try:
+            with cf.ThreadPoolExecutor(max(1, min(REGISTER_THREADS, len(chunks)))) as ex:
+                while len(futures) < len(chunks):
+                    states = self.res.slots["state"]
+                    for c in chunks:
+                        if c not in futures and all(int(states[s]) == SLOT_READY for s in members[c]):
+                            futures[c] = ex.submit(register, c)
+                    if len(futures) < len(chunks):
+                        self.client.check_alive()  # raises if the fill failed or the pool died
+                        time.sleep(0.005)
+        finally:  # the executor has joined: every submitted registration has returned
+            errors = {c: f.result() for c, f in futures.items()}
+            self.registrations = [(base + c[0], c[1]) for c, e in errors.items() if e == 0]
+            if len(errors) < len(chunks):
+                self._unregister()
+        bad = [(c, e) for c, e in errors.items() if e]
+        if bad:
+            self._unregister()
+            (off, n), e = bad[0]
+            ro = " (a read-only mapping: this driver may not support cudaHostRegisterReadOnly)" if flags & 8 else ""
+            raise UserError(f"cudaHostRegister of the pool's ring failed with error {e} at offset {off} ({n} bytes "
+                            f"of {size}){ro}")
+        return True
+
+    def _unregister(self) -> None:
+        for ptr, _ in self.registrations:
+            torch.cuda.cudart().cudaHostUnregister(ptr)
+        self.registrations = []
+
+    @property
+    def pinned_bytes(self) -> int:
+        """Bytes of the ring this process has registered with CUDA (not other clients' windows)."""
+        return sum(n for _, n in self.registrations)
+
+    def slot_tensor(self, slot: int, nbytes: int) -> torch.Tensor:
+        off = int(self.res.slots[slot]["ring_offset"])
+        return self.ring[off:off + nbytes]
+
+    def dram_views(self, g: str) -> Weights:
+        spec = self.image.groups[g]
+        return tensor_views(spec, self.slot_tensor(int(self.res.groups[self.gid[g]]["slot"]), spec.size))
+
+    def _load_gpu_tier(self) -> None:
+        """Copy the GPU tier to the device: from the pool's DRAM tier where it holds those groups (see
+        runtime.engine.source.gpu_tier_in_dram), else through the window, one group after another."""
+        def load(g: str, slot: int) -> None:  # one copy per group into its buffer, the tensors views of it
+            spec = self.image.groups[g]
+            self.tier_bufs[g].copy_(self.slot_tensor(slot, spec.size), non_blocking=True)
+            self.resident[g] = tensor_views(spec, self.tier_bufs[g])
+
+        in_dram = [g for g in self.plan.gpu if int(self.res.groups[self.gid[g]]["slot"]) >= 0]
+        for g in in_dram:
+            load(g, int(self.res.groups[self.gid[g]]["slot"]))
+        if self.cuda and in_dram:
+            torch.cuda.current_stream(self.device).synchronize()
+        gpu = [g for g in self.plan.gpu if g not in self.resident]
+        if not gpu:
+            return
+        self.client.start([self.gid[g] for g in gpu], cyclic=False)
+        for pos, g in enumerate(gpu):
+            slot, seq = self.client.wait_ready(pos)
+            load(g, slot)
+            if self.cuda:
+                torch.cuda.current_stream(self.device).synchronize()  # copies done before the slot is reused
+            self.client.release(slot, seq)
+        self.client.stop_stream()
+
+    # ---- the weight-source interface ------------------------------------------------------------
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        if "tok_embeddings" in self.resident:
+            return F.embedding(tokens, self.resident["tok_embeddings"]["tok_embeddings.weight"])
+        table = self.dram_views("tok_embeddings")["tok_embeddings.weight"]  # host lookup, rows only
+        return F.embedding(tokens.cpu(), table).to(self.device, non_blocking=True)
+
+    def get(self, group: str) -> Weights:
+        if group in self.resident:
+            return self.resident[group]
+        if self.pos % len(self.sched) == 0:
+            self.client.check_alive()  # once a pass: a dead pool fails the run even if nothing streams
+        expected = self.sched[self.pos % len(self.sched)]
+        if group != expected:
+            raise RuntimeError(f"weights requested out of order: {group}, expected {expected}")
+        self.pos += 1
+        return self._get_cuda(group) if self.cuda else self._get_cpu(group)
+
+    def _next_slot(self, group: str) -> tuple[int, int]:
+        """DRAM tier: its fixed slot (seq -1: never released); streamed: wait for the next window slot."""
+        if group in self.plan.dram:
+            return int(self.res.groups[self.gid[group]]["slot"]), -1
+        pos = self.stream_pos
+        self.stream_pos += 1
+        if self.cuda:
+            self._free_window_for(pos)
+        t0 = time.monotonic_ns() if self.trace else 0
+        ready = self.client.wait_ready(pos)
+        if self.trace:
+            self.trace.wait(group, t0, pos)
+        return ready
+
+    def _free_window_for(self, pos: int) -> None:
+        """Release copied slots until ``pos`` is ready or none is held: the pool can only fill the window
+        slot we are about to wait for once we give one back (else: deadlock with a full window)."""
+        self._release_finished()
+        while self.pending:
+            self.client._drain()
+            if pos in self.client.ready:
+                return
+            ev, slot, seq = self.pending.pop(0)
+            ev.synchronize()  # a copy only waits on compute already enqueued: this always finishes
+            self.client.release(slot, seq)
+
+    def _get_cpu(self, group: str) -> Weights:
+        if self.held is not None:  # the previous group's compute has finished: CPU ops are synchronous
+            self.client.release(*self.held)
+            self.held = None
+        slot, seq = self._next_slot(group)
+        if seq >= 0:
+            self.held = (slot, seq)
+        return tensor_views(self.image.groups[group], self.slot_tensor(slot, self.image.groups[group].size))
+
+    # ---- CUDA pipeline -------------------------------------------------------------------------
+    def _init_pipeline(self, k: int) -> None:
+        k = max(1, min(k, len(self.sched))) if self.sched else 0
+        self.k = k
+        self.copy_stream = torch.cuda.Stream(self.device)
+        self.staging = [torch.empty(self.plan.slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(k)]
+        self.copied = [None] * k  # event recorded after the copy into buffer b
+        self.freed = [None] * k  # event recorded on the compute stream after the last use of buffer b
+        self.issued = 0  # copies issued so far (absolute sched positions)
+        self.pending: list[tuple[torch.cuda.Event, int, int]] = []  # (copy event, slot, seq) awaiting release
+
+    def _issue(self, p: int) -> None:
+        """Copy the group at absolute sched position ``p`` into staging buffer p % k on the copy stream."""
+        g = self.sched[p % len(self.sched)]
+        b, size = p % self.k, self.image.groups[g].size
+        slot, seq = self._next_slot(g)
+        with torch.cuda.stream(self.copy_stream):
+            if self.freed[b] is not None:
+                self.copy_stream.wait_event(self.freed[b])
+            c0 = self.trace.mark(self.copy_stream) if self.trace else None  # after the wait: the copy itself
+            self.staging[b][:size].copy_(self.slot_tensor(slot, size), non_blocking=True)
+            ev = torch.cuda.Event(enable_timing=self.trace is not None)
+            ev.record(self.copy_stream)
+        if self.trace:
+            self.trace.copy(g, c0, ev, size, b)
+        self.copied[b] = ev
+        if seq >= 0:
+            self.pending.append((ev, slot, seq))
+        self.issued += 1
+
+    def _release_finished(self) -> None:
+        while self.pending and self.pending[0][0].query():
+            _, slot, seq = self.pending.pop(0)
+            self.client.release(slot, seq)
+
+    def _get_cuda(self, group: str) -> Weights:
+        p = self.pos - 1  # absolute position of ``group``
+        compute = torch.cuda.current_stream(self.device)
+        if p > 0:  # everything for position p-1 is enqueued: its buffer is free once that work runs
+            ev = torch.cuda.Event()
+            ev.record(compute)
+            self.freed[(p - 1) % self.k] = ev
+        while self.issued <= p:  # must have this group's copy in flight
+            self._issue(self.issued)
+        while self.issued < p + self.k and self._ready_without_wait(self.issued):
+            self._issue(self.issued)  # run ahead while data is already in DRAM
+        self._release_finished()
+        b = p % self.k
+        compute.wait_event(self.copied[b])
+        return tensor_views(self.image.groups[group], self.staging[b][:self.image.groups[group].size])
+
+    def _ready_without_wait(self, p: int) -> bool:
+        g = self.sched[p % len(self.sched)]
+        if g in self.plan.dram:
+            return True
+        self.client._drain()
+        return self.stream_pos in self.client.ready
+
+    # ---- teardown ------------------------------------------------------------------------------
+    def close(self) -> None:
+        try:
+            if self.cuda:
+                torch.cuda.synchronize(self.device)
+                self._release_finished()
+            elif self.held is not None:
+                self.client.release(*self.held)
+                self.held = None
+            self.client.stop_stream()
+        finally:  # the registration goes before the ring is unmapped, whatever failed above
+            if self.registered:
+                self._unregister()
+                self.registered = False

@@ -1,0 +1,2 @@
+"""Long-lived services on a pool: ``pool start/stop/list/cleanup`` (pools.py), the pool's server (server.py),
+``pool status`` (monitor.py)."""

@@ -1,0 +1,674 @@
+"""A pool's server: one process that stays attached to a daemon pool with the model ready on its device and
+generates for the runs that attach (``launch.py pool serve NAME``).
+
+Why. A run that attaches to a pool itself (runtime/engine/source.py ``_attached_source``) reads nothing from disk,
+but every such process pays its own start-up on the GPU before its first token: cudaHostRegister of the ring
+it copies from (15 GB: 0.7-1.3 s on the H200 machine), its GPU tier's copy, and CUDA's libraries and kernels.
+The server pays them once: it attaches as one of the pool's clients (the same code path), plans its GPU tier
+from its own ``--gpu-mem-gb``, runs one pass to check itself, and then serves. A run that attaches while it
+serves sends its prompt and gets its tokens back, and its first token costs the prefill.
+
+Files in the pool dir (private, runtime/ipc/records.py): ``NAME.server`` (its record: JSON with pid, device,
+limits, its engine configuration, plan, links and bound; written once it serves) and ``NAME.sock`` (a Unix
+stream socket, mode 0600; a peer of another uid is refused, checked with SO_PEERCRED), log ``NAME.server.log``.
+
+Protocol: JSON lines. The client sends one request, ``{"prompt_ids": [...], "max_new_tokens": N,
+"temperature": T, "top_p": P, "seed": S, "stop_ids": [...]}`` (or ``"prompts": [[...], ...]`` with
+``"batch_size": B`` for a batch, and ``"bench": true`` for a timed round), and reads ``{"token": id}`` per
+token (``{"step": [ids]}`` per pass for a batch), then ``{"done": true, ...}`` with the result, or
+``{"error": "..."}``. Requests are served in the order they arrive (the socket's backlog), so neither of two
+clients can starve the other. Those that arrive while the server is busy wait for it; then, with ``pool serve
+--batch-size B``, up to B of them that are greedy single prompts share their weight passes as one batch (each
+gets exactly its solo tokens, stops on its own and gets its tokens as they come): two clients then cost about
+one pass each step instead of two.
+
+Faults. A client that goes away (SIGKILL) is noticed at the first token that cannot be sent: its request is
+dropped and the next one served. A server that dies ends its clients' requests at once (their socket
+closes): they fail with a message naming its pid and log. The server exits when its pool's coordinator is
+gone (checked every 0.5 s while idle, and by the weight source while generating) and on SIGTERM (``pool
+serve NAME --stop``, ``pool stop NAME``), removing its record and socket; after a SIGKILL, ``pool cleanup``,
+``pool stop`` or the next ``pool serve`` removes them.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from model.errors import ConfigError, UserError
+from runtime.engine.config import EngineConfig, FlagConfig, SamplingConfig
+from runtime.engine.placement import Plan
+from runtime.engine.source import open_source
+from runtime.format.image import Image
+from runtime.ipc.procs import SERVER_MODULE, kill_wait, spawn_detached
+from runtime.ipc.records import (
+    SERVER_RECORD_VERSION,
+    clean_stale_server,
+    coordinator_alive,
+    live_server,
+    log_tail,
+    pool_dir,
+    pool_file,
+    pool_lock,
+    read_record,
+    read_server_record,
+    server_alive,
+    write_private,
+)
+from runtime.ipc.shm import PoolHandle
+from runtime.measure.bench import (
+    BenchConfig,
+    BenchContext,
+    bound_report,
+    build_report,
+    memory_report,
+    plan_line,
+    run_round,
+)
+from runtime.measure.links import measure_disk_quick, measure_h2d
+from runtime.pool.client import PoolDied
+
+if TYPE_CHECKING:
+    import torch
+
+    from runtime.engine.generate import Generator
+    from runtime.engine.weights import WeightSource
+
+MAX_REQUEST = 64 << 20  # bytes of one request line
+SEND_TIMEOUT_S = 30.0  # a client that stops reading for this long is dropped
+# The flags a server fixes when it starts (EngineConfig flag names): a run through it must leave each at its
+# default or give the server's own value.
+SERVER_FLAGS = ("gpu_mem_gb", "gpu_cached_layers", "group_prefetch_depth", "kv_block_tokens", "kv_offload",
+                "host_attention", "topk_blk", "prefill_chunk", "prefill_by_sequence")
+
+
+@dataclass(frozen=True)
+class ServeConfig(FlagConfig):
+    """``pool serve``'s own flags (its engine's are EngineConfig: GPU budget, staging, KV, prefill)."""
+
+    name: str
+    stop: bool = False
+    timeout: float = 10.0  # with --stop: seconds before SIGKILL
+    device: str | None = None
+    max_seq_len: int = 4096
+    batch_size: int = 1
+    h2d_gbps: float | None = None
+    disk_gbps: float | None = None
+    start_timeout: float = 600.0
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        for key in ("max_seq_len", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"--{key.replace('_', '-')} must be at least 1, found {getattr(self, key)}")
+        for key in ("h2d_gbps", "disk_gbps", "timeout", "start_timeout"):
+            v = getattr(self, key)
+            if v is not None and not v > 0:
+                raise ConfigError(f"--{key.replace('_', '-')} must be positive, found {v}")
+
+
+@dataclass
+class ServerContext:
+    """What the server's request handling works with, once the model is ready."""
+
+    name: str
+    gen: Generator
+    source: WeightSource
+    plan: Plan | None
+    handle: PoolHandle | None
+    device: torch.device
+    links: dict[str, Any]
+    image: Image
+    max_len: int
+    batch: int
+    rec: dict
+    engine: EngineConfig
+    stopping: dict
+
+
+def server_for(attach: str | None, no_server: bool = False) -> dict | None:
+    """The live server a run with ``--attach NAME`` goes through; None: the run attaches in-process
+    (``--no-server``, no ``--attach``, or the pool has no server serving yet)."""
+    if not attach or no_server:
+        return None
+    rec = live_server(attach)
+    return rec if rec is not None and not rec.get("starting") else None
+
+
+# ---- starting and stopping (launch.py pool serve) ------------------------------------------------------
+
+def serve(cfg: ServeConfig, engine: EngineConfig) -> None:
+    """``pool serve NAME``: start the server detached and wait until it serves (or ``--stop`` it)."""
+    from runtime.engine.generate import pick_device  # torch: to know whether there is a GPU
+
+    if cfg.stop:
+        print(stop(cfg.name, cfg.timeout))
+        return
+    pool = read_record(cfg.name)
+    if not coordinator_alive(pool):
+        raise UserError(f"pool {cfg.name!r} is not running (coordinator pid {pool.get('pid')} is gone); launch.py "
+                        f"pool cleanup {cfg.name}, then pool start")
+    device = str(pick_device(cfg.device))  # cuda when there is one; --device cuda without one refused
+    name = cfg.name
+    with pool_lock(name):
+        rec = live_server(name)
+        if rec is not None:
+            raise UserError(f"pool {name!r} already has a server: pid {rec['pid']} on {rec['device']}"
+                            f"{', starting' if rec.get('starting') else ''} (launch.py pool serve {name} --stop)")
+        removed = clean_stale_server(name)
+        if removed:
+            print(f"pool {name}: removed a dead server's leftovers: {', '.join(removed)}", file=sys.stderr)
+        spec = {"serve": dataclasses.asdict(dataclasses.replace(cfg, device=device)),
+                "engine": dataclasses.replace(engine, attach=name, quiet=True).to_dict()}
+        log = pool_file(name, "server_log")
+        proc = spawn_detached(SERVER_MODULE, spec, pool_dir() / f"{name}.serve-start", log)
+        # under the lock, before the server's own record (it takes the lock to write that)
+        write_private(pool_file(name, "server"), {"version": SERVER_RECORD_VERSION, "name": name, "uid": os.getuid(),
+                                                  "pid": proc.pid, "device": device, "log": str(log),
+                                                  "starting": True})
+    rec = _wait_serving(name, proc, log, cfg.start_timeout)
+    if not cfg.quiet:
+        print(f"pool {name}: server pid {rec['pid']} on {rec['device']}, up to {rec['max_seq_len']} tokens x "
+              f"{rec['batch_size']} sequences; ready in {rec['ready_s']:.1f} s; log {log}", file=sys.stderr)
+    print(f"pool {name} serves on {rec['device']}: launch.py run --attach {name} goes through it")
+
+
+def _wait_serving(name: str, proc: subprocess.Popen, log: Path, timeout_s: float) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            clean_stale_server(name)
+            raise UserError(f"pool {name}: the server exited with code {proc.returncode} before serving; its log "
+                            f"{log}:\n{log_tail(log)}")
+        rec = read_server_record(name)
+        if rec is not None and rec.get("pid") == proc.pid and not rec.get("starting"):
+            return rec
+        time.sleep(0.05)
+    kill_wait(proc.pid, 5.0)
+    proc.wait()
+    clean_stale_server(name)
+    raise UserError(f"pool {name}: the server did not serve within {timeout_s:.0f} s (--start-timeout); log {log}:\n"
+                    f"{log_tail(log)}")
+
+
+def stop(name: str, timeout_s: float = 10.0) -> str:
+    """Stop pool ``name``'s server (SIGTERM, SIGKILL after ``timeout_s``), remove its files; says what it did."""
+    rec = read_server_record(name)
+    if rec is None or not server_alive(rec):
+        removed = clean_stale_server(name)
+        return f"pool {name}: no server running" + (f"; removed {', '.join(removed)}" if removed else "")
+    pid = int(rec["pid"])
+    how = "stopped"
+    if not kill_wait(pid, timeout_s, signal.SIGTERM):
+        kill_wait(pid, 5.0)
+        how = f"did not stop within {timeout_s:g} s: killed"
+    clean_stale_server(name)
+    return f"pool {name}: server pid {pid} {how}"
+
+
+# ---- the client side (run / bench --attach) ---------------------------------------------------------------
+
+def request(rec: dict, req: dict, on_message: Callable[[dict], None] | None = None,
+            timeout_s: float = 600.0) -> dict:
+    """Send ``req`` to the server of ``rec`` and read its answer: ``on_message`` gets each token or step
+    message; returns the final ``done`` message. UserError if the server refuses the request, dies or
+    does not answer within ``timeout_s`` (a request waits for those before it)."""
+    name, pid = rec["name"], rec["pid"]
+    log = rec.get("log", "")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout_s)
+    try:
+        try:
+            s.connect(rec["socket"])
+        except OSError as e:
+            raise UserError(f"pool {name!r}: its server (pid {pid}) does not answer on {rec['socket']} ({e}); "
+                            f"launch.py pool serve {name} --stop, or run with --no-server") from None
+        f = s.makefile("rwb")
+        f.write(json.dumps(req).encode() + b"\n")
+        f.flush()
+        while True:
+            try:
+                line = f.readline()
+            except TimeoutError:
+                raise UserError(f"pool {name!r}: its server (pid {pid}) sent nothing for {timeout_s:.0f} s; "
+                                f"log {log}") from None
+            except OSError as e:
+                line, why = b"", str(e)
+            else:
+                why = "connection closed"
+            if not line:
+                raise UserError(f"pool {name!r}: its server (pid {pid}) closed the connection before the answer "
+                                f"was complete ({why}: it died or was stopped); log {log}")
+            msg = json.loads(line)
+            if "error" in msg:
+                raise UserError(f"pool {name!r}, its server: {msg['error']}")
+            if msg.get("done"):
+                return msg
+            if on_message is not None:
+                on_message(msg)
+    finally:
+        s.close()
+
+
+
+def check_run_config(cfg: EngineConfig, device: str | None, rec: dict) -> None:
+    """Refuse a run through the server whose configuration it cannot honour (naming the flag): each of
+    SERVER_FLAGS at its default or at the server's own value."""
+    if device and not rec["device"].startswith(device):
+        raise ConfigError(f"--device {device}: pool {rec['name']!r}'s server runs on {rec['device']} (leave out "
+                          f"--device, or run with --no-server)")
+    served, default = EngineConfig.from_dict(rec["engine"]), EngineConfig()
+    for dest in SERVER_FLAGS:
+        mine = cfg.get_flag(dest)
+        if mine not in (default.get_flag(dest), served.get_flag(dest)):
+            raise ConfigError(f"--{dest.replace('_', '-')} {mine}: pool {rec['name']!r}'s server fixed its own "
+                              f"({served.get_flag(dest)}) when it started (launch.py pool serve); leave it out or run "
+                              f"with --no-server")
+
+
+# ---- the server process ------------------------------------------------------------------------------------
+
+class _Stop(Exception):
+    pass
+
+
+def server_main(cfg_file: str) -> int:
+    spec = json.loads(Path(cfg_file).read_text())
+    Path(cfg_file).unlink(missing_ok=True)
+    cfg, engine = ServeConfig(**spec["serve"]), EngineConfig.from_dict(spec["engine"])
+    name = cfg.name
+    stopping = {"flag": False}
+
+    def on_term(signum, _frame) -> None:
+        stopping["flag"] = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    print(f"[server {name} pid {os.getpid()}] starting on {cfg.device}", flush=True)
+    sock = None
+    try:
+        sock = _serve(cfg, engine, stopping)
+        return 0
+    except UserError as e:
+        print(f"[server {name}] error: {e}", flush=True)
+        return 2
+    finally:
+        with contextlib.suppress(OSError):
+            rec = read_server_record(name)
+            if rec is not None and rec.get("pid") == os.getpid():
+                pool_file(name, "server").unlink()
+        if sock is not None or pool_file(name, "socket").is_socket():
+            with contextlib.suppress(OSError):
+                rec = read_server_record(name)
+                if rec is None or rec.get("pid") == os.getpid():
+                    pool_file(name, "socket").unlink()
+        print(f"[server {name} pid {os.getpid()}] stopped", flush=True)
+
+
+def _serve(cfg: ServeConfig, engine: EngineConfig, stopping: dict):
+    import torch
+
+    from runtime.engine.generate import generator_for  # torch: the server computes
+
+    name = cfg.name
+    t_start = time.perf_counter()
+    pool = read_record(name)
+    image = Image.open(pool["image"]["path"], pool["image"]["manifest"])
+    device = torch.device(cfg.device)
+    lk: dict[str, Any] = {"disk": {"gbps": cfg.disk_gbps, "source": "--disk-gbps"} if cfg.disk_gbps else None,
+                          "h2d": None}
+    if device.type == "cuda":  # measured before the plan takes the GPU budget
+        lk["h2d"] = ({"gbps": cfg.h2d_gbps, "source": "--h2d-gbps"} if cfg.h2d_gbps else measure_h2d(device))
+    max_len, batch = cfg.max_seq_len, cfg.batch_size
+    with open_source(image, engine, device, batch=batch, max_len=max_len) as (source, plan, handle):
+        if lk["disk"] is None and plan is not None and plan.disk_bytes_per_pass:  # the run streams from disk
+            lk["disk"] = measure_disk_quick(str(image.path), image.image_size, 4)
+        gen = generator_for(source, engine, max_len)
+        gen.generate([1], SamplingConfig(1))  # one pass: the whole path is warm before the first request
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        bound = bound_report(plan, lk, None)
+        gpu, host = memory_report(device, source, handle)
+        sock = _listen(pool_file(name, "socket"))
+        rec = {"version": SERVER_RECORD_VERSION, "name": name, "uid": os.getuid(), "pid": os.getpid(),
+               "socket": str(pool_file(name, "socket")), "log": str(pool_file(name, "server_log")),
+               "device": str(device), "max_seq_len": max_len, "batch_size": batch,
+               "gpu_mem_gb": engine.placement.gpu_mem_gb, "engine": engine.to_dict(),
+               "started_unix": time.time(), "ready_s": time.perf_counter() - t_start,
+               "plan": plan.to_dict() if plan else None, "links": lk, "bound": bound,
+               "load_breakdown_ms": source.load_ms, "gpu_mem_GB": gpu, "host_mem_GB": host,
+               "image": str(image.path)}
+        with pool_lock(name):  # after serve's placeholder
+            write_private(pool_file(name, "server"), rec)
+        print(f"[server {name}] serving on {device} after {rec['ready_s']:.1f} s: {plan.describe() if plan else ''}",
+              flush=True)
+        ctx = ServerContext(name, gen, source, plan, handle, device, lk, image, max_len, batch, rec, engine, stopping)
+        try:
+            while not stopping["flag"]:
+                try:
+                    conn, _ = sock.accept()
+                except TimeoutError:
+                    source.client.check_alive()  # raises once the pool's coordinator is gone
+                    continue
+                first = _open(conn, ctx)
+                _serve_queue(([first] if first else []) + _accept_queued(sock, ctx), ctx)
+        finally:
+            sock.close()
+    return sock
+
+
+def _listen(path: Path) -> socket.socket:
+    path.unlink(missing_ok=True)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)  # the socket file is created 0600
+    try:
+        s.bind(str(path))
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    s.listen(64)
+    s.settimeout(0.5)
+    return s
+
+
+def _send(f, msg: dict) -> None:
+    f.write(json.dumps(msg).encode() + b"\n")
+    f.flush()
+
+
+class _Request:
+    """One accepted connection and its request."""
+
+    def __init__(self, conn: socket.socket, f, pid: int, req: dict) -> None:
+        self.conn, self.f, self.pid, self.req = conn, f, pid, req
+        self.parsed: Parsed | None = None  # _parse of req
+        self.gone = False  # the client went away: nothing more is sent
+
+    def send(self, msg: dict) -> None:
+        _send(self.f, msg)
+
+    def batchable(self) -> bool:
+        """A greedy single prompt: it gives the same tokens alone or in a batch, so it may share passes."""
+        r = self.req
+        return (not r.get("bench") and "prompts" not in r and float(r.get("temperature", 0.0)) == 0.0
+                and isinstance(r.get("prompt_ids"), list))
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.f.close()
+        with contextlib.suppress(OSError):
+            self.conn.close()
+
+
+def _open(conn: socket.socket, ctx: ServerContext) -> _Request | None:
+    """Check the peer and read its request line; None (the connection closed) if refused or gone."""
+    name = ctx.name
+    pid, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    conn.settimeout(SEND_TIMEOUT_S)
+    f = conn.makefile("rwb")
+    r = _Request(conn, f, pid, {})
+    try:
+        if uid != os.getuid():
+            r.send({"error": f"uid {uid} may not use the server of uid {os.getuid()}"})
+            print(f"[server {name}] refused pid {pid} of uid {uid}", flush=True)
+        else:
+            line = f.readline(MAX_REQUEST)
+            if line:  # else the client went away before asking
+                try:
+                    r.req = json.loads(line)
+                    if not isinstance(r.req, dict):
+                        raise ValueError("a request is one JSON object")
+                    return r
+                except ValueError as e:
+                    r.send({"error": f"not a request: {e}"})
+    except (OSError, TimeoutError):
+        pass
+    r.close()
+    return None
+
+
+def _accept_queued(sock: socket.socket, ctx: ServerContext) -> list[_Request]:
+    """The requests waiting in the socket's backlog now (they arrived while the server was busy)."""
+    out = []
+    sock.settimeout(0)
+    try:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, TimeoutError):
+                break
+            r = _open(conn, ctx)
+            if r is not None:
+                out.append(r)
+    finally:
+        sock.settimeout(0.5)
+    return out
+
+
+def _serve_queue(reqs: list[_Request], ctx: ServerContext) -> None:
+    """Serve ``reqs`` in arrival order; consecutive batchable ones (greedy single prompts) share their weight
+    passes, up to the server's ``--batch-size`` sequences within its ``--max-seq-len``."""
+    groups: list[list[_Request]] = []
+    for r in reqs:
+        try:
+            r.parsed = _parse(r.req, ctx)
+        except (UserError, ValueError, TypeError, KeyError) as e:  # refused alone, with the numbers
+            print(f"[server {ctx.name}] request of pid {r.pid} refused: {e}", flush=True)
+            with contextlib.suppress(OSError, TimeoutError):
+                r.send({"error": str(e)})
+            r.close()
+            continue
+        g = groups[-1] if groups else None
+        if g and r.batchable() and g[0].batchable() and len(g) < ctx.batch and \
+                r.req.get("stop_ids", []) == g[0].req.get("stop_ids", []) and \
+                _fits(g + [r], ctx.max_len):
+            g.append(r)
+        else:
+            groups.append([r])
+    for g in groups:
+        try:
+            if ctx.stopping["flag"]:  # not started: each prefill would run before the stop is seen
+                for r in g:
+                    with contextlib.suppress(OSError, TimeoutError):
+                        r.send({"error": "the server is stopping (pool serve --stop, or pool stop): request not run"})
+            else:
+                _serve_group(g, ctx)
+        finally:
+            for r in g:
+                r.close()
+
+
+def _fits(group: list[_Request], max_len: int) -> bool:
+    try:
+        longest = max(len(r.req["prompt_ids"]) for r in group)
+        return longest + max(int(r.req.get("max_new_tokens", 32)) for r in group) <= max_len
+    except (TypeError, ValueError):
+        return False
+
+
+def _serve_group(group: list[_Request], ctx: ServerContext) -> None:
+    """Run one request, or a batch of them; each client gets its tokens, then its result or an error. A client
+    that has gone away only loses its own request."""
+    name = ctx.name
+    t0 = time.perf_counter()
+    who = ", ".join(f"pid {r.pid}" for r in group)
+
+    def fail(msg: str) -> None:
+        for r in group:
+            if not r.gone:
+                with contextlib.suppress(OSError, TimeoutError):
+                    r.send({"error": msg})
+
+    try:
+        dones = _generate(group, ctx) if len(group) > 1 else [_generate_one(group[0], ctx)]
+    except _Stop:
+        print(f"[server {name}] stopping: the request of {who} ended", flush=True)
+        fail("the server is stopping (pool serve --stop, or pool stop): request ended")
+        return
+    except PoolDied:
+        fail(f"pool {name!r} died while serving this request")
+        raise
+    except (UserError, ValueError, TypeError, KeyError) as e:
+        print(f"[server {name}] request of {who} refused: {e}", flush=True)
+        fail(str(e))
+        return
+    except Exception as e:  # the request failed (out of memory, a bug): the next one is still served
+        traceback.print_exc()
+        fail(f"the request failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (server log "
+             f"{ctx.rec['log']})")
+        return
+    for r, done in zip(group, dones):
+        if r.gone:
+            continue
+        try:
+            r.send(done)
+        except (OSError, TimeoutError) as e:
+            _gone(r, ctx, e)
+    batch = f" (one batch of {len(group)})" if len(group) > 1 else ""
+    print(f"[server {name}] {who}: {dones[0].get('summary', '')}{batch} in {time.perf_counter() - t0:.2f} s",
+          flush=True)
+
+
+def _gone(r: _Request, ctx: ServerContext, e: BaseException) -> None:
+    r.gone = True
+    print(f"[server {ctx.name}] pid {r.pid} went away ({type(e).__name__}); its request dropped",
+          flush=True)
+
+
+def _generate_one(r: _Request, ctx: ServerContext) -> dict:
+    """One request alone; a client that has gone away ends it."""
+    def send(m: dict) -> None:
+        if ctx.stopping["flag"]:
+            raise _Stop
+        try:
+            r.send(m)
+        except (OSError, TimeoutError) as e:
+            _gone(r, ctx, e)
+            raise _Gone from None
+
+    try:
+        return _generate_request(r.req, ctx, send, r.parsed)
+    except _Gone:
+        return {"done": True, "summary": "dropped"}
+
+
+class _Gone(Exception):
+    pass
+
+
+def _generate(group: list[_Request], ctx: ServerContext) -> list[dict]:
+    """Greedy single-prompt requests in one batch: every weight pass serves them all; each sequence stops on
+    its own (its stop tokens, its max_new_tokens), and each client gets its tokens as they come."""
+    parsed = [r.parsed for r in group]
+    prompts = [p.prompts[0] for p in parsed]
+    limits = [p.sampling.max_new_tokens for p in parsed]
+    cfg = SamplingConfig(max(limits))
+
+    def on_step(toks: list[int | None]) -> None:
+        if ctx.stopping["flag"]:
+            raise _Stop
+        for r, t in zip(group, toks):
+            if t is None or r.gone:
+                continue
+            try:
+                r.send({"token": t})
+            except (OSError, TimeoutError) as e:
+                _gone(r, ctx, e)
+        if all(r.gone for r in group):
+            raise _Gone
+
+    try:
+        results = ctx.gen.generate_batch(prompts, cfg, parsed[0].stop_ids, on_step, limits=limits)
+    except _Gone:
+        return [{"done": True, "summary": "dropped"} for _ in group]
+    n = sum(len(r.output_token_ids) for r in results)
+    return [{"done": True, "results": [_result(x)], "batched": len(group),
+             "summary": f"{len(group)} prompts, {n} tokens generated"} for x in results]
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """A request's prompts, batch, sampling and stop tokens, checked against the server's limits."""
+
+    prompts: list[list[int]]
+    batch: int
+    sampling: SamplingConfig
+    stop_ids: frozenset[int]
+
+
+def _parse(req: dict, ctx: ServerContext) -> Parsed:
+    """ConfigError naming the numbers for what the server cannot serve."""
+    vocab = ctx.image.args.vocab_size
+    prompts = req.get("prompts") or [req.get("prompt_ids")]
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, list) and p for p in prompts):
+        raise ConfigError("the request has no prompt (prompt_ids or prompts: lists of token ids)")
+    for i, p in enumerate(prompts):
+        bad = [t for t in p if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ConfigError(f"prompt {i + 1}: token id {bad[0]!r} is outside the vocabulary (0..{vocab - 1})")
+    b = int(req.get("batch_size") or 1)
+    if not 1 <= b <= ctx.batch:
+        raise ConfigError(f"--batch-size {b}: the server holds a KV cache for {ctx.batch} sequences (pool "
+                          f"serve --batch-size)")
+    new = int(req.get("max_new_tokens", 32))
+    longest = max(len(p) for p in prompts)
+    if longest + new > ctx.max_len:
+        raise ConfigError(f"prompt ({longest} tokens) + --max-new-tokens ({new}) exceeds the server's "
+                          f"--max-seq-len {ctx.max_len} (pool serve --max-seq-len)")
+    sampling = SamplingConfig(new, float(req.get("temperature", 0.0)), float(req.get("top_p", 1.0)),
+                              int(req.get("seed", 0)))
+    return Parsed(prompts, b, sampling, frozenset(int(t) for t in req.get("stop_ids", [])))
+
+
+def _generate_request(req: dict, ctx: ServerContext, send: Callable[[dict], None],
+                      parsed: Parsed | None = None) -> dict:
+    """Run one request; ``send`` streams its tokens. Returns the ``done`` message. ``parsed``: ``_parse`` of
+    ``req`` if already done."""
+    import torch
+
+    gen, device = ctx.gen, ctx.device
+    p = parsed or _parse(req, ctx)
+    prompts, b, cfg = p.prompts, p.batch, p.sampling
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    if req.get("bench"):  # a timed round as launch.py bench runs it, each pass's tokens sent as they come
+        r = run_round(gen, ctx.source, prompts[:b], cfg, on_step=lambda toks: send({"step": toks}))
+        bcfg = BenchConfig(batch_size=b, max_new_tokens=cfg.max_new_tokens, max_seq_len=ctx.max_len,
+                           warmup_rounds=0, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
+        note = (f"through pool {ctx.name!r}'s server (pid {os.getpid()}): the model was loaded when the server "
+                f"started")
+        bctx = BenchContext(ctx.plan, ctx.links, prompts[:b], memory_report(device, ctx.source, ctx.handle), device,
+                            ctx.image, ctx.source, gen.host_layers, notes=[note])
+        return {"done": True, "report": build_report(bcfg, ctx.engine, bctx, r), "plan_line": plan_line(ctx.plan),
+                "summary": f"bench round, batch {b}, {len(r.tokens)} passes"}
+    results = []
+    if len(prompts) == 1:
+        results.append(gen.generate(prompts[0], cfg, p.stop_ids, lambda t: send({"token": t})))
+    else:
+        for i in range(0, len(prompts), b):
+            results += gen.generate_batch(prompts[i:i + b], cfg, p.stop_ids, lambda toks: send({"step": toks}))
+    n = sum(len(r.output_token_ids) for r in results)
+    return {"done": True, "results": [_result(x) for x in results],
+            "summary": f"{len(prompts)} prompt(s), {sum(map(len, prompts))} prompt tokens, {n} generated"}
+
+
+def _result(r) -> dict:
+    """A GenerationResult as JSON (the client rebuilds it with GenerationResult(**d))."""
+    return dataclasses.asdict(r)
+
+
+if __name__ == "__main__":
+    sys.exit(server_main(sys.argv[1]))
