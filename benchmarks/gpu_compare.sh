@@ -20,13 +20,14 @@ for spec in ${SHAPES:-llama3.1-8b:32:6.442 llama3.1-70b:8:7.59}; do
   IFS=: read -r shape layers cap <<< "$spec"
   python3 launch.py pack --synthetic "$shape" --layers "$layers" --out "$W/$shape.img" --quiet || exit 1
 done
+seq 1 2 | sed 's/.*/128000,9906,11,856,836,374,26655,323,358,1093/' > "$W/prompts.txt"  # the images have no tokenizer
 for rep in $(seq "${REPEAT:-2}"); do
   for tree in "$BEFORE" .; do
     name=$([ "$tree" = . ] && echo after || echo before)
     for spec in ${SHAPES:-llama3.1-8b:32:6.442 llama3.1-70b:8:7.59}; do
       IFS=: read -r shape layers cap <<< "$spec"
       (cd "$tree" && timeout 300 python3 launch.py bench --image "$W/$shape.img" --mode preload --device cuda \
-        --gpu-mem-gb "$cap" --max-new-tokens "${NEW_TOKENS:-32}" --workers 4 \
+        --prompts "$W/prompts.txt" --gpu-mem-gb "$cap" --max-new-tokens "${NEW_TOKENS:-32}" --workers 4 \
         --out-json "$OUT/$name-$shape-$rep.json" > "$W/$name-$shape-$rep.log" 2>&1) \
         || { echo "$name $shape $rep failed:"; tail -5 "$W/$name-$shape-$rep.log"; }
     done
