@@ -31,6 +31,7 @@ import torch
 from model.args import ModelArgs, RopeScaling
 from model.errors import CheckpointError, ConfigError
 from model.groups import global_names, group_tensor_shapes
+from model.qformats import GGUF_SCHEMES, storage_bytes
 from model.llama import rope_scaling_matches
 
 
@@ -48,6 +49,19 @@ class Checkpoint(ABC):
     def fill(self, key: str, out: torch.Tensor) -> None:
         """Write tensor ``key`` into ``out`` (converting dtype); readers may override to avoid temporaries."""
         out.copy_(self.tensor(key))
+
+    def stored_format(self, key: str) -> str | None:
+        """The quantized format (model/qformats.py) this checkpoint stores ``key`` in, that an image can keep as
+        it is; None when it is stored plain (or in a format that is not kept: see ``stored_type``)."""
+        return None
+
+    def stored_type(self, key: str) -> str:
+        """The name of the type ``key`` is stored as (for messages)."""
+        return "plain"
+
+    def raw(self, key: str) -> torch.Tensor:
+        """The bytes of ``key`` in its ``stored_format`` (1-D uint8)."""
+        raise NotImplementedError(f"{type(self).__name__} stores {key} plain")
 
     def tokenizer_source(self) -> Path | None:
         """A path ``model.tokenizer.load_tokenizer`` accepts, or None if the checkpoint ships none."""
@@ -349,6 +363,33 @@ class GGUFCheckpoint(Checkpoint):
         except Exception as e:
             raise CheckpointError(f"{self.path}: tensor {name} is unreadable ({e}); truncated file?") from None
         return arr.reshape(tuple(int(n) for n in reversed(t.shape)))
+
+    def _gguf_tensor(self, key: str):
+        name = gguf_name(key)
+        if name not in self.tensors:
+            raise CheckpointError(f"{self.path}: tensor {name} (for {key}) not found")
+        return self.tensors[name]
+
+    def stored_type(self, key: str) -> str:
+        return self._gguf_tensor(key).tensor_type.name
+
+    def stored_format(self, key: str) -> str | None:
+        t = self._gguf_tensor(key)
+        fmt = {v: k for k, v in GGUF_SCHEMES.items()}.get(int(t.tensor_type))
+        shape = tuple(int(n) for n in reversed(t.shape))
+        if fmt is None or len(shape) != 2:
+            return None
+        self._check_shape(key, torch.empty(shape, device="meta"), str(self.path))
+        return fmt
+
+    def raw(self, key: str) -> torch.Tensor:
+        t = self._gguf_tensor(key)
+        data = np.ascontiguousarray(t.data).view(np.uint8).reshape(-1)
+        want = storage_bytes(self.stored_format(key), self.shapes[key])
+        if data.size != want:
+            raise CheckpointError(f"{self.path}: tensor {t.name} holds {data.size} bytes of {t.tensor_type.name}, "
+                                  f"its shape {self.shapes[key]} needs {want}; truncated file?")
+        return torch.from_numpy(data.copy())
 
     def tensor(self, key: str) -> torch.Tensor:
         name = gguf_name(key)

@@ -19,7 +19,10 @@ Layout of an image (a regular file or a raw block device):
 The manifest (JSON, ``IMAGE.manifest.json`` beside a file image; given explicitly for a block device)
 holds the model arguments, dtype, the uuid and image size, and for every group its offset, size (the
 padded extent), crc32 of the whole extent, and each tensor's local name, dtype, shape, offset and nbytes.
-Tokenizer files are copied beside the manifest.
+Since format version 2 a tensor's dtype may name a quantized format (model/qformats.py: llama.cpp's blocks as
+a GGUF stored them, or our int8 / int4 with its ``group``): its bytes are that format's, its shape the
+matrix's logical shape; the image's own dtype is then that of every other tensor and of the compute. Version
+1 images (every tensor plain) still read. Tokenizer files are copied beside the manifest.
 
 ``Image.open`` validates manifest and header against each other and against the target's size; group
 reads verify the crc32 and raise ``ImageFormatError`` naming the image, the group, the offset and the
@@ -32,20 +35,25 @@ import json
 import os
 import struct
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from model.args import ModelArgs
 from model.errors import ConfigError, ImageFormatError, ReadError
-from model.groups import group_names, group_tensor_shapes
+from model.groups import group_names, group_prefix, group_tensor_shapes
+from model.qformats import SCHEMES, is_quantized, storage_bytes
 from runtime.format.blockdev import check_readable, is_block_device, target_size
 
 if TYPE_CHECKING:
     import torch
 
+    from model.quant import QuantWeight
+
 MAGIC = b"LLMSTRM\0"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a tensor's dtype may name a quantized format (model/qformats.py)
+READABLE_VERSIONS = (1, 2)
 HEADER_SIZE = 4096
 ALIGN = 4096
 TENSOR_ALIGN = 256
@@ -69,10 +77,15 @@ def align_up(n: int, a: int = ALIGN) -> int:
 @dataclass(frozen=True)
 class TensorSpec:
     name: str  # local name within the group, e.g. "attention.wq.weight"
-    dtype: str
-    shape: tuple[int, ...]
+    dtype: str  # bf16 / fp16 / fp32, or a quantized format (model/qformats.py: q4_1, int4, ...)
+    shape: tuple[int, ...]  # the logical shape (a quantized matrix's rows and columns)
     offset: int  # bytes from the start of the group extent
     nbytes: int
+    group: int | None = None  # int8 / int4: values per scale along a row
+
+    @property
+    def quantized(self) -> bool:
+        return is_quantized(self.dtype)
 
 
 @dataclass(frozen=True)
@@ -95,20 +108,28 @@ class GroupSpec:
         return {"name": self.name, "kind": self.kind, "layer": self.layer, "offset": self.offset,
                 "size": self.size, "crc32": self.crc32,
                 "tensors": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "offset": t.offset,
-                             "nbytes": t.nbytes} for t in self.tensors]}
+                             "nbytes": t.nbytes, **({"group": t.group} if t.group else {})} for t in self.tensors]}
 
 
-def plan_layout(args: ModelArgs, dtype: str) -> list[GroupSpec]:
-    """Offsets of every group and tensor for ``args`` stored in ``dtype`` (crc32 not yet known)."""
+Formats = Mapping[str, tuple[str, int | None]]  # state-dict key -> (quantized format, group); others plain
+
+
+def plan_layout(args: ModelArgs, dtype: str, formats: Formats | None = None) -> list[GroupSpec]:
+    """Offsets of every group and tensor for ``args`` stored in ``dtype``, the tensors named in ``formats`` in
+    their quantized format (crc32 not yet known)."""
     if dtype not in DTYPE_BYTES:
         raise ConfigError(f"dtype must be one of {sorted(DTYPE_BYTES)}, found {dtype!r}")
-    esize = DTYPE_BYTES[dtype]
+    formats = formats or {}
     groups, offset = [], HEADER_SIZE
     for g in group_names(args):
         tensors, pos = [], 0
         for local, shape in group_tensor_shapes(args, g).items():
-            nbytes = esize * _numel(shape)
-            tensors.append(TensorSpec(local, dtype, tuple(shape), pos, nbytes))
+            scheme, group = formats.get(group_prefix(g) + local, (dtype, None))
+            if is_quantized(scheme):
+                nbytes = storage_bytes(scheme, shape, group)
+            else:
+                nbytes, scheme, group = DTYPE_BYTES[dtype] * _numel(shape), dtype, None
+            tensors.append(TensorSpec(local, scheme, tuple(shape), pos, nbytes, group))
             pos = align_up(pos + nbytes, TENSOR_ALIGN)
         size = align_up(pos)
         groups.append(GroupSpec(g, offset, size, None, tuple(tensors)))
@@ -136,8 +157,8 @@ def unpack_header(raw: bytes, where: str) -> dict[str, Any]:
     magic, version, hdr_size, align, n_groups, image_size, uuid = struct.unpack(HEADER_FMT, raw[:n])
     if magic != MAGIC:
         raise ImageFormatError(f"{where}: offset 0: magic {magic!r}, expected {MAGIC!r} (not a packed image?)")
-    if version != FORMAT_VERSION:
-        raise ImageFormatError(f"{where}: format version {version}, this runtime reads {FORMAT_VERSION}")
+    if version not in READABLE_VERSIONS:
+        raise ImageFormatError(f"{where}: format version {version}, this runtime reads {READABLE_VERSIONS}")
     (crc,) = struct.unpack("<I", raw[n:n + 4])
     if crc != zlib.crc32(raw[:n]):
         raise ImageFormatError(f"{where}: header crc32 {crc:#010x}, computed {zlib.crc32(raw[:n]):#010x}")
@@ -202,7 +223,7 @@ class Image:
         if (hdr["n_groups"], hdr["image_size"]) != (len(self.groups), self.image_size):
             raise ImageFormatError(f"{self.path}: header says {hdr['n_groups']} groups / {hdr['image_size']} "
                                    f"bytes, manifest says {len(self.groups)} / {self.image_size}")
-        expected = plan_layout(self.args, self.dtype)
+        expected = plan_layout(self.args, self.dtype, self.formats())
         got = list(self.groups.values())
         for e, g in zip(expected, got):
             if (e.name, e.offset, e.size, e.tensors) != (g.name, g.offset, g.size, g.tensors):
@@ -211,6 +232,31 @@ class Image:
                                        f"{e.offset} size {e.size})")
         if len(expected) != len(got):
             raise ImageFormatError(f"{self.manifest_path}: {len(got)} groups, the model needs {len(expected)}")
+
+    def formats(self) -> dict[str, tuple[str, int | None]]:
+        """The quantized tensors' formats, by state-dict key (plan_layout's ``formats``)."""
+        return {group_prefix(g.name) + t.name: (t.dtype, t.group) for g in self.groups.values() for t in g.tensors
+                if t.quantized}
+
+    def format_summary(self) -> str:
+        """What the weights are stored as: each format with its tensor count and bytes."""
+        by: dict[str, list[int]] = {}
+        for g in self.groups.values():
+            for t in g.tensors:
+                key = t.dtype + (f" g{t.group}" if t.group else "")
+                n = by.setdefault(key, [0, 0])
+                n[0], n[1] = n[0] + 1, n[1] + t.nbytes
+        return ", ".join(f"{k} ({n} tensors, {b / 1e9:.3f} GB)" for k, (n, b) in
+                         sorted(by.items(), key=lambda kv: -kv[1][1]))
+
+    @property
+    def quantized(self) -> bool:
+        return any(t.quantized for g in self.groups.values() for t in g.tensors)
+
+    def largest_quantized(self) -> int:
+        """Values of the largest quantized matrix: its dequantized copy is one pass's scratch."""
+        return max((t.shape[0] * t.shape[1] for g in self.groups.values() for t in g.tensors if t.quantized),
+                   default=0)
 
     def manifest_crcs(self) -> dict[str, list[int | None]]:
         """Every group's [offset, size, crc32]: what a pool checks to know the image is the one it serves."""
@@ -261,23 +307,27 @@ def pread_into(fd: int, buf: memoryview, offset: int, path: str) -> None:
         done += got
 
 
-def tensor_views(group: GroupSpec, buf) -> dict[str, torch.Tensor]:
-    """Tensors of ``group`` as views into ``buf`` (bytes-like or a uint8 tensor holding the extent)."""
+def tensor_views(group: GroupSpec, buf) -> dict[str, torch.Tensor | QuantWeight]:
+    """Tensors of ``group`` as views into ``buf`` (bytes-like or a uint8 tensor holding the extent); a quantized
+    matrix as a ``model.quant.QuantWeight`` over its raw bytes (dequantized where it is used)."""
     import torch
+
+    from model.quant import QuantWeight  # torch, as the views: the pool's processes never build them
 
     dtypes = __getattr__("TORCH_DTYPES")
     base = buf if isinstance(buf, torch.Tensor) else torch.frombuffer(buf, dtype=torch.uint8)
     out = {}
     for t in group.tensors:
         raw = base[t.offset:t.offset + t.nbytes]
-        out[t.name] = raw.view(dtypes[t.dtype]).view(t.shape)
+        out[t.name] = (QuantWeight(raw, t.dtype, t.shape, t.group) if t.quantized
+                       else raw.view(dtypes[t.dtype]).view(t.shape))
     return out
 
 
 def _group_from_dict(d: dict[str, Any], where: Path) -> GroupSpec:
     try:
-        tensors = tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"]), int(t["offset"]), int(t["nbytes"]))
-                        for t in d["tensors"])
+        tensors = tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"]), int(t["offset"]), int(t["nbytes"]),
+                                   t.get("group")) for t in d["tensors"])
         return GroupSpec(d["name"], int(d["offset"]), int(d["size"]), int(d["crc32"]), tensors)
     except (KeyError, TypeError, ValueError) as e:
         raise ImageFormatError(f"{where}: malformed group entry {str(d)[:120]} ({type(e).__name__}: {e})") from None
@@ -297,9 +347,16 @@ def _load_manifest(path: Path) -> dict[str, Any]:
     missing = [k for k in MANIFEST_KEYS if k not in m] if isinstance(m, dict) else list(MANIFEST_KEYS)
     if missing:
         raise ImageFormatError(f"{path}: manifest lacks {missing}")
-    if m["format"] != "llmstream-image" or m["version"] != FORMAT_VERSION:
+    if m["format"] != "llmstream-image" or m["version"] not in READABLE_VERSIONS:
         raise ImageFormatError(f"{path}: manifest format {m['format']!r} version {m['version']}, expected "
-                               f"'llmstream-image' version {FORMAT_VERSION}")
+                               f"'llmstream-image' version {' or '.join(map(str, READABLE_VERSIONS))}")
+    for g in m["groups"] if isinstance(m["groups"], list) else []:
+        for t in g.get("tensors", []) if isinstance(g, dict) else []:
+            dt = t.get("dtype") if isinstance(t, dict) else None
+            if dt not in DTYPE_BYTES and not is_quantized(dt):
+                raise ImageFormatError(f"{path}: tensor {t.get('name') if isinstance(t, dict) else t!r} of group "
+                                       f"{g.get('name')} has dtype {dt!r}, expected one of "
+                                       f"{sorted(DTYPE_BYTES) + list(SCHEMES)}")
     if m["dtype"] not in DTYPE_BYTES:
         raise ImageFormatError(f"{path}: dtype {m['dtype']!r}, expected one of {sorted(DTYPE_BYTES)}")
     return m

@@ -21,19 +21,24 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 import uuid as uuidlib
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from model.checkpoint import Checkpoint
 from model.errors import ConfigError, UserError
-from model.groups import group_prefix
+from model.groups import global_names, group_prefix
+from model.qformats import OURS, block_size, check_quantizable
 from model.tokenizer import load_tokenizer
 from runtime.env import pack_kill_at
 from runtime.format.blockdev import check_pack_target, is_block_device
 from runtime.format.image import (
+    DTYPE_BYTES,
     FORMAT_VERSION,
     TORCH_DTYPES,
     GroupSpec,
@@ -42,24 +47,88 @@ from runtime.format.image import (
     default_manifest_path,
     pack_header,
     plan_layout,
-    tensor_views,
 )
 from runtime.format.staged import Staging, link_tmpfile, open_tmpfile
 from runtime.format.tokens import tokenizer_dir_for
 from runtime.progress import Progress
 
 
-def pack(ck: Checkpoint, out: str | Path, manifest: str | Path | None = None, dtype: str = "bf16",
+@dataclass(frozen=True)
+class WeightFormat:
+    """How a pack stores the weights: ``dtype`` for every tensor not quantized (and the compute); ``quantize``
+    the attention and FFN matrices (and with ``quantize_output`` the output matrix) in a format of
+    model/qformats.py (int8 / int4 in groups of ``group_size``; q8_0 / q4_0 / q4_1 with gguf's quantizers);
+    ``keep_blocks``: a GGUF's tensors of a kept type stay in their blocks (the others are dequantized)."""
+
+    dtype: str = "bf16"
+    quantize: str | None = None
+    group_size: int = 64
+    quantize_output: bool = False
+    keep_blocks: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPE_BYTES:
+            raise ConfigError(f"--dtype must be one of {sorted(DTYPE_BYTES)}, found {self.dtype!r}")
+        if self.quantize is not None and self.quantize not in QUANTIZERS:
+            raise ConfigError(f"--quantize {self.quantize!r}: one of {QUANTIZERS}")
+        if self.quantize in OURS:
+            block_size(self.quantize, self.group_size)  # refuses a group size it does not take
+        if self.quantize_output and self.quantize is None:
+            raise ConfigError("--quantize-output needs --quantize")
+
+
+QUANTIZERS = ("int8", "int4", "q8_0", "q4_0", "q4_1")  # --quantize: ours, and gguf's quantizers
+LAYER_MATRICES = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "attention.wo.weight",
+                  "feed_forward.w1.weight", "feed_forward.w2.weight", "feed_forward.w3.weight")
+
+
+def weight_formats(ck: Checkpoint, wf: WeightFormat) -> tuple[dict[str, tuple[str, int | None]], list[str]]:
+    """Each quantized tensor's (format, group) by state-dict key, every matrix checked before anything is
+    written; and what the pack does, line by line (kept blocks, quantized, dequantized types)."""
+    formats: dict[str, tuple[str, int | None]] = {}
+    kept, ours, unkept = Counter(), 0, Counter()
+    for _, local, key in global_names(ck.args):
+        if wf.keep_blocks:
+            fmt = ck.stored_format(key)
+            if fmt is not None:
+                formats[key] = (fmt, None)
+                kept[fmt] += 1
+                continue
+            if ck.stored_type(key) not in PLAIN_TYPES:
+                unkept[ck.stored_type(key)] += 1
+        if wf.quantize and (local in LAYER_MATRICES or (wf.quantize_output and key == "output.weight")):
+            group = wf.group_size if wf.quantize in OURS else None
+            check_quantizable(wf.quantize, key, ck.shapes[key], group)
+            formats[key] = (wf.quantize, group)
+            ours += 1
+    lines = []
+    if kept:
+        lines.append("kept as the GGUF stores them: " + ", ".join(f"{f} x{n}" for f, n in sorted(kept.items())))
+    if unkept:
+        lines.append(f"dequantized to {wf.dtype} (types not kept): " +
+                     ", ".join(f"{t} x{n}" for t, n in sorted(unkept.items())))
+    if ours:
+        g = f" in groups of {wf.group_size}" if wf.quantize in OURS else ""
+        lines.append(f"quantized to {wf.quantize}{g}: {ours} matrices")
+    return formats, lines
+
+
+def pack(ck: Checkpoint, out: str | Path, manifest: str | Path | None = None, dtype: str | WeightFormat = "bf16",
          force: bool = False, quiet: bool = False, verify: bool = True) -> Path:
-    """Write ``ck`` as an image at ``out``; returns the manifest path. ``verify``: read the new image back
-    and check every group's crc32 before it replaces anything."""
+    """Write ``ck`` as an image at ``out``; returns the manifest path. ``dtype``: a plain dtype, or a
+    WeightFormat. ``verify``: read the new image back and check every group's crc32 before it replaces
+    anything."""
     out = Path(out)
-    if dtype not in TORCH_DTYPES:
-        raise ConfigError(f"--dtype must be one of {sorted(TORCH_DTYPES)}, found {dtype!r}")
+    wf = dtype if isinstance(dtype, WeightFormat) else WeightFormat(dtype)
+    dtype = wf.dtype
     manifest_path = _manifest_path(out, manifest)
     tok_dir = tokenizer_dir_for(manifest_path)
     check_sources(ck, out, manifest_path, tok_dir)
-    layout = plan_layout(ck.args, dtype)
+    formats, lines = weight_formats(ck, wf)
+    if not quiet:
+        for line in lines:
+            print(f"pack: {line}", file=sys.stderr)
+    layout = plan_layout(ck.args, dtype, formats)
     image_size = layout[-1].offset + layout[-1].size
     check_pack_target(out, image_size, force)
     block = is_block_device(out)
@@ -151,12 +220,21 @@ def _write_image(st: Staging, ck: Checkpoint, out: Path, layout: list[GroupSpec]
 def _write_group(fd: int, ck: Checkpoint, g: GroupSpec, progress: Progress) -> GroupSpec:
     buf = torch.empty(g.size, dtype=torch.uint8)
     prefix, pos = group_prefix(g.name), 0
-    for t in g.tensors:  # zero only the alignment padding; every tensor byte is written by fill()
+    for t in g.tensors:  # zero only the alignment padding; every tensor byte is written below
         buf[pos:t.offset].zero_()
         pos = t.offset + t.nbytes
     buf[pos:].zero_()
-    for name, view in tensor_views(g, buf).items():
-        ck.fill(prefix + name, view)
+    dtypes = TORCH_DTYPES
+    for t in g.tensors:
+        key, dst = prefix + t.name, buf[t.offset:t.offset + t.nbytes]
+        if not t.quantized:
+            ck.fill(key, dst.view(dtypes[t.dtype]).view(t.shape))
+        elif ck.stored_format(key) == t.dtype:  # a GGUF's own blocks, as they are
+            dst.copy_(ck.raw(key))
+        else:
+            from model.quant import quantize
+
+            dst.copy_(quantize(ck.tensor(key).float(), t.dtype, t.group))
     data = buf.numpy()
     crc = crc32_of(data)
     _pwrite_all(fd, memoryview(data), g.offset)
@@ -168,6 +246,9 @@ def _pwrite_all(fd: int, mv: memoryview, offset: int, chunk: int = 64 << 20) -> 
     done = 0
     while done < len(mv):
         done += os.pwrite(fd, mv[done:done + chunk], offset + done)
+
+
+PLAIN_TYPES = ("plain", "F32", "F16", "BF16")  # stored types that are not quantized (Checkpoint.stored_type)
 
 
 def _write_manifest(path: Path, ck: Checkpoint, dtype: str, groups: list[GroupSpec], image_uuid: str,
