@@ -1,0 +1,423 @@
+"""Quantized weight formats: storage sizes and checks, dequantization with plain torch ops (CPU and CUDA, or
+the Triton kernels of model/quant_triton.py on CUDA when triton is importable), and our own int8/int4
+quantizers.
+
+Schemes (lowercase names):
+
+- GGUF block formats, kept byte for byte as llama.cpp stores them: ``q8_0 q4_0 q4_1 q5_0 q5_1`` (blocks of 32
+  values) and ``q4_k q5_k q6_k`` (super-blocks of 256). A matrix of logical shape (rows, cols) is
+  rows x (cols / block) blocks, each row's blocks contiguous (a GGUF tensor of ggml shape [cols, rows]).
+  Dequantization equals ``gguf.quants.dequantize`` bit for bit in float32: every step below mirrors the
+  reference's order of operations (fp16 fields go to float32 first, Q4_1 is ``d * q + m`` in two roundings,
+  Q4_K ``(d * sc) * q - dmin * m``).
+- ``int8``: symmetric per group of ``group`` values along a row, w ~= q * scale, q in [-127, 127]. Storage: q
+  int8 [rows, cols], then the scales fp16 [rows, cols / group].
+- ``int4``: asymmetric per group, w ~= q * scale + minimum, q in 0..15. Storage: q packed two per byte
+  [rows, cols / 2] (the even column in the low nibble), then scale fp16 [rows, cols / group], then minimum
+  fp16 [rows, cols / group]. Dequantized as ``q.float() * scale.float() + minimum.float()`` (two roundings).
+
+Groups are 32, 64 or 128 values. Another output dtype (bf16, fp16) is the float32 result cast to it.
+
+Our quantizers search each group's scale (int8: a clipped absmax; int4: a grid of clipped [min, max] ranges,
+then least-squares refits of scale and minimum) for the smallest squared error as dequantization computes it,
+with the fp16-rounded parameters; a group that already lies on a 16-level (int4) or 255-level (int8) grid
+of fp16 parameters comes back exactly. They work on chunks of rows, so a large matrix needs little memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import quants as gguf_quants
+
+from model.errors import ConfigError
+
+GGUF_SCHEMES: dict[str, int] = {
+    "q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0, "q4_1": GGMLQuantizationType.Q4_1,
+    "q5_0": GGMLQuantizationType.Q5_0, "q5_1": GGMLQuantizationType.Q5_1, "q4_k": GGMLQuantizationType.Q4_K,
+    "q5_k": GGMLQuantizationType.Q5_K, "q6_k": GGMLQuantizationType.Q6_K}
+SCHEMES: tuple[str, ...] = (*GGUF_SCHEMES, "int8", "int4")
+GROUPS = (32, 64, 128)
+
+_CHUNK = 1 << 20  # elements per chunk of rows in the torch paths (temporaries stay a few MB)
+_INT8_ALPHAS = (1.0, 0.99, 0.98, 0.97, 0.96, 0.95, 0.93, 0.9)  # absmax clipping factors tried
+_INT4_SHRINK = (0.0, 0.03, 0.07)  # fractions of the range cut off each end, every pair tried
+_INT4_REFITS = 3  # least-squares refits of (scale, minimum) after the grid
+_FP16_MAX = 65504.0
+
+
+# ---- sizes and checks ----------------------------------------------------------------------------------
+
+def _check_scheme(scheme: str, name: str, shape: tuple[int, ...]) -> None:
+    if scheme not in SCHEMES:
+        raise ConfigError(f"{name} of shape {tuple(shape)}: unknown quantization scheme {scheme!r} "
+                          f"(allowed: {', '.join(SCHEMES)})")
+
+
+def _check_group(scheme: str, group: int | None, name: str, shape: tuple[int, ...]) -> None:
+    if scheme in GGUF_SCHEMES:
+        if group not in (None, GGML_QUANT_SIZES[GGUF_SCHEMES[scheme]][0]):
+            raise ConfigError(f"{name} of shape {tuple(shape)}: {scheme} has a fixed block of "
+                              f"{GGML_QUANT_SIZES[GGUF_SCHEMES[scheme]][0]} values, found group {group}")
+    elif group not in GROUPS:
+        raise ConfigError(f"{name} of shape {tuple(shape)}: {scheme} needs a group size of "
+                          f"{', '.join(map(str, GROUPS))}, found {group}")
+
+
+def block_size(scheme: str, group: int | None = None) -> int:
+    """Values per block: 32 or 256 for the ggml types, the group for int8/int4."""
+    _check_scheme(scheme, "block_size", ())
+    _check_group(scheme, group, "block_size", ())
+    return GGML_QUANT_SIZES[GGUF_SCHEMES[scheme]][0] if scheme in GGUF_SCHEMES else group
+
+
+def check_quantizable(scheme: str, name: str, shape: tuple[int, ...], group: int | None = None) -> None:
+    """ConfigError naming ``name`` and ``shape`` unless a tensor of that shape can be stored as ``scheme``."""
+    shape = tuple(int(s) for s in shape)
+    _check_scheme(scheme, name, shape)
+    _check_group(scheme, group, name, shape)
+    if len(shape) != 2 or min(shape) < 1:
+        raise ConfigError(f"{name} of shape {shape}: {scheme} stores 2-D tensors of positive size only")
+    cols, bs = shape[1], block_size(scheme, group)
+    if scheme == "int4" and cols % 2:
+        raise ConfigError(f"{name} of shape {shape}: int4 packs two values a byte and needs an even row length, "
+                          f"found {cols}")
+    if cols % bs:
+        what = f"group {group}" if scheme in ("int8", "int4") else f"block of {bs}"
+        raise ConfigError(f"{name} of shape {shape}: {scheme} with a {what} needs a row length that is a multiple "
+                          f"of {bs}, found {cols}")
+
+
+def _row_layout(scheme: str, cols: int, group: int | None) -> list[tuple[int, torch.dtype]]:
+    """Each storage section as (elements per row, dtype); the sections follow each other in the raw bytes."""
+    if scheme in GGUF_SCHEMES:
+        bs, ts = GGML_QUANT_SIZES[GGUF_SCHEMES[scheme]]
+        return [(cols // bs * ts, torch.uint8)]
+    if scheme == "int8":
+        return [(cols, torch.int8), (cols // group, torch.float16)]
+    return [(cols // 2, torch.uint8), (cols // group, torch.float16), (cols // group, torch.float16)]
+
+
+def storage_bytes(scheme: str, shape: tuple[int, int], group: int | None = None) -> int:
+    """Bytes of a (rows, cols) matrix stored as ``scheme``."""
+    check_quantizable(scheme, "storage_bytes", shape, group)
+    rows, cols = shape
+    return sum(rows * n * dt.itemsize for n, dt in _row_layout(scheme, cols, group))
+
+
+def _parts(raw: torch.Tensor, scheme: str, shape: tuple[int, int], group: int | None) -> list[torch.Tensor]:
+    """The storage sections of ``raw`` as (rows, n) tensors of their dtypes (views, where aligned)."""
+    check_quantizable(scheme, "raw", shape, group)
+    if raw.dtype != torch.uint8 or raw.dim() != 1 or raw.numel() != storage_bytes(scheme, shape, group):
+        raise ConfigError(f"raw bytes of a {scheme} matrix of shape {tuple(shape)}: expected a 1-D uint8 tensor of "
+                          f"{storage_bytes(scheme, shape, group)} bytes, found {raw.dtype} of shape "
+                          f"{tuple(raw.shape)}")
+    rows, parts, off = shape[0], [], 0
+    for n, dt in _row_layout(scheme, shape[1], group):
+        size = rows * n * dt.itemsize
+        sec = raw[off:off + size]
+        if (sec.storage_offset() * raw.element_size()) % dt.itemsize or not sec.is_contiguous():
+            sec = sec.clone()  # an odd offset cannot be viewed as fp16
+        parts.append(sec.view(dt).view(rows, n))
+        off += size
+    return parts
+
+
+# ---- dequantization with torch ops ---------------------------------------------------------------------
+
+def _f16(b: torch.Tensor, off: int) -> torch.Tensor:
+    """The fp16 field at byte ``off`` of each block, as float32 (N, 1)."""
+    return b[:, off:off + 2].contiguous().view(torch.float16).float()
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """(N, 16) bytes -> (N, 32): the low nibbles, then the high ones (ggml's order within a 32-block)."""
+    return torch.cat([qs & 15, qs >> 4], dim=1)
+
+
+def _bits(qh: torch.Tensor, k: int, width: int) -> torch.Tensor:
+    """(N, n) bytes -> (N, n, k): fields of ``width`` bits, lowest first."""
+    shifts = torch.arange(0, 8, width, dtype=torch.uint8, device=qh.device)[:k]
+    return (qh.unsqueeze(-1) >> shifts) & ((1 << width) - 1)
+
+
+def _q5_high(b: torch.Tensor, off: int) -> torch.Tensor:
+    """Q5's fifth bits: the little-endian uint32 at ``off``, bit i for value i, as (N, 32) values 0 or 16."""
+    return _bits(b[:, off:off + 4], 8, 1).reshape(-1, 32) << 4
+
+
+def _deq_q8_0(b: torch.Tensor) -> torch.Tensor:
+    return b[:, 2:].view(torch.int8).float() * _f16(b, 0)
+
+
+def _deq_q4_0(b: torch.Tensor) -> torch.Tensor:
+    return _f16(b, 0) * (_nibbles(b[:, 2:]).to(torch.int8) - 8).float()
+
+
+def _deq_q4_1(b: torch.Tensor) -> torch.Tensor:
+    return _f16(b, 0) * _nibbles(b[:, 4:]).float() + _f16(b, 2)
+
+
+def _deq_q5_0(b: torch.Tensor) -> torch.Tensor:
+    return _f16(b, 0) * ((_nibbles(b[:, 6:]) | _q5_high(b, 2)).to(torch.int8) - 16).float()
+
+
+def _deq_q5_1(b: torch.Tensor) -> torch.Tensor:
+    return _f16(b, 0) * (_nibbles(b[:, 8:]) | _q5_high(b, 4)).float() + _f16(b, 2)
+
+
+def _k_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K/Q5_K: the 6-bit scales and minimums of the 8 sub-blocks, (N, 8) each, as ggml packs them."""
+    s = b[:, 4:16]
+    lo, mid, hi = s[:, 0:4], s[:, 4:8], s[:, 8:12]
+    sc = torch.cat([lo & 63, (hi & 15) | ((lo >> 2) & 48)], dim=1)
+    mn = torch.cat([mid & 63, (hi >> 4) | ((mid >> 2) & 48)], dim=1)
+    return sc, mn
+
+
+def _k_apply(b: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """(d * sc) * q - (dmin * m) per 32-value sub-block; q (N, 8, 32) float32."""
+    sc, mn = _k_scales(b)
+    d = (_f16(b, 0) * sc.float()).unsqueeze(-1)
+    dm = (_f16(b, 2) * mn.float()).unsqueeze(-1)
+    return (d * q - dm).reshape(-1, 256)
+
+
+def _k_low(qs: torch.Tensor) -> torch.Tensor:
+    """(N, 128) bytes -> (N, 8, 32): sub-block 2c holds chunk c's low nibbles, 2c+1 its high ones."""
+    return _bits(qs.reshape(-1, 4, 32), 2, 4).permute(0, 1, 3, 2).reshape(-1, 8, 32)
+
+
+def _deq_q4_k(b: torch.Tensor) -> torch.Tensor:
+    return _k_apply(b, _k_low(b[:, 16:144]).float())
+
+
+def _deq_q5_k(b: torch.Tensor) -> torch.Tensor:
+    high = _bits(b[:, 16:48], 8, 1).permute(0, 2, 1) << 4  # sub-block j takes bit j of each of the 32 bytes
+    return _k_apply(b, (_k_low(b[:, 48:176]) | high).float())
+
+
+def _deq_q6_k(b: torch.Tensor) -> torch.Tensor:
+    low = _bits(b[:, :128].reshape(-1, 2, 64), 2, 4).permute(0, 1, 3, 2).reshape(-1, 8, 32)
+    high = _bits(b[:, 128:192].reshape(-1, 2, 32), 4, 2).permute(0, 1, 3, 2).reshape(-1, 8, 32)
+    q = ((low | (high << 4)).to(torch.int8) - 32).float().reshape(-1, 16, 16)
+    d = (_f16(b, 208) * b[:, 192:208].view(torch.int8).float()).unsqueeze(-1)
+    return (d * q).reshape(-1, 256)
+
+
+_GGUF_DEQ = {"q8_0": _deq_q8_0, "q4_0": _deq_q4_0, "q4_1": _deq_q4_1, "q5_0": _deq_q5_0, "q5_1": _deq_q5_1,
+             "q4_k": _deq_q4_k, "q5_k": _deq_q5_k, "q6_k": _deq_q6_k}
+
+
+def _unpack4(q: torch.Tensor) -> torch.Tensor:
+    """(r, n) packed bytes -> (r, 2n) values 0..15, the low nibble first."""
+    return torch.stack([q & 15, q >> 4], dim=-1).reshape(q.shape[0], -1)
+
+
+def _deq_torch(parts: list[torch.Tensor], scheme: str, cols: int, group: int | None) -> torch.Tensor:
+    """float32 (r, cols) from the row sections of ``r`` rows."""
+    r = parts[0].shape[0]
+    if scheme in GGUF_SCHEMES:
+        ts = GGML_QUANT_SIZES[GGUF_SCHEMES[scheme]][1]
+        return _GGUF_DEQ[scheme](parts[0].reshape(-1, ts)).reshape(r, cols)
+    q = (parts[0] if scheme == "int8" else _unpack4(parts[0])).float().view(r, cols // group, group)
+    y = q * parts[1].float().unsqueeze(-1)
+    if scheme == "int4":
+        y = y + parts[2].float().unsqueeze(-1)
+    return y.view(r, cols)
+
+
+def _into_torch(parts: list[torch.Tensor], scheme: str, group: int | None, dst: torch.Tensor) -> None:
+    step = max(1, _CHUNK // dst.shape[1])
+    for a in range(0, dst.shape[0], step):
+        dst[a:a + step].copy_(_deq_torch([p[a:a + step] for p in parts], scheme, dst.shape[1], group))
+
+
+_TRITON: list = []  # [module or None] once looked up
+
+
+def _triton():
+    """model.quant_triton, or None without triton (imported on first use on CUDA only)."""
+    if not _TRITON:
+        try:
+            from model import quant_triton
+        except ImportError:
+            quant_triton = None
+        _TRITON.append(quant_triton)
+    return _TRITON[0]
+
+
+def _into(parts: list[torch.Tensor], scheme: str, group: int | None, dst: torch.Tensor) -> None:
+    """Dequantize into ``dst`` (rows, cols): the Triton kernels on CUDA where triton imports, else torch ops."""
+    kernels = _triton() if dst.is_cuda else None
+    if kernels is None:
+        _into_torch(parts, scheme, group, dst)
+    else:
+        kernels.dequantize_into(scheme, [p.contiguous() for p in parts], group, dst)
+
+
+def _output(out: torch.Tensor | None, shape: tuple[int, int], dtype: torch.dtype,
+            device: torch.device) -> torch.Tensor:
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    n = shape[0] * shape[1]
+    if out.dtype != dtype or out.device != device or not out.is_contiguous() or out.numel() < n:
+        raise ConfigError(f"output buffer for shape {tuple(shape)}: expected a contiguous {dtype} tensor of at "
+                          f"least {n} elements on {device}, found {out.dtype} of shape {tuple(out.shape)} on "
+                          f"{out.device}")
+    return out.view(-1)[:n].view(shape)
+
+
+def dequantize(raw: torch.Tensor, scheme: str, shape: tuple[int, int], group: int | None = None,
+               dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``raw`` (1-D uint8 of storage_bytes(), CPU or CUDA) -> (rows, cols) of ``dtype`` on raw's device, written
+    into ``out`` (at least rows * cols elements of ``dtype``) when given."""
+    parts = _parts(raw, scheme, tuple(shape), group)
+    dst = _output(out, tuple(shape), dtype, raw.device)
+    _into(parts, scheme, group, dst)
+    return dst
+
+
+def dequantize_rows(raw: torch.Tensor, scheme: str, shape: tuple[int, int], group: int | None,
+                    rows: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Only the rows ``rows`` (a LongTensor of row indices) -> (len(rows), cols): the embedding lookup."""
+    parts = _parts(raw, scheme, tuple(shape), group)
+    idx = rows.reshape(-1).to(device=raw.device, dtype=torch.long)
+    dst = torch.empty((idx.numel(), shape[1]), dtype=dtype, device=raw.device)
+    if idx.numel():
+        _into([p.index_select(0, idx) for p in parts], scheme, group, dst)
+    return dst
+
+
+# ---- our quantizers ------------------------------------------------------------------------------------
+
+def _fp16(x: torch.Tensor) -> torch.Tensor:
+    """What storing as fp16 and loading back gives (clamped to the finite range)."""
+    return x.clamp(-_FP16_MAX, _FP16_MAX).half().float()
+
+
+def _round_q(x: torch.Tensor, scale: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """round(x / scale) clamped to [lo, hi]; 0 where the scale is 0."""
+    q = torch.where(scale > 0, x / scale, 0.0)
+    return q.round_().clamp_(lo, hi)
+
+
+class _Best:
+    """The smallest squared error per group so far and the parameters that gave it."""
+
+    def __init__(self, x: torch.Tensor, *params: torch.Tensor) -> None:
+        self.x, self.err, self.params = x, torch.full_like(params[0], math.inf), list(params)
+
+    def offer(self, y: torch.Tensor, *params: torch.Tensor) -> None:
+        err = (y - self.x).square_().sum(-1, keepdim=True)
+        better = err < self.err
+        self.err = torch.where(better, err, self.err)
+        self.params = [torch.where(better, p, old) for p, old in zip(params, self.params)]
+
+
+def _int8_groups(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (r, ng, g) float32 -> q int8 (r, ng, g), scale fp16 (r, ng, 1)."""
+    amax = x.abs().amax(-1, keepdim=True)
+    best = _Best(x, torch.zeros_like(amax))
+    for alpha in _INT8_ALPHAS:
+        s = _fp16(amax * alpha / 127)
+        best.offer(_round_q(x, s, -127, 127) * s, s)
+    s = best.params[0]
+    return _round_q(x, s, -127, 127).to(torch.int8), s.half()
+
+
+def _int4_try(best: _Best, scale: torch.Tensor, minimum: torch.Tensor) -> None:
+    s, m = _fp16(scale), _fp16(minimum)
+    q = _round_q(best.x - m, s, 0, 15)
+    best.offer(q * s + m, s, m)
+
+
+def _int4_refit(best: _Best) -> None:
+    """Least-squares (scale, minimum) for the levels the best parameters choose, offered in turn."""
+    x, (s, m) = best.x, best.params
+    q = _round_q(x - m, s, 0, 15)
+    n = x.shape[-1]
+    sq, sx = q.sum(-1, keepdim=True), x.sum(-1, keepdim=True)
+    den = n * q.square().sum(-1, keepdim=True) - sq * sq
+    fit = torch.where(den > 0, (n * (q * x).sum(-1, keepdim=True) - sq * sx) / den.clamp(min=1e-30), s)
+    _int4_try(best, fit, torch.where(den > 0, (sx - fit * sq) / n, m))
+
+
+def _int4_groups(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (r, ng, g) float32 -> q uint8 0..15 (r, ng, g), scale and minimum fp16 (r, ng, 1)."""
+    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    span = hi - lo
+    best = _Best(x, torch.zeros_like(lo), lo)
+    for a in _INT4_SHRINK:
+        for b in _INT4_SHRINK:
+            _int4_try(best, (span * (1 - a - b)) / 15, lo + span * a)
+    for _ in range(_INT4_REFITS):
+        _int4_refit(best)
+    s, m = best.params
+    return _round_q(x - m, s, 0, 15).to(torch.uint8), s.half(), m.half()
+
+
+def _quantize_int(w: torch.Tensor, scheme: str, group: int) -> torch.Tensor:
+    rows, cols = w.shape
+    parts = [torch.empty((rows, n), dtype=dt, device=w.device) for n, dt in _row_layout(scheme, cols, group)]
+    step = max(1, _CHUNK // cols)
+    for a in range(0, rows, step):
+        x = w[a:a + step].float().reshape(-1, cols // group, group)
+        if scheme == "int8":
+            q, s = _int8_groups(x)
+            got = [q, s]
+        else:
+            q, s, m = _int4_groups(x)
+            q = q.view(x.shape[0], cols // 2, 2)
+            got = [q[..., 0] | (q[..., 1] << 4), s, m]
+        for p, g in zip(parts, got):
+            p[a:a + step] = g.reshape(p[a:a + step].shape)
+    return torch.cat([p.reshape(-1).view(torch.uint8) for p in parts])
+
+
+def quantize(w: torch.Tensor, scheme: str, group: int | None = None) -> torch.Tensor:
+    """``w`` (rows, cols) float -> the 1-D uint8 storage of ``scheme`` (storage_bytes() long), on w's device.
+    int8/int4 are ours; the ggml types are gguf.quants.quantize (which has no quantizer for the K-quants)."""
+    check_quantizable(scheme, "w", tuple(w.shape), group)
+    if not w.is_floating_point():
+        raise ConfigError(f"w of shape {tuple(w.shape)}: quantize takes a float tensor, found {w.dtype}")
+    if scheme in ("int8", "int4"):
+        return _quantize_int(w, scheme, group)
+    try:
+        blocks = gguf_quants.quantize(w.detach().float().cpu().numpy(), GGUF_SCHEMES[scheme])
+    except NotImplementedError as e:
+        raise ConfigError(f"w of shape {tuple(w.shape)}: the gguf package cannot quantize to {scheme} "
+                          f"(it only dequantizes it); use one of q8_0, q4_0, q4_1, q5_0, q5_1, int8, int4") from e
+    return torch.from_numpy(np.ascontiguousarray(blocks)).reshape(-1).to(w.device)
+
+
+@dataclasses.dataclass
+class QuantWeight:
+    """A quantized matrix: its raw bytes (a view into a buffer the caller owns), scheme, logical shape, group."""
+
+    raw: torch.Tensor
+    scheme: str
+    shape: tuple[int, int]
+    group: int | None = None
+
+    def __post_init__(self) -> None:
+        self.shape = (int(self.shape[0]), int(self.shape[1]))
+        _parts(self.raw, self.scheme, self.shape, self.group)  # checks the scheme, shape, group and size
+
+    @property
+    def device(self) -> torch.device:
+        return self.raw.device
+
+    @property
+    def nbytes(self) -> int:
+        return storage_bytes(self.scheme, self.shape, self.group)
+
+    def dense(self, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
+        return dequantize(self.raw, self.scheme, self.shape, self.group, dtype, out)
+
+    def rows(self, idx: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_rows(self.raw, self.scheme, self.shape, self.group, idx, dtype)
