@@ -1,0 +1,184 @@
+"""The dequantization kernels of model/quant_triton.py: speed against the GPU's memory rate, exactness against
+the torch-ops path; and the quantizers' reconstruction error against gguf's on the embedded SmolLM2.
+
+    python benchmarks/quant_kernels.py [--shape 8192 28672] [--groups 32,64,128]   # CUDA
+    python benchmarks/quant_kernels.py --interpret-check [--shape 64 512]          # CPU, Triton's interpreter
+    python benchmarks/quant_kernels.py --quality                                   # CPU, SmolLM2's weights
+
+On CUDA, for every scheme (int8/int4 once per group) it fills a matrix of random storage bytes (random finite
+fp16 scales), times ``quant.dequantize`` to bf16 into a preallocated output (triton.testing.do_bench, median),
+and prints GB/s of storage read plus output written next to the HBM rate a large device-to-device copy
+reaches in the same run; then checks the kernels' float32 output against the torch-ops path bit for bit and
+their bf16 output against that cast. ``--interpret-check`` runs the same checks with TRITON_INTERPRET=1 on CPU
+tensors (small shapes; the times are the interpreter's). ``--quality`` prints the reconstruction MSE of our
+int4/int8 and gguf's Q4_1/Q4_0/Q8_0 on SmolLM2's tensors dequantized to float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+FP16_FIELDS = {"q8_0": (0,), "q4_0": (0,), "q4_1": (0, 2), "q5_0": (0,), "q5_1": (0, 2), "q4_k": (0, 2),
+               "q5_k": (0, 2), "q6_k": (208,)}
+
+
+def random_raw(quant, torch, scheme: str, shape: tuple[int, int], group: int | None, device: str):
+    """Random storage bytes with fp16 fields drawn as N(0, 0.01) (finite)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    n = quant.storage_bytes(scheme, shape, group)
+    raw = torch.randint(0, 256, (n,), dtype=torch.uint8, device=device, generator=gen)
+    fp16 = lambda k: (torch.randn(k, device=device, generator=gen) * 0.01).half().view(torch.uint8).view(k, 2)
+    if scheme in quant.GGUF_SCHEMES:
+        ts = quant.storage_bytes(scheme, (1, quant.block_size(scheme)))
+        blocks = raw.view(-1, ts)
+        for off in FP16_FIELDS[scheme]:
+            blocks[:, off:off + 2] = fp16(blocks.shape[0])
+    else:
+        q = shape[0] * shape[1] // (1 if scheme == "int8" else 2)
+        raw[q:] = fp16((n - q) // 2).view(-1)
+    return raw
+
+
+def cases(quant, groups: list[int]) -> list[tuple[str, int | None]]:
+    return [(s, None) for s in quant.GGUF_SCHEMES] + [(s, g) for s in ("int8", "int4") for g in groups]
+
+
+def check(quant, torch, kernels, scheme, group, shape, device) -> tuple[object, bool, bool, object]:
+    """(raw, float32 bit-exact, bf16 exact, bf16 output buffer) of the kernels against the torch-ops path."""
+    raw = random_raw(quant, torch, scheme, shape, group, device)
+    parts = [p.contiguous() for p in quant._parts(raw, scheme, shape, group)]
+    ref = torch.empty(shape, dtype=torch.float32, device=device)
+    quant._into_torch(parts, scheme, group, ref)
+    got = torch.empty(shape, dtype=torch.float32, device=device)
+    kernels.dequantize_into(scheme, parts, group, got)
+    exact32 = torch.equal(got.view(torch.int32), ref.view(torch.int32))
+    del got
+    bf = torch.empty(shape, dtype=torch.bfloat16, device=device)
+    kernels.dequantize_into(scheme, parts, group, bf)
+    exact16 = torch.equal(bf.view(torch.int16), ref.to(torch.bfloat16).view(torch.int16))
+    return raw, exact32, exact16, bf
+
+
+def row(scheme, group, shape, nbytes, ms, hbm, e32, e16) -> str:
+    written = shape[0] * shape[1] * 2
+    rate = (nbytes + written) / ms / 1e6
+    pct = f"{100 * rate / hbm:5.1f}" if hbm else "    -"
+    return (f"{scheme:6} {group or '':>5} {nbytes / 1e6:9.1f} {written / 1e6:9.1f} {ms:9.3f} {rate:8.1f} {pct:>6} "
+            f"{'yes' if e32 else 'NO':>5} {'yes' if e16 else 'NO':>5}")
+
+
+HEADER = (f"{'scheme':6} {'group':>5} {'read MB':>9} {'write MB':>9} {'ms':>9} {'GB/s':>8} {'%HBM':>6} {'fp32=':>5} "
+          f"{'bf16=':>5}")
+
+
+def hbm_rate(torch, do_bench) -> float:
+    """GB/s (read + write) of a 2 GiB device-to-device copy."""
+    src = torch.empty(1 << 31, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / do_bench(lambda: dst.copy_(src), return_mode="median") / 1e6
+
+
+def bench_case(quant, torch, do_bench, scheme, group, shape, hbm) -> tuple[str, bool]:
+    from model import quant_triton
+
+    raw, e32, e16, out = check(quant, torch, quant_triton, scheme, group, shape, "cuda")
+    ms = do_bench(lambda: quant.dequantize(raw, scheme, shape, group, torch.bfloat16, out=out), return_mode="median")
+    return row(scheme, group, shape, raw.numel(), ms, hbm, e32, e16), e32 and e16
+
+
+def bench_cuda(args) -> int:
+    import torch
+    from triton.testing import do_bench
+
+    from model import quant
+
+    shape = tuple(args.shape)
+    hbm = hbm_rate(torch, do_bench)
+    torch.cuda.empty_cache()
+    print(f"{torch.cuda.get_device_name()}: device copy {hbm:.0f} GB/s (read + write); shape {shape}, bf16 out")
+    print(HEADER)
+    bad = 0
+    for scheme, group in cases(quant, args.groups):
+        line, ok = bench_case(quant, torch, do_bench, scheme, group, shape, hbm)
+        print(line, flush=True)
+        bad += not ok
+        torch.cuda.empty_cache()
+    return 1 if bad else 0
+
+
+def interpret_check(args) -> int:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+    import torch
+
+    from model import quant, quant_triton
+
+    shape = tuple(args.shape)
+    print(f"Triton interpreter on CPU tensors; shape {shape}; ms are the interpreter's")
+    print(HEADER)
+    bad = 0
+    for scheme, group in cases(quant, args.groups):
+        raw, e32, e16, out = check(quant, torch, quant_triton, scheme, group, shape, "cpu")
+        parts = [p.contiguous() for p in quant._parts(raw, scheme, shape, group)]
+        t = time.perf_counter()
+        quant_triton.dequantize_into(scheme, parts, group, out)
+        print(row(scheme, group, shape, raw.numel(), (time.perf_counter() - t) * 1e3, 0, e32, e16), flush=True)
+        bad += not (e32 and e16)
+    return 1 if bad else 0
+
+
+def quality(args) -> int:
+    import gguf
+    import torch
+
+    from model import quant
+    from runtime.format.embedded import embedded_gguf
+
+    kinds = {gguf.GGMLQuantizationType.Q4_1: "layers (Q4_1)", gguf.GGMLQuantizationType.Q8_0: "embedding (Q8_0)"}
+    pairs = [("int4", 32, "q4_1"), ("int4", 64, "q4_0"), ("int8", 32, "q8_0")]
+    sums: dict[tuple[str, str], list[float]] = {}
+    exact = {}
+    for t in gguf.GGUFReader(embedded_gguf()).tensors[::args.every]:
+        if t.tensor_type not in kinds:
+            continue
+        w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type))
+        for ours, group, theirs in pairs:
+            for name, scheme, g in ((f"{ours} g{group}", ours, group), (theirs, theirs, None)):
+                y = quant.dequantize(quant.quantize(w, scheme, g), scheme, w.shape, g)
+                acc = sums.setdefault((kinds[t.tensor_type], name), [0.0, 0])
+                acc[0] += (y.double() - w.double()).square().sum().item()
+                acc[1] += w.numel()
+                if name == "int4 g32":
+                    exact[kinds[t.tensor_type]] = exact.get(kinds[t.tensor_type], True) and torch.equal(y, w)
+    print(f"{'tensors':18} {'scheme':10} {'MSE':>12}")
+    for (kind, name), (err, n) in sums.items():
+        print(f"{kind:18} {name:10} {err / n:12.4e}")
+    for kind, ok in exact.items():
+        print(f"int4 g32 reproduces the {kind} tensors exactly: {ok}")
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", type=int, nargs=2, metavar=("ROWS", "COLS"))
+    ap.add_argument("--groups", type=lambda s: [int(g) for g in s.split(",")], default=[32, 64, 128])
+    ap.add_argument("--interpret-check", action="store_true", help="Triton's interpreter on CPU tensors")
+    ap.add_argument("--quality", action="store_true", help="reconstruction MSE on the embedded SmolLM2")
+    ap.add_argument("--every", type=int, default=1, help="--quality: every N-th tensor only")
+    args = ap.parse_args()
+    if args.quality:
+        return quality(args)
+    if args.interpret_check:
+        args.shape = args.shape or [64, 512]
+        return interpret_check(args)
+    args.shape = args.shape or [8192, 28672]
+    return bench_cuda(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
