@@ -158,8 +158,9 @@ def _int_kernel(q, scale, minimum, out, n_groups, INT4: tl.constexpr, GROUP: tl.
     ok = g < n_groups - pid * NG
     s = tl.load(scale + pid * NG + g, mask=ok, other=0).to(tl.float32)
     if INT4:
-        byte = tl.load(q + pid * (NG * GROUP // 2) + g * (GROUP // 2) + lane // 2, mask=ok, other=0).to(tl.int32)
-        v = ((byte >> (lane % 2 * 4)) & 15).to(tl.float32)
+        half = tl.arange(0, GROUP // 2)[None, :]
+        byte = tl.load(q + pid * (NG * GROUP // 2) + g * (GROUP // 2) + half, mask=ok, other=0).to(tl.int32)
+        v = tl.reshape(tl.join(byte & 15, byte >> 4), (NG, GROUP)).to(tl.float32)  # even column: low nibble
         y = _add(v * s, tl.load(minimum + pid * NG + g, mask=ok, other=0).to(tl.float32), EXACT)
     else:
         y = tl.load(q + pid * (NG * GROUP) + g * GROUP + lane, mask=ok, other=0).to(tl.float32) * s
