@@ -363,20 +363,20 @@ def _int4_groups(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 
 def _quantize_int(w: torch.Tensor, scheme: str, group: int) -> torch.Tensor:
     rows, cols = w.shape
-    parts = [torch.empty((rows, n), dtype=dt, device=w.device) for n, dt in _row_layout(scheme, cols, group)]
+    raw = torch.empty(storage_bytes(scheme, (rows, cols), group), dtype=torch.uint8, device=w.device)
+    parts = _parts(raw, scheme, (rows, cols), group)  # views: each chunk is written in place
     step = max(1, _CHUNK // cols)
     for a in range(0, rows, step):
         x = w[a:a + step].float().reshape(-1, cols // group, group)
         if scheme == "int8":
-            q, s = _int8_groups(x)
-            got = [q, s]
+            got = _int8_groups(x)
         else:
             q, s, m = _int4_groups(x)
             q = q.view(x.shape[0], cols // 2, 2)
-            got = [q[..., 0] | (q[..., 1] << 4), s, m]
+            got = (q[..., 0] | (q[..., 1] << 4), s, m)
         for p, g in zip(parts, got):
             p[a:a + step] = g.reshape(p[a:a + step].shape)
-    return torch.cat([p.reshape(-1).view(torch.uint8) for p in parts])
+    return raw
 
 
 def quantize(w: torch.Tensor, scheme: str, group: int | None = None) -> torch.Tensor:
