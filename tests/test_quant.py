@@ -75,16 +75,18 @@ def test_ggml_chunks_of_rows():
     assert np.array_equal(quant.dequantize(raw, "q4_k", shape).numpy(), reference(raw, "q4_k", shape))
 
 
+@pytest.fixture(scope="module")
 def smollm2_tensors():
+    """The embedded SmolLM2's quantized tensors: every layer's in Q4_1, the embedding in Q8_0."""
     reader = gguf.GGUFReader(embedded_gguf())
     kinds = {gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q8_0}
     return [t for t in reader.tensors if t.tensor_type in kinds]
 
 
-def test_smollm2_tensors_equal_gguf():
-    tensors = smollm2_tensors()
+def test_smollm2_tensors_equal_gguf(smollm2_tensors):
+    tensors = smollm2_tensors
     assert {t.tensor_type.name.lower() for t in tensors} == {"q4_1", "q8_0"}
-    for t in tensors[::6] + [t for t in tensors if t.name == "token_embd.weight"]:
+    for t in tensors:
         scheme = t.tensor_type.name.lower()
         shape = tuple(int(s) for s in reversed(t.shape))
         raw = torch.from_numpy(np.array(t.data).reshape(-1))
@@ -214,21 +216,21 @@ def on_grid(shape: tuple[int, int], group: int, seed: int) -> torch.Tensor:
     return (q * d + m).view(shape)
 
 
-def test_int4_exact_on_its_grid():
+def test_int4_exact_on_its_grid(smollm2_tensors):
     """Weights on a 16-level grid with fp16 parameters come back exactly: synthetic ones, and SmolLM2's
     Q4_1 tensors dequantized (the same 32-value blocks as int4 with group 32)."""
     w = on_grid((8, 256), 32, 0)
     assert torch.equal(quant.dequantize(quant.quantize(w, "int4", 32), "int4", w.shape, 32), w)
     w = on_grid((8, 256), 64, 1)
     assert torch.equal(quant.dequantize(quant.quantize(w, "int4", 64), "int4", w.shape, 64), w)
-    t = next(t for t in smollm2_tensors() if t.name == "blk.0.attn_q.weight")
+    t = next(t for t in smollm2_tensors if t.name == "blk.0.attn_q.weight")
     w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type))
     assert torch.equal(quant.dequantize(quant.quantize(w, "int4", 32), "int4", w.shape, 32), w)
 
 
-def test_int8_exact_on_q8_0_grid():
+def test_int8_exact_on_q8_0_grid(smollm2_tensors):
     """SmolLM2's Q8_0 embedding, dequantized, comes back exactly as int8 with group 32."""
-    t = next(t for t in smollm2_tensors() if t.name == "token_embd.weight")
+    t = next(t for t in smollm2_tensors if t.name == "token_embd.weight")
     w = torch.from_numpy(gguf.quants.dequantize(t.data[:512], t.tensor_type))
     assert torch.equal(quant.dequantize(quant.quantize(w, "int8", 32), "int8", w.shape, 32), w)
 
