@@ -352,3 +352,36 @@ def test_cuda_equals_gguf_bit_for_bit():
             assert torch.equal(bf.cpu(), ref.to(torch.bfloat16))
             rows = torch.tensor([shape[0] - 1, 0, 1], device="cuda")
             assert torch.equal(quant.dequantize_rows(dev, scheme, shape, group, rows).cpu(), ref[rows.cpu()])
+
+
+def compile_for_hopper(kernel, signature: dict, constexprs: dict) -> str:
+    """PTX of ``kernel`` compiled for sm_90 (no GPU needed: Triton's own toolchain)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    src = ASTSource(fn=kernel, signature={**signature, **dict.fromkeys(constexprs, "constexpr")}, constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_triton_ptx_rounds_twice():
+    """The kernels whose reference rounds a multiply and then an add (q4_1, q5_1, q4_k, q5_k, int4) compile to
+    separate mul and add.rn/sub.rn instructions for sm_90, never to an FMA."""
+    from model import quant_triton as qt
+
+    if not qt.EXACT:
+        pytest.skip("TRITON_INTERPRET is set in this process")
+    raw = {"raw": "*u8", "out": "*fp32"}
+    ptx = [compile_for_hopper(qt._blocks32_kernel, {**raw, "n_blocks": "i32"},
+                              {"SCHEME": s, "TS": qt._BLOCKS32[s][0], "QOFF": qt._BLOCKS32[s][1],
+                               "QHOFF": qt._BLOCKS32[s][2], "NB": 32, "EXACT": True}) for s in ("q4_1", "q5_1")]
+    ptx += [compile_for_hopper(qt._kquant_kernel, {**raw, "n_rows": "i32"},
+                               {"SCHEME": s, "TS": qt._KQUANTS[s][0], "QOFF": qt._KQUANTS[s][1], "SUB": 32, "NS": 32,
+                                "EXACT": True}) for s in ("q4_k", "q5_k")]
+    ptx.append(compile_for_hopper(qt._int_kernel, {"q": "*u8", "scale": "*fp16", "minimum": "*fp16", "out": "*fp32",
+                                                   "n_groups": "i32"},
+                                  {"INT4": True, "GROUP": 64, "NG": 16, "EXACT": True}))
+    for text in ptx:
+        assert "fma.rn.f32" not in text and ("add.rn.f32" in text or "sub.rn.f32" in text)
+        assert "mul.f32" in text or "mul.rn.f32" in text
