@@ -24,10 +24,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-FP16_FIELDS = {"q8_0": (0,), "q4_0": (0,), "q4_1": (0, 2), "q5_0": (0,), "q5_1": (0, 2), "q4_k": (0, 2),
-               "q5_k": (0, 2), "q6_k": (208,)}
-
-
 def random_raw(quant, torch, scheme: str, shape: tuple[int, int], group: int | None, device: str):
     """Random storage bytes with fp16 fields drawn as N(0, 0.01) (finite)."""
     gen = torch.Generator(device=device).manual_seed(0)
@@ -37,7 +33,7 @@ def random_raw(quant, torch, scheme: str, shape: tuple[int, int], group: int | N
     if scheme in quant.GGUF_SCHEMES:
         ts = quant.storage_bytes(scheme, (1, quant.block_size(scheme)))
         blocks = raw.view(-1, ts)
-        for off in FP16_FIELDS[scheme]:
+        for off in quant.FP16_FIELDS[scheme]:
             blocks[:, off:off + 2] = fp16(blocks.shape[0])
     else:
         q = shape[0] * shape[1] // (1 if scheme == "int8" else 2)

@@ -20,7 +20,10 @@ most of its own (a 70B x8 image would otherwise sit wholly in 24 GB). Its (a) st
 whole model by H2D bytes per pass, labelled as such.
 
 Each regime is one ``launch.py bench`` subprocess whose JSON carries the run's own byte counts, the links
-measured in the same run, the bound and achieved/bound. For the 8B shape the suite also runs the peer users
+measured in the same run, the bound and achieved/bound. A decode regime's bound is the longer of that transfer
+bound and the decode step of the same image with every weight on the GPU (``--mode full``, uncapped): the
+pass's compute, which sets the pace once most of a quantized model is resident. ``--quantize`` packs the images
+quantized (``launch.py pack --quantize``); ``--regimes`` runs a subset. For the 8B shape the suite also runs the peer users
 pick today, transformers + accelerate (``device_map="auto"``, ``max_memory`` at the same GPU budget), on the
 same weights written as a Hugging Face checkpoint, and reports ours / peer. Everything lands in
 OUT/suite.json (rewritten after each shape); the last line is the verdict for each target.
@@ -35,7 +38,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -51,7 +53,28 @@ WORKERS = 4  # I/O workers per pool (the GPU machine has 16 cores)
 KV_TOKENS = 2049  # the prefill regime's context: the KV cache the emulated cap must leave room for
 
 
-def emulated_cap(shape: str, layers: int, cap: float | None, dtype: str) -> tuple[float | None, dict | None]:
+class Layout:
+    """What the plan's estimates read of an image (runtime.engine.batching), for a model not packed: its
+    arguments, dtype, and the quantized tensors' formats (``--quantize``)."""
+
+    def __init__(self, args, dtype: str, quantize: str | None = None, group: int = 64, output: bool = False):
+        from model.synthetic import SyntheticCheckpoint
+        from runtime.format.image import WeightFormat, plan_layout
+        from runtime.format.pack import weight_formats
+
+        self.args, self.dtype = args, dtype
+        self.formats = weight_formats(SyntheticCheckpoint(args), WeightFormat(dtype, quantize, group, output))[0] \
+            if quantize else {}
+        self.group_bytes = {g.name: g.size for g in plan_layout(args, dtype, self.formats)}
+
+    def largest_quantized(self) -> int:
+        from runtime.format.image import largest_quantized
+
+        return largest_quantized(self.args, self.formats)
+
+
+def emulated_cap(shape: str, layers: int, cap: float | None, dtype: str, quant: tuple = ()) \
+        -> tuple[float | None, dict | None]:
     """The GPU cap for an image truncated to ``layers`` that puts it where the whole model would be.
 
     The whole model under ``cap`` keeps some layers resident and streams the rest; a truncated image under
@@ -60,7 +83,7 @@ def emulated_cap(shape: str, layers: int, cap: float | None, dtype: str) -> tupl
     (head, staging buffers, KV, activations) and streams its layers as the whole model streams most of its
     own. Returns (cap, the whole model's plan as a dict) or (cap, None) when the image is the whole model."""
     from model.args import preset
-    from runtime.engine.placement import Budgets, layout_group_bytes, plan_placement
+    from runtime.engine.placement import Budgets, plan_placement
 
     full = FULL_LAYERS.get(shape)
     if cap is None or full is None or layers >= full:
@@ -68,9 +91,9 @@ def emulated_cap(shape: str, layers: int, cap: float | None, dtype: str) -> tupl
     from runtime.engine.batching import activation_bytes, kv_cache_bytes
 
     a = preset(shape, full)
-    whole = SimpleNamespace(args=a, dtype=dtype)  # what the estimates read of an image
+    whole = Layout(a, dtype, *quant)
     kv, act = kv_cache_bytes(whole, 1, KV_TOKENS), activation_bytes(whole, 1, KV_TOKENS - 1)
-    plan = plan_placement(layout_group_bytes(a, dtype), a, "preload", Budgets(int(cap * 1e9), 1 << 50, kv, act))
+    plan = plan_placement(whole.group_bytes, a, "preload", Budgets(int(cap * 1e9), 1 << 50, kv, act))
     sizes = plan.group_bytes
     resident_layers = sum(sizes[g] for g in plan.gpu if g.startswith("layers."))
     return (cap * 1e9 - resident_layers) / 1e9, {"layers": full, "gpu_groups": len(plan.gpu),
@@ -136,48 +159,65 @@ def disk_dram_gb(image) -> float:
     return (groups["tok_embeddings"].size + 4 * max(layers) + sum(layers) / 2) / 1e9
 
 
+def quant_flags(a) -> list[str]:
+    if not a.quantize:
+        return []
+    return ["--quantize", a.quantize, "--group-size", str(a.group_size)] + (["--quantize-output"]
+                                                                          if a.quantize_output else [])
+
+
 def run_shape(shape: str, layers: int, cap: float | None, a, out: Path) -> dict:
     from model.args import preset
     from runtime.format.image import Image
 
     args = preset(shape, layers)
     dtype = "bf16" if a.device == "cuda" else "fp32"
-    image = Path(a.workdir) / f"{shape}-{layers}l.img"
-    res = {"shape": shape, "layers": layers, "gpu_cap_gb": cap}
+    fmt = f"-{a.quantize}g{a.group_size}{'o' if a.quantize_output else ''}" if a.quantize else ""
+    image = Path(a.workdir) / f"{shape}-{layers}l{fmt}.img"
+    res = {"shape": shape, "layers": layers, "gpu_cap_gb": cap, "quantize": a.quantize and
+           {"scheme": a.quantize, "group_size": a.group_size, "output": a.quantize_output}}
     if not image.exists():
         t = time.monotonic()
         sh([sys.executable, "launch.py", "pack", "--synthetic", shape, "--layers", str(layers), "--out", str(image),
-            "--dtype", dtype], out / f"pack-{shape}.log")
+            "--dtype", dtype, *quant_flags(a)], out / f"pack-{shape}{fmt}.log")
         res["pack_s"] = time.monotonic() - t
     img = Image.open(image)
     res["image_gb"] = img.image_size / 1e9
-    run_cap, res["whole_model_plan"] = emulated_cap(shape, layers, cap, dtype)
+    res["stored_as"] = img.format_summary()
+    quant = (a.quantize, a.group_size, a.quantize_output) if a.quantize else ()
+    run_cap, res["whole_model_plan"] = emulated_cap(shape, layers, cap, dtype, quant)
     res["run_gpu_cap_gb"] = run_cap
     short = prompt_file(out / f"{shape}-short.txt", 16, args.vocab_size)
     long = prompt_file(out / f"{shape}-2048.txt", a.prefill_tokens, args.vocab_size)
     common = ["--workers", str(WORKERS)] + (["--gpu-mem-gb", f"{run_cap:.3f}"] if run_cap else [])
     dec = ["--prompts", str(short), "--max-new-tokens", str(a.new_tokens), "--warmup-rounds", "1"]
-    res["decode_dram"] = bench(image, out, f"{shape}-a-preload", dec + ["--mode", "preload", *common], a.device)
-    res["page_cache_dropped"] = drop_page_cache()
-    res["decode_disk"] = bench(image, out, f"{shape}-b-disk", ["--prompts", str(short), "--max-new-tokens",
-                               str(max(2, a.new_tokens // 4)), "--warmup-rounds", "0", "--mode", "mixed",
-                               "--dram-gb", f"{disk_dram_gb(img):.3f}", *common], a.device)
+    name = f"{shape}{fmt}"
+    if "a" in a.regimes:
+        res["decode_dram"] = bench(image, out, f"{name}-a-preload", dec + ["--mode", "preload", *common], a.device)
+    if "b" in a.regimes:
+        res["page_cache_dropped"] = drop_page_cache()
+        res["decode_disk"] = bench(image, out, f"{name}-b-disk", ["--prompts", str(short), "--max-new-tokens",
+                                   str(max(2, a.new_tokens // 4)), "--warmup-rounds", "0", "--mode", "mixed",
+                                   "--dram-gb", f"{disk_dram_gb(img):.3f}", *common], a.device)
     links = [res[k]["links"] for k in ("decode_dram", "decode_disk") if res.get(k)]
-    res["page_cache_dropped_cold"] = drop_page_cache()
-    # Cold start: the links measured above are passed in, so the process measures nothing before it loads.
-    given = []
-    if links and links[-1]["disk"] and links[-1]["disk"].get("gbps"):
-        given += ["--disk-gbps", f"{links[-1]['disk']['gbps']:.4f}"]
-    if links and links[-1]["h2d"] and links[-1]["h2d"].get("gbps"):
-        given += ["--h2d-gbps", f"{links[-1]['h2d']['gbps']:.4f}"]
-    res["cold_start"] = bench(image, out, f"{shape}-d-cold", ["--prompts", str(short), "--max-new-tokens", "1",
-                              "--warmup-rounds", "0", "--mode", "preload", *given, *common], a.device)
+    if "d" in a.regimes:
+        res["page_cache_dropped_cold"] = drop_page_cache()
+        # Cold start: the links measured above are passed in, so the process measures nothing before it loads.
+        given = []
+        if links and links[-1]["disk"] and links[-1]["disk"].get("gbps"):
+            given += ["--disk-gbps", f"{links[-1]['disk']['gbps']:.4f}"]
+        if links and links[-1]["h2d"] and links[-1]["h2d"].get("gbps"):
+            given += ["--h2d-gbps", f"{links[-1]['h2d']['gbps']:.4f}"]
+        res["cold_start"] = bench(image, out, f"{name}-d-cold", ["--prompts", str(short), "--max-new-tokens", "1",
+                                  "--warmup-rounds", "0", "--mode", "preload", *given, *common], a.device)
     pre = ["--prompts", str(long), "--max-new-tokens", "1", "--max-seq-len", str(a.prefill_tokens + 1),
            "--warmup-rounds", "1"]
-    res["prefill"] = bench(image, out, f"{shape}-c-prefill", pre + ["--mode", "preload", *common], a.device)
-    res["prefill_compute"] = bench(image, out, f"{shape}-c-compute", pre[:2] + [
-        "--max-new-tokens", "4", "--max-seq-len", str(a.prefill_tokens + 4), "--warmup-rounds", "1", "--mode",
-        "full"], a.device)
+    if "c" in a.regimes:
+        res["prefill"] = bench(image, out, f"{name}-c-prefill", pre + ["--mode", "preload", *common], a.device)
+    if "a" in a.regimes or "c" in a.regimes:  # the compute of a pass with every weight on the GPU
+        res["prefill_compute"] = bench(image, out, f"{name}-c-compute", pre[:2] + [
+            "--max-new-tokens", "4", "--max-seq-len", str(a.prefill_tokens + 4), "--warmup-rounds", "1", "--mode",
+            "full"], a.device)
     res["extrapolated"] = extrapolate(res)
     return res
 
@@ -199,6 +239,24 @@ def extrapolate(r: dict) -> dict | None:
     return {"label": f"extrapolated to {w['layers']} layers from {r['layers']} (not measured)",
             "decode_step_ms": step, "bound_ms": bound, "ratio": step / bound, "tokens_per_s": 1e3 / step,
             "h2d_scale": scale, "resident_layers": resident_layers, "per_layer_compute_ms": per_layer_compute}
+
+
+def decode_bound(r: dict, key: str) -> tuple[float | None, str | None]:
+    """A decode regime's bound and what sets it: the run's transfer bound (bench: bytes over the measured
+    links), or the decode step of the same image with every weight on the GPU (--mode full, uncapped: the
+    pass's compute, dequantization included) where that is longer, as when most of a quantized model is
+    resident."""
+    b = r[key]["bound"]
+    c = r.get("prefill_compute")
+    compute = c and c["bound"].get("decode_step_ms")
+    if compute and (b.get("step_ms") is None or compute > b["step_ms"]):
+        return compute, "compute"
+    return b.get("step_ms"), b.get("limited_by")
+
+
+def decode_ratio(r: dict, key: str) -> float | None:
+    bound = decode_bound(r, key)[0]
+    return r[key]["bound"]["decode_step_ms"] / bound if bound else None
 
 
 def prefill_ratio(r: dict) -> float | None:
@@ -240,8 +298,7 @@ def cold_ratio(r: dict) -> float | None:
 def verdicts(results: list[dict], peer: dict | None) -> dict[str, str]:
     v = {}
     for key in ("decode_dram", "decode_disk"):
-        ratios = [r[key]["achieved_over_bound"] for r in results
-                  if r.get(key) and r[key].get("achieved_over_bound") is not None]
+        ratios = [x for x in (decode_ratio(r, key) for r in results if r.get(key)) if x is not None]
         v[key] = _verdict(ratios, TARGETS[key])
     pr = [x for x in (prefill_ratio(r) for r in results) if x]
     v["prefill"] = _verdict(pr, TARGETS["prefill"])
@@ -262,19 +319,21 @@ def table(results: list[dict], peer: dict | None) -> str:
     rows = ["| shape | regime | ms | bound ms | limited by | achieved/bound | GPU peak GB (cap) |",
             "|---|---|---|---|---|---|---|"]
     for r in results:
-        name = f"{r['shape']} x{r['layers']}"
+        name = f"{r['shape']} x{r['layers']}" + (f" {r['quantize']['scheme']} g{r['quantize']['group_size']}"
+                                                  if r.get("quantize") else "")
         cap = f" ({r['run_gpu_cap_gb']:.2f})" if r.get("run_gpu_cap_gb") else ""
         for key, label in (("decode_dram", "(a) DRAM decode step"), ("decode_disk", "(b) disk decode step"),
                            ("prefill", f"(c) prefill {r.get('prefill') and r['prefill']['prefill_tokens_total']}")):
-            j = r.get(key)
+            if key not in r:
+                continue  # not run (--regimes)
+            j = r[key]
             if not j:
                 rows.append(f"| {name} | {label} | failed | | | | |")
                 continue
             b = j["bound"]
             step = j["prefill_ms"] if key == "prefill" else b["decode_step_ms"]
-            ratio = prefill_ratio(r) if key == "prefill" else j["achieved_over_bound"]
-            bound = b.get("step_ms")
-            limited = b.get("limited_by")
+            ratio = prefill_ratio(r) if key == "prefill" else decode_ratio(r, key)
+            bound, limited = (b.get("step_ms"), b.get("limited_by")) if key == "prefill" else decode_bound(r, key)
             if key == "prefill" and r.get("prefill_compute"):
                 compute = r["prefill_compute"]["prefill_ms"]
                 if bound is None or compute > bound:
@@ -282,12 +341,14 @@ def table(results: list[dict], peer: dict | None) -> str:
             rows.append(f"| {name} | {label} | {step:.1f} | {_f(bound)} | {limited} | {_f(ratio, 2)} | "
                         f"{j['gpu_mem_GB']['peak_allocated_GB']:.2f}{cap} |")
         c = cold_ms(r)
-        rows.append(f"| {name} | (d) cold start to first token | {_f(c and c[0], 0)} | {_f(c and c[1], 0)} | "
-                    f"disk + pass | {_f(cold_ratio(r), 2)} | |")
+        if "cold_start" in r:
+            rows.append(f"| {name} | (d) cold start to first token | {_f(c and c[0], 0)} | {_f(c and c[1], 0)} "
+                        f"| disk + pass | {_f(cold_ratio(r), 2)} | |")
         x = r.get("extrapolated")
         if x:
-            rows.append(f"| {r['shape']} x{x['label'].split()[2]} | (a) DRAM decode step, {x['label']} | "
-                        f"{x['decode_step_ms']:.1f} | {x['bound_ms']:.1f} | h2d | {x['ratio']:.2f} | |")
+            rows.append(f"| {r['shape']} x{x['label'].split()[2]} | (a) DRAM decode step, {x['label']}, "
+                        f"{x['tokens_per_s']:.2f} tok/s | {x['decode_step_ms']:.1f} | {x['bound_ms']:.1f} | h2d | "
+                        f"{x['ratio']:.2f} | |")
     if peer:
         rows.append(f"| peer (accelerate) | decode step | {peer.get('s_per_token', 0) * 1e3:.1f} | | | ours/peer "
                     f"speedup {peer.get('speedup', 0):.1f}x | |")
@@ -305,7 +366,14 @@ def main() -> int:
     p.add_argument("--skip-peer", action="store_true", help="do not run transformers + accelerate")
     p.add_argument("--peer-tokens", type=int, default=4, help="decode tokens the peer is timed over (default 4)")
     p.add_argument("--shapes", default=None, help="comma-separated subset of the scale's shapes (default all)")
+    p.add_argument("--regimes", default="abcd", help="which of the regimes a b c d to run (default abcd)")
+    p.add_argument("--quantize", choices=["int8", "int4", "q8_0", "q4_0", "q4_1"],
+                   help="pack the images with launch.py pack --quantize (default: plain bf16)")
+    p.add_argument("--group-size", type=int, default=64, help="with --quantize int8|int4 (default 64)")
+    p.add_argument("--quantize-output", action="store_true", help="with --quantize: the output matrix too")
     a = p.parse_args()
+    if set(a.regimes) - set("abcd"):
+        p.error(f"--regimes {a.regimes!r}: letters of abcd")
     import torch
 
     a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -31,8 +31,8 @@ import torch
 from model.args import ModelArgs, RopeScaling
 from model.errors import CheckpointError, ConfigError
 from model.groups import global_names, group_tensor_shapes
-from model.qformats import GGUF_SCHEMES, storage_bytes
 from model.llama import rope_scaling_matches
+from model.qformats import GGUF_SCHEMES, storage_bytes
 
 
 class Checkpoint(ABC):

@@ -37,8 +37,9 @@ from torch import nn
 
 from model.args import ModelArgs, RopeScaling
 from model.groups import group_names, group_prefix, group_tensor_shapes
+from model.quant import QuantWeight
 
-Weights = Mapping[str, torch.Tensor]
+Weights = Mapping[str, "torch.Tensor | QuantWeight"]
 
 
 class Cache(Protocol):
@@ -118,9 +119,17 @@ class Rope:
 
 # ---- group forwards ----------------------------------------------------------------------------------
 
-def embed_forward(tokens: torch.Tensor, w: Weights) -> torch.Tensor:
-    """tokens (B, S) int64 -> h (B, S, dim)."""
-    return F.embedding(tokens, w["tok_embeddings.weight"])
+def linear(x: torch.Tensor, w: torch.Tensor | QuantWeight) -> torch.Tensor:
+    """x @ w.T, for a plain weight or a quantized one (model/quant.py: dequantized where it is, per use)."""
+    return F.linear(x, w) if isinstance(w, torch.Tensor) else w.linear(x)
+
+
+def embed_forward(tokens: torch.Tensor, w: Weights, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """tokens (B, S) int64 -> h (B, S, dim); a quantized table's rows are dequantized to ``dtype``."""
+    table = w["tok_embeddings.weight"]
+    if isinstance(table, torch.Tensor):
+        return F.embedding(tokens, table)
+    return table.rows(tokens, dtype or torch.float32)
 
 
 def attention_forward(h: torch.Tensor, w: Weights, args: ModelArgs, layer: int, rope: Rope, cache: Cache,
@@ -128,19 +137,19 @@ def attention_forward(h: torch.Tensor, w: Weights, args: ModelArgs, layer: int, 
     """h (B, S, dim) -> h + Attention(RMSNorm(h)), with the queries at cache positions [start, start+S)."""
     b, s, _ = h.shape
     x = rms_norm(h, w["attention_norm.weight"], args.norm_eps)
-    q = F.linear(x, w["attention.wq.weight"]).view(b, s, args.n_heads, args.head_dim)
-    k = F.linear(x, w["attention.wk.weight"]).view(b, s, args.n_kv_heads, args.head_dim)
-    v = F.linear(x, w["attention.wv.weight"]).view(b, s, args.n_kv_heads, args.head_dim)
+    q = linear(x, w["attention.wq.weight"]).view(b, s, args.n_heads, args.head_dim)
+    k = linear(x, w["attention.wk.weight"]).view(b, s, args.n_kv_heads, args.head_dim)
+    v = linear(x, w["attention.wv.weight"]).view(b, s, args.n_kv_heads, args.head_dim)
     q, k = rope.apply(q, start, cache.pad), rope.apply(k, start, cache.pad)
     out = cache.attend(layer, q, k, v, start)  # (B, S, n_heads * hd): the cache writes k, v and picks the kernel
-    return h + F.linear(out, w["attention.wo.weight"])
+    return h + linear(out, w["attention.wo.weight"])
 
 
 def ffn_forward(h: torch.Tensor, w: Weights, args: ModelArgs) -> torch.Tensor:
     """h (B, S, dim) -> h + W2(silu(W1 x) * W3 x), x = RMSNorm(h)."""
     x = rms_norm(h, w["ffn_norm.weight"], args.norm_eps)
-    gate = F.silu(F.linear(x, w["feed_forward.w1.weight"]))
-    return h + F.linear(gate * F.linear(x, w["feed_forward.w3.weight"]), w["feed_forward.w2.weight"])
+    gate = F.silu(linear(x, w["feed_forward.w1.weight"]))
+    return h + linear(gate * linear(x, w["feed_forward.w3.weight"]), w["feed_forward.w2.weight"])
 
 
 # ---- Meta-named module (strict state-dict loading; in-memory reference) ------------------------------
@@ -235,4 +244,4 @@ def forward_groups(tokens: torch.Tensor, start: int, args: ModelArgs, source, ro
     head = source.get("head")
     x = rms_norm(h, head["norm.weight"], args.norm_eps)
     out_w = source.get("tok_embeddings")["tok_embeddings.weight"] if args.tie_embeddings else head["output.weight"]
-    return F.linear(x, out_w).float()
+    return linear(x, out_w).float()

@@ -31,82 +31,33 @@ import math
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-from gguf import quants as gguf_quants
+import torch.nn.functional as F
 
 from model.errors import ConfigError
-
-GGUF_SCHEMES: dict[str, int] = {
-    "q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0, "q4_1": GGMLQuantizationType.Q4_1,
-    "q5_0": GGMLQuantizationType.Q5_0, "q5_1": GGMLQuantizationType.Q5_1, "q4_k": GGMLQuantizationType.Q4_K,
-    "q5_k": GGMLQuantizationType.Q5_K, "q6_k": GGMLQuantizationType.Q6_K}
-SCHEMES: tuple[str, ...] = (*GGUF_SCHEMES, "int8", "int4")
-GROUPS = (32, 64, 128)
+from model.qformats import (  # noqa: F401  (re-exported: the sizes and checks are model/qformats.py's)
+    DEQUANT_CHUNK,
+    GGML_BLOCKS,
+    GGUF_SCHEMES,
+    GROUP_SIZES,
+    OURS,
+    SCHEMES,
+    block_size,
+    check_quantizable,
+    row_layout,
+    storage_bytes,
+)
 
 _CHUNK = 1 << 20  # elements per chunk of rows in the torch paths (temporaries stay a few MB)
 _INT8_ALPHAS = (1.0, 0.99, 0.98, 0.97, 0.96, 0.95, 0.93, 0.9)  # absmax clipping factors tried
 _INT4_SHRINK = (0.0, 0.03, 0.07)  # fractions of the range cut off each end, every pair tried
 _INT4_REFITS = 3  # least-squares refits of (scale, minimum) after the grid
 _FP16_MAX = 65504.0
-
-
-# ---- sizes and checks ----------------------------------------------------------------------------------
-
-def _check_scheme(scheme: str, name: str, shape: tuple[int, ...]) -> None:
-    if scheme not in SCHEMES:
-        raise ConfigError(f"{name} of shape {tuple(shape)}: unknown quantization scheme {scheme!r} "
-                          f"(allowed: {', '.join(SCHEMES)})")
-
-
-def _check_group(scheme: str, group: int | None, name: str, shape: tuple[int, ...]) -> None:
-    if scheme in GGUF_SCHEMES:
-        if group not in (None, GGML_QUANT_SIZES[GGUF_SCHEMES[scheme]][0]):
-            raise ConfigError(f"{name} of shape {tuple(shape)}: {scheme} has a fixed block of "
-                              f"{GGML_QUANT_SIZES[GGUF_SCHEMES[scheme]][0]} values, found group {group}")
-    elif group not in GROUPS:
-        raise ConfigError(f"{name} of shape {tuple(shape)}: {scheme} needs a group size of "
-                          f"{', '.join(map(str, GROUPS))}, found {group}")
-
-
-def block_size(scheme: str, group: int | None = None) -> int:
-    """Values per block: 32 or 256 for the ggml types, the group for int8/int4."""
-    _check_scheme(scheme, "block_size", ())
-    _check_group(scheme, group, "block_size", ())
-    return GGML_QUANT_SIZES[GGUF_SCHEMES[scheme]][0] if scheme in GGUF_SCHEMES else group
-
-
-def check_quantizable(scheme: str, name: str, shape: tuple[int, ...], group: int | None = None) -> None:
-    """ConfigError naming ``name`` and ``shape`` unless a tensor of that shape can be stored as ``scheme``."""
-    shape = tuple(int(s) for s in shape)
-    _check_scheme(scheme, name, shape)
-    _check_group(scheme, group, name, shape)
-    if len(shape) != 2 or min(shape) < 1:
-        raise ConfigError(f"{name} of shape {shape}: {scheme} stores 2-D tensors of positive size only")
-    cols, bs = shape[1], block_size(scheme, group)
-    if scheme == "int4" and cols % 2:
-        raise ConfigError(f"{name} of shape {shape}: int4 packs two values a byte and needs an even row length, "
-                          f"found {cols}")
-    if cols % bs:
-        what = f"group {group}" if scheme in ("int8", "int4") else f"block of {bs}"
-        raise ConfigError(f"{name} of shape {shape}: {scheme} with a {what} needs a row length that is a multiple "
-                          f"of {bs}, found {cols}")
+_TORCH_TYPES = {"u8": torch.uint8, "i8": torch.int8, "f16": torch.float16}
 
 
 def _row_layout(scheme: str, cols: int, group: int | None) -> list[tuple[int, torch.dtype]]:
-    """Each storage section as (elements per row, dtype); the sections follow each other in the raw bytes."""
-    if scheme in GGUF_SCHEMES:
-        bs, ts = GGML_QUANT_SIZES[GGUF_SCHEMES[scheme]]
-        return [(cols // bs * ts, torch.uint8)]
-    if scheme == "int8":
-        return [(cols, torch.int8), (cols // group, torch.float16)]
-    return [(cols // 2, torch.uint8), (cols // group, torch.float16), (cols // group, torch.float16)]
-
-
-def storage_bytes(scheme: str, shape: tuple[int, int], group: int | None = None) -> int:
-    """Bytes of a (rows, cols) matrix stored as ``scheme``."""
-    check_quantizable(scheme, "storage_bytes", shape, group)
-    rows, cols = shape
-    return sum(rows * n * dt.itemsize for n, dt in _row_layout(scheme, cols, group))
+    """Each storage section as (elements per row, torch dtype) (model.qformats.row_layout)."""
+    return [(n, _TORCH_TYPES[t]) for n, t in row_layout(scheme, cols, group)]
 
 
 def _parts(raw: torch.Tensor, scheme: str, shape: tuple[int, int], group: int | None) -> list[torch.Tensor]:
@@ -222,7 +173,7 @@ def _deq_torch(parts: list[torch.Tensor], scheme: str, cols: int, group: int | N
     """float32 (r, cols) from the row sections of ``r`` rows."""
     r = parts[0].shape[0]
     if scheme in GGUF_SCHEMES:
-        ts = GGML_QUANT_SIZES[GGUF_SCHEMES[scheme]][1]
+        ts = GGML_BLOCKS[scheme][1]
         return _GGUF_DEQ[scheme](parts[0].reshape(-1, ts)).reshape(r, cols)
     q = (parts[0] if scheme == "int8" else _unpack4(parts[0])).float().view(r, cols // group, group)
     y = q * parts[1].float().unsqueeze(-1)
@@ -385,10 +336,13 @@ def quantize(w: torch.Tensor, scheme: str, group: int | None = None) -> torch.Te
     check_quantizable(scheme, "w", tuple(w.shape), group)
     if not w.is_floating_point():
         raise ConfigError(f"w of shape {tuple(w.shape)}: quantize takes a float tensor, found {w.dtype}")
-    if scheme in ("int8", "int4"):
+    if scheme in OURS:
         return _quantize_int(w, scheme, group)
+    from gguf import quants as gguf_quants  # only gguf's own quantizers need the package
+
     try:
-        blocks = gguf_quants.quantize(w.detach().float().cpu().numpy(), GGUF_SCHEMES[scheme])
+        blocks = gguf_quants.quantize(w.detach().float().cpu().numpy(),
+                                      gguf_quants.GGMLQuantizationType(GGUF_SCHEMES[scheme]))
     except NotImplementedError as e:
         raise ConfigError(f"w of shape {tuple(w.shape)}: the gguf package cannot quantize to {scheme} "
                           f"(it only dequantizes it); use one of q8_0, q4_0, q4_1, q5_0, q5_1, int8, int4") from e
@@ -420,4 +374,54 @@ class QuantWeight:
         return dequantize(self.raw, self.scheme, self.shape, self.group, dtype, out)
 
     def rows(self, idx: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize_rows(self.raw, self.scheme, self.shape, self.group, idx, dtype)
+        """The embedding lookup: idx (any shape) -> idx.shape + (cols,)."""
+        out = dequantize_rows(self.raw, self.scheme, self.shape, self.group, idx, dtype)
+        return out.view(*idx.shape, self.shape[1])
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """``F.linear(x, w)``: the matrix dequantized to x's dtype where it is (the compute stream on CUDA), at
+        most DEQUANT_CHUNK values (whole rows) at a time, so the scratch is bounded whatever the matrix."""
+        rows, cols = self.shape
+        step = max(1, DEQUANT_CHUNK // cols)
+        if rows <= step:
+            return F.linear(x, self.dense(x.dtype))
+        parts = _parts(self.raw, self.scheme, self.shape, self.group)
+        outs = []
+        for a in range(0, rows, step):
+            w = torch.empty((min(step, rows - a), cols), dtype=x.dtype, device=self.raw.device)
+            _into([p[a:a + step] for p in parts], self.scheme, self.group, w)
+            outs.append(F.linear(x, w))
+        return torch.cat(outs, dim=-1)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> QuantWeight:
+        return QuantWeight(self.raw.to(device, non_blocking=non_blocking), self.scheme, self.shape, self.group)
+
+
+# byte offsets of the fp16 fields (scales, minima) in each ggml block
+FP16_FIELDS = {"q8_0": (0,), "q4_0": (0,), "q4_1": (0, 2), "q5_0": (0,), "q5_1": (0, 2), "q4_k": (0, 2),
+               "q5_k": (0, 2), "q6_k": (208,)}
+
+
+def random_quantized(scheme: str, shape: tuple[int, int], group: int | None, gen: torch.Generator,
+                     device: torch.device | str = "cpu", scale: float = 1e-3) -> QuantWeight:
+    """Random quantized values with every fp16 scale ``scale`` (int4's minima -8 * scale), built on ``device``
+    without quantizing anything: weights of a realistic magnitude for timing (runtime/measure/probe.py)."""
+    raw = torch.randint(0, 256, (storage_bytes(scheme, shape, group),), generator=gen, dtype=torch.uint8,
+                        device=device)
+    if scheme in GGML_BLOCKS:
+        blocks = raw.view(-1, GGML_BLOCKS[scheme][1])
+        for off in FP16_FIELDS[scheme]:
+            blocks[:, off:off + 2].view(torch.float16).fill_(scale)
+    else:
+        parts = _parts(raw, scheme, shape, group)
+        parts[1].fill_(scale)
+        if scheme == "int4":
+            parts[2].fill_(-8 * scale)
+    return QuantWeight(raw, scheme, shape, group)
+
+
+def dequantized(weights, dtype: torch.dtype) -> dict:
+    """A group's weights with every QuantWeight replaced by its dense matrix in ``dtype`` (plain ones as they
+    are): what a CPU computes from when it holds a group for the whole run (dequantizing it at every use would
+    cost many times the matmul there)."""
+    return {k: v.dense(dtype) if isinstance(v, QuantWeight) else v for k, v in weights.items()}

@@ -4,7 +4,8 @@ Not a test module: test files import these helpers.
 
   write_meta(dir, ...)   params.json + consolidated.NN.pth, split as Meta's model parallel does
   write_hf(dir, ...)     config.json (LlamaForCausalLM) + safetensors, single file or two shards + index
-  write_gguf(path, ...)  a llama GGUF with f32 tensors, llama.cpp names and a minimal gpt2 tokenizer
+  write_gguf(path, ...)  a llama GGUF with f32 tensors (or any ggml type by tensor), llama.cpp names and a
+                         minimal gpt2 tokenizer
   hf_reference_logits    log-softmax of transformers' LlamaForCausalLM on the same weights (fp32)
 
 Every writer draws its weights from a seeded generator (matrices ~ N(0, 0.1^2), norms 1 + N(0, 0.1^2);
@@ -169,13 +170,49 @@ def gguf_vocab() -> tuple[list[str], list[int], list[str]]:
     return tokens, types, merges
 
 
-def write_gguf(path: str | Path, seed: int = 0, arch: str = "llama") -> dict[str, torch.Tensor]:
-    """A tiny GGUF as llama.cpp writes one (f32, q/k rows in Meta's order); returns the Meta state dict."""
+# byte offsets of the fp16 fields (scales, minima) of a ggml block, by type
+_FP16_FIELDS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q4_K": (0, 2),
+                "Q5_K": (0, 2), "Q6_K": (208,), "IQ4_NL": (0,), "Q2_K": (80, 82)}
+
+
+def random_blocks(type_name: str, shape: tuple[int, int], seed: int, std: float = 0.1) -> np.ndarray:
+    """Random ggml blocks of ``type_name`` for a (rows, cols) matrix, as a (rows, row bytes) uint8 array: random
+    quantized values and sub-scales, the fp16 fields one common value chosen so the weights' std is ``std``."""
     import gguf
 
-    tokens, types, merges = gguf_vocab()
-    args = tiny_args(vocab_size=len(tokens), scaling=None)
+    qtype = gguf.GGMLQuantizationType[type_name]
+    bs, ts = gguf.GGML_QUANT_SIZES[qtype]
+    gen = np.random.default_rng(seed)
+    raw = gen.integers(0, 256, (shape[0], shape[1] // bs * ts), dtype=np.uint8)
+    blocks = raw.reshape(-1, ts)
+
+    def set_fields(v: float) -> None:
+        for off in _FP16_FIELDS[type_name]:
+            blocks[:, off:off + 2] = np.full(len(blocks), v, dtype=np.float16).view(np.uint8).reshape(-1, 2)
+
+    set_fields(1.0)
+    set_fields(std / float(gguf.quants.dequantize(raw, qtype).std()))  # the weights are linear in the fields
+    return raw
+
+
+def write_gguf(path: str | Path, seed: int = 0, arch: str = "llama", args: ModelArgs | None = None,
+               types: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """A tiny GGUF as llama.cpp writes one (q/k rows in Meta's order); returns the Meta state dict: what the
+    file dequantizes to. ``args``: the shapes (tiny_args' by default, its vocabulary always gguf_vocab's);
+    ``types``: ggml type names by state-dict key (default F32): random blocks of that type."""
+    import dataclasses
+
+    import gguf
+
+    tokens, types_, merges = gguf_vocab()
+    args = dataclasses.replace(args or tiny_args(scaling=None), vocab_size=len(tokens))
     sd = random_state_dict(args, seed)
+    stored = {}
+    for i, (key, name) in enumerate(sorted((types or {}).items())):
+        raw = random_blocks(name, tuple(sd[key].shape), seed * 1000 + i)
+        qtype = gguf.GGMLQuantizationType[name]
+        stored[key] = (raw, qtype)
+        sd[key] = torch.from_numpy(gguf.quants.dequantize(raw, qtype).astype(np.float32))
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name("tiny-llama")
     w.add_block_count(args.n_layers)
@@ -191,12 +228,16 @@ def write_gguf(path: str | Path, seed: int = 0, arch: str = "llama") -> dict[str
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("llama-bpe")
     w.add_token_list(tokens)
-    w.add_token_types(types)
+    w.add_token_types(types_)
     w.add_token_merges(merges)
     w.add_bos_token_id(len(tokens) - 2)
     w.add_eos_token_id(len(tokens) - 1)
     for key, t in sd.items():
-        w.add_tensor(gguf_name(key), t.numpy().astype(np.float32))
+        if key in stored:
+            raw, qtype = stored[key]
+            w.add_tensor(gguf_name(key), raw, raw_shape=raw.shape, raw_dtype=qtype)
+        else:
+            w.add_tensor(gguf_name(key), t.numpy().astype(np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

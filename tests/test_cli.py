@@ -135,6 +135,10 @@ def test_embedded_default_answers_and_is_packed_once(smol_gguf, tmp_path):
     first = run_launch("run", "--max-new-tokens", "12", "--device", "cpu", env=env)
     assert "packing the embedded" in first.stderr and str(tmp_path / "cache") in first.stderr
     assert "Paris" in first.stdout and "<|im_end|>" not in first.stdout
+    # from the GGUF's own blocks (issue 18): the plan names the formats, the image is a Q4_1 model's size
+    assert "stored as q4_1 (210 tensors" in first.stderr and "q8_0 (1 tensors" in first.stderr, first.stderr
+    (image,) = (tmp_path / "cache").glob("*.img")
+    assert image.stat().st_size < 100e6
     second = run_launch("run", "--max-new-tokens", "12", "--device", "cpu", env=env)
     assert "using the embedded" in second.stderr and second.stdout == first.stdout
 

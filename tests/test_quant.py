@@ -146,7 +146,7 @@ def heavy_tailed(shape: tuple[int, int], seed: int) -> torch.Tensor:
     return w
 
 
-@pytest.mark.parametrize("group", quant.GROUPS)
+@pytest.mark.parametrize("group", quant.GROUP_SIZES)
 def test_int8_round_trip_bound(group):
     """Per element |w - w'| <= max(s/2, |w| - 127 s) (round to nearest inside the range, clamp outside), the
     scale within the search's clipping (0.9 .. 1 times absmax / 127, fp16-rounded), and each group's squared
@@ -169,7 +169,7 @@ def test_int8_round_trip_bound(group):
     assert (got[0] == 0).all()
 
 
-@pytest.mark.parametrize("group", quant.GROUPS)
+@pytest.mark.parametrize("group", quant.GROUP_SIZES)
 def test_int4_round_trip_bound(group):
     """Per element |w - w'| <= s/2 + how far w lies outside the stored range [m, m + 15 s] (round to nearest
     inside, clamp outside), and each group's squared error no larger than that of the plain min/max range

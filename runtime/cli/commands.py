@@ -109,8 +109,10 @@ def pack(ns: argparse.Namespace) -> None:
     if serving:
         raise UserError(f"--out {cfg.out}: {', '.join(serving)} serves this image; stop it first (launch.py pool "
                         f"stop NAME) or write the image elsewhere")
-    manifest = do_pack(ck, cfg.out, cfg.manifest, cfg.dtype, cfg.force, quiet=cfg.quiet, verify=not cfg.no_verify)
-    print(f"wrote {cfg.out} ({ck.args.n_layers} layers, {cfg.dtype}) and {manifest}")
+    manifest = do_pack(ck, cfg.out, cfg.manifest, cfg.weight_format(), cfg.force, quiet=cfg.quiet,
+                       verify=not cfg.no_verify, device=cfg.device)
+    print(f"wrote {cfg.out} ({ck.args.n_layers} layers, {Image.open(cfg.out, manifest).format_summary()}) and "
+          f"{manifest}")
 
 
 def verify(ns: argparse.Namespace) -> None:

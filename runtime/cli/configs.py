@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from model.errors import ConfigError
 from runtime.engine.config import FlagConfig
+from runtime.format.image import WeightFormat
 
 DTYPES = ("bf16", "fp16", "fp32")
 SHAPES = ("llama3.1-70b", "llama3.1-8b", "llama3.2-1b", "tiny")
@@ -22,12 +23,24 @@ class PackConfig(FlagConfig):
     layers: int | None = None
     seed: int = 0
     manifest: str | None = None
-    dtype: str = "bf16"
+    dtype: str | None = None  # None: bf16, and a GGUF's quantized blocks kept as they are
+    keep_blocks: bool = False
+    quantize: str | None = None
+    group_size: int = 64
+    quantize_output: bool = False
+    device: str | None = None
     force: bool = False
     no_verify: bool = False
     quiet: bool = False
 
+    def weight_format(self) -> WeightFormat:
+        """--dtype alone dequantizes a GGUF's blocks (to that dtype); without it, or with --keep-blocks, they
+        are kept."""
+        return WeightFormat(self.dtype or "bf16", self.quantize, self.group_size, self.quantize_output,
+                            keep_blocks=self.keep_blocks or self.dtype is None)
+
     def __post_init__(self) -> None:
+        self.weight_format()  # refuses a format, group size or combination before anything is opened
         if (self.checkpoint is None) == (self.synthetic is None):
             raise ConfigError("give one of --checkpoint and --synthetic")
         if self.layers is not None and self.synthetic is None:

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 from typing import Any
 
+from model.qformats import GROUP_SIZES
 from runtime.cli.configs import (
     DTYPES,
     SHAPES,
@@ -25,6 +26,7 @@ from runtime.cli.configs import (
     RunConfig,
 )
 from runtime.engine.config import MODES, EngineConfig, SamplingConfig
+from runtime.format.image import QUANTIZERS
 from runtime.measure.bench import BenchConfig
 from runtime.measure.probe import ProbeConfig
 from runtime.services.pools import PoolStartConfig
@@ -171,7 +173,21 @@ def _pack_parser(sub) -> None:
     arg(p, "--seed", C, type=int, help="with --synthetic: random seed (default %(default)s)")
     arg(p, "--out", C, required=True, help="image to write: a regular file or a block device")
     arg(p, "--manifest", C, help="manifest path (default OUT.manifest.json; required for a block device)")
-    arg(p, "--dtype", C, choices=list(DTYPES), help="stored dtype (default %(default)s)")
+    arg(p, "--dtype", C, choices=list(DTYPES),
+        help="dtype of every tensor not quantized, and of the compute (default bf16); given alone, a GGUF's "
+             "quantized tensors are dequantized to it")
+    arg(p, "--keep-blocks", C, action="store_true",
+        help="keep a GGUF's quantized tensors in their ggml blocks (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, "
+             "q6_k; the default unless --dtype is given); other types are dequantized and the pack says which")
+    arg(p, "--quantize", C, choices=list(QUANTIZERS),
+        help="quantize every attention and FFN matrix not kept in blocks: int8 (symmetric) or int4 (scale and "
+             "minimum) per group of --group-size values of a row, or gguf's q8_0 / q4_0 / q4_1; norms and the "
+             "embedding stay in --dtype")
+    arg(p, "--group-size", C, type=int, choices=list(GROUP_SIZES),
+        help="with --quantize int8|int4: values per scale along a row (default %(default)s)")
+    arg(p, "--quantize-output", C, action="store_true", help="with --quantize: the output matrix too")
+    arg(p, "--device", C, choices=["cpu", "cuda"],
+        help="where --quantize int8|int4 runs its clipping search (default: cuda when there is one)")
     arg(p, "--force", C, action="store_true",
         help="write to a block device that holds a partition table (never overrides 'mounted' or 'too small')")
     arg(p, "--no-verify", C, action="store_true",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import psutil
 
+from model.qformats import DEQUANT_CHUNK
 from runtime.format.image import DTYPE_BYTES, Image
 
 
@@ -62,7 +63,9 @@ def activation_bytes(image: Image, batch: int, chunk: int, all_logits: bool = Fa
     elem = DTYPE_BYTES[image.dtype]
     logits = batch * (chunk if all_logits else 1) * a.vocab_size * 4
     scores = batch * a.n_heads * chunk * chunk * 4  # a masked (later) chunk may take the math kernel's scores
-    return batch * chunk * (6 * a.dim + 3 * a.ffn_hidden) * elem + logits + scores + (256 << 20)
+    # a quantized matrix's dequantized rows (two chunks: one may still be read while the next is written)
+    dequant = 2 * min(image.largest_quantized(), DEQUANT_CHUNK) * elem
+    return batch * chunk * (6 * a.dim + 3 * a.ffn_hidden) * elem + logits + scores + dequant + (256 << 20)
 
 
 def default_dram_bytes() -> int:

@@ -20,6 +20,7 @@ import torch
 from model.errors import ConfigError
 from model.groups import group_names, group_tensor_shapes, host_layer_count
 from model.llama import DictSource, Rope, forward_groups
+from model.quant import block_size, random_quantized
 from runtime.engine.batching import chunk_per_sequence, kv_device_rows, prefill_passes, sequences_per_pass
 from runtime.engine.config import EngineConfig, KVConfig, PrefillConfig, SamplingConfig
 from runtime.engine.kv import KVCache, TieredKVCache
@@ -66,18 +67,22 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator) -> t
     return idx.gather(-1, choice).squeeze(-1)
 
 
-def warm_up(args, dtype: torch.dtype, device: torch.device, tokens: int) -> None:
+def warm_up(args, dtype: torch.dtype, device: torch.device, tokens: int, formats=()) -> None:
     """Run the model's code once on one layer of uninitialised weights (its attention's real shapes, a
     narrower FFN, a 256-token vocabulary): a prefill of ``tokens`` and a decode step. In a fresh process the
     first pass pays for loading CUDA's libraries and kernels (cuBLAS handles, lazily loaded modules: about
     0.5 s on the H100 machine); ``runtime.engine`` runs this in a thread while the ring is registered, so that
     cost leaves the critical path. It runs on the default stream, as the passes will: cuBLAS keeps a workspace
     for every stream it ran on for the life of the process. The outputs are discarded (the weights may hold
-    NaN)."""
+    NaN). ``formats``: the (scheme, group) pairs of the image's quantized tensors, whose dequantization
+    kernels (Triton's, compiled on first use) are run once too."""
     import dataclasses
 
     if device.type != "cuda":
         return
+    gen = torch.Generator(device=device).manual_seed(0)
+    for scheme, group in sorted(set(formats), key=str):
+        random_quantized(scheme, (8, 2 * block_size(scheme, group)), group, gen, device).dense(dtype)
     torch.backends.cuda.enable_cudnn_sdp(False)  # as Generator: the kernel the passes will use
     # the FFN narrowed to 2048: the warm-up must fit beside the GPU tier being copied meanwhile
     small = dataclasses.replace(args, n_layers=1, vocab_size=256, ffn_hidden=min(args.ffn_hidden, 2048))

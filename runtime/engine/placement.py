@@ -102,6 +102,7 @@ class Plan:
     host: tuple[str, ...] = (HOST_GROUP,)  # pinned in DRAM for the token lookup, never copied for it
     device: str = "cuda"
     budgets: Budgets = field(default_factory=lambda: Budgets(None, None))
+    stored_as: str = ""  # the image's weight formats (runtime.format.image.Image.format_summary)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "group_bytes", MappingProxyType(dict(self.group_bytes)))
@@ -182,7 +183,7 @@ class Plan:
                 ("staging", f"{self.staging_buffers} GPU buffers x {h(self.slot_bytes)}", self.staging_bytes)]
         width = max(len(r[1]) for r in rows)
         lines = [f"placement: mode {self.mode} on {self.device}, {len(self.sequence)} groups per pass, "
-                 f"{h(self.weight_bytes)} of weights",
+                 f"{h(self.weight_bytes)} of weights" + (f" stored as {self.stored_as}" if self.stored_as else ""),
                  f"  {'tier':<8} {'groups':<{width}} {'bytes':>11}"]
         lines += [f"  {t:<8} {g:<{width}} {h(n):>11}" for t, g, n in rows]
         d, x = self.disk_bytes_per_pass, self.h2d_bytes_per_pass

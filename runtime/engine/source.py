@@ -122,10 +122,11 @@ def make_plan(image: Image, cfg: EngineConfig, device, kv_bytes: int, act_bytes:
         dram = default_dram_bytes()
     sizes = {name: g.size for name, g in image.groups.items()}
     try:
-        return plan_placement(sizes, image.args, p.mode, Budgets(gpu, dram, kv_bytes, act_bytes),
+        plan = plan_placement(sizes, image.args, p.mode, Budgets(gpu, dram, kv_bytes, act_bytes),
                               device=_kind(device), gpu_cached_layers=p.gpu_cached_layers,
                               cpu_cache_layers=p.cpu_cache_layers, prefetch_distance=p.prefetch_distance,
                               group_prefetch_depth=p.group_prefetch_depth)
+        return dataclasses.replace(plan, stored_as=image.format_summary())
     except ConfigError as e:
         if held:
             raise ConfigError(f"{e} (the budget is --gpu-mem-gb {p.gpu_mem_gb:g} less the {held / 2**20:.0f} MiB "
@@ -369,7 +370,8 @@ class _WarmUp:
         from runtime.format.image import TORCH_DTYPES
 
         try:
-            warm_up(self.image.args, TORCH_DTYPES[self.image.dtype], self.device, self.tokens)
+            warm_up(self.image.args, TORCH_DTYPES[self.image.dtype], self.device, self.tokens,
+                    self.image.formats().values())
         except Exception as e:  # e.g. out of memory under a tight cap: the first pass pays instead
             print(f"note: CUDA warm-up skipped ({type(e).__name__}: {str(e)[:200]})", file=sys.stderr)
 

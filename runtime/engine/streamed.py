@@ -8,7 +8,9 @@ Its tiers come from a placement plan (runtime/engine/placement.py):
 On CUDA the ring is registered once with cudaHostRegister, and DRAM/streamed groups are copied on a
 dedicated copy stream into K staging buffers, up to K groups ahead of compute, with CUDA events between the
 streams (no synchronize in the layer loop); a slot is released once the event recorded after its copy has
-completed. On the CPU the model computes straight from slot memory.
+completed. On the CPU the model computes straight from slot memory, except that a quantized DRAM-tier group is
+dequantized once, on first use, into this process's memory (on a CPU, dequantizing at every use would cost many
+times the matmul); streamed quantized groups are dequantized per use, as on the GPU.
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ import os
 import time
 
 import torch
-import torch.nn.functional as F
 
 from model.errors import UserError
-from model.llama import Weights
+from model.llama import Weights, embed_forward
+from model.quant import dequantized
 from runtime.format.image import TORCH_DTYPES, Image, tensor_views
 from runtime.ipc.shm import SLOT_READY, PoolResources
 from runtime.pool.client import PoolClient
@@ -61,6 +63,7 @@ class StreamedWeights:
         self.pos = 0  # position in sched (cyclic)
         self.stream_pos = 0  # absolute position in the streamed sequence
         self.held: tuple[int, int] | None = None  # CPU: the streamed slot the last group was computed from
+        self.dense: dict[str, Weights] = {}  # CPU: quantized DRAM-tier groups, dequantized on first use
         # The plan's device memory first (GPU tier buffers, staging buffers), then ``on_allocated`` (the CUDA
         # warm-up thread: what it allocates comes out of the activations' share, never out of these).
         self.tier_bufs = {g: torch.empty(image.groups[g].size, dtype=torch.uint8, device=self.device)
@@ -220,9 +223,9 @@ class StreamedWeights:
     # ---- the weight-source interface ------------------------------------------------------------
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         if "tok_embeddings" in self.resident:
-            return F.embedding(tokens, self.resident["tok_embeddings"]["tok_embeddings.weight"])
-        table = self.dram_views("tok_embeddings")["tok_embeddings.weight"]  # host lookup, rows only
-        return F.embedding(tokens.cpu(), table).to(self.device, non_blocking=True)
+            return embed_forward(tokens, self.resident["tok_embeddings"], self.dtype)
+        host = embed_forward(tokens.cpu(), self.dram_views("tok_embeddings"), self.dtype)  # host lookup, rows only
+        return host.to(self.device, non_blocking=True)
 
     def get(self, group: str) -> Weights:
         if group in self.resident:
@@ -265,10 +268,16 @@ class StreamedWeights:
         if self.held is not None:  # the previous group's compute has finished: CPU ops are synchronous
             self.client.release(*self.held)
             self.held = None
+        if group in self.dense:
+            return self.dense[group]
         slot, seq = self._next_slot(group)
         if seq >= 0:
             self.held = (slot, seq)
-        return tensor_views(self.image.groups[group], self.slot_tensor(slot, self.image.groups[group].size))
+        spec = self.image.groups[group]
+        views = tensor_views(spec, self.slot_tensor(slot, spec.size))
+        if seq < 0 and spec.quantized:
+            views = self.dense[group] = dequantized(views, self.dtype)
+        return views
 
     # ---- CUDA pipeline -------------------------------------------------------------------------
     def _init_pipeline(self, k: int) -> None:

@@ -2,8 +2,9 @@
 
 ``InMemoryWeights`` is ``--mode full``: every group of an image read once, verified, and held on one device,
 the reference every streamed mode must match (runtime/engine/streamed.py streams the others). On the CPU the
-tensors are views into the buffers the groups were read into (no copy); on CUDA each group is copied to the
-GPU once. Runs in the client process.
+tensors are views into the buffers the groups were read into (no copy), quantized ones dequantized once (as
+the streamed source does with its DRAM tier); on CUDA each group is copied to the GPU once and quantized
+tensors stay quantized there (dequantized per use). Runs in the client process.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 from model.args import ModelArgs
 from model.llama import Weights, embed_forward
+from model.quant import dequantized
 from runtime.format.image import TORCH_DTYPES, Image, tensor_views
 from runtime.progress import Progress
 
@@ -57,7 +59,10 @@ class InMemoryWeights:
         for name, spec in image.groups.items():
             buf = image.read_group(name)
             views = tensor_views(spec, buf)
-            self.groups[name] = {k: v.to(self.device) for k, v in views.items()}
+            if self.device.type == "cpu":
+                self.groups[name] = dequantized(views, self.dtype)
+            else:
+                self.groups[name] = {k: v.to(self.device) for k, v in views.items()}
             progress.update(spec.size, name)
         progress.done()
         self.load_ms = {"read_groups": (time.perf_counter() - t0) * 1e3}
@@ -67,13 +72,13 @@ class InMemoryWeights:
         return 0
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        return embed_forward(tokens, self.groups["tok_embeddings"])
+        return embed_forward(tokens, self.groups["tok_embeddings"], self.dtype)
 
     def get(self, group: str) -> Weights:
         return self.groups[group]
 
     def resident_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for g in self.groups.values() for t in g.values())
+        return sum(t.nbytes for g in self.groups.values() for t in g.values())
 
     def close(self) -> None:
         pass

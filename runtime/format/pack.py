@@ -25,7 +25,6 @@ import sys
 import time
 import uuid as uuidlib
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,16 +32,17 @@ import torch
 from model.checkpoint import Checkpoint
 from model.errors import ConfigError, UserError
 from model.groups import global_names, group_prefix
-from model.qformats import OURS, block_size, check_quantizable
+from model.qformats import OURS, check_quantizable
+from model.quant import quantize
 from model.tokenizer import load_tokenizer
 from runtime.env import pack_kill_at
 from runtime.format.blockdev import check_pack_target, is_block_device
 from runtime.format.image import (
-    DTYPE_BYTES,
     FORMAT_VERSION,
     TORCH_DTYPES,
     GroupSpec,
     Image,
+    WeightFormat,
     crc32_of,
     default_manifest_path,
     pack_header,
@@ -52,32 +52,6 @@ from runtime.format.staged import Staging, link_tmpfile, open_tmpfile
 from runtime.format.tokens import tokenizer_dir_for
 from runtime.progress import Progress
 
-
-@dataclass(frozen=True)
-class WeightFormat:
-    """How a pack stores the weights: ``dtype`` for every tensor not quantized (and the compute); ``quantize``
-    the attention and FFN matrices (and with ``quantize_output`` the output matrix) in a format of
-    model/qformats.py (int8 / int4 in groups of ``group_size``; q8_0 / q4_0 / q4_1 with gguf's quantizers);
-    ``keep_blocks``: a GGUF's tensors of a kept type stay in their blocks (the others are dequantized)."""
-
-    dtype: str = "bf16"
-    quantize: str | None = None
-    group_size: int = 64
-    quantize_output: bool = False
-    keep_blocks: bool = False
-
-    def __post_init__(self) -> None:
-        if self.dtype not in DTYPE_BYTES:
-            raise ConfigError(f"--dtype must be one of {sorted(DTYPE_BYTES)}, found {self.dtype!r}")
-        if self.quantize is not None and self.quantize not in QUANTIZERS:
-            raise ConfigError(f"--quantize {self.quantize!r}: one of {QUANTIZERS}")
-        if self.quantize in OURS:
-            block_size(self.quantize, self.group_size)  # refuses a group size it does not take
-        if self.quantize_output and self.quantize is None:
-            raise ConfigError("--quantize-output needs --quantize")
-
-
-QUANTIZERS = ("int8", "int4", "q8_0", "q4_0", "q4_1")  # --quantize: ours, and gguf's quantizers
 LAYER_MATRICES = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "attention.wo.weight",
                   "feed_forward.w1.weight", "feed_forward.w2.weight", "feed_forward.w3.weight")
 
@@ -114,13 +88,19 @@ def weight_formats(ck: Checkpoint, wf: WeightFormat) -> tuple[dict[str, tuple[st
 
 
 def pack(ck: Checkpoint, out: str | Path, manifest: str | Path | None = None, dtype: str | WeightFormat = "bf16",
-         force: bool = False, quiet: bool = False, verify: bool = True) -> Path:
+         force: bool = False, quiet: bool = False, verify: bool = True, device: str | None = None) -> Path:
     """Write ``ck`` as an image at ``out``; returns the manifest path. ``dtype``: a plain dtype, or a
     WeightFormat. ``verify``: read the new image back and check every group's crc32 before it replaces
-    anything."""
+    anything. ``device``: where our int8/int4 quantizers run (default CUDA when there is one: the clipping
+    search costs seconds per large matrix on a few CPU cores)."""
     out = Path(out)
     wf = dtype if isinstance(dtype, WeightFormat) else WeightFormat(dtype)
     dtype = wf.dtype
+    if device is None:
+        device = "cuda" if wf.quantize in OURS and torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
+        raise ConfigError(f"--device {device}: where the quantizers run, cpu or cuda (this machine has "
+                          f"{'a' if torch.cuda.is_available() else 'no'} CUDA device)")
     manifest_path = _manifest_path(out, manifest)
     tok_dir = tokenizer_dir_for(manifest_path)
     check_sources(ck, out, manifest_path, tok_dir)
@@ -136,7 +116,7 @@ def pack(ck: Checkpoint, out: str | Path, manifest: str | Path | None = None, dt
     with Staging() as st:
         if block:
             manifest_path.unlink(missing_ok=True)  # the device is overwritten now: its old manifest goes first
-        tmp_image, groups, image_uuid = _write_image(st, ck, out, layout, image_size, block, quiet, kill_at)
+        tmp_image, groups, image_uuid = _write_image(st, ck, out, layout, image_size, block, quiet, kill_at, device)
         tok_tmp = st.temp(tok_dir)
         tok_name = _save_tokenizer(ck, tok_tmp, tok_dir.name)
         man_tmp = st.temp(manifest_path)
@@ -185,7 +165,7 @@ def check_sources(ck: Checkpoint, out: Path, manifest_path: Path, tok_dir: Path)
 
 
 def _write_image(st: Staging, ck: Checkpoint, out: Path, layout: list[GroupSpec], image_size: int, block: bool,
-                 quiet: bool, kill_at: str | None) -> tuple[Path, list[GroupSpec], str]:
+                 quiet: bool, kill_at: str | None, device: str) -> tuple[Path, list[GroupSpec], str]:
     """Every group and the header, fsynced: into the device itself, else into a new file beside ``out`` (named
     only once complete). Returns the path written, the groups with their checksums and the image's uuid."""
     progress = Progress(f"packing {out}", image_size, quiet=quiet)
@@ -203,7 +183,7 @@ def _write_image(st: Staging, ck: Checkpoint, out: Path, layout: list[GroupSpec]
     try:
         groups = []
         for i, g in enumerate(layout):
-            groups.append(_write_group(fd, ck, g, progress))
+            groups.append(_write_group(fd, ck, g, progress, device))
             if kill_at == f"group-{i}":
                 os.kill(os.getpid(), 9)
         image_uuid = uuidlib.uuid4().bytes
@@ -217,7 +197,7 @@ def _write_image(st: Staging, ck: Checkpoint, out: Path, layout: list[GroupSpec]
     return (out if block else named), groups, image_uuid.hex()
 
 
-def _write_group(fd: int, ck: Checkpoint, g: GroupSpec, progress: Progress) -> GroupSpec:
+def _write_group(fd: int, ck: Checkpoint, g: GroupSpec, progress: Progress, device: str) -> GroupSpec:
     buf = torch.empty(g.size, dtype=torch.uint8)
     prefix, pos = group_prefix(g.name), 0
     for t in g.tensors:  # zero only the alignment padding; every tensor byte is written below
@@ -232,9 +212,7 @@ def _write_group(fd: int, ck: Checkpoint, g: GroupSpec, progress: Progress) -> G
         elif ck.stored_format(key) == t.dtype:  # a GGUF's own blocks, as they are
             dst.copy_(ck.raw(key))
         else:
-            from model.quant import quantize
-
-            dst.copy_(quantize(ck.tensor(key).float(), t.dtype, t.group))
+            dst.copy_(quantize(ck.tensor(key).to(device).float(), t.dtype, t.group))
     data = buf.numpy()
     crc = crc32_of(data)
     _pwrite_all(fd, memoryview(data), g.offset)

@@ -423,7 +423,7 @@ def build_report(cfg: BenchConfig, engine: EngineConfig, ctx: BenchContext, r: R
                 "open_to_first_token_ms": ctx.open_to_first_token_ms, "step_ms": r.step_ms,
                 "step_disk_bytes": r.step_disk_bytes,
                 "image": {"path": str(ctx.image.path), "manifest": str(ctx.image.manifest_path),
-                          "dtype": ctx.image.dtype},
+                          "dtype": ctx.image.dtype, "stored_as": ctx.image.format_summary()},
                 "checkpoints": cfg.checkpoints, "prompts_file": cfg.prompts, "prompt_truncation": ctx.cut,
                 "plan": plan.to_dict() if plan else None, **{k: io[k] for k in ("bytes_per_token", "prefill_io",
                                                                                 "decode_io")},
@@ -477,7 +477,7 @@ def bound_line(rep: dict) -> str:
 
 def summary(rep: dict, plan_text: str) -> str:
     """The original block, then ours (``plan_text``: plan_line of the run's plan)."""
-    ours = {"plan": plan_text,
+    ours = {"weights": rep["image"]["stored_as"], "plan": plan_text,
             "bytes_per_token": bytes_line(rep["bytes_per_token"], rep["device"].startswith("cuda")),
             "disk": link_line(rep["achieved_GBps"]["disk_GBps"], rep["links"]["disk"],
                               (rep["decode_io"] or {}).get("disk_bytes", 0)),

@@ -82,11 +82,18 @@ import numpy as np
 
 from model.args import PRESETS, ModelArgs, human_bytes, preset
 from model.errors import ConfigError, UserError
-from model.groups import group_tensor_shapes
+from model.groups import group_prefix, group_tensor_shapes
 from runtime.engine.batching import activation_bytes, default_dram_bytes, kv_cache_bytes
 from runtime.engine.config import FlagConfig
-from runtime.engine.placement import HOST_GROUP, Budgets, layout_group_bytes, pass_sequence, plan_placement
-from runtime.format.image import Image
+from runtime.engine.placement import (
+    HOST_GROUP,
+    Budgets,
+    group_kind,
+    layout_group_bytes,
+    pass_sequence,
+    plan_placement,
+)
+from runtime.format.image import Image, largest_quantized
 from runtime.ipc.options import WorkerOptions
 from runtime.measure.links import (
     device_name,
@@ -189,13 +196,19 @@ class ModelSpec:
     path: str | None = None
     manifest: str | None = None
     region: int = 0  # bytes of ``path`` the disk probe may read (the image's size)
+    formats: Mapping[str, tuple[str, int | None]] = field(default_factory=dict)  # quantized tensors, by key
+    stored_as: str = ""  # the image's weight formats (Image.format_summary)
+
+    def largest_quantized(self) -> int:  # as an Image's (activation_bytes reserves its dequantized rows)
+        return largest_quantized(self.args, self.formats)
 
 
 def model_spec(cfg: ProbeConfig) -> ModelSpec:
     if cfg.image is not None:
         image = Image.open(cfg.image, cfg.manifest)
         return ModelSpec(image.args, image.dtype, {n: g.size for n, g in image.groups.items()},
-                         f"image {image.path}", str(image.path), str(image.manifest_path), image.image_size)
+                         f"image {image.path}", str(image.path), str(image.manifest_path), image.image_size,
+                         image.formats(), image.format_summary())
     shape, dtype = cfg.shape or DEFAULT_SHAPE, cfg.dtype or "bf16"
     args = preset(shape)
     return ModelSpec(args, dtype, layout_group_bytes(args, dtype), f"preset {shape} (no image)")
@@ -435,16 +448,25 @@ def measure_disk(path: str, region: int, cfg: ProbeConfig, log: Callable[[str], 
 # ---- compute -----------------------------------------------------------------------------------------------
 
 def random_weights(args: ModelArgs, group: str, dtype: torch.dtype, device: torch.device,
-                   gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """Random weights of one group (matrices N(0, 0.02), norms 1 + N(0, 0.1)), in the group's shapes."""
+                   gen: torch.Generator, formats: Mapping[str, tuple[str, int | None]] | None = None) -> dict:
+    """Random weights of one group (matrices N(0, 0.02), norms 1 + N(0, 0.1)), in the group's shapes; the
+    tensors ``formats`` names (state-dict keys) as random quantized values in their format."""
     import torch
 
+    from model.quant import random_quantized  # torch: the reader processes import this module
+
+    formats = formats or {}
 
     shapes = group_tensor_shapes(args, group)
     if group == "head" and "output.weight" not in shapes:  # tied: the embedding is the output matrix
         shapes = {**shapes, "output.weight": (args.vocab_size, args.dim)}
     out = {}
     for name, shape in shapes.items():
+        key = "tok_embeddings.weight" if group == "head" and name == "output.weight" and args.tie_embeddings \
+            else group_prefix(group) + name
+        if key in formats:
+            out[name] = random_quantized(*formats[key][:1], tuple(shape), formats[key][1], gen, device)
+            continue
         t = torch.randn(shape, generator=gen, device=device, dtype=torch.float32 if len(shape) == 1 else dtype)
         out[name] = (1 + 0.1 * t).to(dtype) if len(shape) == 1 else t.mul_(0.02)
     return out
@@ -484,41 +506,49 @@ def _inputs(args: ModelArgs, tokens: int, dtype, device, gen) -> torch.Tensor:
     return torch.randn(1, tokens, args.dim, generator=gen, device=device, dtype=dtype)  # (B, S, dim)
 
 
-def _time_attention(args: ModelArgs, dtype, device, gen, prefill: int, context: int) -> dict[str, Any]:
+def _time_dequant(w: dict, dtype, device) -> dict[str, Any] | None:
+    """Dequantizing the group's quantized matrices to ``dtype`` (inside its compute already; timed alone to
+    set against its copy), None when it has none."""
+    from model.quant import QuantWeight  # torch: the reader processes import this module
+
+    qs = [t for t in w.values() if isinstance(t, QuantWeight)]
+    return time_op(lambda: [q.dense(dtype) for q in qs], device) if qs else None
+
+
+def _time_attention(args: ModelArgs, dtype, device, gen, prefill: int, context: int,
+                    formats) -> dict[str, Any]:
     from model.llama import Rope, attention_forward  # torch: the reader processes import this module
     from runtime.engine.kv import KVCache
 
     max_len = max(prefill, context + 1)
     rope = Rope(args, max_len, device)
     cache = KVCache(dataclasses.replace(args, n_layers=1), 1, max_len, dtype, device)  # one layer's cache
-    w = random_weights(args, "layers.0.attention", dtype, device, gen)
+    w = random_weights(args, "layers.0.attention", dtype, device, gen, formats)
     h_pre, h_dec = _inputs(args, prefill, dtype, device, gen), _inputs(args, 1, dtype, device, gen)
     pre = time_op(lambda: attention_forward(h_pre, w, args, 0, rope, cache, 0), device)
     for t in (cache.k[0], cache.v[0]):  # the decode's cached tokens: random keys and values
         t[:, :context].normal_(generator=gen)
     dec = time_op(lambda: attention_forward(h_dec, w, args, 0, rope, cache, context), device)
-    return {"prefill": pre, "decode": dec}
+    return {"prefill": pre, "decode": dec, "dequant": _time_dequant(w, dtype, device)}
 
 
-def _time_ffn(args: ModelArgs, dtype, device, gen, prefill: int) -> dict[str, Any]:
+def _time_ffn(args: ModelArgs, dtype, device, gen, prefill: int, formats) -> dict[str, Any]:
     from model.llama import ffn_forward  # torch: the reader processes import this module
 
-    w = random_weights(args, "layers.0.feed_forward", dtype, device, gen)
+    w = random_weights(args, "layers.0.feed_forward", dtype, device, gen, formats)
     h_pre, h_dec = _inputs(args, prefill, dtype, device, gen), _inputs(args, 1, dtype, device, gen)
     return {"prefill": time_op(lambda: ffn_forward(h_pre, w, args), device),
-            "decode": time_op(lambda: ffn_forward(h_dec, w, args), device)}
+            "decode": time_op(lambda: ffn_forward(h_dec, w, args), device), "dequant": _time_dequant(w, dtype, device)}
 
 
-def _time_head(args: ModelArgs, dtype, device, gen) -> dict[str, Any]:
+def _time_head(args: ModelArgs, dtype, device, gen, formats) -> dict[str, Any]:
     """Final norm and output matrix on the last position: the same in both phases (logits of one position)."""
-    import torch.nn.functional as F
+    from model.llama import linear, rms_norm  # torch: the reader processes import this module
 
-    from model.llama import rms_norm  # torch: the reader processes import this module
-
-    w = random_weights(args, "head", dtype, device, gen)
+    w = random_weights(args, "head", dtype, device, gen, formats)
     h = _inputs(args, 1, dtype, device, gen)
-    t = time_op(lambda: F.linear(rms_norm(h, w["norm.weight"], args.norm_eps), w["output.weight"]).float(), device)
-    return {"prefill": t, "decode": t}
+    t = time_op(lambda: linear(rms_norm(h, w["norm.weight"], args.norm_eps), w["output.weight"]).float(), device)
+    return {"prefill": t, "decode": t, "dequant": _time_dequant(w, dtype, device)}
 
 
 def measure_compute(spec: ModelSpec, device: torch.device, prefill: int, context: int) -> dict[str, Any]:
@@ -533,9 +563,10 @@ def measure_compute(spec: ModelSpec, device: torch.device, prefill: int, context
         torch.backends.cuda.enable_cudnn_sdp(False)  # as the runtime does (runtime/engine/generate.py)
     gen = torch.Generator(device=device).manual_seed(0)
     with torch.inference_mode():
-        out = {"attention": _time_attention(args, dtype, device, gen, prefill, context),
-               "feed_forward": _time_ffn(args, dtype, device, gen, prefill),
-               "head": _time_head(args, dtype, device, gen)}
+        f = spec.formats
+        out = {"attention": _time_attention(args, dtype, device, gen, prefill, context, f),
+               "feed_forward": _time_ffn(args, dtype, device, gen, prefill, f),
+               "head": _time_head(args, dtype, device, gen, f)}
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out
@@ -555,6 +586,7 @@ class Rates:
     reader_gbps: float
     disk_workers: int
     compute_ms: dict[str, dict[str, float]] = field(default_factory=dict)  # phase -> kind -> ms
+    dequant_ms: dict[str, float | None] = field(default_factory=dict)  # kind -> ms (inside compute_ms)
 
     def ms(self, nbytes: int, gbps: float | None) -> float | None:
         return None if gbps is None else nbytes / (gbps * GB) * 1e3
@@ -578,7 +610,9 @@ def group_rows(b: dict[str, int], r: Rates, phase: str) -> dict[str, dict[str, A
     for kind in KINDS:
         c, h2d = r.compute_ms[phase][kind], r.ms(b[kind], r.h2d_gbps)
         disk = r.ms(b["head_streamable" if kind == "head" else kind], r.disk_gbps)  # a tied embedding never streams
-        rows[kind] = {"bytes": b[kind], "h2d_ms": h2d, "disk_ms": disk, "compute_ms": c,
+        dq = r.dequant_ms.get(kind)
+        rows[kind] = {"bytes": b[kind], "h2d_ms": h2d, "disk_ms": disk, "compute_ms": c, "dequant_ms": dq,
+                      "dequant_vs_copy": None if dq is None or not h2d else dq / h2d,
                       "compute_hides_copy": None if h2d is None else c >= h2d,
                       "copy_wait_ms": None if h2d is None else max(0.0, h2d - c),
                       "compute_hides_read": c >= disk, "read_wait_ms": max(0.0, disk - c)}
@@ -618,10 +652,16 @@ def tier_choices(spec: ModelSpec, b: dict[str, int], r: Rates, phase: str, token
                  plan) -> dict[str, Any]:
     c = r.compute_ms[phase]
     compute = spec.args.n_layers * (c["attention"] + c["feed_forward"]) + c["head"]
-    out = {"all_resident": bound(0, 0, compute, r, tokens, cuda),
-           "all_dram": bound(b["pass"], 0, compute, r, tokens, cuda),
+    # a CPU dequantizes the groups it holds once (runtime/engine/streamed.py): only streamed ones per use
+    dq = {k: r.dequant_ms.get(k) or 0.0 for k in KINDS}
+    held = compute if cuda else compute - spec.args.n_layers * (dq["attention"] + dq["feed_forward"]) - dq["head"]
+    out = {"all_resident": bound(0, 0, held, r, tokens, cuda),
+           "all_dram": bound(b["pass"], 0, held, r, tokens, cuda),
            "all_streamed": bound(b["pass"], b["streamable"], compute, r, tokens, cuda)}
     if plan is not None:
+        if not plan.is_cuda:  # the groups it does not stream are dequantized once, the streamed ones per use
+            kind = {"attn": "attention", "ffn": "feed_forward", "other": "head"}  # (the embedding never streams)
+            compute = held + sum(dq[kind[group_kind(g)]] for g in plan.stream)
         out["plan"] = bound(plan.h2d_bytes_per_pass, plan.disk_bytes_per_pass, compute, r, tokens, plan.is_cuda)
     return out
 
@@ -716,7 +756,7 @@ def model_lines(spec: ModelSpec, b: dict[str, int]) -> list[str]:
     a = spec.args
     return [f"=== probe: {spec.source} ===",
             f"model: {a.n_layers} layers, dim {a.dim}, FFN hidden {a.ffn_hidden}, heads {a.n_heads}/{a.n_kv_heads} "
-            f"(q/kv), vocab {a.vocab_size}, {spec.dtype}",
+            f"(q/kv), vocab {a.vocab_size}, {spec.dtype}" + (f"; stored as {spec.stored_as}" if spec.formats else ""),
             f"bytes: layer {_gb(b['attention'] + b['feed_forward'])} (attention {_gb(b['attention'])} + FFN "
             f"{_gb(b['feed_forward'])}), head {_gb(b['head'])}, pass {_gb(b['pass'])} in {b['groups']} groups"]
 
@@ -776,7 +816,9 @@ def compute_lines(comp: dict[str, Any], meta: dict[str, Any]) -> list[str]:
                  f"{'decode 1 tok (' + str(meta['decode_context']) + ' cached)':>26}")
     for kind in KINDS:
         label = kind + (" (last pos)" if kind == "head" else "")
-        lines.append(f"  {label:<14} {_ms(comp[kind]['prefill']['ms']):>18} {_ms(comp[kind]['decode']['ms']):>26}")
+        dq = comp[kind].get("dequant")
+        lines.append(f"  {label:<14} {_ms(comp[kind]['prefill']['ms']):>18} {_ms(comp[kind]['decode']['ms']):>26}"
+                     + (f"   of which dequantizing {_ms(dq['ms'])}" if dq else ""))
     return lines
 
 
@@ -794,9 +836,10 @@ def analysis_lines(an: dict[str, Any], links: dict[str, Any], disk: dict[str, An
         lines.append(f"analysis, {what}: {h2d}, disk {disk['gbps']:.3f} GB/s (best cell)")
         lines.append(f"  {'group':<13} {'bytes':>10} {'copy':>11} {'read':>11} {'compute':>11}   compute hides")
         for kind, g in p["groups"].items():
+            dq = "" if g["dequant_vs_copy"] is None else f"; dequantizing {g['dequant_vs_copy']:.0%} of its copy"
             lines.append(f"  {kind:<13} {_gb(g['bytes']):>10} {_ms(g['h2d_ms']):>11} {_ms(g['disk_ms']):>11} "
                          f"{_ms(g['compute_ms']):>11}   {_hide(g['compute_hides_copy'], g['copy_wait_ms'], 'copy')}; "
-                         f"{_hide(g['compute_hides_read'], g['read_wait_ms'], 'read')}")
+                         f"{_hide(g['compute_hides_read'], g['read_wait_ms'], 'read')}{dq}")
         ly = p["layer"]
         lines.append(f"  per layer: serial {_ms(ly['serial_ms'])} (compute + copy + read), pipelined "
                      f"{_ms(ly['pipelined_ms'])} ({ly['speedup']:.2f}x), bound by {ly['limited_by']}")
@@ -903,7 +946,8 @@ def run_probe(cfg: ProbeConfig) -> int:
             p.unlink(missing_ok=True)
     comp = _compute_section(spec, cfg, device)
     rates = Rates(links["gbps"], disk["gbps"], disk["reader_gbps"], disk["best"]["workers"],
-                  {ph: {k: v[ph]["ms"] for k, v in comp["groups"].items()} for ph in ("prefill", "decode")})
+                  {ph: {k: v[ph]["ms"] for k, v in comp["groups"].items()} for ph in ("prefill", "decode")},
+                  {k: v["dequant"] and v["dequant"]["ms"] for k, v in comp["groups"].items()})
     tokens = {"prefill": comp["prefill_tokens"], "decode": 1, "decode_context": cfg.decode_context}
     cuda = device.type == "cuda"
     rec = recommend(spec, rates, analyse(spec, rates, tokens, cuda), cuda)
