@@ -5,14 +5,14 @@
 # probe of the last image (dequantization against its copy). A table per suite run last.
 # Usage (repo root, GPU machine, .whl carried): bash benchmarks/gpu_quant.sh
 # env: SHAPES (llama3.1-70b,llama3.1-8b), SCHEMES (int4 int8), GROUP (64), WITH_TESTS (1), WITH_KERNELS (1),
-#      NEW_TOKENS (8), OUTPUT (1: --quantize-output too)
+#      NEW_TOKENS (8), OUTPUT (1: --quantize-output too), WITH_PROBE (1: probe the 70B int4 image)
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; W=/tmp/quant; mkdir -p "$W"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; df -h /tmp | tail -1
 if [ "${WITH_TESTS:-1}" = 1 ]; then
-  timeout 240 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_quant.py tests/test_quant_image.py \
+  timeout 150 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_quant.py tests/test_quant_image.py \
     -k "gpu or cuda" 2>&1 | grep -E "^E |passed|failed|FAILED|rror" | cut -c1-300 | tail -12
 fi
 if [ "${WITH_KERNELS:-1}" = 1 ]; then
@@ -24,8 +24,8 @@ for q in ${SCHEMES:-int4 int8}; do
     --quantize "$q" --group-size "${GROUP:-64}" $out_flag --skip-peer --new-tokens "${NEW_TOKENS:-8}" \
     --workdir "$W" --out "$OUT/suite-$q" > "$W/suite-$q.log" 2>&1 || { echo "suite $q failed:"; tail -20 "$W/suite-$q.log"; }
 done
-last=$(ls -t "$W"/*.img 2>/dev/null | head -1)
-if [ -n "$last" ]; then
+last=$(ls "$W"/llama3.1-70b-*int4*.img 2>/dev/null | head -1)
+if [ -n "$last" ] && [ "${WITH_PROBE:-1}" = 1 ]; then
   timeout 120 python3 launch.py probe --image "$last" --probe-gb 1 --workers-list 4 --read-mb-list 16 \
     --out-json "$OUT/probe.json" 2>/dev/null | grep -E "^model|^  (attention|feed_forward|head) " | cut -c1-220
 fi

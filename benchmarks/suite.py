@@ -23,10 +23,12 @@ Each regime is one ``launch.py bench`` subprocess whose JSON carries the run's o
 measured in the same run, the bound and achieved/bound. A decode regime's bound is the longer of that transfer
 bound and the decode step of the same image with every weight on the GPU (``--mode full``, uncapped): the
 pass's compute, which sets the pace once most of a quantized model is resident. ``--quantize`` packs the images
-quantized (``launch.py pack --quantize``); ``--regimes`` runs a subset. For the 8B shape the suite also runs the peer users
-pick today, transformers + accelerate (``device_map="auto"``, ``max_memory`` at the same GPU budget), on the
-same weights written as a Hugging Face checkpoint, and reports ours / peer. Everything lands in
-OUT/suite.json (rewritten after each shape); the last line is the verdict for each target.
+quantized (``launch.py pack --quantize``); ``--regimes`` runs a subset.
+
+For the 8B shape the suite also runs the peer users pick today, transformers + accelerate
+(``device_map="auto"``, ``max_memory`` at the same GPU budget), on the same weights written as a Hugging Face
+checkpoint, and reports ours / peer. Everything lands in OUT/suite.json (rewritten after each shape); the last
+line is the verdict for each target.
 """
 
 from __future__ import annotations

@@ -379,13 +379,21 @@ class QuantWeight:
         return out.view(*idx.shape, self.shape[1])
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
-        """``F.linear(x, w)``: the matrix dequantized to x's dtype where it is (the compute stream on CUDA), at
-        most DEQUANT_CHUNK values (whole rows) at a time, so the scratch is bounded whatever the matrix."""
+        """``F.linear(x, w)``. On CUDA, int8 / int4 with at most FUSED_MAX_ROWS rows of x (a decode step): the
+        fused kernel of model/quant_triton.py, which reads the quantized bytes once. Otherwise the matrix is
+        dequantized to x's dtype where it is (the compute stream on CUDA), at most DEQUANT_CHUNK values (whole
+        rows) at a time, so the scratch is bounded whatever the matrix."""
         rows, cols = self.shape
+        parts = _parts(self.raw, self.scheme, self.shape, self.group)
+        kernels = _triton() if self.raw.is_cuda and self.scheme in OURS else None
+        flat = x.reshape(-1, cols)
+        if kernels is not None and flat.shape[0] <= kernels.FUSED_MAX_ROWS:  # a decode step: read the bytes once
+            out = kernels.int_matmul(flat.contiguous(), self.scheme, [p.contiguous() for p in parts], self.group,
+                                     rows, cols)
+            return out.view(*x.shape[:-1], rows)
         step = max(1, DEQUANT_CHUNK // cols)
         if rows <= step:
             return F.linear(x, self.dense(x.dtype))
-        parts = _parts(self.raw, self.scheme, self.shape, self.group)
         outs = []
         for a in range(0, rows, step):
             w = torch.empty((min(step, rows - a), cols), dtype=x.dtype, device=self.raw.device)

@@ -190,3 +190,70 @@ def dequantize_into(scheme: str, parts: list[torch.Tensor], group: int | None, o
                                                          INT4=scheme == "int4", GROUP=group, NG=ng, EXACT=EXACT,
                                                          num_warps=WARPS)
 
+
+
+# ---- fused dequantize + matmul, for a few rows of activations -------------------------------------------
+# A decode step multiplies one token (or a few) by every matrix: dequantizing into scratch first writes and reads
+# the bf16 matrix (4 bytes a value of memory traffic against int4's 0.56), so there the matmul reads the
+# quantized bytes itself. Its accumulation order differs from dequantize-then-matmul (not bit for bit equal
+# to it); every mode of a run uses the same path for the same shapes.
+
+FUSED_MAX_ROWS = 64  # up to this many rows of x the fused kernel is used; beyond, dequantize then matmul
+
+
+@triton.jit
+def _int_matmul_kernel(x, q, scale, minimum, y, M, N, K, stride_xm, stride_ym, INT4: tl.constexpr,
+                       GROUP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                       IEEE: tl.constexpr):
+    """y[m, n] = sum_k x[m, k] * w[n, k], w = q * scale (+ minimum) dequantized a (BN, BK) tile at a time in
+    float32, then cast to x's dtype for the dot (as dequantizing to x's dtype then multiplying would)."""
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1).to(tl.int64)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rm = pid_m * BM + tl.arange(0, BM)
+    n_ok = (rn < N)[:, None]
+    m_ok = (rm < M)[:, None]
+    G: tl.constexpr = BK // GROUP
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK)
+        xt = tl.load(x + rm[:, None] * stride_xm + rk[None, :], mask=m_ok, other=0.0)
+        rg = k0 // GROUP + tl.arange(0, G)
+        s = tl.load(scale + rn[:, None] * (K // GROUP) + rg[None, :], mask=n_ok, other=0).to(tl.float32)
+        s = tl.reshape(tl.broadcast_to(s[:, :, None], (BN, G, GROUP)), (BN, BK))
+        if INT4:
+            rb = k0 // 2 + tl.arange(0, BK // 2)
+            byte = tl.load(q + rn[:, None] * (K // 2) + rb[None, :], mask=n_ok, other=0).to(tl.int32)
+            v = tl.reshape(tl.join(byte & 15, byte >> 4), (BN, BK)).to(tl.float32)
+            mn = tl.load(minimum + rn[:, None] * (K // GROUP) + rg[None, :], mask=n_ok, other=0).to(tl.float32)
+            w = v * s + tl.reshape(tl.broadcast_to(mn[:, :, None], (BN, G, GROUP)), (BN, BK))
+        else:
+            w = tl.load(q + rn[:, None] * K + rk[None, :], mask=n_ok, other=0).to(tl.float32) * s
+        w = w.to(xt.dtype)
+        if IEEE:
+            acc += tl.dot(xt, tl.trans(w), input_precision="ieee")
+        else:
+            acc += tl.dot(xt, tl.trans(w))
+    tl.store(y + rm[:, None] * stride_ym + rn[None, :], acc.to(y.dtype.element_ty), mask=m_ok & (rn < N)[None, :])
+
+
+def _k_tile(k: int, group: int) -> int:
+    """The K tile: the largest of 256, 128, 64, 32 that divides the row and holds whole groups."""
+    return next(bk for bk in (256, 128, 64, 32) if k % bk == 0 and bk % group == 0)
+
+
+def int_matmul(x: torch.Tensor, scheme: str, parts: list[torch.Tensor], group: int, n: int, k: int,
+               block_n: int | None = None, warps: int = 4) -> torch.Tensor:
+    """x (M, K), a contiguous 2-D activation of M <= FUSED_MAX_ROWS rows, times the int8 / int4 matrix of ``parts``
+    (N, K) transposed -> (M, N) in x's dtype."""
+    m = x.shape[0]
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    bm = 16 if m <= 16 else (32 if m <= 32 else 64)
+    bn = block_n or (64 if n >= 4096 else 32)
+    bk = _k_tile(k, group)
+    grid = (triton.cdiv(n, bn), triton.cdiv(m, bm))
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        _int_matmul_kernel[grid](x, parts[0], parts[1], parts[-1], y, m, n, k, x.stride(0), y.stride(0),
+                                 INT4=scheme == "int4", GROUP=group, BM=bm, BN=bn, BK=bk,
+                                 IEEE=x.dtype == torch.float32, num_warps=warps)
+    return y

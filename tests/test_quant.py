@@ -386,3 +386,69 @@ def test_triton_ptx_rounds_twice():
     for text in ptx:
         assert "fma.rn.f32" not in text and ("add.rn.f32" in text or "sub.rn.f32" in text)
         assert "mul.f32" in text or "mul.rn.f32" in text
+
+
+MATMUL_SCRIPT = """
+import torch
+from model import quant, quant_triton
+torch.manual_seed(0)
+for scheme, group, n, k, m in [("int4", 32, 96, 256, 1), ("int8", 64, 64, 576, 3), ("int4", 64, 80, 576, 20),
+                               ("int4", 128, 40, 512, 2), ("int8", 32, 33, 96, 64)]:
+    w = torch.randn(n, k) * 0.05
+    raw = quant.quantize(w, scheme, group)
+    parts = [p.contiguous() for p in quant._parts(raw, scheme, (n, k), group)]
+    x = torch.randn(m, k)
+    y = quant_triton.int_matmul(x, scheme, parts, group, n, k)
+    ref = torch.nn.functional.linear(x, quant.dequantize(raw, scheme, (n, k), group))
+    err = ((y - ref).abs().max() / ref.abs().max()).item()
+    print(scheme, group, n, k, m, "ok" if y.shape == (m, n) and err < 1e-6 else f"DIFFERS {err:.2e}")
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_triton_fused_matmul_interpreter():
+    """The fused dequantize-and-multiply kernel (decode steps on CUDA), fp32 under Triton's interpreter, equals
+    the matmul of the dequantized matrix (to float rounding: the sums run in another order), rows of x from 1
+    to FUSED_MAX_ROWS, row lengths that 256 does not divide, partial tiles of N."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", MATMUL_SCRIPT], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 5 and all(line.endswith(" ok") for line in lines), proc.stdout
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+@pytest.mark.parametrize("dtype, ieee", [("bf16", False), ("fp32", True)])
+def test_triton_fused_matmul_compiles_for_hopper(dtype, ieee):
+    """The fused kernel compiles for sm_90 in both of its precisions (bf16 tensor-core dots, fp32 IEEE dots),
+    reading the int4 bytes with vector loads."""
+    from model import quant_triton as qt
+
+    if not qt.EXACT:
+        pytest.skip("TRITON_INTERPRET is set in this process")
+    ptx = compile_for_hopper(qt._int_matmul_kernel,
+                             {"x": f"*{dtype}", "q": "*u8", "scale": "*fp16", "minimum": "*fp16", "y": f"*{dtype}",
+                              "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32"},
+                             {"INT4": True, "GROUP": 64, "BM": 16, "BN": 64, "BK": 256, "IEEE": ieee})
+    assert ("mma" in ptx) == (dtype == "bf16") and "ld.global" in ptx
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fused_matmul_equals_dense_path():
+    """QuantWeight.linear on CUDA: decode-sized x through the fused kernel, prefill-sized through dequantize +
+    matmul, both against the matmul of the dequantized matrix in fp32 (bf16: within its rounding)."""
+    torch.manual_seed(0)
+    for scheme, group in [("int4", 64), ("int8", 64), ("int4", 32)]:
+        w = torch.randn(1536, 576) * 0.05
+        qw = quant.QuantWeight(quant.quantize(w, scheme, group).cuda(), scheme, (1536, 576), group)
+        dense = qw.dense(torch.float32)
+        for m in (1, 7, 64, 300):
+            x = torch.randn(1, m, 576, device="cuda")
+            ref = torch.nn.functional.linear(x.double(), dense.double())
+            got32 = qw.linear(x)
+            assert got32.shape == (1, m, 1536) and (got32 - ref).abs().max().item() < 1e-4, (scheme, m)
+            got16 = qw.linear(x.bfloat16())
+            assert (got16.double() - ref).abs().max().item() < 0.05 * ref.abs().max().item(), (scheme, m)

@@ -194,7 +194,7 @@ def test_gpu_blocks_equal_dequantized_fp32(ggufs):
     assert tokens == ref_tokens and (logits - ref_logits).abs().max().item() <= 1e-4
     from runtime.engine.source import open_source
 
-    cfg = EngineConfig.of(mode="stream", workers=2, quiet=True, gpu_mem_gb=4.0)
+    cfg = EngineConfig.of(mode="stream", workers=2, quiet=True, gpu_mem_gb=4.0, gpu_cached_layers=0)
     with open_source(blocks, cfg, dev, max_len=len(PROMPT) + NEW) as (src, plan, _):
         assert plan.stream
         gen = Generator(src, len(PROMPT) + NEW)
