@@ -80,7 +80,7 @@ def main() -> int:
             res = os.path.join(tmp, "ppl.json")
             t0 = time.perf_counter()
             launch("perplexity", "--image", img, "--text-file", a.text_file, "--context", str(a.context),
-                   "--mode", "full", "--quiet", "--out-json", res)
+                   "--mode", "full", "--out-json", res)
             j = json.loads(Path(res).read_text())
             size = os.path.getsize(img)
             results.append({"row": name, "perplexity": j["perplexity"], "tokens": j["tokens"], "image_bytes": size,

@@ -47,21 +47,26 @@ def test_logits_match_transformers(smol_image, hf_smol):
     assert (ours - ref).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("prompt", CHAT_PROMPTS)
-def test_greedy_32_tokens_match_transformers(smol_image, hf_smol, hf_smol_tokenizer, tmp_path, prompt):
-    out = tmp_path / "out.json"
-    run_launch("run", "--image", str(smol_image), "--mode", "full", "--prompt", prompt, "--chat",
-               "--max-new-tokens", "32", "--device", "cpu", "--quiet", "--out-json", str(out))
-    res = json.loads(out.read_text())
-    ref_prompt = hf_smol_tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                       add_generation_prompt=True, tokenize=True)
-    ref_prompt = list(ref_prompt["input_ids"] if hasattr(ref_prompt, "keys") else ref_prompt)
-    assert res["prompt_token_ids"] == ref_prompt
-    with torch.no_grad():
-        ids = hf_smol.generate(torch.tensor([ref_prompt]), max_new_tokens=32, do_sample=False)
-    ref_out = ids[0, len(ref_prompt):].tolist()
-    assert res["output_token_ids"] == ref_out
-    assert res["text"] == hf_smol_tokenizer.decode(ref_out)
+def test_greedy_32_tokens_match_transformers(smol_image, hf_smol, hf_smol_tokenizer, tmp_path):
+    """``run --prompts --chat --mode full``, one prompt at a time: each its chat template and transformers'
+    greedy 32 tokens."""
+    prompts, out = tmp_path / "prompts.txt", tmp_path / "out.json"
+    prompts.write_text("\n".join(CHAT_PROMPTS) + "\n")
+    run_launch("run", "--image", str(smol_image), "--mode", "full", "--prompts", str(prompts), "--chat",
+               "--batch-size", "1", "--max-new-tokens", "32", "--device", "cpu", "--quiet", "--out-json", str(out))
+    results = json.loads(out.read_text())["results"]
+    assert len(results) == len(CHAT_PROMPTS)
+    eos = {hf_smol_tokenizer.eos_token_id}
+    for prompt, res in zip(CHAT_PROMPTS, results):
+        ref_prompt = hf_smol_tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                           add_generation_prompt=True, tokenize=True)
+        ref_prompt = list(ref_prompt["input_ids"] if hasattr(ref_prompt, "keys") else ref_prompt)
+        assert res["prompt_token_ids"] == ref_prompt
+        with torch.no_grad():
+            ids = hf_smol.generate(torch.tensor([ref_prompt]), max_new_tokens=32, do_sample=False)
+        ref_out = ids[0, len(ref_prompt):].tolist()
+        assert res["output_token_ids"] == ref_out, prompt
+        assert res["text"] == hf_smol_tokenizer.decode([t for t in ref_out if t not in eos])
 
 
 def hf_window_perplexity(model, ids: list[int], context: int) -> float:
