@@ -27,15 +27,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = ROOT / "tests" / "data" / "pride_and_prejudice_1-15.txt"
-# row name -> pack flags (on the embedded GGUF); "as stored" keeps its blocks, every other row starts from fp32
+# row name -> pack flags (on the embedded GGUF); "as stored" keeps its blocks, every other row starts from fp32.
+# No group of 128: SmolLM2's rows are 576 wide (9 x 64), and pack refuses a group that does not divide a row.
 ROWS = {
     "fp32": ["--dtype", "fp32"],
     "as stored (q4_1 + q8_0 embedding)": ["--dtype", "fp32", "--keep-blocks"],
     "int8 g64": ["--dtype", "fp32", "--quantize", "int8", "--group-size", "64"],
-    "int8 g128": ["--dtype", "fp32", "--quantize", "int8", "--group-size", "128"],
     "int4 g32": ["--dtype", "fp32", "--quantize", "int4", "--group-size", "32"],
     "int4 g64": ["--dtype", "fp32", "--quantize", "int4", "--group-size", "64"],
-    "int4 g128": ["--dtype", "fp32", "--quantize", "int4", "--group-size", "128"],
     "gguf q8_0": ["--dtype", "fp32", "--quantize", "q8_0"],
     "gguf q4_1": ["--dtype", "fp32", "--quantize", "q4_1"],
     "gguf q4_0": ["--dtype", "fp32", "--quantize", "q4_0"],

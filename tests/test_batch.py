@@ -24,6 +24,12 @@ def tiny(request, tmp_path_factory):
     return pack_tiny(tmp_path_factory, request.param, seed=11)
 
 
+@pytest.fixture(scope="module")
+def untied(tmp_path_factory):
+    """One variant for the command-line tests: the flags do not depend on it (the engine's tests above take both)."""
+    return pack_tiny(tmp_path_factory, "untied", seed=11)
+
+
 def solo(gen: Generator, prompts, new: int, stop=frozenset()):
     return [gen.generate(p, SamplingConfig(new), stop).output_token_ids for p in prompts]
 
@@ -89,7 +95,7 @@ def test_smollm2_batch_equals_solo(smol_image):
     assert [r.output_token_ids for r in res] == solo(gen, prompts, 16, tok.eos_ids)
 
 
-def test_run_prompts_cli(tiny, tmp_path):
+def test_run_prompts_cli(untied, tmp_path):
     f = tmp_path / "p.txt"
     f.write_text("\n".join(",".join(map(str, p)) for p in PROMPTS[:4]) + "\n\n")
     long = tmp_path / "long.txt"  # prompts of 20-45 tokens: --prefill-chunk 16 takes several passes each
@@ -98,7 +104,7 @@ def test_run_prompts_cli(tiny, tmp_path):
     for name, file, b, chunk in (("short", f, 1, 2048), ("short", f, 3, 2048), ("long", long, 1, 2048),
                                  ("long", long, 3, 16)):
         js = tmp_path / f"{name}-{b}-{chunk}.json"
-        run_launch("run", "--image", str(tiny.path), "--prompts", str(file), "--batch-size", str(b),
+        run_launch("run", "--image", str(untied.path), "--prompts", str(file), "--batch-size", str(b),
                    "--max-new-tokens", "6", "--device", "cpu", "--out-json", str(js), "--quiet",
                    "--prefill-chunk", str(chunk))
         j = json.loads(js.read_text())
@@ -109,25 +115,25 @@ def test_run_prompts_cli(tiny, tmp_path):
     assert outs["short", 3] == outs["short", 1] and outs["long", 3] == outs["long", 1]
 
 
-def test_bench_batch(tiny, tmp_path):
+def test_bench_batch(untied, tmp_path):
     f = tmp_path / "p.txt"
     f.write_text("\n".join(",".join(map(str, p)) for p in PROMPTS) + "\n")
     js = tmp_path / "b.json"
-    run_launch("bench", "--image", str(tiny.path), "--prompts", str(f), "--batch-size", "4", "--max-new-tokens", "5",
+    run_launch("bench", "--image", str(untied.path), "--prompts", str(f), "--batch-size", "4", "--max-new-tokens", "5",
                "--warmup-rounds", "0", "--device", "cpu", "--mode", "preload", "--disk-gbps", "1",
                "--out-json", str(js))
     j = json.loads(js.read_text())
     assert j["batch_size"] == 4 and j["prompt_lens"] == [len(p) for p in PROMPTS[:4]]
     assert j["decode_tokens_total"] == 4 * 4 and j["generated_tokens_total"] == 4 * 5
-    gen = Generator(InMemoryWeights(tiny, "cpu", quiet=True), 40)
+    gen = Generator(InMemoryWeights(untied, "cpu", quiet=True), 40)
     assert [r["output_token_ids"] for r in j["results"]] == solo(gen, PROMPTS[:4], 5)
 
 
-def test_batch_bad_input(tiny, tmp_path):
+def test_batch_bad_input(untied, tmp_path):
     f = tmp_path / "p.txt"
     f.write_text("1,2\n")
     def run(*args):
-        return run_launch("run", "--image", str(tiny.path), "--device", "cpu", *args, check=False)
+        return run_launch("run", "--image", str(untied.path), "--device", "cpu", *args, check=False)
 
     assert_user_error(run("--prompts", str(f), "--batch-size", "0"), "--batch-size")
     assert_user_error(run("--prompts", str(f), "--prefill-chunk", "8"), "--prefill-chunk")

@@ -33,6 +33,12 @@ def tiny(request, tmp_path_factory):
     return pack_tiny(tmp_path_factory, request.param, seed=5)
 
 
+@pytest.fixture(scope="module")
+def untied(tmp_path_factory):
+    """One variant for the command-line tests: the flags do not depend on it (the engine's tests above take both)."""
+    return pack_tiny(tmp_path_factory, "untied", seed=5)
+
+
 def outputs(gen: Generator, new: int = 16):
     return [r.output_token_ids for r in gen.generate_batch(PROMPTS, SamplingConfig(new))]
 
@@ -282,7 +288,7 @@ def test_topk_scores_pick_the_matching_block(tiny):
     assert blocks is not None and (blocks[0, :, -1] == 5).all()
 
 
-def test_cli_kv_flags(tiny, tmp_path):
+def test_cli_kv_flags(untied, tmp_path):
     f = tmp_path / "p.txt"
     f.write_text("\n".join(",".join(map(str, p)) for p in PROMPTS) + "\n")
     res = {}
@@ -292,7 +298,7 @@ def test_cli_kv_flags(tiny, tmp_path):
                         "seq": ["--kv-offload", "on", "--prefill-by-sequence", "--prefill-chunk", "64"],
                         "across": ["--kv-offload", "on", "--no-prefill-by-sequence", "--prefill-chunk", "64"]}.items():
         js = tmp_path / f"{name}.json"
-        run_launch("bench", "--image", str(tiny.path), "--prompts", str(f), "--batch-size", "3", "--max-new-tokens",
+        run_launch("bench", "--image", str(untied.path), "--prompts", str(f), "--batch-size", "3", "--max-new-tokens",
                    "8", "--warmup-rounds", "0", "--device", "cpu", "--mode", "preload", "--disk-gbps", "1",
                    "--out-json", str(js), *extra)
         res[name] = json.loads(js.read_text())
@@ -303,12 +309,12 @@ def test_cli_kv_flags(tiny, tmp_path):
     assert res["off"]["io_bw_MBps"]["kv_h2d_MBps"] > 0 and res["ref"]["io_bw_MBps"]["kv_h2d_MBps"] == 0
     max_len = max(len(p) for p in PROMPTS[:3]) + 8  # bench's --max-seq-len: the longest prompt + new tokens
     slots = -(-max_len // 8) * 8  # whole blocks of --kv-block-tokens 8; the host store is exactly that (fp32)
-    assert kv["host_bytes"] == 2 * tiny.args.n_layers * 3 * slots * tiny.args.n_kv_heads * tiny.args.head_dim * 4
+    assert kv["host_bytes"] == 2 * untied.args.n_layers * 3 * slots * untied.args.n_kv_heads * untied.args.head_dim * 4
     assert kv["alloc_ms"] > 0 and res["ref"]["kv"]["host_bytes"] == 0
     host = res["host"]  # decode attention on the host: same tokens, no KV block fetched while decoding, and the
     assert [r["output_token_ids"] for r in host["results"]] == [r["output_token_ids"]  # bound has its term
                                                                 for r in res["ref"]["results"]]
-    a, longest = tiny.args, max(len(p) for p in PROMPTS[:3])
+    a, longest = untied.args, max(len(p) for p in PROMPTS[:3])
     assert host["kv"]["host_attention"] and host["kv"]["decode_h2d_bytes"] == 0
     assert host["kv"]["host_kv_bytes_per_step"] == 2 * a.n_layers * 3 * (longest + 4) * a.n_kv_heads * a.head_dim * 4
     assert host["links"]["host_attention"]["gbps"] > 0 and host["bound"]["terms_ms"]["host_attention"] > 0
@@ -328,10 +334,10 @@ def test_cli_kv_flags(tiny, tmp_path):
     assert across["kv"]["prefill_h2d_bytes"] > 0 and across["kv"]["prefill_d2h_bytes"] == seq["kv"]["prefill_d2h_bytes"]
     assert seq["kv"]["prefill_by_sequence"] and not across["kv"]["prefill_by_sequence"]
     for bad, why in (("0", "1 or more"), ("x", "1 or more"), (str(a.n_layers + 1), f"{a.n_layers} layers")):
-        r = run_launch("run", "--image", str(tiny.path), "--prompt-ids", "1,2", "--kv-offload", "on",
+        r = run_launch("run", "--image", str(untied.path), "--prompt-ids", "1,2", "--kv-offload", "on",
                        "--host-attention", bad, "--device", "cpu", check=False)
         assert r.returncode == 2 and why in r.stderr and "Traceback" not in r.stderr, r.stderr
-    bad = run_launch("run", "--image", str(tiny.path), "--prompt-ids", "1,2", "--topk-blk", "0", "--device", "cpu",
+    bad = run_launch("run", "--image", str(untied.path), "--prompt-ids", "1,2", "--topk-blk", "0", "--device", "cpu",
                      check=False)
     assert bad.returncode == 2 and "--topk-blk" in bad.stderr and "Traceback" not in bad.stderr
 
