@@ -32,6 +32,7 @@ TEXT = ROOT / "tests" / "data" / "pride_and_prejudice_1-15.txt"
 ROWS = {
     "fp32": ["--dtype", "fp32"],
     "as stored (q4_1 + q8_0 embedding)": ["--dtype", "fp32", "--keep-blocks"],
+    "int8 g32": ["--dtype", "fp32", "--quantize", "int8", "--group-size", "32"],
     "int8 g64": ["--dtype", "fp32", "--quantize", "int8", "--group-size", "64"],
     "int4 g32": ["--dtype", "fp32", "--quantize", "int4", "--group-size", "32"],
     "int4 g64": ["--dtype", "fp32", "--quantize", "int4", "--group-size", "64"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,9 @@ import pytest
 from runtime.env import allocator_defaults
 
 allocator_defaults()  # as launch.py does, before a test module starts CUDA
+# pytest-xdist's workers start with SIGINT ignored, and a child inherits an ignored signal: give the tests'
+# processes Ctrl-C as a shell would (Python turns it into KeyboardInterrupt again once it is not ignored)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 ROOT = Path(__file__).resolve().parent.parent
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
