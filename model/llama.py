@@ -47,9 +47,22 @@ class Cache(Protocol):
     batch, and ``attend``, which stores k and v at slots [start, start+S) and returns the attention output."""
 
     pad: torch.Tensor | None  # (B,) leading slots of each sequence that hold no token, or None
+    tree: TreeQueries | None  # the queries are nodes of a token tree (speculative decoding), or None
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
         """q (B, S, n_heads, hd), k and v (B, S, n_kv, hd), rotated -> (B, S, n_heads * hd)."""
+
+@dataclasses.dataclass(frozen=True)
+class TreeQueries:
+    """Queries that are the nodes of a token tree (speculative decoding, runtime/engine/speculative.py), one
+    sequence: the tree's slots begin at ``base``; query i sees every slot before ``base`` and the tree slots
+    its row of ``visible`` marks (its ancestors and itself), and sits at rotary position ``positions[i]``
+    (the prefix's length plus its depth), not at its slot's."""
+
+    base: int
+    positions: torch.Tensor  # (S,) int64, on the cache's device
+    visible: torch.Tensor  # (S, start + S - base) bool, on the cache's device
+
 
 # ---- numerics ----------------------------------------------------------------------------------------
 
@@ -96,13 +109,17 @@ class Rope:
         self.max_len = max_len
         self._padded: tuple | None = None  # (start, S, pad, cos, sin) of the last padded lookup
 
-    def apply(self, x: torch.Tensor, start: int, pad: torch.Tensor | None = None) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, start: int, pad: torch.Tensor | None = None,
+              positions: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, S, H, hd) with interleaved (re, im) pairs at cache slots [start, start+S) -> rotated, same
-        dtype. ``pad`` (B,): a left-padded batch, sequence b's token at slot j has position j - pad[b]."""
+        dtype. ``pad`` (B,): a left-padded batch, sequence b's token at slot j has position j - pad[b].
+        ``positions`` (S,): the queries' own positions (a token tree's, ``TreeQueries``), not their slots."""
         b, s = x.shape[:2]
         if start + s > self.max_len:
             raise ValueError(f"position {start + s} exceeds the rotary table of {self.max_len}")
-        if pad is None:
+        if positions is not None:
+            cos, sin = self.cos[positions].view(1, s, 1, -1), self.sin[positions].view(1, s, 1, -1)
+        elif pad is None:
             cos = self.cos[start:start + s].view(1, s, 1, -1)
             sin = self.sin[start:start + s].view(1, s, 1, -1)
         elif self._padded is not None and self._padded[:2] == (start, s) and self._padded[2] is pad:
@@ -140,7 +157,8 @@ def attention_forward(h: torch.Tensor, w: Weights, args: ModelArgs, layer: int, 
     q = linear(x, w["attention.wq.weight"]).view(b, s, args.n_heads, args.head_dim)
     k = linear(x, w["attention.wk.weight"]).view(b, s, args.n_kv_heads, args.head_dim)
     v = linear(x, w["attention.wv.weight"]).view(b, s, args.n_kv_heads, args.head_dim)
-    q, k = rope.apply(q, start, cache.pad), rope.apply(k, start, cache.pad)
+    pos = cache.tree.positions if cache.tree is not None else None
+    q, k = rope.apply(q, start, cache.pad, pos), rope.apply(k, start, cache.pad, pos)
     out = cache.attend(layer, q, k, v, start)  # (B, S, n_heads * hd): the cache writes k, v and picks the kernel
     return h + linear(out, w["attention.wo.weight"])
 

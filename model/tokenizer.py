@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import hashlib
 import json
 import logging
 import re
@@ -193,6 +194,19 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self.backend.vocab_size
+
+    def vocabulary_digest(self) -> str:
+        """A hash of every token's id and text (or bytes), specials included: two tokenizers with one digest
+        turn the same ids into the same text (a draft model's and its target's, runtime/engine/drafts.py)."""
+        b = self.backend
+        if isinstance(b, _HFBackend):
+            items = sorted((i, t.encode()) for t, i in b.special.get_vocab(with_added_tokens=True).items())
+        else:
+            items = sorted([(i, t) for t, i in b.ranks.items()] + [(i, t.encode()) for t, i in b.specials.items()])
+        h = hashlib.sha256()
+        for i, t in items:
+            h.update(i.to_bytes(4, "little") + len(t).to_bytes(4, "little") + t)
+        return h.hexdigest()[:16]
 
     def encode(self, text: str, bos: bool | None = None, allow_special: bool = False) -> list[int]:
         """Token ids of ``text``; BOS first if ``bos`` (default ``add_bos``). Special-token strings are

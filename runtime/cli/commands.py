@@ -28,7 +28,7 @@ from runtime.cli.configs import (
 from runtime.cli.parser import configs
 from runtime.cli.prompts import prompt_ids, read_prompts
 from runtime.engine.config import EngineConfig, SamplingConfig
-from runtime.engine.source import check_for_image, open_source, start_early
+from runtime.engine.source import check_for_image, device_kind, open_source, start_early
 from runtime.format.embedded import embedded_image
 from runtime.format.image import Image
 from runtime.format.tokens import image_tokenizer
@@ -146,7 +146,7 @@ def run(ns: argparse.Namespace) -> None:
     if srv is not None:
         _run_via_server(cfg, engine, sampling, image, tok, prompt, srv)
         return
-    max_len = cfg.max_seq_len or len(prompt) + sampling.max_new_tokens
+    max_len = cfg.max_seq_len or len(prompt) + sampling.max_new_tokens + _tree_room(engine, cfg.device)
     _check_len(len(prompt), sampling.max_new_tokens, max_len, image)
     early = start_early(image, engine, cfg.device, max_len=max_len)  # the DRAM tier fills while torch starts
     try:
@@ -158,28 +158,58 @@ def run(ns: argparse.Namespace) -> None:
 
 def _run(cfg: RunConfig, engine: EngineConfig, sampling: SamplingConfig, image: Image, tok, prompt: list[int],
          max_len: int, early) -> None:
-    from runtime.engine.generate import generator_for, pick_device  # torch: after the early pool started
+    from runtime.engine.generate import pick_device  # torch: after the early pool started
 
     device = pick_device(cfg.device)
     t0 = time.perf_counter()
     with open_source(image, engine, device, max_len=max_len, early=early) as (source, plan, _):
         load_ms = (time.perf_counter() - t0) * 1e3
         printer = TokenPrinter(tok)
-        res = generator_for(source, engine, max_len).generate(prompt, sampling, tok.eos_ids if tok else frozenset(),
-                                                              printer)
+        gen = _generator(source, engine, image, max_len)
+        res = gen.generate(prompt, sampling, tok.eos_ids if tok else frozenset(), printer)
     TokenPrinter.end()
     t = res.timings()
+    spec = gen.stats.to_dict() if hasattr(gen, "stats") else None
     if not engine.quiet:
         tps = f"{t['decode_tok_s']:.2f} tok/s" if t["decode_tok_s"] else "n/a"
         print(f"[{len(prompt)} prompt tokens, {len(res.output_token_ids)} generated; mode {engine.placement.mode}; "
               f"load {load_ms:.0f} ms, prefill {t['prefill_ms']:.1f} ms, decode {tps}; stop: {res.stop_reason}]",
               file=sys.stderr)
+        if spec:
+            print(f"[{spec_line(gen)}]", file=sys.stderr)
     if cfg.out_json:
         out = {"prompt_token_ids": res.prompt_token_ids, "output_token_ids": res.output_token_ids,
                "text": tok.decode(res.output_token_ids) if tok else None, "stop_reason": res.stop_reason,
                "mode": engine.placement.mode, "device": str(device), "image": str(image.path), "load_ms": load_ms,
-               **t, "plan": plan.to_dict() if plan else None}
+               **t, "plan": plan.to_dict() if plan else None, "speculative": spec}
         Path(cfg.out_json).write_text(json.dumps(out, indent=1))
+
+
+def _tree_room(engine: EngineConfig, device: str | None) -> int:
+    """Slots a speculative run's last tree may reach past its last token (0 without a draft)."""
+    s = engine.speculative
+    return 0 if s.draft is None else s.tree_tokens(device_kind(device), engine.prefill.chunk)
+
+
+def _generator(source, engine: EngineConfig, image: Image, max_len: int):
+    """The run's generator: plain, or speculative over it with --draft."""
+    from runtime.engine.generate import generator_for
+
+    gen = generator_for(source, engine, max_len)
+    if engine.speculative.draft is None:
+        return gen
+    from runtime.engine.speculative import speculative_for
+
+    return speculative_for(gen, engine, image)
+
+
+def spec_line(gen) -> str:
+    """One line of what a speculative generation did (runtime/engine/speculative.py SpecStats)."""
+    d = gen.stats.to_dict()
+    acc = " ".join(f"{a:.2f}" for a in d["acceptance_by_depth"][:8] if a is not None)
+    return (f"speculative, draft {gen.draft.name} ({gen.n} tree tokens a pass): {d['passes']} passes, "
+            f"{d['tokens_per_pass'] or 0:.2f} tokens a pass, draft {d['draft_ms']:.0f} ms, verify "
+            f"{d['verify_ms']:.0f} ms; reached depth 1..: {acc}")
 
 
 def _request(sampling: SamplingConfig, tok) -> dict:
@@ -229,7 +259,10 @@ def _run_prompts(cfg: RunConfig, engine: EngineConfig, sampling: SamplingConfig,
     tok = image_tokenizer(image, required=False)
     prompts = read_prompts(cfg.prompts, None, tok, image.args.vocab_size, chat=cfg.chat)
     b = min(cfg.batch_size, len(prompts))
-    max_len = cfg.max_seq_len or max(len(p) for p in prompts) + sampling.max_new_tokens
+    if engine.speculative.draft is not None and b > 1:
+        raise ConfigError(f"--draft decodes one sequence at a time: give --batch-size 1, found {b}")
+    max_len = cfg.max_seq_len or max(len(p) for p in prompts) + sampling.max_new_tokens + \
+        _tree_room(engine, cfg.device)
     if srv is not None:
         t0 = time.perf_counter()
         done = request(srv, {"prompts": prompts, "batch_size": b, **_request(sampling, tok)})
@@ -240,12 +273,12 @@ def _run_prompts(cfg: RunConfig, engine: EngineConfig, sampling: SamplingConfig,
     early = start_early(image, engine, cfg.device, batch=b, max_len=max_len)
     results, t0 = [], time.perf_counter()
     try:
-        from runtime.engine.generate import generator_for, pick_device  # torch: after the early pool started
+        from runtime.engine.generate import pick_device  # torch: after the early pool started
 
         device = pick_device(cfg.device)
         with open_source(image, engine, device, batch=b, max_len=max_len, early=early) as (source, plan, _):
             load_ms = (time.perf_counter() - t0) * 1e3
-            gen = generator_for(source, engine, max_len)
+            gen = _generator(source, engine, image, max_len)
             stop = tok.eos_ids if tok else frozenset()
             for i in range(0, len(prompts), b):
                 results += gen.generate_batch(prompts[i:i + b], sampling, stop)

@@ -151,6 +151,21 @@ def _kv_args(p) -> None:
              "min/max, as in Quest) plus the first block and the 2 most recent; off by default (exact attention)")
 
 
+def _draft_args(p) -> None:
+    E = EngineConfig
+    g = p.add_argument_group("speculative decoding (runtime/engine/speculative.py)")
+    arg(g, "--draft", E, metavar="IMAGE|ngram",
+        help="speculative decoding, exact: a draft proposes a tree of continuations and one weight pass of the "
+             "model verifies all of it, keeping the longest path the model's own choice agrees with (greedy: the "
+             "same tokens as without a draft; sampled: the same distribution). IMAGE: a small packed model with "
+             "the same tokenizer, held wholly on the device and reserved first in the GPU budget (the plan shows "
+             "it); ngram: continuations of where the text's last tokens occurred before (no model). One "
+             "sequence at a time (no --batch-size above 1); not with --topk-blk")
+    arg(g, "--draft-tokens", E, type=int, metavar="N",
+        help="tree nodes verified per weight pass, the last accepted token included (default: 8 for ngram and on "
+             "the CPU, 32 for a model draft on CUDA; at most --prefill-chunk)")
+
+
 def _sampling_args(p, cls: type) -> None:
     arg(p, "--temperature", cls, type=float, help="sampling temperature; 0 is greedy (default)")
     arg(p, "--top-p", cls, type=float, help="nucleus sampling mass (default %(default)s)")
@@ -219,6 +234,7 @@ def _run_parser(sub) -> None:
     _runtime_args(p)
     _no_server_arg(p, C)
     _kv_args(p)
+    _draft_args(p)
 
 
 def _perplexity_parser(sub) -> None:
@@ -265,6 +281,7 @@ def _bench_parser(sub) -> None:
     _runtime_args(p)
     _no_server_arg(p, C)
     _kv_args(p)
+    _draft_args(p)
 
 
 def _probe_parser(sub) -> None:

@@ -6,6 +6,7 @@
       pool: PoolOptions            --workers, --staging-mb: a private pool's I/O processes
       kv: KVConfig                 --kv-block-tokens, --kv-offload, --host-attention, --topk-blk
       prefill: PrefillConfig       --prefill-chunk, --[no-]prefill-by-sequence
+      speculative: SpeculativeConfig  --draft, --draft-tokens
       attach, trace, threads, quiet
     SamplingConfig          --max-new-tokens, --temperature, --top-p, --seed (per request)
 
@@ -153,7 +154,32 @@ class SamplingConfig(FlagConfig):
             raise ConfigError(f"--top-p must be in (0, 1], found {self.top_p}")
 
 
-PARTS = {"placement": PlacementConfig, "pool": PoolOptions, "kv": KVConfig, "prefill": PrefillConfig}
+@dataclass(frozen=True)
+class SpeculativeConfig(FlagConfig):
+    """Speculative decoding (engine/speculative.py): the draft and the tree's size."""
+
+    FLAGS: ClassVar[dict[str, str]] = {"draft": "draft", "draft_tokens": "tokens"}
+    draft: str | None = None  # an image path (a small model kept on the device) or "ngram"; None: no draft
+    tokens: int | None = None  # tree nodes verified per pass, the root included (None: DEFAULT_DRAFT_TOKENS)
+
+    def __post_init__(self) -> None:
+        _at_least("draft_tokens", self.tokens, 1)
+        if self.tokens is not None and self.draft is None:
+            raise ConfigError(f"--draft-tokens {self.tokens} needs --draft IMAGE or --draft ngram")
+
+    def tree_tokens(self, device_type: str, chunk: int) -> int:
+        """--draft-tokens, or the default for this draft and device (at most a prefill chunk)."""
+        if self.tokens is not None:
+            return self.tokens
+        return min(chunk, DEFAULT_DRAFT_TOKENS["ngram" if self.draft == "ngram" else device_type])
+
+
+# --draft-tokens when not given: a prompt lookup rarely matches more than a few tokens ahead; a model draft
+# on the GPU verifies more nodes per pass than one on the CPU, whose pass costs grow with its tokens
+DEFAULT_DRAFT_TOKENS = {"ngram": 8, "cpu": 8, "cuda": 32}
+
+PARTS = {"placement": PlacementConfig, "pool": PoolOptions, "kv": KVConfig, "prefill": PrefillConfig,
+         "speculative": SpeculativeConfig}
 
 
 @dataclass(frozen=True)
@@ -165,6 +191,7 @@ class EngineConfig(FlagConfig):
     pool: PoolOptions = field(default_factory=PoolOptions)
     kv: KVConfig = field(default_factory=KVConfig)
     prefill: PrefillConfig = field(default_factory=PrefillConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     attach: str | None = None  # --attach NAME: the daemon pool NAME instead of a private pool
     trace: str | None = None  # --trace FILE: a Chrome trace of the run (engine/trace.py)
     threads: int | None = None  # CPU compute threads (None: the cores shared by the machine's runs)
@@ -181,6 +208,13 @@ class EngineConfig(FlagConfig):
             if bad:
                 raise ConfigError(f"{', '.join(bad)} cannot be given with --attach: the pool fixed its DRAM tier and "
                                   f"window when it started, and its processes are not traced")
+        s = self.speculative
+        if s.draft is not None and self.kv.topk_blk is not None:
+            raise ConfigError("--draft and --topk-blk do not go together: a token tree's KV entries are moved, "
+                              "top-k's block summaries are not")
+        if s.tokens is not None and s.tokens > self.prefill.chunk:
+            raise ConfigError(f"--draft-tokens {s.tokens} exceeds --prefill-chunk {self.prefill.chunk}: a pass "
+                              f"verifies at most one prefill chunk's tokens")
 
     @classmethod
     def flags(cls) -> dict[str, str]:

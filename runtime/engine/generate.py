@@ -19,7 +19,7 @@ import torch
 
 from model.errors import ConfigError
 from model.groups import group_names, group_tensor_shapes, host_layer_count
-from model.llama import DictSource, Rope, forward_groups
+from model.llama import DictSource, Rope, TreeQueries, forward_groups
 from model.quant import block_size, random_quantized
 from runtime.engine.batching import chunk_per_sequence, kv_device_rows, prefill_passes, sequences_per_pass
 from runtime.engine.config import EngineConfig, KVConfig, PrefillConfig, SamplingConfig
@@ -238,13 +238,29 @@ class Generator:
         if self.source.device.type == "cuda":
             torch.cuda.synchronize(self.source.device)
 
-    def generate(self, prompt: Sequence[int], cfg: SamplingConfig, stop_ids: frozenset[int] = frozenset(),
-                 on_token: Callable[[int], None] | None = None) -> GenerationResult:
+    @torch.inference_mode()
+    def forward_tree(self, tokens: torch.Tensor, start: int, cache: KVCache,
+                     tree: TreeQueries | None) -> torch.Tensor:
+        """One weight pass over tokens (1, S) at slots [start, start+S) that are a token tree's nodes (``tree``;
+        None: a plain causal chunk) -> logits (1, S, vocab) fp32, every node's (runtime/engine/speculative.py)."""
+        if self.threads is not None:
+            self.threads.refresh()
+        cache.tree = tree
+        try:
+            return forward_groups(tokens, start, self.args, self.source, self.rope, cache)
+        finally:
+            cache.tree = None
+
+    def check_request(self, prompt: Sequence[int], max_new_tokens: int) -> None:
         if not prompt:
             raise ConfigError("the prompt is empty: give --prompt or --prompt-ids")
-        if len(prompt) + cfg.max_new_tokens > self.max_seq_len:
-            raise ConfigError(f"prompt ({len(prompt)} tokens) + --max-new-tokens ({cfg.max_new_tokens}) exceeds "
+        if len(prompt) + max_new_tokens > self.max_seq_len:
+            raise ConfigError(f"prompt ({len(prompt)} tokens) + --max-new-tokens ({max_new_tokens}) exceeds "
                               f"--max-seq-len {self.max_seq_len}")
+
+    def generate(self, prompt: Sequence[int], cfg: SamplingConfig, stop_ids: frozenset[int] = frozenset(),
+                 on_token: Callable[[int], None] | None = None) -> GenerationResult:
+        self.check_request(prompt, cfg.max_new_tokens)
         res = GenerationResult(list(prompt), [])
         if cfg.max_new_tokens == 0:
             return res

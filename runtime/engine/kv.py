@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from model.args import ModelArgs
 from model.groups import host_layer_count, spread_layers
+from model.llama import TreeQueries
 from runtime.engine.copy2d import copy_2d
 
 
@@ -57,7 +58,9 @@ class KVCache:
         # A left-padded batch of prompts of different lengths: pad[b] leading slots of sequence b hold no token
         # (set_padding). Its attention masks those keys; its positions start at 0 at slot pad[b].
         self.pad: torch.Tensor | None = None
-        self._mask: tuple[tuple[int, int, int], torch.Tensor] | None = None
+        self._mask: tuple[tuple, torch.Tensor, TreeQueries | None] | None = None
+        # set for a pass whose queries are a token tree's nodes (speculative decoding): masks and positions
+        self.tree: TreeQueries | None = None
         self.profile, self.attn_ms, self.attended_blocks, self.total_blocks = False, 0.0, 0, 0
         self.h2d_bytes = self.d2h_bytes = 0  # KV bytes moved each way (TieredKVCache; none here)
         self.host_ms = self.host_wait_ms = 0.0  # host attention: the CPU's attention, its wait for q, k, v
@@ -76,7 +79,7 @@ class KVCache:
         hd) of the queries at slots [start, start+S), rotated: writes k and v into the cache and returns the
         attention output (B, S, n_heads x hd), by the path this cache and call choose (module docstring)."""
         b, s = q.shape[:2]
-        on_host = s == 1 and self.attends_on_host(layer)  # the cache's own CPU attention
+        on_host = s == 1 and self.tree is None and self.attends_on_host(layer)  # the cache's own CPU attention
         if not on_host:
             ck, cv = self.acquire(layer)
             ck[:b, start:start + s] = k
@@ -148,21 +151,35 @@ class KVCache:
         padding, and a first chunk, which is plainly causal, or a decode query). Cached: the layers of one
         pass build it once. In a left-padded batch query i of sequence b sees key slots [pad[b], start+i], and a
         padding query sees itself only (so its row stays finite; no real token ever sees it)."""
-        key = (start, s, rep)
-        if self._mask is not None and self._mask[0] == key:
+        key = (start, s, rep, id(self.tree))
+        if self._mask is not None and self._mask[0] == key and self._mask[2] is self.tree:
             return self._mask[1]
         end = start + s
         q = torch.arange(start, end, device=self.device).view(1, s, 1)
         k = torch.arange(end, device=self.device).view(1, 1, end)
-        if self.pad is not None:
+        if self.tree is not None:  # a token tree: the prefix before its base, then its row of visible
+            if self.pad is not None:
+                raise ValueError("a token tree is verified for one sequence, not a padded batch")
+            t = self.tree
+            mask = torch.cat((torch.ones(s, t.base, dtype=torch.bool, device=self.device), t.visible), 1)[None]
+        elif self.pad is not None:
             mask = ((k >= self.pad.view(-1, 1, 1)) & (k <= q)) | (k == q)
         elif s > 1 and start > 0:  # a later chunk: query i sits at slot start+i and sees keys [0, start+i]
             mask = k <= q
         else:
             return None
         mask = mask.unsqueeze(1).repeat(1, 1, rep, 1) if rep > 1 else mask.unsqueeze(1)
-        self._mask = (key, mask)
+        self._mask = (key, mask, self.tree)
         return mask
+
+    def keep(self, slots: list[int], at: int) -> None:
+        """Speculative decoding's accepted path: move the KV entries of ``slots`` (increasing, each >= its
+        destination) to consecutive slots from ``at``, in every layer; slots after them are free again."""
+        if self.topk_blk is not None:
+            raise ValueError("--topk-blk's block summaries are not kept through a token tree")
+        src = torch.tensor(slots, dtype=torch.long, device=self.device)
+        for t in (*self.k, *self.v):
+            t[:, at:at + len(slots)] = t[:, src]
 
     def _block_attention(self, q: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, blocks: torch.Tensor,
                          end: int) -> torch.Tensor:
@@ -361,6 +378,21 @@ class TieredKVCache(KVCache):
             return
         if self._buffer_of(nxt) is None:
             self._fetch(nxt, 1 - b)  # into the other buffer, while this layer's attention and FFN run
+
+    def keep(self, slots: list[int], at: int) -> None:
+        """As KVCache.keep, in the host store and in the device buffers of the layers they hold (once the copies
+        into the host store have finished)."""
+        if self.cuda:
+            self.copy_stream.synchronize()
+        src, n = torch.tensor(slots, dtype=torch.long), len(slots)
+        for t in (*self.store_k, *self.store_v):
+            t[:, :, at:at + n] = t[:, :, src]
+        src = src.to(self.device)
+        for b in (0, 1):
+            if self.loaded[b] is not None:
+                for t in (self.buf_store_k[b], self.buf_store_v[b]):
+                    t[:, :, at:at + n] = t[:, :, src]
+        self.written = [min(w, at + n) for w in self.written]
 
     def _copy_out(self, layer: int, b: int, start: int, end: int) -> None:
         copy_2d(self.store_k[layer][:, :, start:end], self.buf_store_k[b][:, :, start:end], self.copy_stream)

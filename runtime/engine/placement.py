@@ -77,13 +77,14 @@ class Budgets:
     dram_bytes: int | None  # the ring: DRAM tier + window slots + host embedding
     kv_bytes: int = 0  # KV cache the caller allocates on the GPU (reserved first)
     activation_bytes: int = 0  # workspace estimate reserved on the GPU
+    draft_bytes: int = 0  # a speculative run's draft model, wholly on the GPU (reserved first)
 
     def __post_init__(self) -> None:
-        for key in ("gpu_bytes", "dram_bytes", "kv_bytes", "activation_bytes"):
+        for key in ("gpu_bytes", "dram_bytes", "kv_bytes", "activation_bytes", "draft_bytes"):
             v = getattr(self, key)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
                 raise ConfigError(f"budget {key} must be a non-negative integer of bytes, found {v!r}")
-        for key in ("kv_bytes", "activation_bytes"):
+        for key in ("kv_bytes", "activation_bytes", "draft_bytes"):
             if getattr(self, key) is None:
                 raise ConfigError(f"budget {key} must be an integer of bytes, found None")
 
@@ -153,7 +154,8 @@ class Plan:
 
     @property
     def gpu_bytes_total(self) -> int:
-        return self.gpu_tier_bytes + self.staging_bytes + self.budgets.kv_bytes + self.budgets.activation_bytes
+        b = self.budgets
+        return self.gpu_tier_bytes + self.staging_bytes + b.kv_bytes + b.activation_bytes + b.draft_bytes
 
     @property
     def weight_bytes(self) -> int:
@@ -188,7 +190,8 @@ class Plan:
         lines += [f"  {t:<8} {g:<{width}} {h(n):>11}" for t, g, n in rows]
         d, x = self.disk_bytes_per_pass, self.h2d_bytes_per_pass
         lines.append(f"  per pass: disk {h(d)} ({d / 1e9:.1f} GB), H2D {h(x)} ({x / 1e9:.1f} GB)")
-        lines.append(f"  GPU {h(self.gpu_bytes_total)} = tier + staging + KV {h(b.kv_bytes)} + activations "
+        draft = f"draft {h(b.draft_bytes)} + " if b.draft_bytes else ""
+        lines.append(f"  GPU {h(self.gpu_bytes_total)} = {draft}tier + staging + KV {h(b.kv_bytes)} + activations "
                      f"{h(b.activation_bytes)}, budget {_opt(b.gpu_bytes)}")
         lines.append(f"  ring {h(self.ring_bytes)} = dram + host + window, budget {_opt(b.dram_bytes)}")
         return "\n".join(lines)
@@ -256,7 +259,8 @@ def plan_placement(group_bytes: Mapping[str, int], args: ModelArgs, mode: str, b
             raise ConfigError("placement on cuda needs a GPU budget: give --gpu-mem-gb (the GPU memory this run "
                               "may use for resident weights, KV cache, activations and staging buffers), or "
                               "--gpu-cached-layers")
-        gpu = _fill_gpu(seq, sizes, budgets.gpu_bytes - budgets.kv_bytes - budgets.activation_bytes, k)
+        gpu = _fill_gpu(seq, sizes, budgets.gpu_bytes - budgets.kv_bytes - budgets.activation_bytes -
+                        budgets.draft_bytes, k)
     else:
         gpu = ()
     dram = _choose_dram(seq, sizes, gpu, mode, budgets, args, cuda, w_req, cpu_cache_layers)
@@ -389,10 +393,12 @@ def _check_gpu(p: Plan) -> None:
         return
     where = "--gpu-mem-gb" if p.is_cuda else "--gpu-mem-gb (client memory on the CPU)"
     raise ConfigError(
-        f"{where} {h(b.gpu_bytes)} cannot hold KV cache {h(b.kv_bytes)} + activations {h(b.activation_bytes)} + "
+        f"{where} {h(b.gpu_bytes)} cannot hold " + (f"the draft model {h(b.draft_bytes)} + " if b.draft_bytes else "") +
+        f"KV cache {h(b.kv_bytes)} + activations {h(b.activation_bytes)} + "
         f"staging {p.staging_buffers} x {h(p.slot_bytes)} + GPU tier {len(p.gpu)} groups {h(p.gpu_tier_bytes)} "
         f"= {h(p.gpu_bytes_total)} ({p.gpu_bytes_total} > {b.gpu_bytes} bytes); raise --gpu-mem-gb, or lower "
-        f"--max-seq-len, --group-prefetch-depth or --gpu-cached-layers")
+        f"--max-seq-len, --group-prefetch-depth or --gpu-cached-layers" + (", or take a smaller --draft" if
+                                                                              b.draft_bytes else ""))
 
 
 def _check_dram(p: Plan) -> None:

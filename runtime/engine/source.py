@@ -36,6 +36,7 @@ from runtime.engine.batching import (
     kv_device_rows,
 )
 from runtime.engine.config import EngineConfig
+from runtime.engine.drafts import draft_gpu_bytes, open_draft_image
 from runtime.engine.placement import Budgets, Plan, plan_placement
 from runtime.format.image import Image
 from runtime.ipc.options import PoolConfig, WorkerOptions
@@ -56,9 +57,18 @@ def _kind(device) -> str:
 
 
 def check_for_image(cfg: EngineConfig, image: Image) -> None:
-    """What needs the image, checked before anything starts: the I/O workers its device makes useful."""
+    """What needs the image, checked before anything starts: the I/O workers its device makes useful, and a
+    --draft image (that it reads and shares the image's tokenizer)."""
     if cfg.placement.mode != "full" and cfg.attach is None:
         check_worker_count(cfg.pool.workers, str(image.path), WorkerOptions().inflight)
+    if cfg.speculative.draft not in (None, "ngram"):
+        open_draft_image(cfg.speculative.draft, image)
+
+
+def device_kind(name: str | None) -> str:
+    """"cuda" or "cpu" for --device ``name``; None: cuda where the machine has an NVIDIA device (a guess made
+    before torch starts; runtime.engine.generate.pick_device decides)."""
+    return name or ("cuda" if os.path.exists("/dev/nvidiactl") else "cpu")
 
 
 def plan_with_kv(image: Image, cfg: EngineConfig, device, batch: int, max_len: int, plan_fn) -> tuple[Plan, bool]:
@@ -110,7 +120,7 @@ def _gpu_budget(device, gpu_mem_gb: float | None) -> tuple[int | None, int]:
     return torch.cuda.mem_get_info(device)[0], 0
 
 
-def make_plan(image: Image, cfg: EngineConfig, device, kv_bytes: int, act_bytes: int) -> Plan:
+def make_plan(image: Image, cfg: EngineConfig, device, kv_bytes: int, act_bytes: int, draft_bytes: int = 0) -> Plan:
     p = cfg.placement
     gpu, held = _gpu_budget(device, p.gpu_mem_gb)
     if p.dram_gb:
@@ -122,7 +132,7 @@ def make_plan(image: Image, cfg: EngineConfig, device, kv_bytes: int, act_bytes:
         dram = default_dram_bytes()
     sizes = {name: g.size for name, g in image.groups.items()}
     try:
-        plan = plan_placement(sizes, image.args, p.mode, Budgets(gpu, dram, kv_bytes, act_bytes),
+        plan = plan_placement(sizes, image.args, p.mode, Budgets(gpu, dram, kv_bytes, act_bytes, draft_bytes),
                               device=_kind(device), gpu_cached_layers=p.gpu_cached_layers,
                               cpu_cache_layers=p.cpu_cache_layers, prefetch_distance=p.prefetch_distance,
                               group_prefetch_depth=p.group_prefetch_depth)
@@ -134,11 +144,13 @@ def make_plan(image: Image, cfg: EngineConfig, device, kv_bytes: int, act_bytes:
         raise
 
 
-def plan_for_pool(image: Image, cfg: EngineConfig, device, rec: dict, kv_bytes: int, act_bytes: int) -> Plan:
+def plan_for_pool(image: Image, cfg: EngineConfig, device, rec: dict, kv_bytes: int, act_bytes: int,
+                  draft_bytes: int = 0) -> Plan:
     """A client's placement within what the daemon pool ``rec`` holds: the GPU tier from the client's own
     GPU budget (as ``make_plan``); the DRAM tier is every other group the pool holds; the rest streams
     through this client's window slots. Refuses what the pool cannot serve."""
-    base = make_plan(image, cfg.replace(mode="mixed", dram_gb=None, attach=None), device, kv_bytes, act_bytes)
+    base = make_plan(image, cfg.replace(mode="mixed", dram_gb=None, attach=None), device, kv_bytes, act_bytes,
+                     draft_bytes)
     held, name = set(rec["dram_groups"]), rec["name"]
     dram = tuple(g for g in base.sequence if g not in base.gpu and g in held)
     stream = tuple(g for g in base.sequence if g not in base.gpu and g not in held)
@@ -159,7 +171,13 @@ def _planned(image: Image, cfg: EngineConfig, device, batch: int, max_len: int, 
              plan_fn=make_plan) -> tuple[Plan, bool]:
     """The plan and KV decision for a batch of ``batch`` x ``max_len``, one pass's activations reserved."""
     act = activation_bytes(image, batch, min(chunk_per_sequence(chunk, batch), max_len), all_logits)
-    return plan_with_kv(image, cfg, device, batch, max_len, lambda kv: plan_fn(image, cfg, device, kv, act))
+    draft = 0
+    if cfg.speculative.draft is not None:  # a tree's every node's logits; a model draft on the GPU, first
+        act += cfg.speculative.tree_tokens(_kind(device), chunk) * image.args.vocab_size * 4
+        if cfg.speculative.draft != "ngram" and _kind(device) == "cuda":
+            draft = draft_gpu_bytes(open_draft_image(cfg.speculative.draft, image), max_len, chunk)
+    return plan_with_kv(image, cfg, device, batch, max_len,
+                        lambda kv: plan_fn(image, cfg, device, kv, act, draft_bytes=draft))
 
 
 def cap_gpu_memory(device: torch.device, gb: float | None) -> None:
@@ -198,7 +216,7 @@ def start_early(image: Image, cfg: EngineConfig, device: str | None, batch: int 
     ``open_source`` (``stop`` is idempotent, so a ``finally`` may always call it)."""
     if cfg.placement.mode == "full" or cfg.trace is not None or cfg.attach is not None:
         return None
-    kind = _kind(device or ("cuda" if os.path.exists("/dev/nvidiactl") else "cpu"))
+    kind = device_kind(device)
     if kind == "cuda" and not cfg.placement.gpu_mem_gb:
         return None
     plan, offload = _planned(image, cfg, kind, batch, max_len, chunk or cfg.prefill.chunk, all_logits)
@@ -328,8 +346,8 @@ def _attached_source(image: Image, cfg: EngineConfig, device: torch.device, batc
     att = attach(cfg.attach, str(image.path))
     client = None
     try:
-        def fn(img, c, dev, kv, act):
-            return plan_for_pool(img, c, dev, att.record, kv, act)
+        def fn(img, c, dev, kv, act, draft_bytes=0):
+            return plan_for_pool(img, c, dev, att.record, kv, act, draft_bytes)
 
         plan, offload = _planned(att.image, cfg, device, batch, max_len, chunk, all_logits, fn)
         if not cfg.quiet:

@@ -1,0 +1,318 @@
+"""Exact speculative decoding: a draft proposes a tree of continuations, one weight pass of the target
+verifies every node of it (issue 19; SpecInfer's token-tree verification, SpecExec's best-first trees).
+
+A streamed decode step costs one pass over the weights whether it computes one token or hundreds, so each
+pass here verifies ``n`` tokens: the draft (a small resident model, ``ModelDraft``, or the text so far,
+``NgramDraft``) builds a tree rooted at the last token, the target runs all its nodes in one pass with a
+tree attention mask over its KV cache (``model.llama.TreeQueries``), and the walk from the root keeps
+going while the token the target picks at a node is one of that node's children.
+
+Exactness. At every node of the walk the target's token is drawn exactly as plain decoding draws it: the
+same ``generate.sample`` on the target's logits for the same prefix, from the same seeded generator, one
+draw per emitted token. So greedy output is plain greedy output, and sampled output is the target's
+distribution (with the same seed, the same tokens as the plain run, up to float rounding of the batched
+pass). The draft only decides which tokens get their logits computed in the same pass; with a deterministic
+tree this is SpecInfer's multi-candidate verification with point-mass proposals, whose acceptance is the
+target's probability mass on a node's children, the most any set of children can get.
+
+The accepted path's KV entries move to consecutive slots (``KVCache.keep``); the rest are overwritten by
+the next pass. Batch 1 only. Runs in the client process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from model.errors import ConfigError
+from model.llama import TreeQueries
+from runtime.engine.config import EngineConfig, SamplingConfig
+from runtime.engine.drafts import open_draft_image
+from runtime.engine.generate import GenerationResult, Generator, sample
+from runtime.engine.kv import KVCache
+from runtime.engine.weights import InMemoryWeights
+from runtime.format.image import Image
+
+
+@dataclass
+class Tree:
+    """A token tree in insertion order (a parent before its children); node 0 is the root, the last token
+    of the sequence so far. ``score``: the draft's log-probability of the path to the node."""
+
+    tokens: list[int]
+    parent: list[int] = field(default_factory=lambda: [-1])
+    depth: list[int] = field(default_factory=lambda: [0])
+    score: list[float] = field(default_factory=lambda: [0.0])
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def add(self, parent: int, token: int, score: float = 0.0) -> int:
+        self.tokens.append(token)
+        self.parent.append(parent)
+        self.depth.append(self.depth[parent] + 1)
+        self.score.append(score)
+        return len(self.tokens) - 1
+
+    def child(self, node: int, token: int) -> int | None:
+        return next((i for i in range(node + 1, len(self)) if self.parent[i] == node and self.tokens[i] == token),
+                    None)
+
+    def visible(self, rows: range, device: torch.device) -> torch.Tensor:
+        """(len(rows), rows.stop) bool: node r sees node j when j is r or one of its ancestors."""
+        out = torch.zeros(len(rows), rows.stop, dtype=torch.bool)
+        for i, r in enumerate(rows):
+            j = r
+            while j >= 0:
+                out[i, j] = True
+                j = self.parent[j]
+        return out.to(device)
+
+    def queries(self, rows: range, root: int, device: torch.device, root_cached: bool = False) -> TreeQueries:
+        """The attention of nodes ``rows`` at cache slots root + node, the root at slot ``root`` (already in the
+        cache with ``root_cached``: then every query sees it as part of the prefix)."""
+        pos = torch.tensor([root + self.depth[r] for r in rows], dtype=torch.long, device=device)
+        vis = self.visible(rows, device)
+        return TreeQueries(root + 1, pos, vis[:, 1:]) if root_cached else TreeQueries(root, pos, vis)
+
+
+class NgramDraft:
+    """Prompt lookup: the continuations of the earlier places where the sequence's last ``max_ngram`` (down
+    to 1) tokens occurred, most recent first, merged into a tree. No model, no device memory."""
+
+    name = "ngram"
+
+    def __init__(self, max_ngram: int = 3, max_matches: int = 8) -> None:
+        self.max_ngram, self.max_matches = max_ngram, max_matches
+        self.draft_ms = 0.0
+
+    def reset(self) -> None:
+        pass
+
+    def propose(self, seq: Sequence[int], n: int) -> Tree:
+        t0 = time.perf_counter()
+        tree, seq = Tree([seq[-1]]), list(seq)
+        for k in range(min(self.max_ngram, len(seq) - 1), 0, -1):
+            suffix, found = seq[-k:], 0
+            for i in range(len(seq) - k - 1, -1, -1):  # match seq[i:i+k]; its continuation starts at i+k
+                if seq[i:i + k] != suffix:
+                    continue
+                node = 0
+                for tok in seq[i + k:i + k + n - 1]:
+                    nxt = tree.child(node, tok)
+                    if nxt is None:
+                        if len(tree) >= n:
+                            break
+                        nxt = tree.add(node, tok)
+                    node = nxt
+                found += 1
+                if found >= self.max_matches or len(tree) >= n:
+                    break
+            if len(tree) >= n:
+                break
+        self.draft_ms += (time.perf_counter() - t0) * 1e3
+        return tree
+
+    def close(self) -> None:
+        pass
+
+
+SPREAD = math.log(0.1)  # an expansion step's leaves: at least a tenth as likely as its best
+
+
+class ModelDraft:
+    """A small model held wholly on the target's device (``Generator`` over an in-memory source), with its
+    own KV cache: slots [0, ``committed``) hold the sequence's tokens; a tree's nodes go after them. The
+    tree grows best-first (SpecExec): each expansion step runs the draft once on the ``width`` most likely
+    leaves not yet expanded and adds their ``branch`` most likely children as candidates, until ``n``
+    nodes."""
+
+    def __init__(self, gen: Generator, width: int = 8, branch: int = 4) -> None:
+        self.gen, self.width, self.branch = gen, width, branch
+        self.name = str(gen.source.image.path)
+        self.cache: KVCache | None = None
+        self.committed = 0
+        self.draft_ms, self.steps = 0.0, 0
+
+    def reset(self) -> None:
+        """A new sequence: nothing of it in the draft's cache yet."""
+        self.cache, self.committed = self.gen.new_cache(1), 0
+
+    def _logprobs(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.float().log_softmax(-1)
+
+    def propose(self, seq: Sequence[int], n: int) -> Tree:
+        t0 = time.perf_counter()
+        dev, base = self.gen.source.device, len(seq) - 1  # the root's slot; its children from slot base + 1
+        pending = torch.tensor([list(seq[self.committed:])], dtype=torch.long, device=dev)
+        logits = self.gen.forward(pending, self.committed, self.cache, last_only=True)[0]  # the root's
+        self.committed = len(seq)
+        tree = Tree([seq[-1]])
+        cand: list[tuple[float, int, int]] = []  # (-score, parent, token)
+
+        def push(node: int, lp: torch.Tensor) -> None:
+            top = lp.topk(min(self.branch, lp.shape[-1]))
+            for v, t in zip(top.values.tolist(), top.indices.tolist()):
+                heapq.heappush(cand, (-(tree.score[node] + v), node, t))
+
+        push(0, self._logprobs(logits[-1]))
+        while len(tree) < n and cand:
+            new, best = [], -cand[0][0]
+            # the step's most likely leaves: at most ``width``, and none far less likely than the best (a
+            # confident draft grows a chain, one node a step, rather than the root's unlikely siblings)
+            while cand and len(new) < min(self.width, n - len(tree)) and -cand[0][0] >= best + SPREAD:
+                neg, parent, tok = heapq.heappop(cand)
+                new.append(tree.add(parent, tok, -neg))
+            if len(tree) >= n:
+                break
+            rows = range(new[0], new[-1] + 1)  # added consecutively: slots base + rows
+            toks = torch.tensor([[tree.tokens[r] for r in rows]], dtype=torch.long, device=dev)
+            out = self.gen.forward_tree(toks, base + rows.start, self.cache,
+                                        tree.queries(rows, base, dev, root_cached=True))[0]
+            lp = self._logprobs(out)
+            for i, r in enumerate(rows):
+                push(r, lp[i])
+            self.steps += 1
+        self.draft_ms += (time.perf_counter() - t0) * 1e3
+        return tree
+
+    def close(self) -> None:
+        self.gen.source.close()
+
+
+@dataclass
+class SpecStats:
+    """What a speculative generation did: its passes, the tokens each pass gave (the histogram), the draft's
+    and the verification's time, and per depth how often the walk got there and went on."""
+
+    passes: int = 0
+    tokens: int = 0
+    draft_ms: float = 0.0
+    verify_ms: float = 0.0
+    tree_tokens: int = 0
+    per_pass: dict[int, int] = field(default_factory=dict)
+    reached: list[int] = field(default_factory=list)  # by depth d >= 1: passes whose walk reached depth d
+    offered: list[int] = field(default_factory=list)  # passes whose tree had a node at depth d
+
+    def record(self, tree: Tree, accepted: int, emitted: int) -> None:
+        self.passes += 1
+        self.tokens += emitted
+        self.tree_tokens += len(tree)
+        self.per_pass[emitted] = self.per_pass.get(emitted, 0) + 1
+        deepest = max(tree.depth)
+        for d in range(1, deepest + 1):
+            while len(self.offered) < d:
+                self.offered.append(0)
+                self.reached.append(0)
+            self.offered[d - 1] += 1
+            self.reached[d - 1] += accepted >= d
+
+    def to_dict(self) -> dict:
+        return {"passes": self.passes, "tokens": self.tokens,
+                "tokens_per_pass": self.tokens / self.passes if self.passes else None,
+                "tokens_per_pass_histogram": {str(k): v for k, v in sorted(self.per_pass.items())},
+                "tree_tokens_per_pass": self.tree_tokens / self.passes if self.passes else None,
+                "draft_ms": self.draft_ms, "verify_ms": self.verify_ms,
+                "acceptance_by_depth": [r / o if o else None for r, o in zip(self.reached, self.offered)]}
+
+
+class SpeculativeGenerator:
+    """Speculative decoding of one sequence at a time: ``gen`` is the target's Generator (any weight source,
+    any KV cache), ``draft`` an ``NgramDraft`` or a ``ModelDraft``, ``n`` the tree's nodes per pass (the
+    root included)."""
+
+    def __init__(self, gen: Generator, draft, n: int) -> None:
+        if n < 1:
+            raise ConfigError(f"--draft-tokens must be at least 1, found {n}")
+        if n > gen.prefill.chunk:
+            raise ConfigError(f"--draft-tokens {n} exceeds --prefill-chunk {gen.prefill.chunk}: a pass verifies "
+                              f"at most one prefill chunk")
+        self.gen, self.draft, self.n = gen, draft, n
+        self.stats = SpecStats()
+
+    def generate_batch(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig,
+                       stop_ids: frozenset[int] = frozenset(), on_step: Callable[[list[int | None]], None] | None = None,
+                       limits: Sequence[int] | None = None) -> list[GenerationResult]:
+        """``Generator.generate_batch`` for a batch of one: a draft decodes one sequence at a time."""
+        if len(prompts) != 1:
+            raise ConfigError(f"--draft decodes one sequence at a time, found a batch of {len(prompts)}")
+        one = cfg if limits is None else dataclasses.replace(cfg, max_new_tokens=limits[0])
+        return [self.generate(prompts[0], one, stop_ids, (lambda t: on_step([t])) if on_step else None)]
+
+    def generate(self, prompt: Sequence[int], cfg: SamplingConfig, stop_ids: frozenset[int] = frozenset(),
+                 on_token: Callable[[int], None] | None = None) -> GenerationResult:
+        gen = self.gen
+        gen.check_request(prompt, cfg.max_new_tokens)
+        res = GenerationResult(list(prompt), [])
+        if cfg.max_new_tokens == 0:
+            return res
+        rng = torch.Generator().manual_seed(cfg.seed)
+        cache = gen.new_cache(1)
+        self.draft.reset()
+        dev = gen.source.device
+        t0 = time.perf_counter()
+        logits = gen.forward(torch.tensor([list(prompt)], dtype=torch.long, device=dev), 0, cache, last_only=True)
+        tok = int(sample(logits[:, -1], cfg, rng).item())
+        res.prefill_ms = (time.perf_counter() - t0) * 1e3
+        seq = list(prompt) + [tok]
+        res.output_token_ids.append(tok)
+        if on_token:
+            on_token(tok)
+        done = tok in stop_ids or cfg.max_new_tokens <= 1
+        if tok in stop_ids:
+            res.stop_reason = "stop_token"
+        while not done:
+            t1 = time.perf_counter()
+            start = len(seq) - 1  # the root's slot: the last token, not yet in the cache
+            n = min(self.n, gen.max_seq_len - start)
+            tree = self.draft.propose(seq, n)
+            t2 = time.perf_counter()
+            logits = gen.forward_tree(torch.tensor([tree.tokens], dtype=torch.long, device=dev), start, cache,
+                                      tree.queries(range(len(tree)), start, dev) if len(tree) > 1 else None)[0]
+            node, path, emitted = 0, [start], 0
+            while True:
+                tok = int(sample(logits[node:node + 1], cfg, rng).item())
+                seq.append(tok)
+                res.output_token_ids.append(tok)
+                emitted += 1
+                if on_token:
+                    on_token(tok)
+                if tok in stop_ids:
+                    res.stop_reason, done = "stop_token", True
+                    break
+                if len(res.output_token_ids) >= cfg.max_new_tokens:
+                    done = True
+                    break
+                nxt = tree.child(node, tok)
+                if nxt is None:
+                    break
+                node = nxt
+                path.append(start + node)
+            if not done:
+                cache.keep(path, start)
+            t3 = time.perf_counter()
+            self.stats.draft_ms += (t2 - t1) * 1e3
+            self.stats.verify_ms += (t3 - t2) * 1e3
+            self.stats.record(tree, len(path) - 1, emitted)
+            res.token_ms.append((t3 - t1) * 1e3)  # one entry per pass here
+        res.decode_ms = sum(res.token_ms)
+        return res
+
+
+def speculative_for(gen: Generator, cfg: EngineConfig, target: Image) -> SpeculativeGenerator:
+    """The speculative generator of a run with ``cfg.speculative.draft`` over the target's ``gen``: a model
+    draft is read and put wholly on the target's device (its GPU memory was reserved by the plan)."""
+    s, dev = cfg.speculative, gen.source.device
+    if s.draft == "ngram":
+        draft = NgramDraft()
+    else:
+        image = open_draft_image(s.draft, target)
+        draft = ModelDraft(Generator(InMemoryWeights(image, dev, quiet=True), gen.max_seq_len, prefill=gen.prefill,
+                                     threads=gen.threads))
+    return SpeculativeGenerator(gen, draft, s.tree_tokens(dev.type, gen.prefill.chunk))
