@@ -146,7 +146,8 @@ def run(ns: argparse.Namespace) -> None:
     if srv is not None:
         _run_via_server(cfg, engine, sampling, image, tok, prompt, srv)
         return
-    max_len = cfg.max_seq_len or len(prompt) + sampling.max_new_tokens + _tree_room(engine, cfg.device)
+    room = engine.speculative.tree_room(device_kind(cfg.device), engine.prefill.chunk)  # the last tree's
+    max_len = cfg.max_seq_len or len(prompt) + sampling.max_new_tokens + room
     _check_len(len(prompt), sampling.max_new_tokens, max_len, image)
     early = start_early(image, engine, cfg.device, max_len=max_len)  # the DRAM tier fills while torch starts
     try:
@@ -159,13 +160,14 @@ def run(ns: argparse.Namespace) -> None:
 def _run(cfg: RunConfig, engine: EngineConfig, sampling: SamplingConfig, image: Image, tok, prompt: list[int],
          max_len: int, early) -> None:
     from runtime.engine.generate import pick_device  # torch: after the early pool started
+    from runtime.engine.speculative import run_generator
 
     device = pick_device(cfg.device)
     t0 = time.perf_counter()
     with open_source(image, engine, device, max_len=max_len, early=early) as (source, plan, _):
         load_ms = (time.perf_counter() - t0) * 1e3
         printer = TokenPrinter(tok)
-        gen = _generator(source, engine, image, max_len)
+        gen = run_generator(source, engine, image, max_len)
         res = gen.generate(prompt, sampling, tok.eos_ids if tok else frozenset(), printer)
     TokenPrinter.end()
     t = res.timings()
@@ -183,24 +185,6 @@ def _run(cfg: RunConfig, engine: EngineConfig, sampling: SamplingConfig, image: 
                "mode": engine.placement.mode, "device": str(device), "image": str(image.path), "load_ms": load_ms,
                **t, "plan": plan.to_dict() if plan else None, "speculative": spec}
         Path(cfg.out_json).write_text(json.dumps(out, indent=1))
-
-
-def _tree_room(engine: EngineConfig, device: str | None) -> int:
-    """Slots a speculative run's last tree may reach past its last token (0 without a draft)."""
-    s = engine.speculative
-    return 0 if s.draft is None else s.tree_tokens(device_kind(device), engine.prefill.chunk)
-
-
-def _generator(source, engine: EngineConfig, image: Image, max_len: int):
-    """The run's generator: plain, or speculative over it with --draft."""
-    from runtime.engine.generate import generator_for
-
-    gen = generator_for(source, engine, max_len)
-    if engine.speculative.draft is None:
-        return gen
-    from runtime.engine.speculative import speculative_for
-
-    return speculative_for(gen, engine, image)
 
 
 def spec_line(gen) -> str:
@@ -262,7 +246,7 @@ def _run_prompts(cfg: RunConfig, engine: EngineConfig, sampling: SamplingConfig,
     if engine.speculative.draft is not None and b > 1:
         raise ConfigError(f"--draft decodes one sequence at a time: give --batch-size 1, found {b}")
     max_len = cfg.max_seq_len or max(len(p) for p in prompts) + sampling.max_new_tokens + \
-        _tree_room(engine, cfg.device)
+        engine.speculative.tree_room(device_kind(cfg.device), engine.prefill.chunk)
     if srv is not None:
         t0 = time.perf_counter()
         done = request(srv, {"prompts": prompts, "batch_size": b, **_request(sampling, tok)})
@@ -274,11 +258,12 @@ def _run_prompts(cfg: RunConfig, engine: EngineConfig, sampling: SamplingConfig,
     results, t0 = [], time.perf_counter()
     try:
         from runtime.engine.generate import pick_device  # torch: after the early pool started
+        from runtime.engine.speculative import run_generator
 
         device = pick_device(cfg.device)
         with open_source(image, engine, device, batch=b, max_len=max_len, early=early) as (source, plan, _):
             load_ms = (time.perf_counter() - t0) * 1e3
-            gen = _generator(source, engine, image, max_len)
+            gen = run_generator(source, engine, image, max_len)
             stop = tok.eos_ids if tok else frozenset()
             for i in range(0, len(prompts), b):
                 results += gen.generate_batch(prompts[i:i + b], sampling, stop)
@@ -354,6 +339,12 @@ def bench(ns: argparse.Namespace) -> None:
         tok = load_tokenizer(src)
     prompts = read_prompts(cfg.prompts, cfg.batch_size, tok, image.args.vocab_size)
     prompts, max_len, cut = benchmod.fit_prompts(prompts, cfg, image.args.max_seq_len)
+    if engine.speculative.draft is not None:
+        if cfg.batch_size > 1:
+            raise ConfigError(f"--draft decodes one sequence at a time: give --batch-size 1, found {cfg.batch_size}")
+        if not cfg.max_seq_len:  # room for the last tree
+            room = engine.speculative.tree_room(device_kind(cfg.device), engine.prefill.chunk)
+            max_len = min(max_len + room, image.args.max_seq_len)
     for x in cut:
         print(f"warning: prompt {x['prompt']} has {x['tokens']} tokens; kept its last {x['kept']} (--max-seq-len "
               f"- --max-new-tokens)", file=sys.stderr)

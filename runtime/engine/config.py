@@ -173,6 +173,10 @@ class SpeculativeConfig(FlagConfig):
             return self.tokens
         return min(chunk, DEFAULT_DRAFT_TOKENS["ngram" if self.draft == "ngram" else device_type])
 
+    def tree_room(self, device_type: str, chunk: int) -> int:
+        """KV slots the last tree of a run may take past its last token (0 without a draft)."""
+        return 0 if self.draft is None else self.tree_tokens(device_type, chunk)
+
 
 # --draft-tokens when not given: a prompt lookup rarely matches more than a few tokens ahead; a model draft
 # on the GPU verifies more nodes per pass than one on the CPU, whose pass costs grow with its tokens

@@ -34,7 +34,7 @@ from model.errors import ConfigError
 from model.llama import TreeQueries
 from runtime.engine.config import EngineConfig, SamplingConfig
 from runtime.engine.drafts import open_draft_image
-from runtime.engine.generate import GenerationResult, Generator, sample
+from runtime.engine.generate import GenerationResult, Generator, generator_for, sample
 from runtime.engine.kv import KVCache
 from runtime.engine.weights import InMemoryWeights
 from runtime.format.image import Image
@@ -235,9 +235,18 @@ class SpeculativeGenerator:
                               f"at most one prefill chunk")
         self.gen, self.draft, self.n = gen, draft, n
         self.stats = SpecStats()
+        self.trace = getattr(gen.source, "trace", None)  # --trace: the draft's and the verification's spans
+
+    def __getattr__(self, name: str):
+        return getattr(self.gen, name)  # the target's counters and cache (the bench reads them)
+
+    def reset_counters(self) -> None:
+        self.gen.reset_counters()
+        self.stats = SpecStats()
 
     def generate_batch(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig,
-                       stop_ids: frozenset[int] = frozenset(), on_step: Callable[[list[int | None]], None] | None = None,
+                       stop_ids: frozenset[int] = frozenset(),
+                       on_step: Callable[[list[int | None]], None] | None = None,
                        limits: Sequence[int] | None = None) -> list[GenerationResult]:
         """``Generator.generate_batch`` for a batch of one: a draft decodes one sequence at a time."""
         if len(prompts) != 1:
@@ -297,6 +306,11 @@ class SpeculativeGenerator:
             if not done:
                 cache.keep(path, start)
             t3 = time.perf_counter()
+            if self.trace is not None:
+                ns = [time.monotonic_ns() - round((t3 - t) * 1e9) for t in (t1, t2)] + [time.monotonic_ns()]
+                args = {"pass": self.stats.passes, "tree_tokens": len(tree), "accepted": len(path) - 1}
+                self.trace.span("draft", "speculative", "speculative", ns[0], ns[1], args)
+                self.trace.span("verify", "speculative", "speculative", ns[1], ns[2], args)
             self.stats.draft_ms += (t2 - t1) * 1e3
             self.stats.verify_ms += (t3 - t2) * 1e3
             self.stats.record(tree, len(path) - 1, emitted)
@@ -316,3 +330,10 @@ def speculative_for(gen: Generator, cfg: EngineConfig, target: Image) -> Specula
         draft = ModelDraft(Generator(InMemoryWeights(image, dev, quiet=True), gen.max_seq_len, prefill=gen.prefill,
                                      threads=gen.threads))
     return SpeculativeGenerator(gen, draft, s.tree_tokens(dev.type, gen.prefill.chunk))
+
+
+def run_generator(source, cfg: EngineConfig, image: Image, max_len: int) -> Generator | SpeculativeGenerator:
+    """A run's generator over ``source``: plain, or speculative over it with ``cfg.speculative.draft``."""
+    gen = generator_for(source, cfg, max_len)
+    return gen if cfg.speculative.draft is None else speculative_for(gen, cfg, image)
+

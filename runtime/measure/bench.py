@@ -245,6 +245,7 @@ class Round:
     kv_alloc_ms: float = 0.0  # the KV cache's allocation, inside the prefill time (an offloaded one is pinned)
     kv_host_bytes: int = 0  # an offloaded cache's host store
     by_sequence: bool = False  # the batch was prefilled whole prompts at a time (Generator._prefill)
+    speculative: dict | None = None  # --draft: runtime.engine.speculative.SpecStats.to_dict
 
     @property
     def step_ms(self) -> list[float]:
@@ -292,6 +293,8 @@ def run_round(gen, source, prompts: Sequence[list[int]], sampling, on_step=None)
     r.kv_alloc_ms = gen.cache_alloc_ms
     r.kv_host_bytes = gen.cache.host_bytes if gen.cache is not None else 0
     r.attended = gen.attended_fraction()
+    if hasattr(gen, "stats"):  # speculative: every pass's tokens arrive at once, so a pass is the step
+        r.speculative = {**gen.stats.to_dict(), "draft": gen.draft.name, "tree_tokens": gen.n}
     return r
 
 
@@ -382,7 +385,8 @@ class BenchContext:
 def build_report(cfg: BenchConfig, engine: EngineConfig, ctx: BenchContext, r: Round) -> dict[str, Any]:
     plan, lk, n = ctx.plan, ctx.links, cfg.batch_size
     t = r.timings(n)
-    steps = len(r.step_ms)
+    # a decode step is a weight pass: one per token, or with --draft one per verified tree (several tokens)
+    steps = r.speculative["passes"] if r.speculative else len(r.step_ms)
     io = io_report(r, plan, t["decode_ms"] / 1e3, steps)
     step_ms = t["decode_ms"] / steps if steps else None
     host_kv = 0
@@ -429,7 +433,7 @@ def build_report(cfg: BenchConfig, engine: EngineConfig, ctx: BenchContext, r: R
                                                                                 "decode_io")},
                 "achieved_GBps": io["achieved"], "links": lk, "bound": bound,
                 "achieved_over_bound": bound["ratio"], "host_mem_GB": host_mem,
-                "unused_flags": ctx.unused, "notes": NOTES + ctx.notes,
+                "unused_flags": ctx.unused, "notes": NOTES + ctx.notes, "speculative": r.speculative,
                 "flags": {"bench": dataclasses.asdict(cfg), "engine": engine.to_dict()}})
     return out
 
@@ -492,6 +496,13 @@ def summary(rep: dict, plan_text: str) -> str:
         ours["host attention"] = (f"{kv['host_attention_layers']} layers: {ms:.1f} ms of CPU attention per decode "
                                   f"step over {fmt_gb(gb)}{rate}, after {kv['host_wait_ms_per_step']:.1f} ms waiting "
                                   f"for the device's queries")
+    sp = rep.get("speculative")
+    if sp:
+        acc = " ".join(f"{a:.2f}" for a in sp["acceptance_by_depth"][:8] if a is not None)
+        ours["speculative"] = (f"draft {sp['draft']}, {sp['tree_tokens']} tree tokens a pass: {sp['passes']} passes "
+                               f"gave {sp['tokens']} tokens ({sp['tokens_per_pass'] or 0:.2f} a pass); draft "
+                               f"{sp['draft_ms']:.0f} ms, verify {sp['verify_ms']:.0f} ms; walks reaching depth 1..: "
+                               f"{acc}")
     width = max(map(len, [*SUMMARY_KEYS, *ours]))
     lines = ["=== Benchmark Summary ==="]
     lines += [f"  {k:>{width}}: {rep[k]:.{2 if k.endswith('tok_s') else 3}f}" for k in SUMMARY_KEYS]
@@ -517,7 +528,8 @@ def run_local(cfg: BenchConfig, engine: EngineConfig, image: Image, prompts: lis
               cut: list, tok: Tokenizer | None, early: EarlyStart | None) -> None:
     """The bench in this process: measure the links, open the weight source, run the warm-up rounds and the
     measured one, print (and write) the report."""
-    from runtime.engine.generate import generator_for, pick_device  # torch: after start_early's pool started
+    from runtime.engine.generate import pick_device  # torch: after start_early's pool started
+    from runtime.engine.speculative import run_generator
 
     device = pick_device(cfg.device)
     lk = links(cfg, image, device, engine.pool.workers)
@@ -531,7 +543,7 @@ def run_local(cfg: BenchConfig, engine: EngineConfig, image: Image, prompts: lis
     with open_source(image, engine, device, batch=cfg.batch_size, max_len=max_len, early=early) as (source, plan,
                                                                                                    handle):
         load_ms = (time.perf_counter() - t0) * 1e3
-        gen = generator_for(source, engine, max_len)
+        gen = run_generator(source, engine, image, max_len)
         first = None
         for i in range(cfg.warmup_rounds):
             first = first or run_round(gen, source, prompts, cfg.sampling)

@@ -1,0 +1,208 @@
+"""Speculative decoding (issue 19): greedy output equals plain greedy decoding token for token with every
+draft (prompt lookup, the target itself, an unrelated random model that rarely agrees), in memory, in every
+streaming mode and with the KV cache offloaded; sampled output is the target's distribution (the same tokens
+as plain sampling for a seed, and a chi-square test against the exact distribution); the tree attention
+agrees with running each path alone; bad drafts are refused before anything starts."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+from conftest import assert_user_error, run_launch
+
+from model.synthetic import SyntheticCheckpoint
+from runtime.engine.config import EngineConfig, SamplingConfig
+from runtime.engine.generate import Generator
+from runtime.engine.source import open_source
+from runtime.engine.speculative import ModelDraft, NgramDraft, SpeculativeGenerator, Tree
+from runtime.engine.weights import InMemoryWeights
+from runtime.format.image import Image
+from runtime.format.pack import pack
+
+# repeats, so that prompt lookup finds continuations; the tiny random model repeats itself too
+PROMPT = [3, 4, 5, 6, 3, 4, 5, 7, 3, 4, 9, 11, 3, 4, 5]
+NEW = 24
+MODES = {"preload": dict(mode="preload"), "stream": dict(mode="stream", prefetch_distance=2),
+         "mixed": dict(mode="mixed", gpu_cached_layers=1, cpu_cache_layers=1, prefetch_distance=2)}
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """(target, a different random model of the same vocabulary: the low-acceptance draft)."""
+    d = tmp_path_factory.mktemp("spec")
+    pack(SyntheticCheckpoint("tiny", n_layers=3), d / "t.img", dtype="fp32", quiet=True)
+    pack(SyntheticCheckpoint("tiny", n_layers=2, seed=7), d / "other.img", dtype="fp32", quiet=True)
+    return Image.open(d / "t.img"), Image.open(d / "other.img")
+
+
+def plain(image: Image, prompt, cfg: SamplingConfig, max_len: int = 96) -> list[int]:
+    return Generator(InMemoryWeights(image, "cpu", quiet=True), max_len).generate(prompt, cfg).output_token_ids
+
+
+def drafts(images):
+    target, other = images
+    return {"ngram": lambda: NgramDraft(),
+            "self": lambda: ModelDraft(Generator(InMemoryWeights(target, "cpu", quiet=True), 96)),
+            "other": lambda: ModelDraft(Generator(InMemoryWeights(other, "cpu", quiet=True), 96))}
+
+
+@pytest.mark.parametrize("draft", ["ngram", "self", "other"])
+@pytest.mark.parametrize("n", [2, 8, 32])
+def test_greedy_equals_plain_in_memory(images, draft, n):
+    target = images[0]
+    ref = plain(target, PROMPT, SamplingConfig(NEW))
+    spec = SpeculativeGenerator(Generator(InMemoryWeights(target, "cpu", quiet=True), 96), drafts(images)[draft](), n)
+    assert spec.generate(PROMPT, SamplingConfig(NEW)).output_token_ids == ref
+    st = spec.stats.to_dict()
+    assert st["tokens"] == NEW - 1 and sum(st["tokens_per_pass_histogram"].values()) == st["passes"]
+    if draft == "self":  # the target as its own draft: nearly every pass keeps a path
+        assert st["tokens_per_pass"] > 1.5, st
+    if draft == "other":
+        assert st["tokens_per_pass"] < 1.5, st  # low acceptance, still exact
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("kv_offload", ["off", "on"])
+def test_greedy_equals_plain_streamed(images, mode, kv_offload):
+    target = images[0]
+    ref = plain(target, PROMPT, SamplingConfig(NEW))
+    cfg = EngineConfig.of(workers=2, quiet=True, kv_offload=kv_offload, **MODES[mode])
+    with open_source(target, cfg, torch.device("cpu"), max_len=96) as (src, plan, _):
+        assert mode == "preload" or plan.stream
+        gen = Generator(src, 96, offload=src.kv_offload or kv_offload == "on")
+        for name, make in drafts(images).items():
+            if name == "other":
+                continue
+            spec = SpeculativeGenerator(gen, make(), 8)
+            assert spec.generate(PROMPT, SamplingConfig(NEW)).output_token_ids == ref, (name, mode, kv_offload)
+            assert spec.stats.passes < NEW - 1  # some pass verified more than one token
+
+
+def test_tree_logits_equal_each_path_alone(images):
+    """Every node's logits from one tree pass equal those of its path run as a plain sequence."""
+    target = images[0]
+    gen = Generator(InMemoryWeights(target, "cpu", quiet=True), 64)
+    tree = Tree([5])
+    a = tree.add(0, 9)
+    tree.add(0, 17)
+    b = tree.add(a, 30)
+    tree.add(a, 31)
+    tree.add(b, 2)
+    cache = gen.new_cache(1)
+    gen.forward(torch.tensor([PROMPT[:-1]]), 0, cache)
+    start = len(PROMPT) - 1
+    got = gen.forward_tree(torch.tensor([tree.tokens]), start, cache, tree.queries(range(len(tree)), start, "cpu"))[0]
+    for node in range(len(tree)):
+        path, j = [], node
+        while j >= 0:
+            path.insert(0, tree.tokens[j])
+            j = tree.parent[j]
+        ref = gen.forward(torch.tensor([PROMPT[:-1] + path]), 0, gen.new_cache(1))[0, -1]
+        assert (got[node] - ref).abs().max().item() < 1e-4, node
+    # keeping path 0 -> a -> b moves their entries to consecutive slots: the next token's logits are then
+    # those of the plain sequence
+    cache.keep([start, start + a, start + b], start)
+    nxt = gen.forward(torch.tensor([[7]]), start + 3, cache)[0, -1]
+    ref = gen.forward(torch.tensor([PROMPT[:-1] + [5, 9, 30, 7]]), 0, gen.new_cache(1))[0, -1]
+    assert (nxt - ref).abs().max().item() < 1e-4
+
+
+def test_sampling_same_tokens_as_plain_for_each_seed(images):
+    target = images[0]
+    gen = Generator(InMemoryWeights(target, "cpu", quiet=True), 96)
+    spec = SpeculativeGenerator(gen, drafts(images)["self"](), 8)
+    for seed in range(6):
+        cfg = SamplingConfig(16, temperature=0.7, top_p=0.9, seed=seed)
+        assert spec.generate(PROMPT, cfg).output_token_ids == plain(target, PROMPT, cfg), seed
+
+
+def nucleus(logits: torch.Tensor, t: float, top_p: float) -> torch.Tensor:
+    """The distribution temperature ``t`` and top-p ``top_p`` sample from: the smallest set of most likely
+    tokens whose mass reaches top_p, renormalised."""
+    p = torch.softmax(logits / t, -1)
+    sp, idx = p.sort(descending=True)
+    keep = sp.cumsum(-1) - sp <= top_p
+    out = torch.zeros_like(p)
+    out[idx[keep]] = sp[keep]
+    return out / out.sum()
+
+
+def test_sampling_distribution_chi_square(images):
+    """The second token (the first a tree pass decides) over N = 1000 seeds against its exact distribution
+    under the target, sum over x1 of p(x1) p(x2 | x1), at temperature 0.1 and top-p 0.8, in K + 1 bins of
+    expected count >= 15 (the rest pooled). A total-variation distance d between the binned distributions
+    makes the chi-square's noncentrality at least N (2d)^2 (Cauchy-Schwarz): 90 for d = 0.15, so with K <= 20
+    degrees of freedom the test at alpha = 0.001 (critical value 45.3 at K = 20) rejects such a difference
+    with power above 0.99 (noncentral chi-square mean K + 90, sd sqrt(2 (K + 180))), and d = 0.1 with about
+    0.85. Seeds printed."""
+    target = images[0]
+    gen = Generator(InMemoryWeights(target, "cpu", quiet=True), 24)
+    t, top_p = 0.1, 0.8
+    with torch.no_grad():
+        p1 = nucleus(gen.forward(torch.tensor([PROMPT]), 0, gen.new_cache(1))[0, -1], t, top_p)
+        exact = torch.zeros_like(p1)
+        for x1 in p1.nonzero().flatten().tolist():
+            exact += p1[x1] * nucleus(gen.forward(torch.tensor([PROMPT + [x1]]), 0, gen.new_cache(1))[0, -1], t, top_p)
+    n, base = 1000, 1000
+    print(f"seeds {base}..{base + n - 1}")
+    spec = SpeculativeGenerator(Generator(InMemoryWeights(target, "cpu", quiet=True), 24), NgramDraft(), 4)
+    counts = torch.zeros_like(exact)
+    for seed in range(base, base + n):
+        counts[spec.generate(PROMPT, SamplingConfig(2, temperature=t, top_p=top_p, seed=seed)).output_token_ids[1]] += 1
+    assert counts.sum() == n and counts[exact == 0].sum() == 0  # nothing outside the target's support
+    order = exact.argsort(descending=True).tolist()
+    bins = [i for i in order if exact[i] * n >= 15]
+    rest = [i for i in order if 0 < exact[i] * n < 15]
+    obs = [counts[i].item() for i in bins] + ([counts[rest].sum().item()] if rest else [])
+    exp = [exact[i].item() * n for i in bins] + ([exact[rest].sum().item() * n] if rest else [])
+    stat = sum((o - e) ** 2 / e for o, e in zip(obs, exp))
+    k = len(obs) - 1  # degrees of freedom
+    assert 2 <= k <= 20, k
+    crit = k * (1 - 2 / (9 * k) + 3.0902 * math.sqrt(2 / (9 * k))) ** 3  # upper 0.001 point (Wilson-Hilferty)
+    print(f"chi-square {stat:.1f} on {k} degrees of freedom, critical value {crit:.1f} at alpha 0.001")
+    assert stat < crit, (stat, crit, k)
+
+
+def test_cli_draft_and_bad_drafts(images, tmp_path):
+    target, other = images
+    out = tmp_path / "o.json"
+    ids = ",".join(map(str, PROMPT))
+    ref = plain(target, PROMPT, SamplingConfig(12))
+    for draft in ("ngram", str(other.path)):
+        proc = run_launch("run", "--image", str(target.path), "--prompt-ids", ids, "--max-new-tokens", "12",
+                          "--device", "cpu", "--draft", draft, "--draft-tokens", "6", "--out-json", str(out))
+        j = json.loads(out.read_text())
+        assert j["output_token_ids"] == ref
+        assert j["speculative"]["passes"] >= 1 and "speculative, draft" in proc.stderr, proc.stderr
+
+    def run(*extra):
+        return run_launch("run", "--image", str(target.path), "--prompt-ids", ids, "--device", "cpu", *extra,
+                          check=False)
+
+    assert_user_error(run("--draft", str(tmp_path / "missing.img")), "missing.img", "no such image")
+    assert_user_error(run("--draft", "ngram", "--draft-tokens", "0"), "--draft-tokens", "at least 1", "0")
+    assert_user_error(run("--draft-tokens", "4"), "--draft-tokens 4 needs --draft")
+    assert_user_error(run("--draft", "ngram", "--draft-tokens", "5000"), "--draft-tokens 5000", "--prefill-chunk")
+    assert_user_error(run("--draft", "ngram", "--topk-blk", "2"), "--draft and --topk-blk")
+    bad = tmp_path / "bad.img"  # a corrupt draft: the header's magic flipped
+    data = bytearray(other.path.read_bytes())
+    data[0] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    (tmp_path / "bad.img.manifest.json").write_text(other.manifest_path.read_text())
+    assert_user_error(run("--draft", str(bad)), "bad.img")
+    wide = tmp_path / "wide.img"  # another vocabulary
+    pack(SyntheticCheckpoint(dataclasses.replace(target.args, n_layers=1, vocab_size=300)), wide, dtype="fp32",
+         quiet=True)
+    assert_user_error(run("--draft", str(wide)), "300 tokens", str(target.args.vocab_size))
+    f = tmp_path / "p.txt"
+    f.write_text(f"{ids}\n{ids}\n")
+    assert_user_error(run_launch("run", "--image", str(target.path), "--prompts", str(f), "--batch-size", "2",
+                                 "--device", "cpu", "--draft", "ngram", check=False), "--batch-size 1", "2")
+    # a draft larger than the GPU budget: refused by the plan before torch starts (planned for CUDA here)
+    assert_user_error(run_launch("run", "--image", str(target.path), "--prompt-ids", ids, "--device", "cuda",
+                                 "--gpu-mem-gb", "0.3", "--draft", str(other.path), check=False),
+                      "the draft model", "--gpu-mem-gb")
