@@ -206,3 +206,33 @@ def test_cli_draft_and_bad_drafts(images, tmp_path):
     assert_user_error(run_launch("run", "--image", str(target.path), "--prompt-ids", ids, "--device", "cuda",
                                  "--gpu-mem-gb", "0.3", "--draft", str(other.path), check=False),
                       "the draft model", "--gpu-mem-gb")
+
+
+@pytest.mark.slow
+def test_smollm2_with_its_int4_image_as_draft(smol_gguf, smol_image, tmp_path):
+    """The embedded SmolLM2 (fp32 image) with its own int4 g64 image as the draft, and with prompt lookup:
+    greedy output equals plain greedy, in memory and streamed from disk; the int4 draft agrees often."""
+    from model.checkpoint import open_checkpoint
+    from runtime.format.image import WeightFormat
+
+    draft_path = tmp_path / "smol.int4.img"
+    pack(open_checkpoint(smol_gguf), draft_path, dtype=WeightFormat("fp32", "int4", 64), quiet=True)
+    target, draft = Image.open(smol_image), Image.open(draft_path)
+    # the chat template of a request to repeat a sentence: the answer copies it (prompt lookup's case)
+    prompt = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407, 19712,
+              8182, 2, 198, 1, 4093, 198, 48010, 3869, 42, 378, 2365, 6354, 16438, 27003, 690, 260, 23790, 2767, 411,
+              260, 4626, 30, 2, 198, 1, 520, 9531, 198]  # "Repeat exactly: The quick brown fox ... river."
+    new, max_len = 12, len(prompt) + 12 + 8
+    ref = plain(target, prompt, SamplingConfig(new), max_len)
+    gen = Generator(InMemoryWeights(target, "cpu", quiet=True), max_len)
+    for make in (lambda: ModelDraft(Generator(InMemoryWeights(draft, "cpu", quiet=True), max_len)), NgramDraft):
+        spec = SpeculativeGenerator(gen, make(), 8)
+        assert spec.generate(prompt, SamplingConfig(new)).output_token_ids == ref
+        if isinstance(spec.draft, ModelDraft):
+            assert spec.stats.to_dict()["tokens_per_pass"] > 2, spec.stats.to_dict()  # int4 agrees with fp32
+    cfg = EngineConfig.of(workers=2, quiet=True, mode="stream", prefetch_distance=2)
+    with open_source(target, cfg, torch.device("cpu"), max_len=max_len) as (src, plan, _):
+        assert plan.stream
+        spec = SpeculativeGenerator(Generator(src, max_len),
+                                    ModelDraft(Generator(InMemoryWeights(draft, "cpu", quiet=True), max_len)), 8)
+        assert spec.generate(prompt, SamplingConfig(new)).output_token_ids == ref
