@@ -1026,3 +1026,24 @@ def test_server_batches_waiting_requests(image, pools, tmp_path):
         assert streamed == done["results"][0]["output_token_ids"] == reference(image, prompt, new)
     log = pool_file(name, "server_log").read_text()
     assert "went away" in log and "(one batch of 2)" in log, log
+
+
+def test_server_with_a_draft(image, pools, tmp_path):
+    """pool serve --draft: speculative requests through the server give the in-process run's tokens; a run
+    asking for another draft is refused, as is a draft server with a batch."""
+    name = pools.name("spec")
+    pools.start(image, name)
+    assert_user_error(serve(name, "--draft", "ngram", "--batch-size", "2", check=False), "--batch-size 1", "2")
+    assert_user_error(serve(name, "--draft", str(tmp_path / "nope.img"), check=False), "nope.img", "no such image")
+    serve(name, "--draft", str(image), "--draft-tokens", "4", "--quiet")  # the model as its own draft
+    srv = records.live_server(name)
+    js = tmp_path / "r.json"
+    for prompt in PROMPTS:
+        run_launch(*attach_args(name, prompt, 24, js))
+        got = json.loads(js.read_text())
+        assert got["server_pid"] == srv["pid"] and got["output_token_ids"] == reference(image, prompt, 24)
+        sp = got["speculative"]
+        assert sp["tree_tokens"] == 4 and sp["tokens"] == 23 and sp["passes"] < 23, sp  # several tokens a pass
+    assert_user_error(run_launch(*attach_args(name, PROMPTS[0], 4), "--draft", "ngram", check=False),
+                      "--draft ngram", "--no-server")
+    run_launch("pool", "serve", name, "--stop")

@@ -231,7 +231,7 @@ def _run_via_server(cfg: RunConfig, engine: EngineConfig, sampling: SamplingConf
                "text": tok.decode(res.output_token_ids) if tok else None, "stop_reason": res.stop_reason,
                "mode": "server", "device": srv["device"], "image": str(image.path), "load_ms": 0.0,
                "first_token_ms": first_ms, **t, "plan": srv.get("plan"), "server_pid": srv["pid"],
-               "served_in_batch_of": done.get("batched", 1)}
+               "served_in_batch_of": done.get("batched", 1), "speculative": done.get("speculative")}
         Path(cfg.out_json).write_text(json.dumps(out, indent=1))
 
 

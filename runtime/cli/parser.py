@@ -400,6 +400,7 @@ def _serve_parser(ps) -> None:
     arg(q, "--start-timeout", C, type=float, help="seconds to wait for it to serve (default %(default)s)")
     arg(q, "--quiet", C, action="store_true", help="print only the last line")
     _kv_args(q)
+    _draft_args(q)
 
 
 def build_parser() -> argparse.ArgumentParser:

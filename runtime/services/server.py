@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 from model.errors import ConfigError, UserError
 from runtime.engine.config import EngineConfig, FlagConfig, SamplingConfig
+from runtime.engine.drafts import open_draft_image
 from runtime.engine.placement import Plan
 from runtime.engine.source import open_source
 from runtime.format.image import Image
@@ -91,7 +92,7 @@ SEND_TIMEOUT_S = 30.0  # a client that stops reading for this long is dropped
 # The flags a server fixes when it starts (EngineConfig flag names): a run through it must leave each at its
 # default or give the server's own value.
 SERVER_FLAGS = ("gpu_mem_gb", "gpu_cached_layers", "group_prefetch_depth", "kv_block_tokens", "kv_offload",
-                "host_attention", "topk_blk", "prefill_chunk", "prefill_by_sequence")
+                "host_attention", "topk_blk", "prefill_chunk", "prefill_by_sequence", "draft", "draft_tokens")
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,11 @@ def serve(cfg: ServeConfig, engine: EngineConfig) -> None:
     if not coordinator_alive(pool):
         raise UserError(f"pool {cfg.name!r} is not running (coordinator pid {pool.get('pid')} is gone); launch.py "
                         f"pool cleanup {cfg.name}, then pool start")
+    if engine.speculative.draft is not None:
+        if cfg.batch_size > 1:
+            raise ConfigError(f"--draft decodes one sequence at a time: give --batch-size 1, found {cfg.batch_size}")
+        if engine.speculative.draft != "ngram":
+            open_draft_image(engine.speculative.draft, Image.open(pool["image"]["path"], pool["image"]["manifest"]))
     device = str(pick_device(cfg.device))  # cuda when there is one; --device cuda without one refused
     name = cfg.name
     with pool_lock(name):
@@ -321,7 +327,7 @@ def server_main(cfg_file: str) -> int:
 def _serve(cfg: ServeConfig, engine: EngineConfig, stopping: dict):
     import torch
 
-    from runtime.engine.generate import generator_for  # torch: the server computes
+    from runtime.engine.speculative import run_generator  # torch: the server computes
 
     name = cfg.name
     t_start = time.perf_counter()
@@ -333,11 +339,12 @@ def _serve(cfg: ServeConfig, engine: EngineConfig, stopping: dict):
     if device.type == "cuda":  # measured before the plan takes the GPU budget
         lk["h2d"] = ({"gbps": cfg.h2d_gbps, "source": "--h2d-gbps"} if cfg.h2d_gbps else measure_h2d(device))
     max_len, batch = cfg.max_seq_len, cfg.batch_size
-    with open_source(image, engine, device, batch=batch, max_len=max_len) as (source, plan, handle):
+    room = engine.speculative.tree_room(device.type, engine.prefill.chunk)  # KV slots for a request's last tree
+    with open_source(image, engine, device, batch=batch, max_len=max_len + room) as (source, plan, handle):
         if lk["disk"] is None and plan is not None and plan.disk_bytes_per_pass:  # the run streams from disk
             lk["disk"] = measure_disk_quick(str(image.path), image.image_size, 4)
-        gen = generator_for(source, engine, max_len)
-        gen.generate([1], SamplingConfig(1))  # one pass: the whole path is warm before the first request
+        gen = run_generator(source, engine, image, max_len + room)
+        gen.generate([1], SamplingConfig(2 if room else 1))  # one pass: the whole path is warm before the first request
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         bound = bound_report(plan, lk, None)
@@ -655,6 +662,9 @@ def _generate_request(req: dict, ctx: ServerContext, send: Callable[[dict], None
         return {"done": True, "report": build_report(bcfg, ctx.engine, bctx, r), "plan_line": plan_line(ctx.plan),
                 "summary": f"bench round, batch {b}, {len(r.tokens)} passes"}
     results = []
+    speculative = hasattr(gen, "stats")
+    if speculative:  # this request's passes only
+        gen.reset_counters()
     if len(prompts) == 1:
         results.append(gen.generate(prompts[0], cfg, p.stop_ids, lambda t: send({"token": t})))
     else:
@@ -662,6 +672,8 @@ def _generate_request(req: dict, ctx: ServerContext, send: Callable[[dict], None
             results += gen.generate_batch(prompts[i:i + b], cfg, p.stop_ids, lambda toks: send({"step": toks}))
     n = sum(len(r.output_token_ids) for r in results)
     return {"done": True, "results": [_result(x) for x in results],
+            "speculative": {**gen.stats.to_dict(), "draft": gen.draft.name, "tree_tokens": gen.n} if speculative
+            else None,
             "summary": f"{len(prompts)} prompt(s), {sum(map(len, prompts))} prompt tokens, {n} generated"}
 
 
