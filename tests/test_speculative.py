@@ -236,3 +236,21 @@ def test_smollm2_with_its_int4_image_as_draft(smol_gguf, smol_image, tmp_path):
         spec = SpeculativeGenerator(Generator(src, max_len),
                                     ModelDraft(Generator(InMemoryWeights(draft, "cpu", quiet=True), max_len)), 8)
         assert spec.generate(prompt, SamplingConfig(new)).output_token_ids == ref
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kv_offload", ["off", "on"])
+def test_cuda_greedy_equals_plain(images, kv_offload):
+    """On CUDA (the masked SDPA path, the offloaded cache's copy stream): speculative greedy equals plain,
+    in memory and streamed."""
+    target = images[0]
+    dev = torch.device("cuda")
+    ref = Generator(InMemoryWeights(target, dev, quiet=True), 96).generate(PROMPT, SamplingConfig(NEW)).output_token_ids
+    for mode in ("full", "stream"):
+        cfg = EngineConfig.of(workers=2, quiet=True, mode=mode, kv_offload=kv_offload, gpu_cached_layers=0)
+        with open_source(target, cfg, dev, max_len=96) as (src, _, _):
+            gen = Generator(src, 96, offload=kv_offload == "on")
+            for draft in (NgramDraft(), ModelDraft(Generator(InMemoryWeights(target, dev, quiet=True), 96))):
+                spec = SpeculativeGenerator(gen, draft, 8)
+                assert spec.generate(PROMPT, SamplingConfig(NEW)).output_token_ids == ref, (mode, kv_offload)
