@@ -71,8 +71,9 @@ def main() -> int:
     cap, _ = emulated_cap(a.shape, a.layers, a.cap, dtype, quant) if device.type == "cuda" else (None, None)
     max_len = a.context + max(ns)
     h2d = measure_h2d(device) if device.type == "cuda" else None
-    cfg = EngineConfig.of(mode="preload", workers=4, quiet=True, prefill_chunk=max(2048, max(ns)),
-                          **({"gpu_mem_gb": cap} if cap else {}))
+    # a draft's config, so that the plan keeps room for every tree node's logits
+    cfg = EngineConfig.of(mode="preload", workers=4, quiet=True, prefill_chunk=max(2048, max(ns)), draft="ngram",
+                          draft_tokens=max(ns), **({"gpu_mem_gb": cap} if cap else {}))
     rows = []
     with open_source(image, cfg, device, max_len=max_len) as (source, plan, _):
         gen = Generator(source, max_len, prefill=cfg.prefill)
