@@ -49,7 +49,6 @@ def main() -> int:
     import torch
 
     from benchmarks.suite import emulated_cap
-    from model.args import preset
     from runtime.engine.config import EngineConfig
     from runtime.engine.generate import Generator, pick_device
     from runtime.engine.source import open_source

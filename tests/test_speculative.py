@@ -254,3 +254,25 @@ def test_cuda_greedy_equals_plain(images, kv_offload):
             for draft in (NgramDraft(), ModelDraft(Generator(InMemoryWeights(target, dev, quiet=True), 96))):
                 spec = SpeculativeGenerator(gen, draft, 8)
                 assert spec.generate(PROMPT, SamplingConfig(NEW)).output_token_ids == ref, (mode, kv_offload)
+
+
+def test_tree_size_climbs_to_the_best_rate():
+    """TreeSize, fed the tokens a second of a pass-cost model (a pass costs 100 ms + 1 ms a node, and keeps
+    a node with probability 0.9 along a chain), tries the neighbours and settles where the rate peaks; a
+    fixed size never moves."""
+    from runtime.engine.speculative import TreeSize
+
+    def rate(n):  # tokens, ms of one pass of a chain of n nodes
+        kept = sum(0.9 ** d for d in range(1, n))  # expected accepted nodes past the root
+        return 1 + kept, 100 + n
+
+    size = TreeSize(8, 1024, fixed=False)
+    for _ in range(200):
+        tok, ms = rate(size.n)
+        size.record(size.n, tok, ms)
+    best = max((2 ** k for k in range(1, 11)), key=lambda n: rate(n)[0] / rate(n)[1])
+    assert size.n == best and size.history[0] == 8 and len(size.history) > 1, size.history
+    fixed = TreeSize(8, 1024, fixed=True)
+    for _ in range(50):
+        fixed.record(8, *rate(8))
+    assert fixed.n == 8 and fixed.history == [8]

@@ -171,7 +171,7 @@ def _run(cfg: RunConfig, engine: EngineConfig, sampling: SamplingConfig, image: 
         res = gen.generate(prompt, sampling, tok.eos_ids if tok else frozenset(), printer)
     TokenPrinter.end()
     t = res.timings()
-    spec = gen.stats.to_dict() if hasattr(gen, "stats") else None
+    spec = gen.report() if hasattr(gen, "report") else None
     if not engine.quiet:
         tps = f"{t['decode_tok_s']:.2f} tok/s" if t["decode_tok_s"] else "n/a"
         print(f"[{len(prompt)} prompt tokens, {len(res.output_token_ids)} generated; mode {engine.placement.mode}; "
@@ -191,7 +191,10 @@ def spec_line(gen) -> str:
     """One line of what a speculative generation did (runtime/engine/speculative.py SpecStats)."""
     d = gen.stats.to_dict()
     acc = " ".join(f"{a:.2f}" for a in d["acceptance_by_depth"][:8] if a is not None)
-    return (f"speculative, draft {gen.draft.name} ({gen.n} tree tokens a pass): {d['passes']} passes, "
+    sizes = gen.size.history
+    how = f"{gen.n} tree tokens a pass" + ("" if gen.size.fixed else
+                                          f", chosen from the run's tokens a second: {' -> '.join(map(str, sizes))}")
+    return (f"speculative, draft {gen.draft.name} ({how}): {d['passes']} passes, "
             f"{d['tokens_per_pass'] or 0:.2f} tokens a pass, draft {d['draft_ms']:.0f} ms, verify "
             f"{d['verify_ms']:.0f} ms; reached depth 1..: {acc}")
 
@@ -272,11 +275,11 @@ def _run_prompts(cfg: RunConfig, engine: EngineConfig, sampling: SamplingConfig,
     finally:
         if early is not None:
             early.stop()
-    _print_prompts(cfg, engine, tok, prompts, b, results, load_ms, t0, image, plan)
+    _print_prompts(cfg, engine, tok, prompts, b, results, load_ms, t0, image, plan, gen)
 
 
 def _print_prompts(cfg: RunConfig, engine: EngineConfig, tok, prompts, b: int, results, load_ms: float, t0: float,
-                   image: Image, plan) -> None:
+                   image: Image, plan, gen=None) -> None:
     total_s = time.perf_counter() - t0
     out = []
     for i, r in enumerate(results):
@@ -289,10 +292,13 @@ def _print_prompts(cfg: RunConfig, engine: EngineConfig, tok, prompts, b: int, r
     if not engine.quiet:
         print(f"[{len(prompts)} prompts in batches of {b}; {n_tok} tokens generated; load {load_ms:.0f} ms, "
               f"total {total_s:.1f} s, {n_tok / total_s:.2f} tok/s]", file=sys.stderr)
+        if hasattr(gen, "report"):
+            print(f"[{spec_line(gen)}]", file=sys.stderr)
     if cfg.out_json:
         Path(cfg.out_json).write_text(json.dumps({"results": out, "batch_size": b, "mode": engine.placement.mode,
                                                   "image": str(image.path), "load_ms": load_ms,
-                                                  "total_s": total_s, "plan": plan.to_dict() if plan else None},
+                                                  "total_s": total_s, "plan": plan.to_dict() if plan else None,
+                                                  "speculative": gen.report() if hasattr(gen, "report") else None},
                                                  indent=1))
 
 

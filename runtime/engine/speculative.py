@@ -123,6 +123,7 @@ class NgramDraft:
         pass
 
 
+MAX_CHOSEN = 1024  # the largest tree TreeSize chooses (benchmarks/spec_passes.py measures up to it)
 SPREAD = math.log(0.1)  # an expansion step's leaves: at least a tenth as likely as its best
 
 
@@ -222,20 +223,55 @@ class SpecStats:
                 "acceptance_by_depth": [r / o if o else None for r, o in zip(self.reached, self.offered)]}
 
 
+class TreeSize:
+    """The tree's nodes per pass. Fixed (``--draft-tokens``), or chosen from what the run measures: every
+    ``EVERY`` passes the tokens a second each size has given so far (tokens emitted over draft + verify time,
+    which holds both a pass's cost at that size and the acceptance seen) are compared with those of its
+    neighbours, half and twice the size (within [2, ``limit``]); a neighbour not yet tried is tried next, else
+    the best of the three is kept. It climbs to the size whose extra nodes stop paying for their draft and
+    verification time."""
+
+    EVERY = 8
+
+    def __init__(self, start: int, limit: int, fixed: bool) -> None:
+        self.n, self.limit, self.fixed = start, limit, fixed
+        self.seen: dict[int, list[float]] = {}  # size -> [tokens, ms]
+        self.passes = 0
+        self.history: list[int] = [start]
+
+    def record(self, n: int, tokens: int, ms: float) -> None:
+        t = self.seen.setdefault(n, [0.0, 0.0])
+        t[0], t[1] = t[0] + tokens, t[1] + ms
+        self.passes += 1
+        if self.fixed or self.passes % self.EVERY:
+            return
+        sizes = [m for m in (self.n // 2, self.n * 2) if 2 <= m <= self.limit]
+        untried = [m for m in sizes if m not in self.seen]
+        best = untried[0] if untried else max([self.n, *sizes], key=lambda m: self.seen[m][0] / self.seen[m][1])
+        if best != self.n:
+            self.n = best
+            self.history.append(best)
+
+
 class SpeculativeGenerator:
     """Speculative decoding of one sequence at a time: ``gen`` is the target's Generator (any weight source,
     any KV cache), ``draft`` an ``NgramDraft`` or a ``ModelDraft``, ``n`` the tree's nodes per pass (the
-    root included)."""
+    root included): fixed, or with ``choose`` only where the choice starts (``TreeSize``)."""
 
-    def __init__(self, gen: Generator, draft, n: int) -> None:
+    def __init__(self, gen: Generator, draft, n: int, choose: bool = False) -> None:
         if n < 1:
             raise ConfigError(f"--draft-tokens must be at least 1, found {n}")
         if n > gen.prefill.chunk:
             raise ConfigError(f"--draft-tokens {n} exceeds --prefill-chunk {gen.prefill.chunk}: a pass verifies "
                               f"at most one prefill chunk")
-        self.gen, self.draft, self.n = gen, draft, n
+        self.gen, self.draft = gen, draft
+        self.size = TreeSize(n, min(gen.prefill.chunk, MAX_CHOSEN), fixed=not choose)
         self.stats = SpecStats()
         self.trace = getattr(gen.source, "trace", None)  # --trace: the draft's and the verification's spans
+
+    @property
+    def n(self) -> int:
+        return self.size.n
 
     def __getattr__(self, name: str):
         return getattr(self.gen, name)  # the target's counters and cache (the bench reads them)
@@ -243,6 +279,11 @@ class SpeculativeGenerator:
     def reset_counters(self) -> None:
         self.gen.reset_counters()
         self.stats = SpecStats()
+
+    def report(self) -> dict:
+        """The stats since reset_counters, the draft, and the tree's size (and how it was chosen)."""
+        return {**self.stats.to_dict(), "draft": self.draft.name, "tree_tokens": self.n,
+                "tree_tokens_fixed": self.size.fixed, "tree_tokens_history": list(self.size.history)}
 
     def generate_batch(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig,
                        stop_ids: frozenset[int] = frozenset(),
@@ -314,6 +355,7 @@ class SpeculativeGenerator:
             self.stats.draft_ms += (t2 - t1) * 1e3
             self.stats.verify_ms += (t3 - t2) * 1e3
             self.stats.record(tree, len(path) - 1, emitted)
+            self.size.record(n, emitted, (t3 - t1) * 1e3)
             res.token_ms.append((t3 - t1) * 1e3)  # one entry per pass here
         res.decode_ms = sum(res.token_ms)
         return res
@@ -329,7 +371,7 @@ def speculative_for(gen: Generator, cfg: EngineConfig, target: Image) -> Specula
         image = open_draft_image(s.draft, target)
         draft = ModelDraft(Generator(InMemoryWeights(image, dev, quiet=True), gen.max_seq_len, prefill=gen.prefill,
                                      threads=gen.threads))
-    return SpeculativeGenerator(gen, draft, s.tree_tokens(dev.type, gen.prefill.chunk))
+    return SpeculativeGenerator(gen, draft, s.tree_tokens(dev.type, gen.prefill.chunk), choose=s.tokens is None)
 
 
 def run_generator(source, cfg: EngineConfig, image: Image, max_len: int) -> Generator | SpeculativeGenerator:

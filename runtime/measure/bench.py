@@ -294,7 +294,7 @@ def run_round(gen, source, prompts: Sequence[list[int]], sampling, on_step=None)
     r.kv_host_bytes = gen.cache.host_bytes if gen.cache is not None else 0
     r.attended = gen.attended_fraction()
     if hasattr(gen, "stats"):  # speculative: every pass's tokens arrive at once, so a pass is the step
-        r.speculative = {**gen.stats.to_dict(), "draft": gen.draft.name, "tree_tokens": gen.n}
+        r.speculative = gen.report()
     return r
 
 

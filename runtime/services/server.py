@@ -672,7 +672,7 @@ def _generate_request(req: dict, ctx: ServerContext, send: Callable[[dict], None
             results += gen.generate_batch(prompts[i:i + b], cfg, p.stop_ids, lambda toks: send({"step": toks}))
     n = sum(len(r.output_token_ids) for r in results)
     return {"done": True, "results": [_result(x) for x in results],
-            "speculative": {**gen.stats.to_dict(), "draft": gen.draft.name, "tree_tokens": gen.n} if speculative
+            "speculative": gen.report() if speculative
             else None,
             "summary": f"{len(prompts)} prompt(s), {sum(map(len, prompts))} prompt tokens, {n} generated"}
 
