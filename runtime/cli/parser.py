@@ -162,8 +162,10 @@ def _draft_args(p) -> None:
              "it); ngram: continuations of where the text's last tokens occurred before (no model). One "
              "sequence at a time (no --batch-size above 1); not with --topk-blk")
     arg(g, "--draft-tokens", E, type=int, metavar="N",
-        help="tree nodes verified per weight pass, the last accepted token included (default: 8 for ngram and on "
-             "the CPU, 32 for a model draft on CUDA; at most --prefill-chunk)")
+        help="tree nodes verified per weight pass, the last accepted token included, at most --prefill-chunk "
+             "(default: chosen during the run: every 8 passes half and twice the size are tried against it and the "
+             "one that has given the most tokens a second is kept, starting at 8 for ngram and on the CPU, 32 for a "
+             "model draft on CUDA; the run prints its choices)")
 
 
 def _sampling_args(p, cls: type) -> None:
