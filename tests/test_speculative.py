@@ -173,11 +173,16 @@ def test_cli_draft_and_bad_drafts(images, tmp_path):
     ids = ",".join(map(str, PROMPT))
     ref = plain(target, PROMPT, SamplingConfig(12))
     for draft in ("ngram", str(other.path)):
+        trace = tmp_path / "t.json"
         proc = run_launch("run", "--image", str(target.path), "--prompt-ids", ids, "--max-new-tokens", "12",
-                          "--device", "cpu", "--draft", draft, "--draft-tokens", "6", "--out-json", str(out))
+                          "--device", "cpu", "--draft", draft, "--draft-tokens", "6", "--out-json", str(out),
+                          "--trace", str(trace))
         j = json.loads(out.read_text())
         assert j["output_token_ids"] == ref
-        assert j["speculative"]["passes"] >= 1 and "speculative, draft" in proc.stderr, proc.stderr
+        sp = j["speculative"]
+        assert sp["passes"] >= 1 and sp["tree_tokens_fixed"] and "speculative, draft" in proc.stderr, proc.stderr
+        spans = [e for e in json.loads(trace.read_text())["traceEvents"] if e.get("cat") == "speculative"]
+        assert sorted({e["name"] for e in spans}) == ["draft", "verify"] and len(spans) == 2 * sp["passes"]
 
     def run(*extra):
         return run_launch("run", "--image", str(target.path), "--prompt-ids", ids, "--device", "cpu", *extra,
