@@ -9,7 +9,8 @@ The prompts (benchmarks/data/spec_prompts.txt, one per line, each in the chat te
 rewrite a passage of Pride and Prejudice (chapter 1; public domain), answer questions about it, and write code
 from a specification. Each (prompt, draft) is one ``launch.py run`` process, greedy; its JSON gives the
 decode tokens/s, the passes and the tokens a pass. Every speculative output is checked against the run
-without a draft (greedy: the same tokens).
+without a draft (greedy: the same tokens in fp32; in bf16 a pass of many tokens rounds differently from a
+pass of one, so a near tie may go the other way and the texts part there).
 """
 
 from __future__ import annotations
@@ -46,10 +47,14 @@ def main() -> int:
     w.mkdir(parents=True, exist_ok=True)
     gguf = str(embedded_gguf())
     target, draft = w / "smol.img", w / "smol.int4.img"
-    if not target.exists():  # the embedded default's formats: its Q4_1 blocks kept
-        launch("pack", "--checkpoint", gguf, "--out", str(target), "--quiet")
+    # the embedded default's formats: its Q4_1 blocks kept, the rest bf16 (fp32 on the CPU, as the embedded run)
+    cpu = a.device == "cpu" or (a.device is None and not Path("/dev/nvidiactl").exists())
+    if not target.exists():
+        launch("pack", "--checkpoint", gguf, "--out", str(target), "--quiet", *(["--dtype", "fp32", "--keep-blocks"]
+                                                                                 if cpu else []))
     if not draft.exists():
-        launch("pack", "--checkpoint", gguf, "--out", str(draft), "--quiet", "--quantize", "int4", "--group-size", "64")
+        launch("pack", "--checkpoint", gguf, "--out", str(draft), "--quiet", "--quantize", "int4", "--group-size", "64",
+               *(["--dtype", "fp32"] if cpu else []))
     dev = ["--device", a.device] if a.device else []
     drafts = [("none", [])] + [("ngram", ["--draft", "ngram"])] + \
         [(f"int4 x{n}", ["--draft", str(draft), "--draft-tokens", n]) for n in a.draft_tokens.split(",")]

@@ -206,19 +206,31 @@ def tiny(tmp_path_factory):
     return out
 
 
-def refused_first(proc, *needles) -> None:
-    """One error line and nothing before it (no plan printed, no pool started), nothing left in /dev/shm."""
+def launch_tracked(*args: str):
+    """``run_launch(*args, check=False)`` that also names what the process's private pool would be called
+    (runPID-N: its shared memory carries it), so the leftover check sees only this run's, not those of tests
+    running beside it."""
+    p = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), *args], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    out, err = p.communicate(timeout=300)
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err), f"run{p.pid}"
+
+
+def refused_first(proc, *needles, pool: str) -> None:
+    """One error line and nothing before it (no plan printed, no pool started), nothing of pool ``pool`` (a
+    prefix of its name) left in /dev/shm."""
     assert_user_error(proc, *needles)
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
-    assert not [n for n in leftover_names() if ".run" in n], leftover_names()
+    mine = [n for n in leftover_names() if f".{pool}" in n]
+    assert not mine, mine
 
 
 @pytest.mark.parametrize("mode", ["full", "stream"])
 def test_token_ids_outside_the_vocabulary(tiny, mode):
     vocab = Image.open(tiny).args.vocab_size
     for ids, bad in (("1,2,999999", "999999"), (f"1,{vocab}", str(vocab)), ("-1", "-1")):
-        proc = run_launch("run", "--image", str(tiny), "--mode", mode, "--prompt-ids", ids, check=False)
-        refused_first(proc, "--prompt-ids", bad, f"0..{vocab - 1}")
+        proc, pool = launch_tracked("run", "--image", str(tiny), "--mode", mode, "--prompt-ids", ids)
+        refused_first(proc, "--prompt-ids", bad, f"0..{vocab - 1}", pool=pool)
 
 
 @pytest.mark.parametrize("flags,needle", [
@@ -232,8 +244,8 @@ def test_token_ids_outside_the_vocabulary(tiny, mode):
     (["--max-seq-len", "2"], "exceeds --max-seq-len 2"),
 ])
 def test_run_flags_refused_before_the_pool(tiny, flags, needle):
-    proc = run_launch("run", "--image", str(tiny), "--mode", "stream", "--prompt-ids", "1,2,3", *flags, check=False)
-    refused_first(proc, needle)
+    proc, pool = launch_tracked("run", "--image", str(tiny), "--mode", "stream", "--prompt-ids", "1,2,3", *flags)
+    refused_first(proc, needle, pool=pool)
 
 
 def test_pool_start_flags_refused_first(tiny, tmp_path, monkeypatch):
@@ -242,7 +254,7 @@ def test_pool_start_flags_refused_first(tiny, tmp_path, monkeypatch):
                           (["--workers", "1000"], "--workers 1000: 1 to"),
                           (["--clients", "100000"], "--clients 100000: at most")):
         proc = run_launch("pool", "start", "--image", str(tiny), "--name", "bad", *flags, check=False)
-        refused_first(proc, needle)
+        refused_first(proc, needle, pool="bad.")
     assert not any((tmp_path / "pools").glob("bad*"))
 
 

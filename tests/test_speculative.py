@@ -132,13 +132,13 @@ def nucleus(logits: torch.Tensor, t: float, top_p: float) -> torch.Tensor:
 
 
 def test_sampling_distribution_chi_square(images):
-    """The second token (the first a tree pass decides) over N = 1000 seeds against its exact distribution
+    """The second token (the first a tree pass decides) over N = 1000 seed values against its exact distribution
     under the target, sum over x1 of p(x1) p(x2 | x1), at temperature 0.1 and top-p 0.8, in K + 1 bins of
     expected count >= 15 (the rest pooled). A total-variation distance d between the binned distributions
     makes the chi-square's noncentrality at least N (2d)^2 (Cauchy-Schwarz): 90 for d = 0.15, so with K <= 20
     degrees of freedom the test at alpha = 0.001 (critical value 45.3 at K = 20) rejects such a difference
     with power above 0.99 (noncentral chi-square mean K + 90, sd sqrt(2 (K + 180))), and d = 0.1 with about
-    0.85. Seeds printed."""
+    0.85. The seed values are printed."""
     target = images[0]
     gen = Generator(InMemoryWeights(target, "cpu", quiet=True), 24)
     t, top_p = 0.1, 0.8
@@ -148,7 +148,7 @@ def test_sampling_distribution_chi_square(images):
         for x1 in p1.nonzero().flatten().tolist():
             exact += p1[x1] * nucleus(gen.forward(torch.tensor([PROMPT + [x1]]), 0, gen.new_cache(1))[0, -1], t, top_p)
     n, base = 1000, 1000
-    print(f"seeds {base}..{base + n - 1}")
+    print(f"seed values {base}..{base + n - 1}")
     spec = SpeculativeGenerator(Generator(InMemoryWeights(target, "cpu", quiet=True), 24), NgramDraft(), 4)
     counts = torch.zeros_like(exact)
     for seed in range(base, base + n):
