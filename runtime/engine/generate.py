@@ -258,19 +258,28 @@ class Generator:
             raise ConfigError(f"prompt ({len(prompt)} tokens) + --max-new-tokens ({max_new_tokens}) exceeds "
                               f"--max-seq-len {self.max_seq_len}")
 
-    def generate(self, prompt: Sequence[int], cfg: SamplingConfig, stop_ids: frozenset[int] = frozenset(),
-                 on_token: Callable[[int], None] | None = None) -> GenerationResult:
+    def prefill_one(self, prompt: Sequence[int], cfg: SamplingConfig) \
+            -> tuple[GenerationResult, torch.Generator, KVCache, int] | None:
+        """One sequence's request checked, its cache made, its prompt prefilled and its first token sampled:
+        (result so far, the request's seeded generator, the cache, the first token); None when it asks for no
+        token (``generate``, and runtime/engine/speculative.py's)."""
         self.check_request(prompt, cfg.max_new_tokens)
-        res = GenerationResult(list(prompt), [])
         if cfg.max_new_tokens == 0:
-            return res
-        gen = torch.Generator().manual_seed(cfg.seed)
-        cache = self.new_cache(1)
+            return None
+        res, gen, cache = GenerationResult(list(prompt), []), torch.Generator().manual_seed(cfg.seed), self.new_cache(1)
         t0 = time.perf_counter()
         tokens = torch.tensor([list(prompt)], dtype=torch.long, device=self.source.device)
         logits = self.forward(tokens, 0, cache, last_only=True)[:, -1]
         tok = int(sample(logits, cfg, gen).item())  # .item() waits for the GPU to finish the pass
         res.prefill_ms = (time.perf_counter() - t0) * 1e3
+        return res, gen, cache, tok
+
+    def generate(self, prompt: Sequence[int], cfg: SamplingConfig, stop_ids: frozenset[int] = frozenset(),
+                 on_token: Callable[[int], None] | None = None) -> GenerationResult:
+        first = self.prefill_one(prompt, cfg)
+        if first is None:
+            return GenerationResult(list(prompt), [])
+        res, gen, cache, tok = first
         pos = len(prompt)
         while True:
             res.output_token_ids.append(tok)

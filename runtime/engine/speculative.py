@@ -298,18 +298,12 @@ class SpeculativeGenerator:
     def generate(self, prompt: Sequence[int], cfg: SamplingConfig, stop_ids: frozenset[int] = frozenset(),
                  on_token: Callable[[int], None] | None = None) -> GenerationResult:
         gen = self.gen
-        gen.check_request(prompt, cfg.max_new_tokens)
-        res = GenerationResult(list(prompt), [])
-        if cfg.max_new_tokens == 0:
-            return res
-        rng = torch.Generator().manual_seed(cfg.seed)
-        cache = gen.new_cache(1)
+        first = gen.prefill_one(prompt, cfg)
+        if first is None:
+            return GenerationResult(list(prompt), [])
+        res, rng, cache, tok = first
         self.draft.reset()
         dev = gen.source.device
-        t0 = time.perf_counter()
-        logits = gen.forward(torch.tensor([list(prompt)], dtype=torch.long, device=dev), 0, cache, last_only=True)
-        tok = int(sample(logits[:, -1], cfg, rng).item())
-        res.prefill_ms = (time.perf_counter() - t0) * 1e3
         seq = list(prompt) + [tok]
         res.output_token_ids.append(tok)
         if on_token:
