@@ -228,6 +228,8 @@ class StreamedWeights:
         return host.to(self.device, non_blocking=True)
 
     def get(self, group: str) -> Weights:
+        if self.cuda and self.last_streamed is not None:
+            self._mark_freed()  # the last streamed group's compute is enqueued: its buffer can take the next copy
         if group in self.resident:
             return self.resident[group]
         if self.pos % len(self.sched) == 0:
@@ -288,6 +290,8 @@ class StreamedWeights:
         self.copied = [None] * k  # event recorded after the copy into buffer b
         self.freed = [None] * k  # event recorded on the compute stream after the last use of buffer b
         self.issued = 0  # copies issued so far (absolute sched positions)
+        self.done = 0  # positions whose compute is enqueued and whose buffer's ``freed`` event is recorded
+        self.last_streamed: int | None = None  # the position whose views were returned last, not yet in ``done``
         self.pending: list[tuple[torch.cuda.Event, int, int]] = []  # (copy event, slot, seq) awaiting release
 
     def _issue(self, p: int) -> None:
@@ -314,20 +318,31 @@ class StreamedWeights:
             _, slot, seq = self.pending.pop(0)
             self.client.release(slot, seq)
 
+    def _mark_freed(self) -> None:
+        """Called at the next ``get``, resident or not: every kernel reading the last streamed group's buffer
+        is enqueued, so the buffer is free once the compute stream passes this event. Then copies run ahead
+        into it, so that the copy stream keeps busy while the compute stream works on resident groups (at a
+        pass's end: the next pass's first streamed groups copy during the resident tail and the sampling)."""
+        p, self.last_streamed = self.last_streamed, None
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(self.device))
+        self.freed[p % self.k] = ev
+        self.done = p + 1
+        self._run_ahead()
+
+    def _run_ahead(self) -> None:
+        while self.issued < self.done + self.k and self._ready_without_wait(self.issued):
+            self._issue(self.issued)  # into a buffer whose last reader is enqueued, while the data is in DRAM
+
     def _get_cuda(self, group: str) -> Weights:
         p = self.pos - 1  # absolute position of ``group``
-        compute = torch.cuda.current_stream(self.device)
-        if p > 0:  # everything for position p-1 is enqueued: its buffer is free once that work runs
-            ev = torch.cuda.Event()
-            ev.record(compute)
-            self.freed[(p - 1) % self.k] = ev
         while self.issued <= p:  # must have this group's copy in flight
             self._issue(self.issued)
-        while self.issued < p + self.k and self._ready_without_wait(self.issued):
-            self._issue(self.issued)  # run ahead while data is already in DRAM
+        self._run_ahead()
         self._release_finished()
         b = p % self.k
-        compute.wait_event(self.copied[b])
+        torch.cuda.current_stream(self.device).wait_event(self.copied[b])
+        self.last_streamed = p
         return tensor_views(self.image.groups[group], self.staging[b][:self.image.groups[group].size])
 
     def _ready_without_wait(self, p: int) -> bool:
