@@ -37,7 +37,8 @@ FAST = ["--workers-list", "1,2", "--read-mb-list", "1,16", "--probe-gb", "0.004"
         "--prefill-tokens", "32"]
 SECTIONS = ("model", "device", "links", "disk", "compute", "analysis", "recommendation", "plan")
 FLAGS = ["--image", "--manifest", "--shape", "--dtype", "--device", "--workers-list", "--read-mb-list", "--probe-gb",
-         "--prefill-tokens", "--decode-context", "--gpu-mem-gb", "--dram-gb", "--out-json"]
+         "--prefill-tokens", "--decode-context", "--gpu-mem-gb", "--dram-gb", "--draft", "--tree-tokens-list",
+         "--out-json"]
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +145,29 @@ def test_budget_too_small_is_one_error_after_the_report(tiny, tmp_path):
     assert "128 tokens by default" in proc.stdout and "plan: not possible" in proc.stdout
 
 
+def test_probe_with_a_draft_times_passes_and_keeps_the_costs(tiny, tmp_path, no_shm_leftovers):
+    """--draft: a pass's time for each size of --tree-tokens-list and the draft's time to build each tree; the
+    costs are kept in the cache, and a run of the image with that draft and no --draft-tokens starts from them
+    (its line names the file)."""
+    draft = tmp_path / "draft.img"
+    pack(SyntheticCheckpoint("tiny", n_layers=1, seed=3), draft, dtype="fp32", quiet=True)
+    env = {"LLMSTREAM_CACHE_DIR": str(tmp_path / "cache")}
+    out = tmp_path / "p.json"
+    proc = run_launch("probe", "--image", str(tiny), *FAST, "--device", "cpu", "--draft", str(draft),
+                      "--tree-tokens-list", "1,4,16", "--out-json", str(out), env=env)
+    sp = json.loads(out.read_text())["speculative"]
+    assert set(sp["passes"]) == set(sp["draft_ms"]) == {"1", "4", "16"}
+    assert all(p["bound_ms"] > 0 and p["tokens"] == int(n) for n, p in sp["passes"].items())
+    assert all(v > 0 for v in sp["draft_ms"].values()) and sp["start"] in (2, 4, 8, 16)
+    assert "a run's tree size starts at" in proc.stdout and (tmp_path / "cache" / "spec-costs").is_dir()
+    run = run_launch("run", "--image", str(tiny), "--draft", str(draft), "--prompt-ids", "3,4,5,3,4",
+                     "--max-new-tokens", "12", "--device", "cpu", env=env)
+    assert "pass costs from the probe (" + str(tmp_path / "cache" / "spec-costs") in run.stderr, run.stderr
+    other = run_launch("run", "--image", str(tiny), "--draft", "ngram", "--prompt-ids", "3,4,5,3,4",
+                       "--max-new-tokens", "12", "--device", "cpu", env=env)
+    assert "pass costs measured in this run" in other.stderr, other.stderr  # no probe for this draft
+
+
 def test_help_lists_every_flag():
     out = run_launch("probe", "--help").stdout
     for flag in FLAGS:
@@ -152,7 +176,9 @@ def test_help_lists_every_flag():
 
 @pytest.mark.parametrize("flags,needle", [(["--workers-list", "1,x"], "--workers-list '1,x'"),
                                           (["--read-mb-list", "4,,8"], "--read-mb-list"),
-                                          (["--image", "x.img", "--shape", "tiny"], "--shape")])
+                                          (["--image", "x.img", "--shape", "tiny"], "--shape"),
+                                          (["--draft", "ngram"], "--draft needs --image"),
+                                          (["--tree-tokens-list", "1,2048"], "at most 1024")])
 def test_bad_values_are_one_line_errors(flags, needle):
     assert_user_error(run_launch("probe", *flags, "--device", "cpu", check=False), needle)
 

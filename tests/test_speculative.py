@@ -261,23 +261,64 @@ def test_cuda_greedy_equals_plain(images, kv_offload):
                 assert spec.generate(PROMPT, SamplingConfig(NEW)).output_token_ids == ref, (mode, kv_offload)
 
 
+def _chain_pass(size, rng, keep=0.9, node_ms=0.5):
+    """One simulated pass for TreeSize: a chain of ``size.n`` nodes (the draft takes ``node_ms`` a node), the
+    walk keeping each next node with probability ``keep``; returns (tree, accepted path, emitted)."""
+    from runtime.engine.speculative import Tree
+
+    tree = Tree([0])
+    for i in range(1, size.n):
+        tree.add(i - 1, i)
+        tree.at_ms[i] = i * node_ms
+    path = []
+    while len(path) < size.n - 1 and rng.random() < keep:
+        path.append(len(path) + 1)
+    return tree, path, len(path) + 1
+
+
 def test_tree_size_climbs_to_the_best_rate():
-    """TreeSize, fed the tokens a second of a pass-cost model (a pass costs 100 ms + 1 ms a node, and keeps
-    a node with probability 0.9 along a chain), tries the neighbours and settles where the rate peaks; a
+    """TreeSize on simulated chains (the draft 0.5 ms a node; a pass 100 ms + 2 ms a node; each next node kept
+    with probability 0.9, seeded) climbs from 8 and settles on the size of the best expected rate, 16; given the
+    probe's costs instead, it starts where a tree costs at most 1.1x a plain pass and uses their pass times; a
     fixed size never moves."""
+    import random
+
     from runtime.engine.speculative import TreeSize
+    from runtime.engine.treecosts import PassCosts
 
-    def rate(n):  # tokens, ms of one pass of a chain of n nodes
-        kept = sum(0.9 ** d for d in range(1, n))  # expected accepted nodes past the root
-        return 1 + kept, 100 + n
+    def expected(m):  # tokens a second of an m-node chain
+        return (1 + sum(0.9 ** d for d in range(1, m))) / ((m - 1) * 0.5 + 100 + 2 * m) * 1e3
 
-    size = TreeSize(8, 1024, fixed=False)
-    for _ in range(200):
-        tok, ms = rate(size.n)
-        size.record(size.n, tok, ms)
-    best = max((2 ** k for k in range(1, 11)), key=lambda n: rate(n)[0] / rate(n)[1])
-    assert size.n == best and size.history[0] == 8 and len(size.history) > 1, size.history
-    fixed = TreeSize(8, 1024, fixed=True)
+    rng = random.Random(0)
+    size = TreeSize(8, 256, fixed=False)
+    for _ in range(400):
+        tree, path, emitted = _chain_pass(size, rng)
+        size.record(tree, path, emitted, 100 + 2 * len(tree))
+    best = max([2, 4, 8, 16, 32, 64, 128, 256], key=expected)
+    assert best == 16 and size.n == best and size.history[:3] == [8, 16, 32], size.history
+    assert abs(size.rates[16] - expected(16)) / expected(16) < 0.05, (size.rates, expected(16))
+    assert "16 tree tokens a pass" in size.describe()
+
+    costs = PassCosts({1: 100.0, 8: 104.0, 64: 108.0, 256: 200.0}, {1: 0.0, 256: 2.56})  # flat to 64, then not
+    chosen = TreeSize(8, 256, fixed=False, costs=costs)
+    assert chosen.n == 64
+    chosen.record(*_chain_pass(chosen, rng), 999.0)  # the probe's time for each prefix, not the run's
+    assert chosen.pass_ms(32) == 104.0 + 4.0 * 24 / 56 and chosen.pass_ms(64) == 108.0
+    fixed = TreeSize(8, 256, fixed=True, costs=costs)
     for _ in range(50):
-        fixed.record(8, *rate(8))
+        fixed.record(*_chain_pass(fixed, rng), 116.0)
     assert fixed.n == 8 and fixed.history == [8]
+
+
+def test_probe_costs_saved_and_found(images, tmp_path, monkeypatch):
+    """The probe's costs round-trip through the cache, keyed by image, device, draft and H2D bytes a pass
+    (within 10%); another draft or another budget finds none."""
+    from runtime.engine.treecosts import PassCosts, load_costs, save_costs
+
+    monkeypatch.setenv("LLMSTREAM_CACHE_DIR", str(tmp_path))
+    target, cpu = images[0], torch.device("cpu")
+    save_costs(target, cpu, 1000, "ngram", PassCosts({1: 5.0, 8: 6.0}, {1: 0.0, 8: 0.1}))
+    got = load_costs(target, cpu, 1050, "ngram")
+    assert got is not None and got.pass_ms == {1: 5.0, 8: 6.0} and got.draft_ms[8] == 0.1
+    assert load_costs(target, cpu, 2000, "ngram") is None
+    assert load_costs(target, cpu, 1000, str(images[1].path)) is None

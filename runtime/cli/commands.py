@@ -191,12 +191,10 @@ def spec_line(gen) -> str:
     """One line of what a speculative generation did (runtime/engine/speculative.py SpecStats)."""
     d = gen.stats.to_dict()
     acc = " ".join(f"{a:.2f}" for a in d["acceptance_by_depth"][:8] if a is not None)
-    sizes = gen.size.history
-    how = f"{gen.n} tree tokens a pass" + ("" if gen.size.fixed else
-                                          f", chosen from the run's tokens a second: {' -> '.join(map(str, sizes))}")
-    return (f"speculative, draft {gen.draft.name} ({how}): {d['passes']} passes, "
-            f"{d['tokens_per_pass'] or 0:.2f} tokens a pass, draft {d['draft_ms']:.0f} ms, verify "
-            f"{d['verify_ms']:.0f} ms; reached depth 1..: {acc}")
+    sizes = "" if gen.size.fixed else f"; sizes in turn: {' -> '.join(map(str, gen.size.history))}"
+    return (f"speculative, draft {gen.draft.name}: {d['passes']} passes, {d['tokens_per_pass'] or 0:.2f} tokens a "
+            f"pass, draft {d['draft_ms']:.0f} ms, verify {d['verify_ms']:.0f} ms; reached depth 1..: {acc}\n"
+            f"  tree size: {gen.size.describe()}{sizes}")
 
 
 def _request(sampling: SamplingConfig, tok) -> dict:

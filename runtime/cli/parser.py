@@ -316,6 +316,12 @@ def _probe_parser(sub) -> None:
                                                "CPU probe)")
     arg(p, "--dram-gb", C, type=float, help="DRAM budget in GB for the tier plan's ring (default with --gpu-mem-gb: "
                                             "80%% of available memory)")
+    arg(p, "--draft", C, help="with --image: also time a pass against the tokens it verifies (--tree-tokens-list) "
+                              "and this draft (an image, or ngram) building trees of those sizes; the costs are "
+                              "kept for runs of the image with --draft and no --draft-tokens, whose tree size "
+                              "starts from them")
+    arg(p, "--tree-tokens-list", C, help="with --draft: pass sizes to time, comma-separated, at most 1024 (default "
+                                         "%(default)s)")
     arg(p, "--out-json", C, help="write every measurement, the analysis, the recommendation and the plan here")
 
 

@@ -168,19 +168,30 @@ class SpeculativeConfig(FlagConfig):
             raise ConfigError(f"--draft-tokens {self.tokens} needs --draft IMAGE or --draft ngram")
 
     def tree_tokens(self, device_type: str, chunk: int) -> int:
-        """--draft-tokens, or the default for this draft and device (at most a prefill chunk)."""
+        """--draft-tokens, or where the choice starts for this draft and device (at most a prefill chunk;
+        engine/speculative.py ``TreeSize`` starts from the probe's costs instead where it has them)."""
         if self.tokens is not None:
             return self.tokens
         return min(chunk, DEFAULT_DRAFT_TOKENS["ngram" if self.draft == "ngram" else device_type])
 
+    def tree_limit(self, device_type: str, chunk: int) -> int:
+        """The most nodes a pass's tree may have: --draft-tokens, or the largest size the choice may grow to.
+        The plan reserves that many nodes' logits and the KV cache that many slots past the last token."""
+        if self.tokens is not None:
+            return self.tokens
+        return min(chunk, CHOSEN_LIMIT[device_type])
+
     def tree_room(self, device_type: str, chunk: int) -> int:
         """KV slots the last tree of a run may take past its last token (0 without a draft)."""
-        return 0 if self.draft is None else self.tree_tokens(device_type, chunk)
+        return 0 if self.draft is None else self.tree_limit(device_type, chunk)
 
 
-# --draft-tokens when not given: a prompt lookup rarely matches more than a few tokens ahead; a model draft
-# on the GPU verifies more nodes per pass than one on the CPU, whose pass costs grow with its tokens
+# Without --draft-tokens the tree's size is chosen as the run goes (engine/speculative.py TreeSize). Where that
+# starts without the probe's costs: a prompt lookup rarely matches more than a few tokens ahead; a model draft
+# on the GPU verifies more nodes per pass than one on the CPU, whose pass costs grow with its tokens. How far
+# it may grow: each node's logits (vocab x 6 bytes) are reserved, 256 x 128256 x 6 = 197 MB for Llama 3.
 DEFAULT_DRAFT_TOKENS = {"ngram": 8, "cpu": 8, "cuda": 32}
+CHOSEN_LIMIT = {"cpu": 64, "cuda": 256}
 
 PARTS = {"placement": PlacementConfig, "pool": PoolOptions, "kv": KVConfig, "prefill": PrefillConfig,
          "speculative": SpeculativeConfig}

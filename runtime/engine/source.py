@@ -173,7 +173,7 @@ def _planned(image: Image, cfg: EngineConfig, device, batch: int, max_len: int, 
     act = activation_bytes(image, batch, min(chunk_per_sequence(chunk, batch), max_len), all_logits)
     draft = 0
     if cfg.speculative.draft is not None:  # a tree's every node's logits (bf16, then fp32); a model draft first
-        act += cfg.speculative.tree_tokens(_kind(device), chunk) * image.args.vocab_size * 6
+        act += cfg.speculative.tree_limit(_kind(device), chunk) * image.args.vocab_size * 6
         if cfg.speculative.draft != "ngram" and _kind(device) == "cuda":
             draft = draft_gpu_bytes(open_draft_image(cfg.speculative.draft, image), max_len, chunk)
     return plan_with_kv(image, cfg, device, batch, max_len,

@@ -36,6 +36,7 @@ from runtime.engine.config import EngineConfig, SamplingConfig
 from runtime.engine.drafts import open_draft_image
 from runtime.engine.generate import GenerationResult, Generator, generator_for, sample
 from runtime.engine.kv import KVCache
+from runtime.engine.treecosts import PassCosts, interpolate, load_costs, pow2_sizes
 from runtime.engine.weights import InMemoryWeights
 from runtime.format.image import Image
 
@@ -49,6 +50,8 @@ class Tree:
     parent: list[int] = field(default_factory=lambda: [-1])
     depth: list[int] = field(default_factory=lambda: [0])
     score: list[float] = field(default_factory=lambda: [0.0])
+    at_ms: list[float] = field(default_factory=lambda: [0.0])  # the draft's time until the node was added
+    t0: float = field(default_factory=time.perf_counter)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -58,6 +61,7 @@ class Tree:
         self.parent.append(parent)
         self.depth.append(self.depth[parent] + 1)
         self.score.append(score)
+        self.at_ms.append((time.perf_counter() - self.t0) * 1e3)
         return len(self.tokens) - 1
 
     def child(self, node: int, token: int) -> int | None:
@@ -90,13 +94,11 @@ class NgramDraft:
 
     def __init__(self, max_ngram: int = 3, max_matches: int = 8) -> None:
         self.max_ngram, self.max_matches = max_ngram, max_matches
-        self.draft_ms = 0.0
 
     def reset(self) -> None:
         pass
 
     def propose(self, seq: Sequence[int], n: int) -> Tree:
-        t0 = time.perf_counter()
         tree, seq = Tree([seq[-1]]), list(seq)
         for k in range(min(self.max_ngram, len(seq) - 1), 0, -1):
             suffix, found = seq[-k:], 0
@@ -116,14 +118,12 @@ class NgramDraft:
                     break
             if len(tree) >= n:
                 break
-        self.draft_ms += (time.perf_counter() - t0) * 1e3
         return tree
 
     def close(self) -> None:
         pass
 
 
-MAX_CHOSEN = 1024  # the largest tree TreeSize chooses (benchmarks/spec_passes.py measures up to it)
 SPREAD = math.log(0.1)  # an expansion step's leaves: at least a tenth as likely as its best
 
 
@@ -139,7 +139,6 @@ class ModelDraft:
         self.name = str(gen.source.image.path)
         self.cache: KVCache | None = None
         self.committed = 0
-        self.draft_ms, self.steps = 0.0, 0
 
     def reset(self) -> None:
         """A new sequence: nothing of it in the draft's cache yet."""
@@ -149,12 +148,11 @@ class ModelDraft:
         return logits.float().log_softmax(-1)
 
     def propose(self, seq: Sequence[int], n: int) -> Tree:
-        t0 = time.perf_counter()
+        tree = Tree([seq[-1]])  # its clock starts here: the root's forward is part of every node's draft time
         dev, base = self.gen.source.device, len(seq) - 1  # the root's slot; its children from slot base + 1
         pending = torch.tensor([list(seq[self.committed:])], dtype=torch.long, device=dev)
         logits = self.gen.forward(pending, self.committed, self.cache, last_only=True)[0]  # the root's
         self.committed = len(seq)
-        tree = Tree([seq[-1]])
         cand: list[tuple[float, int, int]] = []  # (-score, parent, token)
 
         def push(node: int, lp: torch.Tensor) -> None:
@@ -179,8 +177,6 @@ class ModelDraft:
             lp = self._logprobs(out)
             for i, r in enumerate(rows):
                 push(r, lp[i])
-            self.steps += 1
-        self.draft_ms += (time.perf_counter() - t0) * 1e3
         return tree
 
     def close(self) -> None:
@@ -224,33 +220,84 @@ class SpecStats:
 
 
 class TreeSize:
-    """The tree's nodes per pass. Fixed (``--draft-tokens``), or chosen from what the run measures: every
-    ``EVERY`` passes the tokens a second each size has given so far (tokens emitted over draft + verify time,
-    which holds both a pass's cost at that size and the acceptance seen) are compared with those of its
-    neighbours, half and twice the size (within [2, ``limit``]); a neighbour not yet tried is tried next, else
-    the best of the three is kept. It climbs to the size whose extra nodes stop paying for their draft and
-    verification time."""
+    """The tree's nodes per pass: fixed (``--draft-tokens``), or chosen to maximise the tokens a second,
+
+        rate(m) = tokens(m) / (draft_ms(m) + pass_ms(m))   for m in 2, 4, 8, ... up to ``limit``,
+
+    every ``EVERY`` passes from what the run has seen so far. tokens(m) and draft_ms(m) are measured, and
+    exactly, for every m up to the size asked for: the draft adds nodes best-first and stops at its size, so a
+    tree's first m nodes are the tree it builds for m; a pass tells what that prefix would have given (its walk
+    goes on while its next node is below m) and when the draft had built it (``Tree.at_ms``). pass_ms(m) is
+    the probe's time for a pass of that prefix's tokens (``PassCosts``) where the probe measured this image on
+    this device, else this run's own: exact where the whole tree fits in m, else what the smallest larger size
+    measured (a pass costs no more with fewer tokens). When the best is the largest size tried, the next size up
+    is tried: the choice only grows into sizes it can measure."""
 
     EVERY = 8
 
-    def __init__(self, start: int, limit: int, fixed: bool) -> None:
-        self.n, self.limit, self.fixed = start, limit, fixed
-        self.seen: dict[int, list[float]] = {}  # size -> [tokens, ms]
+    def __init__(self, start: int, limit: int, fixed: bool, costs: PassCosts | None = None) -> None:
+        self.limit, self.fixed, self.costs = limit, fixed, costs
+        self.n = start if fixed else min(limit, costs.start(limit) if costs is not None else start)
         self.passes = 0
-        self.history: list[int] = [start]
+        self.history: list[int] = [self.n]
+        self.sizes = pow2_sizes(limit)
+        zero = dict.fromkeys(self.sizes, 0.0)
+        self.count = dict.fromkeys(self.sizes, 0)  # m -> passes that tell what m nodes would have done
+        self.tokens, self.draft = dict(zero), dict(zero)  # m -> sums over them: tokens given, draft ms
+        self.verify, self.verified = dict(zero), dict.fromkeys(self.sizes, 0)  # m -> pass ms summed, over passes
+        self.rates: dict[int, float] = {}  # the last choice's tokens a second, by size
 
-    def record(self, n: int, tokens: int, ms: float) -> None:
-        t = self.seen.setdefault(n, [0.0, 0.0])
-        t[0], t[1] = t[0] + tokens, t[1] + ms
+    def record(self, tree: Tree, path: Sequence[int], emitted: int, verify_ms: float) -> None:
+        """One pass: its tree, the nodes its walk accepted (root excluded, in order), the tokens it emitted
+        and its verification's time."""
         self.passes += 1
-        if self.fixed or self.passes % self.EVERY:
+        n = len(tree)
+        for m in self.sizes:
+            if m > max(n, self.n):  # a tree smaller than asked for is the tree of every larger size too
+                break
+            k = min(m, n)
+            self.count[m] += 1
+            self.tokens[m] += min(emitted, 1 + sum(1 for node in path if node < k))
+            self.draft[m] += tree.at_ms[k - 1] if k > 1 else 0.0
+            if self.costs is not None or k == n:
+                self.verify[m] += interpolate(self.costs.pass_ms, k) if self.costs is not None else verify_ms
+                self.verified[m] += 1
+        if not self.fixed and self.passes % self.EVERY == 0:
+            self._choose()
+
+    def pass_ms(self, m: int) -> float | None:
+        larger = [x for x in self.sizes if x >= m and self.verified[x]]
+        return self.verify[larger[0]] / self.verified[larger[0]] if larger else None
+
+    def _choose(self) -> None:
+        rates = {}
+        for m in self.sizes:
+            c, p = self.count[m], self.pass_ms(m)
+            if c and p is not None:
+                rates[m] = (self.tokens[m] / c) / (self.draft[m] / c + p) * 1e3
+        if not rates:
             return
-        sizes = [m for m in (self.n // 2, self.n * 2) if 2 <= m <= self.limit]
-        untried = [m for m in sizes if m not in self.seen]
-        best = untried[0] if untried else max([self.n, *sizes], key=lambda m: self.seen[m][0] / self.seen[m][1])
+        self.rates = rates
+        best = max(rates, key=lambda m: (rates[m], m))  # a tie (the same trees): the larger size
+        bigger = [m for m in self.sizes if m > best]
+        if best == max(rates) and bigger and self.count[bigger[0]] == 0:
+            best = bigger[0]  # the best is the largest seen: try the next size up
         if best != self.n:
             self.n = best
             self.history.append(best)
+
+    def describe(self) -> str:
+        """The choice and what it rests on (printed by bench and run)."""
+        if self.fixed:
+            return f"{self.n} tree tokens a pass (--draft-tokens)"
+        src = f"pass costs from the probe ({self.costs.source})" if self.costs is not None else \
+            "pass costs measured in this run (launch.py probe --draft measures them for every size)"
+        if not self.rates:
+            return f"{self.n} tree tokens a pass (where the choice starts; {src})"
+        rates = ", ".join(f"{k}: {v:.1f}" for k, v in self.rates.items())
+        now = (f"expected {self.tokens[self.n] / self.count[self.n]:.2f} tokens a pass" if self.count[self.n]
+               else "the best so far is the largest tried: trying the next size up")
+        return f"{self.n} tree tokens a pass (tokens/s by size: {rates}; {now}; {src})"
 
 
 class SpeculativeGenerator:
@@ -258,14 +305,15 @@ class SpeculativeGenerator:
     any KV cache), ``draft`` an ``NgramDraft`` or a ``ModelDraft``, ``n`` the tree's nodes per pass (the
     root included): fixed, or with ``choose`` only where the choice starts (``TreeSize``)."""
 
-    def __init__(self, gen: Generator, draft, n: int, choose: bool = False) -> None:
+    def __init__(self, gen: Generator, draft, n: int, choose: bool = False, limit: int | None = None,
+                 costs: PassCosts | None = None) -> None:
         if n < 1:
             raise ConfigError(f"--draft-tokens must be at least 1, found {n}")
         if n > gen.prefill.chunk:
             raise ConfigError(f"--draft-tokens {n} exceeds --prefill-chunk {gen.prefill.chunk}: a pass verifies "
                               f"at most one prefill chunk")
         self.gen, self.draft = gen, draft
-        self.size = TreeSize(n, min(gen.prefill.chunk, MAX_CHOSEN), fixed=not choose)
+        self.size = TreeSize(n, min(gen.prefill.chunk, limit or n), fixed=not choose, costs=costs)
         self.stats = SpecStats()
         self.trace = getattr(gen.source, "trace", None)  # --trace: the draft's and the verification's spans
 
@@ -283,7 +331,8 @@ class SpeculativeGenerator:
     def report(self) -> dict:
         """The stats since reset_counters, the draft, and the tree's size (and how it was chosen)."""
         return {**self.stats.to_dict(), "draft": self.draft.name, "tree_tokens": self.n,
-                "tree_tokens_fixed": self.size.fixed, "tree_tokens_history": list(self.size.history)}
+                "tree_tokens_fixed": self.size.fixed, "tree_tokens_history": list(self.size.history),
+                "tree_tokens_choice": self.size.describe()}
 
     def generate_batch(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig,
                        stop_ids: frozenset[int] = frozenset(),
@@ -349,7 +398,7 @@ class SpeculativeGenerator:
             self.stats.draft_ms += (t2 - t1) * 1e3
             self.stats.verify_ms += (t3 - t2) * 1e3
             self.stats.record(tree, len(path) - 1, emitted)
-            self.size.record(n, emitted, (t3 - t1) * 1e3)
+            self.size.record(tree, [p - start for p in path[1:]], emitted, (t3 - t2) * 1e3)
             res.token_ms.append((t3 - t1) * 1e3)  # one entry per pass here
         res.decode_ms = sum(res.token_ms)
         return res
@@ -357,15 +406,19 @@ class SpeculativeGenerator:
 
 def speculative_for(gen: Generator, cfg: EngineConfig, target: Image) -> SpeculativeGenerator:
     """The speculative generator of a run with ``cfg.speculative.draft`` over the target's ``gen``: a model
-    draft is read and put wholly on the target's device (its GPU memory was reserved by the plan)."""
-    s, dev = cfg.speculative, gen.source.device
+    draft is read and put wholly on the target's device (its GPU memory was reserved by the plan). Without
+    --draft-tokens the tree's size is chosen (``TreeSize``), from the probe's costs where it has them."""
+    s, dev, chunk = cfg.speculative, gen.source.device, gen.prefill.chunk
     if s.draft == "ngram":
         draft = NgramDraft()
     else:
         image = open_draft_image(s.draft, target)
         draft = ModelDraft(Generator(InMemoryWeights(image, dev, quiet=True), gen.max_seq_len, prefill=gen.prefill,
                                      threads=gen.threads))
-    return SpeculativeGenerator(gen, draft, s.tree_tokens(dev.type, gen.prefill.chunk), choose=s.tokens is None)
+    plan = getattr(gen.source, "plan", None)
+    costs = None if s.tokens is not None else load_costs(target, dev, plan.h2d_bytes_per_pass if plan else 0, s.draft)
+    return SpeculativeGenerator(gen, draft, s.tree_tokens(dev.type, chunk), choose=s.tokens is None,
+                                limit=s.tree_limit(dev.type, chunk), costs=costs)
 
 
 def run_generator(source, cfg: EngineConfig, image: Image, max_len: int) -> Generator | SpeculativeGenerator:

@@ -502,7 +502,7 @@ def summary(rep: dict, plan_text: str) -> str:
         ours["speculative"] = (f"draft {sp['draft']}, {sp['tree_tokens']} tree tokens a pass: {sp['passes']} passes "
                                f"gave {sp['tokens']} tokens ({sp['tokens_per_pass'] or 0:.2f} a pass); draft "
                                f"{sp['draft_ms']:.0f} ms, verify {sp['verify_ms']:.0f} ms; walks reaching depth 1..: "
-                               f"{acc}")
+                               f"{acc}; tree size: {sp['tree_tokens_choice']}")
     width = max(map(len, [*SUMMARY_KEYS, *ours]))
     lines = ["=== Benchmark Summary ==="]
     lines += [f"  {k:>{width}}: {rep[k]:.{2 if k.endswith('tok_s') else 3}f}" for k in SUMMARY_KEYS]

@@ -75,6 +75,7 @@ import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -116,6 +117,7 @@ COMPUTE_BUDGET_S = 2.0  # per measurement: stop repeating (after COMPUTE_MIN_REP
 DEFAULT_PREFILL = {"cuda": 2048, "cpu": 128}
 DEFAULT_SHAPE = "llama3.1-8b"
 K_MAX = 8
+MAX_TREE_TOKENS = 1024  # the largest pass --tree-tokens-list may time
 READER_START_S = 60.0  # a reader process must be up and report ready within this
 READER_MIN_GBPS = 0.005  # a measurement may take bytes / this (+ READER_START_S) before it is declared stuck
 TEMP_BLOCK = 16 * MiB
@@ -154,10 +156,12 @@ class ProbeConfig(FlagConfig):
     decode_context: int = 256
     gpu_mem_gb: float | None = None
     dram_gb: float | None = None
+    draft: str | None = None
+    tree_tokens_list: tuple[int, ...] | str = "1,2,4,8,16,32,64,128,256,512,1024"
     out_json: str | None = None
 
     def __post_init__(self) -> None:
-        for key in ("workers_list", "read_mb_list"):
+        for key in ("workers_list", "read_mb_list", "tree_tokens_list"):
             if isinstance(getattr(self, key), str):
                 object.__setattr__(self, key, parse_int_list(f"--{key.replace('_', '-')}", getattr(self, key)))
         if self.image is None and self.manifest is not None:
@@ -177,6 +181,11 @@ class ProbeConfig(FlagConfig):
             v = getattr(self, key)
             if v is not None and not v > 0:
                 raise ConfigError(f"--{key.replace('_', '-')} must be positive, found {v}")
+        if self.draft is not None and self.image is None:
+            raise ConfigError("--draft needs --image: the costs are kept for an image (and its draft)")
+        if max(self.tree_tokens_list) > MAX_TREE_TOKENS:
+            raise ConfigError(f"--tree-tokens-list {','.join(map(str, self.tree_tokens_list))}: at most "
+                              f"{MAX_TREE_TOKENS} tokens a pass")
 
     @property
     def probe_bytes(self) -> int:
@@ -572,6 +581,118 @@ def measure_compute(spec: ModelSpec, device: torch.device, prefill: int, context
     return out
 
 
+def measure_tree_passes(spec: ModelSpec, device: torch.device, sizes: Sequence[int], context: int) -> dict:
+    """Compute of one attention group, one FFN group and the head for a pass of n tokens after ``context``
+    cached ones, for each n of ``sizes`` (random weights; each group's built once): what a pass that verifies
+    n tree tokens computes (the tree's mask costs what a causal one does)."""
+    import torch
+
+    from model.llama import Rope, attention_forward, ffn_forward, linear, rms_norm
+    from runtime.engine.kv import KVCache
+    from runtime.format.image import TORCH_DTYPES
+
+    args, dtype, f = spec.args, TORCH_DTYPES[spec.dtype], spec.formats
+    gen = torch.Generator(device=device).manual_seed(0)
+    max_len = context + max(sizes)
+    rope = Rope(args, max_len, device)
+    cache = KVCache(dataclasses.replace(args, n_layers=1), 1, max_len, dtype, device)
+    for t in (cache.k[0], cache.v[0]):
+        t[:, :context].normal_(generator=gen)
+    ops = {"attention": lambda h, w: attention_forward(h, w, args, 0, rope, cache, context),
+           "feed_forward": lambda h, w: ffn_forward(h, w, args),
+           "head": lambda h, w: linear(rms_norm(h, w["norm.weight"], args.norm_eps), w["output.weight"]).float()}
+    out: dict[str, dict[int, float]] = {}
+    with torch.inference_mode():
+        for kind, op in ops.items():
+            w = random_weights(args, "layers.0." + kind if kind != "head" else kind, dtype, device, gen, f)
+            out[kind] = {n: time_op(partial(op, _inputs(args, n, dtype, device, gen), w), device)["ms"] for n in sizes}
+            del w
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def measure_draft(draft: str, target: Image, device: torch.device, sizes: Sequence[int], context: int) -> dict:
+    """The draft's milliseconds to build a tree of each size (median of 3) after ``context`` tokens of random
+    text, held on ``device`` as a run holds it; ngram: nothing to time (a lookup in the text so far)."""
+    import torch
+
+    from runtime.engine.drafts import open_draft_image
+    from runtime.engine.generate import Generator
+    from runtime.engine.speculative import ModelDraft
+    from runtime.engine.weights import InMemoryWeights
+
+    if draft == "ngram":
+        return {n: 0.0 for n in sizes}
+    image = open_draft_image(draft, target)
+    trials = 3
+    max_len = context + trials * len(sizes) + max(sizes) + 2
+    md = ModelDraft(Generator(InMemoryWeights(image, device, quiet=True), max_len))
+    try:
+        rng = torch.Generator().manual_seed(0)
+        seq = torch.randint(1, image.args.vocab_size, (context,), generator=rng).tolist()
+        md.reset()
+        with torch.inference_mode():
+            md.propose(seq, 2)  # the context's prefill, once
+            out = {}
+            for n in sizes:
+                samples = []
+                for _ in range(trials):  # one more token of text each time, as a run's next pass has
+                    seq.append(int(torch.randint(1, image.args.vocab_size, (1,), generator=rng)))
+                    t0 = time.perf_counter()
+                    md.propose(seq, n)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    samples.append((time.perf_counter() - t0) * 1e3)
+                out[n] = statistics.median(samples)
+        return out
+    finally:
+        md.close()
+
+
+def tree_costs(spec: ModelSpec, cfg: ProbeConfig, device: torch.device, r: Rates, plan) -> dict[str, Any]:
+    """--draft: a pass's time by the tokens it verifies (the bound of the pass: its compute at that many
+    tokens against the plan's link bytes, as the analysis above) and the draft's time for a tree of that size;
+    where the run's choice of a size starts; the costs kept in the cache for runs of this image."""
+    from runtime.engine.treecosts import PassCosts, save_costs
+
+    sizes = cfg.tree_tokens_list
+    _log(f"probe: a pass of {', '.join(map(str, sizes))} tokens after {cfg.decode_context}, and the draft {cfg.draft}")
+    comp = measure_tree_passes(spec, device, sizes, cfg.decode_context)
+    cuda = device.type == "cuda"
+    held = {k: 0.0 if cuda else (r.dequant_ms.get(k) or 0.0) for k in KINDS}  # a CPU dequantizes held groups once
+    h2d = plan.h2d_bytes_per_pass if plan is not None else 0
+    disk = plan.disk_bytes_per_pass if plan is not None else 0
+    rows = {}
+    for n in sizes:
+        c = spec.args.n_layers * (comp["attention"][n] - held["attention"] + comp["feed_forward"][n]
+                                  - held["feed_forward"]) + comp["head"][n] - held["head"]
+        rows[n] = bound(h2d, disk, max(c, 0.0), r, n, cuda)
+    target = Image.open(cfg.image, cfg.manifest)
+    draft_ms = measure_draft(cfg.draft, target, device, sizes, cfg.decode_context)
+    costs = PassCosts({n: rows[n]["bound_ms"] for n in sizes}, draft_ms)
+    limit = max(sizes)
+    saved = save_costs(target, device, h2d, cfg.draft, costs)
+    return {"draft": cfg.draft, "context": cfg.decode_context, "h2d_bytes": h2d, "group_compute_ms": comp,
+            "passes": {str(n): rows[n] for n in sizes}, "draft_ms": {str(n): v for n, v in draft_ms.items()},
+            "start": costs.start(limit), "saved": str(saved)}
+
+
+def tree_lines(t: dict[str, Any]) -> list[str]:
+    one = t["passes"][min(t["passes"], key=int)]["bound_ms"]
+    lines = [f"speculative decoding with --draft {t['draft']}: a pass's time by the tokens it verifies (its compute "
+             f"at that many tokens after {t['context']} cached ones, against the plan's link bytes), the draft's time "
+             f"to build a tree of that size (after random text), and the tokens a pass that pays for both against "
+             f"a plain pass of {_ms(one)}:"]
+    for n, row in t["passes"].items():
+        d = t["draft_ms"][n]
+        lines.append(f"  {n:>5} tokens: pass {_ms(row['bound_ms'])} ({row['limited_by']}), draft {_ms(d)}: "
+                     f"{(row['bound_ms'] + d) / one:.2f} tokens a pass to break even")
+    lines.append(f"  a run's tree size starts at {t['start']} (the largest whose draft and pass cost at most 1.1x a "
+                 f"plain pass), then follows the tokens a second it measures; costs kept in {t['saved']}")
+    return lines
+
+
 # ---- analysis ----------------------------------------------------------------------------------------------
 
 KINDS = ("attention", "feed_forward", "head")
@@ -895,6 +1016,8 @@ def report_text(rep: dict[str, Any], spec: ModelSpec, plan) -> str:
         lines.append(f"plan: not possible: {rep['plan_error']}")
     else:
         lines.append("plan: none (give --gpu-mem-gb and/or --dram-gb)")
+    if rep.get("speculative"):
+        lines += tree_lines(rep["speculative"])
     return "\n".join(lines)
 
 
@@ -956,12 +1079,13 @@ def run_probe(cfg: ProbeConfig) -> int:
         plan = make_probe_plan(spec, cfg, device, rec["window_slots"], rec["staging_buffers"], tokens)
     except ConfigError as e:
         plan_error = str(e)
+    trees = tree_costs(spec, cfg, device, rates, plan) if cfg.draft is not None else None
     rep = {"model": {"source": spec.source, "image": spec.path if cfg.image else None, "manifest": spec.manifest,
                      "args": spec.args.to_dict(), "dtype": spec.dtype, "bytes": pass_bytes(spec)},
            "device": device_name(device, model=True), "links": links, "disk": disk, "temp_file": temp, "compute": comp,
            "analysis": analyse(spec, rates, tokens, cuda, plan), "recommendation": rec,
            "plan": None if plan is None else {**plan.to_dict(), "describe": plan.describe()},
-           "plan_error": plan_error, "flags": dataclasses.asdict(cfg)}
+           "plan_error": plan_error, "speculative": trees, "flags": dataclasses.asdict(cfg)}
     print(report_text(rep, spec, plan))
     if cfg.out_json:
         Path(cfg.out_json).write_text(json.dumps(rep, indent=1))
