@@ -75,6 +75,7 @@ class RankJob:
     plan_fields: dict | None = None  # the Plan's fields (its group_bytes a dict: a mappingproxy does not pickle)
     kv_offload: bool = False
     timeout_s: float = 300.0  # every collective's limit (a live rank that stops answering)
+    logits: bool = False  # also the first prompt's prefill logits (rank 0's, as numpy: tests)
 
     @property
     def plan(self) -> Plan | None:
@@ -172,10 +173,11 @@ def free_port() -> int:
 
 def run_ranks(image: Image, cfg: EngineConfig, sampling: SamplingConfig, prompts, batch: int, max_len: int,
               stop_ids: frozenset[int], n: int, device: str, devices: str | None = None, on_step=None,
-              timeout_s: float = 300.0, on_start=None) -> tuple[list[dict], Plan | None, dict]:
+              timeout_s: float = 300.0, on_start=None, logits: bool = False) -> tuple[list[dict], Plan | None, dict]:
     """Generate ``prompts`` (``batch`` at a time) on ``n`` ranks -> (each result as a dict of
     runtime.engine.generate.GenerationResult's fields, rank 0's plan, the run's facts). ``on_step``: each step's
-    tokens, as Generator.generate_batch gives them; ``on_start``: the rank processes once started (tests)."""
+    tokens, as Generator.generate_batch gives them; ``on_start``: the ``_Monitor`` once the rank processes have
+    started (tests); ``logits``: the facts get the first prompt's prefill logits (S, vocab) as numpy."""
     from runtime.engine.tensor_parallel import check_image
 
     check_image(image, n)
@@ -197,10 +199,10 @@ def run_ranks(image: Image, cfg: EngineConfig, sampling: SamplingConfig, prompts
         port = free_port()
         jobs = [RankJob(r, n, port, devs[r], str(image.path), str(image.manifest_path), cfg, sampling,
                         tuple(tuple(p) for p in prompts), batch, max_len, frozenset(stop_ids),
-                        pool.handle if pool else None, _fields(plan), offload, timeout_s) for r in range(n)]
+                        pool.handle if pool else None, _fields(plan), offload, timeout_s, logits) for r in range(n)]
         with _Monitor(jobs, pool) as mon:
             if on_start is not None:
-                on_start(mon.procs)
+                on_start(mon)
             results, facts = mon.wait(on_step)
     finally:
         if pool is not None:
@@ -334,8 +336,14 @@ def _generate(job: RankJob, device, conn) -> tuple[list[dict], dict]:
         for i in range(0, len(job.prompts), job.batch):
             chunk = [list(p) for p in job.prompts[i:i + job.batch]]
             results += gen.generate_batch(chunk, job.sampling, job.stop_ids, on_step=step)
+        out = None
+        if job.logits:  # every rank takes part in the pass; rank 0 sends it (numpy: no torch shared memory)
+            import torch
+
+            ids = torch.tensor([list(job.prompts[0])], dtype=torch.long, device=device)
+            out = gen.forward(ids, 0, gen.new_cache(1))[0].cpu().numpy()
     facts = {"load_ms": load_ms, "reduced_bytes": coll.reduced_bytes, "device": job.device,
-             "bytes_per_pass": shard.bytes_moved()}
+             "bytes_per_pass": shard.bytes_moved(), **({"logits": out} if job.rank == 0 and out is not None else {})}
     return [dataclasses.asdict(r) for r in results], facts
 
 
