@@ -325,6 +325,9 @@ def _probe_parser(sub) -> None:
     arg(p, "--prefill-tokens", C, type=int, help="tokens of the timed prefill chunk (default 2048 on cuda, 128 on "
                                                  "the cpu)")
     arg(p, "--decode-context", C, type=int, help="cached tokens before the timed decode token (default %(default)s)")
+    arg(p, "--devices", C, metavar="I,J,...",
+        help="also measure these GPUs' host -> GPU links each alone and all at once (tensor parallelism: GPUs "
+             "behind one PCIe switch share it; a --tensor-parallel step is bound by the aggregate)")
     arg(p, "--gpu-mem-gb", C, type=float, help="GPU budget in GB for the tier plan (a plan for cuda, also from a "
                                                "CPU probe)")
     arg(p, "--dram-gb", C, type=float, help="DRAM budget in GB for the tier plan's ring (default with --gpu-mem-gb: "
