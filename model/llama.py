@@ -150,8 +150,9 @@ def embed_forward(tokens: torch.Tensor, w: Weights, dtype: torch.dtype | None = 
 
 
 def attention_forward(h: torch.Tensor, w: Weights, args: ModelArgs, layer: int, rope: Rope, cache: Cache,
-                      start: int) -> torch.Tensor:
-    """h (B, S, dim) -> h + Attention(RMSNorm(h)), with the queries at cache positions [start, start+S)."""
+                      start: int, reduce=None) -> torch.Tensor:
+    """h (B, S, dim) -> h + Attention(RMSNorm(h)), with the queries at cache positions [start, start+S).
+    ``reduce``: a tensor-parallel rank's all-reduce of its partial output projection (``Parallel``)."""
     b, s, _ = h.shape
     x = rms_norm(h, w["attention_norm.weight"], args.norm_eps)
     q = linear(x, w["attention.wq.weight"]).view(b, s, args.n_heads, args.head_dim)
@@ -160,14 +161,16 @@ def attention_forward(h: torch.Tensor, w: Weights, args: ModelArgs, layer: int, 
     pos = cache.tree.positions if cache.tree is not None else None
     q, k = rope.apply(q, start, cache.pad, pos), rope.apply(k, start, cache.pad, pos)
     out = cache.attend(layer, q, k, v, start)  # (B, S, n_heads * hd): the cache writes k, v and picks the kernel
-    return h + linear(out, w["attention.wo.weight"])
+    o = linear(out, w["attention.wo.weight"])
+    return h + (o if reduce is None else reduce(o))
 
 
-def ffn_forward(h: torch.Tensor, w: Weights, args: ModelArgs) -> torch.Tensor:
-    """h (B, S, dim) -> h + W2(silu(W1 x) * W3 x), x = RMSNorm(h)."""
+def ffn_forward(h: torch.Tensor, w: Weights, args: ModelArgs, reduce=None) -> torch.Tensor:
+    """h (B, S, dim) -> h + W2(silu(W1 x) * W3 x), x = RMSNorm(h); ``reduce`` as in attention_forward."""
     x = rms_norm(h, w["ffn_norm.weight"], args.norm_eps)
     gate = F.silu(linear(x, w["feed_forward.w1.weight"]))
-    return h + linear(gate * linear(x, w["feed_forward.w3.weight"]), w["feed_forward.w2.weight"])
+    o = linear(gate * linear(x, w["feed_forward.w3.weight"]), w["feed_forward.w2.weight"])
+    return h + (o if reduce is None else reduce(o))
 
 
 # ---- Meta-named module (strict state-dict loading; in-memory reference) ------------------------------
@@ -230,6 +233,20 @@ class Transformer(nn.Module):
         return forward_groups(tokens, start, self.args, DictSource(self.group_weights()), rope, cache)
 
 
+class Parallel(Protocol):
+    """A tensor-parallel rank's collectives (runtime/engine/tensor_parallel.py; model/shards.py the split): the
+    group functions compute the rank's shard with its own arguments (model.shards.rank_args), these join them."""
+
+    def tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The pass's token ids as rank 0 has them (rank 0 samples)."""
+
+    def reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum of every rank's partial x (an all-reduce)."""
+
+    def gather_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, S, rows of this rank) -> (B, S, vocab): every rank's vocabulary rows, in order."""
+
+
 class DictSource:
     """The simplest weight source: every group's weights already in a dict on the compute device."""
 
@@ -244,7 +261,7 @@ class DictSource:
 
 
 def forward_groups(tokens: torch.Tensor, start: int, args: ModelArgs, source, rope: Rope, cache: Cache,
-                   last_only: bool = False) -> torch.Tensor:
+                   last_only: bool = False, parallel: Parallel | None = None) -> torch.Tensor:
     """One forward pass -> logits (B, S, vocab), or (B, 1, vocab) for the last position with ``last_only``.
 
     The weight-source contract: ``source.embed(tokens)`` does the lookup; ``source.get(group)`` is called in
@@ -252,14 +269,23 @@ def forward_groups(tokens: torch.Tensor, start: int, args: ModelArgs, source, ro
     the next ``get``: a streaming source reuses their buffer for a group further ahead. So every group's
     weights are used before the next group is fetched; a tied model applies the final norm (head group)
     before it fetches the embedding as its output matrix.
+
+    ``parallel``: this pass is one tensor-parallel rank's (``args`` its own, ``source`` its shards): the
+    embedding and each layer's two output projections are all-reduced, the logits gathered.
     """
+    red = None
+    if parallel is not None:
+        tokens, red = parallel.tokens(tokens), parallel.reduce
     h = source.embed(tokens)
+    if red is not None:
+        h = red(h)  # each rank looked up its own vocabulary rows (the others zero)
     for i in range(args.n_layers):
-        h = attention_forward(h, source.get(f"layers.{i}.attention"), args, i, rope, cache, start)
-        h = ffn_forward(h, source.get(f"layers.{i}.feed_forward"), args)
+        h = attention_forward(h, source.get(f"layers.{i}.attention"), args, i, rope, cache, start, red)
+        h = ffn_forward(h, source.get(f"layers.{i}.feed_forward"), args, red)
     if last_only:
         h = h[:, -1:]
     head = source.get("head")
     x = rms_norm(h, head["norm.weight"], args.norm_eps)
     out_w = source.get("tok_embeddings")["tok_embeddings.weight"] if args.tie_embeddings else head["output.weight"]
-    return linear(x, out_w).float()
+    logits = linear(x, out_w).float()
+    return logits if parallel is None else parallel.gather_logits(logits)

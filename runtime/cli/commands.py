@@ -110,7 +110,7 @@ def pack(ns: argparse.Namespace) -> None:
         raise UserError(f"--out {cfg.out}: {', '.join(serving)} serves this image; stop it first (launch.py pool "
                         f"stop NAME) or write the image elsewhere")
     manifest = do_pack(ck, cfg.out, cfg.manifest, cfg.weight_format(), cfg.force, quiet=cfg.quiet,
-                       verify=not cfg.no_verify, device=cfg.device)
+                       verify=not cfg.no_verify, device=cfg.device, tensor_parallel=cfg.tensor_parallel)
     print(f"wrote {cfg.out} ({ck.args.n_layers} layers, {Image.open(cfg.out, manifest).format_summary()}) and "
           f"{manifest}")
 
@@ -133,6 +133,9 @@ def run(ns: argparse.Namespace) -> None:
     engine, sampling, cfg = c[EngineConfig], c[SamplingConfig], c[RunConfig]
     image = open_image(cfg.image, cfg.manifest, engine.attach)
     check_for_image(engine, image)
+    if cfg.tensor_parallel > 1 or image.tensor_parallel > 1:
+        _run_tensor_parallel(cfg, engine, sampling, image)
+        return
     srv = server_for(engine.attach, cfg.no_server)
     if srv is not None:
         check_run_config(engine, cfg.device, srv)
@@ -185,6 +188,53 @@ def _run(cfg: RunConfig, engine: EngineConfig, sampling: SamplingConfig, image: 
                "mode": engine.placement.mode, "device": str(device), "image": str(image.path), "load_ms": load_ms,
                **t, "plan": plan.to_dict() if plan else None, "speculative": spec}
         Path(cfg.out_json).write_text(json.dumps(out, indent=1))
+
+
+def _run_tensor_parallel(cfg: RunConfig, engine: EngineConfig, sampling: SamplingConfig, image: Image) -> None:
+    """``run --tensor-parallel N``: the prompt (or --prompts, --batch-size at a time) on N rank processes
+    (runtime/engine/ranks.py); rank 0's tokens print as they come. Never through a pool's server."""
+    from runtime.engine.generate import GenerationResult
+    from runtime.engine.ranks import run_ranks
+    from runtime.engine.tensor_parallel import check_image
+
+    n = cfg.tensor_parallel
+    check_image(image, n)  # before anything starts: the split, the image's own shards
+    tok = image_tokenizer(image, required=cfg.prompt_ids is None and not cfg.prompts)
+    if cfg.prompts:
+        prompts, b = read_prompts(cfg.prompts, None, tok, image.args.vocab_size, chat=cfg.chat), cfg.batch_size
+    else:
+        chat = cfg.chat or (cfg.image is None and cfg.prompt is None and cfg.prompt_ids is None)
+        prompts, b = [prompt_ids(cfg.prompt_ids, cfg.prompt, tok, chat, image.args.vocab_size)], 1
+    b = min(b, len(prompts))
+    longest = max(len(p) for p in prompts)
+    max_len = cfg.max_seq_len or longest + sampling.max_new_tokens
+    _check_len(longest, sampling.max_new_tokens, max_len, image)
+    printer = TokenPrinter(tok) if len(prompts) == 1 else None
+    device = device_kind(cfg.device)
+    results, plan, facts = run_ranks(image, engine, sampling, prompts, b, max_len,
+                                     tok.eos_ids if tok else frozenset(), n, device, cfg.devices,
+                                     on_step=(lambda toks: printer(toks[0])) if printer else None)
+    res = [GenerationResult(**r) for r in results]
+    if printer:
+        TokenPrinter.end()
+    else:
+        for i, r in enumerate(res):
+            ids = [t for t in r.output_token_ids if not (tok and t in tok.eos_ids)]
+            print(f"--- {i + 1}: {tok.decode(ids) if tok else ' '.join(map(str, ids))}")
+    if not engine.quiet:
+        t = res[0].timings()
+        tps = f"{t['decode_tok_s']:.2f} tok/s" if t["decode_tok_s"] else "n/a"
+        print(f"[{len(prompts)} prompt(s), {sum(len(r.output_token_ids) for r in res)} tokens generated on {n} ranks "
+              f"({device}); mode {engine.placement.mode}; rank load {facts['load_ms']:.0f} ms, prefill "
+              f"{t['prefill_ms']:.1f} ms, decode {tps}; wall {facts['wall_ms'] / 1e3:.1f} s]", file=sys.stderr)
+    if cfg.out_json:
+        out = [{"prompt_token_ids": r.prompt_token_ids, "output_token_ids": r.output_token_ids,
+                "text": tok.decode(r.output_token_ids) if tok else None, "stop_reason": r.stop_reason, **r.timings()}
+               for r in res]
+        Path(cfg.out_json).write_text(json.dumps({**(out[0] if len(out) == 1 else {"results": out}),
+                                                  "tensor_parallel": n, "mode": engine.placement.mode,
+                                                  "image": str(image.path), "plan": plan.to_dict() if plan else None,
+                                                  "ranks": facts}, indent=1))
 
 
 def spec_line(gen) -> str:

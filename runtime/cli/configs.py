@@ -32,6 +32,7 @@ class PackConfig(FlagConfig):
     force: bool = False
     no_verify: bool = False
     quiet: bool = False
+    tensor_parallel: int = 1
 
     def weight_format(self) -> WeightFormat:
         """--dtype alone dequantizes a GGUF's blocks (to that dtype); without it, or with --keep-blocks, they
@@ -47,6 +48,11 @@ class PackConfig(FlagConfig):
             raise ConfigError("--layers applies only with --synthetic")
         if self.layers is not None and self.layers < 1:
             raise ConfigError(f"--layers must be at least 1, found {self.layers}")
+        if self.tensor_parallel < 1:
+            raise ConfigError(f"--tensor-parallel must be at least 1, found {self.tensor_parallel}")
+        if self.tensor_parallel > 1 and self.quantize:
+            raise ConfigError(f"--tensor-parallel {self.tensor_parallel} splits plain weights only: leave out "
+                              f"--quantize")
 
 
 @dataclass(frozen=True)
@@ -70,8 +76,14 @@ class RunConfig(FlagConfig):
     device: str | None = None
     out_json: str | None = None
     no_server: bool = False
+    tensor_parallel: int = 1
+    devices: str | None = None
 
     def __post_init__(self) -> None:
+        if self.tensor_parallel < 1:
+            raise ConfigError(f"--tensor-parallel must be at least 1, found {self.tensor_parallel}")
+        if self.devices is not None and self.tensor_parallel == 1:
+            raise ConfigError("--devices applies with --tensor-parallel N")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1, found {self.batch_size}")
         if self.batch_size > 1 and not self.prompts:

@@ -76,6 +76,15 @@ def _device_arg(p, cls: type) -> None:
         help="where the model computes (default: cuda if available, else cpu)")
 
 
+def _tensor_parallel_args(p, cls: type) -> None:
+    arg(p, "--tensor-parallel", cls, type=int, metavar="N",
+        help="split every group across N ranks, one process per device (gloo on the CPU, NCCL on CUDA), each "
+             "streaming its 1/N of every group over its own link from one pool; the model's KV heads must divide "
+             "by N (default %(default)s: this process alone)")
+    arg(p, "--devices", cls, metavar="I,J,...",
+        help="with --tensor-parallel N --device cuda: the N GPUs, one per rank (default 0..N-1)")
+
+
 def _runtime_args(p) -> None:
     E = EngineConfig
     g = p.add_argument_group("placement and streaming (docs/DESIGN.md, placement)")
@@ -188,6 +197,9 @@ def _pack_parser(sub) -> None:
                                                           "benchmarks")
     arg(p, "--layers", C, type=int, help="with --synthetic: number of layers (default: the shape's own)")
     arg(p, "--seed", C, type=int, help="with --synthetic: random seed (default %(default)s)")
+    arg(p, "--tensor-parallel", C, type=int, metavar="N",
+        help="store each group as N contiguous shards, one per rank of run --tensor-parallel N (image format 3; "
+             "plain dtypes only; default %(default)s: one piece)")
     arg(p, "--out", C, required=True, help="image to write: a regular file or a block device")
     arg(p, "--manifest", C, help="manifest path (default OUT.manifest.json; required for a block device)")
     arg(p, "--dtype", C, choices=list(DTYPES),
@@ -231,6 +243,7 @@ def _run_parser(sub) -> None:
                                               "tokens)")
     _sampling_args(p, SamplingConfig)
     _device_arg(p, C)
+    _tensor_parallel_args(p, C)
     arg(p, "--out-json", C, help="write prompt/output token ids, text and timings to this JSON file")
     arg(p, "--quiet", EngineConfig, action="store_true", help="print only the generated text")
     _runtime_args(p)
@@ -312,6 +325,9 @@ def _probe_parser(sub) -> None:
     arg(p, "--prefill-tokens", C, type=int, help="tokens of the timed prefill chunk (default 2048 on cuda, 128 on "
                                                  "the cpu)")
     arg(p, "--decode-context", C, type=int, help="cached tokens before the timed decode token (default %(default)s)")
+    arg(p, "--devices", C, metavar="I,J,...",
+        help="also measure these GPUs' host -> GPU links each alone and all at once (tensor parallelism: GPUs "
+             "behind one PCIe switch share it; a --tensor-parallel step is bound by the aggregate)")
     arg(p, "--gpu-mem-gb", C, type=float, help="GPU budget in GB for the tier plan (a plan for cuda, also from a "
                                                "CPU probe)")
     arg(p, "--dram-gb", C, type=float, help="DRAM budget in GB for the tier plan's ring (default with --gpu-mem-gb: "

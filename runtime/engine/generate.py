@@ -118,6 +118,7 @@ class Generator:
         self.cache: KVCache | None = None  # the latest cache; the counters of earlier ones are folded into:
         self.folded = self._counters(None)
         self.source, self.args = source, source.args
+        self.parallel = None  # a tensor-parallel rank's collectives (runtime/engine/tensor_parallel.py)
         if max_seq_len > self.args.max_seq_len:
             raise ConfigError(f"--max-seq-len {max_seq_len} exceeds the model's context {self.args.max_seq_len}")
         self.max_seq_len = max_seq_len
@@ -192,7 +193,8 @@ class Generator:
             self.threads.refresh()
         for i in range(0, tokens.shape[1], step):  # with last_only no chunk computes every position's logits
             chunk = tokens[:, i:i + step]  # (B x chunk x vocab fp32: 1 GB for 4 x 512 x 128K, beyond the plan)
-            out = forward_groups(chunk, start + i, self.args, self.source, self.rope, cache, last_only=last_only)
+            out = forward_groups(chunk, start + i, self.args, self.source, self.rope, cache, last_only=last_only,
+                                 parallel=self.parallel)
             if last_only:  # the latest chunk's only: B x vocab fp32 a chunk piled up to 0.5 GB (batch 32, 32
                 outs.clear()  # chunks), beyond the plan
             outs.append(out)
@@ -247,7 +249,7 @@ class Generator:
             self.threads.refresh()
         cache.tree = tree
         try:
-            return forward_groups(tokens, start, self.args, self.source, self.rope, cache)
+            return forward_groups(tokens, start, self.args, self.source, self.rope, cache, parallel=self.parallel)
         finally:
             cache.tree = None
 

@@ -11,6 +11,10 @@ streams (no synchronize in the layer loop); a slot is released once the event re
 completed. On the CPU the model computes straight from slot memory, except that a quantized DRAM-tier group is
 dequantized once, on first use, into this process's memory (on a CPU, dequantizing at every use would cost many
 times the matmul); streamed quantized groups are dequantized per use, as on the GPU.
+
+A tensor-parallel rank passes its ``shard`` (runtime/engine/tensor_parallel.py ``RankShard``): each group's
+slot still holds the whole group, and the rank copies (or, on the CPU, views) only its extent of it, its own
+shard of a format-3 image; its GPU tier and staging buffers hold shards.
 """
 
 from __future__ import annotations
@@ -46,8 +50,9 @@ class StreamedWeights:
     runtime.engine.placement.Plan; ``kv_offload``: the plan's KV decision, which the Generator takes."""
 
     def __init__(self, image: Image, plan, client: PoolClient, device: torch.device, staging: int = 2,
-                 trace=None, on_allocated=None, kv_offload: bool = False) -> None:
-        self.image, self.args, self.plan, self.client = image, image.args, plan, client
+                 trace=None, on_allocated=None, kv_offload: bool = False, shard=None) -> None:
+        self.shard = shard  # a tensor-parallel rank's RankShard, or None: whole groups
+        self.image, self.args, self.plan, self.client = image, shard.args if shard else image.args, plan, client
         self.trace = trace  # runtime.engine.trace.ClientTrace with --trace: records copies and slot waits
         self.device, self.dtype = torch.device(device), TORCH_DTYPES[image.dtype]
         self.kv_offload = kv_offload
@@ -66,7 +71,7 @@ class StreamedWeights:
         self.dense: dict[str, Weights] = {}  # CPU: quantized DRAM-tier groups, dequantized on first use
         # The plan's device memory first (GPU tier buffers, staging buffers), then ``on_allocated`` (the CUDA
         # warm-up thread: what it allocates comes out of the activations' share, never out of these).
-        self.tier_bufs = {g: torch.empty(image.groups[g].size, dtype=torch.uint8, device=self.device)
+        self.tier_bufs = {g: torch.empty(self._extent(g)[1], dtype=torch.uint8, device=self.device)
                           for g in plan.gpu}
         if self.cuda:
             self._init_pipeline(staging)
@@ -191,17 +196,27 @@ class StreamedWeights:
         off = int(self.res.slots[slot]["ring_offset"])
         return self.ring[off:off + nbytes]
 
+    def _extent(self, g: str) -> tuple[int, int]:
+        """(offset within the group, bytes) of what this process uses of group ``g``: all of it, or its shard."""
+        return self.shard.extent(g) if self.shard else (0, self.image.groups[g].size)
+
+    def _slot_extent(self, slot: int, g: str) -> torch.Tensor:
+        off, n = self._extent(g)
+        return self.slot_tensor(slot, off + n)[off:]
+
+    def _views(self, g: str, buf: torch.Tensor) -> Weights:
+        """Tensors of ``g`` over ``buf``, the bytes of its extent (``_extent``)."""
+        return self.shard.views(g, buf) if self.shard else tensor_views(self.image.groups[g], buf)
+
     def dram_views(self, g: str) -> Weights:
-        spec = self.image.groups[g]
-        return tensor_views(spec, self.slot_tensor(int(self.res.groups[self.gid[g]]["slot"]), spec.size))
+        return self._views(g, self._slot_extent(int(self.res.groups[self.gid[g]]["slot"]), g))
 
     def _load_gpu_tier(self) -> None:
         """Copy the GPU tier to the device: from the pool's DRAM tier where it holds those groups (see
         runtime.engine.source.gpu_tier_in_dram), else through the window, one group after another."""
         def load(g: str, slot: int) -> None:  # one copy per group into its buffer, the tensors views of it
-            spec = self.image.groups[g]
-            self.tier_bufs[g].copy_(self.slot_tensor(slot, spec.size), non_blocking=True)
-            self.resident[g] = tensor_views(spec, self.tier_bufs[g])
+            self.tier_bufs[g].copy_(self._slot_extent(slot, g), non_blocking=True)
+            self.resident[g] = self._views(g, self.tier_bufs[g])
 
         in_dram = [g for g in self.plan.gpu if int(self.res.groups[self.gid[g]]["slot"]) >= 0]
         for g in in_dram:
@@ -222,9 +237,10 @@ class StreamedWeights:
 
     # ---- the weight-source interface ------------------------------------------------------------
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        lookup = self.shard.embed if self.shard else embed_forward  # a rank looks up its rows (the others zero)
         if "tok_embeddings" in self.resident:
-            return embed_forward(tokens, self.resident["tok_embeddings"], self.dtype)
-        host = embed_forward(tokens.cpu(), self.dram_views("tok_embeddings"), self.dtype)  # host lookup, rows only
+            return lookup(tokens, self.resident["tok_embeddings"], self.dtype)
+        host = lookup(tokens.cpu(), self.dram_views("tok_embeddings"), self.dtype)  # host lookup, rows only
         return host.to(self.device, non_blocking=True)
 
     def get(self, group: str) -> Weights:
@@ -276,7 +292,7 @@ class StreamedWeights:
         if seq >= 0:
             self.held = (slot, seq)
         spec = self.image.groups[group]
-        views = tensor_views(spec, self.slot_tensor(slot, spec.size))
+        views = self._views(group, self._slot_extent(slot, group))
         if seq < 0 and spec.quantized:
             views = self.dense[group] = dequantized(views, self.dtype)
         return views
@@ -297,13 +313,13 @@ class StreamedWeights:
     def _issue(self, p: int) -> None:
         """Copy the group at absolute sched position ``p`` into staging buffer p % k on the copy stream."""
         g = self.sched[p % len(self.sched)]
-        b, size = p % self.k, self.image.groups[g].size
+        b, size = p % self.k, self._extent(g)[1]
         slot, seq = self._next_slot(g)
         with torch.cuda.stream(self.copy_stream):
             if self.freed[b] is not None:
                 self.copy_stream.wait_event(self.freed[b])
             c0 = self.trace.mark(self.copy_stream) if self.trace else None  # after the wait: the copy itself
-            self.staging[b][:size].copy_(self.slot_tensor(slot, size), non_blocking=True)
+            self.staging[b][:size].copy_(self._slot_extent(slot, g), non_blocking=True)
             ev = torch.cuda.Event(enable_timing=self.trace is not None)
             ev.record(self.copy_stream)
         if self.trace:
@@ -343,7 +359,7 @@ class StreamedWeights:
         b = p % self.k
         torch.cuda.current_stream(self.device).wait_event(self.copied[b])
         self.last_streamed = p
-        return tensor_views(self.image.groups[group], self.staging[b][:self.image.groups[group].size])
+        return self._views(group, self.staging[b][:self._extent(group)[1]])
 
     def _ready_without_wait(self, p: int) -> bool:
         g = self.sched[p % len(self.sched)]

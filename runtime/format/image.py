@@ -19,6 +19,11 @@ Layout of an image (a regular file or a raw block device):
 The manifest (JSON, ``IMAGE.manifest.json`` beside a file image; given explicitly for a block device)
 holds the model arguments, dtype, the uuid and image size, and for every group its offset, size (the
 padded extent), crc32 of the whole extent, and each tensor's local name, dtype, shape, offset and nbytes.
+Format version 3 (``pack --tensor-parallel N``, manifest key ``tensor_parallel``) stores each group as N
+contiguous shards, one per tensor-parallel rank (model/shards.py: which rows or columns each holds), every
+shard starting on a 4 KiB boundary: a rank's bytes of a group are one contiguous read and one copy. Each
+tensor entry then names its ``shard``; the group stays one crc32 extent (pools, reads and ``verify`` see no
+difference). Plain images (versions 1 and 2) are N = 1.
 Since format version 2 a tensor's dtype may name a quantized format (model/qformats.py: llama.cpp's blocks as
 a GGUF stored them, or our int8 / int4 with its ``group``): its bytes are that format's, its shape the
 matrix's logical shape; the image's own dtype is then that of every other tensor and of the compute. Version
@@ -31,6 +36,7 @@ values expected and found. This module is used by ``launch.py`` (pack, run) and 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import struct
@@ -43,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 from model.args import ModelArgs
 from model.errors import ConfigError, ImageFormatError, ReadError
 from model.groups import global_names, group_names, group_prefix, group_tensor_shapes
+from model.shards import check_tensor_parallel, shard_shape
 from model.qformats import OURS, SCHEMES, block_size, is_quantized, storage_bytes
 from runtime.format.blockdev import check_readable, is_block_device, target_size
 
@@ -53,7 +60,8 @@ if TYPE_CHECKING:
 
 MAGIC = b"LLMSTRM\0"
 FORMAT_VERSION = 2  # 2: a tensor's dtype may name a quantized format (model/qformats.py)
-READABLE_VERSIONS = (1, 2)
+TP_FORMAT_VERSION = 3  # 3: groups stored as tensor-parallel shards (written only by pack --tensor-parallel N > 1)
+READABLE_VERSIONS = (1, 2, 3)
 HEADER_SIZE = 4096
 ALIGN = 4096
 TENSOR_ALIGN = 256
@@ -82,6 +90,7 @@ class TensorSpec:
     offset: int  # bytes from the start of the group extent
     nbytes: int
     group: int | None = None  # int8 / int4: values per scale along a row
+    shard: int | None = None  # format 3: the tensor-parallel rank whose shard this is (shape: the shard's)
 
     @property
     def quantized(self) -> bool:
@@ -108,11 +117,28 @@ class GroupSpec:
     def layer(self) -> int | None:
         return int(self.name.split(".")[1]) if self.name.startswith("layers.") else None
 
+    @property
+    def n_shards(self) -> int:
+        return 1 + max((t.shard or 0 for t in self.tensors), default=0)
+
+    def shard(self, r: int) -> GroupSpec:
+        """Shard r of a format-3 group as a group of its own: offset and size of its extent within this group's
+        (4 KiB-aligned, the last one padded to the group's end), tensors relative to it."""
+        mine = [t for t in self.tensors if t.shard == r]
+        if not mine:
+            raise KeyError(f"group {self.name} has no shard {r} ({self.n_shards} shards)")
+        lo = min(t.offset for t in mine)
+        later = [t.offset for t in self.tensors if t.shard is not None and t.shard > r]
+        hi = align_up(min(later)) if later else self.size
+        return GroupSpec(self.name, lo, hi - lo, None,
+                         tuple(dataclasses.replace(t, offset=t.offset - lo, shard=None) for t in mine))
+
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "layer": self.layer, "offset": self.offset,
                 "size": self.size, "crc32": self.crc32,
                 "tensors": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "offset": t.offset,
-                             "nbytes": t.nbytes, **({"group": t.group} if t.group else {})} for t in self.tensors]}
+                             "nbytes": t.nbytes, **({"group": t.group} if t.group else {}),
+                             **({"shard": t.shard} if t.shard is not None else {})} for t in self.tensors]}
 
 
 QUANTIZERS = ("int8", "int4", "q8_0", "q4_0", "q4_1")  # --quantize: ours, and gguf's quantizers
@@ -152,12 +178,16 @@ def largest_quantized(args: ModelArgs, formats: Formats) -> int:
     return max((shapes[k][0] * shapes[k][1] for k in formats), default=0)
 
 
-def plan_layout(args: ModelArgs, dtype: str, formats: Formats | None = None) -> list[GroupSpec]:
+def plan_layout(args: ModelArgs, dtype: str, formats: Formats | None = None,
+                tensor_parallel: int = 1) -> list[GroupSpec]:
     """Offsets of every group and tensor for ``args`` stored in ``dtype``, the tensors named in ``formats`` in
-    their quantized format (crc32 not yet known)."""
+    their quantized format (crc32 not yet known). ``tensor_parallel`` N > 1: each group as N shards (format
+    3; plain dtypes only), each starting on an ALIGN boundary."""
     if dtype not in DTYPE_BYTES:
         raise ConfigError(f"dtype must be one of {sorted(DTYPE_BYTES)}, found {dtype!r}")
     formats = formats or {}
+    if tensor_parallel > 1:
+        return _plan_sharded(args, dtype, formats, tensor_parallel)
     groups, offset = [], HEADER_SIZE
     for g in group_names(args):
         tensors, pos = [], 0
@@ -175,6 +205,27 @@ def plan_layout(args: ModelArgs, dtype: str, formats: Formats | None = None) -> 
     return groups
 
 
+def _plan_sharded(args: ModelArgs, dtype: str, formats: Formats, n: int) -> list[GroupSpec]:
+    check_tensor_parallel(args, n)
+    if formats:
+        raise ConfigError(f"--tensor-parallel {n}: quantized tensors ({next(iter(formats))}, ...) are not split into "
+                          f"shards yet; pack plain weights (--dtype) or leave out --tensor-parallel")
+    groups, offset = [], HEADER_SIZE
+    for g in group_names(args):
+        tensors, pos = [], 0
+        for r in range(n):
+            pos = align_up(pos)
+            for local, shape in group_tensor_shapes(args, g).items():
+                sh = shard_shape(args, local, tuple(shape), n, r)
+                nbytes = DTYPE_BYTES[dtype] * _numel(sh)
+                tensors.append(TensorSpec(local, dtype, sh, pos, nbytes, None, r))
+                pos = align_up(pos + nbytes, TENSOR_ALIGN)
+        size = align_up(pos)
+        groups.append(GroupSpec(g, offset, size, None, tuple(tensors)))
+        offset += size
+    return groups
+
+
 def _numel(shape) -> int:
     n = 1
     for s in shape:
@@ -182,8 +233,8 @@ def _numel(shape) -> int:
     return n
 
 
-def pack_header(n_groups: int, image_size: int, uuid: bytes) -> bytes:
-    body = struct.pack(HEADER_FMT, MAGIC, FORMAT_VERSION, HEADER_SIZE, ALIGN, n_groups, image_size, uuid)
+def pack_header(n_groups: int, image_size: int, uuid: bytes, version: int = FORMAT_VERSION) -> bytes:
+    body = struct.pack(HEADER_FMT, MAGIC, version, HEADER_SIZE, ALIGN, n_groups, image_size, uuid)
     body += struct.pack("<I", zlib.crc32(body))
     return body.ljust(HEADER_SIZE, b"\0")
 
@@ -226,6 +277,7 @@ class Image:
         self.dtype: str = manifest["dtype"]
         self.uuid: str = manifest["uuid"]
         self.image_size: int = manifest["image_size"]
+        self.tensor_parallel: int = int(manifest.get("tensor_parallel", 1))  # format 3: shards per group
         self.groups: dict[str, GroupSpec] = {g.name: g for g in (_group_from_dict(d, manifest_path)
                                                                  for d in manifest["groups"])}
 
@@ -261,7 +313,7 @@ class Image:
         if (hdr["n_groups"], hdr["image_size"]) != (len(self.groups), self.image_size):
             raise ImageFormatError(f"{self.path}: header says {hdr['n_groups']} groups / {hdr['image_size']} "
                                    f"bytes, manifest says {len(self.groups)} / {self.image_size}")
-        expected = plan_layout(self.args, self.dtype, self.formats())
+        expected = plan_layout(self.args, self.dtype, self.formats(), self.tensor_parallel)
         got = list(self.groups.values())
         for e, g in zip(expected, got):
             if (e.name, e.offset, e.size, e.tensors) != (g.name, g.offset, g.size, g.tensors):
@@ -351,6 +403,9 @@ def tensor_views(group: GroupSpec, buf) -> dict[str, torch.Tensor | QuantWeight]
     from model.quant import QuantWeight  # torch, as the views: the pool's processes never build them
 
     dtypes = __getattr__("TORCH_DTYPES")
+    if group.n_shards > 1:
+        raise ImageFormatError(f"group {group.name} is stored as {group.n_shards} tensor-parallel shards: "
+                               f"its tensors are read by rank (GroupSpec.shard), not whole")
     base = buf if isinstance(buf, torch.Tensor) else torch.frombuffer(buf, dtype=torch.uint8)
     out = {}
     for t in group.tensors:
@@ -363,7 +418,7 @@ def tensor_views(group: GroupSpec, buf) -> dict[str, torch.Tensor | QuantWeight]
 def _group_from_dict(d: dict[str, Any], where: Path) -> GroupSpec:
     try:
         tensors = tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"]), int(t["offset"]), int(t["nbytes"]),
-                                   t.get("group")) for t in d["tensors"])
+                                   t.get("group"), t.get("shard")) for t in d["tensors"])
         return GroupSpec(d["name"], int(d["offset"]), int(d["size"]), int(d["crc32"]), tensors)
     except (KeyError, TypeError, ValueError) as e:
         raise ImageFormatError(f"{where}: malformed group entry {str(d)[:120]} ({type(e).__name__}: {e})") from None

@@ -15,6 +15,7 @@ process.
 
     python launch.py pack --checkpoint PATH --out IMAGE [--manifest PATH] [--dtype bf16] [--force]
     python launch.py pack --synthetic llama3.1-8b [--layers N] --out IMAGE
+    python launch.py pack ... --tensor-parallel N       # each group as N contiguous shards (format 3)
 """
 
 from __future__ import annotations
@@ -34,11 +35,13 @@ from model.errors import ConfigError, UserError
 from model.groups import global_names, group_prefix
 from model.qformats import OURS, check_quantizable
 from model.quant import quantize
+from model.shards import COLS, ROWS, shard_range
 from model.tokenizer import load_tokenizer
 from runtime.env import pack_kill_at
 from runtime.format.blockdev import check_pack_target, is_block_device
 from runtime.format.image import (
     FORMAT_VERSION,
+    TP_FORMAT_VERSION,
     TORCH_DTYPES,
     GroupSpec,
     Image,
@@ -88,11 +91,13 @@ def weight_formats(ck: Checkpoint, wf: WeightFormat) -> tuple[dict[str, tuple[st
 
 
 def pack(ck: Checkpoint, out: str | Path, manifest: str | Path | None = None, dtype: str | WeightFormat = "bf16",
-         force: bool = False, quiet: bool = False, verify: bool = True, device: str | None = None) -> Path:
+         force: bool = False, quiet: bool = False, verify: bool = True, device: str | None = None,
+         tensor_parallel: int = 1) -> Path:
     """Write ``ck`` as an image at ``out``; returns the manifest path. ``dtype``: a plain dtype, or a
     WeightFormat. ``verify``: read the new image back and check every group's crc32 before it replaces
     anything. ``device``: where our int8/int4 quantizers run (default CUDA when there is one: the clipping
-    search costs seconds per large matrix on a few CPU cores)."""
+    search costs seconds per large matrix on a few CPU cores). ``tensor_parallel`` N > 1: every group as N
+    shards, one per rank (image.py, format 3; model/shards.py), the values those of a plain pack."""
     out = Path(out)
     wf = dtype if isinstance(dtype, WeightFormat) else WeightFormat(dtype)
     dtype = wf.dtype
@@ -108,7 +113,7 @@ def pack(ck: Checkpoint, out: str | Path, manifest: str | Path | None = None, dt
     if not quiet:
         for line in lines:
             print(f"pack: {line}", file=sys.stderr)
-    layout = plan_layout(ck.args, dtype, formats)
+    layout = plan_layout(ck.args, dtype, formats, tensor_parallel)
     image_size = layout[-1].offset + layout[-1].size
     check_pack_target(out, image_size, force)
     block = is_block_device(out)
@@ -116,11 +121,12 @@ def pack(ck: Checkpoint, out: str | Path, manifest: str | Path | None = None, dt
     with Staging() as st:
         if block:
             manifest_path.unlink(missing_ok=True)  # the device is overwritten now: its old manifest goes first
-        tmp_image, groups, image_uuid = _write_image(st, ck, out, layout, image_size, block, quiet, kill_at, device)
+        tmp_image, groups, image_uuid = _write_image(st, ck, out, layout, image_size, block, quiet, kill_at, device,
+                                                     tensor_parallel)
         tok_tmp = st.temp(tok_dir)
         tok_name = _save_tokenizer(ck, tok_tmp, tok_dir.name)
         man_tmp = st.temp(manifest_path)
-        _write_manifest(man_tmp, ck, dtype, groups, image_uuid, image_size, tok_name)
+        _write_manifest(man_tmp, ck, dtype, groups, image_uuid, image_size, tok_name, tensor_parallel)
         _verify(tmp_image, man_tmp, verify, quiet, out)
         if kill_at == "before-commit":
             os.kill(os.getpid(), 9)
@@ -165,7 +171,7 @@ def check_sources(ck: Checkpoint, out: Path, manifest_path: Path, tok_dir: Path)
 
 
 def _write_image(st: Staging, ck: Checkpoint, out: Path, layout: list[GroupSpec], image_size: int, block: bool,
-                 quiet: bool, kill_at: str | None, device: str) -> tuple[Path, list[GroupSpec], str]:
+                 quiet: bool, kill_at: str | None, device: str, tp: int = 1) -> tuple[Path, list[GroupSpec], str]:
     """Every group and the header, fsynced: into the device itself, else into a new file beside ``out`` (named
     only once complete). Returns the path written, the groups with their checksums and the image's uuid."""
     progress = Progress(f"packing {out}", image_size, quiet=quiet)
@@ -183,11 +189,12 @@ def _write_image(st: Staging, ck: Checkpoint, out: Path, layout: list[GroupSpec]
     try:
         groups = []
         for i, g in enumerate(layout):
-            groups.append(_write_group(fd, ck, g, progress, device))
+            groups.append(_write_group(fd, ck, g, progress, device, tp))
             if kill_at == f"group-{i}":
                 os.kill(os.getpid(), 9)
         image_uuid = uuidlib.uuid4().bytes
-        os.pwrite(fd, pack_header(len(groups), image_size, image_uuid), 0)
+        version = TP_FORMAT_VERSION if tp > 1 else FORMAT_VERSION
+        os.pwrite(fd, pack_header(len(groups), image_size, image_uuid, version), 0)
         os.fsync(fd)
         if not block and unnamed:
             link_tmpfile(fd, named)
@@ -197,7 +204,7 @@ def _write_image(st: Staging, ck: Checkpoint, out: Path, layout: list[GroupSpec]
     return (out if block else named), groups, image_uuid.hex()
 
 
-def _write_group(fd: int, ck: Checkpoint, g: GroupSpec, progress: Progress, device: str) -> GroupSpec:
+def _write_group(fd: int, ck: Checkpoint, g: GroupSpec, progress: Progress, device: str, tp: int = 1) -> GroupSpec:
     buf = torch.empty(g.size, dtype=torch.uint8)
     prefix, pos = group_prefix(g.name), 0
     for t in g.tensors:  # zero only the alignment padding; every tensor byte is written below
@@ -205,7 +212,9 @@ def _write_group(fd: int, ck: Checkpoint, g: GroupSpec, progress: Progress, devi
         pos = t.offset + t.nbytes
     buf[pos:].zero_()
     dtypes = TORCH_DTYPES
-    for t in g.tensors:
+    if tp > 1:
+        _fill_shards(ck, g, buf, tp)
+    for t in g.tensors if tp == 1 else ():
         key, dst = prefix + t.name, buf[t.offset:t.offset + t.nbytes]
         if not t.quantized:
             ck.fill(key, dst.view(dtypes[t.dtype]).view(t.shape))
@@ -220,6 +229,23 @@ def _write_group(fd: int, ck: Checkpoint, g: GroupSpec, progress: Progress, devi
     return GroupSpec(g.name, g.offset, g.size, crc, g.tensors)
 
 
+def _fill_shards(ck: Checkpoint, g: GroupSpec, buf: torch.Tensor, n: int) -> None:
+    """Each tensor of ``g`` whole, in the plain pack's order (a synthetic checkpoint's values depend on it),
+    then its rows or columns into each rank's shard (model/shards.py)."""
+    dtypes, prefix = TORCH_DTYPES, group_prefix(g.name)
+    by_name: dict[str, list] = {}
+    for t in g.tensors:
+        by_name.setdefault(t.name, []).append(t)
+    for name, shards in by_name.items():
+        shape = ck.shapes[prefix + name]
+        full = torch.empty(shape, dtype=dtypes[shards[0].dtype])
+        ck.fill(prefix + name, full)
+        for t in shards:
+            split, lo, hi = shard_range(ck.args, name, n, t.shard)
+            part = full[lo:hi] if split == ROWS else full[:, lo:hi] if split == COLS else full
+            buf[t.offset:t.offset + t.nbytes].view(dtypes[t.dtype]).view(t.shape).copy_(part)
+
+
 def _pwrite_all(fd: int, mv: memoryview, offset: int, chunk: int = 64 << 20) -> None:
     done = 0
     while done < len(mv):
@@ -230,11 +256,11 @@ PLAIN_TYPES = ("plain", "F32", "F16", "BF16")  # stored types that are not quant
 
 
 def _write_manifest(path: Path, ck: Checkpoint, dtype: str, groups: list[GroupSpec], image_uuid: str,
-                    image_size: int, tok_name: str | None) -> None:
-    m = {"format": "llmstream-image", "version": FORMAT_VERSION, "uuid": image_uuid, "image_size": image_size,
+                    image_size: int, tok_name: str | None, tp: int = 1) -> None:
+    m = {"format": "llmstream-image", "version": TP_FORMAT_VERSION if tp > 1 else FORMAT_VERSION, "uuid": image_uuid, "image_size": image_size,
          "dtype": dtype, "checksum": "crc32", "args": ck.args.to_dict(),
          "source": {"format": ck.format, "path": str(ck.path), "packed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
-         "tokenizer": tok_name, "groups": [g.to_dict() for g in groups]}
+         "tokenizer": tok_name, **({"tensor_parallel": tp} if tp > 1 else {}), "groups": [g.to_dict() for g in groups]}
     with open(path, "x") as f:
         json.dump(m, f, indent=1)
         f.flush()

@@ -159,8 +159,11 @@ class ProbeConfig(FlagConfig):
     draft: str | None = None
     tree_tokens_list: tuple[int, ...] | str = "1,2,4,8,16,32,64,128,256,512,1024"
     out_json: str | None = None
+    devices: str | None = None  # GPUs whose links are also measured alone and at once (runtime/measure/multilink.py)
 
     def __post_init__(self) -> None:
+        if self.devices is not None and self.device == "cpu":
+            raise ConfigError("--devices measures GPU links: it needs CUDA (leave out --device cpu)")
         for key in ("workers_list", "read_mb_list", "tree_tokens_list"):
             if isinstance(getattr(self, key), str):
                 object.__setattr__(self, key, parse_int_list(f"--{key.replace('_', '-')}", getattr(self, key)))
@@ -1054,6 +1057,21 @@ def _disk_section(spec: ModelSpec, cfg: ProbeConfig, cleanup: list[Path]) -> tup
     return measure_disk(path, region, cfg, _log), temp
 
 
+def _multi_links(cfg: ProbeConfig, device) -> dict:
+    """Each of --devices' links alone and all at once (runtime/measure/multilink.py), one line printed."""
+    if device.type != "cuda":
+        raise ConfigError("--devices measures GPU links: this run has no CUDA device")
+    from runtime.engine.ranks import check_devices, rank_devices
+    from runtime.measure.multilink import measure_links as measure_each_and_all
+
+    devs = rank_devices("cuda", len(cfg.devices.split(",")), cfg.devices)
+    check_devices(devs)
+    m = measure_each_and_all(devs, min(cfg.probe_bytes, 1 << 30))
+    _log(f"probe: links alone {', '.join(f'{d} {g:.1f}' for d, g in m['each'].items())} GB/s; all at once "
+         f"{m['aggregate_gbps']:.1f} GB/s ({m['shared']:.2f} of their sum)")
+    return m
+
+
 def run_probe(cfg: ProbeConfig) -> int:
     from runtime.engine.generate import pick_device  # torch: the reader processes import this module
 
@@ -1063,6 +1081,8 @@ def run_probe(cfg: ProbeConfig) -> int:
     try:
         _log(f"probe: host -> GPU links on {device}")
         links = measure_links(device, cfg.probe_bytes)
+        if cfg.devices:
+            links["tensor_parallel"] = _multi_links(cfg, device)
         disk, temp = _disk_section(spec, cfg, cleanup)
     finally:
         for p in cleanup:
