@@ -3,7 +3,8 @@ on N GPUs with the same per-GPU cap, each step against the bound from the measur
 (runtime/measure/multilink.py), outputs checked equal to the 1-GPU run. NOT YET RUN: it needs a machine with
 several GPUs (docs/BENCHMARKS.md says so); benchmarks/gpu_tp.sh runs it there.
 
-    python benchmarks/tp_decode.py --shape llama3.1-8b --layers 32 --cap 6 --ranks 2 --workdir /data/tp --out-json tp.json
+    python benchmarks/tp_decode.py --shape llama3.1-8b --layers 32 --cap 6 --ranks 2 --workdir /data/tp \
+        --out-json tp.json
 """
 
 from __future__ import annotations

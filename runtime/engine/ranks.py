@@ -37,10 +37,10 @@ import traceback
 from dataclasses import dataclass
 
 from model.errors import ConfigError, UserError
+from runtime.engine.batching import default_dram_bytes
 from runtime.engine.config import EngineConfig, SamplingConfig
 from runtime.engine.placement import Plan
 from runtime.engine.source import GB, _planned, gpu_tier_in_dram, plan_for_pool
-from runtime.engine.batching import default_dram_bytes
 from runtime.format.image import ALIGN, Image
 from runtime.ipc.options import PoolConfig, WorkerOptions
 from runtime.ipc.procs import stop_processes

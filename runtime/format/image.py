@@ -49,8 +49,8 @@ from typing import TYPE_CHECKING, Any
 from model.args import ModelArgs
 from model.errors import ConfigError, ImageFormatError, ReadError
 from model.groups import global_names, group_names, group_prefix, group_tensor_shapes
-from model.shards import check_tensor_parallel, shard_shape
 from model.qformats import OURS, SCHEMES, block_size, is_quantized, storage_bytes
+from model.shards import check_tensor_parallel, shard_shape
 from runtime.format.blockdev import check_readable, is_block_device, target_size
 
 if TYPE_CHECKING:

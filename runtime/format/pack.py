@@ -41,8 +41,8 @@ from runtime.env import pack_kill_at
 from runtime.format.blockdev import check_pack_target, is_block_device
 from runtime.format.image import (
     FORMAT_VERSION,
-    TP_FORMAT_VERSION,
     TORCH_DTYPES,
+    TP_FORMAT_VERSION,
     GroupSpec,
     Image,
     WeightFormat,
@@ -257,7 +257,8 @@ PLAIN_TYPES = ("plain", "F32", "F16", "BF16")  # stored types that are not quant
 
 def _write_manifest(path: Path, ck: Checkpoint, dtype: str, groups: list[GroupSpec], image_uuid: str,
                     image_size: int, tok_name: str | None, tp: int = 1) -> None:
-    m = {"format": "llmstream-image", "version": TP_FORMAT_VERSION if tp > 1 else FORMAT_VERSION, "uuid": image_uuid, "image_size": image_size,
+    version = TP_FORMAT_VERSION if tp > 1 else FORMAT_VERSION
+    m = {"format": "llmstream-image", "version": version, "uuid": image_uuid, "image_size": image_size,
          "dtype": dtype, "checksum": "crc32", "args": ck.args.to_dict(),
          "source": {"format": ck.format, "path": str(ck.path), "packed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
          "tokenizer": tok_name, **({"tensor_parallel": tp} if tp > 1 else {}), "groups": [g.to_dict() for g in groups]}

@@ -48,15 +48,15 @@ def measure_links(devices: list[str], nbytes: int = 1 << 30, repeats: int = REPE
         _copy_s(*bufs[d], streams[d])  # first touch, driver paths warmed
         each[d] = max(nbytes / _copy_s(*bufs[d], streams[d]) / 1e9 for _ in range(repeats))
     best = 0.0
+
+    def run(d: str, barrier: threading.Barrier) -> None:
+        torch.cuda.set_device(torch.device(d))
+        barrier.wait()
+        _copy_s(*bufs[d], streams[d])
+
     for _ in range(repeats):
-        barrier, times = threading.Barrier(len(devices) + 1), {}
-
-        def run(d: str) -> None:
-            torch.cuda.set_device(torch.device(d))
-            barrier.wait()
-            times[d] = _copy_s(*bufs[d], streams[d])
-
-        threads = [threading.Thread(target=run, args=(d,)) for d in devices]
+        barrier = threading.Barrier(len(devices) + 1)
+        threads = [threading.Thread(target=run, args=(d, barrier)) for d in devices]
         for t in threads:
             t.start()
         t0 = time.perf_counter()
