@@ -40,7 +40,7 @@ from model.errors import ConfigError, UserError
 from runtime.engine.batching import default_dram_bytes
 from runtime.engine.config import EngineConfig, SamplingConfig
 from runtime.engine.placement import Plan
-from runtime.engine.source import GB, _planned, gpu_tier_in_dram, plan_for_pool
+from runtime.engine.source import GB, gpu_tier_in_dram, plan_for_pool, planned
 from runtime.format.image import ALIGN, Image
 from runtime.ipc.options import PoolConfig, WorkerOptions
 from runtime.ipc.procs import stop_processes
@@ -125,7 +125,7 @@ def plan_ranks(image: Image, cfg: EngineConfig, device: str, n: int, batch: int,
     moved = sum(g.size for g in view.groups.values()) / sum(g.size for g in image.groups.values())
     dram = int(cfg.placement.dram_gb * GB) if cfg.placement.dram_gb else default_dram_bytes()
     rank_cfg = cfg.replace(dram_gb=dram * moved / GB) if cfg.placement.mode != "full" else cfg
-    return _planned(view, rank_cfg, device.split(":")[0], batch, max_len, cfg.prefill.chunk, False)
+    return planned(view, rank_cfg, device.split(":")[0], batch, max_len, cfg.prefill.chunk, False)
 
 
 def describe(plan: Plan | None, image: Image, n: int) -> str:
@@ -369,7 +369,7 @@ def _rank_source(image: Image, shard, job: RankJob, device):
             def fn(img, c, dev, kv, act, draft_bytes=0):
                 return plan_for_pool(img, c, dev, att.record, kv, act, draft_bytes)
 
-            plan, offload = _planned(rank_image(att.image, job.n), cfg, device, job.batch, job.max_len,
+            plan, offload = planned(rank_image(att.image, job.n), cfg, device, job.batch, job.max_len,
                                      cfg.prefill.chunk, False, fn)
             client = PoolClient(att.handle, att.index, ring="ro")
         except BaseException:

@@ -167,7 +167,7 @@ def plan_for_pool(image: Image, cfg: EngineConfig, device, rec: dict, kv_bytes: 
                                budgets=dataclasses.replace(base.budgets, dram_bytes=None))
 
 
-def _planned(image: Image, cfg: EngineConfig, device, batch: int, max_len: int, chunk: int, all_logits: bool,
+def planned(image: Image, cfg: EngineConfig, device, batch: int, max_len: int, chunk: int, all_logits: bool,
              plan_fn=make_plan) -> tuple[Plan, bool]:
     """The plan and KV decision for a batch of ``batch`` x ``max_len``, one pass's activations reserved."""
     act = activation_bytes(image, batch, min(chunk_per_sequence(chunk, batch), max_len), all_logits)
@@ -219,7 +219,7 @@ def start_early(image: Image, cfg: EngineConfig, device: str | None, batch: int 
     kind = device_kind(device)
     if kind == "cuda" and not cfg.placement.gpu_mem_gb:
         return None
-    plan, offload = _planned(image, cfg, kind, batch, max_len, chunk or cfg.prefill.chunk, all_logits)
+    plan, offload = planned(image, cfg, kind, batch, max_len, chunk or cfg.prefill.chunk, all_logits)
     t0 = time.perf_counter()
     pool = _start_pool(image, cfg, plan, None)
     return EarlyStart(plan, pool, kind, (time.perf_counter() - t0) * 1e3, offload)
@@ -302,7 +302,7 @@ def _open_source(image: Image, cfg: EngineConfig, device: torch.device, batch: i
     if early is not None:
         plan, pool, started_ms, offload = early.plan, early.pool, early.started_ms, early.kv_offload
     else:
-        plan, offload = _planned(image, cfg, device, batch, max_len, chunk, all_logits)
+        plan, offload = planned(image, cfg, device, batch, max_len, chunk, all_logits)
         t0 = time.perf_counter()
         pool = _start_pool(image, cfg, plan, trace)
         started_ms = (time.perf_counter() - t0) * 1e3
@@ -349,7 +349,7 @@ def _attached_source(image: Image, cfg: EngineConfig, device: torch.device, batc
         def fn(img, c, dev, kv, act, draft_bytes=0):
             return plan_for_pool(img, c, dev, att.record, kv, act, draft_bytes)
 
-        plan, offload = _planned(att.image, cfg, device, batch, max_len, chunk, all_logits, fn)
+        plan, offload = planned(att.image, cfg, device, batch, max_len, chunk, all_logits, fn)
         if not cfg.quiet:
             print(f"attached to pool {cfg.attach!r} (pid {att.record['pid']}) as client {att.index}\n"
                   + plan.describe(), file=sys.stderr)
