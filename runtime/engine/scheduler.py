@@ -68,7 +68,7 @@ class SchedulerConfig:
             raise ConfigError(f"--max-queue must be at least 0, found {self.max_queue}")
 
 
-@dataclass
+@dataclass(eq=False)
 class SeqRequest:
     """One sequence to generate. ``deadline``: time.monotonic() after which it ends with an error."""
 
@@ -153,6 +153,10 @@ class Scheduler:
     def cancel(self, req: SeqRequest) -> None:
         """Drop ``req`` (queued or running) before the next step; its on_event gets nothing more."""
         with self._cv:
+            if req in self._queue:  # still waiting: its place in the queue is free at once
+                self._queue.remove(req)
+                self.cancelled += 1
+                return
             self._cancelled.add(req.id)
             self._cv.notify()
 
@@ -169,21 +173,22 @@ class Scheduler:
         pool server checks its coordinator there). Requests still running or queued at the stop get an error."""
         try:
             while not stop.is_set():
-                with self._cv:
-                    self._drop_cancelled()
-                    self._admit()
-                    if not any(self.rows):
-                        self._cv.wait(idle_s)
-                        idle = True
-                    else:
-                        idle = False
-                if idle:
-                    if on_idle is not None:
-                        on_idle()
-                    continue
-                self.step()
+                if not self.tick(idle_s) and on_idle is not None:
+                    on_idle()
         finally:
             self.fail_all("the server is stopping: request ended")
+
+    def tick(self, idle_s: float = 0.0) -> bool:
+        """One turn of the loop: drop what was cancelled, admit what fits, run one step; False (after waiting up
+        to ``idle_s`` for a request) when no row is in use."""
+        with self._cv:
+            self._drop_cancelled()
+            self._admit()
+            if not any(self.rows):
+                self._cv.wait(idle_s)
+                return False
+        self.step()
+        return True
 
     def fail_all(self, msg: str) -> None:
         with self._cv:

@@ -12,8 +12,9 @@ Endpoints:
 
 Fields: ``model``, ``messages`` / ``prompt``, ``max_tokens`` (``max_completion_tokens``; default: the rest of
 the context), ``temperature`` (default 1, as OpenAI's; 0 is greedy), ``top_p``, ``seed``, ``stop`` (a string or
-up to 4), ``n`` (1 only), ``stream`` with ``stream_options.include_usage``; ``usage`` in every answer. An
-extension: ``"return_token_ids": true`` adds the generated ids to the choice (``token_ids``). A streamed answer
+up to 4), ``n`` (1 only), ``stream`` with ``stream_options.include_usage``; ``usage`` in every answer. Two
+extensions: ``"return_token_ids": true`` adds the generated ids to the choice (``token_ids``), ``"ignore_eos":
+true`` generates max_tokens tokens whatever the model's end token. A streamed answer
 is server-sent events (sse-starlette): ``chat.completion.chunk`` (``text_completion``) objects with one id, the
 first carrying the role, the last the ``finish_reason``, then the usage chunk when asked, then ``data: [DONE]``.
 Errors are OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 400 bad input (malformed JSON,
@@ -193,6 +194,7 @@ class Parsed:
     stream: bool
     include_usage: bool
     token_ids: bool
+    ignore_eos: bool = False  # an extension (as vLLM's): generate max_tokens whatever the model's end token
 
 
 def _num(body: dict, key: str, kind, default, low=None, high=None):
@@ -295,7 +297,7 @@ def parse_request(body, chat: bool, state: ServiceState) -> Parsed:
     if not isinstance(so, dict):
         raise ApiError(400, "stream_options must be an object", param="stream_options")
     return Parsed(prompt, SamplingConfig(new, temperature, top_p, seed), stops, stream,
-                  bool(so.get("include_usage")), bool(body.get("return_token_ids")))
+                  bool(so.get("include_usage")), bool(body.get("return_token_ids")), bool(body.get("ignore_eos")))
 
 
 class TextStream:
@@ -417,7 +419,7 @@ def build_app(state: ServiceState):
         return Response(body, media_type=ctype)
 
     def submit(p: Parsed, bridge: _Bridge) -> SeqRequest:
-        stop_ids = state.tok.eos_ids if state.tok is not None else frozenset()
+        stop_ids = state.tok.eos_ids if state.tok is not None and not p.ignore_eos else frozenset()
         req = SeqRequest(p.prompt, p.sampling, bridge.on_event, stop_ids,
                          deadline=time.monotonic() + cfg.request_timeout_s)
         try:

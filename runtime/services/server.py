@@ -54,7 +54,7 @@ from runtime.engine.drafts import open_draft_image
 from runtime.engine.placement import Plan
 from runtime.engine.source import open_source
 from runtime.format.image import Image
-from runtime.ipc.procs import SERVER_MODULE, kill_wait, spawn_detached
+from runtime.ipc.procs import SERVER_MODULE, kill_wait, spawn_detached, spawn_foreground
 from runtime.ipc.records import (
     SERVER_RECORD_VERSION,
     clean_stale_server,
@@ -226,24 +226,43 @@ def check_http(cfg: ServeConfig, engine: EngineConfig) -> None:
 
 
 def serve_foreground(start_cfg, cfg: ServeConfig, engine: EngineConfig) -> int:
-    """``launch.py serve``: start pool ``start_cfg`` (runtime/services/pools.py), run its server with ``--http`` in
-    this process until Ctrl-C or SIGTERM, then stop both. ``start_cfg``: a PoolStartConfig."""
+    """``launch.py serve``: start pool ``start_cfg`` (a PoolStartConfig; runtime/services/pools.py), run its
+    server with ``--http`` as a child in the foreground (its output on this terminal) until Ctrl-C or SIGTERM,
+    then stop both. Returns the exit code (0 after a Ctrl-C)."""
     from runtime.engine.generate import pick_device  # torch: to know whether there is a GPU
     from runtime.services import pools  # pools imports this module
 
     check_http(cfg, engine)
     device = str(pick_device(cfg.device))
+
+    def on_term(signum, _frame) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
     pools.start(start_cfg)
-    name = cfg.name
+    name, proc = cfg.name, None
     try:
+        spec = {"serve": dataclasses.asdict(dataclasses.replace(cfg, device=device)),
+                "engine": dataclasses.replace(engine, attach=name, quiet=True).to_dict()}
         with pool_lock(name):
             clean_stale_server(name)
+            proc = spawn_foreground(SERVER_MODULE, spec, pool_dir() / f"{name}.serve-start")
             write_private(pool_file(name, "server"), {"version": SERVER_RECORD_VERSION, "name": name,
-                                                      "uid": os.getuid(), "pid": os.getpid(), "device": device,
-                                                      "log": "(the terminal of launch.py serve)", "starting": True})
-        return run_server(dataclasses.replace(cfg, device=device), dataclasses.replace(engine, attach=name,
-                                                                                      quiet=True))
+                                                      "uid": os.getuid(), "pid": proc.pid, "device": device,
+                                                      "log": "(this terminal)", "starting": True})
+        try:
+            rc = proc.wait()
+            return rc if rc != -signal.SIGINT else 0
+        except KeyboardInterrupt:  # Ctrl-C reached the server too (one process group); SIGTERM did not
+            proc.send_signal(signal.SIGTERM)
+            if proc.wait(cfg.timeout + 30) not in (0, -signal.SIGTERM):
+                return 1
+            return 0
     finally:
+        if proc is not None and proc.poll() is None:
+            kill_wait(proc.pid, 5.0)
+            proc.wait()
+        clean_stale_server(name)
         with contextlib.suppress(UserError):
             pools.stop(name, 10.0)
 
@@ -455,10 +474,6 @@ def _serve_model(cfg: ServeConfig, engine: EngineConfig, stopping: dict, image: 
                "plan": plan.to_dict() if plan else None, "links": lk, "bound": bound,
                "load_breakdown_ms": source.load_ms, "gpu_mem_GB": gpu, "host_mem_GB": host,
                "image": str(image.path)}
-        with pool_lock(name):  # after serve's placeholder
-            write_private(pool_file(name, "server"), rec)
-        print(f"[server {name}] serving on {device} after {rec['ready_s']:.1f} s: {plan.describe() if plan else ''}",
-              flush=True)
         ctx = ServerContext(name, gen, source, plan, handle, device, lk, image, max_len, batch, rec, engine, stopping)
         model, halt = None, threading.Event()
         if http is not None:  # the model thread: continuous batching for the HTTP requests
@@ -470,6 +485,10 @@ def _serve_model(cfg: ServeConfig, engine: EngineConfig, stopping: dict, image: 
             print(f"[server {name}] HTTP ready on {http.url}: {cfg.batching} batching, up to {cfg.max_batch} "
                   f"sequences, queue {cfg.max_queue}", flush=True)
         try:
+            with pool_lock(name):  # after serve's placeholder; once HTTP is ready too
+                write_private(pool_file(name, "server"), rec)
+            print(f"[server {name}] serving on {device} after {rec['ready_s']:.1f} s: "
+                  f"{plan.describe() if plan else ''}", flush=True)
             while not stopping["flag"]:
                 try:
                     conn, _ = sock.accept()
