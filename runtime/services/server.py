@@ -22,6 +22,13 @@ clients can starve the other. Those that arrive while the server is busy wait fo
 gets exactly its solo tokens, stops on its own and gets its tokens as they come): two clients then cost about
 one pass each step instead of two.
 
+HTTP. With ``--http [HOST:]PORT`` the server also speaks OpenAI's API (runtime/services/http.py): uvicorn
+listens (in a thread) from before the model loads (/health: 503), and once the model is ready a model thread
+runs the continuous-batching scheduler (runtime/engine/scheduler.py) for the HTTP requests. The socket's
+requests are served between two of the scheduler's steps (``ServerContext.model_lock``: one thread computes at
+a time), as before. ``launch.py serve`` (``serve_foreground``) starts a pool and this server as a foreground
+child, and stops both on Ctrl-C.
+
 Faults. A client that goes away (SIGKILL) is noticed at the first token that cannot be sent: its request is
 dropped and the next one served. A server that dies ends its clients' requests at once (their socket
 closes): they fail with a message naming its pid and log. The server exits when its pool's coordinator is
