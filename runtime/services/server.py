@@ -223,6 +223,7 @@ def check_http(cfg: ServeConfig, engine: EngineConfig) -> None:
     """What --http cannot serve, refused before anything starts (ConfigError naming the flag)."""
     if cfg.http is None:
         return
+    bind_listen(*parse_listen(cfg.http)).close()  # an unknown host or a port in use: refused before anything starts
     if engine.speculative.draft is not None:
         raise ConfigError("--draft with --http: speculative decoding serves one sequence at a time and the HTTP "
                           "server batches continuously; leave out --draft (the Unix socket of pool serve without "
