@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start_history()  # only with LLMS_CUDA_MEMORY_HISTORY
     try:
-        return getattr(commands, args.command)(args) or 0
+        return getattr(commands, {"serve": "serve_cmd"}.get(args.command, args.command))(args) or 0
     except UserError as e:
         if commands.TokenPrinter.line_open:  # the streamed text stopped mid-line
             print(flush=True)

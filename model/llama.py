@@ -48,6 +48,7 @@ class Cache(Protocol):
 
     pad: torch.Tensor | None  # (B,) leading slots of each sequence that hold no token, or None
     tree: TreeQueries | None  # the queries are nodes of a token tree (speculative decoding), or None
+    rows: RowQueries | None  # each sequence's queries at its own slots (continuous batching), or None
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
         """q (B, S, n_heads, hd), k and v (B, S, n_kv, hd), rotated -> (B, S, n_heads * hd)."""
@@ -62,6 +63,24 @@ class TreeQueries:
     base: int
     positions: torch.Tensor  # (S,) int64, on the cache's device
     visible: torch.Tensor  # (S, start + S - base) bool, on the cache's device
+
+
+@dataclasses.dataclass(frozen=True)
+class RowQueries:
+    """Queries of a continuous batch (runtime/engine/scheduler.py): every sequence (row) of the batch is at its
+    own length. Row b's S queries are its tokens right-aligned in the pass (a decode row feeds one token, a
+    joining row a chunk of its prompt; the columns before them are padding): query (b, j) sits at rotary
+    position ``positions[b, j]``, writes its key and value to slot ``slots[b, j]`` of row b, and sees row b's
+    key slots [0, visible[b, j]]. A padding query writes to the cache's scratch slot (the last, which no real
+    query sees) and sees slot 0 only, so its row stays finite. ``end``: the pass attends to key slots [0, end);
+    ``lo``, ``hi``: the real queries write within slots [lo, hi)."""
+
+    positions: torch.Tensor  # (B, S) int64, on the cache's device
+    slots: torch.Tensor  # (B, S) int64
+    visible: torch.Tensor  # (B, S) int64
+    end: int
+    lo: int
+    hi: int
 
 
 # ---- numerics ----------------------------------------------------------------------------------------
@@ -113,11 +132,14 @@ class Rope:
               positions: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, S, H, hd) with interleaved (re, im) pairs at cache slots [start, start+S) -> rotated, same
         dtype. ``pad`` (B,): a left-padded batch, sequence b's token at slot j has position j - pad[b].
-        ``positions`` (S,): the queries' own positions (a token tree's, ``TreeQueries``), not their slots."""
+        ``positions`` (S,) or (B, S): the queries' own positions (a token tree's, ``TreeQueries``; a continuous
+        batch's, ``RowQueries``), not their slots."""
         b, s = x.shape[:2]
         if start + s > self.max_len:
             raise ValueError(f"position {start + s} exceeds the rotary table of {self.max_len}")
-        if positions is not None:
+        if positions is not None and positions.dim() == 2:  # (B, S): every row its own
+            cos, sin = self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)  # (B, S, 1, hd/2)
+        elif positions is not None:
             cos, sin = self.cos[positions].view(1, s, 1, -1), self.sin[positions].view(1, s, 1, -1)
         elif pad is None:
             cos = self.cos[start:start + s].view(1, s, 1, -1)
@@ -158,7 +180,8 @@ def attention_forward(h: torch.Tensor, w: Weights, args: ModelArgs, layer: int, 
     q = linear(x, w["attention.wq.weight"]).view(b, s, args.n_heads, args.head_dim)
     k = linear(x, w["attention.wk.weight"]).view(b, s, args.n_kv_heads, args.head_dim)
     v = linear(x, w["attention.wv.weight"]).view(b, s, args.n_kv_heads, args.head_dim)
-    pos = cache.tree.positions if cache.tree is not None else None
+    rows = getattr(cache, "rows", None)
+    pos = cache.tree.positions if cache.tree is not None else rows.positions if rows is not None else None
     q, k = rope.apply(q, start, cache.pad, pos), rope.apply(k, start, cache.pad, pos)
     out = cache.attend(layer, q, k, v, start)  # (B, S, n_heads * hd): the cache writes k, v and picks the kernel
     o = linear(out, w["attention.wo.weight"])

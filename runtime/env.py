@@ -9,6 +9,8 @@ PYTORCH_CUDA_ALLOC_CONF  PyTorch's; when neither it nor PYTORCH_ALLOC_CONF is se
 LLMS_CUDA_MEMORY_HISTORY  set (to anything but 0 or empty): record the Python stack of every CUDA allocation,
                       so that an out-of-memory error names the lines of code holding the memory
                       (runtime/engine/gpumem.py).
+LLMS_API_KEY          the API key the HTTP server of ``pool serve --http`` / ``serve --http`` demands
+                      (``Authorization: Bearer KEY``) when --api-key is not given (runtime/services/http.py).
 LLMS_PACK_KILL_AT     tests only: the pack process SIGKILLs itself at a named point, to show that nothing is
                       lost there (runtime/format/pack.py, runtime/format/staged.py): group-N (after writing group N),
                       before-commit, rename-N (before the commit's rename N).
@@ -26,6 +28,10 @@ def cache_dir() -> Path:
         return Path(explicit)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "llmstream"
+
+
+def api_key_env() -> str | None:
+    return os.environ.get("LLMS_API_KEY") or None
 
 
 def pool_dir_path() -> Path:

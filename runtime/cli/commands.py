@@ -38,7 +38,7 @@ from runtime.measure.links import process_age_s
 from runtime.measure.probe import ProbeConfig, run_probe
 from runtime.services import monitor, pools
 from runtime.services.pools import PoolStartConfig, pools_serving
-from runtime.services.server import ServeConfig, check_run_config, request, serve, server_for
+from runtime.services.server import ServeConfig, check_run_config, request, serve, serve_foreground, server_for
 
 
 def open_image(image: str | None, manifest: str | None, attach: str | None = None) -> Image:
@@ -471,3 +471,17 @@ def pool(ns: argparse.Namespace) -> int | None:
     elif action == "cleanup":
         pools.cleanup(c[PoolCleanupConfig].name)
     return None
+
+
+def serve_cmd(ns: argparse.Namespace) -> int | None:
+    """``launch.py serve --image IMAGE --http PORT``: a pool and its HTTP server in the foreground."""
+    import os
+
+    if ns.image is None:
+        if ns.manifest:
+            raise ConfigError("--manifest needs --image")
+        ns.image = str(embedded_image())
+    if ns.name is None:
+        ns.name = f"serve-{os.getpid()}"
+    c = configs(ns)
+    return serve_foreground(c[PoolStartConfig], c[ServeConfig], c[EngineConfig])

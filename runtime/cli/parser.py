@@ -39,7 +39,7 @@ CONFIGS: dict[str, tuple[type, ...]] = {
     "perplexity": (EngineConfig, PerplexityConfig), "bench": (EngineConfig, BenchConfig), "probe": (ProbeConfig,),
     "verify": (ImageRef,), "pool start": (PoolStartConfig,), "pool serve": (ServeConfig, EngineConfig),
     "pool stop": (PoolStopConfig,), "pool list": (PoolListConfig,), "pool status": (PoolStatusConfig,),
-    "pool cleanup": (PoolCleanupConfig,),
+    "pool cleanup": (PoolCleanupConfig,), "serve": (ServeConfig, EngineConfig, PoolStartConfig),
 }
 
 
@@ -423,8 +423,55 @@ def _serve_parser(ps) -> None:
                                               "starts, if the server streams from disk)")
     arg(q, "--start-timeout", C, type=float, help="seconds to wait for it to serve (default %(default)s)")
     arg(q, "--quiet", C, action="store_true", help="print only the last line")
+    _http_args(q, required=False)
     _kv_args(q)
     _draft_args(q)
+
+
+def _http_args(p, required: bool) -> None:
+    C = ServeConfig
+    g = p.add_argument_group("OpenAI-compatible HTTP with continuous batching (runtime/services/http.py)")
+    arg(g, "--http", C, metavar="[HOST:]PORT", required=required,
+        help="also serve /v1/chat/completions, /v1/completions, /v1/models, /health and /metrics over HTTP on "
+             "PORT (0: any free port) of HOST (default 127.0.0.1; 0.0.0.0 only if given); requests join and leave "
+             "the running batch at every weight pass" + ("" if required else "; the Unix socket keeps serving "
+                                                          "run --attach"))
+    arg(g, "--api-key", C, metavar="KEY",
+        help="demand Authorization: Bearer KEY on /v1 (default: $LLMS_API_KEY if set, else no key)")
+    arg(g, "--model-name", C, metavar="ID", help="the model id /v1/models lists and requests name (default: the "
+                                                 "image's file name without .img)")
+    arg(g, "--max-batch", C, type=int, help="most sequences sharing one weight pass (default %(default)s)")
+    arg(g, "--max-queue", C, type=int, help="most requests waiting for a free sequence slot; more get 429 "
+                                            "(default %(default)s)")
+    arg(g, "--batching", C, choices=["continuous", "static"],
+        help="continuous (default): requests join the running batch between weight passes; static: only an "
+             "empty batch takes new requests (for comparison, benchmarks/serve_load.py)")
+    arg(g, "--request-timeout", C, type=float, help="seconds a request may take, waiting included (default "
+                                                    "%(default)s; then 504)")
+    arg(g, "--send-timeout", C, type=float, help="seconds a streamed answer waits for a client that stopped reading "
+                                                 "before it drops the request (default %(default)s)")
+
+
+def _serve_foreground_parser(sub) -> None:
+    C, E, P = ServeConfig, EngineConfig, PoolStartConfig
+    q = sub.add_parser("serve", help="start a pool and its HTTP server in the foreground; Ctrl-C stops both",
+                       description="One command for the common case (as llama-server -m FILE): start a daemon "
+                                   "pool of IMAGE (pool start), serve it over OpenAI-compatible HTTP with continuous "
+                                   "batching in this process (pool serve --http), and stop both on Ctrl-C or "
+                                   "SIGTERM. run --attach NAME goes through it too.")
+    _image_args(q, P)
+    arg(q, "--name", P, help="the pool's name (default: serve-PID)")
+    arg(q, "--dram-gb", P, type=float, help="DRAM for the pool's ring, GB (default: the whole model if it fits in "
+                                            "80%% of the available memory)")
+    arg(q, "--workers", P, type=int, help="the pool's I/O worker processes (default %(default)s)")
+    arg(q, "--device", C, choices=["cpu", "cuda"], help="where the model computes (default: cuda if available, "
+                                                        "else cpu)")
+    arg(q, "--gpu-mem-gb", E, type=float, help="the server's GPU budget in GB (default: the GPU's free memory)")
+    arg(q, "--max-seq-len", C, type=int, help="longest prompt + new tokens a request may have (default "
+                                              "%(default)s)")
+    arg(q, "--quiet", C, action="store_true", help="fewer progress lines")
+    _http_args(q, required=True)
+    _kv_args(q)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -442,6 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check an image's header, manifest and every group checksum")
     _image_args(p, ImageRef, required=True)
     _pool_parser(sub)
+    _serve_foreground_parser(sub)
     return parser
 
 

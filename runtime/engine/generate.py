@@ -19,7 +19,7 @@ import torch
 
 from model.errors import ConfigError
 from model.groups import group_names, group_tensor_shapes, host_layer_count
-from model.llama import DictSource, Rope, TreeQueries, forward_groups
+from model.llama import DictSource, Rope, RowQueries, TreeQueries, forward_groups
 from model.quant import block_size, random_quantized
 from runtime.engine.batching import chunk_per_sequence, kv_device_rows, prefill_passes, sequences_per_pass
 from runtime.engine.config import EngineConfig, KVConfig, PrefillConfig, SamplingConfig
@@ -127,7 +127,8 @@ class Generator:
             # cuDNN's attention builds a graph for every new key length: tens of ms per decode step.
             torch.backends.cuda.enable_cudnn_sdp(False)
 
-    def new_cache(self, batch: int = 1) -> KVCache:
+    def new_cache(self, batch: int = 1, slots: int | None = None) -> KVCache:
+        """A cache of ``batch`` sequences of ``slots`` slots (default max_seq_len)."""
         self._fold()  # the previous cache is dropped here (only its counters are kept): no KV memory piles up
         kw = {"host_attention": self.host_layers} if self.host_layers else {}
         if self.kv_offload:
@@ -135,7 +136,7 @@ class Generator:
                                                self.host_layers, self.args.n_layers)
         cls = TieredKVCache if self.kv_offload else KVCache
         t0 = time.perf_counter()
-        cache = cls(self.args, batch, self.max_seq_len, self.source.dtype, self.source.device,
+        cache = cls(self.args, batch, slots or self.max_seq_len, self.source.dtype, self.source.device,
                     block_tokens=self.kv.block_tokens, topk_blk=self.kv.topk_blk, **kw)
         self.cache_alloc_ms = (time.perf_counter() - t0) * 1e3  # in a batch's prefill time; the bench reports it
         cache.profile = self.profile_attention
@@ -252,6 +253,18 @@ class Generator:
             return forward_groups(tokens, start, self.args, self.source, self.rope, cache, parallel=self.parallel)
         finally:
             cache.tree = None
+
+    @torch.inference_mode()
+    def forward_rows(self, tokens: torch.Tensor, cache: KVCache, rows: RowQueries) -> torch.Tensor:
+        """One weight pass of a continuous batch (runtime/engine/scheduler.py): tokens (B, S), each row's right-
+        aligned at its own slots (``rows``) -> the last column's logits (B, vocab) fp32, each row's latest token's."""
+        if self.threads is not None:
+            self.threads.refresh()
+        cache.rows = rows
+        try:
+            return forward_groups(tokens, 0, self.args, self.source, self.rope, cache, last_only=True)[:, -1]
+        finally:
+            cache.rows = None
 
     def check_request(self, prompt: Sequence[int], max_new_tokens: int) -> None:
         if not prompt:

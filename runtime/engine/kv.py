@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from model.args import ModelArgs
 from model.groups import host_layer_count, spread_layers
-from model.llama import TreeQueries
+from model.llama import RowQueries, TreeQueries
 from runtime.engine.copy2d import copy_2d
 
 
@@ -61,6 +61,8 @@ class KVCache:
         self._mask: tuple[tuple, torch.Tensor, TreeQueries | None] | None = None
         # set for a pass whose queries are a token tree's nodes (speculative decoding): masks and positions
         self.tree: TreeQueries | None = None
+        # set for a pass of a continuous batch (runtime/engine/scheduler.py): every row at its own slots
+        self.rows: RowQueries | None = None
         self.profile, self.attn_ms, self.attended_blocks, self.total_blocks = False, 0.0, 0, 0
         self.h2d_bytes = self.d2h_bytes = 0  # KV bytes moved each way (TieredKVCache; none here)
         self.host_ms = self.host_wait_ms = 0.0  # host attention: the CPU's attention, its wait for q, k, v
@@ -79,19 +81,26 @@ class KVCache:
         hd) of the queries at slots [start, start+S), rotated: writes k and v into the cache and returns the
         attention output (B, S, n_heads x hd), by the path this cache and call choose (module docstring)."""
         b, s = q.shape[:2]
-        on_host = s == 1 and self.tree is None and self.attends_on_host(layer)  # the cache's own CPU attention
-        if not on_host:
+        rows = self.rows
+        on_host = s == 1 and self.tree is None and rows is None and self.attends_on_host(layer)  # its CPU attention
+        if rows is not None:  # a continuous batch: every row's keys and values to its own slots
+            ck, cv = self.acquire(layer)
+            r = torch.arange(b, device=ck.device).view(b, 1).expand(b, s)
+            ck[r, rows.slots] = k
+            cv[r, rows.slots] = v
+            self.release(layer, rows.lo, rows.hi - rows.lo)
+        elif not on_host:
             ck, cv = self.acquire(layer)
             ck[:b, start:start + s] = k
             cv[:b, start:start + s] = v
             self.release(layer, start, s)
-        end = start + s
+        end = start + s if rows is None else rows.end
         qt = q.transpose(1, 2)  # (B, n_heads, S, hd)
         timed = self.profile and s == 1
         if timed:
             _sync(q.device)
             t0 = time.perf_counter()
-        blocks = self.topk_blocks(layer, qt, end) if s == 1 and self.topk_blk is not None else None
+        blocks = self.topk_blocks(layer, qt, end) if s == 1 and self.topk_blk is not None and rows is None else None
         if on_host:
             out = self.attend_on_host(layer, qt, k, v, start)
         elif blocks is not None:
@@ -150,14 +159,18 @@ class KVCache:
         ``rep`` query heads folded into rows (``_folded_gqa_attention``); None where none is needed (no
         padding, and a first chunk, which is plainly causal, or a decode query). Cached: the layers of one
         pass build it once. In a left-padded batch query i of sequence b sees key slots [pad[b], start+i], and a
-        padding query sees itself only (so its row stays finite; no real token ever sees it)."""
-        key = (start, s, rep, id(self.tree))
-        if self._mask is not None and self._mask[0] == key and self._mask[2] is self.tree:
+        padding query sees itself only (so its row stays finite; no real token ever sees it). A continuous
+        batch's (``rows``, RowQueries): query j of row b sees that row's slots [0, rows.visible[b, j]]."""
+        tag = self.tree if self.tree is not None else self.rows
+        key = (start, s, rep, id(tag))
+        if self._mask is not None and self._mask[0] == key and self._mask[2] is tag:
             return self._mask[1]
-        end = start + s
-        q = torch.arange(start, end, device=self.device).view(1, s, 1)
+        end = start + s if self.rows is None else self.rows.end
+        q = torch.arange(start, start + s, device=self.device).view(1, s, 1)
         k = torch.arange(end, device=self.device).view(1, 1, end)
-        if self.tree is not None:  # a token tree: the prefix before its base, then its row of visible
+        if self.rows is not None:
+            mask = k <= self.rows.visible.unsqueeze(-1)  # (B, S, end)
+        elif self.tree is not None:  # a token tree: the prefix before its base, then its row of visible
             if self.pad is not None:
                 raise ValueError("a token tree is verified for one sequence, not a padded batch")
             t = self.tree
@@ -169,7 +182,7 @@ class KVCache:
         else:
             return None
         mask = mask.unsqueeze(1).repeat(1, 1, rep, 1) if rep > 1 else mask.unsqueeze(1)
-        self._mask = (key, mask, self.tree)
+        self._mask = (key, mask, tag)
         return mask
 
     def keep(self, slots: list[int], at: int) -> None:

@@ -86,3 +86,16 @@ def spawn_detached(module: str, cfg: dict, cfg_file: Path, log: Path) -> subproc
                                 close_fds=True)
     finally:
         os.close(logf)
+
+
+def spawn_foreground(module: str, cfg: dict, cfg_file: Path) -> subprocess.Popen:
+    """``python -m module CFG_FILE`` as a child in this process's session and process group (Ctrl-C reaches
+    it), its output on this terminal; ``cfg`` goes to ``cfg_file`` (mode 0600), which the process reads and
+    removes."""
+    fd = os.open(cfg_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(cfg, f)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + [x for x in [os.environ.get("PYTHONPATH")] if x]),
+               PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", module, str(cfg_file)], cwd=ROOT, env=env,
+                            stdin=subprocess.DEVNULL, close_fds=True)

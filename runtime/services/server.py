@@ -22,6 +22,13 @@ clients can starve the other. Those that arrive while the server is busy wait fo
 gets exactly its solo tokens, stops on its own and gets its tokens as they come): two clients then cost about
 one pass each step instead of two.
 
+HTTP. With ``--http [HOST:]PORT`` the server also speaks OpenAI's API (runtime/services/http.py): uvicorn
+listens (in a thread) from before the model loads (/health: 503), and once the model is ready a model thread
+runs the continuous-batching scheduler (runtime/engine/scheduler.py) for the HTTP requests. The socket's
+requests are served between two of the scheduler's steps (``ServerContext.model_lock``: one thread computes at
+a time), as before. ``launch.py serve`` (``serve_foreground``) starts a pool and this server as a foreground
+child, and stops both on Ctrl-C.
+
 Faults. A client that goes away (SIGKILL) is noticed at the first token that cannot be sent: its request is
 dropped and the next one served. A server that dies ends its clients' requests at once (their socket
 closes): they fail with a message naming its pid and log. The server exits when its pool's coordinator is
@@ -40,6 +47,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -53,7 +61,7 @@ from runtime.engine.drafts import open_draft_image
 from runtime.engine.placement import Plan
 from runtime.engine.source import open_source
 from runtime.format.image import Image
-from runtime.ipc.procs import SERVER_MODULE, kill_wait, spawn_detached
+from runtime.ipc.procs import SERVER_MODULE, kill_wait, spawn_detached, spawn_foreground
 from runtime.ipc.records import (
     SERVER_RECORD_VERSION,
     clean_stale_server,
@@ -80,6 +88,7 @@ from runtime.measure.bench import (
 )
 from runtime.measure.links import measure_disk_quick, measure_h2d
 from runtime.pool.client import PoolDied
+from runtime.services.http import HttpConfig, HttpServer, ServiceState, bind_listen, parse_listen
 
 if TYPE_CHECKING:
     import torch
@@ -109,12 +118,27 @@ class ServeConfig(FlagConfig):
     disk_gbps: float | None = None
     start_timeout: float = 600.0
     quiet: bool = False
+    # OpenAI-compatible HTTP with continuous batching (runtime/services/http.py, runtime/engine/scheduler.py)
+    http: str | None = None  # [HOST:]PORT
+    api_key: str | None = None  # None: $LLMS_API_KEY, if set
+    model_name: str | None = None  # None: the image's file name without .img
+    max_batch: int = 8
+    max_queue: int = 64
+    batching: str = "continuous"
+    request_timeout: float = 600.0
+    send_timeout: float = 30.0
 
     def __post_init__(self) -> None:
-        for key in ("max_seq_len", "batch_size"):
+        for key in ("max_seq_len", "batch_size", "max_batch", "max_queue"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"--{key.replace('_', '-')} must be at least 1, found {getattr(self, key)}")
-        for key in ("h2d_gbps", "disk_gbps", "timeout", "start_timeout"):
+        if self.http is not None:
+            parse_listen(self.http)
+        if self.batching not in ("continuous", "static"):
+            raise ConfigError(f"--batching must be continuous or static, found {self.batching!r}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ConfigError("--api-key is empty: give a key, or leave the flag out")
+        for key in ("h2d_gbps", "disk_gbps", "timeout", "start_timeout", "request_timeout", "send_timeout"):
             v = getattr(self, key)
             if v is not None and not v > 0:
                 raise ConfigError(f"--{key.replace('_', '-')} must be positive, found {v}")
@@ -137,6 +161,7 @@ class ServerContext:
     rec: dict
     engine: EngineConfig
     stopping: dict
+    model_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # the HTTP scheduler's too
 
 
 def server_for(attach: str | None, no_server: bool = False) -> dict | None:
@@ -157,6 +182,7 @@ def serve(cfg: ServeConfig, engine: EngineConfig) -> None:
     if cfg.stop:
         print(stop(cfg.name, cfg.timeout))
         return
+    check_http(cfg, engine)
     pool = read_record(cfg.name)
     if not coordinator_alive(pool):
         raise UserError(f"pool {cfg.name!r} is not running (coordinator pid {pool.get('pid')} is gone); launch.py "
@@ -188,7 +214,65 @@ def serve(cfg: ServeConfig, engine: EngineConfig) -> None:
     if not cfg.quiet:
         print(f"pool {name}: server pid {rec['pid']} on {rec['device']}, up to {rec['max_seq_len']} tokens x "
               f"{rec['batch_size']} sequences; ready in {rec['ready_s']:.1f} s; log {log}", file=sys.stderr)
-    print(f"pool {name} serves on {rec['device']}: launch.py run --attach {name} goes through it")
+    print(f"pool {name} serves on {rec['device']}: launch.py run --attach {name} goes through it" +
+          (f"; OpenAI-compatible HTTP on {rec['http']}/v1 ({rec['batching']} batching, up to {rec['max_batch']} "
+           f"sequences)" if rec.get("http") else ""))
+
+
+def check_http(cfg: ServeConfig, engine: EngineConfig) -> None:
+    """What --http cannot serve, refused before anything starts (ConfigError naming the flag)."""
+    if cfg.http is None:
+        return
+    bind_listen(*parse_listen(cfg.http)).close()  # an unknown host or a port in use: refused before anything starts
+    if engine.speculative.draft is not None:
+        raise ConfigError("--draft with --http: speculative decoding serves one sequence at a time and the HTTP "
+                          "server batches continuously; leave out --draft (the Unix socket of pool serve without "
+                          "--http serves drafts)")
+    if engine.kv.topk_blk is not None or engine.kv.host_attention is not None:
+        raise ConfigError("--topk-blk and --host-attention do not go with --http: continuous batching attends "
+                          "exactly, on the device")
+
+
+def serve_foreground(start_cfg, cfg: ServeConfig, engine: EngineConfig) -> int:
+    """``launch.py serve``: start pool ``start_cfg`` (a PoolStartConfig; runtime/services/pools.py), run its
+    server with ``--http`` as a child in the foreground (its output on this terminal) until Ctrl-C or SIGTERM,
+    then stop both. Returns the exit code (0 after a Ctrl-C)."""
+    from runtime.engine.generate import pick_device  # torch: to know whether there is a GPU
+    from runtime.services import pools  # pools imports this module
+
+    check_http(cfg, engine)
+    device = str(pick_device(cfg.device))
+
+    def on_term(signum, _frame) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    pools.start(start_cfg)
+    name, proc = cfg.name, None
+    try:
+        spec = {"serve": dataclasses.asdict(dataclasses.replace(cfg, device=device)),
+                "engine": dataclasses.replace(engine, attach=name, quiet=True).to_dict()}
+        with pool_lock(name):
+            clean_stale_server(name)
+            proc = spawn_foreground(SERVER_MODULE, spec, pool_dir() / f"{name}.serve-start")
+            write_private(pool_file(name, "server"), {"version": SERVER_RECORD_VERSION, "name": name,
+                                                      "uid": os.getuid(), "pid": proc.pid, "device": device,
+                                                      "log": "(this terminal)", "starting": True})
+        try:
+            rc = proc.wait()
+            return rc if rc != -signal.SIGINT else 0
+        except KeyboardInterrupt:  # Ctrl-C reached the server too (one process group); SIGTERM did not
+            proc.send_signal(signal.SIGTERM)
+            if proc.wait(cfg.timeout + 30) not in (0, -signal.SIGTERM):
+                return 1
+            return 0
+    finally:
+        if proc is not None and proc.poll() is None:
+            kill_wait(proc.pid, 5.0)
+            proc.wait()
+        clean_stale_server(name)
+        with contextlib.suppress(UserError):
+            pools.stop(name, 10.0)
 
 
 def _wait_serving(name: str, proc: subprocess.Popen, log: Path, timeout_s: float) -> dict:
@@ -293,7 +377,12 @@ class _Stop(Exception):
 def server_main(cfg_file: str) -> int:
     spec = json.loads(Path(cfg_file).read_text())
     Path(cfg_file).unlink(missing_ok=True)
-    cfg, engine = ServeConfig(**spec["serve"]), EngineConfig.from_dict(spec["engine"])
+    return run_server(ServeConfig(**spec["serve"]), EngineConfig.from_dict(spec["engine"]))
+
+
+def run_server(cfg: ServeConfig, engine: EngineConfig) -> int:
+    """The server's life in this process (the detached one, or ``launch.py serve`` in the foreground): serve
+    until SIGTERM / SIGINT or its pool's end, then remove its record and socket."""
     name = cfg.name
     stopping = {"flag": False}
 
@@ -308,7 +397,7 @@ def server_main(cfg_file: str) -> int:
     try:
         sock = _serve(cfg, engine, stopping)
         return 0
-    except UserError as e:
+    except (UserError, PoolDied) as e:
         print(f"[server {name}] error: {e}", flush=True)
         return 2
     finally:
@@ -327,20 +416,53 @@ def server_main(cfg_file: str) -> int:
 def _serve(cfg: ServeConfig, engine: EngineConfig, stopping: dict):
     import torch
 
+    t_start = time.perf_counter()
+    pool = read_record(cfg.name)
+    image = Image.open(pool["image"]["path"], pool["image"]["manifest"])
+    http = _start_http(cfg, image, cfg.max_seq_len) if cfg.http else None  # /health says 503 while the model loads
+    try:
+        device = torch.device(cfg.device)
+        lk: dict[str, Any] = {"disk": {"gbps": cfg.disk_gbps, "source": "--disk-gbps"} if cfg.disk_gbps else None,
+                              "h2d": None}
+        if device.type == "cuda":  # measured before the plan takes the GPU budget
+            lk["h2d"] = ({"gbps": cfg.h2d_gbps, "source": "--h2d-gbps"} if cfg.h2d_gbps else measure_h2d(device))
+        return _serve_model(cfg, engine, stopping, image, device, lk, t_start, http)
+    finally:
+        if http is not None:
+            http.stop()
+
+
+def _start_http(cfg: ServeConfig, image: Image, max_len: int) -> HttpServer:
+    from runtime.env import api_key_env
+
+    host, port = parse_listen(cfg.http)
+    key = cfg.api_key or api_key_env()
+    model = cfg.model_name or image.path.name.removesuffix(".img")
+    state = ServiceState(HttpConfig(model, max_len, key, cfg.request_timeout, cfg.send_timeout))
+    http = HttpServer(state, bind_listen(host, port))
+    http.start()
+    print(f"[server {cfg.name}] HTTP on {http.url} (model {model!r}{', API key required' if key else ''}); "
+          f"loading", flush=True)
+    with pool_lock(cfg.name):  # the placeholder record gains the address (tests and --http 0 read it there)
+        rec = read_server_record(cfg.name)
+        if rec is not None and rec.get("pid") == os.getpid() and rec.get("starting"):
+            write_private(pool_file(cfg.name, "server"), {**rec, "http": http.url})
+    return http
+
+
+def _serve_model(cfg: ServeConfig, engine: EngineConfig, stopping: dict, image: Image, device, lk: dict,
+                 t_start: float, http: HttpServer | None):
+    import torch
+
+    from runtime.engine.scheduler import Scheduler, SchedulerConfig
     from runtime.engine.speculative import run_generator  # torch: the server computes
+    from runtime.format.tokens import image_tokenizer
 
     name = cfg.name
-    t_start = time.perf_counter()
-    pool = read_record(name)
-    image = Image.open(pool["image"]["path"], pool["image"]["manifest"])
-    device = torch.device(cfg.device)
-    lk: dict[str, Any] = {"disk": {"gbps": cfg.disk_gbps, "source": "--disk-gbps"} if cfg.disk_gbps else None,
-                          "h2d": None}
-    if device.type == "cuda":  # measured before the plan takes the GPU budget
-        lk["h2d"] = ({"gbps": cfg.h2d_gbps, "source": "--h2d-gbps"} if cfg.h2d_gbps else measure_h2d(device))
     max_len, batch = cfg.max_seq_len, cfg.batch_size
     room = engine.speculative.tree_room(device.type, engine.prefill.chunk)  # KV slots for a request's last tree
-    with open_source(image, engine, device, batch=batch, max_len=max_len + room) as (source, plan, handle):
+    rows = max(batch, cfg.max_batch) if http else batch  # the plan keeps room for the scheduler's KV rows
+    with open_source(image, engine, device, batch=rows, max_len=max_len + room) as (source, plan, handle):
         if lk["disk"] is None and plan is not None and plan.disk_bytes_per_pass:  # the run streams from disk
             lk["disk"] = measure_disk_quick(str(image.path), image.image_size, 4)
         gen = run_generator(source, engine, image, max_len + room)
@@ -353,28 +475,55 @@ def _serve(cfg: ServeConfig, engine: EngineConfig, stopping: dict):
         rec = {"version": SERVER_RECORD_VERSION, "name": name, "uid": os.getuid(), "pid": os.getpid(),
                "socket": str(pool_file(name, "socket")), "log": str(pool_file(name, "server_log")),
                "device": str(device), "max_seq_len": max_len, "batch_size": batch,
+               "http": http.url if http else None, "max_batch": cfg.max_batch if http else None,
+               "batching": cfg.batching if http else None,
                "gpu_mem_gb": engine.placement.gpu_mem_gb, "engine": engine.to_dict(),
                "started_unix": time.time(), "ready_s": time.perf_counter() - t_start,
                "plan": plan.to_dict() if plan else None, "links": lk, "bound": bound,
                "load_breakdown_ms": source.load_ms, "gpu_mem_GB": gpu, "host_mem_GB": host,
                "image": str(image.path)}
-        with pool_lock(name):  # after serve's placeholder
-            write_private(pool_file(name, "server"), rec)
-        print(f"[server {name}] serving on {device} after {rec['ready_s']:.1f} s: {plan.describe() if plan else ''}",
-              flush=True)
         ctx = ServerContext(name, gen, source, plan, handle, device, lk, image, max_len, batch, rec, engine, stopping)
+        model, halt = None, threading.Event()
+        if http is not None:  # the model thread: continuous batching for the HTTP requests
+            sched = Scheduler(gen, SchedulerConfig(cfg.max_batch, cfg.max_queue, cfg.batching == "static"), max_len,
+                              model_lock=ctx.model_lock)
+            http.state.attach(sched, image_tokenizer(image, required=False))
+            model = threading.Thread(target=_model_loop, args=(sched, halt, ctx), name="model", daemon=True)
+            model.start()
+            print(f"[server {name}] HTTP ready on {http.url}: {cfg.batching} batching, up to {cfg.max_batch} "
+                  f"sequences, queue {cfg.max_queue}", flush=True)
         try:
+            with pool_lock(name):  # after serve's placeholder; once HTTP is ready too
+                write_private(pool_file(name, "server"), rec)
+            print(f"[server {name}] serving on {device} after {rec['ready_s']:.1f} s: "
+                  f"{plan.describe() if plan else ''}", flush=True)
             while not stopping["flag"]:
                 try:
                     conn, _ = sock.accept()
                 except TimeoutError:
                     source.client.check_alive()  # raises once the pool's coordinator is gone
+                    if model is not None and not model.is_alive():
+                        raise PoolDied(f"pool {name!r}: the model thread ended (its log says why)") from None
                     continue
                 first = _open(conn, ctx)
-                _serve_queue(([first] if first else []) + _accept_queued(sock, ctx), ctx)
+                with ctx.model_lock:  # between two of the scheduler's steps
+                    _serve_queue(([first] if first else []) + _accept_queued(sock, ctx), ctx)
         finally:
+            if http is not None:
+                http.state.stopping = True
+            halt.set()
+            if model is not None:
+                model.join(60.0)  # the step in flight ends; the requests left get an error
             sock.close()
     return sock
+
+
+def _model_loop(sched, halt: threading.Event, ctx: ServerContext) -> None:
+    try:
+        sched.run(halt)
+    except BaseException:  # noqa: BLE001 (the pool died, or a bug): the main loop sees the thread end
+        traceback.print_exc()
+        ctx.stopping["flag"] = True
 
 
 def _listen(path: Path) -> socket.socket:
