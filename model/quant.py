@@ -360,7 +360,11 @@ class QuantWeight:
 
     def __post_init__(self) -> None:
         self.shape = (int(self.shape[0]), int(self.shape[1]))
-        _parts(self.raw, self.scheme, self.shape, self.group)  # checks the scheme, shape, group and size
+        parts = _parts(self.raw, self.scheme, self.shape, self.group)  # checks the scheme, shape, group and size
+        # Views of raw are kept (a decode step calls linear 7 times a layer: the Python of slicing them again
+        # showed in an 8B step); a copied section (an odd offset) would go stale when raw's buffer is refilled.
+        lo, hi = self.raw.data_ptr(), self.raw.data_ptr() + self.raw.numel()
+        self._views = parts if all(lo <= p.data_ptr() < hi for p in parts) else None
 
     @property
     def device(self) -> torch.device:
@@ -384,7 +388,7 @@ class QuantWeight:
         dequantized to x's dtype where it is (the compute stream on CUDA), at most DEQUANT_CHUNK values (whole
         rows) at a time, so the scratch is bounded whatever the matrix."""
         rows, cols = self.shape
-        parts = _parts(self.raw, self.scheme, self.shape, self.group)
+        parts = self._views or _parts(self.raw, self.scheme, self.shape, self.group)
         kernels = _triton() if self.raw.is_cuda and self.scheme in OURS else None
         flat = x.reshape(-1, cols)
         if kernels is not None and flat.shape[0] <= kernels.FUSED_MAX_ROWS:  # a decode step: read the bytes once

@@ -308,6 +308,7 @@ class StreamedWeights:
         self.issued = 0  # copies issued so far (absolute sched positions)
         self.done = 0  # positions whose compute is enqueued and whose buffer's ``freed`` event is recorded
         self.last_streamed: int | None = None  # the position whose views were returned last, not yet in ``done``
+        self.staged_views: dict[tuple[str, int], Weights] = {}  # (group, staging buffer) -> its tensors there
         self.pending: list[tuple[torch.cuda.Event, int, int]] = []  # (copy event, slot, seq) awaiting release
 
     def _issue(self, p: int) -> None:
@@ -359,7 +360,10 @@ class StreamedWeights:
         b = p % self.k
         torch.cuda.current_stream(self.device).wait_event(self.copied[b])
         self.last_streamed = p
-        return self._views(group, self.staging[b][:self._extent(group)[1]])
+        views = self.staged_views.get((group, b))
+        if views is None:  # the same buffer holds the group every time it comes: its views are built once
+            views = self.staged_views[group, b] = self._views(group, self.staging[b][:self._extent(group)[1]])
+        return views
 
     def _ready_without_wait(self, p: int) -> bool:
         g = self.sched[p % len(self.sched)]
