@@ -299,6 +299,16 @@ def _bench_parser(sub) -> None:
     _draft_args(p)
 
 
+def _server_compute_args(q, C) -> None:
+    """Where a server computes, its GPU budget and its longest request (pool serve, serve)."""
+    E = EngineConfig
+    arg(q, "--device", C, choices=["cpu", "cuda"], help="where the server computes (default: cuda if available, "
+                                                        "else cpu)")
+    arg(q, "--gpu-mem-gb", E, type=float, help="the server's GPU budget in GB (default: the GPU's free memory)")
+    arg(q, "--max-seq-len", C, type=int, help="longest prompt + new tokens a request may have: the KV cache the "
+                                              "plan makes room for (default %(default)s)")
+
+
 def _probe_parser(sub) -> None:
     C = ProbeConfig
     p = sub.add_parser("probe", help="measure links, disk and per-group compute; recommend prefetch distances",
@@ -407,11 +417,7 @@ def _serve_parser(ps) -> None:
     arg(q, "--stop", C, action="store_true", help="stop the pool's server instead (SIGTERM, then SIGKILL after "
                                                   "--timeout); the pool keeps running")
     arg(q, "--timeout", C, type=float, help="with --stop: seconds before SIGKILL (default %(default)s)")
-    arg(q, "--device", C, choices=["cpu", "cuda"], help="where the server computes (default: cuda if available, "
-                                                        "else cpu)")
-    arg(q, "--gpu-mem-gb", E, type=float, help="the server's GPU budget in GB (default: the GPU's free memory)")
-    arg(q, "--max-seq-len", C, type=int, help="longest prompt + new tokens a request may have: the KV cache the "
-                                              "plan makes room for (default %(default)s)")
+    _server_compute_args(q, C)
     arg(q, "--batch-size", C, type=int,
         help="most sequences per weight pass (default %(default)s): a request may ask for that many (run/bench "
              "--prompts --batch-size), and up to that many greedy requests waiting while the server is busy are "
@@ -453,7 +459,7 @@ def _http_args(p, required: bool) -> None:
 
 
 def _serve_foreground_parser(sub) -> None:
-    C, E, P = ServeConfig, EngineConfig, PoolStartConfig
+    C, P = ServeConfig, PoolStartConfig
     q = sub.add_parser("serve", help="start a pool and its HTTP server in the foreground; Ctrl-C stops both",
                        description="One command for the common case (as llama-server -m FILE): start a daemon "
                                    "pool of IMAGE (pool start), serve it over OpenAI-compatible HTTP with continuous "
@@ -464,11 +470,7 @@ def _serve_foreground_parser(sub) -> None:
     arg(q, "--dram-gb", P, type=float, help="DRAM for the pool's ring, GB (default: the whole model if it fits in "
                                             "80%% of the available memory)")
     arg(q, "--workers", P, type=int, help="the pool's I/O worker processes (default %(default)s)")
-    arg(q, "--device", C, choices=["cpu", "cuda"], help="where the model computes (default: cuda if available, "
-                                                        "else cpu)")
-    arg(q, "--gpu-mem-gb", E, type=float, help="the server's GPU budget in GB (default: the GPU's free memory)")
-    arg(q, "--max-seq-len", C, type=int, help="longest prompt + new tokens a request may have (default "
-                                              "%(default)s)")
+    _server_compute_args(q, C)
     arg(q, "--quiet", C, action="store_true", help="fewer progress lines")
     _http_args(q, required=True)
     _kv_args(q)

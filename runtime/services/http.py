@@ -351,6 +351,19 @@ class _Bridge:
         with contextlib.suppress(RuntimeError):  # the loop has closed: the server is stopping
             self.loop.call_soon_threadsafe(self.q.put_nowait, (kind, payload))
 
+    async def next(self, poll_s: float | None = None) -> tuple[int | None, dict | None] | None:
+        """The request's next event: (token, None), or (None, its result) when it is done; None when ``poll_s``
+        passed without one. A failed request raises ApiError (504 when its timeout ended it)."""
+        try:
+            kind, x = await asyncio.wait_for(self.q.get(), poll_s)
+        except asyncio.TimeoutError:
+            return None
+        if kind == "token":
+            return x, None
+        if kind == "done":
+            return None, x
+        raise ApiError(504 if "timeout" in str(x) else 500, str(x), "server_error")
+
 
 # ---- the app -------------------------------------------------------------------------------------------------
 
@@ -458,25 +471,20 @@ def build_app(state: ServiceState):
                                        send_timeout=cfg.send_timeout_s, ping=15)
         try:
             ids, res = [], None
-            while True:
-                try:
-                    kind, x = await asyncio.wait_for(bridge.q.get(), POLL_S)
-                except asyncio.TimeoutError:
+            while res is None:
+                ev = await bridge.next(POLL_S)
+                if ev is None:  # nothing yet: is the client still there?
                     if await request.is_disconnected():
                         return Response(status_code=499)
                     continue
-                if kind == "token":
+                tok, res = ev
+                if tok is not None:
                     if not ids:
                         m.ttft_s.observe(time.monotonic() - t0)
-                    ids.append(x)
-                    text.push(x)
+                    ids.append(tok)
+                    text.push(tok)
                     if text.stopped:
                         break
-                elif kind == "done":
-                    res = x
-                    break
-                else:
-                    raise ApiError(504 if "timeout" in str(x) else 500, str(x), "server_error")
         except ApiError as e:
             return error(e, endpoint)
         finally:
@@ -518,24 +526,21 @@ def build_app(state: ServiceState):
         try:
             if chat:
                 yield chunk(None, role=True)
-            while True:
-                kind, x = await bridge.q.get()
-                if kind == "token":
+            while res is None:
+                try:
+                    tok, res = await bridge.next()
+                except ApiError as err:
+                    yield {"data": json.dumps(err.body())}
+                    return
+                if tok is not None:
                     if n == 0:
                         m.ttft_s.observe(time.monotonic() - t0)
                     n += 1
-                    d = text.push(x)
+                    d = text.push(tok)
                     if d or p.token_ids:
-                        yield chunk(d, ids=[x])
+                        yield chunk(d, ids=[tok])
                     if text.stopped:
                         break
-                elif kind == "done":
-                    res = x
-                    break
-                else:
-                    err = ApiError(504 if "timeout" in str(x) else 500, str(x), "server_error")
-                    yield {"data": json.dumps(err.body())}
-                    return
             rest = text.finish()
             if rest:
                 yield chunk(rest)
