@@ -23,6 +23,12 @@ ROOT = Path(__file__).resolve().parent.parent
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+# The streaming modes a test of the engine runs in, as EngineConfig.of keywords (one GPU-cached layer in mixed:
+# on the CPU it is held in this process's memory; on CUDA on the device).
+STREAMING_MODES = {"preload": dict(mode="preload"), "stream": dict(mode="stream", prefetch_distance=2),
+                   "mixed": dict(mode="mixed", gpu_cached_layers=1, cpu_cache_layers=1, prefetch_distance=2)}
+
+
 def gpu_cap_gb(gb: float) -> float:
     """--gpu-mem-gb that leaves a run in this test process ``gb`` GB: runtime.engine.source.make_plan leaves out of
     the cap what the process already holds on the GPU (cuBLAS workspaces, a reference model not yet

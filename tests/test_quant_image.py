@@ -16,7 +16,7 @@ import zlib
 import pytest
 import torch
 from ckpt_writers import hf_reference_logits, tiny_args, write_gguf
-from conftest import assert_user_error, run_launch
+from conftest import STREAMING_MODES, assert_user_error, run_launch
 from test_streaming import reference, run_streamed
 
 from model.checkpoint import open_checkpoint
@@ -34,8 +34,7 @@ TYPES = {"layers.0.attention.wq.weight": "Q4_K", "layers.0.attention.wk.weight":
          "layers.1.feed_forward.w2.weight": "IQ4_NL", "tok_embeddings.weight": "Q8_0", "output.weight": "Q6_K"}
 PROMPT = [3, 17, 42, 7, 99, 5, 23, 250, 1]
 NEW = 6
-MODES = {"preload": dict(mode="preload"), "stream": dict(mode="stream", prefetch_distance=2),
-         "mixed": dict(mode="mixed", gpu_cached_layers=1, cpu_cache_layers=1, prefetch_distance=2)}
+MODES = STREAMING_MODES
 
 
 @pytest.fixture(scope="module")

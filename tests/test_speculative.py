@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_user_error, run_launch
+from conftest import STREAMING_MODES, assert_user_error, run_launch
 
 from model.synthetic import SyntheticCheckpoint
 from runtime.engine.config import EngineConfig, SamplingConfig
@@ -26,8 +26,7 @@ from runtime.format.pack import pack
 # repeats, so that prompt lookup finds continuations; the tiny random model repeats itself too
 PROMPT = [3, 4, 5, 6, 3, 4, 5, 7, 3, 4, 9, 11, 3, 4, 5]
 NEW = 24
-MODES = {"preload": dict(mode="preload"), "stream": dict(mode="stream", prefetch_distance=2),
-         "mixed": dict(mode="mixed", gpu_cached_layers=1, cpu_cache_layers=1, prefetch_distance=2)}
+MODES = STREAMING_MODES
 
 
 @pytest.fixture(scope="module")
