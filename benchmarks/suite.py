@@ -3,7 +3,8 @@
     python benchmarks/suite.py --workdir /tmp/suite --out $OUT                 # GPU machine
     python benchmarks/suite.py --scale cpu-smoke --workdir /tmp/s --out /tmp/s  # CPU check of the plumbing
 
-For each model shape (synthetic Llama-3.1-8B and -70B shapes, as many layers as --scale gives), at batch
+For each model shape (synthetic Llama-3.1-8B and -70B shapes; ``--scale arch``: Qwen2.5-72B and Qwen3-32B), as many
+layers as --scale gives, at batch
 1 with the GPU capped (``--gpu-mem-gb``, a hard cap on PyTorch's allocator: 6 GiB for the 8B shape as an
 8 GB card, 24 GB for the 70B shape as a 24 GB card):
 
@@ -46,10 +47,11 @@ sys.path.insert(0, str(ROOT))
 
 SCALES = {  # shape -> (layers, GPU cap GB) per scale
     "full": {"llama3.1-8b": (32, 6 * 1.073741824), "llama3.1-70b": (8, 24.0)},
+    "arch": {"qwen2.5-72b": (8, 24.0), "qwen3-32b": (8, 24.0)},  # the other architectures' 70B-class shapes
     "small": {"llama3.1-8b": (8, 6 * 1.073741824), "llama3.1-70b": (4, 24.0)},
     "cpu-smoke": {"tiny": (4, None)},
 }
-FULL_LAYERS = {"llama3.1-8b": 32, "llama3.1-70b": 80}  # the real models, for truncated images' extrapolation
+FULL_LAYERS = {"llama3.1-8b": 32, "llama3.1-70b": 80, "qwen2.5-72b": 80, "qwen3-32b": 64}  # the real models, for truncated images' extrapolation
 TARGETS = {"decode_dram": 1.10, "decode_disk": 1.10, "prefill": 1.15, "ttft_cold": 1.2, "peer_speedup": 6.0}
 WORKERS = 4  # I/O workers per pool (the GPU machine has 16 cores)
 KV_TOKENS = 2049  # the prefill regime's context: the KV cache the emulated cap must leave room for

@@ -1,15 +1,17 @@
-"""ModelArgs: the Llama architecture's hyper-parameters, built from their source of truth.
+"""ModelArgs: a model's hyper-parameters, built from their source of truth, for every architecture of the
+registry (model/arch/): ``arch`` names it, the flags after it say which optional tensors its layers have.
 
 Three sources, one frozen dataclass:
-  - Meta's params.json (``ModelArgs.from_params_json``): FFN hidden size derived exactly as Meta does.
-  - Hugging Face config.json of a LlamaForCausalLM (``ModelArgs.from_hf_config``).
-  - GGUF metadata of a ``llama`` architecture file (``ModelArgs.from_gguf_fields`` in model/gguf_loader.py
-    feeds plain values to ``ModelArgs(...)``).
+  - Meta's params.json (``ModelArgs.from_params_json``, Llama): FFN hidden size derived exactly as Meta does.
+  - Hugging Face config.json (``ModelArgs.from_hf_config``): the registry picks the architecture from its
+    "architectures" and that architecture reads its keys.
+  - GGUF metadata (model/checkpoint.py ``GGUFCheckpoint``): likewise by ``general.architecture``.
 
 Unknown keys, missing keys and broken invariants raise ``ConfigError`` naming the file, the key, and the
 values expected and found. Runs in any process; owns nothing.
 
-Sizes used by the cost model (docs/DESIGN.md, the cost model) come from here: ``group_params`` and ``layer_bytes``.
+Sizes used by the cost model (docs/DESIGN.md, the cost model) come from here: ``group_params`` and ``layer_bytes``
+(summed over the architecture's schema, model/groups.py ``kind_params``).
 """
 
 from __future__ import annotations
@@ -50,8 +52,15 @@ class ModelArgs:
     rope_scaling: RopeScaling | None = None
     tie_embeddings: bool = False
     max_seq_len: int = 8192
+    arch: str = "llama"  # the registry's name (model/arch/); images packed before it existed are Llama
+    qkv_bias: bool = False  # q/k/v projections have biases (Qwen2)
+    qk_norm: bool = False  # per-head RMSNorm of q and k before the rotary embedding (Qwen3)
+    sliding_window: int | None = None  # attention within this many tokens (Mistral 7B); None: full
 
     def __post_init__(self) -> None:
+        from model.arch import get
+
+        get(self.arch)  # an unknown architecture: one line naming it and the supported ones
         if self.n_kv_heads is None:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
         for key in ("dim", "n_heads"):
@@ -73,6 +82,26 @@ class ModelArgs:
             raise ConfigError(f"head_dim {self.head_dim} must be even for rotary embeddings")
         if not self.norm_eps > 0 or not self.rope_theta > 0:
             raise ConfigError(f"norm_eps {self.norm_eps} and rope_theta {self.rope_theta} must be positive")
+        if self.sliding_window is not None and not self.sliding_window > 0:
+            raise ConfigError(f"sliding_window must be a positive number of tokens or None, found "
+                              f"{self.sliding_window}")
+
+    @property
+    def context(self) -> int:
+        """The longest context a run computes exactly: the model's, or its sliding window where that is shorter."""
+        return min(self.max_seq_len, self.sliding_window or self.max_seq_len)
+
+    def check_context(self, n: int, flag: str = "--max-seq-len") -> None:
+        """Refuse a run's context of ``n`` tokens the model cannot compute exactly: longer than its own context,
+        or than the sliding window it attends within (model/arch/common.py ``check_window``). One line, naming
+        ``flag`` and the numbers."""
+        from model.arch import architecture
+
+        if n > self.max_seq_len:
+            raise ConfigError(f"{flag} {n} exceeds the model's context {self.max_seq_len}")
+        check = architecture(self).check_run
+        if check is not None:
+            check(self, n, flag)
 
     # ---- derived sizes ---------------------------------------------------------------------------
     @property
@@ -80,21 +109,22 @@ class ModelArgs:
         return self.n_heads // self.n_kv_heads
 
     def group_params(self) -> dict[str, int]:
-        """Parameter count of each group kind (attention and FFN include their norm)."""
-        d, hd = self.dim, self.head_dim
-        attn = d * self.n_heads * hd * 2 + d * self.n_kv_heads * hd * 2 + d
-        ffn = 3 * d * self.ffn_hidden + d
-        embed = self.vocab_size * d
-        head = d + (0 if self.tie_embeddings else self.vocab_size * d)
-        return {"attention": attn, "feed_forward": ffn, "tok_embeddings": embed, "head": head}
+        """Parameter count of one group of each kind (layer kinds include their norms and biases)."""
+        from model.groups import kind_params
+
+        return kind_params(self)
 
     def layer_bytes(self, dtype: str = "bf16") -> int:
+        from model.arch import architecture
+
         p = self.group_params()
-        return (p["attention"] + p["feed_forward"]) * DTYPE_BYTES[dtype]
+        return sum(p[k.name] for k in architecture(self).layer_kinds) * DTYPE_BYTES[dtype]
 
     def total_params(self) -> int:
+        from model.arch import EMBED, HEAD, architecture
+
         p = self.group_params()
-        return self.n_layers * (p["attention"] + p["feed_forward"]) + p["tok_embeddings"] + p["head"]
+        return self.n_layers * sum(p[k.name] for k in architecture(self).layer_kinds) + p[EMBED] + p[HEAD]
 
     # ---- (de)serialisation -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -152,46 +182,17 @@ class ModelArgs:
 
     @classmethod
     def from_hf_config(cls, path: str | Path) -> ModelArgs:
+        """A Hugging Face config.json of any architecture of the registry (model/arch/); an unsupported one is
+        refused with one line naming it and the supported classes."""
+        from model.arch import for_hf_config
+
         path = Path(path)
         c = _read_json(path)
-        archs = c.get("architectures") or []
-        if "LlamaForCausalLM" not in archs and c.get("model_type") != "llama":
-            raise ConfigError(f"{path}: expected a LlamaForCausalLM config, found architectures={archs} "
-                              f"model_type={c.get('model_type')!r}")
-        for key in ("attention_bias", "mlp_bias"):
-            if c.get(key):
-                raise ConfigError(f"{path}: {key}=true is not a Llama layout this runtime supports")
-        if c.get("hidden_act", "silu") != "silu":
-            raise ConfigError(f"{path}: hidden_act must be 'silu', found {c.get('hidden_act')!r}")
-        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"):
-            if key not in c:
-                raise ConfigError(f"{path}: missing key {key!r}")
-        scaling = None
-        rs = c.get("rope_scaling") or c.get("rope_parameters")  # transformers >= 5 saves rope_parameters
-        if rs:
-            kind = rs.get("rope_type", rs.get("type"))
-            if kind == "default":
-                scaling = None
-            elif kind == "llama3":
-                try:
-                    scaling = RopeScaling(float(rs["factor"]), float(rs["low_freq_factor"]),
-                                          float(rs["high_freq_factor"]), int(rs["original_max_position_embeddings"]))
-                except KeyError as e:
-                    raise ConfigError(f"{path}: rope_scaling of type llama3 lacks {e.args[0]!r}") from None
-            else:
-                raise ConfigError(f"{path}: rope_scaling type {kind!r} is not supported (llama3 or none)")
-        theta = c.get("rope_theta", (c.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+        arch = for_hf_config(c, str(path))
         try:
-            return cls(
-                dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
-                n_kv_heads=c.get("num_key_value_heads"), head_dim=c.get("head_dim"), vocab_size=c["vocab_size"],
-                ffn_hidden=c["intermediate_size"], norm_eps=float(c.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(theta), rope_scaling=scaling,
-                tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-                max_seq_len=int(c.get("max_position_embeddings", 8192)),
-            )
+            return cls(arch=arch.name, **arch.hf_args(c, str(path)))
         except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
+            raise ConfigError(e.args[0] if str(path) in e.args[0] else f"{path}: {e}") from None
 
 
 def meta_ffn_hidden(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
@@ -215,7 +216,8 @@ def _read_json(path: Path) -> dict[str, Any]:
     return d
 
 
-# Published shapes (Meta params.json values) for synthetic images and the cost model.
+# Published shapes for synthetic images and the cost model: Meta params.json values (Llama), or ModelArgs
+# keywords with their "arch" (the others, from their config.json).
 PRESETS: dict[str, dict[str, Any]] = {
     "llama3.1-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=128256, multiple_of=4096,
                          ffn_dim_multiplier=1.3, norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True),
@@ -226,6 +228,21 @@ PRESETS: dict[str, dict[str, Any]] = {
                         rope_scaling_factor=32.0),
     "tiny": dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, vocab_size=512, multiple_of=64,
                  ffn_dim_multiplier=1.3, norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True),
+    "qwen2.5-72b": dict(arch="qwen2", dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=152064,
+                        ffn_hidden=29568, norm_eps=1e-6, rope_theta=1000000.0, max_seq_len=32768, qkv_bias=True),
+    "qwen2.5-7b": dict(arch="qwen2", dim=3584, n_layers=28, n_heads=28, n_kv_heads=4, vocab_size=152064,
+                       ffn_hidden=18944, norm_eps=1e-6, rope_theta=1000000.0, max_seq_len=32768, qkv_bias=True),
+    "qwen3-32b": dict(arch="qwen3", dim=5120, n_layers=64, n_heads=64, n_kv_heads=8, head_dim=128,
+                      vocab_size=151936, ffn_hidden=25600, norm_eps=1e-6, rope_theta=1000000.0, max_seq_len=40960,
+                      qk_norm=True),
+    "mistral-nemo-12b": dict(arch="mistral", dim=5120, n_layers=40, n_heads=32, n_kv_heads=8, head_dim=128,
+                             vocab_size=131072, ffn_hidden=14336, norm_eps=1e-5, rope_theta=1000000.0,
+                             max_seq_len=131072),
+    # tiny shapes of the other architectures, for tests: biases and a tied embedding; head_dim != dim / heads
+    "tiny-qwen2": dict(arch="qwen2", dim=256, n_layers=4, n_heads=8, n_kv_heads=2, vocab_size=512, ffn_hidden=704,
+                       norm_eps=1e-6, rope_theta=1000000.0, max_seq_len=8192, qkv_bias=True, tie_embeddings=True),
+    "tiny-qwen3": dict(arch="qwen3", dim=256, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=48, vocab_size=512,
+                       ffn_hidden=704, norm_eps=1e-6, rope_theta=1000000.0, max_seq_len=8192, qk_norm=True),
 }
 
 
@@ -235,6 +252,8 @@ def preset(name: str, n_layers: int | None = None) -> ModelArgs:
     p = dict(PRESETS[name])
     if n_layers is not None:
         p["n_layers"] = n_layers
+    if "arch" in p:
+        return ModelArgs(**p)
     args = ModelArgs.from_params(p, source=f"preset {name}")
     if name == "llama3.2-1b":
         args = dataclasses.replace(args, tie_embeddings=True)

@@ -1,4 +1,6 @@
-"""Checkpoint readers: Meta ``consolidated.NN.pth``, Hugging Face safetensors, GGUF.
+"""Checkpoint readers: Meta ``consolidated.NN.pth``, Hugging Face safetensors, GGUF, for every architecture of
+the registry (model/arch/): the reader finds the architecture (config.json's "architectures", the GGUF's
+``general.architecture``), which gives the model's arguments and every tensor's name in the checkpoint.
 
 Every reader exposes the same small interface (``Checkpoint``): the model's ``ModelArgs``, the tokenizer
 source, and ``tensor(key)`` returning one full tensor under Meta's state-dict name and in Meta's q/k row
@@ -9,10 +11,13 @@ Layouts:
     and output on dim 0, row-parallel wo/w2 on dim 1, the embedding on dim 0 in Llama 3 and dim 1 in
     Llama 2; norms replicated). The split dimension is inferred from the shard shapes against the full
     shape, so every variant merges right.
-  - Hugging Face's conversion permutes wq/wk rows so that rotate-half RoPE works; ``unpermute_hf`` undoes
-    it (Meta uses interleaved pairs).
-  - llama.cpp's converter applies the inverse of HF's permutation, so GGUF q/k rows are already in Meta's
-    interleaved order; GGUF tensors are dequantized with the ``gguf`` package.
+  - Hugging Face checkpoints hold q/k rows (and their biases, and Qwen3's per-head q/k norms) in rotate-half
+    order (Llama's conversion permuted Meta's rows into it; Qwen was trained in it); ``unpermute_hf`` turns
+    them into Meta's interleaved pairs (model/arch/schema.py ``TensorDef.rope``).
+  - llama.cpp's converter applies the inverse of HF's permutation to ``llama`` GGUFs, so their q/k rows are
+    already in Meta's order; its ``qwen2``/``qwen3`` GGUFs keep HF's (``Architecture.gguf_rope_half``), and are
+    un-permuted here, blocks too (a row permutation moves whole rows of blocks). GGUF tensors are dequantized
+    with the ``gguf`` package.
 
 Runs in the ``launch.py pack`` process. ``torch.load`` is always called with weights_only=True.
 """
@@ -28,11 +33,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from model.arch import LAYER_PREFIX, for_gguf
+from model.arch.schema import TensorDef
 from model.args import ModelArgs, RopeScaling
 from model.errors import CheckpointError, ConfigError
-from model.groups import global_names, group_tensor_shapes
-from model.llama import rope_scaling_matches
+from model.groups import global_names, group_tensor_shapes, tensor_def
 from model.qformats import GGUF_SCHEMES, storage_bytes
+from model.transformer import rope_scaling_matches
 
 
 class Checkpoint(ABC):
@@ -108,6 +115,8 @@ def _has_gguf_magic(path: Path) -> bool:
 # ---- Meta --------------------------------------------------------------------------------------------
 
 class MetaCheckpoint(Checkpoint):
+    """Meta's params.json + consolidated.NN.pth: Llama's own format (model/arch/llama.py)."""
+
     format = "meta"
 
     def __init__(self, path: Path) -> None:
@@ -167,25 +176,38 @@ def merge_shards(key: str, parts: list[torch.Tensor], full: tuple[int, ...], fil
 
 # ---- Hugging Face ------------------------------------------------------------------------------------
 
-HF_NAMES = {
-    "tok_embeddings.weight": "model.embed_tokens.weight",
-    "norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-    "attention.wq.weight": "self_attn.q_proj.weight",
-    "attention.wk.weight": "self_attn.k_proj.weight",
-    "attention.wv.weight": "self_attn.v_proj.weight",
-    "attention.wo.weight": "self_attn.o_proj.weight",
-    "feed_forward.w1.weight": "mlp.gate_proj.weight",
-    "feed_forward.w2.weight": "mlp.down_proj.weight",
-    "feed_forward.w3.weight": "mlp.up_proj.weight",
-    "attention_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-}
-
-
-def hf_name(key: str) -> str:
+def _split_key(key: str) -> tuple[str | None, str]:
+    """State-dict key -> (layer index or None, local name)."""
     m = re.match(r"layers\.(\d+)\.(.+)$", key)
-    return f"model.layers.{m.group(1)}.{HF_NAMES[m.group(2)]}" if m else HF_NAMES[key]
+    return (m.group(1), m.group(2)) if m else (None, key)
+
+
+def hf_name(key: str, args: ModelArgs) -> str:
+    """The Hugging Face name of state-dict ``key`` in a checkpoint of ``args``' architecture."""
+    layer, local = _split_key(key)
+    t = tensor_def(args, local)
+    return f"model.{LAYER_PREFIX}{layer}.{t.hf}" if layer is not None else t.hf
+
+
+def gguf_name(key: str, args: ModelArgs) -> str:
+    """llama.cpp's name of state-dict ``key``."""
+    layer, local = _split_key(key)
+    t = tensor_def(args, local)
+    return f"blk.{layer}.{t.gguf}" if layer is not None else t.gguf
+
+
+def rope_heads(t: TensorDef, args: ModelArgs) -> int | None:
+    """How many heads' rows of tensor ``t`` are in rotary order (None: none are)."""
+    return {"q": args.n_heads, "k": args.n_kv_heads, "head": 1}.get(t.rope) if t.rope else None
+
+
+def to_meta_rows(t: torch.Tensor, local: str, args: ModelArgs) -> torch.Tensor:
+    """Rows of tensor ``local`` from rotate-half into Meta's interleaved order (any dtype; a 1-D bias or norm
+    is one column; a block-quantized matrix's bytes as (rows, row bytes)); others as they are."""
+    heads = rope_heads(tensor_def(args, local), args)
+    if heads is None:
+        return t
+    return unpermute_hf(t.reshape(t.shape[0], -1), heads).reshape(t.shape)
 
 
 def unpermute_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -201,6 +223,8 @@ def permute_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 class HFCheckpoint(Checkpoint):
+    """A Hugging Face checkpoint of any architecture of the registry: config.json + safetensors."""
+
     format = "hf"
 
     def __init__(self, path: Path) -> None:
@@ -238,9 +262,9 @@ class HFCheckpoint(Checkpoint):
         return self._handles[fname]
 
     def tensor(self, key: str) -> torch.Tensor:
-        name = hf_name(key)
-        if key == "output.weight" and self.args.tie_embeddings:
+        if key not in self.shapes:
             raise KeyError(key)
+        name = hf_name(key, self.args)
         if name not in self.weight_map:
             raise CheckpointError(f"{self.path}: tensor {name} (for {key}) not found in the checkpoint")
         f = self.path / self.weight_map[name]
@@ -251,11 +275,7 @@ class HFCheckpoint(Checkpoint):
         except Exception as e:
             raise CheckpointError(f"{f}: cannot read tensor {name} ({e})") from None
         self._check_shape(key, t, str(f))  # before the un-permute, which would fail on another shape
-        if key.endswith("attention.wq.weight"):
-            t = unpermute_hf(t, self.args.n_heads)
-        elif key.endswith("attention.wk.weight"):
-            t = unpermute_hf(t, self.args.n_kv_heads)
-        return t
+        return to_meta_rows(t, _split_key(key)[1], self.args)
 
     def tokenizer_source(self) -> Path | None:
         for name in ("tokenizer.json", "tokenizer.model"):
@@ -265,27 +285,6 @@ class HFCheckpoint(Checkpoint):
 
 
 # ---- GGUF --------------------------------------------------------------------------------------------
-
-GGUF_NAMES = {
-    "tok_embeddings.weight": "token_embd.weight",
-    "norm.weight": "output_norm.weight",
-    "output.weight": "output.weight",
-    "attention.wq.weight": "attn_q.weight",
-    "attention.wk.weight": "attn_k.weight",
-    "attention.wv.weight": "attn_v.weight",
-    "attention.wo.weight": "attn_output.weight",
-    "feed_forward.w1.weight": "ffn_gate.weight",
-    "feed_forward.w2.weight": "ffn_down.weight",
-    "feed_forward.w3.weight": "ffn_up.weight",
-    "attention_norm.weight": "attn_norm.weight",
-    "ffn_norm.weight": "ffn_norm.weight",
-}
-
-
-def gguf_name(key: str) -> str:
-    m = re.match(r"layers\.(\d+)\.(.+)$", key)
-    return f"blk.{m.group(1)}.{GGUF_NAMES[m.group(2)]}" if m else GGUF_NAMES[key]
-
 
 class GGUFCheckpoint(Checkpoint):
     format = "gguf"
@@ -307,36 +306,14 @@ class GGUFCheckpoint(Checkpoint):
         return default if f is None else f.contents()
 
     def _args(self) -> ModelArgs:
-        arch = self.field("general.architecture")
-        if arch != "llama":
-            raise CheckpointError(f"{self.path}: GGUF architecture {arch!r} is not supported (expected 'llama')")
-
-        def need(k: str) -> Any:
-            v = self.field(f"llama.{k}")
-            if v is None:
-                raise CheckpointError(f"{self.path}: GGUF metadata key llama.{k} missing")
-            return v
-
-        scaling_type = self.field("llama.rope.scaling.type", "none")
-        if scaling_type not in ("none", None):
-            raise CheckpointError(f"{self.path}: rope scaling type {scaling_type!r} is not supported")
-        n_heads, dim = int(need("attention.head_count")), int(need("embedding_length"))
-        head_dim = int(self.field("llama.attention.key_length", dim // n_heads))
-        rope_dims = int(self.field("llama.rope.dimension_count", head_dim))
-        if rope_dims != head_dim:
-            raise CheckpointError(f"{self.path}: partial rotary embeddings (rope.dimension_count {rope_dims} "
-                                  f"< head_dim {head_dim}) are not supported")
-        vocab = self.field("llama.vocab_size") or len(self.reader.fields["tokenizer.ggml.tokens"].data)
-        args = dict(dim=dim, n_layers=int(need("block_count")), n_heads=n_heads,
-                    n_kv_heads=int(self.field("llama.attention.head_count_kv", n_heads)), head_dim=head_dim,
-                    vocab_size=int(vocab), ffn_hidden=int(need("feed_forward_length")),
-                    norm_eps=float(need("attention.layer_norm_rms_epsilon")),
-                    rope_theta=float(self.field("llama.rope.freq_base", 10000.0)),
-                    tie_embeddings="output.weight" not in self.tensors,
-                    max_seq_len=int(self.field("llama.context_length", 8192)))
+        try:
+            self.arch = for_gguf(self.field("general.architecture"), str(self.path))
+        except ConfigError as e:
+            raise CheckpointError(str(e)) from None
+        args = self.arch.gguf_args(self, str(self.path))
         args["rope_scaling"] = self._rope_scaling(args)
         try:
-            return ModelArgs(**args)
+            return ModelArgs(arch=self.arch.name, **args)
         except ConfigError as e:
             raise CheckpointError(f"{self.path}: {e}") from None
 
@@ -365,7 +342,7 @@ class GGUFCheckpoint(Checkpoint):
         return arr.reshape(tuple(int(n) for n in reversed(t.shape)))
 
     def _gguf_tensor(self, key: str):
-        name = gguf_name(key)
+        name = gguf_name(key, self.args)
         if name not in self.tensors:
             raise CheckpointError(f"{self.path}: tensor {name} (for {key}) not found")
         return self.tensors[name]
@@ -389,17 +366,21 @@ class GGUFCheckpoint(Checkpoint):
         if data.size != want:
             raise CheckpointError(f"{self.path}: tensor {t.name} holds {data.size} bytes of {t.tensor_type.name}, "
                                   f"its shape {self.shapes[key]} needs {want}; truncated file?")
-        return torch.from_numpy(data.copy())
+        return self._meta_rows(key, torch.from_numpy(data.copy()).view(self.shapes[key][0], -1)).reshape(-1)
 
     def tensor(self, key: str) -> torch.Tensor:
-        name = gguf_name(key)
+        name = gguf_name(key, self.args)
         if name not in self.tensors:
             raise CheckpointError(f"{self.path}: tensor {name} (for {key}) not found")
         arr = self._array(name)
         t = torch.from_numpy(arr if arr.flags.writeable and arr.flags.c_contiguous else arr.copy())
         if t.dtype == torch.float64:
             t = t.float()
-        return self._check_shape(key, t, str(self.path))
+        return self._meta_rows(key, self._check_shape(key, t, str(self.path)))
+
+    def _meta_rows(self, key: str, t: torch.Tensor) -> torch.Tensor:
+        """A rotate-half architecture's q/k rows (model/arch/schema.py) into Meta's order; others as they are."""
+        return to_meta_rows(t, _split_key(key)[1], self.args) if self.arch.gguf_rope_half else t
 
     def tokenizer_source(self) -> Path | None:
         return self.path

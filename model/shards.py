@@ -1,6 +1,7 @@
-"""Tensor-parallel shards of the Llama groups (Megatron's split), torch-free: what rank r of N holds.
+"""Tensor-parallel shards of a model's groups (Megatron's split), torch-free: what rank r of N holds. Each
+tensor's split is declared by its architecture (model/arch/schema.py ``TensorDef.split``); the dense decoder's:
 
-    attention.wq / wk / wv      rows (output features), by head: rank r has query heads
+    attention.wq / wk / wv      rows (output features), by head (their biases too): rank r has query heads
                                 [r H/N, (r+1) H/N) and KV heads [r KV/N, (r+1) KV/N), the KV heads
                                 its query heads attend with (grouped-query attention stays rank-local)
     feed_forward.w1 / w3        rows: hidden features [r F/N, (r+1) F/N)
@@ -10,10 +11,10 @@
     tok_embeddings, output      rows (vocabulary): the lookup masks the ids outside the rank's rows and
                                 all-reduces; the head's logits are gathered (a tied model's output matrix
                                 is the embedding's shard)
-    norms                       whole on every rank
+    norms                       whole on every rank (Qwen3's per-head q/k norms too: one head's weights)
 
 A rank's own model arguments (``rank_args``) have H/N query heads, KV/N KV heads and F/N hidden features,
-so model/llama.py's group functions compute a rank's shard unchanged (runtime/engine/tensor_parallel.py adds
+so model/transformer.py's group functions compute a rank's shard unchanged (runtime/engine/tensor_parallel.py adds
 the all-reduces). Used by packing (runtime/format/image.py ``plan_layout``), the ranks and their plans.
 """
 
@@ -21,15 +22,12 @@ from __future__ import annotations
 
 import dataclasses
 
+from model.arch.schema import COLS, ROWS, VOCAB, WHOLE
 from model.args import ModelArgs
 from model.errors import ConfigError
-from model.groups import group_tensor_shapes
+from model.groups import tensor_def
 
-ROWS, COLS, WHOLE = "rows", "cols", "whole"
-SPLIT = {"attention.wq.weight": ROWS, "attention.wk.weight": ROWS, "attention.wv.weight": ROWS,
-         "attention.wo.weight": COLS, "attention_norm.weight": WHOLE,
-         "feed_forward.w1.weight": ROWS, "feed_forward.w3.weight": ROWS, "feed_forward.w2.weight": COLS,
-         "ffn_norm.weight": WHOLE, "tok_embeddings.weight": ROWS, "output.weight": ROWS, "norm.weight": WHOLE}
+__all__ = ["COLS", "ROWS", "WHOLE", "check_tensor_parallel", "rank_args", "shard_range", "shard_shape", "vocab_rows"]
 
 
 def check_tensor_parallel(args: ModelArgs, n: int) -> None:
@@ -61,15 +59,16 @@ def vocab_rows(vocab: int, n: int, r: int) -> tuple[int, int]:
 
 
 def shard_range(args: ModelArgs, local: str, n: int, r: int) -> tuple[str, int, int]:
-    """(split, lo, hi) of tensor ``local`` on rank r: rows or columns [lo, hi), or whole (0, 0)."""
-    split = SPLIT[local]
-    if split == WHOLE or n == 1:
+    """(split, lo, hi) of tensor ``local`` on rank r: rows (ROWS, also a vocabulary's) or columns (COLS)
+    [lo, hi), or whole (WHOLE, 0, 0)."""
+    t = tensor_def(args, local)
+    if t.split == WHOLE or n == 1:
         return WHOLE, 0, 0
-    if local in ("tok_embeddings.weight", "output.weight"):
-        return (split, *vocab_rows(args.vocab_size, n, r))
-    full = group_tensor_shapes(args, _group_of(local))[local][0 if split == ROWS else 1]
+    if t.split == VOCAB:
+        return (ROWS, *vocab_rows(args.vocab_size, n, r))
+    full = t.shape(args)[0 if t.split == ROWS else 1]
     per = full // n  # heads and hidden features divide (check_tensor_parallel)
-    return split, r * per, (r + 1) * per
+    return t.split, r * per, (r + 1) * per
 
 
 def shard_shape(args: ModelArgs, local: str, shape: tuple[int, ...], n: int, r: int) -> tuple[int, ...]:
@@ -79,11 +78,3 @@ def shard_shape(args: ModelArgs, local: str, shape: tuple[int, ...], n: int, r: 
     if split == COLS:
         return (shape[0], hi - lo)
     return tuple(shape)
-
-
-def _group_of(local: str) -> str:
-    if local.startswith("attention"):
-        return "layers.0.attention"
-    if local.startswith("feed_forward") or local == "ffn_norm.weight":
-        return "layers.0.feed_forward"
-    return "tok_embeddings" if local == "tok_embeddings.weight" else "head"

@@ -3,7 +3,8 @@
 Weights are never zeros or constants: matrices are slices of a pool of N(0, 0.02) values drawn once
 (seeded), taken at a random offset for every tensor, so groups differ from each other and generation
 costs the pool once instead of a random draw per byte (packing a 70B shape runs at disk speed). Norm
-weights are 1 + N(0, 0.1). Runs in the ``launch.py pack`` process.
+weights are 1 + N(0, 0.1), biases N(0, 0.02). Shapes of every architecture of the registry (model/arch/), from
+the presets of model/args.py. Runs in the ``launch.py pack`` process.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ class SyntheticCheckpoint(Checkpoint):
     def fill(self, key: str, out: torch.Tensor) -> None:
         """Write ``key``'s values into ``out`` (any dtype) without a full-size temporary."""
         if out.dim() == 1:
-            out.copy_(1 + 0.1 * torch.randn(out.shape, generator=self.gen))
+            noise = torch.randn(out.shape, generator=self.gen)
+            out.copy_(0.02 * noise if key.endswith(".bias") else 1 + 0.1 * noise)
             return
         pool = self._pools.setdefault(out.dtype, self.pool.to(out.dtype))  # converted once: copies are memcpy
         flat, pos = out.view(-1), int(torch.randint(0, POOL_ELEMENTS, (1,), generator=self.gen))

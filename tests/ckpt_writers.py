@@ -116,7 +116,7 @@ def to_hf_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, 
             t = permute_hf(t, args.n_heads)
         elif key.endswith("attention.wk.weight"):
             t = permute_hf(t, args.n_kv_heads)
-        out[hf_name(key)] = t.contiguous()
+        out[hf_name(key, args)] = t.contiguous()
     return out
 
 
@@ -235,9 +235,9 @@ def write_gguf(path: str | Path, seed: int = 0, arch: str = "llama", args: Model
     for key, t in sd.items():
         if key in stored:
             raw, qtype = stored[key]
-            w.add_tensor(gguf_name(key), raw, raw_shape=raw.shape, raw_dtype=qtype)
+            w.add_tensor(gguf_name(key, args), raw, raw_shape=raw.shape, raw_dtype=qtype)
         else:
-            w.add_tensor(gguf_name(key), t.numpy().astype(np.float32))
+            w.add_tensor(gguf_name(key, args), t.numpy().astype(np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

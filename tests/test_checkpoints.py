@@ -1,5 +1,5 @@
 """Tests for model/checkpoint.py and model/args.py: every checkpoint format read back exactly, run by our
-Transformer, and compared with transformers' LlamaForCausalLM (a reference no one here wrote).
+forward (model/transformer.py), and compared with transformers' LlamaForCausalLM (a reference no one here wrote).
 
   - ModelArgs of the published Llama-3.1 8B and 70B params.json: FFN size and bytes per layer.
   - Meta two-shard checkpoint: shards merge to the exact full state dict; log-softmax equals the HF
@@ -29,7 +29,7 @@ from ckpt_writers import HF_SCALING, hf_reference_logits, shard_dim, write_gguf,
 from model.args import ModelArgs
 from model.checkpoint import GGUFCheckpoint, HFCheckpoint, MetaCheckpoint, open_checkpoint
 from model.errors import CheckpointError, ConfigError
-from model.llama import Rope, Transformer
+from model.transformer import DictSource, Rope, forward_groups, state_dict_groups
 from runtime.engine.kv import KVCache
 
 TOL = 1e-4
@@ -43,15 +43,14 @@ def tokens_for(n: int, vocab: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
-def build(args: ModelArgs, sd: dict[str, torch.Tensor]) -> Transformer:
-    with torch.device("meta"):
-        model = Transformer(args)
-    model.load_state_dict(sd, strict=True, assign=True)
-    return model
+def build(args: ModelArgs, sd: dict[str, torch.Tensor]):
+    """Our model over a full state dict, every key of the schema checked (strictly: none missing, none extra)."""
+    source = DictSource(state_dict_groups(args, sd))
+    return lambda tokens, start, rope, cache: forward_groups(tokens, start, args, source, rope, cache)
 
 
 def our_logprobs(args: ModelArgs, sd: dict[str, torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
-    """Full-sequence forward of our Transformer: (1, S, vocab) log-probabilities."""
+    """Full-sequence forward of our model: (1, S, vocab) log-probabilities."""
     n = tokens.shape[1]
     return build(args, sd)(tokens, 0, Rope(args, n), KVCache(args, 1, n, torch.float32, "cpu")).log_softmax(-1)
 
@@ -288,18 +287,19 @@ def test_hf_missing_tensor(tmp_path):
     raises(tmp_path, str(tmp_path), "model.layers.1.mlp.up_proj.weight", "layers.1.feed_forward.w3.weight")
 
 
-def test_hf_not_llama(tmp_path):
+def test_hf_unsupported_architecture(tmp_path):
     write_hf(tmp_path)
     f = tmp_path / "config.json"
-    f.write_text(json.dumps({**json.loads(f.read_text()), "architectures": ["MistralForCausalLM"],
-                             "model_type": "mistral"}))
-    raises(tmp_path, str(f), "LlamaForCausalLM", "MistralForCausalLM")
+    f.write_text(json.dumps({**json.loads(f.read_text()), "architectures": ["DeepseekV3ForCausalLM"],
+                             "model_type": "deepseek_v3"}))
+    raises(tmp_path, str(f), "DeepseekV3ForCausalLM", "not supported", "LlamaForCausalLM, Qwen2ForCausalLM, "
+           "Qwen3ForCausalLM, MistralForCausalLM")
 
 
-def test_gguf_not_llama(tmp_path):
+def test_gguf_unsupported_architecture(tmp_path):
     f = tmp_path / "tiny.gguf"
     write_gguf(f, arch="gpt2")
-    raises(f, str(f), "'gpt2'", "'llama'")
+    raises(f, str(f), "'gpt2'", "not supported", "llama, qwen2, qwen3")
 
 
 def test_gguf_truncated(tmp_path):

@@ -191,10 +191,10 @@ def test_live_allocations_group_blocks_by_the_line_that_made_them():
     from runtime.engine.gpumem import live_allocations
 
     mine = [{"filename": "/x/torch/nn/functional.py", "line": 9, "name": "linear"},
-            {"filename": "/repo/model/llama.py", "line": 462, "name": "ffn_forward"}]
+            {"filename": "/repo/model/transformer.py", "line": 462, "name": "ffn_forward"}]
     snap = [{"blocks": [{"state": "active_allocated", "size": 2 << 20, "requested_size": 3 << 19, "frames": mine},
                         {"state": "active_allocated", "size": 2 << 20, "requested_size": 1 << 20, "frames": mine},
                         {"state": "inactive", "size": 64 << 20},
                         {"state": "active_allocated", "size": 8 << 20}]}]
     rows = live_allocations(snap)
-    assert rows == [("blocks of 8.0 MiB", 8 << 20, 1), ("llama.py:462 ffn_forward", (3 << 19) + (1 << 20), 2)]
+    assert rows == [("blocks of 8.0 MiB", 8 << 20, 1), ("transformer.py:462 ffn_forward", (3 << 19) + (1 << 20), 2)]

@@ -14,8 +14,8 @@ import pytest
 
 from model.args import preset
 from model.errors import ConfigError
-from model.groups import spread_layers
-from runtime.engine.placement import Budgets, group_kind, layout_group_bytes, pass_sequence, plan_placement
+from model.groups import group_kind, spread_layers
+from runtime.engine.placement import Budgets, layout_group_bytes, pass_sequence, plan_placement
 
 GiB = 1 << 30
 _SIZES: dict[str, dict[str, int]] = {}
@@ -173,8 +173,8 @@ def test_ffn_groups_are_preferred_for_the_gpu_tier(gib):
     args, sizes = shape("llama3.1-8b")
     budgets = Budgets(gpu_bytes=int(gib * GiB), dram_bytes=None, kv_bytes=kv_bytes(args, 1024))
     plan = plan_placement(sizes, args, "mixed", budgets)
-    ffn = [g for g in plan.gpu if group_kind(g) == "ffn"]
-    attn = [g for g in plan.gpu if group_kind(g) == "attn"]
+    ffn = [g for g in plan.gpu if group_kind(g) == "feed_forward"]
+    attn = [g for g in plan.gpu if group_kind(g) == "attention"]
     assert ffn, plan.describe()
     # spread evenly over the pass: one in every n_layers / len(ffn) layers, never the first ones bunched
     assert ffn == [f"layers.{i}.feed_forward" for i in sorted(spread_layers(len(ffn), args.n_layers))]

@@ -87,8 +87,7 @@ class TokenPrinter:
 def _check_len(prompt_len: int, new: int, max_len: int, image: Image) -> None:
     if prompt_len + new > max_len:
         raise ConfigError(f"prompt ({prompt_len} tokens) + --max-new-tokens ({new}) exceeds --max-seq-len {max_len}")
-    if max_len > image.args.max_seq_len:
-        raise ConfigError(f"--max-seq-len {max_len} exceeds the model's context {image.args.max_seq_len}")
+    image.args.check_context(max_len)
 
 
 # ---- pack, verify --------------------------------------------------------------------------------------------
@@ -357,8 +356,7 @@ def perplexity(ns: argparse.Namespace) -> None:
     engine, cfg = c[EngineConfig], c[PerplexityConfig]
     image = open_image(cfg.image, cfg.manifest, engine.attach)
     check_for_image(engine, image)
-    if cfg.context > image.args.max_seq_len:
-        raise ConfigError(f"--context {cfg.context} exceeds the model's context {image.args.max_seq_len}")
+    image.args.check_context(cfg.context, "--context")
     tok = image_tokenizer(image, required=True)
     try:
         text = Path(cfg.text_file).read_text(encoding="utf-8")
@@ -392,13 +390,13 @@ def bench(ns: argparse.Namespace) -> None:
 
         tok = load_tokenizer(src)
     prompts = read_prompts(cfg.prompts, cfg.batch_size, tok, image.args.vocab_size)
-    prompts, max_len, cut = benchmod.fit_prompts(prompts, cfg, image.args.max_seq_len)
+    prompts, max_len, cut = benchmod.fit_prompts(prompts, cfg, image.args)
     if engine.speculative.draft is not None:
         if cfg.batch_size > 1:
             raise ConfigError(f"--draft decodes one sequence at a time: give --batch-size 1, found {cfg.batch_size}")
         if not cfg.max_seq_len:  # room for the last tree
             room = engine.speculative.tree_room(device_kind(cfg.device), engine.prefill.chunk)
-            max_len = min(max_len + room, image.args.max_seq_len)
+            max_len = min(max_len + room, image.args.context)
     for x in cut:
         print(f"warning: prompt {x['prompt']} has {x['tokens']} tokens; kept its last {x['kept']} (--max-seq-len "
               f"- --max-new-tokens)", file=sys.stderr)

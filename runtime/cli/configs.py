@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from model.args import PRESETS
 from model.errors import ConfigError
 from runtime.engine.config import FlagConfig
 from runtime.format.image import WeightFormat
 
 DTYPES = ("bf16", "fp16", "fp32")
-SHAPES = ("llama3.1-70b", "llama3.1-8b", "llama3.2-1b", "tiny")
+SHAPES = tuple(PRESETS)  # the published shapes of every architecture (model/args.py), and tiny ones for tests
 
 
 @dataclass(frozen=True)

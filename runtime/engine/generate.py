@@ -19,8 +19,8 @@ import torch
 
 from model.errors import ConfigError
 from model.groups import group_names, group_tensor_shapes, host_layer_count
-from model.llama import DictSource, Rope, RowQueries, TreeQueries, forward_groups
 from model.quant import block_size, random_quantized
+from model.transformer import DictSource, Rope, RowQueries, TreeQueries, forward_groups
 from runtime.engine.batching import chunk_per_sequence, kv_device_rows, prefill_passes, sequences_per_pass
 from runtime.engine.config import EngineConfig, KVConfig, PrefillConfig, SamplingConfig
 from runtime.engine.kv import KVCache, TieredKVCache
@@ -119,8 +119,7 @@ class Generator:
         self.folded = self._counters(None)
         self.source, self.args = source, source.args
         self.parallel = None  # a tensor-parallel rank's collectives (runtime/engine/tensor_parallel.py)
-        if max_seq_len > self.args.max_seq_len:
-            raise ConfigError(f"--max-seq-len {max_seq_len} exceeds the model's context {self.args.max_seq_len}")
+        self.args.check_context(max_seq_len)
         self.max_seq_len = max_seq_len
         self.rope = Rope(self.args, max_seq_len, source.device)
         if source.device.type == "cuda":

@@ -1,4 +1,4 @@
-"""The KV cache and where attention runs: the engine's side of model.llama's one seam,
+"""The KV cache and where attention runs: the engine's side of model.transformer's one seam,
 ``cache.attend(layer, q, k, v, start)``.
 
 ``KVCache`` keeps each layer's keys and values on the compute device, in blocks of ``block_tokens`` slots,
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from model.args import ModelArgs
 from model.groups import host_layer_count, spread_layers
-from model.llama import RowQueries, TreeQueries
+from model.transformer import RowQueries, TreeQueries
 from runtime.engine.copy2d import copy_2d
 
 
@@ -77,7 +77,7 @@ class KVCache:
         return False
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
-        """The seam model.llama's attention meets the cache through. q (B, S, n_heads, hd), k and v (B, S, n_kv,
+        """The seam model.transformer's attention meets the cache through. q (B, S, n_heads, hd), k and v (B, S, n_kv,
         hd) of the queries at slots [start, start+S), rotated: writes k and v into the cache and returns the
         attention output (B, S, n_heads x hd), by the path this cache and call choose (module docstring)."""
         b, s = q.shape[:2]

@@ -1,18 +1,16 @@
 """Placement: which weight groups stay on the GPU, which stay pinned in DRAM, which stream from disk.
 
 docs/DESIGN.md, the cost model and placement. One forward pass uses the groups in a fixed cyclic order
-(``pass_sequence``):
-
-    layers.0.attention, layers.0.feed_forward, ..., layers.{L-1}.feed_forward, head[, tok_embeddings]
-
-(``tok_embeddings`` follows ``head`` only for tied models, where it is the output matrix: the final norm
-is applied first, so each group's weights are used before the next group is fetched.) LRU on a
+(``pass_sequence``; model/groups.py names them from the architecture's schema): each layer's groups, one of
+each layer kind in order (a dense decoder's attention, then its FFN), then the head, then the embedding only
+for tied models, where it is the output matrix (the final norm is applied first, so each group's weights are
+used before the next group is fetched). LRU on a
 cyclic scan larger than the cache hits nothing, so the plan is a set of *fixed* tiers for the whole run:
 
     gpu     resident on the compute device; never copied again           costs GPU bytes once
     dram    pinned in ring slots; copied to the GPU every pass           costs DRAM bytes once, H2D every pass
     stream  read from disk every pass through a window of W ring slots   costs disk + H2D every pass
-    host    ``tok_embeddings`` for the token lookup: always pinned in the ring and gathered there, never
+    host    the embedding (``HOST_GROUP``) for the token lookup: always pinned in the ring and gathered there, never
             copied to the GPU for the lookup. Counted in DRAM bytes only. When the model is tied, its use as
             the output matrix is placed like any group, except that it never streams: its bytes are already
             pinned in DRAM for the lookups, so it is either in the GPU tier or in the DRAM tier (the same
@@ -22,18 +20,18 @@ Per pass (decode step or prefill chunk), time >= max(H2D bytes / link, disk byte
 H2D bytes = dram + stream groups of the sequence (CUDA only) and disk bytes = streamed groups.
 
 Which groups go to the GPU tier. For decode every byte costs the same, so only the byte count matters. For
-prefill each weight copy must hide under the compute of the groups ahead of it (the copy stream runs at most
-K groups ahead): the FFN groups carry the most bytes per FLOP (70B, 2048-token chunk: 1.41 GB for 3.84 ms,
-against attention's 0.30 GB for 0.94 ms plus the token-quadratic score FLOPs that need no weights), so they
-are the copies hardest to hide and the first to keep resident; then attention, then the head (and a tied
-embedding). The resident groups of a kind are spread evenly over the pass, not the first ones: with the copy
-stream at most K groups ahead, every stretch of the pass should carry its share of the copies, so that none
-idles the link while another makes the compute wait (the CPU's attention per layer with --host-attention).
-One more effect can beat that order: every staging buffer and window slot is as large
-as the largest group that passes through it, so keeping the largest group resident (the 70B head, 2.1 GB,
-or a tied 1B embedding) can free more staging than it costs. ``_fill_gpu`` therefore tries every slot size
-(groups larger than it are forced resident, the rest filled in preference order) and keeps the plan with the
-most resident bytes; ties keep the plain preference order.
+prefill each weight copy must hide under the compute of the groups ahead of it (the copy stream runs at most K
+groups ahead): the FFN groups carry the most bytes per FLOP (70B, 2048-token chunk: 1.41 GB for 3.84 ms,
+against attention's 0.30 GB for 0.94 ms plus the token-quadratic score FLOPs that need no weights), so they are
+the copies hardest to hide and the first to keep resident; then attention, then the head (and a tied
+embedding). Each layer kind's ``gpu_rank`` (model/arch/schema.py) gives that order. The resident groups of a
+kind are spread evenly over the pass, not the first ones: with the copy stream at most K groups ahead, every
+stretch of the pass should carry its share of the copies, so that none idles the link while another makes the
+compute wait (the CPU's attention per layer with --host-attention). One more effect can beat that order: every
+staging buffer and window slot is as large as the largest group that passes through it, so keeping the largest
+group resident (the 70B head, 2.1 GB, or a tied 1B embedding) can free more staging than it costs.
+``_fill_gpu`` therefore tries every slot size (groups larger than it are forced resident, the rest filled in
+preference order) and keeps the plan with the most resident bytes; ties keep the plain preference order.
 
 Which groups go to the DRAM tier: after reserving the window (W slots) and the host embedding, groups in pass
 order, first fit. Any choice with the same bytes is equal for decode (every DRAM or streamed byte crosses
@@ -58,17 +56,17 @@ from dataclasses import asdict, dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from model.arch import EMBED, architecture
 from model.args import ModelArgs, human_bytes
 from model.errors import ConfigError
-from model.groups import group_names
+from model.groups import group_kind, group_names, layer_groups
 from runtime.format.image import plan_layout
 
 MODES = ("preload", "stream", "mixed")
-HOST_GROUP = "tok_embeddings"
+HOST_GROUP = EMBED
 _DRAM_HINTS = {"preload": "raise --dram-gb, or use --mode mixed (or stream) to stream what does not fit",
                "mixed": "raise --dram-gb, or lower --cpu-cache-layers or --prefetch-distance",
                "stream": "raise --dram-gb, or lower --prefetch-distance"}
-_RANK = {"ffn": 0, "attn": 1, "other": 2}  # GPU-tier preference (see the module docstring)
 
 
 @dataclass(frozen=True)
@@ -104,9 +102,11 @@ class Plan:
     device: str = "cuda"
     budgets: Budgets = field(default_factory=lambda: Budgets(None, None))
     stored_as: str = ""  # the image's weight formats (runtime.format.image.Image.format_summary)
+    labels: Mapping[str, str] = field(default_factory=dict)  # layer kind -> its label in ``describe`` (kind_labels)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "group_bytes", MappingProxyType(dict(self.group_bytes)))
+        object.__setattr__(self, "labels", MappingProxyType(dict(self.labels)))
 
     # ---- derived byte counts ----------------------------------------------------------------------
     def _sum(self, names) -> int:
@@ -169,7 +169,8 @@ class Plan:
                 "dram": list(self.dram), "stream": list(self.stream), "host": list(self.host),
                 "window_slots": self.window_slots, "staging_buffers": self.staging_buffers,
                 "slot_bytes": self.slot_bytes, "budgets": asdict(self.budgets),
-                **{k: getattr(self, k) for k in keys}, "group_bytes": dict(self.group_bytes)}
+                **{k: getattr(self, k) for k in keys}, "group_bytes": dict(self.group_bytes),
+                "labels": dict(self.labels)}
 
     def describe(self) -> str:
         """A short table: tier, groups (counts by kind), bytes; then per-pass bytes and the budgets."""
@@ -177,10 +178,10 @@ class Plan:
         tied = [g for g in self.host if g in self.sequence]
         host_use = "token lookup" + (" + output matrix" if set(tied) & set(self.dram) else "")
         dram_only = [g for g in self.dram if g not in self.host]
-        rows = [("gpu", _counts(self.gpu), self.gpu_tier_bytes),
-                ("dram", _counts(dram_only), self._sum(dram_only)),
+        rows = [("gpu", self._counts(self.gpu), self.gpu_tier_bytes),
+                ("dram", self._counts(dram_only), self._sum(dram_only)),
                 ("host", f"{', '.join(self.host)} ({host_use})", self.host_bytes),
-                ("stream", _counts(self.stream), self._sum(self.stream)),
+                ("stream", self._counts(self.stream), self._sum(self.stream)),
                 ("window", f"{self.window_slots} ring slots x {h(self.slot_bytes)}", self.window_bytes),
                 ("staging", f"{self.staging_buffers} GPU buffers x {h(self.slot_bytes)}", self.staging_bytes)]
         width = max(len(r[1]) for r in rows)
@@ -196,19 +197,18 @@ class Plan:
         lines.append(f"  ring {h(self.ring_bytes)} = dram + host + window, budget {_opt(b.dram_bytes)}")
         return "\n".join(lines)
 
+    def _counts(self, names: Sequence[str]) -> str:
+        """Layer groups counted by kind ("16 ffn, 16 attn"), the others named."""
+        if not names:
+            return "-"
+        kinds = [group_kind(g) for g in names]
+        parts = [f"{n} {label}" for kind, label in self.labels.items() if (n := kinds.count(kind))]
+        return ", ".join(parts + [g for g, k in zip(names, kinds) if k not in self.labels])
 
-def group_kind(name: str) -> str:
-    """'attn', 'ffn' or 'other' (embedding, head)."""
-    if name.endswith(".attention"):
-        return "attn"
-    return "ffn" if name.endswith(".feed_forward") else "other"
 
-
-def _counts(names: Sequence[str]) -> str:
-    if not names:
-        return "-"
-    parts = [f"{n} {k}" for k in ("ffn", "attn") if (n := sum(group_kind(g) == k for g in names))]
-    return ", ".join(parts + [g for g in names if group_kind(g) == "other"])
+def kind_labels(args: ModelArgs) -> dict[str, str]:
+    """Layer kind -> its short label, in the GPU tier's order of preference (``gpu_rank``)."""
+    return {k.name: k.label for k in sorted(architecture(args).layer_kinds, key=lambda k: k.gpu_rank)}
 
 
 def _opt(n: int | None) -> str:
@@ -252,15 +252,16 @@ def plan_placement(group_bytes: Mapping[str, int], args: ModelArgs, mode: str, b
     seq = pass_sequence(args)
     k = group_prefetch_depth if cuda else 0
     w_req = prefetch_distance if prefetch_distance is not None else max(2, 2 * group_prefetch_depth)
+    labels = kind_labels(args)
     if gpu_cached_layers is not None:
-        gpu = _layer_groups(range(gpu_cached_layers))
+        gpu = layer_groups(args, range(gpu_cached_layers))
     elif cuda:
         if budgets.gpu_bytes is None:
             raise ConfigError("placement on cuda needs a GPU budget: give --gpu-mem-gb (the GPU memory this run "
                               "may use for resident weights, KV cache, activations and staging buffers), or "
                               "--gpu-cached-layers")
         gpu = _fill_gpu(seq, sizes, budgets.gpu_bytes - budgets.kv_bytes - budgets.activation_bytes -
-                        budgets.draft_bytes, k)
+                        budgets.draft_bytes, k, tuple(labels))
     else:
         gpu = ()
     dram = _choose_dram(seq, sizes, gpu, mode, budgets, args, cuda, w_req, cpu_cache_layers)
@@ -269,7 +270,7 @@ def plan_placement(group_bytes: Mapping[str, int], args: ModelArgs, mode: str, b
     plan = Plan(mode=mode, sequence=seq, gpu=gpu, dram=dram, stream=stream,
                 window_slots=min(w_req, len(stream)), staging_buffers=k if (dram or stream) else 0,
                 slot_bytes=max((sizes[g] for g in through), default=0), group_bytes=sizes, host=(HOST_GROUP,),
-                device=device, budgets=budgets)
+                device=device, budgets=budgets, labels=labels)
     _check_gpu(plan)
     _check_dram(plan)
     return plan
@@ -304,20 +305,19 @@ def _check_inputs(group_bytes, args, mode, device, gpu_layers, cpu_layers, dista
     return device.startswith("cuda")
 
 
-def _layer_groups(layers) -> tuple[str, ...]:
-    return tuple(f"layers.{i}.{kind}" for i in layers for kind in ("attention", "feed_forward"))
-
-
-def _fill_gpu(seq: tuple[str, ...], sizes: dict[str, int], avail: int, k: int) -> tuple[str, ...]:
+def _fill_gpu(seq: tuple[str, ...], sizes: dict[str, int], avail: int, k: int,
+              kinds: tuple[str, ...]) -> tuple[str, ...]:
     """GPU tier from ``avail`` bytes (budget minus KV and activations), K staging buffers reserved.
 
     Staging buffers are as large as the largest non-resident group, so try each slot size s: groups larger
-    than s are forced resident, K*s is reserved, the rest fills in preference order (ffn, attn, other),
-    each kind's resident groups spread evenly over the pass (``_spread_within_kinds``). The most resident
+    than s are forced resident, K*s is reserved, the rest fills in preference order (``kinds``: the layer kinds
+    by gpu_rank, then the other groups), each kind's resident groups spread evenly over the pass
+    (``_spread_within_kinds``). The most resident
     bytes wins; ties go to the largest s (the plain preference).
     Returns () when not even the staging buffers fit; the budget check then reports the numbers.
     """
-    order = sorted(seq, key=lambda g: _RANK[group_kind(g)])  # stable: pass order within a kind
+    rank = {kind: i for i, kind in enumerate(kinds)}
+    order = sorted(seq, key=lambda g: rank.get(group_kind(g), len(kinds)))  # stable: pass order within a kind
     best: tuple[int, tuple[str, ...]] = (-1, ())
     for s in sorted({sizes[g] for g in seq}, reverse=True) + [0]:
         forced = [g for g in seq if sizes[g] > s]
@@ -329,7 +329,7 @@ def _fill_gpu(seq: tuple[str, ...], sizes: dict[str, int], avail: int, k: int) -
             if g not in chosen and sizes[g] <= room:
                 chosen.add(g)
                 room -= sizes[g]
-        chosen = _spread_within_kinds(seq, sizes, chosen, set(forced))
+        chosen = _spread_within_kinds(seq, sizes, chosen, set(forced), kinds)
         resident = sum(sizes[g] for g in chosen)
         if resident > best[0]:
             best = (resident, tuple(g for g in seq if g in chosen))
@@ -337,7 +337,7 @@ def _fill_gpu(seq: tuple[str, ...], sizes: dict[str, int], avail: int, k: int) -
 
 
 def _spread_within_kinds(seq: tuple[str, ...], sizes: dict[str, int], chosen: set[str],
-                         forced: set[str]) -> set[str]:
+                         forced: set[str], kinds: tuple[str, ...]) -> set[str]:
     """The same number of resident groups of each layer kind (all of one size), spread evenly over the pass
     instead of the first ones: the copy stream runs at most K groups ahead of the compute, so a pass whose
     first layers are all resident and last all streamed leaves the link idle early and the compute waiting
@@ -346,7 +346,7 @@ def _spread_within_kinds(seq: tuple[str, ...], sizes: dict[str, int], chosen: se
     from model.groups import spread_layers
 
     out = set(chosen)
-    for kind in ("ffn", "attn"):
+    for kind in kinds:
         groups = [g for g in seq if group_kind(g) == kind and g not in forced]
         if len({sizes[g] for g in groups}) != 1:
             continue
@@ -367,8 +367,8 @@ def _choose_dram(seq, sizes, gpu, mode, budgets, args, cuda, w_req, cpu_layers) 
     if mode == "preload" or (budgets.dram_bytes is None and cpu_layers is None):
         return tuple(rest)
     if cpu_layers is not None:
-        layers = [i for i in range(args.n_layers) if not set(_layer_groups([i])) <= on_gpu][:cpu_layers]
-        chosen = set(_layer_groups(layers)) - on_gpu
+        layers = [i for i in range(args.n_layers) if not set(layer_groups(args, [i])) <= on_gpu][:cpu_layers]
+        chosen = set(layer_groups(args, layers)) - on_gpu
     else:
         chosen = _fill_dram(candidates, sizes, budgets.dram_bytes - sizes[HOST_GROUP], rest, cuda, w_req)
     return tuple(g for g in seq if g in chosen or g in tied)

@@ -72,7 +72,7 @@ class RankJob:
     max_len: int
     stop_ids: frozenset[int]
     pool: PoolHandle | None = None  # the private pool (None: --mode full, or --attach)
-    plan_fields: dict | None = None  # the Plan's fields (its group_bytes a dict: a mappingproxy does not pickle)
+    plan_fields: dict | None = None  # the Plan's fields (its mappings dicts: a mappingproxy does not pickle)
     kv_offload: bool = False
     timeout_s: float = 300.0  # every collective's limit (a live rank that stops answering)
     logits: bool = False  # also the first prompt's prefill logits (rank 0's, as numpy: tests)
@@ -161,7 +161,7 @@ def _rank_pool(image: Image, cfg: EngineConfig, plan: Plan, n: int) -> PrivatePo
 def _fields(plan: Plan | None) -> dict | None:
     if plan is None:
         return None
-    return {f.name: dict(getattr(plan, f.name)) if f.name == "group_bytes" else getattr(plan, f.name)
+    return {f.name: dict(getattr(plan, f.name)) if f.name in ("group_bytes", "labels") else getattr(plan, f.name)
             for f in dataclasses.fields(plan)}
 
 

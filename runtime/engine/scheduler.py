@@ -13,7 +13,7 @@ slots, and every step runs ONE forward over rows [0, hi) (hi: one past the highe
 
 The pass is (hi, S) tokens, S the longest feed, each row's feed right-aligned (so the last column is every
 row's latest token and ``last_only`` logits serve all rows); its positions, slots and per-row causal mask go to
-the cache as ``model.llama.RowQueries`` (KVCache.mask_for builds the mask, as for token trees). Padding columns
+the cache as ``model.transformer.RowQueries`` (KVCache.mask_for builds the mask, as for token trees). Padding columns
 write to the scratch slot max_len, which no real query sees. A row whose prompt is complete samples a token
 from its own seeded generator (as ``Generator.generate``: each request's greedy tokens are its solo run's, up
 to float rounding of batched kernels, and a sampled one's draws follow its own seed). A request leaves when it
@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model.errors import ConfigError
-from model.llama import RowQueries
+from model.transformer import RowQueries
 from runtime.engine.batching import chunk_per_sequence
 from runtime.engine.config import SamplingConfig
 from runtime.engine.generate import GenerationResult, Generator, sample

@@ -4,7 +4,7 @@ verifies every node of it (issue 19; SpecInfer's token-tree verification, SpecEx
 A streamed decode step costs one pass over the weights whether it computes one token or hundreds, so each
 pass here verifies ``n`` tokens: the draft (a small resident model, ``ModelDraft``, or the text so far,
 ``NgramDraft``) builds a tree rooted at the last token, the target runs all its nodes in one pass with a
-tree attention mask over its KV cache (``model.llama.TreeQueries``), and the walk from the root keeps
+tree attention mask over its KV cache (``model.transformer.TreeQueries``), and the walk from the root keeps
 going while the token the target picks at a node is one of that node's children.
 
 Exactness. At every node of the walk the target's token is drawn exactly as plain decoding draws it: the
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model.errors import ConfigError
-from model.llama import TreeQueries
+from model.transformer import TreeQueries
 from runtime.engine.config import EngineConfig, SamplingConfig
 from runtime.engine.drafts import open_draft_image
 from runtime.engine.generate import GenerationResult, Generator, generator_for, sample

@@ -24,9 +24,10 @@ import time
 
 import torch
 
+from model.arch import EMBED
 from model.errors import UserError
-from model.llama import Weights, embed_forward
 from model.quant import dequantized
+from model.transformer import Weights, embed_forward
 from runtime.format.image import TORCH_DTYPES, Image, tensor_views
 from runtime.ipc.shm import SLOT_READY, PoolResources
 from runtime.pool.client import PoolClient
@@ -238,9 +239,9 @@ class StreamedWeights:
     # ---- the weight-source interface ------------------------------------------------------------
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         lookup = self.shard.embed if self.shard else embed_forward  # a rank looks up its rows (the others zero)
-        if "tok_embeddings" in self.resident:
-            return lookup(tokens, self.resident["tok_embeddings"], self.dtype)
-        host = lookup(tokens.cpu(), self.dram_views("tok_embeddings"), self.dtype)  # host lookup, rows only
+        if EMBED in self.resident:
+            return lookup(tokens, self.resident[EMBED], self.dtype)
+        host = lookup(tokens.cpu(), self.dram_views(EMBED), self.dtype)  # host lookup, rows only
         return host.to(self.device, non_blocking=True)
 
     def get(self, group: str) -> Weights:

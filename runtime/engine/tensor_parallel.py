@@ -6,7 +6,7 @@
   - a plain image: the whole group's extent, sliced on the host (views: row shards are contiguous, column
     shards strided), so on CUDA every rank copies whole groups: N times the bytes of a packed image (the
     plan says so). On the CPU nothing is copied either way.
-``Collectives`` is the model's ``Parallel`` seam (model/llama.py ``forward_groups``) over torch.distributed:
+``Collectives`` is the model's ``Parallel`` seam (model/transformer.py ``forward_groups``) over torch.distributed:
 the input tokens broadcast from rank 0 (rank 0 samples; every rank samples the same all-gathered logits with
 the same seeded generator, so each rank's control flow stays that of rank 0), an all-reduce after the
 embedding, attention and the FFN, and an all-gather of the logits' vocabulary rows.
@@ -23,9 +23,10 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+from model.arch import EMBED
 from model.errors import ConfigError
-from model.llama import Weights
 from model.shards import COLS, ROWS, rank_args, shard_range, vocab_rows
+from model.transformer import Weights, embed_forward
 from runtime.format.image import TORCH_DTYPES, Image, tensor_views
 
 
@@ -70,11 +71,8 @@ class RankShard:
 
     def embed(self, tokens: torch.Tensor, w: Weights, dtype: torch.dtype | None = None) -> torch.Tensor:
         """tokens (B, S) -> (B, S, dim): the rows of this rank's vocabulary, zero for the others' tokens (the
-        forward all-reduces them: model.llama.forward_groups)."""
-        lo, hi = self.vocab
-        mine = (tokens >= lo) & (tokens < hi)
-        h = F.embedding((tokens - lo).masked_fill(~mine, 0), w["tok_embeddings.weight"])
-        return h.masked_fill(~mine.unsqueeze(-1), 0)
+        forward all-reduces them: model.transformer.forward_groups)."""
+        return embed_forward(tokens, w, dtype, rows=self.vocab)
 
     def bytes_moved(self) -> int:
         """Bytes of one pass's groups this rank uses (its extents, all groups)."""
@@ -109,7 +107,7 @@ class RankWeights:
         return 0
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.shard.embed(tokens, self.groups["tok_embeddings"], self.dtype)
+        return self.shard.embed(tokens, self.groups[EMBED], self.dtype)
 
     def get(self, group: str) -> Weights:
         return self.groups[group]
@@ -119,7 +117,7 @@ class RankWeights:
 
 
 class Collectives:
-    """model.llama.Parallel over the default torch.distributed process group (gloo on the CPU, NCCL on CUDA)."""
+    """model.transformer.Parallel over the default torch.distributed process group (gloo on the CPU, NCCL on CUDA)."""
 
     def __init__(self, rank: int, n: int, vocab: int) -> None:
         self.rank, self.n, self.vocab = rank, n, vocab

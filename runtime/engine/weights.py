@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from model.arch import EMBED
 from model.args import ModelArgs
-from model.llama import Weights, embed_forward
 from model.quant import dequantized
+from model.transformer import Weights, embed_forward
 from runtime.format.image import TORCH_DTYPES, Image, tensor_views
 from runtime.progress import Progress
 
@@ -41,7 +42,7 @@ class WeightSource(Protocol):
     def embed(self, tokens: torch.Tensor) -> torch.Tensor: ...
 
     def get(self, group: str) -> Weights:
-        """Group ``group``'s weights, valid until the next ``get`` (model.llama.forward_groups)."""
+        """Group ``group``'s weights, valid until the next ``get`` (model.transformer.forward_groups)."""
 
     def close(self) -> None: ...
 
@@ -72,7 +73,7 @@ class InMemoryWeights:
         return 0
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        return embed_forward(tokens, self.groups["tok_embeddings"], self.dtype)
+        return embed_forward(tokens, self.groups[EMBED], self.dtype)
 
     def get(self, group: str) -> Weights:
         return self.groups[group]

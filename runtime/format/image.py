@@ -11,15 +11,17 @@ Layout of an image (a regular file or a raw block device):
                       img_size u64  bytes from offset 0 to the end of the last extent
                       uuid     16s  random; the manifest carries the same value
                       hdr_crc  u32  zlib.crc32 of the bytes above
-    offset 4096     group extents in forward order (tok_embeddings, layers.0.attention,
-                    layers.0.feed_forward, ..., head); each one contiguous, 4 KiB-aligned, zero-padded to a
+    offset 4096     group extents in forward order (model/groups.py: the embedding, each layer's groups,
+                    the head); each one contiguous, 4 KiB-aligned, zero-padded to a
                     multiple of 4 KiB. Tensors inside a group start on TENSOR_ALIGN (256 B) boundaries so
                     that views into a staging buffer are aligned for any kernel.
 
 The manifest (JSON, ``IMAGE.manifest.json`` beside a file image; given explicitly for a block device)
 holds the model arguments, dtype, the uuid and image size, and for every group its offset, size (the
 padded extent), crc32 of the whole extent, and each tensor's local name, dtype, shape, offset and nbytes.
-Format version 3 (``pack --tensor-parallel N``, manifest key ``tensor_parallel``) stores each group as N
+Since format version 4 the model arguments name the architecture (``args.arch``, model/arch/: its schema gives
+the groups and their tensors); images of versions 1-3 are Llama's. ``pack --tensor-parallel N`` (format 3,
+and 4 with the manifest key ``tensor_parallel``) stores each group as N
 contiguous shards, one per tensor-parallel rank (model/shards.py: which rows or columns each holds), every
 shard starting on a 4 KiB boundary: a rank's bytes of a group are one contiguous read and one copy. Each
 tensor entry then names its ``shard``; the group stays one crc32 extent (pools, reads and ``verify`` see no
@@ -48,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 from model.args import ModelArgs
 from model.errors import ConfigError, ImageFormatError, ReadError
-from model.groups import global_names, group_names, group_prefix, group_tensor_shapes
+from model.groups import global_names, group_kind, group_layer, group_names, group_prefix, group_tensor_shapes
 from model.qformats import OURS, SCHEMES, block_size, is_quantized, storage_bytes
 from model.shards import check_tensor_parallel, shard_shape
 from runtime.format.blockdev import check_readable, is_block_device, target_size
@@ -59,9 +61,11 @@ if TYPE_CHECKING:
     from model.quant import QuantWeight
 
 MAGIC = b"LLMSTRM\0"
-FORMAT_VERSION = 2  # 2: a tensor's dtype may name a quantized format (model/qformats.py)
-TP_FORMAT_VERSION = 3  # 3: groups stored as tensor-parallel shards (written only by pack --tensor-parallel N > 1)
-READABLE_VERSIONS = (1, 2, 3)
+# 2: a tensor's dtype may name a quantized format (model/qformats.py); 3: groups stored as tensor-parallel shards
+# (manifest key tensor_parallel); 4: the model arguments name the architecture (args.arch), shards or not
+FORMAT_VERSION = 4
+ARCH_VERSION = 4  # the first version whose manifests must name the architecture
+READABLE_VERSIONS = (1, 2, 3, 4)
 HEADER_SIZE = 4096
 ALIGN = 4096
 TENSOR_ALIGN = 256
@@ -111,11 +115,11 @@ class GroupSpec:
 
     @property
     def kind(self) -> str:
-        return self.name.rsplit(".", 1)[-1] if self.name.startswith("layers.") else self.name
+        return group_kind(self.name)
 
     @property
     def layer(self) -> int | None:
-        return int(self.name.split(".")[1]) if self.name.startswith("layers.") else None
+        return group_layer(self.name)
 
     @property
     def n_shards(self) -> int:
@@ -450,4 +454,7 @@ def _load_manifest(path: Path) -> dict[str, Any]:
                                        f"{sorted(DTYPE_BYTES) + list(SCHEMES)}")
     if m["dtype"] not in DTYPE_BYTES:
         raise ImageFormatError(f"{path}: dtype {m['dtype']!r}, expected one of {sorted(DTYPE_BYTES)}")
+    if m["version"] >= ARCH_VERSION and not (isinstance(m["args"], dict) and "arch" in m["args"]):
+        raise ImageFormatError(f"{path}: a version {m['version']} manifest must name its architecture (args.arch); "
+                               f"pack the image again")
     return m

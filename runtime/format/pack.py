@@ -30,9 +30,10 @@ from pathlib import Path
 
 import torch
 
+from model.arch.schema import MATRIX, OUTPUT
 from model.checkpoint import Checkpoint
 from model.errors import ConfigError, UserError
-from model.groups import global_names, group_prefix
+from model.groups import global_names, group_prefix, role
 from model.qformats import OURS, check_quantizable
 from model.quant import quantize
 from model.shards import COLS, ROWS, shard_range
@@ -42,7 +43,6 @@ from runtime.format.blockdev import check_pack_target, is_block_device
 from runtime.format.image import (
     FORMAT_VERSION,
     TORCH_DTYPES,
-    TP_FORMAT_VERSION,
     GroupSpec,
     Image,
     WeightFormat,
@@ -55,16 +55,13 @@ from runtime.format.staged import Staging, link_tmpfile, open_tmpfile
 from runtime.format.tokens import tokenizer_dir_for
 from runtime.progress import Progress
 
-LAYER_MATRICES = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "attention.wo.weight",
-                  "feed_forward.w1.weight", "feed_forward.w2.weight", "feed_forward.w3.weight")
-
 
 def weight_formats(ck: Checkpoint, wf: WeightFormat) -> tuple[dict[str, tuple[str, int | None]], list[str]]:
     """Each quantized tensor's (format, group) by state-dict key, every matrix checked before anything is
     written; and what the pack does, line by line (kept blocks, quantized, dequantized types)."""
     formats: dict[str, tuple[str, int | None]] = {}
     kept, ours, unkept = Counter(), 0, Counter()
-    for _, local, key in global_names(ck.args):
+    for _, _, key in global_names(ck.args):
         if wf.keep_blocks:
             fmt = ck.stored_format(key)
             if fmt is not None:
@@ -73,7 +70,8 @@ def weight_formats(ck: Checkpoint, wf: WeightFormat) -> tuple[dict[str, tuple[st
                 continue
             if ck.stored_type(key) not in PLAIN_TYPES:
                 unkept[ck.stored_type(key)] += 1
-        if wf.quantize and (local in LAYER_MATRICES or (wf.quantize_output and key == "output.weight")):
+        kind = role(ck.args, key)
+        if wf.quantize and (kind == MATRIX or (wf.quantize_output and kind == OUTPUT)):
             group = wf.group_size if wf.quantize in OURS else None
             check_quantizable(wf.quantize, key, ck.shapes[key], group)
             formats[key] = (wf.quantize, group)
@@ -193,8 +191,7 @@ def _write_image(st: Staging, ck: Checkpoint, out: Path, layout: list[GroupSpec]
             if kill_at == f"group-{i}":
                 os.kill(os.getpid(), 9)
         image_uuid = uuidlib.uuid4().bytes
-        version = TP_FORMAT_VERSION if tp > 1 else FORMAT_VERSION
-        os.pwrite(fd, pack_header(len(groups), image_size, image_uuid, version), 0)
+        os.pwrite(fd, pack_header(len(groups), image_size, image_uuid, FORMAT_VERSION), 0)
         os.fsync(fd)
         if not block and unnamed:
             link_tmpfile(fd, named)
@@ -257,8 +254,7 @@ PLAIN_TYPES = ("plain", "F32", "F16", "BF16")  # stored types that are not quant
 
 def _write_manifest(path: Path, ck: Checkpoint, dtype: str, groups: list[GroupSpec], image_uuid: str,
                     image_size: int, tok_name: str | None, tp: int = 1) -> None:
-    version = TP_FORMAT_VERSION if tp > 1 else FORMAT_VERSION
-    m = {"format": "llmstream-image", "version": version, "uuid": image_uuid, "image_size": image_size,
+    m = {"format": "llmstream-image", "version": FORMAT_VERSION, "uuid": image_uuid, "image_size": image_size,
          "dtype": dtype, "checksum": "crc32", "args": ck.args.to_dict(),
          "source": {"format": ck.format, "path": str(ck.path), "packed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
          "tokenizer": tok_name, **({"tensor_parallel": tp} if tp > 1 else {}), "groups": [g.to_dict() for g in groups]}

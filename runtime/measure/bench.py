@@ -57,6 +57,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
+from model.args import ModelArgs
 from model.errors import ConfigError, UserError
 from runtime.engine.batching import kv_cache_bytes
 from runtime.engine.config import EngineConfig, FlagConfig, SamplingConfig
@@ -163,13 +164,13 @@ def check_checkpoint(path: str, image: Image):
     return ck
 
 
-def fit_prompts(prompts: list[list[int]], cfg: BenchConfig, model_ctx: int) -> tuple[list[list[int]], int, list]:
-    """Keep the last max_seq_len - max_new_tokens tokens of each prompt (the original bench's rule).
+def fit_prompts(prompts: list[list[int]], cfg: BenchConfig, args: ModelArgs) -> tuple[list[list[int]], int, list]:
+    """Keep the last max_seq_len - max_new_tokens tokens of each prompt (the original bench's rule; without
+    --max-seq-len the model's context, ``ModelArgs.context``).
 
     Returns (prompts, KV length to allocate, truncations as dicts)."""
-    limit = cfg.max_seq_len or model_ctx
-    if limit > model_ctx:
-        raise ConfigError(f"--max-seq-len {limit} exceeds the model's context {model_ctx}")
+    limit = cfg.max_seq_len or args.context
+    args.check_context(limit)
     keep = limit - cfg.max_new_tokens
     if keep < 1:
         raise ConfigError(f"--max-seq-len {limit} leaves no room for a prompt after --max-new-tokens "

@@ -37,7 +37,7 @@ What it measures, in order (each one section of the printout and of the JSON):
           every group in DRAM, every group streamed, and the plan.
 5. recommendation: the prefetch distances, per phase, then one setting for both:
 
-          c      = compute time per group ahead = (attention + FFN compute of one layer) / 2
+          c      = compute time per group ahead = the mean over one layer's groups (attention, FFN)
           t_read = latency of one group read = largest layer group / one reader's bandwidth (each I/O worker
                    reads its own group, so one read runs at a reader's share of the disk, measured with the
                    fewest readers)
@@ -81,15 +81,23 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from model.arch import HEAD, architecture
 from model.args import PRESETS, ModelArgs, human_bytes, preset
 from model.errors import ConfigError, UserError
-from model.groups import group_prefix, group_tensor_shapes
+from model.groups import (
+    group_kind,
+    group_layer,
+    group_prefix,
+    group_tensor_shapes,
+    kinds_of_pass,
+    layer_group,
+    output_tensor,
+)
 from runtime.engine.batching import activation_bytes, default_dram_bytes, kv_cache_bytes
 from runtime.engine.config import FlagConfig
 from runtime.engine.placement import (
     HOST_GROUP,
     Budgets,
-    group_kind,
     layout_group_bytes,
     pass_sequence,
     plan_placement,
@@ -470,12 +478,12 @@ def random_weights(args: ModelArgs, group: str, dtype: torch.dtype, device: torc
     formats = formats or {}
 
     shapes = group_tensor_shapes(args, group)
-    if group == "head" and "output.weight" not in shapes:  # tied: the embedding is the output matrix
-        shapes = {**shapes, "output.weight": (args.vocab_size, args.dim)}
+    out_name, out_key = output_tensor(args)
+    if group == HEAD:  # tied or not, the head computes with an output matrix (a tied model's is the embedding)
+        shapes = group_tensor_shapes(dataclasses.replace(args, tie_embeddings=False), HEAD)
     out = {}
     for name, shape in shapes.items():
-        key = "tok_embeddings.weight" if group == "head" and name == "output.weight" and args.tie_embeddings \
-            else group_prefix(group) + name
+        key = out_key if group == HEAD and name == out_name else group_prefix(group) + name
         if key in formats:
             out[name] = random_quantized(*formats[key][:1], tuple(shape), formats[key][1], gen, device)
             continue
@@ -527,45 +535,35 @@ def _time_dequant(w: dict, dtype, device) -> dict[str, Any] | None:
     return time_op(lambda: [q.dense(dtype) for q in qs], device) if qs else None
 
 
-def _time_attention(args: ModelArgs, dtype, device, gen, prefill: int, context: int,
-                    formats) -> dict[str, Any]:
-    from model.llama import Rope, attention_forward  # torch: the reader processes import this module
+def _time_group(args: ModelArgs, kind: str, dtype, device, gen, prefill: int, context: int,
+                formats) -> dict[str, Any]:
+    """One group of ``kind`` (layer 0's, or the head) on random weights: a prefill of ``prefill`` tokens, then a
+    decode token after ``context`` cached ones (random keys and values); the head on the last position only, the
+    same in both phases (logits of one position)."""
+    from model.transformer import Pass, Rope, head_forward  # torch: the reader processes import this module
     from runtime.engine.kv import KVCache
 
+    w = random_weights(args, HEAD if kind == HEAD else layer_group(0, kind), dtype, device, gen, formats)
+    dequant = _time_dequant(w, dtype, device)
+    if kind == HEAD:
+        h = _inputs(args, 1, dtype, device, gen)
+        t = time_op(lambda: head_forward(h, w, args), device)
+        return {"prefill": t, "decode": t, "dequant": dequant}
+    fwd = architecture(args).forwards()[kind]
     max_len = max(prefill, context + 1)
     rope = Rope(args, max_len, device)
     cache = KVCache(dataclasses.replace(args, n_layers=1), 1, max_len, dtype, device)  # one layer's cache
-    w = random_weights(args, "layers.0.attention", dtype, device, gen, formats)
     h_pre, h_dec = _inputs(args, prefill, dtype, device, gen), _inputs(args, 1, dtype, device, gen)
-    pre = time_op(lambda: attention_forward(h_pre, w, args, 0, rope, cache, 0), device)
+    pre = time_op(lambda: fwd(h_pre, w, Pass(args, rope, cache, 0), 0), device)
     for t in (cache.k[0], cache.v[0]):  # the decode's cached tokens: random keys and values
         t[:, :context].normal_(generator=gen)
-    dec = time_op(lambda: attention_forward(h_dec, w, args, 0, rope, cache, context), device)
-    return {"prefill": pre, "decode": dec, "dequant": _time_dequant(w, dtype, device)}
-
-
-def _time_ffn(args: ModelArgs, dtype, device, gen, prefill: int, formats) -> dict[str, Any]:
-    from model.llama import ffn_forward  # torch: the reader processes import this module
-
-    w = random_weights(args, "layers.0.feed_forward", dtype, device, gen, formats)
-    h_pre, h_dec = _inputs(args, prefill, dtype, device, gen), _inputs(args, 1, dtype, device, gen)
-    return {"prefill": time_op(lambda: ffn_forward(h_pre, w, args), device),
-            "decode": time_op(lambda: ffn_forward(h_dec, w, args), device), "dequant": _time_dequant(w, dtype, device)}
-
-
-def _time_head(args: ModelArgs, dtype, device, gen, formats) -> dict[str, Any]:
-    """Final norm and output matrix on the last position: the same in both phases (logits of one position)."""
-    from model.llama import linear, rms_norm  # torch: the reader processes import this module
-
-    w = random_weights(args, "head", dtype, device, gen, formats)
-    h = _inputs(args, 1, dtype, device, gen)
-    t = time_op(lambda: linear(rms_norm(h, w["norm.weight"], args.norm_eps), w["output.weight"]).float(), device)
-    return {"prefill": t, "decode": t, "dequant": _time_dequant(w, dtype, device)}
+    dec = time_op(lambda: fwd(h_dec, w, Pass(args, rope, cache, context), 0), device)
+    return {"prefill": pre, "decode": dec, "dequant": dequant}
 
 
 def measure_compute(spec: ModelSpec, device: torch.device, prefill: int, context: int) -> dict[str, Any]:
-    """Prefill and decode time of one attention group, one FFN group and the head, random weights; each
-    group's weights are freed before the next is built."""
+    """Prefill and decode time of one group of each layer kind and of the head, random weights; each group's
+    weights are freed before the next is built."""
     import torch
 
     from runtime.format.image import TORCH_DTYPES  # torch: the reader processes import this module
@@ -575,22 +573,20 @@ def measure_compute(spec: ModelSpec, device: torch.device, prefill: int, context
         torch.backends.cuda.enable_cudnn_sdp(False)  # as the runtime does (runtime/engine/generate.py)
     gen = torch.Generator(device=device).manual_seed(0)
     with torch.inference_mode():
-        f = spec.formats
-        out = {"attention": _time_attention(args, dtype, device, gen, prefill, context, f),
-               "feed_forward": _time_ffn(args, dtype, device, gen, prefill, f),
-               "head": _time_head(args, dtype, device, gen, f)}
+        out = {kind: _time_group(args, kind, dtype, device, gen, prefill, context, spec.formats)
+               for kind in kinds_of_pass(args)}
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out
 
 
 def measure_tree_passes(spec: ModelSpec, device: torch.device, sizes: Sequence[int], context: int) -> dict:
-    """Compute of one attention group, one FFN group and the head for a pass of n tokens after ``context``
-    cached ones, for each n of ``sizes`` (random weights; each group's built once): what a pass that verifies
-    n tree tokens computes (the tree's mask costs what a causal one does)."""
+    """Compute of one group of each layer kind and of the head for a pass of n tokens after ``context`` cached
+    ones, for each n of ``sizes`` (random weights; each group's built once): what a pass that verifies n tree
+    tokens computes (the tree's mask costs what a causal one does)."""
     import torch
 
-    from model.llama import Rope, attention_forward, ffn_forward, linear, rms_norm
+    from model.transformer import Pass, Rope, head_forward
     from runtime.engine.kv import KVCache
     from runtime.format.image import TORCH_DTYPES
 
@@ -601,13 +597,14 @@ def measure_tree_passes(spec: ModelSpec, device: torch.device, sizes: Sequence[i
     cache = KVCache(dataclasses.replace(args, n_layers=1), 1, max_len, dtype, device)
     for t in (cache.k[0], cache.v[0]):
         t[:, :context].normal_(generator=gen)
-    ops = {"attention": lambda h, w: attention_forward(h, w, args, 0, rope, cache, context),
-           "feed_forward": lambda h, w: ffn_forward(h, w, args),
-           "head": lambda h, w: linear(rms_norm(h, w["norm.weight"], args.norm_eps), w["output.weight"]).float()}
+    p = Pass(args, rope, cache, context)
+    fwd = architecture(args).forwards()
+    ops = {kind: (lambda h, w, k=kind: fwd[k](h, w, p, 0)) for kind in kinds_of_pass(args) if kind != HEAD}
+    ops[HEAD] = lambda h, w: head_forward(h, w, args)
     out: dict[str, dict[int, float]] = {}
     with torch.inference_mode():
         for kind, op in ops.items():
-            w = random_weights(args, "layers.0." + kind if kind != "head" else kind, dtype, device, gen, f)
+            w = random_weights(args, HEAD if kind == HEAD else layer_group(0, kind), dtype, device, gen, f)
             out[kind] = {n: time_op(partial(op, _inputs(args, n, dtype, device, gen), w), device)["ms"] for n in sizes}
             del w
     if device.type == "cuda":
@@ -663,13 +660,12 @@ def tree_costs(spec: ModelSpec, cfg: ProbeConfig, device: torch.device, r: Rates
     _log(f"probe: a pass of {', '.join(map(str, sizes))} tokens after {cfg.decode_context}, and the draft {cfg.draft}")
     comp = measure_tree_passes(spec, device, sizes, cfg.decode_context)
     cuda = device.type == "cuda"
-    held = {k: 0.0 if cuda else (r.dequant_ms.get(k) or 0.0) for k in KINDS}  # a CPU dequantizes held groups once
+    held = {k: 0.0 if cuda else (r.dequant_ms.get(k) or 0.0) for k in comp}  # a CPU dequantizes held groups once
     h2d = plan.h2d_bytes_per_pass if plan is not None else 0
     disk = plan.disk_bytes_per_pass if plan is not None else 0
     rows = {}
     for n in sizes:
-        c = spec.args.n_layers * (comp["attention"][n] - held["attention"] + comp["feed_forward"][n]
-                                  - held["feed_forward"]) + comp["head"][n] - held["head"]
+        c = pass_compute(spec.args, {k: comp[k][n] - held[k] for k in comp})
         rows[n] = bound(h2d, disk, max(c, 0.0), r, n, cuda)
     target = Image.open(cfg.image, cfg.manifest)
     draft_ms = measure_draft(cfg.draft, target, device, sizes, cfg.decode_context)
@@ -698,7 +694,14 @@ def tree_lines(t: dict[str, Any]) -> list[str]:
 
 # ---- analysis ----------------------------------------------------------------------------------------------
 
-KINDS = ("attention", "feed_forward", "head")
+def pass_compute(args: ModelArgs, per_kind: Mapping[str, float]) -> float:
+    """A pass's compute from one group's of each kind (``kinds_of_pass``): every layer's groups, then the head."""
+    return sum(v * (1 if kind == HEAD else args.n_layers) for kind, v in per_kind.items())
+
+
+def layer_kinds(d: Mapping[str, Any]) -> list[str]:
+    """The layer kinds among a per-kind table's keys (all but the head), in pass order."""
+    return [k for k in d if k != HEAD]
 
 
 @dataclass
@@ -721,19 +724,20 @@ def pass_bytes(spec: ModelSpec) -> dict[str, int]:
     the streamable part (a tied embedding never streams: runtime/engine/placement.py)."""
     g = spec.group_bytes
     seq = pass_sequence(spec.args)
-    rest = sum(g[n] for n in seq if not n.startswith("layers."))
+    rest = sum(g[n] for n in seq if group_layer(n) is None)
     total = sum(g[n] for n in seq)
     tied = g[HOST_GROUP] if HOST_GROUP in seq else 0
-    return {"attention": g["layers.0.attention"], "feed_forward": g["layers.0.feed_forward"], "head": rest,
+    layer0 = {k: g[layer_group(0, k)] for k in kinds_of_pass(spec.args) if k != HEAD}
+    return {**layer0, HEAD: rest,
             "head_streamable": rest - tied, "pass": total, "streamable": total - tied,
             "streamable_groups": len([n for n in seq if n != HOST_GROUP]), "groups": len(seq)}
 
 
 def group_rows(b: dict[str, int], r: Rates, phase: str) -> dict[str, dict[str, Any]]:
     rows = {}
-    for kind in KINDS:
+    for kind in r.compute_ms[phase]:
         c, h2d = r.compute_ms[phase][kind], r.ms(b[kind], r.h2d_gbps)
-        disk = r.ms(b["head_streamable" if kind == "head" else kind], r.disk_gbps)  # a tied embedding never streams
+        disk = r.ms(b["head_streamable" if kind == HEAD else kind], r.disk_gbps)  # a tied embedding never streams
         dq = r.dequant_ms.get(kind)
         rows[kind] = {"bytes": b[kind], "h2d_ms": h2d, "disk_ms": disk, "compute_ms": c, "dequant_ms": dq,
                       "dequant_vs_copy": None if dq is None or not h2d else dq / h2d,
@@ -744,8 +748,8 @@ def group_rows(b: dict[str, int], r: Rates, phase: str) -> dict[str, dict[str, A
 
 
 def layer_row(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """One layer (attention + FFN): serial (compute, then copy, then read: no overlap) against pipelined."""
-    lay = [rows["attention"], rows["feed_forward"]]
+    """One layer (its groups of each kind): serial (compute, then copy, then read: no overlap) against pipelined."""
+    lay = [rows[k] for k in layer_kinds(rows)]
     terms = {"compute": sum(x["compute_ms"] for x in lay), "disk": sum(x["disk_ms"] for x in lay)}
     if lay[0]["h2d_ms"] is not None:
         terms["h2d"] = sum(x["h2d_ms"] for x in lay)
@@ -774,18 +778,17 @@ def bound(h2d_bytes: int | None, disk_bytes: int, compute_ms: float, r: Rates, t
 
 def tier_choices(spec: ModelSpec, b: dict[str, int], r: Rates, phase: str, tokens: int, cuda: bool,
                  plan) -> dict[str, Any]:
-    c = r.compute_ms[phase]
-    compute = spec.args.n_layers * (c["attention"] + c["feed_forward"]) + c["head"]
+    compute = pass_compute(spec.args, r.compute_ms[phase])
     # a CPU dequantizes the groups it holds once (runtime/engine/streamed.py): only streamed ones per use
-    dq = {k: r.dequant_ms.get(k) or 0.0 for k in KINDS}
-    held = compute if cuda else compute - spec.args.n_layers * (dq["attention"] + dq["feed_forward"]) - dq["head"]
+    dq = {k: r.dequant_ms.get(k) or 0.0 for k in r.compute_ms[phase]}
+    held = compute if cuda else compute - pass_compute(spec.args, dq)
     out = {"all_resident": bound(0, 0, held, r, tokens, cuda),
            "all_dram": bound(b["pass"], 0, held, r, tokens, cuda),
            "all_streamed": bound(b["pass"], b["streamable"], compute, r, tokens, cuda)}
     if plan is not None:
         if not plan.is_cuda:  # the groups it does not stream are dequantized once, the streamed ones per use
-            kind = {"attn": "attention", "ffn": "feed_forward", "other": "head"}  # (the embedding never streams)
-            compute = held + sum(dq[kind[group_kind(g)]] for g in plan.stream)
+            kind = {g: group_kind(g) if group_layer(g) is not None else HEAD for g in plan.stream}  # (the embedding
+            compute = held + sum(dq[kind[g]] for g in plan.stream)  # never streams)
         out["plan"] = bound(plan.h2d_bytes_per_pass, plan.disk_bytes_per_pass, compute, r, tokens, plan.is_cuda)
     return out
 
@@ -803,11 +806,12 @@ def analyse(spec: ModelSpec, r: Rates, tokens: dict[str, int], cuda: bool, plan=
 def recommend(spec: ModelSpec, r: Rates, analysis: dict[str, Any], cuda: bool) -> dict[str, Any]:
     """W and K per phase and for both (the module docstring gives the formulas)."""
     b = pass_bytes(spec)
-    largest = max(b["attention"], b["feed_forward"])
+    layer = layer_kinds(r.compute_ms["decode"])
+    largest = max(b[k] for k in layer)
     streamed = b["streamable_groups"]
     out: dict[str, Any] = {}
     for phase in ("prefill", "decode"):
-        c = (r.compute_ms[phase]["attention"] + r.compute_ms[phase]["feed_forward"]) / 2
+        c = sum(r.compute_ms[phase][k] for k in layer) / len(layer)
         t_read = r.ms(largest, r.reader_gbps)
         w_raw = math.ceil(t_read / c)
         w = min(max(w_raw, 2), max(streamed, 2))
@@ -834,7 +838,7 @@ def recommend(spec: ModelSpec, r: Rates, analysis: dict[str, Any], cuda: bool) -
     return out
 
 
-FORMULA = ("c = (attention + FFN compute of one layer) / 2; t_read = largest layer group / one reader's disk "
+FORMULA = ("c = a layer group's compute, the mean over its kinds; t_read = largest layer group / one reader's disk "
            "bandwidth; t_copy = largest layer group / H2D bandwidth; W = clamp(ceil(t_read / c), 2, streamed "
            "groups): reads start W groups ahead of use; K = clamp(ceil(t_copy / c), 1, 8): copies start K groups "
            "ahead of compute. Disk-bound phase: W = readers of the best disk cell + 1 (keeps every reader busy); "
@@ -878,11 +882,13 @@ def _ms(v: float | None) -> str:
 
 def model_lines(spec: ModelSpec, b: dict[str, int]) -> list[str]:
     a = spec.args
+    kinds = [k for k in kinds_of_pass(a) if k != HEAD]
     return [f"=== probe: {spec.source} ===",
-            f"model: {a.n_layers} layers, dim {a.dim}, FFN hidden {a.ffn_hidden}, heads {a.n_heads}/{a.n_kv_heads} "
-            f"(q/kv), vocab {a.vocab_size}, {spec.dtype}" + (f"; stored as {spec.stored_as}" if spec.formats else ""),
-            f"bytes: layer {_gb(b['attention'] + b['feed_forward'])} (attention {_gb(b['attention'])} + FFN "
-            f"{_gb(b['feed_forward'])}), head {_gb(b['head'])}, pass {_gb(b['pass'])} in {b['groups']} groups"]
+            f"model: {a.arch}, {a.n_layers} layers, dim {a.dim}, FFN hidden {a.ffn_hidden}, heads {a.n_heads}/"
+            f"{a.n_kv_heads} (q/kv) of {a.head_dim}, vocab {a.vocab_size}, {spec.dtype}" +
+            (f"; stored as {spec.stored_as}" if spec.formats else ""),
+            f"bytes: layer {_gb(sum(b[k] for k in kinds))} (" + " + ".join(f"{k} {_gb(b[k])}" for k in kinds) +
+            f"), head {_gb(b[HEAD])}, pass {_gb(b['pass'])} in {b['groups']} groups"]
 
 
 def link_lines(links: dict[str, Any]) -> list[str]:
@@ -938,8 +944,8 @@ def compute_lines(comp: dict[str, Any], meta: dict[str, Any]) -> list[str]:
         lines.append(f"  note: {meta['prefill_note']}")
     lines.append(f"  {'group':<14} {'prefill ' + str(meta['prefill_tokens']) + ' tok':>18} "
                  f"{'decode 1 tok (' + str(meta['decode_context']) + ' cached)':>26}")
-    for kind in KINDS:
-        label = kind + (" (last pos)" if kind == "head" else "")
+    for kind in comp:
+        label = kind + (" (last pos)" if kind == HEAD else "")
         dq = comp[kind].get("dequant")
         lines.append(f"  {label:<14} {_ms(comp[kind]['prefill']['ms']):>18} {_ms(comp[kind]['decode']['ms']):>26}"
                      + (f"   of which dequantizing {_ms(dq['ms'])}" if dq else ""))
@@ -978,7 +984,7 @@ def analysis_lines(an: dict[str, Any], links: dict[str, Any], disk: dict[str, An
 
 def recommend_lines(rec: dict[str, Any], disk: dict[str, Any]) -> list[str]:
     lines = ["recommended prefetch distances:",
-             "  c = compute per group = (attention + FFN of one layer) / 2; t_read = largest group / one reader's "
+             "  c = compute per group = the mean over one layer's groups; t_read = largest group / one reader's "
              "disk share; t_copy = largest group / H2D",
              f"  W = clamp(ceil(t_read / c), 2, {rec['streamable_groups']} streamed groups): window slots, a read "
              "starts W groups ahead of its use",

@@ -1,42 +1,40 @@
-"""The Llama architecture with Meta's module and state-dict names, split into weight groups.
+"""The group forwards every architecture of the registry (model/arch/) computes with, and one forward pass.
 
-A model is a sequence of *groups*, the unit the runtime stores, streams and binds:
+A model is a sequence of *groups* (model/groups.py, model/arch/schema.py): the embedding, per layer one group
+of each of its architecture's layer kinds, and the head. Each layer kind's forward is a plain function
+``fwd(h, w, p, layer) -> h`` that takes its weights as a mapping of *local* names (the state-dict key with the
+group's layer prefix removed, e.g. ``attention.wq.weight``) to tensors and the pass's ``Pass`` (arguments,
+rotary tables, KV cache, start position, tensor-parallel reduce). The runtime passes views into a staging
+buffer or a shared-memory slot; nothing here allocates weights. The dense decoder's two (Llama, Qwen2,
+Qwen3, Mistral: ``attention_forward`` with optional q/k/v biases and per-head q/k norms, ``ffn_forward``) are
+here; an architecture's module names the ones it uses.
 
-    tok_embeddings                     tok_embeddings.weight
-    layers.{i}.attention               layers.{i}.attention.{wq,wk,wv,wo}.weight, layers.{i}.attention_norm.weight
-    layers.{i}.feed_forward            layers.{i}.feed_forward.{w1,w2,w3}.weight, layers.{i}.ffn_norm.weight
-    head                               norm.weight, output.weight (output absent when tied to the embedding)
-
-Each group's forward is a plain function that takes its weights as a mapping of *local* names (the
-state-dict key with the group's layer prefix removed, e.g. ``attention.wq.weight``) to tensors. The
-runtime passes views into a staging buffer or a shared-memory slot; nothing here allocates weights.
-
-Rotary embeddings follow Meta's layout: q/k features are interleaved (re, im) pairs. Loaders of Hugging
-Face checkpoints undo HF's row permutation so that every image holds Meta's layout.
+Rotary embeddings follow Meta's layout: q/k features are interleaved (re, im) pairs. Loaders of checkpoints
+in rotate-half order (Hugging Face's, Qwen's GGUFs) un-permute those rows so that every image holds Meta's
+layout.
 
 Attention meets the KV cache through one seam, ``cache.attend(layer, q, k, v, start)`` (as gpt-fast's
 ``kv_cache.update``): the cache stores the new keys and values and chooses how to attend (the runtime's cache,
 runtime/engine/kv.py, keeps them on the GPU or in DRAM and attends there or on the CPU). Nothing here knows
 where the cache lives.
-
-``Transformer`` (an nn.Module with Meta's names) exists so that a Meta state dict loads with strict=True;
-its forward goes through the same group functions.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from model.arch import EMBED, HEAD, architecture
 from model.args import ModelArgs, RopeScaling
-from model.groups import group_names, group_prefix, group_tensor_shapes
+from model.errors import ConfigError
+from model.groups import group_names, group_prefix, group_tensor_shapes, layer_group
 from model.quant import QuantWeight
 
 Weights = Mapping[str, "torch.Tensor | QuantWeight"]
@@ -158,102 +156,95 @@ class Rope:
 
 # ---- group forwards ----------------------------------------------------------------------------------
 
-def linear(x: torch.Tensor, w: torch.Tensor | QuantWeight) -> torch.Tensor:
-    """x @ w.T, for a plain weight or a quantized one (model/quant.py: dequantized where it is, per use)."""
-    return F.linear(x, w) if isinstance(w, torch.Tensor) else w.linear(x)
+@dataclasses.dataclass(frozen=True)
+class Pass:
+    """What every group of one forward pass shares: the model's arguments, the rotary tables, the KV cache, the
+    cache position of the pass's first query, and a tensor-parallel rank's all-reduce (None: one process)."""
+
+    args: ModelArgs
+    rope: Rope
+    cache: Cache
+    start: int
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def out(self, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """The residual stream after a group whose output projection gave ``o`` (a rank's partial sum)."""
+        return h + (o if self.reduce is None else self.reduce(o))
 
 
-def embed_forward(tokens: torch.Tensor, w: Weights, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """tokens (B, S) int64 -> h (B, S, dim); a quantized table's rows are dequantized to ``dtype``."""
+def linear(x: torch.Tensor, w: torch.Tensor | QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w.T (+ bias), for a plain weight or a quantized one (model/quant.py: dequantized where it is)."""
+    if isinstance(w, torch.Tensor):
+        return F.linear(x, w, bias)
+    y = w.linear(x)
+    return y if bias is None else y + bias
+
+
+def embed_forward(tokens: torch.Tensor, w: Weights, dtype: torch.dtype | None = None,
+                  rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """tokens (B, S) int64 -> h (B, S, dim); a quantized table's rows are dequantized to ``dtype``. ``rows``: a
+    tensor-parallel rank's vocabulary rows [lo, hi) (model/shards.py), which the table holds: the others'
+    tokens give zeros (the pass all-reduces the ranks' lookups)."""
     table = w["tok_embeddings.weight"]
+    if rows is not None:
+        lo, hi = rows
+        mine = (tokens >= lo) & (tokens < hi)
+        return F.embedding((tokens - lo).masked_fill(~mine, 0), table).masked_fill(~mine.unsqueeze(-1), 0)
     if isinstance(table, torch.Tensor):
         return F.embedding(tokens, table)
     return table.rows(tokens, dtype or torch.float32)
 
 
-def attention_forward(h: torch.Tensor, w: Weights, args: ModelArgs, layer: int, rope: Rope, cache: Cache,
-                      start: int, reduce=None) -> torch.Tensor:
-    """h (B, S, dim) -> h + Attention(RMSNorm(h)), with the queries at cache positions [start, start+S).
-    ``reduce``: a tensor-parallel rank's all-reduce of its partial output projection (``Parallel``)."""
+def attention_forward(h: torch.Tensor, w: Weights, p: Pass, layer: int) -> torch.Tensor:
+    """h (B, S, dim) -> h + Attention(RMSNorm(h)), with the queries at cache positions [p.start, p.start+S).
+    Qwen2's q/k/v biases and Qwen3's per-head q/k RMSNorm where the arguments have them."""
+    args, cache = p.args, p.cache
     b, s, _ = h.shape
     x = rms_norm(h, w["attention_norm.weight"], args.norm_eps)
-    q = linear(x, w["attention.wq.weight"]).view(b, s, args.n_heads, args.head_dim)
-    k = linear(x, w["attention.wk.weight"]).view(b, s, args.n_kv_heads, args.head_dim)
-    v = linear(x, w["attention.wv.weight"]).view(b, s, args.n_kv_heads, args.head_dim)
+    bias = args.qkv_bias
+    q = linear(x, w["attention.wq.weight"], w["attention.wq.bias"] if bias else None)
+    k = linear(x, w["attention.wk.weight"], w["attention.wk.bias"] if bias else None)
+    v = linear(x, w["attention.wv.weight"], w["attention.wv.bias"] if bias else None)
+    q = q.view(b, s, args.n_heads, args.head_dim)
+    k = k.view(b, s, args.n_kv_heads, args.head_dim)
+    v = v.view(b, s, args.n_kv_heads, args.head_dim)
+    if args.qk_norm:  # over each head's features, before the rotation
+        q = rms_norm(q, w["attention.q_norm.weight"], args.norm_eps)
+        k = rms_norm(k, w["attention.k_norm.weight"], args.norm_eps)
     rows = getattr(cache, "rows", None)
     pos = cache.tree.positions if cache.tree is not None else rows.positions if rows is not None else None
-    q, k = rope.apply(q, start, cache.pad, pos), rope.apply(k, start, cache.pad, pos)
-    out = cache.attend(layer, q, k, v, start)  # (B, S, n_heads * hd): the cache writes k, v and picks the kernel
-    o = linear(out, w["attention.wo.weight"])
-    return h + (o if reduce is None else reduce(o))
+    q, k = p.rope.apply(q, p.start, cache.pad, pos), p.rope.apply(k, p.start, cache.pad, pos)
+    out = cache.attend(layer, q, k, v, p.start)  # (B, S, n_heads * hd): the cache writes k, v and picks the kernel
+    return p.out(h, linear(out, w["attention.wo.weight"]))
 
 
-def ffn_forward(h: torch.Tensor, w: Weights, args: ModelArgs, reduce=None) -> torch.Tensor:
-    """h (B, S, dim) -> h + W2(silu(W1 x) * W3 x), x = RMSNorm(h); ``reduce`` as in attention_forward."""
-    x = rms_norm(h, w["ffn_norm.weight"], args.norm_eps)
+def ffn_forward(h: torch.Tensor, w: Weights, p: Pass, layer: int) -> torch.Tensor:
+    """h (B, S, dim) -> h + W2(silu(W1 x) * W3 x), x = RMSNorm(h)."""
+    x = rms_norm(h, w["ffn_norm.weight"], p.args.norm_eps)
     gate = F.silu(linear(x, w["feed_forward.w1.weight"]))
-    o = linear(gate * linear(x, w["feed_forward.w3.weight"]), w["feed_forward.w2.weight"])
-    return h + (o if reduce is None else reduce(o))
+    return p.out(h, linear(gate * linear(x, w["feed_forward.w3.weight"]), w["feed_forward.w2.weight"]))
 
 
-# ---- Meta-named module (strict state-dict loading; in-memory reference) ------------------------------
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+def head_forward(h: torch.Tensor, w: Weights, args: ModelArgs) -> torch.Tensor:
+    """h (B, S, dim) -> logits (B, S, vocab) fp32 from a head group that holds its own output matrix (the
+    probe's random head, tied or not); ``forward_groups`` does the same with a tied model's embedding."""
+    return linear(rms_norm(h, w["norm.weight"], args.norm_eps), w["output.weight"]).float()
 
 
-class Attention(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
-        super().__init__()
-        hd = args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * hd, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * hd, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * hd, bias=False)
-        self.wo = nn.Linear(args.n_heads * hd, args.dim, bias=False)
-
-
-class FeedForward(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
-        super().__init__()
-        self.w1 = nn.Linear(args.dim, args.ffn_hidden, bias=False)
-        self.w2 = nn.Linear(args.ffn_hidden, args.dim, bias=False)
-        self.w3 = nn.Linear(args.dim, args.ffn_hidden, bias=False)
-
-
-class TransformerBlock(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
-        super().__init__()
-        self.attention = Attention(args)
-        self.feed_forward = FeedForward(args)
-        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
-        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-
-
-class Transformer(nn.Module):
-    """Meta's module tree. Build on the meta device and ``load_state_dict(sd, strict=True, assign=True)``."""
-
-    def __init__(self, args: ModelArgs) -> None:
-        super().__init__()
-        self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
-        self.norm = RMSNorm(args.dim, args.norm_eps)
-        if not args.tie_embeddings:
-            self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-
-    def group_weights(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Group name -> {local name: parameter}, for the group forwards."""
-        sd = self.state_dict()
-        return {g: {local: sd[key] for local in group_tensor_shapes(self.args, g)
-                    for key in [group_prefix(g) + local]}
-                for g in group_names(self.args)}
-
-    @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, start: int, rope: Rope, cache: Cache) -> torch.Tensor:
-        return forward_groups(tokens, start, self.args, DictSource(self.group_weights()), rope, cache)
+def state_dict_groups(args: ModelArgs, sd: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Group name -> {local name: tensor} of a full state dict under Meta's names, checked strictly: every key of
+    the model's schema present in its shape, no other key."""
+    want = {group_prefix(g) + local: (g, local, shape) for g in group_names(args)
+            for local, shape in group_tensor_shapes(args, g).items()}
+    missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
+    if missing or unexpected:
+        raise ConfigError(f"state dict of a {args.arch} model: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    out: dict[str, dict[str, torch.Tensor]] = {g: {} for g in group_names(args)}
+    for key, (g, local, shape) in want.items():
+        if tuple(sd[key].shape) != tuple(shape):
+            raise ConfigError(f"state dict: {key} has shape {tuple(sd[key].shape)}, expected {tuple(shape)}")
+        out[g][local] = sd[key]
+    return out
 
 
 class Parallel(Protocol):
@@ -277,10 +268,18 @@ class DictSource:
         self.groups = groups
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        return embed_forward(tokens, self.groups["tok_embeddings"])
+        return embed_forward(tokens, self.groups[EMBED])
 
     def get(self, group: str) -> Weights:
         return self.groups[group]
+
+
+@functools.lru_cache(maxsize=64)
+def layer_passes(args: ModelArgs) -> tuple[tuple[str, Callable, int], ...]:
+    """(group name, group forward, layer) of every layer group in pass order, for ``args``' architecture."""
+    arch = architecture(args)
+    fwd = arch.forwards()
+    return tuple((layer_group(i, k.name), fwd[k.name], i) for i in range(args.n_layers) for k in arch.layer_kinds)
 
 
 def forward_groups(tokens: torch.Tensor, start: int, args: ModelArgs, source, rope: Rope, cache: Cache,
@@ -294,7 +293,7 @@ def forward_groups(tokens: torch.Tensor, start: int, args: ModelArgs, source, ro
     before it fetches the embedding as its output matrix.
 
     ``parallel``: this pass is one tensor-parallel rank's (``args`` its own, ``source`` its shards): the
-    embedding and each layer's two output projections are all-reduced, the logits gathered.
+    embedding and each layer group's output projection are all-reduced, the logits gathered.
     """
     red = None
     if parallel is not None:
@@ -302,13 +301,13 @@ def forward_groups(tokens: torch.Tensor, start: int, args: ModelArgs, source, ro
     h = source.embed(tokens)
     if red is not None:
         h = red(h)  # each rank looked up its own vocabulary rows (the others zero)
-    for i in range(args.n_layers):
-        h = attention_forward(h, source.get(f"layers.{i}.attention"), args, i, rope, cache, start, red)
-        h = ffn_forward(h, source.get(f"layers.{i}.feed_forward"), args, red)
+    p = Pass(args, rope, cache, start, red)
+    for group, fwd, layer in layer_passes(args):
+        h = fwd(h, source.get(group), p, layer)
     if last_only:
         h = h[:, -1:]
-    head = source.get("head")
-    x = rms_norm(h, head["norm.weight"], args.norm_eps)
-    out_w = source.get("tok_embeddings")["tok_embeddings.weight"] if args.tie_embeddings else head["output.weight"]
+    head = source.get(HEAD)
+    x = rms_norm(h, head["norm.weight"], args.norm_eps)  # before a tied model fetches the embedding
+    out_w = source.get(EMBED)["tok_embeddings.weight"] if args.tie_embeddings else head["output.weight"]
     logits = linear(x, out_w).float()
     return logits if parallel is None else parallel.gather_logits(logits)

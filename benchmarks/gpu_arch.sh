@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One GPU-machine call for the architecture registry (issue 26): the CUDA tests (the architectures against
+# transformers on CUDA, and the streaming, bench, trace, quantized and speculative files' GPU tests), then
+# benchmarks/suite.py's DRAM-resident decode (regime a, with the uncapped full-mode step it is bounded by) of
+# synthetic Qwen2.5-72B- and Qwen3-32B-shaped images of 8 layers under the emulated 24 GB cap, bf16 and int4, and
+# of the Llama-3.1-70B shape beside them as the baseline of the same machine. A table per suite run last.
+# Usage (repo root, GPU machine, .whl carried): bash benchmarks/gpu_arch.sh
+# env: SHAPES (qwen2.5-72b,qwen3-32b), SCHEMES ("bf16 int4"), BASELINE (1: the llama3.1-70b x8 bf16 row too),
+#      WITH_TESTS (1), NEW_TOKENS (8)
+set -uo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null || exit 1
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; W=/tmp/arch; mkdir -p "$W"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; df -h /tmp | tail -1
+if [ "${WITH_TESTS:-1}" = 1 ]; then
+  timeout 240 python3 -m pytest -q -p no:cacheprovider -n 0 --tb=short tests/test_architectures.py \
+    tests/test_streaming.py tests/test_bench.py tests/test_trace.py tests/test_quant.py tests/test_quant_image.py \
+    tests/test_speculative.py -k "gpu or cuda" 2>&1 | tee "$OUT/tests.txt" | grep -E "^E |passed|failed|FAILED|rror" \
+    | cut -c1-300 | tail -14
+fi
+run_suite() {  # $1 label, $2 shapes, $3 scale, $4 extra flags
+  timeout 420 python3 benchmarks/suite.py --scale "$3" --shapes "$2" --regimes a $4 --skip-peer \
+    --new-tokens "${NEW_TOKENS:-8}" --workdir "$W" --out "$OUT/suite-$1" > "$W/suite-$1.log" 2>&1 \
+    || { echo "suite $1 failed:"; tail -20 "$W/suite-$1.log"; }
+  rm -f "$W"/*.img "$W"/*.manifest.json; rm -rf "$W"/*.tokenizer  # the 64 GiB disk holds one shape's images
+}
+for s in ${SCHEMES:-bf16 int4}; do
+  q=$([ "$s" = bf16 ] && echo "" || echo "--quantize $s --group-size 64 --quantize-output")
+  run_suite "$s" "${SHAPES:-qwen2.5-72b,qwen3-32b}" arch "$q"
+done
+[ "${BASELINE:-1}" = 1 ] && run_suite llama-bf16 llama3.1-70b full ""
+ls /dev/shm | grep llms || echo "no leftover shared memory"
+for f in "$W"/suite-*.log; do
+  echo "== $(basename "$f" .log)"; grep -A12 "^| shape" "$f" | grep "^|"
+done

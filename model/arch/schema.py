@@ -1,0 +1,94 @@
+"""What an architecture declares: its weight groups, their tensors, and how checkpoints name them (torch-free,
+so the pool's processes can import it cheaply).
+
+A model is a sequence of *groups*, the unit the runtime stores, streams and binds: the embedding (``EMBED``),
+per layer one group of each of the architecture's layer kinds in order (``layers.{i}.{kind}``), and the head
+(``HEAD``: final norm and output matrix). A ``GroupKind`` lists its tensors; a ``TensorDef`` gives one tensor's
+*local name* (its state-dict key without the layer prefix, Meta's names: ``attention.wq.weight``), its shape
+from the model arguments, when it is present (a bias, a q/k norm, an untied output matrix), its role (what
+quantizers and placement may do with it), its tensor-parallel split and its names in Hugging Face and GGUF
+checkpoints. Everything outside model/ reads group kinds and tensor lists from here, never from literals.
+
+Rotary layout: every image holds q/k rows (and their biases and per-head norms) in Meta's interleaved (re, im)
+order. Hugging Face checkpoints hold them in rotate-half order (Llama's were permuted into it by the
+conversion, Qwen's were trained in it); so do llama.cpp's GGUFs of rotate-half architectures (``qwen2``,
+``qwen3``: ``Architecture.gguf_rope_half``), while its ``llama`` GGUFs are already interleaved. ``TensorDef.rope``
+says which rows move (model/checkpoint.py ``unpermute_hf``): attention is invariant under one permutation of
+the q and k features within a head, so both layouts compute the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from model.args import ModelArgs
+
+EMBED, HEAD = "tok_embeddings", "head"  # the two groups every architecture has, first and last
+LAYER_PREFIX = "layers."
+
+# tensor-parallel splits (model/shards.py): output features (rows), input features (columns), the vocabulary's
+# rows, or whole on every rank
+ROWS, COLS, VOCAB, WHOLE = "rows", "cols", "vocab", "whole"
+# roles: a layer matrix (``pack --quantize`` quantizes these), the embedding table, the output matrix
+# (``--quantize-output``), a 1-D vector (norms, biases: always in the image's dtype)
+MATRIX, EMBEDDING, OUTPUT, VECTOR = "matrix", "embedding", "output", "vector"
+
+
+def _always(args: ModelArgs) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class TensorDef:
+    name: str  # local name, Meta's: "attention.wq.weight"
+    shape: Callable[[ModelArgs], tuple[int, ...]]
+    role: str  # MATRIX, EMBEDDING, OUTPUT or VECTOR
+    split: str  # ROWS, COLS, VOCAB or WHOLE
+    hf: str  # Hugging Face name: relative to "model.layers.{i}." for layer tensors, else the full name
+    gguf: str  # llama.cpp's name: relative to "blk.{i}." for layer tensors, else the full name
+    rope: str | None = None  # "q" / "k": rows grouped by query / KV head in rotary order; "head": one head's
+    when: Callable[[ModelArgs], bool] = _always  # present for these arguments only
+
+
+@dataclass(frozen=True)
+class GroupKind:
+    name: str  # "attention": layer groups are named "layers.{i}.attention"
+    label: str  # short name in plans and tables: "attn"
+    tensors: tuple[TensorDef, ...]
+    gpu_rank: int = 2  # the GPU tier takes kinds of lower rank first (runtime/engine/placement.py)
+
+    def present(self, args: ModelArgs) -> tuple[TensorDef, ...]:
+        return tuple(t for t in self.tensors if t.when(args))
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One architecture of the registry (model/arch/__init__.py). ``hf_args`` / ``gguf_args`` turn a
+    config.json / a GGUF's metadata into ``ModelArgs`` keywords (model/arch/common.py has the shared parts);
+    ``forwards`` (called lazily: it imports torch) maps each layer kind to its group function
+    (model/transformer.py); ``chat_format`` is the hand-written chat format used when a tokenizer ships no
+    template (model/tokenizer.py)."""
+
+    name: str
+    layer_kinds: tuple[GroupKind, ...]
+    embed: GroupKind
+    head: GroupKind
+    hf_classes: tuple[str, ...]  # config.json "architectures" entries read as this architecture
+    hf_model_types: tuple[str, ...]  # config.json "model_type" values read as this architecture
+    hf_args: Callable[[dict, str], dict[str, Any]]
+    forwards: Callable[[], dict[str, Callable]]
+    gguf_names: tuple[str, ...] = ()  # GGUF general.architecture values read as this architecture
+    gguf_args: Callable[[Any, str], dict[str, Any]] | None = None
+    gguf_rope_half: bool = False  # llama.cpp's converter keeps HF's rotate-half q/k rows (not Meta's)
+    chat_format: str | None = None
+    meta: bool = False  # Meta's params.json + consolidated.*.pth checkpoints exist for it
+    notes: str = ""  # one line for the README's table and ``--help``
+    check_run: Callable[[ModelArgs, int, str], None] | None = None  # refuses a context it cannot compute exactly
+    kinds: dict[str, GroupKind] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        kinds = {k.name: k for k in (self.embed, *self.layer_kinds, self.head)}
+        object.__setattr__(self, "kinds", kinds)
