@@ -145,6 +145,20 @@ def test_smollm2_special_strings_in_messages_are_text(smol, hf_smol_tokenizer):
 # ----------------------------------------------------------------------------- Qwen2.5, Llama-3.1, Mistral
 
 
+def test_family_tokenizer_matches_transformers(model: Loaded):
+    """The family's tokenizer.json (its normalizer and pre-tokenizer, through ``tokenizers``) and its GGUF
+    conversion encode like transformers, special strings matched and as text; BOS/EOS and add_bos as set."""
+    hf = model.hf
+    for text in tok_writers.SAMPLES:
+        special = hf.encode(text, add_special_tokens=False, split_special_tokens=False)
+        plain = hf.encode(text, add_special_tokens=False, split_special_tokens=True)
+        for ours in (model.from_dir, model.from_gguf):
+            assert ours.encode(text, bos=False, allow_special=True) == special, text
+            assert ours.encode(text, bos=False) == plain, text
+    assert (model.from_dir.bos_id, model.from_dir.eos_id) == (hf.bos_token_id, hf.eos_token_id)
+    assert model.from_gguf.eos_id == hf.eos_token_id and model.from_gguf.add_bos is model.model.add_bos
+
+
 @pytest.mark.parametrize("messages", BASIC)
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 def test_template_matches_transformers(model: Loaded, messages, add_generation_prompt):
