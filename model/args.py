@@ -61,6 +61,8 @@ class ModelArgs:
         from model.arch import get
 
         get(self.arch)  # an unknown architecture: one line naming it and the supported ones
+        if isinstance(self.rope_scaling, dict):  # as model/arch/ reads it from a config
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
         if self.n_kv_heads is None:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
         for key in ("dim", "n_heads"):

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from model.arch import EMBED, HEAD, LAYER_PREFIX, architecture
 from model.arch.schema import EMBEDDING, OUTPUT, GroupKind, TensorDef
-from model.args import ModelArgs
 from model.errors import ConfigError
+
+if TYPE_CHECKING:
+    from model.args import ModelArgs  # which imports this module (group_params)
 
 
 def layer_group(layer: int, kind: str) -> str:

@@ -274,12 +274,19 @@ class DictSource:
         return self.groups[group]
 
 
+FORWARDS: dict[str, Callable] = {"attention": attention_forward, "ffn": ffn_forward}  # by GroupKind.forward
+
+
+def kind_forward(args: ModelArgs, kind: str) -> Callable:
+    """The group function of layer kind ``kind`` of ``args``' architecture."""
+    return FORWARDS[architecture(args).kinds[kind].forward]
+
+
 @functools.lru_cache(maxsize=64)
 def layer_passes(args: ModelArgs) -> tuple[tuple[str, Callable, int], ...]:
     """(group name, group forward, layer) of every layer group in pass order, for ``args``' architecture."""
-    arch = architecture(args)
-    fwd = arch.forwards()
-    return tuple((layer_group(i, k.name), fwd[k.name], i) for i in range(args.n_layers) for k in arch.layer_kinds)
+    kinds = architecture(args).layer_kinds
+    return tuple((layer_group(i, k.name), FORWARDS[k.forward], i) for i in range(args.n_layers) for k in kinds)
 
 
 def forward_groups(tokens: torch.Tensor, start: int, args: ModelArgs, source, rope: Rope, cache: Cache,

@@ -46,7 +46,7 @@ def _qk_norm(a) -> bool:
     return a.qk_norm
 
 
-ATTENTION = GroupKind("attention", "attn", gpu_rank=1, tensors=(
+ATTENTION = GroupKind("attention", "attn", forward="attention", gpu_rank=1, tensors=(
     TensorDef("attention.wq.weight", lambda a: (_q_rows(a), a.dim), MATRIX, ROWS, "self_attn.q_proj.weight",
               "attn_q.weight", rope="q"),
     TensorDef("attention.wk.weight", lambda a: (_kv_rows(a), a.dim), MATRIX, ROWS, "self_attn.k_proj.weight",
@@ -69,7 +69,7 @@ ATTENTION = GroupKind("attention", "attn", gpu_rank=1, tensors=(
               "attn_k_norm.weight", rope="head", when=_qk_norm),
 ))
 
-FEED_FORWARD = GroupKind("feed_forward", "ffn", gpu_rank=0, tensors=(
+FEED_FORWARD = GroupKind("feed_forward", "ffn", forward="ffn", gpu_rank=0, tensors=(
     TensorDef("feed_forward.w1.weight", lambda a: (a.ffn_hidden, a.dim), MATRIX, ROWS, "mlp.gate_proj.weight",
               "ffn_gate.weight"),
     TensorDef("feed_forward.w2.weight", lambda a: (a.dim, a.ffn_hidden), MATRIX, COLS, "mlp.down_proj.weight",
@@ -94,18 +94,11 @@ HEAD_KIND = GroupKind("head", "head", tensors=(
 DENSE_LAYER = (ATTENTION, FEED_FORWARD)
 
 
-def dense_forwards() -> dict:
-    from model import transformer  # torch: imported only where a model computes
-
-    return {"attention": transformer.attention_forward, "feed_forward": transformer.ffn_forward}
-
-
 # ---- config.json ---------------------------------------------------------------------------------------------
 
 def hf_decoder_args(c: dict, path: str) -> dict[str, Any]:
-    """The ModelArgs keywords a Llama-shaped config.json gives (transformers' key names)."""
-    from model.args import RopeScaling
-
+    """The ModelArgs keywords a Llama-shaped config.json gives (transformers' key names; a rope scaling as the
+    dict of RopeScaling's fields, which ModelArgs turns into one: model/args.py imports this package)."""
     if c.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"{path}: hidden_act must be 'silu', found {c.get('hidden_act')!r}")
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"):
@@ -117,8 +110,9 @@ def hf_decoder_args(c: dict, path: str) -> dict[str, Any]:
         kind = rs.get("rope_type", rs.get("type"))
         if kind == "llama3":
             try:
-                scaling = RopeScaling(float(rs["factor"]), float(rs["low_freq_factor"]),
-                                      float(rs["high_freq_factor"]), int(rs["original_max_position_embeddings"]))
+                scaling = dict(factor=float(rs["factor"]), low_freq_factor=float(rs["low_freq_factor"]),
+                               high_freq_factor=float(rs["high_freq_factor"]),
+                               original_max_position_embeddings=int(rs["original_max_position_embeddings"]))
             except KeyError as e:
                 raise ConfigError(f"{path}: rope_scaling of type llama3 lacks {e.args[0]!r}") from None
         elif kind not in ("default", None):

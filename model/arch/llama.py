@@ -8,7 +8,6 @@ from model.arch.common import (
     DENSE_LAYER,
     EMBED_KIND,
     HEAD_KIND,
-    dense_forwards,
     gguf_decoder_args,
     hf_decoder_args,
     refuse_biases,
@@ -23,7 +22,6 @@ def _hf_args(c: dict, path: str) -> dict:
 
 ARCH = Architecture(
     name="llama", layer_kinds=DENSE_LAYER, embed=EMBED_KIND, head=HEAD_KIND,
-    hf_classes=("LlamaForCausalLM",), hf_model_types=("llama",), hf_args=_hf_args, forwards=dense_forwards,
-    gguf_names=("llama",), gguf_args=gguf_decoder_args, chat_format="llama3", meta=True,
-    notes="Llama 1-3.x, and Mistral's GGUFs (llama.cpp converts them as llama)",
+    hf_classes=("LlamaForCausalLM",), hf_model_types=("llama",), hf_args=_hf_args,
+    gguf_names=("llama",), gguf_args=gguf_decoder_args,
 )

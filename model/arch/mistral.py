@@ -11,7 +11,6 @@ from model.arch.common import (
     EMBED_KIND,
     HEAD_KIND,
     check_window,
-    dense_forwards,
     hf_decoder_args,
     refuse_biases,
     sliding_window,
@@ -26,7 +25,6 @@ def _hf_args(c: dict, path: str) -> dict:
 
 ARCH = Architecture(
     name="mistral", layer_kinds=DENSE_LAYER, embed=EMBED_KIND, head=HEAD_KIND,
-    hf_classes=("MistralForCausalLM",), hf_model_types=("mistral",), hf_args=_hf_args, forwards=dense_forwards,
-    chat_format=None, check_run=check_window,
-    notes="Mistral 7B, Nemo, Small (HF); their GGUFs read as llama",
+    hf_classes=("MistralForCausalLM",), hf_model_types=("mistral",), hf_args=_hf_args,
+    check_run=check_window,
 )

@@ -8,7 +8,6 @@ from model.arch.common import (
     EMBED_KIND,
     HEAD_KIND,
     check_window,
-    dense_forwards,
     gguf_decoder_args,
     hf_decoder_args,
     sliding_window,
@@ -26,7 +25,6 @@ def _gguf_args(gg, path: str) -> dict:
 
 ARCH = Architecture(
     name="qwen2", layer_kinds=DENSE_LAYER, embed=EMBED_KIND, head=HEAD_KIND,
-    hf_classes=("Qwen2ForCausalLM",), hf_model_types=("qwen2",), hf_args=_hf_args, forwards=dense_forwards,
-    gguf_names=("qwen2",), gguf_args=_gguf_args, gguf_rope_half=True, chat_format="chatml", check_run=check_window,
-    notes="Qwen2, Qwen2.5: q/k/v biases",
+    hf_classes=("Qwen2ForCausalLM",), hf_model_types=("qwen2",), hf_args=_hf_args,
+    gguf_names=("qwen2",), gguf_args=_gguf_args, gguf_rope_half=True, check_run=check_window,
 )

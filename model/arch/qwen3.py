@@ -9,7 +9,6 @@ from model.arch.common import (
     EMBED_KIND,
     HEAD_KIND,
     check_window,
-    dense_forwards,
     gguf_decoder_args,
     hf_decoder_args,
     refuse_biases,
@@ -29,7 +28,6 @@ def _gguf_args(gg, path: str) -> dict:
 
 ARCH = Architecture(
     name="qwen3", layer_kinds=DENSE_LAYER, embed=EMBED_KIND, head=HEAD_KIND,
-    hf_classes=("Qwen3ForCausalLM",), hf_model_types=("qwen3",), hf_args=_hf_args, forwards=dense_forwards,
-    gguf_names=("qwen3",), gguf_args=_gguf_args, gguf_rope_half=True, chat_format="chatml", check_run=check_window,
-    notes="Qwen3 dense: per-head q/k RMSNorm, head_dim from the config",
+    hf_classes=("Qwen3ForCausalLM",), hf_model_types=("qwen3",), hf_args=_hf_args,
+    gguf_names=("qwen3",), gguf_args=_gguf_args, gguf_rope_half=True, check_run=check_window,
 )

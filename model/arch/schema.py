@@ -58,6 +58,7 @@ class GroupKind:
     name: str  # "attention": layer groups are named "layers.{i}.attention"
     label: str  # short name in plans and tables: "attn"
     tensors: tuple[TensorDef, ...]
+    forward: str = ""  # a layer kind's group function, by its name in model/transformer.py's FORWARDS
     gpu_rank: int = 2  # the GPU tier takes kinds of lower rank first (runtime/engine/placement.py)
 
     def present(self, args: ModelArgs) -> tuple[TensorDef, ...]:
@@ -68,9 +69,10 @@ class GroupKind:
 class Architecture:
     """One architecture of the registry (model/arch/__init__.py). ``hf_args`` / ``gguf_args`` turn a
     config.json / a GGUF's metadata into ``ModelArgs`` keywords (model/arch/common.py has the shared parts);
-    ``forwards`` (called lazily: it imports torch) maps each layer kind to its group function
-    (model/transformer.py); ``chat_format`` is the hand-written chat format used when a tokenizer ships no
-    template (model/tokenizer.py)."""
+    each layer kind names its group function (``GroupKind.forward``: model/transformer.py, which imports this
+    package, never the other way). The chat template is not the architecture's: every family's checkpoint ships
+    its own (tokenizer_config.json, a GGUF's tokenizer.chat_template), rendered by model/chat.py, with a
+    hand-written fallback chosen by the vocabulary's tokens where it ships none."""
 
     name: str
     layer_kinds: tuple[GroupKind, ...]
@@ -79,13 +81,9 @@ class Architecture:
     hf_classes: tuple[str, ...]  # config.json "architectures" entries read as this architecture
     hf_model_types: tuple[str, ...]  # config.json "model_type" values read as this architecture
     hf_args: Callable[[dict, str], dict[str, Any]]
-    forwards: Callable[[], dict[str, Callable]]
     gguf_names: tuple[str, ...] = ()  # GGUF general.architecture values read as this architecture
     gguf_args: Callable[[Any, str], dict[str, Any]] | None = None
     gguf_rope_half: bool = False  # llama.cpp's converter keeps HF's rotate-half q/k rows (not Meta's)
-    chat_format: str | None = None
-    meta: bool = False  # Meta's params.json + consolidated.*.pth checkpoints exist for it
-    notes: str = ""  # one line for the README's table and ``--help``
     check_run: Callable[[ModelArgs, int, str], None] | None = None  # refuses a context it cannot compute exactly
     kinds: dict[str, GroupKind] = field(init=False, repr=False)
 

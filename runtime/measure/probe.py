@@ -81,7 +81,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from model.arch import HEAD, architecture
+from model.arch import HEAD
 from model.args import PRESETS, ModelArgs, human_bytes, preset
 from model.errors import ConfigError, UserError
 from model.groups import (
@@ -540,7 +540,7 @@ def _time_group(args: ModelArgs, kind: str, dtype, device, gen, prefill: int, co
     """One group of ``kind`` (layer 0's, or the head) on random weights: a prefill of ``prefill`` tokens, then a
     decode token after ``context`` cached ones (random keys and values); the head on the last position only, the
     same in both phases (logits of one position)."""
-    from model.transformer import Pass, Rope, head_forward  # torch: the reader processes import this module
+    from model.transformer import Pass, Rope, head_forward, kind_forward  # torch: the readers import this module
     from runtime.engine.kv import KVCache
 
     w = random_weights(args, HEAD if kind == HEAD else layer_group(0, kind), dtype, device, gen, formats)
@@ -549,7 +549,7 @@ def _time_group(args: ModelArgs, kind: str, dtype, device, gen, prefill: int, co
         h = _inputs(args, 1, dtype, device, gen)
         t = time_op(lambda: head_forward(h, w, args), device)
         return {"prefill": t, "decode": t, "dequant": dequant}
-    fwd = architecture(args).forwards()[kind]
+    fwd = kind_forward(args, kind)
     max_len = max(prefill, context + 1)
     rope = Rope(args, max_len, device)
     cache = KVCache(dataclasses.replace(args, n_layers=1), 1, max_len, dtype, device)  # one layer's cache
@@ -586,7 +586,7 @@ def measure_tree_passes(spec: ModelSpec, device: torch.device, sizes: Sequence[i
     tokens computes (the tree's mask costs what a causal one does)."""
     import torch
 
-    from model.transformer import Pass, Rope, head_forward
+    from model.transformer import Pass, Rope, head_forward, kind_forward
     from runtime.engine.kv import KVCache
     from runtime.format.image import TORCH_DTYPES
 
@@ -598,8 +598,7 @@ def measure_tree_passes(spec: ModelSpec, device: torch.device, sizes: Sequence[i
     for t in (cache.k[0], cache.v[0]):
         t[:, :context].normal_(generator=gen)
     p = Pass(args, rope, cache, context)
-    fwd = architecture(args).forwards()
-    ops = {kind: (lambda h, w, k=kind: fwd[k](h, w, p, 0)) for kind in kinds_of_pass(args) if kind != HEAD}
+    ops = {kind: partial(_layer_op, kind_forward(args, kind), p) for kind in kinds_of_pass(args) if kind != HEAD}
     ops[HEAD] = lambda h, w: head_forward(h, w, args)
     out: dict[str, dict[int, float]] = {}
     with torch.inference_mode():
@@ -610,6 +609,10 @@ def measure_tree_passes(spec: ModelSpec, device: torch.device, sizes: Sequence[i
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out
+
+
+def _layer_op(fwd: Callable, p, h, w):
+    return fwd(h, w, p, 0)
 
 
 def measure_draft(draft: str, target: Image, device: torch.device, sizes: Sequence[int], context: int) -> dict:
