@@ -281,6 +281,38 @@ def test_cli_probe_and_bench_on_a_synthetic_qwen3(tmp_path):
     assert json.loads(out.read_text())["plan"]["labels"] == {"feed_forward": "ffn", "attention": "attn"}
 
 
+def test_chat_end_to_end_with_the_model_s_own_template(tmp_path):
+    """A Qwen2.5-shaped checkpoint as the Hub holds one: transformers' weights, a Qwen2 tokenizer.json (its
+    pre-tokenizer) and tokenizer_config.json with Qwen2.5's chat template. ``run --chat`` prompts with exactly
+    transformers' apply_chat_template ids and answers with its greedy tokens, without the stop token's text."""
+    from arch_models import COMMON, build_model
+    from tok_writers import DATA as TOK_DATA
+    from tok_writers import train, write_hf_dir
+    from transformers import AutoTokenizer, Qwen2Config
+
+    tok = train("qwen2", vocab_size=600)
+    vocab = tok.get_vocab_size(with_added_tokens=True)
+    model = build_model(Qwen2Config(**{**COMMON, "vocab_size": vocab}, tie_word_embeddings=True), seed=5)
+    d = tmp_path / "hf"
+    model.save_pretrained(str(d))
+    template = (TOK_DATA / "chat_templates" / "Qwen2.5-7B-Instruct.jinja").read_text()
+    write_hf_dir(d, tok, {"chat_template": template, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+                          "bos_token": None, "add_bos_token": False})
+    run_launch("pack", "--checkpoint", str(d), "--out", str(tmp_path / "q.img"), "--dtype", "fp32")
+    out = tmp_path / "out.json"
+    run_launch("run", "--image", str(tmp_path / "q.img"), "--prompt", "Name three rivers.", "--chat",
+               "--max-new-tokens", "8", "--device", "cpu", "--out-json", str(out))
+    got = json.loads(out.read_text())
+    ref = AutoTokenizer.from_pretrained(str(d))
+    ids = ref.apply_chat_template([{"role": "user", "content": "Name three rivers."}], add_generation_prompt=True,
+                                  tokenize=True, return_dict=False)
+    assert got["prompt_token_ids"] == list(ids)
+    want = hf_greedy(model, list(ids), 8)
+    n = len(got["output_token_ids"])
+    assert got["output_token_ids"] == want[:n] and (n == 8 or got["output_token_ids"][-1] == ref.eos_token_id)
+    assert "<|im_end|>" not in got["text"]
+
+
 # ---- bad input and the shape of the code ------------------------------------------------------------------------
 
 def test_pack_refuses_an_unsupported_architecture(tmp_path):
