@@ -6,7 +6,7 @@
 # of the Llama-3.1-70B shape beside them as the baseline of the same machine. A table per suite run last.
 # Usage (repo root, GPU machine, .whl carried): bash benchmarks/gpu_arch.sh
 # env: SHAPES (qwen2.5-72b,qwen3-32b), SCHEMES ("bf16 int4"), BASELINE (1: the llama3.1-70b x8 bf16 row too),
-#      WITH_TESTS (1), NEW_TOKENS (8)
+#      WITH_TESTS (1), NEW_TOKENS (8), SUITE_S (420: each suite run's limit)
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
@@ -19,7 +19,7 @@ if [ "${WITH_TESTS:-1}" = 1 ]; then
     | cut -c1-300 | tail -14
 fi
 run_suite() {  # $1 label, $2 shapes, $3 scale, $4 extra flags
-  timeout 420 python3 benchmarks/suite.py --scale "$3" --shapes "$2" --regimes a $4 --skip-peer \
+  timeout "${SUITE_S:-420}" python3 benchmarks/suite.py --scale "$3" --shapes "$2" --regimes a $4 --skip-peer \
     --new-tokens "${NEW_TOKENS:-8}" --workdir "$W" --out "$OUT/suite-$1" > "$W/suite-$1.log" 2>&1 \
     || { echo "suite $1 failed:"; tail -20 "$W/suite-$1.log"; }
   rm -f "$W"/*.img "$W"/*.manifest.json; rm -rf "$W"/*.tokenizer  # the 64 GiB disk holds one shape's images
