@@ -284,8 +284,10 @@ class DictSource:
 
 
 def forward_groups(tokens: torch.Tensor, start: int, args: ModelArgs, source, rope: Rope, cache: Cache,
-                   last_only: bool = False, parallel: Parallel | None = None) -> torch.Tensor:
-    """One forward pass -> logits (B, S, vocab), or (B, 1, vocab) for the last position with ``last_only``.
+                   last_only: bool = False, parallel: Parallel | None = None,
+                   select: torch.Tensor | None = None) -> torch.Tensor:
+    """One forward pass -> logits (B, S, vocab), or (B, 1, vocab) for the last position with ``last_only``, or
+    (1, N, vocab) for the positions ``select`` (N,) of the flattened (B x S) pass.
 
     The weight-source contract: ``source.embed(tokens)`` does the lookup; ``source.get(group)`` is called in
     the pass order (runtime/engine/placement.py ``pass_sequence``) and the weights it returns are valid only until
@@ -307,6 +309,8 @@ def forward_groups(tokens: torch.Tensor, start: int, args: ModelArgs, source, ro
         h = ffn_forward(h, source.get(f"layers.{i}.feed_forward"), args, red)
     if last_only:
         h = h[:, -1:]
+    elif select is not None:
+        h = h.flatten(0, 1)[select].unsqueeze(0)  # (1, N, dim)
     head = source.get("head")
     x = rms_norm(h, head["norm.weight"], args.norm_eps)
     out_w = source.get("tok_embeddings")["tok_embeddings.weight"] if args.tie_embeddings else head["output.weight"]
