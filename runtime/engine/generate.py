@@ -47,6 +47,7 @@ class GenerationResult:
     stop_reason: str = "length"
     cached_tokens: int = 0  # prompt tokens whose KV entries were reused, not prefilled (runtime/engine/prefix.py)
     batched: int = 1  # the most sequences one of its weight passes served (runtime/engine/scheduler.py)
+    speculative: dict | None = None  # its decode passes with a draft (runtime/engine/scheduler.py)
 
     def timings(self) -> dict:
         n = len(self.output_token_ids)

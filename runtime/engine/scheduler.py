@@ -479,27 +479,15 @@ class Scheduler:
             if r is None:
                 continue
             r.result.batched = max(r.result.batched, n_rows)
-            first, count = p.spans[i]
             if r.last is None:
                 prefilled += p.feeds[i]
-                if r.req.prompt_logprobs is not None:
-                    self._prompt_logprobs(r, logits[first:first + count])
-                r.fed += p.feeds[i]
-                r.length = r.fed
-                self._sync_index(i, r)
-                if r.fed < len(r.req.prompt):
-                    continue
-                r.result.prefill_ms = (now - r.t_join) * 1e3  # joined -> first token
-                if r.req.prompt_logprobs is not None:
-                    self._emit(r.req, "prompt_logprobs", [None] + r.prompt_lps)
-                toks = [self._choose(r, logits[first + count - 1:first + count], greedy[first + count - 1])]
-            elif i in p.trees:
-                toks = self._verify(i, r, p.trees[i], logits[first:first + count], (now - t1) * 1e3, p.draft_ms)
-            else:
-                r.length += 1
-                r.result.token_ms.append((now - r.t_last) * 1e3)
-                toks = [self._choose(r, logits[first:first + 1], greedy[first])]
-                self._sync_index(i, r)
+            try:
+                toks = self._row_tokens(i, r, p, logits, greedy, now, t1)
+            except Exception as e:  # its grammar failed, or a bug: this request's only
+                self._free(i)
+                self.failed += 1
+                self._emit(r.req, "error", f"the request failed: {type(e).__name__}: {e}")
+                continue
             r.t_last = now
             for k, tok in enumerate(toks):
                 r.last = tok.token
@@ -512,6 +500,33 @@ class Scheduler:
         if self.observer is not None:
             self.observer(StepStats(n_rows, joining, sum(p.feeds), emitted, now - t0, prefilled,
                                     sum(len(t) for t in p.trees.values())))
+
+    def _row_tokens(self, i: int, r: _Row, p: _Pass, logits: torch.Tensor, greedy: list[int], now: float,
+                    t1: float) -> list[Sampled]:
+        """Row i's tokens from this pass (none while its prompt is not complete)."""
+        first, count = p.spans[i]
+        if r.last is None:
+            if r.req.prompt_logprobs is not None:
+                self._prompt_logprobs(r, logits[first:first + count])
+            r.fed += p.feeds[i]
+            r.length = r.fed
+            self._sync_index(i, r)
+            if r.fed < len(r.req.prompt):
+                return []
+            r.result.prefill_ms = (now - r.t_join) * 1e3  # joined -> first token
+            if r.req.prompt_logprobs is not None:
+                self._emit(r.req, "prompt_logprobs", [None] + r.prompt_lps)
+            return [self._choose(r, logits[first + count - 1:first + count], greedy[first + count - 1])]
+        if i in p.trees:
+            return self._verify(i, r, p.trees[i], logits[first:first + count], (now - t1) * 1e3, p.draft_ms)
+        r.length += 1
+        r.result.token_ms.append((now - r.t_last) * 1e3)
+        toks = [self._choose(r, logits[first:first + 1], greedy[first])]
+        self._sync_index(i, r)
+        if r.spec is not None:  # a plain pass of a row with a draft: one token
+            r.spec.record(Tree([r.last]), 0, 1)
+            r.spec.verify_ms += (now - t1) * 1e3
+        return toks
 
     def _choose(self, r: _Row, logits: torch.Tensor, greedy: int) -> Sampled:
         """Row r's next token from its logits (1, vocab); ``greedy``: their argmax, already on the host."""
@@ -570,6 +585,8 @@ class Scheduler:
         res = r.result
         if tok in r.req.stop_ids:
             res.stop_reason = "stop_token"
+        elif r.req.constraint is not None and r.req.constraint.done():
+            res.stop_reason = "grammar"  # complete: nothing but an end token could follow
         elif len(res.output_token_ids) < r.req.sampling.max_new_tokens:
             if last and r.req.deadline is not None and time.monotonic() > r.req.deadline:
                 self._free(i)
@@ -578,6 +595,10 @@ class Scheduler:
                 return True
             return False
         res.decode_ms = sum(res.token_ms)
+        if r.spec is not None:
+            sp = self.spec.report()
+            res.speculative = {**r.spec.to_dict(), **{k: sp[k] for k in ("draft", "tree_tokens", "tree_tokens_fixed",
+                                                                         "tree_tokens_history", "tree_tokens_choice")}}
         self._free(i)
         self.finished += 1
         self._emit(r.req, "done", res)

@@ -359,7 +359,7 @@ class _Bridge:
         except asyncio.TimeoutError:
             return None
         if kind == "token":
-            return x, None
+            return x.token, None
         if kind == "done":
             return None, x
         raise ApiError(504 if "timeout" in str(x) else 500, str(x), "server_error")
