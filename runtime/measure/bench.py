@@ -420,7 +420,7 @@ def build_report(cfg: BenchConfig, engine: EngineConfig, ctx: BenchContext, r: R
                  "alloc_ms": r.kv_alloc_ms, "host_bytes": r.kv_host_bytes}
     tok = ctx.tokenizer
     out["results"] = [{"prompt_token_ids": x.prompt_token_ids, "output_token_ids": x.output_token_ids,
-                       "text": tok.decode(x.output_token_ids) if tok else None} for x in r.results]
+                       "text": tok.answer_text(x.output_token_ids) if tok else None} for x in r.results]
     out.update({"generated_tokens_total": n * len(r.tokens), "warmup_rounds": cfg.warmup_rounds,
                 "load_ms": ctx.load_ms, "load_breakdown_ms": ctx.load_breakdown_ms,
                 "process_start_to_first_token_ms": ctx.process_to_first_token_ms,

@@ -53,6 +53,7 @@ from runtime.ipc.records import (
     pool_file,
     pool_lock,
     read_record,
+    stop_server,
 )
 from runtime.ipc.shm import (
     CLIENT_ATTACHED,
@@ -70,7 +71,6 @@ from runtime.ipc.shm import (
 from runtime.pool.coordinator import check_worker_count
 from runtime.pool.daemon import DaemonConfig
 from runtime.progress import Progress
-from runtime.services import server
 
 DEFAULT_WINDOW = 4
 MAX_CLIENTS = 64  # runs attached at once: each has its own semaphore, queues and window slots
@@ -307,7 +307,7 @@ def stop(name: str, timeout_s: float = 10.0) -> None:
     name, pid = rec["name"], int(rec["pid"])
     t0 = time.monotonic()
     if live_server(name) is not None:  # first the server, an attached client of the pool
-        print(server.stop(name, timeout_s))
+        print(stop_server(name, timeout_s))
     how = "was not running"
     if coordinator_alive(rec):
         how = "stopped"  # graceful: the coordinator stops its workers and unlinks everything

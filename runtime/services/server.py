@@ -76,7 +76,7 @@ from runtime.ipc.records import (
     pool_lock,
     read_record,
     read_server_record,
-    server_alive,
+    stop_server,
     write_private,
 )
 from runtime.ipc.shm import PoolHandle
@@ -91,6 +91,7 @@ from runtime.measure.bench import (
 )
 from runtime.measure.links import measure_disk_quick, measure_h2d
 from runtime.pool.client import PoolDied
+from runtime.services import pools
 from runtime.services.http import HttpConfig, HttpServer, ServiceState, bind_listen, parse_listen
 
 if TYPE_CHECKING:
@@ -190,7 +191,7 @@ def serve(cfg: ServeConfig, engine: EngineConfig) -> None:
     from runtime.engine.generate import pick_device  # torch: to know whether there is a GPU
 
     if cfg.stop:
-        print(stop(cfg.name, cfg.timeout))
+        print(stop_server(cfg.name, cfg.timeout))
         return
     check_http(cfg, engine)
     pool = read_record(cfg.name)
@@ -254,7 +255,6 @@ def serve_foreground(start_cfg, cfg: ServeConfig, engine: EngineConfig) -> int:
     stops within its loop's tick and the server within 0.5 s, freeing the port. Returns the exit code (0 after a
     Ctrl-C)."""
     from runtime.engine.generate import pick_device  # torch: to know whether there is a GPU
-    from runtime.services import pools  # pools imports this module
 
     check_http(cfg, engine)
     device = str(pick_device(cfg.device))
@@ -309,21 +309,6 @@ def _wait_serving(name: str, proc: subprocess.Popen, log: Path, timeout_s: float
     clean_stale_server(name)
     raise UserError(f"pool {name}: the server did not serve within {timeout_s:.0f} s (--start-timeout); log {log}:\n"
                     f"{log_tail(log)}")
-
-
-def stop(name: str, timeout_s: float = 10.0) -> str:
-    """Stop pool ``name``'s server (SIGTERM, SIGKILL after ``timeout_s``), remove its files; says what it did."""
-    rec = read_server_record(name)
-    if rec is None or not server_alive(rec):
-        removed = clean_stale_server(name)
-        return f"pool {name}: no server running" + (f"; removed {', '.join(removed)}" if removed else "")
-    pid = int(rec["pid"])
-    how = "stopped"
-    if not kill_wait(pid, timeout_s, signal.SIGTERM):
-        kill_wait(pid, 5.0)
-        how = f"did not stop within {timeout_s:g} s: killed"
-    clean_stale_server(name)
-    return f"pool {name}: server pid {pid} {how}"
 
 
 # ---- the client side (run / bench --attach) ---------------------------------------------------------------
