@@ -64,7 +64,7 @@ class Xgrammar:
     def load() -> None:
         import xgrammar  # noqa: F401
 
-    def __init__(self, vocab: list[bytes], eos: list[int], encode) -> None:
+    def __init__(self, vocab: list[bytes], eos: list[int], tok) -> None:
         import xgrammar as xgr
 
         self.xgr = xgr
@@ -91,22 +91,16 @@ class Llguidance:
     def load() -> None:
         import llguidance  # noqa: F401
 
-    def __init__(self, vocab: list[bytes], eos: list[int], encode) -> None:
+    def __init__(self, vocab: list[bytes], eos: list[int], tok) -> None:
         import llguidance
 
+        from runtime.engine.constrained import llguidance_tokenizer
+
         self.llg = llguidance
-
-        class Wrapped:  # what llguidance.TokenizerWrapper needs of a tokenizer
-            eos_token_id, bos_token_id, tokens = eos[0], None, vocab
-            special_token_ids = eos
-
-            def __call__(self, s: str) -> list[int]:
-                return encode(s)
-
-        self.tok = llguidance.LLTokenizer(llguidance.TokenizerWrapper(Wrapped()), eos_token=eos)
+        self.tok = llguidance_tokenizer(tok)  # the server's: llguidance reads the tokenizer's own files
 
     def compile(self, kind: str, schema: dict):
-        g = self.llg.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": True})
+        g = self.llg.LLMatcher.grammar_from_json_schema(schema)  # as the server: json.dumps's separators
         if kind == "tool":
             js = json.dumps(schema)
             g = self.llg.grammar_from("lark", f'start: "<tool_call>\\n" call "\\n</tool_call>"\ncall: %json {js}')
@@ -127,7 +121,7 @@ class OutlinesCore:
     def load() -> None:
         import outlines_core  # noqa: F401
 
-    def __init__(self, vocab: list[bytes], eos: list[int], encode) -> None:
+    def __init__(self, vocab: list[bytes], eos: list[int], tok) -> None:
         import outlines_core
 
         self.oc = outlines_core
@@ -196,7 +190,7 @@ def main() -> int:
             t0 = time.perf_counter()
             cls.load()
             t1 = time.perf_counter()
-            lib = cls(vocab, eos, lambda s: tok.encode(s, bos=False))
+            lib = cls(vocab, eos, tok)
             import_ms, prep_ms = (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3
         except ImportError as e:
             print(f"{cls.name}: not installed ({e})", file=sys.stderr)

@@ -459,6 +459,10 @@ def _http_args(p, required: bool) -> None:
                                                     "%(default)s; then 504)")
     arg(g, "--send-timeout", C, type=float, help="seconds a streamed answer waits for a client that stopped reading "
                                                  "before it drops the request (default %(default)s)")
+    arg(g, "--chat-template", C, metavar="FILE",
+        help="render chats with the Jinja chat template in FILE instead of the image's own (e.g. one that renders "
+             "tools when the image's does not; tool calls are parsed in the format it teaches: <tool_call> "
+             "blocks, Llama-3.1 JSON or [TOOL_CALLS])")
     arg(g, "--no-prefix-cache", C, action="store_true",
         help="do not reuse the KV entries of earlier prompts (by default a request whose prompt begins with one "
              "that a sequence slot still holds, e.g. a shared system prompt, prefills only the rest)")

@@ -3,8 +3,8 @@ json_schema, and a forced tool call's format), by llguidance (benchmarks/grammar
 0.01-0.03 ms a token on this CPU against xgrammar's 0.01 and outlines-core's 0.04-0.55, its grammars compile in
 under a millisecond against 10 ms and 0.1-11 s, and it needs no other package).
 
-``Grammars`` holds llguidance's view of one tokenizer (every token's bytes, runtime/format/tokens.py; made once,
-0.25 s for SmolLM2's 49K tokens) and turns a request's format into a grammar, checked (ValueError naming what is
+``Grammars`` holds llguidance's view of one tokenizer (``llguidance_tokenizer``; made once, 0.3-0.6 s for SmolLM2's
+49K tokens) and turns a request's format into a grammar, checked (ValueError naming what is
 wrong). ``matcher(grammar)`` is one sequence's state: the scheduler's TokenChooser (runtime/engine/sampling.py)
 asks it for the next token's bitmask (computed on the host into a (vocab / 32) int32 tensor, copied to the
 device and applied there), and advances it by the chosen token. A grammar that is complete stops its sequence
@@ -19,7 +19,6 @@ import json
 import torch
 
 from model.tokenizer import Tokenizer
-from runtime.format.tokens import token_bytes
 
 
 class Grammars:
@@ -30,20 +29,7 @@ class Grammars:
 
         self.llg = llguidance
         self.vocab = tok.vocab_size
-        eos = sorted(tok.eos_ids)
-        tokens = token_bytes(tok)
-
-        class Wrapped:  # what llguidance.TokenizerWrapper reads of a tokenizer
-            eos_token_id, bos_token_id = eos[0], tok.bos_id
-            special_token_ids = eos
-
-            def __init__(self) -> None:
-                self.tokens = tokens
-
-            def __call__(self, s: str) -> list[int]:
-                return tok.encode(s, bos=False)
-
-        self.tok = llguidance.LLTokenizer(llguidance.TokenizerWrapper(Wrapped()), eos_token=eos)
+        self.tok = llguidance_tokenizer(tok)
 
     def check(self, grammar: str) -> str:
         """``grammar`` if llguidance accepts it, else ValueError with its message."""
@@ -53,9 +39,10 @@ class Grammars:
         return grammar
 
     def json_schema(self, schema: dict) -> str:
-        """The grammar of JSON documents that validate against ``schema``."""
+        """The grammar of JSON documents that validate against ``schema``, written as ``json.dumps`` writes them
+        (", " and ": " between items: no room for a weak model to wander in whitespace)."""
         try:
-            g = self.llg.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": True})
+            g = self.llg.LLMatcher.grammar_from_json_schema(schema)
         except ValueError as e:
             raise ValueError(f"not a JSON schema: {e}") from None
         return self.check(g)
@@ -70,6 +57,19 @@ class Grammars:
 
     def matcher(self, grammar: str) -> Matcher:
         return Matcher(self.llg.LLMatcher(self.tok, grammar, log_level=0), self.vocab)
+
+
+def llguidance_tokenizer(tok: Tokenizer):
+    """llguidance's view of ``tok``: its own reading of the tokenizers JSON or the tiktoken ranks, so that control
+    tokens (chat markers, end tokens) are special there: a grammar allows one only where it names it, and an end
+    token where it is complete."""
+    import llguidance
+
+    b, eos = tok.backend, sorted(tok.eos_ids)
+    if hasattr(b, "ranks"):  # tiktoken
+        return llguidance.LLTokenizer.from_tiktoken(encoder=b.ranks, special_tokens=b.specials, pattern=b.pattern,
+                                                    eos_token=eos, n_vocab=tok.vocab_size)
+    return llguidance.LLTokenizer(b.special.to_str(), eos_token=eos, n_vocab=tok.vocab_size)
 
 
 def lark_string(text: str) -> str:

@@ -112,6 +112,7 @@ class SeqRequest:
     constraint: Constraint | None = None
     id: int = field(default_factory=itertools.count().__next__)
     hashes: list[int] | None = field(default=None, init=False, repr=False)  # its prompt's blocks (prefix.py)
+    cached: int = field(default=0, init=False)  # prompt tokens it reused, set when admitted
 
     def __post_init__(self) -> None:
         for key in ("logprobs", "prompt_logprobs"):
@@ -360,6 +361,7 @@ class Scheduler:
         self.rows[row] = _Row(req, chooser, res, now, fed=cached, length=cached,
                               spec=SpecStats() if self.spec is not None else None)
         self.cached_tokens += cached
+        req.cached = cached
         if self.index is not None:
             self.index.set(row, req.prompt[:cached])
             self.index.pend(row, req.hashes if req.hashes is not None else block_hashes(req.prompt, self.index.block))
@@ -585,8 +587,8 @@ class Scheduler:
         res = r.result
         if tok in r.req.stop_ids:
             res.stop_reason = "stop_token"
-        elif r.req.constraint is not None and r.req.constraint.done():
-            res.stop_reason = "grammar"  # complete: nothing but an end token could follow
+        elif last and r.req.constraint is not None and r.req.constraint.done():  # (a walk's tokens were all
+            res.stop_reason = "grammar"  # consumed by then) complete: nothing but an end token could follow
         elif len(res.output_token_ids) < r.req.sampling.max_new_tokens:
             if last and r.req.deadline is not None and time.monotonic() > r.req.deadline:
                 self._free(i)

@@ -26,6 +26,38 @@ def image_tokenizer(image: Image, required: bool) -> Tokenizer | None:
     return Tokenizer.load(tokenizer_dir_for(image.manifest_path).with_name(name))
 
 
+def read_chat_template(path: str) -> str:
+    """The Jinja chat template in file ``path`` (``--chat-template``), checked: ConfigError naming the flag and
+    the file when it cannot be read or parsed."""
+    import jinja2
+
+    from model.chat import compile_template
+    from model.errors import ConfigError
+
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--chat-template {path}: cannot read it ({e})") from None
+    try:
+        compile_template(text)
+    except jinja2.TemplateSyntaxError as e:
+        raise ConfigError(f"--chat-template {path}: jinja2 cannot parse it: line {e.lineno}: {e.message}") from None
+    return text
+
+
+def with_chat_template(tok: Tokenizer | None, path: str) -> Tokenizer:
+    """``tok`` rendering chats with the template in file ``path`` instead of its own (``--chat-template``: e.g.
+    one that renders tools); ConfigError naming the flag when it cannot."""
+    import dataclasses
+
+    from model.errors import ConfigError
+
+    if tok is None:
+        raise ConfigError(f"--chat-template {path}: the image has no tokenizer to render chats with")
+    return dataclasses.replace(tok, chat_format="template", chat_templates={"default": read_chat_template(path)},
+                               source=f"{tok.source} with --chat-template {path}")
+
+
 def _byte_decoder() -> dict[str, int]:
     """GPT-2's byte-level BPE alphabet (each byte a printable character) back to the bytes."""
     keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \

@@ -63,6 +63,7 @@ from runtime.engine.drafts import open_draft_image
 from runtime.engine.placement import Plan
 from runtime.engine.source import open_source
 from runtime.format.image import Image
+from runtime.format.tokens import read_chat_template
 from runtime.ipc.procs import SERVER_MODULE, kill_wait, pid_alive, spawn_detached, spawn_foreground
 from runtime.ipc.records import (
     SERVER_RECORD_VERSION,
@@ -132,6 +133,7 @@ class ServeConfig(FlagConfig):
     request_timeout: float = 600.0
     send_timeout: float = 30.0
     no_prefix_cache: bool = False  # prompt reuse off (runtime/engine/prefix.py)
+    chat_template: str | None = None  # a Jinja chat template file instead of the image's (runtime/format/tokens.py)
     owner_pid: int | None = None  # launch.py serve's pid: the server stops when it is gone (not a flag)
 
     @property
@@ -234,6 +236,8 @@ def check_http(cfg: ServeConfig, engine: EngineConfig) -> None:
         raise ConfigError("--topk-blk and --host-attention do not go with pool serve: its continuous batching "
                           "attends exactly, on the device (runs attached in-process take them: run --attach NAME "
                           "--no-server)")
+    if cfg.chat_template is not None:  # readable, and jinja2 parses it
+        read_chat_template(cfg.chat_template)
     if cfg.http is None:
         return
     host, port = parse_listen(cfg.http)
@@ -455,7 +459,7 @@ def _serve_model(cfg: ServeConfig, engine: EngineConfig, stopping: dict, image: 
 
     from runtime.engine.scheduler import Scheduler, SchedulerConfig
     from runtime.engine.speculative import run_generator  # torch: the server computes
-    from runtime.format.tokens import image_tokenizer
+    from runtime.format.tokens import image_tokenizer, with_chat_template
 
     name = cfg.name
     max_len, rows = cfg.max_seq_len, cfg.rows
@@ -488,7 +492,8 @@ def _serve_model(cfg: ServeConfig, engine: EngineConfig, stopping: dict, image: 
         model = threading.Thread(target=_model_loop, args=(sched, halt, ctx), name="model", daemon=True)
         model.start()
         if http is not None:
-            http.state.attach(sched, image_tokenizer(image, required=False))
+            tok = image_tokenizer(image, required=False)
+            http.state.attach(sched, with_chat_template(tok, cfg.chat_template) if cfg.chat_template else tok)
             print(f"[server {name}] HTTP ready on {http.url}: {cfg.batching} batching, up to {rows} sequences, "
                   f"queue {cfg.max_queue}", flush=True)
         handlers: list[threading.Thread] = []
