@@ -12,6 +12,8 @@ random model (fast) and the logits as the references:
   test_speculative_rows                with a draft (the model itself, and prompt lookup) a lone row decodes from
       token trees (fewer passes than tokens) and two rows share plain passes; greedy and sampled tokens equal the
       plain solo runs; the draft's cache follows the row it serves.
+  test_prompt_lookup_trees_in_a_batch  prompt lookup with pass costs flat in the tokens: every row of a batch
+      verifies its own tree, with its plain greedy tokens; with costs that grow with the tokens, plain passes.
   test_job_waits_for_the_batch         an exclusive job runs once the running rows are done; requests that came
       meanwhile run after it; the batch's cache and its reuse come back.
 Each with the batch's cache on the device and offloaded (TieredKVCache). About a minute on 2 cores.
@@ -239,6 +241,36 @@ def test_speculative_rows(gen, image, draft):
     drain(sched)
     assert ev.done(s).output_token_ids == solo(gen, other, sampled)
     assert ev.done(s).output_token_ids[:6] == ev.done(pair[1]).output_token_ids
+
+
+def test_prompt_lookup_trees_in_a_batch(gen):
+    """With prompt lookup and pass costs by which a pass costs the same whatever its tokens (a streamed model's),
+    every row of a batch verifies its own tree; the tokens are each row's plain greedy ones. With costs that grow
+    with the tokens (a compute-bound pass), rows share plain passes."""
+    from runtime.engine.treecosts import PassCosts
+
+    repeat = [3, 4, 5, 6, 3, 4, 5, 7, 3, 4, 9, 11, 3, 4, 5]
+    prompts = [repeat, repeat[3:] + repeat[:3], [8, 2, 9, 1, 8, 2, 9, 1, 8]]
+    cfg = SamplingConfig(20)
+    for flat, batched_trees in ((True, True), (False, False)):
+        costs = PassCosts({1: 10.0, 1024: 10.0 if flat else 10240.0}, {1: 0.0, 1024: 0.0}, "test")
+        spec = SpeculativeGenerator(Generator(gen.source, MAX_LEN, offload=gen.kv_offload), NgramDraft(), 4,
+                                    costs=costs)
+        shared = []  # passes of several rows that verified trees
+        sched = Scheduler(spec, SchedulerConfig(max_batch=3), max_len=MAX_LEN - 4,
+                          observer=lambda st, shared=shared: shared.append(st) if st.rows > 1 and
+                          st.tree_tokens > st.rows else None)
+        ev = Events()
+        warm = ev.request(repeat, cfg)  # alone: trees, and what they gave by size
+        sched.submit(warm)
+        drain(sched)
+        reqs = [ev.request(p, cfg) for p in prompts]
+        for r in reqs:
+            sched.submit(r)
+        drain(sched)
+        for r in reqs:
+            assert ev.done(r).output_token_ids == solo(gen, r.prompt, cfg), (flat, r.n)
+        assert bool(shared) == batched_trees, (flat, len(shared))
 
 
 def test_job_waits_for_the_batch(gen):

@@ -32,7 +32,9 @@ Speculative decoding (runtime/engine/speculative.py). Given a SpeculativeGenerat
 decoding feeds that row a token tree from the draft instead of its one token (``RowTree``: the tree's mask in
 the row's, its nodes' logits selected), walks it exactly as plain decoding samples (``speculative.walk``), and
 moves the kept path's KV entries into place (``KVCache.keep`` of that row). With more rows in the pass, each
-decodes one token: a second sequence fills a pass that a tree would otherwise fill with guesses.
+decodes one token (a second sequence fills a pass that a tree would otherwise fill with guesses), unless the
+draft is prompt lookup (no state per sequence) and the measured pass costs say that every row's tree pays at
+this batch (``_trees_pay``).
 
 Exclusive jobs. ``submit_job(fn)`` runs ``fn(generator)`` in the model thread once no row is in use (requests
 that arrive meanwhile wait for it): ``bench --attach``'s timed rounds, which measure the engine's own batch.
@@ -68,7 +70,8 @@ from runtime.engine.generate import GenerationResult, Generator
 from runtime.engine.kv import RowTree, TreeRowQueries
 from runtime.engine.prefix import PrefixIndex, block_hashes
 from runtime.engine.sampling import MAX_LOGPROBS, Constraint, Sampled, TokenChooser, logprobs_of
-from runtime.engine.speculative import SpecStats, Tree, walk
+from runtime.engine.speculative import NgramDraft, SpecStats, Tree, walk
+from runtime.engine.treecosts import interpolate
 from runtime.pool.client import PoolDied
 
 PROMPT_LOGPROBS_CHUNK = 256  # prompt tokens a pass feeds a row whose every token's logits are kept (N x vocab fp32)
@@ -302,6 +305,7 @@ class Scheduler:
 
     def _run_job(self, job: Callable) -> None:
         self.cache = None  # the job's own cache takes its place
+        self._draft_for = None  # and the draft's, if it runs one
         if self.index is not None:
             self.index = PrefixIndex(self.cfg.max_batch)
         try:
@@ -381,23 +385,47 @@ class Scheduler:
     # ---- a step -------------------------------------------------------------------------------------------
 
     def _trees(self, hi: int) -> tuple[dict[int, Tree], float]:
-        """The token trees of this pass: the draft's, for the only row in use when it is decoding; and the
-        draft's time."""
+        """The token trees of this pass, and the draft's time: the draft's tree for the only row in use when it
+        is decoding; with a draft that keeps no state per sequence (prompt lookup) one for every row when all
+        are decoding and the measured costs say that trees pay at this batch (``_trees_pay``)."""
         busy = [i for i, r in enumerate(self.rows[:hi]) if r is not None]
-        if self.spec is None or len(busy) != 1:
+        if self.spec is None or any(self.rows[i].last is None for i in busy):
             return {}, 0.0
-        i = busy[0]
-        r = self.rows[i]
-        left = r.req.sampling.max_new_tokens - len(r.result.output_token_ids)
-        n = min(self.spec.n, self.scratch - r.length, left)  # n nodes give at most n tokens
-        if r.last is None or n < 2:
+        if len(busy) > 1 and (not isinstance(self.spec.draft, NgramDraft) or not self._trees_pay(len(busy))):
             return {}, 0.0
-        t0 = time.perf_counter()
-        if self._draft_for != r.req.id:  # the draft's cache holds another sequence
-            self.spec.draft.reset()
-            self._draft_for = r.req.id
-        tree = self.spec.draft.propose(r.seq(), n)
-        return ({i: tree} if len(tree) > 1 else {}), (time.perf_counter() - t0) * 1e3
+        t0, trees = time.perf_counter(), {}
+        for i in busy:
+            r = self.rows[i]
+            left = r.req.sampling.max_new_tokens - len(r.result.output_token_ids)
+            n = min(self.spec.n, self.scratch - r.length, left)  # n nodes give at most n tokens
+            if n < 2:
+                continue
+            if self._draft_for != r.req.id:  # a model draft's cache holds another sequence
+                self.spec.draft.reset()
+                self._draft_for = r.req.id
+            tree = self.spec.draft.propose(r.seq(), n)
+            if len(tree) > 1:
+                trees[i] = tree
+        return trees, (time.perf_counter() - t0) * 1e3
+
+    def _trees_pay(self, rows: int) -> bool:
+        """Whether ``rows`` sequences each verifying a tree of the current size give more tokens a second than a
+        plain pass of the same rows: rows x tokens(m) / (rows x draft(m) + pass(rows x m)) against rows /
+        pass(rows), from what the trees seen so far gave (TreeSize: tokens and draft time by size) and the pass
+        times the probe measured for this image (or this run's own passes). Without those: no."""
+        size, m = self.spec.size, self.spec.n
+        if not size.count.get(m):
+            return False
+        if size.costs is not None:  # measured up to its largest pass: no guess beyond it
+            if rows * m > max(size.costs.pass_ms):
+                return False
+            tree_pass, plain = interpolate(size.costs.pass_ms, rows * m), interpolate(size.costs.pass_ms, rows)
+        else:
+            tree_pass, plain = size.pass_ms(rows * m), size.pass_ms(rows)
+        if tree_pass is None or plain is None:
+            return False
+        tokens, draft = size.tokens[m] / size.count[m], size.draft[m] / size.count[m]
+        return rows * tokens / (rows * draft + tree_pass) > rows / plain
 
     def _plan(self) -> _Pass:
         """The pass's tokens (hi, S), its queries, and which logits each row needs."""
