@@ -29,7 +29,7 @@ and raw HTTP (httpx).
   test_serve_foreground_stops_with_pool  ``launch.py serve --http 0``: serves, SIGINT stops server and pool, no
       leftovers, the port closed.
 The module's server stops with its pool at the end (``pool stop``): no process, record, socket or /dev/shm name
-of its pool is left, and its port is closed. About a minute on 2 cores.
+of its pool is left, and its port is closed. About two minutes on 2 cores.
 """
 
 from __future__ import annotations
