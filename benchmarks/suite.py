@@ -51,7 +51,8 @@ SCALES = {  # shape -> (layers, GPU cap GB) per scale
     "small": {"llama3.1-8b": (8, 6 * 1.073741824), "llama3.1-70b": (4, 24.0)},
     "cpu-smoke": {"tiny": (4, None)},
 }
-FULL_LAYERS = {"llama3.1-8b": 32, "llama3.1-70b": 80, "qwen2.5-72b": 80, "qwen3-32b": 64}  # the real models, for truncated images' extrapolation
+# the real models, for truncated images' extrapolation
+FULL_LAYERS = {"llama3.1-8b": 32, "llama3.1-70b": 80, "qwen2.5-72b": 80, "qwen3-32b": 64}
 TARGETS = {"decode_dram": 1.10, "decode_disk": 1.10, "prefill": 1.15, "ttft_cold": 1.2, "peer_speedup": 6.0}
 WORKERS = 4  # I/O workers per pool (the GPU machine has 16 cores)
 KV_TOKENS = 2049  # the prefill regime's context: the KV cache the emulated cap must leave room for

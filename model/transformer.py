@@ -290,8 +290,10 @@ def layer_passes(args: ModelArgs) -> tuple[tuple[str, Callable, int], ...]:
 
 
 def forward_groups(tokens: torch.Tensor, start: int, args: ModelArgs, source, rope: Rope, cache: Cache,
-                   last_only: bool = False, parallel: Parallel | None = None) -> torch.Tensor:
-    """One forward pass -> logits (B, S, vocab), or (B, 1, vocab) for the last position with ``last_only``.
+                   last_only: bool = False, parallel: Parallel | None = None,
+                   select: torch.Tensor | None = None) -> torch.Tensor:
+    """One forward pass -> logits (B, S, vocab), or (B, 1, vocab) for the last position with ``last_only``, or
+    (1, N, vocab) for the positions ``select`` (N,) of the flattened (B x S) pass.
 
     The weight-source contract: ``source.embed(tokens)`` does the lookup; ``source.get(group)`` is called in
     the pass order (runtime/engine/placement.py ``pass_sequence``) and the weights it returns are valid only until
@@ -313,6 +315,8 @@ def forward_groups(tokens: torch.Tensor, start: int, args: ModelArgs, source, ro
         h = fwd(h, source.get(group), p, layer)
     if last_only:
         h = h[:, -1:]
+    elif select is not None:
+        h = h.flatten(0, 1)[select].unsqueeze(0)  # (1, N, dim)
     head = source.get(HEAD)
     x = rms_norm(h, head["norm.weight"], args.norm_eps)  # before a tied model fetches the embedding
     out_w = source.get(EMBED)["tok_embeddings.weight"] if args.tie_embeddings else head["output.weight"]

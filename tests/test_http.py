@@ -14,12 +14,22 @@ and raw HTTP (httpx).
   test_disconnect_frees_slot           a client that drops a stream mid-way: its row is freed (active requests
       back to 0, cancelled count up), and the server keeps serving.
   test_errors                          malformed JSON, unknown model, a prompt over the context, max_tokens < 1,
-      n = 2, a missing or wrong API key, a body over 8 MiB, an unknown path: status and OpenAI-shaped error; then
-      a good request is still served.
+      n over 16, a missing or wrong API key, a body over 8 MiB, an unknown path: status and OpenAI-shaped error;
+      then a good request is still served.
+  test_unsupported_fields_refused      every field the server does not serve (and values it does not: best_of
+      above n, a suffix, an unknown response_format, top_logprobs without logprobs, tool_choice without tools,
+      tools with a template that shows none): 400 naming it.
+  test_logprobs_and_fields             log-probabilities (chat top_logprobs; completions logprobs with echo: the
+      prompt's too) equal the log-softmax of the logits of one in-process forward; logit_bias forces a token;
+      top_k 1 and min_p 1 sample the greedy tokens; penalties, top-k and min-p together give the tokens of an
+      in-process scheduler with the same settings; n = 3 choices are the solo runs of seed + i, the prompt counted
+      once; models.retrieve; the batch-size gauge reads 0 when idle.
+  test_json_schema_answers             response_format json_schema: 10 prompts' answers (sent at once, one
+      streamed) validate against the schema (jsonschema); json_object answers are JSON objects.
   test_serve_foreground_stops_with_pool  ``launch.py serve --http 0``: serves, SIGINT stops server and pool, no
       leftovers, the port closed.
 The module's server stops with its pool at the end (``pool stop``): no process, record, socket or /dev/shm name
-of its pool is left, and its port is closed. About a minute on 2 cores.
+of its pool is left, and its port is closed. About two minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from conftest import ROOT, run_launch
 
 from runtime.engine.config import PrefillConfig, SamplingConfig
@@ -156,8 +167,11 @@ class _FullScheduler:
         class args:  # noqa: N801
             vocab_size = 100
 
-    cancelled = 0
+    cancelled = prefilled_tokens = cached_tokens = spec_passes = spec_tokens = 0
     observer = None
+
+    def batch_size(self):
+        return 8
 
     def submit(self, req):
         raise QueueFull("64 requests are waiting (--max-queue 64)")
@@ -184,7 +198,7 @@ def test_app_not_ready_and_queue_full():
             state.attach(_FullScheduler(), None)
             assert (await c.get("/health")).status_code == 200
             r = await c.post("/v1/completions", json={"prompt": [1, 2], "max_tokens": 2})
-            assert r.status_code == 429, r.text
+            assert r.status_code == 429 and r.headers["retry-after"] == "1", r.text
             assert set(r.json()["error"]) == {"message", "type", "param", "code"}
             assert "llmstream_queue_depth 64.0" in (await c.get("/metrics")).text
 
@@ -300,7 +314,8 @@ def test_answers_equal_run(server, smol_image, tok, tmp_path):
     j = httpx.post(f"{server.url}/v1/completions", json=body, headers=hdr, timeout=120).json()
     assert j["object"] == "text_completion" and j["choices"][0]["token_ids"] == ref, j
     assert j["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": len(ref),
-                          "total_tokens": len(prompt) + len(ref)}
+                          "total_tokens": len(prompt) + len(ref),  # the chat requests' KV entries reused:
+                          "prompt_tokens_details": {"cached_tokens": len(prompt) - 1}}
     with httpx.stream("POST", f"{server.url}/v1/completions", json={**body, "stream": True}, headers=hdr,
                       timeout=120) as s:
         assert s.headers["content-type"].startswith("text/event-stream")
@@ -402,7 +417,7 @@ def test_errors(server):
     check(post("/v1/completions", {"prompt": [1, 2], "max_tokens": MAX_LEN}), 400, "max_tokens",
           "context_length_exceeded")
     check(post("/v1/completions", {"prompt": [1, 2], "max_tokens": 0}), 400, "max_tokens")
-    check(post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 2}), 400, "n")
+    check(post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 17}), 400, "n")
     check(post("/v1/chat/completions", {"messages": "hi"}), 400, "messages")
     check(post("/v1/completions", {"prompt": [1, 2]}, headers={}), 401, code="invalid_api_key")
     check(post("/v1/completions", {"prompt": [1, 2]}, headers={"Authorization": "Bearer nope"}), 401)
@@ -417,6 +432,148 @@ def test_errors(server):
         server.client.completions.create(model=server.model, prompt=[1, 2], max_tokens=0)
     r = server.client.completions.create(model=server.model, prompt=[1, 2], max_tokens=2, temperature=0)
     assert r.usage.completion_tokens == 2  # still serving
+
+
+def test_unsupported_fields_refused(server):
+    url, hdr = server.url, {"Authorization": f"Bearer {KEY}"}
+    msgs = [{"role": "user", "content": "hi"}]
+
+    def refused(path: str, body: dict, param: str) -> None:
+        r = httpx.post(f"{url}{path}", headers=hdr, json=body, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
+
+    for field in ("functions", "function_call", "service_tier", "store", "metadata", "modalities", "audio",
+                  "prediction", "reasoning_effort", "web_search_options", "frobnicate", "echo", "best_of"):
+        refused("/v1/chat/completions", {"messages": msgs, field: 1}, field)
+    for field in ("messages", "top_logprobs", "response_format", "tools", "tool_choice", "frobnicate"):
+        refused("/v1/completions", {"prompt": [1, 2], field: 1}, field)
+    refused("/v1/completions", {"prompt": [1, 2], "best_of": 3}, "best_of")
+    refused("/v1/completions", {"prompt": [1, 2], "suffix": "end"}, "suffix")
+    refused("/v1/chat/completions", {"messages": msgs, "response_format": {"type": "xml"}}, "response_format")
+    refused("/v1/chat/completions", {"messages": msgs, "response_format": {"type": "json_schema"}}, "response_format")
+    refused("/v1/chat/completions", {"messages": msgs, "top_logprobs": 2}, "top_logprobs")
+    refused("/v1/chat/completions", {"messages": msgs, "logprobs": True, "top_logprobs": 21}, "top_logprobs")
+    refused("/v1/chat/completions", {"messages": msgs, "tool_choice": "required"}, "tool_choice")
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    refused("/v1/chat/completions", {"messages": msgs, "tools": [tool]}, "tools")  # SmolLM2's template: no tools
+    refused("/v1/chat/completions", {"messages": msgs, "logit_bias": {"99999999": 5}}, "logit_bias")
+    with pytest.raises(openai.BadRequestError, match="frobnicate"):
+        server.client.chat.completions.create(model=server.model, messages=msgs, extra_body={"frobnicate": True})
+    # null is not given
+    r = httpx.post(f"{url}/v1/completions", headers=hdr, timeout=60,
+                   json={"prompt": [1, 2], "max_tokens": 1, "suffix": None, "functions": None, "user": "me"})
+    assert r.status_code == 200, r.text
+
+
+def _solo_logits(gen, ids: list[int]) -> torch.Tensor:
+    """log-softmax of the logits of one forward over ``ids``: row i predicts token i + 1."""
+    return gen.forward(torch.tensor([ids]), 0, gen.new_cache(1))[0].log_softmax(-1)
+
+
+def test_logprobs_and_fields(server, gen, tok):
+    c, model = server.client, server.model
+    msgs = [{"role": "user", "content": QUESTION}]
+    prompt = tok.encode_chat(msgs)
+    r = c.chat.completions.create(model=model, messages=msgs, max_tokens=6, temperature=0, logprobs=True,
+                                  top_logprobs=3, extra_body={"return_token_ids": True})
+    ids = _ids(r.choices[0])
+    lp = _solo_logits(gen, prompt + ids)
+    content = r.choices[0].logprobs.content
+    assert len(content) == len([t for t in ids if t not in tok.eos_ids])
+    for k, e in enumerate(content):
+        row = lp[len(prompt) - 1 + k]
+        assert e.logprob == pytest.approx(float(row[ids[k]]), abs=2e-4)
+        assert e.token == tok.decode([ids[k]]) and bytes(e.bytes).decode(errors="replace") == e.token
+        assert [t.logprob for t in e.top_logprobs] == pytest.approx(row.topk(3).values.tolist(), abs=2e-4)
+    # completions: logprobs with echo gives the prompt's too (its first token none)
+    p = tok.encode("The capital of France is")
+    j = c.completions.create(model=model, prompt=p, max_tokens=3, temperature=0, logprobs=2, echo=True,
+                             extra_body={"return_token_ids": True})
+    out = _ids(j.choices[0])
+    lpc, lps = _solo_logits(gen, p + out), j.choices[0].logprobs
+    assert j.choices[0].text == tok.decode(p) + tok.decode(out) and len(lps.tokens) == len(p) + len(out)
+    assert lps.token_logprobs[0] is None and lps.top_logprobs[0] is None
+    for k, t in enumerate((p + out)[1:], 1):
+        assert lps.token_logprobs[k] == pytest.approx(float(lpc[k - 1, t]), abs=2e-4), k
+    assert lps.text_offset[:2] == [0, len(tok.decode(p[:1]))]
+    # logit_bias +100 on a token makes it the greedy choice; top_k 1 and min_p 1 at temperature 1.5 sample greedily
+    forced = tok.encode(" Paris")[0]
+    r = c.completions.create(model=model, prompt=p, max_tokens=3, temperature=0, logit_bias={str(forced): 100},
+                             extra_body={"return_token_ids": True})
+    assert _ids(r.choices[0]) == [forced] * 3
+    greedy = solo(gen, tok, p, 5)
+    for extra in ({"top_k": 1}, {"min_p": 1.0}):
+        r = c.completions.create(model=model, prompt=p, max_tokens=5, temperature=1.5, seed=11,
+                                 extra_body={"return_token_ids": True, **extra})
+        assert _ids(r.choices[0]) == greedy, extra
+    # the penalties, top-k and min-p: the tokens of an in-process scheduler with those settings
+    kw = dict(temperature=0.9, top_p=0.95, seed=3, presence_penalty=0.5, frequency_penalty=0.7)
+    extra = {"top_k": 20, "min_p": 0.02, "repetition_penalty": 1.3, "return_token_ids": True}
+    r = c.completions.create(model=model, prompt=p, max_tokens=8, extra_body=extra, **kw)
+    sched = Scheduler(gen, SchedulerConfig(max_batch=1))
+    got = []
+    sched.submit(SeqRequest(p, SamplingConfig(8, 0.9, 0.95, 3, top_k=20, min_p=0.02, presence_penalty=0.5,
+                                              frequency_penalty=0.7, repetition_penalty=1.3),
+                            lambda k, x: got.append(x) if k == "done" else None, tok.eos_ids))
+    while sched.tick():
+        pass
+    assert _ids(r.choices[0]) == got[0].output_token_ids
+    # n = 3: choice i is the solo run of seed + i; the prompt counted once
+    r = c.completions.create(model=model, prompt=p, max_tokens=4, temperature=1.0, seed=40, n=3,
+                             extra_body={"return_token_ids": True})
+    want = [gen.generate(p, SamplingConfig(4, 1.0, 1.0, 40 + i), tok.eos_ids).output_token_ids for i in range(3)]
+    assert [_ids(ch) for ch in sorted(r.choices, key=lambda ch: ch.index)] == want
+    assert r.usage.prompt_tokens == len(p) and r.usage.completion_tokens == sum(map(len, want))
+    assert c.models.retrieve(model).id == model
+    with pytest.raises(openai.NotFoundError):
+        c.models.retrieve("gpt-9")
+    m = wait_until(lambda: (x := server.metrics())["llmstream_active_requests"] == 0 and x, 30, "idle")
+    assert m["llmstream_batch_size"] == 0 and m["llmstream_batch_size_max"] >= 3
+
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 24},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                                           "city": {"type": "string", "enum": ["Paris", "Berlin", "Rome"]},
+                                           "tags": {"type": "array", "items": {"type": "string", "maxLength": 12},
+                                                    "maxItems": 3}},
+          "required": ["name", "age", "city", "tags"], "additionalProperties": False}
+
+
+def test_json_schema_answers(server):
+    jsonschema = pytest.importorskip("jsonschema")
+    c, model = server.client, server.model
+    people = ["a baker", "a pilot", "a child", "a painter", "a doctor", "a farmer", "a singer", "a runner",
+              "a chess player", "a sailor"]
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA, "strict": True}}
+    got: list = [None] * len(people)
+
+    def one(i: int) -> None:
+        msgs = [{"role": "user", "content": f"Describe {people[i]} as JSON."}]
+        if i == 0:  # one of them streamed
+            chunks = list(c.chat.completions.create(model=model, messages=msgs, max_tokens=120, temperature=0.7,
+                                                    seed=i, response_format=fmt, stream=True))
+            got[i] = ("".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices),
+                      [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1])
+        else:
+            r = c.chat.completions.create(model=model, messages=msgs, max_tokens=120, temperature=0.7, seed=i,
+                                          response_format=fmt)
+            got[i] = (r.choices[0].message.content, r.choices[0].finish_reason)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(people))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(300)
+    for text, reason in got:
+        jsonschema.validate(json.loads(text), SCHEMA)
+        assert reason == "stop", text
+    print("e.g.", got[1][0])
+    r = c.chat.completions.create(model=model, messages=[{"role": "user", "content": "Give me some JSON."}],
+                                  max_tokens=200, temperature=0, response_format={"type": "json_object"})
+    if r.choices[0].finish_reason == "stop":  # an object may be as long as the model likes: ended, it parses
+        assert isinstance(json.loads(r.choices[0].message.content), dict)
+    else:
+        assert r.choices[0].message.content.lstrip().startswith("{")
 
 
 def test_serve_foreground_stops_with_pool(smol_image, tmp_path, monkeypatch):

@@ -160,16 +160,18 @@ def _kv_args(p) -> None:
              "min/max, as in Quest) plus the first block and the 2 most recent; off by default (exact attention)")
 
 
-def _draft_args(p) -> None:
+def _draft_args(p, server: bool = False) -> None:
     E = EngineConfig
+    batch = ("a server decodes from trees while its batch holds one sequence, and plainly, sharing passes, while "
+             "it holds more" if server else "One sequence at a time (no --batch-size above 1)")
     g = p.add_argument_group("speculative decoding (runtime/engine/speculative.py)")
     arg(g, "--draft", E, metavar="IMAGE|ngram",
         help="speculative decoding, exact: a draft proposes a tree of continuations and one weight pass of the "
              "model verifies all of it, keeping the longest path the model's own choice agrees with (greedy: the "
              "same tokens as without a draft; sampled: the same distribution). IMAGE: a small packed model with "
              "the same tokenizer, held wholly on the device and reserved first in the GPU budget (the plan shows "
-             "it); ngram: continuations of where the text's last tokens occurred before (no model). One "
-             "sequence at a time (no --batch-size above 1); not with --topk-blk")
+             "it); ngram: continuations of where the text's last tokens occurred before (no model). " + batch +
+             "; not with --topk-blk")
     arg(g, "--draft-tokens", E, type=int, metavar="N",
         help="tree nodes verified per weight pass, the last accepted token included, at most --prefill-chunk "
              "(default: chosen during the run: every 8 passes half and twice the size are tried against it and the "
@@ -408,9 +410,10 @@ def _serve_parser(ps) -> None:
                                     "that generates for every run --attach NAME",
                       description="Start the pool's server (runtime/services/server.py): a detached process that "
                                   "attaches to the pool once (plan, ring registered with CUDA, GPU tier copied, CUDA "
-                                  "warmed up) and then generates for the runs and benches that attach to the pool, "
-                                  "one request at a time in arrival order, so their first token costs the prefill "
-                                  "only. Its limits (device, GPU budget, sequence length, batch, KV flags) are fixed "
+                                  "warmed up) and then generates for the runs and benches that attach to the pool "
+                                  "(and with --http for OpenAI-compatible clients), all in one continuously batched "
+                                  "scheduler, so their first token costs the prefill only. Its limits (device, GPU "
+                                  "budget, sequence length, batch, KV flags) are fixed "
                                   "here; a run that needs others passes --no-server. Log: the pool dir's "
                                   "NAME.server.log.")
     arg(q, "name", C, help="pool name (a running pool: launch.py pool start)")
@@ -419,9 +422,9 @@ def _serve_parser(ps) -> None:
     arg(q, "--timeout", C, type=float, help="with --stop: seconds before SIGKILL (default %(default)s)")
     _server_compute_args(q, C)
     arg(q, "--batch-size", C, type=int,
-        help="most sequences per weight pass (default %(default)s): a request may ask for that many (run/bench "
-             "--prompts --batch-size), and up to that many greedy requests waiting while the server is busy are "
-             "served together, sharing every weight pass")
+        help="most sequences per weight pass without --http (default %(default)s; with --http the larger of it "
+             "and --max-batch): requests join and leave the running batch at every pass (continuous batching), "
+             "and a request may ask for that many of its prompts at once (run/bench --prompts --batch-size)")
     arg(q, "--group-prefetch-depth", E, type=int, help="GPU staging buffers (default %(default)s)")
     arg(q, "--h2d-gbps", C, type=float, help="H2D link in GB/s for the bound its bench reports give (default: "
                                              "measured when it starts)")
@@ -431,7 +434,7 @@ def _serve_parser(ps) -> None:
     arg(q, "--quiet", C, action="store_true", help="print only the last line")
     _http_args(q, required=False)
     _kv_args(q)
-    _draft_args(q)
+    _draft_args(q, server=True)
 
 
 def _http_args(p, required: bool) -> None:
@@ -456,6 +459,13 @@ def _http_args(p, required: bool) -> None:
                                                     "%(default)s; then 504)")
     arg(g, "--send-timeout", C, type=float, help="seconds a streamed answer waits for a client that stopped reading "
                                                  "before it drops the request (default %(default)s)")
+    arg(g, "--chat-template", C, metavar="FILE",
+        help="render chats with the Jinja chat template in FILE instead of the image's own (e.g. one that renders "
+             "tools when the image's does not; tool calls are parsed in the format it teaches: <tool_call> "
+             "blocks, Llama-3.1 JSON or [TOOL_CALLS])")
+    arg(g, "--no-prefix-cache", C, action="store_true",
+        help="do not reuse the KV entries of earlier prompts (by default a request whose prompt begins with one "
+             "that a sequence slot still holds, e.g. a shared system prompt, prefills only the rest)")
 
 
 def _serve_foreground_parser(sub) -> None:
@@ -474,6 +484,7 @@ def _serve_foreground_parser(sub) -> None:
     arg(q, "--quiet", C, action="store_true", help="fewer progress lines")
     _http_args(q, required=True)
     _kv_args(q)
+    _draft_args(q, server=True)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -140,10 +140,22 @@ class PrefillConfig(FlagConfig):
 
 @dataclass(frozen=True)
 class SamplingConfig(FlagConfig):
+    """One request's sampling. The first four are run's flags; the rest come from the HTTP server's requests
+    (runtime/engine/sampling.py applies them; their defaults change nothing): the filters ``top_k`` and
+    ``min_p`` beside ``top_p`` (generate.sample), and the logit processing before them, ``logit_bias`` ((token
+    id, bias) pairs), ``repetition_penalty`` (over the prompt and the output), ``frequency_penalty`` and
+    ``presence_penalty`` (over the output)."""
+
     max_new_tokens: int = 64
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     seed: int = 0
+    top_k: int = 0  # 0: no limit
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -152,6 +164,24 @@ class SamplingConfig(FlagConfig):
             raise ConfigError(f"--temperature must be >= 0, found {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"--top-p must be in (0, 1], found {self.top_p}")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0 (0: no limit), found {self.top_k}")
+        if not 0 <= self.min_p <= 1:
+            raise ConfigError(f"min_p must be in [0, 1], found {self.min_p}")
+        for key in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, key) <= 2:
+                raise ConfigError(f"{key} must be in [-2, 2], found {getattr(self, key)}")
+        if not self.repetition_penalty > 0:
+            raise ConfigError(f"repetition_penalty must be positive, found {self.repetition_penalty}")
+        bad = [(t, b) for t, b in self.logit_bias if not (isinstance(t, int) and t >= 0 and -100 <= b <= 100)]
+        if bad:
+            raise ConfigError(f"logit_bias: token ids >= 0 and biases in [-100, 100], found {bad[0]}")
+
+    @property
+    def processed(self) -> bool:
+        """Whether the logits are changed before the filters (runtime/engine/sampling.py)."""
+        return bool(self.logit_bias) or self.presence_penalty != 0 or self.frequency_penalty != 0 or \
+            self.repetition_penalty != 1
 
 
 @dataclass(frozen=True)

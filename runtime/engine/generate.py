@@ -45,6 +45,9 @@ class GenerationResult:
     decode_ms: float = 0.0
     token_ms: list[float] = field(default_factory=list)  # wall time of each decode step
     stop_reason: str = "length"
+    cached_tokens: int = 0  # prompt tokens whose KV entries were reused, not prefilled (runtime/engine/prefix.py)
+    batched: int = 1  # the most sequences one of its weight passes served (runtime/engine/scheduler.py)
+    speculative: dict | None = None  # its decode passes with a draft (runtime/engine/scheduler.py)
 
     def timings(self) -> dict:
         n = len(self.output_token_ids)
@@ -56,15 +59,29 @@ class GenerationResult:
 
 
 def sample(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator) -> torch.Tensor:
-    """logits (B, vocab) fp32 -> token ids (B,). Greedy at temperature 0, else top-p (nucleus) sampling."""
+    """logits (B, vocab) fp32 -> token ids (B,). Greedy at temperature 0, else a draw from ``filtered``."""
     if cfg.temperature == 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits / cfg.temperature, dim=-1)
-    sorted_p, idx = probs.sort(dim=-1, descending=True)
-    drop = sorted_p.cumsum(-1) - sorted_p > cfg.top_p  # keep the smallest prefix whose mass reaches top_p
-    sorted_p = sorted_p.masked_fill(drop, 0.0)
+    sorted_p, idx = filtered(logits, cfg)
     choice = torch.multinomial(sorted_p.cpu(), 1, generator=gen).to(idx.device)  # (B, 1)
     return idx.gather(-1, choice).squeeze(-1)
+
+
+def filtered(logits: torch.Tensor, cfg: SamplingConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distribution a temperature > 0 draws from, as HF's and vLLM's warpers define it: softmax(logits / T)
+    sorted (probabilities (B, vocab) descending, not renormalised, and their token ids); then ``top_k`` keeps the
+    k most likely; ``top_p`` the smallest prefix whose mass reaches top_p of what top_k kept; ``min_p`` the
+    tokens at least min_p times as likely as the most likely. The rest are 0."""
+    probs = torch.softmax(logits / cfg.temperature, dim=-1)
+    sorted_p, idx = probs.sort(dim=-1, descending=True)
+    if cfg.top_k:
+        sorted_p[..., cfg.top_k:] = 0.0
+        drop = sorted_p.cumsum(-1) - sorted_p > cfg.top_p * sorted_p.sum(-1, keepdim=True)
+    else:
+        drop = sorted_p.cumsum(-1) - sorted_p > cfg.top_p  # keep the smallest prefix whose mass reaches top_p
+    if cfg.min_p:
+        drop |= sorted_p < cfg.min_p * sorted_p[..., :1]
+    return sorted_p.masked_fill(drop, 0.0), idx
 
 
 def warm_up(args, dtype: torch.dtype, device: torch.device, tokens: int, formats=()) -> None:
@@ -254,13 +271,18 @@ class Generator:
             cache.tree = None
 
     @torch.inference_mode()
-    def forward_rows(self, tokens: torch.Tensor, cache: KVCache, rows: RowQueries) -> torch.Tensor:
+    def forward_rows(self, tokens: torch.Tensor, cache: KVCache, rows: RowQueries,
+                     select: torch.Tensor | None = None) -> torch.Tensor:
         """One weight pass of a continuous batch (runtime/engine/scheduler.py): tokens (B, S), each row's right-
-        aligned at its own slots (``rows``) -> the last column's logits (B, vocab) fp32, each row's latest token's."""
+        aligned at its own slots (``rows``) -> the last column's logits (B, vocab) fp32, each row's latest token's;
+        or with ``select`` (N,) (positions of the flattened (B x S) pass) those positions' logits (N, vocab): a
+        token tree's nodes, a prompt whose tokens' log-probabilities were asked for."""
         if self.threads is not None:
             self.threads.refresh()
         cache.rows = rows
         try:
+            if select is not None:
+                return forward_groups(tokens, 0, self.args, self.source, self.rope, cache, select=select)[0]
             return forward_groups(tokens, 0, self.args, self.source, self.rope, cache, last_only=True)[:, -1]
         finally:
             cache.rows = None

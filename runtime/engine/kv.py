@@ -12,6 +12,7 @@ the CPU where the cache lives (FlexGen). docs/DESIGN.md, "The KV cache", has the
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -22,6 +23,27 @@ from model.args import ModelArgs
 from model.groups import host_layer_count, spread_layers
 from model.transformer import RowQueries, TreeQueries
 from runtime.engine.copy2d import copy_2d
+
+
+@dataclasses.dataclass(frozen=True)
+class RowTree:
+    """A token tree inside a continuous batch's pass (runtime/engine/scheduler.py: speculative decoding of that
+    row): row ``row``'s columns [col, col + n) are the tree's n nodes, at slots [base, base + n) (the root, the
+    row's latest token, at ``base``). Their RowQueries ``visible`` is base - 1 (the row's slots before the tree);
+    ``visible`` here (n, n) bool, on the cache's device, adds the tree slots each node sees (its ancestors and
+    itself)."""
+
+    row: int
+    col: int
+    base: int
+    visible: torch.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class TreeRowQueries(RowQueries):
+    """RowQueries with token trees in some rows (``RowTree``)."""
+
+    trees: tuple[RowTree, ...] = ()
 
 
 class KVCache:
@@ -170,6 +192,9 @@ class KVCache:
         k = torch.arange(end, device=self.device).view(1, 1, end)
         if self.rows is not None:
             mask = k <= self.rows.visible.unsqueeze(-1)  # (B, S, end)
+            for t in getattr(self.rows, "trees", ()):
+                n = t.visible.shape[0]
+                mask[t.row, t.col:t.col + n, t.base:t.base + n] = t.visible
         elif self.tree is not None:  # a token tree: the prefix before its base, then its row of visible
             if self.pad is not None:
                 raise ValueError("a token tree is verified for one sequence, not a padded batch")
@@ -185,14 +210,24 @@ class KVCache:
         self._mask = (key, mask, tag)
         return mask
 
-    def keep(self, slots: list[int], at: int) -> None:
+    def keep(self, slots: list[int], at: int, row: int | None = None) -> None:
         """Speculative decoding's accepted path: move the KV entries of ``slots`` (increasing, each >= its
-        destination) to consecutive slots from ``at``, in every layer; slots after them are free again."""
+        destination) to consecutive slots from ``at``, in every layer, of every sequence or of sequence ``row``
+        only (a continuous batch's); slots after them are free again."""
         if self.topk_blk is not None:
             raise ValueError("--topk-blk's block summaries are not kept through a token tree")
         src = torch.tensor(slots, dtype=torch.long, device=self.device)
+        rows = slice(None) if row is None else row
         for t in (*self.k, *self.v):
-            t[:, at:at + len(slots)] = t[:, src]
+            t[rows, at:at + len(slots)] = t[rows, src]
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Prompt reuse (runtime/engine/prefix.py): sequence ``dst``'s slots [0, n) become a copy of sequence
+        ``src``'s, in every layer (on the device: 2 x layers copies)."""
+        if self.topk_blk is not None:
+            raise ValueError("--topk-blk's block summaries are not copied between sequences")
+        for t in (*self.k, *self.v):
+            t[dst, :n] = t[src, :n]
 
     def _block_attention(self, q: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, blocks: torch.Tensor,
                          end: int) -> torch.Tensor:
@@ -392,20 +427,31 @@ class TieredKVCache(KVCache):
         if self._buffer_of(nxt) is None:
             self._fetch(nxt, 1 - b)  # into the other buffer, while this layer's attention and FFN run
 
-    def keep(self, slots: list[int], at: int) -> None:
+    def keep(self, slots: list[int], at: int, row: int | None = None) -> None:
         """As KVCache.keep, in the host store and in the device buffers of the layers they hold (once the copies
         into the host store have finished)."""
         if self.cuda:
             self.copy_stream.synchronize()
         src, n = torch.tensor(slots, dtype=torch.long), len(slots)
+        rows = slice(None) if row is None else row
         for t in (*self.store_k, *self.store_v):
-            t[:, :, at:at + n] = t[:, :, src]
+            t[rows, :, at:at + n] = t[rows, :, src]
         src = src.to(self.device)
         for b in (0, 1):
             if self.loaded[b] is not None:
                 for t in (self.buf_store_k[b], self.buf_store_v[b]):
-                    t[:, :, at:at + n] = t[:, :, src]
-        self.written = [min(w, at + n) for w in self.written]
+                    t[rows, :, at:at + n] = t[rows, :, src]
+        if row is None:
+            self.written = [min(w, at + n) for w in self.written]
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """As KVCache.copy_prefix, in the host store (once its copies in have finished); the device buffers
+        are fetched again before their next use."""
+        if self.cuda:
+            self.copy_stream.synchronize()
+        for t in (*self.store_k, *self.store_v):
+            t[dst, :, :n] = t[src, :, :n]
+        self.loaded, self.ready = [None, None], [None, None]
 
     def _copy_out(self, layer: int, b: int, start: int, end: int) -> None:
         copy_2d(self.store_k[layer][:, :, start:end], self.buf_store_k[b][:, :, start:end], self.copy_stream)

@@ -86,6 +86,27 @@ class Tree:
         return TreeQueries(root + 1, pos, vis[:, 1:]) if root_cached else TreeQueries(root, pos, vis)
 
 
+def walk(tree: Tree, logits: torch.Tensor, choose: Callable[[torch.Tensor], int], stop_ids: frozenset[int],
+         left: int) -> tuple[list[int], list[int], bool]:
+    """The walk from the root of a verified tree: at each node the target's token is drawn from that node's logits
+    (``choose`` on logits (1, vocab): exactly plain decoding's draw), and the walk descends while that token is
+    one of the node's children. logits (n, vocab): every node's. At most ``left`` tokens. -> (the tokens, the
+    tree nodes accepted in order (the root excluded: their KV entries are kept), whether a stop token ended it)."""
+    node, toks, nodes = 0, [], []
+    while True:
+        tok = choose(logits[node:node + 1])
+        toks.append(tok)
+        if tok in stop_ids:
+            return toks, nodes, True
+        if len(toks) >= left:
+            return toks, nodes, False
+        nxt = tree.child(node, tok)
+        if nxt is None:
+            return toks, nodes, False
+        node = nxt
+        nodes.append(node)
+
+
 class NgramDraft:
     """Prompt lookup: the continuations of the earlier places where the sequence's last ``max_ngram`` (down
     to 1) tokens occurred, most recent first, merged into a tree. No model, no device memory."""
@@ -368,25 +389,17 @@ class SpeculativeGenerator:
             t2 = time.perf_counter()
             logits = gen.forward_tree(torch.tensor([tree.tokens], dtype=torch.long, device=dev), start, cache,
                                       tree.queries(range(len(tree)), start, dev) if len(tree) > 1 else None)[0]
-            node, path, emitted = 0, [start], 0
-            while True:
-                tok = int(sample(logits[node:node + 1], cfg, rng).item())
+            toks, nodes, stopped = walk(tree, logits, lambda x: int(sample(x, cfg, rng).item()), stop_ids,
+                                        cfg.max_new_tokens - len(res.output_token_ids))
+            path, emitted = [start] + [start + n for n in nodes], len(toks)
+            for tok in toks:
                 seq.append(tok)
                 res.output_token_ids.append(tok)
-                emitted += 1
                 if on_token:
                     on_token(tok)
-                if tok in stop_ids:
-                    res.stop_reason, done = "stop_token", True
-                    break
-                if len(res.output_token_ids) >= cfg.max_new_tokens:
-                    done = True
-                    break
-                nxt = tree.child(node, tok)
-                if nxt is None:
-                    break
-                node = nxt
-                path.append(start + node)
+            if stopped:
+                res.stop_reason = "stop_token"
+            done = stopped or len(res.output_token_ids) >= cfg.max_new_tokens
             if not done:
                 cache.keep(path, start)
             t3 = time.perf_counter()

@@ -131,6 +131,17 @@ def live_server(name: str) -> dict | None:
     return rec if rec is not None and server_alive(rec) else None
 
 
+def list_servers() -> list[dict]:
+    """The records of this user's running servers (every pool of the pool dir)."""
+    out = []
+    for p in sorted(pool_dir().glob(f"*{SUFFIXES['server']}")):
+        with contextlib.suppress(UserError, ValueError):
+            rec = live_server(p.name[:-len(SUFFIXES["server"])])
+            if rec is not None:
+                out.append(rec)
+    return out
+
+
 def clean_stale_server(name: str) -> list[str]:
     """Remove a dead server's record and socket (never a live one's); returns the paths removed."""
     rec = read_server_record(name)

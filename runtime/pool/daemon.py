@@ -1,7 +1,8 @@
 """The daemon pool's process (``python -m runtime.pool.daemon CONFIG``, started detached by ``launch.py pool
 start``, runtime/services/pools.py): it builds the pool's Coordinator (runtime/pool/coordinator.py), writes
 the pool's record in the pool dir (runtime/ipc/records.py) and serves until SIGTERM, then stops its workers,
-unlinks every name and removes its record. Torch-free.
+unlinks every name and removes its record. A pool of ``launch.py serve`` has that process as its owner: it
+stops when the owner is gone (a SIGKILL) and then removes its log and lock too. Torch-free.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from pathlib import Path
 
 from model.errors import UserError
 from runtime.ipc.options import PoolConfig, WorkerOptions
-from runtime.ipc.records import RECORD_VERSION, pool_file, write_private
+from runtime.ipc.procs import pid_alive
+from runtime.ipc.records import RECORD_VERSION, forget, pool_file, pool_lock, write_private
 from runtime.pool.attach import image_identity
 from runtime.pool.coordinator import Coordinator, on_stop_signal
 
@@ -37,6 +39,7 @@ class DaemonConfig:
     staging_mb: int
     direct: bool
     dram_budget: int
+    owner_pid: int | None = None  # launch.py serve: stop when this process is gone, and leave nothing behind
 
 
 def daemon_main(cfg_file: str) -> int:
@@ -46,7 +49,7 @@ def daemon_main(cfg_file: str) -> int:
     signal.signal(signal.SIGINT, on_stop_signal)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     pcfg = PoolConfig(dc.image, dc.manifest, dc.name, tuple(dc.dram_groups), dc.window_slots, max(dc.slot_bytes, 1),
-                      n_clients=dc.n_clients, workers=dc.workers,
+                      n_clients=dc.n_clients, workers=dc.workers, owner_pid=dc.owner_pid,
                       worker_opts=WorkerOptions(direct=dc.direct, chunk_bytes=dc.staging_mb << 20))
     print(f"[pool {dc.name} pid {os.getpid()}] starting: image {dc.image}, {len(dc.dram_groups)} groups in the DRAM "
           f"tier, {dc.n_clients} clients x {dc.window_slots} window slots, {dc.workers} workers", flush=True)
@@ -73,6 +76,9 @@ def daemon_main(cfg_file: str) -> int:
             if json.loads(p.read_text()).get("pid") == os.getpid():
                 p.unlink()
         print(f"[pool {dc.name} pid {os.getpid()}] stopped", flush=True)
+        if dc.owner_pid is not None and not pid_alive(dc.owner_pid):  # no one is left to remove its files
+            with pool_lock(dc.name):
+                forget(dc.name)
     return 0
 
 

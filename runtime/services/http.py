@@ -5,27 +5,29 @@ every generation to the engine's continuous-batching scheduler (runtime/engine/s
 Endpoints:
 
     GET  /v1/models             the one model served (its id: the image's name, or --model-name)
-    POST /v1/chat/completions   ``messages`` through the image's chat template
+    GET  /v1/models/{id}        that model (404 for another id)
+    POST /v1/chat/completions   ``messages`` through the image's chat template (or --chat-template's)
     POST /v1/completions        ``prompt``: a string, or a list of token ids
     GET  /health                503 {"status": "loading"} until the model is ready, then 200 {"status": "ok"}
-    GET  /metrics               Prometheus text: requests, tokens, batch size, step time, queue depth, TTFT
+    GET  /metrics               Prometheus text: requests, tokens, batch size (0 while idle), step time, queue
+                                depth, TTFT, prompt tokens computed and reused, speculative passes
 
-Fields: ``model``, ``messages`` / ``prompt``, ``max_tokens`` (``max_completion_tokens``; default: the rest of
-the context), ``temperature`` (default 1, as OpenAI's; 0 is greedy), ``top_p``, ``seed``, ``stop`` (a string or
-up to 4), ``n`` (1 only), ``stream`` with ``stream_options.include_usage``; ``usage`` in every answer. Two
-extensions: ``"return_token_ids": true`` adds the generated ids to the choice (``token_ids``), ``"ignore_eos":
-true`` generates max_tokens tokens whatever the model's end token. A streamed answer
-is server-sent events (sse-starlette): ``chat.completion.chunk`` (``text_completion``) objects with one id, the
-first carrying the role, the last the ``finish_reason``, then the usage chunk when asked, then ``data: [DONE]``.
-Errors are OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 400 bad input (malformed JSON,
-a field out of range, a prompt over the context), 401 a missing or wrong API key (``--api-key`` or
-$LLMS_API_KEY: ``Authorization: Bearer KEY`` on /v1), 404 an unknown model or path, 413 a body over 8 MiB,
-429 the scheduler's queue full (--max-queue), 503 not ready (or stopping), 504 past --request-timeout.
+The fields served, log-probabilities, ``n`` and ``usage``: runtime/services/api.py (anything else is a 400 naming
+the field); tools: runtime/services/tools.py; ``response_format`` and forced tool calls are decoded under a
+grammar (runtime/engine/constrained.py). A streamed answer is server-sent events (sse-starlette):
+``chat.completion.chunk`` (``text_completion``) objects with one id, the first of each choice carrying the
+role, its last its ``finish_reason`` (``tool_calls`` deltas before it), then the usage chunk when asked, then
+``data: [DONE]``. Errors are OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 400 bad input
+(malformed JSON, an unknown field, a field out of range, a prompt over the context), 401 a missing or wrong API
+key (``--api-key`` or $LLMS_API_KEY: ``Authorization: Bearer KEY`` on /v1), 404 an unknown model or path, 413 a
+body over 8 MiB, 429 the scheduler's queue full (--max-queue; ``Retry-After: 1``), 503 not ready (or stopping),
+504 past --request-timeout.
 
 Threads. uvicorn's event loop runs in its own thread of the server process; the model runs in the model
-thread (Scheduler.run). A request is submitted to the scheduler (bounded queue); the scheduler's events come
-back through ``loop.call_soon_threadsafe`` into the request's asyncio queue (at most max_tokens + 1 events: no
-unbounded memory per request). A client that disconnects (a streamed answer's generator is cancelled by
+thread (Scheduler.run). A request's n choices are submitted to the scheduler (bounded queue) as n sequences;
+their events come back through ``loop.call_soon_threadsafe`` into the request's asyncio queue (at most n x
+(max_tokens + 2) events: no unbounded memory per request). A request is parsed (chat template, grammar) in a
+worker thread, off the event loop. A client that disconnects (a streamed answer's generator is cancelled by
 sse-starlette; a plain one polls ``request.is_disconnected()``) cancels its request: the scheduler frees its
 row before its next step. A stream whose reader stops reading for --send-timeout seconds is dropped the same
 way (backpressure: its events wait in its queue meanwhile, bounded by its max_tokens).
@@ -46,11 +48,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from model.errors import ConfigError
-from runtime.engine.config import SamplingConfig
+from runtime.services.api import Choice, Parsed, Vocab, dumps, parse_request, usage
+from runtime.services.errors import ApiError
 
 MAX_BODY = 8 << 20  # bytes of one request body
-MAX_STOP = 4  # stop strings of one request (OpenAI's limit)
 POLL_S = 0.25  # a plain request checks its client this often
+RETRY_AFTER_S = 1  # a 429's Retry-After
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -110,21 +113,9 @@ class HttpConfig:
     send_timeout_s: float = 30.0
 
 
-class ApiError(Exception):
-    """An OpenAI-shaped error answer."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
 @dataclass
 class ServiceState:
-    """What the app serves with: set ready once the model is (``scheduler`` and ``tok`` then given)."""
+    """What the app serves with: set ready once the model is (``attach``)."""
 
     cfg: HttpConfig
     scheduler: object | None = None  # runtime.engine.scheduler.Scheduler
@@ -132,9 +123,22 @@ class ServiceState:
     ready: bool = False
     stopping: bool = False
     metrics: Metrics = field(default_factory=lambda: Metrics())
+    vocab: Vocab = field(default_factory=lambda: Vocab(None))
+    grammars: object | None = None  # runtime.engine.constrained.Grammars (None without a tokenizer)
+    tool_format: str | None = None  # runtime/services/tools.py: the chat template's tool-call format
 
     def attach(self, scheduler, tok) -> None:
+        """Serve with ``scheduler`` and tokenizer ``tok``: its vocabulary's bytes (log-probabilities), its
+        grammars (constrained decoding) and its template's tool-call format are prepared here, once."""
+        from runtime.engine.constrained import Grammars
+        from runtime.format.tokens import token_bytes
+        from runtime.services.tools import template_format
+
         self.scheduler, self.tok = scheduler, tok
+        if tok is not None:
+            self.vocab = Vocab(tok, token_bytes(tok))
+            self.grammars = Grammars(tok)
+            self.tool_format = template_format(tok)
         self.metrics.bind(scheduler)
         scheduler.observer = self.metrics.on_step
         self.ready = True
@@ -151,7 +155,7 @@ class Metrics:
         self.prompt_tokens = Counter("llmstream_prompt_tokens", "prompt tokens of requests admitted", registry=r)
         self.generated = Counter("llmstream_generation_tokens", "tokens generated", registry=r)
         self.steps = Counter("llmstream_steps", "weight passes of the scheduler", registry=r)
-        self.batch = Gauge("llmstream_batch_size", "sequences in the latest weight pass", registry=r)
+        self.batch = Gauge("llmstream_batch_size", "sequences in the latest weight pass (0 while idle)", registry=r)
         self.batch_max = Gauge("llmstream_batch_size_max", "the most sequences one weight pass has served",
                                registry=r)
         self.step_s = Histogram("llmstream_step_seconds", "time of one weight pass (all rows)", registry=r,
@@ -162,16 +166,26 @@ class Metrics:
         self.active = Gauge("llmstream_active_requests", "requests holding a row", registry=r)
         self.cancelled = Gauge("llmstream_cancelled_requests", "requests cancelled (client gone, stop string)",
                                registry=r)
+        self.prefilled = Gauge("llmstream_prefill_tokens", "prompt tokens computed since the start", registry=r)
+        self.cached = Gauge("llmstream_prefix_cached_tokens", "prompt tokens whose KV entries were reused instead of "
+                            "computed, since the start (runtime/engine/prefix.py)", registry=r)
+        self.spec_passes = Gauge("llmstream_speculative_passes", "passes that verified a draft's token tree",
+                                 registry=r)
+        self.spec_tokens = Gauge("llmstream_speculative_tokens", "tokens those passes gave", registry=r)
         self._max = 0
 
     def bind(self, sched) -> None:
         self.queue.set_function(sched.queue_depth)
         self.active.set_function(sched.active)
         self.cancelled.set_function(lambda: sched.cancelled)
+        self.batch.set_function(sched.batch_size)  # 0 while idle
+        self.prefilled.set_function(lambda: sched.prefilled_tokens)
+        self.cached.set_function(lambda: sched.cached_tokens)
+        self.spec_passes.set_function(lambda: sched.spec_passes)
+        self.spec_tokens.set_function(lambda: sched.spec_tokens)
 
     def on_step(self, st) -> None:  # the model thread
         self.steps.inc()
-        self.batch.set(st.rows)
         self._max = max(self._max, st.rows)
         self.batch_max.set(self._max)
         self.step_s.observe(st.seconds)
@@ -183,189 +197,64 @@ class Metrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
-# ---- requests -> scheduler requests ----------------------------------------------------------------------------
-
-
-@dataclass
-class Parsed:
-    prompt: list[int]
-    sampling: SamplingConfig
-    stops: list[str]
-    stream: bool
-    include_usage: bool
-    token_ids: bool
-    ignore_eos: bool = False  # an extension (as vLLM's): generate max_tokens whatever the model's end token
-
-
-def _num(body: dict, key: str, kind, default, low=None, high=None):
-    v = body.get(key, default)
-    if v is None:
-        v = default
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) if kind is float else \
-        isinstance(v, int) and not isinstance(v, bool)
-    if not ok or (low is not None and v < low) or (high is not None and v > high):
-        rng = f" in {low}..{high}" if high is not None else f" of at least {low}" if low is not None else ""
-        raise ApiError(400, f"{key} must be {'a number' if kind is float else 'an integer'}{rng}, found {v!r}",
-                       param=key, code="invalid_value")
-    return kind(v)
-
-
-def _messages_text(messages) -> list[dict]:
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "messages must be a non-empty list of {role, content}", param="messages")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise ApiError(400, f"messages[{i}] must be an object with a role and a content", param="messages")
-        c = m.get("content")
-        if isinstance(c, list):  # content parts: the text ones
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in c):
-                raise ApiError(400, f"messages[{i}].content: only text parts are served", param="messages")
-            c = "".join(p["text"] for p in c)
-        if c is None:
-            c = ""
-        if not isinstance(c, str):
-            raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts", param="messages")
-        out.append({"role": m["role"], "content": c})
-    return out
-
-
-def parse_request(body, chat: bool, state: ServiceState) -> Parsed:
-    """ApiError (400/404) for what cannot be served, naming the field."""
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    cfg, tok, vocab = state.cfg, state.tok, state.scheduler.gen.args.vocab_size
-    model = body.get("model")
-    if model is not None and model != cfg.model:
-        raise ApiError(404, f"The model {model!r} does not exist; this server serves {cfg.model!r}",
-                       param="model", code="model_not_found")
-    if chat:
-        msgs = _messages_text(body.get("messages"))
-        if tok is None:
-            raise ApiError(400, "the image has no tokenizer: use /v1/completions with a prompt of token ids",
-                           param="messages")
-        try:
-            prompt = tok.encode_chat(msgs)
-        except ValueError as e:
-            raise ApiError(400, f"messages: {e}", param="messages") from None
-    else:
-        p = body.get("prompt")
-        if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
-            p = p[0]  # a batch of one
-        if isinstance(p, str):
-            if tok is None:
-                raise ApiError(400, "the image has no tokenizer: give the prompt as a list of token ids",
-                               param="prompt")
-            prompt = tok.encode(p)
-        elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-            bad = [t for t in p if not 0 <= t < vocab]
-            if bad:
-                raise ApiError(400, f"prompt: token id {bad[0]} is outside the vocabulary (0..{vocab - 1})",
-                               param="prompt")
-            prompt = list(p)
-        else:
-            raise ApiError(400, "prompt must be a string or a non-empty list of token ids (one prompt: n = 1)",
-                           param="prompt")
-    where = "messages" if chat else "prompt"
-    if not prompt:
-        raise ApiError(400, f"the {where} is empty", param=where)
-    n = _num(body, "n", int, 1, 1)
-    if n != 1:
-        raise ApiError(400, f"n must be 1 (one choice per request), found {n}", param="n", code="invalid_value")
-    room = cfg.max_len - len(prompt)
-    key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
-    new = _num(body, key, int, max(room, 1), 1)
-    if len(prompt) + new > cfg.max_len:
-        raise ApiError(400, f"This model's maximum context length is {cfg.max_len} tokens. However, you requested "
-                            f"{len(prompt) + new} tokens ({len(prompt)} in the {where}, {new} in the completion). "
-                            f"Please reduce the length of the {where} or the completion.",
-                       param=where if room < 1 else key, code="context_length_exceeded")
-    temperature = _num(body, "temperature", float, 1.0, 0.0, 2.0)
-    top_p = _num(body, "top_p", float, 1.0, 0.0, 1.0)
-    if top_p == 0:
-        raise ApiError(400, "top_p must be above 0, found 0", param="top_p", code="invalid_value")
-    seed = body.get("seed")
-    seed = secrets.randbits(31) if seed is None else _num(body, "seed", int, 0)
-    stops = body.get("stop")
-    stops = [] if stops is None else [stops] if isinstance(stops, str) else stops
-    if not isinstance(stops, list) or len(stops) > MAX_STOP or not all(isinstance(s, str) and s for s in stops):
-        raise ApiError(400, f"stop must be a non-empty string or a list of up to {MAX_STOP}", param="stop")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise ApiError(400, f"stream must be true or false, found {stream!r}", param="stream")
-    so = body.get("stream_options") or {}
-    if not isinstance(so, dict):
-        raise ApiError(400, "stream_options must be an object", param="stream_options")
-    return Parsed(prompt, SamplingConfig(new, temperature, top_p, seed), stops, stream,
-                  bool(so.get("include_usage")), bool(body.get("return_token_ids")), bool(body.get("ignore_eos")))
-
-
-class TextStream:
-    """Generated ids -> text deltas: decodes the whole output (so multi-byte characters stay whole), leaves out
-    the stop tokens, holds back what may be the start of a stop string, and ends at the first stop string."""
-
-    def __init__(self, tok, stops: list[str], stop_ids: frozenset[int]) -> None:
-        self.tok, self.stops, self.stop_ids = tok, stops, stop_ids
-        self.ids: list[int] = []
-        self.sent = ""  # text given out so far
-        self.stopped = False  # a stop string was reached
-
-    def _text(self) -> str:
-        return self.tok.decode(self.ids) if self.tok is not None else " ".join(map(str, self.ids))
-
-    def push(self, token: int) -> str:
-        if token in self.stop_ids or self.stopped:
-            return ""
-        self.ids.append(token)
-        text = self._text()
-        for s in self.stops:
-            at = text.find(s)
-            if at >= 0:
-                self.stopped = True
-                return self._give(text[:at])
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-            return ""
-        hold = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        return self._give(text[:len(text) - hold])
-
-    def finish(self) -> str:
-        """The rest, once generation ended."""
-        if self.stopped:
-            return ""
-        return self._give(self._text())
-
-    def _give(self, upto: str) -> str:
-        if len(upto) <= len(self.sent):
-            return ""
-        d, self.sent = upto[len(self.sent):], upto
-        return d
+# ---- the app -------------------------------------------------------------------------------------------------
 
 
 class _Bridge:
-    """Scheduler events (model thread) -> this request's asyncio queue."""
+    """Scheduler events (model thread) of a request's choices -> its asyncio queue, tagged with the choice."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop, self.q = loop, asyncio.Queue()
 
-    def on_event(self, kind: str, payload) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop has closed: the server is stopping
-            self.loop.call_soon_threadsafe(self.q.put_nowait, (kind, payload))
+    def listener(self, index: int):
+        def on_event(kind: str, payload) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: the server is stopping
+                self.loop.call_soon_threadsafe(self.q.put_nowait, (index, kind, payload))
+        return on_event
 
-    async def next(self, poll_s: float | None = None) -> tuple[int | None, dict | None] | None:
-        """The request's next event: (token, None), or (None, its result) when it is done; None when ``poll_s``
-        passed without one. A failed request raises ApiError (504 when its timeout ended it)."""
+    async def next(self, poll_s: float | None = None) -> tuple[int, str, object] | None:
+        """The next event: (choice, kind, payload); None when ``poll_s`` passed without one. A failed request
+        raises ApiError (504 when its timeout ended it)."""
         try:
-            kind, x = await asyncio.wait_for(self.q.get(), poll_s)
+            i, kind, x = await asyncio.wait_for(self.q.get(), poll_s)
         except asyncio.TimeoutError:
             return None
-        if kind == "token":
-            return x, None
-        if kind == "done":
-            return None, x
-        raise ApiError(504 if "timeout" in str(x) else 500, str(x), "server_error")
+        if kind == "error":
+            raise ApiError(504 if "timeout" in str(x) else 500, str(x), "server_error")
+        return i, kind, x
 
 
-# ---- the app -------------------------------------------------------------------------------------------------
+class _Answer:
+    """One request's choices while their events come (plain and streamed answers alike)."""
+
+    def __init__(self, p: Parsed, state: ServiceState, reqs: list, stop_ids: frozenset[int]) -> None:
+        self.p, self.state, self.reqs = p, state, reqs
+        self.choices = [Choice(i, p, state.vocab, stop_ids) for i in range(p.n)]
+        self.first_token = False
+
+    @property
+    def done(self) -> bool:
+        return all(c.done for c in self.choices)
+
+    def event(self, i: int, kind: str, x) -> list:
+        """Apply a scheduler event; a token's (text, log-probability entries); a choice that reached a stop string
+        is cancelled."""
+        c = self.choices[i]
+        if kind == "prompt_logprobs":
+            c.prompt_lps = x
+        elif kind == "done":
+            c.result = x
+        elif kind == "token":
+            out = c.push(x)
+            if c.text.stopped and c.result is None:
+                self.state.scheduler.cancel(self.reqs[i])
+            return out
+        return ["", []]
+
+    def cancel_open(self) -> None:
+        for c, r in zip(self.choices, self.reqs):
+            if c.result is None:
+                self.state.scheduler.cancel(r)
 
 
 def build_app(state: ServiceState):
@@ -382,7 +271,7 @@ def build_app(state: ServiceState):
 
     def error(e: ApiError, endpoint: str) -> JSONResponse:
         m.requests.labels(endpoint, str(e.status)).inc()
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     def check_key(request: Request) -> None:
         if cfg.api_key is None:
@@ -413,14 +302,20 @@ def build_app(state: ServiceState):
         except (ValueError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
 
+    def model_card() -> dict:
+        return {"id": cfg.model, "object": "model", "created": 0, "owned_by": "llmstream"}
+
     async def models(request: Request) -> Response:
         try:
             check_key(request)
+            mid = request.path_params.get("model")
+            if mid is not None and mid != cfg.model:
+                raise ApiError(404, f"The model {mid!r} does not exist; this server serves {cfg.model!r}",
+                               param="model", code="model_not_found")
         except ApiError as e:
             return error(e, "models")
         m.requests.labels("models", "200").inc()
-        return JSONResponse({"object": "list", "data": [{"id": cfg.model, "object": "model",
-                                                          "created": 0, "owned_by": "llmstream"}]})
+        return JSONResponse(model_card() if mid is not None else {"object": "list", "data": [model_card()]})
 
     async def health(request: Request) -> Response:
         if state.ready and not state.stopping:
@@ -431,127 +326,103 @@ def build_app(state: ServiceState):
         body, ctype = m.text()
         return Response(body, media_type=ctype)
 
-    def submit(p: Parsed, bridge: _Bridge) -> SeqRequest:
-        stop_ids = state.tok.eos_ids if state.tok is not None and not p.ignore_eos else frozenset()
-        req = SeqRequest(p.prompt, p.sampling, bridge.on_event, stop_ids,
-                         deadline=time.monotonic() + cfg.request_timeout_s)
+    def submit(p: Parsed, bridge: _Bridge, stop_ids: frozenset[int]) -> list:
+        """Every choice as a sequence of the batch; 429 (Retry-After) if the queue cannot take them all."""
+        reqs, deadline = [], time.monotonic() + cfg.request_timeout_s
         try:
-            state.scheduler.submit(req)
+            for i in range(p.n):
+                req = SeqRequest(p.prompt, p.sampling_of(i), bridge.listener(i), stop_ids, deadline,
+                                 logprobs=p.logprobs, prompt_logprobs=p.logprobs if p.echo else None,
+                                 constraint=state.grammars.matcher(p.grammar) if p.grammar else None)
+                state.scheduler.submit(req)
+                reqs.append(req)
         except QueueFull as e:
+            for r in reqs:
+                state.scheduler.cancel(r)
             raise ApiError(429, f"the server is busy: {e}; retry later", "rate_limit_error",
-                           code="rate_limit_exceeded") from None
+                           code="rate_limit_exceeded", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         except ConfigError as e:
+            for r in reqs:
+                state.scheduler.cancel(r)
             raise ApiError(400, str(e), code="invalid_value") from None
         m.prompt_tokens.inc(len(p.prompt))
-        return req
-
-    def finish_reason(text: TextStream, res) -> str:
-        return "stop" if text.stopped or res is None or res.stop_reason == "stop_token" else "length"
-
-    def usage(p: Parsed, n: int) -> dict:
-        return {"prompt_tokens": len(p.prompt), "completion_tokens": n, "total_tokens": len(p.prompt) + n}
+        return reqs
 
     async def completions(request: Request, chat: bool) -> Response:
         endpoint = "chat" if chat else "completions"
         try:
             check_key(request)
             check_ready()
-            p = parse_request(await read_json(request), chat, state)
+            body = await read_json(request)
+            p = await asyncio.to_thread(parse_request, body, chat, state)  # templates, grammars: off the loop
             bridge = _Bridge(asyncio.get_running_loop())
             t0 = time.monotonic()
-            req = submit(p, bridge)
+            stop_ids = state.tok.eos_ids if state.tok is not None and not p.ignore_eos else frozenset()
+            ans = _Answer(p, state, submit(p, bridge, stop_ids), stop_ids)
         except ApiError as e:
             return error(e, endpoint)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}"
-        created = int(time.time())
-        text = TextStream(state.tok, p.stops, req.stop_ids)
+        shape = _Shape(rid, int(time.time()), cfg.model, chat, p)
         if p.stream:
             m.requests.labels(endpoint, "200").inc()
-            return EventSourceResponse(_stream(req, p, bridge, text, rid, created, chat, t0),
-                                       send_timeout=cfg.send_timeout_s, ping=15)
+            return EventSourceResponse(_stream(ans, bridge, shape, t0), send_timeout=cfg.send_timeout_s, ping=15)
+        entries: list[list] = [[] for _ in range(p.n)]
         try:
-            ids, res = [], None
-            while res is None:
+            while not ans.done:
                 ev = await bridge.next(POLL_S)
                 if ev is None:  # nothing yet: is the client still there?
                     if await request.is_disconnected():
                         return Response(status_code=499)
                     continue
-                tok, res = ev
-                if tok is not None:
-                    if not ids:
-                        m.ttft_s.observe(time.monotonic() - t0)
-                    ids.append(tok)
-                    text.push(tok)
-                    if text.stopped:
-                        break
+                i, kind, x = ev
+                if ans.choices[i].text.stopped:
+                    continue
+                entries[i] += ans.event(i, kind, x)[1]
+                if kind == "token" and not ans.first_token:
+                    ans.first_token = True
+                    m.ttft_s.observe(time.monotonic() - t0)
         except ApiError as e:
             return error(e, endpoint)
         finally:
-            if res is None:
-                state.scheduler.cancel(req)
-        content = text.sent + text.finish()
-        choice = {"index": 0, "finish_reason": finish_reason(text, res), "logprobs": None}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": content}
-        else:
-            choice["text"] = content
-        if p.token_ids:
-            choice["token_ids"] = ids
+            ans.cancel_open()
         m.requests.labels(endpoint, "200").inc()
-        return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
-                             "created": created, "model": cfg.model, "choices": [choice],
-                             "usage": usage(p, len(ids))})
+        return Response(dumps(shape.whole(ans, entries)), media_type="application/json")
 
-    async def _stream(req, p: Parsed, bridge: _Bridge, text: TextStream, rid: str, created: int, chat: bool,
-                      t0: float) -> AsyncIterator[dict]:
-        obj = "chat.completion.chunk" if chat else "text_completion"
-
-        def chunk(delta: str | None, reason: str | None = None, ids=None, role: bool = False) -> dict:
-            if chat:
-                d = {} if delta is None and not role else {"content": delta or ""}
-                if role:
-                    d["role"] = "assistant"
-                c = {"index": 0, "delta": d, "finish_reason": reason, "logprobs": None}
-            else:
-                c = {"index": 0, "text": delta or "", "finish_reason": reason, "logprobs": None}
-            if ids is not None and p.token_ids:
-                c["token_ids"] = ids
-            out = {"id": rid, "object": obj, "created": created, "model": cfg.model, "choices": [c]}
-            if p.include_usage:
-                out["usage"] = None
-            return {"data": json.dumps(out)}
-
-        n, res = 0, None
+    async def _stream(ans: _Answer, bridge: _Bridge, shape: _Shape, t0: float) -> AsyncIterator[dict]:
         try:
-            if chat:
-                yield chunk(None, role=True)
-            while res is None:
+            if shape.chat:
+                for c in ans.choices:
+                    yield shape.chunk(c, {"role": "assistant", "content": ""})
+            while not ans.done:
                 try:
-                    tok, res = await bridge.next()
+                    i, kind, x = await bridge.next()
                 except ApiError as err:
                     yield {"data": json.dumps(err.body())}
                     return
-                if tok is not None:
-                    if n == 0:
+                c = ans.choices[i]
+                if c.closed:  # it reached a stop string: what its cancelled sequence still sent is not used
+                    continue
+                delta, ent = ans.event(i, kind, x)
+                if ans.p.echo and not c.opened:  # the prompt first (its log-probabilities came first, if asked)
+                    c.opened = True
+                    text, pe = c.echo_entries()
+                    yield shape.chunk(c, text, pe, base=0)
+                if kind == "token":
+                    if not ans.first_token:
+                        ans.first_token = True
                         m.ttft_s.observe(time.monotonic() - t0)
-                    n += 1
-                    d = text.push(tok)
-                    if d or p.token_ids:
-                        yield chunk(d, ids=[tok])
-                    if text.stopped:
-                        break
-            rest = text.finish()
-            if rest:
-                yield chunk(rest)
-            yield chunk(None, finish_reason(text, res))
-            if p.include_usage:
-                yield {"data": json.dumps({"id": rid, "object": obj, "created": created, "model": cfg.model,
-                                           "choices": [], "usage": usage(p, n)})}
+                    for ch in shape.deltas(c, delta, ent, [x.token]):
+                        yield ch
+                if c.done:
+                    c.closed = True
+                    for ch in shape.deltas(c, c.finish(), [], None, final=True):
+                        yield ch
+                    yield shape.chunk(c, None, reason=c.finish_reason())
+            if ans.p.include_usage:
+                yield shape.usage_chunk(ans)
             yield {"data": "[DONE]"}
         finally:  # done, disconnected (cancelled), or a send that timed out
-            if res is None:
-                state.scheduler.cancel(req)
+            ans.cancel_open()
 
     async def chat_completions(request: Request) -> Response:
         return await completions(request, True)
@@ -564,12 +435,88 @@ def build_app(state: ServiceState):
         return error(ApiError(status, f"{request.method} {request.url.path}: {exc.detail}", param=None,
                               code="not_found" if status == 404 else "method_not_allowed"), "other")
 
-    routes = [Route("/v1/models", models, methods=["GET"]), Route("/health", health, methods=["GET"]),
-              Route("/metrics", metrics, methods=["GET"]),
+    routes = [Route("/v1/models", models, methods=["GET"]), Route("/v1/models/{model:path}", models, methods=["GET"]),
+              Route("/health", health, methods=["GET"]), Route("/metrics", metrics, methods=["GET"]),
               Route("/v1/chat/completions", chat_completions, methods=["POST"]),
               Route("/v1/completions", text_completions, methods=["POST"])]
     return Starlette(routes=routes, exception_handlers={HTTPException: not_found})
 
+
+class _Shape:
+    """An answer's JSON: whole (plain) or as chunks (streamed), chat or completions."""
+
+    def __init__(self, rid: str, created: int, model: str, chat: bool, p: Parsed) -> None:
+        self.rid, self.created, self.model, self.chat, self.p = rid, created, model, chat, p
+        self.obj = "chat.completion.chunk" if chat else "text_completion"
+
+    def _head(self, obj: str) -> dict:
+        return {"id": self.rid, "object": obj, "created": self.created, "model": self.model}
+
+    def chunk(self, c: Choice, delta, entries=(), reason: str | None = None, ids=None, base: int | None = None) \
+            -> dict:
+        """One chunk of choice ``c``: ``delta`` a text (completions) or a delta dict (chat); ``base``: the text
+        before the completion's in its log-probabilities' offsets (default: the echoed prompt's)."""
+        if self.chat:
+            d = delta if isinstance(delta, dict) else ({} if delta is None else {"content": delta})
+            ch = {"index": c.index, "delta": d, "finish_reason": reason,
+                  "logprobs": c.chat_logprobs(entries) if entries else None}
+        else:
+            ch = {"index": c.index, "text": delta or "", "finish_reason": reason,
+                  "logprobs": c.completion_logprobs(entries, c.base if base is None else base) if entries else None}
+        if ids is not None and self.p.token_ids:
+            ch["token_ids"] = ids
+        out = {**self._head(self.obj), "choices": [ch]}
+        if self.p.include_usage:
+            out["usage"] = None
+        return {"data": dumps(out)}
+
+    def deltas(self, c: Choice, text: str, entries: list, ids, final: bool = False) -> list[dict]:
+        """The chunks of new text of choice ``c``: content (its log-probabilities with it), then any tool calls
+        it completed."""
+        out, calls = [], []
+        if c.calls is not None:
+            text, calls = c.calls.push(text) if not final else _joined(c.calls.push(text), c.calls.finish())
+        if text or entries or (ids is not None and self.p.token_ids):
+            out.append(self.chunk(c, text, entries, ids=ids))
+        for call in calls:
+            k = c.calls.calls.index(call)
+            out.append(self.chunk(c, {"tool_calls": [{"index": k, **call}]}))
+        return out
+
+    def usage_chunk(self, ans: _Answer) -> dict:
+        return {"data": dumps({**self._head(self.obj), "choices": [], "usage": usage(self.p, ans.choices, ans.reqs)})}
+
+    def whole(self, ans: _Answer, entries: list[list]) -> dict:
+        choices = []
+        for c in ans.choices:
+            text = c.text.sent + c.finish()
+            calls = []
+            if c.calls is not None:
+                text, calls = _joined(c.calls.push(text), c.calls.finish())
+            ch = {"index": c.index, "finish_reason": c.finish_reason()}
+            if self.chat:
+                msg = {"role": "assistant", "content": text if text or not calls else None}
+                if calls:
+                    msg["tool_calls"] = calls
+                ch["message"] = msg
+                ch["logprobs"] = c.chat_logprobs(entries[c.index])
+            else:
+                lp_entries = entries[c.index]
+                if self.p.echo:
+                    prompt_text, prompt_entries = c.echo_entries()
+                    text = prompt_text + text
+                    lp_entries = prompt_entries + [(s, off + len(prompt_text)) for s, off in lp_entries]
+                ch["text"] = text
+                ch["logprobs"] = c.completion_logprobs(lp_entries)
+            if self.p.token_ids:
+                ch["token_ids"] = list(c.ids)
+            choices.append(ch)
+        obj = "chat.completion" if self.chat else "text_completion"
+        return {**self._head(obj), "choices": choices, "usage": usage(self.p, ans.choices, ans.reqs)}
+
+
+def _joined(a: tuple[str, list], b: tuple[str, list]) -> tuple[str, list]:
+    return a[0] + b[0], a[1] + b[1]
 
 class HttpServer:
     """uvicorn serving ``build_app(state)`` on an already bound socket, in a thread of its own."""

@@ -92,6 +92,7 @@ class PoolStartConfig(FlagConfig):
     no_wait: bool = False
     start_timeout: float = 60.0
     quiet: bool = False
+    owner_pid: int | None = None  # launch.py serve's pid: the pool stops when it is gone (not a flag)
 
     def __post_init__(self) -> None:
         validate_pool_name(self.name)
@@ -246,7 +247,8 @@ def start(cfg: PoolStartConfig) -> None:
             raise UserError(f"pool name {name!r} is in use: coordinator pid {int(owner['coord_pid'])} serves it, "
                             f"recorded in another pool dir than {pool_dir()} (or a private pool); choose another name")
         dc = DaemonConfig(name, str(image.path), str(image.manifest_path), dc.dram_groups, dc.window_slots,
-                          dc.slot_bytes, cfg.clients, cfg.workers, cfg.staging_mb, not cfg.no_direct, dc.dram_budget)
+                          dc.slot_bytes, cfg.clients, cfg.workers, cfg.staging_mb, not cfg.no_direct, dc.dram_budget,
+                          cfg.owner_pid)
         log = pool_file(name, "log")
         proc = spawn_detached(DAEMON_MODULE, asdict(dc), pool_dir() / f"{name}.start.json", log)
         held = sum(image.groups[g].size for g in dc.dram_groups)

@@ -42,6 +42,8 @@ import contextlib
 import dataclasses
 import json
 import os
+import queue
+import select
 import signal
 import socket
 import struct
@@ -61,11 +63,13 @@ from runtime.engine.drafts import open_draft_image
 from runtime.engine.placement import Plan
 from runtime.engine.source import open_source
 from runtime.format.image import Image
-from runtime.ipc.procs import SERVER_MODULE, kill_wait, spawn_detached, spawn_foreground
+from runtime.format.tokens import read_chat_template
+from runtime.ipc.procs import SERVER_MODULE, kill_wait, pid_alive, spawn_detached, spawn_foreground
 from runtime.ipc.records import (
     SERVER_RECORD_VERSION,
     clean_stale_server,
     coordinator_alive,
+    list_servers,
     live_server,
     log_tail,
     pool_dir,
@@ -94,7 +98,7 @@ from runtime.services.http import HttpConfig, HttpServer, ServiceState, bind_lis
 if TYPE_CHECKING:
     import torch
 
-    from runtime.engine.generate import Generator
+    from runtime.engine.scheduler import Scheduler
     from runtime.engine.weights import WeightSource
 
 MAX_REQUEST = 64 << 20  # bytes of one request line
@@ -128,6 +132,15 @@ class ServeConfig(FlagConfig):
     batching: str = "continuous"
     request_timeout: float = 600.0
     send_timeout: float = 30.0
+    no_prefix_cache: bool = False  # prompt reuse off (runtime/engine/prefix.py)
+    chat_template: str | None = None  # a Jinja chat template file instead of the image's (runtime/format/tokens.py)
+    owner_pid: int | None = None  # launch.py serve's pid: the server stops when it is gone (not a flag)
+
+    @property
+    def rows(self) -> int:
+        """The scheduler's rows (sequences sharing a pass): --batch-size, or with --http the larger of it and
+        --max-batch."""
+        return max(self.batch_size, self.max_batch) if self.http is not None else self.batch_size
 
     def __post_init__(self) -> None:
         for key in ("max_seq_len", "batch_size", "max_batch", "max_queue"):
@@ -150,7 +163,7 @@ class ServerContext:
     """What the server's request handling works with, once the model is ready."""
 
     name: str
-    gen: Generator
+    sched: Scheduler
     source: WeightSource
     plan: Plan | None
     handle: PoolHandle | None
@@ -162,7 +175,6 @@ class ServerContext:
     rec: dict
     engine: EngineConfig
     stopping: dict
-    model_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # the HTTP scheduler's too
 
 
 def server_for(attach: str | None, no_server: bool = False) -> dict | None:
@@ -188,11 +200,8 @@ def serve(cfg: ServeConfig, engine: EngineConfig) -> None:
     if not coordinator_alive(pool):
         raise UserError(f"pool {cfg.name!r} is not running (coordinator pid {pool.get('pid')} is gone); launch.py "
                         f"pool cleanup {cfg.name}, then pool start")
-    if engine.speculative.draft is not None:
-        if cfg.batch_size > 1:
-            raise ConfigError(f"--draft decodes one sequence at a time: give --batch-size 1, found {cfg.batch_size}")
-        if engine.speculative.draft != "ngram":
-            open_draft_image(engine.speculative.draft, Image.open(pool["image"]["path"], pool["image"]["manifest"]))
+    if engine.speculative.draft not in (None, "ngram"):
+        open_draft_image(engine.speculative.draft, Image.open(pool["image"]["path"], pool["image"]["manifest"]))
     device = str(pick_device(cfg.device))  # cuda when there is one; --device cuda without one refused
     name = cfg.name
     with pool_lock(name):
@@ -221,23 +230,34 @@ def serve(cfg: ServeConfig, engine: EngineConfig) -> None:
 
 
 def check_http(cfg: ServeConfig, engine: EngineConfig) -> None:
-    """What --http cannot serve, refused before anything starts (ConfigError naming the flag)."""
+    """What the server cannot serve, refused before anything starts (ConfigError naming the flag), and a port
+    that cannot be listened on (held by an orphan of ours: its pool named)."""
+    if engine.kv.topk_blk is not None or engine.kv.host_attention is not None:
+        raise ConfigError("--topk-blk and --host-attention do not go with pool serve: its continuous batching "
+                          "attends exactly, on the device (runs attached in-process take them: run --attach NAME "
+                          "--no-server)")
+    if cfg.chat_template is not None:  # readable, and jinja2 parses it
+        read_chat_template(cfg.chat_template)
     if cfg.http is None:
         return
-    bind_listen(*parse_listen(cfg.http)).close()  # an unknown host or a port in use: refused before anything starts
-    if engine.speculative.draft is not None:
-        raise ConfigError("--draft with --http: speculative decoding serves one sequence at a time and the HTTP "
-                          "server batches continuously; leave out --draft (the Unix socket of pool serve without "
-                          "--http serves drafts)")
-    if engine.kv.topk_blk is not None or engine.kv.host_attention is not None:
-        raise ConfigError("--topk-blk and --host-attention do not go with --http: continuous batching attends "
-                          "exactly, on the device")
+    host, port = parse_listen(cfg.http)
+    try:
+        bind_listen(host, port).close()  # an unknown host or a port in use: refused before anything starts
+    except ConfigError as e:
+        holder = next((r for r in list_servers() if port and (r.get("http") or "").endswith(f":{port}")), None)
+        if holder is None:
+            raise
+        raise ConfigError(f"{e}: it is held by pool {holder['name']!r}'s server (pid {holder['pid']}), left running "
+                          f"by an earlier launch.py serve or pool serve of yours; stop it with launch.py pool stop "
+                          f"{holder['name']}") from None
 
 
 def serve_foreground(start_cfg, cfg: ServeConfig, engine: EngineConfig) -> int:
     """``launch.py serve``: start pool ``start_cfg`` (a PoolStartConfig; runtime/services/pools.py), run its
     server with ``--http`` as a child in the foreground (its output on this terminal) until Ctrl-C or SIGTERM,
-    then stop both. Returns the exit code (0 after a Ctrl-C)."""
+    then stop both. Both are given this process as their owner: when it is gone (SIGKILL) the pool's coordinator
+    stops within its loop's tick and the server within 0.5 s, freeing the port. Returns the exit code (0 after a
+    Ctrl-C)."""
     from runtime.engine.generate import pick_device  # torch: to know whether there is a GPU
 
     check_http(cfg, engine)
@@ -247,7 +267,9 @@ def serve_foreground(start_cfg, cfg: ServeConfig, engine: EngineConfig) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
-    pools.start(start_cfg)
+    # the pool and the server stop by themselves when this process is gone (SIGKILL leaves no orphans)
+    cfg = dataclasses.replace(cfg, owner_pid=os.getpid())
+    pools.start(dataclasses.replace(start_cfg, owner_pid=os.getpid()))
     name, proc = cfg.name, None
     try:
         spec = {"serve": dataclasses.asdict(dataclasses.replace(cfg, device=device)),
@@ -355,10 +377,6 @@ def check_run_config(cfg: EngineConfig, device: str | None, rec: dict) -> None:
 
 # ---- the server process ------------------------------------------------------------------------------------
 
-class _Stop(Exception):
-    pass
-
-
 def server_main(cfg_file: str) -> int:
     spec = json.loads(Path(cfg_file).read_text())
     Path(cfg_file).unlink(missing_ok=True)
@@ -366,8 +384,8 @@ def server_main(cfg_file: str) -> int:
 
 
 def run_server(cfg: ServeConfig, engine: EngineConfig) -> int:
-    """The server's life in this process (the detached one, or ``launch.py serve`` in the foreground): serve
-    until SIGTERM / SIGINT or its pool's end, then remove its record and socket."""
+    """The server's life in this process (the detached one, or ``launch.py serve``'s child): serve until SIGTERM
+    / SIGINT, its pool's end or its owner's (``launch.py serve``), then remove its record and socket."""
     name = cfg.name
     stopping = {"flag": False}
 
@@ -441,12 +459,11 @@ def _serve_model(cfg: ServeConfig, engine: EngineConfig, stopping: dict, image: 
 
     from runtime.engine.scheduler import Scheduler, SchedulerConfig
     from runtime.engine.speculative import run_generator  # torch: the server computes
-    from runtime.format.tokens import image_tokenizer
+    from runtime.format.tokens import image_tokenizer, with_chat_template
 
     name = cfg.name
-    max_len, batch = cfg.max_seq_len, cfg.batch_size
+    max_len, rows = cfg.max_seq_len, cfg.rows
     room = engine.speculative.tree_room(device.type, engine.prefill.chunk)  # KV slots for a request's last tree
-    rows = max(batch, cfg.max_batch) if http else batch  # the plan keeps room for the scheduler's KV rows
     with open_source(image, engine, device, batch=rows, max_len=max_len + room) as (source, plan, handle):
         if lk["disk"] is None and plan is not None and plan.disk_bytes_per_pass:  # the run streams from disk
             lk["disk"] = measure_disk_quick(str(image.path), image.image_size, 4)
@@ -454,29 +471,32 @@ def _serve_model(cfg: ServeConfig, engine: EngineConfig, stopping: dict, image: 
         gen.generate([1], SamplingConfig(2 if room else 1))  # one pass: the whole path is warm before the first request
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        sched = Scheduler(gen, SchedulerConfig(rows, cfg.max_queue, cfg.batching == "static",
+                                               prefix_cache=not cfg.no_prefix_cache), max_len)
         bound = bound_report(plan, lk, None)
         gpu, host = memory_report(device, source, handle)
         sock = _listen(pool_file(name, "socket"))
         rec = {"version": SERVER_RECORD_VERSION, "name": name, "uid": os.getuid(), "pid": os.getpid(),
                "socket": str(pool_file(name, "socket")), "log": str(pool_file(name, "server_log")),
-               "device": str(device), "max_seq_len": max_len, "batch_size": batch,
-               "http": http.url if http else None, "max_batch": cfg.max_batch if http else None,
-               "batching": cfg.batching if http else None,
+               "device": str(device), "max_seq_len": max_len, "batch_size": rows,
+               "http": http.url if http else None, "max_batch": rows, "batching": cfg.batching,
+               "prefix_cache": not cfg.no_prefix_cache, "owner_pid": cfg.owner_pid,
                "gpu_mem_gb": engine.placement.gpu_mem_gb, "engine": engine.to_dict(),
                "started_unix": time.time(), "ready_s": time.perf_counter() - t_start,
                "plan": plan.to_dict() if plan else None, "links": lk, "bound": bound,
                "load_breakdown_ms": source.load_ms, "gpu_mem_GB": gpu, "host_mem_GB": host,
                "image": str(image.path)}
-        ctx = ServerContext(name, gen, source, plan, handle, device, lk, image, max_len, batch, rec, engine, stopping)
-        model, halt = None, threading.Event()
-        if http is not None:  # the model thread: continuous batching for the HTTP requests
-            sched = Scheduler(gen, SchedulerConfig(cfg.max_batch, cfg.max_queue, cfg.batching == "static"), max_len,
-                              model_lock=ctx.model_lock)
-            http.state.attach(sched, image_tokenizer(image, required=False))
-            model = threading.Thread(target=_model_loop, args=(sched, halt, ctx), name="model", daemon=True)
-            model.start()
-            print(f"[server {name}] HTTP ready on {http.url}: {cfg.batching} batching, up to {cfg.max_batch} "
-                  f"sequences, queue {cfg.max_queue}", flush=True)
+        ctx = ServerContext(name, sched, source, plan, handle, device, lk, image, max_len, rows, rec, engine,
+                            stopping)
+        halt = threading.Event()
+        model = threading.Thread(target=_model_loop, args=(sched, halt, ctx), name="model", daemon=True)
+        model.start()
+        if http is not None:
+            tok = image_tokenizer(image, required=False)
+            http.state.attach(sched, with_chat_template(tok, cfg.chat_template) if cfg.chat_template else tok)
+            print(f"[server {name}] HTTP ready on {http.url}: {cfg.batching} batching, up to {rows} sequences, "
+                  f"queue {cfg.max_queue}", flush=True)
+        handlers: list[threading.Thread] = []
         try:
             with pool_lock(name):  # after serve's placeholder; once HTTP is ready too
                 write_private(pool_file(name, "server"), rec)
@@ -486,21 +506,31 @@ def _serve_model(cfg: ServeConfig, engine: EngineConfig, stopping: dict, image: 
                 try:
                     conn, _ = sock.accept()
                 except TimeoutError:
-                    source.client.check_alive()  # raises once the pool's coordinator is gone
-                    if model is not None and not model.is_alive():
-                        raise PoolDied(f"pool {name!r}: the model thread ended (its log says why)") from None
+                    _check_alive(ctx, source, model, cfg.owner_pid)
                     continue
-                first = _open(conn, ctx)
-                with ctx.model_lock:  # between two of the scheduler's steps
-                    _serve_queue(([first] if first else []) + _accept_queued(sock, ctx), ctx)
+                t = threading.Thread(target=_connection, args=(conn, ctx), name="socket client", daemon=True)
+                t.start()
+                handlers = [h for h in handlers if h.is_alive()] + [t]
         finally:
             if http is not None:
                 http.state.stopping = True
             halt.set()
-            if model is not None:
-                model.join(60.0)  # the step in flight ends; the requests left get an error
+            model.join(60.0)  # the step in flight ends; the requests left get an error
+            deadline = time.monotonic() + 5.0
+            for h in handlers:  # they send their clients the error, then close
+                h.join(max(deadline - time.monotonic(), 0.0))
             sock.close()
     return sock
+
+
+def _check_alive(ctx: ServerContext, source, model: threading.Thread, owner_pid: int | None) -> None:
+    """Between two accepts: the pool, the model thread and the owner (``launch.py serve``) are still there."""
+    source.client.check_alive()  # raises once the pool's coordinator is gone
+    if not model.is_alive():
+        raise PoolDied(f"pool {ctx.name!r}: the model thread ended (its log says why)") from None
+    if owner_pid is not None and not pid_alive(owner_pid):
+        print(f"[server {ctx.name}] its launch.py serve (pid {owner_pid}) is gone: stopping", flush=True)
+        ctx.stopping["flag"] = True
 
 
 def _model_loop(sched, halt: threading.Event, ctx: ServerContext) -> None:
@@ -525,27 +555,27 @@ def _listen(path: Path) -> socket.socket:
     return s
 
 
-def _send(f, msg: dict) -> None:
-    f.write(json.dumps(msg).encode() + b"\n")
-    f.flush()
+class _Client:
+    """One accepted connection of the Unix socket and its request; its scheduler events come through ``events``
+    (the model thread must not block on a slow client) and are sent from the connection's own thread."""
 
-
-class _Request:
-    """One accepted connection and its request."""
-
-    def __init__(self, conn: socket.socket, f, pid: int, req: dict) -> None:
-        self.conn, self.f, self.pid, self.req = conn, f, pid, req
-        self.parsed: Parsed | None = None  # _parse of req
-        self.gone = False  # the client went away: nothing more is sent
+    def __init__(self, conn: socket.socket, f, pid: int) -> None:
+        self.conn, self.f, self.pid = conn, f, pid
+        self.req: dict = {}
+        self.events: queue.Queue = queue.Queue()
 
     def send(self, msg: dict) -> None:
-        _send(self.f, msg)
+        self.f.write(json.dumps(msg).encode() + b"\n")
+        self.f.flush()
 
-    def batchable(self) -> bool:
-        """A greedy single prompt: it gives the same tokens alone or in a batch, so it may share passes."""
-        r = self.req
-        return (not r.get("bench") and "prompts" not in r and float(r.get("temperature", 0.0)) == 0.0
-                and isinstance(r.get("prompt_ids"), list))
+    def gone(self) -> bool:
+        """The client closed its end (it sends nothing after its request: a readable socket is at its end)."""
+        try:
+            if not select.select([self.conn], [], [], 0)[0]:
+                return False
+            return self.conn.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -554,195 +584,198 @@ class _Request:
             self.conn.close()
 
 
-def _open(conn: socket.socket, ctx: ServerContext) -> _Request | None:
+def _connection(conn: socket.socket, ctx: ServerContext) -> None:
+    """A connection's thread: check the peer, read its request, serve it, close."""
+    c = _open(conn, ctx)
+    if c is None:
+        return
+    t0 = time.perf_counter()
+    try:
+        if ctx.stopping["flag"]:
+            c.send({"error": "the server is stopping (pool serve --stop, or pool stop): request not run"})
+            return
+        try:
+            parsed = _parse(c.req, ctx)
+        except (UserError, ValueError, TypeError, KeyError) as e:  # refused alone, with the numbers
+            print(f"[server {ctx.name}] request of pid {c.pid} refused: {e}", flush=True)
+            c.send({"error": str(e)})
+            return
+        done = _bench(c, parsed, ctx) if c.req.get("bench") else _generate(c, parsed, ctx)
+        if done is not None:
+            c.send(done)
+            print(f"[server {ctx.name}] pid {c.pid}: {done.get('summary', '')} in {time.perf_counter() - t0:.2f} s",
+                  flush=True)
+    except _Gone as e:
+        print(f"[server {ctx.name}] pid {c.pid} went away ({e}); its request dropped", flush=True)
+    except (OSError, TimeoutError) as e:
+        print(f"[server {ctx.name}] pid {c.pid} went away ({type(e).__name__}); its request dropped", flush=True)
+    finally:
+        c.close()
+
+
+def _open(conn: socket.socket, ctx: ServerContext) -> _Client | None:
     """Check the peer and read its request line; None (the connection closed) if refused or gone."""
-    name = ctx.name
     pid, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
     conn.settimeout(SEND_TIMEOUT_S)
-    f = conn.makefile("rwb")
-    r = _Request(conn, f, pid, {})
+    c = _Client(conn, conn.makefile("rwb"), pid)
     try:
         if uid != os.getuid():
-            r.send({"error": f"uid {uid} may not use the server of uid {os.getuid()}"})
-            print(f"[server {name}] refused pid {pid} of uid {uid}", flush=True)
+            c.send({"error": f"uid {uid} may not use the server of uid {os.getuid()}"})
+            print(f"[server {ctx.name}] refused pid {pid} of uid {uid}", flush=True)
         else:
-            line = f.readline(MAX_REQUEST)
+            line = c.f.readline(MAX_REQUEST)
             if line:  # else the client went away before asking
                 try:
-                    r.req = json.loads(line)
-                    if not isinstance(r.req, dict):
+                    c.req = json.loads(line)
+                    if not isinstance(c.req, dict):
                         raise ValueError("a request is one JSON object")
-                    return r
+                    return c
                 except ValueError as e:
-                    r.send({"error": f"not a request: {e}"})
+                    c.send({"error": f"not a request: {e}"})
     except (OSError, TimeoutError):
         pass
-    r.close()
+    c.close()
     return None
 
 
-def _accept_queued(sock: socket.socket, ctx: ServerContext) -> list[_Request]:
-    """The requests waiting in the socket's backlog now (they arrived while the server was busy)."""
-    out = []
-    sock.settimeout(0)
-    try:
-        while True:
-            try:
-                conn, _ = sock.accept()
-            except (BlockingIOError, TimeoutError):
-                break
-            r = _open(conn, ctx)
-            if r is not None:
-                out.append(r)
-    finally:
-        sock.settimeout(0.5)
-    return out
-
-
-def _serve_queue(reqs: list[_Request], ctx: ServerContext) -> None:
-    """Serve ``reqs`` in arrival order; consecutive batchable ones (greedy single prompts) share their weight
-    passes, up to the server's ``--batch-size`` sequences within its ``--max-seq-len``."""
-    groups: list[list[_Request]] = []
-    for r in reqs:
-        try:
-            r.parsed = _parse(r.req, ctx)
-        except (UserError, ValueError, TypeError, KeyError) as e:  # refused alone, with the numbers
-            print(f"[server {ctx.name}] request of pid {r.pid} refused: {e}", flush=True)
-            with contextlib.suppress(OSError, TimeoutError):
-                r.send({"error": str(e)})
-            r.close()
-            continue
-        g = groups[-1] if groups else None
-        if g and r.batchable() and g[0].batchable() and len(g) < ctx.batch and \
-                r.req.get("stop_ids", []) == g[0].req.get("stop_ids", []) and \
-                _fits(g + [r], ctx.max_len):
-            g.append(r)
-        else:
-            groups.append([r])
-    for g in groups:
-        try:
-            if ctx.stopping["flag"]:  # not started: each prefill would run before the stop is seen
-                for r in g:
-                    with contextlib.suppress(OSError, TimeoutError):
-                        r.send({"error": "the server is stopping (pool serve --stop, or pool stop): request not run"})
-            else:
-                _serve_group(g, ctx)
-        finally:
-            for r in g:
-                r.close()
-
-
-def _fits(group: list[_Request], max_len: int) -> bool:
-    try:
-        longest = max(len(r.req["prompt_ids"]) for r in group)
-        return longest + max(int(r.req.get("max_new_tokens", 32)) for r in group) <= max_len
-    except (TypeError, ValueError):
-        return False
-
-
-def _serve_group(group: list[_Request], ctx: ServerContext) -> None:
-    """Run one request, or a batch of them; each client gets its tokens, then its result or an error. A client
-    that has gone away only loses its own request."""
-    name = ctx.name
-    t0 = time.perf_counter()
-    who = ", ".join(f"pid {r.pid}" for r in group)
-
-    def fail(msg: str) -> None:
-        for r in group:
-            if not r.gone:
-                with contextlib.suppress(OSError, TimeoutError):
-                    r.send({"error": msg})
-
-    try:
-        dones = _generate(group, ctx) if len(group) > 1 else [_generate_one(group[0], ctx)]
-    except _Stop:
-        print(f"[server {name}] stopping: the request of {who} ended", flush=True)
-        fail("the server is stopping (pool serve --stop, or pool stop): request ended")
-        return
-    except PoolDied:
-        fail(f"pool {name!r} died while serving this request")
-        raise
-    except (UserError, ValueError, TypeError, KeyError) as e:
-        print(f"[server {name}] request of {who} refused: {e}", flush=True)
-        fail(str(e))
-        return
-    except Exception as e:  # the request failed (out of memory, a bug): the next one is still served
-        traceback.print_exc()
-        fail(f"the request failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (server log "
-             f"{ctx.rec['log']})")
-        return
-    for r, done in zip(group, dones):
-        if r.gone:
-            continue
-        try:
-            r.send(done)
-        except (OSError, TimeoutError) as e:
-            _gone(r, ctx, e)
-    batch = f" (one batch of {len(group)})" if len(group) > 1 else ""
-    print(f"[server {name}] {who}: {dones[0].get('summary', '')}{batch} in {time.perf_counter() - t0:.2f} s",
-          flush=True)
-
-
-def _gone(r: _Request, ctx: ServerContext, e: BaseException) -> None:
-    r.gone = True
-    print(f"[server {ctx.name}] pid {r.pid} went away ({type(e).__name__}); its request dropped",
-          flush=True)
-
-
-def _generate_one(r: _Request, ctx: ServerContext) -> dict:
-    """One request alone; a client that has gone away ends it."""
-    def send(m: dict) -> None:
-        if ctx.stopping["flag"]:
-            raise _Stop
-        try:
-            r.send(m)
-        except (OSError, TimeoutError) as e:
-            _gone(r, ctx, e)
-            raise _Gone from None
-
-    try:
-        return _generate_request(r.req, ctx, send, r.parsed)
-    except _Gone:
-        return {"done": True, "summary": "dropped"}
-
-
 class _Gone(Exception):
-    pass
+    """The client went away."""
 
 
-def _generate(group: list[_Request], ctx: ServerContext) -> list[dict]:
-    """Greedy single-prompt requests in one batch: every weight pass serves them all; each sequence stops on
-    its own (its stop tokens, its max_new_tokens), and each client gets its tokens as they come."""
-    parsed = [r.parsed for r in group]
-    prompts = [p.prompts[0] for p in parsed]
-    limits = [p.sampling.max_new_tokens for p in parsed]
-    cfg = SamplingConfig(max(limits))
+def _wait_event(c: _Client, ctx: ServerContext) -> tuple[int, str, object]:
+    """The next scheduler event of this connection's requests: (index, kind, payload). _Gone when the client
+    went away meanwhile."""
+    while True:
+        try:
+            return c.events.get(timeout=0.2)
+        except queue.Empty:
+            if c.gone():
+                raise _Gone("connection closed") from None
 
-    def on_step(toks: list[int | None]) -> None:
-        if ctx.stopping["flag"]:
-            raise _Stop
-        for r, t in zip(group, toks):
-            if t is None or r.gone:
-                continue
-            try:
-                r.send({"token": t})
-            except (OSError, TimeoutError) as e:
-                _gone(r, ctx, e)
-        if all(r.gone for r in group):
-            raise _Gone
 
+def _submit(c: _Client, ctx: ServerContext, req) -> None:
+    """Queue ``req`` in the scheduler; a full queue is waited out (a local run waits for its turn, as it always
+    has; HTTP clients get 429 instead)."""
+    from runtime.engine.scheduler import QueueFull
+
+    while True:
+        try:
+            ctx.sched.submit(req)
+            return
+        except QueueFull:
+            if c.gone():
+                raise _Gone("connection closed while the queue was full") from None
+            if ctx.stopping["flag"]:
+                raise UserError("the server is stopping (pool serve --stop, or pool stop): request not run") from None
+            time.sleep(0.05)
+
+
+def _generate(c: _Client, p: Parsed, ctx: ServerContext) -> dict | None:
+    """The request's prompts through the scheduler, at most its batch of them at a time (each its own sequence,
+    sharing passes with every other request); one prompt's tokens are sent as they come. Returns the ``done``
+    message, or None after an error was sent."""
+    from runtime.engine.generate import GenerationResult
+    from runtime.engine.scheduler import SeqRequest
+
+    if p.sampling.max_new_tokens == 0:  # nothing to generate (as Generator.generate)
+        return {"done": True, "results": [_result(GenerationResult(list(x), [])) for x in p.prompts], "batched": 1,
+                "speculative": None, "summary": f"{len(p.prompts)} prompt(s), no tokens asked for"}
+    reqs, results, running = [], [None] * len(p.prompts), 0
+    single = len(p.prompts) == 1
     try:
-        results = ctx.gen.generate_batch(prompts, cfg, parsed[0].stop_ids, on_step, limits=limits)
-    except _Gone:
-        return [{"done": True, "summary": "dropped"} for _ in group]
+        for i in range(len(p.prompts)):
+            while running >= p.batch:
+                running -= _relay(c, ctx, reqs, results, single)
+            reqs.append(SeqRequest(p.prompts[i], p.sampling,
+                                   lambda k, x, i=i: c.events.put((i, k, x)), p.stop_ids))
+            _submit(c, ctx, reqs[-1])
+            running += 1
+        while running:
+            running -= _relay(c, ctx, reqs, results, single)
+    except _Failed as e:
+        c.send({"error": str(e)})
+        return None
+    finally:
+        for i, r in enumerate(reqs):
+            if results[i] is None:
+                ctx.sched.cancel(r)
     n = sum(len(r.output_token_ids) for r in results)
-    return [{"done": True, "results": [_result(x)], "batched": len(group),
-             "summary": f"{len(group)} prompts, {n} tokens generated"} for x in results]
+    spec = [r.speculative for r in results if r.speculative is not None]
+    return {"done": True, "results": [_result(r) for r in results], "batched": max(r.batched for r in results),
+            "speculative": spec[0] if single and spec else None,
+            "summary": f"{len(p.prompts)} prompt(s), {sum(map(len, p.prompts))} prompt tokens "
+                       f"({sum(r.cached_tokens for r in results)} reused), {n} generated, in batches of up to "
+                       f"{max(r.batched for r in results)}"}
+
+
+class _Failed(Exception):
+    """A request's scheduler error."""
+
+
+def _relay(c: _Client, ctx: ServerContext, reqs: list, results: list, single: bool) -> int:
+    """Send on one event of the connection's requests; 1 when a request finished, else 0."""
+    i, kind, x = _wait_event(c, ctx)
+    if kind == "token":
+        if single:
+            c.send({"token": x.token})
+        return 0
+    if kind == "done":
+        results[i] = x
+        return 1
+    if kind == "error":
+        raise _Failed(x)
+    return 0
+
+
+def _bench(c: _Client, p: Parsed, ctx: ServerContext) -> dict | None:
+    """A timed round as ``launch.py bench`` runs it, on the engine's own batch (``Generator.generate_batch``: its
+    report means what an in-process bench's does), run in the model thread once the scheduler's batch is empty
+    (``Scheduler.submit_job``); each pass's tokens are sent as they come."""
+    def job(gen) -> None:
+        if gen is None:
+            c.events.put((0, "error", "the server is stopping (pool serve --stop, or pool stop): request not run"))
+            return
+        try:
+            c.events.put((0, "done", _bench_round(gen, p, ctx, lambda toks: c.events.put((0, "step", toks)))))
+        except PoolDied:
+            c.events.put((0, "error", f"pool {ctx.name!r} died while serving this request"))
+            raise
+        except Exception as e:  # the request failed (out of memory, a bug): the next one is still served
+            traceback.print_exc()
+            c.events.put((0, "error", f"the request failed: {type(e).__name__}: "
+                                      f"{str(e).splitlines()[0] if str(e) else ''} (server log {ctx.rec['log']})"))
+
+    ctx.sched.submit_job(job)
+    while True:
+        _, kind, x = _wait_event(c, ctx)  # a client gone meanwhile: the round runs on, unsent
+        if kind == "step":
+            c.send({"step": x})
+        elif kind == "done":
+            return x
+        else:
+            c.send({"error": x})
+            return None
+
+
+def _bench_round(gen, p: Parsed, ctx: ServerContext, on_step) -> dict:
+    import torch
+
+    prompts, b, cfg = p.prompts, p.batch, p.sampling
+    if ctx.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(ctx.device)
+    r = run_round(gen, ctx.source, prompts[:b], cfg, on_step=on_step)
+    bcfg = BenchConfig(batch_size=b, max_new_tokens=cfg.max_new_tokens, max_seq_len=ctx.max_len,
+                       warmup_rounds=0, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
+    note = f"through pool {ctx.name!r}'s server (pid {os.getpid()}): the model was loaded when the server started"
+    bctx = BenchContext(ctx.plan, ctx.links, prompts[:b], memory_report(ctx.device, ctx.source, ctx.handle),
+                        ctx.device, ctx.image, ctx.source, gen.host_layers, notes=[note])
+    return {"done": True, "report": build_report(bcfg, ctx.engine, bctx, r), "plan_line": plan_line(ctx.plan),
+            "summary": f"bench round, batch {b}, {len(r.tokens)} passes"}
 
 
 @dataclass(frozen=True)
 class Parsed:
-    """A request's prompts, batch, sampling and stop tokens, checked against the server's limits."""
+    """A socket request's prompts, batch, sampling and stop tokens, checked against the server's limits."""
 
     prompts: list[list[int]]
     batch: int
@@ -763,7 +796,7 @@ def _parse(req: dict, ctx: ServerContext) -> Parsed:
     b = int(req.get("batch_size") or 1)
     if not 1 <= b <= ctx.batch:
         raise ConfigError(f"--batch-size {b}: the server holds a KV cache for {ctx.batch} sequences (pool "
-                          f"serve --batch-size)")
+                          f"serve --batch-size / --max-batch)")
     new = int(req.get("max_new_tokens", 32))
     longest = max(len(p) for p in prompts)
     if longest + new > ctx.max_len:
@@ -772,43 +805,6 @@ def _parse(req: dict, ctx: ServerContext) -> Parsed:
     sampling = SamplingConfig(new, float(req.get("temperature", 0.0)), float(req.get("top_p", 1.0)),
                               int(req.get("seed", 0)))
     return Parsed(prompts, b, sampling, frozenset(int(t) for t in req.get("stop_ids", [])))
-
-
-def _generate_request(req: dict, ctx: ServerContext, send: Callable[[dict], None],
-                      parsed: Parsed | None = None) -> dict:
-    """Run one request; ``send`` streams its tokens. Returns the ``done`` message. ``parsed``: ``_parse`` of
-    ``req`` if already done."""
-    import torch
-
-    gen, device = ctx.gen, ctx.device
-    p = parsed or _parse(req, ctx)
-    prompts, b, cfg = p.prompts, p.batch, p.sampling
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    if req.get("bench"):  # a timed round as launch.py bench runs it, each pass's tokens sent as they come
-        r = run_round(gen, ctx.source, prompts[:b], cfg, on_step=lambda toks: send({"step": toks}))
-        bcfg = BenchConfig(batch_size=b, max_new_tokens=cfg.max_new_tokens, max_seq_len=ctx.max_len,
-                           warmup_rounds=0, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
-        note = (f"through pool {ctx.name!r}'s server (pid {os.getpid()}): the model was loaded when the server "
-                f"started")
-        bctx = BenchContext(ctx.plan, ctx.links, prompts[:b], memory_report(device, ctx.source, ctx.handle), device,
-                            ctx.image, ctx.source, gen.host_layers, notes=[note])
-        return {"done": True, "report": build_report(bcfg, ctx.engine, bctx, r), "plan_line": plan_line(ctx.plan),
-                "summary": f"bench round, batch {b}, {len(r.tokens)} passes"}
-    results = []
-    speculative = hasattr(gen, "stats")
-    if speculative:  # this request's passes only
-        gen.reset_counters()
-    if len(prompts) == 1:
-        results.append(gen.generate(prompts[0], cfg, p.stop_ids, lambda t: send({"token": t})))
-    else:
-        for i in range(0, len(prompts), b):
-            results += gen.generate_batch(prompts[i:i + b], cfg, p.stop_ids, lambda toks: send({"step": toks}))
-    n = sum(len(r.output_token_ids) for r in results)
-    return {"done": True, "results": [_result(x) for x in results],
-            "speculative": gen.report() if speculative
-            else None,
-            "summary": f"{len(prompts)} prompt(s), {sum(map(len, prompts))} prompt tokens, {n} generated"}
 
 
 def _result(r) -> dict:
