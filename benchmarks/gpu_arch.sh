@@ -6,17 +6,19 @@
 # of the Llama-3.1-70B shape beside them as the baseline of the same machine. A table per suite run last.
 # Usage (repo root, GPU machine, .whl carried): bash benchmarks/gpu_arch.sh
 # env: SHAPES (qwen2.5-72b,qwen3-32b), SCHEMES ("bf16 int4"), BASELINE (1: the llama3.1-70b x8 bf16 row too),
-#      WITH_TESTS (1), NEW_TOKENS (8), SUITE_S (420: each suite run's limit)
+#      WITH_TESTS (1), TESTS_S (240: the tests' limit), NEW_TOKENS (8), SUITE_S (420: each suite run's limit)
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; W=/tmp/arch; mkdir -p "$W"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; df -h /tmp | tail -1
 if [ "${WITH_TESTS:-1}" = 1 ]; then
-  timeout 240 python3 -m pytest -q -p no:cacheprovider -n 0 --tb=short tests/test_architectures.py \
-    tests/test_streaming.py tests/test_bench.py tests/test_trace.py tests/test_quant.py tests/test_quant_image.py \
-    tests/test_speculative.py -k "gpu or cuda" 2>&1 | tee "$OUT/tests.txt" | grep -E "^E |passed|failed|FAILED|rror" \
-    | cut -c1-300 | tail -14
+  # one line a test (-v), so that a run cut short by its limit still shows what passed; the quantized kernels last
+  timeout "${TESTS_S:-240}" python3 -m pytest -v -p no:cacheprovider -n 0 --tb=short tests/test_architectures.py \
+    tests/test_streaming.py tests/test_bench.py tests/test_trace.py tests/test_speculative.py tests/test_quant_image.py \
+    tests/test_quant.py -k "gpu or cuda" > "$OUT/tests.txt" 2>&1
+  echo "tests: $(grep -c ' PASSED' "$OUT/tests.txt") passed, $(grep -c ' SKIPPED' "$OUT/tests.txt") skipped"
+  grep -E " (FAILED|ERROR)|^E |^(FAILED|ERROR) |passed|failed" "$OUT/tests.txt" | cut -c1-300 | tail -14
 fi
 run_suite() {  # $1 label, $2 shapes, $3 scale, $4 extra flags
   timeout "${SUITE_S:-420}" python3 benchmarks/suite.py --scale "$3" --shapes "$2" --regimes a $4 --skip-peer \
