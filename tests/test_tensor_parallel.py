@@ -24,7 +24,7 @@ from runtime.engine.config import EngineConfig, SamplingConfig
 from runtime.engine.generate import Generator
 from runtime.engine.ranks import RankFailed, run_ranks
 from runtime.engine.weights import InMemoryWeights
-from runtime.format.image import Image, tensor_views
+from runtime.format.image import FORMAT_VERSION, Image, tensor_views
 from runtime.format.pack import pack
 from runtime.ipc.shm import leftover_names
 
@@ -86,7 +86,7 @@ def test_packed_shards_are_the_plain_tensors(tiny):
     tensors, and each shard is one 4 KiB-aligned extent."""
     images = tiny[0]
     plain, packed = images[1], images[4]
-    assert packed.tensor_parallel == 4 and packed.manifest["version"] == 3
+    assert packed.tensor_parallel == 4 and packed.manifest["version"] == FORMAT_VERSION
     for g, spec in plain.groups.items():
         full = tensor_views(spec, plain.read_group(g))
         buf = torch.frombuffer(packed.read_group(g), dtype=torch.uint8)
