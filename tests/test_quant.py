@@ -354,13 +354,17 @@ def test_cuda_equals_gguf_bit_for_bit():
             assert torch.equal(quant.dequantize_rows(dev, scheme, shape, group, rows).cpu(), ref[rows.cpu()])
 
 
-def compile_for_hopper(kernel, signature: dict, constexprs: dict) -> str:
-    """PTX of ``kernel`` compiled for sm_90 (no GPU needed: Triton's own toolchain)."""
+def compile_for_hopper(kernel, signature: dict, constexprs: dict, aligned: tuple[str, ...] = ()) -> str:
+    """PTX of ``kernel`` compiled for sm_90 (no GPU needed: Triton's own toolchain); the arguments named in
+    ``aligned`` known divisible by 16, as Triton specializes them at a launch when they are."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    src = ASTSource(fn=kernel, signature={**signature, **dict.fromkeys(constexprs, "constexpr")}, constexprs=constexprs)
+    names = list(signature)
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+    src = ASTSource(fn=kernel, signature={**signature, **dict.fromkeys(constexprs, "constexpr")}, constexprs=constexprs,
+                    attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
 
 
@@ -452,3 +456,114 @@ def test_cuda_fused_matmul_equals_dense_path():
             assert got32.shape == (1, m, 1536) and (got32 - ref).abs().max().item() < 1e-4, (scheme, m)
             got16 = qw.linear(x.bfloat16())
             assert (got16.double() - ref).abs().max().item() < 0.05 * ref.abs().max().item(), (scheme, m)
+
+
+# ---- the GGUF formats' fused matmul (model/quant_gemv.py) ----------------------------------------------
+
+GEMV_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from model import quant, quant_gemv as qg
+from test_quant import random_raw
+assert not qg.EXACT
+L, F = qg.Launch, torch.nn.functional
+
+def close(y, x, w, rel):
+    # |y - F.linear(x, w)| within rel of it plus twice the rounding bound of a K-term float32 sum
+    ref = F.linear(x.float(), w)
+    bound = 2 * x.shape[1] * 2.0 ** -24 * F.linear(x.float().abs(), w.abs())
+    return bool(((y.float() - ref).abs() <= rel * ref.abs() + bound).all())
+
+def report(scheme, what, ok):
+    print(scheme, what, "ok" if ok else "DIFFERS")
+
+for scheme in qg.BLOCKS:
+    n, k = 5, 512
+    raw = random_raw(scheme, (n, k), seed=7)
+    w = quant.dequantize(raw, scheme, (n, k))
+    y = qg.gguf_matmul(torch.eye(k), scheme, raw, n, k, L(True, 64, k, 16, 4, 1))
+    report(scheme, "every value exact (DOT, x the identity)", torch.equal(y, w.T))
+    x = torch.zeros(3, k)
+    x[0, 1], x[1, k - 3], x[2] = 1, 1, torch.randn(k)
+    y = qg.gguf_matmul(x, scheme, raw, n, k, L(False, 8, 1, 32, 1, 1))
+    report(scheme, "one-hot rows exact (FMA)", torch.equal(y[:2], w[:, [1, k - 3]].T))
+    report(scheme, "fp32 (FMA)", close(y[2:], x[2:], w, 0))
+    small = quant.random_quantized(scheme, (n, k), None, torch.Generator().manual_seed(1)).raw  # fp16-sized values
+    xh = torch.randn(17, k).half()
+    y = qg.gguf_matmul(xh, scheme, small, n, k)
+    ws = quant.dequantize(small, scheme, (n, k)).half().float()
+    report(scheme, "fp16, 17 rows (DOT)", close(y, xh, ws, 2.0 ** -11))
+
+for scheme in ("q4_0", "q4_k"):  # what does not depend on the format: 3 steps of 8 chunks, the last one partial
+    n, k = 9, 768
+    raw = random_raw(scheme, (n, k), seed=8)
+    w = quant.dequantize(raw, scheme, (n, k))
+    x = torch.randn(2, k)
+    y = qg.gguf_matmul(x, scheme, raw, n, k, L(False, 4, 1, 8, 1, 2))
+    report(scheme, "fp32, the row split in two (FMA)", close(y, x, w, 0))
+    xb = torch.randn(1, k).bfloat16()
+    y = qg.gguf_matmul(xb, scheme, raw, n, k, L(False, 2, 1, 8, 1, 1))
+    report(scheme, "bf16 (FMA)", close(y, xb, w, 2.0 ** -7))  # the interpreter truncates to bf16
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_gguf_matmul_interpreter():
+    """model/quant_gemv.py under Triton's interpreter, every GGUF format: every dequantized value the kernel
+    multiplies equals gguf's in float32 (x the identity: y = w.T exactly; one-hot rows of x: columns of w exactly),
+    and products against dequantize-then-F.linear in float32 within twice a K-term float32 sum's rounding bound
+    (plus x's dtype's rounding of the result: fp16 2^-11, bf16 2^-7 as the interpreter truncates); both ways of
+    multiplying (FMA: one row of x; DOT: 17 rows, the tensor-core path), rows of w not a multiple of a program's,
+    a split row and a partial last step."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", GEMV_SCRIPT.format(tests=str(ROOT / "tests"))],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 4 * len(GGML) + 4 and all(line.endswith(" ok") for line in lines), proc.stdout
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_gguf_matmul_launch_config():
+    """Launch parameters from the shape: FMA for one row of x (or float32 x), DOT for more; enough programs for the
+    GPU where the matrix allows, by fewer rows of w a program then by splitting the row; never an empty split."""
+    from model import quant_gemv as qg
+
+    shapes = [(n, k) for n in (1, 5, 1024, 4096, 14336, 128256) for k in (256, 4096, 14336, 28672)]
+    for scheme in GGML:
+        for n, k in shapes:
+            for m, f32 in [(1, False), (1, True), (4, False), (4, True), (16, False), (17, False), (64, False)]:
+                lc = qg.launch_config(scheme, m, n, k, f32, 132)
+                assert lc.dot == (m > 1 and not f32) and lc.block_m == (1 if not lc.dot else 16 if m <= 16 else 64)
+                steps = -(-(k // qg.BLOCKS[scheme][2]) // lc.chunks)
+                per = -(-steps // lc.split)
+                assert 1 <= lc.split <= steps and (lc.split - 1) * per < steps, (scheme, m, n, k, lc)
+                programs = -(-n // lc.block_n) * -(-m // lc.block_m)
+                if lc.split > 1:  # split only where the programs are too few, and not beyond what is asked
+                    assert programs < qg.SPLIT_PROGRAMS_PER_SM * 132 and (lc.split - 1) * programs < 4 * 132 * 4
+                if not lc.dot and lc.block_n > 1:
+                    assert -(-n // lc.block_n) * m >= qg.FMA_PROGRAMS_PER_SM * 132
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+@pytest.mark.parametrize("scheme, dot", [("q4_k", False), ("q4_0", True)])
+def test_gguf_matmul_compiles_for_hopper(scheme, dot):
+    """The GGUF kernel compiles for sm_90 both ways (bf16 x): quantized bytes put under 2^23 by byte permutes (the
+    few int -> float conversions are of the scales, one for many values), Q4_K's minimum added by add.rn (never
+    fused into the multiply before it), its blocks and x read with vector loads; DOT on the tensor cores."""
+    from model import quant_gemv as qg
+
+    if not qg.EXACT:
+        pytest.skip("TRITON_INTERPRET is set in this process")
+    sig = {"x": "*bf16", "raw": "*u8", "y": "*bf16", **dict.fromkeys(
+        ("M", "N", "n_chunks", "stride_xm", "stride_ym", "row_bytes", "iters", "magic"), "i32")}
+    ptx = compile_for_hopper(qg._gguf_matmul_kernel, sig,
+                             {"SCHEME": scheme, "TS": qg.BLOCKS[scheme][0], "BN": 64 if dot else 8,
+                              "NC": 16 if dot else 32, "BM": 16 if dot else 1, "DOT": dot, "XBF16": True,
+                              "IEEE": False, "EXACT": True},
+                             aligned=("x", "raw", "y", "stride_xm", "stride_ym", "row_bytes", "magic"))
+    assert ptx.count("prmt.b32") >= 8 * ptx.count("cvt.rn.f32.") and "prmt.b32" in ptx
+    assert ("mma" in ptx) == dot
+    if scheme == "q4_k":
+        assert "add.rn.f32" in ptx and "ld.global.v2.b32" in ptx and "ld.global.v4.b32" in ptx
