@@ -567,3 +567,48 @@ def test_gguf_matmul_compiles_for_hopper(scheme, dot):
     assert ("mma" in ptx) == dot
     if scheme == "q4_k":
         assert "add.rn.f32" in ptx and "ld.global.v2.b32" in ptx and "ld.global.v4.b32" in ptx
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_gguf_matmul():
+    """QuantWeight.linear on CUDA, every GGUF format through the fused kernel (no dense scratch allocated): the
+    float32 values multiplied are gguf's bit for bit (one-hot rows of x give columns of w exactly, FMA; x the
+    identity gives w.T exactly through DOT in IEEE float32); float32 products within twice a K-term sum's rounding
+    bound of dequantize-then-F.linear; bf16 x of 1 row (FMA, float32 values) and of 7 and 64 rows (DOT, values
+    rounded to bf16) within bf16's rounding of the result; a row split in three."""
+    from model import quant_gemv as qg
+
+    torch.manual_seed(0)
+    f = torch.nn.functional
+    n, k = 300, 2304  # 2304: 72 blocks of 32, 9 super-blocks (36 chunks: 32-chunk steps, the last one partial)
+    for scheme in GGML:
+        raw = random_raw(scheme, (n, k), seed=11).cuda()
+        qw = quant.QuantWeight(raw, scheme, (n, k))
+        w = qw.dense(torch.float32)
+        assert torch.equal(w.cpu(), torch.from_numpy(reference(raw.cpu(), scheme, (n, k))))
+
+        def close(y, x, ref_w, rel):
+            ref = f.linear(x.double(), ref_w.double())
+            bound = 2 * k * 2.0 ** -24 * f.linear(x.double().abs(), ref_w.double().abs())
+            return bool(((y.double() - ref).abs() <= rel * ref.abs() + bound).all())
+
+        js = [0, 1, 255, 256, k - 1]
+        x = torch.zeros(len(js), k, device="cuda")
+        x[range(len(js)), js] = 1
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        y = qw.linear(x)
+        torch.cuda.synchronize()
+        assert torch.cuda.max_memory_allocated() - before < n * k, scheme  # no dense copy of w (2 n k bytes)
+        assert torch.equal(y, w[:, js].T), scheme
+        eye = torch.eye(k, device="cuda")[:64]
+        assert torch.equal(qg.gguf_matmul(eye, scheme, raw, n, k, qg.Launch(True, 64, 64, 16, 4, 1)), w[:, :64].T)
+        x = torch.randn(3, 1, k, device="cuda")
+        assert close(qw.linear(x).view(3, n), x.view(3, k), w, 0), scheme
+        y = qg.gguf_matmul(x.view(3, k), scheme, raw, n, k, qg.Launch(False, 4, 1, 32, 1, 3))
+        assert close(y, x.view(3, k), w, 0), scheme
+        for m in (1, 7, 64):
+            xb = torch.randn(m, k, device="cuda").bfloat16()
+            assert close(qw.linear(xb), xb, w if m == 1 else w.bfloat16(), 2.0 ** -8), (scheme, m)
