@@ -573,10 +573,10 @@ def test_gguf_matmul_compiles_for_hopper(scheme, dot):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_gguf_matmul():
     """QuantWeight.linear on CUDA, every GGUF format through the fused kernel (no dense scratch allocated): the
-    float32 values multiplied are gguf's bit for bit (one-hot rows of x give columns of w exactly, FMA; x the
-    identity gives w.T exactly through DOT in IEEE float32); float32 products within twice a K-term sum's rounding
-    bound of dequantize-then-F.linear; bf16 x of 1 row (FMA, float32 values) and of 7 and 64 rows (DOT, values
-    rounded to bf16) within bf16's rounding of the result; a row split in three."""
+    float32 values multiplied are gguf's bit for bit (one-hot rows of x give columns of w exactly, FMA) and DOT
+    multiplies their bf16 rounding (rows of the bf16 identity give it exactly); float32 products within twice a
+    K-term sum's rounding bound of dequantize-then-F.linear; bf16 x of 1 row (FMA, float32 values) and of 7 and 64
+    rows (DOT) within bf16's rounding of the result; a row split in three."""
     from model import quant_gemv as qg
 
     torch.manual_seed(0)
@@ -603,8 +603,8 @@ def test_cuda_gguf_matmul():
         torch.cuda.synchronize()
         assert torch.cuda.max_memory_allocated() - before < n * k, scheme  # no dense copy of w (2 n k bytes)
         assert torch.equal(y, w[:, js].T), scheme
-        eye = torch.eye(k, device="cuda")[:64]
-        assert torch.equal(qg.gguf_matmul(eye, scheme, raw, n, k, qg.Launch(True, 64, 64, 16, 4, 1)), w[:, :64].T)
+        eye = torch.eye(k, device="cuda", dtype=torch.bfloat16)[:64]  # 64 rows: DOT, the values rounded to bf16
+        assert torch.equal(qw.linear(eye), w[:, :64].T.bfloat16()), scheme
         x = torch.randn(3, 1, k, device="cuda")
         assert close(qw.linear(x).view(3, n), x.view(3, k), w, 0), scheme
         y = qg.gguf_matmul(x.view(3, k), scheme, raw, n, k, qg.Launch(False, 4, 1, 32, 1, 3))
