@@ -236,17 +236,20 @@ def _blocks32(acc, blk, ok, xp, magic, SCHEME: tl.constexpr, DOT: tl.constexpr, 
 
 
 @triton.jit
-def _k_scale(s0, s1, s2, j):
-    """Q4_K/Q5_K: the 6-bit scale and minimum of sub-block j ((chunks,) int32) as float32 (rows, chunks), from the
-    12 scale bytes as three int32 (rows, chunks), packed as ggml packs them."""
-    sh = (j % 4 * 8)[None, :]
+def _k_scales(s0, s1, s2, c):
+    """Q4_K/Q5_K: the 6-bit scales and minimums of sub-blocks 2 c and 2 c + 1 (c: (chunks,) int32), as four float32
+    (rows, chunks), from the 12 scale bytes as three int32 (rows, chunks), packed as ggml packs them: sub-block
+    j < 4 in the low 6 bits of byte j of s0 (scale) and s1 (minimum); j >= 4 in byte j - 4 of s2 (the scale's low
+    4 bits, the minimum's in the high nibble) and in the top 2 bits of byte j - 4 of s0 and s1."""
+    sh = (c % 2 * 16)[None, :]  # bytes 2 (c % 2) and 2 (c % 2) + 1 down to bytes 0 and 1
     a = s0 >> sh
     m = s1 >> sh
     b = s2 >> sh
-    low = (j < 4)[None, :]
-    sc = tl.where(low, a & 63, (b & 15) | ((a >> 2) & 48))
-    mn = tl.where(low, m & 63, ((b >> 4) & 15) | ((m >> 2) & 48))
-    return sc.to(tl.float32), mn.to(tl.float32)
+    high = (c >= 2)[None, :]
+    sc = tl.where(high, (b & 0x0F0F) | ((a >> 2) & 0x3030), a & 0x3F3F)
+    mn = tl.where(high, ((b >> 4) & 0x0F0F) | ((m >> 2) & 0x3030), m & 0x3F3F)
+    return ((sc & 0xFF).to(tl.float32), (sc >> 8).to(tl.float32), (mn & 0xFF).to(tl.float32),
+            (mn >> 8).to(tl.float32))
 
 
 @triton.jit
@@ -283,12 +286,11 @@ def _kquant(acc, blk, c, ok, xp, magic, SCHEME: tl.constexpr, DOT: tl.constexpr,
         s0, s2 = tl.split(v)
         d = tl.where(ok[None, :], (dd & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32), 0.0)
         dmin = tl.where(ok[None, :], (dd >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32), 0.0)
-        sc, mn = _k_scale(s0, s1, s2, 2 * c)
-        D0 = (d * sc)[:, :, None]
-        M0 = (-(dmin * mn))[:, :, None]
-        sc, mn = _k_scale(s0, s1, s2, 2 * c + 1)
-        D1 = (d * sc)[:, :, None]
-        M1 = (-(dmin * mn))[:, :, None]
+        sc0, sc1, mn0, mn1 = _k_scales(s0, s1, s2, c)
+        D0 = (d * sc0)[:, :, None]
+        D1 = (d * sc1)[:, :, None]
+        M0 = (-(dmin * mn0))[:, :, None]
+        M1 = (-(dmin * mn1))[:, :, None]
         if SCHEME == "q4_k":
             qs = blk + (16 + 32 * c)[None, :]
             for h in tl.static_range(4):
@@ -335,16 +337,17 @@ def _gguf_matmul_kernel(x, raw, y, M, N, n_chunks, stride_xm, stride_ym, row_byt
     else:  # BM == 1
         xrow = x + pid_m.to(tl.int64) * stride_xm
         acc = tl.zeros((BN, NC, 2), dtype=tl.float32)
+    tl.static_assert(NC % 4 == 0)
+    c = tl.arange(0, NC) % 4  # a K-quant chunk's place in its super-block (every step starts a super-block)
     for it in range(pid_s * iters, tl.minimum(pid_s * iters + iters, tl.cdiv(n_chunks, NC))):
         cc = it * NC + tl.arange(0, NC)
         ok = cc < n_chunks
-        cc = tl.minimum(cc, n_chunks - 1)
-        c = cc % 4
+        cc = tl.minimum(cc, n_chunks - 1)  # a clamped chunk keeps its own c: another chunk of the last super-block
         if TS > 34:  # a K-quant: four 64-value chunks a super-block
             if SCHEME == "q6_k":
                 xo = cc // 4 * 256 + c // 2 * 128 + c % 2 * 16
             else:
-                xo = cc * 64
+                xo = cc // 4 * 256 + c * 64
             blk = row[:, None] + (cc // 4 * TS)[None, :]
         else:
             xo = cc * 32
