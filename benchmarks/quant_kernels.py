@@ -133,7 +133,7 @@ GEMV_HEADER = (f"{'scheme':6} {'model':5} {'matrix':7} {'rows x cols':>13} {'m':
 
 def describe(lc) -> str:
     """A launch in a few characters: FMA rows of w a program, or DOT rows of x a program; the split."""
-    way = f"DOT m{lc.block_m} n{lc.block_n}" if lc.dot else f"FMA n{lc.block_n}"
+    way = f"DOT m{lc.block_m} n{lc.block_n}" if lc.dot else f"FMA n{lc.block_n}"  # rows of x, of w
     return way + (f" s{lc.split}" if lc.split > 1 else "")
 
 
@@ -183,9 +183,8 @@ def alternatives(gemv, m: int) -> list:
     """The launches --sweep tries for m rows of bf16 x."""
     if m == 1:
         return [gemv.Launch(False, bn, 1, 32, 1, s) for bn in (1, 2, 4, 8) for s in (1, 2, 4)]
-    bm = 16 if m <= 16 else 64
-    return [gemv.Launch(True, bn, bm, nc, w, s) for bn, nc, w in ((64, 16, 4), (32, 16, 2), (64, 32, 4), (16, 16, 1))
-            for s in (1, 2, 4, 8)]
+    return [gemv.Launch(True, bn, bm, nc, w, s) for bm in ((16, 64) if m <= 16 else (64,))
+            for bn, nc, w in ((64, 16, 4), (32, 16, 2), (64, 32, 4), (16, 16, 1)) for s in (1, 2, 4)]
 
 
 def time_launches(gemv, do_bench, x, raw, scheme: str, shape: tuple[int, int], launches) -> dict:

@@ -394,7 +394,8 @@ class Launch:
 
 FMA_ROWS = (8, 4, 2, 1)  # rows of w a one-warp FMA program, the first that gives enough programs
 FMA_PROGRAMS_PER_SM = 8  # enough warps an SM to hide the latency of the loads and of the dependent arithmetic
-DOT_BLOCK_N = 64  # DOT: 64 rows of w, 16 a warp (the tensor cores' m16 tile along w's rows)
+DOT_BLOCK_N = 64  # DOT: 64 rows of w, 16 a warp
+DOT_BLOCK_M = 64  # and 64 rows of x (fewer are padded): sm_90's warpgroup MMA, fewer instructions a value than at 16
 DOT_PROGRAMS_PER_SM = 2  # 8 warps an SM
 SPLIT_PROGRAMS_PER_SM = 4  # FMA: split a row when there are fewer one-warp programs than this an SM
 
@@ -409,9 +410,8 @@ def launch_config(scheme: str, m: int, n: int, k: int, float32: bool, sms: int) 
         launch = Launch(False, block_n, 1, 32, 1, 1)
         programs, want = triton.cdiv(n, block_n) * m, SPLIT_PROGRAMS_PER_SM * sms
     else:
-        block_m = 16 if m <= 16 else 64  # (the compiled code takes fewer instructions a value at 64 than at 32)
-        launch = Launch(True, DOT_BLOCK_N, block_m, 16, 4, 1)
-        programs, want = triton.cdiv(n, DOT_BLOCK_N) * triton.cdiv(m, block_m), DOT_PROGRAMS_PER_SM * sms
+        launch = Launch(True, DOT_BLOCK_N, DOT_BLOCK_M, 16, 4, 1)
+        programs, want = triton.cdiv(n, DOT_BLOCK_N) * triton.cdiv(m, DOT_BLOCK_M), DOT_PROGRAMS_PER_SM * sms
     steps = triton.cdiv(n_chunks, launch.chunks)
     split = min(steps, triton.cdiv(want, programs)) if programs < want else 1
     split = triton.cdiv(steps, triton.cdiv(steps, split))  # no empty splits

@@ -534,7 +534,7 @@ def test_gguf_matmul_launch_config():
         for n, k in shapes:
             for m, f32 in [(1, False), (1, True), (4, False), (4, True), (16, False), (17, False), (64, False)]:
                 lc = qg.launch_config(scheme, m, n, k, f32, 132)
-                assert lc.dot == (m > 1 and not f32) and lc.block_m == (1 if not lc.dot else 16 if m <= 16 else 64)
+                assert lc.dot == (m > 1 and not f32) and lc.block_m == (qg.DOT_BLOCK_M if lc.dot else 1)
                 steps = -(-(k // qg.BLOCKS[scheme][2]) // lc.chunks)
                 per = -(-steps // lc.split)
                 assert 1 <= lc.split <= steps and (lc.split - 1) * per < steps, (scheme, m, n, k, lc)
