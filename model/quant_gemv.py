@@ -400,6 +400,7 @@ DOT_PROGRAMS_PER_SM = 2  # 8 warps an SM
 SPLIT_PROGRAMS_PER_SM = 4  # FMA: split a row when there are fewer one-warp programs than this an SM
 
 
+@functools.cache  # a decode step asks for the same few shapes hundreds of times
 def launch_config(scheme: str, m: int, n: int, k: int, float32: bool, sms: int) -> Launch:
     """The launch for x (m, k) times w (n, k) of ``scheme`` on a GPU of ``sms`` SMs: FMA where x has one row (or is
     float32), else DOT; rows of w a program from the shape, and a split of the row where the programs would not
