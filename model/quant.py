@@ -406,7 +406,8 @@ class QuantWeight:
 
     def _fused(self, flat: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor | None:
         """flat (m, cols) @ w.T by a fused kernel, or None where none applies (no triton, more than FUSED_MAX_ROWS
-        rows, or GGUF bytes not aligned as model/quant_gemv.py reads them: an image aligns every tensor).
+        rows; for the GGUF formats, x neither float32, bf16 nor fp16, or bytes not aligned as model/quant_gemv.py
+        reads them: an image aligns every tensor).
         int8/int4: model/quant_triton.py int_matmul; the GGUF formats: model/quant_gemv.py gguf_matmul."""
         kernels = _triton()
         if kernels is None or flat.shape[0] > kernels.FUSED_MAX_ROWS:
@@ -415,7 +416,7 @@ class QuantWeight:
             return kernels.int_matmul(flat.contiguous(), self.scheme, [p.contiguous() for p in parts], self.group,
                                       *self.shape)
         gemv = _triton("quant_gemv")
-        if gemv is None or not gemv.usable(self.raw, self.scheme):
+        if gemv is None or not gemv.usable(self.raw, self.scheme, flat.dtype):
             return None
         return gemv.gguf_matmul(flat, self.scheme, self.raw, *self.shape)
 

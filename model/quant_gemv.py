@@ -4,16 +4,17 @@ q4_k q5_k q6_k): y = x @ w.T for x of a few rows, reading each block of w once, 
 back (a write and a read of 2 bytes a value against 0.56 to 1.06 bytes of blocks).
 
 The values multiplied are gguf's dequantized values bit for bit in float32 (the reference's order of operations,
-as in model/quant_triton.py), built without int -> float conversions (16 an SM a clock on the H100, too slow at
-HBM rates): a byte permute (``prmt``) puts a quantized byte q under 2^23's exponent, which reads as the float
-2^23 + q exactly; then
+as in model/quant_triton.py), built without an int -> float conversion a value (those run on a narrower pipe than
+the float units, and at HBM rates a 4-bit format needs some 25 values an SM a clock): a byte permute (``prmt``)
+puts a quantized byte q under 2^23's exponent, which reads as the float 2^23 + q exactly; then
 
 - ``D (q - z)`` (q8_0 q4_0 q5_0 q6_k: the scale times a centred integer) subtracts 2^23 + z (exact) and multiplies;
 - ``fl(D q) + A`` (q4_1 q5_1: the minimum; q4_k q5_k: minus dmin times the sub-block's minimum) takes
-  ``fma(D, 2^23 + q, -D 2^23)``, which is D q rounded once (D 2^23 is exact: every D, an fp16 times a 6- or 8-bit
-  scale, has at most 19 significant bits), then adds A with ``add.rn`` (never fused).
+  ``fma(D, 2^23 + q, -D 2^23)``, which is D q rounded once (D 2^23 is exact, a power of two times D), then adds A
+  with ``add.rn`` (never fused).
 
-A high nibble is taken as 16 q (the byte masked, not shifted) with D / 16: the same product, one operation less.
+A high nibble is taken as 16 q (the byte masked, not shifted) with D / 16 (exact, and no fp16 scale is small
+enough to underflow): the same product, one operation less.
 
 Work split: a program takes BN rows of w and walks the row in steps of NC *chunks*, a chunk being what one set of
 scales covers (a 32-value block; a quarter of a 256-value super-block, 64 values). The NC chunks of a step lie
@@ -424,9 +425,11 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def usable(raw: torch.Tensor, scheme: str) -> bool:
-    """Whether the kernel can read ``raw`` in place: its first byte aligned as the format's loads need."""
-    return scheme in BLOCKS and raw.data_ptr() % BLOCKS[scheme][3] == 0
+def usable(raw: torch.Tensor, scheme: str, dtype: torch.dtype) -> bool:
+    """Whether gguf_matmul takes x of ``dtype`` (float32, bf16, fp16) and can read ``raw`` in place (its first
+    byte aligned as the format's loads need)."""
+    return (scheme in BLOCKS and dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and raw.data_ptr() % BLOCKS[scheme][3] == 0)
 
 
 def gguf_matmul(x: torch.Tensor, scheme: str, raw: torch.Tensor, n: int, k: int,

@@ -546,6 +546,20 @@ def test_gguf_matmul_launch_config():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_gguf_matmul_usable():
+    """QuantWeight.linear takes the GGUF kernel only for x in float32, bf16 or fp16 and bytes aligned as the format's
+    loads need (else it dequantizes): 16 bytes for Q4_K/Q5_K, 8 for Q5_1, 4 for Q4_1, 2 for the others."""
+    from model import quant_gemv as qg
+
+    buf = torch.zeros(4096 + 16, dtype=torch.uint8)
+    base = (-buf.data_ptr()) % 16  # the first 16-byte aligned byte
+    for scheme, align in [("q4_k", 16), ("q5_k", 16), ("q5_1", 8), ("q4_1", 4), ("q4_0", 2), ("q6_k", 2)]:
+        assert qg.usable(buf[base:], scheme, torch.bfloat16) and qg.usable(buf[base + align:], scheme, torch.float32)
+        assert not qg.usable(buf[base + align // 2:], scheme, torch.float16), scheme
+        assert not qg.usable(buf[base:], scheme, torch.float64) and not qg.usable(buf[base:], "int4", torch.bfloat16)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 @pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
 @pytest.mark.parametrize("scheme, dot", [("q4_k", False), ("q4_0", True)])
 def test_gguf_matmul_compiles_for_hopper(scheme, dot):
