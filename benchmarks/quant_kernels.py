@@ -183,14 +183,22 @@ def alternatives(gemv, m: int) -> list:
     """The launches --sweep tries for m rows of bf16 x."""
     if m == 1:
         return [gemv.Launch(False, bn, 1, 32, 1, s) for bn in (1, 2, 4, 8) for s in (1, 2, 4)]
-    return [gemv.Launch(True, bn, bm, nc, w, s) for bm in ((16, 64) if m <= 16 else (64,))
-            for bn, nc, w in ((64, 16, 4), (32, 16, 2), (64, 32, 4), (16, 16, 1)) for s in (1, 2, 4)]
+    shapes = [(64, 64, 16, 4), (64, 32, 16, 2)]  # (rows of x, rows of w, chunks, warps)
+    if m <= 16:
+        shapes += [(16, 64, 16, 4), (16, 32, 16, 2), (16, 16, 16, 1)]
+    return [gemv.Launch(True, bn, bm, nc, w, s) for bm, bn, nc, w in shapes for s in (1, 2, 4)]
 
 
 def time_launches(gemv, do_bench, x, raw, scheme: str, shape: tuple[int, int], launches) -> dict:
-    """Median time (ms) of each launch."""
-    return {lc: do_bench(lambda lc=lc: gemv.gguf_matmul(x, scheme, raw, *shape, lc), return_mode="median")
-            for lc in launches}
+    """Median time (ms) of each launch; one that fails (as a launch the compiler cannot fit might) is reported and
+    left out."""
+    times = {}
+    for lc in launches:
+        try:
+            times[lc] = do_bench(lambda lc=lc: gemv.gguf_matmul(x, scheme, raw, *shape, lc), return_mode="median")
+        except Exception as e:  # noqa: BLE001  (a sweep goes on past one launch)
+            print(f"sweep: {scheme} {shape} {lc} failed: {str(e).splitlines()[-1][:200]}", flush=True)
+    return times
 
 
 def sweep(torch, quant, gemv, do_bench) -> None:
