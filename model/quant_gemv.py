@@ -317,7 +317,9 @@ def _kquant(acc, blk, c, ok, xp, magic, SCHEME: tl.constexpr, DOT: tl.constexpr,
 
 # ---- the kernels ----------------------------------------------------------------------------------------
 
-@triton.jit
+# One compile for every m, n and k: the sizes are not specialized (the strides are: their alignment decides the
+# vector loads).
+@triton.jit(do_not_specialize=["M", "N", "n_chunks", "iters"])
 def _gguf_matmul_kernel(x, raw, y, M, N, n_chunks, stride_xm, stride_ym, row_bytes, iters, magic,
                         SCHEME: tl.constexpr, TS: tl.constexpr, BN: tl.constexpr, NC: tl.constexpr,
                         BM: tl.constexpr, DOT: tl.constexpr, XBF16: tl.constexpr, IEEE: tl.constexpr,
@@ -367,14 +369,15 @@ def _gguf_matmul_kernel(x, raw, y, M, N, n_chunks, stride_xm, stride_ym, row_byt
     tl.store(out, acc.to(y.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
 
 
-@triton.jit
-def _sum_splits_kernel(p, y, n, S: tl.constexpr, B: tl.constexpr):
-    """y[i] = sum over s of p[s, i], in the order of s (the split-K partial sums; p float32 (S, n))."""
+@triton.jit(do_not_specialize=["n", "splits"])
+def _sum_splits_kernel(p, y, n, splits, B: tl.constexpr):
+    """y[i] = sum over s of p[s, i], in the order of s (the split-K partial sums; p float32 (splits, n))."""
     i = tl.program_id(0) * B + tl.arange(0, B)
     ok = i < n
     acc = tl.load(p + i, mask=ok, other=0.0)
-    for s in tl.static_range(1, S):
-        acc += tl.load(p + s * n + i, mask=ok, other=0.0)
+    for _ in range(1, splits):
+        p += n
+        acc += tl.load(p + i, mask=ok, other=0.0)
     tl.store(y + i, acc.to(y.dtype.element_ty), mask=ok)
 
 
@@ -456,5 +459,5 @@ def gguf_matmul(x: torch.Tensor, scheme: str, raw: torch.Tensor, n: int, k: int,
                                   DOT=launch.dot, XBF16=x.dtype == torch.bfloat16, IEEE=float32, EXACT=EXACT,
                                   num_warps=launch.warps, num_stages=1)
         if launch.split > 1:
-            _sum_splits_kernel[(triton.cdiv(m * n, 1024),)](out, y, m * n, S=launch.split, B=1024, num_warps=4)
+            _sum_splits_kernel[(triton.cdiv(m * n, 1024),)](out, y, m * n, launch.split, B=1024, num_warps=4)
     return y
