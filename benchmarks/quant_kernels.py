@@ -153,12 +153,15 @@ def gemv_case(torch, quant, gemv, do_bench, raw, qw, buf, m, hbm) -> str:
 
 
 def bench_gemv(args) -> int:
+    import functools
+
     import torch
-    from triton.testing import do_bench
+    from triton import testing
 
     from model import quant, quant_gemv
 
-    hbm = hbm_rate(torch, do_bench)
+    hbm = hbm_rate(torch, testing.do_bench)
+    do_bench = functools.partial(testing.do_bench, warmup=10, rep=50)  # ms each: some 700 timings in all
     torch.cuda.empty_cache()
     print(f"{torch.cuda.get_device_name()}: device copy {hbm:.0f} GB/s (read + write); x bf16; GB/s: the blocks' bytes "
           f"over the fused kernel's time; ratio: dequantize + matmul's time over the fused kernel's")
