@@ -280,8 +280,9 @@ def main() -> int:
     ap.add_argument("--groups", type=lambda s: [int(g) for g in s.split(",")], default=[32, 64, 128])
     ap.add_argument("--interpret-check", action="store_true", help="Triton's interpreter on CPU tensors")
     ap.add_argument("--gemv", action="store_true", help="the GGUF formats' fused matmul (CUDA)")
-    ap.add_argument("--schemes", type=lambda s: s.split(","),
-                    default=["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"], help="--gemv: formats")
+    ap.add_argument("--schemes", type=lambda s: [x for x in s.split(",") if x],
+                    default=["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"],
+                    help="--gemv: formats of the table (none: the sweep only)")
     ap.add_argument("--sweep", action="store_true", help="--gemv: also time other launches on a few cases")
     ap.add_argument("--quality", action="store_true", help="reconstruction MSE on the embedded SmolLM2")
     ap.add_argument("--every", type=int, default=1, help="--quality: every N-th tensor only")
