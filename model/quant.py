@@ -447,6 +447,18 @@ def random_quantized(scheme: str, shape: tuple[int, int], group: int | None, gen
     return QuantWeight(raw, scheme, shape, group)
 
 
+def warm_up(scheme: str, group: int | None, dtype: torch.dtype, device: torch.device | str) -> None:
+    """Run the kernels a ``scheme`` matrix will use on ``device`` once, on a small random one, so that Triton compiles
+    them now rather than in the first pass: the dequantizer, and on CUDA for the GGUF formats the fused matmul's
+    launches of a decode step (model/quant_gemv.py warm_up)."""
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    random_quantized(scheme, (8, 2 * block_size(scheme, group)), group, gen, device).dense(dtype)
+    gemv = _triton("quant_gemv") if device.type == "cuda" and scheme in GGUF_SCHEMES else None
+    if gemv is not None and dtype in (torch.float32, torch.bfloat16, torch.float16):
+        gemv.warm_up(scheme, dtype, device)
+
+
 def dequantized(weights, dtype: torch.dtype) -> dict:
     """A group's weights with every QuantWeight replaced by its dense matrix in ``dtype`` (plain ones as they
     are): what a CPU computes from when it holds a group for the whole run (dequantizing it at every use would

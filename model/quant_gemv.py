@@ -461,3 +461,15 @@ def gguf_matmul(x: torch.Tensor, scheme: str, raw: torch.Tensor, n: int, k: int,
         if launch.split > 1:
             _sum_splits_kernel[(triton.cdiv(m * n, 1024),)](out, y, m * n, launch.split, B=1024, num_warps=4)
     return y
+
+
+def warm_up(scheme: str, dtype: torch.dtype, device: torch.device) -> None:
+    """Compile now (Triton compiles at a kernel's first use, which would stall the first pass) the launches a
+    decode step can take for ``scheme`` and x of ``dtype``: one row of x, each number of rows of w a program that
+    FMA_ROWS allows. On an all-zero matrix (every scale 0); the sizes are not specialized, so any will do."""
+    ts, bs, _, _ = BLOCKS[scheme]
+    n, k = 8, 2 * bs
+    raw = torch.zeros(n * k // bs * ts, dtype=torch.uint8, device=device)
+    x = torch.zeros((1, k), dtype=dtype, device=device)
+    for block_n in FMA_ROWS:
+        gguf_matmul(x, scheme, raw, n, k, Launch(False, block_n, 1, 32, 1, 1))

@@ -597,6 +597,7 @@ def test_cuda_gguf_matmul():
     f = torch.nn.functional
     n, k = 300, 2304  # 2304: 72 blocks of 32, 9 super-blocks (36 chunks: 32-chunk steps, the last one partial)
     for scheme in GGML:
+        quant.warm_up(scheme, None, torch.bfloat16, "cuda")  # every launch of a decode step compiled
         raw = random_raw(scheme, (n, k), seed=11).cuda()
         qw = quant.QuantWeight(raw, scheme, (n, k))
         w = qw.dense(torch.float32)
