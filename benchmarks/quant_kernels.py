@@ -1,7 +1,9 @@
 """The dequantization kernels of model/quant_triton.py: speed against the GPU's memory rate, exactness against
-the torch-ops path; and the quantizers' reconstruction error against gguf's on the embedded SmolLM2.
+the torch-ops path; the GGUF formats' fused matmul (model/quant_gemv.py) against the memory rate and against
+dequantize-then-matmul; and the quantizers' reconstruction error against gguf's on the embedded SmolLM2.
 
     python benchmarks/quant_kernels.py [--shape 8192 28672] [--groups 32,64,128]   # CUDA
+    python benchmarks/quant_kernels.py --gemv [--schemes q4_k,q6_k] [--sweep]       # CUDA
     python benchmarks/quant_kernels.py --interpret-check [--shape 64 512]          # CPU, Triton's interpreter
     python benchmarks/quant_kernels.py --quality                                   # CPU, SmolLM2's weights
 
@@ -10,7 +12,16 @@ fp16 scales), times ``quant.dequantize`` to bf16 into a preallocated output (tri
 and prints GB/s of storage read plus output written next to the HBM rate a large device-to-device copy
 reaches in the same run; then checks the kernels' float32 output against the torch-ops path bit for bit and
 their bf16 output against that cast. ``--interpret-check`` runs the same checks with TRITON_INTERPRET=1 on CPU
-tensors (small shapes; the times are the interpreter's). ``--quality`` prints the reconstruction MSE of our
+tensors (small shapes; the times are the interpreter's).
+
+``--gemv``: for every GGUF format, 8B- and 70B-shaped matrices (the attention's wq/wo and wk/wv, the FFN's
+w1/w3 and w2, the output) and 1, 4 and 16 rows of bf16 x, the fused kernel's time (do_bench, median: L2 flushed
+between calls, so the blocks come from HBM), its GB/s of the blocks' bytes and their share of the device copy's
+rate, the launch launch_config chose, the time of dequantize (into a preallocated bf16 buffer) + F.linear and
+the ratio of the two, and the largest error against float32 F.linear of the dequantized matrix on 256 rows
+relative to the largest value (the tolerance the tests state is exact per value; this is a sanity check).
+``--sweep`` then times other launches on a few cases (q4_k, q6_k, q8_0; 8B wq/wo and w1/w3, 70B wk/wv and w2) and
+prints the best next to launch_config's choice. ``--quality`` prints the reconstruction MSE of our
 int4/int8 and gguf's Q4_1/Q4_0/Q8_0 on SmolLM2's tensors dequantized to float32.
 """
 
@@ -108,6 +119,110 @@ def bench_cuda(args) -> int:
     return 1 if bad else 0
 
 
+# ---- the GGUF formats' fused matmul ---------------------------------------------------------------------
+
+GEMV_SHAPES = [("8B", "wq wo", 4096, 4096), ("8B", "wk wv", 1024, 4096), ("8B", "w1 w3", 14336, 4096),
+               ("8B", "w2", 4096, 14336), ("8B", "output", 128256, 4096), ("70B", "wq wo", 8192, 8192),
+               ("70B", "wk wv", 1024, 8192), ("70B", "w1 w3", 28672, 8192), ("70B", "w2", 8192, 28672),
+               ("70B", "output", 128256, 8192)]
+GEMV_ROWS = (1, 4, 16)
+SWEEP = [("q4_k", 0), ("q4_k", 2), ("q4_k", 6), ("q4_k", 8), ("q6_k", 0), ("q6_k", 8), ("q8_0", 2), ("q8_0", 6)]
+GEMV_HEADER = (f"{'scheme':6} {'model':5} {'matrix':7} {'rows x cols':>13} {'m':>3} {'MB':>7} {'launch':>15} "
+               f"{'fused us':>9} {'GB/s':>6} {'%copy':>6} {'deq+mm us':>10} {'ratio':>6} {'err':>8}")
+
+
+def describe(lc) -> str:
+    """A launch in a few characters: FMA rows of w a program, or DOT rows of x a program; the split."""
+    way = f"DOT m{lc.block_m} n{lc.block_n}" if lc.dot else f"FMA n{lc.block_n}"  # rows of x, of w
+    return way + (f" s{lc.split}" if lc.split > 1 else "")
+
+
+def gemv_case(torch, quant, gemv, do_bench, raw, qw, buf, m, hbm) -> str:
+    """One row of the --gemv table: the fused kernel and dequantize + matmul on bf16 x of m rows."""
+    scheme, (n, k) = qw.scheme, qw.shape
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    lc = gemv.launch_config(scheme, m, n, k, False, torch.cuda.get_device_properties(0).multi_processor_count)
+    fused = do_bench(lambda: gemv.gguf_matmul(x, scheme, raw, n, k), return_mode="median")
+    dense = do_bench(lambda: torch.nn.functional.linear(x, qw.dense(torch.bfloat16, out=buf)), return_mode="median")
+    rows = torch.arange(min(n, 256), device="cuda")
+    ref = torch.nn.functional.linear(x.float(), quant.dequantize_rows(raw, scheme, (n, k), None, rows))
+    err = ((gemv.gguf_matmul(x, scheme, raw, n, k)[:, :len(rows)].float() - ref).abs().max() / ref.abs().max())
+    rate = raw.numel() / fused / 1e6
+    return (f"{describe(lc):>15} {fused * 1e3:9.1f} {rate:6.0f} {100 * rate / hbm:6.1f} {dense * 1e3:10.1f} "
+            f"{dense / fused:6.2f} {err.item():8.1e}")
+
+
+def bench_gemv(args) -> int:
+    import functools
+
+    import torch
+    from triton import testing
+
+    from model import quant, quant_gemv
+
+    hbm = hbm_rate(torch, testing.do_bench)
+    do_bench = functools.partial(testing.do_bench, warmup=10, rep=50)  # ms each: some 700 timings in all
+    torch.cuda.empty_cache()
+    print(f"{torch.cuda.get_device_name()}: device copy {hbm:.0f} GB/s (read + write); x bf16; GB/s: the blocks' bytes "
+          f"over the fused kernel's time; ratio: dequantize + matmul's time over the fused kernel's")
+    print(GEMV_HEADER)
+    for scheme in args.schemes:
+        for model, name, n, k in GEMV_SHAPES:
+            raw = random_raw(quant, torch, scheme, (n, k), None, "cuda")
+            qw = quant.QuantWeight(raw, scheme, (n, k))
+            buf = torch.empty(n * k, dtype=torch.bfloat16, device="cuda")
+            for m in GEMV_ROWS:
+                line = gemv_case(torch, quant, quant_gemv, do_bench, raw, qw, buf, m, hbm)
+                print(f"{scheme:6} {model:5} {name:7} {f'{n} x {k}':>13} {m:3} {raw.numel() / 1e6:7.1f} {line}",
+                      flush=True)
+            del raw, qw, buf
+            torch.cuda.empty_cache()
+    if args.sweep:
+        sweep(torch, quant, quant_gemv, do_bench)
+    return 0
+
+
+def alternatives(gemv, m: int) -> list:
+    """The launches --sweep tries for m rows of bf16 x."""
+    if m == 1:
+        return [gemv.Launch(False, bn, 1, 32, 1, s) for bn in (1, 2, 4, 8) for s in (1, 2, 4)]
+    shapes = [(64, 64, 16, 4), (64, 32, 16, 2)]  # (rows of x, rows of w, chunks, warps)
+    if m <= 16:
+        shapes += [(16, 64, 16, 4), (16, 32, 16, 2), (16, 16, 16, 1)]
+    return [gemv.Launch(True, bn, bm, nc, w, s) for bm, bn, nc, w in shapes for s in (1, 2, 4)]
+
+
+def time_launches(gemv, do_bench, x, raw, scheme: str, shape: tuple[int, int], launches) -> dict:
+    """Median time (ms) of each launch; one that fails (as a launch the compiler cannot fit might) is reported and
+    left out."""
+    times = {}
+    for lc in launches:
+        try:
+            times[lc] = do_bench(lambda lc=lc: gemv.gguf_matmul(x, scheme, raw, *shape, lc), return_mode="median")
+        except Exception as e:  # noqa: BLE001  (a sweep goes on past one launch)
+            print(f"sweep: {scheme} {shape} {lc} failed: {str(e).splitlines()[-1][:200]}", flush=True)
+    return times
+
+
+def sweep(torch, quant, gemv, do_bench) -> None:
+    """Other launches than launch_config's on a few cases: the best of them against the chosen one."""
+    print(f"\nsweep: {'scheme':6} {'model':5} {'matrix':7} {'m':>3} {'chosen':>15} {'us':>7} {'best':>21} {'us':>7}")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for scheme, i in SWEEP:
+        model, name, n, k = GEMV_SHAPES[i]
+        raw = random_raw(quant, torch, scheme, (n, k), None, "cuda")
+        for m in GEMV_ROWS:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            chosen = gemv.launch_config(scheme, m, n, k, False, sms)
+            steps = -(-(k // gemv.BLOCKS[scheme][2]) // chosen.chunks)
+            tried = [lc for lc in {chosen, *alternatives(gemv, m)} if lc.split <= steps]
+            t = time_launches(gemv, do_bench, x, raw, scheme, (n, k), tried)
+            best = min(t, key=t.get)
+            print(f"sweep: {scheme:6} {model:5} {name:7} {m:3} {describe(chosen):>15} {t[chosen] * 1e3:7.1f} "
+                  f"{describe(best) + f' c{best.chunks} w{best.warps}':>21} {t[best] * 1e3:7.1f}", flush=True)
+        del raw
+        torch.cuda.empty_cache()
+
 def interpret_check(args) -> int:
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
     import torch
@@ -164,11 +279,18 @@ def main() -> int:
     ap.add_argument("--shape", type=int, nargs=2, metavar=("ROWS", "COLS"))
     ap.add_argument("--groups", type=lambda s: [int(g) for g in s.split(",")], default=[32, 64, 128])
     ap.add_argument("--interpret-check", action="store_true", help="Triton's interpreter on CPU tensors")
+    ap.add_argument("--gemv", action="store_true", help="the GGUF formats' fused matmul (CUDA)")
+    ap.add_argument("--schemes", type=lambda s: [x for x in s.split(",") if x],
+                    default=["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"],
+                    help="--gemv: formats of the table (none: the sweep only)")
+    ap.add_argument("--sweep", action="store_true", help="--gemv: also time other launches on a few cases")
     ap.add_argument("--quality", action="store_true", help="reconstruction MSE on the embedded SmolLM2")
     ap.add_argument("--every", type=int, default=1, help="--quality: every N-th tensor only")
     args = ap.parse_args()
     if args.quality:
         return quality(args)
+    if args.gemv:
+        return bench_gemv(args)
     if args.interpret_check:
         args.shape = args.shape or [64, 512]
         return interpret_check(args)

@@ -27,6 +27,7 @@ of fp16 parameters comes back exactly. They work on chunks of rows, so a large m
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 
 import numpy as np
@@ -188,18 +189,18 @@ def _into_torch(parts: list[torch.Tensor], scheme: str, group: int | None, dst: 
         dst[a:a + step].copy_(_deq_torch([p[a:a + step] for p in parts], scheme, dst.shape[1], group))
 
 
-_TRITON: list = []  # [module or None] once looked up
+_TRITON: dict = {}  # module name -> the module, or None without triton (looked up once)
 
 
-def _triton():
-    """model.quant_triton, or None without triton (imported on first use on CUDA only)."""
-    if not _TRITON:
+def _triton(name: str = "quant_triton"):
+    """model.<name>, or None without triton (imported on first use on CUDA only): quant_triton, the dequantizers
+    and our int8/int4 fused matmul; quant_gemv, the GGUF formats' fused matmul."""
+    if name not in _TRITON:
         try:
-            from model import quant_triton
+            _TRITON[name] = importlib.import_module(f"model.{name}")
         except ImportError:
-            quant_triton = None
-        _TRITON.append(quant_triton)
-    return _TRITON[0]
+            _TRITON[name] = None
+    return _TRITON[name]
 
 
 def _into(parts: list[torch.Tensor], scheme: str, group: int | None, dst: torch.Tensor) -> None:
@@ -383,17 +384,15 @@ class QuantWeight:
         return out.view(*idx.shape, self.shape[1])
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
-        """``F.linear(x, w)``. On CUDA, int8 / int4 with at most FUSED_MAX_ROWS rows of x (a decode step): the
-        fused kernel of model/quant_triton.py, which reads the quantized bytes once. Otherwise the matrix is
-        dequantized to x's dtype where it is (the compute stream on CUDA), at most DEQUANT_CHUNK values (whole
-        rows) at a time, so the scratch is bounded whatever the matrix."""
+        """``F.linear(x, w)``. On CUDA, with at most FUSED_MAX_ROWS rows of x (a decode step): a fused kernel that
+        reads the quantized bytes once (``_fused``). Otherwise the matrix is dequantized to x's dtype where it is (the
+        compute stream on CUDA), at most DEQUANT_CHUNK values (whole rows) at a time, so the scratch is bounded
+        whatever the matrix."""
         rows, cols = self.shape
         parts = self._views or _parts(self.raw, self.scheme, self.shape, self.group)
-        kernels = _triton() if self.raw.is_cuda and self.scheme in OURS else None
         flat = x.reshape(-1, cols)
-        if kernels is not None and flat.shape[0] <= kernels.FUSED_MAX_ROWS:  # a decode step: read the bytes once
-            out = kernels.int_matmul(flat.contiguous(), self.scheme, [p.contiguous() for p in parts], self.group,
-                                     rows, cols)
+        out = self._fused(flat, parts) if self.raw.is_cuda else None
+        if out is not None:  # a decode step: the bytes read once
             return out.view(*x.shape[:-1], rows)
         step = max(1, DEQUANT_CHUNK // cols)
         if rows <= step:
@@ -404,6 +403,22 @@ class QuantWeight:
             _into([p[a:a + step] for p in parts], self.scheme, self.group, w)
             outs.append(F.linear(x, w))
         return torch.cat(outs, dim=-1)
+
+    def _fused(self, flat: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor | None:
+        """flat (m, cols) @ w.T by a fused kernel, or None where none applies (no triton, more than FUSED_MAX_ROWS
+        rows; for the GGUF formats, x neither float32, bf16 nor fp16, or bytes not aligned as model/quant_gemv.py
+        reads them: an image aligns every tensor).
+        int8/int4: model/quant_triton.py int_matmul; the GGUF formats: model/quant_gemv.py gguf_matmul."""
+        kernels = _triton()
+        if kernels is None or flat.shape[0] > kernels.FUSED_MAX_ROWS:
+            return None
+        if self.scheme in OURS:
+            return kernels.int_matmul(flat.contiguous(), self.scheme, [p.contiguous() for p in parts], self.group,
+                                      *self.shape)
+        gemv = _triton("quant_gemv")
+        if gemv is None or not gemv.usable(self.raw, self.scheme, flat.dtype):
+            return None
+        return gemv.gguf_matmul(flat, self.scheme, self.raw, *self.shape)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> QuantWeight:
         return QuantWeight(self.raw.to(device, non_blocking=non_blocking), self.scheme, self.shape, self.group)
@@ -430,6 +445,18 @@ def random_quantized(scheme: str, shape: tuple[int, int], group: int | None, gen
         if scheme == "int4":
             parts[2].fill_(-8 * scale)
     return QuantWeight(raw, scheme, shape, group)
+
+
+def warm_up(scheme: str, group: int | None, dtype: torch.dtype, device: torch.device | str) -> None:
+    """Run the kernels a ``scheme`` matrix will use on ``device`` once, on a small random one, so that Triton compiles
+    them now rather than in the first pass: the dequantizer, and on CUDA for the GGUF formats the fused matmul's
+    launches of a decode step (model/quant_gemv.py warm_up)."""
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    random_quantized(scheme, (8, 2 * block_size(scheme, group)), group, gen, device).dense(dtype)
+    gemv = _triton("quant_gemv") if device.type == "cuda" and scheme in GGUF_SCHEMES else None
+    if gemv is not None and dtype in (torch.float32, torch.bfloat16, torch.float16):
+        gemv.warm_up(scheme, dtype, device)
 
 
 def dequantized(weights, dtype: torch.dtype) -> dict:

@@ -354,13 +354,17 @@ def test_cuda_equals_gguf_bit_for_bit():
             assert torch.equal(quant.dequantize_rows(dev, scheme, shape, group, rows).cpu(), ref[rows.cpu()])
 
 
-def compile_for_hopper(kernel, signature: dict, constexprs: dict) -> str:
-    """PTX of ``kernel`` compiled for sm_90 (no GPU needed: Triton's own toolchain)."""
+def compile_for_hopper(kernel, signature: dict, constexprs: dict, aligned: tuple[str, ...] = ()) -> str:
+    """PTX of ``kernel`` compiled for sm_90 (no GPU needed: Triton's own toolchain); the arguments named in
+    ``aligned`` known divisible by 16, as Triton specializes them at a launch when they are."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    src = ASTSource(fn=kernel, signature={**signature, **dict.fromkeys(constexprs, "constexpr")}, constexprs=constexprs)
+    names = list(signature)
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+    src = ASTSource(fn=kernel, signature={**signature, **dict.fromkeys(constexprs, "constexpr")}, constexprs=constexprs,
+                    attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
 
 
@@ -452,3 +456,174 @@ def test_cuda_fused_matmul_equals_dense_path():
             assert got32.shape == (1, m, 1536) and (got32 - ref).abs().max().item() < 1e-4, (scheme, m)
             got16 = qw.linear(x.bfloat16())
             assert (got16.double() - ref).abs().max().item() < 0.05 * ref.abs().max().item(), (scheme, m)
+
+
+# ---- the GGUF formats' fused matmul (model/quant_gemv.py) ----------------------------------------------
+
+GEMV_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from model import quant, quant_gemv as qg
+from test_quant import random_raw
+assert not qg.EXACT
+L, F = qg.Launch, torch.nn.functional
+
+def close(y, x, w, rel):
+    # |y - F.linear(x, w)| within rel of it plus twice the rounding bound of a K-term float32 sum
+    ref = F.linear(x.float(), w)
+    bound = 2 * x.shape[1] * 2.0 ** -24 * F.linear(x.float().abs(), w.abs())
+    return bool(((y.float() - ref).abs() <= rel * ref.abs() + bound).all())
+
+def report(scheme, what, ok):
+    print(scheme, what, "ok" if ok else "DIFFERS")
+
+for scheme in qg.BLOCKS:
+    n, k = 5, 512
+    raw = random_raw(scheme, (n, k), seed=7)
+    w = quant.dequantize(raw, scheme, (n, k))
+    y = qg.gguf_matmul(torch.eye(k), scheme, raw, n, k, L(True, 64, k, 16, 4, 1))
+    report(scheme, "every value exact (DOT, x the identity)", torch.equal(y, w.T))
+    x = torch.zeros(3, k)
+    x[0, 1], x[1, k - 3], x[2] = 1, 1, torch.randn(k)
+    y = qg.gguf_matmul(x, scheme, raw, n, k, L(False, 8, 1, 32, 1, 1))
+    report(scheme, "one-hot rows exact (FMA)", torch.equal(y[:2], w[:, [1, k - 3]].T))
+    report(scheme, "fp32 (FMA)", close(y[2:], x[2:], w, 0))
+    small = quant.random_quantized(scheme, (n, k), None, torch.Generator().manual_seed(1)).raw  # fp16-sized values
+    xh = torch.randn(17, k).half()
+    y = qg.gguf_matmul(xh, scheme, small, n, k)
+    ws = quant.dequantize(small, scheme, (n, k)).half().float()
+    report(scheme, "fp16, 17 rows (DOT)", close(y, xh, ws, 2.0 ** -11))
+
+for scheme in ("q4_0", "q4_k"):  # what does not depend on the format: 3 steps of 8 chunks, the last one partial
+    n, k = 9, 768
+    raw = random_raw(scheme, (n, k), seed=8)
+    w = quant.dequantize(raw, scheme, (n, k))
+    x = torch.randn(2, k)
+    y = qg.gguf_matmul(x, scheme, raw, n, k, L(False, 4, 1, 8, 1, 2))
+    report(scheme, "fp32, the row split in two (FMA)", close(y, x, w, 0))
+    xb = torch.randn(1, k).bfloat16()
+    y = qg.gguf_matmul(xb, scheme, raw, n, k, L(False, 2, 1, 8, 1, 1))
+    report(scheme, "bf16 (FMA)", close(y, xb, w, 2.0 ** -7))  # the interpreter truncates to bf16
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_gguf_matmul_interpreter():
+    """model/quant_gemv.py under Triton's interpreter, every GGUF format: every dequantized value the kernel
+    multiplies equals gguf's in float32 (x the identity: y = w.T exactly; one-hot rows of x: columns of w exactly),
+    and products against dequantize-then-F.linear in float32 within twice a K-term float32 sum's rounding bound
+    (plus x's dtype's rounding of the result: fp16 2^-11, bf16 2^-7 as the interpreter truncates); both ways of
+    multiplying (FMA: one row of x; DOT: 17 rows, the tensor-core path), rows of w not a multiple of a program's,
+    a split row and a partial last step."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", GEMV_SCRIPT.format(tests=str(ROOT / "tests"))],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 4 * len(GGML) + 4 and all(line.endswith(" ok") for line in lines), proc.stdout
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_gguf_matmul_launch_config():
+    """Launch parameters from the shape: FMA for one row of x (or float32 x), DOT for more; enough programs for the
+    GPU where the matrix allows, by fewer rows of w a program then by splitting the row; never an empty split."""
+    from model import quant_gemv as qg
+
+    shapes = [(n, k) for n in (1, 5, 1024, 4096, 14336, 128256) for k in (256, 4096, 14336, 28672)]
+    for scheme in GGML:
+        for n, k in shapes:
+            for m, f32 in [(1, False), (1, True), (4, False), (4, True), (16, False), (17, False), (64, False)]:
+                lc = qg.launch_config(scheme, m, n, k, f32, 132)
+                assert lc.dot == (m > 1 and not f32) and lc.block_m == (qg.DOT_BLOCK_M if lc.dot else 1)
+                steps = -(-(k // qg.BLOCKS[scheme][2]) // lc.chunks)
+                per = -(-steps // lc.split)
+                assert 1 <= lc.split <= steps and (lc.split - 1) * per < steps, (scheme, m, n, k, lc)
+                programs = -(-n // lc.block_n) * -(-m // lc.block_m)
+                if lc.split > 1:  # split only where the programs are too few, and not beyond what is asked
+                    assert programs < qg.SPLIT_PROGRAMS_PER_SM * 132 and (lc.split - 1) * programs < 4 * 132 * 4
+                if not lc.dot and lc.block_n > 1:
+                    assert -(-n // lc.block_n) * m >= qg.FMA_PROGRAMS_PER_SM * 132
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_gguf_matmul_usable():
+    """QuantWeight.linear takes the GGUF kernel only for x in float32, bf16 or fp16 and bytes aligned as the format's
+    loads need (else it dequantizes): 16 bytes for Q4_K/Q5_K, 8 for Q5_1, 4 for Q4_1, 2 for the others."""
+    from model import quant_gemv as qg
+
+    buf = torch.zeros(4096 + 16, dtype=torch.uint8)
+    base = (-buf.data_ptr()) % 16  # the first 16-byte aligned byte
+    for scheme, align in [("q4_k", 16), ("q5_k", 16), ("q5_1", 8), ("q4_1", 4), ("q4_0", 2), ("q6_k", 2)]:
+        assert qg.usable(buf[base:], scheme, torch.bfloat16) and qg.usable(buf[base + align:], scheme, torch.float32)
+        assert not qg.usable(buf[base + align // 2:], scheme, torch.float16), scheme
+        assert not qg.usable(buf[base:], scheme, torch.float64) and not qg.usable(buf[base:], "int4", torch.bfloat16)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+@pytest.mark.parametrize("scheme, dot", [("q4_k", False), ("q4_0", True)])
+def test_gguf_matmul_compiles_for_hopper(scheme, dot):
+    """The GGUF kernel compiles for sm_90 both ways (bf16 x): quantized bytes put under 2^23 by byte permutes (the
+    few int -> float conversions are of the scales, one for many values), Q4_K's minimum added by add.rn (never
+    fused into the multiply before it), its blocks and x read with vector loads; DOT on the tensor cores."""
+    from model import quant_gemv as qg
+
+    if not qg.EXACT:
+        pytest.skip("TRITON_INTERPRET is set in this process")
+    sig = {"x": "*bf16", "raw": "*u8", "y": "*bf16", **dict.fromkeys(
+        ("M", "N", "n_chunks", "stride_xm", "stride_ym", "row_bytes", "iters", "magic"), "i32")}
+    ptx = compile_for_hopper(qg._gguf_matmul_kernel, sig,
+                             {"SCHEME": scheme, "TS": qg.BLOCKS[scheme][0], "BN": 64 if dot else 8,
+                              "NC": 16 if dot else 32, "BM": 16 if dot else 1, "DOT": dot, "XBF16": True,
+                              "IEEE": False, "EXACT": True},
+                             aligned=("x", "raw", "y", "stride_xm", "stride_ym", "row_bytes", "magic"))
+    assert ptx.count("prmt.b32") >= 8 * ptx.count("cvt.rn.f32.") and "prmt.b32" in ptx
+    assert ("mma" in ptx) == dot
+    if scheme == "q4_k":
+        assert "add.rn.f32" in ptx and "ld.global.v2.b32" in ptx and "ld.global.v4.b32" in ptx
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_gguf_matmul():
+    """QuantWeight.linear on CUDA, every GGUF format through the fused kernel (no dense scratch allocated): the
+    float32 values multiplied are gguf's bit for bit (one-hot rows of x give columns of w exactly, FMA) and DOT
+    multiplies their bf16 rounding (rows of the bf16 identity give it exactly); float32 products within twice a
+    K-term sum's rounding bound of dequantize-then-F.linear; bf16 x of 1 row (FMA, float32 values) and of 7 and 64
+    rows (DOT) within bf16's rounding of the result; a row split in three."""
+    from model import quant_gemv as qg
+
+    torch.manual_seed(0)
+    f = torch.nn.functional
+    n, k = 300, 2304  # 2304: 72 blocks of 32, 9 super-blocks (36 chunks: 32-chunk steps, the last one partial)
+    for scheme in GGML:
+        quant.warm_up(scheme, None, torch.bfloat16, "cuda")  # every launch of a decode step compiled
+        raw = random_raw(scheme, (n, k), seed=11).cuda()
+        qw = quant.QuantWeight(raw, scheme, (n, k))
+        w = qw.dense(torch.float32)
+        assert torch.equal(w.cpu(), torch.from_numpy(reference(raw.cpu(), scheme, (n, k))))
+
+        def close(y, x, ref_w, rel):
+            ref = f.linear(x.double(), ref_w.double())
+            bound = 2 * k * 2.0 ** -24 * f.linear(x.double().abs(), ref_w.double().abs())
+            return bool(((y.double() - ref).abs() <= rel * ref.abs() + bound).all())
+
+        js = [0, 1, 255, 256, k - 1]
+        x = torch.zeros(len(js), k, device="cuda")
+        x[range(len(js)), js] = 1
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        y = qw.linear(x)
+        torch.cuda.synchronize()
+        assert torch.cuda.max_memory_allocated() - before < n * k, scheme  # no dense copy of w (2 n k bytes)
+        assert torch.equal(y, w[:, js].T), scheme
+        eye = torch.eye(k, device="cuda", dtype=torch.bfloat16)[:64]  # 64 rows: DOT, the values rounded to bf16
+        assert torch.equal(qw.linear(eye), w[:, :64].T.bfloat16()), scheme
+        x = torch.randn(3, 1, k, device="cuda")
+        assert close(qw.linear(x).view(3, n), x.view(3, k), w, 0), scheme
+        y = qg.gguf_matmul(x.view(3, k), scheme, raw, n, k, qg.Launch(False, 4, 1, 32, 1, 3))
+        assert close(y, x.view(3, k), w, 0), scheme
+        for m in (1, 7, 64):
+            xb = torch.randn(m, k, device="cuda").bfloat16()
+            assert close(qw.linear(xb), xb, w if m == 1 else w.bfloat16(), 2.0 ** -8), (scheme, m)

@@ -19,7 +19,7 @@ import torch
 
 from model.errors import ConfigError
 from model.groups import group_names, group_tensor_shapes, host_layer_count
-from model.quant import block_size, random_quantized
+from model.quant import warm_up as warm_up_quant
 from model.transformer import DictSource, Rope, RowQueries, TreeQueries, forward_groups
 from runtime.engine.batching import chunk_per_sequence, kv_device_rows, prefill_passes, sequences_per_pass
 from runtime.engine.config import EngineConfig, KVConfig, PrefillConfig, SamplingConfig
@@ -91,15 +91,14 @@ def warm_up(args, dtype: torch.dtype, device: torch.device, tokens: int, formats
     0.5 s on the H100 machine); ``runtime.engine`` runs this in a thread while the ring is registered, so that
     cost leaves the critical path. It runs on the default stream, as the passes will: cuBLAS keeps a workspace
     for every stream it ran on for the life of the process. The outputs are discarded (the weights may hold
-    NaN). ``formats``: the (scheme, group) pairs of the image's quantized tensors, whose dequantization
-    kernels (Triton's, compiled on first use) are run once too."""
+    NaN). ``formats``: the (scheme, group) pairs of the image's quantized tensors, whose kernels (Triton's,
+    compiled on first use: the dequantizer, the GGUF formats' fused matmul) are run once too."""
     import dataclasses
 
     if device.type != "cuda":
         return
-    gen = torch.Generator(device=device).manual_seed(0)
     for scheme, group in sorted(set(formats), key=str):
-        random_quantized(scheme, (8, 2 * block_size(scheme, group)), group, gen, device).dense(dtype)
+        warm_up_quant(scheme, group, dtype, device)
     torch.backends.cuda.enable_cudnn_sdp(False)  # as Generator: the kernel the passes will use
     # the FFN narrowed to 2048: the warm-up must fit beside the GPU tier being copied meanwhile
     small = dataclasses.replace(args, n_layers=1, vocab_size=256, ffn_hidden=min(args.ffn_hidden, 2048))
