@@ -665,19 +665,22 @@ def _warn_unknown_pre(pre: str) -> None:
 
 
 def _sentencepiece_bpe(pieces: list[str], scores: list[float], types: list[int], unk_id: int | None,
-                       prefix: str, where: str) -> _SentencePieceBackend:
+                       prefix: str, where: str, merges: list[tuple[str, str]] | None = None) -> _SentencePieceBackend:
     """A SentencePiece BPE vocabulary as a tokenizers BPE, as transformers builds it (LlamaTokenizer): merges
-    from the scores, bytes (``<0xNN>``) for characters outside the vocabulary, else ``<unk>``; spaces as "▁"
-    (Metaspace; ``prefix`` its prepend_scheme: "first" a "▁" at the start, "always" also after each special
-    token, transformers' legacy, "never" none) and back; CONTROL and UNKNOWN pieces special, USER_DEFINED ones
-    matched whole (as llama.cpp and transformers read these types)."""
+    from the scores (or ``merges``), bytes (``<0xNN>``) for characters outside the vocabulary, else ``<unk>``;
+    spaces as "▁" (Metaspace; ``prefix`` its prepend_scheme: "first" a "▁" at the start, "always" also after
+    each special token, transformers' legacy, "never" none) and back; CONTROL and UNKNOWN pieces special,
+    USER_DEFINED ones matched whole (as llama.cpp and transformers read these types)."""
     vocab = {}
     for i, piece in enumerate(pieces):
         if vocab.setdefault(piece, i) != i:
             raise CheckpointError(f"{where}: expected distinct pieces, found {piece!r} at ids {vocab[piece]} and {i}")
     unk = None if unk_id is None else pieces[unk_id]
-    bpe = models.BPE(vocab, _merges_by_score(pieces, scores, types, vocab), unk_token=unk, fuse_unk=True,
-                     byte_fallback=True)
+    merges = _merges_by_score(pieces, scores, types, vocab) if merges is None else merges
+    try:
+        bpe = models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True)
+    except Exception as e:  # tokenizers raises bare Exception, e.g. for a merge of unknown tokens
+        raise CheckpointError(f"{where}: expected merges of vocabulary pieces: {e}") from e
     tok = tokenizers.Tokenizer(bpe)
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPIECE_SPACE, prepend_scheme=prefix, split=False)
     steps = [decoders.Replace(SPIECE_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
@@ -709,8 +712,10 @@ def _merges_by_score(pieces: list[str], scores: list[float], types: list[int], v
 
 def _gguf_sentencepiece(fields: dict, path: Path) -> _SentencePieceBackend:
     """The SentencePiece BPE of a GGUF's tokens, scores and types (llama.cpp's converter writes the model's
-    pieces in id order, unused ``[PADn]`` ones up to the config's vocab_size); no "▁" at the start where
-    ``tokenizer.ggml.add_space_prefix`` is false."""
+    pieces in id order, unused ``[PADn]`` ones up to the config's vocab_size); merges from the scores, or
+    ``tokenizer.ggml.merges`` where the file has them (as transformers reads it); no "▁" at the start where
+    ``tokenizer.ggml.add_space_prefix`` is false. Scores that are all one value give no merge order (llama.cpp's
+    converter writes -1000 for every piece of a vocabulary it took from a tokenizer.json): warned."""
     tokens, types = _gguf_tokens(fields, path)
     scores = fields.get("tokenizer.ggml.scores") or []
     if len(scores) != len(tokens):
@@ -722,8 +727,13 @@ def _gguf_sentencepiece(fields: dict, path: Path) -> _SentencePieceBackend:
         raise CheckpointError(f"{path}: tokenizer.ggml.unknown_token_id: expected 0..{len(tokens) - 1}, "
                               f"found {unk_id}")
     prefix = "first" if fields.get("tokenizer.ggml.add_space_prefix", True) else "never"
+    merges = _gguf_merges(fields, path) if "tokenizer.ggml.merges" in fields else None
+    if merges is None and len({s for s, t in zip(scores, types) if t == _NORMAL}) == 1:
+        logger.warning("%s: tokenizer.ggml.scores: every normal piece scores %s and the file has no merges; "
+                       "merging the longest pieces first, which may not be how the model was trained", path,
+                       next(s for s, t in zip(scores, types) if t == _NORMAL))
     return _sentencepiece_bpe(tokens, [float(s) for s in scores], types, unk_id, prefix,
-                              f"{path}: tokenizer.ggml.tokens")
+                              f"{path}: tokenizer.ggml.tokens", merges)
 
 
 @dataclass(frozen=True)

@@ -131,6 +131,35 @@ def test_save_load_round_trip(files: Files, tmp_path: Path) -> None:
                 assert loaded.decode(ids) == ours.decode(ids)
 
 
+def test_gguf_merges_when_the_file_has_them(files: Files, tmp_path: Path) -> None:
+    """A ``llama`` GGUF with tokenizer.ggml.merges (converted from a tokenizer.json, whose scores llama.cpp's
+    converter writes as -1000 placeholders) encodes by its merges."""
+    tokens, _, types = tok_writers.sentencepiece_vocab(files.proto, files.config)
+    merges = json.loads(files.from_gguf.backend.special.to_str())["model"]["merges"]
+    path = tmp_path / "merges.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([-1000.0] * len(tokens))
+    writer.add_token_types(types)
+    writer.add_token_merges([" ".join(m) for m in merges])
+    for write in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file):
+        write()
+    writer.close()
+    ours = from_gguf(path)
+    for text in TEXTS:
+        assert ours.encode(text, bos=False) == files.sp.encode(text), text
+
+
+def test_placeholder_scores_without_merges_warn(files: Files, tmp_path: Path, caplog) -> None:
+    tokens, _, types = tok_writers.sentencepiece_vocab(files.proto, files.config)
+    path = _gguf(tmp_path / "v.gguf", {"tokenizer.ggml.tokens": tokens,
+                                       "tokenizer.ggml.scores": [-1000.0] * len(tokens)})
+    with caplog.at_level("WARNING", logger="model.tokenizer"):
+        from_gguf(path)
+    assert "every normal piece scores -1000.0 and the file has no merges" in caplog.text
+
+
 def test_no_space_prefix(tmp_path: Path) -> None:
     """A model trained without the "▁" prefix, as a GGUF saying tokenizer.ggml.add_space_prefix false (which
     transformers' GGUF loader does not read; llama.cpp does): SentencePiece's ids and text."""
