@@ -1,8 +1,10 @@
 """Tokenizer: text <-> token ids, and chat prompts, built from the files a checkpoint ships with.
 
-Three sources, one ``Tokenizer`` over one of two backends:
+Four sources, one ``Tokenizer`` over one of three backends:
   - Meta Llama-3 ``tokenizer.model`` (tiktoken BPE ranks, Meta's split pattern and 256 special tokens)
     -> tiktoken backend (``from_tiktoken_model``).
+  - SentencePiece BPE ``tokenizer.model`` (Llama 2, Mistral 7B v0.1-v0.3: a protobuf, read here) with the
+    ``tokenizer_config.json`` beside it if any -> sentencepiece backend (``from_sentencepiece_model``).
   - Hugging Face ``tokenizer.json`` (its own normalizer and pre-tokenizer: Llama-3's, Qwen2's, tekken's, ...)
     + ``tokenizer_config.json`` for BOS/EOS, add_bos and the chat template (or ``chat_template.jinja`` and
     ``additional_chat_templates/tool_use.jinja`` beside it, which win as in transformers)
@@ -11,10 +13,16 @@ Three sources, one ``Tokenizer`` over one of two backends:
     BPE rebuilt from ``tokenizer.ggml.tokens``/``merges``, normalized and split the way the HF original of
     ``tokenizer.ggml.pre`` does (``_GGUF_PRE``), its chat template from ``tokenizer.chat_template`` (and
     ``tokenizer.chat_template.tool_use``) (``from_gguf``).
+  - GGUF vocabulary metadata of a SentencePiece BPE (``tokenizer.ggml.model == "llama"``, as llama.cpp converts
+    Llama 2 and Mistral 7B) -> the sentencepiece backend rebuilt from its tokens, scores and types (``from_gguf``).
+The sentencepiece backend is a ``tokenizers`` BPE built the way transformers builds these (its LlamaTokenizer):
+merges ranked by the scores of the pieces they make, "▁" for spaces (Metaspace), bytes (``<0xNN>``) for
+characters outside the vocabulary; it encodes plain text as SentencePiece itself does (``_SentencePieceBackend``).
 ``load_tokenizer`` picks one from a path. ``Tokenizer.save`` writes the backend's file (``tokenizer.json``
-or ``tokenizer.model``) plus ``tokenizer_meta.json`` (ids, chat templates) into a directory (beside a packed
-image's manifest); ``Tokenizer.load`` reads them back and encodes, decodes and renders chats identically.
-Format 1 meta files (before chat templates) still load, with the hand-written format they named.
+or ``tokenizer.model``) plus ``tokenizer_meta.json`` (ids, add_bos/add_eos, chat templates) into a directory
+(beside a packed image's manifest); ``Tokenizer.load`` reads them back and encodes, decodes and renders chats
+identically. Format 1 meta files (before chat templates) still load, with the hand-written format they named;
+format 2 ones (before add_eos) without adding EOS.
 
 Chat prompts (``encode_chat``): the model's own template, "default" (or "tool_use" when tools are given and the
 model has one), rendered as transformers' apply_chat_template renders it (model/chat.py); without a template,
@@ -33,6 +41,8 @@ import functools
 import hashlib
 import json
 import logging
+import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -49,9 +59,10 @@ from model.errors import CheckpointError
 logger = logging.getLogger(__name__)
 
 META_NAME = "tokenizer_meta.json"
-META_FORMAT = 2  # 2: chat templates (chat_templates, eos_id); 1 (a hand-written format only) still loads
+META_FORMAT = 3  # 3: add_eos; 2: chat templates (chat_templates, eos_id); 1 (a hand-written format only)
 _META_KEYS = {1: frozenset({"format", "kind", "bos_id", "eos_ids", "add_bos", "chat_format", "default_system"})}
 _META_KEYS[2] = _META_KEYS[1] | {"chat_templates", "eos_id"}
+_META_KEYS[3] = _META_KEYS[2] | {"add_eos"}
 
 LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -79,7 +90,10 @@ _LLAMA3_NUM_SPECIALS = 256
 # Tokens that end generation wherever a vocabulary has them (end of text, end of turn, end of message).
 _END_TOKENS = ("<|end_of_text|>", "<|endoftext|>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>")
 _TEMPLATE_NAMES = ("default", "tool_use")  # the named templates kept (transformers picks tool_use for tools)
-_CONTROL, _USER_DEFINED = int(gguf.TokenType.CONTROL), int(gguf.TokenType.USER_DEFINED)
+# GGUF token types; SentencePiece's ModelProto numbers its piece types the same way.
+_NORMAL, _UNKNOWN, _CONTROL = int(gguf.TokenType.NORMAL), int(gguf.TokenType.UNKNOWN), int(gguf.TokenType.CONTROL)
+_USER_DEFINED, _UNUSED = int(gguf.TokenType.USER_DEFINED), int(gguf.TokenType.UNUSED)
+SPIECE_SPACE = "\u2581"  # "▁": SentencePiece's spelling of a space
 
 
 @dataclass(frozen=True)
@@ -212,8 +226,35 @@ class _TiktokenBackend:
         return {"pattern": self.pattern, "special_tokens": self.specials}
 
 
+@dataclass(frozen=True, eq=False)
+class _SentencePieceBackend(_HFBackend):
+    """A SentencePiece BPE as a ``tokenizers`` BPE (``_sentencepiece_bpe``), saved as its tokenizer.json.
+
+    SentencePiece marks the start of its input with a "▁" also where the input starts with a space or with a
+    user-defined piece (and so does llama.cpp for a space); tokenizers' Metaspace adds none there, so
+    transformers encodes "  a" as "▁▁a" where the model was trained on "▁▁▁a". ``encode`` adds that "▁" itself.
+    After a special token (a chat template's ``[INST] hi``) no "▁" is added, as in transformers and Mistral's
+    own tokenizer (mistral-common)."""
+
+    kind: ClassVar[str] = "sentencepiece"
+
+    @functools.cached_property
+    def _unmarked_starts(self) -> tuple[str, ...]:
+        """The starts of a text to which Metaspace adds no "▁" (none if it never adds one)."""
+        pre = self.special.pre_tokenizer
+        if not isinstance(pre, pre_tokenizers.Metaspace) or pre.prepend_scheme == "never":
+            return ()
+        user_defined = [t.content for t in self.special.get_added_tokens_decoder().values() if not t.special]
+        return (" ", SPIECE_SPACE, *user_defined)
+
+    def encode(self, text: str, allow_special: bool) -> list[int]:
+        if text.startswith(self._unmarked_starts):
+            text = SPIECE_SPACE + text
+        return super().encode(text, allow_special)
+
+
 _Backend = _HFBackend | _TiktokenBackend
-_BACKENDS = {b.kind: b for b in (_HFBackend, _TiktokenBackend)}
+_BACKENDS = {b.kind: b for b in (_HFBackend, _TiktokenBackend, _SentencePieceBackend)}
 
 
 # --------------------------------------------------------------------------------------------- Tokenizer
@@ -225,7 +266,8 @@ class Tokenizer:
 
     ``chat_format``: "template" (``chat_templates`` holds the model's "default" and maybe its "tool_use"), a
     hand-written fallback "llama3" or "chatml" (model/chat.py), or None (no chat). ``eos_id``: the end token
-    the template knows as ``eos_token`` (``eos_ids`` holds every token that ends generation)."""
+    the template knows as ``eos_token`` (``eos_ids`` holds every token that ends generation); ``add_eos``: it
+    ends every encoded text (a chat's ids are the template's alone)."""
 
     backend: _Backend = field(repr=False)
     bos_id: int | None
@@ -236,6 +278,7 @@ class Tokenizer:
     source: str = ""
     chat_templates: dict[str, str] = field(default_factory=dict, repr=False)
     eos_id: int | None = None
+    add_eos: bool = False
 
     def __post_init__(self) -> None:
         if self.chat_format not in (None, "template", *chat.FALLBACK_TEMPLATES):
@@ -247,6 +290,8 @@ class Tokenizer:
                                   f"{sorted(self.chat_templates)}: expected a 'default' one exactly with 'template'")
         if self.add_bos and self.bos_id is None:
             raise CheckpointError(f"{self.source}: add_bos is set but the tokenizer has no BOS token id")
+        if self.add_eos and self.eos_id is None:
+            raise CheckpointError(f"{self.source}: add_eos is set but the tokenizer has no EOS token id")
         for name, template in self.chat_templates.items():
             try:
                 chat.compile_template(template)
@@ -275,15 +320,20 @@ class Tokenizer:
             h.update(i.to_bytes(4, "little") + len(t).to_bytes(4, "little") + t)
         return h.hexdigest()[:16]
 
-    def encode(self, text: str, bos: bool | None = None, allow_special: bool = False) -> list[int]:
-        """Token ids of ``text``; BOS first if ``bos`` (default ``add_bos``). Special-token strings are
-        plain text unless ``allow_special``."""
+    def encode(self, text: str, bos: bool | None = None, allow_special: bool = False,
+               eos: bool | None = None) -> list[int]:
+        """Token ids of ``text``; BOS first if ``bos`` (default ``add_bos``), EOS last if ``eos`` (default
+        ``add_eos``). Special-token strings are plain text unless ``allow_special``."""
         ids = self.backend.encode(text, allow_special)
-        if not (self.add_bos if bos is None else bos):
-            return ids
-        if self.bos_id is None:
-            raise CheckpointError(f"{self.source}: BOS requested, but the tokenizer has no BOS token")
-        return [self.bos_id, *ids]
+        if self.add_bos if bos is None else bos:
+            if self.bos_id is None:
+                raise CheckpointError(f"{self.source}: BOS requested, but the tokenizer has no BOS token")
+            ids = [self.bos_id, *ids]
+        if self.add_eos if eos is None else eos:
+            if self.eos_id is None:
+                raise CheckpointError(f"{self.source}: EOS requested, but the tokenizer has no EOS token")
+            ids = [*ids, self.eos_id]
+        return ids
 
     def decode(self, ids: list[int], skip_special: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special)
@@ -352,7 +402,8 @@ class Tokenizer:
         directory.mkdir(parents=True, exist_ok=True)
         meta = {
             "format": META_FORMAT, "kind": self.backend.kind, "bos_id": self.bos_id, "eos_id": self.eos_id,
-            "eos_ids": sorted(self.eos_ids), "add_bos": self.add_bos, "chat_format": self.chat_format,
+            "eos_ids": sorted(self.eos_ids), "add_bos": self.add_bos, "add_eos": self.add_eos,
+            "chat_format": self.chat_format,
             "default_system": self.default_system, "chat_templates": self.chat_templates,
             **self.backend.save(directory),
         }
@@ -361,24 +412,25 @@ class Tokenizer:
 
     @classmethod
     def load(cls, directory: str | Path) -> Tokenizer:
-        """Read a directory written by ``save`` (tokenizer format 1 or 2)."""
+        """Read a directory written by ``save`` (tokenizer format 1, 2 or 3)."""
         directory = Path(directory)
         meta = _read_meta(directory / META_NAME)
         backend = _BACKENDS[meta["kind"]].load(directory, meta)
         return cls(
             backend, meta["bos_id"], frozenset(meta["eos_ids"]), meta["add_bos"], meta["chat_format"],
             meta["default_system"], str(directory), meta.get("chat_templates", {}), meta.get("eos_id"),
+            meta.get("add_eos", False),
         )
 
 
 def _build(backend: _Backend, source: Path, bos_id: int | None, eos_id: int | None, add_bos: bool,
-           templates: dict[str, str]) -> Tokenizer:
+           templates: dict[str, str], add_eos: bool = False) -> Tokenizer:
     """A Tokenizer with every end token the vocabulary has, rendering the model's chat template if it ships
     one, else the fallback format whose tokens the vocabulary has."""
     eos_ids = {backend.token_id(t) for t in _END_TOKENS} | {eos_id}
     chat_format = "template" if templates else _fallback_format(backend)
     return Tokenizer(backend, bos_id, frozenset(eos_ids - {None}), add_bos, chat_format, None, str(source),
-                     templates, eos_id)
+                     templates, eos_id, add_eos)
 
 
 def _fallback_format(backend: _Backend) -> str | None:
@@ -431,24 +483,30 @@ def _parse_rank_line(path: Path, n: int, line: bytes) -> tuple[bytes, int]:
         return base64.b64decode(parts[0], validate=True), int(parts[1])
     except ValueError:  # binascii.Error is a ValueError
         raise CheckpointError(
-            f"{path}: line {n}: expected '<base64 token> <rank>' (tiktoken BPE; SentencePiece models are "
-            f"not supported), found {line[:80]!r}"
+            f"{path}: line {n}: expected '<base64 token> <rank>' (tiktoken BPE), found {line[:80]!r}"
         ) from None
 
 
 def from_tokenizer_json(path: str | Path, config_path: str | Path | None = None) -> Tokenizer:
-    """HF ``tokenizer.json``; BOS/EOS, add_bos and the chat template from ``tokenizer_config.json``
-    (``config_path``, else the one beside it if present). Without ``add_bos_token`` in the config, BOS
-    is added when the file's post-processor adds it."""
+    """HF ``tokenizer.json``; BOS/EOS, add_bos, add_eos and the chat template from ``tokenizer_config.json``
+    (``config_path``, else the one beside it if present). Without ``add_bos_token`` (``add_eos_token``) in the
+    config, BOS (EOS) is added when the file's post-processor adds it."""
     path = _existing_file(path)
-    config_file = Path(config_path) if config_path is not None else path.with_name("tokenizer_config.json")
-    config = _read_json(config_file) if config_path is not None or config_file.is_file() else {}
+    config, config_file = _tokenizer_config(path, config_path)
     backend = _HFBackend(_read_tokenizer_json(path))
     bos_id = _config_token_id(config, "bos_token", backend, config_file)
     eos_id = _config_token_id(config, "eos_token", backend, config_file)
-    post_bos = bos_id is not None and backend.special.encode("").ids[:1] == [bos_id]
-    add_bos = bool(config.get("add_bos_token", post_bos))
-    return _build(backend, path, bos_id, eos_id, add_bos, _config_templates(config, config_file))
+    post = backend.special.encode("").ids
+    post_bos = bos_id is not None and post[:1] == [bos_id]
+    post_eos = eos_id is not None and len(post) > post_bos and post[-1] == eos_id
+    add_bos, add_eos = bool(config.get("add_bos_token", post_bos)), bool(config.get("add_eos_token", post_eos))
+    return _build(backend, path, bos_id, eos_id, add_bos, _config_templates(config, config_file), add_eos)
+
+
+def _tokenizer_config(path: Path, config_path: str | Path | None) -> tuple[dict, Path]:
+    """``tokenizer_config.json``: ``config_path``, else the one beside ``path`` if there is one (else {})."""
+    config_file = Path(config_path) if config_path is not None else path.with_name("tokenizer_config.json")
+    return _read_json(config_file) if config_path is not None or config_file.is_file() else {}, config_file
 
 
 def _read_tokenizer_json(path: Path) -> tokenizers.Tokenizer:
@@ -493,24 +551,39 @@ def _config_templates(config: dict, config_file: Path) -> dict[str, str]:
 
 
 def from_gguf(path: str | Path) -> Tokenizer:
-    """The byte-level BPE vocabulary of a GGUF file (``tokenizer.ggml.model == "gpt2"``)."""
+    """The vocabulary of a GGUF file: a byte-level BPE (``tokenizer.ggml.model == "gpt2"``) or a SentencePiece
+    BPE (``"llama"``). Without ``tokenizer.ggml.add_bos_token``, BOS is added where llama.cpp adds it; a
+    SentencePiece vocabulary without BOS/EOS ids has llama.cpp's (1 and 2)."""
     path = _existing_file(path)
     fields = _gguf_tokenizer_fields(path)
     model = fields.get("tokenizer.ggml.model", "nothing (key missing)")
-    if model != "gpt2":
-        raise CheckpointError(
-            f"{path}: tokenizer.ggml.model: expected 'gpt2' (byte-level BPE with merges), found {model!r}"
-        )
-    backend = _HFBackend(_gguf_bpe(fields, path))
+    if model == "gpt2":
+        pre = _gguf_pre(fields.get("tokenizer.ggml.pre", "default"))
+        backend, (add_bos, bos_id, eos_id) = _HFBackend(_gguf_bpe(fields, path)), (pre.add_bos, None, None)
+    elif model == "llama":
+        backend, (add_bos, bos_id, eos_id) = _gguf_sentencepiece(fields, path), (True, 1, 2)
+    else:
+        raise CheckpointError(f"{path}: tokenizer.ggml.model: expected 'gpt2' (byte-level BPE with merges) or "
+                              f"'llama' (SentencePiece BPE with scores), found {model!r}")
     # llama.cpp's converter writes the default template as tokenizer.chat_template, named ones beside it
     named = {name: fields.get("tokenizer.chat_template" + suffix)
              for name, suffix in (("default", ""), ("tool_use", ".tool_use"))}
     templates = _named_templates({k: v for k, v in named.items() if v is not None}, f"{path}: tokenizer.chat_template")
-    pre = _gguf_pre(fields.get("tokenizer.ggml.pre", "default"))
-    return _build(
-        backend, path, fields.get("tokenizer.ggml.bos_token_id"), fields.get("tokenizer.ggml.eos_token_id"),
-        bool(fields.get("tokenizer.ggml.add_bos_token", pre.add_bos)), templates,
-    )
+    bos_id, eos_id = (_gguf_token_id(fields, key, default, backend, path)
+                      for key, default in (("bos_token_id", bos_id), ("eos_token_id", eos_id)))
+    return _build(backend, path, bos_id, eos_id, bool(fields.get("tokenizer.ggml.add_bos_token", add_bos)),
+                  templates, bool(fields.get("tokenizer.ggml.add_eos_token", False)))
+
+
+def _gguf_token_id(fields: dict, key: str, default: int | None, backend: _Backend, path: Path) -> int | None:
+    """``tokenizer.ggml.KEY``, checked against the vocabulary; else ``default`` where it names a token."""
+    token_id = fields.get(f"tokenizer.ggml.{key}")
+    if token_id is None:
+        return default if default is not None and backend.token(default) is not None else None
+    if backend.token(token_id) is None:
+        raise CheckpointError(f"{path}: tokenizer.ggml.{key}: expected a token id 0..{backend.vocab_size - 1}, "
+                              f"found {token_id}")
+    return token_id
 
 
 def _gguf_tokenizer_fields(path: Path) -> dict:
@@ -523,7 +596,8 @@ def _gguf_tokenizer_fields(path: Path) -> dict:
 
 def _gguf_bpe(fields: dict, path: Path) -> tokenizers.Tokenizer:
     """A tokenizers BPE from the GGUF vocabulary; CONTROL tokens special, USER_DEFINED ones whole."""
-    tokens, types, merges = _gguf_vocab(fields, path)
+    tokens, types = _gguf_tokens(fields, path)
+    merges = _gguf_merges(fields, path)
     pre = _GGUF_PRE.get(fields.get("tokenizer.ggml.pre", "default"), _Pre())  # from_gguf warned for an unknown one
     try:
         bpe = models.BPE({t: i for i, t in enumerate(tokens)}, merges, ignore_merges=pre.ignore_merges)
@@ -540,21 +614,26 @@ def _gguf_bpe(fields: dict, path: Path) -> tokenizers.Tokenizer:
     return tok
 
 
-def _gguf_vocab(fields: dict, path: Path) -> tuple[list[str], list[int], list[tuple[str, str]]]:
-    """Tokens, their types (all NORMAL if the file has none) and merges, checked."""
-    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
-        if not fields.get(key):
-            raise CheckpointError(f"{path}: {key}: expected a non-empty string array, found none")
+def _gguf_tokens(fields: dict, path: Path) -> tuple[list[str], list[int]]:
+    """Tokens and their types (all NORMAL if the file has none), checked."""
+    if not fields.get("tokenizer.ggml.tokens"):
+        raise CheckpointError(f"{path}: tokenizer.ggml.tokens: expected a non-empty string array, found none")
     tokens = fields["tokenizer.ggml.tokens"]
-    types = fields.get("tokenizer.ggml.token_type") or [int(gguf.TokenType.NORMAL)] * len(tokens)
+    types = fields.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
     if len(types) != len(tokens):
         raise CheckpointError(f"{path}: tokenizer.ggml.token_type: expected {len(tokens)} types, found {len(types)}")
+    return tokens, [int(t) for t in types]
+
+
+def _gguf_merges(fields: dict, path: Path) -> list[tuple[str, str]]:
+    if not fields.get("tokenizer.ggml.merges"):
+        raise CheckpointError(f"{path}: tokenizer.ggml.merges: expected a non-empty string array, found none")
     merges = [tuple(m.split(" ")) for m in fields["tokenizer.ggml.merges"]]
     bad = next((i for i, m in enumerate(merges) if len(m) != 2), None)
     if bad is not None:
         found = fields["tokenizer.ggml.merges"][bad]
         raise CheckpointError(f"{path}: tokenizer.ggml.merges[{bad}]: expected 'left right', found {found!r}")
-    return tokens, types, merges
+    return merges
 
 
 def _gguf_pre(name: str) -> _Pre:
@@ -582,6 +661,240 @@ def _warn_unknown_pre(pre: str) -> None:
     logger.warning("GGUF tokenizer.ggml.pre %r is not known here; splitting text with GPT-2's regex", pre)
 
 
+# ------------------------------------------------------------------------------------------- SentencePiece
+
+
+def _sentencepiece_bpe(pieces: list[str], scores: list[float], types: list[int], unk_id: int | None,
+                       prefix: str, where: str, merges: list[tuple[str, str]] | None = None) -> _SentencePieceBackend:
+    """A SentencePiece BPE vocabulary as a tokenizers BPE, as transformers builds it (LlamaTokenizer): merges
+    from the scores (or ``merges``), bytes (``<0xNN>``) for characters outside the vocabulary, else ``<unk>``;
+    spaces as "▁" (Metaspace; ``prefix`` its prepend_scheme: "first" a "▁" at the start, "always" also after
+    each special token, transformers' legacy, "never" none) and back; CONTROL and UNKNOWN pieces special,
+    USER_DEFINED ones matched whole (as llama.cpp and transformers read these types)."""
+    vocab = {}
+    for i, piece in enumerate(pieces):
+        if vocab.setdefault(piece, i) != i:
+            raise CheckpointError(f"{where}: expected distinct pieces, found {piece!r} at ids {vocab[piece]} and {i}")
+    unk = None if unk_id is None else pieces[unk_id]
+    merges = _merges_by_score(pieces, scores, types, vocab) if merges is None else merges
+    try:
+        bpe = models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True)
+    except Exception as e:  # tokenizers raises bare Exception, e.g. for a merge of unknown tokens
+        raise CheckpointError(f"{where}: expected merges of vocabulary pieces: {e}") from e
+    tok = tokenizers.Tokenizer(bpe)
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPIECE_SPACE, prepend_scheme=prefix, split=False)
+    steps = [decoders.Replace(SPIECE_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix != "never" else []))
+    typed = list(zip(pieces, types, strict=True))
+    tok.add_special_tokens([AddedToken(p, special=True, normalized=False)
+                            for p, t in typed if t in (_CONTROL, _UNKNOWN)])
+    tok.add_tokens([AddedToken(p, special=False, normalized=False) for p, t in typed if t == _USER_DEFINED])
+    return _SentencePieceBackend(tok)
+
+
+def _merges_by_score(pieces: list[str], scores: list[float], types: list[int], vocab: dict[str, int]
+                     ) -> list[tuple[str, str]]:
+    """The merges of a SentencePiece BPE. SentencePiece joins the adjacent pair whose joined piece scores
+    highest (a normal, user-defined or unused piece: never a control, unknown or byte one), so each split of
+    such a piece into two pieces is a merge, ranked by the piece's score; ties as transformers orders them
+    (longer left part first, then by id)."""
+    ranked = []
+    for i, (piece, score, kind) in enumerate(zip(pieces, scores, types, strict=True)):
+        if kind not in (_NORMAL, _USER_DEFINED, _UNUSED):
+            continue
+        for k in range(1, len(piece)):
+            left, right = piece[:k], piece[k:]
+            if left in vocab and right in vocab:
+                ranked.append((-score, -k, k - len(piece), i, vocab[left], vocab[right], left, right))
+    ranked.sort()
+    return [(left, right) for *_, left, right in ranked]
+
+
+def _gguf_sentencepiece(fields: dict, path: Path) -> _SentencePieceBackend:
+    """The SentencePiece BPE of a GGUF's tokens, scores and types (llama.cpp's converter writes the model's
+    pieces in id order, unused ``[PADn]`` ones up to the config's vocab_size); merges from the scores, or
+    ``tokenizer.ggml.merges`` where the file has them (as transformers reads it); no "▁" at the start where
+    ``tokenizer.ggml.add_space_prefix`` is false. Scores that are all one value give no merge order (llama.cpp's
+    converter writes -1000 for every piece of a vocabulary it took from a tokenizer.json): warned."""
+    tokens, types = _gguf_tokens(fields, path)
+    scores = fields.get("tokenizer.ggml.scores") or []
+    if len(scores) != len(tokens):
+        raise CheckpointError(f"{path}: tokenizer.ggml.scores: expected {len(tokens)} scores (one a token), "
+                              f"found {len(scores)}")
+    unk_id = fields.get("tokenizer.ggml.unknown_token_id", next((i for i, t in enumerate(types) if t == _UNKNOWN),
+                                                                 None))
+    if unk_id is not None and not 0 <= unk_id < len(tokens):
+        raise CheckpointError(f"{path}: tokenizer.ggml.unknown_token_id: expected 0..{len(tokens) - 1}, "
+                              f"found {unk_id}")
+    prefix = "first" if fields.get("tokenizer.ggml.add_space_prefix", True) else "never"
+    merges = _gguf_merges(fields, path) if "tokenizer.ggml.merges" in fields else None
+    if merges is None and len({s for s, t in zip(scores, types) if t == _NORMAL}) == 1:
+        logger.warning("%s: tokenizer.ggml.scores: every normal piece scores %s and the file has no merges; "
+                       "merging the longest pieces first, which may not be how the model was trained", path,
+                       next(s for s, t in zip(scores, types) if t == _NORMAL))
+    return _sentencepiece_bpe(tokens, [float(s) for s in scores], types, unk_id, prefix,
+                              f"{path}: tokenizer.ggml.tokens", merges)
+
+
+@dataclass(frozen=True)
+class _SentencePieceModel:
+    """What a SentencePiece ``tokenizer.model`` (a serialized ``sentencepiece.ModelProto``) says that encoding
+    needs; the field numbers and defaults of sentencepiece_model.proto."""
+
+    pieces: list[str]
+    scores: list[float]
+    types: list[int]
+    trainer: dict[int, int | bytes]  # TrainerSpec: 3 model_type, 24 treat_whitespace_as_suffix, 40-42 unk/bos/eos id
+    normalizer: dict[int, int | bytes]  # NormalizerSpec: 1 name, 2 precompiled_charsmap, 3 add_dummy_prefix, ...
+
+    def piece_id(self, field: int, default: int) -> int | None:
+        """A TrainerSpec id (int32, -1 for none) if it names a piece."""
+        value = _int32(self.trainer.get(field, default))
+        return value if 0 <= value < len(self.pieces) else None
+
+
+def from_sentencepiece_model(path: str | Path, config_path: str | Path | None = None) -> Tokenizer:
+    """A SentencePiece BPE ``tokenizer.model`` (Llama 2's, Mistral 7B's), read here from its protobuf, with
+    ``tokenizer_config.json`` as from_tokenizer_json reads it (``config_path``, else the one beside it if any):
+    BOS/EOS (else the model's), add_bos (default: true with a BOS, as transformers and llama.cpp), add_eos, the chat
+    template, ``added_tokens_decoder`` (special ones CONTROL, others USER_DEFINED), ``legacy`` and
+    ``add_prefix_space`` (where the "▁" prefix goes, as transformers' LlamaTokenizer reads them). Models that
+    encode otherwise than that BPE (unigram, a normalization rule, whitespace handling) are refused."""
+    path = _existing_file(path)
+    model = _read_sentencepiece(path)
+    _check_sentencepiece(model, path)
+    config, config_file = _tokenizer_config(path, config_path)
+    pieces, scores, types = _with_added_tokens(model, config.get("added_tokens_decoder") or {}, config_file)
+    add_prefix = _proto_bool(model.normalizer, 3, True) and config.get("add_prefix_space") is not False
+    prefix = ("always" if config.get("legacy") is True else "first") if add_prefix else "never"
+    backend = _sentencepiece_bpe(pieces, scores, types, model.piece_id(40, 0), prefix, str(path))
+    bos_id, eos_id = model.piece_id(41, 1), model.piece_id(42, 2)
+    if "bos_token" in config:
+        bos_id = _config_token_id(config, "bos_token", backend, config_file)
+    if "eos_token" in config:
+        eos_id = _config_token_id(config, "eos_token", backend, config_file)
+    add_bos = bool(config.get("add_bos_token", bos_id is not None))
+    return _build(backend, path, bos_id, eos_id, add_bos, _config_templates(config, config_file),
+                  bool(config.get("add_eos_token", False)))
+
+
+def _check_sentencepiece(model: _SentencePieceModel, path: Path) -> None:
+    """Refuse what ``_sentencepiece_bpe`` would encode otherwise than SentencePiece: another model type, a
+    normalization rule other than identity (Llama 2's and Mistral's), whitespace removal or suffix marks."""
+    model_type = model.trainer.get(3, 1)
+    if model_type != 2:
+        name = {1: "unigram", 3: "word", 4: "char"}.get(model_type, str(model_type))
+        raise CheckpointError(f"{path}: trainer_spec.model_type: expected BPE (2), found {name}; only SentencePiece "
+                              "BPE models are supported")
+    name = _proto_text(model.normalizer, 1, path, b"")
+    if model.normalizer.get(2) or name not in ("", "identity"):
+        raise CheckpointError(f"{path}: normalizer_spec: expected the identity normalization (no precompiled rule), "
+                              f"found {name!r}")
+    for number, field_name, supported in ((4, "remove_extra_whitespaces", False), (5, "escape_whitespaces", True)):
+        if _proto_bool(model.normalizer, number, True) != supported:
+            raise CheckpointError(f"{path}: normalizer_spec.{field_name}: expected {str(supported).lower()}, "
+                                  f"found {str(not supported).lower()}")
+    if _proto_bool(model.trainer, 24, False):
+        raise CheckpointError(f"{path}: trainer_spec.treat_whitespace_as_suffix: expected false, found true")
+
+
+def _with_added_tokens(model: _SentencePieceModel, added: dict, config_file: Path
+                       ) -> tuple[list[str], list[float], list[int]]:
+    """The model's pieces with tokenizer_config.json's ``added_tokens_decoder`` ({id: {"content", "special"}}):
+    a piece of the model marked CONTROL (special) or USER_DEFINED, a new id after the model's a new token."""
+    pieces, scores, types = list(model.pieces), list(model.scores), list(model.types)
+    for key, entry in sorted(added.items(), key=lambda item: int(item[0]) if str(item[0]).isdigit() else -1):
+        where = f"{config_file}: added_tokens_decoder[{key!r}]"
+        if not str(key).isdigit() or not isinstance(entry, dict) or not isinstance(entry.get("content"), str):
+            raise CheckpointError(f"{where}: expected an id and {{'content': str, 'special': bool}}, "
+                                  f"found {entry!r:.80}")
+        i, content = int(key), entry["content"]
+        if i > len(pieces):
+            raise CheckpointError(f"{where}: expected an id up to {len(pieces)} (the model has {len(model.pieces)} "
+                                  f"pieces, the ids after them in order), found {i}")
+        if i == len(pieces):
+            pieces, scores, types = [*pieces, content], [*scores, 0.0], [*types, _NORMAL]
+        elif pieces[i] != content:
+            raise CheckpointError(f"{where}: expected the model's piece {pieces[i]!r}, found {content!r}")
+        types[i] = _CONTROL if entry.get("special") else _USER_DEFINED
+    return pieces, scores, types
+
+
+def _read_sentencepiece(path: Path) -> _SentencePieceModel:
+    """The pieces (text, score, type), TrainerSpec and NormalizerSpec of a ModelProto."""
+    pieces, scores, types, specs = [], [], [], {2: {}, 3: {}}
+    for number, value in _proto_fields(path.read_bytes(), path):
+        if number == 1:
+            piece = dict(_proto_fields(_proto(value, bytes, path, "a piece"), path))
+            pieces.append(_proto_text(piece, 1, path))
+            scores.append(struct.unpack("<f", _proto(piece.get(2, bytes(4)), bytes, path, "a piece's score"))[0])
+            types.append(_proto(piece.get(3, _NORMAL), int, path, "a piece's type"))
+        elif number in specs:
+            specs[number] = dict(_proto_fields(_proto(value, bytes, path, "a trainer or normalizer spec"), path))
+    if not pieces:
+        raise CheckpointError(f"{path}: expected a SentencePiece model with pieces, found none")
+    used = {2: {3: int, 24: int, 40: int, 41: int, 42: int}, 3: {1: bytes, 2: bytes, 3: int, 4: int, 5: int}}
+    for spec, kinds in used.items():  # the fields read later, of the wire types they have
+        for number in kinds.keys() & specs[spec].keys():
+            _proto(specs[spec][number], kinds[number], path, f"spec {spec} field {number}")
+    return _SentencePieceModel(pieces, scores, types, specs[2], specs[3])
+
+
+def _proto_fields(data: bytes, path: Path) -> Iterator[tuple[int, int | bytes]]:
+    """The (field number, value) pairs of a protobuf message: varints as ints, the other wire types as bytes."""
+    at = 0
+    while at < len(data):
+        key, at = _varint(data, at, path)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, at = _varint(data, at, path)
+        elif wire in (1, 2, 5):
+            size, at = _varint(data, at, path) if wire == 2 else ({1: 8, 5: 4}[wire], at)
+            value, at = data[at:at + size], at + size
+            if at > len(data):
+                raise CheckpointError(f"{path}: expected a SentencePiece model (protobuf), found one cut short")
+        else:
+            raise CheckpointError(f"{path}: expected a SentencePiece model (protobuf), found wire type {wire} "
+                                  f"(field {number})")
+        yield number, value
+
+
+def _varint(data: bytes, at: int, path: Path) -> tuple[int, int]:
+    value = shift = 0
+    while at < len(data) and shift < 64:
+        byte = data[at]
+        value, shift, at = value | (byte & 0x7F) << shift, shift + 7, at + 1
+        if byte < 0x80:
+            return value, at
+    raise CheckpointError(f"{path}: expected a SentencePiece model (protobuf), found a varint cut short or overlong")
+
+
+def _int32(value: int) -> int:
+    """A protobuf int32 from its varint (negative ones are 64-bit two's complement)."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _proto(value: int | bytes, kind: type, path: Path, what: str) -> int | bytes:
+    """``value`` if it has the wire type of ``what`` (a float: 4 bytes)."""
+    if not isinstance(value, kind) or what.endswith("score") and len(value) != 4:
+        raise CheckpointError(f"{path}: expected a SentencePiece model (protobuf), found {what} of another wire "
+                              f"type: {value!r:.40}")
+    return value
+
+
+def _proto_text(message: dict, number: int, path: Path, default: bytes | None = None) -> str:
+    value = message.get(number, default)
+    try:
+        return _proto(value, bytes, path, f"text field {number}").decode("utf-8")
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path}: expected a SentencePiece model (protobuf), found text field {number} not "
+                              f"UTF-8: {value!r:.40}") from None
+
+
+def _proto_bool(message: dict, number: int, default: bool) -> bool:
+    return bool(message.get(number, default))
+
+
 # ---------------------------------------------------------------------------------------- files, dispatch
 
 
@@ -593,10 +906,19 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         if (path / META_NAME).is_file():
             return Tokenizer.load(path)
         path = _tokenizer_file_in(path)
-    loaders = {".gguf": from_gguf, ".model": from_tiktoken_model, ".json": from_tokenizer_json}
+    loaders = {".gguf": from_gguf, ".model": from_tokenizer_model, ".json": from_tokenizer_json}
     if path.suffix not in loaders:
         raise CheckpointError(f"{path}: expected a .gguf, tokenizer.model or tokenizer.json file, found {path.name!r}")
     return loaders[path.suffix](path)
+
+
+def from_tokenizer_model(path: str | Path) -> Tokenizer:
+    """A ``tokenizer.model``: SentencePiece (a protobuf ModelProto, which starts with its first piece: byte
+    0x0a, field 1 of wire type 2) or Meta's tiktoken ranks (lines of base64 text)."""
+    path = _existing_file(path)
+    with path.open("rb") as f:
+        sentencepiece = f.read(1) == b"\n"
+    return from_sentencepiece_model(path) if sentencepiece else from_tiktoken_model(path)
 
 
 def _tokenizer_file_in(directory: Path) -> Path:

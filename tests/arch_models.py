@@ -123,8 +123,20 @@ def from_gguf_tensors(model, tensors: dict[str, np.ndarray], arch: str):
     return other.eval()
 
 
-def write_gguf(path: Path, model, arch: str) -> None:
-    """``model`` as an f32 GGUF of llama.cpp architecture ``arch``, with the byte-level test vocabulary."""
+def _add_byte_level_vocab(w, arch: str) -> None:
+    tokens, types, merges = gguf_vocab()
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2" if arch.startswith("qwen") else "llama-bpe")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(len(tokens) - 2)
+    w.add_eos_token_id(len(tokens) - 1)
+
+
+def write_gguf(path: Path, model, arch: str, vocab=None) -> None:
+    """``model`` as an f32 GGUF of llama.cpp architecture ``arch``, with the byte-level test vocabulary, or the
+    one ``vocab(writer, arch)`` adds."""
     import gguf
 
     c = model.config
@@ -144,14 +156,7 @@ def write_gguf(path: Path, model, arch: str) -> None:
                          else float(c.rope_theta))
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_vocab_size(c.vocab_size)
-    tokens, types, merges = gguf_vocab()
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("qwen2" if arch.startswith("qwen") else "llama-bpe")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    w.add_bos_token_id(len(tokens) - 2)
-    w.add_eos_token_id(len(tokens) - 1)
+    (vocab or _add_byte_level_vocab)(w, arch)
     for name, a in gguf_tensors(model, arch).items():
         w.add_tensor(name, np.ascontiguousarray(a, dtype=np.float32))
     w.write_header_to_file()

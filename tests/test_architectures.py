@@ -313,6 +313,51 @@ def test_chat_end_to_end_with_the_model_s_own_template(tmp_path):
     assert "<|im_end|>" not in got["text"]
 
 
+def test_mistral_7b_shaped_with_sentencepiece_end_to_end(tmp_path):
+    """A Mistral-7B-Instruct-v0.3-shaped checkpoint as the Hub holds it (transformers' weights, a SentencePiece
+    tokenizer.model, tokenizer_config.json with its chat template) and as llama.cpp converts it (a ``llama``
+    GGUF with the SentencePiece vocabulary: tokens, scores, types): both pack, both images' tokenizers prompt
+    with transformers' apply_chat_template ids, and ``run --chat`` of the GGUF's image answers with transformers'
+    greedy tokens, without the stop token's text."""
+    from arch_models import COMMON, build_model
+    from tok_writers import DATA as TOK_DATA
+    from tok_writers import add_sentencepiece_vocab, mistral_config, train_sentencepiece, write_sentencepiece_hf_dir
+    from transformers import AutoTokenizer, MistralConfig
+
+    from runtime.format.tokens import image_tokenizer
+
+    pytest.importorskip("sentencepiece")
+    pytest.importorskip("google.protobuf")  # transformers reads a tokenizer.model with it
+    proto = train_sentencepiece()
+    config = mistral_config(proto, chat_template=(TOK_DATA / "chat_templates" / "Mistral-7B-Instruct-v0.3.jinja")
+                            .read_text())
+    model = build_model(MistralConfig(**{**COMMON, "vocab_size": 1200}, head_dim=24, sliding_window=200,
+                                      tie_word_embeddings=False, rope_theta=1e4), seed=5)
+    d = tmp_path / "hf"
+    model.save_pretrained(str(d))
+    write_sentencepiece_hf_dir(d, proto, config)
+    write_gguf(tmp_path / "m.gguf", model, "llama", lambda w, arch: add_sentencepiece_vocab(w, proto, config))
+    ref = AutoTokenizer.from_pretrained(str(d))
+    chats = [[{"role": "user", "content": "Name three rivers."}],
+             [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " 2+2? 日本 🙂"},
+              {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"}]]
+    want_ids = [list(ref.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=False))
+                for m in chats]
+    for src, img in ((d, tmp_path / "hf.img"), (tmp_path / "m.gguf", tmp_path / "gguf.img")):
+        pack(open_checkpoint(src), img, dtype="fp32", quiet=True)
+        assert [image_tokenizer(Image.open(img), True).encode_chat(m) for m in chats] == want_ids, src
+    out = tmp_path / "out.json"
+    run_launch("run", "--image", str(tmp_path / "gguf.img"), "--chat", "--prompt", "Name three rivers.",
+               "--max-new-tokens", "8", "--device", "cpu", "--out-json", str(out))
+    got = json.loads(out.read_text())
+    ids = want_ids[0]
+    assert got["prompt_token_ids"] == ids
+    want = hf_greedy(model, ids, 8)
+    n = len(got["output_token_ids"])
+    assert got["output_token_ids"] == want[:n] and (n == 8 or got["output_token_ids"][-1] == ref.eos_token_id)
+    assert got["text"] == ref.decode(got["output_token_ids"], skip_special_tokens=True) and "</s>" not in got["text"]
+
+
 # ---- bad input and the shape of the code ------------------------------------------------------------------------
 
 def test_pack_refuses_an_unsupported_architecture(tmp_path):

@@ -91,7 +91,8 @@ def test_answer_text_leaves_out_end_tokens(ours: Tokenizer) -> None:
 def test_gguf_save_load_round_trip(ours: Tokenizer, tmp_path: Path) -> None:
     assert sorted(ours.save(tmp_path)) == ["tokenizer.json", "tokenizer_meta.json"]
     meta = json.loads((tmp_path / META_NAME).read_text())
-    assert meta["format"] == 2 and meta["chat_templates"] == ours.chat_templates and meta["eos_id"] == 2
+    assert meta["format"] == 3 and meta["chat_templates"] == ours.chat_templates and meta["eos_id"] == 2
+    assert meta["add_eos"] is False
     for loaded in (Tokenizer.load(tmp_path), load_tokenizer(tmp_path)):
         _assert_same(ours, loaded)
 
@@ -111,6 +112,19 @@ def test_format_1_meta_still_loads(ours: Tokenizer, tmp_path: Path) -> None:
         for add_generation_prompt in (True, False):
             assert loaded.encode_chat(messages, add_generation_prompt) == ours.encode_chat(messages,
                                                                                           add_generation_prompt)
+
+
+def test_format_2_meta_still_loads(ours: Tokenizer, tmp_path: Path) -> None:
+    """A tokenizer saved before add_eos (format 2) loads, adding no EOS."""
+    ours.save(tmp_path)
+    meta = json.loads((tmp_path / META_NAME).read_text())
+    del meta["add_eos"]
+    (tmp_path / META_NAME).write_text(json.dumps({**meta, "format": 2}))
+    loaded = Tokenizer.load(tmp_path)
+    assert loaded.add_eos is False and loaded.encode("hi") == ours.encode("hi")
+    (tmp_path / META_NAME).write_text(json.dumps({**meta, "format": 3}))
+    with pytest.raises(CheckpointError, match=r"expected keys \['add_eos'\]"):
+        Tokenizer.load(tmp_path)
 
 
 def test_tokenizer_json_with_config_matches_gguf(ours: Tokenizer, tmp_path: Path) -> None:
@@ -347,16 +361,17 @@ def test_missing_file(loader, tmp_path: Path) -> None:
     assert str(path) in str(err.value)
 
 
-def test_gguf_not_byte_level_bpe(tmp_path: Path) -> None:
-    path = tmp_path / "sp.gguf"
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(["<unk>", "<s>", "</s>", "a"])
+def test_gguf_vocabulary_of_another_kind(tmp_path: Path) -> None:
+    """A GGUF vocabulary that is neither byte-level nor SentencePiece BPE (T5's unigram) is refused."""
+    path = tmp_path / "t5.gguf"
+    writer = gguf.GGUFWriter(str(path), "t5")
+    writer.add_tokenizer_model("t5")
+    writer.add_token_list(["<pad>", "</s>", "<unk>", "a"])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(CheckpointError, match="expected 'gpt2'.*found 'llama'") as err:
+    with pytest.raises(CheckpointError, match="expected 'gpt2' .* or 'llama' .*, found 't5'") as err:
         load_tokenizer(path)
     assert str(path) in str(err.value)
 

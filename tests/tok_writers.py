@@ -11,6 +11,12 @@ Not a test module: test files import these helpers.
   write_gguf(path, ...)    the same vocabulary as GGUF fields, the way llama.cpp's converter writes them
                            (tokens in id order, CONTROL / USER_DEFINED / NORMAL types, merges as "a b",
                            tokenizer.ggml.pre, BOS/EOS ids, add_bos, chat templates)
+  train_sentencepiece()    a SentencePiece BPE model (the sentencepiece package) trained like Llama 2's and
+                           Mistral 7B's, with Mistral v0.3's control tokens: the reference "tokenizer.model"
+  mistral_config(proto)    its tokenizer_config.json as Mistral-7B-Instruct-v0.3's repository has it
+  write_sentencepiece_hf_dir / write_sentencepiece_gguf
+                           tokenizer.model + tokenizer_config.json, and the GGUF llama.cpp's converter makes of
+                           them (tokenizer.ggml.model "llama": tokens, scores, types, BOS/EOS/UNK, add_bos/add_eos)
 
 The corpus mixes English prose (tests/data's novel), code, numbers, CJK, accents, emoji and whitespace runs,
 so that merges across every kind of split exist and a wrong split shows as different ids.
@@ -184,3 +190,124 @@ def write_gguf(path: Path, tok: tokenizers.Tokenizer, pre: str, bos: str | None,
         write()
     writer.close()
     return path
+
+
+# ------------------------------------------------------------------------------------- SentencePiece (Mistral 7B)
+
+# Mistral-7B-Instruct-v0.3's tokenizer.model: <unk> <s> </s>, its control tokens, then [control_N] ones (to 768
+# there; a few here), then the bytes and the pieces.
+MISTRAL_V3_CONTROL = ("[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]",
+                      "[/TOOL_RESULTS]", *(f"[control_{i}]" for i in range(8, 12)))
+
+
+@functools.cache
+def train_sentencepiece(vocab_size: int = 1200, **options) -> bytes:
+    """A serialized SentencePiece model trained on the corpus the way Llama 2's and Mistral 7B's were: BPE, byte
+    fallback, single digits, no normalization, whitespace kept (runs as pieces), a "▁" prefix; Mistral v0.3's
+    control tokens after <unk> <s> </s>. ``options``: other SentencePieceTrainer options (model_type,
+    byte_fallback, add_dummy_prefix, user_defined_symbols as a tuple, ...)."""
+    import io
+
+    import sentencepiece
+
+    out = io.BytesIO()
+    settings = dict(model_type="bpe", byte_fallback=True, split_digits=True, normalization_rule_name="identity",
+                    remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, add_dummy_prefix=True,
+                    control_symbols=list(MISTRAL_V3_CONTROL), max_sentence_length=1 << 16, minloglevel=2,
+                    num_threads=1)
+    options = {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}  # tuples: cache keys
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(_corpus()), model_writer=out,
+                                             vocab_size=vocab_size, **{**settings, **options})
+    return out.getvalue()
+
+
+def mistral_config(proto: bytes, **overrides) -> dict:
+    """tokenizer_config.json as Mistral-7B-Instruct-v0.3 ships it: BOS/EOS/UNK, add_bos, not legacy, its
+    control pieces (and <unk> <s> </s>) listed special in added_tokens_decoder; then ``overrides`` (a
+    chat_template)."""
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_proto=proto)
+    added = {str(i): {"content": sp.id_to_piece(i), "lstrip": False, "normalized": False, "rstrip": False,
+                      "single_word": False, "special": True}
+             for i in range(sp.get_piece_size()) if sp.is_control(i) or sp.is_unknown(i)}
+    config = {"add_bos_token": True, "add_eos_token": False, "added_tokens_decoder": added, "bos_token": "<s>",
+              "eos_token": "</s>", "unk_token": "<unk>", "legacy": False, "tokenizer_class": "LlamaTokenizer",
+              "clean_up_tokenization_spaces": False, "spaces_between_special_tokens": False}
+    return {**config, **overrides}
+
+
+def write_sentencepiece_hf_dir(directory: Path, proto: bytes, config: dict) -> Path:
+    """tokenizer.model and tokenizer_config.json, as a SentencePiece model's HF repository holds them."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "tokenizer.model").write_bytes(proto)
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+    return directory
+
+
+def sentencepiece_vocab(proto: bytes, config: dict) -> tuple[list[str], list[float], list[int]]:
+    """Tokens, scores and types as llama.cpp's converter reads a tokenizer.model (convert_hf_to_gguf.py,
+    _create_vocab_sentencepiece): UNKNOWN, CONTROL, UNUSED, BYTE or else NORMAL (a user-defined piece too);
+    then tokenizer_config.json's added_tokens_decoder: CONTROL where special or looking special, else
+    USER_DEFINED with "▁" as spaces, each scored -1000."""
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_proto=proto)
+    tokens, scores, types = [], [], []
+    for i in range(sp.get_piece_size()):
+        kind = gguf.TokenType.NORMAL
+        for test, token_type in ((sp.is_unknown, gguf.TokenType.UNKNOWN), (sp.is_control, gguf.TokenType.CONTROL),
+                                 (sp.is_unused, gguf.TokenType.UNUSED), (sp.is_byte, gguf.TokenType.BYTE)):
+            if test(i):
+                kind = token_type
+                break
+        tokens.append(sp.id_to_piece(i))
+        scores.append(sp.get_score(i))
+        types.append(kind)
+    for key, entry in config.get("added_tokens_decoder", {}).items():
+        i, token = int(key), entry["content"]
+        if entry.get("special") or _looks_special(token):
+            types[i] = gguf.TokenType.CONTROL
+        else:
+            token, types[i] = token.replace("\u2581", " "), gguf.TokenType.USER_DEFINED
+        tokens[i], scores[i] = token, -1000.0
+    return tokens, scores, types
+
+
+def write_sentencepiece_gguf(path: Path, proto: bytes, config: dict, templates: dict[str, str] | None = None,
+                             add_space_prefix: bool | None = None) -> Path:
+    """A GGUF holding only the vocabulary (``add_sentencepiece_vocab``)."""
+    writer = gguf.GGUFWriter(str(path), "llama")
+    add_sentencepiece_vocab(writer, proto, config, templates, add_space_prefix)
+    for write in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file):
+        write()
+    writer.close()
+    return path
+
+
+def add_sentencepiece_vocab(writer: gguf.GGUFWriter, proto: bytes, config: dict,
+                            templates: dict[str, str] | None = None, add_space_prefix: bool | None = None) -> None:
+    """The vocabulary as llama.cpp's converter writes a SentencePiece one (_set_vocab_sentencepiece):
+    tokenizer.ggml.model "llama", pre "default", tokens, scores and types, then what gguf.SpecialVocab reads from
+    tokenizer_config.json: BOS/EOS/UNK ids, add_bos/add_eos, the chat template (``templates``: named ones
+    instead); tokenizer.ggml.add_space_prefix if given."""
+    tokens, scores, types = sentencepiece_vocab(proto, config)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    for key, add in (("bos_token", writer.add_bos_token_id), ("eos_token", writer.add_eos_token_id),
+                     ("unk_token", writer.add_unk_token_id)):
+        if config.get(key) is not None:
+            add(tokens.index(config[key]))
+    for key, add in (("add_bos_token", writer.add_add_bos_token), ("add_eos_token", writer.add_add_eos_token)):
+        if key in config:
+            add(config[key])
+    if add_space_prefix is not None:
+        writer.add_add_space_prefix(add_space_prefix)
+    if templates is None and isinstance(config.get("chat_template"), str):
+        templates = {"default": config["chat_template"]}
+    for name, template in (templates or {}).items():
+        writer.add_key_value(f"tokenizer.chat_template{'' if name == 'default' else '.' + name}", template,
+                             gguf.GGUFValueType.STRING)
