@@ -51,6 +51,18 @@ def run_launch(*args: str, check: bool = True, env: dict | None = None, timeout:
     return proc
 
 
+def scrape_metrics(url: str) -> dict[str, float]:
+    """The unlabelled samples of a server's Prometheus text at ``url``/metrics, by name."""
+    import httpx
+
+    out = {}
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        if line and not line.startswith("#") and "{" not in line:
+            k, v = line.split()
+            out[k] = float(v)
+    return out
+
+
 def assert_user_error(proc, *needles) -> None:
     """A bad input's contract: exit code 2, one 'error:' line naming each needle, no traceback."""
     assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)

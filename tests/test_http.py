@@ -49,7 +49,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import ROOT, run_launch
+from conftest import ROOT, run_launch, scrape_metrics
 
 from runtime.engine.config import PrefillConfig, SamplingConfig
 from runtime.engine.generate import Generator
@@ -215,12 +215,7 @@ class Served:
         self.model = self.client.models.list().data[0].id
 
     def metrics(self) -> dict[str, float]:
-        out = {}
-        for line in httpx.get(f"{self.url}/metrics", timeout=30).text.splitlines():
-            if line and not line.startswith("#") and "{" not in line:
-                k, v = line.split()
-                out[k] = float(v)
-        return out
+        return scrape_metrics(self.url)
 
 
 def _port_closed(url: str) -> bool:

@@ -34,7 +34,7 @@ import time
 
 import httpx
 import pytest
-from conftest import ROOT, assert_user_error, run_launch
+from conftest import ROOT, assert_user_error, run_launch, scrape_metrics
 
 from runtime.engine.config import SamplingConfig
 from runtime.engine.generate import Generator
@@ -134,12 +134,7 @@ class Serve:
         self.model = self.client.models.list().data[0].id
 
     def metrics(self) -> dict[str, float]:
-        out = {}
-        for line in httpx.get(f"{self.url}/metrics", timeout=30).text.splitlines():
-            if line and not line.startswith("#") and "{" not in line:
-                k, v = line.split()
-                out[k] = float(v)
-        return out
+        return scrape_metrics(self.url)
 
 
 @pytest.fixture(scope="module")
