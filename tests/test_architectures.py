@@ -115,7 +115,7 @@ def test_transformers_reads_the_gguf_conversion_alike(built, name, tmp_path):
     assert (hf_logits(theirs, [PROMPT]) - hf_logits(model, [PROMPT])).abs().max().item() <= TOL
 
 
-MODES = {"preload": dict(mode="preload"), "stream": dict(mode="stream", prefetch_distance=2),
+MODES = {"preload": dict(mode="preload"), "stream": dict(mode="stream", gpu_cached_layers=0, prefetch_distance=2),
          "mixed": dict(mode="mixed", dram_gb=0.0004, prefetch_distance=2),
          "mixed-kv-offload": dict(mode="mixed", gpu_cached_layers=1, cpu_cache_layers=0, kv_offload="on")}
 
@@ -210,7 +210,7 @@ def test_kept_gguf_blocks_of_rotated_rows(built, name, tmp_path):
     assert tokens == hf_greedy(theirs, PROMPT, NEW)
 
 
-GPU_MODES = {"full": None, "stream": dict(mode="stream", prefetch_distance=2),
+GPU_MODES = {"full": None, "stream": dict(mode="stream", gpu_cached_layers=0, prefetch_distance=2),
              "mixed": dict(mode="mixed", gpu_cached_layers=1, cpu_cache_layers=0, prefetch_distance=2)}
 
 
