@@ -20,7 +20,7 @@ import torch
 from model.errors import ConfigError
 from model.groups import group_names, group_tensor_shapes, host_layer_count
 from model.quant import warm_up as warm_up_quant
-from model.transformer import DictSource, Rope, RowQueries, TreeQueries, forward_groups
+from model.transformer import DictSource, Queries, Rope, RowQueries, TreeQueries, forward_groups
 from runtime.engine.batching import chunk_per_sequence, kv_device_rows, prefill_passes, sequences_per_pass
 from runtime.engine.config import EngineConfig, KVConfig, PrefillConfig, SamplingConfig
 from runtime.engine.kv import KVCache, TieredKVCache
@@ -56,6 +56,12 @@ class GenerationResult:
                 "decode_tokens": decode_steps,
                 "decode_tok_s": decode_steps / (self.decode_ms / 1e3) if self.decode_ms > 0 else None,
                 "e2e_ms": self.prefill_ms + self.decode_ms, "token_ms": self.token_ms}
+
+
+def padding(pad: Sequence[int], device: torch.device) -> torch.Tensor | None:
+    """``Queries.pad`` of a left-padded batch whose sequence b has pad[b] leading slots without a token; None where
+    none has any (its passes then take the unmasked, plainly causal kernels)."""
+    return torch.tensor(pad, dtype=torch.long, device=device) if any(pad) else None
 
 
 def sample(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator) -> torch.Tensor:
@@ -107,8 +113,8 @@ def warm_up(args, dtype: torch.dtype, device: torch.device, tokens: int, formats
                       for k, shape in group_tensor_shapes(small, g).items()} for g in group_names(small)}
         rope, cache = Rope(small, tokens + 1, device), KVCache(small, 1, tokens + 1, dtype, device)
         ids = torch.zeros((1, tokens), dtype=torch.long, device=device)
-        forward_groups(ids, 0, small, DictSource(groups), rope, cache, last_only=True)
-        forward_groups(ids[:, :1], tokens, small, DictSource(groups), rope, cache, last_only=True)
+        forward_groups(ids, Queries(0), small, DictSource(groups), rope, cache, last_only=True)
+        forward_groups(ids[:, :1], Queries(tokens), small, DictSource(groups), rope, cache, last_only=True)
         torch.cuda.current_stream(device).synchronize()
 
 
@@ -200,17 +206,19 @@ class Generator:
         return attended / total if total else None
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, start: int, cache: KVCache, last_only: bool = False) -> torch.Tensor:
-        """tokens (B, S) -> logits (B, S, vocab) fp32 (or the last position's, (B, 1, vocab)), prefilling in
-        chunks of ``prefill.chunk`` tokens per weight pass (per sequence: prefill.chunk / B, at least 16)."""
+    def forward(self, tokens: torch.Tensor, start: int, cache: KVCache, last_only: bool = False,
+                pad: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, S) at slots [start, start+S) -> logits (B, S, vocab) fp32 (or the last position's, (B, 1,
+        vocab)), prefilling in chunks of ``prefill.chunk`` tokens per weight pass (per sequence: prefill.chunk / B,
+        at least 16). ``pad``: a left-padded batch's (``padding``)."""
         outs, step = [], chunk_per_sequence(self.prefill.chunk, tokens.shape[0]) if tokens.shape[0] > 1 \
             else self.prefill.chunk
         if self.threads is not None:
             self.threads.refresh()
         for i in range(0, tokens.shape[1], step):  # with last_only no chunk computes every position's logits
             chunk = tokens[:, i:i + step]  # (B x chunk x vocab fp32: 1 GB for 4 x 512 x 128K, beyond the plan)
-            out = forward_groups(chunk, start + i, self.args, self.source, self.rope, cache, last_only=last_only,
-                                 parallel=self.parallel)
+            out = forward_groups(chunk, Queries(start + i, pad), self.args, self.source, self.rope, cache,
+                                 last_only=last_only, parallel=self.parallel)
             if last_only:  # the latest chunk's only: B x vocab fp32 a chunk piled up to 0.5 GB (batch 32, 32
                 outs.clear()  # chunks), beyond the plan
             outs.append(out)
@@ -229,8 +237,9 @@ class Generator:
         per = sequences_per_pass(self.prefill.chunk, b, s)
         outs = []
         for b0 in range(0, b, per):
-            sub = cache.sub_batch(b0, min(b0 + per, b), pad[b0:b0 + per], s)
-            outs.append(self.forward(tokens[b0:b0 + per], 0, sub, last_only=True))
+            sub = cache.sub_batch(b0, min(b0 + per, b), s)
+            outs.append(self.forward(tokens[b0:b0 + per], 0, sub, last_only=True,
+                                     pad=padding(pad[b0:b0 + per], tokens.device)))
             cache.absorb(sub)
         return torch.cat(outs, dim=0)
 
@@ -250,7 +259,7 @@ class Generator:
             if cache.device_rows < b or (by is not False and across > 1 and (by or whole <= across)):
                 self.prefilled_by_sequence = True
                 return self.forward_by_sequence(tokens, cache, pad)
-        return self.forward(tokens, 0, cache, last_only=True)
+        return self.forward(tokens, 0, cache, last_only=True, pad=padding(pad, tokens.device))
 
     def _sync(self) -> None:
         if self.source.device.type == "cuda":
@@ -263,11 +272,8 @@ class Generator:
         None: a plain causal chunk) -> logits (1, S, vocab) fp32, every node's (runtime/engine/speculative.py)."""
         if self.threads is not None:
             self.threads.refresh()
-        cache.tree = tree
-        try:
-            return forward_groups(tokens, start, self.args, self.source, self.rope, cache, parallel=self.parallel)
-        finally:
-            cache.tree = None
+        return forward_groups(tokens, Queries(start, tree=tree), self.args, self.source, self.rope, cache,
+                              parallel=self.parallel)
 
     @torch.inference_mode()
     def forward_rows(self, tokens: torch.Tensor, cache: KVCache, rows: RowQueries,
@@ -278,13 +284,10 @@ class Generator:
         token tree's nodes, a prompt whose tokens' log-probabilities were asked for."""
         if self.threads is not None:
             self.threads.refresh()
-        cache.rows = rows
-        try:
-            if select is not None:
-                return forward_groups(tokens, 0, self.args, self.source, self.rope, cache, select=select)[0]
-            return forward_groups(tokens, 0, self.args, self.source, self.rope, cache, last_only=True)[:, -1]
-        finally:
-            cache.rows = None
+        queries = Queries(rows=rows)
+        if select is not None:
+            return forward_groups(tokens, queries, self.args, self.source, self.rope, cache, select=select)[0]
+        return forward_groups(tokens, queries, self.args, self.source, self.rope, cache, last_only=True)[:, -1]
 
     def check_request(self, prompt: Sequence[int], max_new_tokens: int) -> None:
         if not prompt:
@@ -364,8 +367,8 @@ class Generator:
         gen = torch.Generator().manual_seed(cfg.seed)
         cache = self.new_cache(len(prompts))
         pad = [longest - len(p) for p in prompts]
-        cache.set_padding(pad)
         dev = self.source.device
+        pad_t = padding(pad, dev)
         t0 = time.perf_counter()
         tokens = torch.tensor([[0] * n + list(p) for n, p in zip(pad, prompts)], dtype=torch.long, device=dev)
         toks = sample(self._prefill(tokens, cache, pad)[:, -1], cfg, gen).tolist()
@@ -388,7 +391,7 @@ class Generator:
                 break
             t1 = time.perf_counter()
             nxt = torch.tensor(toks, dtype=torch.long, device=dev).view(-1, 1)
-            toks = sample(self.forward(nxt, pos, cache, last_only=True)[:, -1], cfg, gen).tolist()
+            toks = sample(self.forward(nxt, pos, cache, last_only=True, pad=pad_t)[:, -1], cfg, gen).tolist()
             token_ms.append((time.perf_counter() - t1) * 1e3)
             pos += 1
         for r in results:
