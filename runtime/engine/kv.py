@@ -4,10 +4,12 @@
 ``KVCache`` keeps each layer's keys and values on the compute device, in blocks of ``block_tokens`` slots,
 and chooses the attention path for each call: the plainly causal flash kernel for a first prefill chunk, a
 masked one (folded over grouped KV heads) for later chunks and left-padded batches, and with ``topk_blk``
-decode attention over the best-scoring blocks only (Quest). ``TieredKVCache`` keeps the cache in DRAM
-(registered with CUDA) and copies each layer's blocks to one of two device buffers around its attention
-(runtime/engine/copy2d.py: one 2-D DMA per copy); with host attention some layers' decode attention runs on
-the CPU where the cache lives (FlexGen). docs/DESIGN.md, "The KV cache", has the costs. Runs in the client.
+decode attention over the best-scoring blocks only (Quest); a decode step at static shapes (``DecodeStep``,
+which runtime/engine/graphs.py replays from CUDA graphs) writes and attends by device tensors only.
+``TieredKVCache`` keeps the cache in DRAM (registered with CUDA) and copies each layer's blocks to one of two
+device buffers around its attention (runtime/engine/copy2d.py: one 2-D DMA per copy); with host attention some
+layers' decode attention runs on the CPU where the cache lives (FlexGen). docs/DESIGN.md, "The KV cache", has
+the costs. Runs in the client.
 """
 
 from __future__ import annotations
@@ -44,6 +46,28 @@ class TreeRowQueries(RowQueries):
     """RowQueries with token trees in some rows (``RowTree``)."""
 
     trees: tuple[RowTree, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeStep(RowQueries):
+    """A decode step at static shapes, as a CUDA graph replays it (runtime/engine/graphs.py): the RowQueries of one
+    query per sequence, every one at the cache slot the device tensor ``slot`` (1,) int64 holds (``slots`` and
+    ``visible`` are it, expanded), so that no Python number of the pass changes from step to step. It attends to
+    the cache's first ``end`` slots (the step's KV-length bucket; ``lo``, ``hi``: 0 and ``end``), of which
+    ``mask`` (B, 1, 1, end) bool marks [pad[b], slot]: a left-padded batch's padding is masked, its rotary
+    positions are slot - pad[b]. ``KVCache.attend_step`` attends it."""
+
+    slot: torch.Tensor
+    mask: torch.Tensor
+
+    @classmethod
+    def at(cls, slot: torch.Tensor, pad: torch.Tensor, keys: int) -> DecodeStep:
+        """The step at ``slot`` (1,) of the sequences left-padded by ``pad`` (B,) over ``keys`` slots: built on the
+        device from the two tensors (in a captured graph, at every replay)."""
+        k = torch.arange(keys, device=slot.device)
+        mask = ((k <= slot) & (k >= pad.view(-1, 1))).view(-1, 1, 1, keys)  # (B, 1, 1, L)
+        at = slot.expand(pad.shape[0], 1)  # (B, 1)
+        return cls((slot - pad).view(-1, 1), at, at, keys, 0, keys, slot, mask)
 
 
 class KVCache:
@@ -98,6 +122,8 @@ class KVCache:
         hd) of the queries laid out as ``queries`` says (plain: at slots [start, start+S)), rotated: writes k and v
         into the cache and returns the attention output (B, S, n_heads x hd), by the path this cache and call
         choose (module docstring)."""
+        if isinstance(queries.rows, DecodeStep):
+            return self.attend_step(layer, q, k, v, queries.rows)
         b, s = q.shape[:2]
         start, pad, rows = queries.start, queries.pad, queries.rows
         on_host = s == 1 and queries.tree is None and rows is None and self.attends_on_host(layer)  # CPU attention
@@ -139,6 +165,23 @@ class KVCache:
             _sync(q.device)
             self.attn_ms += (time.perf_counter() - t0) * 1e3
         return out.transpose(1, 2).reshape(b, s, -1)  # (B, S, n_heads x hd)
+
+    def attend_step(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    step: DecodeStep) -> torch.Tensor:
+        """``attend`` for a decode step at static shapes (``DecodeStep``, runtime/engine/graphs.py), where a CUDA
+        graph may replay it: k and v written at the slot the device tensor holds (index_copy_), then attention
+        over the step's first ``end`` slots under its mask. Nothing here synchronises, takes a Python number from
+        the device or keeps state between calls (no mask_for memo); so exact attention on the device cache only
+        (no top-k blocks)."""
+        if self.topk_blk is not None:
+            raise ValueError("a static decode step attends exactly: not with --topk-blk")
+        b, n = q.shape[0], step.end
+        ck, cv = self.acquire(layer)
+        ck[:b].index_copy_(1, step.slot, k.to(ck.dtype))
+        cv[:b].index_copy_(1, step.slot, v.to(cv.dtype))
+        keys, values = ck[:b, :n].transpose(1, 2), cv[:b, :n].transpose(1, 2)  # (B, n_kv, L, hd)
+        out = _folded_gqa_attention(q.transpose(1, 2), keys, values, step.mask)
+        return out.transpose(1, 2).reshape(b, 1, -1)  # (B, 1, n_heads x hd)
 
     def nbytes(self) -> int:
         return 2 * self.n_layers * math.prod(self.shape) * self.dtype.itemsize
@@ -351,6 +394,10 @@ class TieredKVCache(KVCache):
 
     def attends_on_host(self, layer: int) -> bool:
         return layer in self.host_layers
+
+    def attend_step(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    step: DecodeStep) -> torch.Tensor:
+        raise ValueError("a static decode step needs the whole KV cache on the device, not offloaded")
 
     @property
     def host_bytes(self) -> int:
