@@ -13,10 +13,11 @@ Rotary embeddings follow Meta's layout: q/k features are interleaved (re, im) pa
 in rotate-half order (Hugging Face's, Qwen's GGUFs) un-permute those rows so that every image holds Meta's
 layout.
 
-Attention meets the KV cache through one seam, ``cache.attend(layer, q, k, v, start)`` (as gpt-fast's
+Attention meets the KV cache through one seam, ``cache.attend(layer, q, k, v, queries)`` (as gpt-fast's
 ``kv_cache.update``): the cache stores the new keys and values and chooses how to attend (the runtime's cache,
 runtime/engine/kv.py, keeps them on the GPU or in DRAM and attends there or on the CPU). Nothing here knows
-where the cache lives.
+where the cache lives. ``queries`` (``Queries``) is the pass's attention layout, built once per forward by its
+caller and carried by the ``Pass``: where the queries sit, which keys each sees, at which rotary positions.
 """
 
 from __future__ import annotations
@@ -41,15 +42,13 @@ Weights = Mapping[str, "torch.Tensor | QuantWeight"]
 
 
 class Cache(Protocol):
-    """What attention needs of a KV cache (runtime/engine/kv.py implements it): the padding of a left-padded
-    batch, and ``attend``, which stores k and v at slots [start, start+S) and returns the attention output."""
+    """What attention needs of a KV cache (runtime/engine/kv.py implements it): ``attend``, which stores k and v
+    at the queries' slots and returns the attention output."""
 
-    pad: torch.Tensor | None  # (B,) leading slots of each sequence that hold no token, or None
-    tree: TreeQueries | None  # the queries are nodes of a token tree (speculative decoding), or None
-    rows: RowQueries | None  # each sequence's queries at its own slots (continuous batching), or None
-
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               queries: Queries) -> torch.Tensor:
         """q (B, S, n_heads, hd), k and v (B, S, n_kv, hd), rotated -> (B, S, n_heads * hd)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class TreeQueries:
@@ -79,6 +78,27 @@ class RowQueries:
     end: int
     lo: int
     hi: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Queries:
+    """The attention layout of one forward pass, built once by its caller (runtime/engine/generate.py) and passed
+    to every layer's attention (``Pass.queries``, ``Cache.attend``). Plain: the queries of every sequence sit
+    at slots [start, start+S), each seeing the slots up to its own; ``pad`` (B,) int64 on the cache's device: a
+    left-padded batch, whose sequence b holds no token in its first pad[b] slots (its attention masks them, its
+    positions start at 0 at slot pad[b]). Or the queries are a token tree's nodes (``tree``, from slot
+    ``start``) or a continuous batch's rows (``rows``; ``start`` 0)."""
+
+    start: int = 0
+    pad: torch.Tensor | None = None
+    tree: TreeQueries | None = None
+    rows: RowQueries | None = None
+
+    @property
+    def positions(self) -> torch.Tensor | None:
+        """The queries' own rotary positions where they are not their slots' (a tree's, a continuous batch's)."""
+        return self.tree.positions if self.tree is not None else self.rows.positions if self.rows is not None \
+            else None
 
 
 # ---- numerics ----------------------------------------------------------------------------------------
@@ -159,12 +179,12 @@ class Rope:
 @dataclasses.dataclass(frozen=True)
 class Pass:
     """What every group of one forward pass shares: the model's arguments, the rotary tables, the KV cache, the
-    cache position of the pass's first query, and a tensor-parallel rank's all-reduce (None: one process)."""
+    pass's attention layout (``Queries``), and a tensor-parallel rank's all-reduce (None: one process)."""
 
     args: ModelArgs
     rope: Rope
     cache: Cache
-    start: int
+    queries: Queries
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def out(self, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
@@ -196,9 +216,9 @@ def embed_forward(tokens: torch.Tensor, w: Weights, dtype: torch.dtype | None = 
 
 
 def attention_forward(h: torch.Tensor, w: Weights, p: Pass, layer: int) -> torch.Tensor:
-    """h (B, S, dim) -> h + Attention(RMSNorm(h)), with the queries at cache positions [p.start, p.start+S).
+    """h (B, S, dim) -> h + Attention(RMSNorm(h)), the queries where ``p.queries`` puts them.
     Qwen2's q/k/v biases and Qwen3's per-head q/k RMSNorm where the arguments have them."""
-    args, cache = p.args, p.cache
+    args, qs = p.args, p.queries
     b, s, _ = h.shape
     x = rms_norm(h, w["attention_norm.weight"], args.norm_eps)
     bias = args.qkv_bias
@@ -211,10 +231,9 @@ def attention_forward(h: torch.Tensor, w: Weights, p: Pass, layer: int) -> torch
     if args.qk_norm:  # over each head's features, before the rotation
         q = rms_norm(q, w["attention.q_norm.weight"], args.norm_eps)
         k = rms_norm(k, w["attention.k_norm.weight"], args.norm_eps)
-    rows = getattr(cache, "rows", None)
-    pos = cache.tree.positions if cache.tree is not None else rows.positions if rows is not None else None
-    q, k = p.rope.apply(q, p.start, cache.pad, pos), p.rope.apply(k, p.start, cache.pad, pos)
-    out = cache.attend(layer, q, k, v, p.start)  # (B, S, n_heads * hd): the cache writes k, v and picks the kernel
+    pos = qs.positions
+    q, k = p.rope.apply(q, qs.start, qs.pad, pos), p.rope.apply(k, qs.start, qs.pad, pos)
+    out = p.cache.attend(layer, q, k, v, qs)  # (B, S, n_heads * hd): the cache writes k, v and picks the kernel
     return p.out(h, linear(out, w["attention.wo.weight"]))
 
 
@@ -289,11 +308,12 @@ def layer_passes(args: ModelArgs) -> tuple[tuple[str, Callable, int], ...]:
     return tuple((layer_group(i, k.name), FORWARDS[k.forward], i) for i in range(args.n_layers) for k in kinds)
 
 
-def forward_groups(tokens: torch.Tensor, start: int, args: ModelArgs, source, rope: Rope, cache: Cache,
+def forward_groups(tokens: torch.Tensor, queries: Queries, args: ModelArgs, source, rope: Rope, cache: Cache,
                    last_only: bool = False, parallel: Parallel | None = None,
                    select: torch.Tensor | None = None) -> torch.Tensor:
-    """One forward pass -> logits (B, S, vocab), or (B, 1, vocab) for the last position with ``last_only``, or
-    (1, N, vocab) for the positions ``select`` (N,) of the flattened (B x S) pass.
+    """One forward pass of tokens (B, S), laid out in the cache as ``queries`` says -> logits (B, S, vocab), or
+    (B, 1, vocab) for the last position with ``last_only``, or (1, N, vocab) for the positions ``select`` (N,)
+    of the flattened (B x S) pass.
 
     The weight-source contract: ``source.embed(tokens)`` does the lookup; ``source.get(group)`` is called in
     the pass order (runtime/engine/placement.py ``pass_sequence``) and the weights it returns are valid only until
@@ -310,7 +330,7 @@ def forward_groups(tokens: torch.Tensor, start: int, args: ModelArgs, source, ro
     h = source.embed(tokens)
     if red is not None:
         h = red(h)  # each rank looked up its own vocabulary rows (the others zero)
-    p = Pass(args, rope, cache, start, red)
+    p = Pass(args, rope, cache, queries, red)
     for group, fwd, layer in layer_passes(args):
         h = fwd(h, source.get(group), p, layer)
     if last_only:

@@ -11,7 +11,7 @@ import torch
 from conftest import assert_user_error, pack_tiny, run_launch
 
 from runtime.engine.config import EngineConfig, PrefillConfig
-from runtime.engine.generate import Generator, SamplingConfig
+from runtime.engine.generate import Generator, SamplingConfig, padding
 from runtime.engine.source import open_source
 from runtime.engine.weights import InMemoryWeights
 from runtime.format.image import Image
@@ -49,9 +49,8 @@ def test_batch_logits_match_solo(tiny):
     gen = Generator(InMemoryWeights(tiny, "cpu", quiet=True), 16)
     longest = max(len(p) for p in PROMPTS)
     cache = gen.new_cache(len(PROMPTS))
-    cache.set_padding([longest - len(p) for p in PROMPTS])
     x = torch.tensor([[0] * (longest - len(p)) + p for p in PROMPTS])
-    out = gen.forward(x, 0, cache, last_only=True)[:, -1]
+    out = gen.forward(x, 0, cache, last_only=True, pad=padding([longest - len(p) for p in PROMPTS], "cpu"))[:, -1]
     for i, p in enumerate(PROMPTS):
         ref = gen.forward(torch.tensor([p]), 0, gen.new_cache(1), last_only=True)[0, -1]
         assert (out[i] - ref).abs().max().item() <= 1e-4

@@ -29,7 +29,7 @@ from ckpt_writers import HF_SCALING, hf_reference_logits, shard_dim, write_gguf,
 from model.args import ModelArgs
 from model.checkpoint import GGUFCheckpoint, HFCheckpoint, MetaCheckpoint, open_checkpoint
 from model.errors import CheckpointError, ConfigError
-from model.transformer import DictSource, Rope, forward_groups, state_dict_groups
+from model.transformer import DictSource, Queries, Rope, forward_groups, state_dict_groups
 from runtime.engine.kv import KVCache
 
 TOL = 1e-4
@@ -46,7 +46,7 @@ def tokens_for(n: int, vocab: int, seed: int = 1) -> torch.Tensor:
 def build(args: ModelArgs, sd: dict[str, torch.Tensor]):
     """Our model over a full state dict, every key of the schema checked (strictly: none missing, none extra)."""
     source = DictSource(state_dict_groups(args, sd))
-    return lambda tokens, start, rope, cache: forward_groups(tokens, start, args, source, rope, cache)
+    return lambda tokens, start, rope, cache: forward_groups(tokens, Queries(start), args, source, rope, cache)
 
 
 def our_logprobs(args: ModelArgs, sd: dict[str, torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from model.synthetic import SyntheticCheckpoint
 from runtime.engine.batching import activation_bytes, chunk_per_sequence, kv_cache_bytes, kv_device_rows, prefill_passes
 from runtime.engine.config import EngineConfig, KVConfig, PrefillConfig
 from runtime.engine.copy2d import copy_rows
-from runtime.engine.generate import Generator, SamplingConfig
+from runtime.engine.generate import Generator, SamplingConfig, padding
 from runtime.engine.kv import TieredKVCache
 from runtime.engine.source import make_plan, open_source, plan_with_kv
 from runtime.engine.weights import InMemoryWeights
@@ -143,8 +143,8 @@ def test_device_buffers_of_one_pass_when_every_layer_is_on_the_host(six, tiny, m
     ref = outputs(Generator(src, 96, prefill=PrefillConfig(chunk=128)))
     subs = []
     real = TieredKVCache.sub_batch
-    monkeypatch.setattr(TieredKVCache, "sub_batch", lambda self, b0, b1, pad, length: subs.append(
-        (b1 - b0, self.device_rows)) or real(self, b0, b1, pad, length))
+    monkeypatch.setattr(TieredKVCache, "sub_batch", lambda self, b0, b1, length: subs.append(
+        (b1 - b0, self.device_rows)) or real(self, b0, b1, length))
     for max_len, by_sequence, rows, passes in ((96, None, 2, [(2, 2), (1, 2)]), (400, None, 1, [(2, 1), (1, 1)]),
                                                (96, False, 3, [])):
         subs.clear()
@@ -159,8 +159,7 @@ def test_device_buffers_of_one_pass_when_every_layer_is_on_the_host(six, tiny, m
     assert kv_device_rows(64, 2080, 8192, False, 80, 80) == 64 and kv_device_rows(64, 2080, 2048, None, 80, 80) == 1
     assert kv_device_rows(2, 2080, 8192, True, 80, 80) == 2 and kv_device_rows(64, 2080, 8192, True, 79, 80) == 64
     with pytest.raises(ValueError, match="device rows"):  # three 54-slot prompts do not fit one 96-slot row
-        TieredKVCache(six.args, 3, 96, torch.float32, "cpu", host_attention="all", device_rows=1).sub_batch(
-            0, 3, [0, 0, 0], 54)
+        TieredKVCache(six.args, 3, 96, torch.float32, "cpu", host_attention="all", device_rows=1).sub_batch(0, 3, 54)
     seen = []
     cfg = EngineConfig.of(mode="preload", gpu_mem_gb=1, kv_offload="on", host_attention="all", prefill_by_sequence=True,
                         prefill_chunk=256, quiet=True)
@@ -346,11 +345,10 @@ def first_decode_logits(gen: Generator, prompts: list[list[int]]) -> torch.Tenso
     """The logits (B, vocab) of the first decode step after a greedy prefill of the left-padded prompts."""
     cache, longest = gen.new_cache(len(prompts)), max(len(p) for p in prompts)
     pad = [longest - len(p) for p in prompts]
-    cache.set_padding(pad)
     dev = gen.source.device
     tokens = torch.tensor([[0] * (longest - len(p)) + p for p in prompts], dtype=torch.long, device=dev)
     nxt = gen._prefill(tokens, cache, pad)[:, -1].argmax(-1).view(-1, 1)
-    return gen.forward(nxt, longest, cache, last_only=True)[:, -1].float().cpu()
+    return gen.forward(nxt, longest, cache, last_only=True, pad=padding(pad, dev))[:, -1].float().cpu()
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -411,8 +409,8 @@ def test_gpu_kv_over_budget_offloads_and_matches(tmp_path, monkeypatch):
             # into which two short prompts are packed a pass
             subs = []
             real = TieredKVCache.sub_batch
-            monkeypatch.setattr(TieredKVCache, "sub_batch", lambda self, b0, b1, pad, length: subs.append(
-                (b1 - b0, self.device_rows)) or real(self, b0, b1, pad, length))
+            monkeypatch.setattr(TieredKVCache, "sub_batch", lambda self, b0, b1, length: subs.append(
+                (b1 - b0, self.device_rows)) or real(self, b0, b1, length))
             packed = Generator(src, max_len, KVConfig(host_attention=True), PrefillConfig(chunk=1024), offload=True)
             out_packed = [r.output_token_ids for r in packed.generate_batch(short, SamplingConfig(8))]
             packed_rows, packed = packed.cache.device_rows, None

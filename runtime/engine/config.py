@@ -7,7 +7,7 @@
       kv: KVConfig                 --kv-block-tokens, --kv-offload, --host-attention, --topk-blk
       prefill: PrefillConfig       --prefill-chunk, --[no-]prefill-by-sequence
       speculative: SpeculativeConfig  --draft, --draft-tokens
-      attach, trace, threads, quiet
+      attach, trace, threads, cuda_graphs, quiet
     SamplingConfig          --max-new-tokens, --temperature, --top-p, --seed (per request)
 
 Each part names the command-line flags it is made from (``FLAGS``: argparse dest -> field), so the CLI
@@ -231,7 +231,8 @@ PARTS = {"placement": PlacementConfig, "pool": PoolOptions, "kv": KVConfig, "pre
 class EngineConfig(FlagConfig):
     """Everything a run needs besides its prompts and sampling."""
 
-    FLAGS: ClassVar[dict[str, str]] = {"attach": "attach", "trace": "trace", "threads": "threads", "quiet": "quiet"}
+    FLAGS: ClassVar[dict[str, str]] = {"attach": "attach", "trace": "trace", "threads": "threads",
+                                       "cuda_graphs": "cuda_graphs", "quiet": "quiet"}
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     pool: PoolOptions = field(default_factory=PoolOptions)
     kv: KVConfig = field(default_factory=KVConfig)
@@ -240,10 +241,13 @@ class EngineConfig(FlagConfig):
     attach: str | None = None  # --attach NAME: the daemon pool NAME instead of a private pool
     trace: str | None = None  # --trace FILE: a Chrome trace of the run (engine/trace.py)
     threads: int | None = None  # CPU compute threads (None: the cores shared by the machine's runs)
+    cuda_graphs: str = "on"  # "on" | "off": decode steps replayed from CUDA graphs where weights are resident
     quiet: bool = False
 
     def __post_init__(self) -> None:
         _at_least("threads", self.threads, 1)
+        if self.cuda_graphs not in ("on", "off"):
+            raise ConfigError(f"--cuda-graphs must be on or off, found {self.cuda_graphs!r}")
         if self.attach is not None:
             p = self.placement
             fixed = {"--mode": p.mode != PlacementConfig.mode, "--dram-gb": p.dram_gb is not None,

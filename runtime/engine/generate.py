@@ -4,8 +4,9 @@ A *weight source* (runtime/engine/weights.py ``WeightSource``) supplies each gro
 (``source.get(group) -> {local name: tensor}``) on ``source.device`` in ``source.dtype``; the in-memory
 source is ``InMemoryWeights``, the streamed one ``runtime.engine.streamed.StreamedWeights``. Generation is
 the same code for every mode: prefill the prompt in chunks, then decode one token per forward pass,
-sampling with temperature / top-p from a seeded generator, stopping on the tokenizer's end tokens. Runs in
-the client (GPU) process.
+sampling with temperature / top-p from a seeded generator, stopping on the tokenizer's end tokens. Where every
+weight is resident on a CUDA device, the decode steps replay CUDA graphs (runtime/engine/graphs.py,
+``--cuda-graphs``). Runs in the client (GPU) process.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import torch
 from model.errors import ConfigError
 from model.groups import group_names, group_tensor_shapes, host_layer_count
 from model.quant import warm_up as warm_up_quant
-from model.transformer import DictSource, Rope, RowQueries, TreeQueries, forward_groups
+from model.transformer import DictSource, Queries, Rope, RowQueries, TreeQueries, forward_groups
 from runtime.engine.batching import chunk_per_sequence, kv_device_rows, prefill_passes, sequences_per_pass
 from runtime.engine.config import EngineConfig, KVConfig, PrefillConfig, SamplingConfig
+from runtime.engine.graphs import StaticDecode, applies
 from runtime.engine.kv import KVCache, TieredKVCache
 from runtime.engine.threads import ComputeThreads
 from runtime.engine.weights import WeightSource
@@ -56,6 +58,12 @@ class GenerationResult:
                 "decode_tokens": decode_steps,
                 "decode_tok_s": decode_steps / (self.decode_ms / 1e3) if self.decode_ms > 0 else None,
                 "e2e_ms": self.prefill_ms + self.decode_ms, "token_ms": self.token_ms}
+
+
+def padding(pad: Sequence[int], device: torch.device) -> torch.Tensor | None:
+    """``Queries.pad`` of a left-padded batch whose sequence b has pad[b] leading slots without a token; None where
+    none has any (its passes then take the unmasked, plainly causal kernels)."""
+    return torch.tensor(pad, dtype=torch.long, device=device) if any(pad) else None
 
 
 def sample(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator) -> torch.Tensor:
@@ -107,8 +115,8 @@ def warm_up(args, dtype: torch.dtype, device: torch.device, tokens: int, formats
                       for k, shape in group_tensor_shapes(small, g).items()} for g in group_names(small)}
         rope, cache = Rope(small, tokens + 1, device), KVCache(small, 1, tokens + 1, dtype, device)
         ids = torch.zeros((1, tokens), dtype=torch.long, device=device)
-        forward_groups(ids, 0, small, DictSource(groups), rope, cache, last_only=True)
-        forward_groups(ids[:, :1], tokens, small, DictSource(groups), rope, cache, last_only=True)
+        forward_groups(ids, Queries(0), small, DictSource(groups), rope, cache, last_only=True)
+        forward_groups(ids[:, :1], Queries(tokens), small, DictSource(groups), rope, cache, last_only=True)
         torch.cuda.current_stream(device).synchronize()
 
 
@@ -117,13 +125,16 @@ class Generator:
 
     def __init__(self, source: WeightSource, max_seq_len: int, kv: KVConfig | None = None,
                  prefill: PrefillConfig | None = None, offload: bool = False,
-                 threads: ComputeThreads | None = None, profile_attention: bool = False) -> None:
+                 threads: ComputeThreads | None = None, profile_attention: bool = False,
+                 cuda_graphs: bool = False) -> None:
         """``kv``: the KV cache's blocks, top-k decode attention and host attention (runtime/engine/kv.py);
         ``prefill``: prompt tokens per weight pass, and whether an offloaded batch goes whole prompts at a time
         (``_prefill``). ``offload``: the KV cache lives in DRAM, two layers at a time on the device
         (TieredKVCache), the plan's decision (runtime.engine.source.plan_with_kv); only then do the host-attention
         layers attend on the CPU. ``threads``: refreshed once a pass (the CPU's share of this run).
-        ``profile_attention``: time decode attention (``attn_time_ms``; synchronises)."""
+        ``profile_attention``: time decode attention (``attn_time_ms``; synchronises). ``cuda_graphs``: where
+        the source and cache allow (runtime.engine.graphs.applies), ``generate`` and ``generate_batch`` decode
+        by replaying CUDA graphs (``static``)."""
         self.kv, self.prefill, self.kv_offload = kv or KVConfig(), prefill or PrefillConfig(), offload
         # layers attended on the host; only an offloaded cache lives there
         self.host_layers = host_layer_count(self.kv.host_attention, source.args.n_layers) if offload else 0
@@ -141,6 +152,8 @@ class Generator:
         if source.device.type == "cuda":
             # cuDNN's attention builds a graph for every new key length: tens of ms per decode step.
             torch.backends.cuda.enable_cudnn_sdp(False)
+        # the decode steps at static shapes, or None: eager (a test may set one with capture=False)
+        self.static: StaticDecode | None = StaticDecode(self) if cuda_graphs and applies(self) else None
 
     def new_cache(self, batch: int = 1, slots: int | None = None) -> KVCache:
         """A cache of ``batch`` sequences of ``slots`` slots (default max_seq_len)."""
@@ -157,6 +170,21 @@ class Generator:
         cache.profile = self.profile_attention
         self.cache = cache
         return cache
+
+    def _request_cache(self, batch: int, static: StaticDecode | None, pad: torch.Tensor | None = None) -> KVCache:
+        """generate's and generate_batch's cache: a new one, or the static decode's, kept for the run (its graphs
+        hold its addresses; its counters stay 0: it is never offloaded nor profiled)."""
+        if static is None:
+            return self.new_cache(batch)
+        self._fold()
+        t0 = time.perf_counter()
+        self.cache = static.begin(batch, pad)
+        self.cache_alloc_ms = (time.perf_counter() - t0) * 1e3
+        return self.cache
+
+    def _static(self) -> StaticDecode | None:
+        """The static decode for this run's requests, or None (eager; a tensor-parallel rank's passes reduce)."""
+        return self.static if self.parallel is None else None
 
     def _counters(self, c: KVCache | None) -> dict:
         if c is None:
@@ -200,17 +228,19 @@ class Generator:
         return attended / total if total else None
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, start: int, cache: KVCache, last_only: bool = False) -> torch.Tensor:
-        """tokens (B, S) -> logits (B, S, vocab) fp32 (or the last position's, (B, 1, vocab)), prefilling in
-        chunks of ``prefill.chunk`` tokens per weight pass (per sequence: prefill.chunk / B, at least 16)."""
+    def forward(self, tokens: torch.Tensor, start: int, cache: KVCache, last_only: bool = False,
+                pad: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, S) at slots [start, start+S) -> logits (B, S, vocab) fp32 (or the last position's, (B, 1,
+        vocab)), prefilling in chunks of ``prefill.chunk`` tokens per weight pass (per sequence: prefill.chunk / B,
+        at least 16). ``pad``: a left-padded batch's (``padding``)."""
         outs, step = [], chunk_per_sequence(self.prefill.chunk, tokens.shape[0]) if tokens.shape[0] > 1 \
             else self.prefill.chunk
         if self.threads is not None:
             self.threads.refresh()
         for i in range(0, tokens.shape[1], step):  # with last_only no chunk computes every position's logits
             chunk = tokens[:, i:i + step]  # (B x chunk x vocab fp32: 1 GB for 4 x 512 x 128K, beyond the plan)
-            out = forward_groups(chunk, start + i, self.args, self.source, self.rope, cache, last_only=last_only,
-                                 parallel=self.parallel)
+            out = forward_groups(chunk, Queries(start + i, pad), self.args, self.source, self.rope, cache,
+                                 last_only=last_only, parallel=self.parallel)
             if last_only:  # the latest chunk's only: B x vocab fp32 a chunk piled up to 0.5 GB (batch 32, 32
                 outs.clear()  # chunks), beyond the plan
             outs.append(out)
@@ -229,8 +259,9 @@ class Generator:
         per = sequences_per_pass(self.prefill.chunk, b, s)
         outs = []
         for b0 in range(0, b, per):
-            sub = cache.sub_batch(b0, min(b0 + per, b), pad[b0:b0 + per], s)
-            outs.append(self.forward(tokens[b0:b0 + per], 0, sub, last_only=True))
+            sub = cache.sub_batch(b0, min(b0 + per, b), s)
+            outs.append(self.forward(tokens[b0:b0 + per], 0, sub, last_only=True,
+                                     pad=padding(pad[b0:b0 + per], tokens.device)))
             cache.absorb(sub)
         return torch.cat(outs, dim=0)
 
@@ -250,7 +281,7 @@ class Generator:
             if cache.device_rows < b or (by is not False and across > 1 and (by or whole <= across)):
                 self.prefilled_by_sequence = True
                 return self.forward_by_sequence(tokens, cache, pad)
-        return self.forward(tokens, 0, cache, last_only=True)
+        return self.forward(tokens, 0, cache, last_only=True, pad=padding(pad, tokens.device))
 
     def _sync(self) -> None:
         if self.source.device.type == "cuda":
@@ -263,11 +294,8 @@ class Generator:
         None: a plain causal chunk) -> logits (1, S, vocab) fp32, every node's (runtime/engine/speculative.py)."""
         if self.threads is not None:
             self.threads.refresh()
-        cache.tree = tree
-        try:
-            return forward_groups(tokens, start, self.args, self.source, self.rope, cache, parallel=self.parallel)
-        finally:
-            cache.tree = None
+        return forward_groups(tokens, Queries(start, tree=tree), self.args, self.source, self.rope, cache,
+                              parallel=self.parallel)
 
     @torch.inference_mode()
     def forward_rows(self, tokens: torch.Tensor, cache: KVCache, rows: RowQueries,
@@ -278,13 +306,10 @@ class Generator:
         token tree's nodes, a prompt whose tokens' log-probabilities were asked for."""
         if self.threads is not None:
             self.threads.refresh()
-        cache.rows = rows
-        try:
-            if select is not None:
-                return forward_groups(tokens, 0, self.args, self.source, self.rope, cache, select=select)[0]
-            return forward_groups(tokens, 0, self.args, self.source, self.rope, cache, last_only=True)[:, -1]
-        finally:
-            cache.rows = None
+        queries = Queries(rows=rows)
+        if select is not None:
+            return forward_groups(tokens, queries, self.args, self.source, self.rope, cache, select=select)[0]
+        return forward_groups(tokens, queries, self.args, self.source, self.rope, cache, last_only=True)[:, -1]
 
     def check_request(self, prompt: Sequence[int], max_new_tokens: int) -> None:
         if not prompt:
@@ -293,15 +318,16 @@ class Generator:
             raise ConfigError(f"prompt ({len(prompt)} tokens) + --max-new-tokens ({max_new_tokens}) exceeds "
                               f"--max-seq-len {self.max_seq_len}")
 
-    def prefill_one(self, prompt: Sequence[int], cfg: SamplingConfig) \
+    def prefill_one(self, prompt: Sequence[int], cfg: SamplingConfig, static: StaticDecode | None = None) \
             -> tuple[GenerationResult, torch.Generator, KVCache, int] | None:
-        """One sequence's request checked, its cache made, its prompt prefilled and its first token sampled:
-        (result so far, the request's seeded generator, the cache, the first token); None when it asks for no
-        token (``generate``, and runtime/engine/speculative.py's)."""
+        """One sequence's request checked, its cache made (``static``'s, when it decodes), its prompt prefilled and
+        its first token sampled: (result so far, the request's seeded generator, the cache, the first token); None
+        when it asks for no token (``generate``, and runtime/engine/speculative.py's)."""
         self.check_request(prompt, cfg.max_new_tokens)
         if cfg.max_new_tokens == 0:
             return None
-        res, gen, cache = GenerationResult(list(prompt), []), torch.Generator().manual_seed(cfg.seed), self.new_cache(1)
+        res, gen = GenerationResult(list(prompt), []), torch.Generator().manual_seed(cfg.seed)
+        cache = self._request_cache(1, static)
         t0 = time.perf_counter()
         tokens = torch.tensor([list(prompt)], dtype=torch.long, device=self.source.device)
         logits = self.forward(tokens, 0, cache, last_only=True)[:, -1]
@@ -311,11 +337,12 @@ class Generator:
 
     def generate(self, prompt: Sequence[int], cfg: SamplingConfig, stop_ids: frozenset[int] = frozenset(),
                  on_token: Callable[[int], None] | None = None) -> GenerationResult:
-        first = self.prefill_one(prompt, cfg)
+        static = self._static()
+        first = self.prefill_one(prompt, cfg, static)
         if first is None:
             return GenerationResult(list(prompt), [])
         res, gen, cache, tok = first
-        pos = len(prompt)
+        pos, chosen = len(prompt), None  # chosen: the latest token on the device, the static step's next input
         while True:
             res.output_token_ids.append(tok)
             if on_token:
@@ -326,8 +353,12 @@ class Generator:
             if len(res.output_token_ids) >= cfg.max_new_tokens:
                 break
             t1 = time.perf_counter()
-            nxt = torch.tensor([[tok]], dtype=torch.long, device=self.source.device)
-            tok = int(sample(self.forward(nxt, pos, cache, last_only=True)[:, -1], cfg, gen).item())
+            if static is None:
+                nxt = torch.tensor([[tok]], dtype=torch.long, device=self.source.device)
+                chosen = sample(self.forward(nxt, pos, cache, last_only=True)[:, -1], cfg, gen)
+            else:
+                chosen = sample(static.step([tok] if chosen is None else chosen, pos), cfg, gen)
+            tok = int(chosen.item())  # the step's one wait for the device
             res.token_ms.append((time.perf_counter() - t1) * 1e3)
             pos += 1
         res.decode_ms = sum(res.token_ms)
@@ -362,13 +393,14 @@ class Generator:
         if cfg.max_new_tokens == 0:
             return results
         gen = torch.Generator().manual_seed(cfg.seed)
-        cache = self.new_cache(len(prompts))
         pad = [longest - len(p) for p in prompts]
-        cache.set_padding(pad)
         dev = self.source.device
+        pad_t, static = padding(pad, dev), self._static()
+        cache = self._request_cache(len(prompts), static, pad_t)
         t0 = time.perf_counter()
         tokens = torch.tensor([[0] * n + list(p) for n, p in zip(pad, prompts)], dtype=torch.long, device=dev)
-        toks = sample(self._prefill(tokens, cache, pad)[:, -1], cfg, gen).tolist()
+        chosen = sample(self._prefill(tokens, cache, pad)[:, -1], cfg, gen)
+        toks = chosen.tolist()
         prefill_ms = (time.perf_counter() - t0) * 1e3
         live = [True] * len(prompts)
         pos, token_ms = longest, []
@@ -387,8 +419,12 @@ class Generator:
             if not any(live):
                 break
             t1 = time.perf_counter()
-            nxt = torch.tensor(toks, dtype=torch.long, device=dev).view(-1, 1)
-            toks = sample(self.forward(nxt, pos, cache, last_only=True)[:, -1], cfg, gen).tolist()
+            if static is None:
+                nxt = torch.tensor(toks, dtype=torch.long, device=dev).view(-1, 1)
+                chosen = sample(self.forward(nxt, pos, cache, last_only=True, pad=pad_t)[:, -1], cfg, gen)
+            else:
+                chosen = sample(static.step(chosen, pos), cfg, gen)
+            toks = chosen.tolist()  # the step's one wait for the device
             token_ms.append((time.perf_counter() - t1) * 1e3)
             pos += 1
         for r in results:
@@ -425,4 +461,5 @@ def generator_for(source: WeightSource, cfg: EngineConfig, max_len: int, **kw) -
     source, and the CPU's share of the cores when the run computes on them (runtime/engine/threads.py)."""
     if source.device.type == "cpu" or cfg.kv.host_attention:
         kw.setdefault("threads", ComputeThreads(cfg.threads, quiet=cfg.quiet))
+    kw.setdefault("cuda_graphs", cfg.cuda_graphs == "on")
     return Generator(source, max_len, cfg.kv, cfg.prefill, offload=source.kv_offload, **kw)

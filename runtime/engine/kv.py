@@ -1,13 +1,15 @@
 """The KV cache and where attention runs: the engine's side of model.transformer's one seam,
-``cache.attend(layer, q, k, v, start)``.
+``cache.attend(layer, q, k, v, queries)``.
 
 ``KVCache`` keeps each layer's keys and values on the compute device, in blocks of ``block_tokens`` slots,
 and chooses the attention path for each call: the plainly causal flash kernel for a first prefill chunk, a
 masked one (folded over grouped KV heads) for later chunks and left-padded batches, and with ``topk_blk``
-decode attention over the best-scoring blocks only (Quest). ``TieredKVCache`` keeps the cache in DRAM
-(registered with CUDA) and copies each layer's blocks to one of two device buffers around its attention
-(runtime/engine/copy2d.py: one 2-D DMA per copy); with host attention some layers' decode attention runs on
-the CPU where the cache lives (FlexGen). docs/DESIGN.md, "The KV cache", has the costs. Runs in the client.
+decode attention over the best-scoring blocks only (Quest); a decode step at static shapes (``DecodeStep``,
+which runtime/engine/graphs.py replays from CUDA graphs) writes and attends by device tensors only.
+``TieredKVCache`` keeps the cache in DRAM (registered with CUDA) and copies each layer's blocks to one of two
+device buffers around its attention (runtime/engine/copy2d.py: one 2-D DMA per copy); with host attention some
+layers' decode attention runs on the CPU where the cache lives (FlexGen). docs/DESIGN.md, "The KV cache", has
+the costs. Runs in the client.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 
 from model.args import ModelArgs
 from model.groups import host_layer_count, spread_layers
-from model.transformer import RowQueries, TreeQueries
+from model.transformer import Queries, RowQueries
 from runtime.engine.copy2d import copy_2d
 
 
@@ -46,15 +48,39 @@ class TreeRowQueries(RowQueries):
     trees: tuple[RowTree, ...] = ()
 
 
+@dataclasses.dataclass(frozen=True)
+class DecodeStep(RowQueries):
+    """A decode step at static shapes, as a CUDA graph replays it (runtime/engine/graphs.py): the RowQueries of one
+    query per sequence, every one at the cache slot the device tensor ``slot`` (1,) int64 holds (``slots`` and
+    ``visible`` are it, expanded), so that no Python number of the pass changes from step to step. It attends to
+    the cache's first ``end`` slots (the step's KV-length bucket; ``lo``, ``hi``: 0 and ``end``), of which
+    ``mask`` (B, 1, 1, end) bool marks [pad[b], slot]: a left-padded batch's padding is masked, its rotary
+    positions are slot - pad[b]. ``KVCache.attend_step`` attends it."""
+
+    slot: torch.Tensor
+    mask: torch.Tensor
+
+    @classmethod
+    def at(cls, slot: torch.Tensor, pad: torch.Tensor, keys: int) -> DecodeStep:
+        """The step at ``slot`` (1,) of the sequences left-padded by ``pad`` (B,) over ``keys`` slots: built on the
+        device from the two tensors (in a captured graph, at every replay)."""
+        k = torch.arange(keys, device=slot.device)
+        mask = ((k <= slot) & (k >= pad.view(-1, 1))).view(-1, 1, 1, keys)  # (B, 1, 1, L)
+        at = slot.expand(pad.shape[0], 1)  # (B, 1)
+        return cls((slot - pad).view(-1, 1), at, at, keys, 0, keys, slot, mask)
+
+
 class KVCache:
     """Per-layer key/value tensors (B, max_len, n_kv_heads, head_dim) on one device.
 
     ``attend`` takes a layer's tensors with ``acquire(layer)`` and hands them back with
-    ``release(layer, start, s)`` once it has written slots [start, start+s): a subclass keeps them elsewhere
-    between uses (``TieredKVCache``). The cache is cut into blocks of ``block_tokens`` slots; with
-    ``topk_blk`` set, a decode step attends only to the best-scoring blocks (``topk_blocks``), scored from
-    per-block per-channel key minima and maxima kept here (Quest); ``topk_blk`` None is exact attention.
-    ``attn_ms`` accumulates decode-step attention time when ``profile`` is set (synchronising the device)."""
+    ``release(layer, start, s, pad)`` once it has written slots [start, start+s): a subclass keeps them elsewhere
+    between uses (``TieredKVCache``). Where a pass's queries sit and what they see is the pass's own
+    (``model.transformer.Queries``, the argument of ``attend``), not the cache's. The cache is cut into blocks
+    of ``block_tokens`` slots; with ``topk_blk`` set, a decode step attends only to the best-scoring blocks
+    (``topk_blocks``), scored from per-block per-channel key minima and maxima kept here (Quest); ``topk_blk``
+    None is exact attention. ``attn_ms`` accumulates decode-step attention time when ``profile`` is set
+    (synchronising the device)."""
 
     def __init__(self, args: ModelArgs, batch: int, max_len: int, dtype: torch.dtype,
                  device: torch.device | str, block_tokens: int = 64, topk_blk: int | None = None,
@@ -77,14 +103,7 @@ class KVCache:
             sshape = (batch, n_blocks, args.n_kv_heads, args.head_dim)
             self.kmin = [torch.full(sshape, float("inf"), device=device) for _ in range(args.n_layers)]
             self.kmax = [torch.full(sshape, float("-inf"), device=device) for _ in range(args.n_layers)]
-        # A left-padded batch of prompts of different lengths: pad[b] leading slots of sequence b hold no token
-        # (set_padding). Its attention masks those keys; its positions start at 0 at slot pad[b].
-        self.pad: torch.Tensor | None = None
-        self._mask: tuple[tuple, torch.Tensor, TreeQueries | None] | None = None
-        # set for a pass whose queries are a token tree's nodes (speculative decoding): masks and positions
-        self.tree: TreeQueries | None = None
-        # set for a pass of a continuous batch (runtime/engine/scheduler.py): every row at its own slots
-        self.rows: RowQueries | None = None
+        self._mask: tuple[Queries, tuple[int, int], torch.Tensor | None] | None = None  # mask_for's latest
         self.profile, self.attn_ms, self.attended_blocks, self.total_blocks = False, 0.0, 0, 0
         self.h2d_bytes = self.d2h_bytes = 0  # KV bytes moved each way (TieredKVCache; none here)
         self.host_ms = self.host_wait_ms = 0.0  # host attention: the CPU's attention, its wait for q, k, v
@@ -98,13 +117,16 @@ class KVCache:
         """Whether this layer's decode attention runs where the cache lives (TieredKVCache.attend_on_host)."""
         return False
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, queries: Queries) -> torch.Tensor:
         """The seam model.transformer's attention meets the cache through. q (B, S, n_heads, hd), k and v (B, S, n_kv,
-        hd) of the queries at slots [start, start+S), rotated: writes k and v into the cache and returns the
-        attention output (B, S, n_heads x hd), by the path this cache and call choose (module docstring)."""
+        hd) of the queries laid out as ``queries`` says (plain: at slots [start, start+S)), rotated: writes k and v
+        into the cache and returns the attention output (B, S, n_heads x hd), by the path this cache and call
+        choose (module docstring)."""
+        if isinstance(queries.rows, DecodeStep):
+            return self.attend_step(layer, q, k, v, queries.rows)
         b, s = q.shape[:2]
-        rows = self.rows
-        on_host = s == 1 and self.tree is None and rows is None and self.attends_on_host(layer)  # its CPU attention
+        start, pad, rows = queries.start, queries.pad, queries.rows
+        on_host = s == 1 and queries.tree is None and rows is None and self.attends_on_host(layer)  # CPU attention
         if rows is not None:  # a continuous batch: every row's keys and values to its own slots
             ck, cv = self.acquire(layer)
             r = torch.arange(b, device=ck.device).view(b, 1).expand(b, s)
@@ -115,7 +137,7 @@ class KVCache:
             ck, cv = self.acquire(layer)
             ck[:b, start:start + s] = k
             cv[:b, start:start + s] = v
-            self.release(layer, start, s)
+            self.release(layer, start, s, pad)
         end = start + s if rows is None else rows.end
         qt = q.transpose(1, 2)  # (B, n_heads, S, hd)
         timed = self.profile and s == 1
@@ -124,16 +146,16 @@ class KVCache:
             t0 = time.perf_counter()
         blocks = self.topk_blocks(layer, qt, end) if s == 1 and self.topk_blk is not None and rows is None else None
         if on_host:
-            out = self.attend_on_host(layer, qt, k, v, start)
+            out = self.attend_on_host(layer, qt, k, v, start, pad)
         elif blocks is not None:
-            out = self._block_attention(qt, ck, cv, blocks, end)
+            out = _block_attention(qt, ck, cv, blocks, end, pad, self)
         else:
             if s == 1 and self.topk_blk is not None:
                 n = b * k.shape[2] * -(-end // self.block_tokens)
                 self.attended_blocks, self.total_blocks = self.attended_blocks + n, self.total_blocks + n
             keys = ck[:b, :end].transpose(1, 2)  # (B, n_kv, end, hd)
             values = cv[:b, :end].transpose(1, 2)
-            mask = self.mask_for(start, s, self.n_rep)  # None: no padding and a plainly causal chunk or decode
+            mask = self.mask_for(queries, s, self.n_rep)  # None: no padding and a plainly causal chunk or decode
             if mask is not None and self.n_rep > 1:
                 out = _folded_gqa_attention(qt, keys, values, mask[:b])
             else:  # a first chunk without padding is plainly causal: flash kernels, no S x S mask
@@ -144,26 +166,44 @@ class KVCache:
             self.attn_ms += (time.perf_counter() - t0) * 1e3
         return out.transpose(1, 2).reshape(b, s, -1)  # (B, S, n_heads x hd)
 
+    def attend_step(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    step: DecodeStep) -> torch.Tensor:
+        """``attend`` for a decode step at static shapes (``DecodeStep``, runtime/engine/graphs.py), where a CUDA
+        graph may replay it: k and v written at the slot the device tensor holds (index_copy_), then attention
+        over the step's first ``end`` slots under its mask. Nothing here synchronises, takes a Python number from
+        the device or keeps state between calls (no mask_for memo); so exact attention on the device cache only
+        (no top-k blocks)."""
+        if self.topk_blk is not None:
+            raise ValueError("a static decode step attends exactly: not with --topk-blk")
+        b, n = q.shape[0], step.end
+        ck, cv = self.acquire(layer)
+        ck[:b].index_copy_(1, step.slot, k.to(ck.dtype))
+        cv[:b].index_copy_(1, step.slot, v.to(cv.dtype))
+        keys, values = ck[:b, :n].transpose(1, 2), cv[:b, :n].transpose(1, 2)  # (B, n_kv, L, hd)
+        out = _folded_gqa_attention(q.transpose(1, 2), keys, values, step.mask)
+        return out.transpose(1, 2).reshape(b, 1, -1)  # (B, 1, n_heads x hd)
+
     def nbytes(self) -> int:
         return 2 * self.n_layers * math.prod(self.shape) * self.dtype.itemsize
 
     def acquire(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[layer], self.v[layer]
 
-    def release(self, layer: int, start: int, s: int) -> None:
+    def release(self, layer: int, start: int, s: int, pad: torch.Tensor | None = None) -> None:
         if self.topk_blk is not None:
-            self._summarise(layer, start, s)
+            self._summarise(layer, start, s, pad)
 
-    def _summarise(self, layer: int, start: int, s: int) -> None:
-        """Refresh the min/max summaries of the blocks that slots [start, start+s) touch."""
+    def _summarise(self, layer: int, start: int, s: int, pad: torch.Tensor | None) -> None:
+        """Refresh the min/max summaries of the blocks that slots [start, start+s) touch (the padding slots of a
+        left-padded batch, ``pad``, left out)."""
         bt = self.block_tokens
         first, last = start // bt, (start + s - 1) // bt
         lo, hi = first * bt, (last + 1) * bt  # the cache holds whole blocks
         k = self.k_for_summary(layer)[:, lo:hi].float()  # (B, span, n_kv, hd)
         slot = torch.arange(lo, hi, device=k.device).view(1, -1)
         valid = slot < start + s  # slots not written yet are left out
-        if self.pad is not None:
-            valid = valid & (slot >= self.pad.view(-1, 1))
+        if pad is not None:
+            valid = valid & (slot >= pad.view(-1, 1))
         k = k.view(k.shape[0], -1, bt, *k.shape[2:])  # (B, blocks, bt, n_kv, hd)
         v = valid.view(valid.shape[0], -1, bt, 1, 1)
         self.kmin[layer][:, first:last + 1] = torch.where(v, k, float("inf")).amin(2)
@@ -172,42 +212,38 @@ class KVCache:
     def k_for_summary(self, layer: int) -> torch.Tensor:
         return self.k[layer]
 
-    def set_padding(self, pad: list[int]) -> None:
-        self.pad = torch.tensor(pad, dtype=torch.long, device=self.device) if any(pad) else None
-        self._mask = None
-
-    def mask_for(self, start: int, s: int, rep: int = 1) -> torch.Tensor | None:
-        """Bool mask (B or 1, 1, rep x S, start+S) of the queries at slots [start, start+S), each KV head's
-        ``rep`` query heads folded into rows (``_folded_gqa_attention``); None where none is needed (no
-        padding, and a first chunk, which is plainly causal, or a decode query). Cached: the layers of one
-        pass build it once. In a left-padded batch query i of sequence b sees key slots [pad[b], start+i], and a
-        padding query sees itself only (so its row stays finite; no real token ever sees it). A continuous
-        batch's (``rows``, RowQueries): query j of row b sees that row's slots [0, rows.visible[b, j]]."""
-        tag = self.tree if self.tree is not None else self.rows
-        key = (start, s, rep, id(tag))
-        if self._mask is not None and self._mask[0] == key and self._mask[2] is tag:
-            return self._mask[1]
-        end = start + s if self.rows is None else self.rows.end
+    def mask_for(self, queries: Queries, s: int, rep: int = 1) -> torch.Tensor | None:
+        """Bool mask (B or 1, 1, rep x S, start+S) of the pass's S queries (plain: at slots [start, start+S)),
+        each KV head's ``rep`` query heads folded into rows (``_folded_gqa_attention``); None where none is
+        needed (no padding, and a first chunk, which is plainly causal, or a decode query). Cached: the layers
+        of one pass build it once. In a left-padded batch query i of sequence b sees key slots [pad[b],
+        start+i], and a padding query sees itself only (so its row stays finite; no real token ever sees it).
+        A token tree's node sees the slots before the tree and its row of ``tree.visible``; a continuous
+        batch's (``rows``, RowQueries) query j of row b that row's slots [0, rows.visible[b, j]]."""
+        if self._mask is not None and self._mask[0] is queries and self._mask[1] == (s, rep):
+            return self._mask[2]
+        start, pad, tree, rows = queries.start, queries.pad, queries.tree, queries.rows
+        end = start + s if rows is None else rows.end
         q = torch.arange(start, start + s, device=self.device).view(1, s, 1)
         k = torch.arange(end, device=self.device).view(1, 1, end)
-        if self.rows is not None:
-            mask = k <= self.rows.visible.unsqueeze(-1)  # (B, S, end)
-            for t in getattr(self.rows, "trees", ()):
+        if rows is not None:
+            mask = k <= rows.visible.unsqueeze(-1)  # (B, S, end)
+            for t in getattr(rows, "trees", ()):
                 n = t.visible.shape[0]
                 mask[t.row, t.col:t.col + n, t.base:t.base + n] = t.visible
-        elif self.tree is not None:  # a token tree: the prefix before its base, then its row of visible
-            if self.pad is not None:
+        elif tree is not None:  # a token tree: the prefix before its base, then its row of visible
+            if pad is not None:
                 raise ValueError("a token tree is verified for one sequence, not a padded batch")
-            t = self.tree
-            mask = torch.cat((torch.ones(s, t.base, dtype=torch.bool, device=self.device), t.visible), 1)[None]
-        elif self.pad is not None:
-            mask = ((k >= self.pad.view(-1, 1, 1)) & (k <= q)) | (k == q)
+            mask = torch.cat((torch.ones(s, tree.base, dtype=torch.bool, device=self.device), tree.visible), 1)[None]
+        elif pad is not None:
+            mask = ((k >= pad.view(-1, 1, 1)) & (k <= q)) | (k == q)
         elif s > 1 and start > 0:  # a later chunk: query i sits at slot start+i and sees keys [0, start+i]
             mask = k <= q
         else:
-            return None
-        mask = mask.unsqueeze(1).repeat(1, 1, rep, 1) if rep > 1 else mask.unsqueeze(1)
-        self._mask = (key, mask, tag)
+            mask = None
+        if mask is not None:
+            mask = mask.unsqueeze(1).repeat(1, 1, rep, 1) if rep > 1 else mask.unsqueeze(1)
+        self._mask = (queries, (s, rep), mask)
         return mask
 
     def keep(self, slots: list[int], at: int, row: int | None = None) -> None:
@@ -228,10 +264,6 @@ class KVCache:
             raise ValueError("--topk-blk's block summaries are not copied between sequences")
         for t in (*self.k, *self.v):
             t[dst, :n] = t[src, :n]
-
-    def _block_attention(self, q: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, blocks: torch.Tensor,
-                         end: int) -> torch.Tensor:
-        return _block_attention(q, ck, cv, blocks, end, self)
 
     def topk_blocks(self, layer: int, q: torch.Tensor, end: int) -> torch.Tensor | None:
         """Block ids (B, n_kv, M) a decode query q (B, n_heads, 1, hd) at slot end-1 attends to: the first
@@ -326,8 +358,8 @@ class TieredKVCache(KVCache):
         if n_host and self.topk_blk is not None:
             raise ValueError("host attention and top-k blocks do not go together")
         self.host_layers = spread_layers(n_host, args.n_layers)
-        self.pad_host: torch.Tensor | None = None
-        self._host_mask: tuple[tuple[int, int], torch.Tensor] | None = None  # attend_on_host's, for (B, end)
+        # attend_on_host's latest mask: for (B, end) and a padding (its host copy made with it)
+        self._host_mask: tuple[tuple[int, int], torch.Tensor, torch.Tensor] | None = None
         self.out_done: list[torch.cuda.Event | None] = [None] * args.n_layers  # copies into the host cache
         self.qkv_host: torch.Tensor | None = None  # pinned staging of a decode step's q, k, v (host attention)
         self.out_host: torch.Tensor | None = None  # pinned staging of its attention output, copied back async
@@ -362,6 +394,10 @@ class TieredKVCache(KVCache):
 
     def attends_on_host(self, layer: int) -> bool:
         return layer in self.host_layers
+
+    def attend_step(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    step: DecodeStep) -> torch.Tensor:
+        raise ValueError("a static decode step needs the whole KV cache on the device, not offloaded")
 
     @property
     def host_bytes(self) -> int:
@@ -407,8 +443,8 @@ class TieredKVCache(KVCache):
     def k_for_summary(self, layer: int) -> torch.Tensor:
         return self.buf_k[self._buffer_of(layer)]
 
-    def release(self, layer: int, start: int, s: int) -> None:
-        super().release(layer, start, s)
+    def release(self, layer: int, start: int, s: int, pad: torch.Tensor | None = None) -> None:
+        super().release(layer, start, s, pad)
         b, end = self._buffer_of(layer), start + s
         if self.cuda:
             done = torch.cuda.Event()
@@ -461,12 +497,7 @@ class TieredKVCache(KVCache):
             self.out_done[layer] = torch.cuda.Event()
             self.out_done[layer].record(self.copy_stream)
 
-    def set_padding(self, pad: list[int]) -> None:
-        super().set_padding(pad)
-        self.pad_host = torch.tensor(pad, dtype=torch.long) if any(pad) else None
-        self._host_mask = None
-
-    def sub_batch(self, b0: int, b1: int, pad: list[int], length: int) -> TieredKVCache:
+    def sub_batch(self, b0: int, b1: int, length: int) -> TieredKVCache:
         """A cache of sequences [b0, b1) of this one, for a prefill that gives each weight pass whole prompts
         of a few sequences (``Generator.forward_by_sequence``): its host store is rows [b0, b1) of this
         store, its device buffers the first b1 - b0 rows of this cache's (no new device memory), or, when it
@@ -474,9 +505,8 @@ class TieredKVCache(KVCache):
         as (b1 - b0, n_kv, length, hd) (short prompts; the pass must then write every slot it reads, as one
         pass over whole prompts does). Its copy stream is this one's (so its copies keep their order with this
         cache's). Nothing it attends to is read back: its slots start unwritten, and a pass over whole prompts
-        writes every slot it reads. ``pad``: the padding of its sequences (as in set_padding); ``length``:
-        their slots (padding included), after which no later pass needs a layer fetched. Give it back with
-        ``absorb``."""
+        writes every slot it reads. ``length``: their slots (padding included), after which no later pass needs a
+        layer fetched. Give it back with ``absorb``."""
         import copy
 
         n, (_, n_kv, slots, hd) = b1 - b0, self.buf_store_k[0].shape
@@ -506,7 +536,6 @@ class TieredKVCache(KVCache):
         sub.written, sub.out_done = [0] * self.n_layers, [None] * self.n_layers
         sub.h2d_bytes = sub.d2h_bytes = 0  # its own copies, added back by absorb
         sub.length = length
-        sub.set_padding(pad)
         return sub
 
     def absorb(self, sub: TieredKVCache) -> None:
@@ -518,14 +547,14 @@ class TieredKVCache(KVCache):
         self.d2h_bytes += sub.d2h_bytes
         self.loaded, self.current = [None, None], sub.current  # the next acquire fetches (and waits) anew
 
-    def attend_on_host(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       start: int) -> torch.Tensor:
+    def attend_on_host(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
+                       pad: torch.Tensor | None) -> torch.Tensor:
         """A decode step's attention where the cache lives (FlexGen's CPU attention): q (B, n_heads, 1, hd),
         the new k and v (B, 1, n_kv, hd) go to the host (one small copy), are written into the host cache at
         slot ``start``, attention runs there over slots [0, start] (each KV head's query heads folded into
-        rows, padding masked), and the output (B, n_heads, 1, hd) comes back: per layer and step 2 x B x
-        (n_heads + 2 n_kv) x hd elements move instead of the layer's whole cache. The caller's device work up
-        to here is waited for (the copy of q, k, v)."""
+        rows, the padding ``pad`` of a left-padded batch masked), and the output (B, n_heads, 1, hd) comes
+        back: per layer and step 2 x B x (n_heads + 2 n_kv) x hd elements move instead of the layer's whole
+        cache. The caller's device work up to here is waited for (the copy of q, k, v)."""
         b, n_heads, _, hd = q.shape
         n_kv = k.shape[2]
         flat = torch.cat([q.reshape(b, -1), k.reshape(b, -1), v.reshape(b, -1)], dim=1)
@@ -551,10 +580,11 @@ class TieredKVCache(KVCache):
         keys = self.host_k[layer][:b, :end].transpose(1, 2)  # (B, n_kv, end, hd), a view
         values = self.host_v[layer][:b, :end].transpose(1, 2)
         mask = None
-        if self.pad_host is not None:  # the same for every layer of a step: built once a step
-            if self._host_mask is None or self._host_mask[0] != (b, end):
-                self._host_mask = (b, end), torch.arange(end).view(1, 1, 1, end) >= self.pad_host[:b].view(-1, 1, 1, 1)
-            mask = self._host_mask[1]
+        if pad is not None:  # the same for every layer of a step: built once a step
+            if self._host_mask is None or self._host_mask[0] != (b, end) or self._host_mask[1] is not pad:
+                host = pad.cpu()  # the device's work up to here is done (above): no wait
+                self._host_mask = (b, end), pad, torch.arange(end).view(1, 1, 1, end) >= host[:b].view(-1, 1, 1, 1)
+            mask = self._host_mask[2]
         out = _folded_gqa_attention(flat[:, :nq].view(b, n_heads, 1, hd), keys, values, mask)
         self.host_wait_ms += (t1 - t0) * 1e3
         self.host_ms += (time.perf_counter() - t1) * 1e3
@@ -591,9 +621,9 @@ def _sync(device: torch.device) -> None:
 
 
 def _block_attention(q: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, blocks: torch.Tensor, end: int,
-                     cache: KVCache) -> torch.Tensor:
+                     pad: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
     """Decode attention over the chosen blocks only: q (B, n_heads, 1, hd), cache (B, max_len, n_kv, hd),
-    blocks (B, n_kv, M) -> (B, n_heads, 1, hd). Slots past ``end`` and padding slots are masked."""
+    blocks (B, n_kv, M) -> (B, n_heads, 1, hd). Slots past ``end`` and padding slots (``pad``) are masked."""
     b, n_kv, m = blocks.shape
     bt, hd = cache.block_tokens, q.shape[-1]
     n_blocks = -(-cache.max_len // bt)
@@ -608,6 +638,6 @@ def _block_attention(q: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, blocks
     keys, values = gather(ck[:b]), gather(cv[:b])
     slots = (blocks.unsqueeze(-1) * bt + torch.arange(bt, device=q.device)).view(b, n_kv, m * bt)
     valid = slots < end
-    if cache.pad is not None:
-        valid &= slots >= cache.pad.view(b, 1, 1)
+    if pad is not None:
+        valid &= slots >= pad.view(b, 1, 1)
     return _folded_gqa_attention(q, keys, values, valid.unsqueeze(2))  # mask (B, n_kv, 1, m*bt)

@@ -540,7 +540,7 @@ def _time_group(args: ModelArgs, kind: str, dtype, device, gen, prefill: int, co
     """One group of ``kind`` (layer 0's, or the head) on random weights: a prefill of ``prefill`` tokens, then a
     decode token after ``context`` cached ones (random keys and values); the head on the last position only, the
     same in both phases (logits of one position)."""
-    from model.transformer import Pass, Rope, head_forward, kind_forward  # torch: the readers import this module
+    from model.transformer import Pass, Queries, Rope, head_forward, kind_forward  # torch: readers import this module
     from runtime.engine.kv import KVCache
 
     w = random_weights(args, HEAD if kind == HEAD else layer_group(0, kind), dtype, device, gen, formats)
@@ -554,10 +554,10 @@ def _time_group(args: ModelArgs, kind: str, dtype, device, gen, prefill: int, co
     rope = Rope(args, max_len, device)
     cache = KVCache(dataclasses.replace(args, n_layers=1), 1, max_len, dtype, device)  # one layer's cache
     h_pre, h_dec = _inputs(args, prefill, dtype, device, gen), _inputs(args, 1, dtype, device, gen)
-    pre = time_op(lambda: fwd(h_pre, w, Pass(args, rope, cache, 0), 0), device)
+    pre = time_op(lambda: fwd(h_pre, w, Pass(args, rope, cache, Queries(0)), 0), device)
     for t in (cache.k[0], cache.v[0]):  # the decode's cached tokens: random keys and values
         t[:, :context].normal_(generator=gen)
-    dec = time_op(lambda: fwd(h_dec, w, Pass(args, rope, cache, context), 0), device)
+    dec = time_op(lambda: fwd(h_dec, w, Pass(args, rope, cache, Queries(context)), 0), device)
     return {"prefill": pre, "decode": dec, "dequant": dequant}
 
 
@@ -586,7 +586,7 @@ def measure_tree_passes(spec: ModelSpec, device: torch.device, sizes: Sequence[i
     tokens computes (the tree's mask costs what a causal one does)."""
     import torch
 
-    from model.transformer import Pass, Rope, head_forward, kind_forward
+    from model.transformer import Pass, Queries, Rope, head_forward, kind_forward
     from runtime.engine.kv import KVCache
     from runtime.format.image import TORCH_DTYPES
 
@@ -597,7 +597,7 @@ def measure_tree_passes(spec: ModelSpec, device: torch.device, sizes: Sequence[i
     cache = KVCache(dataclasses.replace(args, n_layers=1), 1, max_len, dtype, device)
     for t in (cache.k[0], cache.v[0]):
         t[:, :context].normal_(generator=gen)
-    p = Pass(args, rope, cache, context)
+    p = Pass(args, rope, cache, Queries(context))
     ops = {kind: partial(_layer_op, kind_forward(args, kind), p) for kind in kinds_of_pass(args) if kind != HEAD}
     ops[HEAD] = lambda h, w: head_forward(h, w, args)
     out: dict[str, dict[int, float]] = {}

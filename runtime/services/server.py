@@ -467,7 +467,9 @@ def _serve_model(cfg: ServeConfig, engine: EngineConfig, stopping: dict, image: 
     with open_source(image, engine, device, batch=rows, max_len=max_len + room) as (source, plan, handle):
         if lk["disk"] is None and plan is not None and plan.disk_bytes_per_pass:  # the run streams from disk
             lk["disk"] = measure_disk_quick(str(image.path), image.image_size, 4)
-        gen = run_generator(source, engine, image, max_len + room)
+        # the scheduler's passes are eager (runtime/engine/graphs.py captures generate's decode steps only): no
+        # graphs, and no KV cache kept for them beside the scheduler's
+        gen = run_generator(source, engine.replace(cuda_graphs="off"), image, max_len + room)
         gen.generate([1], SamplingConfig(2 if room else 1))  # one pass: the whole path is warm before the first request
         if device.type == "cuda":
             torch.cuda.synchronize(device)

@@ -1,0 +1,81 @@
+"""Decode steps at static shapes (runtime/engine/graphs.py): run without capture on the CPU they give the eager
+path's logits (fp32, within 1e-5) and greedy tokens; replayed from CUDA graphs, the eager path's greedy tokens
+(fp32), batch 1 and a left-padded batch of 3, across a KV-length bucket boundary, plain and int8/int4 images."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.args import preset
+from model.synthetic import SyntheticCheckpoint
+from runtime.engine.config import EngineConfig
+from runtime.engine.generate import Generator, SamplingConfig, generator_for, padding
+from runtime.engine.graphs import StaticDecode, kv_bucket, kv_buckets
+from runtime.engine.weights import InMemoryWeights
+from runtime.format.image import Image, WeightFormat
+from runtime.format.pack import pack
+
+# three prompts of 243..250 tokens: decoding NEW tokens crosses the 256-slot bucket into the last (320 slots)
+PROMPTS = [[(7 * i + 3 * n) % 500 + 1 for i in range(n)] for n in (250, 243, 247)]
+NEW, MAX_LEN = 12, 300
+
+
+def tiny_image(tmp_path, scheme: str | None = None) -> Image:
+    out = tmp_path / f"tiny-{scheme}.img"
+    fmt = "fp32" if scheme is None else WeightFormat("fp32", scheme, 32, quantize_output=True)
+    pack(SyntheticCheckpoint(preset("tiny", 2), seed=5), out, dtype=fmt, quiet=True)
+    return Image.open(out)
+
+
+def test_kv_buckets():
+    assert kv_buckets(320) == [256, 320] and kv_buckets(1024) == [256, 512, 1024] and kv_buckets(64) == [64]
+    assert kv_bucket(256, 320) == 256 and kv_bucket(257, 320) == 320 and kv_bucket(1, 64) == 64
+    with pytest.raises(ValueError, match="expected 1..320"):
+        kv_bucket(321, 320)
+
+
+def test_static_decode_equals_eager_cpu(tmp_path):
+    gen = Generator(InMemoryWeights(tiny_image(tmp_path), "cpu", quiet=True), MAX_LEN)
+    assert Generator(gen.source, MAX_LEN, cuda_graphs=True).static is None  # not on the CPU
+    static = StaticDecode(gen, capture=False)
+    longest = max(map(len, PROMPTS))
+    pad = [longest - len(p) for p in PROMPTS]
+    pad_t, x = padding(pad, "cpu"), torch.tensor([[0] * n + p for n, p in zip(pad, PROMPTS)])
+    eager = gen.new_cache(len(PROMPTS))
+    logits = gen.forward(x, 0, eager, last_only=True, pad=pad_t)[:, -1]
+    gen.forward(x, 0, static.begin(len(PROMPTS), pad_t), last_only=True, pad=pad_t)
+    for pos in range(longest, longest + NEW):  # the same tokens into both caches, the logits compared
+        nxt = logits.argmax(-1)
+        logits = gen.forward(nxt.view(-1, 1), pos, eager, last_only=True, pad=pad_t)[:, -1]
+        assert (static.step(nxt, pos) - logits).abs().max().item() <= 1e-5, pos
+    cfg = SamplingConfig(NEW)
+
+    def outputs() -> list[list[int]]:
+        return [r.output_token_ids for r in gen.generate_batch(PROMPTS, cfg)] + \
+            [gen.generate(PROMPTS[1], cfg).output_token_ids]
+
+    want = outputs()
+    gen.static = static  # generate and generate_batch now decode through it (its cache kept: the batch's 3 rows)
+    assert outputs() == want and gen.cache is static.cache
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+@pytest.mark.parametrize("scheme", [None, "int8", "int4"])
+def test_cuda_graph_decode_equals_eager(tmp_path, scheme):
+    """Greedy tokens replayed from graphs equal the eager steps', for batch 1, 3, then 1 again (its graphs made
+    anew over the 3-row cache), each over the 256- and 320-slot buckets; --cuda-graphs off keeps the eager path."""
+    src = InMemoryWeights(tiny_image(tmp_path, scheme), torch.device("cuda"), quiet=True)
+    eager, graphed = Generator(src, MAX_LEN), generator_for(src, EngineConfig.of(), MAX_LEN)
+    assert eager.static is None and generator_for(src, EngineConfig.of(cuda_graphs="off"), MAX_LEN).static is None
+    assert graphed.static is not None and graphed.static.capture
+    cfg = SamplingConfig(NEW)
+    for prompts in ([PROMPTS[0]], PROMPTS, [PROMPTS[2]]):
+        want = [r.output_token_ids for r in eager.generate_batch(prompts, cfg)]
+        assert [r.output_token_ids for r in graphed.generate_batch(prompts, cfg)] == want, (scheme, len(prompts))
+        b = len(prompts)
+        assert {k for k in graphed.static.graphs if k[0] == b} == {(b, 256), (b, 320)}
+    assert graphed.static.cache.shape[0] == 3
