@@ -66,10 +66,17 @@ def llguidance_tokenizer(tok: Tokenizer):
     import llguidance
 
     b, eos = tok.backend, sorted(tok.eos_ids)
-    if hasattr(b, "ranks"):  # tiktoken
-        return llguidance.LLTokenizer.from_tiktoken(encoder=b.ranks, special_tokens=b.specials, pattern=b.pattern,
-                                                    eos_token=eos, n_vocab=tok.vocab_size)
-    return llguidance.LLTokenizer(b.special.to_str(), eos_token=eos, n_vocab=tok.vocab_size)
+
+    def make(eos_token):
+        if hasattr(b, "ranks"):  # tiktoken
+            return llguidance.LLTokenizer.from_tiktoken(encoder=b.ranks, special_tokens=b.specials, pattern=b.pattern,
+                                                        eos_token=eos_token, n_vocab=tok.vocab_size)
+        return llguidance.LLTokenizer(b.special.to_str(), eos_token=eos_token, n_vocab=tok.vocab_size)
+
+    try:
+        return make(eos)
+    except TypeError:  # older llguidance (1.6) takes one end token: grammars end on that one (the others still stop)
+        return make(eos[0])
 
 
 def lark_string(text: str) -> str:
