@@ -3,11 +3,11 @@
 #  1. prompt reuse: a synthetic Llama-3.1-8B-shaped image (LAYERS of its 32 layers, bf16) streamed under a GPU
 #     budget, every request opening with the same SYSTEM-token system prompt, with and without --no-prefix-cache
 #     (time to first token, prompt tokens computed against reused);
-#  2. a draft under load: the embedded SmolLM2 (its Q4_1 blocks kept, bf16) streamed under a small GPU budget,
+#  2. a draft under load: the embedded SmolLM2 (its Q4_1 blocks kept, bf16) under a GPU budget of SMOL_GPU_GB,
 #     without and with its int4 image as the draft, at 1 and 4 clients, prompts taken from real text.
 # Usage (repo root, GPU machine, .whl carried): SMOL_GGUF=path/to/SmolLM2-135M-Instruct.Q4_1.gguf bash
 #   benchmarks/gpu_serve.sh   (without SMOL_GGUF the embedded package's file, if installed; else part 2 is skipped)
-# env: LAYERS (16), SYSTEM (2000), GPU_GB (4: the 8B run's budget), SMOL_GPU_GB (0.15), MAX_TOKENS (64)
+# env: LAYERS (16), SYSTEM (2000), GPU_GB (4: the 8B run's budget), SMOL_GPU_GB (1.5: the server's KV cache for 64 sequences needs 1.16 GiB), MAX_TOKENS (64)
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
@@ -26,7 +26,7 @@ if [ -n "$G" ] && [ -f "$G" ]; then
   python3 launch.py pack --checkpoint "$G" --out "$W/smol.img" --quiet && python3 launch.py pack --checkpoint "$G" \
     --out "$W/smol-int4.img" --quiet --quantize int4 --group-size 64 || exit 1
   timeout 200 python3 benchmarks/serve_load.py --image "$W/smol.img" --device cuda \
-    --gpu-mem-gb "${SMOL_GPU_GB:-0.15}" --modes continuous --draft "$W/smol-int4.img" \
+    --gpu-mem-gb "${SMOL_GPU_GB:-1.5}" --modes continuous --draft "$W/smol-int4.img" \
     --text tests/data/pride_and_prejudice_1-15.txt --clients 1,4 --requests 2 --max-tokens "${MAX_TOKENS:-64}" \
     --time-limit 150 --out-json "$OUT/serve_load_draft.json" > "$W/draft.log" 2>&1 \
     || { echo "draft run failed:"; tail -15 "$W/draft.log"; }

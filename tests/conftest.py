@@ -20,6 +20,29 @@ allocator_defaults()  # as launch.py does, before a test module starts CUDA
 signal.signal(signal.SIGINT, signal.default_int_handler)
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def _worker_threads() -> int | None:
+    """Under pytest-xdist, each worker's share of the cores (None: not a worker). torch gives every process a
+    thread per core and its OpenMP threads spin while they wait, so two workers computing at once on 2 cores
+    keep four spinning threads: a tiny model's pass then took 70x longer than alone (the speculative sampling
+    test: 344 s against 6 s), as runtime/engine/threads.py explains for runs."""
+    n = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not n:
+        return None
+    return max(1, len(os.sched_getaffinity(0)) // int(n))
+
+
+@pytest.fixture(autouse=True)
+def _thread_share():
+    """Every test starts at its worker's share of the cores (a test that ran a ComputeThreads may have changed
+    torch's count for the rest of the process)."""
+    n = _worker_threads()
+    if n is not None:
+        import torch
+
+        torch.set_num_threads(n)
+    yield
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
