@@ -24,7 +24,7 @@ rm -f "$W/8b.img" "$W/8b.manifest.json"
 G=${SMOL_GGUF:-$(python3 -c "from runtime.format.embedded import embedded_gguf; print(embedded_gguf())" 2>/dev/null)}
 if [ -n "$G" ] && [ -f "$G" ]; then
   python3 launch.py pack --checkpoint "$G" --out "$W/smol.img" --quiet && python3 launch.py pack --checkpoint "$G" \
-    --out "$W/smol-int4.img" --quiet --quantize int4 --group-size 64 || exit 1
+    --out "$W/smol-int4.img" --quiet --dtype bf16 --quantize int4 --group-size 64 || exit 1
   timeout 200 python3 benchmarks/serve_load.py --image "$W/smol.img" --device cuda \
     --gpu-mem-gb "${SMOL_GPU_GB:-1.5}" --modes continuous --draft "$W/smol-int4.img" \
     --text tests/data/pride_and_prejudice_1-15.txt --clients 1,4 --requests 2 --max-tokens "${MAX_TOKENS:-64}" \
