@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import json
 import sys
 import time
 from pathlib import Path
@@ -245,7 +246,9 @@ def rope_freqs(args: ModelArgs) -> np.ndarray | None:
 
 def write_gguf(path: str | Path, args: ModelArgs, kind: str, seed: int = 0, label: str = "synthetic") -> dict:
     """Write the file; returns {"bytes": file size, "seconds": wall time, "data_seconds": the time of the tensor
-    data alone (the rest is the pools' draws and the vocabulary's metadata, ~2 s), "types": {ggml type: count}}."""
+    data alone (the rest is the pools' draws and the vocabulary's metadata, ~2 s), "types": {ggml type: count},
+    "n_layers", "step_bytes": the matrices a decode step reads (all but token_embd, of which it reads one row;
+    the norms and rope_freqs, a few KB, left out)}."""
     if kind not in TYPES:
         raise ValueError(f"--type {kind!r}: expected one of {', '.join(TYPES)}")
     if args.arch != "llama":
@@ -261,6 +264,8 @@ def write_gguf(path: str | Path, args: ModelArgs, kind: str, seed: int = 0, labe
     w = gguf.GGUFWriter(str(path), "llama")
     add_metadata(w, args, kind, label)
     counts: dict[str, int] = {}
+    step_bytes = sum(rows * cols // gguf.GGML_QUANT_SIZES[t][0] * gguf.GGML_QUANT_SIZES[t][1]
+                     for name, _, rows, cols, t in plan if name != "token_embd")
 
     def norm(name: str) -> None:
         w.add_tensor(name, (1 + 0.1 * rng.standard_normal(args.dim)).astype(np.float32))
@@ -283,7 +288,8 @@ def write_gguf(path: str | Path, args: ModelArgs, kind: str, seed: int = 0, labe
     w.write_tensors_to_file()
     w.close()
     return {"bytes": Path(path).stat().st_size, "seconds": time.monotonic() - t0,
-            "data_seconds": time.monotonic() - t1, "types": counts}
+            "data_seconds": time.monotonic() - t1, "types": counts, "n_layers": args.n_layers,
+            "step_bytes": step_bytes}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -293,12 +299,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--type", required=True, choices=TYPES, help="bf16, q8_0 or llama.cpp's Q4_K_M mix")
     p.add_argument("--out", required=True, help="the .gguf file to write")
     p.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
+    p.add_argument("--info-json", help="also write what was written (write_gguf's answer) here, for "
+                                       "benchmarks/peer_compare.py: reading it back from the GGUF takes seconds")
     a = p.parse_args(argv)
     if a.layers is not None and a.layers < 1:
         p.error(f"--layers must be at least 1, found {a.layers}")
     args = preset(a.preset, a.layers)
     label = f"synthetic {a.preset} x{args.n_layers} {a.type}"
     r = write_gguf(a.out, args, a.type, a.seed, label)
+    if a.info_json:
+        Path(a.info_json).write_text(json.dumps({"file": a.out, "preset": a.preset, "type": a.type, **r}))
     mix = ", ".join(f"{k} x{n}" for k, n in sorted(r["types"].items()))
     print(f"{a.out}: {label}, {r['bytes'] / 1e9:.2f} GB ({mix}) in {r['seconds']:.1f} s, tensor data at "
           f"{r['bytes'] / 1e6 / max(r['data_seconds'], 1e-9):.0f} MB/s")

@@ -2,11 +2,13 @@
 tiny preset cut to 2 layers (rows of 256 and 896 values, so llama.cpp's fallbacks for rows that are not a
 multiple of 256 show), the gguf package reads back llama.cpp's Q4_K_M mix with the right shapes, every block
 dequantizes to finite weights of std about 0.02, the vocabulary is the preset's size; our packer keeps the blocks
-and a 2-token greedy run on the CPU works. The llama.cpp side (llama-bench loading such a file) is checked by
-benchmarks/gpu_peer.sh, where llama.cpp is built."""
+and a 2-token greedy run on the CPU works. benchmarks/peer_compare.py's prompt has the asked length and its table
+joins both tools' JSON. The llama.cpp side (llama-bench loading such a file) is checked by benchmarks/gpu_peer.sh,
+where llama.cpp is built."""
 
 from __future__ import annotations
 
+import json
 import sys
 
 import gguf
@@ -16,6 +18,7 @@ from conftest import ROOT
 from test_streaming import reference
 
 sys.path.insert(0, str(ROOT))
+from benchmarks.peer_compare import make_prompt, table, table_rows  # noqa: E402
 from benchmarks.synth_gguf import main, use_more_bits, vocabulary  # noqa: E402
 from model.args import preset  # noqa: E402
 from model.checkpoint import open_checkpoint  # noqa: E402
@@ -35,7 +38,13 @@ Q4_K_M = {"token_embd": "Q4_K", "output": "Q6_K", "output_norm": "F32", "rope_fr
 @pytest.fixture(scope="module")
 def q4_k_m(tmp_path_factory):
     path = tmp_path_factory.mktemp("synth") / "tiny.gguf"
-    assert main(["--preset", "tiny", "--layers", "2", "--type", "q4_k_m", "--out", str(path)]) == 0
+    info = path.with_suffix(".json")
+    assert main(["--preset", "tiny", "--layers", "2", "--type", "q4_k_m", "--out", str(path), "--info-json",
+                 str(info)]) == 0
+    r = json.loads(info.read_text())
+    embd = 512 * 256 // 256 * 144  # token_embd Q4_K: 512 rows of one 144-byte block
+    assert r["bytes"] == path.stat().st_size and r["n_layers"] == 2
+    assert r["step_bytes"] == sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors if len(t.shape) == 2) - embd
     return path
 
 
@@ -87,3 +96,31 @@ def test_packs_with_blocks_kept_and_runs(q4_k_m, tmp_path):
     assert set(f for f, _ in image.formats().values()) == {"q4_k", "q6_k", "q5_0", "q8_0"}
     tokens, logits = reference(image, [510, 40, 41, 300], 2)
     assert len(tokens) == 2 and bool(logits.isfinite().all())
+
+
+def test_prompt_has_the_asked_length(q4_k_m):
+    text, n = make_prompt(q4_k_m, 64)
+    assert n == 64 and "\n" not in text
+
+
+def test_peer_table_joins_both_tools(tmp_path):
+    """benchmarks/peer_compare.py's table from the JSON keys each tool writes (our bench's --out-json, llama-bench's
+    -o json rows), the measured copy bandwidth and the file's bytes."""
+    files = {"hbm.json": {"gbps": 3000.0, "device": "NVIDIA H100 80GB HBM3"},
+             "weights-8b-q4km.json": {"bytes": 4.9e9, "step_bytes": 4.5e9, "n_layers": 32},
+             "ours-8b-q4km-gpu.json": {"decode_tokens_total": 63, "batch_size": 1, "decode_ms": 630.0,
+                                       "prefill_tokens_total": 512, "prefill_ms": 256.0,
+                                       "bound": {"step_ms": None, "limited_by": None}},
+             "lcpp-8b-q4km-gpu.json": [{"n_prompt": 512, "n_gen": 0, "avg_ts": 1024.0, "flash_attn": 0},
+                                       {"n_prompt": 0, "n_gen": 64, "avg_ts": 50.0, "flash_attn": 0}],
+             "ours-70b-q4km-split.json": {"decode_tokens_total": 63, "batch_size": 1, "decode_ms": 12600.0,
+                                          "prefill_tokens_total": 512, "prefill_ms": 700.0,
+                                          "bound": {"step_ms": 145.9, "limited_by": "h2d"}}}
+    for name, obj in files.items():
+        (tmp_path / name).write_text(json.dumps(obj))
+    rows = table_rows(tmp_path)
+    assert rows[0] == ["8B-shaped x32 Q4_K_M", "4.90", "gpu", "0", "100.0", "2000.0", "50.0", "1024.0", "2.00", "1.95",
+                       "1.50", "6.67", "13.33"]  # bound 4.5 GB / 3000 GB/s; steps 10 ms and 20 ms
+    assert rows[1][:4] == ["70B-shaped Q4_K_M", "-", "split", "-"] and rows[1][10:] == ["145.90 (h2d)", "1.37",
+                                                                                             "-"]
+    assert "3000 GB/s" in table(tmp_path)
