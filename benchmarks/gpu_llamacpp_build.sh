@@ -35,12 +35,12 @@ FA=${LLAMACPP_FA:-0}
 if grep -q "^ok .* fa=$FA\$" "$MARK" 2>/dev/null && [ -x "$D/b/bin/llama-bench" ]; then
   echo "llama.cpp already built here: $(cat "$MARK")"; exit 0
 fi
+fail() { mkdir -p "$D"; echo "failed 0 fa=$FA ($1)" > "$MARK"; echo "$1" >&2; exit 1; }
 TARBALL=${LLAMACPP_TARBALL:-$(ls -t .llamacpp/llama.cpp-*.tar.gz 2>/dev/null | head -1)}
-[ -n "$TARBALL" ] && [ -f "$TARBALL" ] || { echo "no .llamacpp/llama.cpp-*.tar.gz: run benchmarks/llamacpp_prepare.sh \
-here and carry .llamacpp" >&2; mkdir -p "$D"; echo "failed 0 fa=$FA (no tarball)" > "$MARK"; exit 1; }
+[ -n "$TARBALL" ] && [ -f "$TARBALL" ] \
+  || fail "no .llamacpp/llama.cpp-*.tar.gz: run benchmarks/llamacpp_prepare.sh on the dev machine, carry .llamacpp"
 NVCC=$(command -v nvcc || ls /usr/local/cuda/bin/nvcc 2>/dev/null | head -1)
-[ -n "$NVCC" ] || { echo "no nvcc on PATH or in /usr/local/cuda/bin" >&2; mkdir -p "$D"; echo "failed 0 fa=$FA (no nvcc)" \
-  > "$MARK"; exit 1; }
+[ -n "$NVCC" ] || fail "no nvcc on PATH or in /usr/local/cuda/bin"
 rm -rf "$D" && mkdir -p "$D" && tar -xzf "$TARBALL" -C "$D"
 
 # ggml-cuda links CUDA::cublas and CUDA::cuda_driver, which CMake looks for as libcublas.so and libcuda.so in the

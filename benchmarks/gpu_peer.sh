@@ -17,9 +17,9 @@
 #      (a side), LAYERS (32), GPU_LAYERS (17), THREADS (16, llama.cpp's -t in the split), PROMPT_TOKENS (512),
 #      NEW_TOKENS (64), REPS (3, llama-bench -r), LLAMACPP_FA (0: see gpu_llamacpp_build.sh), BUILD_WAIT (300 s at
 #      most for the build), BUDGET (540 s for the whole call), LLAMA_BENCH (a llama-bench binary to use instead of
-#      building one), LCPP_ARGS (more llama-bench flags), DEVICE (cuda; cpu for a dry run of the flow on a machine
-#      without a GPU), PRESET8 / PRESET70 (the shapes: llama3.1-8b, llama3.1-70b), W (work folder for the GGUFs
-#      and images, /tmp/peer)
+#      building one; LLAMACPP_FA_RUN its -fa list, 0), LCPP_ARGS (more llama-bench flags), DEVICE (cuda; cpu for
+#      a dry run of the flow on a machine without a GPU), PRESET8 / PRESET70 (the shapes: llama3.1-8b,
+#      llama3.1-70b), W (work folder for the GGUFs and images, /tmp/peer)
 #
 # Order, for the 64 GiB disk (at most one GGUF and one image at a time, 34 GB for the 70B shape) and for the
 # build's time: first ours for each file (write the GGUF, pack it, delete the GGUF, bench, delete the image) while
@@ -110,15 +110,18 @@ print(f'{sys.argv[2]:>9} {sys.argv[3]:>5} ours: decode {n / r[\"decode_ms\"] * 1
 fi
 
 if [ "${SKIP_LLAMACPP:-0}" != 1 ]; then
+  ready=1
   if [ -z "${LLAMA_BENCH:-}" ]; then
     say "waiting for the llama.cpp build"
     wait_s=$((BUDGET - (SECONDS - T0) - 60)); [ "$wait_s" -lt "${BUILD_WAIT:-300}" ] || wait_s=${BUILD_WAIT:-300}
-    bash benchmarks/gpu_llamacpp_build.sh --wait "$((wait_s > 0 ? wait_s : 0))" || tail -20 "$R/llamacpp-build.log"
+    bash benchmarks/gpu_llamacpp_build.sh --wait "$((wait_s > 0 ? wait_s : 0))" \
+      || { ready=0; tail -20 "$R/llamacpp-build.log"; }
+    FA=0; grep -q "^ok .* fa=1$" /tmp/llamacpp/done 2>/dev/null && FA=0,1  # -fa 1 only where its kernels are built
+    [ -d /tmp/llamacpp/shim/lib ] && export LD_LIBRARY_PATH=/tmp/llamacpp/shim/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  else
+    FA=${LLAMACPP_FA_RUN:-0}
   fi
-  FA=0; grep -q "fa=1" /tmp/llamacpp/done 2>/dev/null && FA=0,1
-  [ -d /tmp/llamacpp/shim/lib ] && export LD_LIBRARY_PATH=/tmp/llamacpp/shim/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-  [ -n "${LLAMA_BENCH:-}" ] && FA=${LLAMACPP_FA_RUN:-0}
-  if [ -x "$LB" ]; then
+  if [ "$ready" = 1 ] && [ -x "$LB" ]; then
     for f in "${FILES[@]}"; do
       read -r name pre ty <<< "$f"
       left "$(est "lcpp-$name")" "llama.cpp on $name" || continue
@@ -144,7 +147,7 @@ for r in json.load(open(sys.argv[1])):
       rm -f "$W/$name.gguf"
     done
   else
-    say "no llama-bench at $LB: llama.cpp's runs are skipped"
+    say "no llama-bench (not built, or not at $LB): llama.cpp's runs are skipped"
   fi
 fi
 say "done"

@@ -11,7 +11,7 @@ cutting the layer count. ``--type``:
     q4_k_m  llama.cpp's Q4_K_M mix (llama_tensor_get_type in src/llama-quant.cpp of the llama.cpp that
             benchmarks/llamacpp_prepare.sh pins, for the llama architecture without experts): Q4_K for every
             matrix and token_embd, except output Q6_K; attn_v Q6_K in the layers use_more_bits picks
-            (i < n/8, i >= 7n/8, or (i - n/8) % 3 == 2: 12 of 32 layers), else Q4_K, or Q5_K in an 80-layer
+            (i < n/8, i >= 7n/8, or (i - n/8) % 3 == 2: 16 of 32 layers), else Q4_K, or Q5_K in an 80-layer
             model (llama.cpp's LLM_TYPE_70B rule); ffn_down Q6_K in the use_more_bits layers, else Q4_K. A
             matrix whose rows are not a multiple of 256 values falls back as llama.cpp's does (Q4_K -> Q5_0,
             Q5_K -> Q5_1, Q6_K -> Q8_0; output -> Q8_0). Not followed: the imatrix rules and the
