@@ -2,15 +2,17 @@
 read bandwidth (issue 28 item 1: a CPU kernel should read the stored bytes once, at >= 70% of it).
 
     python benchmarks/cpu_kernels.py [--shapes 4096x4096,14336x4096] [--rows 1,4,8] [--formats q4_k,int4]
-                                     [--threads N] [--group 64] [--pool-mb 384] [--no-compile]
+                                     [--threads 1,16] [--group 64] [--pool-mb 384] [--no-compile] [--json F]
 
-First the DRAM read rate: torch's float32 ``sum`` over a 512 MiB buffer with torch's threads (median of 5). Then, per
-format and shape, a matrix of random stored bytes (finite fp16 scales) and, per row count, every candidate that
-applies, timed over a rotation of copies of its weights of at least --pool-mb in all, so that each call reads them
-from DRAM, not from a cache (here 64 MB of float32 already sum at the DRAM rate). Each is reported in GB/s of the
-*stored* weight bytes (the format's own size, whatever the candidate reads) and as a share of the DRAM rate measured
-just before that format, with its largest error against the reference: float32 activations times the reference
-dequantizer's matrix (``quant.dequantize``, float32), as max |y - ref| / max |ref|; 1e-5 is the bar.
+For each thread count (--threads, default torch's), first the DRAM read rate: torch's float32 ``sum`` over a 512 MiB
+buffer (median of 5). Then, per format and shape, a matrix of random stored bytes (finite fp16 scales) and, per row
+count, every candidate that applies, timed over a rotation of copies of its weights of at least --pool-mb in all, so
+that each call reads them from DRAM, not from a cache (here 64 MB of float32 already sum at the DRAM rate; on a host
+with a larger last-level cache, such as the GPU machine's, give --pool-mb several times that cache: ``--threads
+1,4,16 --pool-mb 2048``). Each is reported in GB/s of the *stored* weight bytes (the format's own size, whatever the
+candidate reads) and as a share of the DRAM rate measured just before that format, with its largest error against
+the reference: float32 activations times the reference dequantizer's matrix (``quant.dequantize``, float32), as max
+|y - ref| / max |ref|; 1e-5 is the bar.
 
 Candidates:
 
@@ -279,29 +281,29 @@ def run_format(fmt: str, shape: tuple[int, int], rows: list[int], group: int, po
             err = ((y - r).abs().max() / r.abs().max()).item()
             sec = timed([lambda c=c, x=x: c(x) for c in calls])
             gbs = sb / sec / 1e9
-            res = {"format": fmt + (f" g{group}" if fmt in quant.OURS else ""), "shape": f"{shape[0]}x{shape[1]}",
-                   "rows": m, "candidate": name, "ms": sec * 1e3, "gbs": gbs, "dram_gbs": dram,
-                   "pct_dram": 100 * gbs / dram, "rel_err": err, "first_call_s": first, "note": note}
+            res = {"threads": torch.get_num_threads(), "format": fmt + (f" g{group}" if fmt in quant.OURS else ""),
+                   "shape": f"{shape[0]}x{shape[1]}", "rows": m, "candidate": name, "ms": sec * 1e3, "gbs": gbs,
+                   "dram_gbs": dram, "pct_dram": 100 * gbs / dram, "rel_err": err, "first_call_s": first, "note": note}
             results.append(res)
-            print(f"| {res['format']} | {res['shape']} | {m} | {name} | {sec * 1e3:.2f} | {gbs:.2f} | "
-                  f"{res['pct_dram']:.0f}% | {err:.1e} | {note} |", flush=True)
+            print(f"| {res['threads']} | {res['format']} | {res['shape']} | {m} | {name} | {sec * 1e3:.2f} | "
+                  f"{gbs:.2f} | {res['pct_dram']:.0f}% | {err:.1e} | {note} |", flush=True)
     del cands
 
 
 def print_pivot(results: list[dict]) -> None:
-    """One line per format, shape and row count, one column per candidate: GB/s of stored bytes (% of DRAM); a
-    result outside the 1e-5 bar is marked *."""
+    """One line per thread count, format, shape and row count, one column per candidate: GB/s of stored bytes (% of
+    DRAM); a result outside the 1e-5 bar is marked *."""
     order = ("today", "held", "compiled", "compiled-tiles", "int4pack", "int4pack-bf16", "int8pack")
     names = [n for n in order if any(r["candidate"] == n for r in results)]
-    print("\n| format | N x K | rows | " + " | ".join(names) + " |")
-    print("|---|---|---|" + "---|" * len(names))
+    print("\n| threads | format | N x K | rows | " + " | ".join(names) + " |")
+    print("|---|---|---|---|" + "---|" * len(names))
     lines: dict[tuple, dict] = {}
     for r in results:
-        lines.setdefault((r["format"], r["shape"], r["rows"]), {})[r["candidate"]] = r
-    for (fmt, shape, m), got in lines.items():
+        lines.setdefault((r.get("threads", "-"), r["format"], r["shape"], r["rows"]), {})[r["candidate"]] = r
+    for (threads, fmt, shape, m), got in lines.items():
         cells = [f"{got[n]['gbs']:.2f} ({got[n]['pct_dram']:.0f}%){'*' if got[n]['rel_err'] > 1e-5 else ''}"
                  if n in got else "-" for n in names]
-        print(f"| {fmt} | {shape} | {m} | " + " | ".join(cells) + " |")
+        print(f"| {threads} | {fmt} | {shape} | {m} | " + " | ".join(cells) + " |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -310,13 +312,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", default="1,4,8", help="rows of activations")
     p.add_argument("--formats", default=",".join(ALL_FORMATS))
     p.add_argument("--group", type=int, default=64, choices=quant.GROUP_SIZES, help="int8/int4 group size")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--threads", default=None, help="torch thread counts, e.g. 1,16 (default: torch's)")
     p.add_argument("--pool-mb", type=int, default=384, help="copies of each weight rotated through, in MB")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile candidate")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
     a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    threads = [int(t) for t in a.threads.split(",")] if a.threads else [torch.get_num_threads()]
     torch._dynamo.config.recompile_limit = 64
     shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
     rows = [int(r) for r in a.rows.split(",")]
@@ -324,22 +325,25 @@ def main(argv: list[str] | None = None) -> int:
     for f in formats:
         if f not in ALL_FORMATS:
             raise SystemExit(f"--formats: unknown format {f!r} (allowed: {', '.join(ALL_FORMATS)})")
-    dram = dram_read_gbs()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}; "
-          f"DRAM read (float32 sum over 512 MiB): {dram:.1f} GB/s; numba: "
+    print(f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}; numba: "
           f"{'installed (no kernels written yet)' if importlib.util.find_spec('numba') else 'not installed, skipped'}")
-    print("\n| format | N x K | rows | candidate | ms | GB/s of stored bytes | % of DRAM | max rel err | note |")
-    print("|---|---|---|---|---|---|---|---|---|")
     results: list[dict] = []
-    for shape in shapes:
-        for fmt in formats:
-            run_format(fmt, shape, rows, a.group, a.pool_mb << 20, not a.no_compile, results)
+    drams = {}
+    for t in threads:  # inductor fixes a kernel's thread count when it compiles it: everything is redone per count
+        torch.set_num_threads(t)
+        drams[t] = dram_read_gbs()
+        print(f"\n{t} threads: DRAM read (float32 sum over 512 MiB) {drams[t]:.1f} GB/s\n")
+        print("| threads | format | N x K | rows | candidate | ms | GB/s of stored bytes | % of DRAM | max rel err | "
+              "note |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for shape in shapes:
+            for fmt in formats:
+                run_format(fmt, shape, rows, a.group, a.pool_mb << 20, not a.no_compile, results)
+        print(f"\nDRAM read at the end: {dram_read_gbs():.1f} GB/s ({drams[t]:.1f} at the start); % of DRAM uses "
+              f"the rate measured just before each format.")
     print_pivot(results)
-    print(f"\nDRAM read at the end: {dram_read_gbs():.1f} GB/s ({dram:.1f} at the start); % of DRAM uses the rate "
-          f"measured just before each format.")
     if a.json:
-        a.json.write_text(json.dumps({"threads": torch.get_num_threads(), "dram_gbs": dram, "rows": results},
-                                     indent=1))
+        a.json.write_text(json.dumps({"dram_gbs": drams, "rows": results}, indent=1))
     return 0
 
 
