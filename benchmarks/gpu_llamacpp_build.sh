@@ -10,11 +10,14 @@
 # "failed SECONDS fa=0|1 (see LOG)". /tmp lives as long as the machine is warm: a later call finds the marker and
 # the build is not repeated (unless LLAMACPP_FA differs or the marker says failed).
 #
-# env: LLAMACPP_FA (0, the default: no flash-attention CUDA kernels, GGML_CUDA_FA=OFF: they are most of the compile
-#      time, and without them the build stays under ~5 minutes on 16 cores; 1: with them, only the default
-#      quant pairs (GGML_CUDA_FA_ALL_QUANTS=OFF), for llama-bench -fa 1: a few minutes longer, best started in an
-#      earlier call on the warm machine), JOBS (16), LLAMACPP_TARBALL (the newest .llamacpp/llama.cpp-*.tar.gz)
-# Estimates, not measured yet (the GPU machine's first run records them in the marker): ~3-5 min without FA.
+# env: LLAMACPP_FA (0, the default: no flash-attention CUDA kernels, GGML_CUDA_FA=OFF: their 37 files then
+#      compile empty; 1: with them, only the default quant pairs (GGML_CUDA_FA_ALL_QUANTS=OFF), for llama-bench
+#      -fa 1: minutes longer (not timed), best built in an earlier call on the warm machine), JOBS (16), LLAMACPP_TARBALL (the newest .llamacpp/llama.cpp-*.tar.gz), LIBCUDA (the
+#      driver's libcuda.so.1 where ldconfig does not list it)
+# Not yet timed on the GPU machine (the first run records the seconds in the marker). On the 2-core dev machine,
+# whose nvcc is the same 13.0, this configure passed and every object compiled for sm_90 without FA (290 objects,
+# 144 of them .cu; only the final link failed, against a stand-in libcuda.so without symbols): ~7000 s of one
+# core (-j2 at nice 19 beside other work; an mmq instance 60-120 s), so an estimated 4-7 min at -j16.
 D=/tmp/llamacpp
 MARK=$D/done
 

@@ -11,8 +11,10 @@
 #
 # Usage (repo root, GPU machine; carry .whl and .llamacpp):
 #   bash benchmarks/gpu_peer.sh
-# Results (JSON, logs) go to RESULTS (/tmp/peer-results), kept while the machine is warm so that a second call's
-# table also holds the first call's rows (FRESH=1 empties it first), and are copied to $OUT (/tmp/out) at the end.
+# Results (JSON, logs) go to RESULTS (/tmp/peer-results), kept while the machine is warm, and are copied to $OUT
+# (/tmp/out) at the end. A file and setting whose result is there already is not run again: the same command run
+# a second time on the warm machine does what the first call's budget left out (the build found done), and its
+# table holds both calls' rows. FRESH=1 empties RESULTS first (a new start, or other settings).
 # env: SKIP_BF16 SKIP_8B SKIP_70B (a file), SKIP_SPLIT (the -ngl 17 / preload runs), SKIP_OURS, SKIP_LLAMACPP
 #      (a side), LAYERS (32), GPU_LAYERS (17), THREADS (16, llama.cpp's -t in the split), PROMPT_TOKENS (512),
 #      NEW_TOKENS (64), REPS (3, llama-bench -r), LLAMACPP_FA (0: see gpu_llamacpp_build.sh), BUILD_WAIT (300 s at
@@ -29,10 +31,10 @@
 # Estimates on one H100 (16 cores), not measured yet: writing a GGUF at 1-2 GB/s (8B bf16 16 GB, 8B Q4_K_M 4.9 GB,
 # 70B 17 GB); packing: gguf's reader parses the 128k-token vocabulary twice (~10-30 s; 14 s a read on the dev
 # machine) and a BF16 GGUF goes through fp32 (the 8B bf16 pack ~1 min); each of our bench runs 20-45 s (link
-# probes, load, a warmup round, the measured one); llama-bench 15-40 s a file and setting. Ours ~4.5 min,
-# overlapping the build (~3-5 min), then llama.cpp ~2 min (+1 min with -fa 1): ~7-8 min. BUDGET (540 s) bounds
-# the call: a step that would not fit in what is left is skipped (and the table printed with what ran); a second
-# call on the warm machine (SKIP_8B=1, say) finds the build done.
+# probes, load, a warmup round, the measured one); llama-bench 15-40 s a file and setting. Ours ~4.5 min, the
+# build 4-7 min beside it (gpu_llamacpp_build.sh), then llama.cpp ~2 min (+1 min with -fa 1): 7-10 min. BUDGET
+# (540 s) bounds the call: a step that would not fit in what is left is skipped, and the table printed with what
+# ran; the same command again on the warm machine does the rest (see RESULTS above).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; W=${W:-/tmp/peer}; R=${RESULTS:-/tmp/peer-results}
 [ "${FRESH:-0}" = 1 ] && rm -rf "$R"
@@ -74,10 +76,14 @@ synth() {  # name preset type: writes $W/name.gguf (seed 0) and its sizes to $R/
 splits() {  # name: the settings this file runs: every layer on the GPU; the split for the 70B shape
   echo gpu; [ "${SKIP_SPLIT:-0}" = 1 ] || [[ $1 != 70b* ]] || echo split
 }
+todo() {  # side name: the settings of file name with no result of side (ours, lcpp) in RESULTS yet
+  local s; for s in $(splits "$2"); do [ -s "$R/$1-$2-$s.json" ] || echo "$s"; done
+}
 
 if [ "${SKIP_OURS:-0}" != 1 ]; then
   for f in "${FILES[@]}"; do
     read -r name pre ty <<< "$f"
+    ss=$(todo ours "$name"); [ -n "$ss" ] || { say "ours on $name: done by an earlier call ($R)"; continue; }
     left "$(est "ours-$name")" "ours on $name" || continue
     say "ours: $name"
     synth "$name" "$pre" "$ty" || continue
@@ -89,7 +95,7 @@ if [ "${SKIP_OURS:-0}" != 1 ]; then
     # every file has the same vocabulary: one prompt, from the first image's tokenizer (the bench's own)
     [ -f "$W/prompt.txt" ] || python3 benchmarks/peer_compare.py prompt --tokenizer "$W/$name.img.tokenizer" \
       --tokens "$PT" --out "$W/prompt.txt"
-    for s in $(splits "$name"); do
+    for s in $ss; do
       [ "$s" = gpu ] || left "$(est ours-split)" "ours on $name, split" || continue
       if [ "$s" = gpu ]; then
         how=(--mode full); [ "$DEVICE" = cuda ] && how+=(--cuda-graphs on)
@@ -124,10 +130,11 @@ if [ "${SKIP_LLAMACPP:-0}" != 1 ]; then
   if [ "$ready" = 1 ] && [ -x "$LB" ]; then
     for f in "${FILES[@]}"; do
       read -r name pre ty <<< "$f"
+      ss=$(todo lcpp "$name"); [ -n "$ss" ] || { say "llama.cpp on $name: done by an earlier call ($R)"; continue; }
       left "$(est "lcpp-$name")" "llama.cpp on $name" || continue
       say "llama.cpp: $name"
       synth "$name" "$pre" "$ty" || continue
-      for s in $(splits "$name"); do
+      for s in $ss; do
         [ "$s" = gpu ] || left "$(est lcpp-split)" "llama.cpp on $name, split" || continue
         ngl=(-ngl 99); [ "$s" = split ] && ngl=(-ngl "$NGL" -t "${THREADS:-16}")
         js="$R/lcpp-$name-$s.json"
