@@ -3,11 +3,13 @@ reference model on the same GGUF, and a helper to run launch.py in a subprocess.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -84,6 +86,33 @@ def scrape_metrics(url: str) -> dict[str, float]:
             k, v = line.split()
             out[k] = float(v)
     return out
+
+
+@contextlib.contextmanager
+def long_stream(url: str, max_tokens: int, headers: dict | None = None, timeout: float = 300):
+    """A streamed completion of ``max_tokens`` tokens (ignoring end tokens) running in a thread while the body
+    runs: entered once its first line has come, stopped (the client disconnects) on exit. Yields the thread, so
+    that a test can check it was still streaming."""
+    import httpx
+
+    started, stop = threading.Event(), threading.Event()
+
+    def run() -> None:
+        body = {"prompt": [1, 2, 3], "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=headers, timeout=timeout) as s:
+            for _ in s.iter_lines():
+                started.set()
+                if stop.is_set():
+                    break
+
+    t = threading.Thread(target=run)
+    t.start()
+    try:
+        assert started.wait(60), "the long stream did not start"
+        yield t
+    finally:
+        stop.set()
+        t.join(120)
 
 
 def assert_user_error(proc, *needles) -> None:

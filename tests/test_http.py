@@ -49,7 +49,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import ROOT, run_launch, scrape_metrics
+from conftest import ROOT, long_stream, run_launch, scrape_metrics
 
 from runtime.engine.config import PrefillConfig, SamplingConfig
 from runtime.engine.generate import Generator
@@ -334,20 +334,7 @@ def test_sixteen_concurrent_clients(server, gen, tok):
     new = 6
     refs = [solo(gen, tok, p, new) for p in prompts]
     hdr = {"Authorization": f"Bearer {KEY}"}
-    busy_started, stop_busy = threading.Event(), threading.Event()
-
-    def busy() -> None:  # a long stream the others join while it runs
-        body = {"prompt": [1, 2, 3], "max_tokens": 200, "temperature": 0, "stream": True, "ignore_eos": True}
-        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers=hdr, timeout=120) as s:
-            for _ in s.iter_lines():
-                busy_started.set()
-                if stop_busy.is_set():
-                    break
-
-    t = threading.Thread(target=busy)
-    t.start()
-    try:
-        assert busy_started.wait(60), "the long stream did not start"
+    with long_stream(server.url, 200, hdr, timeout=120):  # a long stream the others join while it runs
         before = server.metrics()
         got: list = [None] * len(prompts)
 
@@ -362,9 +349,6 @@ def test_sixteen_concurrent_clients(server, gen, tok):
         for th in threads:
             th.join(180)
         after = server.metrics()
-    finally:
-        stop_busy.set()
-        t.join(60)
     assert got == refs, [i for i, (a, b) in enumerate(zip(got, refs)) if a != b]
     print(f"largest batch {after['llmstream_batch_size_max']:.0f}, "
           f"{after['llmstream_steps_total'] - before['llmstream_steps_total']:.0f} steps")

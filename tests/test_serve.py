@@ -29,12 +29,10 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
-import httpx
 import pytest
-from conftest import ROOT, assert_user_error, run_launch, scrape_metrics
+from conftest import ROOT, assert_user_error, long_stream, run_launch, scrape_metrics
 
 from runtime.engine.config import SamplingConfig
 from runtime.engine.generate import Generator
@@ -261,20 +259,7 @@ def test_shared_system_prompt_reused(served, qwen_tok, gen):
 
 
 def test_socket_and_http_share_a_batch(served):
-    started, stop = threading.Event(), threading.Event()
-
-    def stream() -> None:  # long: the socket request comes while it runs
-        body = {"prompt": [1, 2, 3], "max_tokens": MAX_LEN - 8, "temperature": 0, "stream": True, "ignore_eos": True}
-        with httpx.stream("POST", f"{served.url}/v1/completions", json=body, timeout=300) as s:
-            for _ in s.iter_lines():
-                started.set()
-                if stop.is_set():
-                    break
-
-    t = threading.Thread(target=stream)
-    t.start()
-    try:
-        assert started.wait(60), "the HTTP stream did not start"
+    with long_stream(served.url, MAX_LEN - 8) as t:  # long: the socket request comes while it runs
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(120)
             s.connect(served.rec["socket"])
@@ -282,9 +267,6 @@ def test_socket_and_http_share_a_batch(served):
             with s.makefile("rb") as f:
                 msgs = [json.loads(line) for line in f]
         assert t.is_alive(), "the HTTP stream ended first"
-    finally:
-        stop.set()
-        t.join(120)
     done = msgs[-1]
     assert done.get("done") and done["batched"] == 2, done
     assert [m["token"] for m in msgs if "token" in m] == done["results"][0]["output_token_ids"]
