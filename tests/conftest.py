@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -113,6 +114,17 @@ def long_stream(url: str, max_tokens: int, headers: dict | None = None, timeout:
     finally:
         stop.set()
         t.join(120)
+
+
+def wait_until(cond, timeout_s: float, what: str, tick: float = 0.05):
+    """``cond()``'s first true value, polled every ``tick`` s; fails the test after ``timeout_s`` s, naming ``what``."""
+    t0 = time.monotonic()
+    while True:
+        v = cond()
+        if v:
+            return v
+        assert time.monotonic() - t0 < timeout_s, f"{what}: not within {timeout_s} s"
+        time.sleep(tick)
 
 
 def assert_user_error(proc, *needles) -> None:

@@ -43,13 +43,12 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
-from conftest import ROOT, long_stream, run_launch, scrape_metrics
+from conftest import ROOT, long_stream, run_launch, scrape_metrics, wait_until
 
 from runtime.engine.config import PrefillConfig, SamplingConfig
 from runtime.engine.generate import Generator
@@ -65,16 +64,6 @@ openai = pytest.importorskip("openai")
 KEY = "test-key-7f3a"
 MAX_LEN = 256
 QUESTION = "What is the capital of France? Answer in one sentence."
-
-
-def wait_until(cond, timeout_s: float, what: str, tick: float = 0.05):
-    t0 = time.monotonic()
-    while True:
-        v = cond()
-        if v:
-            return v
-        assert time.monotonic() - t0 < timeout_s, f"{what}: not within {timeout_s} s"
-        time.sleep(tick)
 
 
 @pytest.fixture(scope="module")

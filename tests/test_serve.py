@@ -32,7 +32,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, assert_user_error, long_stream, run_launch, scrape_metrics
+from conftest import ROOT, assert_user_error, long_stream, run_launch, scrape_metrics, wait_until
 
 from runtime.engine.config import SamplingConfig
 from runtime.engine.generate import Generator
@@ -56,16 +56,6 @@ TIME = {"type": "function", "function": {
     "name": "get_time", "description": "The time in a time zone",
     "parameters": {"type": "object", "properties": {"zone": {"type": "string", "maxLength": 20}},
                    "required": ["zone"], "additionalProperties": False}}}
-
-
-def wait_until(cond, timeout_s: float, what: str, tick: float = 0.05):
-    t0 = time.monotonic()
-    while True:
-        v = cond()
-        if v:
-            return v
-        assert time.monotonic() - t0 < timeout_s, f"{what}: not within {timeout_s} s"
-        time.sleep(tick)
 
 
 def alive(pid: int) -> bool:
