@@ -6,7 +6,9 @@
 # of the Llama-3.1-70B shape beside them as the baseline of the same machine. A table per suite run last.
 # Usage (repo root, GPU machine, .whl carried): bash benchmarks/gpu_arch.sh
 # env: SHAPES (qwen2.5-72b,qwen3-32b), SCHEMES ("bf16 int4"), BASELINE (1: the llama3.1-70b x8 bf16 row too),
-#      WITH_TESTS (1), TESTS_S (240: the tests' limit), NEW_TOKENS (8), SUITE_S (420: each suite run's limit)
+#      BASELINE_SCHEMES ("bf16": the baseline's schemes), WITH_TESTS (1), TESTS_S (240: the tests' limit),
+#      NEW_TOKENS (8), SUITE_S (420: each suite run's limit), DEPTHS (""): each quantized image's decode again with
+#      --group-prefetch-depth D for each D, and traced (benchmarks/trace_summary.py's last passes) when TRACE=1
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
@@ -20,17 +22,47 @@ if [ "${WITH_TESTS:-1}" = 1 ]; then
   echo "tests: $(grep -c ' PASSED' "$OUT/tests.txt") passed, $(grep -c ' SKIPPED' "$OUT/tests.txt") skipped"
   grep -E " (FAILED|ERROR)|^E |^(FAILED|ERROR) |passed|failed" "$OUT/tests.txt" | cut -c1-300 | tail -14
 fi
+again() {  # $1 label: the suite's quantized decodes again, with each of DEPTHS and traced
+  python3 - "$OUT/suite-$1/suite.json" "$OUT/suite-$1" > "$W/again-$1.txt" <<'PY'
+import json, sys
+for r in json.load(open(sys.argv[1]))["results"]:
+    print(r["shape"], r["layers"], r["run_gpu_cap_gb"], f'{sys.argv[2]}/{r["shape"]}-short.txt')
+PY
+  while read -r shape layers cap prompts; do
+    img=$(ls "$W/$shape-${layers}l"-*.img | head -1)
+    for d in ${DEPTHS:-}; do
+      timeout 120 python3 launch.py bench --image "$img" --prompts "$prompts" --max-new-tokens "${NEW_TOKENS:-8}" \
+        --warmup-rounds 1 --mode preload --workers 4 --gpu-mem-gb "$cap" --group-prefetch-depth "$d" \
+        --out-json "$OUT/$1-$shape-depth$d.json" > "$W/depth.log" 2>&1 || tail -3 "$W/depth.log"
+      python3 -c "import json,sys; b=json.load(open(sys.argv[1]))['bound']; print(sys.argv[2], 'depth', sys.argv[3], \
+        'step %.1f ms, H2D bound %.1f ms' % (b['decode_step_ms'], b['step_ms'] or 0))" \
+        "$OUT/$1-$shape-depth$d.json" "$shape $1" "$d" 2>/dev/null
+    done
+    if [ "${TRACE:-0}" = 1 ]; then
+      timeout 120 python3 launch.py bench --image "$img" --prompts "$prompts" --max-new-tokens "${NEW_TOKENS:-8}" \
+        --warmup-rounds 1 --mode preload --workers 4 --gpu-mem-gb "$cap" --trace "$OUT/$1-$shape.trace.json" \
+        --out-json "$OUT/$1-$shape-traced.json" > "$W/traced.log" 2>&1 || tail -3 "$W/traced.log"
+      echo "== trace $shape $1"; python3 benchmarks/trace_summary.py "$OUT/$1-$shape.trace.json" --last 3 2>&1 | tail -5
+    fi
+  done < "$W/again-$1.txt"
+}
 run_suite() {  # $1 label, $2 shapes, $3 scale, $4 extra flags
   timeout "${SUITE_S:-420}" python3 benchmarks/suite.py --scale "$3" --shapes "$2" --regimes a $4 --skip-peer \
     --new-tokens "${NEW_TOKENS:-8}" --workdir "$W" --out "$OUT/suite-$1" > "$W/suite-$1.log" 2>&1 \
     || { echo "suite $1 failed:"; tail -20 "$W/suite-$1.log"; }
+  [ -n "$4" ] && again "$1"
   rm -f "$W"/*.img "$W"/*.manifest.json; rm -rf "$W"/*.tokenizer  # the 64 GiB disk holds one shape's images
 }
 for s in ${SCHEMES:-bf16 int4}; do
   q=$([ "$s" = bf16 ] && echo "" || echo "--quantize $s --group-size 64 --quantize-output")
   run_suite "$s" "${SHAPES:-qwen2.5-72b,qwen3-32b}" arch "$q"
 done
-[ "${BASELINE:-1}" = 1 ] && run_suite llama-bf16 llama3.1-70b full ""
+if [ "${BASELINE:-1}" = 1 ]; then
+  for s in ${BASELINE_SCHEMES:-bf16}; do
+    q=$([ "$s" = bf16 ] && echo "" || echo "--quantize $s --group-size 64 --quantize-output")
+    run_suite "llama-$s" llama3.1-70b full "$q"
+  done
+fi
 ls /dev/shm | grep llms || echo "no leftover shared memory"
 for f in "$W"/suite-*.log; do
   echo "== $(basename "$f" .log)"; grep -A12 "^| shape" "$f" | grep "^|"

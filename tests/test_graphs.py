@@ -1,17 +1,20 @@
 """Decode steps at static shapes (runtime/engine/graphs.py): run without capture on the CPU they give the eager
 path's logits (fp32, within 1e-5) and greedy tokens; replayed from CUDA graphs, the eager path's greedy tokens
-(fp32), batch 1 and a left-padded batch of 3, across a KV-length bucket boundary, plain and int8/int4 images."""
+(fp32), batch 1 and a left-padded batch of 3, across a KV-length bucket boundary, plain and int8/int4 images;
+and the same per group where the weights stream (preload, stream, mixed)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import gpu_cap_gb
 
 from model.args import preset
 from model.synthetic import SyntheticCheckpoint
 from runtime.engine.config import EngineConfig
 from runtime.engine.generate import Generator, SamplingConfig, generator_for, padding
-from runtime.engine.graphs import StaticDecode, kv_bucket, kv_buckets
+from runtime.engine.graphs import StaticDecode, applies, kv_bucket, kv_buckets
+from runtime.engine.source import open_source
 from runtime.engine.weights import InMemoryWeights
 from runtime.format.image import Image, WeightFormat
 from runtime.format.pack import pack
@@ -60,6 +63,24 @@ def test_static_decode_equals_eager_cpu(tmp_path):
     assert outputs() == want and gen.cache is static.cache
 
 
+STREAMED = {"preload": dict(mode="preload"), "stream": dict(mode="stream", prefetch_distance=2),
+            "mixed": dict(mode="mixed", gpu_cached_layers=1, cpu_cache_layers=0, prefetch_distance=2)}
+
+
+@pytest.mark.parametrize("mode", ["preload", "stream"])
+def test_grouped_static_decode_equals_eager_cpu(tmp_path, mode):
+    """Over a streamed source the static step runs group by group (each group's weights fetched in the pass
+    order between the pieces): the eager path's greedy tokens, batch 3 then 1."""
+    image, cfg = tiny_image(tmp_path, "int8"), SamplingConfig(NEW)
+    with open_source(image, EngineConfig.of(**STREAMED[mode], workers=1, quiet=True), torch.device("cpu"),
+                     batch=3, max_len=MAX_LEN) as (src, _, _):
+        gen = Generator(src, MAX_LEN)
+        want = [[r.output_token_ids for r in gen.generate_batch(p, cfg)] for p in (PROMPTS, [PROMPTS[1]])]
+        gen.static = StaticDecode(gen, capture=False)
+        assert gen.static.grouped
+        assert [[r.output_token_ids for r in gen.generate_batch(p, cfg)] for p in (PROMPTS, [PROMPTS[1]])] == want
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
@@ -79,3 +100,23 @@ def test_cuda_graph_decode_equals_eager(tmp_path, scheme):
         b = len(prompts)
         assert {k for k in graphed.static.graphs if k[0] == b} == {(b, 256), (b, 320)}
     assert graphed.static.cache.shape[0] == 3
+
+
+@cuda
+@pytest.mark.parametrize("mode", sorted(STREAMED))
+@pytest.mark.parametrize("scheme", [None, "int4"])
+def test_cuda_graph_streamed_decode_equals_eager(tmp_path, mode, scheme):
+    """Streamed through staging buffers, a graph per group: the eager steps' greedy tokens, batch 3 then 1."""
+    image, cfg, dev = tiny_image(tmp_path, scheme), SamplingConfig(NEW), torch.device("cuda")
+    want = [[r.output_token_ids for r in Generator(InMemoryWeights(image, dev, quiet=True), MAX_LEN)
+             .generate_batch(p, cfg)] for p in (PROMPTS, [PROMPTS[2]])]
+    torch.cuda.empty_cache()
+    kw = dict(STREAMED[mode], gpu_mem_gb=gpu_cap_gb(0.5), workers=2, quiet=True)
+    kw.setdefault("gpu_cached_layers", 0)
+    with open_source(image, EngineConfig.of(**kw), dev, batch=3, max_len=MAX_LEN) as (src, plan, _):
+        assert plan.stream or plan.dram
+        gen = generator_for(src, EngineConfig.of(**kw), MAX_LEN)
+        assert applies(gen) and gen.static is not None and gen.static.grouped
+        got = [[r.output_token_ids for r in gen.generate_batch(p, cfg)] for p in (PROMPTS, [PROMPTS[2]])]
+        assert any(k[0] == "layers.0.attention" for k in gen.static.graphs)
+    assert got == want, (mode, scheme)

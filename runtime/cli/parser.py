@@ -111,10 +111,11 @@ def _runtime_args(p) -> None:
         help="CPU compute threads of this run (default: the cores shared evenly by the runs computing on this "
              "machine's CPU at the time, recounted as they come and go)")
     arg(g, "--cuda-graphs", E, choices=["on", "off"],
-        help="on (default): where every weight is resident on the CUDA device (--mode full) and the KV cache is "
-             "the device's own (not offloaded, no --topk-blk), each decode step replays a CUDA graph instead of "
-             "launching its kernels from Python (captured on first use per batch size and KV length, in buckets "
-             "of powers of two from 256 slots; one host sync per token); off: every step launched eagerly")
+        help="on (default): on CUDA, where the KV cache is the device's own (not offloaded, no --topk-blk), each "
+             "decode step replays a CUDA graph instead of launching its kernels from Python (--mode full: one "
+             "per step; streamed modes: one per group, replayed once its copy has landed), captured on first use "
+             "per batch size and KV length, in buckets of powers of two from 256 slots; one host sync per token; "
+             "off: every step launched eagerly")
     arg(g, "--attach", E, metavar="NAME",
         help="use the running daemon pool NAME (launch.py pool start) instead of starting a private pool: nothing "
              "is read from disk that the pool holds; the image defaults to the pool's, the GPU tier comes from "

@@ -241,7 +241,7 @@ class EngineConfig(FlagConfig):
     attach: str | None = None  # --attach NAME: the daemon pool NAME instead of a private pool
     trace: str | None = None  # --trace FILE: a Chrome trace of the run (engine/trace.py)
     threads: int | None = None  # CPU compute threads (None: the cores shared by the machine's runs)
-    cuda_graphs: str = "on"  # "on" | "off": decode steps replayed from CUDA graphs where weights are resident
+    cuda_graphs: str = "on"  # "on" | "off": decode steps replayed from CUDA graphs (runtime/engine/graphs.py)
     quiet: bool = False
 
     def __post_init__(self) -> None:

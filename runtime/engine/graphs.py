@@ -19,6 +19,17 @@ one, made anew (and the graphs dropped) only for a batch larger than it holds. A
 (``Generator.generate_batch`` keeps a batch whole until every sequence stops), so the graphs are per batch size,
 with no padding rows and no KV memory beyond the batch's.
 
+Where groups stream (``StreamedWeights``: --mode preload, stream, mixed), a step is captured per group instead
+(``grouped``): the pass's queries (a small graph per (batch, bucket) whose outputs it keeps), then each group's
+forward over its weights where they are when it runs, a GPU-tier tensor or staging buffer b, whose addresses
+are fixed for the run (the streamed source gives a group the same views in the same buffer every time), keyed
+(group, weights' address, batch, bucket). The source's ``get`` runs between the replays as it runs between
+eager groups: the compute stream waits for the group's copy, and the buffer it frees takes the next copy. Each
+group's graph reads the hidden state from one buffer and writes its result back into it; the final norm and
+the output matrix (the head, or a tied model's embedding, fetched after it) are two more graphs. Intermediates
+live in the shared pool only while a graph runs; the hidden state, the normed state and the logits are
+buffers made outside it.
+
 ``StaticDecode(gen, capture=False)`` runs the same static step without graphs, on any device: the CPU tests
 check it against the eager path. Used by runtime/engine/generate.py (``Generator.generate``, ``generate_batch``,
 ``--cuda-graphs``); runs in the client process.
@@ -26,13 +37,16 @@ check it against the eager path. Used by runtime/engine/generate.py (``Generator
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
 
-from model.transformer import Queries, forward_groups
+from model.arch import EMBED, HEAD
+from model.quant import QuantWeight
+from model.transformer import Pass, Queries, Weights, forward_groups, layer_passes, linear, rms_norm
 from runtime.engine.kv import DecodeStep, KVCache
+from runtime.engine.streamed import StreamedWeights
 from runtime.engine.weights import InMemoryWeights
 
 if TYPE_CHECKING:
@@ -60,11 +74,21 @@ def kv_bucket(keys: int, slots: int) -> int:
 
 
 def applies(gen: Generator) -> bool:
-    """Whether ``gen``'s decode steps can be captured: every weight resident on a CUDA device at fixed addresses
-    (an in-memory source, not wrapped: --trace times each group), the KV cache the plain device one with exact
-    attention, and no attention profiling (it synchronises inside the step)."""
-    return (gen.source.device.type == "cuda" and type(gen.source) is InMemoryWeights and not gen.kv_offload
-            and gen.kv.topk_blk is None and not gen.profile_attention)
+    """Whether ``gen``'s decode steps can be captured: the weights on a CUDA device at fixed addresses, every one
+    resident (an in-memory source) or streamed through fixed staging buffers (a streamed source of one process,
+    not a tensor-parallel rank's), neither wrapped (--trace times each group); the KV cache the plain device one
+    with exact attention, and no attention profiling (it synchronises inside the step)."""
+    src = gen.source
+    return (src.device.type == "cuda" and (type(src) is InMemoryWeights or
+                                           (type(src) is StreamedWeights and src.shard is None))
+            and not gen.kv_offload and gen.kv.topk_blk is None and not gen.profile_attention)
+
+
+def _address(w: Weights | torch.Tensor | QuantWeight) -> int:
+    """Where a group's weights (or one matrix) lie: the first tensor's address (the group's views are cut from
+    one buffer, so it names the buffer)."""
+    v = next(iter(w.values())) if isinstance(w, Mapping) else w
+    return (v if isinstance(v, torch.Tensor) else v.raw).data_ptr()
 
 
 class StaticDecode:
@@ -74,9 +98,12 @@ class StaticDecode:
 
     def __init__(self, gen: Generator, capture: bool = True) -> None:
         self.gen, self.capture = gen, capture
+        self.grouped = type(gen.source) is not InMemoryWeights  # a graph per group (module docstring)
         self.cache: KVCache | None = None
         self.ids = self.slot = self.pad = None  # the steps' inputs (begin): (rows, 1), (1,), (rows,) int64
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # (B, L) -> graph, logits
+        self.h = self.x = self.logits = None  # grouped: the hidden and the normed state, the logits (rows, ...)
+        # whole steps: (B, L) -> graph, logits; grouped: (piece, address, B, L) -> graph, its output
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, object]] = {}
         self.pool = None  # the graphs' memory pool, shared
 
     def begin(self, batch: int, pad: torch.Tensor | None) -> KVCache:
@@ -92,6 +119,11 @@ class StaticDecode:
             self.ids = torch.zeros((batch, 1), dtype=torch.long, device=dev)
             self.slot = torch.zeros(1, dtype=torch.long, device=dev)
             self.pad = torch.zeros(batch, dtype=torch.long, device=dev)
+            if self.grouped:
+                a = g.args
+                self.h = torch.zeros((batch, 1, a.dim), dtype=g.source.dtype, device=dev)
+                self.x = torch.zeros_like(self.h)
+                self.logits = torch.zeros((batch, a.vocab_size), dtype=torch.float32, device=dev)
         self.pad.zero_()
         if pad is not None:
             self.pad[:batch].copy_(pad)
@@ -107,6 +139,8 @@ class StaticDecode:
         self.ids[:b, 0].copy_(tokens if isinstance(tokens, torch.Tensor) else torch.tensor(tokens))
         self.slot.fill_(pos)  # a kernel argument, not a copy: no wait
         keys = kv_bucket(pos + 1, self.cache.shape[1])
+        if self.grouped:
+            return self._grouped(b, keys)
         if not self.capture:
             return self._run(b, keys)
         if (b, keys) not in self.graphs:
@@ -139,3 +173,53 @@ class StaticDecode:
             with torch.cuda.graph(graph, pool=self.pool):
                 logits = self._run(b, keys)
         return graph, logits
+
+    # ---- a graph per group (streamed sources) ------------------------------------------------------------
+    def _grouped(self, b: int, keys: int) -> torch.Tensor:
+        """The step of the first ``b`` sequences over ``keys`` slots, group by group from the source as it
+        streams: each group's graph replayed once ``get`` has made its weights ready -> logits (b, vocab) fp32."""
+        g, src, a = self.gen, self.gen.source, self.gen.args
+        queries = self._piece(("queries", 0, b, keys), lambda: Queries(rows=DecodeStep.at(self.slot, self.pad[:b],
+                                                                                          keys)))
+        p = Pass(a, g.rope, self.cache, queries)
+        h, x, logits = self.h[:b], self.x[:b], self.logits[:b]
+        h.copy_(src.embed(self.ids[:b]))  # the host lookup (a pinned DRAM table) stays out of the graphs
+        for group, fwd, layer in layer_passes(a):
+            w = src.get(group)
+            self._piece((group, _address(w), b, keys), lambda f=fwd, w=w, i=layer: f(h, w, p, i), h)
+        head = src.get(HEAD)
+        self._piece((HEAD, _address(head), b, keys), lambda: rms_norm(h, head["norm.weight"], a.norm_eps), x)
+        # as forward_groups: a tied model's output matrix is fetched after the head's norm is computed
+        out_w = src.get(EMBED)["tok_embeddings.weight"] if a.tie_embeddings else head["output.weight"]
+        self._piece(("output", _address(out_w), b, keys), lambda: linear(x, out_w).float()[:, -1], logits)
+        return logits
+
+    def _piece(self, key: tuple, fn, out: torch.Tensor | None = None):
+        """Run ``fn`` (no arguments: what it reads are the step's buffers and fixed weights) into ``out``, or
+        return its result where ``out`` is None; with ``capture``, by replaying its graph, captured at the first
+        use of ``key`` (the result kept as the graph's output where ``out`` is None)."""
+        if not self.capture:
+            return fn() if out is None else out.copy_(fn())
+        if key not in self.graphs:
+            self.graphs[key] = self._capture_piece(fn, out)
+        graph, result = self.graphs[key]
+        graph.replay()
+        return result
+
+    def _capture_piece(self, fn, out: torch.Tensor | None) -> tuple[torch.cuda.CUDAGraph, object]:
+        """The graph of ``fn`` (written into ``out``, which the warm-up runs leave alone: a group's forward reads
+        the state it replaces) and its result. thread_local: the pool's threads may call CUDA meanwhile."""
+        dev = self.cache.device
+        with torch.cuda.device(dev):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())  # the group's copy, waited for by get
+            with torch.cuda.stream(side):
+                for _ in range(WARMUP):
+                    fn()
+            torch.cuda.current_stream().wait_stream(side)  # before the next get frees the group's buffer
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                result = fn() if out is None else out.copy_(fn())
+        return graph, result
