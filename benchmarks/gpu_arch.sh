@@ -6,7 +6,7 @@
 # of the Llama-3.1-70B shape beside them as the baseline of the same machine. A table per suite run last.
 # Usage (repo root, GPU machine, .whl carried): bash benchmarks/gpu_arch.sh
 # env: SHAPES (qwen2.5-72b,qwen3-32b), SCHEMES ("bf16 int4"), BASELINE (1: the llama3.1-70b x8 bf16 row too),
-#      BASELINE_SCHEMES ("bf16": the baseline's schemes), WITH_TESTS (1), TESTS_S (240: the tests' limit),
+#      TEST_FILES (the CUDA tests' files), BASELINE_SCHEMES ("bf16": the baseline's schemes), WITH_TESTS (1), TESTS_S (240: the tests' limit),
 #      NEW_TOKENS (8), SUITE_S (420: each suite run's limit), DEPTHS (""): each quantized image's decode again with
 #      --group-prefetch-depth D for each D, and traced (benchmarks/trace_summary.py's last passes) when TRACE=1
 set -uo pipefail
@@ -16,9 +16,9 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; W=/tmp/arch; mkdir -p "$W"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; df -h /tmp | tail -1
 if [ "${WITH_TESTS:-1}" = 1 ]; then
   # one line a test (-v), so that a run cut short by its limit still shows what passed; the quantized kernels last
-  timeout "${TESTS_S:-240}" python3 -m pytest -v -p no:cacheprovider -n 0 --tb=short tests/test_architectures.py \
-    tests/test_streaming.py tests/test_bench.py tests/test_trace.py tests/test_speculative.py tests/test_quant_image.py \
-    tests/test_quant.py -k "gpu or cuda" > "$OUT/tests.txt" 2>&1
+  timeout "${TESTS_S:-240}" python3 -m pytest -v -p no:cacheprovider -n 0 --tb=short ${TEST_FILES:-tests/test_graphs.py \
+    tests/test_architectures.py tests/test_streaming.py tests/test_bench.py tests/test_trace.py tests/test_speculative.py \
+    tests/test_quant_image.py tests/test_quant.py} -k "gpu or cuda" > "$OUT/tests.txt" 2>&1
   echo "tests: $(grep -c ' PASSED' "$OUT/tests.txt") passed, $(grep -c ' SKIPPED' "$OUT/tests.txt") skipped"
   grep -E " (FAILED|ERROR)|^E |^(FAILED|ERROR) |passed|failed" "$OUT/tests.txt" | cut -c1-300 | tail -14
 fi
