@@ -1,7 +1,8 @@
 """Decode steps at static shapes (runtime/engine/graphs.py): run without capture on the CPU they give the eager
 path's logits (fp32, within 1e-5) and greedy tokens; replayed from CUDA graphs, the eager path's greedy tokens
 (fp32), batch 1 and a left-padded batch of 3, across a KV-length bucket boundary, plain and int8/int4 images;
-and the same per group where the weights stream (preload, stream, mixed)."""
+and the same per group where the weights stream (preload, stream, mixed); and a continuous batch's one-token passes
+(each row at its own slot, batch sizes in power-of-two buckets)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from model.args import preset
 from model.synthetic import SyntheticCheckpoint
 from runtime.engine.config import EngineConfig
 from runtime.engine.generate import Generator, SamplingConfig, generator_for, padding
-from runtime.engine.graphs import StaticDecode, applies, kv_bucket, kv_buckets
+from runtime.engine.graphs import StaticDecode, applies, batch_bucket, kv_bucket, kv_buckets
+from runtime.engine.scheduler import Scheduler, SchedulerConfig, SeqRequest
 from runtime.engine.source import open_source
 from runtime.engine.weights import InMemoryWeights
 from runtime.format.image import Image, WeightFormat
@@ -61,6 +63,46 @@ def test_static_decode_equals_eager_cpu(tmp_path):
     want = outputs()
     gen.static = static  # generate and generate_batch now decode through it (its cache kept: the batch's 3 rows)
     assert outputs() == want and gen.cache is static.cache
+
+
+def test_batch_buckets():
+    assert [batch_bucket(n, 8) for n in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8] and batch_bucket(5, 6) == 6
+
+
+def scheduled(gen: Generator, prompts: list[list[int]], graphs: bool, static: StaticDecode | None = None) \
+        -> tuple[list[list[int]], Scheduler]:
+    """Each prompt's greedy tokens from a continuous batch of 3 rows, the last prompt joining after 4 passes (so
+    passes mix decoding rows, a joining row's chunk and free rows)."""
+    sched = Scheduler(gen, SchedulerConfig(max_batch=3, graphs=graphs), max_len=MAX_LEN - 1)
+    if static is not None:
+        sched.static = static
+        static.adopt(sched.cache)
+    out: dict[int, list[int]] = {}
+    reqs = [SeqRequest(p, SamplingConfig(NEW), lambda k, x, i=i: out.__setitem__(i, x.output_token_ids)
+                       if k == "done" else None) for i, p in enumerate(prompts)]
+    for r in reqs[:-1]:
+        sched.submit(r)
+    for n in range(400):
+        if n == 4:
+            sched.submit(reqs[-1])
+        if not sched.tick() and n > 4:
+            break
+    return [out[i] for i in range(len(prompts))], sched
+
+
+def test_scheduler_static_rows_equal_eager_cpu(tmp_path):
+    """A continuous batch's one-token passes at static shapes (capture=False: the graphs' computation) give the
+    eager passes' tokens, with rows at different lengths, a joining row and free rows."""
+    gen = Generator(InMemoryWeights(tiny_image(tmp_path), "cpu", quiet=True), MAX_LEN)
+    prompts = [PROMPTS[0][:40], PROMPTS[1][:200], PROMPTS[2][:90]]
+    want, eager = scheduled(gen, prompts, graphs=True)  # on the CPU graphs do not apply: eager
+    assert eager.static is None
+    static = StaticDecode(gen, capture=False)
+    calls = []
+    step_rows = static.step_rows
+    static.step_rows = lambda *a: calls.append(len(a[0])) or step_rows(*a)
+    got, _ = scheduled(gen, prompts, graphs=False, static=static)
+    assert got == want and len(calls) >= NEW and set(calls) >= {2, 3}
 
 
 STREAMED = {"preload": dict(mode="preload"), "stream": dict(mode="stream", prefetch_distance=2),
@@ -120,3 +162,25 @@ def test_cuda_graph_streamed_decode_equals_eager(tmp_path, mode, scheme):
         got = [[r.output_token_ids for r in gen.generate_batch(p, cfg)] for p in (PROMPTS, [PROMPTS[2]])]
         assert any(k[0] == "layers.0.attention" for k in gen.static.graphs)
     assert got == want, (mode, scheme)
+
+
+@cuda
+@pytest.mark.parametrize("mode", ["full", "preload"])
+def test_cuda_graph_scheduler_equals_eager(tmp_path, mode):
+    """The continuous batch's one-token passes replayed from graphs (whole passes; per group where the weights
+    stream): the eager passes' greedy tokens."""
+    image, dev = tiny_image(tmp_path, "int4"), torch.device("cuda")
+    prompts = [PROMPTS[0][:40], PROMPTS[1][:200], PROMPTS[2][:90]]
+    ref = Generator(InMemoryWeights(image, dev, quiet=True), MAX_LEN)
+    want, _ = scheduled(ref, prompts, graphs=False)
+    if mode == "full":
+        got, sched = scheduled(ref, prompts, graphs=True)
+        assert sched.static is not None and not sched.static.grouped
+    else:
+        del ref
+        torch.cuda.empty_cache()
+        kw = dict(mode="preload", gpu_mem_gb=gpu_cap_gb(0.5), gpu_cached_layers=0, workers=2, quiet=True)
+        with open_source(image, EngineConfig.of(**kw), dev, batch=3, max_len=MAX_LEN) as (src, _, _):
+            got, sched = scheduled(Generator(src, MAX_LEN), prompts, graphs=True)
+            assert sched.static is not None and sched.static.grouped
+    assert sched.static.graphs and got == want, mode

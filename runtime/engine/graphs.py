@@ -91,16 +91,26 @@ def _address(w: Weights | torch.Tensor | QuantWeight) -> int:
     return (v if isinstance(v, torch.Tensor) else v.raw).data_ptr()
 
 
+def batch_bucket(rows: int, most: int) -> int:
+    """The batch size a continuous batch's step of ``rows`` rows runs at: the next power of two, at most ``most``
+    (the cache's rows), so that a batch that grows and shrinks replays a few graphs."""
+    return min(1 << max(rows - 1, 0).bit_length(), most)
+
+
 class StaticDecode:
-    """Decode steps of ``gen``'s requests at static shapes, replayed from CUDA graphs with ``capture`` (module
-    docstring), else run as they are (the same computation, for the CPU tests). ``begin`` sets up a request (its
-    cache, its padding), ``step`` runs each of its decode steps."""
+    """Decode steps at static shapes, replayed from CUDA graphs with ``capture`` (module docstring), else run as
+    they are (the same computation, for the CPU tests). For ``gen``'s requests: ``begin`` sets up a request (its
+    cache, its padding), ``step`` runs each of its decode steps. For a continuous batch (runtime/engine/
+    scheduler.py): ``adopt`` takes its cache, ``step_rows`` runs its passes in which every row decodes one token."""
 
     def __init__(self, gen: Generator, capture: bool = True) -> None:
         self.gen, self.capture = gen, capture
         self.grouped = type(gen.source) is not InMemoryWeights  # a graph per group (module docstring)
+        self.rows = False  # a continuous batch's (adopt): every row at its own slot
         self.cache: KVCache | None = None
-        self.ids = self.slot = self.pad = None  # the steps' inputs (begin): (rows, 1), (1,), (rows,) int64
+        # the steps' inputs: ids (rows, 1); a request's slot (1,) and padding (rows,); a continuous batch's
+        # (4, rows) buffer of ids, the slot each row writes, the last slot it sees, its rotary position
+        self.ids = self.slot = self.pad = self.inputs = None
         self.h = self.x = self.logits = None  # grouped: the hidden and the normed state, the logits (rows, ...)
         # whole steps: (B, L) -> graph, logits; grouped: (piece, address, B, L) -> graph, its output
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, object]] = {}
@@ -112,22 +122,34 @@ class StaticDecode:
         fewer sequences. Its slots are not cleared: every slot a step sees is written by the request first."""
         g = self.gen
         if self.cache is None or self.cache.shape[0] < batch:
-            self.graphs.clear()  # they hold the old cache's addresses
-            self.cache = self.pool = None  # freed before the larger cache is made
-            dev = g.source.device
-            self.cache = KVCache(g.args, batch, g.max_seq_len, g.source.dtype, dev, block_tokens=g.kv.block_tokens)
-            self.ids = torch.zeros((batch, 1), dtype=torch.long, device=dev)
-            self.slot = torch.zeros(1, dtype=torch.long, device=dev)
-            self.pad = torch.zeros(batch, dtype=torch.long, device=dev)
-            if self.grouped:
-                a = g.args
-                self.h = torch.zeros((batch, 1, a.dim), dtype=g.source.dtype, device=dev)
-                self.x = torch.zeros_like(self.h)
-                self.logits = torch.zeros((batch, a.vocab_size), dtype=torch.float32, device=dev)
+            self._buffers(None, batch)
+            self.cache = KVCache(g.args, batch, g.max_seq_len, g.source.dtype, g.source.device,
+                                 block_tokens=g.kv.block_tokens)
         self.pad.zero_()
         if pad is not None:
             self.pad[:batch].copy_(pad)
         return self.cache
+
+    def adopt(self, cache: KVCache) -> None:
+        """Decode a continuous batch's passes in ``cache`` (its rows and slots; the scheduler owns it)."""
+        self.rows = True
+        self._buffers(cache, cache.shape[0])
+
+    def _buffers(self, cache: KVCache | None, batch: int) -> None:
+        """The inputs' and the grouped states' buffers for ``batch`` rows, the graphs dropped (they hold the old
+        cache's and buffers' addresses), and the old cache freed before a new one is made."""
+        g, dev = self.gen, self.gen.source.device
+        self.graphs.clear()
+        self.cache = self.pool = None
+        self.cache = cache
+        self.slot = torch.zeros(1, dtype=torch.long, device=dev)
+        self.pad = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.inputs = torch.zeros((4, batch), dtype=torch.long, device=dev) if self.rows else None
+        self.ids = self.inputs[0].unsqueeze(1) if self.rows else torch.zeros((batch, 1), dtype=torch.long, device=dev)
+        if self.grouped:
+            self.h = torch.zeros((batch, 1, g.args.dim), dtype=g.source.dtype, device=dev)
+            self.x = torch.zeros_like(self.h)
+            self.logits = torch.zeros((batch, g.args.vocab_size), dtype=torch.float32, device=dev)
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor | Sequence[int], pos: int) -> torch.Tensor:
@@ -138,50 +160,44 @@ class StaticDecode:
             raise ValueError(f"decode slot {pos}: expected 0..{self.gen.max_seq_len - 1} (--max-seq-len)")
         self.ids[:b, 0].copy_(tokens if isinstance(tokens, torch.Tensor) else torch.tensor(tokens))
         self.slot.fill_(pos)  # a kernel argument, not a copy: no wait
-        keys = kv_bucket(pos + 1, self.cache.shape[1])
+        return self._step(b, kv_bucket(pos + 1, self.cache.shape[1]))
+
+    @torch.inference_mode()
+    def step_rows(self, tokens: Sequence[int], slots: Sequence[int], seen: Sequence[int],
+                  positions: Sequence[int]) -> torch.Tensor:
+        """One pass of the adopted continuous batch in which row i feeds ``tokens[i]``, writes its key and value
+        at slot ``slots[i]`` and sees slots [0, seen[i]], at rotary position ``positions[i]`` (a free row: the
+        scratch slot, 0, 0) -> logits (rows, vocab) fp32, valid until the next pass. Run at the batch's bucket
+        (``batch_bucket``), the rows beyond it free ones."""
+        n, scratch = len(tokens), self.cache.shape[1] - 1
+        b = batch_bucket(n, self.cache.shape[0])
+        if not 1 <= n <= self.cache.shape[0]:
+            raise ValueError(f"a pass of {n} rows: expected 1..{self.cache.shape[0]}, the cache's rows")
+        free = b - n
+        host = torch.tensor([list(tokens) + [0] * free, list(slots) + [scratch] * free, list(seen) + [0] * free,
+                             list(positions) + [0] * free], dtype=torch.long)
+        self.inputs[:, :b].copy_(host)  # one copy (ids are a view of its first row)
+        return self._step(b, kv_bucket(max(seen) + 1, self.cache.shape[1]))[:n]
+
+    def _queries(self, b: int, keys: int) -> Queries:
+        """The step's attention layout over the input buffers (in a captured graph, built at every replay)."""
+        if self.rows:
+            return Queries(rows=DecodeStep.of_rows(self.inputs[1, :b], self.inputs[2, :b], self.inputs[3, :b], keys))
+        return Queries(rows=DecodeStep.at(self.slot, self.pad[:b], keys))
+
+    def _step(self, b: int, keys: int) -> torch.Tensor:
+        """The step of the first ``b`` rows over the cache's first ``keys`` slots -> logits (b, vocab) fp32."""
         if self.grouped:
             return self._grouped(b, keys)
-        if not self.capture:
-            return self._run(b, keys)
-        if (b, keys) not in self.graphs:
-            self.graphs[b, keys] = self._capture(b, keys)
-        graph, logits = self.graphs[b, keys]
-        graph.replay()
-        return logits
-
-    def _run(self, b: int, keys: int) -> torch.Tensor:
-        """The step of the first ``b`` sequences over the cache's first ``keys`` slots, from the input buffers ->
-        logits (b, vocab) fp32."""
         g = self.gen
-        queries = Queries(rows=DecodeStep.at(self.slot, self.pad[:b], keys))
-        return forward_groups(self.ids[:b], queries, g.args, g.source, g.rope, self.cache, last_only=True)[:, -1]
+        return self._piece((b, keys), lambda: forward_groups(self.ids[:b], self._queries(b, keys), g.args, g.source,
+                                                             g.rope, self.cache, last_only=True)[:, -1])
 
-    def _capture(self, b: int, keys: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        """The graph of ``_run(b, keys)`` and its output. The warm-up runs compute the step the replay will (its
-        inputs are set), so the slot they write holds what the replay writes again."""
-        dev = self.cache.device
-        with torch.cuda.device(dev):
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(WARMUP):
-                    self._run(b, keys)
-            torch.cuda.current_stream().wait_stream(side)
-            if self.pool is None:
-                self.pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                logits = self._run(b, keys)
-        return graph, logits
-
-    # ---- a graph per group (streamed sources) ------------------------------------------------------------
     def _grouped(self, b: int, keys: int) -> torch.Tensor:
-        """The step of the first ``b`` sequences over ``keys`` slots, group by group from the source as it
-        streams: each group's graph replayed once ``get`` has made its weights ready -> logits (b, vocab) fp32."""
+        """The step group by group from the source as it streams: each group's graph replayed once ``get`` has
+        made its weights ready -> logits (b, vocab) fp32."""
         g, src, a = self.gen, self.gen.source, self.gen.args
-        queries = self._piece(("queries", 0, b, keys), lambda: Queries(rows=DecodeStep.at(self.slot, self.pad[:b],
-                                                                                          keys)))
-        p = Pass(a, g.rope, self.cache, queries)
+        p = Pass(a, g.rope, self.cache, self._piece(("queries", 0, b, keys), lambda: self._queries(b, keys)))
         h, x, logits = self.h[:b], self.x[:b], self.logits[:b]
         h.copy_(src.embed(self.ids[:b]))  # the host lookup (a pinned DRAM table) stays out of the graphs
         for group, fwd, layer in layer_passes(a):
@@ -201,22 +217,23 @@ class StaticDecode:
         if not self.capture:
             return fn() if out is None else out.copy_(fn())
         if key not in self.graphs:
-            self.graphs[key] = self._capture_piece(fn, out)
+            self.graphs[key] = self._capture(fn, out)
         graph, result = self.graphs[key]
         graph.replay()
         return result
 
-    def _capture_piece(self, fn, out: torch.Tensor | None) -> tuple[torch.cuda.CUDAGraph, object]:
+    def _capture(self, fn, out: torch.Tensor | None) -> tuple[torch.cuda.CUDAGraph, object]:
         """The graph of ``fn`` (written into ``out``, which the warm-up runs leave alone: a group's forward reads
-        the state it replaces) and its result. thread_local: the pool's threads may call CUDA meanwhile."""
-        dev = self.cache.device
-        with torch.cuda.device(dev):
+        the state it replaces) and its result. The warm-up runs compute what the replay will (the inputs are set),
+        so a slot they write holds what the replay writes again. thread_local: the pool's threads may call CUDA
+        meanwhile."""
+        with torch.cuda.device(self.cache.device):
             side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())  # the group's copy, waited for by get
+            side.wait_stream(torch.cuda.current_stream())  # the inputs, and a group's copy (waited for by get)
             with torch.cuda.stream(side):
                 for _ in range(WARMUP):
                     fn()
-            torch.cuda.current_stream().wait_stream(side)  # before the next get frees the group's buffer
+            torch.cuda.current_stream().wait_stream(side)  # before the next get frees a group's buffer
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()

@@ -52,7 +52,8 @@ class TreeRowQueries(RowQueries):
 class DecodeStep(RowQueries):
     """A decode step at static shapes, as a CUDA graph replays it (runtime/engine/graphs.py): the RowQueries of one
     query per sequence, every one at the cache slot the device tensor ``slot`` (1,) int64 holds (``slots`` and
-    ``visible`` are it, expanded), so that no Python number of the pass changes from step to step. It attends to
+    ``visible`` are it, expanded; a continuous batch's step, ``of_rows``: each row at its own, ``slot`` (B,)),
+    so that no Python number of the pass changes from step to step. It attends to
     the cache's first ``end`` slots (the step's KV-length bucket; ``lo``, ``hi``: 0 and ``end``), of which
     ``mask`` (B, 1, 1, end) bool marks [pad[b], slot]: a left-padded batch's padding is masked, its rotary
     positions are slot - pad[b]. ``KVCache.attend_step`` attends it."""
@@ -68,6 +69,16 @@ class DecodeStep(RowQueries):
         mask = ((k <= slot) & (k >= pad.view(-1, 1))).view(-1, 1, 1, keys)  # (B, 1, 1, L)
         at = slot.expand(pad.shape[0], 1)  # (B, 1)
         return cls((slot - pad).view(-1, 1), at, at, keys, 0, keys, slot, mask)
+
+    @classmethod
+    def of_rows(cls, slots: torch.Tensor, seen: torch.Tensor, positions: torch.Tensor, keys: int) -> DecodeStep:
+        """A continuous batch's step (runtime/engine/scheduler.py) over ``keys`` slots: row b writes at slot
+        ``slots[b]``, sees slots [0, seen[b]] and sits at rotary position ``positions[b]`` (all (B,) int64 on the
+        device; a free row writes the scratch slot and sees slot 0)."""
+        k = torch.arange(keys, device=slots.device)
+        mask = (k <= seen.view(-1, 1)).view(-1, 1, 1, keys)
+        at = slots.view(-1, 1)
+        return cls(positions.view(-1, 1), at, seen.view(-1, 1), keys, 0, keys, slots, mask)
 
 
 class KVCache:
@@ -177,8 +188,13 @@ class KVCache:
             raise ValueError("a static decode step attends exactly: not with --topk-blk")
         b, n = q.shape[0], step.end
         ck, cv = self.acquire(layer)
-        ck[:b].index_copy_(1, step.slot, k.to(ck.dtype))
-        cv[:b].index_copy_(1, step.slot, v.to(cv.dtype))
+        if step.slot.numel() == 1:  # every sequence at one slot
+            ck[:b].index_copy_(1, step.slot, k.to(ck.dtype))
+            cv[:b].index_copy_(1, step.slot, v.to(cv.dtype))
+        else:  # a continuous batch: each row at its own
+            r = torch.arange(b, device=ck.device)
+            ck[r, step.slot] = k[:, 0].to(ck.dtype)
+            cv[r, step.slot] = v[:, 0].to(cv.dtype)
         keys, values = ck[:b, :n].transpose(1, 2), cv[:b, :n].transpose(1, 2)  # (B, n_kv, L, hd)
         out = _folded_gqa_attention(q.transpose(1, 2), keys, values, step.mask)
         return out.transpose(1, 2).reshape(b, 1, -1)  # (B, 1, n_heads x hd)

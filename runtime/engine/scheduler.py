@@ -67,6 +67,7 @@ from model.transformer import RowQueries
 from runtime.engine.batching import chunk_per_sequence
 from runtime.engine.config import SamplingConfig
 from runtime.engine.generate import GenerationResult, Generator
+from runtime.engine.graphs import StaticDecode, applies
 from runtime.engine.kv import RowTree, TreeRowQueries
 from runtime.engine.prefix import PrefixIndex, block_hashes
 from runtime.engine.sampling import MAX_LOGPROBS, Constraint, Sampled, TokenChooser, logprobs_of
@@ -84,12 +85,14 @@ class QueueFull(Exception):
 @dataclass(frozen=True)
 class SchedulerConfig:
     """``max_batch`` rows share each pass; at most ``max_queue`` requests wait; ``static``: admit only into an
-    empty batch; ``prefix_cache``: reuse the KV entries of earlier prompts (runtime/engine/prefix.py)."""
+    empty batch; ``prefix_cache``: reuse the KV entries of earlier prompts (runtime/engine/prefix.py);
+    ``graphs``: runtime/engine/graphs.py (``StaticDecode.step_rows``)."""
 
     max_batch: int = 8
     max_queue: int = 64
     static: bool = False
     prefix_cache: bool = True
+    graphs: bool = False  # passes where every row feeds one token replayed from CUDA graphs, where they apply
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -156,13 +159,16 @@ class StepStats:
 
 @dataclass
 class _Pass:
-    tokens: torch.Tensor  # (hi, S)
-    rows: RowQueries
+    tokens: torch.Tensor | None  # (hi, S)
+    rows: RowQueries | None
     select: torch.Tensor | None  # flat positions whose logits are kept (None: each row's last column)
     feeds: list[int]  # tokens each row feeds (0: a free row's dummy)
     spans: list[tuple[int, int]]  # each row's (first, count) rows of the pass's logits
     trees: dict[int, Tree]  # row -> its token tree (speculative)
     draft_ms: float = 0.0
+    # a pass in which every row feeds one token, for the static step (tokens, slots, seen, positions) per row;
+    # then tokens, rows and select are None
+    flat: tuple[list[int], list[int], list[int], list[int]] | None = None
 
 
 class Scheduler:
@@ -181,6 +187,10 @@ class Scheduler:
         self.slots = (self.gen.max_seq_len if self.spec is not None else self.max_len) + 1
         self.scratch = self.slots - 1
         self.cache = self.gen.new_cache(cfg.max_batch, slots=self.slots)
+        self.static = None  # one-token passes replayed from CUDA graphs over the cache (runtime/engine/graphs.py)
+        if cfg.graphs and applies(self.gen):
+            self.static = StaticDecode(self.gen)
+            self.static.adopt(self.cache)
         self.index = PrefixIndex(cfg.max_batch) if cfg.prefix_cache else None
         self.rows: list[_Row | None] = [None] * cfg.max_batch
         self._queue: collections.deque[SeqRequest] = collections.deque()
@@ -471,6 +481,9 @@ class Scheduler:
             select.extend(range(i * s + s - wanted, i * s + s))
             if i in trees:
                 row_trees.append(RowTree(i, pad, first, trees[i].visible(range(n), dev)))
+        if s == 1 and self.static is not None and not row_trees and not keep_all:
+            flat = tuple([x[0] for x in col] for col in (toks, slots, vis, pos))
+            return _Pass(None, None, None, feeds, spans, trees, draft_ms, flat)
         t = lambda x: torch.tensor(x, dtype=torch.long, device=dev)  # noqa: E731
         if row_trees:
             rows = TreeRowQueries(t(pos), t(slots), t(vis), end, lo, end, tuple(row_trees))
@@ -485,7 +498,10 @@ class Scheduler:
         t1 = time.perf_counter()  # the pass, the draft's trees made
         joining = sum(1 for r in self.rows if r is not None and r.last is None)
         try:
-            logits = self.gen.forward_rows(p.tokens, self.cache, p.rows, p.select)  # (hi or N, vocab)
+            if p.flat is not None:
+                logits = self.static.step_rows(*p.flat)  # (hi, vocab)
+            else:
+                logits = self.gen.forward_rows(p.tokens, self.cache, p.rows, p.select)  # (hi or N, vocab)
             greedy = logits.argmax(-1).tolist()  # one wait for the device
         except Exception as e:
             msg = f"the request failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"

@@ -467,14 +467,15 @@ def _serve_model(cfg: ServeConfig, engine: EngineConfig, stopping: dict, image: 
     with open_source(image, engine, device, batch=rows, max_len=max_len + room) as (source, plan, handle):
         if lk["disk"] is None and plan is not None and plan.disk_bytes_per_pass:  # the run streams from disk
             lk["disk"] = measure_disk_quick(str(image.path), image.image_size, 4)
-        # the scheduler's passes are eager (runtime/engine/graphs.py captures generate's decode steps only): no
-        # graphs, and no KV cache kept for them beside the scheduler's
+        # the generator's own static decode off: no KV cache kept for its requests beside the scheduler's, whose
+        # one-token passes replay graphs over its own (SchedulerConfig.graphs)
         gen = run_generator(source, engine.replace(cuda_graphs="off"), image, max_len + room)
         gen.generate([1], SamplingConfig(2 if room else 1))  # one pass: the whole path is warm before the first request
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         sched = Scheduler(gen, SchedulerConfig(rows, cfg.max_queue, cfg.batching == "static",
-                                               prefix_cache=not cfg.no_prefix_cache), max_len)
+                                               prefix_cache=not cfg.no_prefix_cache,
+                                               graphs=engine.cuda_graphs == "on"), max_len)
         bound = bound_report(plan, lk, None)
         gpu, host = memory_report(device, source, handle)
         sock = _listen(pool_file(name, "socket"))
