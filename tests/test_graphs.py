@@ -63,6 +63,9 @@ def test_static_decode_equals_eager_cpu(tmp_path):
     want = outputs()
     gen.static = static  # generate and generate_batch now decode through it (its cache kept: the batch's 3 rows)
     assert outputs() == want and gen.cache is static.cache
+    gen.static = StaticDecode(gen, capture=False)
+    gen.static.grouped = True  # piece by piece, every group resident: one run (as a streamed source's GPU tier)
+    assert outputs() == want
 
 
 def test_batch_buckets():

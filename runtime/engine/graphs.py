@@ -37,7 +37,7 @@ check it against the eager path. Used by runtime/engine/generate.py (``Generator
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -194,49 +194,69 @@ class StaticDecode:
                                                              g.rope, self.cache, last_only=True)[:, -1])
 
     def _grouped(self, b: int, keys: int) -> torch.Tensor:
-        """The step group by group from the source as it streams: each group's graph replayed once ``get`` has
-        made its weights ready -> logits (b, vocab) fp32."""
+        """The step group by group from the source as it streams: each streamed group's graph replayed once
+        ``get`` has made its weights ready, each run of resident groups (the GPU tier) one graph -> logits (b,
+        vocab) fp32. A group's step writes the state it reads (h; the head's norm x, the logits)."""
         g, src, a = self.gen, self.gen.source, self.gen.args
-        p = Pass(a, g.rope, self.cache, self._piece(("queries", 0, b, keys), lambda: self._queries(b, keys)))
+        p = Pass(a, g.rope, self.cache, self._piece(("queries", b, keys), lambda: self._queries(b, keys)))
         h, x, logits = self.h[:b], self.x[:b], self.logits[:b]
         h.copy_(src.embed(self.ids[:b]))  # the host lookup (a pinned DRAM table) stays out of the graphs
-        for group, fwd, layer in layer_passes(a):
-            w = src.get(group)
-            self._piece((group, _address(w), b, keys), lambda f=fwd, w=w, i=layer: f(h, w, p, i), h)
-        head = src.get(HEAD)
-        self._piece((HEAD, _address(head), b, keys), lambda: rms_norm(h, head["norm.weight"], a.norm_eps), x)
+        steps = [(group, lambda w, f=fwd, i=layer: h.copy_(f(h, w, p, i))) for group, fwd, layer in layer_passes(a)]
+        steps.append((HEAD, lambda w: x.copy_(rms_norm(h, w["norm.weight"], a.norm_eps))))
         # as forward_groups: a tied model's output matrix is fetched after the head's norm is computed
-        out_w = src.get(EMBED)["tok_embeddings.weight"] if a.tie_embeddings else head["output.weight"]
-        self._piece(("output", _address(out_w), b, keys), lambda: linear(x, out_w).float()[:, -1], logits)
+        out, name = (EMBED, "tok_embeddings.weight") if a.tie_embeddings else (HEAD, "output.weight")
+        steps.append((out, lambda w: logits.copy_(linear(x, w[name]).float()[:, -1])))
+        resident = getattr(src, "resident", None)  # the GPU tier's groups (None: an in-memory source, all)
+        run: list[tuple[str, Weights, Callable]] = []  # resident groups not replayed yet
+
+        def flush() -> None:
+            if run:
+                key = tuple((gr, _address(w)) for gr, w, _ in run) + (b, keys)
+                self._piece(key, lambda r=tuple(run): [fn(w) for _, w, fn in r], keep=h)
+                run.clear()
+
+        got: tuple[str, Weights] | None = None  # the untied head's weights serve its two steps: one get
+        for group, fn in steps:
+            streamed = resident is not None and group not in resident
+            if streamed:
+                flush()  # before get: the compute stream waits there for the group's copy
+            w = got[1] if got is not None and got[0] == group else src.get(group)
+            got = (group, w)
+            run.append((group, w, fn))
+            if streamed:
+                flush()
+        flush()
         return logits
 
-    def _piece(self, key: tuple, fn, out: torch.Tensor | None = None):
-        """Run ``fn`` (no arguments: what it reads are the step's buffers and fixed weights) into ``out``, or
-        return its result where ``out`` is None; with ``capture``, by replaying its graph, captured at the first
-        use of ``key`` (the result kept as the graph's output where ``out`` is None)."""
+    def _piece(self, key: tuple, fn: Callable, keep: torch.Tensor | None = None):
+        """Run ``fn`` (no arguments: what it reads are the step's buffers and fixed weights) and return its result;
+        with ``capture``, by replaying its graph, captured at the first use of ``key`` (its result kept as the
+        graph's output). ``keep``: a state ``fn`` overwrites, restored after each warm-up run."""
         if not self.capture:
-            return fn() if out is None else out.copy_(fn())
+            return fn()
         if key not in self.graphs:
-            self.graphs[key] = self._capture(fn, out)
+            self.graphs[key] = self._capture(fn, keep)
         graph, result = self.graphs[key]
         graph.replay()
         return result
 
-    def _capture(self, fn, out: torch.Tensor | None) -> tuple[torch.cuda.CUDAGraph, object]:
-        """The graph of ``fn`` (written into ``out``, which the warm-up runs leave alone: a group's forward reads
-        the state it replaces) and its result. The warm-up runs compute what the replay will (the inputs are set),
-        so a slot they write holds what the replay writes again. thread_local: the pool's threads may call CUDA
-        meanwhile."""
+    def _capture(self, fn: Callable, keep: torch.Tensor | None) -> tuple[torch.cuda.CUDAGraph, object]:
+        """The graph of ``fn`` and its result. The warm-up runs compute what the replay will (the inputs are set,
+        ``keep`` restored after each), so a slot they write holds what the replay writes again. thread_local: the
+        pool's threads may call CUDA meanwhile."""
         with torch.cuda.device(self.cache.device):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())  # the inputs, and a group's copy (waited for by get)
             with torch.cuda.stream(side):
+                saved = keep.clone() if keep is not None else None
                 for _ in range(WARMUP):
                     fn()
+                    if keep is not None:
+                        keep.copy_(saved)
             torch.cuda.current_stream().wait_stream(side)  # before the next get frees a group's buffer
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                result = fn() if out is None else out.copy_(fn())
+                result = fn()
         return graph, result
