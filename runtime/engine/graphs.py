@@ -20,15 +20,15 @@ one, made anew (and the graphs dropped) only for a batch larger than it holds. A
 with no padding rows and no KV memory beyond the batch's.
 
 Where groups stream (``StreamedWeights``: --mode preload, stream, mixed), a step is captured per group instead
-(``grouped``): the pass's queries (a small graph per (batch, bucket) whose outputs it keeps), then each group's
-forward over its weights where they are when it runs, a GPU-tier tensor or staging buffer b, whose addresses
-are fixed for the run (the streamed source gives a group the same views in the same buffer every time), keyed
-(group, weights' address, batch, bucket). The source's ``get`` runs between the replays as it runs between
-eager groups: the compute stream waits for the group's copy, and the buffer it frees takes the next copy. Each
-group's graph reads the hidden state from one buffer and writes its result back into it; the final norm and
-the output matrix (the head, or a tied model's embedding, fetched after it) are two more graphs. Intermediates
-live in the shared pool only while a graph runs; the hidden state, the normed state and the logits are
-buffers made outside it.
+(``grouped``): the pass's queries (a small graph per (batch, bucket) whose outputs it keeps), then each streamed
+group's forward over staging buffer b, whose address is fixed for the run (the streamed source gives a group the
+same views in the same buffer every time), and each run of resident groups (the GPU tier, between two streamed
+ones) as one graph; keyed by the groups, their weights' addresses, the batch and the bucket. The source's ``get``
+runs between the replays as it runs between eager groups: the compute stream waits for a streamed group's copy,
+and the buffer the previous one frees takes the next copy. Each graph reads the hidden state from one buffer and
+writes it back there; the final norm and the output matrix (the head's, or a tied model's embedding, fetched
+after it) write two more. Intermediates live in the shared pool only while a graph runs; the hidden state, the
+normed state and the logits are buffers made outside it.
 
 ``StaticDecode(gen, capture=False)`` runs the same static step without graphs, on any device: the CPU tests
 check it against the eager path. Used by runtime/engine/generate.py (``Generator.generate``, ``generate_batch``,
