@@ -70,6 +70,8 @@ class StreamedWeights:
         self.stream_pos = 0  # absolute position in the streamed sequence
         self.held: tuple[int, int] | None = None  # CPU: the streamed slot the last group was computed from
         self.dense: dict[str, Weights] = {}  # CPU: quantized DRAM-tier groups, dequantized on first use
+        self.pinned: torch.Tensor | None = None  # CUDA: the host lookups' staging (_upload) ...
+        self.uploaded: torch.cuda.Event | None = None  # ... and its last copy's event
         # The plan's device memory first (GPU tier buffers, staging buffers), then ``on_allocated`` (the CUDA
         # warm-up thread: what it allocates comes out of the activations' share, never out of these).
         self.tier_bufs = {g: torch.empty(self._extent(g)[1], dtype=torch.uint8, device=self.device)
@@ -242,7 +244,23 @@ class StreamedWeights:
         if EMBED in self.resident:
             return lookup(tokens, self.resident[EMBED], self.dtype)
         host = lookup(tokens.cpu(), self.dram_views(EMBED), self.dtype)  # host lookup, rows only
-        return host.to(self.device, non_blocking=True)
+        return self._upload(host) if self.cuda else host
+
+    def _upload(self, host: torch.Tensor) -> torch.Tensor:
+        """``host`` on the device through a pinned buffer: the copy is queued on the compute stream and the host
+        goes on issuing the pass (from pageable memory it would wait for the copy, itself queued behind the
+        copy engine's weight copies). The buffer is refilled once its last copy's event has passed."""
+        n = host.numel()
+        if self.pinned is None or self.pinned.numel() < n:
+            self.pinned, self.uploaded = torch.empty(n, dtype=host.dtype, pin_memory=True), None
+        if self.uploaded is not None:
+            self.uploaded.synchronize()
+        buf = self.pinned[:n].view(host.shape)
+        buf.copy_(host)
+        out = buf.to(self.device, non_blocking=True)
+        self.uploaded = torch.cuda.Event()
+        self.uploaded.record(torch.cuda.current_stream(self.device))
+        return out
 
     def get(self, group: str) -> Weights:
         if self.cuda and self.last_streamed is not None:
