@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from model.arch import architecture
 from model.transformer import Queries, forward_groups
 from runtime.engine.kv import DecodeStep, KVCache
 from runtime.engine.weights import InMemoryWeights
@@ -62,9 +63,10 @@ def kv_bucket(keys: int, slots: int) -> int:
 def applies(gen: Generator) -> bool:
     """Whether ``gen``'s decode steps can be captured: every weight resident on a CUDA device at fixed addresses
     (an in-memory source, not wrapped: --trace times each group), the KV cache the plain device one with exact
-    attention, and no attention profiling (it synchronises inside the step)."""
+    attention, no attention profiling (it synchronises inside the step), and no mixture of experts (its router's
+    choice is read on the host every layer: the step's work is not the same from one step to the next)."""
     return (gen.source.device.type == "cuda" and type(gen.source) is InMemoryWeights and not gen.kv_offload
-            and gen.kv.topk_blk is None and not gen.profile_attention)
+            and gen.kv.topk_blk is None and not gen.profile_attention and not architecture(gen.args).routed)
 
 
 class StaticDecode:
