@@ -266,11 +266,28 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mistral-nemo-12b": dict(arch="mistral", dim=5120, n_layers=40, n_heads=32, n_kv_heads=8, head_dim=128,
                              vocab_size=131072, ffn_hidden=14336, norm_eps=1e-5, rope_theta=1000000.0,
                              max_seq_len=131072),
+    # mixtures of experts (ffn_hidden: one expert's): 8 experts of 14336 (top-2); 128 of 768 / 1536 (top-8); 64
+    # of 2560 (top-8) and a shared expert of 20480
+    "mixtral-8x7b": dict(arch="mixtral", dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=32000,
+                         ffn_hidden=14336, norm_eps=1e-5, rope_theta=1000000.0, max_seq_len=32768, n_experts=8,
+                         n_experts_used=2, norm_topk_prob=True),
+    "qwen3-30b-a3b": dict(arch="qwen3_moe", dim=2048, n_layers=48, n_heads=32, n_kv_heads=4, head_dim=128,
+                          vocab_size=151936, ffn_hidden=768, norm_eps=1e-6, rope_theta=1000000.0, max_seq_len=40960,
+                          qk_norm=True, n_experts=128, n_experts_used=8, norm_topk_prob=True),
+    "qwen3-235b-a22b": dict(arch="qwen3_moe", dim=4096, n_layers=94, n_heads=64, n_kv_heads=4, head_dim=128,
+                            vocab_size=151936, ffn_hidden=1536, norm_eps=1e-6, rope_theta=1000000.0,
+                            max_seq_len=40960, qk_norm=True, n_experts=128, n_experts_used=8, norm_topk_prob=True),
+    "qwen2-57b-a14b": dict(arch="qwen2_moe", dim=3584, n_layers=28, n_heads=28, n_kv_heads=4, vocab_size=151936,
+                           ffn_hidden=2560, norm_eps=1e-6, rope_theta=1000000.0, max_seq_len=32768, qkv_bias=True,
+                           n_experts=64, n_experts_used=8, shared_ffn_hidden=20480),
     # tiny shapes of the other architectures, for tests: biases and a tied embedding; head_dim != dim / heads
     "tiny-qwen2": dict(arch="qwen2", dim=256, n_layers=4, n_heads=8, n_kv_heads=2, vocab_size=512, ffn_hidden=704,
                        norm_eps=1e-6, rope_theta=1000000.0, max_seq_len=8192, qkv_bias=True, tie_embeddings=True),
     "tiny-qwen3": dict(arch="qwen3", dim=256, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=48, vocab_size=512,
                        ffn_hidden=704, norm_eps=1e-6, rope_theta=1000000.0, max_seq_len=8192, qk_norm=True),
+    "tiny-mixtral": dict(arch="mixtral", dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, ffn_hidden=96,
+                         norm_eps=1e-5, rope_theta=1000000.0, max_seq_len=8192, n_experts=8, n_experts_used=2,
+                         norm_topk_prob=True),
 }
 
 

@@ -320,3 +320,18 @@ def test_gpu_equals_transformers(built, name, mode):
             logits = gen.forward(torch.tensor([PROMPT], device=dev), 0, gen.new_cache(1)).cpu()
     assert tokens == hf_greedy(model, PROMPT, NEW)
     assert (logits - hf_logits(model, [PROMPT])).abs().max().item() <= 1e-3
+
+
+def test_cli_runs_a_synthetic_mixture_streamed(tmp_path):
+    """The synthetic tiny-mixtral shape packed, and ``run --mode stream`` on it: the tokens of an in-process full
+    run, and the plan names the expert groups' label."""
+    from model.synthetic import SyntheticCheckpoint
+
+    img, out = tmp_path / "mx.img", tmp_path / "out.json"
+    pack(SyntheticCheckpoint("tiny-mixtral"), img, dtype="fp32", quiet=True)
+    proc = run_launch("run", "--image", str(img), "--prompt-ids", "1,2,3,4,5", "--max-new-tokens", "4", "--device",
+                      "cpu", "--mode", "stream", "--out-json", str(out))
+    assert "16 exp" in proc.stderr + proc.stdout, proc.stderr
+    gen = Generator(InMemoryWeights(Image.open(img), "cpu", quiet=True), 16)
+    assert json.loads(out.read_text())["output_token_ids"] == gen.generate([1, 2, 3, 4, 5],
+                                                                           SamplingConfig(4)).output_token_ids

@@ -234,6 +234,9 @@ def model_spec(cfg: ProbeConfig) -> ModelSpec:
                          image.formats(), image.format_summary())
     shape, dtype = cfg.shape or DEFAULT_SHAPE, cfg.dtype or "bf16"
     args = preset(shape)
+    if architecture(args).routed:
+        raise ConfigError(f"probe: --shape {shape} is a {args.arch} mixture of experts, whose per-expert compute and "
+                          f"routing the probe does not measure yet (issue 29)")
     return ModelSpec(args, dtype, layout_group_bytes(args, dtype), f"preset {shape} (no image)")
 
 
