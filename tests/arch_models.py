@@ -157,6 +157,8 @@ def gguf_tensors(model, arch: str) -> dict[str, np.ndarray]:
                 a = _llama_permute(a, c.num_attention_heads)
             elif arch == "llama" and rest == "self_attn.k_proj.weight":
                 a = _llama_permute(a, c.num_key_value_heads)
+            if rest == "mlp.shared_expert_gate.weight":  # (1, dim) stored as (dim,), as the Hub's GGUFs hold it
+                a = a.reshape(-1)  # (transformers' GGUF reader: "quantized one is (2048)")
             if ".experts." in rest:  # ...experts.{e}.w1.weight: expert e of the layer's stack
                 e, local = rest.split(".experts.", 1)[1].split(".", 1)
                 stacks.setdefault(f"blk.{i}.{_STACKED[local]}", {})[int(e)] = a
