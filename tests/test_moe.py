@@ -10,7 +10,8 @@ them) and converted to GGUF as llama.cpp's converter does (experts stacked in ``
     ``generate``, logits within 1e-4 (fp32); Q8_0 blocks of stacked experts kept, split per expert;
   - every streaming mode (the cyclic stream moves every expert group each pass): preload, stream, and mixed
     with experts in the client's memory, in the DRAM tier and streamed; nothing left in /dev/shm;
-  - batched prompts equal their solo runs; two tensor-parallel ranks equal one process;
+  - batched prompts (one batch, and the serving scheduler's continuous batch) equal their solo runs; two
+    tensor-parallel ranks equal one process;
   - refused at pack with the tensor's or key's name: an expert count that does not match the router's or the
     stacked tensors' shapes, a top-k beyond the experts, dense layers mixed in; DeepSeek's and gpt-oss's
     architectures named and refused; the probe refuses a mixture (it does not measure one yet).
@@ -140,6 +141,25 @@ def test_batch_equals_solo(built, name):
     res = gen.generate_batch(PROMPTS, SamplingConfig(NEW))
     assert [r.output_token_ids for r in res] == [gen.generate(p, SamplingConfig(NEW)).output_token_ids
                                                  for p in PROMPTS]
+
+
+def test_continuous_batch_equals_solo(built):
+    """The serving scheduler's rows (a decode row beside a joining row's prompt chunk, padding routed too) equal
+    their solo runs."""
+    from runtime.engine.scheduler import Scheduler, SchedulerConfig, SeqRequest
+
+    _, image, _ = built("qwen2_moe")
+    gen = Generator(InMemoryWeights(image, "cpu", quiet=True), MAX_LEN)
+    done: dict[int, list[int]] = {}
+    sched = Scheduler(gen, SchedulerConfig(max_batch=3))
+    for i, p in enumerate(PROMPTS):
+        sched.submit(SeqRequest(p, SamplingConfig(NEW), lambda k, x, i=i: k == "done" and done.setdefault(i, x)))
+        sched.tick()  # the next joins while the earlier ones decode
+    while sched.tick():
+        pass
+    assert max(r.batched for r in done.values()) >= 2
+    assert [done[i].output_token_ids for i in range(len(PROMPTS))] == [
+        gen.generate(p, SamplingConfig(NEW)).output_token_ids for p in PROMPTS]
 
 
 def test_kept_q8_0_blocks_of_stacked_experts(built, tmp_path):
