@@ -61,6 +61,6 @@ def for_gguf(name: str | None, path: str, routed: bool = False) -> Architecture:
     if any(name in a.gguf_names for a in ARCHITECTURES.values()):
         have = "with" if routed else "without"
         raise ConfigError(f"{path}: a GGUF of architecture {name!r} {have} {name}.expert_count is not supported")
-    names = sorted({n for a in ARCHITECTURES.values() for n in a.gguf_names})
+    names = list(dict.fromkeys(n for a in ARCHITECTURES.values() for n in a.gguf_names))  # Mixtral's is llama
     why = f" ({UNSUPPORTED[name]} are not implemented)" if name in UNSUPPORTED else ""
     raise ConfigError(f"{path}: GGUF architecture {name!r} is not supported{why}; supported: {', '.join(names)}")
