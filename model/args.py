@@ -56,11 +56,16 @@ class ModelArgs:
     qkv_bias: bool = False  # q/k/v projections have biases (Qwen2)
     qk_norm: bool = False  # per-head RMSNorm of q and k before the rotary embedding (Qwen3)
     sliding_window: int | None = None  # attention within this many tokens (Mistral 7B); None: full
+    n_experts: int = 0  # a mixture of experts' experts per layer (0: a dense model); ffn_hidden is one expert's
+    n_experts_used: int = 0  # experts each token is routed to (the router's top-k)
+    norm_topk_prob: bool = False  # the top-k routing weights renormalised to sum to 1 (Mixtral; Qwen3-MoE's)
+    shared_ffn_hidden: int = 0  # hidden size of the shared expert every token runs (Qwen2-MoE); 0: none
 
     def __post_init__(self) -> None:
         from model.arch import get
 
-        get(self.arch)  # an unknown architecture: one line naming it and the supported ones
+        arch = get(self.arch)  # an unknown architecture: one line naming it and the supported ones
+        self._check_experts(arch.routed)
         if isinstance(self.rope_scaling, dict):  # as model/arch/ reads it from a config
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
         if self.n_kv_heads is None:
@@ -87,6 +92,22 @@ class ModelArgs:
         if self.sliding_window is not None and not self.sliding_window > 0:
             raise ConfigError(f"sliding_window must be a positive number of tokens or None, found "
                               f"{self.sliding_window}")
+
+    def _check_experts(self, routed: bool) -> None:
+        for key in ("n_experts", "n_experts_used", "shared_ffn_hidden"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{key} must be a non-negative integer, found {value!r}")
+        if not routed:
+            if self.n_experts or self.n_experts_used or self.shared_ffn_hidden:
+                raise ConfigError(f"a {self.arch} model has no experts; found n_experts {self.n_experts}, "
+                                  f"n_experts_used {self.n_experts_used}, shared_ffn_hidden {self.shared_ffn_hidden}")
+            return
+        if self.n_experts < 1:
+            raise ConfigError(f"a {self.arch} model needs n_experts >= 1, found {self.n_experts}")
+        if not 1 <= self.n_experts_used <= self.n_experts:
+            raise ConfigError(f"n_experts_used (top-k) must be 1 to n_experts {self.n_experts}, found "
+                              f"{self.n_experts_used}")
 
     @property
     def context(self) -> int:
@@ -116,17 +137,22 @@ class ModelArgs:
 
         return kind_params(self)
 
-    def layer_bytes(self, dtype: str = "bf16") -> int:
+    def layer_params(self) -> int:
+        """Parameters of one layer: every group of each layer kind (each expert of a mixture's)."""
         from model.arch import architecture
+        from model.groups import kind_count
 
         p = self.group_params()
-        return sum(p[k.name] for k in architecture(self).layer_kinds) * DTYPE_BYTES[dtype]
+        return sum(p[k.name] * kind_count(self, k) for k in architecture(self).layer_kinds)
+
+    def layer_bytes(self, dtype: str = "bf16") -> int:
+        return self.layer_params() * DTYPE_BYTES[dtype]
 
     def total_params(self) -> int:
-        from model.arch import EMBED, HEAD, architecture
+        from model.arch import EMBED, HEAD
 
         p = self.group_params()
-        return self.n_layers * sum(p[k.name] for k in architecture(self).layer_kinds) + p[EMBED] + p[HEAD]
+        return self.n_layers * self.layer_params() + p[EMBED] + p[HEAD]
 
     # ---- (de)serialisation -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -240,11 +266,28 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mistral-nemo-12b": dict(arch="mistral", dim=5120, n_layers=40, n_heads=32, n_kv_heads=8, head_dim=128,
                              vocab_size=131072, ffn_hidden=14336, norm_eps=1e-5, rope_theta=1000000.0,
                              max_seq_len=131072),
+    # mixtures of experts (ffn_hidden: one expert's): 8 experts of 14336 (top-2); 128 of 768 / 1536 (top-8); 64
+    # of 2560 (top-8) and a shared expert of 20480
+    "mixtral-8x7b": dict(arch="mixtral", dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=32000,
+                         ffn_hidden=14336, norm_eps=1e-5, rope_theta=1000000.0, max_seq_len=32768, n_experts=8,
+                         n_experts_used=2, norm_topk_prob=True),
+    "qwen3-30b-a3b": dict(arch="qwen3_moe", dim=2048, n_layers=48, n_heads=32, n_kv_heads=4, head_dim=128,
+                          vocab_size=151936, ffn_hidden=768, norm_eps=1e-6, rope_theta=1000000.0, max_seq_len=40960,
+                          qk_norm=True, n_experts=128, n_experts_used=8, norm_topk_prob=True),
+    "qwen3-235b-a22b": dict(arch="qwen3_moe", dim=4096, n_layers=94, n_heads=64, n_kv_heads=4, head_dim=128,
+                            vocab_size=151936, ffn_hidden=1536, norm_eps=1e-6, rope_theta=1000000.0,
+                            max_seq_len=40960, qk_norm=True, n_experts=128, n_experts_used=8, norm_topk_prob=True),
+    "qwen2-57b-a14b": dict(arch="qwen2_moe", dim=3584, n_layers=28, n_heads=28, n_kv_heads=4, vocab_size=151936,
+                           ffn_hidden=2560, norm_eps=1e-6, rope_theta=1000000.0, max_seq_len=32768, qkv_bias=True,
+                           n_experts=64, n_experts_used=8, shared_ffn_hidden=20480),
     # tiny shapes of the other architectures, for tests: biases and a tied embedding; head_dim != dim / heads
     "tiny-qwen2": dict(arch="qwen2", dim=256, n_layers=4, n_heads=8, n_kv_heads=2, vocab_size=512, ffn_hidden=704,
                        norm_eps=1e-6, rope_theta=1000000.0, max_seq_len=8192, qkv_bias=True, tie_embeddings=True),
     "tiny-qwen3": dict(arch="qwen3", dim=256, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=48, vocab_size=512,
                        ffn_hidden=704, norm_eps=1e-6, rope_theta=1000000.0, max_seq_len=8192, qk_norm=True),
+    "tiny-mixtral": dict(arch="mixtral", dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, ffn_hidden=96,
+                         norm_eps=1e-5, rope_theta=1000000.0, max_seq_len=8192, n_experts=8, n_experts_used=2,
+                         norm_topk_prob=True),
 }
 
 

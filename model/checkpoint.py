@@ -37,7 +37,7 @@ from model.arch import LAYER_PREFIX, for_gguf
 from model.arch.schema import TensorDef
 from model.args import ModelArgs, RopeScaling
 from model.errors import CheckpointError, ConfigError
-from model.groups import global_names, group_tensor_shapes, tensor_def
+from model.groups import global_names, group_tensor_shapes, split_key, tensor_def
 from model.qformats import GGUF_SCHEMES, storage_bytes
 from model.transformer import rope_scaling_matches
 
@@ -80,10 +80,12 @@ class Checkpoint(ABC):
         p = Path(self.path)
         return [p] if p.is_file() else sorted(f for f in p.iterdir() if f.is_file())
 
-    def _check_shape(self, key: str, t: torch.Tensor, where: str) -> torch.Tensor:
+    def _check_shape(self, key: str, t: torch.Tensor, where: str, name: str | None = None) -> torch.Tensor:
+        """``t`` if it has ``key``'s shape; else the error names the checkpoint's tensor ``name`` too."""
         want = tuple(self.shapes[key])
         if tuple(t.shape) != want:
-            raise CheckpointError(f"{where}: tensor {key} has shape {tuple(t.shape)}, expected {want}")
+            what = key if name is None or name == key else f"{name} for {key}"
+            raise CheckpointError(f"{where}: tensor {what} has shape {tuple(t.shape)}, expected {want}")
         return t
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -176,22 +178,24 @@ def merge_shards(key: str, parts: list[torch.Tensor], full: tuple[int, ...], fil
 
 # ---- Hugging Face ------------------------------------------------------------------------------------
 
-def _split_key(key: str) -> tuple[str | None, str]:
+def _split_key(key: str) -> tuple[int | None, str]:
     """State-dict key -> (layer index or None, local name)."""
-    m = re.match(r"layers\.(\d+)\.(.+)$", key)
-    return (m.group(1), m.group(2)) if m else (None, key)
+    layer, _, local = split_key(key)
+    return layer, local
 
 
 def hf_name(key: str, args: ModelArgs) -> str:
-    """The Hugging Face name of state-dict ``key`` in a checkpoint of ``args``' architecture."""
-    layer, local = _split_key(key)
+    """The Hugging Face name of state-dict ``key`` in a checkpoint of ``args``' architecture (an expert's: its
+    own tensor, ``{e}`` in the schema's name)."""
+    layer, expert, local = split_key(key)
     t = tensor_def(args, local)
-    return f"model.{LAYER_PREFIX}{layer}.{t.hf}" if layer is not None else t.hf
+    name = t.hf if expert is None else t.hf.format(e=expert)
+    return f"model.{LAYER_PREFIX}{layer}.{name}" if layer is not None else name
 
 
 def gguf_name(key: str, args: ModelArgs) -> str:
-    """llama.cpp's name of state-dict ``key``."""
-    layer, local = _split_key(key)
+    """llama.cpp's name of state-dict ``key`` (an expert's: the layer's tensor that stacks every expert)."""
+    layer, _, local = split_key(key)
     t = tensor_def(args, local)
     return f"blk.{layer}.{t.gguf}" if layer is not None else t.gguf
 
@@ -274,7 +278,7 @@ class HFCheckpoint(Checkpoint):
             raise
         except Exception as e:
             raise CheckpointError(f"{f}: cannot read tensor {name} ({e})") from None
-        self._check_shape(key, t, str(f))  # before the un-permute, which would fail on another shape
+        self._check_shape(key, t, str(f), name)  # before the un-permute, which would fail on another shape
         return to_meta_rows(t, _split_key(key)[1], self.args)
 
     def tokenizer_source(self) -> Path | None:
@@ -306,8 +310,9 @@ class GGUFCheckpoint(Checkpoint):
         return default if f is None else f.contents()
 
     def _args(self) -> ModelArgs:
+        name = self.field("general.architecture")
         try:
-            self.arch = for_gguf(self.field("general.architecture"), str(self.path))
+            self.arch = for_gguf(name, str(self.path), routed=bool(self.field(f"{name}.expert_count", 0)))
         except ConfigError as e:
             raise CheckpointError(str(e)) from None
         args = self.arch.gguf_args(self, str(self.path))
@@ -321,25 +326,25 @@ class GGUFCheckpoint(Checkpoint):
         """llama.cpp stores Llama-3.1 scaling as a ``rope_freqs`` tensor of divisors; recognise its parameters."""
         if "rope_freqs.weight" not in self.tensors:
             return None
-        factors = self._array("rope_freqs.weight").astype(np.float64)
+        t = self.tensors["rope_freqs.weight"]
+        factors = self._dequantize(t, t.data, tuple(int(n) for n in reversed(t.shape))).astype(np.float64)
         for factor in (8.0, 32.0, 16.0, 4.0):
             cand = RopeScaling(factor=factor, original_max_position_embeddings=8192)
             if rope_scaling_matches(cand, args["rope_theta"], args["head_dim"], factors):
                 return cand
         raise CheckpointError(f"{self.path}: rope_freqs tensor does not match Llama-3 scaling with any known factor")
 
-    def _array(self, name: str) -> np.ndarray:
+    def _dequantize(self, t, data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         from gguf.quants import dequantize
 
-        t = self.tensors[name]
         try:
-            arr = dequantize(t.data, t.tensor_type)
+            arr = dequantize(data, t.tensor_type)
         except NotImplementedError:
-            raise CheckpointError(f"{self.path}: tensor {name} has type {t.tensor_type.name}, which the gguf "
+            raise CheckpointError(f"{self.path}: tensor {t.name} has type {t.tensor_type.name}, which the gguf "
                                   f"package cannot dequantize") from None
         except Exception as e:
-            raise CheckpointError(f"{self.path}: tensor {name} is unreadable ({e}); truncated file?") from None
-        return arr.reshape(tuple(int(n) for n in reversed(t.shape)))
+            raise CheckpointError(f"{self.path}: tensor {t.name} is unreadable ({e}); truncated file?") from None
+        return arr.reshape(shape)
 
     def _gguf_tensor(self, key: str):
         name = gguf_name(key, self.args)
@@ -347,21 +352,35 @@ class GGUFCheckpoint(Checkpoint):
             raise CheckpointError(f"{self.path}: tensor {name} (for {key}) not found")
         return self.tensors[name]
 
+    def _slice(self, key: str) -> tuple[Any, np.ndarray, tuple[int, ...]]:
+        """(the GGUF tensor of ``key``, its data, its shape as stored): for an expert, its slice of the layer's
+        stacked tensor (quantized blocks too: a row of blocks per row), after the stack's shape is checked
+        against the expert count."""
+        t = self._gguf_tensor(key)
+        shape = tuple(int(n) for n in reversed(t.shape))
+        expert = split_key(key)[1]
+        if expert is None:
+            return t, t.data, shape
+        want = (self.args.n_experts, *self.shapes[key])
+        if shape != want:
+            raise CheckpointError(f"{self.path}: tensor {t.name} has shape {shape}, expected {want} (the metadata's "
+                                  f"{self.args.n_experts} experts of {tuple(self.shapes[key])})")
+        return t, t.data[expert], shape[1:]
+
     def stored_type(self, key: str) -> str:
         return self._gguf_tensor(key).tensor_type.name
 
     def stored_format(self, key: str) -> str | None:
-        t = self._gguf_tensor(key)
+        t, _, shape = self._slice(key)
         fmt = {v: k for k, v in GGUF_SCHEMES.items()}.get(int(t.tensor_type))
-        shape = tuple(int(n) for n in reversed(t.shape))
         if fmt is None or len(shape) != 2:
             return None
-        self._check_shape(key, torch.empty(shape, device="meta"), str(self.path))
+        self._check_shape(key, torch.empty(shape, device="meta"), str(self.path), t.name)
         return fmt
 
     def raw(self, key: str) -> torch.Tensor:
-        t = self._gguf_tensor(key)
-        data = np.ascontiguousarray(t.data).view(np.uint8).reshape(-1)
+        t, data, _ = self._slice(key)
+        data = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
         want = storage_bytes(self.stored_format(key), self.shapes[key])
         if data.size != want:
             raise CheckpointError(f"{self.path}: tensor {t.name} holds {data.size} bytes of {t.tensor_type.name}, "
@@ -369,14 +388,14 @@ class GGUFCheckpoint(Checkpoint):
         return self._meta_rows(key, torch.from_numpy(data.copy()).view(self.shapes[key][0], -1)).reshape(-1)
 
     def tensor(self, key: str) -> torch.Tensor:
-        name = gguf_name(key, self.args)
-        if name not in self.tensors:
-            raise CheckpointError(f"{self.path}: tensor {name} (for {key}) not found")
-        arr = self._array(name)
-        t = torch.from_numpy(arr if arr.flags.writeable and arr.flags.c_contiguous else arr.copy())
-        if t.dtype == torch.float64:
-            t = t.float()
-        return self._meta_rows(key, self._check_shape(key, t, str(self.path)))
+        t, data, shape = self._slice(key)
+        arr = self._dequantize(t, data, shape)
+        if arr.ndim == 1 and tuple(self.shapes[key]) == (1, arr.shape[0]):
+            arr = arr.reshape(1, -1)  # a (1, dim) gate llama.cpp may store as (dim,)
+        out = torch.from_numpy(arr if arr.flags.writeable and arr.flags.c_contiguous else arr.copy())
+        if out.dtype == torch.float64:
+            out = out.float()
+        return self._meta_rows(key, self._check_shape(key, out, str(self.path), t.name))
 
     def _meta_rows(self, key: str, t: torch.Tensor) -> torch.Tensor:
         """A rotate-half architecture's q/k rows (model/arch/schema.py) into Meta's order; others as they are."""

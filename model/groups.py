@@ -1,8 +1,9 @@
 """Weight groups of a model: names, kinds, tensor lists, shapes and state-dict keys, read from its architecture's
 schema (model/arch/). No torch here, so the pool's processes can import it cheaply; model/transformer.py computes
 with the groups. A group is named ``tok_embeddings`` (``EMBED``), ``layers.{i}.{kind}`` for each layer kind of the
-architecture in order, or ``head`` (``HEAD``); its tensors have local names (the state-dict key without the
-group's ``layers.{i}.`` prefix)."""
+architecture in order (``layers.{i}.{kind}.{e}`` for each of a repeated kind's groups: a mixture's experts), or
+``head`` (``HEAD``); its tensors have local names (the state-dict key without the group's prefix: ``layers.{i}.``,
+or a repeated kind's whole group name and a dot, ``layers.{i}.expert.{e}.``)."""
 
 from __future__ import annotations
 
@@ -18,14 +19,27 @@ if TYPE_CHECKING:
     from model.args import ModelArgs  # which imports this module (group_params)
 
 
-def layer_group(layer: int, kind: str) -> str:
-    return f"{LAYER_PREFIX}{layer}.{kind}"
+def layer_group(layer: int, kind: str, index: int | None = None) -> str:
+    """The name of layer ``layer``'s group of ``kind`` (of a repeated kind: its group ``index``)."""
+    return f"{LAYER_PREFIX}{layer}.{kind}" if index is None else f"{LAYER_PREFIX}{layer}.{kind}.{index}"
+
+
+def kind_count(args: ModelArgs, kind: GroupKind) -> int:
+    """How many groups of ``kind`` each layer has: one, or a repeated kind's count (its experts)."""
+    return 1 if kind.count is None else kind.count(args)
+
+
+def kind_groups(args: ModelArgs, layer: int, kind: GroupKind) -> tuple[str, ...]:
+    """Layer ``layer``'s groups of ``kind``, in pass order."""
+    if kind.count is None:
+        return (layer_group(layer, kind.name),)
+    return tuple(layer_group(layer, kind.name, e) for e in range(kind.count(args)))
 
 
 def layer_groups(args: ModelArgs, layers: Iterable[int]) -> tuple[str, ...]:
     """Every group of the given layers, in pass order."""
     kinds = architecture(args).layer_kinds
-    return tuple(layer_group(i, k.name) for i in layers for k in kinds)
+    return tuple(g for i in layers for k in kinds for g in kind_groups(args, i, k))
 
 
 def group_names(args: ModelArgs) -> list[str]:
@@ -34,12 +48,31 @@ def group_names(args: ModelArgs) -> list[str]:
 
 
 def group_kind(group: str) -> str:
-    """The kind of a group name: its layer kind (``layers.3.attention`` -> ``attention``), or the name itself."""
-    return group.rsplit(".", 1)[-1] if group.startswith(LAYER_PREFIX) else group
+    """The kind of a group name: its layer kind (``layers.3.attention`` -> ``attention``, ``layers.3.expert.5`` ->
+    ``expert``), or the name itself."""
+    return group.split(".")[2] if group.startswith(LAYER_PREFIX) else group
 
 
 def group_layer(group: str) -> int | None:
     return int(group.split(".")[1]) if group.startswith(LAYER_PREFIX) else None
+
+
+def group_index(group: str) -> int | None:
+    """A repeated kind's group's index (``layers.3.expert.5`` -> 5); None for every other group."""
+    parts = group.split(".")
+    return int(parts[3]) if group.startswith(LAYER_PREFIX) and len(parts) == 4 else None
+
+
+def split_key(key: str) -> tuple[int | None, int | None, str]:
+    """State-dict key -> (layer or None, a repeated kind's group index or None, local name):
+    ``layers.3.attention.wq.weight`` -> (3, None, ``attention.wq.weight``); ``layers.3.expert.5.w1.weight`` ->
+    (3, 5, ``w1.weight``); ``norm.weight`` -> (None, None, ``norm.weight``)."""
+    if not key.startswith(LAYER_PREFIX):
+        return None, None, key
+    parts = key.split(".")
+    if len(parts) > 4 and parts[3].isdigit():
+        return int(parts[1]), int(parts[3]), ".".join(parts[4:])
+    return int(parts[1]), None, ".".join(parts[2:])
 
 
 def kind_of(args: ModelArgs, group: str) -> GroupKind:
@@ -61,8 +94,11 @@ def group_tensor_shapes(args: ModelArgs, group: str) -> dict[str, tuple[int, ...
 
 
 def group_prefix(group: str) -> str:
-    """State-dict prefix of a group's local names: 'layers.3.' for layer groups, '' otherwise."""
-    return group.rsplit(".", 1)[0] + "." if group.startswith(LAYER_PREFIX) else ""
+    """State-dict prefix of a group's local names: 'layers.3.' for layer groups, the group's name and a dot for
+    a repeated kind's ('layers.3.expert.5.'), '' otherwise."""
+    if not group.startswith(LAYER_PREFIX):
+        return ""
+    return group + "." if group_index(group) is not None else LAYER_PREFIX + group.split(".")[1] + "."
 
 
 def global_names(args: ModelArgs) -> Iterator[tuple[str, str, str]]:
@@ -82,8 +118,8 @@ def tensor_def(args: ModelArgs, local: str) -> TensorDef:
 
 
 def role(args: ModelArgs, key: str) -> str:
-    """The role (model/arch/schema.py: matrix, embedding, output, vector) of state-dict key ``key``."""
-    return tensor_def(args, key.split(".", 2)[2] if key.startswith(LAYER_PREFIX) else key).role
+    """The role (model/arch/schema.py: matrix, embedding, output, vector, router) of state-dict key ``key``."""
+    return tensor_def(args, split_key(key)[2]).role
 
 
 def output_tensor(args: ModelArgs) -> tuple[str, str]:
@@ -93,6 +129,11 @@ def output_tensor(args: ModelArgs) -> tuple[str, str]:
     out = next(t for t in group_tensor_defs(untied, HEAD) if t.role == OUTPUT)
     table = next(t for t in group_tensor_defs(args, EMBED) if t.role == EMBEDDING)
     return out.name, (table.name if args.tie_embeddings else out.name)
+
+
+def first_group(args: ModelArgs, layer: int, kind: str) -> str:
+    """Layer ``layer``'s first group of ``kind`` (a repeated kind's group 0): the one the probe times."""
+    return kind_groups(args, layer, kind_of(args, layer_group(layer, kind)))[0]
 
 
 def kinds_of_pass(args: ModelArgs) -> tuple[str, ...]:

@@ -12,6 +12,8 @@ tensor's split is declared by its architecture (model/arch/schema.py ``TensorDef
                                 all-reduces; the head's logits are gathered (a tied model's output matrix
                                 is the embedding's shard)
     norms                       whole on every rank (Qwen3's per-head q/k norms too: one head's weights)
+    experts                     each expert (and a shared expert) as the FFN; the router and the shared
+                                expert's gate whole: every rank routes every token alike
 
 A rank's own model arguments (``rank_args``) have H/N query heads, KV/N KV heads and F/N hidden features,
 so model/transformer.py's group functions compute a rank's shard unchanged (runtime/engine/tensor_parallel.py adds
@@ -41,15 +43,20 @@ def check_tensor_parallel(args: ModelArgs, n: int) -> None:
     if args.ffn_hidden % n:
         raise ConfigError(f"--tensor-parallel {n}: the model's FFN hidden size {args.ffn_hidden} does not divide "
                           f"into {n} ranks")
+    if args.shared_ffn_hidden % n:
+        raise ConfigError(f"--tensor-parallel {n}: the model's shared expert hidden size {args.shared_ffn_hidden} "
+                          f"does not divide into {n} ranks")
     if args.vocab_size < n:
         raise ConfigError(f"--tensor-parallel {n}: more ranks than the vocabulary's {args.vocab_size} rows")
 
 
 def rank_args(args: ModelArgs, n: int) -> ModelArgs:
-    """One rank's arguments: H/N query heads, KV/N KV heads, F/N hidden features (head_dim kept)."""
+    """One rank's arguments: H/N query heads, KV/N KV heads, F/N hidden features (head_dim kept; a mixture's
+    every expert and its shared expert split alike, its router whole on every rank)."""
     check_tensor_parallel(args, n)
     return dataclasses.replace(args, n_heads=args.n_heads // n, n_kv_heads=args.n_kv_heads // n,
-                               head_dim=args.head_dim, ffn_hidden=args.ffn_hidden // n)
+                               head_dim=args.head_dim, ffn_hidden=args.ffn_hidden // n,
+                               shared_ffn_hidden=args.shared_ffn_hidden // n)
 
 
 def vocab_rows(vocab: int, n: int, r: int) -> tuple[int, int]:

@@ -7,7 +7,15 @@ group's layer prefix removed, e.g. ``attention.wq.weight``) to tensors and the p
 rotary tables, KV cache, start position, tensor-parallel reduce). The runtime passes views into a staging
 buffer or a shared-memory slot; nothing here allocates weights. The dense decoder's two (Llama, Qwen2,
 Qwen3, Mistral: ``attention_forward`` with optional q/k/v biases and per-head q/k norms, ``ffn_forward``) are
-here; an architecture's module names the ones it uses.
+here, and a mixture of experts' three (Mixtral, Qwen2-MoE, Qwen3-MoE: ``moe_attention_forward``, attention then
+the router; ``expert_forward``, one expert over the tokens routed to it; ``shared_expert_forward``); an
+architecture's module names the ones it uses.
+
+A mixture's layer is several groups, which the pass fetches one at a time (a streaming source frees each before
+the next): its attention group routes, leaving a ``Routing`` on the ``Pass`` (the normed hidden states, and the
+pass's tokens sorted by expert with their weights, one read of the expert counts on the host per layer); each
+expert group then computes its own tokens with one matmul per weight and adds them to the residual stream. An
+expert no token chose is still fetched (the stream is a fixed cycle) and computes nothing.
 
 Rotary embeddings follow Meta's layout: q/k features are interleaved (re, im) pairs. Loaders of checkpoints
 in rotate-half order (Hugging Face's, Qwen's GGUFs) un-permute those rows so that every image holds Meta's
@@ -35,7 +43,7 @@ import torch.nn.functional as F
 from model.arch import EMBED, HEAD, architecture
 from model.args import ModelArgs, RopeScaling
 from model.errors import ConfigError
-from model.groups import group_names, group_prefix, group_tensor_shapes, layer_group
+from model.groups import group_index, group_names, group_prefix, group_tensor_shapes, kind_groups
 from model.quant import QuantWeight
 
 Weights = Mapping[str, "torch.Tensor | QuantWeight"]
@@ -177,15 +185,29 @@ class Rope:
 # ---- group forwards ----------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
+class Routing:
+    """One MoE layer's router result (``moe_attention_forward``), read by the layer's expert groups after it."""
+
+    layer: int
+    x: torch.Tensor  # (T, dim): RMSNorm(h) of the pass's T = B*S tokens, every expert's input
+    tokens: torch.Tensor  # (T*k,) int64: token indices sorted by expert, expert e's at [bounds[e], bounds[e+1])
+    weights: torch.Tensor  # (T*k, 1): their routing weights, in x's dtype
+    bounds: tuple[int, ...]  # n_experts + 1 offsets into tokens, read on the host once per layer
+
+
+@dataclasses.dataclass(frozen=True)
 class Pass:
     """What every group of one forward pass shares: the model's arguments, the rotary tables, the KV cache, the
-    pass's attention layout (``Queries``), and a tensor-parallel rank's all-reduce (None: one process)."""
+    pass's attention layout (``Queries``), and a tensor-parallel rank's all-reduce (None: one process).
+    ``routing``: a mixture's current layer's ``Routing``, set by its attention group for its experts (one entry,
+    replaced layer by layer)."""
 
     args: ModelArgs
     rope: Rope
     cache: Cache
     queries: Queries
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+    routing: dict[str, Routing] = dataclasses.field(default_factory=dict, compare=False)
 
     def out(self, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         """The residual stream after a group whose output projection gave ``o`` (a rank's partial sum)."""
@@ -244,6 +266,73 @@ def ffn_forward(h: torch.Tensor, w: Weights, p: Pass, layer: int) -> torch.Tenso
     return p.out(h, linear(gate * linear(x, w["feed_forward.w3.weight"]), w["feed_forward.w2.weight"]))
 
 
+def _swiglu(x: torch.Tensor, w1, w3, w2) -> torch.Tensor:
+    return linear(F.silu(linear(x, w1)) * linear(x, w3), w2)
+
+
+def moe_attention_forward(h: torch.Tensor, w: Weights, p: Pass, layer: int) -> torch.Tensor:
+    """A mixture's attention group: h (B, S, dim) -> h + Attention(RMSNorm(h)), then the router on
+    x = RMSNorm(h) (the FFN norm): each token's top k = n_experts_used of softmax(gate x) (in fp32), their
+    weights renormalised to sum to 1 where ``norm_topk_prob``; the tokens sorted by expert, left on ``p`` for the
+    layer's expert groups. One host read per layer: the expert counts."""
+    args = p.args
+    h = attention_forward(h, w, p, layer)
+    x = rms_norm(h, w["ffn_norm.weight"], args.norm_eps).flatten(0, 1)  # (T, dim)
+    probs = F.softmax(linear(x, w["feed_forward.gate.weight"]).float(), dim=-1)  # (T, n_experts)
+    top, idx = torch.topk(probs, args.n_experts_used, dim=-1)  # (T, k)
+    if args.norm_topk_prob:
+        top = top / top.sum(dim=-1, keepdim=True)
+    flat = idx.flatten()  # (T*k,): entry j is token j // k's choice
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=args.n_experts)
+    bounds = (0, *counts.cumsum(0).tolist())
+    p.routing.clear()
+    p.routing["layer"] = Routing(layer, x, order // args.n_experts_used,
+                                 top.flatten()[order].unsqueeze(1).to(x.dtype), bounds)
+    return h
+
+
+def _routing(p: Pass, layer: int) -> Routing:
+    r = p.routing.get("layer")
+    if r is None or r.layer != layer:
+        raise RuntimeError(f"layer {layer}'s expert ran before its router (routing held: "
+                           f"{None if r is None else r.layer})")
+    return r
+
+
+def expert_forward(h: torch.Tensor, w: Weights, p: Pass, layer: int, expert: int) -> torch.Tensor:
+    """One expert of a mixture's layer: h (B, S, dim) -> h plus, for each token routed to ``expert``, its weight
+    times W2(silu(W1 x) * W3 x); h itself where no token was (the group was fetched all the same)."""
+    r = _routing(p, layer)
+    lo, hi = r.bounds[expert], r.bounds[expert + 1]
+    if lo == hi:
+        return h
+    tok = r.tokens[lo:hi]
+    y = _swiglu(r.x[tok], w["w1.weight"], w["w3.weight"], w["w2.weight"]) * r.weights[lo:hi]  # (n, dim)
+    if p.reduce is None:
+        return h.flatten(0, 1).index_add(0, tok, y.to(h.dtype)).view_as(h)
+    o = torch.zeros_like(r.x).index_add_(0, tok, y.to(r.x.dtype))  # a rank's partial sums, for the all-reduce
+    return p.out(h, o.view_as(h))
+
+
+def shared_expert_forward(h: torch.Tensor, w: Weights, p: Pass, layer: int) -> torch.Tensor:
+    """Qwen2-MoE's shared expert, run for every token: h + sigmoid(gate x) * W2(silu(W1 x) * W3 x)."""
+    x = _routing(p, layer).x
+    y = _swiglu(x, w["shared_expert.w1.weight"], w["shared_expert.w3.weight"], w["shared_expert.w2.weight"])
+    return p.out(h, (torch.sigmoid(linear(x, w["shared_expert_gate.weight"])) * y).view_as(h))
+
+
+def final_norm(h: torch.Tensor, head: Weights, args: ModelArgs) -> torch.Tensor:
+    """The head group's norm of h (B, S, dim), which the output matrix multiplies."""
+    return rms_norm(h, head["norm.weight"], args.norm_eps)
+
+
+def output_matrix(args: ModelArgs) -> tuple[str, str]:
+    """(group, local name) of the output matrix: the head's own, or a tied model's embedding (fetched after the
+    head: ``forward_groups``)."""
+    return (EMBED, "tok_embeddings.weight") if args.tie_embeddings else (HEAD, "output.weight")
+
+
 def head_forward(h: torch.Tensor, w: Weights, args: ModelArgs) -> torch.Tensor:
     """h (B, S, dim) -> logits (B, S, vocab) fp32 from a head group that holds its own output matrix (the
     probe's random head, tied or not); ``forward_groups`` does the same with a tied model's embedding."""
@@ -293,19 +382,29 @@ class DictSource:
         return self.groups[group]
 
 
-FORWARDS: dict[str, Callable] = {"attention": attention_forward, "ffn": ffn_forward}  # by GroupKind.forward
+FORWARDS: dict[str, Callable] = {"attention": attention_forward, "ffn": ffn_forward,  # by GroupKind.forward
+                                  "moe_attention": moe_attention_forward, "expert": expert_forward,
+                                  "shared_expert": shared_expert_forward}
 
 
 def kind_forward(args: ModelArgs, kind: str) -> Callable:
-    """The group function of layer kind ``kind`` of ``args``' architecture."""
+    """The group function of layer kind ``kind`` of ``args``' architecture (a repeated kind's takes its group's
+    index too: ``expert=``)."""
     return FORWARDS[architecture(args).kinds[kind].forward]
 
 
 @functools.lru_cache(maxsize=64)
 def layer_passes(args: ModelArgs) -> tuple[tuple[str, Callable, int], ...]:
-    """(group name, group forward, layer) of every layer group in pass order, for ``args``' architecture."""
-    kinds = architecture(args).layer_kinds
-    return tuple((layer_group(i, k.name), FORWARDS[k.forward], i) for i in range(args.n_layers) for k in kinds)
+    """(group name, group forward, layer) of every layer group in pass order, for ``args``' architecture (an
+    expert's forward bound to its index)."""
+    out = []
+    for i in range(args.n_layers):
+        for k in architecture(args).layer_kinds:
+            fwd = FORWARDS[k.forward]
+            for g in kind_groups(args, i, k):
+                idx = group_index(g)
+                out.append((g, fwd if idx is None else functools.partial(fwd, expert=idx), i))
+    return tuple(out)
 
 
 def forward_groups(tokens: torch.Tensor, queries: Queries, args: ModelArgs, source, rope: Rope, cache: Cache,
@@ -338,7 +437,7 @@ def forward_groups(tokens: torch.Tensor, queries: Queries, args: ModelArgs, sour
     elif select is not None:
         h = h.flatten(0, 1)[select].unsqueeze(0)  # (1, N, dim)
     head = source.get(HEAD)
-    x = rms_norm(h, head["norm.weight"], args.norm_eps)  # before a tied model fetches the embedding
-    out_w = source.get(EMBED)["tok_embeddings.weight"] if args.tie_embeddings else head["output.weight"]
-    logits = linear(x, out_w).float()
+    x = final_norm(h, head, args)  # before a tied model fetches the embedding
+    group, name = output_matrix(args)
+    logits = linear(x, (head if group == HEAD else source.get(group))[name]).float()
     return logits if parallel is None else parallel.gather_logits(logits)

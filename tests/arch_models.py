@@ -42,6 +42,29 @@ CASES = ("qwen2-tied", "qwen2", "qwen3", "mistral")
 GGUF_ARCH = {"qwen2": "qwen2", "qwen3": "qwen3", "mistral": "llama"}  # llama.cpp converts Mistral as llama
 
 
+def moe_config(name: str, **over):
+    """The transformers config of mixture-of-experts case ``name`` (tests/test_moe.py): 2 layers of 64, experts
+    narrower than the dense FFN; ``over`` replaces any key."""
+    from transformers import MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
+
+    if name == "mixtral":  # top-2 of 8, renormalised; head_dim from the config
+        return MixtralConfig(**{**COMMON, "num_local_experts": 8, "num_experts_per_tok": 2, "head_dim": 24,
+                                "tie_word_embeddings": False, "rope_theta": 1e4, **over})
+    if name == "qwen3_moe":  # top-3 of 8, norm_topk_prob; per-head q/k norms
+        return Qwen3MoeConfig(**{**COMMON, "num_experts": 8, "num_experts_per_tok": 3, "moe_intermediate_size": 48,
+                                 "norm_topk_prob": True, "head_dim": 24, "tie_word_embeddings": False,
+                                 "rope_theta": 1e6, **over})
+    if name == "qwen2_moe":  # top-2 of 6, not renormalised; a shared expert with its sigmoid gate; q/k/v biases
+        return Qwen2MoeConfig(**{**COMMON, "num_experts": 6, "num_experts_per_tok": 2, "moe_intermediate_size": 48,
+                                 "shared_expert_intermediate_size": 96, "norm_topk_prob": False,
+                                 "tie_word_embeddings": False, "rope_theta": 1e6, **over})
+    raise KeyError(name)
+
+
+MOE_CASES = ("mixtral", "qwen3_moe", "qwen2_moe")
+MOE_GGUF_ARCH = {"mixtral": "llama", "qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe"}  # llama.cpp's names
+
+
 def build_model(config, seed: int):
     """transformers' model of ``config`` in fp32, every parameter random: matrices and biases N(0, 0.1^2),
     norms 1 + N(0, 0.1^2)."""
@@ -56,11 +79,36 @@ def build_model(config, seed: int):
     return model.eval()
 
 
-def write_hf(directory: Path, name: str, seed: int = 0):
-    """save_pretrained of a random model of case ``name``; returns the model (the reference)."""
-    model = build_model(case_config(name), seed)
+def write_hf(directory: Path, name: str, seed: int = 0, config=None):
+    """save_pretrained of a random model of case ``name`` (or of ``config``); returns the model (the reference)."""
+    model = build_model(config if config is not None else case_config(name), seed)
     model.save_pretrained(str(directory))
     return model
+
+
+def hub_tensors(model) -> dict[str, torch.Tensor]:
+    """``model``'s tensors under the names the Hub stores (transformers 5 holds a mixture's experts fused in
+    memory and splits them per expert again in save_pretrained, so that is what is read back here)."""
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d)
+        return load_file(str(Path(d) / "model.safetensors"))
+
+
+def from_hub_tensors(model, tensors: dict[str, torch.Tensor], directory: Path):
+    """A transformers model of ``model``'s config holding ``tensors`` (Hub names), saved in ``directory`` and
+    loaded back as any checkpoint is (transformers fuses the experts itself)."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    directory.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(str(directory))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / "model.safetensors"))
+    return AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32,
+                                                attn_implementation="eager").eval()
 
 
 # ---- GGUF, as llama.cpp's converter writes it ---------------------------------------------------------------
@@ -75,6 +123,16 @@ _LAYER = {"self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight":
           "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight"}
 _GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
            "lm_head.weight": "output.weight"}
+# a mixture's: the router and shared expert per layer; each expert's tensors stacked into one per layer, by the
+# position of the expert index in the name (Mixtral's block_sparse_moe.experts.{e}.w1, Qwen's mlp.experts.{e}...)
+_LAYER.update({"block_sparse_moe.gate.weight": "ffn_gate_inp.weight", "mlp.gate.weight": "ffn_gate_inp.weight",
+               "mlp.shared_expert.gate_proj.weight": "ffn_gate_shexp.weight",
+               "mlp.shared_expert.up_proj.weight": "ffn_up_shexp.weight",
+               "mlp.shared_expert.down_proj.weight": "ffn_down_shexp.weight",
+               "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight"})
+_STACKED = {"w1.weight": "ffn_gate_exps.weight", "w2.weight": "ffn_down_exps.weight", "w3.weight": "ffn_up_exps.weight",
+            "gate_proj.weight": "ffn_gate_exps.weight", "down_proj.weight": "ffn_down_exps.weight",
+            "up_proj.weight": "ffn_up_exps.weight"}
 
 
 def _llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -82,10 +140,14 @@ def _llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _experts(c) -> int:
+    return getattr(c, "num_local_experts", None) or getattr(c, "num_experts", None) or 0
+
+
 def gguf_tensors(model, arch: str) -> dict[str, np.ndarray]:
     c = model.config
-    out = {}
-    for hf, t in model.state_dict().items():
+    out, stacks = {}, {}
+    for hf, t in (hub_tensors(model) if _experts(c) else model.state_dict()).items():
         if hf == "lm_head.weight" and c.tie_word_embeddings:
             continue  # tied: the converter writes no output matrix
         a = t.detach().float().numpy()
@@ -95,9 +157,17 @@ def gguf_tensors(model, arch: str) -> dict[str, np.ndarray]:
                 a = _llama_permute(a, c.num_attention_heads)
             elif arch == "llama" and rest == "self_attn.k_proj.weight":
                 a = _llama_permute(a, c.num_key_value_heads)
+            if rest == "mlp.shared_expert_gate.weight":  # (1, dim) stored as (dim,), as the Hub's GGUFs hold it
+                a = a.reshape(-1)  # (transformers' GGUF reader: "quantized one is (2048)")
+            if ".experts." in rest:  # ...experts.{e}.w1.weight: expert e of the layer's stack
+                e, local = rest.split(".experts.", 1)[1].split(".", 1)
+                stacks.setdefault(f"blk.{i}.{_STACKED[local]}", {})[int(e)] = a
+                continue
             out[f"blk.{i}.{_LAYER[rest]}"] = a
         else:
             out[_GLOBAL[hf]] = a
+    for name, per in stacks.items():  # (n_experts, rows, cols), as convert_hf_to_gguf.py's torch.stack
+        out[name] = np.stack([per[e] for e in range(len(per))])
     return out
 
 
@@ -134,9 +204,10 @@ def _add_byte_level_vocab(w, arch: str) -> None:
     w.add_eos_token_id(len(tokens) - 1)
 
 
-def write_gguf(path: Path, model, arch: str, vocab=None) -> None:
-    """``model`` as an f32 GGUF of llama.cpp architecture ``arch``, with the byte-level test vocabulary, or the
-    one ``vocab(writer, arch)`` adds."""
+def write_gguf(path: Path, model, arch: str, vocab=None, tensors: dict[str, np.ndarray] | None = None) -> None:
+    """``model`` as an f32 GGUF of llama.cpp architecture ``arch`` (its ``gguf_tensors``, or ``tensors``), with
+    the byte-level test vocabulary, or the one ``vocab(writer, arch)`` adds; a tensor given as (blocks, type) is
+    written in that quantized type."""
     import gguf
 
     c = model.config
@@ -156,9 +227,19 @@ def write_gguf(path: Path, model, arch: str, vocab=None) -> None:
                          else float(c.rope_theta))
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_vocab_size(c.vocab_size)
+    if _experts(c):  # as convert_hf_to_gguf.py: TextModel's counts, Qwen2MoeModel's expert sizes
+        w.add_expert_count(_experts(c))
+        w.add_expert_used_count(c.num_experts_per_tok)
+        if getattr(c, "moe_intermediate_size", None):
+            w.add_expert_feed_forward_length(c.moe_intermediate_size)
+        if getattr(c, "shared_expert_intermediate_size", None):
+            w.add_expert_shared_feed_forward_length(c.shared_expert_intermediate_size)
     (vocab or _add_byte_level_vocab)(w, arch)
-    for name, a in gguf_tensors(model, arch).items():
-        w.add_tensor(name, np.ascontiguousarray(a, dtype=np.float32))
+    for name, a in (tensors if tensors is not None else gguf_tensors(model, arch)).items():
+        if isinstance(a, tuple):  # (blocks, GGMLQuantizationType): written as they are
+            w.add_tensor(name, a[0], raw_shape=a[0].shape, raw_dtype=a[1])
+        else:
+            w.add_tensor(name, np.ascontiguousarray(a, dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

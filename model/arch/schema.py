@@ -3,8 +3,13 @@ so the pool's processes can import it cheaply).
 
 A model is a sequence of *groups*, the unit the runtime stores, streams and binds: the embedding (``EMBED``),
 per layer one group of each of the architecture's layer kinds in order (``layers.{i}.{kind}``), and the head
-(``HEAD``: final norm and output matrix). A ``GroupKind`` lists its tensors; a ``TensorDef`` gives one tensor's
-*local name* (its state-dict key without the layer prefix, Meta's names: ``attention.wq.weight``), its shape
+(``HEAD``: final norm and output matrix). A *repeated* kind (``GroupKind.count``: a mixture of experts' expert)
+is ``count(args)`` groups per layer, ``layers.{i}.{kind}.{e}`` for e in order, whose tensors have the same local
+names in every one (their state-dict keys are the group's name, a dot and the local name); its Hugging Face
+names hold ``{e}`` (the Hub stores one tensor per expert), and llama.cpp's GGUFs stack the ``count`` tensors of
+one local name into one along a new first dimension (``ffn_gate_exps``), which readers split per expert.
+A ``GroupKind`` lists its tensors; a ``TensorDef`` gives one tensor's *local name* (its state-dict key without
+the group's prefix, Meta's names: ``attention.wq.weight``), its shape
 from the model arguments, when it is present (a bias, a q/k norm, an untied output matrix), its role (what
 quantizers and placement may do with it), its tensor-parallel split and its names in Hugging Face and GGUF
 checkpoints. Everything outside model/ reads group kinds and tensor lists from here, never from literals.
@@ -33,8 +38,10 @@ LAYER_PREFIX = "layers."
 # rows, or whole on every rank
 ROWS, COLS, VOCAB, WHOLE = "rows", "cols", "vocab", "whole"
 # roles: a layer matrix (``pack --quantize`` quantizes these), the embedding table, the output matrix
-# (``--quantize-output``), a 1-D vector (norms, biases: always in the image's dtype)
-MATRIX, EMBEDDING, OUTPUT, VECTOR = "matrix", "embedding", "output", "vector"
+# (``--quantize-output``), a 1-D vector (norms, biases: always in the image's dtype), a router's matrix (a
+# mixture of experts' gate: small, and its rounding would move tokens to other experts, so kept in the image's
+# dtype as llama.cpp keeps ``ffn_gate_inp``)
+MATRIX, EMBEDDING, OUTPUT, VECTOR, ROUTER = "matrix", "embedding", "output", "vector", "router"
 
 
 def _always(args: ModelArgs) -> bool:
@@ -60,6 +67,7 @@ class GroupKind:
     tensors: tuple[TensorDef, ...]
     forward: str = ""  # a layer kind's group function, by its name in model/transformer.py's FORWARDS
     gpu_rank: int = 2  # the GPU tier takes kinds of lower rank first (runtime/engine/placement.py)
+    count: Callable[[ModelArgs], int] | None = None  # a repeated kind: this many groups per layer (experts)
 
     def present(self, args: ModelArgs) -> tuple[TensorDef, ...]:
         return tuple(t for t in self.tensors if t.when(args))
@@ -90,3 +98,9 @@ class Architecture:
     def __post_init__(self) -> None:
         kinds = {k.name: k for k in (self.embed, *self.layer_kinds, self.head)}
         object.__setattr__(self, "kinds", kinds)
+
+    @property
+    def routed(self) -> bool:
+        """A mixture of experts: some layer kind is repeated per expert, and a router picks which run per token
+        (the pass reads the router's choice on the host once per layer: no CUDA graph captures it)."""
+        return any(k.count is not None for k in self.layer_kinds)

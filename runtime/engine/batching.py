@@ -57,15 +57,18 @@ def kv_device_rows(batch: int, max_len: int, prefill_chunk: int, by_sequence: bo
 
 
 def activation_bytes(image: Image, batch: int, chunk: int, all_logits: bool = False) -> int:
-    """Rough upper bound of the workspace of one prefill chunk: hidden states, FFN intermediates, and fp32
-    logits (every position's for perplexity, else the last position's)."""
+    """Rough upper bound of the workspace of one prefill chunk: hidden states, FFN intermediates (a mixture's
+    widest: an expert's over at most every token, or its shared expert's; and its router's fp32 probabilities and
+    int64 choices), and fp32 logits (every position's for perplexity, else the last position's)."""
     a = image.args
     elem = DTYPE_BYTES[image.dtype]
     logits = batch * (chunk if all_logits else 1) * a.vocab_size * 4
     scores = batch * a.n_heads * chunk * chunk * 4  # a masked (later) chunk may take the math kernel's scores
     # a quantized matrix's dequantized rows (two chunks: one may still be read while the next is written)
     dequant = 2 * min(image.largest_quantized(), DEQUANT_CHUNK) * elem
-    return batch * chunk * (6 * a.dim + 3 * a.ffn_hidden) * elem + logits + scores + dequant + (256 << 20)
+    router = batch * chunk * a.n_experts * 12
+    ffn = max(a.ffn_hidden, a.shared_ffn_hidden)
+    return batch * chunk * (6 * a.dim + 3 * ffn) * elem + router + logits + scores + dequant + (256 << 20)
 
 
 def default_dram_bytes() -> int:

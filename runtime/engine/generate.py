@@ -108,8 +108,11 @@ def warm_up(args, dtype: torch.dtype, device: torch.device, tokens: int, formats
     for scheme, group in sorted(set(formats), key=str):
         warm_up_quant(scheme, group, dtype, device)
     torch.backends.cuda.enable_cudnn_sdp(False)  # as Generator: the kernel the passes will use
-    # the FFN narrowed to 2048: the warm-up must fit beside the GPU tier being copied meanwhile
-    small = dataclasses.replace(args, n_layers=1, vocab_size=256, ffn_hidden=min(args.ffn_hidden, 2048))
+    # the FFN narrowed to 2048 (a mixture's: at most 8 experts, its shared expert narrowed too): the warm-up must fit
+    # beside the GPU tier being copied meanwhile
+    small = dataclasses.replace(args, n_layers=1, vocab_size=256, ffn_hidden=min(args.ffn_hidden, 2048),
+                                shared_ffn_hidden=min(args.shared_ffn_hidden, 2048),
+                                n_experts=min(args.n_experts, 8), n_experts_used=min(args.n_experts_used, 8))
     with torch.inference_mode():
         groups = {g: {k: torch.empty(shape, dtype=dtype, device=device)
                       for k, shape in group_tensor_shapes(small, g).items()} for g in group_names(small)}

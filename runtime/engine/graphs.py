@@ -42,9 +42,18 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from model.arch import EMBED, HEAD
+from model.arch import HEAD, architecture
 from model.quant import QuantWeight
-from model.transformer import Pass, Queries, Weights, forward_groups, layer_passes, linear, rms_norm
+from model.transformer import (
+    Pass,
+    Queries,
+    Weights,
+    final_norm,
+    forward_groups,
+    layer_passes,
+    linear,
+    output_matrix,
+)
 from runtime.engine.kv import DecodeStep, KVCache
 from runtime.engine.streamed import StreamedWeights
 from runtime.engine.weights import InMemoryWeights
@@ -77,11 +86,13 @@ def applies(gen: Generator) -> bool:
     """Whether ``gen``'s decode steps can be captured: the weights on a CUDA device at fixed addresses, every one
     resident (an in-memory source) or streamed through fixed staging buffers (a streamed source of one process,
     not a tensor-parallel rank's), neither wrapped (--trace times each group); the KV cache the plain device one
-    with exact attention, and no attention profiling (it synchronises inside the step)."""
+    with exact attention, no attention profiling (it synchronises inside the step), and no mixture of experts (its
+    router's choice is read on the host every layer: the step's work is not the same from one step to the next)."""
     src = gen.source
     return (src.device.type == "cuda" and (type(src) is InMemoryWeights or
                                            (type(src) is StreamedWeights and src.shard is None))
-            and not gen.kv_offload and gen.kv.topk_blk is None and not gen.profile_attention)
+            and not gen.kv_offload and gen.kv.topk_blk is None and not gen.profile_attention
+            and not architecture(gen.args).routed)
 
 
 def _address(w: Weights | torch.Tensor | QuantWeight) -> int:
@@ -202,9 +213,8 @@ class StaticDecode:
         h, x, logits = self.h[:b], self.x[:b], self.logits[:b]
         h.copy_(src.embed(self.ids[:b]))  # the host lookup (a pinned DRAM table) stays out of the graphs
         steps = [(group, lambda w, f=fwd, i=layer: h.copy_(f(h, w, p, i))) for group, fwd, layer in layer_passes(a)]
-        steps.append((HEAD, lambda w: x.copy_(rms_norm(h, w["norm.weight"], a.norm_eps))))
-        # as forward_groups: a tied model's output matrix is fetched after the head's norm is computed
-        out, name = (EMBED, "tok_embeddings.weight") if a.tie_embeddings else (HEAD, "output.weight")
+        steps.append((HEAD, lambda w: x.copy_(final_norm(h, w, a))))
+        out, name = output_matrix(a)  # as forward_groups: a tied model's embedding is fetched after the head
         steps.append((out, lambda w: logits.copy_(linear(x, w[name]).float()[:, -1])))
         resident = getattr(src, "resident", None)  # the GPU tier's groups (None: an in-memory source, all)
         run: list[tuple[str, Weights, Callable]] = []  # resident groups not replayed yet

@@ -81,7 +81,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from model.arch import HEAD
+from model.arch import HEAD, architecture
 from model.args import PRESETS, ModelArgs, human_bytes, preset
 from model.errors import ConfigError, UserError
 from model.groups import (
@@ -226,11 +226,17 @@ class ModelSpec:
 def model_spec(cfg: ProbeConfig) -> ModelSpec:
     if cfg.image is not None:
         image = Image.open(cfg.image, cfg.manifest)
+        if architecture(image.args).routed:  # one group of each kind is not a layer's compute when k of n run
+            raise ConfigError(f"probe: {image.path} is a {image.args.arch} mixture of experts, whose per-expert "
+                              f"compute and routing the probe does not measure yet (issue 29)")
         return ModelSpec(image.args, image.dtype, {n: g.size for n, g in image.groups.items()},
                          f"image {image.path}", str(image.path), str(image.manifest_path), image.image_size,
                          image.formats(), image.format_summary())
     shape, dtype = cfg.shape or DEFAULT_SHAPE, cfg.dtype or "bf16"
     args = preset(shape)
+    if architecture(args).routed:
+        raise ConfigError(f"probe: --shape {shape} is a {args.arch} mixture of experts, whose per-expert compute and "
+                          f"routing the probe does not measure yet (issue 29)")
     return ModelSpec(args, dtype, layout_group_bytes(args, dtype), f"preset {shape} (no image)")
 
 
