@@ -102,6 +102,19 @@ def test_tree_logits_equal_each_path_alone(images):
             j = tree.parent[j]
         ref = gen.forward(torch.tensor([PROMPT[:-1] + path]), 0, gen.new_cache(1))[0, -1]
         assert (got[node] - ref).abs().max().item() < 1e-4, node
+    # the same pass at static shapes (graphs.StaticDecode.step_tree, no capture), the whole tree and, as the
+    # draft expands it, its nodes after the root's, with the root in the cache
+    from runtime.engine.graphs import StaticDecode
+
+    static = StaticDecode(gen, capture=False)
+    sc = static.begin(1, None)
+    gen.forward(torch.tensor([PROMPT[:-1]]), 0, sc)
+    q = tree.queries(range(len(tree)), start, "cpu")
+    assert static.fits_tree(sc, len(tree), start, q) and not static.fits_tree(cache, len(tree), start, q)
+    assert (static.step_tree(torch.tensor(tree.tokens), start, q) - got).abs().max().item() < 1e-5
+    rows = range(1, len(tree))
+    part = static.step_tree(torch.tensor(tree.tokens[1:]), start + 1, tree.queries(rows, start, "cpu", True))
+    assert (part - got[1:]).abs().max().item() < 1e-5
     # keeping path 0 -> a -> b moves their entries to consecutive slots: the next token's logits are then
     # those of the plain sequence
     cache.keep([start, start + a, start + b], start)
@@ -242,6 +255,30 @@ def test_smollm2_with_its_int4_image_as_draft(smol_gguf, smol_image, tmp_path):
         assert spec.generate(prompt, SamplingConfig(new)).output_token_ids == ref
 
 
+@pytest.mark.parametrize("n", [8])
+def test_static_tree_passes_equal_plain(images, n):
+    """The target's verify passes and the draft's expansions and catch-ups at static shapes (graphs.StaticDecode
+    .step_tree without capture: the graphs' computation), over an in-memory and a streamed target: plain greedy."""
+    from runtime.engine.graphs import StaticDecode
+
+    target, other = images
+    ref = plain(target, PROMPT, SamplingConfig(NEW))
+    cfg = EngineConfig.of(workers=2, quiet=True, mode="stream")
+    with open_source(target, cfg, torch.device("cpu"), max_len=96) as (src, _, _):
+        for gen in (Generator(InMemoryWeights(target, "cpu", quiet=True), 96), Generator(src, 96)):
+            gen.static = StaticDecode(gen, capture=False)
+            calls = []
+            step_tree = gen.static.step_tree
+            gen.static.step_tree = lambda *a, c=calls, f=step_tree: c.append(len(a[0])) or f(*a)
+            for image in (target, other):
+                dgen = Generator(InMemoryWeights(image, "cpu", quiet=True), 96)
+                dgen.static = StaticDecode(dgen, capture=False)
+                spec = SpeculativeGenerator(gen, ModelDraft(dgen), n)
+                assert spec.generate(PROMPT, SamplingConfig(NEW)).output_token_ids == ref, (n, image.path)
+                assert dgen.static.tree_in is not None  # the draft's passes took the static path
+            assert calls and max(calls) > 1
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("kv_offload", ["off", "on"])
@@ -258,6 +295,14 @@ def test_cuda_greedy_equals_plain(images, kv_offload):
             for draft in (NgramDraft(), ModelDraft(Generator(InMemoryWeights(target, dev, quiet=True), 96))):
                 spec = SpeculativeGenerator(gen, draft, 8)
                 assert spec.generate(PROMPT, SamplingConfig(NEW)).output_token_ids == ref, (mode, kv_offload)
+        if kv_offload == "off":  # replayed from CUDA graphs: the target's passes and the draft's
+            with open_source(target, cfg, dev, max_len=96) as (src, _, _):
+                gen = Generator(src, 96, cuda_graphs=True)
+                draft = ModelDraft(Generator(InMemoryWeights(target, dev, quiet=True), 96, cuda_graphs=True))
+                spec = SpeculativeGenerator(gen, draft, 8)
+                assert spec.generate(PROMPT, SamplingConfig(NEW)).output_token_ids == ref, mode
+                assert any(k[0][0] == "tree" for k in draft.gen.static.graphs), list(draft.gen.static.graphs)[:4]
+                assert gen.static is not None and gen.static.tree_in is not None
 
 
 def _chain_pass(size, rng, keep=0.9, node_ms=0.5):

@@ -294,7 +294,11 @@ class Generator:
     def forward_tree(self, tokens: torch.Tensor, start: int, cache: KVCache,
                      tree: TreeQueries | None) -> torch.Tensor:
         """One weight pass over tokens (1, S) at slots [start, start+S) that are a token tree's nodes (``tree``;
-        None: a plain causal chunk) -> logits (1, S, vocab) fp32, every node's (runtime/engine/speculative.py)."""
+        None: a plain causal chunk) -> logits (1, S, vocab) fp32, every node's (runtime/engine/speculative.py).
+        In the static decode's cache, a pass of at most graphs.TREE_ROWS tokens replays its graphs."""
+        static = self._static()
+        if static is not None and static.fits_tree(cache, tokens.shape[1], start, tree):
+            return static.step_tree(tokens[0], start, tree).unsqueeze(0)  # replayed from CUDA graphs
         if self.threads is not None:
             self.threads.refresh()
         return forward_groups(tokens, Queries(start, tree=tree), self.args, self.source, self.rope, cache,

@@ -47,6 +47,7 @@ from model.quant import QuantWeight
 from model.transformer import (
     Pass,
     Queries,
+    TreeQueries,
     Weights,
     final_norm,
     forward_groups,
@@ -108,33 +109,41 @@ def batch_bucket(rows: int, most: int) -> int:
     return min(1 << max(rows - 1, 0).bit_length(), most)
 
 
+TREE_ROWS = 64  # the most queries (and tree columns) a speculative pass runs at static shapes; a larger one is eager
+
+
 class StaticDecode:
-    """Decode steps at static shapes, replayed from CUDA graphs with ``capture`` (module docstring), else run as
-    they are (the same computation, for the CPU tests). For ``gen``'s requests: ``begin`` sets up a request (its
-    cache, its padding), ``step`` runs each of its decode steps. For a continuous batch (runtime/engine/
-    scheduler.py): ``adopt`` takes its cache, ``step_rows`` runs its passes in which every row decodes one token."""
+    """Passes at static shapes, replayed from CUDA graphs with ``capture`` (module docstring), else run as they
+    are (the same computation, for the CPU tests). For ``gen``'s requests: ``begin`` sets up a request (its
+    cache, its padding), ``step`` runs each of its decode steps, ``step_tree`` a speculative pass over one
+    sequence's token tree (or a short causal chunk) of at most TREE_ROWS tokens. For a continuous batch
+    (runtime/engine/scheduler.py): ``adopt`` takes its cache, ``step_rows`` runs its passes in which every row
+    decodes one token. A pass's shape keys its graphs: ("step", B), ("rows", B) or ("tree", S) (S a power of two:
+    the tree's nodes, the rest padding that writes the cache's scratch slot, its last)."""
 
     def __init__(self, gen: Generator, capture: bool = True) -> None:
         self.gen, self.capture = gen, capture
         self.grouped = type(gen.source) is not InMemoryWeights  # a graph per group (module docstring)
         self.rows = False  # a continuous batch's (adopt): every row at its own slot
         self.cache: KVCache | None = None
-        # the steps' inputs: ids (rows, 1); a request's slot (1,) and padding (rows,); a continuous batch's
-        # (4, rows) buffer of ids, the slot each row writes, the last slot it sees, its rotary position
-        self.ids = self.slot = self.pad = self.inputs = None
-        self.h = self.x = self.logits = None  # grouped: the hidden and the normed state, the logits (rows, ...)
-        # whole steps: (B, L) -> graph, logits; grouped: (piece, address, B, L) -> graph, its output
+        self.slot = self.pad = None  # a request's decode slot (1,) and padding (B,)
+        self.inputs = None  # a continuous batch's (4, B): ids, the slot each row writes, the last it sees, position
+        self.tree_in = self.base = self.visible = None  # a tree's (2, T) slots, positions; (1,) base; (T, T) bool
+        self.tokens = None  # the ids of a request's steps and trees (flat)
+        self.h = self.x = self.logits = None  # grouped: the hidden and normed states, the logits (flat: rows, ...)
+        # whole passes: (shape, L) -> graph, logits; grouped: (piece, address, shape, L) -> graph, its output
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, object]] = {}
         self.pool = None  # the graphs' memory pool, shared
 
     def begin(self, batch: int, pad: torch.Tensor | None) -> KVCache:
         """A request of ``batch`` sequences, left-padded by ``pad`` (B,) on the device or None: the cache to
         prefill (eagerly) and then decode it in; the same cache as the previous request's unless that one holds
-        fewer sequences. Its slots are not cleared: every slot a step sees is written by the request first."""
+        fewer sequences. Its slots are not cleared: every slot a step sees is written by the request first. One
+        slot past --max-seq-len is the trees' scratch."""
         g = self.gen
         if self.cache is None or self.cache.shape[0] < batch:
-            self._buffers(None, batch)
-            self.cache = KVCache(g.args, batch, g.max_seq_len, g.source.dtype, g.source.device,
+            self._reset(None, batch)
+            self.cache = KVCache(g.args, batch, g.max_seq_len + 1, g.source.dtype, g.source.device,
                                  block_tokens=g.kv.block_tokens)
         self.pad.zero_()
         if pad is not None:
@@ -144,23 +153,32 @@ class StaticDecode:
     def adopt(self, cache: KVCache) -> None:
         """Decode a continuous batch's passes in ``cache`` (its rows and slots; the scheduler owns it)."""
         self.rows = True
-        self._buffers(cache, cache.shape[0])
+        self._reset(cache, cache.shape[0])
 
-    def _buffers(self, cache: KVCache | None, batch: int) -> None:
-        """The inputs' and the grouped states' buffers for ``batch`` rows, the graphs dropped (they hold the old
-        cache's and buffers' addresses), and the old cache freed before a new one is made."""
-        g, dev = self.gen, self.gen.source.device
+    def _reset(self, cache: KVCache | None, batch: int) -> None:
+        """The inputs' buffers for ``batch`` rows, the graphs dropped (they hold the old cache's and buffers'
+        addresses), and the old cache freed before a new one is made."""
+        dev = self.gen.source.device
         self.graphs.clear()
-        self.cache = self.pool = None
+        self.cache = self.pool = self.tokens = None
         self.cache = cache
         self.slot = torch.zeros(1, dtype=torch.long, device=dev)
         self.pad = torch.zeros(batch, dtype=torch.long, device=dev)
         self.inputs = torch.zeros((4, batch), dtype=torch.long, device=dev) if self.rows else None
-        self.ids = self.inputs[0].unsqueeze(1) if self.rows else torch.zeros((batch, 1), dtype=torch.long, device=dev)
+        self._room(batch)
+
+    def _room(self, rows: int) -> None:
+        """Token and state buffers of at least ``rows`` rows (made anew, and the graphs dropped, when they hold
+        fewer: a request's first tree)."""
+        if self.tokens is not None and self.tokens.shape[0] >= rows:
+            return
+        g, dev = self.gen, self.gen.source.device
+        self.graphs.clear()
+        self.tokens = torch.zeros(rows, dtype=torch.long, device=dev)
         if self.grouped:
-            self.h = torch.zeros((batch, 1, g.args.dim), dtype=g.source.dtype, device=dev)
+            self.h = torch.zeros((rows, g.args.dim), dtype=g.source.dtype, device=dev)
             self.x = torch.zeros_like(self.h)
-            self.logits = torch.zeros((batch, g.args.vocab_size), dtype=torch.float32, device=dev)
+            self.logits = torch.zeros((rows, g.args.vocab_size), dtype=torch.float32, device=dev)
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor | Sequence[int], pos: int) -> torch.Tensor:
@@ -169,9 +187,9 @@ class StaticDecode:
         b = len(tokens)
         if not 0 <= pos < self.gen.max_seq_len:
             raise ValueError(f"decode slot {pos}: expected 0..{self.gen.max_seq_len - 1} (--max-seq-len)")
-        self.ids[:b, 0].copy_(tokens if isinstance(tokens, torch.Tensor) else torch.tensor(tokens))
+        self.tokens[:b].copy_(tokens if isinstance(tokens, torch.Tensor) else torch.tensor(tokens))
         self.slot.fill_(pos)  # a kernel argument, not a copy: no wait
-        return self._step(b, kv_bucket(pos + 1, self.cache.shape[1]))
+        return self._step(("step", b), kv_bucket(pos + 1, self.cache.shape[1]))
 
     @torch.inference_mode()
     def step_rows(self, tokens: Sequence[int], slots: Sequence[int], seen: Sequence[int],
@@ -187,41 +205,88 @@ class StaticDecode:
         free = b - n
         host = torch.tensor([list(tokens) + [0] * free, list(slots) + [scratch] * free, list(seen) + [0] * free,
                              list(positions) + [0] * free], dtype=torch.long)
-        self.inputs[:, :b].copy_(host)  # one copy (ids are a view of its first row)
-        return self._step(b, kv_bucket(max(seen) + 1, self.cache.shape[1]))[:n]
+        self.inputs[:, :b].copy_(host)  # one copy
+        return self._step(("rows", b), kv_bucket(max(seen) + 1, self.cache.shape[1]))[:n]
 
-    def _queries(self, b: int, keys: int) -> Queries:
-        """The step's attention layout over the input buffers (in a captured graph, built at every replay)."""
-        if self.rows:
-            return Queries(rows=DecodeStep.of_rows(self.inputs[1, :b], self.inputs[2, :b], self.inputs[3, :b], keys))
-        return Queries(rows=DecodeStep.at(self.slot, self.pad[:b], keys))
+    def fits_tree(self, cache: KVCache, s: int, start: int, tree: TreeQueries | None) -> bool:
+        """Whether a pass of ``s`` tokens from slot ``start`` (``tree``: their tree, or None: causal) in ``cache``
+        runs here (``step_tree``): the request's cache, at most TREE_ROWS tokens and tree columns."""
+        width = s if tree is None else tree.visible.shape[1]
+        return cache is self.cache and not self.rows and 1 <= s <= TREE_ROWS and width <= TREE_ROWS \
+            and (tree is None or start + s - tree.base == width)
 
-    def _step(self, b: int, keys: int) -> torch.Tensor:
-        """The step of the first ``b`` rows over the cache's first ``keys`` slots -> logits (b, vocab) fp32."""
+    @torch.inference_mode()
+    def step_tree(self, tokens: torch.Tensor, start: int, tree: TreeQueries | None) -> torch.Tensor:
+        """A speculative pass (runtime/engine/speculative.py) of the request ``begin`` set up, one sequence:
+        ``tokens`` (S,) on the device at slots [start, start+S), the nodes of ``tree`` (None: a causal chunk)
+        -> logits (S, vocab) fp32, every node's, valid until the next pass (``fits_tree`` holds)."""
+        s, dev, scratch = tokens.shape[0], tokens.device, self.cache.shape[1] - 1
+        sb = 1 << (s - 1).bit_length()
+        self._room(max(self.cache.shape[0], sb))
+        if self.tree_in is None:
+            self.tree_in = torch.zeros((2, TREE_ROWS), dtype=torch.long, device=dev)
+            self.base = torch.zeros(1, dtype=torch.long, device=dev)
+            self.visible = torch.zeros((TREE_ROWS, TREE_ROWS), dtype=torch.bool, device=dev)
+        here = torch.arange(start, start + s, device=dev)
+        self.tokens[:s].copy_(tokens)
+        self.tree_in[0, :s].copy_(here)
+        self.tree_in[0, s:sb].fill_(scratch)
+        self.tree_in[1, :s].copy_(here if tree is None else tree.positions)
+        self.visible.zero_()
+        if tree is None:
+            self.base.fill_(start)
+            self.visible[:s, :s] = torch.ones((s, s), dtype=torch.bool, device=dev).tril()
+        else:
+            self.base.fill_(tree.base)
+            self.visible[:s, :tree.visible.shape[1]] = tree.visible
+        return self._step(("tree", sb), kv_bucket(start + s, self.cache.shape[1]))[:s]
+
+    def _shape(self, shape: tuple) -> tuple[int, int]:
+        """(B, S) of a pass's shape."""
+        return (1, shape[1]) if shape[0] == "tree" else (shape[1], 1)
+
+    def _ids(self, shape: tuple) -> torch.Tensor:
+        b, s = self._shape(shape)
+        return (self.inputs[0] if shape[0] == "rows" else self.tokens)[:b * s].view(b, s)
+
+    def _queries(self, shape: tuple, keys: int) -> Queries:
+        """The pass's attention layout over the input buffers (in a captured graph, built at every replay)."""
+        kind, n = shape
+        if kind == "rows":
+            return Queries(rows=DecodeStep.of_rows(self.inputs[1, :n], self.inputs[2, :n], self.inputs[3, :n], keys))
+        if kind == "tree":
+            return Queries(rows=DecodeStep.of_tree(self.tree_in[0, :n], self.tree_in[1, :n], self.base,
+                                                   self.visible[:n], keys))
+        return Queries(rows=DecodeStep.at(self.slot, self.pad[:n], keys))
+
+    def _step(self, shape: tuple, keys: int) -> torch.Tensor:
+        """The pass of ``shape`` over the cache's first ``keys`` slots -> logits (B x S, vocab) fp32."""
         if self.grouped:
-            return self._grouped(b, keys)
+            return self._grouped(shape, keys)
         g = self.gen
-        return self._piece((b, keys), lambda: forward_groups(self.ids[:b], self._queries(b, keys), g.args, g.source,
-                                                             g.rope, self.cache, last_only=True)[:, -1])
+        return self._piece((shape, keys), lambda: forward_groups(
+            self._ids(shape), self._queries(shape, keys), g.args, g.source, g.rope, self.cache,
+            last_only=self._shape(shape)[1] == 1).flatten(0, 1))
 
-    def _grouped(self, b: int, keys: int) -> torch.Tensor:
-        """The step group by group from the source as it streams: each streamed group's graph replayed once
-        ``get`` has made its weights ready, each run of resident groups (the GPU tier) one graph -> logits (b,
+    def _grouped(self, shape: tuple, keys: int) -> torch.Tensor:
+        """The pass group by group from the source as it streams: each streamed group's graph replayed once
+        ``get`` has made its weights ready, each run of resident groups (the GPU tier) one graph -> logits (B x S,
         vocab) fp32. A group's step writes the state it reads (h; the head's norm x, the logits)."""
         g, src, a = self.gen, self.gen.source, self.gen.args
-        p = Pass(a, g.rope, self.cache, self._piece(("queries", b, keys), lambda: self._queries(b, keys)))
-        h, x, logits = self.h[:b], self.x[:b], self.logits[:b]
-        h.copy_(src.embed(self.ids[:b]))  # the host lookup (a pinned DRAM table) stays out of the graphs
+        b, s = self._shape(shape)
+        p = Pass(a, g.rope, self.cache, self._piece(("queries", shape, keys), lambda: self._queries(shape, keys)))
+        h, x, logits = self.h[:b * s].view(b, s, -1), self.x[:b * s].view(b, s, -1), self.logits[:b * s]
+        h.copy_(src.embed(self._ids(shape)))  # the host lookup (a pinned DRAM table) stays out of the graphs
         steps = [(group, lambda w, f=fwd, i=layer: h.copy_(f(h, w, p, i))) for group, fwd, layer in layer_passes(a)]
         steps.append((HEAD, lambda w: x.copy_(final_norm(h, w, a))))
         out, name = output_matrix(a)  # as forward_groups: a tied model's embedding is fetched after the head
-        steps.append((out, lambda w: logits.copy_(linear(x, w[name]).float()[:, -1])))
+        steps.append((out, lambda w: logits.copy_(linear(x, w[name]).float().flatten(0, 1))))
         resident = getattr(src, "resident", None)  # the GPU tier's groups (None: an in-memory source, all)
         run: list[tuple[str, Weights, Callable]] = []  # resident groups not replayed yet
 
         def flush() -> None:
             if run:
-                key = tuple((gr, _address(w)) for gr, w, _ in run) + (b, keys)
+                key = tuple((gr, _address(w)) for gr, w, _ in run) + (shape, keys)
                 self._piece(key, lambda r=tuple(run): [fn(w) for _, w, fn in r], keep=h)
                 run.clear()
 

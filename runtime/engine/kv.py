@@ -52,14 +52,16 @@ class TreeRowQueries(RowQueries):
 class DecodeStep(RowQueries):
     """A decode step at static shapes, as a CUDA graph replays it (runtime/engine/graphs.py): the RowQueries of one
     query per sequence, every one at the cache slot the device tensor ``slot`` (1,) int64 holds (``slots`` and
-    ``visible`` are it, expanded; a continuous batch's step, ``of_rows``: each row at its own, ``slot`` (B,)),
-    so that no Python number of the pass changes from step to step. It attends to
+    ``visible`` are it, expanded; a continuous batch's step, ``of_rows``: each row at its own, ``slot`` (B,); a
+    token tree's, ``of_tree``: one sequence's S queries at ``slot`` (S,)), so that no Python number of the pass
+    changes from step to step. It attends to
     the cache's first ``end`` slots (the step's KV-length bucket; ``lo``, ``hi``: 0 and ``end``), of which
     ``mask`` (B, 1, 1, end) bool marks [pad[b], slot]: a left-padded batch's padding is masked, its rotary
     positions are slot - pad[b]. ``KVCache.attend_step`` attends it."""
 
     slot: torch.Tensor
     mask: torch.Tensor
+    per_row: bool = False  # ``slot`` (B,): row b's (a continuous batch's); else (S,): every sequence's S queries'
 
     @classmethod
     def at(cls, slot: torch.Tensor, pad: torch.Tensor, keys: int) -> DecodeStep:
@@ -78,7 +80,22 @@ class DecodeStep(RowQueries):
         k = torch.arange(keys, device=slots.device)
         mask = (k <= seen.view(-1, 1)).view(-1, 1, 1, keys)
         at = slots.view(-1, 1)
-        return cls(positions.view(-1, 1), at, seen.view(-1, 1), keys, 0, keys, slots, mask)
+        return cls(positions.view(-1, 1), at, seen.view(-1, 1), keys, 0, keys, slots, mask, per_row=True)
+
+    @classmethod
+    def of_tree(cls, slots: torch.Tensor, positions: torch.Tensor, base: torch.Tensor, visible: torch.Tensor,
+                keys: int) -> DecodeStep:
+        """One sequence's S queries over ``keys`` slots, a token tree's nodes or a causal chunk (speculative
+        decoding's passes, runtime/engine/speculative.py): query i writes at slot ``slots[i]``, sits at rotary
+        position ``positions[i]``, sees every slot before ``base`` (1,) and slot base + j where ``visible[i, j]``
+        ((S, W) bool). All on the device: the mask is built at every replay."""
+        k = torch.arange(keys, device=slots.device)
+        rel = k - base  # (L,)
+        width = visible.shape[1]
+        inside = (rel >= 0) & (rel < width)
+        mask = (rel < 0) | (visible[:, rel.clamp(0, width - 1)] & inside)  # (S, L)
+        at = slots.view(1, -1)
+        return cls(positions.view(1, -1), at, at, keys, 0, keys, slots, mask.view(1, 1, -1, keys))
 
 
 class KVCache:
@@ -186,18 +203,19 @@ class KVCache:
         (no top-k blocks)."""
         if self.topk_blk is not None:
             raise ValueError("a static decode step attends exactly: not with --topk-blk")
-        b, n = q.shape[0], step.end
+        b, s, n = q.shape[0], q.shape[1], step.end
         ck, cv = self.acquire(layer)
-        if step.slot.numel() == 1:  # every sequence at one slot
-            ck[:b].index_copy_(1, step.slot, k.to(ck.dtype))
-            cv[:b].index_copy_(1, step.slot, v.to(cv.dtype))
-        else:  # a continuous batch: each row at its own
+        if step.per_row:  # a continuous batch: each row at its own slot
             r = torch.arange(b, device=ck.device)
             ck[r, step.slot] = k[:, 0].to(ck.dtype)
             cv[r, step.slot] = v[:, 0].to(cv.dtype)
+        else:  # every sequence's queries at the same slots
+            ck[:b].index_copy_(1, step.slot, k.to(ck.dtype))
+            cv[:b].index_copy_(1, step.slot, v.to(cv.dtype))
         keys, values = ck[:b, :n].transpose(1, 2), cv[:b, :n].transpose(1, 2)  # (B, n_kv, L, hd)
-        out = _folded_gqa_attention(q.transpose(1, 2), keys, values, step.mask)
-        return out.transpose(1, 2).reshape(b, 1, -1)  # (B, 1, n_heads x hd)
+        mask = step.mask if s == 1 or self.n_rep == 1 else step.mask.repeat(1, 1, self.n_rep, 1)  # folded rows
+        out = _folded_gqa_attention(q.transpose(1, 2), keys, values, mask)
+        return out.transpose(1, 2).reshape(b, s, -1)  # (B, S, n_heads x hd)
 
     def nbytes(self) -> int:
         return 2 * self.n_layers * math.prod(self.shape) * self.dtype.itemsize

@@ -35,6 +35,7 @@ from model.transformer import TreeQueries
 from runtime.engine.config import EngineConfig, SamplingConfig
 from runtime.engine.drafts import open_draft_image
 from runtime.engine.generate import GenerationResult, Generator, generator_for, sample
+from runtime.engine.graphs import TREE_ROWS
 from runtime.engine.kv import KVCache
 from runtime.engine.treecosts import PassCosts, interpolate, load_costs, pow2_sizes
 from runtime.engine.weights import InMemoryWeights
@@ -162,8 +163,10 @@ class ModelDraft:
         self.committed = 0
 
     def reset(self) -> None:
-        """A new sequence: nothing of it in the draft's cache yet."""
-        self.cache, self.committed = self.gen.new_cache(1), 0
+        """A new sequence: nothing of it in the draft's cache yet (the static decode's, where the draft's passes
+        replay CUDA graphs)."""
+        static = self.gen.static
+        self.cache, self.committed = static.begin(1, None) if static is not None else self.gen.new_cache(1), 0
 
     def _logprobs(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.float().log_softmax(-1)
@@ -172,7 +175,10 @@ class ModelDraft:
         tree = Tree([seq[-1]])  # its clock starts here: the root's forward is part of every node's draft time
         dev, base = self.gen.source.device, len(seq) - 1  # the root's slot; its children from slot base + 1
         pending = torch.tensor([list(seq[self.committed:])], dtype=torch.long, device=dev)
-        logits = self.gen.forward(pending, self.committed, self.cache, last_only=True)[0]  # the root's
+        if pending.shape[1] <= TREE_ROWS:  # the accepted tokens since the last tree: a short causal chunk
+            logits = self.gen.forward_tree(pending, self.committed, self.cache, None)[0]
+        else:  # the prompt
+            logits = self.gen.forward(pending, self.committed, self.cache, last_only=True)[0]  # the root's
         self.committed = len(seq)
         cand: list[tuple[float, int, int]] = []  # (-score, parent, token)
 
@@ -368,7 +374,7 @@ class SpeculativeGenerator:
     def generate(self, prompt: Sequence[int], cfg: SamplingConfig, stop_ids: frozenset[int] = frozenset(),
                  on_token: Callable[[int], None] | None = None) -> GenerationResult:
         gen = self.gen
-        first = gen.prefill_one(prompt, cfg)
+        first = gen.prefill_one(prompt, cfg, gen._static())  # the static decode's cache: the passes replay graphs
         if first is None:
             return GenerationResult(list(prompt), [])
         res, rng, cache, tok = first
@@ -427,7 +433,7 @@ def speculative_for(gen: Generator, cfg: EngineConfig, target: Image) -> Specula
     else:
         image = open_draft_image(s.draft, target)
         draft = ModelDraft(Generator(InMemoryWeights(image, dev, quiet=True), gen.max_seq_len, prefill=gen.prefill,
-                                     threads=gen.threads))
+                                     threads=gen.threads, cuda_graphs=cfg.cuda_graphs == "on"))
     plan = getattr(gen.source, "plan", None)
     costs = None if s.tokens is not None else load_costs(target, dev, plan.h2d_bytes_per_pass if plan else 0, s.draft)
     return SpeculativeGenerator(gen, draft, s.tree_tokens(dev.type, chunk), choose=s.tokens is None,
