@@ -30,9 +30,17 @@ writes it back there; the final norm and the output matrix (the head's, or a tie
 after it) write two more. Intermediates live in the shared pool only while a graph runs; the hidden state, the
 normed state and the logits are buffers made outside it.
 
-``StaticDecode(gen, capture=False)`` runs the same static step without graphs, on any device: the CPU tests
-check it against the eager path. Used by runtime/engine/generate.py (``Generator.generate``, ``generate_batch``,
-``--cuda-graphs``); runs in the client process.
+Two more pass shapes run the same way. A continuous batch's pass in which every row feeds one token
+(runtime/engine/scheduler.py: ``adopt`` its cache, ``step_rows``): each row at its own slot and length
+(``DecodeStep.of_rows``), the batch padded to a power of two with free rows. A speculative pass over one sequence
+(``step_tree``: the target's verify pass over a token tree, the model draft's expansions and catch-ups,
+runtime/engine/speculative.py): at most TREE_ROWS tokens padded to a power of two, the padding writing the
+cache's scratch slot, the tree's visibility a (TREE_ROWS, TREE_ROWS) buffer (``DecodeStep.of_tree``).
+
+``StaticDecode(gen, capture=False)`` runs the same static passes without graphs, on any device: the CPU tests
+check them against the eager path. Used by runtime/engine/generate.py (``Generator.generate``,
+``generate_batch``, ``forward_tree``; ``--cuda-graphs``), scheduler.py and speculative.py; runs in the client
+process.
 """
 
 from __future__ import annotations
