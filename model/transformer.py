@@ -1,4 +1,4 @@
-"""The group forwards every architecture of the registry (model/arch/) computes with, and one forward pass.
+"""The numerics and the dense group forwards every architecture of the registry (model/arch/) computes with.
 
 A model is a sequence of *groups* (model/groups.py, model/arch/schema.py): the embedding, per layer one group
 of each of its architecture's layer kinds, and the head. Each layer kind's forward is a plain function
@@ -7,15 +7,7 @@ group's layer prefix removed, e.g. ``attention.wq.weight``) to tensors and the p
 rotary tables, KV cache, start position, tensor-parallel reduce). The runtime passes views into a staging
 buffer or a shared-memory slot; nothing here allocates weights. The dense decoder's two (Llama, Qwen2,
 Qwen3, Mistral: ``attention_forward`` with optional q/k/v biases and per-head q/k norms, ``ffn_forward``) are
-here, and a mixture of experts' three (Mixtral, Qwen2-MoE, Qwen3-MoE: ``moe_attention_forward``, attention then
-the router; ``expert_forward``, one expert over the tokens routed to it; ``shared_expert_forward``); an
-architecture's module names the ones it uses.
-
-A mixture's layer is several groups, which the pass fetches one at a time (a streaming source frees each before
-the next): its attention group routes, leaving a ``Routing`` on the ``Pass`` (the normed hidden states, and the
-pass's tokens sorted by expert with their weights, one read of the expert counts on the host per layer); each
-expert group then computes its own tokens with one matmul per weight and adds them to the residual stream. An
-expert no token chose is still fetched (the stream is a fixed cycle) and computes nothing.
+here; a mixture of experts' three in model/experts.py; one forward pass over them in model/passes.py.
 
 Rotary embeddings follow Meta's layout: q/k features are interleaved (re, im) pairs. Loaders of checkpoints
 in rotate-half order (Hugging Face's, Qwen's GGUFs) un-permute those rows so that every image holds Meta's
@@ -31,7 +23,6 @@ caller and carried by the ``Pass``: where the queries sit, which keys each sees,
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Callable, Mapping
 from typing import Protocol
@@ -40,10 +31,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.arch import EMBED, HEAD, architecture
+from model.arch import EMBED, HEAD
 from model.args import ModelArgs, RopeScaling
 from model.errors import ConfigError
-from model.groups import group_index, group_names, group_prefix, group_tensor_shapes, kind_groups
+from model.groups import group_names, group_prefix, group_tensor_shapes
 from model.quant import QuantWeight
 
 Weights = Mapping[str, "torch.Tensor | QuantWeight"]
@@ -185,29 +176,18 @@ class Rope:
 # ---- group forwards ----------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
-class Routing:
-    """One MoE layer's router result (``moe_attention_forward``), read by the layer's expert groups after it."""
-
-    layer: int
-    x: torch.Tensor  # (T, dim): RMSNorm(h) of the pass's T = B*S tokens, every expert's input
-    tokens: torch.Tensor  # (T*k,) int64: token indices sorted by expert, expert e's at [bounds[e], bounds[e+1])
-    weights: torch.Tensor  # (T*k, 1): their routing weights, in x's dtype
-    bounds: tuple[int, ...]  # n_experts + 1 offsets into tokens, read on the host once per layer
-
-
-@dataclasses.dataclass(frozen=True)
 class Pass:
     """What every group of one forward pass shares: the model's arguments, the rotary tables, the KV cache, the
     pass's attention layout (``Queries``), and a tensor-parallel rank's all-reduce (None: one process).
-    ``routing``: a mixture's current layer's ``Routing``, set by its attention group for its experts (one entry,
-    replaced layer by layer)."""
+    ``routing``: a mixture's current layer's ``Routing`` (model/experts.py), set by its attention group for its
+    experts (one entry, replaced layer by layer)."""
 
     args: ModelArgs
     rope: Rope
     cache: Cache
     queries: Queries
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
-    routing: dict[str, Routing] = dataclasses.field(default_factory=dict, compare=False)
+    routing: dict[str, object] = dataclasses.field(default_factory=dict, compare=False)
 
     def out(self, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         """The residual stream after a group whose output projection gave ``o`` (a rank's partial sum)."""
@@ -266,62 +246,6 @@ def ffn_forward(h: torch.Tensor, w: Weights, p: Pass, layer: int) -> torch.Tenso
     return p.out(h, linear(gate * linear(x, w["feed_forward.w3.weight"]), w["feed_forward.w2.weight"]))
 
 
-def _swiglu(x: torch.Tensor, w1, w3, w2) -> torch.Tensor:
-    return linear(F.silu(linear(x, w1)) * linear(x, w3), w2)
-
-
-def moe_attention_forward(h: torch.Tensor, w: Weights, p: Pass, layer: int) -> torch.Tensor:
-    """A mixture's attention group: h (B, S, dim) -> h + Attention(RMSNorm(h)), then the router on
-    x = RMSNorm(h) (the FFN norm): each token's top k = n_experts_used of softmax(gate x) (in fp32), their
-    weights renormalised to sum to 1 where ``norm_topk_prob``; the tokens sorted by expert, left on ``p`` for the
-    layer's expert groups. One host read per layer: the expert counts."""
-    args = p.args
-    h = attention_forward(h, w, p, layer)
-    x = rms_norm(h, w["ffn_norm.weight"], args.norm_eps).flatten(0, 1)  # (T, dim)
-    probs = F.softmax(linear(x, w["feed_forward.gate.weight"]).float(), dim=-1)  # (T, n_experts)
-    top, idx = torch.topk(probs, args.n_experts_used, dim=-1)  # (T, k)
-    if args.norm_topk_prob:
-        top = top / top.sum(dim=-1, keepdim=True)
-    flat = idx.flatten()  # (T*k,): entry j is token j // k's choice
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=args.n_experts)
-    bounds = (0, *counts.cumsum(0).tolist())
-    p.routing.clear()
-    p.routing["layer"] = Routing(layer, x, order // args.n_experts_used,
-                                 top.flatten()[order].unsqueeze(1).to(x.dtype), bounds)
-    return h
-
-
-def _routing(p: Pass, layer: int) -> Routing:
-    r = p.routing.get("layer")
-    if r is None or r.layer != layer:
-        raise RuntimeError(f"layer {layer}'s expert ran before its router (routing held: "
-                           f"{None if r is None else r.layer})")
-    return r
-
-
-def expert_forward(h: torch.Tensor, w: Weights, p: Pass, layer: int, expert: int) -> torch.Tensor:
-    """One expert of a mixture's layer: h (B, S, dim) -> h plus, for each token routed to ``expert``, its weight
-    times W2(silu(W1 x) * W3 x); h itself where no token was (the group was fetched all the same)."""
-    r = _routing(p, layer)
-    lo, hi = r.bounds[expert], r.bounds[expert + 1]
-    if lo == hi:
-        return h
-    tok = r.tokens[lo:hi]
-    y = _swiglu(r.x[tok], w["w1.weight"], w["w3.weight"], w["w2.weight"]) * r.weights[lo:hi]  # (n, dim)
-    if p.reduce is None:
-        return h.flatten(0, 1).index_add(0, tok, y.to(h.dtype)).view_as(h)
-    o = torch.zeros_like(r.x).index_add_(0, tok, y.to(r.x.dtype))  # a rank's partial sums, for the all-reduce
-    return p.out(h, o.view_as(h))
-
-
-def shared_expert_forward(h: torch.Tensor, w: Weights, p: Pass, layer: int) -> torch.Tensor:
-    """Qwen2-MoE's shared expert, run for every token: h + sigmoid(gate x) * W2(silu(W1 x) * W3 x)."""
-    x = _routing(p, layer).x
-    y = _swiglu(x, w["shared_expert.w1.weight"], w["shared_expert.w3.weight"], w["shared_expert.w2.weight"])
-    return p.out(h, (torch.sigmoid(linear(x, w["shared_expert_gate.weight"])) * y).view_as(h))
-
-
 def final_norm(h: torch.Tensor, head: Weights, args: ModelArgs) -> torch.Tensor:
     """The head group's norm of h (B, S, dim), which the output matrix multiplies."""
     return rms_norm(h, head["norm.weight"], args.norm_eps)
@@ -355,89 +279,3 @@ def state_dict_groups(args: ModelArgs, sd: Mapping[str, torch.Tensor]) -> dict[s
     return out
 
 
-class Parallel(Protocol):
-    """A tensor-parallel rank's collectives (runtime/engine/tensor_parallel.py; model/shards.py the split): the
-    group functions compute the rank's shard with its own arguments (model.shards.rank_args), these join them."""
-
-    def tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The pass's token ids as rank 0 has them (rank 0 samples)."""
-
-    def reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum of every rank's partial x (an all-reduce)."""
-
-    def gather_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, S, rows of this rank) -> (B, S, vocab): every rank's vocabulary rows, in order."""
-
-
-class DictSource:
-    """The simplest weight source: every group's weights already in a dict on the compute device."""
-
-    def __init__(self, groups: Mapping[str, Weights]) -> None:
-        self.groups = groups
-
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        return embed_forward(tokens, self.groups[EMBED])
-
-    def get(self, group: str) -> Weights:
-        return self.groups[group]
-
-
-FORWARDS: dict[str, Callable] = {"attention": attention_forward, "ffn": ffn_forward,  # by GroupKind.forward
-                                  "moe_attention": moe_attention_forward, "expert": expert_forward,
-                                  "shared_expert": shared_expert_forward}
-
-
-def kind_forward(args: ModelArgs, kind: str) -> Callable:
-    """The group function of layer kind ``kind`` of ``args``' architecture (a repeated kind's takes its group's
-    index too: ``expert=``)."""
-    return FORWARDS[architecture(args).kinds[kind].forward]
-
-
-@functools.lru_cache(maxsize=64)
-def layer_passes(args: ModelArgs) -> tuple[tuple[str, Callable, int], ...]:
-    """(group name, group forward, layer) of every layer group in pass order, for ``args``' architecture (an
-    expert's forward bound to its index)."""
-    out = []
-    for i in range(args.n_layers):
-        for k in architecture(args).layer_kinds:
-            fwd = FORWARDS[k.forward]
-            for g in kind_groups(args, i, k):
-                idx = group_index(g)
-                out.append((g, fwd if idx is None else functools.partial(fwd, expert=idx), i))
-    return tuple(out)
-
-
-def forward_groups(tokens: torch.Tensor, queries: Queries, args: ModelArgs, source, rope: Rope, cache: Cache,
-                   last_only: bool = False, parallel: Parallel | None = None,
-                   select: torch.Tensor | None = None) -> torch.Tensor:
-    """One forward pass of tokens (B, S), laid out in the cache as ``queries`` says -> logits (B, S, vocab), or
-    (B, 1, vocab) for the last position with ``last_only``, or (1, N, vocab) for the positions ``select`` (N,)
-    of the flattened (B x S) pass.
-
-    The weight-source contract: ``source.embed(tokens)`` does the lookup; ``source.get(group)`` is called in
-    the pass order (runtime/engine/placement.py ``pass_sequence``) and the weights it returns are valid only until
-    the next ``get``: a streaming source reuses their buffer for a group further ahead. So every group's
-    weights are used before the next group is fetched; a tied model applies the final norm (head group)
-    before it fetches the embedding as its output matrix.
-
-    ``parallel``: this pass is one tensor-parallel rank's (``args`` its own, ``source`` its shards): the
-    embedding and each layer group's output projection are all-reduced, the logits gathered.
-    """
-    red = None
-    if parallel is not None:
-        tokens, red = parallel.tokens(tokens), parallel.reduce
-    h = source.embed(tokens)
-    if red is not None:
-        h = red(h)  # each rank looked up its own vocabulary rows (the others zero)
-    p = Pass(args, rope, cache, queries, red)
-    for group, fwd, layer in layer_passes(args):
-        h = fwd(h, source.get(group), p, layer)
-    if last_only:
-        h = h[:, -1:]
-    elif select is not None:
-        h = h.flatten(0, 1)[select].unsqueeze(0)  # (1, N, dim)
-    head = source.get(HEAD)
-    x = final_norm(h, head, args)  # before a tied model fetches the embedding
-    group, name = output_matrix(args)
-    logits = linear(x, (head if group == HEAD else source.get(group))[name]).float()
-    return logits if parallel is None else parallel.gather_logits(logits)

@@ -29,7 +29,8 @@ from ckpt_writers import HF_SCALING, hf_reference_logits, shard_dim, write_gguf,
 from model.args import ModelArgs
 from model.checkpoint import GGUFCheckpoint, HFCheckpoint, MetaCheckpoint, open_checkpoint
 from model.errors import CheckpointError, ConfigError
-from model.transformer import DictSource, Queries, Rope, forward_groups, state_dict_groups
+from model.passes import DictSource, forward_groups
+from model.transformer import Queries, Rope, state_dict_groups
 from runtime.engine.kv import KVCache
 
 TOL = 1e-4

@@ -10,7 +10,7 @@ their config.json and GGUF metadata that they share.
                                 (1, dim): run for every token, scaled by sigmoid(gate x)  (Qwen2-MoE)
 
 The router belongs to the attention group, so a pass knows each token's experts as soon as the group is done:
-its forward (model/transformer.py ``moe_attention_forward``) computes softmax(gate x) and its top-k (renormalised
+its forward (model/experts.py ``moe_attention_forward``) computes softmax(gate x) and its top-k (renormalised
 to sum to 1 where ``norm_topk_prob``), and each expert group then computes its own tokens only. An expert is a
 group of its own, the unit a later step places and moves by itself (issue 29); in Hugging Face checkpoints it is
 one tensor per expert (``{e}`` in the names below), in llama.cpp's GGUFs one tensor per layer stacking every

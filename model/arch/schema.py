@@ -65,7 +65,7 @@ class GroupKind:
     name: str  # "attention": layer groups are named "layers.{i}.attention"
     label: str  # short name in plans and tables: "attn"
     tensors: tuple[TensorDef, ...]
-    forward: str = ""  # a layer kind's group function, by its name in model/transformer.py's FORWARDS
+    forward: str = ""  # a layer kind's group function, by its name in model/passes.py's FORWARDS
     gpu_rank: int = 2  # the GPU tier takes kinds of lower rank first (runtime/engine/placement.py)
     count: Callable[[ModelArgs], int] | None = None  # a repeated kind: this many groups per layer (experts)
 
@@ -77,7 +77,7 @@ class GroupKind:
 class Architecture:
     """One architecture of the registry (model/arch/__init__.py). ``hf_args`` / ``gguf_args`` turn a
     config.json / a GGUF's metadata into ``ModelArgs`` keywords (model/arch/common.py has the shared parts);
-    each layer kind names its group function (``GroupKind.forward``: model/transformer.py, which imports this
+    each layer kind names its group function (``GroupKind.forward``: model/passes.py, which imports this
     package, never the other way). The chat template is not the architecture's: every family's checkpoint ships
     its own (tokenizer_config.json, a GGUF's tokenizer.chat_template), rendered by model/chat.py, with a
     hand-written fallback chosen by the vocabulary's tokens where it ships none."""

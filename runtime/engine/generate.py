@@ -20,8 +20,9 @@ import torch
 
 from model.errors import ConfigError
 from model.groups import group_names, group_tensor_shapes, host_layer_count
+from model.passes import DictSource, forward_groups
 from model.quant import warm_up as warm_up_quant
-from model.transformer import DictSource, Queries, Rope, RowQueries, TreeQueries, forward_groups
+from model.transformer import Queries, Rope, RowQueries, TreeQueries
 from runtime.engine.batching import chunk_per_sequence, kv_device_rows, prefill_passes, sequences_per_pass
 from runtime.engine.config import EngineConfig, KVConfig, PrefillConfig, SamplingConfig
 from runtime.engine.graphs import StaticDecode, applies

@@ -51,18 +51,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from model.arch import HEAD, architecture
+from model.passes import forward_groups, layer_passes
 from model.quant import QuantWeight
-from model.transformer import (
-    Pass,
-    Queries,
-    TreeQueries,
-    Weights,
-    final_norm,
-    forward_groups,
-    layer_passes,
-    linear,
-    output_matrix,
-)
+from model.transformer import Pass, Queries, TreeQueries, Weights, final_norm, linear, output_matrix
 from runtime.engine.kv import DecodeStep, KVCache
 from runtime.engine.streamed import StreamedWeights
 from runtime.engine.weights import InMemoryWeights

@@ -6,7 +6,7 @@
   - a plain image: the whole group's extent, sliced on the host (views: row shards are contiguous, column
     shards strided), so on CUDA every rank copies whole groups: N times the bytes of a packed image (the
     plan says so). On the CPU nothing is copied either way.
-``Collectives`` is the model's ``Parallel`` seam (model/transformer.py ``forward_groups``) over torch.distributed:
+``Collectives`` is the model's ``Parallel`` seam (model/passes.py ``forward_groups``) over torch.distributed:
 the input tokens broadcast from rank 0 (rank 0 samples; every rank samples the same all-gathered logits with
 the same seeded generator, so each rank's control flow stays that of rank 0), an all-reduce after the
 embedding, attention and the FFN, and an all-gather of the logits' vocabulary rows.
@@ -71,7 +71,7 @@ class RankShard:
 
     def embed(self, tokens: torch.Tensor, w: Weights, dtype: torch.dtype | None = None) -> torch.Tensor:
         """tokens (B, S) -> (B, S, dim): the rows of this rank's vocabulary, zero for the others' tokens (the
-        forward all-reduces them: model.transformer.forward_groups)."""
+        forward all-reduces them: model.passes.forward_groups)."""
         return embed_forward(tokens, w, dtype, rows=self.vocab)
 
     def bytes_moved(self) -> int:
@@ -117,7 +117,7 @@ class RankWeights:
 
 
 class Collectives:
-    """model.transformer.Parallel over the default torch.distributed process group (gloo on the CPU, NCCL on CUDA)."""
+    """model.passes.Parallel over the default torch.distributed process group (gloo on the CPU, NCCL on CUDA)."""
 
     def __init__(self, rank: int, n: int, vocab: int) -> None:
         self.rank, self.n, self.vocab = rank, n, vocab

@@ -42,7 +42,7 @@ class WeightSource(Protocol):
     def embed(self, tokens: torch.Tensor) -> torch.Tensor: ...
 
     def get(self, group: str) -> Weights:
-        """Group ``group``'s weights, valid until the next ``get`` (model.transformer.forward_groups)."""
+        """Group ``group``'s weights, valid until the next ``get`` (model.passes.forward_groups)."""
 
     def close(self) -> None: ...
 

@@ -546,7 +546,8 @@ def _time_group(args: ModelArgs, kind: str, dtype, device, gen, prefill: int, co
     """One group of ``kind`` (layer 0's, or the head) on random weights: a prefill of ``prefill`` tokens, then a
     decode token after ``context`` cached ones (random keys and values); the head on the last position only, the
     same in both phases (logits of one position)."""
-    from model.transformer import Pass, Queries, Rope, head_forward, kind_forward  # torch: readers import this module
+    from model.passes import kind_forward  # torch: readers import this module
+    from model.transformer import Pass, Queries, Rope, head_forward
     from runtime.engine.kv import KVCache
 
     w = random_weights(args, HEAD if kind == HEAD else layer_group(0, kind), dtype, device, gen, formats)
@@ -592,7 +593,8 @@ def measure_tree_passes(spec: ModelSpec, device: torch.device, sizes: Sequence[i
     tokens computes (the tree's mask costs what a causal one does)."""
     import torch
 
-    from model.transformer import Pass, Queries, Rope, head_forward, kind_forward
+    from model.passes import kind_forward
+    from model.transformer import Pass, Queries, Rope, head_forward
     from runtime.engine.kv import KVCache
     from runtime.format.image import TORCH_DTYPES
 

@@ -1,0 +1,86 @@
+"""A mixture of experts' group forwards (Mixtral, Qwen2-MoE, Qwen3-MoE; model/arch/moe.py their groups).
+
+A mixture's layer is several groups, which the pass fetches one at a time (a streaming source frees each before
+the next): its attention group routes (``moe_attention_forward``: attention, then the router), leaving a
+``Routing`` on the ``Pass`` (the normed hidden states, and the pass's tokens sorted by expert with their
+weights, one read of the expert counts on the host per layer); each expert group (``expert_forward``) then
+computes its own tokens with one matmul per weight and adds them to the residual stream; a shared expert
+(``shared_expert_forward``) computes every token. An expert no token chose is still fetched (the stream is a
+fixed cycle) and computes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from model.transformer import Pass, Weights, attention_forward, linear, rms_norm
+
+
+@dataclasses.dataclass(frozen=True)
+class Routing:
+    """One MoE layer's router result (``moe_attention_forward``), read by the layer's expert groups after it."""
+
+    layer: int
+    x: torch.Tensor  # (T, dim): RMSNorm(h) of the pass's T = B*S tokens, every expert's input
+    tokens: torch.Tensor  # (T*k,) int64: token indices sorted by expert, expert e's at [bounds[e], bounds[e+1])
+    weights: torch.Tensor  # (T*k, 1): their routing weights, in x's dtype
+    bounds: tuple[int, ...]  # n_experts + 1 offsets into tokens, read on the host once per layer
+
+
+def _swiglu(x: torch.Tensor, w1, w3, w2) -> torch.Tensor:
+    return linear(F.silu(linear(x, w1)) * linear(x, w3), w2)
+
+
+def moe_attention_forward(h: torch.Tensor, w: Weights, p: Pass, layer: int) -> torch.Tensor:
+    """A mixture's attention group: h (B, S, dim) -> h + Attention(RMSNorm(h)), then the router on
+    x = RMSNorm(h) (the FFN norm): each token's top k = n_experts_used of softmax(gate x) (in fp32), their
+    weights renormalised to sum to 1 where ``norm_topk_prob``; the tokens sorted by expert, left on ``p`` for the
+    layer's expert groups. One host read per layer: the expert counts."""
+    args = p.args
+    h = attention_forward(h, w, p, layer)
+    x = rms_norm(h, w["ffn_norm.weight"], args.norm_eps).flatten(0, 1)  # (T, dim)
+    probs = F.softmax(linear(x, w["feed_forward.gate.weight"]).float(), dim=-1)  # (T, n_experts)
+    top, idx = torch.topk(probs, args.n_experts_used, dim=-1)  # (T, k)
+    if args.norm_topk_prob:
+        top = top / top.sum(dim=-1, keepdim=True)
+    flat = idx.flatten()  # (T*k,): entry j is token j // k's choice
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=args.n_experts)
+    bounds = (0, *counts.cumsum(0).tolist())
+    p.routing.clear()
+    p.routing["layer"] = Routing(layer, x, order // args.n_experts_used,
+                                 top.flatten()[order].unsqueeze(1).to(x.dtype), bounds)
+    return h
+
+
+def _routing(p: Pass, layer: int) -> Routing:
+    r = p.routing.get("layer")
+    if r is None or r.layer != layer:
+        raise RuntimeError(f"layer {layer}'s expert ran before its router (routing held: "
+                           f"{None if r is None else r.layer})")
+    return r
+
+
+def expert_forward(h: torch.Tensor, w: Weights, p: Pass, layer: int, expert: int) -> torch.Tensor:
+    """One expert of a mixture's layer: h (B, S, dim) -> h plus, for each token routed to ``expert``, its weight
+    times W2(silu(W1 x) * W3 x); h itself where no token was (the group was fetched all the same)."""
+    r = _routing(p, layer)
+    lo, hi = r.bounds[expert], r.bounds[expert + 1]
+    if lo == hi:
+        return h
+    tok = r.tokens[lo:hi]
+    y = _swiglu(r.x[tok], w["w1.weight"], w["w3.weight"], w["w2.weight"]) * r.weights[lo:hi]  # (n, dim)
+    if p.reduce is None:
+        return h.flatten(0, 1).index_add(0, tok, y.to(h.dtype)).view_as(h)
+    o = torch.zeros_like(r.x).index_add_(0, tok, y.to(r.x.dtype))  # a rank's partial sums, for the all-reduce
+    return p.out(h, o.view_as(h))
+
+
+def shared_expert_forward(h: torch.Tensor, w: Weights, p: Pass, layer: int) -> torch.Tensor:
+    """Qwen2-MoE's shared expert, run for every token: h + sigmoid(gate x) * W2(silu(W1 x) * W3 x)."""
+    x = _routing(p, layer).x
+    y = _swiglu(x, w["shared_expert.w1.weight"], w["shared_expert.w3.weight"], w["shared_expert.w2.weight"])
+    return p.out(h, (torch.sigmoid(linear(x, w["shared_expert_gate.weight"])) * y).view_as(h))

@@ -1,0 +1,117 @@
+"""One forward pass over a model's groups (``forward_groups``), in its architecture's order (``layer_passes``),
+each group by its kind's function (``FORWARDS``: model/transformer.py's dense ones, model/experts.py's).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Protocol
+
+import torch
+
+from model.arch import EMBED, HEAD, architecture
+from model.args import ModelArgs
+from model.experts import expert_forward, moe_attention_forward, shared_expert_forward
+from model.groups import group_index, kind_groups
+from model.transformer import (
+    Cache,
+    Pass,
+    Queries,
+    Rope,
+    Weights,
+    attention_forward,
+    embed_forward,
+    ffn_forward,
+    final_norm,
+    linear,
+    output_matrix,
+)
+
+
+class Parallel(Protocol):
+    """A tensor-parallel rank's collectives (runtime/engine/tensor_parallel.py; model/shards.py the split): the
+    group functions compute the rank's shard with its own arguments (model.shards.rank_args), these join them."""
+
+    def tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The pass's token ids as rank 0 has them (rank 0 samples)."""
+
+    def reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum of every rank's partial x (an all-reduce)."""
+
+    def gather_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, S, rows of this rank) -> (B, S, vocab): every rank's vocabulary rows, in order."""
+
+
+class DictSource:
+    """The simplest weight source: every group's weights already in a dict on the compute device."""
+
+    def __init__(self, groups: Mapping[str, Weights]) -> None:
+        self.groups = groups
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return embed_forward(tokens, self.groups[EMBED])
+
+    def get(self, group: str) -> Weights:
+        return self.groups[group]
+
+
+FORWARDS: dict[str, Callable] = {"attention": attention_forward, "ffn": ffn_forward,  # by GroupKind.forward
+                                  "moe_attention": moe_attention_forward, "expert": expert_forward,
+                                  "shared_expert": shared_expert_forward}
+
+
+def kind_forward(args: ModelArgs, kind: str) -> Callable:
+    """The group function of layer kind ``kind`` of ``args``' architecture (a repeated kind's takes its group's
+    index too: ``expert=``)."""
+    return FORWARDS[architecture(args).kinds[kind].forward]
+
+
+@functools.lru_cache(maxsize=64)
+def layer_passes(args: ModelArgs) -> tuple[tuple[str, Callable, int], ...]:
+    """(group name, group forward, layer) of every layer group in pass order, for ``args``' architecture (an
+    expert's forward bound to its index)."""
+    out = []
+    for i in range(args.n_layers):
+        for k in architecture(args).layer_kinds:
+            fwd = FORWARDS[k.forward]
+            for g in kind_groups(args, i, k):
+                idx = group_index(g)
+                out.append((g, fwd if idx is None else functools.partial(fwd, expert=idx), i))
+    return tuple(out)
+
+
+def forward_groups(tokens: torch.Tensor, queries: Queries, args: ModelArgs, source, rope: Rope, cache: Cache,
+                   last_only: bool = False, parallel: Parallel | None = None,
+                   select: torch.Tensor | None = None) -> torch.Tensor:
+    """One forward pass of tokens (B, S), laid out in the cache as ``queries`` says -> logits (B, S, vocab), or
+    (B, 1, vocab) for the last position with ``last_only``, or (1, N, vocab) for the positions ``select`` (N,)
+    of the flattened (B x S) pass.
+
+    The weight-source contract: ``source.embed(tokens)`` does the lookup; ``source.get(group)`` is called in
+    the pass order (runtime/engine/placement.py ``pass_sequence``) and the weights it returns are valid only until
+    the next ``get``: a streaming source reuses their buffer for a group further ahead. So every group's
+    weights are used before the next group is fetched; a tied model applies the final norm (head group)
+    before it fetches the embedding as its output matrix.
+
+    ``parallel``: this pass is one tensor-parallel rank's (``args`` its own, ``source`` its shards): the
+    embedding and each layer group's output projection are all-reduced, the logits gathered.
+    """
+    red = None
+    if parallel is not None:
+        tokens, red = parallel.tokens(tokens), parallel.reduce
+    h = source.embed(tokens)
+    if red is not None:
+        h = red(h)  # each rank looked up its own vocabulary rows (the others zero)
+    p = Pass(args, rope, cache, queries, red)
+    for group, fwd, layer in layer_passes(args):
+        h = fwd(h, source.get(group), p, layer)
+    if last_only:
+        h = h[:, -1:]
+    elif select is not None:
+        h = h.flatten(0, 1)[select].unsqueeze(0)  # (1, N, dim)
+    head = source.get(HEAD)
+    x = final_norm(h, head, args)  # before a tied model fetches the embedding
+    group, name = output_matrix(args)
+    logits = linear(x, (head if group == HEAD else source.get(group))[name]).float()
+    return logits if parallel is None else parallel.gather_logits(logits)
