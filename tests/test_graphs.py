@@ -124,6 +124,10 @@ def test_grouped_static_decode_equals_eager_cpu(tmp_path, mode):
         gen.static = StaticDecode(gen, capture=False)
         assert gen.static.grouped
         assert [[r.output_token_ids for r in gen.generate_batch(p, cfg)] for p in (PROMPTS, [PROMPTS[1]])] == want
+        keys, piece = [], gen.static._piece  # a pass's pieces have keys of their own (each its own graph)
+        gen.static._piece = lambda key, fn, keep=None: keys.append(key) or piece(key, fn, keep)
+        gen.static.step([5], 260)
+        assert len(keys) == len(set(keys)) > len(src.plan.sequence), keys
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -156,14 +160,14 @@ def test_cuda_graph_streamed_decode_equals_eager(tmp_path, mode, scheme):
     want = [[r.output_token_ids for r in Generator(InMemoryWeights(image, dev, quiet=True), MAX_LEN)
              .generate_batch(p, cfg)] for p in (PROMPTS, [PROMPTS[2]])]
     torch.cuda.empty_cache()
-    kw = dict(STREAMED[mode], gpu_mem_gb=gpu_cap_gb(0.5), workers=2, quiet=True)
+    kw = dict(STREAMED[mode], gpu_mem_gb=gpu_cap_gb(1.0), workers=2, quiet=True)
     kw.setdefault("gpu_cached_layers", 0)
     with open_source(image, EngineConfig.of(**kw), dev, batch=3, max_len=MAX_LEN) as (src, plan, _):
         assert plan.stream or plan.dram
         gen = generator_for(src, EngineConfig.of(**kw), MAX_LEN)
         assert applies(gen) and gen.static is not None and gen.static.grouped
         got = [[r.output_token_ids for r in gen.generate_batch(p, cfg)] for p in (PROMPTS, [PROMPTS[2]])]
-        assert any(isinstance(k[0], tuple) and k[0][0] == "layers.0.attention" for k in gen.static.graphs)
+        assert sum(isinstance(k[0], tuple) for k in gen.static.graphs) >= len(plan.stream), list(gen.static.graphs)
     assert got == want, (mode, scheme)
 
 
@@ -182,7 +186,7 @@ def test_cuda_graph_scheduler_equals_eager(tmp_path, mode):
     else:
         del ref
         torch.cuda.empty_cache()
-        kw = dict(mode="preload", gpu_mem_gb=gpu_cap_gb(0.5), gpu_cached_layers=0, workers=2, quiet=True)
+        kw = dict(mode="preload", gpu_mem_gb=gpu_cap_gb(1.0), gpu_cached_layers=0, workers=2, quiet=True)
         with open_source(image, EngineConfig.of(**kw), dev, batch=3, max_len=MAX_LEN) as (src, _, _):
             got, sched = scheduled(Generator(src, MAX_LEN), prompts, graphs=True)
             assert sched.static is not None and sched.static.grouped

@@ -23,7 +23,8 @@ Where groups stream (``StreamedWeights``: --mode preload, stream, mixed), a step
 (``grouped``): the pass's queries (a small graph per (batch, bucket) whose outputs it keeps), then each streamed
 group's forward over staging buffer b, whose address is fixed for the run (the streamed source gives a group the
 same views in the same buffer every time), and each run of resident groups (the GPU tier, between two streamed
-ones) as one graph; keyed by the groups, their weights' addresses, the batch and the bucket. The source's ``get``
+ones) as one graph; keyed by the steps (a group's place in the pass), their weights' addresses, the pass's shape
+and the bucket. The source's ``get``
 runs between the replays as it runs between eager groups: the compute stream waits for a streamed group's copy,
 and the buffer the previous one frees takes the next copy. Each graph reads the hidden state from one buffer and
 writes it back there; the final norm and the output matrix (the head's, or a tied model's embedding, fetched
@@ -281,22 +282,22 @@ class StaticDecode:
         out, name = output_matrix(a)  # as forward_groups: a tied model's embedding is fetched after the head
         steps.append((out, lambda w: logits.copy_(linear(x, w[name]).float().flatten(0, 1))))
         resident = getattr(src, "resident", None)  # the GPU tier's groups (None: an in-memory source, all)
-        run: list[tuple[str, Weights, Callable]] = []  # resident groups not replayed yet
+        run: list[tuple[int, Weights, Callable]] = []  # resident groups' steps not replayed yet: (step, weights, fn)
 
         def flush() -> None:
-            if run:
-                key = tuple((gr, _address(w)) for gr, w, _ in run) + (shape, keys)
+            if run:  # keyed by the steps (an untied head's two read one group) and where their weights lie
+                key = tuple((i, _address(w)) for i, w, _ in run) + (shape, keys)
                 self._piece(key, lambda r=tuple(run): [fn(w) for _, w, fn in r], keep=h)
                 run.clear()
 
         got: tuple[str, Weights] | None = None  # the untied head's weights serve its two steps: one get
-        for group, fn in steps:
+        for i, (group, fn) in enumerate(steps):
             streamed = resident is not None and group not in resident
             if streamed:
                 flush()  # before get: the compute stream waits there for the group's copy
             w = got[1] if got is not None and got[0] == group else src.get(group)
             got = (group, w)
-            run.append((group, w, fn))
+            run.append((i, w, fn))
             if streamed:
                 flush()
         flush()
