@@ -15,7 +15,9 @@ A mixture's layer is several groups, which the pass fetches one at a time (a str
 the next): its attention group routes, leaving a ``Routing`` on the ``Pass`` (the normed hidden states, and the
 pass's tokens sorted by expert with their weights, one read of the expert counts on the host per layer); each
 expert group then computes its own tokens with one matmul per weight and adds them to the residual stream. An
-expert no token chose is still fetched (the stream is a fixed cycle) and computes nothing.
+expert no token chose is not fetched at all: once a layer has routed, ``forward_groups`` asks ``needed_groups`` for
+the experts the pass's tokens chose, tells the weight source (``source.route(layer, groups)``, where it has one: a
+streaming source then copies or reads only those) and fetches only those.
 
 Rotary embeddings follow Meta's layout: q/k features are interleaved (re, im) pairs. Loaders of checkpoints
 in rotate-half order (Hugging Face's, Qwen's GGUFs) un-permute those rows so that every image holds Meta's
@@ -43,7 +45,7 @@ import torch.nn.functional as F
 from model.arch import EMBED, HEAD, architecture
 from model.args import ModelArgs, RopeScaling
 from model.errors import ConfigError
-from model.groups import group_index, group_names, group_prefix, group_tensor_shapes, kind_groups
+from model.groups import group_index, group_names, group_prefix, group_tensor_shapes, kind_groups, routed_kinds
 from model.quant import QuantWeight
 
 Weights = Mapping[str, "torch.Tensor | QuantWeight"]
@@ -300,9 +302,21 @@ def _routing(p: Pass, layer: int) -> Routing:
     return r
 
 
+def needed_groups(args: ModelArgs, r: Routing) -> tuple[str, ...]:
+    """The routed groups of layer ``r.layer`` that at least one of the pass's tokens chose (from ``r.bounds``), in
+    pass order: the only ones of that layer the pass fetches (``forward_groups``)."""
+    return tuple(g for k in routed_kinds(args) for e, g in enumerate(kind_groups(args, r.layer, k))
+                 if r.bounds[e + 1] > r.bounds[e])
+
+
+@functools.lru_cache(maxsize=64)
+def _routed_set(args: ModelArgs) -> frozenset[str]:
+    return frozenset(g for i in range(args.n_layers) for k in routed_kinds(args) for g in kind_groups(args, i, k))
+
+
 def expert_forward(h: torch.Tensor, w: Weights, p: Pass, layer: int, expert: int) -> torch.Tensor:
     """One expert of a mixture's layer: h (B, S, dim) -> h plus, for each token routed to ``expert``, its weight
-    times W2(silu(W1 x) * W3 x); h itself where no token was (the group was fetched all the same)."""
+    times W2(silu(W1 x) * W3 x); h itself where no token was (``forward_groups`` does not fetch such a group)."""
     r = _routing(p, layer)
     lo, hi = r.bounds[expert], r.bounds[expert + 1]
     if lo == hi:
@@ -418,7 +432,9 @@ def forward_groups(tokens: torch.Tensor, queries: Queries, args: ModelArgs, sour
     the pass order (runtime/engine/placement.py ``pass_sequence``) and the weights it returns are valid only until
     the next ``get``: a streaming source reuses their buffer for a group further ahead. So every group's
     weights are used before the next group is fetched; a tied model applies the final norm (head group)
-    before it fetches the embedding as its output matrix.
+    before it fetches the embedding as its output matrix. A mixture's routed groups (its experts) are fetched only
+    where a token chose them (``needed_groups``): right after a layer has routed, ``source.route(layer, groups)``
+    (for a source that has it) names the ones of that layer the pass will fetch, in order, before the first of them.
 
     ``parallel``: this pass is one tensor-parallel rank's (``args`` its own, ``source`` its shards): the
     embedding and each layer group's output projection are all-reduced, the logits gathered.
@@ -430,8 +446,19 @@ def forward_groups(tokens: torch.Tensor, queries: Queries, args: ModelArgs, sour
     if red is not None:
         h = red(h)  # each rank looked up its own vocabulary rows (the others zero)
     p = Pass(args, rope, cache, queries, red)
+    routed, route = _routed_set(args), getattr(source, "route", None)
+    chosen: frozenset[str] = frozenset()  # the current layer's routed groups that a token chose
+    announced: Routing | None = None
     for group, fwd, layer in layer_passes(args):
+        if group in routed and group not in chosen:
+            continue  # no token of the pass chose this expert: not fetched
         h = fwd(h, source.get(group), p, layer)
+        r = p.routing.get("layer")
+        if r is not None and r is not announced:  # this group routed: the layer's experts are known
+            announced, needed = r, needed_groups(args, r)
+            chosen = frozenset(needed)
+            if route is not None:
+                route(r.layer, needed)
     if last_only:
         h = h[:, -1:]
     elif select is not None:
