@@ -90,8 +90,11 @@ class StreamedWeights:
         self.pos = 0  # fetch positions gotten
         self.stream_pos = 0  # absolute position in the streamed sequence
         self.demand_pos = self.demand_len = 0  # position in the pool demand of the current layer, and its length
+        # experts fetched from each tier (and their bytes: this process's extent), those no token chose, and the
+        # bytes they moved to the GPU (DRAM and disk tiers, CUDA only); routings: layers routed
         self.expert_stats = dict.fromkeys(("routings", "experts_gpu", "experts_dram", "experts_disk",
-                                           "experts_skipped", "expert_h2d_bytes", "expert_disk_bytes"), 0)
+                                           "experts_skipped", "expert_bytes_gpu", "expert_bytes_dram",
+                                           "expert_bytes_disk", "expert_h2d_bytes"), 0)
         self.held: tuple[int, int] | None = None  # CPU: the streamed slot the last group was computed from
         self.dense: dict[str, Weights] = {}  # CPU: quantized DRAM-tier groups, dequantized on first use
         self.pinned: torch.Tensor | None = None  # CUDA: the host lookups' staging (_upload) ...
@@ -319,17 +322,14 @@ class StreamedWeights:
         st["experts_skipped"] += self.layer_experts[layer] - len(chosen)
         disk = []
         for g in groups:
-            if g in self.on_gpu:
-                st["experts_gpu"] += 1
-                continue
+            tier = "gpu" if g in self.on_gpu else "dram" if g in self.in_dram else "disk"
             size = self._extent(g)[1]
-            if g in self.in_dram:
-                st["experts_dram"] += 1
-            else:
-                st["experts_disk"] += 1
-                st["expert_disk_bytes"] += self.image.groups[g].size
+            st[f"experts_{tier}"] += 1
+            st[f"expert_bytes_{tier}"] += size
+            if tier == "disk":
                 disk.append(g)
-            st["expert_h2d_bytes"] += size if self.cuda else 0
+            if tier != "gpu" and self.cuda:
+                st["expert_h2d_bytes"] += size
         if disk:
             self.client.demand([self.gid[g] for g in disk])
             self.demand_pos, self.demand_len = 0, len(disk)
