@@ -120,6 +120,8 @@ class PoolClient:
             raise ValueError(f"demand of {len(groups)} groups exceeds the region of {len(region)}")
         region[:len(groups)] = groups
         self.demand_id = (self.demand_id + 1) % (1 << DEMAND_ID_BITS)
+        for slot, seq in self.demand_ready.values():  # the last demand's, READY but never waited for
+            self.release(slot, seq)
         self.demand_ready.clear()
         self.res.commands[self.j].put(MSG_DEMAND, len(groups), self.demand_id)
 
