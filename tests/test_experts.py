@@ -250,6 +250,29 @@ def test_pool_demands(images):
     assert not leftover_names(pool=cfg.name)
 
 
+def test_bench_reports_experts_by_tier(images, tmp_path):
+    """bench --out-json: the experts fetched per decoded token from each tier, their bytes, the bytes read on demand
+    and the hit rates, consistent with each other and with the pool's reads; the summary prints them."""
+    from conftest import run_launch
+
+    prompts, out = tmp_path / "prompts.txt", tmp_path / "bench.json"
+    prompts.write_text(",".join(map(str, PROMPT)) + "\n")
+    proc = run_launch("bench", "--image", str(images["mixtral"].path), "--prompts", str(prompts), "--mode", "mixed",
+                      "--gpu-cached-layers", "1", "--dram-gb", "0.0025", "--prefetch-distance", "2",
+                      "--max-new-tokens", "5", "--max-seq-len", str(MAX_LEN), "--device", "cpu", "--disk-gbps", "1",
+                      "--out-json", str(out))
+    rep = json.loads(out.read_text())
+    ex, k = rep["experts"], images["mixtral"].args.n_experts_used
+    assert ex["decode_tokens"] == rep["decode_tokens_total"] == 4 and ex["layers_routed"] == 4 * MIXTRAL.n_layers
+    assert sum(ex["experts_per_token"].values()) == k * MIXTRAL.n_layers  # batch 1: k experts a layer
+    assert abs(sum(ex["hit_rate"].values()) - 1) < 1e-9 and all(ex["hit_rate"].values())
+    assert ex["bytes_per_token"]["disk_read"] == ex["bytes_per_token"]["disk"] > 0
+    assert ex["bytes_per_token"]["h2d"] == 0  # the CPU computes where the experts lie
+    assert rep["decode_io"]["bytes_demand"] == ex["bytes_per_token"]["disk"] * 4
+    assert rep["plan"]["experts"]["disk"]["experts"] > 0 and rep["plan"]["routing_from"] == "uniform"
+    assert "experts: per token gpu" in proc.stdout, proc.stdout
+
+
 # ---- placement ---------------------------------------------------------------------------------------------------
 
 def test_placement_by_the_expert(tmp_path):

@@ -222,6 +222,8 @@ def pool_counters(source: WeightSource) -> dict[str, int] | None:
 
 
 EXPERT_TIERS = ("gpu", "dram", "disk")
+EXPERT_KEYS = ("routings", *(f"experts_{t}" for t in (*EXPERT_TIERS, "skipped")),
+               *(f"expert_bytes_{t}" for t in EXPERT_TIERS), "expert_h2d_bytes", "bytes_demand")
 
 
 def expert_report(prefill: dict | None, decode: dict | None, tokens: int) -> dict[str, Any] | None:
@@ -243,7 +245,7 @@ def expert_report(prefill: dict | None, decode: dict | None, tokens: int) -> dic
                                 "h2d": per_token(decode["expert_h2d_bytes"]),
                                 "disk_read": per_token(decode["bytes_demand"])},
             "hit_rate": {t: decode[f"experts_{t}"] / fetched if fetched else None for t in EXPERT_TIERS},
-            "prefill": {k: v for k, v in (prefill or {}).items() if k.startswith("expert") or k == "bytes_demand"}}
+            "prefill": {k: (prefill or {}).get(k) for k in decode if k in EXPERT_KEYS}}
 
 
 def _bytes(plan, groups) -> int:
