@@ -273,6 +273,56 @@ def test_bench_reports_experts_by_tier(images, tmp_path):
     assert "experts: per token gpu" in proc.stdout, proc.stdout
 
 
+def test_daemon_pool_plan_of_a_mixture(images):
+    """A daemon pool that does not hold every expert of a mixture gets as many demand slots as window slots per
+    client, and its ring fits --dram-gb (the least routed experts it would hold given up for them); a run attached to
+    it reads the others on demand, and to a pool without demand slots (started before demands) it is refused."""
+    from runtime.engine.source import plan_for_pool
+    from runtime.services.pools import plan_pool
+
+    image = images["mixtral"]
+    dc = plan_pool(image, 0.004, 1, 2)
+    assert dc.demand_slots == dc.window_slots == 2
+    sizes = {n: g.size for n, g in image.groups.items()}
+    assert sum(sizes[g] for g in dc.dram_groups) + 4 * dc.slot_bytes <= 4_000_000
+    rec = {"name": "p", "dram_groups": dc.dram_groups, "window_slots": 2, "slot_bytes": dc.slot_bytes,
+           "demand_slots": 2}
+    plan = plan_for_pool(image, EngineConfig.of(quiet=True), torch.device("cpu"), rec, 0, 0)
+    assert plan.demand and plan.demand_slots == 2 and plan.demand_slot_bytes == dc.slot_bytes
+    assert set(plan.demand) == set(routed_groups(image.args)) - set(dc.dram_groups)
+    with pytest.raises(ConfigError, match="has no demand slots for the .* experts it does not hold"):
+        plan_for_pool(image, EngineConfig.of(quiet=True), torch.device("cpu"), {**rec, "demand_slots": 0}, 0, 0)
+
+
+@pytest.mark.slow
+def test_attached_to_a_daemon_pool_that_holds_part_of_a_mixture(images, tmp_path, monkeypatch):
+    """A daemon pool of a mixture that does not hold every expert has demand slots as large as its window's: a run
+    attached to it reads the experts it does not hold on demand; tokens equal --mode full's; nothing left behind."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    image = images["mixtral"]
+    want, _ = reference(str(image.path), tuple(PROMPT))
+    monkeypatch.setenv("LLMS_POOL_DIR", str(tmp_path / "pools"))
+    name = f"experts{os.getpid()}"
+    subprocess.run([sys.executable, "launch.py", "pool", "start", "--image", str(image.path), "--name", name, "--quiet",
+                    "--dram-gb", "0.004", "--clients", "1", "--window-slots", "2"], cwd=ROOT, check=True, timeout=120)
+    try:
+        cfg = EngineConfig.of(quiet=True, attach=name)
+        with open_source(image, cfg, torch.device("cpu"), max_len=MAX_LEN) as (src, plan, _):
+            rec = Recording(src)
+            got = Generator(rec, MAX_LEN).generate(PROMPT, SamplingConfig(NEW)).output_token_ids
+            reads = settle(src, image)
+    finally:
+        subprocess.run([sys.executable, "launch.py", "pool", "stop", name], cwd=ROOT, timeout=60)
+    assert plan.demand and plan.demand_slots == 2, plan.describe()
+    assert got == want
+    assert all(reads[g] == rec.chosen[g] for g in plan.demand)
+    assert leftover_names(pool=name) == []
+
+
 # ---- placement ---------------------------------------------------------------------------------------------------
 
 def test_placement_by_the_expert(tmp_path):

@@ -143,6 +143,11 @@ def plan_pool(image: Image, dram_gb: float | None, n_clients: int, window: int |
     held = list(dict.fromkeys(plan.host + plan.dram))
     slot = max((sizes[g] for g in sizes if g not in held), default=0)
     ring = sum(sizes[g] for g in held) + n_clients * (w + demand) * slot
+    routed = sorted((g for g in held if g in plan.use), key=lambda g: plan.use[g])  # least routed first
+    while ring > budget and routed:  # every client's window and demand slots: give up experts until they fit
+        held.remove(routed.pop(0))
+        slot = max((sizes[g] for g in sizes if g not in held), default=0)
+        ring = sum(sizes[g] for g in held) + n_clients * (w + demand) * slot
     if ring > budget:
         raise ConfigError(f"--dram-gb {budget / 1e9:.2f} GB cannot hold the host embedding and {n_clients} "
                           f"clients x {w} window slots of {slot / 1e9:.3f} GB ({ring} > {budget} bytes); raise "
