@@ -362,6 +362,40 @@ def test_placement_by_the_expert(tmp_path):
         sum(sizes[g] * (args.n_experts_used / args.n_experts if g in experts else 1) for g in uniform.stream))
 
 
+def test_expert_counts_kept_beside_the_image(images, tmp_path):
+    """make_plan ranks the experts by IMAGE.expert-counts.json where it exists (--expert-counts overrides it); a
+    dense model refuses --expert-counts."""
+    import shutil
+
+    from runtime.engine.placement import expert_counts_path
+    from runtime.engine.source import make_plan
+
+    src = images["mixtral"]
+    path = tmp_path / "m.img"
+    for suffix in ("", ".manifest.json"):
+        shutil.copy(f"{src.path}{suffix}", f"{path}{suffix}")
+    image = Image.open(path)
+    counts = [[100 if e == 5 else 1 for e in range(8)] for _ in range(MIXTRAL.n_layers)]
+    with open(expert_counts_path(str(path)), "w") as f:
+        json.dump({"counts": counts}, f)
+    plan = make_plan(image, EngineConfig.of(mode="mixed", dram_gb=0.0025, prefetch_distance=2, quiet=True),
+                     torch.device("cpu"), 0, 0)
+    assert plan.routing_from == expert_counts_path(str(path))
+    in_dram = {g for g in plan.dram if g in plan.routed}
+    assert {f"layers.{i}.expert.5" for i in range(3)} <= in_dram and plan.demand
+    assert min(plan.use[g] for g in in_dram) >= max(plan.use[g] for g in plan.demand)
+    assert plan.use["layers.0.expert.5"] == 1.0
+    with pytest.raises(ConfigError, match="has no experts"):
+        make_plan(Image.open(_dense(tmp_path)), EngineConfig.of(expert_counts="c.json", quiet=True),
+                  torch.device("cpu"), 0, 0)
+
+
+def _dense(tmp_path) -> str:
+    out = tmp_path / "dense.img"
+    pack(SyntheticCheckpoint(preset("tiny", 1), seed=1), out, dtype="fp32", quiet=True)
+    return str(out)
+
+
 @pytest.mark.parametrize("counts,words", [
     ({"counts": [[1] * 6] * 2}, ["3 layers x 6 experts", "(2, {6})"]),
     ({"counts": [[1] * 5] * 3}, ["3 layers x 6 experts", "(3, {5})"]),
