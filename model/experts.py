@@ -5,17 +5,22 @@ the next): its attention group routes (``moe_attention_forward``: attention, the
 ``Routing`` on the ``Pass`` (the normed hidden states, and the pass's tokens sorted by expert with their
 weights, one read of the expert counts on the host per layer); each expert group (``expert_forward``) then
 computes its own tokens with one matmul per weight and adds them to the residual stream; a shared expert
-(``shared_expert_forward``) computes every token. An expert no token chose is still fetched (the stream is a
-fixed cycle) and computes nothing.
+(``shared_expert_forward``) computes every token. An expert no token chose is not fetched at all: once a layer has
+routed, ``forward_groups`` (model/passes.py) asks ``needed_groups`` for the experts the pass's tokens chose, tells
+the weight source (``source.route(layer, groups)``, where it has one: a streaming source then copies or reads only
+those) and fetches only those.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import torch.nn.functional as F
 
+from model.args import ModelArgs
+from model.groups import kind_groups, routed_kinds
 from model.transformer import Pass, Weights, attention_forward, linear, rms_norm
 
 
@@ -64,9 +69,22 @@ def _routing(p: Pass, layer: int) -> Routing:
     return r
 
 
+def needed_groups(args: ModelArgs, r: Routing) -> tuple[str, ...]:
+    """The routed groups of layer ``r.layer`` that at least one of the pass's tokens chose (from ``r.bounds``), in
+    pass order: the only ones of that layer the pass fetches (``forward_groups``)."""
+    return tuple(g for k in routed_kinds(args) for e, g in enumerate(kind_groups(args, r.layer, k))
+                 if r.bounds[e + 1] > r.bounds[e])
+
+
+@functools.lru_cache(maxsize=64)
+def routed_set(args: ModelArgs) -> frozenset[str]:
+    """Every routed group (expert) of the model."""
+    return frozenset(g for i in range(args.n_layers) for k in routed_kinds(args) for g in kind_groups(args, i, k))
+
+
 def expert_forward(h: torch.Tensor, w: Weights, p: Pass, layer: int, expert: int) -> torch.Tensor:
     """One expert of a mixture's layer: h (B, S, dim) -> h plus, for each token routed to ``expert``, its weight
-    times W2(silu(W1 x) * W3 x); h itself where no token was (the group was fetched all the same)."""
+    times W2(silu(W1 x) * W3 x); h itself where no token was (``forward_groups`` does not fetch such a group)."""
     r = _routing(p, layer)
     lo, hi = r.bounds[expert], r.bounds[expert + 1]
     if lo == hi:

@@ -47,6 +47,20 @@ def group_names(args: ModelArgs) -> list[str]:
     return [EMBED, *layer_groups(args, range(args.n_layers)), HEAD]
 
 
+def routed_kinds(args: ModelArgs) -> tuple[GroupKind, ...]:
+    """The repeated layer kinds of ``args``' architecture (a mixture's experts): a pass fetches only the groups of
+    these its router chose (model/experts.py ``needed_groups``); none for a dense model."""
+    return tuple(k for k in architecture(args).layer_kinds if k.count is not None)
+
+
+def routed_groups(args: ModelArgs) -> dict[str, tuple[int, int]]:
+    """Every routed group (a mixture's expert) -> (its layer, its index), in pass order: what the placement and the
+    weight sources ask of a group name instead of parsing it."""
+    kinds = routed_kinds(args)
+    return {g: (i, e) for i in range(args.n_layers) for k in kinds
+            for e, g in enumerate(kind_groups(args, i, k))}
+
+
 def group_kind(group: str) -> str:
     """The kind of a group name: its layer kind (``layers.3.attention`` -> ``attention``, ``layers.3.expert.5`` ->
     ``expert``), or the name itself."""

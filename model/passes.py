@@ -12,7 +12,14 @@ import torch
 
 from model.arch import EMBED, HEAD, architecture
 from model.args import ModelArgs
-from model.experts import expert_forward, moe_attention_forward, shared_expert_forward
+from model.experts import (
+    Routing,
+    expert_forward,
+    moe_attention_forward,
+    needed_groups,
+    routed_set,
+    shared_expert_forward,
+)
 from model.groups import group_index, kind_groups
 from model.transformer import (
     Cache,
@@ -92,7 +99,9 @@ def forward_groups(tokens: torch.Tensor, queries: Queries, args: ModelArgs, sour
     the pass order (runtime/engine/placement.py ``pass_sequence``) and the weights it returns are valid only until
     the next ``get``: a streaming source reuses their buffer for a group further ahead. So every group's
     weights are used before the next group is fetched; a tied model applies the final norm (head group)
-    before it fetches the embedding as its output matrix.
+    before it fetches the embedding as its output matrix. A mixture's routed groups (its experts) are fetched only
+    where a token chose them (``needed_groups``): right after a layer has routed, ``source.route(layer, groups)``
+    (for a source that has it) names the ones of that layer the pass will fetch, in order, before the first of them.
 
     ``parallel``: this pass is one tensor-parallel rank's (``args`` its own, ``source`` its shards): the
     embedding and each layer group's output projection are all-reduced, the logits gathered.
@@ -104,8 +113,19 @@ def forward_groups(tokens: torch.Tensor, queries: Queries, args: ModelArgs, sour
     if red is not None:
         h = red(h)  # each rank looked up its own vocabulary rows (the others zero)
     p = Pass(args, rope, cache, queries, red)
+    routed, route = routed_set(args), getattr(source, "route", None)
+    chosen: frozenset[str] = frozenset()  # the current layer's routed groups that a token chose
+    announced: Routing | None = None
     for group, fwd, layer in layer_passes(args):
+        if group in routed and group not in chosen:
+            continue  # no token of the pass chose this expert: not fetched
         h = fwd(h, source.get(group), p, layer)
+        r = p.routing.get("layer")
+        if r is not None and r is not announced:  # this group routed: the layer's experts are known
+            announced, needed = r, needed_groups(args, r)
+            chosen = frozenset(needed)
+            if route is not None:
+                route(r.layer, needed)
     if last_only:
         h = h[:, -1:]
     elif select is not None:

@@ -8,8 +8,9 @@ them) and converted to GGUF as llama.cpp's converter does (experts stacked in ``
 
   - packed from safetensors and from GGUF: each expert its own group; greedy tokens equal transformers'
     ``generate``, logits within 1e-4 (fp32); Q8_0 blocks of stacked experts kept, split per expert;
-  - every streaming mode (the cyclic stream moves every expert group each pass): preload, stream, and mixed
-    with experts in the client's memory, in the DRAM tier and streamed; nothing left in /dev/shm;
+  - every streaming mode (each pass fetches only the experts its tokens chose: tests/test_experts.py): preload,
+    stream, and mixed with experts in the client's memory, in the DRAM tier and read on demand; nothing left in
+    /dev/shm;
   - batched prompts (one batch, and the serving scheduler's continuous batch) equal their solo runs; two
     tensor-parallel ranks equal one process;
   - refused at pack with the tensor's or key's name: an expert count that does not match the router's or the

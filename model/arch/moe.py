@@ -12,10 +12,15 @@ their config.json and GGUF metadata that they share.
 The router belongs to the attention group, so a pass knows each token's experts as soon as the group is done:
 its forward (model/experts.py ``moe_attention_forward``) computes softmax(gate x) and its top-k (renormalised
 to sum to 1 where ``norm_topk_prob``), and each expert group then computes its own tokens only. An expert is a
-group of its own, the unit a later step places and moves by itself (issue 29); in Hugging Face checkpoints it is
+group of its own, the unit the placement ranks by how often it is routed and a pass fetches only when a token chose
+it (runtime/engine/placement.py, runtime/engine/streamed.py); in Hugging Face checkpoints it is
 one tensor per expert (``{e}`` in the names below), in llama.cpp's GGUFs one tensor per layer stacking every
 expert (``ffn_gate_exps``: (n_experts, ffn_hidden, dim)), split per expert at pack (quantized blocks too: each
 expert's rows are whole rows of blocks).
+
+The GPU tier's order (``gpu_rank``): the attention group (with the router) and the shared expert, which every token
+uses, before the experts, which a token uses k of n of; the placement orders the experts among themselves by how
+often they are routed.
 
 Every layer must be a mixture: configs that mix dense FFN layers in (Qwen's ``mlp_only_layers``,
 ``decoder_sparse_step`` > 1) are refused by name.
@@ -37,20 +42,20 @@ def attention_kind(router_hf: str) -> GroupKind:
     Hugging Face name ``router_hf``; llama.cpp's ``ffn_gate_inp``)."""
     router = TensorDef("feed_forward.gate.weight", lambda a: (a.n_experts, a.dim), ROUTER, WHOLE, router_hf,
                        "ffn_gate_inp.weight")
-    return GroupKind("attention", "attn", forward="moe_attention", gpu_rank=1,
+    return GroupKind("attention", "attn", forward="moe_attention", gpu_rank=0,
                      tensors=(*ATTENTION.tensors, FFN_NORM, router))
 
 
 def expert_kind(hf: dict[str, str]) -> GroupKind:
     """One expert, repeated ``n_experts`` times per layer; ``hf``: w1/w2/w3 -> Hugging Face name with ``{e}``."""
-    return GroupKind("expert", "exp", forward="expert", gpu_rank=0, count=lambda a: a.n_experts, tensors=(
+    return GroupKind("expert", "exp", forward="expert", gpu_rank=2, count=lambda a: a.n_experts, tensors=(
         TensorDef("w1.weight", lambda a: (a.ffn_hidden, a.dim), MATRIX, ROWS, hf["w1"], "ffn_gate_exps.weight"),
         TensorDef("w2.weight", lambda a: (a.dim, a.ffn_hidden), MATRIX, COLS, hf["w2"], "ffn_down_exps.weight"),
         TensorDef("w3.weight", lambda a: (a.ffn_hidden, a.dim), MATRIX, ROWS, hf["w3"], "ffn_up_exps.weight"),
     ))
 
 
-SHARED_EXPERT = GroupKind("shared_expert", "shexp", forward="shared_expert", gpu_rank=0, tensors=(
+SHARED_EXPERT = GroupKind("shared_expert", "shexp", forward="shared_expert", gpu_rank=1, tensors=(
     TensorDef("shared_expert.w1.weight", lambda a: (a.shared_ffn_hidden, a.dim), MATRIX, ROWS,
               "mlp.shared_expert.gate_proj.weight", "ffn_gate_shexp.weight"),
     TensorDef("shared_expert.w2.weight", lambda a: (a.dim, a.shared_ffn_hidden), MATRIX, COLS,

@@ -103,6 +103,10 @@ def _runtime_args(p) -> None:
         help="window slots: how many streamed groups are read ahead of use (default 2 x depth)")
     arg(g, "--group-prefetch-depth", E, type=int,
         help="GPU staging buffers: copies run up to this many groups ahead of compute (default %(default)s)")
+    arg(g, "--expert-counts", E, metavar="FILE",
+        help="a mixture of experts: how often each expert was routed on some text, JSON {\"counts\": [per layer, "
+             "per expert]}; the tiers take the most used experts first (default: IMAGE.expert-counts.json beside "
+             "the image when present, else every expert alike)")
     arg(g, "--workers", E, type=int, help="I/O worker processes (default %(default)s; at most 2 per core and what "
                                           "the disk's request queue holds at 16 reads each)")
     arg(g, "--staging-mb", E, type=int,

@@ -74,6 +74,7 @@ class PlacementConfig(FlagConfig):
     cpu_cache_layers: int | None = None
     prefetch_distance: int | None = None  # window slots; None: 2 x group_prefetch_depth
     group_prefetch_depth: int = 2  # GPU staging buffers: copies up to this many groups ahead of compute
+    expert_counts: str | None = None  # a mixture's routing counts (JSON); None: IMAGE.expert-counts.json if present
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

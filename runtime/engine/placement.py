@@ -44,6 +44,17 @@ would never be used), and W is 0 when nothing streams. K staging buffers on the 
 ``group_prefetch_depth``) when anything is not resident, 0 on the CPU. On the CPU there is no GPU tier
 unless ``gpu_cached_layers`` is given: those layers are then held in the client's own memory, same rules.
 
+A mixture of experts (model/arch/moe.py) is not a cyclic scan in its experts: a pass fetches only the experts its
+tokens chose (model/transformer.py ``forward_groups``), so an expert is worth its bytes in a tier by how often it is
+routed. ``use`` (``expert_use``) is each expert's expected share of batch-1 passes that fetch it: its routing
+counts measured on text (``--expert-counts FILE``, a JSON kept beside the image, ``IMAGE.expert-counts.json``),
+else k / n for every one. Every other group has use 1. The GPU tier takes the groups every token uses first (the
+attention group with its router and the shared expert by ``gpu_rank``, then the head), then the experts, the most
+used first; the DRAM tier the same order; the rest stay on disk. A streamed expert is not in the cyclic stream: the
+pool reads it on demand into D *demand slots* per client (``demand_slots``: min(W, the most disk experts of a
+layer), each as large as the largest such expert), once its layer has routed. The per-pass byte counts are then
+expectations at batch 1 (each group's bytes times its use), which the plan prints with where ``use`` came from.
+
 Every infeasible request raises ``ConfigError`` naming the budget, the bytes needed and the bytes there are;
 nothing is clamped silently. Pure computation: runs in whichever process plans (launch.py run/bench), owns
 nothing. Check it with ``python -m pytest -q tests/test_placement.py``.
@@ -51,6 +62,7 @@ nothing. Check it with ``python -m pytest -q tests/test_placement.py``.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from types import MappingProxyType
@@ -59,7 +71,7 @@ from typing import Any
 from model.arch import EMBED, architecture
 from model.args import ModelArgs, human_bytes
 from model.errors import ConfigError
-from model.groups import group_kind, group_names, layer_groups
+from model.groups import group_kind, group_names, layer_groups, routed_groups, routed_kinds
 from runtime.format.image import plan_layout
 
 MODES = ("preload", "stream", "mixed")
@@ -103,14 +115,36 @@ class Plan:
     budgets: Budgets = field(default_factory=lambda: Budgets(None, None))
     stored_as: str = ""  # the image's weight formats (runtime.format.image.Image.format_summary)
     labels: Mapping[str, str] = field(default_factory=dict)  # layer kind -> its label in ``describe`` (kind_labels)
+    routed: tuple[str, ...] = ()  # a mixture's routed groups (its experts), fetched only where a token chose them
+    use: Mapping[str, float] = field(default_factory=dict)  # routed group -> expected share of passes fetching it
+    routing_from: str = ""  # where ``use`` came from: an expert-counts file, or "uniform" (k / n)
+    demand_slots: int = 0  # D ring slots per client for the streamed experts, read on demand
+    demand_slot_bytes: int = 0  # one demand slot: the largest streamed expert
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "group_bytes", MappingProxyType(dict(self.group_bytes)))
         object.__setattr__(self, "labels", MappingProxyType(dict(self.labels)))
+        object.__setattr__(self, "use", MappingProxyType(dict(self.use)))
 
     # ---- derived byte counts ----------------------------------------------------------------------
     def _sum(self, names) -> int:
         return sum(self.group_bytes[g] for g in names)
+
+    def _expected(self, names) -> int:
+        """Bytes of ``names`` a batch-1 pass fetches on average: a routed group's times its use."""
+        return round(sum(self.group_bytes[g] * self.use.get(g, 1.0) for g in names))
+
+    @property
+    def cyclic(self) -> tuple[str, ...]:
+        """The streamed groups the cyclic stream reads every pass (the disk tier less its experts)."""
+        routed = set(self.routed)
+        return tuple(g for g in self.stream if g not in routed)
+
+    @property
+    def demand(self) -> tuple[str, ...]:
+        """The streamed experts: read by the pool on demand, only in passes whose tokens chose them."""
+        routed = set(self.routed)
+        return tuple(g for g in self.stream if g in routed)
 
     @property
     def is_cuda(self) -> bool:
@@ -131,7 +165,7 @@ class Plan:
 
     @property
     def window_bytes(self) -> int:
-        return self.window_slots * self.slot_bytes
+        return self.window_slots * self.slot_bytes + self.demand_slots * self.demand_slot_bytes
 
     @property
     def ring_bytes(self) -> int:
@@ -143,14 +177,27 @@ class Plan:
 
     @property
     def disk_bytes_per_pass(self) -> int:
-        return self._sum(self.stream)
+        """Disk bytes of a pass (of a mixture: expected at batch 1, ``use``)."""
+        return self._expected(self.stream)
 
     @property
     def h2d_bytes_per_pass(self) -> int:
+        """Host -> GPU bytes of a pass (of a mixture: expected at batch 1, ``use``)."""
         if not self.is_cuda:
             return 0
         moving = set(self.dram) | set(self.stream)
-        return sum(self.group_bytes[g] for g in self.sequence if g in moving)
+        return self._expected(g for g in self.sequence if g in moving)
+
+    def expert_tiers(self) -> dict[str, dict[str, float]]:
+        """Per tier (gpu, dram, disk): the experts held there and the expected experts and bytes a batch-1 pass
+        fetches from it ({} for a dense model)."""
+        if not self.routed:
+            return {}
+        tiers = {"gpu": set(self.gpu), "dram": set(self.dram), "disk": set(self.stream)}
+        return {t: {"experts": sum(g in held for g in self.routed),
+                    "expected_per_pass": round(sum(self.use.get(g, 1.0) for g in self.routed if g in held), 4),
+                    "expected_bytes_per_pass": self._expected(g for g in self.routed if g in held)}
+                for t, held in tiers.items()}
 
     @property
     def gpu_bytes_total(self) -> int:
@@ -170,7 +217,9 @@ class Plan:
                 "window_slots": self.window_slots, "staging_buffers": self.staging_buffers,
                 "slot_bytes": self.slot_bytes, "budgets": asdict(self.budgets),
                 **{k: getattr(self, k) for k in keys}, "group_bytes": dict(self.group_bytes),
-                "labels": dict(self.labels)}
+                "labels": dict(self.labels), "demand_slots": self.demand_slots,
+                "demand_slot_bytes": self.demand_slot_bytes, "routing_from": self.routing_from,
+                "experts": self.expert_tiers()}
 
     def describe(self) -> str:
         """A short table: tier, groups (counts by kind), bytes; then per-pass bytes and the budgets."""
@@ -182,7 +231,9 @@ class Plan:
                 ("dram", self._counts(dram_only), self._sum(dram_only)),
                 ("host", f"{', '.join(self.host)} ({host_use})", self.host_bytes),
                 ("stream", self._counts(self.stream), self._sum(self.stream)),
-                ("window", f"{self.window_slots} ring slots x {h(self.slot_bytes)}", self.window_bytes),
+                ("window", f"{self.window_slots} ring slots x {h(self.slot_bytes)}"
+                 + (f" + {self.demand_slots} demand x {h(self.demand_slot_bytes)}" if self.demand_slots else ""),
+                 self.window_bytes),
                 ("staging", f"{self.staging_buffers} GPU buffers x {h(self.slot_bytes)}", self.staging_bytes)]
         width = max(len(r[1]) for r in rows)
         lines = [f"placement: mode {self.mode} on {self.device}, {len(self.sequence)} groups per pass, "
@@ -190,7 +241,13 @@ class Plan:
                  f"  {'tier':<8} {'groups':<{width}} {'bytes':>11}"]
         lines += [f"  {t:<8} {g:<{width}} {h(n):>11}" for t, g, n in rows]
         d, x = self.disk_bytes_per_pass, self.h2d_bytes_per_pass
-        lines.append(f"  per pass: disk {h(d)} ({d / 1e9:.1f} GB), H2D {h(x)} ({x / 1e9:.1f} GB)")
+        per = "per pass" if not self.routed else f"per pass, expected at batch 1 (routing {self.routing_from})"
+        lines.append(f"  {per}: disk {h(d)} ({d / 1e9:.1f} GB), H2D {h(x)} ({x / 1e9:.1f} GB)")
+        if self.routed:
+            t = self.expert_tiers()
+            lines.append("  experts per pass, expected: " + ", ".join(
+                f"{name} {t[name]['expected_per_pass']:.2f} of {t[name]['experts']} "
+                f"({h(t[name]['expected_bytes_per_pass'])})" for name in ("gpu", "dram", "disk")))
         draft = f"draft {h(b.draft_bytes)} + " if b.draft_bytes else ""
         lines.append(f"  GPU {h(self.gpu_bytes_total)} = {draft}tier + staging + KV {h(b.kv_bytes)} + activations "
                      f"{h(b.activation_bytes)}, budget {_opt(b.gpu_bytes)}")
@@ -226,11 +283,67 @@ def layout_group_bytes(args: ModelArgs, dtype: str = "bf16") -> dict[str, int]:
     return {g.name: g.size for g in plan_layout(args, dtype)}
 
 
+# ---- how often each expert is routed --------------------------------------------------------------------
+
+def expert_counts_path(image_path: str) -> str:
+    """Where an image's expert counts are kept by default: ``IMAGE.expert-counts.json`` beside it."""
+    return f"{image_path}.expert-counts.json"
+
+
+def read_expert_counts(path: str, args: ModelArgs) -> list[list[float]]:
+    """An expert-counts file: JSON ``{"counts": [[c_0, ..., c_{n-1}] per layer]}``, c_e how many tokens of some
+    text the layer routed to expert e (any non-negative numbers: only their ratios count). Refused, naming the
+    file and the numbers, where its shape is not the model's (layers x experts) or a layer counts nothing."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--expert-counts {path}: cannot read it as JSON ({e})") from None
+    counts = data.get("counts") if isinstance(data, dict) else None
+    n = args.n_experts
+    if not isinstance(counts, list) or len(counts) != args.n_layers or any(
+            not isinstance(row, list) or len(row) != n for row in counts):
+        shape = (len(counts), {len(r) for r in counts if isinstance(r, list)}) if isinstance(counts, list) else None
+        raise ConfigError(f"--expert-counts {path}: expected {{\"counts\": [...]}} of {args.n_layers} layers x "
+                          f"{n} experts, found {shape}")
+    for i, row in enumerate(counts):
+        if not all(isinstance(c, (int, float)) and not isinstance(c, bool) and c >= 0 for c in row) or not sum(row):
+            raise ConfigError(f"--expert-counts {path}: layer {i}'s counts must be non-negative numbers, not all "
+                              f"zero: {row[:8]}")
+    return [[float(c) for c in row] for row in counts]
+
+
+def expert_use(args: ModelArgs, counts: Sequence[Sequence[float]] | None = None) -> dict[str, float]:
+    """Routed group -> the expected share of batch-1 passes that fetch it: from per-layer routing counts (a
+    token goes to k experts, so layer i's tokens are sum(counts[i]) / k and expert e's share counts[i][e] over
+    that), or k / n for every expert ({} for a dense model)."""
+    groups = routed_groups(args)
+    if not groups:
+        return {}
+    k, n = args.n_experts_used, args.n_experts
+    if counts is None:
+        return {g: k / n for g in groups}
+    return {g: min(1.0, counts[i][e] * k / sum(counts[i])) for g, (i, e) in groups.items()}
+
+
+def _demand_slots(demand: Sequence[str], sizes: Mapping[str, int], w: int,
+                  layers: Mapping[str, tuple[int, int]]) -> tuple[int, int]:
+    """(D, bytes of one demand slot) for the streamed experts ``demand``: as many slots as the window's W, but no
+    more than the most of them one layer has (a layer's demand is read ahead at most that far)."""
+    if not demand:
+        return 0, 0
+    per_layer: dict[int, int] = {}
+    for g in demand:
+        per_layer[layers[g][0]] = per_layer.get(layers[g][0], 0) + 1
+    return min(w, max(per_layer.values())), max(sizes[g] for g in demand)
+
+
 # ---- the planner -----------------------------------------------------------------------------------------
 
 def plan_placement(group_bytes: Mapping[str, int], args: ModelArgs, mode: str, budgets: Budgets, *,
                    device: str = "cuda", gpu_cached_layers: int | None = None, cpu_cache_layers: int | None = None,
-                   prefetch_distance: int | None = None, group_prefetch_depth: int = 2) -> Plan:
+                   prefetch_distance: int | None = None, group_prefetch_depth: int = 2,
+                   expert_counts: Sequence[Sequence[float]] | None = None, routing_from: str = "") -> Plan:
     """Fixed tiers for one run; raises ConfigError for every infeasible or contradictory request.
 
     group_bytes: every group of ``group_names(args)`` -> its size (``layout_group_bytes``: padded extents).
@@ -245,6 +358,8 @@ def plan_placement(group_bytes: Mapping[str, int], args: ModelArgs, mode: str, b
       budget-driven choice, the other tier is still chosen from its budget.
     prefetch_distance: window slots W (>= 2; clamped to the streamed set); default 2 * group_prefetch_depth.
     group_prefetch_depth: K, the GPU staging buffers the copy stream may run ahead by (>= 1).
+    expert_counts: a mixture's routing counts per layer and expert (``read_expert_counts``; None: uniform), which
+      order its experts in the tiers; ``routing_from`` names their source in the plan.
     """
     cuda = _check_inputs(group_bytes, args, mode, device, gpu_cached_layers, cpu_cache_layers,
                          prefetch_distance, group_prefetch_depth)
@@ -253,6 +368,11 @@ def plan_placement(group_bytes: Mapping[str, int], args: ModelArgs, mode: str, b
     k = group_prefetch_depth if cuda else 0
     w_req = prefetch_distance if prefetch_distance is not None else max(2, 2 * group_prefetch_depth)
     labels = kind_labels(args)
+    layers = routed_groups(args)
+    use = expert_use(args, expert_counts)
+    routed_names = {kind.name for kind in routed_kinds(args)}
+    # the tiers' preference: every group a pass uses (pass order), then the experts by use (most used first)
+    pref = tuple(sorted(seq, key=lambda g: (g in layers, -use.get(g, 1.0))))
     if gpu_cached_layers is not None:
         gpu = layer_groups(args, range(gpu_cached_layers))
     elif cuda:
@@ -261,16 +381,19 @@ def plan_placement(group_bytes: Mapping[str, int], args: ModelArgs, mode: str, b
                               "may use for resident weights, KV cache, activations and staging buffers), or "
                               "--gpu-cached-layers")
         gpu = _fill_gpu(seq, sizes, budgets.gpu_bytes - budgets.kv_bytes - budgets.activation_bytes -
-                        budgets.draft_bytes, k, tuple(labels))
+                        budgets.draft_bytes, k, tuple(x for x in labels if x not in routed_names), pref)
     else:
         gpu = ()
-    dram = _choose_dram(seq, sizes, gpu, mode, budgets, args, cuda, w_req, cpu_cache_layers)
+    dram = _choose_dram(seq, sizes, gpu, mode, budgets, args, cuda, w_req, cpu_cache_layers, pref, layers)
     stream = tuple(g for g in seq if g not in set(gpu) | set(dram))
     through = stream + (dram if cuda else ())  # groups that pass through slots or staging buffers
+    cyclic = [g for g in stream if g not in layers]
+    d, d_bytes = _demand_slots([g for g in stream if g in layers], sizes, w_req, layers)
     plan = Plan(mode=mode, sequence=seq, gpu=gpu, dram=dram, stream=stream,
-                window_slots=min(w_req, len(stream)), staging_buffers=k if (dram or stream) else 0,
+                window_slots=min(w_req, len(cyclic)), staging_buffers=k if (dram or stream) else 0,
                 slot_bytes=max((sizes[g] for g in through), default=0), group_bytes=sizes, host=(HOST_GROUP,),
-                device=device, budgets=budgets, labels=labels)
+                device=device, budgets=budgets, labels=labels, routed=tuple(layers), use=use,
+                routing_from=(routing_from or "uniform") if layers else "", demand_slots=d, demand_slot_bytes=d_bytes)
     _check_gpu(plan)
     _check_dram(plan)
     return plan
@@ -306,18 +429,19 @@ def _check_inputs(group_bytes, args, mode, device, gpu_layers, cpu_layers, dista
 
 
 def _fill_gpu(seq: tuple[str, ...], sizes: dict[str, int], avail: int, k: int,
-              kinds: tuple[str, ...]) -> tuple[str, ...]:
+              kinds: tuple[str, ...], pref: tuple[str, ...]) -> tuple[str, ...]:
     """GPU tier from ``avail`` bytes (budget minus KV and activations), K staging buffers reserved.
 
     Staging buffers are as large as the largest non-resident group, so try each slot size s: groups larger
     than s are forced resident, K*s is reserved, the rest fills in preference order (``kinds``: the layer kinds
     by gpu_rank, then the other groups), each kind's resident groups spread evenly over the pass
-    (``_spread_within_kinds``). The most resident
-    bytes wins; ties go to the largest s (the plain preference).
+    (``_spread_within_kinds``); a mixture's experts after all of those, in ``pref``'s order (by use), not spread.
+    The most resident bytes wins; ties go to the largest s (the plain preference).
     Returns () when not even the staging buffers fit; the budget check then reports the numbers.
     """
     rank = {kind: i for i, kind in enumerate(kinds)}
-    order = sorted(seq, key=lambda g: rank.get(group_kind(g), len(kinds)))  # stable: pass order within a kind
+    at = {g: i for i, g in enumerate(pref)}
+    order = sorted(seq, key=lambda g: (rank.get(group_kind(g), len(kinds)), at[g]))  # pass order within a kind
     best: tuple[int, tuple[str, ...]] = (-1, ())
     for s in sorted({sizes[g] for g in seq}, reverse=True) + [0]:
         forced = [g for g in seq if sizes[g] > s]
@@ -356,12 +480,12 @@ def _spread_within_kinds(seq: tuple[str, ...], sizes: dict[str, int], chosen: se
     return out
 
 
-def _choose_dram(seq, sizes, gpu, mode, budgets, args, cuda, w_req, cpu_layers) -> tuple[str, ...]:
+def _choose_dram(seq, sizes, gpu, mode, budgets, args, cuda, w_req, cpu_layers, pref, layers) -> tuple[str, ...]:
     """DRAM tier: a tied embedding's output use always (its host copy is there); then by mode and budget."""
     on_gpu = set(gpu)
     rest = [g for g in seq if g not in on_gpu]
     tied = [g for g in rest if g == HOST_GROUP]
-    candidates = [g for g in rest if g != HOST_GROUP]
+    candidates = [g for g in pref if g not in on_gpu and g != HOST_GROUP]
     if mode == "stream":
         return tuple(tied)
     if mode == "preload" or (budgets.dram_bytes is None and cpu_layers is None):
@@ -370,20 +494,34 @@ def _choose_dram(seq, sizes, gpu, mode, budgets, args, cuda, w_req, cpu_layers) 
         layers = [i for i in range(args.n_layers) if not set(layer_groups(args, [i])) <= on_gpu][:cpu_layers]
         chosen = set(layer_groups(args, layers)) - on_gpu
     else:
-        chosen = _fill_dram(candidates, sizes, budgets.dram_bytes - sizes[HOST_GROUP], rest, cuda, w_req)
+        chosen = _fill_dram(candidates, sizes, budgets.dram_bytes - sizes[HOST_GROUP], rest, cuda, w_req, layers)
     return tuple(g for g in seq if g in chosen or g in tied)
 
 
-def _fill_dram(candidates, sizes, avail, rest, cuda, w_req) -> set[str]:
-    """First fit in pass order, keeping room for the window; the window shrinks as fewer groups stream."""
+def _fill_dram(candidates, sizes, avail, rest, cuda, w_req, layers) -> set[str]:
+    """First fit in preference order (pass order; a mixture's experts last, by use), keeping room for the window
+    and the demand slots of what would still stream; both shrink as fewer groups stream."""
     through = rest if cuda else candidates  # on the CPU only streamed groups pass through the slots
     slot = max((sizes[g] for g in through), default=0)
-    chosen, used, left = set(), 0, len(candidates)
+    d_slot = max((sizes[g] for g in candidates if g in layers), default=0)
+    cyclic = sum(g not in layers for g in candidates)  # would stream if not taken: non-experts, experts per layer
+    per_layer: dict[int, int] = {}
     for g in candidates:
-        if used + sizes[g] + min(w_req, left - 1) * slot <= avail:
+        if g in layers:
+            per_layer[layers[g][0]] = per_layer.get(layers[g][0], 0) + 1
+    chosen, used = set(), 0
+    for g in candidates:
+        expert = g in layers
+        left = cyclic - (not expert)
+        if expert:
+            per_layer[layers[g][0]] -= 1
+        most = max(per_layer.values(), default=0)
+        if used + sizes[g] + min(w_req, left) * slot + min(w_req, most) * d_slot <= avail:
             chosen.add(g)
             used += sizes[g]
-            left -= 1
+            cyclic = left
+        elif expert:
+            per_layer[layers[g][0]] += 1
     return chosen
 
 
@@ -406,8 +544,10 @@ def _check_dram(p: Plan) -> None:
     if b.dram_bytes is None or p.ring_bytes <= b.dram_bytes:
         return
     dram_only = p._sum(set(p.dram) - set(p.host))
+    demand = f" + {p.demand_slots} demand x {h(p.demand_slot_bytes)}" if p.demand_slots else ""
     raise ConfigError(
         f"--dram-gb {h(b.dram_bytes)} cannot hold host embedding {h(p.host_bytes)} + DRAM tier "
-        f"{len(p.dram)} groups {h(dram_only)} + window {p.window_slots} x {h(p.slot_bytes)} = {h(p.ring_bytes)} "
+        f"{len(p.dram)} groups {h(dram_only)} + window {p.window_slots} x {h(p.slot_bytes)}{demand} = "
+        f"{h(p.ring_bytes)} "
         f"({p.ring_bytes} > {b.dram_bytes} bytes); " + _DRAM_HINTS[p.mode])
 

@@ -148,20 +148,21 @@ def _rank_pool(image: Image, cfg: EngineConfig, plan: Plan, n: int) -> PrivatePo
     opts = WorkerOptions(direct=cfg.pool.direct_io, chunk_bytes=cfg.pool.staging_mb << 20)
     check_worker_count(cfg.pool.workers, str(image.path), opts.inflight)
     mirror = gpu_tier_in_dram(plan)
-    through = plan.stream + (() if mirror else plan.gpu)
+    through = plan.cyclic + (() if mirror else plan.gpu)
     window = plan.window_slots if mirror else max(plan.window_slots, min(2, len(plan.gpu)))
     slot_bytes = max([image.groups[g].size for g in through], default=ALIGN)
     dram_groups = tuple(dict.fromkeys(plan.host + (plan.gpu if mirror else ()) + plan.dram))
     name = f"run{os.getpid()}-tp{next(_POOLS)}"
     return PrivatePool(PoolConfig(str(image.path), str(image.manifest_path), name, dram_groups, window, slot_bytes,
                                   n_clients=n, workers=cfg.pool.workers, worker_opts=opts, owner_pid=os.getpid(),
-                                  quiet=cfg.quiet))
+                                  quiet=cfg.quiet, demand_slots=plan.demand_slots,
+                                  demand_slot_bytes=plan.demand_slot_bytes))
 
 
 def _fields(plan: Plan | None) -> dict | None:
     if plan is None:
         return None
-    return {f.name: dict(getattr(plan, f.name)) if f.name in ("group_bytes", "labels") else getattr(plan, f.name)
+    return {f.name: dict(getattr(plan, f.name)) if f.name in ("group_bytes", "labels", "use") else getattr(plan, f.name)
             for f in dataclasses.fields(plan)}
 
 

@@ -37,7 +37,7 @@ from runtime.engine.batching import (
 )
 from runtime.engine.config import EngineConfig
 from runtime.engine.drafts import draft_gpu_bytes, open_draft_image
-from runtime.engine.placement import Budgets, Plan, plan_placement
+from runtime.engine.placement import Budgets, Plan, expert_counts_path, plan_placement, read_expert_counts
 from runtime.format.image import Image
 from runtime.ipc.options import PoolConfig, WorkerOptions
 from runtime.pool.attach import attach, release_row
@@ -120,6 +120,20 @@ def _gpu_budget(device, gpu_mem_gb: float | None) -> tuple[int | None, int]:
     return torch.cuda.mem_get_info(device)[0], 0
 
 
+def expert_counts_file(image: Image, given: str | None) -> str | None:
+    """The expert-counts file a plan of ``image`` ranks its experts by: ``given`` (--expert-counts), else
+    IMAGE.expert-counts.json where it exists; None for a dense model or where there is none."""
+    if not image.args.n_experts:
+        if given:
+            raise ConfigError(f"--expert-counts {given}: {image.path} is a {image.args.arch} model, which has no "
+                              f"experts")
+        return None
+    if given:
+        return given
+    default = expert_counts_path(str(image.path))
+    return default if os.path.exists(default) else None
+
+
 def make_plan(image: Image, cfg: EngineConfig, device, kv_bytes: int, act_bytes: int, draft_bytes: int = 0) -> Plan:
     p = cfg.placement
     gpu, held = _gpu_budget(device, p.gpu_mem_gb)
@@ -131,11 +145,14 @@ def make_plan(image: Image, cfg: EngineConfig, device, kv_bytes: int, act_bytes:
     else:
         dram = default_dram_bytes()
     sizes = {name: g.size for name, g in image.groups.items()}
+    counts_file = expert_counts_file(image, p.expert_counts)
+    counts = read_expert_counts(counts_file, image.args) if counts_file else None
     try:
         plan = plan_placement(sizes, image.args, p.mode, Budgets(gpu, dram, kv_bytes, act_bytes, draft_bytes),
                               device=_kind(device), gpu_cached_layers=p.gpu_cached_layers,
                               cpu_cache_layers=p.cpu_cache_layers, prefetch_distance=p.prefetch_distance,
-                              group_prefetch_depth=p.group_prefetch_depth)
+                              group_prefetch_depth=p.group_prefetch_depth, expert_counts=counts,
+                              routing_from=counts_file or "")
         return dataclasses.replace(plan, stored_as=image.format_summary())
     except ConfigError as e:
         if held:
@@ -163,7 +180,17 @@ def plan_for_pool(image: Image, cfg: EngineConfig, device, rec: dict, kv_bytes: 
     if too_big:
         raise ConfigError(f"pool {name!r}: group {too_big[0]} ({base.group_bytes[too_big[0]]} bytes) does not fit its "
                           f"window slots of {rec['slot_bytes']} bytes")
-    return dataclasses.replace(base, dram=dram, stream=stream, window_slots=window if stream else 0,
+    routed = set(base.routed)
+    on_demand = [g for g in stream if g in routed]
+    demand = int(rec.get("demand_slots") or 0)
+    if on_demand and demand < 1:
+        raise ConfigError(f"pool {name!r} holds {len(held)} of {len(image.groups)} groups and has no demand slots for "
+                          f"the {len(on_demand)} experts it does not hold (a pool started before experts were read "
+                          f"on demand): restart it, or give this run more --gpu-mem-gb")
+    return dataclasses.replace(base, dram=dram, stream=stream,
+                               window_slots=window if any(g not in routed for g in stream) else 0,
+                               demand_slots=demand if on_demand else 0,
+                               demand_slot_bytes=int(rec["slot_bytes"]) if on_demand else 0,
                                budgets=dataclasses.replace(base.budgets, dram_bytes=None))
 
 
@@ -251,7 +278,8 @@ def _start_pool(image: Image, cfg: EngineConfig, plan: Plan, trace) -> PrivatePo
     dram_groups = tuple(dict.fromkeys(plan.host + (plan.gpu if mirror else ()) + plan.dram))
     pool_cfg = PoolConfig(str(image.path), str(image.manifest_path), f"run{os.getpid()}-{next(_POOL_NUMBERS)}",
                           dram_groups, window, slot_bytes, workers=cfg.pool.workers, worker_opts=opts,
-                          owner_pid=os.getpid(), quiet=cfg.quiet)
+                          owner_pid=os.getpid(), quiet=cfg.quiet, demand_slots=plan.demand_slots,
+                          demand_slot_bytes=plan.demand_slot_bytes)
     return PrivatePool(pool_cfg)
 
 

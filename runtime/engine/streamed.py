@@ -5,6 +5,16 @@ Its tiers come from a placement plan (runtime/engine/placement.py):
   - DRAM tier: read in place from its ring slot (pinned for the pool's lifetime).
   - streamed set: the coordinator keeps the client's window filled in cyclic order; each group is used
     from its slot and the slot released right after.
+
+A mixture's experts (model.groups.routed_groups) are fetched only where the pass's tokens chose them: once a layer
+has routed, the pass calls ``route(layer, groups)`` with the experts it will fetch (model/transformer.py
+``forward_groups``). GPU-tier experts are used at once; DRAM-tier ones from their slot (CPU) or copied over the link
+(CUDA); disk-tier ones are not in the cyclic stream: ``route`` asks the pool for them (``PoolClient.demand``), which
+reads them in order into this client's demand slots. So the order of the non-resident groups a pass fetches is
+known only a layer at a time: ``order`` is that order as far as it is known, walked from the pass sequence
+(``_extend``), which stops at a layer whose routing the pass has not announced yet. The CUDA pipeline copies along
+it, up to K groups ahead, as it did along the fixed cycle. ``expert_stats`` counts the experts each tier served,
+those skipped, and the bytes they moved.
 On CUDA the ring is registered once with cudaHostRegister, and DRAM/streamed groups are copied on a
 dedicated copy stream into K staging buffers, up to K groups ahead of compute, with CUDA events between the
 streams (no synchronize in the layer loop); a slot is released once the event recorded after its copy has
@@ -26,6 +36,7 @@ import torch
 
 from model.arch import EMBED
 from model.errors import UserError
+from model.groups import routed_groups
 from model.quant import dequantized
 from model.transformer import Weights, embed_forward
 from runtime.format.image import TORCH_DTYPES, Image, tensor_views
@@ -65,9 +76,25 @@ class StreamedWeights:
         self.ring = _ring_tensor(self.res)
         self.cuda = self.device.type == "cuda"
         self.sched = [g for g in plan.sequence if g not in plan.gpu]  # non-resident groups, pass order
-        self.stream_seq = [g for g in plan.sequence if g in plan.stream]
-        self.pos = 0  # position in sched (cyclic)
+        self.routed = routed_groups(self.args)  # a mixture's experts -> (layer, index)
+        self.last_routed = {at[0]: g for g, at in self.routed.items()}  # layer -> its last expert
+        self.layer_experts = {layer: e + 1 for layer, e in self.routed.values()}  # layer -> its experts
+        self.on_gpu, self.in_dram = set(plan.gpu), set(plan.dram)
+        self.on_demand = {g for g in plan.stream if g in self.routed}  # disk-tier experts: read on demand
+        self.stream_seq = [g for g in plan.sequence if g in plan.stream and g not in self.routed]  # the cycle
+        self.check_at = next((g for g in self.sched if g not in self.routed), None)  # check_alive once a pass
+        self.order: dict[int, str] = {}  # fetch position -> non-resident group, as far as known (_extend)
+        self.known = 0  # positions known
+        self.walk = 0  # absolute position in the pass sequence (cyclic) the order has been walked to
+        self.routes: dict[int, frozenset[str]] = {}  # layer -> its experts this pass fetches (route)
+        self.pos = 0  # fetch positions gotten
         self.stream_pos = 0  # absolute position in the streamed sequence
+        self.demand_pos = self.demand_len = 0  # position in the pool demand of the current layer, and its length
+        # experts fetched from each tier (and their bytes: this process's extent), those no token chose, and the
+        # bytes they moved to the GPU (DRAM and disk tiers, CUDA only); routings: layers routed
+        self.expert_stats = dict.fromkeys(("routings", "experts_gpu", "experts_dram", "experts_disk",
+                                           "experts_skipped", "expert_bytes_gpu", "expert_bytes_dram",
+                                           "expert_bytes_disk", "expert_h2d_bytes"), 0)
         self.held: tuple[int, int] | None = None  # CPU: the streamed slot the last group was computed from
         self.dense: dict[str, Weights] = {}  # CPU: quantized DRAM-tier groups, dequantized on first use
         self.pinned: torch.Tensor | None = None  # CUDA: the host lookups' staging (_upload) ...
@@ -267,35 +294,112 @@ class StreamedWeights:
             self._mark_freed()  # the last streamed group's compute is enqueued: its buffer can take the next copy
         if group in self.resident:
             return self.resident[group]
-        if self.pos % len(self.sched) == 0:
+        if group == self.check_at:
             self.client.check_alive()  # once a pass: a dead pool fails the run even if nothing streams
-        expected = self.sched[self.pos % len(self.sched)]
+        expected = self._at(self.pos)
         if group != expected:
-            raise RuntimeError(f"weights requested out of order: {group}, expected {expected}")
+            raise RuntimeError(f"weights requested out of order: {group}, expected "
+                               f"{expected or 'the layer to route first (route)'}")
+        self.order.pop(self.pos - 1, None)  # gotten, and (CUDA) copied: positions are fetched in order
         self.pos += 1
         return self._get_cuda(group) if self.cuda else self._get_cpu(group)
 
-    def _next_slot(self, group: str) -> tuple[int, int]:
-        """DRAM tier: its fixed slot (seq -1: never released); streamed: wait for the next window slot."""
-        if group in self.plan.dram:
-            return int(self.res.groups[self.gid[group]]["slot"]), -1
-        pos = self.stream_pos
-        self.stream_pos += 1
+    # ---- routed experts ------------------------------------------------------------------------
+    def route(self, layer: int, groups) -> None:
+        """The pass's layer ``layer`` has routed: of its experts it fetches ``groups`` only, in this order (model/
+        transformer.py ``forward_groups``). Counts where each comes from; asks the pool for the disk-tier ones
+        (one demand); on CUDA starts the copies that can start."""
+        if layer in self.routes:
+            raise RuntimeError(f"layer {layer} routed twice before its experts were fetched")
+        if self.demand_pos < self.demand_len:
+            raise RuntimeError(f"layer {layer} routed while {self.demand_len - self.demand_pos} experts of the last "
+                               f"demand were not fetched")
+        if layer == 0 and self.check_at is None:
+            self.client.check_alive()  # once a pass, where only experts move
+        chosen = frozenset(groups)
+        st = self.expert_stats
+        st["routings"] += 1
+        st["experts_skipped"] += self.layer_experts[layer] - len(chosen)
+        disk = []
+        for g in groups:
+            tier = "gpu" if g in self.on_gpu else "dram" if g in self.in_dram else "disk"
+            size = self._extent(g)[1]
+            st[f"experts_{tier}"] += 1
+            st[f"expert_bytes_{tier}"] += size
+            if tier == "disk":
+                disk.append(g)
+            if tier != "gpu" and self.cuda:
+                st["expert_h2d_bytes"] += size
+        if disk:
+            self.client.demand([self.gid[g] for g in disk])
+            self.demand_pos, self.demand_len = 0, len(disk)
+        self.routes[layer] = chosen
         if self.cuda:
-            self._free_window_for(pos)
-        t0 = time.monotonic_ns() if self.trace else 0
-        ready = self.client.wait_ready(pos)
+            self._run_ahead()
+
+    def _at(self, p: int) -> str | None:
+        """The non-resident group at fetch position ``p``; None while it depends on a routing not announced."""
+        if p >= self.known:
+            self._extend(p)
+        return self.order.get(p)
+
+    def _extend(self, upto: int) -> None:
+        """Walk the pass sequence on, appending the non-resident groups the passes fetch to ``order``, until
+        position ``upto`` is known or the walk reaches experts of a layer that has not routed in this pass."""
+        seq, n = self.plan.sequence, len(self.plan.sequence)
+        idle = 0  # steps without a new position: a pass of them means the pass fetches nothing non-resident
+        while self.known <= upto and idle < n:
+            g = seq[self.walk % n]
+            at = self.routed.get(g)
+            fetched = g not in self.on_gpu
+            if at is not None:
+                chosen = self.routes.get(at[0])
+                if chosen is None:
+                    return  # the layer's routing is not known yet
+                fetched = fetched and g in chosen
+                if self.last_routed[at[0]] == g:
+                    del self.routes[at[0]]  # the layer's experts are walked: the next pass routes it again
+            if fetched:
+                self.order[self.known] = g
+                self.known += 1
+                idle = 0
+            else:
+                idle += 1
+            self.walk += 1
+
+    def _next_slot(self, group: str) -> tuple[int, int]:
+        """DRAM tier: its fixed slot (seq -1: never released); streamed: wait for the next window slot; an expert
+        on disk: wait for the next slot of the current demand."""
+        if group in self.in_dram:
+            return int(self.res.groups[self.gid[group]]["slot"]), -1
+        if group in self.on_demand:
+            pos = self.demand_pos
+            self.demand_pos += 1
+            if self.cuda:
+                self._free_window_for(lambda: self.client.demand_waiting(pos))
+            t0 = time.monotonic_ns() if self.trace else 0
+            ready = self.client.wait_demand(pos)
+        else:
+            pos = self.stream_pos
+            self.stream_pos += 1
+            if self.cuda:
+                self._free_window_for(lambda: self._window_waiting(pos))
+            t0 = time.monotonic_ns() if self.trace else 0
+            ready = self.client.wait_ready(pos)
         if self.trace:
             self.trace.wait(group, t0, pos)
         return ready
 
-    def _free_window_for(self, pos: int) -> None:
-        """Release copied slots until ``pos`` is ready or none is held: the pool can only fill the window
+    def _window_waiting(self, pos: int) -> bool:
+        self.client._drain()
+        return pos in self.client.ready
+
+    def _free_window_for(self, ready) -> None:
+        """Release copied slots until ``ready()`` or none is held: the pool can only fill the window (or demand)
         slot we are about to wait for once we give one back (else: deadlock with a full window)."""
         self._release_finished()
         while self.pending:
-            self.client._drain()
-            if pos in self.client.ready:
+            if ready():
                 return
             ev, slot, seq = self.pending.pop(0)
             ev.synchronize()  # a copy only waits on compute already enqueued: this always finishes
@@ -331,8 +435,8 @@ class StreamedWeights:
         self.pending: list[tuple[torch.cuda.Event, int, int]] = []  # (copy event, slot, seq) awaiting release
 
     def _issue(self, p: int) -> None:
-        """Copy the group at absolute sched position ``p`` into staging buffer p % k on the copy stream."""
-        g = self.sched[p % len(self.sched)]
+        """Copy the group at fetch position ``p`` into staging buffer p % k on the copy stream."""
+        g = self._at(p)
         b, size = p % self.k, self._extent(g)[1]
         slot, seq = self._next_slot(g)
         with torch.cuda.stream(self.copy_stream):
@@ -385,11 +489,14 @@ class StreamedWeights:
         return views
 
     def _ready_without_wait(self, p: int) -> bool:
-        g = self.sched[p % len(self.sched)]
-        if g in self.plan.dram:
+        g = self._at(p)
+        if g is None:  # not known before its layer routes
+            return False
+        if g in self.in_dram:
             return True
-        self.client._drain()
-        return self.stream_pos in self.client.ready
+        if g in self.on_demand:
+            return self.client.demand_waiting(self.demand_pos)
+        return self._window_waiting(self.stream_pos)
 
     # ---- teardown ------------------------------------------------------------------------------
     def close(self) -> None:

@@ -28,4 +28,6 @@ class PoolConfig:
     workers: int = 2
     worker_opts: WorkerOptions = field(default_factory=WorkerOptions)
     owner_pid: int | None = None  # private pool: exit when this process is gone
+    demand_slots: int = 0  # per client, after its window: groups read on demand (runtime/ipc/shm.py, demands)
+    demand_slot_bytes: int = 0  # capacity of one demand slot
     quiet: bool = False  # no progress lines (the DRAM tier's fill); faults are always logged

@@ -21,6 +21,7 @@ Control block layout (little-endian; numpy structured arrays over one mmap, offs
     workers    WORKER_DTYPE x n_workers: pid, bytes read, reads, errors, reads in flight (row i written by worker i)
     error      1 KiB of UTF-8: the pool's fatal error, if any (coordinator writes, clients report it)
     clients    CLIENT_DTYPE x n_clients: state, pid, sequence length, cyclic flag, and a sequence of group ids
+    demands    per client: a demand's group ids (n_groups int32)
 
 Every queue is single-producer single-consumer (``SpscQueue``): ``head`` is written only by the producer,
 ``tail`` only by the consumer. The producer writes the entry, then advances ``head``, then posts the
@@ -48,6 +49,18 @@ they fill. The coordinator answers START with STARTED before any READY of the ne
 every event it drains before that marker: they belong to its earlier sequence, or to a dead client that had the
 same index (the coordinator sends nothing to a client's index after processing its STOP_STREAM or its death).
 
+Demands (a mixture's streamed experts, read out of the cycle's order once a layer has routed: runtime/engine/
+streamed.py). A client's ring region is its W window slots, then its D *demand slots*. It writes a list of group
+ids into its demand region and sends DEMAND(count, id); the coordinator copies the list, answers DEMANDED(count,
+id), and reads the groups in order into the client's free demand slots, each READY announced by DEMAND_READY(slot,
+seq, id << 32 | position) and released by the client's RELEASE like a window slot's. A new DEMAND replaces what is
+left unissued of the last; a client writes its demand region again only once the DEMANDED of its last DEMAND has
+arrived (so the coordinator has copied it). A client drops a DEMAND_READY of another id (an earlier demand, or a
+dead client's on the same index) and releases its slot (a stale slot of a dead client is no longer its: the
+coordinator ignores the release). A demand read that fails twice is DEMAND_FAILED(slot, seq, id << 32 | position).
+Demand slots follow the window slots' states and faults (re-issued when their worker dies, orphaned by STOP_STREAM
+or the client's death while a read is in flight).
+
 Message entries are four int64 fields ``(kind, a, b, c)``; the kinds are the ``MSG_*`` constants.
 """
 
@@ -64,7 +77,7 @@ from model.errors import UserError
 from runtime.ipc.procs import DAEMON_MODULE, pid_alive
 
 MAGIC = 0x4C4C4D5343544C31  # "LLMSCTL1"
-VERSION = 1
+VERSION = 2  # 2: demands (their messages, the demand regions, bytes_demand)
 
 # pool states (header.state)
 POOL_STARTING, POOL_FILLING, POOL_RUNNING, POOL_STOPPING, POOL_FAILED = 1, 2, 3, 4, 5
@@ -87,6 +100,11 @@ MSG_STOP_STREAM = 6  # client -> coordinator: cancel the client's sequence; c=de
 MSG_READY = 7  # coordinator -> client: a=slot, b=seq, c=sequence position
 MSG_FAILED = 8  # coordinator -> client: a=slot, b=group, c=error code (crc, errno)
 MSG_STARTED = 9  # coordinator -> client: a=sequence length; START is in effect (events before it are stale)
+MSG_DEMAND = 10  # client -> coordinator: a=group count (in the client's demand region), b=demand id
+MSG_DEMANDED = 11  # coordinator -> client: a=group count, b=demand id; the demand region may be written again
+MSG_DEMAND_READY = 12  # coordinator -> client: a=slot, b=seq, c=demand id << 32 | position
+MSG_DEMAND_FAILED = 13  # coordinator -> client: a=slot, b=seq, c=demand id << 32 | position (the pool's error text)
+DEMAND_ID_BITS = 31  # a demand id is below 2**31
 ERR_CRC = -1
 
 HEADER_DTYPE = np.dtype([
@@ -94,7 +112,7 @@ HEADER_DTYPE = np.dtype([
     ("n_groups", "<u4"), ("n_slots", "<u4"), ("n_workers", "<u4"), ("n_clients", "<u4"), ("queue_cap", "<u4"),
     ("max_seq", "<u4"), ("ring_bytes", "<u8"), ("uuid", "S16"),
     ("bytes_dram", "<u8"), ("bytes_stream", "<u8"), ("reads", "<u8"), ("retries", "<u8"), ("errors", "<u8"),
-    ("worker_restarts", "<u8"),
+    ("worker_restarts", "<u8"), ("bytes_demand", "<u8"),
 ])
 GROUP_DTYPE = np.dtype([("offset", "<u8"), ("size", "<u8"), ("crc", "<u4"), ("tier", "<i4"), ("slot", "<i4"),
                         ("reads", "<u4")])  # reads: completed disk reads of this group (coordinator counts)
@@ -177,6 +195,7 @@ class ControlLayout:
         self.client_queues = [(take(qbytes), take(qbytes)) for _ in range(h.n_clients)]
         self.clients = take(CLIENT_DTYPE.itemsize * h.n_clients)
         self.sequences = [take(4 * h.max_seq) for _ in range(h.n_clients)]
+        self.demands = [take(4 * h.n_groups) for _ in range(h.n_clients)]
         self.size = _align(pos, mmap.PAGESIZE)
 
 
@@ -278,6 +297,7 @@ class PoolResources:
         self.workers = np.frombuffer(buf, WORKER_DTYPE, h.n_workers, lay.workers)
         self.error_text = np.frombuffer(buf, np.uint8, ERROR_TEXT_BYTES, lay.error)
         self.sequences = [np.frombuffer(buf, "<i4", h.max_seq, off) for off in lay.sequences]
+        self.demands = [np.frombuffer(buf, "<i4", h.n_groups, off) for off in lay.demands]
         cap = h.queue_cap
         self.requests = [SpscQueue(buf, rq, cap, self.sem_workers[i], f"requests of worker {i}")
                          for i, (rq, _) in enumerate(lay.worker_queues)]
@@ -308,8 +328,8 @@ class PoolResources:
 
     def close(self) -> None:
         """Drop this process's mappings (numpy views first, so the mmaps can close)."""
-        for attr in ("header", "groups", "slots", "clients", "workers", "error_text", "sequences", "requests",
-                     "completions", "commands", "events"):
+        for attr in ("header", "groups", "slots", "clients", "workers", "error_text", "sequences", "demands",
+                     "requests", "completions", "commands", "events"):
             self.__dict__.pop(attr, None)
         for m in (self.ctl, self.ring):
             try:

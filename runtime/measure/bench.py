@@ -215,9 +215,37 @@ def pool_counters(source: WeightSource) -> dict[str, int] | None:
     if client is None:
         return None
     hd = client.res.header
-    out = {k: int(hd[k]) for k in ("bytes_dram", "bytes_stream", "reads", "retries", "errors")}
+    out = {k: int(hd[k]) for k in ("bytes_dram", "bytes_stream", "bytes_demand", "reads", "retries", "errors")}
     out["disk_bytes"] = int(client.res.workers["bytes_read"].sum())
+    out.update(getattr(source, "expert_stats", None) or {})  # a mixture's experts by tier (streamed.py)
     return out
+
+
+EXPERT_TIERS = ("gpu", "dram", "disk")
+EXPERT_KEYS = ("routings", *(f"experts_{t}" for t in (*EXPERT_TIERS, "skipped")),
+               *(f"expert_bytes_{t}" for t in EXPERT_TIERS), "expert_h2d_bytes", "bytes_demand")
+
+
+def expert_report(prefill: dict | None, decode: dict | None, tokens: int) -> dict[str, Any] | None:
+    """A mixture's experts while decoding (the source's counters, runtime/engine/streamed.py): those fetched per
+    token from each tier and their bytes, the bytes they moved to the GPU and read from disk on demand, and each
+    tier's share of the experts fetched (its hit rate); with the prefill's counts as they are. None for a dense
+    model or a source without a pool."""
+    if not decode or not decode.get("routings"):
+        return None
+
+    def per_token(x: float) -> float:
+        return x / tokens if tokens else 0.0
+
+    fetched = sum(decode[f"experts_{t}"] for t in EXPERT_TIERS)
+    return {"decode_tokens": tokens, "layers_routed": decode["routings"],
+            "experts_per_token": {t: per_token(decode[f"experts_{t}"]) for t in EXPERT_TIERS},
+            "skipped_per_token": per_token(decode["experts_skipped"]),
+            "bytes_per_token": {**{t: per_token(decode[f"expert_bytes_{t}"]) for t in EXPERT_TIERS},
+                                "h2d": per_token(decode["expert_h2d_bytes"]),
+                                "disk_read": per_token(decode["bytes_demand"])},
+            "hit_rate": {t: decode[f"experts_{t}"] / fetched if fetched else None for t in EXPERT_TIERS},
+            "prefill": {k: (prefill or {}).get(k) for k in decode if k in EXPERT_KEYS}}
 
 
 def _bytes(plan, groups) -> int:
@@ -422,6 +450,7 @@ def build_report(cfg: BenchConfig, engine: EngineConfig, ctx: BenchContext, r: R
     tok = ctx.tokenizer
     out["results"] = [{"prompt_token_ids": x.prompt_token_ids, "output_token_ids": x.output_token_ids,
                        "text": tok.answer_text(x.output_token_ids) if tok else None} for x in r.results]
+    out["experts"] = expert_report(io["prefill_io"], io["decode_io"], n * steps)
     out.update({"generated_tokens_total": n * len(r.tokens), "warmup_rounds": cfg.warmup_rounds,
                 "load_ms": ctx.load_ms, "load_breakdown_ms": ctx.load_breakdown_ms,
                 "process_start_to_first_token_ms": ctx.process_to_first_token_ms,
@@ -489,6 +518,11 @@ def summary(rep: dict, plan_text: str) -> str:
             "h2d": link_line(rep["achieved_GBps"]["h2d_GBps"], rep["links"]["h2d"],
                              rep["io_bw_MBps"]["weight_h2d_MBps"] * MB * rep["decode_ms"] / 1e3),
             "bound": bound_line(rep)}
+    ex = rep.get("experts")
+    if ex:
+        ours["experts"] = ("per token " + ", ".join(
+            f"{t} {ex['experts_per_token'][t]:.2f} ({fmt_gb(ex['bytes_per_token'][t])}, hit rate "
+            f"{ex['hit_rate'][t] or 0:.2f})" for t in EXPERT_TIERS) + f"; {ex['skipped_per_token']:.1f} not chosen")
     kv = rep["kv"]
     if kv.get("host_attention"):
         ms, gb = kv["host_attention_ms_per_step"], kv["host_kv_bytes_per_step"]

@@ -5,20 +5,27 @@ it claims a client row, writes sequences of group ids into its region, sends STA
 commands, and waits for READY events on its semaphore; events that arrive before the STARTED answer to its
 latest START are stale (an earlier sequence, or a dead client on the same index) and dropped. Every wait has
 a timeout and checks that the coordinator is alive (its pid, and a heartbeat it refreshes every loop), so a
-dead pool is reported within ``dead_after_s`` instead of hanging. The weight source built on it is
-runtime/engine/streamed.py.
+dead pool is reported within ``dead_after_s`` instead of hanging. Beside the sequence, ``demand`` asks for a list
+of groups out of its order (runtime/ipc/shm.py, demands), each waited for with ``wait_demand``. The weight source
+built on it is runtime/engine/streamed.py.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import time
 
 from model.errors import UserError
 from runtime.ipc.procs import pid_alive
 from runtime.ipc.shm import (
     CLIENT_ATTACHED,
+    DEMAND_ID_BITS,
     MAGIC,
+    MSG_DEMAND,
+    MSG_DEMAND_FAILED,
+    MSG_DEMAND_READY,
+    MSG_DEMANDED,
     MSG_FAILED,
     MSG_READY,
     MSG_RELEASE,
@@ -52,6 +59,10 @@ class PoolClient:
         row["pid"], row["state"] = os.getpid(), CLIENT_ATTACHED
         self.ready: dict[int, tuple[int, int]] = {}  # sequence position -> (slot, seq)
         self.started = False  # the coordinator's STARTED for our latest START has arrived
+        # demands: ids start anywhere, so that a dead client's events on this index are not taken for ours
+        self.demand_id = random.randrange(1 << (DEMAND_ID_BITS - 1))
+        self.demanded = self.demand_id  # the id of the last DEMANDED answer (the region may be written)
+        self.demand_ready: dict[int, tuple[int, int]] = {}  # position in the current demand -> (slot, seq)
 
     # ---- liveness ------------------------------------------------------------------------------
     def check_alive(self) -> None:
@@ -86,8 +97,64 @@ class PoolClient:
         seq[:len(groups)] = groups
         self.ready.clear()
         self.started = False
-        self.res.events[self.j].drain()  # all stale (see _drain); keeps the queue short across restarts
+        for event in self.res.events[self.j].drain():  # stale but a demand's (see _drain); keeps the queue short
+            if event[0] in _DEMAND_EVENTS:
+                self._on_demand_event(*event)
         self.res.commands[self.j].put(MSG_START, len(groups), int(cyclic))
+
+    def demand(self, groups: list[int], timeout_s: float = 600.0) -> None:
+        """Ask for ``groups`` (ids) read in this order into this client's demand slots, out of the sequence's
+        order; wait for each with ``wait_demand(position)``, release each slot as a window slot's. Replaces what is
+        left of the last demand (its slots already READY are released when their events arrive)."""
+        if not groups:
+            return
+        deadline = time.monotonic() + timeout_s
+        while self.demanded != self.demand_id:  # the coordinator has not copied the last demand's list yet
+            self._drain()
+            if self.demanded != self.demand_id and not sem_wait(self.res.sem_clients[self.j], 0.1):
+                self.check_alive()
+                if time.monotonic() > deadline:
+                    raise PoolDied(f"pool {self.handle.name!r}: demand {self.demand_id} not taken in {timeout_s:.0f} s")
+        region = self.res.demands[self.j]
+        if len(groups) > len(region):
+            raise ValueError(f"demand of {len(groups)} groups exceeds the region of {len(region)}")
+        region[:len(groups)] = groups
+        self.demand_id = (self.demand_id + 1) % (1 << DEMAND_ID_BITS)
+        for slot, seq in self.demand_ready.values():  # the last demand's, READY but never waited for
+            self.release(slot, seq)
+        self.demand_ready.clear()
+        self.res.commands[self.j].put(MSG_DEMAND, len(groups), self.demand_id)
+
+    def wait_demand(self, pos: int, timeout_s: float = 600.0) -> tuple[int, int]:
+        """Block until position ``pos`` of the current demand is in a slot; returns (slot, seq)."""
+        deadline = time.monotonic() + timeout_s
+        while pos not in self.demand_ready:
+            self._drain()
+            if pos in self.demand_ready:
+                break
+            if not sem_wait(self.res.sem_clients[self.j], 0.1):
+                self.check_alive()
+                if time.monotonic() > deadline:
+                    raise PoolDied(f"pool {self.handle.name!r}: no data for demand {self.demand_id} position {pos} "
+                                   f"after {timeout_s:.0f} s")
+        return self.demand_ready.pop(pos)
+
+    def demand_waiting(self, pos: int) -> bool:
+        """Whether position ``pos`` of the current demand is READY (without waiting)."""
+        self._drain()
+        return pos in self.demand_ready
+
+    def _on_demand_event(self, kind: int, a: int, b: int, c: int) -> None:
+        if kind == MSG_DEMANDED:
+            self.demanded = b
+            return
+        mine = c >> 32 == self.demand_id
+        if kind == MSG_DEMAND_READY and mine:
+            self.demand_ready[c & 0xFFFFFFFF] = (a, b)
+        elif kind == MSG_DEMAND_READY:
+            self.release(a, b)  # an earlier demand's (or a dead client's: then the coordinator ignores it)
+        elif mine:  # DEMAND_FAILED
+            raise PoolDied(f"pool {self.handle.name!r}: {self.res.get_error()}")
 
     def wait_ready(self, pos: int, timeout_s: float = 600.0) -> tuple[int, int]:
         """Block until the group at sequence position ``pos`` is in a slot; returns (slot, seq)."""
@@ -105,7 +172,9 @@ class PoolClient:
 
     def _drain(self) -> None:
         for kind, a, b, c in self.res.events[self.j].drain():
-            if kind == MSG_STARTED:
+            if kind in _DEMAND_EVENTS:  # told apart by their ids, not by STARTED
+                self._on_demand_event(kind, a, b, c)
+            elif kind == MSG_STARTED:
                 self.started = True
             elif not self.started:
                 continue  # an event of an earlier sequence (or of a dead client on this index): stale
@@ -127,5 +196,7 @@ class PoolClient:
         self.stop_stream(detach=True)
         self.res.close()
 
+
+_DEMAND_EVENTS = (MSG_DEMANDED, MSG_DEMAND_READY, MSG_DEMAND_FAILED)
 
 __all__ = ["PoolClient", "PoolDied"]

@@ -5,7 +5,9 @@ workers (workers/io_worker.py) and watches them, fills the DRAM tier once, then 
 client hands it a sequence of groups (its streamed set in forward order, cyclic, or a one-off list such as
 its GPU tier), and the coordinator keeps the client's window slots filled with the next groups of that
 sequence, as far ahead as the window allows (the prefetch distance), recycling each slot the client
-releases. It is the only process that moves slots between states (see runtime/ipc/shm.py), unlinks every
+releases. Beside the sequence, a client may *demand* a list of groups out of its order (a mixture's experts its
+tokens chose: runtime/ipc/shm.py, demands), read in order into its own demand slots with the same checks,
+retries and cleanup. It is the only process that moves slots between states (see runtime/ipc/shm.py), unlinks every
 resource in a ``finally``, and exits when its owner process dies (a private pool) or on SIGTERM/SIGINT, at
 every stage: while it makes its shared memory, starts its workers, fills the DRAM tier and serves.
 
@@ -39,6 +41,10 @@ from runtime.ipc.shm import (
     CLIENT_FREE,
     ERR_CRC,
     MAGIC,
+    MSG_DEMAND,
+    MSG_DEMAND_FAILED,
+    MSG_DEMAND_READY,
+    MSG_DEMANDED,
     MSG_DONE,
     MSG_FAILED,
     MSG_READ,
@@ -86,6 +92,10 @@ class ClientState:
     cyclic: bool = False
     cursor: int = 0  # next position of the sequence to issue
     active: bool = False
+    demand_slots: list[int] = field(default_factory=list)  # this client's demand slots (after its window)
+    demand: list[int] = field(default_factory=list)  # its latest demand's groups ...
+    demand_id: int = 0  # ... its id ...
+    demand_cursor: int = 0  # ... and the next position of it to issue
 
 
 class Coordinator:
@@ -101,25 +111,30 @@ class Coordinator:
             raise UserError(f"DRAM tier names groups the image lacks: {unknown}")
         dram_bytes = sum(self.image.groups[g].size for g in cfg.dram_groups)
         slot_bytes = align_up(cfg.slot_bytes, ALIGN)
-        n_window = cfg.window_slots * cfg.n_clients
+        demand_bytes = align_up(cfg.demand_slot_bytes, ALIGN) if cfg.demand_slots else 0
+        per_client = cfg.window_slots + cfg.demand_slots  # a client's slots: its window, then its demand slots
+        n_window = per_client * cfg.n_clients
+        ring = dram_bytes + cfg.n_clients * (cfg.window_slots * slot_bytes + cfg.demand_slots * demand_bytes)
         self.handle = PoolHandle(cfg.name, os.getuid(), len(self.names), len(cfg.dram_groups) + n_window,
-                                 cfg.workers, cfg.n_clients, max(dram_bytes + n_window * slot_bytes, ALIGN))
+                                 cfg.workers, cfg.n_clients, max(ring, ALIGN))
         self.res = PoolResources.create(self.handle)
         try:
-            self._init_tables(slot_bytes)
+            self._init_tables(slot_bytes, demand_bytes)
         except BaseException:
             self.res.unlink()
             raise
         self.procs: list[mp.process.BaseProcess | None] = [None] * cfg.workers
         self.outstanding: list[dict[int, int]] = [{} for _ in range(cfg.workers)]  # worker -> {slot: seq}
-        self.clients = [ClientState(list(range(len(cfg.dram_groups) + j * cfg.window_slots,
-                                               len(cfg.dram_groups) + (j + 1) * cfg.window_slots)))
-                        for j in range(cfg.n_clients)]
-        self.position: dict[int, int] = {}  # window slot -> sequence position it holds
+        first = [len(cfg.dram_groups) + j * per_client for j in range(cfg.n_clients)]
+        self.clients = [ClientState(list(range(f, f + cfg.window_slots)),
+                                    demand_slots=list(range(f + cfg.window_slots, f + per_client))) for f in first]
+        self.owner_of = {s: j for j, cl in enumerate(self.clients) for s in cl.slots + cl.demand_slots}
+        self.demand_slots = {s for cl in self.clients for s in cl.demand_slots}
+        self.position: dict[int, int] = {}  # window slot -> sequence position it holds (demand: id << 32 | pos)
         self.stop_requested = False
 
     # ---- setup ---------------------------------------------------------------------------------
-    def _init_tables(self, slot_bytes: int) -> None:
+    def _init_tables(self, slot_bytes: int, demand_bytes: int) -> None:
         r, h = self.res, self.handle
         hd = r.header
         hd["magic"], hd["version"], hd["state"], hd["coord_pid"] = MAGIC, VERSION, POOL_STARTING, os.getpid()
@@ -137,9 +152,12 @@ class Coordinator:
             r.slots[s] = (pos, size, self.index[name], SLOT_FREE, 0, -1, -1, 0, 0, 0)
             r.groups[self.index[name]]["slot"] = s
             pos += size
+        per_client = self.cfg.window_slots + self.cfg.demand_slots
         for s in range(len(self.cfg.dram_groups), h.n_slots):
-            r.slots[s] = (pos, slot_bytes, -1, SLOT_FREE, 0, -1, -1, 0, 0, 0)
-            pos += slot_bytes
+            size = slot_bytes if (s - len(self.cfg.dram_groups)) % per_client < self.cfg.window_slots else \
+                demand_bytes
+            r.slots[s] = (pos, size, -1, SLOT_FREE, 0, -1, -1, 0, 0, 0)
+            pos += size
         r.clients[:] = (CLIENT_FREE, 0, 0, 0)
         self.heartbeat()
 
@@ -208,19 +226,21 @@ class Coordinator:
 
     def _recycle_orphan(self, slot: int) -> None:
         self.free_slot(slot)  # its read is over: the slot can take a new one
-        self.fill_window((slot - len(self.cfg.dram_groups)) // self.cfg.window_slots)
+        self.fill_window(self.owner_of[slot])
 
     def _on_read_ok(self, slot: int, g: int) -> None:
         r, s = self.res, self.res.slots[slot]
         s["state"] = SLOT_READY
         r.groups[g]["reads"] += 1
         tier = int(r.groups[g]["tier"])
-        r.header["bytes_dram" if tier == TIER_DRAM and slot < len(self.cfg.dram_groups) else "bytes_stream"] += \
-            int(r.groups[g]["size"])
+        demand = slot in self.demand_slots
+        r.header["bytes_demand" if demand else "bytes_dram" if tier == TIER_DRAM and slot < len(self.cfg.dram_groups)
+                 else "bytes_stream"] += int(r.groups[g]["size"])
         r.header["reads"] += 1
         owner = int(s["owner"])
         if owner >= 0:
-            r.events[owner].put(MSG_READY, slot, int(s["seq"]), self.position.get(slot, -1))
+            r.events[owner].put(MSG_DEMAND_READY if demand else MSG_READY, slot, int(s["seq"]),
+                                self.position.get(slot, -1))
         elif self._is_orphan(slot):
             self._recycle_orphan(slot)
 
@@ -238,7 +258,10 @@ class Coordinator:
         text = self._status_text(slot, g, status)
         self.log(f"read failed twice: {text}")
         owner = int(s["owner"])
-        if owner >= 0:
+        if owner >= 0 and slot in self.demand_slots:
+            r.set_error(text)
+            r.events[owner].put(MSG_DEMAND_FAILED, slot, int(s["seq"]), self.position.get(slot, -1))
+        elif owner >= 0:
             r.set_error(text)
             r.events[owner].put(MSG_FAILED, slot, g, status)
         else:  # a DRAM-tier fill failed: the pool cannot serve
@@ -258,10 +281,15 @@ class Coordinator:
             if int(s["owner"]) == j and int(s["seq"]) == b and int(s["state"]) == SLOT_READY:
                 self.free_slot(a)
                 self.fill_window(j)
+        elif kind == MSG_DEMAND:  # the rest of an earlier demand not issued yet is dropped
+            cl.demand, cl.demand_id, cl.demand_cursor = [int(x) for x in r.demands[j][:a]], b, 0
+            r.events[j].put(MSG_DEMANDED, a, b)  # the client may write its demand region again
+            self.fill_window(j)
         elif kind == MSG_STOP_STREAM:
             cl.active = False
+            cl.demand, cl.demand_cursor = [], 0
             r.clients[j]["seq_len"], r.clients[j]["cyclic"] = 0, 0
-            for slot in cl.slots:
+            for slot in cl.slots + cl.demand_slots:
                 if int(r.slots[slot]["state"]) in (SLOT_READY, SLOT_ERROR):
                     self.free_slot(slot)
                 elif int(r.slots[slot]["state"]) == SLOT_QUEUED:  # freed when its read completes (on_done)
@@ -275,7 +303,18 @@ class Coordinator:
         self.position.pop(slot, None)
 
     def fill_window(self, j: int) -> None:
+        """Issue reads into client ``j``'s free window slots (its sequence) and demand slots (its demand)."""
         cl = self.clients[j]
+        for slot in cl.demand_slots:
+            if cl.demand_cursor >= len(cl.demand):
+                break
+            s = self.res.slots[slot]
+            if int(s["state"]) != SLOT_FREE:
+                continue
+            s["owner"] = j
+            self.position[slot] = cl.demand_id << 32 | cl.demand_cursor
+            self.queue_read(slot, cl.demand[cl.demand_cursor])
+            cl.demand_cursor += 1
         if not cl.active or not cl.sequence:
             return
         for slot in cl.slots:

@@ -40,6 +40,7 @@ class DaemonConfig:
     direct: bool
     dram_budget: int
     owner_pid: int | None = None  # launch.py serve: stop when this process is gone, and leave nothing behind
+    demand_slots: int = 0  # per client, as large as a window slot: a mixture's experts read on demand
 
 
 def daemon_main(cfg_file: str) -> int:
@@ -50,7 +51,8 @@ def daemon_main(cfg_file: str) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     pcfg = PoolConfig(dc.image, dc.manifest, dc.name, tuple(dc.dram_groups), dc.window_slots, max(dc.slot_bytes, 1),
                       n_clients=dc.n_clients, workers=dc.workers, owner_pid=dc.owner_pid,
-                      worker_opts=WorkerOptions(direct=dc.direct, chunk_bytes=dc.staging_mb << 20))
+                      worker_opts=WorkerOptions(direct=dc.direct, chunk_bytes=dc.staging_mb << 20),
+                      demand_slots=dc.demand_slots, demand_slot_bytes=max(dc.slot_bytes, 1))
     print(f"[pool {dc.name} pid {os.getpid()}] starting: image {dc.image}, {len(dc.dram_groups)} groups in the DRAM "
           f"tier, {dc.n_clients} clients x {dc.window_slots} window slots, {dc.workers} workers", flush=True)
     try:
@@ -66,6 +68,7 @@ def daemon_main(cfg_file: str) -> int:
                          "groups": img.manifest_crcs(), **image_identity(str(img.path))},
                "dram_groups": dc.dram_groups, "dram_tier_bytes": sum(img.groups[g].size for g in dc.dram_groups),
                "window_slots": dc.window_slots, "slot_bytes": dc.slot_bytes, "workers": dc.workers,
+               "demand_slots": dc.demand_slots,
                "dram_budget": dc.dram_budget}
         write_private(pool_file(dc.name, "record"), rec)
         coord.serve()

@@ -112,7 +112,8 @@ class PoolStartConfig(FlagConfig):
 def plan_pool(image: Image, dram_gb: float | None, n_clients: int, window: int | None) -> DaemonConfig:
     """The pool's DRAM tier and window from ``--dram-gb``: the whole model if it fits, else the host
     embedding and groups in pass order (runtime/engine/placement.py, mode mixed), plus ``n_clients`` windows
-    of slots large enough for any group the pool does not hold. Refuses a budget over available memory."""
+    of slots large enough for any group the pool does not hold (a mixture's: as many demand slots again, for the
+    experts read on demand). Refuses a budget over available memory."""
     avail = psutil.virtual_memory().available
     sizes = {n: g.size for n, g in image.groups.items()}
     total = sum(sizes.values())
@@ -130,21 +131,28 @@ def plan_pool(image: Image, dram_gb: float | None, n_clients: int, window: int |
     if w < 1:
         raise ConfigError(f"--window-slots {w}: a pool that does not hold the whole model needs at least 1")
     largest = max(n for g, n in sizes.items() if g != HOST_GROUP)  # the host embedding never streams
-    floor = sizes[HOST_GROUP] + n_clients * w * largest
+    demand = w if image.args.n_experts else 0
+    floor = sizes[HOST_GROUP] + n_clients * (w + demand) * largest
     if floor > budget:
         raise ConfigError(f"--dram-gb {budget / 1e9:g} GB ({budget} bytes) cannot hold the host embedding "
                           f"({sizes[HOST_GROUP]} bytes) and {n_clients} clients x {w} window slots of up to {largest} "
                           f"bytes ({floor} bytes); raise --dram-gb or lower --clients / --window-slots")
-    plan = plan_placement(sizes, image.args, "mixed", Budgets(None, max(budget - (n_clients - 1) * w * largest, 0)),
+    plan = plan_placement(sizes, image.args, "mixed",
+                          Budgets(None, max(budget - (n_clients - 1) * (w + demand) * largest, 0)),
                           device="cpu", prefetch_distance=max(w, 2))
     held = list(dict.fromkeys(plan.host + plan.dram))
     slot = max((sizes[g] for g in sizes if g not in held), default=0)
-    ring = sum(sizes[g] for g in held) + n_clients * w * slot
+    ring = sum(sizes[g] for g in held) + n_clients * (w + demand) * slot
+    routed = sorted((g for g in held if g in plan.use), key=lambda g: plan.use[g])  # least routed first
+    while ring > budget and routed:  # every client's window and demand slots: give up experts until they fit
+        held.remove(routed.pop(0))
+        slot = max((sizes[g] for g in sizes if g not in held), default=0)
+        ring = sum(sizes[g] for g in held) + n_clients * (w + demand) * slot
     if ring > budget:
         raise ConfigError(f"--dram-gb {budget / 1e9:.2f} GB cannot hold the host embedding and {n_clients} "
                           f"clients x {w} window slots of {slot / 1e9:.3f} GB ({ring} > {budget} bytes); raise "
                           f"--dram-gb or lower --clients / --window-slots")
-    return DaemonConfig("", "", "", held, w, slot, n_clients, 0, 0, True, budget)
+    return DaemonConfig("", "", "", held, w, slot, n_clients, 0, 0, True, budget, demand_slots=demand)
 
 
 # ---- leftovers -------------------------------------------------------------------------------------------------
@@ -248,7 +256,7 @@ def start(cfg: PoolStartConfig) -> None:
                             f"recorded in another pool dir than {pool_dir()} (or a private pool); choose another name")
         dc = DaemonConfig(name, str(image.path), str(image.manifest_path), dc.dram_groups, dc.window_slots,
                           dc.slot_bytes, cfg.clients, cfg.workers, cfg.staging_mb, not cfg.no_direct, dc.dram_budget,
-                          cfg.owner_pid)
+                          cfg.owner_pid, dc.demand_slots)
         log = pool_file(name, "log")
         proc = spawn_detached(DAEMON_MODULE, asdict(dc), pool_dir() / f"{name}.start.json", log)
         held = sum(image.groups[g].size for g in dc.dram_groups)
