@@ -19,7 +19,8 @@ Candidates:
 - ``today``: what the runtime does now. Plain weights: ``F.linear`` in the weight's dtype. Quantized: ``QuantWeight
   .linear`` on the CPU, which dequantizes the matrix into float32 scratch at every use (a streamed group).
 - ``held``: ``F.linear`` over the matrix dequantized once to float32 (what a CPU run holds for its DRAM tier and for
-  ``--mode full``: 4 bytes a value in memory, against 0.56-1.06 for the blocks), in GB/s of the stored bytes.
+  ``--mode full`` in the formats model/cpu_kernels.py does not tile, and in all with LLMS_CPU_KERNELS=0: 4 bytes a
+  value in memory, against 0.56-1.06 for the blocks), in GB/s of the stored bytes.
 - ``int4pack``: torch's weight-only int4 kernel (``aten._weight_int4pack_mm_for_cpu``; weights repacked once by
   ``aten._convert_weight_to_int4pack_for_cpu(q int32 (N, K) in 0..15, 1)``, groups of 32/64/128/256 along K, each
   with a (scale, zero) pair as ``(K / group, N, 2)`` in x's dtype; value = (q - 8) * scale + zero). It takes the
@@ -35,6 +36,8 @@ Candidates:
   model/quant.py; plain weights as ``(w.float() * x[r]).sum(-1)``. ``compiled-tiles`` (int8, q8_0): the same over a
   layout repacked once so that 64 output rows lie side by side (q int8 (N / 64, K, 64), scales (N / 64, K / group,
   64): the stored bytes, moved), which inductor vectorizes across the rows, each lane a row of w, instead of along K.
+- ``runtime`` (q4_0, q4_1, int4, q8_0, int8): what a CPU run now holds and calls, model/cpu_kernels.py's
+  ``TiledWeight.linear``: its compiled kernel up to 4 rows, the compiled dequantizer and a batched GEMM above.
 - numba: timed only where it is installed; it is not a dependency, and is not installed here.
 
 The table goes to stdout (markdown) and, with --json, to a file. Runs on the CPU only.
@@ -55,7 +58,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model import quant  # noqa: E402
+from model import cpu_kernels, quant  # noqa: E402
 
 PLAIN = {"fp32": torch.float32, "bf16": torch.bfloat16}
 INT4PACK = ("int4", "q4_0", "q4_1", "q4_k")
@@ -249,6 +252,9 @@ def candidates(fmt: str, w, group: int, pool: int, compile_ok: bool) -> list[tup
         args = compiled_args(fmt, w)
         sets = copies(lambda: tuple(a.clone() for a in args), sb, pool)
         out.append(("compiled", [lambda x, s=s, fn=fn: fn(x, *s) for s in sets], "inductor, stored layout"))
+    if compile_ok and fmt in cpu_kernels.SCHEMES:
+        ts = copies(lambda: cpu_kernels.tile(w), sb, pool)
+        out.append(("runtime", [lambda x, t=t: t.linear(x) for t in ts], "model/cpu_kernels.py, what a run holds"))
     if compile_ok and fmt in ("int8", "q8_0") and w.shape[0] % TILE == 0:
         fn = tiles_fn(w.shape, group if fmt == "int8" else 32)
         q, s = tiles_prepare(w)
@@ -293,7 +299,7 @@ def run_format(fmt: str, shape: tuple[int, int], rows: list[int], group: int, po
 def print_pivot(results: list[dict]) -> None:
     """One line per thread count, format, shape and row count, one column per candidate: GB/s of stored bytes (% of
     DRAM); a result outside the 1e-5 bar is marked *."""
-    order = ("today", "held", "compiled", "compiled-tiles", "int4pack", "int4pack-bf16", "int8pack")
+    order = ("today", "held", "runtime", "compiled", "compiled-tiles", "int4pack", "int4pack-bf16", "int8pack")
     names = [n for n in order if any(r["candidate"] == n for r in results)]
     print("\n| threads | format | N x K | rows | " + " | ".join(names) + " |")
     print("|---|---|---|---|" + "---|" * len(names))

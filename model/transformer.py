@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from model.arch import EMBED, HEAD
 from model.args import ModelArgs, RopeScaling
+from model.cpu_kernels import fused
 from model.errors import ConfigError
 from model.groups import group_names, group_prefix, group_tensor_shapes
 from model.quant import QuantWeight
@@ -202,6 +203,16 @@ def linear(x: torch.Tensor, w: torch.Tensor | QuantWeight, bias: torch.Tensor | 
     return y if bias is None else y + bias
 
 
+def linears(x: torch.Tensor, ws: tuple, biases: tuple | None = None) -> list[torch.Tensor]:
+    """``[linear(x, w, b) for w, b in zip(ws, biases)]``: one matmul where the weights are a CPU run's tiled
+    siblings (model/cpu_kernels.py ``hold``: q, k and v, or w1 and w3, held as one matrix)."""
+    whole = fused(ws)
+    if whole is None:
+        return [linear(x, w, b) for w, b in zip(ws, biases or (None,) * len(ws))]
+    ys = whole.linear(x).split([w.shape[0] for w in ws], dim=-1)
+    return list(ys) if biases is None else [y if b is None else y + b for y, b in zip(ys, biases)]
+
+
 def embed_forward(tokens: torch.Tensor, w: Weights, dtype: torch.dtype | None = None,
                   rows: tuple[int, int] | None = None) -> torch.Tensor:
     """tokens (B, S) int64 -> h (B, S, dim); a quantized table's rows are dequantized to ``dtype``. ``rows``: a
@@ -223,10 +234,8 @@ def attention_forward(h: torch.Tensor, w: Weights, p: Pass, layer: int) -> torch
     args, qs = p.args, p.queries
     b, s, _ = h.shape
     x = rms_norm(h, w["attention_norm.weight"], args.norm_eps)
-    bias = args.qkv_bias
-    q = linear(x, w["attention.wq.weight"], w["attention.wq.bias"] if bias else None)
-    k = linear(x, w["attention.wk.weight"], w["attention.wk.bias"] if bias else None)
-    v = linear(x, w["attention.wv.weight"], w["attention.wv.bias"] if bias else None)
+    biases = tuple(w[f"attention.{n}.bias"] for n in ("wq", "wk", "wv")) if args.qkv_bias else None
+    q, k, v = linears(x, (w["attention.wq.weight"], w["attention.wk.weight"], w["attention.wv.weight"]), biases)
     q = q.view(b, s, args.n_heads, args.head_dim)
     k = k.view(b, s, args.n_kv_heads, args.head_dim)
     v = v.view(b, s, args.n_kv_heads, args.head_dim)
@@ -242,8 +251,8 @@ def attention_forward(h: torch.Tensor, w: Weights, p: Pass, layer: int) -> torch
 def ffn_forward(h: torch.Tensor, w: Weights, p: Pass, layer: int) -> torch.Tensor:
     """h (B, S, dim) -> h + W2(silu(W1 x) * W3 x), x = RMSNorm(h)."""
     x = rms_norm(h, w["ffn_norm.weight"], p.args.norm_eps)
-    gate = F.silu(linear(x, w["feed_forward.w1.weight"]))
-    return p.out(h, linear(gate * linear(x, w["feed_forward.w3.weight"]), w["feed_forward.w2.weight"]))
+    gate, up = linears(x, (w["feed_forward.w1.weight"], w["feed_forward.w3.weight"]))
+    return p.out(h, linear(F.silu(gate) * up, w["feed_forward.w2.weight"]))
 
 
 def final_norm(h: torch.Tensor, head: Weights, args: ModelArgs) -> torch.Tensor:

@@ -19,8 +19,9 @@ On CUDA the ring is registered once with cudaHostRegister, and DRAM/streamed gro
 dedicated copy stream into K staging buffers, up to K groups ahead of compute, with CUDA events between the
 streams (no synchronize in the layer loop); a slot is released once the event recorded after its copy has
 completed. On the CPU the model computes straight from slot memory, except that a quantized DRAM-tier group is
-dequantized once, on first use, into this process's memory (on a CPU, dequantizing at every use would cost many
-times the matmul); streamed quantized groups are dequantized per use, as on the GPU.
+held in this process's memory from its first use: in row tiles for the CPU kernels, or dequantized
+(model/cpu_kernels.py ``hold``; on a CPU, dequantizing at every use would cost many times the matmul); streamed
+quantized groups are dequantized per use, as on the GPU.
 
 A tensor-parallel rank passes its ``shard`` (runtime/engine/tensor_parallel.py ``RankShard``): each group's
 slot still holds the whole group, and the rank copies (or, on the CPU, views) only its extent of it, its own
@@ -35,10 +36,11 @@ import time
 import torch
 
 from model.arch import EMBED
+from model.cpu_kernels import hold
 from model.errors import UserError
 from model.groups import routed_groups
-from model.quant import dequantized
 from model.transformer import Weights, embed_forward
+from runtime.env import cpu_kernels
 from runtime.format.image import TORCH_DTYPES, Image, tensor_views
 from runtime.ipc.shm import SLOT_READY, PoolResources
 from runtime.pool.client import PoolClient
@@ -96,7 +98,7 @@ class StreamedWeights:
                                            "experts_skipped", "expert_bytes_gpu", "expert_bytes_dram",
                                            "expert_bytes_disk", "expert_h2d_bytes"), 0)
         self.held: tuple[int, int] | None = None  # CPU: the streamed slot the last group was computed from
-        self.dense: dict[str, Weights] = {}  # CPU: quantized DRAM-tier groups, dequantized on first use
+        self.dense: dict[str, Weights] = {}  # CPU: quantized DRAM-tier groups, held from their first use
         self.pinned: torch.Tensor | None = None  # CUDA: the host lookups' staging (_upload) ...
         self.uploaded: torch.cuda.Event | None = None  # ... and its last copy's event
         # The plan's device memory first (GPU tier buffers, staging buffers), then ``on_allocated`` (the CUDA
@@ -417,7 +419,7 @@ class StreamedWeights:
         spec = self.image.groups[group]
         views = self._views(group, self._slot_extent(slot, group))
         if seq < 0 and spec.quantized:
-            views = self.dense[group] = dequantized(views, self.dtype)
+            views = self.dense[group] = hold(views, self.dtype, cpu_kernels())
         return views
 
     # ---- CUDA pipeline -------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 ``InMemoryWeights`` is ``--mode full``: every group of an image read once, verified, and held on one device,
 the reference every streamed mode must match (runtime/engine/streamed.py streams the others). On the CPU the
-tensors are views into the buffers the groups were read into (no copy), quantized ones dequantized once (as
-the streamed source does with its DRAM tier); on CUDA each group is copied to the GPU once and quantized
+tensors are views into the buffers the groups were read into (no copy), quantized ones held in row tiles for the
+CPU kernels or dequantized once (model/cpu_kernels.py ``hold``, as the streamed source does with its DRAM tier); on
+CUDA each group is copied to the GPU once and quantized
 tensors stay quantized there (dequantized per use). Runs in the client process.
 """
 
@@ -16,8 +17,9 @@ import torch
 
 from model.arch import EMBED
 from model.args import ModelArgs
-from model.quant import dequantized
+from model.cpu_kernels import hold
 from model.transformer import Weights, embed_forward
+from runtime.env import cpu_kernels
 from runtime.format.image import TORCH_DTYPES, Image, tensor_views
 from runtime.progress import Progress
 
@@ -61,7 +63,7 @@ class InMemoryWeights:
             buf = image.read_group(name)
             views = tensor_views(spec, buf)
             if self.device.type == "cpu":
-                self.groups[name] = dequantized(views, self.dtype)
+                self.groups[name] = hold(views, self.dtype, cpu_kernels())
             else:
                 self.groups[name] = {k: v.to(self.device) for k, v in views.items()}
             progress.update(spec.size, name)

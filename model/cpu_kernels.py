@@ -1,0 +1,310 @@
+"""Quantized matrices that a CPU run holds for the whole run, repacked into row tiles, and their decode-sized
+matmuls compiled by ``torch.compile`` (inductor's C++ code generation), reading the held bytes once a token
+(issue 28 item 1; benchmarks/cpu_kernels.py measured the candidates).
+
+A CPU run used to hold such a matrix dequantized to float32 (``model.quant.dequantized``): 4 bytes a value,
+6.4x the Q4_1 blocks, read in full every decode step. ``TiledWeight`` holds the same stored bytes moved
+(``tile``): TILE output rows side by side, so that a vectorised loop runs across rows, each lane one row of
+the matrix, and the values of x are scalars broadcast to the lanes (inductor vectorises the innermost,
+contiguous dimension: along K it would need a horizontal sum per row).
+
+    4-bit (q4_0, q4_1, int4):  q    uint8 (N / TILE, G, H, TILE)  byte j of group g holds value g*gs + j in its low
+                                                                 nibble and value g*gs + H + j in its high one
+                                                                 (H = gs / 2: ggml's order within a block)
+    8-bit (q8_0, int8):        q    int8  (N / TILE, G, gs, TILE)
+    both:                      s, o scale and offset (N / TILE, G, TILE), value = q * s + o (o: none for 8-bit;
+                                    q4_0's -8 * d as float32, the rest fp16 as stored)
+
+G groups of gs values a row (32 for the GGUF blocks, the group for ours). N is padded to whole tiles with zero
+rows, which the results leave out. The bytes are those stored (q4_0: 4 more a block for its float32 offset).
+
+``TiledWeight.linear``: for at most ROWS_MAX rows of x (a decode step) the compiled kernel, which computes each
+group's sum of q * x first and scales it once (``acc * s + o * sum(x)``: the values of x times the dequantized
+matrix in another order of float32 roundings; within 1e-6 of the reference's max |y|, tests/test_cpu_kernels.py),
+compiled once per shape and row count, about 1 s each the first time on the 2-core machine and read from
+inductor's cache afterwards. More rows (a prefill): the matrix dequantized exactly as the reference dequantizer
+does (model/quant.py: the same float32 operations, so the same values), DEQUANT_CHUNK values at a time, then
+``F.linear``. The other formats (q5_0, q5_1, the K-quants) are held dequantized, as before.
+
+Runs in the process that computes (the client); torch.compile needs a C++ compiler: where compiling fails, the
+matrices are held dequantized (``available``).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import threading
+
+import torch
+import torch.nn.functional as F
+
+from model.qformats import DEQUANT_CHUNK
+from model.quant import QuantWeight, _parts, _unpack4
+
+TILE = 64  # output rows a tile: 4 AVX-512 vectors of float32
+ROWS_MAX = 4  # rows of x the compiled kernel takes (one compile per row count); more are a prefill
+NIBBLE = ("q4_0", "q4_1", "int4")
+BYTE = ("q8_0", "int8")
+SCHEMES = NIBBLE + BYTE
+# The sibling matrices that take the same x, concatenated by ``hold`` so that a decode step calls one kernel
+# for them (each compiled call costs about 20 us of Python on the 2-core machine, as much as a 1536 x 576 matmul).
+SIBLINGS = (("attention.wq.weight", "attention.wk.weight", "attention.wv.weight"),
+            ("feed_forward.w1.weight", "feed_forward.w3.weight"))
+
+
+# ---- the kernels ------------------------------------------------------------------------------------------
+
+def _mv_nibble(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    """x (m, K) float32 times the 4-bit tiles -> (m, NT * TILE); the rows share one pass over q."""
+    nt, g, h, t = q.shape
+    xs = x.view(x.shape[0], g, 2, h)  # (m, G, 2, H): the low nibbles' values, then the high ones'
+    lo, hi = (q & 15).float(), (q >> 4).float()
+    ys = []
+    for r in range(x.shape[0]):
+        acc = (lo * xs[r, :, 0, :, None]).sum(2) + (hi * xs[r, :, 1, :, None]).sum(2)  # (NT, G, T)
+        ys.append((acc * s.float() + o.float() * xs[r].sum((1, 2))[:, None]).sum(1).view(nt * t))
+    return torch.stack(ys, 0)
+
+
+def _mv_byte(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """x (m, K) float32 times the 8-bit tiles -> (m, NT * TILE)."""
+    nt, g, gs, t = q.shape
+    xs = x.view(x.shape[0], g, gs)
+    qf = q.float()
+    return torch.stack([((qf * xs[r, :, :, None]).sum(2) * s.float()).sum(1).view(nt * t)
+                        for r in range(x.shape[0])], 0)
+
+
+def _dequant(q: torch.Tensor, s: torch.Tensor, o: torch.Tensor | None) -> torch.Tensor:
+    """Tiles' planes (n, G, H|gs, L), (n, G, L) (L lanes: TILE, or 1 for rows picked out) -> float32 (n, K, L), lane
+    l of tile t row t * L + l of the matrix: the values of model/quant.py's dequantizers by the same float32
+    operations (q4_1, int4: q * s + o in two roundings; q4_0: exact either way; 8-bit: q * s; inductor does not
+    contract a * b + c), so the same bits."""
+    s = s.float().unsqueeze(2)
+    if q.dtype == torch.uint8:  # 4-bit
+        v = torch.stack([(q & 15).float() * s, (q >> 4).float() * s], 2)  # (n, G, 2, H, L)
+        v = v + o.float()[:, :, None, None]
+    else:
+        v = q.float() * s  # (n, G, gs, L)
+    return v.reshape(q.shape[0], -1, q.shape[-1])
+
+
+def _dequant_into(q: torch.Tensor, s: torch.Tensor, o: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """``_dequant`` written into ``out`` (n, K, L) float32: compiled, the kernel writes there directly."""
+    return out.copy_(_dequant(q, s, o))
+
+
+@functools.cache
+def _compiled(what: str):
+    """The compiled function ``what`` ("nibble", "byte": the kernels; "dequant": ``_dequant``): one torch.compile
+    each, whose graphs are specialised on the shapes (a symbolic K or N ran 20x slower)."""
+    import torch._dynamo
+
+    # every (shape, row count, scale dtype) is a graph of the same function: a model has a few shapes
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 512)
+    fn = {"nibble": _mv_nibble, "byte": _mv_byte, "dequant": _dequant_into}[what]
+    return torch.compile(fn, dynamic=False, fullgraph=True)
+
+
+@functools.cache
+def available() -> bool:
+    """Whether torch.compile builds and runs the kernels here (a C++ compiler, a working inductor): checked once
+    per process on a one-tile matrix of each family, against the reference; False (with one line on stderr)
+    holds the matrices dequantized instead."""
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(1, 64, generator=gen)
+        for scheme in ("q4_1", "q8_0"):
+            w = QuantWeight(torch.randint(0, 256, (TILE * (40 if scheme == "q4_1" else 68),), generator=gen,
+                                          dtype=torch.uint8), scheme, (TILE, 64))
+            _fp16_fields(w)
+            ref, t = F.linear(x, w.dense()), tile(w)
+            if not torch.equal(t.dense(), w.dense()):
+                raise RuntimeError(f"{scheme}: the compiled dequantizer differs from the reference")
+            got = t._kernel(x)
+            if not torch.allclose(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item()):
+                raise RuntimeError(f"{scheme}: the compiled kernel is off by {(got - ref).abs().max().item():.3g}")
+        return True
+    except Exception as e:  # no compiler, an inductor that fails here: the dequantized path still works
+        print(f"CPU kernels: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); quantized "
+              f"weights are held dequantized to float32", file=sys.stderr)
+        return False
+
+
+def _fp16_fields(w: QuantWeight) -> None:
+    """Random blocks with finite fp16 scales (available's check)."""
+    b = w.raw.view(-1, 20 if w.scheme == "q4_1" else 34)
+    for off in ((0, 2) if w.scheme == "q4_1" else (0,)):
+        b[:, off:off + 2] = (torch.rand(b.shape[0]) * 0.01).half().view(torch.uint8).view(-1, 2)
+
+
+# ---- the layout -------------------------------------------------------------------------------------------
+
+_SCRATCH = threading.local()
+
+
+def _scratch(n: int) -> torch.Tensor:
+    """float32 scratch of at least ``n`` values for a prefill's dequantized chunk, this thread's, kept: a fresh
+    buffer of a few MB every matmul cost more in page faults than the dequantization itself."""
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.numel() < n:
+        buf = _SCRATCH.buf = torch.empty(n, dtype=torch.float32)
+    return buf[:n]
+
+
+def _tiles(a: torch.Tensor, n_pad: int) -> torch.Tensor:
+    """(N, G, ...) -> (NP / TILE, G, ..., TILE), rows N..NP zero."""
+    if n_pad > a.shape[0]:
+        a = torch.cat([a, a.new_zeros((n_pad - a.shape[0], *a.shape[1:]))])
+    a = a.reshape(n_pad // TILE, TILE, *a.shape[1:])
+    return a.permute(0, *range(2, a.dim()), 1).contiguous()
+
+
+def _planes(w: QuantWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+    """(q (N, G, H or gs), s (N, G), o (N, G) or None, gs) of a matrix of SCHEMES, in the tiles' element order."""
+    n, k = w.shape
+    if w.scheme in ("q4_0", "q4_1", "q8_0"):
+        b = w.raw.view(n, k // 32, -1)
+        d = b[..., 0:2].contiguous().view(torch.float16)[..., 0]
+        if w.scheme == "q8_0":
+            return b[..., 2:].contiguous().view(torch.int8), d, None, 32
+        if w.scheme == "q4_0":
+            return b[..., 2:].contiguous(), d, -8 * d.float(), 32  # d * (q - 8) = q * d + (-8 d), both exact
+        return b[..., 4:].contiguous(), d, b[..., 2:4].contiguous().view(torch.float16)[..., 0], 32
+    parts = _parts(w.raw, w.scheme, w.shape, w.group)
+    g = w.group
+    if w.scheme == "int8":
+        return parts[0].reshape(n, k // g, g), parts[1], None, g
+    v = _unpack4(parts[0]).view(n, k // g, 2, g // 2)  # values 0..15; ours pack the even column low
+    return v[:, :, 0] | (v[:, :, 1] << 4), parts[1], parts[2], g
+
+
+class TiledWeight:
+    """A quantized matrix held in row tiles (module docstring): ``linear`` for decode steps and prefills, ``rows``
+    for an embedding lookup, ``dense`` for the rest. ``parent``/``first``: a sibling's tiles are a view of its
+    parent's (``hold``), from tile ``first``."""
+
+    def __init__(self, q: torch.Tensor, s: torch.Tensor, o: torch.Tensor | None, scheme: str,
+                 shape: tuple[int, int], group: int | None, parent: TiledWeight | None = None,
+                 first: int = 0) -> None:
+        self.q, self.s, self.o = q, s, o
+        self.scheme, self.shape, self.group = scheme, (int(shape[0]), int(shape[1])), group
+        self.parent, self.first = parent, first
+        self.nibble = scheme in NIBBLE
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held (a sibling's are its parent's)."""
+        return 0 if self.parent is not None else sum(t.nbytes for t in (self.q, self.s, self.o) if t is not None)
+
+    def view(self, first: int, n: int, shape: tuple[int, int]) -> TiledWeight:
+        """Tiles [first, first + n) as a matrix of ``shape`` (a sibling of ``hold``'s concatenation)."""
+        sl = slice(first, first + n)
+        return TiledWeight(self.q[sl], self.s[sl], None if self.o is None else self.o[sl], self.scheme, shape,
+                           self.group, self, first)
+
+    def _kernel(self, flat: torch.Tensor) -> torch.Tensor:
+        """flat (m <= ROWS_MAX, K) float32 -> (m, N)."""
+        if self.nibble:
+            y = _compiled("nibble")(flat, self.q, self.s, self.o)
+        else:
+            y = _compiled("byte")(flat, self.q, self.s)
+        return y if y.shape[1] == self.shape[0] else y[:, :self.shape[0]]
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """``F.linear(x, w)`` for float32 x: the compiled kernel for at most ROWS_MAX rows; more (a prefill) multiply
+        the matrix dequantized a chunk of tiles at a time (DEQUANT_CHUNK values; ``_values``), as a batch of
+        (K, TILE) matrices in the tiles' order."""
+        rows, cols = self.shape
+        flat = x.reshape(-1, cols)
+        if flat.shape[0] <= ROWS_MAX and x.dtype == torch.float32:
+            return self._kernel(flat.contiguous()).view(*x.shape[:-1], rows)
+        step, nt = max(1, DEQUANT_CHUNK // (TILE * cols)), self.q.shape[0]
+        outs = [torch.matmul(flat, self._values(a, min(a + step, nt), x.dtype)) for a in range(0, nt, step)]
+        y = torch.cat(outs) if len(outs) > 1 else outs[0]  # (NT, m, TILE)
+        return y.permute(1, 0, 2).reshape(flat.shape[0], -1)[:, :rows].reshape(*x.shape[:-1], rows)
+
+    def _values(self, a: int, b: int, dtype: torch.dtype, own: bool = False) -> torch.Tensor:
+        """Tiles [a, b) dequantized (``_dequant``, compiled) -> (b - a, K, TILE) in ``dtype``: in this thread's
+        scratch (valid until the next call), or in a tensor of its own with ``own``."""
+        n = (b - a) * TILE * self.shape[1]
+        out = (torch.empty(n) if own else _scratch(n)).view(b - a, self.shape[1], TILE)
+        _compiled("dequant")(self.q[a:b], self.s[a:b], None if self.o is None else self.o[a:b], out)
+        return out.to(dtype)
+
+    def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(N, K) in ``dtype``: the reference dequantizer's values."""
+        v = self._values(0, self.q.shape[0], dtype, own=True)
+        return v.transpose(1, 2).reshape(-1, self.shape[1])[:self.shape[0]]
+
+    def rows(self, idx: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The embedding lookup: idx (any shape) -> idx.shape + (K,), the reference dequantizer's values."""
+        flat = idx.reshape(-1).long()
+        t, lane = flat // TILE, flat % TILE
+        q = self.q[t, ..., lane].unsqueeze(-1)  # (n, G, H|gs, 1)
+        s = self.s[t, :, lane].unsqueeze(-1)  # (n, G, 1)
+        o = None if self.o is None else self.o[t, :, lane].unsqueeze(-1)
+        return _dequant(q, s, o)[..., 0].to(dtype).view(*idx.shape, self.shape[1])
+
+
+def tile(w: QuantWeight) -> TiledWeight:
+    """``w`` (a scheme of SCHEMES) in row tiles."""
+    q, s, o, gs = _planes(w)
+    n_pad = -(-w.shape[0] // TILE) * TILE
+    return TiledWeight(_tiles(q, n_pad), _tiles(s, n_pad), None if o is None else _tiles(o, n_pad), w.scheme,
+                       w.shape, w.group)
+
+
+def _concat(ts: list[TiledWeight]) -> TiledWeight:
+    """Tiled siblings of one scheme, group and K, each of whole tiles, as one matrix."""
+    cat = (lambda xs: None if xs[0] is None else torch.cat(xs))  # noqa: E731
+    return TiledWeight(cat([t.q for t in ts]), cat([t.s for t in ts]), cat([t.o for t in ts]), ts[0].scheme,
+                       (sum(t.shape[0] for t in ts), ts[0].shape[1]), ts[0].group)
+
+
+def tileable(w, dtype: torch.dtype) -> bool:
+    return isinstance(w, QuantWeight) and w.scheme in SCHEMES and dtype == torch.float32 and w.raw.device.type == "cpu"
+
+
+def hold(weights, dtype: torch.dtype, kernels: bool = True) -> dict:
+    """A group's weights as a CPU run holds them for the whole run: every QuantWeight of SCHEMES in row tiles
+    (``TiledWeight``) where ``kernels`` and the compiled kernels work here (``available``) and the run computes
+    in float32; each other QuantWeight dequantized to ``dtype`` (``model.quant.dequantized``); plain ones as they
+    are. Siblings (SIBLINGS) of one format and whole tiles are tiled together, each a view of the whole
+    (``fused``): one kernel call for all of them."""
+    from model.quant import dequantized
+
+    if not kernels or not any(tileable(w, dtype) for w in weights.values()) or not available():
+        return dequantized(weights, dtype)
+    out = dict(weights)
+    for names in SIBLINGS:
+        ws = [weights.get(n) for n in names]
+        if all(tileable(w, dtype) for w in ws) and len({(w.scheme, w.group, w.shape[1]) for w in ws}) == 1 \
+                and all(w.shape[0] % TILE == 0 for w in ws):
+            whole, first = _concat([tile(w) for w in ws]), 0
+            for n, w in zip(names, ws):
+                out[n] = whole.view(first, w.shape[0] // TILE, w.shape)
+                first += w.shape[0] // TILE
+    for k, w in weights.items():
+        if not isinstance(out[k], TiledWeight):
+            out[k] = tile(w) if tileable(w, dtype) else w.dense(dtype) if isinstance(w, QuantWeight) else w
+    return out
+
+
+def fused(ws) -> TiledWeight | None:
+    """The parent whose tiles ``ws`` are, in order and all of them, or None (``hold``'s siblings)."""
+    p = getattr(ws[0], "parent", None)
+    if p is None or any(getattr(w, "parent", None) is not p for w in ws):
+        return None
+    first = 0
+    for w in ws:
+        if w.first != first:
+            return None
+        first += w.q.shape[0]
+    return p if first == p.q.shape[0] else None
