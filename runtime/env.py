@@ -11,9 +11,10 @@ LLMS_CUDA_MEMORY_HISTORY  set (to anything but 0 or empty): record the Python st
                       (runtime/engine/gpumem.py).
 LLMS_API_KEY          the API key the HTTP server of ``pool serve --http`` / ``serve --http`` demands
                       (``Authorization: Bearer KEY``) when --api-key is not given (runtime/services/http.py).
-LLMS_CPU_KERNELS      0: a CPU run holds its quantized weights dequantized to float32, as before issue 28, instead of
-                      in row tiles with torch.compile's kernels (model/cpu_kernels.py); the tests' default
-                      (tests/conftest.py), where compiling them would cost seconds in every process.
+LLMS_CPU_KERNELS      1: a CPU run holds its quantized weights in row tiles of their stored bytes with torch.compile's
+                      kernels (model/cpu_kernels.py) instead of dequantized to float32 (the default, 0: compiling
+                      them costs 10-15 s a fresh process, so the README's first run took 19.8 s instead of 3.7, and
+                      decode gains 1.1-1.35x, prefill loses; not a win yet).
 LLMS_PACK_KILL_AT     tests only: the pack process SIGKILLs itself at a named point, to show that nothing is
                       lost there (runtime/format/pack.py, runtime/format/staged.py): group-N (after writing group N),
                       before-commit, rename-N (before the commit's rename N).
@@ -62,7 +63,7 @@ def cuda_memory_history() -> bool:
 
 
 def cpu_kernels() -> bool:
-    return os.environ.get("LLMS_CPU_KERNELS", "1") != "0"
+    return os.environ.get("LLMS_CPU_KERNELS", "0") == "1"
 
 
 def pack_kill_at() -> str | None:
