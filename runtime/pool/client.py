@@ -127,17 +127,7 @@ class PoolClient:
 
     def wait_demand(self, pos: int, timeout_s: float = 600.0) -> tuple[int, int]:
         """Block until position ``pos`` of the current demand is in a slot; returns (slot, seq)."""
-        deadline = time.monotonic() + timeout_s
-        while pos not in self.demand_ready:
-            self._drain()
-            if pos in self.demand_ready:
-                break
-            if not sem_wait(self.res.sem_clients[self.j], 0.1):
-                self.check_alive()
-                if time.monotonic() > deadline:
-                    raise PoolDied(f"pool {self.handle.name!r}: no data for demand {self.demand_id} position {pos} "
-                                   f"after {timeout_s:.0f} s")
-        return self.demand_ready.pop(pos)
+        return self._wait(self.demand_ready, pos, timeout_s, f"demand {self.demand_id} position {pos}")
 
     def demand_waiting(self, pos: int) -> bool:
         """Whether position ``pos`` of the current demand is READY (without waiting)."""
@@ -158,17 +148,21 @@ class PoolClient:
 
     def wait_ready(self, pos: int, timeout_s: float = 600.0) -> tuple[int, int]:
         """Block until the group at sequence position ``pos`` is in a slot; returns (slot, seq)."""
+        return self._wait(self.ready, pos, timeout_s, f"sequence position {pos}")
+
+    def _wait(self, table: dict[int, tuple[int, int]], pos: int, timeout_s: float, what: str) -> tuple[int, int]:
+        """Block until ``pos`` is in ``table`` (the cyclic stream's READY slots, or the current demand's), draining
+        this client's events; the pool checked alive at every idle tick."""
         deadline = time.monotonic() + timeout_s
-        while pos not in self.ready:
+        while pos not in table:
             self._drain()
-            if pos in self.ready:
+            if pos in table:
                 break
             if not sem_wait(self.res.sem_clients[self.j], 0.1):
                 self.check_alive()
                 if time.monotonic() > deadline:
-                    raise PoolDied(f"pool {self.handle.name!r}: no data for sequence position {pos} after "
-                                   f"{timeout_s:.0f} s")
-        return self.ready.pop(pos)
+                    raise PoolDied(f"pool {self.handle.name!r}: no data for {what} after {timeout_s:.0f} s")
+        return table.pop(pos)
 
     def _drain(self) -> None:
         for kind, a, b, c in self.res.events[self.j].drain():
