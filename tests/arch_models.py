@@ -282,3 +282,14 @@ def hf_greedy(model, prompt: list[int], new: int) -> list[int]:
         out = model.generate(torch.tensor([prompt]), max_new_tokens=new, min_new_tokens=new, do_sample=False,
                              pad_token_id=0, eos_token_id=None)
     return out[0, len(prompt):].tolist()
+
+
+def run_image(image, prompt: list[int], new: int, max_len: int):
+    """Our greedy tokens for ``prompt`` (``new`` of them) and the prompt's logits, the image in memory on the CPU."""
+    from runtime.engine.config import SamplingConfig
+    from runtime.engine.generate import Generator
+    from runtime.engine.weights import InMemoryWeights
+
+    gen = Generator(InMemoryWeights(image, "cpu", quiet=True), max_len)
+    tokens = gen.generate(prompt, SamplingConfig(new)).output_token_ids
+    return tokens, gen.forward(torch.tensor([prompt]), 0, gen.new_cache(1))

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from arch_models import CASES, GGUF_ARCH, hf_greedy, hf_logits, with_image_weights, write_gguf, write_hf
+from arch_models import CASES, GGUF_ARCH, hf_greedy, hf_logits, run_image, with_image_weights, write_gguf, write_hf
 from conftest import ROOT, assert_user_error, run_launch
 
 from model.arch import ARCHITECTURES
@@ -78,9 +78,7 @@ def built(tmp_path_factory):
 
 
 def ours(image: Image, prompt=PROMPT, new=NEW):
-    gen = Generator(InMemoryWeights(image, "cpu", quiet=True), MAX_LEN)
-    tokens = gen.generate(prompt, SamplingConfig(new)).output_token_ids
-    return tokens, gen.forward(torch.tensor([prompt]), 0, gen.new_cache(1))
+    return run_image(image, prompt, new, MAX_LEN)
 
 
 @pytest.mark.parametrize("name", CASES)

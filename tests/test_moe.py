@@ -37,6 +37,7 @@ from arch_models import (
     hf_logits,
     hub_tensors,
     moe_config,
+    run_image,
     write_gguf,
     write_hf,
 )
@@ -81,9 +82,7 @@ def built(tmp_path_factory):
 
 
 def ours(image: Image, prompt=PROMPT):
-    gen = Generator(InMemoryWeights(image, "cpu", quiet=True), MAX_LEN)
-    return gen.generate(prompt, SamplingConfig(NEW)).output_token_ids, gen.forward(torch.tensor([prompt]), 0,
-                                                                                    gen.new_cache(1))
+    return run_image(image, prompt, NEW, MAX_LEN)
 
 
 @pytest.mark.parametrize("name", MOE_CASES)
