@@ -8,6 +8,7 @@ Run: python -m pytest -q -n 0 tests/test_cpu_split.py
 from __future__ import annotations
 
 import pytest
+import torch
 
 from model.args import preset
 from model.errors import ConfigError
@@ -108,3 +109,65 @@ def test_describe_prints_both_pipes_and_the_bound():
     assert "passes of more tokens: every group on the GPU" in text
     d = plan.to_dict()
     assert d["cpu"] == list(plan.cpu) and d["cpu_bytes_per_pass"] == plan.cpu_bytes_per_pass and d["pipes_ms"]
+
+
+# ---- runs: the tiny model, preload (every group in the DRAM tier) ------------------------------------------------
+
+PROMPTS = [[(7 * i + 3 * n) % 500 + 1 for i in range(n)] for n in (20, 13, 17)]
+NEW, MAX_LEN = 6, 64
+
+
+def tiny_image(tmp_path, scheme: str | None = None):
+    from model.synthetic import SyntheticCheckpoint
+    from runtime.format.image import Image, WeightFormat
+    from runtime.format.pack import pack
+
+    out = tmp_path / f"tiny-{scheme}.img"
+    fmt = "fp32" if scheme is None else WeightFormat("fp32", scheme, 32, quantize_output=True)
+    pack(SyntheticCheckpoint(preset("tiny", 2), seed=5), out, dtype=fmt, quiet=True)
+    return Image.open(out)
+
+
+def greedy(image, device, graphs: bool = False, **flags) -> tuple[list, object, object]:
+    """Greedy tokens of a batch of 3 then 1 prompt in --mode preload, the plan, and the source's CPU-set views."""
+    from runtime.engine.generate import SamplingConfig, generator_for
+    from runtime.engine.source import open_source
+
+    kw = dict(mode="preload", workers=1, quiet=True, cuda_graphs="on" if graphs else "off", **flags)
+    if device.type == "cuda":
+        from conftest import gpu_cap_gb
+
+        kw.update(gpu_cached_layers=0, gpu_mem_gb=gpu_cap_gb(1.0))
+    cfg = SamplingConfig(NEW)
+    with open_source(image, EngineConfig.of(**kw), device, batch=3, max_len=MAX_LEN) as (src, plan, _):
+        gen = generator_for(src, EngineConfig.of(**kw), MAX_LEN)
+        out = [[r.output_token_ids for r in gen.generate_batch(p, cfg)] for p in (PROMPTS, [PROMPTS[2]])]
+        return out, plan, dict(src.host_views)
+
+
+def test_cpu_compute_on_the_cpu_equals_off(tmp_path):
+    """On a CPU-only machine every group computes on the CPU already: --cpu-compute 2 or auto plans no CPU set
+    and gives the same greedy tokens as off."""
+    image, dev = tiny_image(tmp_path, "int8"), torch.device("cpu")
+    want, off, _ = greedy(image, dev)
+    for value in ("2", "auto"):
+        got, plan, views = greedy(image, dev, cpu_compute=value)
+        assert got == want and plan.cpu == () and plan.cpu_compute == value and not views
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+@pytest.mark.parametrize("graphs", [False, True])
+def test_cpu_compute_on_cuda_equals_off(tmp_path, graphs):
+    """On CUDA, --cpu-compute 2 (the tiny model's two FFN groups, both in the DRAM tier) computes them on the CPU
+    in place in decode steps (batch 3 and 1: at most 8 tokens) and copies them for the prefills: the greedy tokens
+    of off, fp32, eager and with a graph per group."""
+    image, dev = tiny_image(tmp_path), torch.device("cuda")
+    want, off, _ = greedy(image, dev, graphs)
+    torch.cuda.empty_cache()
+    got, plan, views = greedy(image, dev, graphs, cpu_compute="2")
+    assert len(plan.cpu) == 2 and plan.h2d_bytes_per_pass == off.h2d_bytes_per_pass - plan.cpu_bytes_per_pass
+    assert set(views) == set(plan.cpu)  # the decode steps took their ring views
+    assert got == want
