@@ -358,8 +358,8 @@ def bound_report(plan, lk: dict, step_ms: float | None, host_kv_bytes: float = 0
         terms["disk"] = plan.disk_bytes_per_pass / (lk["disk"]["gbps"] * GB) * 1e3
     if plan and (plan.h2d_bytes_per_pass or kv_h2d_bytes) and lk["h2d"]:
         terms["h2d"] = (plan.h2d_bytes_per_pass + kv_h2d_bytes) / (lk["h2d"]["gbps"] * GB) * 1e3
-    if plan and plan.cpu and plan.pipes_ms:  # --cpu-compute: the CPU's in-place groups, priced when planned
-        terms["cpu"] = plan.pipes_ms["cpu"]
+    if plan and getattr(plan, "cpu", ()) and getattr(plan, "pipes_ms", None):
+        terms["cpu"] = plan.pipes_ms["cpu"]  # --cpu-compute: the CPU set, priced when planned
     if not terms:
         return {"step_ms": None, "limited_by": None, "terms_ms": {}, "decode_step_ms": step_ms, "ratio": None,
                 "why_none": "no weight bytes move per step (compute time is not modelled yet)"}
