@@ -61,6 +61,13 @@ def routed_groups(args: ModelArgs) -> dict[str, tuple[int, int]]:
             for e, g in enumerate(kind_groups(args, i, k))}
 
 
+def stateless_kinds(args: ModelArgs) -> tuple[str, ...]:
+    """The layer kinds of ``args``' architecture whose groups a pass may compute wherever their weights lie (the CPU
+    compute set of runtime/engine/placement.py): stateless (``GroupKind.stateless``: h to h from their own weights,
+    no KV cache, no routing) and not repeated (a mixture's experts are fetched by routing, not in every pass)."""
+    return tuple(k.name for k in architecture(args).layer_kinds if k.stateless and k.count is None)
+
+
 def group_kind(group: str) -> str:
     """The kind of a group name: its layer kind (``layers.3.attention`` -> ``attention``, ``layers.3.expert.5`` ->
     ``expert``), or the name itself."""

@@ -88,6 +88,25 @@ def layer_passes(args: ModelArgs) -> tuple[tuple[str, Callable, int], ...]:
     return tuple(out)
 
 
+def weights_device(w: Weights) -> torch.device:
+    """Where a group's weights lie (its first tensor's device: a group's views are cut from one buffer)."""
+    return next(iter(w.values())).device
+
+
+def on_weights(fwd: Callable, h: torch.Tensor, w: Weights, p: Pass, layer: int) -> torch.Tensor:
+    """``fwd(h, w, p, layer)`` where the weights lie, the result where h is. A weight source may hand a CUDA pass a
+    stateless group's weights in host memory (runtime/engine/placement.py's CPU compute set: the CPU computes it in
+    place from the DRAM tier while the link copies other groups): h (B, S, dim) then crosses to the host and back,
+    a few KB at decode. Only a stateless kind's forward (model/arch/schema.py) may get such weights: it reads
+    nothing of ``p`` that lies on the device."""
+    if h.device.type == "cpu":
+        return fwd(h, w, p, layer)  # everything is on the host
+    dev = weights_device(w)
+    if dev.type == h.device.type:
+        return fwd(h, w, p, layer)
+    return fwd(h.to(dev), w, p, layer).to(h.device)
+
+
 def forward_groups(tokens: torch.Tensor, queries: Queries, args: ModelArgs, source, rope: Rope, cache: Cache,
                    last_only: bool = False, parallel: Parallel | None = None,
                    select: torch.Tensor | None = None) -> torch.Tensor:
@@ -97,7 +116,8 @@ def forward_groups(tokens: torch.Tensor, queries: Queries, args: ModelArgs, sour
 
     The weight-source contract: ``source.embed(tokens)`` does the lookup; ``source.get(group)`` is called in
     the pass order (runtime/engine/placement.py ``pass_sequence``) and the weights it returns are valid only until
-    the next ``get``: a streaming source reuses their buffer for a group further ahead. So every group's
+    the next ``get``: a streaming source reuses their buffer for a group further ahead (a stateless group's weights
+    may be in host memory on a CUDA pass: ``on_weights`` computes it there). So every group's
     weights are used before the next group is fetched; a tied model applies the final norm (head group)
     before it fetches the embedding as its output matrix. A mixture's routed groups (its experts) are fetched only
     where a token chose them (``needed_groups``): right after a layer has routed, ``source.route(layer, groups)``
@@ -119,7 +139,7 @@ def forward_groups(tokens: torch.Tensor, queries: Queries, args: ModelArgs, sour
     for group, fwd, layer in layer_passes(args):
         if group in routed and group not in chosen:
             continue  # no token of the pass chose this expert: not fetched
-        h = fwd(h, source.get(group), p, layer)
+        h = on_weights(fwd, h, source.get(group), p, layer)
         r = p.routing.get("layer")
         if r is not None and r is not announced:  # this group routed: the layer's experts are known
             announced, needed = r, needed_groups(args, r)

@@ -69,7 +69,7 @@ ATTENTION = GroupKind("attention", "attn", forward="attention", gpu_rank=1, tens
               "attn_k_norm.weight", rope="head", when=_qk_norm),
 ))
 
-FEED_FORWARD = GroupKind("feed_forward", "ffn", forward="ffn", gpu_rank=0, tensors=(
+FEED_FORWARD = GroupKind("feed_forward", "ffn", forward="ffn", gpu_rank=0, stateless=True, tensors=(
     TensorDef("feed_forward.w1.weight", lambda a: (a.ffn_hidden, a.dim), MATRIX, ROWS, "mlp.gate_proj.weight",
               "ffn_gate.weight"),
     TensorDef("feed_forward.w2.weight", lambda a: (a.dim, a.ffn_hidden), MATRIX, COLS, "mlp.down_proj.weight",

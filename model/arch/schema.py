@@ -68,6 +68,9 @@ class GroupKind:
     forward: str = ""  # a layer kind's group function, by its name in model/passes.py's FORWARDS
     gpu_rank: int = 2  # the GPU tier takes kinds of lower rank first (runtime/engine/placement.py)
     count: Callable[[ModelArgs], int] | None = None  # a repeated kind: this many groups per layer (experts)
+    # Its forward maps h to h from its own weights alone: no KV cache, no state of the pass (a routing), so the
+    # CPU can compute it where its weights lie in DRAM while the link copies other groups (issue 28's split).
+    stateless: bool = False
 
     def present(self, args: ModelArgs) -> tuple[TensorDef, ...]:
         return tuple(t for t in self.tensors if t.when(args))

@@ -103,6 +103,11 @@ def _runtime_args(p) -> None:
         help="window slots: how many streamed groups are read ahead of use (default 2 x depth)")
     arg(g, "--group-prefetch-depth", E, type=int,
         help="GPU staging buffers: copies run up to this many groups ahead of compute (default %(default)s)")
+    arg(g, "--cpu-compute", E, metavar="off|auto|N",
+        help="on CUDA, DRAM-tier groups of a stateless kind (a dense model's FFN) that the CPU computes in place "
+             "from the ring in passes of a few tokens, instead of copying them over the link: N such groups, or "
+             "auto: as many as make the link and the CPU finish together; spread over the pass; passes of many "
+             "tokens copy them as before (default %(default)s)")
     arg(g, "--expert-counts", E, metavar="FILE",
         help="a mixture of experts: how often each expert was routed on some text, JSON {\"counts\": [per layer, "
              "per expert]}; the tiers take the most used experts first (default: IMAGE.expert-counts.json beside "

@@ -2,7 +2,8 @@
 
     EngineConfig            what a run needs besides its prompts (runtime/engine/source.py, generate.py)
       placement: PlacementConfig   --mode, --gpu-mem-gb, --dram-gb, --gpu-cached-layers, --cpu-cache-layers,
-                                   --prefetch-distance, --group-prefetch-depth (docs/DESIGN.md, placement)
+                                   --prefetch-distance, --group-prefetch-depth, --cpu-compute (docs/DESIGN.md,
+                                   placement)
       pool: PoolOptions            --workers, --staging-mb: a private pool's I/O processes
       kv: KVConfig                 --kv-block-tokens, --kv-offload, --host-attention, --topk-blk
       prefill: PrefillConfig       --prefill-chunk, --[no-]prefill-by-sequence
@@ -37,6 +38,17 @@ def _at_least(name: str, value: int | None, low: int) -> None:
 def _positive(name: str, value: float | None) -> None:
     if value is not None and not value > 0:
         raise ConfigError(f"--{name.replace('_', '-')} must be positive, found {value}")
+
+
+def cpu_compute_value(value: str | int) -> str | int:
+    """``--cpu-compute``'s value: "off", "auto" or a count of groups (an int, or its digits)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str) and value in ("off", "auto"):
+        return value
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    raise ConfigError(f"--cpu-compute {value!r}: expected off, auto or a number of groups (0 or more)")
 
 
 class FlagConfig:
@@ -75,6 +87,7 @@ class PlacementConfig(FlagConfig):
     prefetch_distance: int | None = None  # window slots; None: 2 x group_prefetch_depth
     group_prefetch_depth: int = 2  # GPU staging buffers: copies up to this many groups ahead of compute
     expert_counts: str | None = None  # a mixture's routing counts (JSON); None: IMAGE.expert-counts.json if present
+    cpu_compute: str = "off"  # "off", "auto" or N: DRAM-tier groups the CPU computes in place (placement.py)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -85,6 +98,7 @@ class PlacementConfig(FlagConfig):
         _at_least("prefetch_distance", self.prefetch_distance, 1)
         _positive("gpu_mem_gb", self.gpu_mem_gb)
         _positive("dram_gb", self.dram_gb)
+        cpu_compute_value(self.cpu_compute)
 
 
 @dataclass(frozen=True)

@@ -23,10 +23,11 @@ Where groups stream (``StreamedWeights``: --mode preload, stream, mixed), a step
 (``grouped``): the pass's queries (a small graph per (batch, bucket) whose outputs it keeps), then each streamed
 group's forward over staging buffer b, whose address is fixed for the run (the streamed source gives a group the
 same views in the same buffer every time), and each run of resident groups (the GPU tier, between two streamed
-ones) as one graph; keyed by the steps (a group's place in the pass), their weights' addresses, the pass's shape
-and the bucket. The source's ``get``
-runs between the replays as it runs between eager groups: the compute stream waits for a streamed group's copy,
-and the buffer the previous one frees takes the next copy. Each graph reads the hidden state from one buffer and
+ones) as one graph; a group of the CPU compute set (``--cpu-compute``: its weights in host memory) breaks the runs
+and is computed eagerly by the CPU (model/passes.py ``on_weights``); keyed by the steps (a group's place in the
+pass), their weights' addresses, the pass's shape and the bucket. The source's ``get`` runs between the replays as
+it runs between eager groups: the compute stream waits for a streamed group's copy, and the buffer the previous one
+frees takes the next copy. Each graph reads the hidden state from one buffer and
 writes it back there; the final norm and the output matrix (the head's, or a tied model's embedding, fetched
 after it) write two more. Intermediates live in the shared pool only while a graph runs; the hidden state, the
 normed state and the logits are buffers made outside it.
@@ -52,7 +53,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from model.arch import HEAD, architecture
-from model.passes import forward_groups, layer_passes
+from model.passes import forward_groups, layer_passes, on_weights, weights_device
 from model.quant import QuantWeight
 from model.transformer import Pass, Queries, TreeQueries, Weights, final_norm, linear, output_matrix
 from runtime.engine.kv import DecodeStep, KVCache
@@ -277,7 +278,8 @@ class StaticDecode:
         p = Pass(a, g.rope, self.cache, self._piece(("queries", shape, keys), lambda: self._queries(shape, keys)))
         h, x, logits = self.h[:b * s].view(b, s, -1), self.x[:b * s].view(b, s, -1), self.logits[:b * s]
         h.copy_(src.embed(self._ids(shape)))  # the host lookup (a pinned DRAM table) stays out of the graphs
-        steps = [(group, lambda w, f=fwd, i=layer: h.copy_(f(h, w, p, i))) for group, fwd, layer in layer_passes(a)]
+        steps = [(group, lambda w, f=fwd, i=layer: h.copy_(on_weights(f, h, w, p, i)))
+                 for group, fwd, layer in layer_passes(a)]
         steps.append((HEAD, lambda w: x.copy_(final_norm(h, w, a))))
         out, name = output_matrix(a)  # as forward_groups: a tied model's embedding is fetched after the head
         steps.append((out, lambda w: logits.copy_(linear(x, w[name]).float().flatten(0, 1))))
@@ -297,6 +299,9 @@ class StaticDecode:
                 flush()  # before get: the compute stream waits there for the group's copy
             w = got[1] if got is not None and got[0] == group else src.get(group)
             got = (group, w)
+            if streamed and weights_device(w).type != h.device.type:
+                fn(w)  # the CPU compute set: computed by the CPU in place, eagerly, between two replays
+                continue
             run.append((i, w, fn))
             if streamed:
                 flush()

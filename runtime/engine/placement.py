@@ -55,6 +55,18 @@ pool reads it on demand into D *demand slots* per client (``demand_slots``: min(
 layer), each as large as the largest such expert), once its layer has routed. The per-pass byte counts are then
 expectations at batch 1 (each group's bytes times its use), which the plan prints with where ``use`` came from.
 
+The CPU compute set (issue 28, the split; ``--cpu-compute off|auto|N``, off by default). On CUDA a decode step
+is its non-resident bytes over the link, while the DRAM tier sits beside a second pipe: the CPU's own memory
+bandwidth. So some DRAM-tier groups of a stateless kind (``model.groups.stateless_kinds``: a dense decoder's FFN)
+are not copied at all: the CPU computes them in place from their ring slot, h crossing the link (a few KB), while
+the link copies the others. N takes that many such groups; auto the count whose two pipes finish together, the
+least max(link bytes / link rate, CPU bytes / CPU rate) from a cost table (``CostTable``: ``Rates`` of measured
+GB/s, or a test's fake). Either way the set is spread evenly over the pass in layer order (``spread_layers``), so
+that the link copies the next streamed group while the CPU computes. It applies to passes of at most
+``cpu_tokens_max`` tokens (decode steps of small batches): a prefill chunk, a large batch or a speculative tree
+would make the CPU compute-bound, so such passes copy every group to the GPU as before. On the CPU there is no
+link: everything already computes on the CPU and the set is empty.
+
 Every infeasible request raises ``ConfigError`` naming the budget, the bytes needed and the bytes there are;
 nothing is clamped silently. Pure computation: runs in whichever process plans (launch.py run/bench), owns
 nothing. Check it with ``python -m pytest -q tests/test_placement.py``.
@@ -62,16 +74,26 @@ nothing. Check it with ``python -m pytest -q tests/test_placement.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Protocol
 
 from model.arch import EMBED, architecture
 from model.args import ModelArgs, human_bytes
 from model.errors import ConfigError
-from model.groups import group_kind, group_names, layer_groups, routed_groups, routed_kinds
+from model.groups import (
+    group_kind,
+    group_names,
+    layer_groups,
+    routed_groups,
+    routed_kinds,
+    spread_layers,
+    stateless_kinds,
+)
+from runtime.engine.config import cpu_compute_value
 from runtime.format.image import plan_layout
 
 MODES = ("preload", "stream", "mixed")
@@ -79,6 +101,36 @@ HOST_GROUP = EMBED
 _DRAM_HINTS = {"preload": "raise --dram-gb, or use --mode mixed (or stream) to stream what does not fit",
                "mixed": "raise --dram-gb, or lower --cpu-cache-layers or --prefetch-distance",
                "stream": "raise --dram-gb, or lower --prefetch-distance"}
+CPU_TOKENS_MAX = 8  # a pass of more tokens computes every group on the GPU (the CPU would be compute-bound)
+
+
+class CostTable(Protocol):
+    """Seconds each pipe takes for a pass of at most ``CPU_TOKENS_MAX`` tokens (``--cpu-compute auto``)."""
+
+    def link_s(self, nbytes: int) -> float:
+        """``nbytes`` of weights over the host -> GPU link."""
+
+    def cpu_s(self, group: str, nbytes: int) -> float:
+        """Group ``group`` (``nbytes`` as stored) computed by the CPU in place."""
+
+
+@dataclass(frozen=True)
+class Rates:
+    """A cost table from two measured rates: the link's GB/s and the GB/s of weights the CPU kernels stream."""
+
+    link_gbps: float
+    cpu_gbps: float
+
+    def __post_init__(self) -> None:
+        for key in ("link_gbps", "cpu_gbps"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"{key} must be positive, found {getattr(self, key)!r}")
+
+    def link_s(self, nbytes: int) -> float:
+        return nbytes / (self.link_gbps * 1e9)
+
+    def cpu_s(self, group: str, nbytes: int) -> float:
+        return nbytes / (self.cpu_gbps * 1e9)
 
 
 @dataclass(frozen=True)
@@ -120,11 +172,16 @@ class Plan:
     routing_from: str = ""  # where ``use`` came from: an expert-counts file, or "uniform" (k / n)
     demand_slots: int = 0  # D ring slots per client for the streamed experts, read on demand
     demand_slot_bytes: int = 0  # one demand slot: the largest streamed expert
+    cpu: tuple[str, ...] = ()  # DRAM-tier groups the CPU computes in place in passes of <= cpu_tokens_max tokens
+    cpu_compute: str = "off"  # the request: "off", "auto" or a count
+    cpu_tokens_max: int = CPU_TOKENS_MAX
+    pipes_ms: Mapping[str, float] = field(default_factory=dict)  # "link", "cpu": a small pass's ms (with a cost table)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "group_bytes", MappingProxyType(dict(self.group_bytes)))
         object.__setattr__(self, "labels", MappingProxyType(dict(self.labels)))
         object.__setattr__(self, "use", MappingProxyType(dict(self.use)))
+        object.__setattr__(self, "pipes_ms", MappingProxyType(dict(self.pipes_ms)))
 
     # ---- derived byte counts ----------------------------------------------------------------------
     def _sum(self, names) -> int:
@@ -149,6 +206,11 @@ class Plan:
     @property
     def is_cuda(self) -> bool:
         return self.device.startswith("cuda")
+
+    def cpu_for(self, tokens: int) -> frozenset[str]:
+        """The groups the CPU computes in place in a pass of ``tokens`` tokens (B x S): the CPU set for at most
+        ``cpu_tokens_max``, none for more (a prefill chunk, a large batch, a tree: the GPU computes them)."""
+        return frozenset(self.cpu) if tokens <= self.cpu_tokens_max else frozenset()
 
     @property
     def gpu_tier_bytes(self) -> int:
@@ -182,11 +244,23 @@ class Plan:
 
     @property
     def h2d_bytes_per_pass(self) -> int:
-        """Host -> GPU bytes of a pass (of a mixture: expected at batch 1, ``use``)."""
+        """Host -> GPU bytes of a pass of at most ``cpu_tokens_max`` tokens (of a mixture: expected at batch 1,
+        ``use``): the CPU compute set stays in DRAM. A pass of more tokens also copies the set
+        (``h2d_bytes_many_tokens``)."""
+        return self.h2d_bytes_many_tokens - self.cpu_bytes_per_pass
+
+    @property
+    def h2d_bytes_many_tokens(self) -> int:
+        """Host -> GPU bytes of a pass of more than ``cpu_tokens_max`` tokens: every non-resident group."""
         if not self.is_cuda:
             return 0
         moving = set(self.dram) | set(self.stream)
         return self._expected(g for g in self.sequence if g in moving)
+
+    @property
+    def cpu_bytes_per_pass(self) -> int:
+        """Weight bytes the CPU reads in place in a pass of at most ``cpu_tokens_max`` tokens (the CPU set)."""
+        return self._sum(self.cpu)
 
     def expert_tiers(self) -> dict[str, dict[str, float]]:
         """Per tier (gpu, dram, disk): the experts held there and the expected experts and bytes a batch-1 pass
@@ -211,7 +285,8 @@ class Plan:
     # ---- output -----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         keys = ("gpu_tier_bytes", "dram_tier_bytes", "host_bytes", "window_bytes", "ring_bytes", "staging_bytes",
-                "disk_bytes_per_pass", "h2d_bytes_per_pass", "gpu_bytes_total", "weight_bytes")
+                "disk_bytes_per_pass", "h2d_bytes_per_pass", "h2d_bytes_many_tokens", "cpu_bytes_per_pass",
+                "gpu_bytes_total", "weight_bytes")
         return {"mode": self.mode, "device": self.device, "sequence": list(self.sequence), "gpu": list(self.gpu),
                 "dram": list(self.dram), "stream": list(self.stream), "host": list(self.host),
                 "window_slots": self.window_slots, "staging_buffers": self.staging_buffers,
@@ -219,7 +294,8 @@ class Plan:
                 **{k: getattr(self, k) for k in keys}, "group_bytes": dict(self.group_bytes),
                 "labels": dict(self.labels), "demand_slots": self.demand_slots,
                 "demand_slot_bytes": self.demand_slot_bytes, "routing_from": self.routing_from,
-                "experts": self.expert_tiers()}
+                "experts": self.expert_tiers(), "cpu": list(self.cpu), "cpu_compute": self.cpu_compute,
+                "cpu_tokens_max": self.cpu_tokens_max, "pipes_ms": dict(self.pipes_ms)}
 
     def describe(self) -> str:
         """A short table: tier, groups (counts by kind), bytes; then per-pass bytes and the budgets."""
@@ -248,11 +324,25 @@ class Plan:
             lines.append("  experts per pass, expected: " + ", ".join(
                 f"{name} {t[name]['expected_per_pass']:.2f} of {t[name]['experts']} "
                 f"({h(t[name]['expected_bytes_per_pass'])})" for name in ("gpu", "dram", "disk")))
+        if self.cpu_compute != "off":
+            lines += self._pipes()
         draft = f"draft {h(b.draft_bytes)} + " if b.draft_bytes else ""
         lines.append(f"  GPU {h(self.gpu_bytes_total)} = {draft}tier + staging + KV {h(b.kv_bytes)} + activations "
                      f"{h(b.activation_bytes)}, budget {_opt(b.gpu_bytes)}")
         lines.append(f"  ring {h(self.ring_bytes)} = dram + host + window, budget {_opt(b.dram_bytes)}")
         return "\n".join(lines)
+
+    def _pipes(self) -> list[str]:
+        """Both pipes of a small pass and its bound (``--cpu-compute``)."""
+        h, x, c = human_bytes, self.h2d_bytes_per_pass, self.cpu_bytes_per_pass
+        if not self.is_cuda:
+            return [f"  cpu compute {self.cpu_compute}: on the CPU every group computes there already"]
+        ms = self.pipes_ms
+        link = f"link {h(x)}" + (f" {ms['link']:.2f} ms" if ms else "")
+        cpu = f"CPU {self._counts(self.cpu)} in place {h(c)}" + (f" {ms['cpu']:.2f} ms" if ms else "")
+        bound = f", bound max {max(ms.values()):.2f} ms" if ms else ""
+        return [f"  cpu compute {self.cpu_compute}, passes of <= {self.cpu_tokens_max} tokens: {link} | {cpu}{bound}",
+                f"  passes of more tokens: every group on the GPU, link {h(self.h2d_bytes_many_tokens)}"]
 
     def _counts(self, names: Sequence[str]) -> str:
         """Layer groups counted by kind ("16 ffn, 16 attn"), the others named."""
@@ -343,7 +433,8 @@ def _demand_slots(demand: Sequence[str], sizes: Mapping[str, int], w: int,
 def plan_placement(group_bytes: Mapping[str, int], args: ModelArgs, mode: str, budgets: Budgets, *,
                    device: str = "cuda", gpu_cached_layers: int | None = None, cpu_cache_layers: int | None = None,
                    prefetch_distance: int | None = None, group_prefetch_depth: int = 2,
-                   expert_counts: Sequence[Sequence[float]] | None = None, routing_from: str = "") -> Plan:
+                   expert_counts: Sequence[Sequence[float]] | None = None, routing_from: str = "",
+                   cpu_compute: str | int = "off", costs: CostTable | None = None) -> Plan:
     """Fixed tiers for one run; raises ConfigError for every infeasible or contradictory request.
 
     group_bytes: every group of ``group_names(args)`` -> its size (``layout_group_bytes``: padded extents).
@@ -360,6 +451,8 @@ def plan_placement(group_bytes: Mapping[str, int], args: ModelArgs, mode: str, b
     group_prefetch_depth: K, the GPU staging buffers the copy stream may run ahead by (>= 1).
     expert_counts: a mixture's routing counts per layer and expert (``read_expert_counts``; None: uniform), which
       order its experts in the tiers; ``routing_from`` names their source in the plan.
+    cpu_compute: "off", "auto" or N (a count, or its digits): the CPU compute set (module docstring), from
+      ``costs`` (required for auto; with N it only prices the pipes for the plan's table).
     """
     cuda = _check_inputs(group_bytes, args, mode, device, gpu_cached_layers, cpu_cache_layers,
                          prefetch_distance, group_prefetch_depth)
@@ -396,7 +489,40 @@ def plan_placement(group_bytes: Mapping[str, int], args: ModelArgs, mode: str, b
                 routing_from=(routing_from or "uniform") if layers else "", demand_slots=d, demand_slot_bytes=d_bytes)
     _check_gpu(plan)
     _check_dram(plan)
-    return plan
+    return with_cpu_set(plan, args, cpu_compute, costs)
+
+
+def with_cpu_set(plan: Plan, args: ModelArgs, value: str | int, costs: CostTable | None = None) -> Plan:
+    """``plan`` with its CPU compute set (module docstring): none on the CPU or for off; N or auto's choice of the
+    DRAM tier's stateless groups, spread in layer order."""
+    value = cpu_compute_value(value)
+    if value == "off":
+        return plan
+    req = str(value)
+    if not plan.is_cuda:
+        return dataclasses.replace(plan, cpu_compute=req)
+    kinds = set(stateless_kinds(args))
+    cands = [g for g in plan.sequence if g in set(plan.dram) and group_kind(g) in kinds]
+    if value == "auto" and costs is None:
+        raise ConfigError("--cpu-compute auto needs the link's and the CPU's measured rates (a cost table); give a "
+                          "number of groups instead")
+    if isinstance(value, int) and value > len(cands):
+        raise ConfigError(f"--cpu-compute {value}: the DRAM tier holds {len(cands)} groups the CPU can compute "
+                          f"({', '.join(kinds) or 'no stateless kind'}); expected 0..{len(cands)}, auto or off")
+
+    def spread(n: int) -> tuple[str, ...]:
+        return tuple(cands[i] for i in sorted(spread_layers(n, len(cands))))
+
+    def pipes(cpu: tuple[str, ...]) -> dict[str, float]:
+        trial = dataclasses.replace(plan, cpu=cpu)
+        return {"link": costs.link_s(trial.h2d_bytes_per_pass) * 1e3,
+                "cpu": sum(costs.cpu_s(g, plan.group_bytes[g]) for g in cpu) * 1e3}
+
+    if value == "auto":  # the fewest groups among those of the least bound
+        chosen = min((spread(n) for n in range(len(cands) + 1)), key=lambda c: (max(pipes(c).values()), len(c)))
+    else:
+        chosen = spread(value)
+    return dataclasses.replace(plan, cpu=chosen, cpu_compute=req, pipes_ms=pipes(chosen) if costs else {})
 
 
 def _check_inputs(group_bytes, args, mode, device, gpu_layers, cpu_layers, distance, depth) -> bool:

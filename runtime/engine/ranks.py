@@ -35,6 +35,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from model.errors import ConfigError, UserError
 from runtime.engine.batching import default_dram_bytes
@@ -162,8 +163,8 @@ def _rank_pool(image: Image, cfg: EngineConfig, plan: Plan, n: int) -> PrivatePo
 def _fields(plan: Plan | None) -> dict | None:
     if plan is None:
         return None
-    return {f.name: dict(getattr(plan, f.name)) if f.name in ("group_bytes", "labels", "use") else getattr(plan, f.name)
-            for f in dataclasses.fields(plan)}
+    values = {f.name: getattr(plan, f.name) for f in dataclasses.fields(plan)}
+    return {k: dict(v) if isinstance(v, MappingProxyType) else v for k, v in values.items()}
 
 
 def free_port() -> int:

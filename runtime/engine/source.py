@@ -37,7 +37,14 @@ from runtime.engine.batching import (
 )
 from runtime.engine.config import EngineConfig
 from runtime.engine.drafts import draft_gpu_bytes, open_draft_image
-from runtime.engine.placement import Budgets, Plan, expert_counts_path, plan_placement, read_expert_counts
+from runtime.engine.placement import (
+    Budgets,
+    Plan,
+    expert_counts_path,
+    plan_placement,
+    read_expert_counts,
+    with_cpu_set,
+)
 from runtime.format.image import Image
 from runtime.ipc.options import PoolConfig, WorkerOptions
 from runtime.pool.attach import attach, release_row
@@ -152,7 +159,7 @@ def make_plan(image: Image, cfg: EngineConfig, device, kv_bytes: int, act_bytes:
                               device=_kind(device), gpu_cached_layers=p.gpu_cached_layers,
                               cpu_cache_layers=p.cpu_cache_layers, prefetch_distance=p.prefetch_distance,
                               group_prefetch_depth=p.group_prefetch_depth, expert_counts=counts,
-                              routing_from=counts_file or "")
+                              routing_from=counts_file or "", cpu_compute=p.cpu_compute)
         return dataclasses.replace(plan, stored_as=image.format_summary())
     except ConfigError as e:
         if held:
@@ -166,8 +173,8 @@ def plan_for_pool(image: Image, cfg: EngineConfig, device, rec: dict, kv_bytes: 
     """A client's placement within what the daemon pool ``rec`` holds: the GPU tier from the client's own
     GPU budget (as ``make_plan``); the DRAM tier is every other group the pool holds; the rest streams
     through this client's window slots. Refuses what the pool cannot serve."""
-    base = make_plan(image, cfg.replace(mode="mixed", dram_gb=None, attach=None), device, kv_bytes, act_bytes,
-                     draft_bytes)
+    base = make_plan(image, cfg.replace(mode="mixed", dram_gb=None, attach=None, cpu_compute="off"), device,
+                     kv_bytes, act_bytes, draft_bytes)
     held, name = set(rec["dram_groups"]), rec["name"]
     dram = tuple(g for g in base.sequence if g not in base.gpu and g in held)
     stream = tuple(g for g in base.sequence if g not in base.gpu and g not in held)
@@ -187,11 +194,12 @@ def plan_for_pool(image: Image, cfg: EngineConfig, device, rec: dict, kv_bytes: 
         raise ConfigError(f"pool {name!r} holds {len(held)} of {len(image.groups)} groups and has no demand slots for "
                           f"the {len(on_demand)} experts it does not hold (a pool started before experts were read "
                           f"on demand): restart it, or give this run more --gpu-mem-gb")
-    return dataclasses.replace(base, dram=dram, stream=stream,
+    plan = dataclasses.replace(base, dram=dram, stream=stream,
                                window_slots=window if any(g not in routed for g in stream) else 0,
                                demand_slots=demand if on_demand else 0,
                                demand_slot_bytes=int(rec["slot_bytes"]) if on_demand else 0,
                                budgets=dataclasses.replace(base.budgets, dram_bytes=None))
+    return with_cpu_set(plan, image.args, cfg.placement.cpu_compute)  # from the DRAM tier the pool holds
 
 
 def planned(image: Image, cfg: EngineConfig, device, batch: int, max_len: int, chunk: int, all_logits: bool,

@@ -23,6 +23,12 @@ held in this process's memory from its first use: in row tiles for the CPU kerne
 (model/cpu_kernels.py ``hold``; on a CPU, dequantizing at every use would cost many times the matmul); streamed
 quantized groups are dequantized per use, as on the GPU.
 
+The CPU compute set (``plan.cpu``, ``--cpu-compute``, CUDA only, not for a tensor-parallel rank): in a pass of at most
+``plan.cpu_tokens_max`` tokens, known at its ``embed``, such a DRAM-tier group is not copied: ``get`` returns its
+views in the ring slot and the pass computes it on the CPU (model/passes.py ``on_weights``). It keeps its fetch
+position, so the order is the same in every pass; ``_issue`` decides per position from its pass's size, and the
+copies run ahead past a CPU-set group only once its pass has begun (a pass of many tokens copies it as before).
+
 A tensor-parallel rank passes its ``shard`` (runtime/engine/tensor_parallel.py ``RankShard``): each group's
 slot still holds the whole group, and the rank copies (or, on the CPU, views) only its extent of it, its own
 shard of a format-3 image; its GPU tier and staging buffers hold shards.
@@ -99,6 +105,13 @@ class StreamedWeights:
                                            "expert_bytes_disk", "expert_h2d_bytes"), 0)
         self.held: tuple[int, int] | None = None  # CPU: the streamed slot the last group was computed from
         self.dense: dict[str, Weights] = {}  # CPU: quantized DRAM-tier groups, held from their first use
+        # CUDA: the plan's CPU compute set; the pass index of each known position, whether each begun pass is small
+        # enough for the CPU set (embed), the positions issued to the CPU (not copied), their ring views
+        self.cpu_set = frozenset(plan.cpu) if self.cuda and shard is None else frozenset()
+        self.order_pass: dict[int, int] = {}
+        self.small: dict[int, bool] = {}
+        self.host_pos: set[int] = set()
+        self.host_views: dict[str, Weights] = {}
         self.pinned: torch.Tensor | None = None  # CUDA: the host lookups' staging (_upload) ...
         self.uploaded: torch.cuda.Event | None = None  # ... and its last copy's event
         # The plan's device memory first (GPU tier buffers, staging buffers), then ``on_allocated`` (the CUDA
@@ -269,6 +282,10 @@ class StreamedWeights:
 
     # ---- the weight-source interface ------------------------------------------------------------
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.cpu_set:  # a pass begins: its size decides where its CPU-set groups compute
+            first = self._pass_of(self.pos)
+            self.small = {i: v for i, v in self.small.items() if i >= first}
+            self.small[first] = tokens.numel() <= self.plan.cpu_tokens_max
         lookup = self.shard.embed if self.shard else embed_forward  # a rank looks up its rows (the others zero)
         if EMBED in self.resident:
             return lookup(tokens, self.resident[EMBED], self.dtype)
@@ -303,6 +320,7 @@ class StreamedWeights:
             raise RuntimeError(f"weights requested out of order: {group}, expected "
                                f"{expected or 'the layer to route first (route)'}")
         self.order.pop(self.pos - 1, None)  # gotten, and (CUDA) copied: positions are fetched in order
+        self.order_pass.pop(self.pos - 1, None)
         self.pos += 1
         return self._get_cuda(group) if self.cuda else self._get_cpu(group)
 
@@ -362,12 +380,25 @@ class StreamedWeights:
                 if self.last_routed[at[0]] == g:
                     del self.routes[at[0]]  # the layer's experts are walked: the next pass routes it again
             if fetched:
+                self.order_pass[self.known] = self.walk // n
                 self.order[self.known] = g
                 self.known += 1
                 idle = 0
             else:
                 idle += 1
             self.walk += 1
+
+    def _pass_of(self, p: int) -> int:
+        """The pass (its index from the first) that fetch position ``p`` belongs to."""
+        self._at(p)
+        return self.order_pass.get(p, self.walk // len(self.plan.sequence))
+
+    def _on_host(self, p: int) -> bool | None:
+        """Whether position ``p`` is computed by the CPU in place (not copied); None while that depends on the size
+        of a pass that has not begun."""
+        if self._at(p) not in self.cpu_set:
+            return False
+        return self.small.get(self.order_pass[p])
 
     def _next_slot(self, group: str) -> tuple[int, int]:
         """DRAM tier: its fixed slot (seq -1: never released); streamed: wait for the next window slot; an expert
@@ -439,6 +470,10 @@ class StreamedWeights:
     def _issue(self, p: int) -> None:
         """Copy the group at fetch position ``p`` into staging buffer p % k on the copy stream."""
         g = self._at(p)
+        if self.cpu_set and self._on_host(p):  # the CPU computes it from its ring slot: nothing to copy
+            self.host_pos.add(p)
+            self.issued += 1
+            return
         b, size = p % self.k, self._extent(g)[1]
         slot, seq = self._next_slot(g)
         with torch.cuda.stream(self.copy_stream):
@@ -480,6 +515,15 @@ class StreamedWeights:
         p = self.pos - 1  # absolute position of ``group``
         while self.issued <= p:  # must have this group's copy in flight
             self._issue(self.issued)
+        if p in self.host_pos:  # no buffer: the CPU reads the ring slot; the next copies may run ahead
+            self.host_pos.discard(p)
+            self.done = p + 1
+            self._run_ahead()
+            self._release_finished()
+            views = self.host_views.get(group)
+            if views is None:
+                views = self.host_views[group] = self.dram_views(group)
+            return views
         self._run_ahead()
         self._release_finished()
         b = p % self.k
@@ -495,7 +539,7 @@ class StreamedWeights:
         if g is None:  # not known before its layer routes
             return False
         if g in self.in_dram:
-            return True
+            return not self.cpu_set or self._on_host(p) is not None  # a CPU-set group: once its pass has begun
         if g in self.on_demand:
             return self.client.demand_waiting(self.demand_pos)
         return self._window_waiting(self.stream_pos)

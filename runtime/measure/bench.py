@@ -349,7 +349,8 @@ def io_report(r: Round, plan, decode_s: float, steps: int) -> dict[str, Any]:
 def bound_report(plan, lk: dict, step_ms: float | None, host_kv_bytes: float = 0,
                  kv_h2d_bytes: float = 0) -> dict[str, Any]:
     """max(disk bytes / disk GB/s, H2D bytes (weights + the offloaded KV cache read back) / H2D GB/s,
-    host-attended KV bytes / the CPU's attention rate) per decode step, and achieved / bound."""
+    host-attended KV bytes / the CPU's attention rate, the CPU compute set's bytes / the CPU's rate where the plan
+    priced it) per decode step, and achieved / bound."""
     terms = {}
     if host_kv_bytes and lk.get("host_attention"):
         terms["host_attention"] = host_kv_bytes / (lk["host_attention"]["gbps"] * GB) * 1e3
@@ -357,6 +358,8 @@ def bound_report(plan, lk: dict, step_ms: float | None, host_kv_bytes: float = 0
         terms["disk"] = plan.disk_bytes_per_pass / (lk["disk"]["gbps"] * GB) * 1e3
     if plan and (plan.h2d_bytes_per_pass or kv_h2d_bytes) and lk["h2d"]:
         terms["h2d"] = (plan.h2d_bytes_per_pass + kv_h2d_bytes) / (lk["h2d"]["gbps"] * GB) * 1e3
+    if plan and getattr(plan, "cpu", ()) and getattr(plan, "pipes_ms", None):
+        terms["cpu"] = plan.pipes_ms["cpu"]  # --cpu-compute: the CPU set, priced when planned
     if not terms:
         return {"step_ms": None, "limited_by": None, "terms_ms": {}, "decode_step_ms": step_ms, "ratio": None,
                 "why_none": "no weight bytes move per step (compute time is not modelled yet)"}
