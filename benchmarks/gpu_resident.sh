@@ -5,7 +5,7 @@
 # SmolLM2 (its Q4_1 blocks kept); per run the decode step's ms and tokens/s.
 # Usage (repo root, GPU machine, .whl carried): SMOL_GGUF=path/to/SmolLM2-135M-Instruct.Q4_1.gguf bash
 #   benchmarks/gpu_resident.sh   (without SMOL_GGUF the embedded package's file, if installed; else it is skipped)
-# env: LAYERS (32), BATCH (1), PROMPT_TOKENS (128), NEW_TOKENS (64), WITH_TESTS (1)
+# env: LAYERS (32), GRAPHS ("on off": the --cuda-graphs settings), BATCH (1), PROMPT_TOKENS (128), NEW_TOKENS (64), WITH_TESTS (1)
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
@@ -19,7 +19,7 @@ B=${BATCH:-1}
 python3 -c "import sys; n, b = map(int, sys.argv[1:]); [print(','.join(str((i * 7919 + 13 * j) % 128255 + 1)
 for i in range(n))) for j in range(1, b + 1)]" "${PROMPT_TOKENS:-128}" "$B" > "$W/8b.txt"
 bench() {  # $1 label, $2 image, $3 prompts file (empty: the bench's default question)
-  for g in on off; do
+  for g in ${GRAPHS:-on off}; do
     js="$OUT/$1-graphs-$g.json"
     timeout 300 python3 launch.py bench --image "$2" ${3:+--prompts "$3"} --mode full --device cuda --batch-size "$B" \
       --max-new-tokens "${NEW_TOKENS:-64}" --warmup-rounds 1 --cuda-graphs "$g" --out-json "$js" > "$W/$1-$g.log" 2>&1 \

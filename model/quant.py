@@ -192,9 +192,10 @@ def _into_torch(parts: list[torch.Tensor], scheme: str, group: int | None, dst: 
 _TRITON: dict = {}  # module name -> the module, or None without triton (looked up once)
 
 
-def _triton(name: str = "quant_triton"):
+def triton_module(name: str = "quant_triton"):
     """model.<name>, or None without triton (imported on first use on CUDA only): quant_triton, the dequantizers
-    and our int8/int4 fused matmul; quant_gemv, the GGUF formats' fused matmul."""
+    and our int8/int4 fused matmul; quant_gemv, the GGUF formats' fused matmul; triton_ops, a layer's small steps
+    (model/transformer.py)."""
     if name not in _TRITON:
         try:
             _TRITON[name] = importlib.import_module(f"model.{name}")
@@ -205,7 +206,7 @@ def _triton(name: str = "quant_triton"):
 
 def _into(parts: list[torch.Tensor], scheme: str, group: int | None, dst: torch.Tensor) -> None:
     """Dequantize into ``dst`` (rows, cols): the Triton kernels on CUDA where triton imports, else torch ops."""
-    kernels = _triton() if dst.is_cuda else None
+    kernels = triton_module() if dst.is_cuda else None
     if kernels is None:
         _into_torch(parts, scheme, group, dst)
     else:
@@ -409,13 +410,13 @@ class QuantWeight:
         rows; for the GGUF formats, x neither float32, bf16 nor fp16, or bytes not aligned as model/quant_gemv.py
         reads them: an image aligns every tensor).
         int8/int4: model/quant_triton.py int_matmul; the GGUF formats: model/quant_gemv.py gguf_matmul."""
-        kernels = _triton()
+        kernels = triton_module()
         if kernels is None or flat.shape[0] > kernels.FUSED_MAX_ROWS:
             return None
         if self.scheme in OURS:
             return kernels.int_matmul(flat.contiguous(), self.scheme, [p.contiguous() for p in parts], self.group,
                                       *self.shape)
-        gemv = _triton("quant_gemv")
+        gemv = triton_module("quant_gemv")
         if gemv is None or not gemv.usable(self.raw, self.scheme, flat.dtype):
             return None
         return gemv.gguf_matmul(flat, self.scheme, self.raw, *self.shape)
@@ -454,7 +455,7 @@ def warm_up(scheme: str, group: int | None, dtype: torch.dtype, device: torch.de
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(0)
     random_quantized(scheme, (8, 2 * block_size(scheme, group)), group, gen, device).dense(dtype)
-    gemv = _triton("quant_gemv") if device.type == "cuda" and scheme in GGUF_SCHEMES else None
+    gemv = triton_module("quant_gemv") if device.type == "cuda" and scheme in GGUF_SCHEMES else None
     if gemv is not None and dtype in (torch.float32, torch.bfloat16, torch.float16):
         gemv.warm_up(scheme, dtype, device)
 

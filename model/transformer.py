@@ -36,7 +36,7 @@ from model.args import ModelArgs, RopeScaling
 from model.cpu_kernels import fused
 from model.errors import ConfigError
 from model.groups import group_names, group_prefix, group_tensor_shapes
-from model.quant import QuantWeight
+from model.quant import QuantWeight, triton_module
 
 Weights = Mapping[str, "torch.Tensor | QuantWeight"]
 
@@ -103,8 +103,15 @@ class Queries:
 
 # ---- numerics ----------------------------------------------------------------------------------------
 
+def _fused(x: torch.Tensor):
+    """model.triton_ops (one kernel a step) for a CUDA tensor where triton imports, else None (torch ops)."""
+    return triton_module("triton_ops") if x.is_cuda else None
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm computed in fp32, as Meta's reference does, then cast back to x's dtype."""
+    if (ops := _fused(x)) is not None:
+        return ops.rms_norm(x, weight, eps)
     xf = x.float()
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return y.type_as(x) * weight
@@ -155,6 +162,12 @@ class Rope:
         b, s = x.shape[:2]
         if start + s > self.max_len:
             raise ValueError(f"position {start + s} exceeds the rotary table of {self.max_len}")
+        if (ops := _fused(x)) is not None:  # one kernel, at each query's position
+            if positions is None:
+                positions = torch.arange(start, start + s, device=x.device).view(1, s)
+                if pad is not None:
+                    positions = (positions - pad.view(b, 1)).clamp_(min=0)
+            return ops.rope(x, self.cos, self.sin, positions.view(-1, s).contiguous())
         if positions is not None and positions.dim() == 2:  # (B, S): every row its own
             cos, sin = self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)  # (B, S, 1, hd/2)
         elif positions is not None:
@@ -252,7 +265,9 @@ def ffn_forward(h: torch.Tensor, w: Weights, p: Pass, layer: int) -> torch.Tenso
     """h (B, S, dim) -> h + W2(silu(W1 x) * W3 x), x = RMSNorm(h)."""
     x = rms_norm(h, w["ffn_norm.weight"], p.args.norm_eps)
     gate, up = linears(x, (w["feed_forward.w1.weight"], w["feed_forward.w3.weight"]))
-    return p.out(h, linear(F.silu(gate) * up, w["feed_forward.w2.weight"]))
+    ops = _fused(gate)
+    act = ops.silu_mul(gate, up) if ops is not None else F.silu(gate) * up
+    return p.out(h, linear(act, w["feed_forward.w2.weight"]))
 
 
 def final_norm(h: torch.Tensor, head: Weights, args: ModelArgs) -> torch.Tensor:

@@ -251,14 +251,16 @@ class StaticDecode:
         return (self.inputs[0] if shape[0] == "rows" else self.tokens)[:b * s].view(b, s)
 
     def _queries(self, shape: tuple, keys: int) -> Queries:
-        """The pass's attention layout over the input buffers (in a captured graph, built at every replay)."""
+        """The pass's attention layout over the input buffers (in a captured graph, built at every replay), its mask
+        made SDPA's additive one once here rather than by every layer's attention."""
         kind, n = shape
         if kind == "rows":
-            return Queries(rows=DecodeStep.of_rows(self.inputs[1, :n], self.inputs[2, :n], self.inputs[3, :n], keys))
-        if kind == "tree":
-            return Queries(rows=DecodeStep.of_tree(self.tree_in[0, :n], self.tree_in[1, :n], self.base,
-                                                   self.visible[:n], keys))
-        return Queries(rows=DecodeStep.at(self.slot, self.pad[:n], keys))
+            step = DecodeStep.of_rows(self.inputs[1, :n], self.inputs[2, :n], self.inputs[3, :n], keys)
+        elif kind == "tree":
+            step = DecodeStep.of_tree(self.tree_in[0, :n], self.tree_in[1, :n], self.base, self.visible[:n], keys)
+        else:
+            step = DecodeStep.at(self.slot, self.pad[:n], keys)
+        return Queries(rows=step.additive(self.cache.dtype))
 
     def _step(self, shape: tuple, keys: int) -> torch.Tensor:
         """The pass of ``shape`` over the cache's first ``keys`` slots -> logits (B x S, vocab) fp32."""

@@ -57,7 +57,8 @@ class DecodeStep(RowQueries):
     changes from step to step. It attends to
     the cache's first ``end`` slots (the step's KV-length bucket; ``lo``, ``hi``: 0 and ``end``), of which
     ``mask`` (B, 1, 1, end) bool marks [pad[b], slot]: a left-padded batch's padding is masked, its rotary
-    positions are slot - pad[b]. ``KVCache.attend_step`` attends it."""
+    positions are slot - pad[b] (``additive``: the mask as attention's float bias). ``KVCache.attend_step`` attends
+    it."""
 
     slot: torch.Tensor
     mask: torch.Tensor
@@ -96,6 +97,12 @@ class DecodeStep(RowQueries):
         mask = (rel < 0) | (visible[:, rel.clamp(0, width - 1)] & inside)  # (S, L)
         at = slots.view(1, -1)
         return cls(positions.view(1, -1), at, at, keys, 0, keys, slots, mask.view(1, 1, -1, keys))
+
+    def additive(self, dtype: torch.dtype) -> DecodeStep:
+        """This step with its mask as attention's additive one (0 where a key is seen, -inf elsewhere) of the
+        queries' ``dtype``: SDPA converts a bool mask so at every call, i.e. every layer."""
+        bias = torch.zeros(self.mask.shape, dtype=dtype, device=self.mask.device)
+        return dataclasses.replace(self, mask=bias.masked_fill_(~self.mask, float("-inf")))
 
 
 class KVCache:
@@ -213,7 +220,8 @@ class KVCache:
             ck[:b].index_copy_(1, step.slot, k.to(ck.dtype))
             cv[:b].index_copy_(1, step.slot, v.to(cv.dtype))
         keys, values = ck[:b, :n].transpose(1, 2), cv[:b, :n].transpose(1, 2)  # (B, n_kv, L, hd)
-        mask = step.mask if s == 1 or self.n_rep == 1 else step.mask.repeat(1, 1, self.n_rep, 1)  # folded rows
+        mask = step.mask if step.mask.dtype in (torch.bool, q.dtype) else step.mask.to(q.dtype)
+        mask = mask if s == 1 or self.n_rep == 1 else mask.repeat(1, 1, self.n_rep, 1)  # folded rows
         out = _folded_gqa_attention(q.transpose(1, 2), keys, values, mask)
         return out.transpose(1, 2).reshape(b, s, -1)  # (B, S, n_heads x hd)
 
