@@ -88,14 +88,16 @@ class Tree:
 
 
 def walk(tree: Tree, logits: torch.Tensor, choose: Callable[[torch.Tensor], int], stop_ids: frozenset[int],
-         left: int) -> tuple[list[int], list[int], bool]:
+         left: int, picks: Sequence[int] | None = None) -> tuple[list[int], list[int], bool]:
     """The walk from the root of a verified tree: at each node the target's token is drawn from that node's logits
     (``choose`` on logits (1, vocab): exactly plain decoding's draw), and the walk descends while that token is
     one of the node's children. logits (n, vocab): every node's. At most ``left`` tokens. -> (the tokens, the
-    tree nodes accepted in order (the root excluded: their KV entries are kept), whether a stop token ended it)."""
+    tree nodes accepted in order (the root excluded: their KV entries are kept), whether a stop token ended it).
+    ``picks``: every node's token drawn already (greedy: the argmax of every row, read from the device at once
+    rather than a node at a time), ``choose`` then unused."""
     node, toks, nodes = 0, [], []
     while True:
-        tok = choose(logits[node:node + 1])
+        tok = picks[node] if picks is not None else choose(logits[node:node + 1])
         toks.append(tok)
         if tok in stop_ids:
             return toks, nodes, True
@@ -182,12 +184,13 @@ class ModelDraft:
         self.committed = len(seq)
         cand: list[tuple[float, int, int]] = []  # (-score, parent, token)
 
-        def push(node: int, lp: torch.Tensor) -> None:
-            top = lp.topk(min(self.branch, lp.shape[-1]))
-            for v, t in zip(top.values.tolist(), top.indices.tolist()):
-                heapq.heappush(cand, (-(tree.score[node] + v), node, t))
+        def push(nodes: range, lp: torch.Tensor) -> None:  # lp (len(nodes), vocab): one read of every node's top
+            top = lp.topk(min(self.branch, lp.shape[-1]), dim=-1)
+            for node, vs, ts in zip(nodes, top.values.tolist(), top.indices.tolist()):
+                for v, t in zip(vs, ts):
+                    heapq.heappush(cand, (-(tree.score[node] + v), node, t))
 
-        push(0, self._logprobs(logits[-1]))
+        push(range(1), self._logprobs(logits[-1:]))
         while len(tree) < n and cand:
             new, best = [], -cand[0][0]
             # the step's most likely leaves: at most ``width``, and none far less likely than the best (a
@@ -201,9 +204,7 @@ class ModelDraft:
             toks = torch.tensor([[tree.tokens[r] for r in rows]], dtype=torch.long, device=dev)
             out = self.gen.forward_tree(toks, base + rows.start, self.cache,
                                         tree.queries(rows, base, dev, root_cached=True))[0]
-            lp = self._logprobs(out)
-            for i, r in enumerate(rows):
-                push(r, lp[i])
+            push(rows, self._logprobs(out))
         return tree
 
     def close(self) -> None:
@@ -395,8 +396,9 @@ class SpeculativeGenerator:
             t2 = time.perf_counter()
             logits = gen.forward_tree(torch.tensor([tree.tokens], dtype=torch.long, device=dev), start, cache,
                                       tree.queries(range(len(tree)), start, dev) if len(tree) > 1 else None)[0]
+            picks = logits.argmax(-1).tolist() if cfg.temperature == 0 else None  # sample's greedy draw, one read
             toks, nodes, stopped = walk(tree, logits, lambda x: int(sample(x, cfg, rng).item()), stop_ids,
-                                        cfg.max_new_tokens - len(res.output_token_ids))
+                                        cfg.max_new_tokens - len(res.output_token_ids), picks)
             path, emitted = [start] + [start + n for n in nodes], len(toks)
             for tok in toks:
                 seq.append(tok)
