@@ -251,8 +251,9 @@ def test_pool_demands(images):
 
 
 def test_bench_reports_experts_by_tier(images, tmp_path):
-    """bench --out-json: the experts fetched per decoded token from each tier, their bytes, the bytes read on demand
-    and the hit rates, consistent with each other and with the pool's reads; the summary prints them."""
+    """bench --out-json: the experts fetched per decoded token from each tier, their bytes, the bytes read on demand,
+    the hit rates and the bound from the bytes moved, consistent with each other and with the pool's reads; the
+    summary prints them."""
     from conftest import run_launch
 
     prompts, out = tmp_path / "prompts.txt", tmp_path / "bench.json"
@@ -270,7 +271,11 @@ def test_bench_reports_experts_by_tier(images, tmp_path):
     assert ex["bytes_per_token"]["h2d"] == 0  # the CPU computes where the experts lie
     assert rep["decode_io"]["bytes_demand"] == ex["bytes_per_token"]["disk"] * 4
     assert rep["plan"]["experts"]["disk"]["experts"] > 0 and rep["plan"]["routing_from"] == "uniform"
-    assert "experts: per token gpu" in proc.stdout, proc.stdout
+    mb = ex["bound_moved"]  # the bound from the bytes the decode steps moved: on the CPU, the disk's alone
+    assert mb["bytes_per_step"] == {"disk": rep["decode_io"]["disk_bytes"] / 4, "h2d": 0.0}
+    assert mb["limited_by"] == "disk" and mb["step_ms"] == mb["bytes_per_step"]["disk"] / 1e9 * 1e3
+    assert abs(mb["ratio"] - rep["bound"]["decode_step_ms"] / mb["step_ms"]) < 1e-9
+    assert "experts: per token gpu" in proc.stdout and "bound (moved):" in proc.stdout, proc.stdout
 
 
 def test_daemon_pool_plan_of_a_mixture(images):
