@@ -25,10 +25,11 @@
 #      SKIP_OURS, SKIP_LLAMACPP, REPS (3: llama-bench -r), THREADS (16: llama-bench -t), LLAMACPP_FA (0),
 #      LLAMA_BENCH (a llama-bench binary instead of building one), LCPP_ARGS (more llama-bench flags), BUILD_WAIT
 #      (300 s at most for the build), BUDGET (540 s for the call), TINY (1 with DEVICE=cpu: --tiny shapes),
+#      GGUF_DIR (/dev/shm: where a GGUF goes when the disk does not hold it beside its image),
 #      W (work folder, /tmp/moe); with TINY=1 the defaults are 2 layers a file, PROMPT_TOKENS 16, NEW_TOKENS 4
 #
 # Order, for the 64 GiB disk (the Mixtral GGUF and its image together are ~57 GB: one file at a time, its GGUF
-# deleted once packed) and for the build's time: first ours for each file (write the GGUF, pack it, delete the GGUF,
+# deleted once packed; the GGUF in /dev/shm where the disk does not hold both) and for the build's time: first ours for each file (write the GGUF, pack it, delete the GGUF,
 # bench each batch, delete the image) while llama.cpp compiles at nice 19; then llama.cpp's for each file, the GGUF
 # written again from the same seed (the same bytes). Estimates on one H100 (16 cores), not measured yet: writing a
 # GGUF at 1-2 GB/s (Mixtral 28.5 GB 15-30 s, Qwen3 x8 12.9 GB 7-15 s); packing ~1 GB/s plus 10-30 s for the
@@ -73,23 +74,27 @@ fi
 [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 df -h "$W" | tail -1
 
-# name preset layers: the files, in the table's order
+# name preset layers gguf-folder: the files, in the table's order. Each file's GGUF and its image must fit the disk
+# together while it is packed: a file of fewer layers where they do not (the whole model extrapolated), unless the
+# GGUF fits /dev/shm (RAM; GGUF_DIR) with the image on the disk.
 FILES=()
-if [ "${SKIP_MIXTRAL:-0}" != 1 ]; then
-  ml=${MIXTRAL_LAYERS:-32}
+add_file() {  # name preset layers
+  local n=$3 g=$W fit
   if [ "$TINY" != 1 ]; then
-    fit=$(python3 benchmarks/moe_compare.py layers --preset mixtral-8x7b --layers "$ml" --dir "$W")
-    [ "$fit" -lt "$ml" ] && say "the disk holds a Mixtral GGUF and its image of $fit layers, not $ml: $fit layers (the" \
-                                "whole model extrapolated)"
-    ml=$fit
+    read -r n g <<< "$(python3 benchmarks/moe_compare.py layers --preset "$2" --layers "$3" --dir "$W" \
+                         --gguf-dir "${GGUF_DIR:-/dev/shm}")"
+    [ "$n" -lt "$3" ] && say "the disk holds the GGUF and the image of $2 for $n layers, not $3: $n (the whole model" \
+                             "extrapolated)"
   fi
-  [ "$ml" -ge 1 ] && FILES+=("mixtral mixtral-8x7b $ml")
-fi
-[ "${SKIP_QWEN:-0}" = 1 ] || FILES+=("qwen qwen3-235b-a22b ${QWEN_LAYERS:-8}")
-synth() {  # name preset layers: writes $W/name.gguf (seed 0) and its sizes to $R/weights-name.json, or fails
+  [ "$n" -ge 1 ] && FILES+=("$1 $2 $n $g")
+}
+[ "${SKIP_MIXTRAL:-0}" = 1 ] || add_file mixtral mixtral-8x7b "${MIXTRAL_LAYERS:-32}"
+[ "${SKIP_QWEN:-0}" = 1 ] || add_file qwen qwen3-235b-a22b "${QWEN_LAYERS:-8}"
+for f in "${FILES[@]}"; do say "file: $f"; done
+synth() {  # name preset layers folder: writes folder/name.gguf (seed 0) and its sizes to $R/weights-name.json
   local tiny=(); [ "$TINY" = 1 ] && tiny=(--tiny)
   timeout 300 python3 benchmarks/synth_gguf.py --preset "$2" --layers "$3" --type "$TYPE" --seed 0 "${tiny[@]}" \
-    --out "$W/$1.gguf" --info-json "$R/weights-$1.json" || { say "$1: writing the GGUF failed"; rm -f "$W/$1.gguf"
+    --out "$4/$1.gguf" --info-json "$R/weights-$1.json" || { say "$1: writing the GGUF failed"; rm -f "$4/$1.gguf"
                                                              return 1; }
 }
 todo() {  # name: the batches with no result of ours in RESULTS yet
@@ -102,14 +107,14 @@ cap() {  # name batch: our --gpu-mem-gb for it (moe_compare.py plan's)
 
 if [ "${SKIP_OURS:-0}" != 1 ]; then
   for f in "${FILES[@]}"; do
-    read -r name pre layers <<< "$f"
+    read -r name pre layers gd <<< "$f"
     bs=$(todo "$name"); [ -n "$bs" ] || { say "ours on $name: done by an earlier call ($R)"; continue; }
     left $(($(est "pack-$name") + $(est "bench-$name"))) "ours on $name" || continue
     say "ours: $name ($pre x$layers)"
-    synth "$name" "$pre" "$layers" || continue
-    timeout 400 python3 launch.py pack --checkpoint "$W/$name.gguf" --out "$W/$name.img" --quiet \
+    synth "$name" "$pre" "$layers" "$gd" || continue
+    timeout 400 python3 launch.py pack --checkpoint "$gd/$name.gguf" --out "$W/$name.img" --quiet \
       > "$R/pack-$name.log" 2>&1 || { say "$name: pack failed:"; tail -5 "$R/pack-$name.log"; }
-    rm -f "$W/$name.gguf"
+    rm -f "$gd/$name.gguf"
     [ -f "$W/$name.img" ] || continue
     tail -1 "$R/pack-$name.log"
     python3 benchmarks/moe_compare.py prompts --tokenizer "$W/$name.img.tokenizer" --tokens "$PT" \
@@ -147,16 +152,16 @@ if [ "${SKIP_LLAMACPP:-0}" != 1 ]; then
   if [ "$ready" = 1 ] && [ -x "$LB" ]; then
     pp=$(for b in $BATCHES; do [ "$b" -gt 1 ] && echo "$b"; done | paste -sd,)
     for f in "${FILES[@]}"; do
-      read -r name pre layers <<< "$f"
+      read -r name pre layers gd <<< "$f"
       js="$R/lcpp-$name.json"
       [ -s "$js" ] && { say "llama.cpp on $name: done by an earlier call ($R)"; continue; }
       left "$(est "lcpp-$name")" "llama.cpp on $name" || continue
       say "llama.cpp: $name"
-      synth "$name" "$pre" "$layers" || continue
+      synth "$name" "$pre" "$layers" "$gd" || continue
       [ -s "$R/plan-$name.json" ] || python3 benchmarks/moe_compare.py plan --info "$R/weights-$name.json" \
         --cap-gb "$CAP" --lcpp-gpu-gb "$LCPP_GB" --out "$R/plan-$name.json"
       m=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['n_cpu_moe'])" "$R/plan-$name.json")
-      lb=("$LB" -m "$W/$name.gguf" -ngl 99 -ncmoe "$m" -n "$NT" -r "${REPS:-3}" -t "${THREADS:-16}"
+      lb=("$LB" -m "$gd/$name.gguf" -ngl 99 -ncmoe "$m" -n "$NT" -r "${REPS:-3}" -t "${THREADS:-16}"
           -fa "${LLAMACPP_FA:-0}" ${LCPP_ARGS:-} -o json)
       [ -n "$pp" ] && lb+=(-p "$pp") || lb+=(-p 0)
       timeout 300 "${lb[@]}" > "$js" 2> "$R/lcpp-$name.log"; rc=$?
@@ -164,7 +169,7 @@ if [ "${SKIP_LLAMACPP:-0}" != 1 ]; then
         say "$name (llama.cpp): signal $((rc - 128)); again with --repack 0 (no AMX, no repacked CPU weights)"
         timeout 300 "${lb[@]}" --repack 0 > "$js" 2>> "$R/lcpp-$name.log"; rc=$?
       fi
-      rm -f "$W/$name.gguf"
+      rm -f "$gd/$name.gguf"
       [ "$rc" = 0 ] || { say "$name (llama.cpp) failed ($rc):"; tail -8 "$R/lcpp-$name.log"; rm -f "$js"; continue; }
       python3 -c "import json, sys
 for r in json.load(open(sys.argv[1])):

@@ -52,18 +52,25 @@ KINDS = {"q4_k_m": "Q4_K_M", "q8_0": "Q8_0", "bf16": "bf16"}
 
 # ---- what fits the disk ---------------------------------------------------------------------------------------
 
-def fitting_layers(preset_name: str, layers: int, kind: str, free_bytes: int, margin: float = 3 * GB) -> int:
-    """The most layers, at most ``layers``, whose GGUF and packed image (about the GGUF's size: blocks kept) fit
-    ``free_bytes`` together with ``margin``; 0 if not even one does."""
+def file_bytes(preset_name: str, layers: int, kind: str = "q4_k_m") -> int:
+    """The matrices' bytes of a synth_gguf.py file (its GGUF, and about its packed image: blocks kept)."""
     from benchmarks.synth_gguf import file_sizes
     from model.args import preset
 
-    def size(n: int) -> int:
-        s = file_sizes(preset(preset_name, n), kind)
-        return sum(s["layer_bytes"]) + sum(s["expert_bytes"]) + s["token_embd_bytes"] + s.get("output_bytes", 0)
+    s = file_sizes(preset(preset_name, layers), kind)
+    return sum(s["layer_bytes"]) + sum(s["expert_bytes"]) + s["token_embd_bytes"] + s.get("output_bytes", 0)
 
+
+def fitting_layers(preset_name: str, layers: int, kind: str, free: int, gguf_free: int | None = None,
+                   margin: float = 3 * GB) -> int:
+    """The most layers, at most ``layers``, whose GGUF and packed image fit with ``margin`` to spare: both in
+    ``free`` bytes, or (``gguf_free``: the GGUF in a filesystem of its own, /dev/shm) the image in ``free`` and
+    the GGUF in ``gguf_free``; 0 if not even one does."""
     n = layers
-    while n > 0 and 2 * size(n) + margin > free_bytes:
+    while n > 0:
+        size = file_bytes(preset_name, n, kind)
+        if (2 * size + margin <= free) if gguf_free is None else (size + margin <= min(free, gguf_free)):
+            break
         n -= 1
     return n
 
@@ -257,7 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--preset", required=True)
     f.add_argument("--layers", type=int, required=True)
     f.add_argument("--type", default="q4_k_m")
-    f.add_argument("--dir", required=True)
+    f.add_argument("--dir", required=True, help="where the image goes")
+    f.add_argument("--gguf-dir", help="where the GGUF goes, when not --dir: prints the layers and the folder, "
+                                      "this one where it holds the GGUF, else --dir")
     f.add_argument("--margin-gb", type=float, default=3.0)
     q = sub.add_parser("prompts", help="--count prompts of --tokens tokens each, one a line")
     q.add_argument("--tokenizer", required=True, help="a packed image's tokenizer folder (IMAGE.tokenizer)")
@@ -276,8 +285,13 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--dir", required=True)
     ns = p.parse_args(argv)
     if ns.cmd == "layers":
-        free = shutil.disk_usage(ns.dir).free
-        print(fitting_layers(ns.preset, ns.layers, ns.type, free, ns.margin_gb * GB))
+        free, margin = shutil.disk_usage(ns.dir).free, ns.margin_gb * GB
+        n = fitting_layers(ns.preset, ns.layers, ns.type, free, None, margin)
+        if ns.gguf_dir:  # the GGUF elsewhere (RAM) where that holds more layers
+            other = fitting_layers(ns.preset, ns.layers, ns.type, free, shutil.disk_usage(ns.gguf_dir).free, margin)
+            print(*((other, ns.gguf_dir) if other > n else (n, ns.dir)))
+        else:
+            print(n)
     elif ns.cmd == "prompts":
         if ns.tokens < 2 or ns.count < 1:
             p.error(f"--tokens must be at least 2 and --count at least 1, found {ns.tokens} and {ns.count}")
