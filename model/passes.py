@@ -121,7 +121,9 @@ def forward_groups(tokens: torch.Tensor, queries: Queries, args: ModelArgs, sour
     weights are used before the next group is fetched; a tied model applies the final norm (head group)
     before it fetches the embedding as its output matrix. A mixture's routed groups (its experts) are fetched only
     where a token chose them (``needed_groups``): right after a layer has routed, ``source.route(layer, groups)``
-    (for a source that has it) names the ones of that layer the pass will fetch, in order, before the first of them.
+    (for a source that has it) names the ones of that layer the pass will fetch, in order, before the first of them;
+    and ``source.tally(layer, bounds)`` (for a source that has it: runtime/measure/routing.py counts the routings of
+    ``probe --experts``) gets the layer's ``Routing.bounds``, how many of the pass's tokens chose each expert.
 
     ``parallel``: this pass is one tensor-parallel rank's (``args`` its own, ``source`` its shards): the
     embedding and each layer group's output projection are all-reduced, the logits gathered.
@@ -133,7 +135,7 @@ def forward_groups(tokens: torch.Tensor, queries: Queries, args: ModelArgs, sour
     if red is not None:
         h = red(h)  # each rank looked up its own vocabulary rows (the others zero)
     p = Pass(args, rope, cache, queries, red)
-    routed, route = routed_set(args), getattr(source, "route", None)
+    routed, route, tally = routed_set(args), getattr(source, "route", None), getattr(source, "tally", None)
     chosen: frozenset[str] = frozenset()  # the current layer's routed groups that a token chose
     announced: Routing | None = None
     for group, fwd, layer in layer_passes(args):
@@ -146,6 +148,8 @@ def forward_groups(tokens: torch.Tensor, queries: Queries, args: ModelArgs, sour
             chosen = frozenset(needed)
             if route is not None:
                 route(r.layer, needed)
+            if tally is not None:
+                tally(r.layer, r.bounds)
     if last_only:
         h = h[:, -1:]
     elif select is not None:

@@ -395,6 +395,48 @@ def test_expert_counts_kept_beside_the_image(images, tmp_path):
                   torch.device("cpu"), 0, 0)
 
 
+def test_probe_experts_counts_kept_beside_the_image(images, tmp_path):
+    """probe --experts FILE (an image without a tokenizer: lines of token ids) counts each layer's routings over the
+    file's tokens in windows, equal to the routers' choices in a full-mode run of the same windows, writes them as
+    IMAGE.expert-counts.json, and prints the plan ranked by them with the expected bytes per token; a dense image
+    is refused."""
+    import random
+    import shutil
+
+    from conftest import assert_user_error, run_launch
+
+    from runtime.engine.placement import expert_counts_path
+    from runtime.engine.source import make_plan
+    from runtime.measure.routing import RoutingCounter
+
+    src, path = images["mixtral"], tmp_path / "m.img"
+    for suffix in ("", ".manifest.json"):  # a copy: the counts are written beside it
+        shutil.copy(f"{src.path}{suffix}", f"{path}{suffix}")
+    rnd = random.Random(5)
+    ids = [rnd.randrange(MIXTRAL.vocab_size) for _ in range(40)]
+    text = tmp_path / "ids.txt"
+    text.write_text(",".join(map(str, ids[:25])) + "\n" + ",".join(map(str, ids[25:])) + "\n")
+    proc = run_launch("probe", "--image", str(path), "--experts", str(text), "--experts-window", "16", "--device",
+                      "cpu", "--dram-gb", "0.0025", "--out-json", str(tmp_path / "p.json"))
+    kept = json.loads(open(expert_counts_path(str(path))).read())
+    assert kept["tokens"] == 40 and kept["window"] == 16
+    assert [sum(row) for row in kept["counts"]] == [40 * MIXTRAL.n_experts_used] * MIXTRAL.n_layers
+    gen_src = RoutingCounter(InMemoryWeights(src, "cpu", quiet=True), MIXTRAL.n_layers, MIXTRAL.n_experts)
+    gen = Generator(gen_src, 16)
+    for start in range(0, 40, 16):
+        gen.forward(torch.tensor([ids[start:start + 16]]), 0, gen.new_cache(1))
+    assert kept["counts"] == gen_src.counts
+    out = proc.stdout
+    assert f"written to {expert_counts_path(str(path))}" in out and f"routing {expert_counts_path(str(path))}" in out
+    assert "experts per pass, expected: gpu" in out and "before (uniform)" in out, out
+    plan = make_plan(Image.open(path), EngineConfig.of(mode="mixed", dram_gb=0.0025, prefetch_distance=2, quiet=True),
+                     torch.device("cpu"), 0, 0)
+    assert plan.routing_from == expert_counts_path(str(path)) and plan.demand
+    assert json.loads((tmp_path / "p.json").read_text())["plan"]["routing_from"] == plan.routing_from
+    proc = run_launch("probe", "--image", _dense(tmp_path), "--experts", str(text), "--device", "cpu", check=False)
+    assert_user_error(proc, "has no experts")
+
+
 def _dense(tmp_path) -> str:
     out = tmp_path / "dense.img"
     pack(SyntheticCheckpoint(preset("tiny", 1), seed=1), out, dtype="fp32", quiet=True)
