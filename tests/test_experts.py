@@ -77,6 +77,8 @@ class Recording:
 
     def __init__(self, source) -> None:
         self.source, self.chosen, self.passes = source, collections.Counter(), 0
+        self.guessed: dict[int, frozenset[str]] = {}  # the prefetch guess of a layer not routed yet ...
+        self.guesses = collections.Counter()  # ... and, over the guessed layers, its layers, experts chosen, hits
 
     def __getattr__(self, name: str):
         return getattr(self.source, name)
@@ -87,7 +89,13 @@ class Recording:
 
     def route(self, layer, groups) -> None:
         self.chosen.update(groups)
+        if layer in self.guessed:
+            self.guesses.update(layers=1, chosen=len(groups), hits=len(self.guessed.pop(layer) & set(groups)))
         self.source.route(layer, groups)
+
+    def guess(self, layer, groups) -> None:
+        self.guessed[layer] = frozenset(groups)
+        self.source.guess(layer, groups)
 
 
 def settle(src, image: Image) -> dict[str, int]:
@@ -142,6 +150,12 @@ def test_only_chosen_experts_are_read(images, name):
     assert stats["routings"] == passes * image.args.n_layers
     assert stats["experts_skipped"] == passes * image.args.n_layers * per_layer - sum(rec.chosen.values())
     assert stats["expert_h2d_bytes"] == 0  # the CPU computes from the slots
+    # the prefetch guess: every layer after the first is guessed where its router lies in the client's memory or
+    # the DRAM tier (not where its attention group streams); counted as the pass saw it
+    guessed = {"stream": 0, "mixed": passes * (image.args.n_layers - 1), "preload": passes * (image.args.n_layers - 1)}
+    assert stats["guessed_layers"] == rec.guesses["layers"] == guessed[name]
+    assert (stats["guess_chosen"], stats["guess_hits"]) == (rec.guesses["chosen"], rec.guesses["hits"])
+    assert stats["guessed"] >= rec.guesses["layers"] * image.args.n_experts_used  # k a token, the prompt's more
 
 
 def test_batch_equals_solo_with_experts_on_every_tier(images):
@@ -271,6 +285,9 @@ def test_bench_reports_experts_by_tier(images, tmp_path):
     assert ex["bytes_per_token"]["h2d"] == 0  # the CPU computes where the experts lie
     assert rep["decode_io"]["bytes_demand"] == ex["bytes_per_token"]["disk"] * 4
     assert rep["plan"]["experts"]["disk"]["experts"] > 0 and rep["plan"]["routing_from"] == "uniform"
+    gr = ex["prefetch_guess"]  # layers 1 and 2 guessed in each of the 4 decode steps (their routers in memory)
+    assert gr["layers"] == 4 * (MIXTRAL.n_layers - 1) and gr["guessed_per_layer"] == gr["chosen_per_layer"] == k
+    assert 0 <= gr["hit_rate"] == gr["precision"] <= 1 and "prefetch guess:" in proc.stdout
     mb = ex["bound_moved"]  # the bound from the bytes the decode steps moved: on the CPU, the disk's alone
     assert mb["bytes_per_step"] == {"disk": rep["decode_io"]["disk_bytes"] / 4, "h2d": 0.0}
     assert mb["limited_by"] == "disk" and mb["step_ms"] == mb["bytes_per_step"]["disk"] / 1e9 * 1e3

@@ -223,7 +223,20 @@ def pool_counters(source: WeightSource) -> dict[str, int] | None:
 
 EXPERT_TIERS = ("gpu", "dram", "disk")
 EXPERT_KEYS = ("routings", *(f"experts_{t}" for t in (*EXPERT_TIERS, "skipped")),
-               *(f"expert_bytes_{t}" for t in EXPERT_TIERS), "expert_h2d_bytes", "bytes_demand")
+               *(f"expert_bytes_{t}" for t in EXPERT_TIERS), "expert_h2d_bytes", "bytes_demand", "guessed_layers",
+               "guessed", "guess_chosen", "guess_hits")
+
+
+def guess_report(c: dict) -> dict[str, Any] | None:
+    """The prefetch guess (runtime/engine/streamed.py): of the experts the guessed layers chose, the share guessed a
+    layer ahead (its hit rate), the experts guessed a layer and the share of them chosen; None where no layer was
+    guessed (its router not resident, or a dense model)."""
+    layers = c.get("guessed_layers", 0)
+    if not layers:
+        return None
+    return {"layers": layers, "hit_rate": c["guess_hits"] / c["guess_chosen"] if c["guess_chosen"] else None,
+            "guessed_per_layer": c["guessed"] / layers, "chosen_per_layer": c["guess_chosen"] / layers,
+            "precision": c["guess_hits"] / c["guessed"] if c["guessed"] else None}
 
 
 def expert_report(prefill: dict | None, decode: dict | None, tokens: int) -> dict[str, Any] | None:
@@ -245,6 +258,7 @@ def expert_report(prefill: dict | None, decode: dict | None, tokens: int) -> dic
                                 "h2d": per_token(decode["expert_h2d_bytes"]),
                                 "disk_read": per_token(decode["bytes_demand"])},
             "hit_rate": {t: decode[f"experts_{t}"] / fetched if fetched else None for t in EXPERT_TIERS},
+            "prefetch_guess": guess_report(decode),
             "prefill": {k: (prefill or {}).get(k) for k in decode if k in EXPERT_KEYS}}
 
 
@@ -553,6 +567,12 @@ def summary(rep: dict, plan_text: str) -> str:
         ours["experts"] = ("per token " + ", ".join(
             f"{t} {ex['experts_per_token'][t]:.2f} ({fmt_gb(ex['bytes_per_token'][t])}, hit rate "
             f"{ex['hit_rate'][t] or 0:.2f})" for t in EXPERT_TIERS) + f"; {ex['skipped_per_token']:.1f} not chosen")
+        gr = ex.get("prefetch_guess")
+        if gr:
+            ours["prefetch guess"] = (f"{gr['hit_rate'] or 0:.0%} of the experts chosen were guessed a layer ahead "
+                                      f"({gr['layers']} layers; {gr['guessed_per_layer']:.1f} guessed and "
+                                      f"{gr['chosen_per_layer']:.1f} chosen a layer, {gr['precision'] or 0:.0%} of "
+                                      f"the guessed chosen)")
         mb = ex.get("bound_moved")
         if mb and mb["step_ms"] is not None:
             per = mb["bytes_per_step"][mb["limited_by"]]
