@@ -262,6 +262,9 @@ def _run_parser(sub) -> None:
     _device_arg(p, C)
     _tensor_parallel_args(p, C)
     arg(p, "--out-json", C, help="write prompt/output token ids, text and timings to this JSON file")
+    arg(p, "--verbose", C, action="store_true", help="also print, for a mixture of experts, where the experts the "
+                                                     "run fetched came from (the GPU, DRAM and disk tiers' hit "
+                                                     "rates) and how often the prefetch guess was right")
     arg(p, "--quiet", EngineConfig, action="store_true", help="print only the generated text")
     _runtime_args(p)
     _no_server_arg(p, C)

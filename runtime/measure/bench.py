@@ -287,6 +287,18 @@ def moved_bound(plan, lk: dict, decode: dict | None, steps: int, batch: int, ste
             "ratio": step_ms / terms[limited] if step_ms and terms[limited] else None}
 
 
+def experts_line(c: dict) -> str:
+    """One line of a run's expert counters (a streamed source's ``expert_stats``, prefill and decode together): the
+    experts fetched from each tier and its share (hit rate), and the prefetch guess's (``run --verbose``)."""
+    fetched = sum(c[f"experts_{t}"] for t in EXPERT_TIERS)
+    tiers = ", ".join(f"{t} {c[f'experts_{t}']} ({c[f'experts_{t}'] / fetched if fetched else 0:.0%})"
+                      for t in EXPERT_TIERS)
+    gr = guess_report(c)
+    guess = (f"; prefetch guess right for {gr['hit_rate'] or 0:.0%} of the experts chosen in {gr['layers']} layers"
+             if gr else "; no prefetch guess (no router resident a layer ahead)")
+    return f"experts: {c['routings']} layer routings fetched {fetched}: {tiers}{guess}"
+
+
 def _bytes(plan, groups) -> int:
     return sum(plan.group_bytes[g] for g in groups)
 
