@@ -48,16 +48,18 @@ def measure_hbm(nbytes: int = 2 << 30, reps: int = 20) -> dict:
             "device": torch.cuda.get_device_name()}
 
 
-def make_prompt(tokenizer: str | Path, n_tokens: int) -> tuple[str, int]:
+def make_prompt(tokenizer, n_tokens: int, seed: int = 0) -> tuple[str, int]:
     """A one-line text prompt that ``tokenizer`` (a packed image's tokenizer folder, or a GGUF: reading a
-    GGUF's vocabulary takes seconds) encodes as ``n_tokens`` tokens, BOS included, where the vocabulary allows:
-    one letter, then " x" words (one token each in a synthetic vocabulary of benchmarks/synth_gguf.py with all
-    two-character merges; two in a small one). Returns the text and its actual token count."""
+    GGUF's vocabulary takes seconds; or a tokenizer already loaded) encodes as ``n_tokens`` tokens, BOS included,
+    where the vocabulary allows: one letter, then " x" words (one token each in a synthetic vocabulary of
+    benchmarks/synth_gguf.py with all two-character merges; two in a small one), drawn with ``seed``. Returns the
+    text and its actual token count."""
     import random
 
     from model.tokenizer import load_tokenizer
 
-    tok, rnd = load_tokenizer(tokenizer), random.Random(0)
+    tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
+    rnd = random.Random(seed)
     words, n = ["a"], len(tok.encode("a"))
     per_word = len(tok.encode("a b")) - n
     while n + per_word <= n_tokens:

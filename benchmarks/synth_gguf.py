@@ -1,10 +1,20 @@
-"""Synthetic Llama-shaped GGUF files: the same file given to llama.cpp and to our runtime for the side-by-side
-comparison of issues 27 and 28 (benchmarks/gpu_peer.sh). No real model is needed and nothing is downloaded.
+"""Synthetic Llama-shaped and mixture-of-experts GGUF files: the same file given to llama.cpp and to our runtime for
+the side-by-side comparisons of issues 27 and 28 (benchmarks/gpu_peer.sh) and 29 (benchmarks/gpu_moe.sh). No real
+model is needed and nothing is downloaded.
 
     python benchmarks/synth_gguf.py --preset llama3.1-70b --layers 32 --type q4_k_m --out /tmp/70b-x32.gguf
+    python benchmarks/synth_gguf.py --preset qwen3-235b-a22b --layers 8 --type q4_k_m --out /tmp/q235-x8.gguf
+    python benchmarks/synth_gguf.py --preset mixtral-8x7b --tiny --layers 1 --type q4_k_m --out /tmp/t.gguf
 
-Shapes are model/args.py's presets (the Llama ones: llama3.1-8b, llama3.1-70b, llama3.2-1b, tiny), ``--layers``
-cutting the layer count. ``--type``:
+Shapes are model/args.py's presets (the Llama ones: llama3.1-8b, llama3.1-70b, llama3.2-1b, tiny; the mixtures
+mixtral-8x7b and qwen3-235b-a22b), ``--layers`` cutting the layer count, ``--tiny`` shrinking the preset to test
+size with its architecture kept (``tiny_shape``: its experts, top-k, q/k norms and a head_dim that is not
+dim / heads where the preset's is not). A mixture is written as llama.cpp's converter writes it: Mixtral as a
+``llama`` GGUF with ``llama.expert_count`` / ``expert_used_count`` set, Qwen3-MoE as ``qwen3moe`` (with
+``expert_feed_forward_length``, ``attention.key_length`` / ``value_length`` = head_dim, the per-head
+``attn_q_norm`` / ``attn_k_norm``); each layer's router ``ffn_gate_inp`` (n_experts, dim) in F32 (the converter
+keeps it so and llama-quantize never quantizes it), its experts stacked in ``ffn_gate_exps`` / ``ffn_up_exps``
+(n_experts, ffn, dim) and ``ffn_down_exps`` (n_experts, dim, ffn). ``--type``:
 
     bf16    every matrix BF16, norms F32 (what llama.cpp's converter writes with --outtype bf16)
     q8_0    every matrix Q8_0, norms F32 (llama.cpp's Q8_0: the output matrix stays Q8_0)
@@ -15,9 +25,13 @@ cutting the layer count. ``--type``:
             model (llama.cpp's LLM_TYPE_70B rule); ffn_down Q6_K in the use_more_bits layers, else Q4_K. A
             matrix whose rows are not a multiple of 256 values falls back as llama.cpp's does (Q4_K -> Q5_0,
             Q5_K -> Q5_1, Q6_K -> Q8_0; output -> Q8_0). Not followed: the imatrix rules and the
-            attn_qkv/expert/Falcon branches, which a Llama without experts never takes. The sizes come out
-            as llama.cpp's own files of the real models: 8B x32 4.91 GB (Llama-3.1-8B Q4_K_M: 4.92 GB), 70B x80
-            42.5 GB (42.5 GB); the 70B shape cut to 32 layers is 17.86 GB.
+            attn_qkv/Falcon branches. A mixture follows llama.cpp's expert rules: the stacked ffn_down_exps as
+            ffn_down (Q6_K in the use_more_bits layers, the layer parsed from the name), the gate/up stacks Q4_K;
+            with exactly 8 experts (Mixtral) attn_v and attn_k Q8_0 and attn_output Q5_K ("for the 8-expert
+            model, bumping this to Q8_0 trades just ~128MB"). The sizes come out as llama.cpp's own files of the
+            real models: 8B x32 4.91 GB (Llama-3.1-8B Q4_K_M: 4.92 GB), 70B x80 42.5 GB (42.5 GB); the 70B shape
+            cut to 32 layers is 17.86 GB. Mixtral-8x7B x32 and Qwen3-235B-A22B (x94, or ~1.4 GB a layer): see
+            ``--info-json``'s bytes (llama.cpp's Mixtral-8x7B Q4_K_M is 26.4 GB, Qwen3-235B-A22B's 142 GB).
 
 Every block is valid: random quantized values and sub-scales, each block's fp16 scale (and minimum) finite and
 set so the weights have a standard deviation of about 0.02, as model/synthetic.py's N(0, 0.02). Blocks are drawn
@@ -58,6 +72,10 @@ TYPES = ("q4_k_m", "q8_0", "bf16")
 FILE_TYPES = {"q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
               "bf16": gguf.LlamaFileType.MOSTLY_BF16}
 LLAMA_PRESETS = tuple(sorted(n for n, p in PRESETS.items() if p.get("arch", "llama") == "llama"))
+MOE_PRESETS = ("mixtral-8x7b", "qwen3-235b-a22b")
+SYNTH_PRESETS = (*LLAMA_PRESETS, *MOE_PRESETS)
+GGUF_ARCH = {"llama": "llama", "mixtral": "llama", "qwen3_moe": "qwen3moe"}  # ours -> llama.cpp's, as converted
+EXPERT_STACKS = ("ffn_gate_exps", "ffn_down_exps", "ffn_up_exps")
 POOL_BYTES = 64 << 20  # per type: larger than any row, drawn in well under a second
 STD = 0.02  # the weights' standard deviation, as model/synthetic.py's
 # fp16 fields of each block type: (byte offset, multiple of the block's scale d). A minimum is set so the
@@ -67,6 +85,8 @@ FP16_FIELDS = {Q.Q8_0: ((0, 1.0),), Q.Q5_0: ((0, 1.0),), Q.Q5_1: ((0, 1.0), (2, 
                Q.Q4_K: ((0, 1.0), (2, 7.5)), Q.Q5_K: ((0, 1.0), (2, 15.5)), Q.Q6_K: ((208, 1.0),)}
 FALLBACK = {Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}  # llama.cpp's, for rows not a multiple of 256
 MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+MOE_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate_inp", *EXPERT_STACKS)
+ROUTER = "ffn_gate_inp"  # F32: llama.cpp's converter keeps it so, llama-quantize never quantizes it
 
 
 # ---- which type each tensor gets ----------------------------------------------------------------------------
@@ -81,7 +101,11 @@ def q4_k_m_type(name: str, layer: int | None, args: ModelArgs) -> Q:
     ``layer``, before the row-length fallback."""
     if name == "output" or (name == "token_embd" and args.tie_embeddings):
         return Q.Q6_K
-    if name in ("attn_v", "ffn_down") and use_more_bits(layer, args.n_layers):
+    if args.n_experts == 8 and name in ("attn_v", "attn_k"):
+        return Q.Q8_0  # llama.cpp: "for the 8-expert model, bumping this to Q8_0 trades just ~128MB"
+    if args.n_experts == 8 and name == "attn_output":
+        return Q.Q5_K
+    if name in ("attn_v", "ffn_down", "ffn_down_exps") and use_more_bits(layer, args.n_layers):
         return Q.Q6_K
     if name == "attn_v" and args.n_layers == 80 and args.n_heads != args.n_kv_heads:
         return Q.Q5_K  # llama.cpp's LLM_TYPE_70B: attn_v is 8x smaller than attn_q, so it takes more bits
@@ -89,7 +113,9 @@ def q4_k_m_type(name: str, layer: int | None, args: ModelArgs) -> Q:
 
 
 def tensor_type(kind: str, name: str, layer: int | None, cols: int, args: ModelArgs) -> Q:
-    """The ggml type of a matrix with rows of ``cols`` values in a file of ``kind`` (TYPES)."""
+    """The ggml type of a matrix with rows of ``cols`` values in a file of ``kind`` (TYPES); a router F32."""
+    if name == ROUTER:
+        return Q.F32
     t = {"bf16": Q.BF16, "q8_0": Q.Q8_0}.get(kind) or q4_k_m_type(name, layer, args)
     if t in FALLBACK and cols % 256:
         t = Q.Q8_0 if name == "output" else FALLBACK[t]
@@ -101,17 +127,33 @@ def tensor_type(kind: str, name: str, layer: int | None, cols: int, args: ModelA
     return t
 
 
-def matrices(args: ModelArgs) -> list[tuple[str, int | None, int, int]]:
-    """(llama.cpp name, layer or None, rows, cols) of every matrix, in the order the file holds them."""
-    hd, kv = args.head_dim, args.n_kv_heads * args.head_dim
+def matrices(args: ModelArgs) -> list[tuple[str, int | None, tuple[int, ...]]]:
+    """(llama.cpp name, layer or None, shape) of every matrix, in the order the file holds them: (rows, cols), or
+    (n_experts, rows, cols) for a mixture's stacked experts (numpy order: a row's values last)."""
+    hd, kv, e, f = args.head_dim, args.n_kv_heads * args.head_dim, args.n_experts, args.ffn_hidden
     shapes = {"attn_q": (args.n_heads * hd, args.dim), "attn_k": (kv, args.dim), "attn_v": (kv, args.dim),
-              "attn_output": (args.dim, args.n_heads * hd), "ffn_gate": (args.ffn_hidden, args.dim),
-              "ffn_up": (args.ffn_hidden, args.dim), "ffn_down": (args.dim, args.ffn_hidden)}
-    out = [("token_embd", None, args.vocab_size, args.dim)]
-    out += [(m, i, *shapes[m]) for i in range(args.n_layers) for m in MATRICES]
+              "attn_output": (args.dim, args.n_heads * hd), "ffn_gate": (f, args.dim), "ffn_up": (f, args.dim),
+              "ffn_down": (args.dim, f), ROUTER: (e, args.dim), "ffn_gate_exps": (e, f, args.dim),
+              "ffn_up_exps": (e, f, args.dim), "ffn_down_exps": (e, args.dim, f)}
+    out = [("token_embd", None, (args.vocab_size, args.dim))]
+    out += [(m, i, shapes[m]) for i in range(args.n_layers) for m in (MOE_MATRICES if e else MATRICES)]
     if not args.tie_embeddings:
-        out.append(("output", None, args.vocab_size, args.dim))
+        out.append(("output", None, (args.vocab_size, args.dim)))
     return out
+
+
+def tensor_bytes(shape: tuple[int, ...], t: Q) -> int:
+    bs, ts = gguf.GGML_QUANT_SIZES[t]
+    return int(np.prod(shape[:-1])) * shape[-1] // bs * ts
+
+
+def tiny_shape(args: ModelArgs) -> ModelArgs:
+    """``args``' architecture at test size (``--tiny``): dim 256, 4 heads (2 for k/v), FFN (one expert's) 256,
+    vocab 512; its experts, top-k, q/k norms and rope kept, and a head_dim of 128 (not dim / heads) where the
+    preset's head_dim is not dim / heads either (Qwen3-MoE's q rows 8192 against dim 4096)."""
+    decoupled = args.head_dim * args.n_heads != args.dim
+    return dataclasses.replace(args, dim=256, n_heads=4, n_kv_heads=2, head_dim=128 if decoupled else 64,
+                               ffn_hidden=256, vocab_size=512, max_seq_len=min(args.max_seq_len, 4096))
 
 
 def gguf_tensor_name(name: str, layer: int | None) -> str:
@@ -151,31 +193,32 @@ class BlockPool:
         self.type_bytes = type_bytes
         self.pools: dict[Q, np.ndarray] = {}
 
-    def tensor(self, qtype: Q, rows: int, cols: int) -> PoolTensor:
-        """A lazy (rows, row bytes) tensor of ``qtype`` blocks: the pool's, from a random block on."""
+    def tensor(self, qtype: Q, shape: tuple[int, ...]) -> PoolTensor:
+        """A lazy (..., rows, row bytes) tensor of ``qtype`` blocks of logical ``shape``: the pool's, from a random
+        block on."""
         bs, ts = gguf.GGML_QUANT_SIZES[qtype]
         if qtype not in self.pools:
             n = max(1, min(POOL_BYTES, self.type_bytes[qtype]) // ts)
             self.pools[qtype] = random_blocks(qtype, n, self.rng).reshape(-1)
         pool = self.pools[qtype]
         start = int(self.rng.integers(0, pool.size // ts)) * ts
-        return PoolTensor(pool, (rows, cols // bs * ts), start)
+        return PoolTensor(pool, (*shape[:-1], shape[-1] // bs * ts), start)
 
 
 @dataclasses.dataclass
 class PoolTensor:
-    """What gguf.GGUFWriter.add_tensor takes for raw blocks (``dtype`` uint8, ``shape`` (rows, row bytes),
+    """What gguf.GGUFWriter.add_tensor takes for raw blocks (``dtype`` uint8, ``shape`` (..., rows, row bytes),
     ``nbytes``), never materialised: ``tofile`` (called once, by write_tensors_to_file) writes the pool's bytes
     from ``start`` on, wrapping around at the pool's end (a whole number of blocks)."""
 
     pool: np.ndarray
-    shape: tuple[int, int]
+    shape: tuple[int, ...]
     start: int
     dtype = np.dtype(np.uint8)
 
     @property
     def nbytes(self) -> int:
-        return self.shape[0] * self.shape[1]
+        return int(np.prod(self.shape))
 
     def tofile(self, f) -> None:
         view, pos, left = memoryview(self.pool), self.start, self.nbytes
@@ -209,8 +252,8 @@ def vocabulary(n: int) -> tuple[list[str], list[int], list[str]]:
 
 
 def add_metadata(w: gguf.GGUFWriter, args: ModelArgs, kind: str, label: str) -> None:
-    """The llama.* keys llama.cpp's loader and ours (model/arch/common.py gguf_decoder_args) read, and the
-    tokenizer."""
+    """The {arch}.* keys llama.cpp's loader and ours read (model/arch/common.py gguf_decoder_args; a mixture's
+    model/arch/moe.py gguf_expert_args), and the tokenizer."""
     w.add_name(label)
     w.add_file_type(int(FILE_TYPES[kind]))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -222,8 +265,16 @@ def add_metadata(w: gguf.GGUFWriter, args: ModelArgs, kind: str, label: str) -> 
     w.add_head_count_kv(args.n_kv_heads)
     w.add_rope_freq_base(args.rope_theta)
     w.add_rope_dimension_count(args.head_dim)
+    if args.head_dim * args.n_heads != args.dim:  # else llama.cpp and ours take dim / heads
+        w.add_key_length(args.head_dim)
+        w.add_value_length(args.head_dim)
     w.add_layer_norm_rms_eps(args.norm_eps)
     w.add_vocab_size(args.vocab_size)
+    if args.n_experts:
+        w.add_expert_count(args.n_experts)
+        w.add_expert_used_count(args.n_experts_used)
+        if args.arch == "qwen3_moe":  # a llama GGUF's feed_forward_length is the expert's (Mixtral)
+            w.add_expert_feed_forward_length(args.ffn_hidden)
     tokens, types, merges = vocabulary(args.vocab_size)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("llama-bpe")
@@ -248,43 +299,71 @@ def rope_freqs(args: ModelArgs) -> np.ndarray | None:
 
 # ---- the file -----------------------------------------------------------------------------------------------
 
+def tensor_plan(args: ModelArgs, kind: str) -> list[tuple[str, int | None, tuple[int, ...], Q]]:
+    """(llama.cpp name, layer, shape, ggml type) of every matrix of a file of ``args`` and ``kind``."""
+    if kind not in TYPES:
+        raise ValueError(f"--type {kind!r}: expected one of {', '.join(TYPES)}")
+    if args.arch not in GGUF_ARCH:
+        raise ValueError(f"architecture {args.arch!r}: this writer writes {', '.join(GGUF_ARCH)} only")
+    return [(name, layer, shape, tensor_type(kind, name, layer, shape[-1], args)) for name, layer, shape in
+            matrices(args)]
+
+
+def file_sizes(args: ModelArgs, kind: str) -> dict:
+    """The matrices' bytes of a file of ``args`` and ``kind``, without writing it (the real model's, for a file
+    cut to fewer layers): "n_layers", "step_bytes" (the bytes of the matrices a batch-1 decode step reads: all but
+    token_embd, of which it reads one row; of a mixture's expert stacks the k / n a token routes to on average;
+    the norms and rope_freqs, a few KB, left out), "token_embd_bytes", "output_bytes" (absent when tied), and per
+    layer "layer_bytes" (its matrices but the expert stacks) and "expert_bytes" (its three stacks, every expert),
+    with "n_experts" and "n_experts_used" (0 for a dense model)."""
+    sizes: dict = {"layer_bytes": [0] * args.n_layers, "expert_bytes": [0] * args.n_layers}
+    for name, layer, shape, t in tensor_plan(args, kind):
+        if layer is None:
+            sizes[f"{name}_bytes"] = tensor_bytes(shape, t)
+        else:
+            sizes["expert_bytes" if name in EXPERT_STACKS else "layer_bytes"][layer] += tensor_bytes(shape, t)
+    share = args.n_experts_used / args.n_experts if args.n_experts else 0
+    step = sizes.get("output_bytes", 0) + sum(sizes["layer_bytes"]) + round(share * sum(sizes["expert_bytes"]))
+    return {"n_layers": args.n_layers, "step_bytes": step, "n_experts": args.n_experts,
+            "n_experts_used": args.n_experts_used, **sizes}
+
+
 def write_gguf(path: str | Path, args: ModelArgs, kind: str, seed: int = 0, label: str = "synthetic") -> dict:
     """Write the file; returns {"bytes": file size, "seconds": wall time, "data_seconds": the time of the tensor
     data alone (the rest is the pools' draws and the vocabulary's metadata, ~2 s), "types": {ggml type: count},
-    "n_layers", "step_bytes": the matrices a decode step reads (all but token_embd, of which it reads one row;
-    the norms and rope_freqs, a few KB, left out)}."""
-    if kind not in TYPES:
-        raise ValueError(f"--type {kind!r}: expected one of {', '.join(TYPES)}")
-    if args.arch != "llama":
-        raise ValueError(f"{label}: architecture {args.arch!r}; this writer writes llama GGUFs only")
+    and ``file_sizes``' keys}."""
     t0 = time.monotonic()
-    plan = [(name, layer, rows, cols, tensor_type(kind, name, layer, cols, args))
-            for name, layer, rows, cols in matrices(args)]
+    plan = tensor_plan(args, kind)
     type_bytes: dict[Q, int] = {}
-    for _, _, rows, cols, t in plan:
-        bs, ts = gguf.GGML_QUANT_SIZES[t]
-        type_bytes[t] = type_bytes.get(t, 0) + rows * cols // bs * ts
+    for _, _, shape, t in plan:
+        if t != Q.F32:
+            type_bytes[t] = type_bytes.get(t, 0) + tensor_bytes(shape, t)
     rng, pool = np.random.default_rng(seed + 1), BlockPool(seed, type_bytes)
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), GGUF_ARCH[args.arch])
     add_metadata(w, args, kind, label)
     counts: dict[str, int] = {}
-    step_bytes = sum(rows * cols // gguf.GGML_QUANT_SIZES[t][0] * gguf.GGML_QUANT_SIZES[t][1]
-                     for name, _, rows, cols, t in plan if name != "token_embd")
 
-    def norm(name: str) -> None:
-        w.add_tensor(name, (1 + 0.1 * rng.standard_normal(args.dim)).astype(np.float32))
+    def norm(name: str, n: int = args.dim) -> None:
+        w.add_tensor(name, (1 + 0.1 * rng.standard_normal(n)).astype(np.float32))
         counts["F32"] = counts.get("F32", 0) + 1
 
     if (freqs := rope_freqs(args)) is not None:
         w.add_tensor("rope_freqs.weight", freqs)
-    for name, layer, rows, cols, t in plan:
+    for name, layer, shape, t in plan:
         if name == "attn_q":
             norm(f"blk.{layer}.attn_norm.weight")
-        if name == "ffn_gate":
+        if name in ("ffn_gate", ROUTER):
             norm(f"blk.{layer}.ffn_norm.weight")
-        lazy = pool.tensor(t, rows, cols)
-        w.add_tensor(gguf_tensor_name(name, layer), lazy, raw_shape=lazy.shape, raw_dtype=t)  # type: ignore[arg-type]
+        if t == Q.F32:  # the router: N(0, STD), as the matrices
+            w.add_tensor(gguf_tensor_name(name, layer), (STD * rng.standard_normal(shape)).astype(np.float32))
+        else:
+            lazy = pool.tensor(t, shape)
+            w.add_tensor(gguf_tensor_name(name, layer), lazy, raw_shape=lazy.shape,  # type: ignore[arg-type]
+                         raw_dtype=t)
         counts[t.name] = counts.get(t.name, 0) + 1
+        if name == "attn_output" and args.qk_norm:
+            norm(f"blk.{layer}.attn_q_norm.weight", args.head_dim)
+            norm(f"blk.{layer}.attn_k_norm.weight", args.head_dim)
     norm("output_norm.weight")
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -292,14 +371,15 @@ def write_gguf(path: str | Path, args: ModelArgs, kind: str, seed: int = 0, labe
     w.write_tensors_to_file()
     w.close()
     return {"bytes": Path(path).stat().st_size, "seconds": time.monotonic() - t0,
-            "data_seconds": time.monotonic() - t1, "types": counts, "n_layers": args.n_layers,
-            "step_bytes": step_bytes}
+            "data_seconds": time.monotonic() - t1, "types": counts, **file_sizes(args, kind)}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", required=True, choices=LLAMA_PRESETS, help="the shape (model/args.py PRESETS)")
+    p.add_argument("--preset", required=True, choices=SYNTH_PRESETS, help="the shape (model/args.py PRESETS)")
     p.add_argument("--layers", type=int, help="number of layers (default: the preset's)")
+    p.add_argument("--tiny", action="store_true", help="the preset's architecture at test size (dim 256, FFN 256, "
+                                                       "vocab 512; its experts and top-k kept)")
     p.add_argument("--type", required=True, choices=TYPES, help="bf16, q8_0 or llama.cpp's Q4_K_M mix")
     p.add_argument("--out", required=True, help="the .gguf file to write")
     p.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
@@ -309,10 +389,13 @@ def main(argv: list[str] | None = None) -> int:
     if a.layers is not None and a.layers < 1:
         p.error(f"--layers must be at least 1, found {a.layers}")
     args = preset(a.preset, a.layers)
-    label = f"synthetic {a.preset} x{args.n_layers} {a.type}"
+    if a.tiny:
+        args = tiny_shape(args)
+    label = f"synthetic {a.preset}{' tiny' if a.tiny else ''} x{args.n_layers} {a.type}"
     r = write_gguf(a.out, args, a.type, a.seed, label)
     if a.info_json:
-        Path(a.info_json).write_text(json.dumps({"file": a.out, "preset": a.preset, "type": a.type, **r}))
+        Path(a.info_json).write_text(json.dumps({"file": a.out, "preset": a.preset, "tiny": a.tiny, "type": a.type,
+                                                 **r}))
     mix = ", ".join(f"{k} x{n}" for k, n in sorted(r["types"].items()))
     print(f"{a.out}: {label}, {r['bytes'] / 1e9:.2f} GB ({mix}) in {r['seconds']:.1f} s, tensor data at "
           f"{r['bytes'] / 1e6 / max(r['data_seconds'], 1e-9):.0f} MB/s")

@@ -9,12 +9,22 @@ computes its own tokens with one matmul per weight and adds them to the residual
 routed, ``forward_groups`` (model/passes.py) asks ``needed_groups`` for the experts the pass's tokens chose, tells
 the weight source (``source.route(layer, groups)``, where it has one: a streaming source then copies or reads only
 those) and fetches only those.
+
+The prefetch guess (the trick of Eliseev and Mazur's Mixtral runtime): where the weight source can hand over the
+next layer's router without fetching anything (``source.next_router(layer)``: its attention group resident),
+``forward_groups`` leaves it on the ``Pass`` before the layer's attention group runs, and ``moe_attention_forward``
+applies it to the current hidden state, RMSNorm(h) with the next layer's FFN norm: each token's top k there is a
+guess of the experts the next layer will route it to, known a layer ahead. The guess (the union over the pass's
+tokens) is read on the host in the same copy as the layer's expert counts (no further synchronisation) and handed to
+the source (``source.guess(layer + 1, groups)``), which counts how often it was right once that layer routes. It
+changes nothing that is computed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +43,7 @@ class Routing:
     tokens: torch.Tensor  # (T*k,) int64: token indices sorted by expert, expert e's at [bounds[e], bounds[e+1])
     weights: torch.Tensor  # (T*k, 1): their routing weights, in x's dtype
     bounds: tuple[int, ...]  # n_experts + 1 offsets into tokens, read on the host once per layer
+    guess: tuple[int, ...] | None = None  # the next layer's experts its router picks on this layer's h (module doc)
 
 
 def _swiglu(x: torch.Tensor, w1, w3, w2) -> torch.Tensor:
@@ -54,10 +65,18 @@ def moe_attention_forward(h: torch.Tensor, w: Weights, p: Pass, layer: int) -> t
     flat = idx.flatten()  # (T*k,): entry j is token j // k's choice
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=args.n_experts)
-    bounds = (0, *counts.cumsum(0).tolist())
+    n, nxt = args.n_experts, p.routing.get("next_router")
+    guessing = nxt is not None and nxt[0] == layer + 1
+    if guessing:  # the prefetch guess, read with the counts (module docstring)
+        xg = rms_norm(h, nxt[1]["ffn_norm.weight"], args.norm_eps).flatten(0, 1)  # (T, dim)
+        picks = torch.topk(linear(xg, nxt[1]["feed_forward.gate.weight"]).float(), args.n_experts_used, dim=-1)[1]
+        counts = torch.cat([counts, torch.bincount(picks.flatten(), minlength=n)])  # (2 n,)
+    host = counts.tolist()  # the one host read of the layer
+    bounds = (0, *itertools.accumulate(host[:n]))
+    guess = tuple(e for e in range(n) if host[n + e]) if guessing else None
     p.routing.clear()
     p.routing["layer"] = Routing(layer, x, order // args.n_experts_used,
-                                 top.flatten()[order].unsqueeze(1).to(x.dtype), bounds)
+                                 top.flatten()[order].unsqueeze(1).to(x.dtype), bounds, guess)
     return h
 
 
@@ -74,6 +93,11 @@ def needed_groups(args: ModelArgs, r: Routing) -> tuple[str, ...]:
     pass order: the only ones of that layer the pass fetches (``forward_groups``)."""
     return tuple(g for k in routed_kinds(args) for e, g in enumerate(kind_groups(args, r.layer, k))
                  if r.bounds[e + 1] > r.bounds[e])
+
+
+def guessed_groups(args: ModelArgs, layer: int, experts) -> tuple[str, ...]:
+    """The routed groups of ``layer`` of expert indices ``experts`` (a ``Routing.guess``)."""
+    return tuple(g for k in routed_kinds(args) for e, g in enumerate(kind_groups(args, layer, k)) if e in experts)
 
 
 @functools.lru_cache(maxsize=64)

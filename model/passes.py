@@ -15,6 +15,7 @@ from model.args import ModelArgs
 from model.experts import (
     Routing,
     expert_forward,
+    guessed_groups,
     moe_attention_forward,
     needed_groups,
     routed_set,
@@ -121,7 +122,12 @@ def forward_groups(tokens: torch.Tensor, queries: Queries, args: ModelArgs, sour
     weights are used before the next group is fetched; a tied model applies the final norm (head group)
     before it fetches the embedding as its output matrix. A mixture's routed groups (its experts) are fetched only
     where a token chose them (``needed_groups``): right after a layer has routed, ``source.route(layer, groups)``
-    (for a source that has it) names the ones of that layer the pass will fetch, in order, before the first of them.
+    (for a source that has it) names the ones of that layer the pass will fetch, in order, before the first of them;
+    and ``source.tally(layer, bounds)`` (for a source that has it: runtime/measure/routing.py counts the routings of
+    ``probe --experts``) gets the layer's ``Routing.bounds``, how many of the pass's tokens chose each expert. A
+    source with ``guess`` and ``next_router`` gets the prefetch guess (model/experts.py): before a layer's attention
+    group runs, ``next_router(layer + 1)`` hands over the next layer's router weights if it can without fetching
+    (else None: no guess), and once the layer has routed, ``guess(layer + 1, groups)`` the experts they pick.
 
     ``parallel``: this pass is one tensor-parallel rank's (``args`` its own, ``source`` its shards): the
     embedding and each layer group's output projection are all-reduced, the logits gathered.
@@ -133,12 +139,16 @@ def forward_groups(tokens: torch.Tensor, queries: Queries, args: ModelArgs, sour
     if red is not None:
         h = red(h)  # each rank looked up its own vocabulary rows (the others zero)
     p = Pass(args, rope, cache, queries, red)
-    routed, route = routed_set(args), getattr(source, "route", None)
+    routed, route, tally = routed_set(args), getattr(source, "route", None), getattr(source, "tally", None)
+    next_router, guess = getattr(source, "next_router", None), getattr(source, "guess", None)
     chosen: frozenset[str] = frozenset()  # the current layer's routed groups that a token chose
     announced: Routing | None = None
     for group, fwd, layer in layer_passes(args):
         if group in routed and group not in chosen:
             continue  # no token of the pass chose this expert: not fetched
+        if fwd is moe_attention_forward and guess is not None:  # the next layer's router, where the source has it
+            w = next_router(layer + 1) if layer + 1 < args.n_layers else None
+            p.routing["next_router"] = None if w is None else (layer + 1, w)
         h = on_weights(fwd, h, source.get(group), p, layer)
         r = p.routing.get("layer")
         if r is not None and r is not announced:  # this group routed: the layer's experts are known
@@ -146,6 +156,10 @@ def forward_groups(tokens: torch.Tensor, queries: Queries, args: ModelArgs, sour
             chosen = frozenset(needed)
             if route is not None:
                 route(r.layer, needed)
+            if tally is not None:
+                tally(r.layer, r.bounds)
+            if r.guess is not None:
+                guess(r.layer + 1, guessed_groups(args, r.layer + 1, r.guess))
     if last_only:
         h = h[:, -1:]
     elif select is not None:

@@ -77,6 +77,8 @@ class Recording:
 
     def __init__(self, source) -> None:
         self.source, self.chosen, self.passes = source, collections.Counter(), 0
+        self.guessed: dict[int, frozenset[str]] = {}  # the prefetch guess of a layer not routed yet ...
+        self.guesses = collections.Counter()  # ... and, over the guessed layers, its layers, experts chosen, hits
 
     def __getattr__(self, name: str):
         return getattr(self.source, name)
@@ -87,7 +89,13 @@ class Recording:
 
     def route(self, layer, groups) -> None:
         self.chosen.update(groups)
+        if layer in self.guessed:
+            self.guesses.update(layers=1, chosen=len(groups), hits=len(self.guessed.pop(layer) & set(groups)))
         self.source.route(layer, groups)
+
+    def guess(self, layer, groups) -> None:
+        self.guessed[layer] = frozenset(groups)
+        self.source.guess(layer, groups)
 
 
 def settle(src, image: Image) -> dict[str, int]:
@@ -142,6 +150,12 @@ def test_only_chosen_experts_are_read(images, name):
     assert stats["routings"] == passes * image.args.n_layers
     assert stats["experts_skipped"] == passes * image.args.n_layers * per_layer - sum(rec.chosen.values())
     assert stats["expert_h2d_bytes"] == 0  # the CPU computes from the slots
+    # the prefetch guess: every layer after the first is guessed where its router lies in the client's memory or
+    # the DRAM tier (not where its attention group streams); counted as the pass saw it
+    guessed = {"stream": 0, "mixed": passes * (image.args.n_layers - 1), "preload": passes * (image.args.n_layers - 1)}
+    assert stats["guessed_layers"] == rec.guesses["layers"] == guessed[name]
+    assert (stats["guess_chosen"], stats["guess_hits"]) == (rec.guesses["chosen"], rec.guesses["hits"])
+    assert stats["guessed"] >= rec.guesses["layers"] * image.args.n_experts_used  # k a token, the prompt's more
 
 
 def test_batch_equals_solo_with_experts_on_every_tier(images):
@@ -251,8 +265,9 @@ def test_pool_demands(images):
 
 
 def test_bench_reports_experts_by_tier(images, tmp_path):
-    """bench --out-json: the experts fetched per decoded token from each tier, their bytes, the bytes read on demand
-    and the hit rates, consistent with each other and with the pool's reads; the summary prints them."""
+    """bench --out-json: the experts fetched per decoded token from each tier, their bytes, the bytes read on demand,
+    the hit rates and the bound from the bytes moved, consistent with each other and with the pool's reads; the
+    summary prints them."""
     from conftest import run_launch
 
     prompts, out = tmp_path / "prompts.txt", tmp_path / "bench.json"
@@ -270,7 +285,14 @@ def test_bench_reports_experts_by_tier(images, tmp_path):
     assert ex["bytes_per_token"]["h2d"] == 0  # the CPU computes where the experts lie
     assert rep["decode_io"]["bytes_demand"] == ex["bytes_per_token"]["disk"] * 4
     assert rep["plan"]["experts"]["disk"]["experts"] > 0 and rep["plan"]["routing_from"] == "uniform"
-    assert "experts: per token gpu" in proc.stdout, proc.stdout
+    gr = ex["prefetch_guess"]  # layers 1 and 2 guessed in each of the 4 decode steps (their routers in memory)
+    assert gr["layers"] == 4 * (MIXTRAL.n_layers - 1) and gr["guessed_per_layer"] == gr["chosen_per_layer"] == k
+    assert 0 <= gr["hit_rate"] == gr["precision"] <= 1 and "prefetch guess:" in proc.stdout
+    mb = ex["bound_moved"]  # the bound from the bytes the decode steps moved: on the CPU, the disk's alone
+    assert mb["bytes_per_step"] == {"disk": rep["decode_io"]["disk_bytes"] / 4, "h2d": 0.0}
+    assert mb["limited_by"] == "disk" and mb["step_ms"] == mb["bytes_per_step"]["disk"] / 1e9 * 1e3
+    assert abs(mb["ratio"] - rep["bound"]["decode_step_ms"] / mb["step_ms"]) < 1e-9
+    assert "experts: per token gpu" in proc.stdout and "bound (moved):" in proc.stdout, proc.stdout
 
 
 def test_daemon_pool_plan_of_a_mixture(images):
@@ -388,6 +410,48 @@ def test_expert_counts_kept_beside_the_image(images, tmp_path):
     with pytest.raises(ConfigError, match="has no experts"):
         make_plan(Image.open(_dense(tmp_path)), EngineConfig.of(expert_counts="c.json", quiet=True),
                   torch.device("cpu"), 0, 0)
+
+
+def test_probe_experts_counts_kept_beside_the_image(images, tmp_path):
+    """probe --experts FILE (an image without a tokenizer: lines of token ids) counts each layer's routings over the
+    file's tokens in windows, equal to the routers' choices in a full-mode run of the same windows, writes them as
+    IMAGE.expert-counts.json, and prints the plan ranked by them with the expected bytes per token; a dense image
+    is refused."""
+    import random
+    import shutil
+
+    from conftest import assert_user_error, run_launch
+
+    from runtime.engine.placement import expert_counts_path
+    from runtime.engine.source import make_plan
+    from runtime.measure.routing import RoutingCounter
+
+    src, path = images["mixtral"], tmp_path / "m.img"
+    for suffix in ("", ".manifest.json"):  # a copy: the counts are written beside it
+        shutil.copy(f"{src.path}{suffix}", f"{path}{suffix}")
+    rnd = random.Random(5)
+    ids = [rnd.randrange(MIXTRAL.vocab_size) for _ in range(40)]
+    text = tmp_path / "ids.txt"
+    text.write_text(",".join(map(str, ids[:25])) + "\n" + ",".join(map(str, ids[25:])) + "\n")
+    proc = run_launch("probe", "--image", str(path), "--experts", str(text), "--experts-window", "16", "--device",
+                      "cpu", "--dram-gb", "0.0025", "--out-json", str(tmp_path / "p.json"))
+    kept = json.loads(open(expert_counts_path(str(path))).read())
+    assert kept["tokens"] == 40 and kept["window"] == 16
+    assert [sum(row) for row in kept["counts"]] == [40 * MIXTRAL.n_experts_used] * MIXTRAL.n_layers
+    gen_src = RoutingCounter(InMemoryWeights(src, "cpu", quiet=True), MIXTRAL.n_layers, MIXTRAL.n_experts)
+    gen = Generator(gen_src, 16)
+    for start in range(0, 40, 16):
+        gen.forward(torch.tensor([ids[start:start + 16]]), 0, gen.new_cache(1))
+    assert kept["counts"] == gen_src.counts
+    out = proc.stdout
+    assert f"written to {expert_counts_path(str(path))}" in out and f"routing {expert_counts_path(str(path))}" in out
+    assert "experts per pass, expected: gpu" in out and "before (uniform)" in out, out
+    plan = make_plan(Image.open(path), EngineConfig.of(mode="mixed", dram_gb=0.0025, prefetch_distance=2, quiet=True),
+                     torch.device("cpu"), 0, 0)
+    assert plan.routing_from == expert_counts_path(str(path)) and plan.demand
+    assert json.loads((tmp_path / "p.json").read_text())["plan"]["routing_from"] == plan.routing_from
+    proc = run_launch("probe", "--image", _dense(tmp_path), "--experts", str(text), "--device", "cpu", check=False)
+    assert_user_error(proc, "has no experts")
 
 
 def _dense(tmp_path) -> str:

@@ -343,15 +343,18 @@ def test_gpu_equals_transformers(built, name, mode):
 
 
 def test_cli_runs_a_synthetic_mixture_streamed(tmp_path):
-    """The synthetic tiny-mixtral shape packed, and ``run --mode stream`` on it: the tokens of an in-process full
-    run, and the plan names the expert groups' label."""
+    """The synthetic tiny-mixtral shape packed, and ``run --mode stream --verbose`` on it: the tokens of an in-process
+    full run, the plan names the expert groups' label, and the experts' hit rates are printed."""
     from model.synthetic import SyntheticCheckpoint
 
     img, out = tmp_path / "mx.img", tmp_path / "out.json"
     pack(SyntheticCheckpoint("tiny-mixtral"), img, dtype="fp32", quiet=True)
     proc = run_launch("run", "--image", str(img), "--prompt-ids", "1,2,3,4,5", "--max-new-tokens", "4", "--device",
-                      "cpu", "--mode", "stream", "--out-json", str(out))
+                      "cpu", "--mode", "stream", "--out-json", str(out), "--verbose")
     assert "16 exp" in proc.stderr + proc.stdout, proc.stderr
+    # --verbose: the tiers' hit rates (every expert streamed: disk 100%); no guess (the routers stream too)
+    assert "[experts: 8 layer routings fetched" in proc.stderr and "disk" in proc.stderr, proc.stderr
+    assert "(100%); no prefetch guess" in proc.stderr, proc.stderr
     gen = Generator(InMemoryWeights(Image.open(img), "cpu", quiet=True), 16)
     assert json.loads(out.read_text())["output_token_ids"] == gen.generate([1, 2, 3, 4, 5],
                                                                            SamplingConfig(4)).output_token_ids

@@ -8,6 +8,7 @@ where llama.cpp is built."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -124,3 +125,149 @@ def test_peer_table_joins_both_tools(tmp_path):
     assert rows[1][:4] == ["70B-shaped Q4_K_M", "-", "split", "-"] and rows[1][10:] == ["145.90 (h2d)", "1.37",
                                                                                              "-"]
     assert "3000 GB/s" in table(tmp_path)
+
+
+# ---- mixtures of experts (issue 29: benchmarks/gpu_moe.sh) ------------------------------------------------------
+
+# llama.cpp's Q4_K_M for 2 layers of a mixture (use_more_bits picks layer 1): with 8 experts (Mixtral) attn_k and
+# attn_v Q8_0, attn_output Q5_K; ffn_down_exps as ffn_down; the router F32
+MOE_TYPES = {
+    "mixtral-8x7b": {"attn_q": ("Q4_K", "Q4_K"), "attn_k": ("Q8_0", "Q8_0"), "attn_v": ("Q8_0", "Q8_0"),
+                     "attn_output": ("Q5_K", "Q5_K"), "ffn_gate_inp": ("F32", "F32"),
+                     "ffn_gate_exps": ("Q4_K", "Q4_K"), "ffn_up_exps": ("Q4_K", "Q4_K"),
+                     "ffn_down_exps": ("Q4_K", "Q6_K")},
+    "qwen3-235b-a22b": {"attn_q": ("Q4_K", "Q4_K"), "attn_k": ("Q4_K", "Q4_K"), "attn_v": ("Q4_K", "Q6_K"),
+                        "attn_output": ("Q4_K", "Q4_K"), "ffn_gate_inp": ("F32", "F32"),
+                        "attn_q_norm": ("F32", "F32"), "attn_k_norm": ("F32", "F32"),
+                        "ffn_gate_exps": ("Q4_K", "Q4_K"), "ffn_up_exps": ("Q4_K", "Q4_K"),
+                        "ffn_down_exps": ("Q4_K", "Q6_K")},
+}
+
+
+@pytest.fixture(scope="module")
+def moe_files(tmp_path_factory):
+    """preset -> (GGUF, its --info-json, Mixtral's: the image packed from it with blocks kept), each the preset --tiny
+    cut to 2 layers, written once (Qwen3-MoE's 256 experts not packed: their dequantization on the CPU takes
+    seconds; benchmarks/gpu_moe.sh's dry run packs and runs it)."""
+    out = {}
+    for name in MOE_TYPES:
+        d = tmp_path_factory.mktemp(name)
+        path, info = d / "m.gguf", d / "m.json"
+        assert main(["--preset", name, "--tiny", "--layers", "2", "--type", "q4_k_m", "--out", str(path),
+                     "--info-json", str(info)]) == 0
+        image = None
+        if name == "mixtral-8x7b":
+            pack(open_checkpoint(path), d / "m.img", dtype=WeightFormat("fp32", keep_blocks=True), quiet=True)
+            image = Image.open(d / "m.img")
+        out[name] = path, json.loads(info.read_text()), image
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(MOE_TYPES))
+def test_moe_presets_as_llama_cpp_writes_them(moe_files, name):
+    """Stacked experts (ggml shape (cols, rows, n_experts)) under llama.cpp's architecture name and keys, its Q4_K_M
+    expert rules; our reader sees the mixture (experts, top-k, head_dim, q/k norms); the --info-json sizes add up to
+    the file's matrices; Mixtral's packed with blocks kept (each expert its own group): a 2-token greedy run works."""
+    from model.groups import routed_groups
+
+    path, info, image = moe_files[name]
+    r = gguf.GGUFReader(path)
+    arch = {"mixtral-8x7b": "llama", "qwen3-235b-a22b": "qwen3moe"}[name]
+    experts, used = {"mixtral-8x7b": (8, 2), "qwen3-235b-a22b": (128, 8)}[name]
+    assert r.fields["general.architecture"].contents() == arch
+    assert (r.fields[f"{arch}.expert_count"].contents(), r.fields[f"{arch}.expert_used_count"].contents()) == (
+        experts, used)
+    types = {t.name.removesuffix(".weight"): t.tensor_type.name for t in r.tensors}
+    for short, want in MOE_TYPES[name].items():
+        assert (types[f"blk.0.{short}"], types[f"blk.1.{short}"]) == want, short
+    shapes = {t.name: tuple(int(n) for n in t.shape) for t in r.tensors}
+    assert shapes["blk.0.ffn_gate_exps.weight"] == (256, 256, experts)
+    assert shapes["blk.1.ffn_down_exps.weight"] == (256, 256, experts)
+    assert shapes["blk.0.ffn_gate_inp.weight"] == (256, experts)
+    matrices = sum(int(t.n_bytes) for t in r.tensors if len(t.shape) > 1)
+    assert matrices == sum(info["layer_bytes"]) + sum(info["expert_bytes"]) + info["token_embd_bytes"] + info[
+        "output_bytes"]
+    ck = open_checkpoint(path)
+    a = ck.args
+    assert (a.arch, a.n_experts, a.n_experts_used, a.ffn_hidden) == (
+        {"llama": "mixtral", "qwen3moe": "qwen3_moe"}[arch], experts, used, 256)
+    if name == "qwen3-235b-a22b":
+        assert r.fields["qwen3moe.expert_feed_forward_length"].contents() == 256
+        assert a.qk_norm and a.head_dim == 128 and a.n_heads * a.head_dim != a.dim  # as the real model's
+        assert shapes["blk.0.attn_q_norm.weight"] == (128,)
+    assert len(routed_groups(a)) == 2 * experts
+    if image is not None:
+        assert {f for f, _ in image.formats().values()} == {"q4_k", "q5_k", "q6_k", "q8_0"}
+        tokens, logits = reference(image, [510, 40, 41, 300], 2)
+        assert len(tokens) == 2 and bool(logits.isfinite().all())
+
+
+def test_moe_plan_of_each_side():
+    """moe_compare.py plan: llama.cpp's --n-cpu-moe for the real Qwen3-235B-A22B Q4_K_M (142 GB) is the fewest first
+    layers whose experts stay on the CPU for the rest to fit 22 GB, and a file of 8 of its 94 layers keeps the same
+    share of its layers' experts there; a whole Mixtral file takes the whole model's."""
+    from benchmarks.moe_compare import make_plan, n_cpu_moe
+    from benchmarks.synth_gguf import file_sizes
+
+    sizes = {"layer_bytes": [1, 1, 1], "expert_bytes": [10, 20, 30], "output_bytes": 5}
+    assert [n_cpu_moe(sizes, gb) for gb in (100, 68, 58, 57, 38, 37, 8)] == [0, 0, 1, 2, 2, 3, 3]
+    whole = file_sizes(preset("qwen3-235b-a22b"), "q4_k_m")
+    p = make_plan(file_sizes(preset("qwen3-235b-a22b", 8), "q4_k_m"), "qwen3-235b-a22b", "q4_k_m", None, 24.0, 22.0,
+                  [1], 96)
+    m = p["n_cpu_moe_full"]
+    assert 140e9 < p["full_bytes"] < 144e9 and p["lcpp_gpu_bytes_full"] <= 22e9 < p["lcpp_gpu_bytes_full"] + \
+        whole["expert_bytes"][m - 1]
+    assert p["n_cpu_moe"] == 8 - round((94 - m) * 8 / 94) and p["caps"] == {}
+    mx = make_plan(file_sizes(preset("mixtral-8x7b"), "q4_k_m"), "mixtral-8x7b", "q4_k_m", None, 24.0, 22.0, [1], 96)
+    assert mx["n_cpu_moe"] == mx["n_cpu_moe_full"] > 0 and mx["layers"] == mx["full_layers"] == 32
+
+
+def test_moe_emulated_cap(moe_files):
+    """Our cap for a file of 2 of a mixture's 20 layers (the --tiny Mixtral shape; Qwen3-235B-A22B's 94 plan the same
+    way, only slower): the whole model's groups take the sizes of a layer of the file with the same Q4_K_M mix; the
+    cap is the card less the missing layers' share of what the whole model's plan keeps resident and of its KV
+    cache."""
+    from benchmarks.moe_compare import emulated_cap, whole_model_sizes
+    from model.groups import group_names
+
+    image = moe_files["mixtral-8x7b"][2]
+    sizes = whole_model_sizes(image, 20)
+    assert set(sizes) == set(group_names(dataclasses.replace(image.args, n_layers=20)))
+    g = image.groups
+    assert sizes["layers.19.attention"] == g["layers.1.attention"].size  # use_more_bits: the last layers
+    assert sizes["layers.5.expert.7"] == g["layers.0.expert.7"].size != g["layers.1.expert.7"].size
+    cap = emulated_cap(image, 20, 0.285, 1, 96)
+    assert cap["emulated"] and 0 < cap["whole_resident_layer_bytes"] <= 0.285e9
+    assert 0 < cap["whole_gpu_experts"] < cap["whole_experts"] == 20 * 8
+    assert cap["gpu_mem_gb"] == round(0.285 - (18 / 20) * (cap["whole_resident_layer_bytes"] + cap["whole_kv_bytes"])
+                                      / 1e9, 3)
+    assert emulated_cap(image, 2, 24.0, 1, 96) == {"gpu_mem_gb": 24.0, "emulated": False}
+
+
+def test_moe_table_joins_both_tools(tmp_path):
+    """moe_compare.py's table from our bench's JSON (its experts.bound_moved), llama-bench's rows (tg as batch 1,
+    ppB as batch B) and the plan: step/bound, ours/llama.cpp, and the whole model's tokens/s extrapolated x N / L."""
+    from benchmarks.moe_compare import table, table_rows
+
+    def ours(b: int, decode_ms: float, bound_ms: float) -> dict:
+        return {"batch_size": b, "decode_tokens_total": 31 * b, "decode_ms": decode_ms,
+                "experts": {"hit_rate": {"gpu": 0.25, "dram": 0.75, "disk": 0.0},
+                            "bound_moved": {"step_ms": bound_ms, "limited_by": "h2d"}}}
+
+    files = {"plan-qwen.json": {"preset": "qwen3-235b-a22b", "type": "q4_k_m", "layers": 8, "full_layers": 94,
+                                "n_cpu_moe": 7, "n_cpu_moe_full": 83, "lcpp_gpu_bytes_full": 21.7e9,
+                                "lcpp_gpu_bytes": 1.9e9, "lcpp_gpu_gb": 22.0,
+                                "caps": {"1": {"gpu_mem_gb": 22.64, "emulated": True}}},
+             "weights-qwen.json": {"bytes": 12.9e9, "n_layers": 8},
+             "ours-qwen-b1.json": ours(1, 310.0, 9.0), "ours-qwen-b8.json": ours(8, 620.0, 18.0),
+             "lcpp-qwen.json": [{"n_prompt": 8, "n_gen": 0, "avg_ts": 160.0}, {"n_prompt": 0, "n_gen": 32,
+                                                                                "avg_ts": 50.0}]}
+    for name, obj in files.items():
+        (tmp_path / name).write_text(json.dumps(obj))
+    rows = table_rows(tmp_path)
+    assert rows[0] == ["Qwen3-235B-A22B-shaped x8/94 Q4_K_M 12.9 GB", "1", "22.64", "10.0", "100.0", "9.0 (h2d)",
+                       "1.11", "25/75/0", "50.0 (tg, -ncmoe 7)", "2.00", "8.5", "4.3"]
+    assert rows[1][:2] == ["8", "-"] or rows[1][1:5] == ["8", "-", "20.0", "400.0"]
+    assert rows[1][8] == "160.0 (pp8, -ncmoe 7)" and rows[1][9] == "2.50"
+    text = table(tmp_path)
+    assert "EXTRAPOLATED" in text and "--n-cpu-moe 7 (whole model: 83 of 94" in text

@@ -171,7 +171,12 @@ def _run(cfg: RunConfig, engine: EngineConfig, sampling: SamplingConfig, image: 
         printer = TokenPrinter(tok)
         gen = run_generator(source, engine, image, max_len)
         res = gen.generate(prompt, sampling, tok.eos_ids if tok else frozenset(), printer)
+        experts = dict(getattr(source, "expert_stats", None) or {})
     TokenPrinter.end()
+    if cfg.verbose and experts.get("routings"):
+        from runtime.measure.bench import experts_line
+
+        print(f"[{experts_line(experts)}]", file=sys.stderr)
     t = res.timings()
     spec = gen.report() if hasattr(gen, "report") else None
     if not engine.quiet:

@@ -79,6 +79,7 @@ class RunConfig(FlagConfig):
     no_server: bool = False
     tensor_parallel: int = 1
     devices: str | None = None
+    verbose: bool = False
 
     def __post_init__(self) -> None:
         if self.tensor_parallel < 1:

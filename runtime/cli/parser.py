@@ -262,6 +262,9 @@ def _run_parser(sub) -> None:
     _device_arg(p, C)
     _tensor_parallel_args(p, C)
     arg(p, "--out-json", C, help="write prompt/output token ids, text and timings to this JSON file")
+    arg(p, "--verbose", C, action="store_true", help="also print, for a mixture of experts, where the experts the "
+                                                     "run fetched came from (the GPU, DRAM and disk tiers' hit "
+                                                     "rates) and how often the prefetch guess was right")
     arg(p, "--quiet", EngineConfig, action="store_true", help="print only the generated text")
     _runtime_args(p)
     _no_server_arg(p, C)
@@ -365,6 +368,15 @@ def _probe_parser(sub) -> None:
                               "starts from them")
     arg(p, "--tree-tokens-list", C, help="with --draft: pass sizes to time, comma-separated, at most 1024 (default "
                                          "%(default)s)")
+    arg(p, "--experts", C, metavar="FILE",
+        help="with --image of a mixture of experts: instead of the timing study, run FILE's text (tokenized with the "
+             "image's tokenizer; without one, lines of comma-separated token ids) through the model and count how "
+             "often each expert is routed, kept as IMAGE.expert-counts.json (the placement ranks experts by it); "
+             "prints the plan for the budgets given with the expected bytes per token from those counts")
+    arg(p, "--experts-tokens", C, type=int, help="with --experts: at most this many of the text's tokens (default "
+                                                 "%(default)s)")
+    arg(p, "--experts-window", C, type=int, help="with --experts: tokens per window, each a fresh context (default "
+                                                 "%(default)s)")
     arg(p, "--out-json", C, help="write every measurement, the analysis, the recommendation and the plan here")
 
 

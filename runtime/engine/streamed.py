@@ -14,7 +14,10 @@ reads them in order into this client's demand slots. So the order of the non-res
 known only a layer at a time: ``order`` is that order as far as it is known, walked from the pass sequence
 (``_extend``), which stops at a layer whose routing the pass has not announced yet. The CUDA pipeline copies along
 it, up to K groups ahead, as it did along the fixed cycle. ``expert_stats`` counts the experts each tier served,
-those skipped, and the bytes they moved.
+those skipped, and the bytes they moved; and the prefetch guess (model/experts.py): ``next_router`` hands the pass
+a layer's router where its attention group is resident (or, on the CPU, in the DRAM tier), ``guess`` keeps the
+experts it picked a layer ahead, and ``route`` counts how many of the layer's chosen experts were guessed (nothing
+is fetched on a guess yet: the count says what starting the copies a layer early would catch).
 On CUDA the ring is registered once with cudaHostRegister, and DRAM/streamed groups are copied on a
 dedicated copy stream into K staging buffers, up to K groups ahead of compute, with CUDA events between the
 streams (no synchronize in the layer loop); a slot is released once the event recorded after its copy has
@@ -41,10 +44,10 @@ import time
 
 import torch
 
-from model.arch import EMBED
+from model.arch import EMBED, architecture
 from model.cpu_kernels import hold
 from model.errors import UserError
-from model.groups import routed_groups
+from model.groups import layer_group, routed_groups
 from model.transformer import Weights, embed_forward
 from runtime.env import cpu_kernels
 from runtime.format.image import TORCH_DTYPES, Image, tensor_views
@@ -102,7 +105,12 @@ class StreamedWeights:
         # bytes they moved to the GPU (DRAM and disk tiers, CUDA only); routings: layers routed
         self.expert_stats = dict.fromkeys(("routings", "experts_gpu", "experts_dram", "experts_disk",
                                            "experts_skipped", "expert_bytes_gpu", "expert_bytes_dram",
-                                           "expert_bytes_disk", "expert_h2d_bytes"), 0)
+                                           "expert_bytes_disk", "expert_h2d_bytes", "guessed_layers", "guessed",
+                                           "guess_chosen", "guess_hits"), 0)
+        # the prefetch guess: each routed layer's router group, and the experts guessed for a layer not routed yet
+        kinds = [k for k in architecture(self.args).layer_kinds if k.forward == "moe_attention"]
+        self.router_group = {i: layer_group(i, kinds[0].name) for i in range(self.args.n_layers)} if kinds else {}
+        self.guesses: dict[int, frozenset[str]] = {}
         self.held: tuple[int, int] | None = None  # CPU: the streamed slot the last group was computed from
         self.dense: dict[str, Weights] = {}  # CPU: quantized DRAM-tier groups, held from their first use
         # CUDA: the plan's CPU compute set; the pass index of each known position, whether each begun pass is small
@@ -325,6 +333,20 @@ class StreamedWeights:
         return self._get_cuda(group) if self.cuda else self._get_cpu(group)
 
     # ---- routed experts ------------------------------------------------------------------------
+    def next_router(self, layer: int) -> Weights | None:
+        """Layer ``layer``'s router group's weights where they can be used without fetching anything: resident, or
+        on the CPU in the DRAM tier; None otherwise (and for a tensor-parallel rank): no guess for that layer."""
+        g = self.router_group.get(layer)
+        if g is None or self.shard is not None:
+            return None
+        if g in self.resident:
+            return self.resident[g]
+        return self.dram_views(g) if not self.cuda and g in self.in_dram else None
+
+    def guess(self, layer: int, groups) -> None:
+        """The experts of ``layer`` its router picks on the previous layer's hidden state (counted at ``route``)."""
+        self.guesses[layer] = frozenset(groups)
+
     def route(self, layer: int, groups) -> None:
         """The pass's layer ``layer`` has routed: of its experts it fetches ``groups`` only, in this order (model/
         transformer.py ``forward_groups``). Counts where each comes from; asks the pool for the disk-tier ones
@@ -339,6 +361,12 @@ class StreamedWeights:
         chosen = frozenset(groups)
         st = self.expert_stats
         st["routings"] += 1
+        guessed = self.guesses.pop(layer, None)
+        if guessed is not None:
+            st["guessed_layers"] += 1
+            st["guessed"] += len(guessed)
+            st["guess_chosen"] += len(chosen)
+            st["guess_hits"] += len(chosen & guessed)
         st["experts_skipped"] += self.layer_experts[layer] - len(chosen)
         disk = []
         for g in groups:

@@ -223,7 +223,20 @@ def pool_counters(source: WeightSource) -> dict[str, int] | None:
 
 EXPERT_TIERS = ("gpu", "dram", "disk")
 EXPERT_KEYS = ("routings", *(f"experts_{t}" for t in (*EXPERT_TIERS, "skipped")),
-               *(f"expert_bytes_{t}" for t in EXPERT_TIERS), "expert_h2d_bytes", "bytes_demand")
+               *(f"expert_bytes_{t}" for t in EXPERT_TIERS), "expert_h2d_bytes", "bytes_demand", "guessed_layers",
+               "guessed", "guess_chosen", "guess_hits")
+
+
+def guess_report(c: dict) -> dict[str, Any] | None:
+    """The prefetch guess (runtime/engine/streamed.py): of the experts the guessed layers chose, the share guessed a
+    layer ahead (its hit rate), the experts guessed a layer and the share of them chosen; None where no layer was
+    guessed (its router not resident, or a dense model)."""
+    layers = c.get("guessed_layers", 0)
+    if not layers:
+        return None
+    return {"layers": layers, "hit_rate": c["guess_hits"] / c["guess_chosen"] if c["guess_chosen"] else None,
+            "guessed_per_layer": c["guessed"] / layers, "chosen_per_layer": c["guess_chosen"] / layers,
+            "precision": c["guess_hits"] / c["guessed"] if c["guessed"] else None}
 
 
 def expert_report(prefill: dict | None, decode: dict | None, tokens: int) -> dict[str, Any] | None:
@@ -245,7 +258,45 @@ def expert_report(prefill: dict | None, decode: dict | None, tokens: int) -> dic
                                 "h2d": per_token(decode["expert_h2d_bytes"]),
                                 "disk_read": per_token(decode["bytes_demand"])},
             "hit_rate": {t: decode[f"experts_{t}"] / fetched if fetched else None for t in EXPERT_TIERS},
+            "prefetch_guess": guess_report(decode),
             "prefill": {k: (prefill or {}).get(k) for k in decode if k in EXPERT_KEYS}}
+
+
+def moved_bound(plan, lk: dict, decode: dict | None, steps: int, batch: int, step_ms: float | None) \
+        -> dict[str, Any] | None:
+    """A mixture's bound from the bytes its decode steps actually moved (the plan's is an expectation at batch 1
+    from the routing counts): per step, H2D = the non-expert groups a pass copies (the DRAM tier's and the
+    streamed ones, less the CPU compute set of a pass of ``batch`` tokens) + the experts' H2D bytes counted by the
+    source; disk = the bytes the pool's workers read (cyclic stream and demands); each over its link, the longer
+    of the two. None for a dense model or without a decode step or a pool."""
+    if not plan or not plan.routed or not decode or not steps:
+        return None
+    terms, routed, cpu = {}, set(plan.routed), plan.cpu_for(batch)
+    per_step = {"disk": decode["disk_bytes"] / steps, "h2d": 0.0}
+    if plan.is_cuda and lk.get("h2d"):
+        moving = set(plan.dram) | set(plan.stream)
+        fixed = sum(plan.group_bytes[g] for g in plan.sequence if g in moving and g not in routed and g not in cpu)
+        per_step["h2d"] = fixed + decode["expert_h2d_bytes"] / steps
+        terms["h2d"] = per_step["h2d"] / (lk["h2d"]["gbps"] * GB) * 1e3
+    if per_step["disk"] and lk.get("disk"):
+        terms["disk"] = per_step["disk"] / (lk["disk"]["gbps"] * GB) * 1e3
+    if not terms:
+        return {"step_ms": None, "limited_by": None, "terms_ms": {}, "bytes_per_step": per_step, "ratio": None}
+    limited = max(terms, key=terms.get)
+    return {"step_ms": terms[limited], "limited_by": limited, "terms_ms": terms, "bytes_per_step": per_step,
+            "ratio": step_ms / terms[limited] if step_ms and terms[limited] else None}
+
+
+def experts_line(c: dict) -> str:
+    """One line of a run's expert counters (a streamed source's ``expert_stats``, prefill and decode together): the
+    experts fetched from each tier and its share (hit rate), and the prefetch guess's (``run --verbose``)."""
+    fetched = sum(c[f"experts_{t}"] for t in EXPERT_TIERS)
+    tiers = ", ".join(f"{t} {c[f'experts_{t}']} ({c[f'experts_{t}'] / fetched if fetched else 0:.0%})"
+                      for t in EXPERT_TIERS)
+    gr = guess_report(c)
+    guess = (f"; prefetch guess right for {gr['hit_rate'] or 0:.0%} of the experts chosen in {gr['layers']} layers"
+             if gr else "; no prefetch guess (no router resident a layer ahead)")
+    return f"experts: {c['routings']} layer routings fetched {fetched}: {tiers}{guess}"
 
 
 def _bytes(plan, groups) -> int:
@@ -454,6 +505,8 @@ def build_report(cfg: BenchConfig, engine: EngineConfig, ctx: BenchContext, r: R
     out["results"] = [{"prompt_token_ids": x.prompt_token_ids, "output_token_ids": x.output_token_ids,
                        "text": tok.answer_text(x.output_token_ids) if tok else None} for x in r.results]
     out["experts"] = expert_report(io["prefill_io"], io["decode_io"], n * steps)
+    if out["experts"] is not None:
+        out["experts"]["bound_moved"] = moved_bound(plan, lk, io["decode_io"], steps, n, step_ms)
     out.update({"generated_tokens_total": n * len(r.tokens), "warmup_rounds": cfg.warmup_rounds,
                 "load_ms": ctx.load_ms, "load_breakdown_ms": ctx.load_breakdown_ms,
                 "process_start_to_first_token_ms": ctx.process_to_first_token_ms,
@@ -526,6 +579,18 @@ def summary(rep: dict, plan_text: str) -> str:
         ours["experts"] = ("per token " + ", ".join(
             f"{t} {ex['experts_per_token'][t]:.2f} ({fmt_gb(ex['bytes_per_token'][t])}, hit rate "
             f"{ex['hit_rate'][t] or 0:.2f})" for t in EXPERT_TIERS) + f"; {ex['skipped_per_token']:.1f} not chosen")
+        gr = ex.get("prefetch_guess")
+        if gr:
+            ours["prefetch guess"] = (f"{gr['hit_rate'] or 0:.0%} of the experts chosen were guessed a layer ahead "
+                                      f"({gr['layers']} layers; {gr['guessed_per_layer']:.1f} guessed and "
+                                      f"{gr['chosen_per_layer']:.1f} chosen a layer, {gr['precision'] or 0:.0%} of "
+                                      f"the guessed chosen)")
+        mb = ex.get("bound_moved")
+        if mb and mb["step_ms"] is not None:
+            per = mb["bytes_per_step"][mb["limited_by"]]
+            ratio = f", achieved/bound {mb['ratio']:.2f}" if mb["ratio"] is not None else ""
+            ours["bound (moved)"] = (f"{mb['step_ms']:.1f} ms per decode step from the bytes it moved "
+                                     f"({mb['limited_by']} {fmt_gb(per)} a step){ratio}")
     kv = rep["kv"]
     if kv.get("host_attention"):
         ms, gb = kv["host_attention_ms_per_step"], kv["host_kv_bytes_per_step"]

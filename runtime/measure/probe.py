@@ -168,6 +168,9 @@ class ProbeConfig(FlagConfig):
     tree_tokens_list: tuple[int, ...] | str = "1,2,4,8,16,32,64,128,256,512,1024"
     out_json: str | None = None
     devices: str | None = None  # GPUs whose links are also measured alone and at once (runtime/measure/multilink.py)
+    experts: str | None = None  # a text file: count a mixture's routings on it instead (runtime/measure/routing.py)
+    experts_tokens: int = 8192  # at most this many of its tokens
+    experts_window: int = 512  # in windows (fresh contexts) of this many tokens
 
     def __post_init__(self) -> None:
         if self.devices is not None and self.device == "cpu":
@@ -192,6 +195,11 @@ class ProbeConfig(FlagConfig):
             v = getattr(self, key)
             if v is not None and not v > 0:
                 raise ConfigError(f"--{key.replace('_', '-')} must be positive, found {v}")
+        if self.experts is not None and self.image is None:
+            raise ConfigError("--experts needs --image: the counts are kept beside an image")
+        for key in ("experts_tokens", "experts_window"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"--{key.replace('_', '-')} must be at least 1, found {getattr(self, key)}")
         if self.draft is not None and self.image is None:
             raise ConfigError("--draft needs --image: the costs are kept for an image (and its draft)")
         if max(self.tree_tokens_list) > MAX_TREE_TOKENS:
@@ -228,7 +236,8 @@ def model_spec(cfg: ProbeConfig) -> ModelSpec:
         image = Image.open(cfg.image, cfg.manifest)
         if architecture(image.args).routed:  # one group of each kind is not a layer's compute when k of n run
             raise ConfigError(f"probe: {image.path} is a {image.args.arch} mixture of experts, whose per-expert "
-                              f"compute and routing the probe does not measure yet (issue 29)")
+                              f"compute the probe does not measure yet (issue 29); --experts FILE measures its "
+                              f"routing on a text")
         return ModelSpec(image.args, image.dtype, {n: g.size for n, g in image.groups.items()},
                          f"image {image.path}", str(image.path), str(image.manifest_path), image.image_size,
                          image.formats(), image.format_summary())
@@ -1092,6 +1101,10 @@ def _multi_links(cfg: ProbeConfig, device) -> dict:
 def run_probe(cfg: ProbeConfig) -> int:
     from runtime.engine.generate import pick_device  # torch: the reader processes import this module
 
+    if cfg.experts is not None:  # a mixture's routing on a text, instead of the timing study
+        from runtime.measure.routing import run_expert_probe
+
+        return run_expert_probe(cfg)
     spec = model_spec(cfg)
     device = pick_device(cfg.device)
     cleanup: list[Path] = []
