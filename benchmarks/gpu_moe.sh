@@ -51,26 +51,12 @@ else
 fi
 TYPE=q4_k_m
 [ "$DEVICE" = cpu ] && SKIP_LLAMACPP=${SKIP_LLAMACPP:-$([ -n "${LLAMA_BENCH:-}" ] && echo 0 || echo 1)}
-T0=$SECONDS; BUDGET=${BUDGET:-540}
-say() { echo "[$((SECONDS - T0)) s] $*"; }
-left() {  # seconds what: false (and says so) when less than that is left of the call's BUDGET
-  [ $((BUDGET - (SECONDS - T0))) -ge "$1" ] && return 0
-  say "skipping $2: it takes ~$1 s, less is left of the ${BUDGET} s budget"; return 1
-}
 # rough seconds (H100 machine) for left(): writing and packing a file, one bench run, llama.cpp on a file
 declare -A EST=([pack-mixtral]=90 [pack-qwen]=50 [bench-mixtral]=45 [bench-qwen]=35 [lcpp-mixtral]=75
                 [lcpp-qwen]=50)
 est() { [ "$TINY" = 1 ] && echo 5 || echo "${EST[$1]:-60}"; }
-if [ -d .whl ] && ! python3 -c "import gguf, posix_ipc" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-export PYTHONUNBUFFERED=1
-LB=${LLAMA_BENCH:-/tmp/llamacpp/b/bin/llama-bench}
-if [ "${SKIP_LLAMACPP:-0}" != 1 ] && [ -z "${LLAMA_BENCH:-}" ]; then
-  nice -n 19 bash benchmarks/gpu_llamacpp_build.sh > "$R/llamacpp-build.log" 2>&1 &
-  say "llama.cpp build started in the background (log $R/llamacpp-build.log)"
-fi
+source benchmarks/peer_lib.sh
+start_llamacpp
 [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 df -h "$W" | tail -1
 
@@ -140,16 +126,7 @@ print(f'{sys.argv[2]:>8} batch {r[\"batch_size\"]:>2} ours: step {step:7.1f} ms,
   done
 fi
 
-if [ "${SKIP_LLAMACPP:-0}" != 1 ]; then
-  ready=1
-  if [ -z "${LLAMA_BENCH:-}" ]; then
-    say "waiting for the llama.cpp build"
-    wait_s=$((BUDGET - (SECONDS - T0) - 60)); [ "$wait_s" -lt "${BUILD_WAIT:-300}" ] || wait_s=${BUILD_WAIT:-300}
-    bash benchmarks/gpu_llamacpp_build.sh --wait "$((wait_s > 0 ? wait_s : 0))" \
-      || { ready=0; tail -20 "$R/llamacpp-build.log"; }
-    [ -d /tmp/llamacpp/shim/lib ] && export LD_LIBRARY_PATH=/tmp/llamacpp/shim/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-  fi
-  if [ "$ready" = 1 ] && [ -x "$LB" ]; then
+if [ "${SKIP_LLAMACPP:-0}" != 1 ] && wait_llamacpp; then
     pp=$(for b in $BATCHES; do [ "$b" -gt 1 ] && echo "$b"; done | paste -sd,)
     for f in "${FILES[@]}"; do
       read -r name pre layers gd <<< "$f"
@@ -161,14 +138,8 @@ if [ "${SKIP_LLAMACPP:-0}" != 1 ]; then
       [ -s "$R/plan-$name.json" ] || python3 benchmarks/moe_compare.py plan --info "$R/weights-$name.json" \
         --cap-gb "$CAP" --lcpp-gpu-gb "$LCPP_GB" --out "$R/plan-$name.json"
       m=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['n_cpu_moe'])" "$R/plan-$name.json")
-      lb=("$LB" -m "$gd/$name.gguf" -ngl 99 -ncmoe "$m" -n "$NT" -r "${REPS:-3}" -t "${THREADS:-16}"
-          -fa "${LLAMACPP_FA:-0}" ${LCPP_ARGS:-} -o json)
-      [ -n "$pp" ] && lb+=(-p "$pp") || lb+=(-p 0)
-      timeout 300 "${lb[@]}" > "$js" 2> "$R/lcpp-$name.log"; rc=$?
-      if [ "$rc" = 132 ] || [ "$rc" = 139 ]; then  # SIGILL/SIGSEGV: AMX listed by a CPU, not enabled by its VM
-        say "$name (llama.cpp): signal $((rc - 128)); again with --repack 0 (no AMX, no repacked CPU weights)"
-        timeout 300 "${lb[@]}" --repack 0 > "$js" 2>> "$R/lcpp-$name.log"; rc=$?
-      fi
+      llama_bench "$js" "$R/lcpp-$name.log" -m "$gd/$name.gguf" -ngl 99 -ncmoe "$m" -n "$NT" -r "${REPS:-3}" \
+        -t "${THREADS:-16}" -fa "${LLAMACPP_FA:-0}" -p "${pp:-0}" ${LCPP_ARGS:-}; rc=$?
       rm -f "$gd/$name.gguf"
       [ "$rc" = 0 ] || { say "$name (llama.cpp) failed ($rc):"; tail -8 "$R/lcpp-$name.log"; rm -f "$js"; continue; }
       python3 -c "import json, sys
@@ -176,9 +147,6 @@ for r in json.load(open(sys.argv[1])):
     t = f'pp{r[\"n_prompt\"]}' if r['n_prompt'] else f'tg{r[\"n_gen\"]}'
     print(f'{sys.argv[2]:>8} llama.cpp -ncmoe {sys.argv[3]}: {t:>5} {r[\"avg_ts\"]:8.1f} tok/s')" "$js" "$name" "$m"
     done
-  else
-    say "no llama-bench (not built, or not at $LB): llama.cpp's runs are skipped"
-  fi
 fi
 say "done"
 python3 benchmarks/moe_compare.py table --dir "$R"

@@ -40,26 +40,12 @@ OUT=${OUT:-/tmp/out}; W=${W:-/tmp/peer}; R=${RESULTS:-/tmp/peer-results}
 [ "${FRESH:-0}" = 1 ] && rm -rf "$R"
 mkdir -p "$OUT" "$W" "$R"
 DEVICE=${DEVICE:-cuda}; LAYERS=${LAYERS:-32}; NGL=${GPU_LAYERS:-17}; PT=${PROMPT_TOKENS:-512}; NT=${NEW_TOKENS:-64}
-T0=$SECONDS; BUDGET=${BUDGET:-540}
-say() { echo "[$((SECONDS - T0)) s] $*"; }
-left() {  # seconds what: false (and says so) when less than that is left of the call's BUDGET
-  [ $((BUDGET - (SECONDS - T0))) -ge "$1" ] && return 0
-  say "skipping $2: it takes ~$1 s, less is left of the ${BUDGET} s budget"; return 1
-}
 # rough seconds per file on the H100 machine (write, pack, bench; llama.cpp: write again, llama-bench), for left()
 declare -A EST=([ours-8b-bf16]=120 [ours-8b-q4km]=60 [ours-70b-q4km]=150 [ours-split]=60
                 [lcpp-8b-bf16]=45 [lcpp-8b-q4km]=30 [lcpp-70b-q4km]=45 [lcpp-split]=60)
 est() { echo "${EST[$1]:-30}"; }
-if [ -d .whl ] && ! python3 -c "import gguf, posix_ipc" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-export PYTHONUNBUFFERED=1
-LB=${LLAMA_BENCH:-/tmp/llamacpp/b/bin/llama-bench}
-if [ "${SKIP_LLAMACPP:-0}" != 1 ] && [ -z "${LLAMA_BENCH:-}" ]; then
-  nice -n 19 bash benchmarks/gpu_llamacpp_build.sh > "$R/llamacpp-build.log" 2>&1 &
-  say "llama.cpp build started in the background (log $R/llamacpp-build.log)"
-fi
+source benchmarks/peer_lib.sh
+start_llamacpp
 [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 if [ "$DEVICE" = cuda ]; then python3 benchmarks/peer_compare.py hbm --out "$R/hbm.json"; else rm -f "$R/hbm.json"; fi
 
@@ -115,19 +101,7 @@ print(f'{sys.argv[2]:>9} {sys.argv[3]:>5} ours: decode {n / r[\"decode_ms\"] * 1
   done
 fi
 
-if [ "${SKIP_LLAMACPP:-0}" != 1 ]; then
-  ready=1
-  if [ -z "${LLAMA_BENCH:-}" ]; then
-    say "waiting for the llama.cpp build"
-    wait_s=$((BUDGET - (SECONDS - T0) - 60)); [ "$wait_s" -lt "${BUILD_WAIT:-300}" ] || wait_s=${BUILD_WAIT:-300}
-    bash benchmarks/gpu_llamacpp_build.sh --wait "$((wait_s > 0 ? wait_s : 0))" \
-      || { ready=0; tail -20 "$R/llamacpp-build.log"; }
-    FA=0; grep -q "^ok .* fa=1$" /tmp/llamacpp/done 2>/dev/null && FA=0,1  # -fa 1 only where its kernels are built
-    [ -d /tmp/llamacpp/shim/lib ] && export LD_LIBRARY_PATH=/tmp/llamacpp/shim/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-  else
-    FA=${LLAMACPP_FA_RUN:-0}
-  fi
-  if [ "$ready" = 1 ] && [ -x "$LB" ]; then
+if [ "${SKIP_LLAMACPP:-0}" != 1 ] && wait_llamacpp; then
     for f in "${FILES[@]}"; do
       read -r name pre ty <<< "$f"
       ss=$(todo lcpp "$name"); [ -n "$ss" ] || { say "llama.cpp on $name: done by an earlier call ($R)"; continue; }
@@ -138,12 +112,8 @@ if [ "${SKIP_LLAMACPP:-0}" != 1 ]; then
         [ "$s" = gpu ] || left "$(est lcpp-split)" "llama.cpp on $name, split" || continue
         ngl=(-ngl 99); [ "$s" = split ] && ngl=(-ngl "$NGL" -t "${THREADS:-16}")
         js="$R/lcpp-$name-$s.json"
-        lb=("$LB" -m "$W/$name.gguf" "${ngl[@]}" -p "$PT" -n "$NT" -r "${REPS:-3}" -fa "$FA" ${LCPP_ARGS:-} -o json)
-        timeout 240 "${lb[@]}" > "$js" 2> "$R/lcpp-$name-$s.log"; rc=$?
-        if [ "$rc" = 132 ] || [ "$rc" = 139 ]; then  # SIGILL/SIGSEGV: AMX listed by a CPU, not enabled by its VM
-          say "$name $s (llama.cpp): signal $((rc - 128)); again with --repack 0 (no AMX, no repacked CPU weights)"
-          timeout 240 "${lb[@]}" --repack 0 > "$js" 2>> "$R/lcpp-$name-$s.log"; rc=$?
-        fi
+        llama_bench "$js" "$R/lcpp-$name-$s.log" -m "$W/$name.gguf" "${ngl[@]}" -p "$PT" -n "$NT" -r "${REPS:-3}" \
+          -fa "$FA" ${LCPP_ARGS:-}; rc=$?
         [ "$rc" = 0 ] || { say "$name $s (llama.cpp) failed ($rc):"; tail -8 "$R/lcpp-$name-$s.log"; rm -f "$js"
                            continue; }
         python3 -c "import json, sys
@@ -153,9 +123,6 @@ for r in json.load(open(sys.argv[1])):
       done
       rm -f "$W/$name.gguf"
     done
-  else
-    say "no llama-bench (not built, or not at $LB): llama.cpp's runs are skipped"
-  fi
 fi
 say "done"
 python3 benchmarks/peer_compare.py table --dir "$R"
