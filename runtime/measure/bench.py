@@ -224,19 +224,35 @@ def pool_counters(source: WeightSource) -> dict[str, int] | None:
 EXPERT_TIERS = ("gpu", "dram", "disk")
 EXPERT_KEYS = ("routings", *(f"experts_{t}" for t in (*EXPERT_TIERS, "skipped")),
                *(f"expert_bytes_{t}" for t in EXPERT_TIERS), "expert_h2d_bytes", "bytes_demand", "guessed_layers",
-               "guessed", "guess_chosen", "guess_hits")
+               "guessed", "guess_chosen", "guess_hits", "prefetched", "prefetch_used", "prefetch_bytes",
+               "prefetch_used_bytes", "prefetch_wasted_bytes")
 
 
 def guess_report(c: dict) -> dict[str, Any] | None:
     """The prefetch guess (runtime/engine/streamed.py): of the experts the guessed layers chose, the share guessed a
-    layer ahead (its hit rate), the experts guessed a layer and the share of them chosen; None where no layer was
-    guessed (its router not resident, or a dense model)."""
+    layer ahead (its hit rate), the experts guessed a layer and the share of them chosen; and what was done on it
+    (``prefetch``: the disk-tier experts asked for a layer ahead, those of them chosen and so used, and their bytes:
+    asked for, used, wasted); None where no layer was guessed (its router not resident, or a dense model)."""
     layers = c.get("guessed_layers", 0)
     if not layers:
         return None
+    n = c.get("prefetched", 0)
     return {"layers": layers, "hit_rate": c["guess_hits"] / c["guess_chosen"] if c["guess_chosen"] else None,
             "guessed_per_layer": c["guessed"] / layers, "chosen_per_layer": c["guess_chosen"] / layers,
-            "precision": c["guess_hits"] / c["guessed"] if c["guessed"] else None}
+            "precision": c["guess_hits"] / c["guessed"] if c["guessed"] else None,
+            "prefetch": {"experts": n, "used": c.get("prefetch_used", 0),
+                         "used_share": c.get("prefetch_used", 0) / n if n else None,
+                         "bytes": c.get("prefetch_bytes", 0), "used_bytes": c.get("prefetch_used_bytes", 0),
+                         "wasted_bytes": c.get("prefetch_wasted_bytes", 0)}}
+
+
+def prefetch_text(gr: dict) -> str:
+    """What the guess's reads did, for the summary and ``run --verbose``."""
+    pf = gr["prefetch"]
+    if not pf["experts"]:
+        return "none read ahead on it (--expert-prefetch 0, no demand slot to spare, or no disk-tier expert guessed)"
+    return (f"{pf['experts']} disk experts read a layer ahead, {pf['used']} used ({pf['used_share']:.0%}): "
+            f"{fmt_gb(pf['bytes'])} read ahead, {fmt_gb(pf['used_bytes'])} used, {fmt_gb(pf['wasted_bytes'])} wasted")
 
 
 def expert_report(prefill: dict | None, decode: dict | None, tokens: int) -> dict[str, Any] | None:
@@ -294,8 +310,8 @@ def experts_line(c: dict) -> str:
     tiers = ", ".join(f"{t} {c[f'experts_{t}']} ({c[f'experts_{t}'] / fetched if fetched else 0:.0%})"
                       for t in EXPERT_TIERS)
     gr = guess_report(c)
-    guess = (f"; prefetch guess right for {gr['hit_rate'] or 0:.0%} of the experts chosen in {gr['layers']} layers"
-             if gr else "; no prefetch guess (no router resident a layer ahead)")
+    guess = (f"; prefetch guess right for {gr['hit_rate'] or 0:.0%} of the experts chosen in {gr['layers']} layers, "
+             f"{prefetch_text(gr)}" if gr else "; no prefetch guess (no router resident a layer ahead)")
     return f"experts: {c['routings']} layer routings fetched {fetched}: {tiers}{guess}"
 
 
@@ -584,7 +600,7 @@ def summary(rep: dict, plan_text: str) -> str:
             ours["prefetch guess"] = (f"{gr['hit_rate'] or 0:.0%} of the experts chosen were guessed a layer ahead "
                                       f"({gr['layers']} layers; {gr['guessed_per_layer']:.1f} guessed and "
                                       f"{gr['chosen_per_layer']:.1f} chosen a layer, {gr['precision'] or 0:.0%} of "
-                                      f"the guessed chosen)")
+                                      f"the guessed chosen); {prefetch_text(gr)}")
         mb = ex.get("bound_moved")
         if mb and mb["step_ms"] is not None:
             per = mb["bytes_per_step"][mb["limited_by"]]
