@@ -328,6 +328,31 @@ def test_bench_reports_experts_by_tier(images, tmp_path):
     assert mb["limited_by"] == "disk" and mb["step_ms"] == mb["bytes_per_step"]["disk"] / 1e9 * 1e3
     assert abs(mb["ratio"] - rep["bound"]["decode_step_ms"] / mb["step_ms"]) < 1e-9
     assert "experts: per token gpu" in proc.stdout and "bound (moved):" in proc.stdout, proc.stdout
+    usage = rep["expert_usage"]  # the measured round's routings: k a token a layer (the prompt's and 4 decoded)
+    assert [sum(row) for row in usage["counts"]] == [(len(PROMPT) + 4) * k] * MIXTRAL.n_layers
+    assert usage["routed"] == (len(PROMPT) + 4) * k * MIXTRAL.n_layers
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert usage["png"] is None and "matplotlib is not installed" in proc.stderr
+    else:
+        assert usage["png"] == str(tmp_path / "bench.experts.png") and (tmp_path / "bench.experts.png").stat().st_size
+
+
+def test_expert_heatmap(tmp_path, monkeypatch, capsys):
+    """The heatmap alone: a PNG of a layers x experts count matrix; without matplotlib one line and no file."""
+    from runtime.measure.heatmap import expert_heatmap, heatmap_path
+
+    out = heatmap_path(str(tmp_path / "r.json"))
+    assert out == str(tmp_path / "r.experts.png")
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # import matplotlib raises ImportError
+    assert expert_heatmap([[1, 2], [3, 4]], out, "t") is None and not os.path.exists(out)
+    assert capsys.readouterr().err.count("matplotlib is not installed") == 1
+    monkeypatch.undo()
+    pytest.importorskip("matplotlib")
+    assert expert_heatmap([[e * i for e in range(8)] for i in range(3)], out, "t") == out
+    with open(out, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_run_verbose_line_reports_the_prefetch():

@@ -313,7 +313,9 @@ def _bench_parser(sub) -> None:
     arg(p, "--h2d-gbps", C, type=float, help="H2D link in GB/s for the bound (default: measured at start)")
     arg(p, "--disk-gbps", C, type=float, help="disk bandwidth in GB/s for the bound (default: measured at start "
                                               "with O_DIRECT reads of the image)")
-    arg(p, "--out-json", C, help="write the JSON report (the original keys plus plan, bytes, links and bound)")
+    arg(p, "--out-json", C, help="write the JSON report (the original keys plus plan, bytes, links and bound); a "
+                                 "mixture of experts also gets its per-layer expert-usage heatmap beside it, "
+                                 "STEM.experts.png (needs matplotlib)")
     arg(p, "--verbose", C, action="store_true", help="also print the placement table, link measurements and "
                                                      "per-step times")
     _device_arg(p, C)

@@ -479,6 +479,7 @@ class BenchContext:
     cut: list = field(default_factory=list)
     unused: list = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    expert_usage: list[list[int]] | None = None  # a mixture, with --out-json: the measured round's routings
 
 
 def build_report(cfg: BenchConfig, engine: EngineConfig, ctx: BenchContext, r: Round) -> dict[str, Any]:
@@ -521,6 +522,8 @@ def build_report(cfg: BenchConfig, engine: EngineConfig, ctx: BenchContext, r: R
     out["results"] = [{"prompt_token_ids": x.prompt_token_ids, "output_token_ids": x.output_token_ids,
                        "text": tok.answer_text(x.output_token_ids) if tok else None} for x in r.results]
     out["experts"] = expert_report(io["prefill_io"], io["decode_io"], n * steps)
+    if ctx.expert_usage is not None:  # drawn beside the JSON by emit (runtime/measure/heatmap.py)
+        out["expert_usage"] = {"counts": ctx.expert_usage, "routed": sum(map(sum, ctx.expert_usage)), "png": None}
     if out["experts"] is not None:
         out["experts"]["bound_moved"] = moved_bound(plan, lk, io["decode_io"], steps, n, step_ms)
     out.update({"generated_tokens_total": n * len(r.tokens), "warmup_rounds": cfg.warmup_rounds,
@@ -662,12 +665,19 @@ def run_local(cfg: BenchConfig, engine: EngineConfig, image: Image, prompts: lis
     with open_source(image, engine, device, batch=cfg.batch_size, max_len=max_len, early=early) as (source, plan,
                                                                                                    handle):
         load_ms = (time.perf_counter() - t0) * 1e3
-        gen = run_generator(source, engine, image, max_len)
+        counter = None  # a mixture's routings per layer and expert, for the heatmap beside the JSON
+        if cfg.out_json and image.args.n_experts:
+            from runtime.measure.routing import RoutingCounter
+
+            counter = RoutingCounter(source, image.args.n_layers, image.args.n_experts)
+        gen = run_generator(counter or source, engine, image, max_len)
         first = None
         for i in range(cfg.warmup_rounds):
             first = first or run_round(gen, source, prompts, cfg.sampling)
             print(f"warm-up round {i + 1}/{cfg.warmup_rounds} done", file=sys.stderr)
+        before = [row[:] for row in counter.counts] if counter else None
         r = run_round(gen, source, prompts, cfg.sampling)
+        usage = [[a - b for a, b in zip(x, y)] for x, y in zip(counter.counts, before)] if counter else None
         memory = memory_report(device, source, handle)
         breakdown = source.load_ms
     first = first or r
@@ -677,7 +687,7 @@ def run_local(cfg: BenchConfig, engine: EngineConfig, image: Image, prompts: lis
     notes = [] if device.type == "cuda" else ["no H2D link: the model computes on the CPU from ring memory"]
     ctx = BenchContext(plan, lk, prompts, memory, device, image, source, gen.host_layers, tok, load_ms,
                        {"process_start_to_load": to_open_ms, **breakdown}, to_first_ms,
-                       (first.stamps[0] - t0) * 1e3, cut, cfg.unused_flags(), notes)
+                       (first.stamps[0] - t0) * 1e3, cut, cfg.unused_flags(), notes, usage)
     emit(cfg, build_report(cfg, engine, ctx, r), plan_line(plan), plan.describe() if plan else None)
 
 
@@ -687,5 +697,13 @@ def emit(cfg: BenchConfig, rep: dict, plan_text: str, placement: str | None) -> 
     if cfg.verbose:
         print(verbose_lines(rep, placement))
     if cfg.out_json:
+        usage = rep.get("expert_usage")
+        if usage is not None:
+            from runtime.measure.heatmap import expert_heatmap, heatmap_path
+
+            usage["png"] = expert_heatmap(usage["counts"], heatmap_path(cfg.out_json),
+                                          f"tokens routed per expert, measured round ({usage['routed']} routings)")
+            if usage["png"]:
+                print(f"expert heatmap written to {usage['png']}")
         Path(cfg.out_json).write_text(json.dumps(rep, indent=1))
         print(f"JSON written to {cfg.out_json}")
