@@ -16,7 +16,8 @@ next layer's router without fetching anything (``source.next_router(layer)``: it
 applies it to the current hidden state, RMSNorm(h) with the next layer's FFN norm: each token's top k there is a
 guess of the experts the next layer will route it to, known a layer ahead. The guess (the union over the pass's
 tokens) is read on the host in the same copy as the layer's expert counts (no further synchronisation) and handed to
-the source (``source.guess(layer + 1, groups)``), which counts how often it was right once that layer routes. It
+the source (``source.guess(layer + 1, groups)``), which counts how often it was right once that layer routes, and
+a streaming source reads the guessed disk-tier experts while this layer computes (runtime/engine/streamed.py). It
 changes nothing that is computed.
 """
 

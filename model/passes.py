@@ -127,7 +127,8 @@ def forward_groups(tokens: torch.Tensor, queries: Queries, args: ModelArgs, sour
     ``probe --experts``) gets the layer's ``Routing.bounds``, how many of the pass's tokens chose each expert. A
     source with ``guess`` and ``next_router`` gets the prefetch guess (model/experts.py): before a layer's attention
     group runs, ``next_router(layer + 1)`` hands over the next layer's router weights if it can without fetching
-    (else None: no guess), and once the layer has routed, ``guess(layer + 1, groups)`` the experts they pick.
+    (else None: no guess), and once the layer has routed, ``guess(layer + 1, groups)`` the experts they pick, called
+    just before ``route(layer, ...)`` (a streaming source starts reading the guessed ones with the layer's own).
 
     ``parallel``: this pass is one tensor-parallel rank's (``args`` its own, ``source`` its shards): the
     embedding and each layer group's output projection are all-reduced, the logits gathered.
@@ -154,12 +155,12 @@ def forward_groups(tokens: torch.Tensor, queries: Queries, args: ModelArgs, sour
         if r is not None and r is not announced:  # this group routed: the layer's experts are known
             announced, needed = r, needed_groups(args, r)
             chosen = frozenset(needed)
+            if r.guess is not None:  # before route: the source may ask for the guessed experts with this layer's
+                guess(r.layer + 1, guessed_groups(args, r.layer + 1, r.guess))
             if route is not None:
                 route(r.layer, needed)
             if tally is not None:
                 tally(r.layer, r.bounds)
-            if r.guess is not None:
-                guess(r.layer + 1, guessed_groups(args, r.layer + 1, r.guess))
     if last_only:
         h = h[:, -1:]
     elif select is not None:

@@ -110,10 +110,23 @@ def settle(src, image: Image) -> dict[str, int]:
 
 
 # experts on every tier: layer 0 in the client's memory (the CPU's GPU tier), the non-experts and some experts in the
-# DRAM tier, the rest on disk, read on demand
+# DRAM tier, the rest on disk, read on demand (mixed: and a layer ahead on the prefetch guess; mixed0: without)
 CONFIGS = {"stream": dict(mode="stream", prefetch_distance=2),
            "mixed": dict(mode="mixed", gpu_cached_layers=1, dram_gb=0.0025, prefetch_distance=2),
+           "mixed0": dict(mode="mixed", gpu_cached_layers=1, dram_gb=0.0025, prefetch_distance=2, expert_prefetch=0),
            "preload": dict(mode="preload")}
+
+
+def demands(src) -> collections.Counter:
+    """Counts, by group, how often the source's pool client is asked for it on demand (wraps ``demand``)."""
+    asked, demand, names = collections.Counter(), src.client.demand, list(src.image.groups)
+
+    def counting(groups, *a, **kw):
+        asked.update(names[i] for i in groups)
+        return demand(groups, *a, **kw)
+
+    src.client.demand = counting
+    return asked
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -122,7 +135,7 @@ def test_only_chosen_experts_are_read(images, name):
     ref_tokens, ref_logits = reference(str(image.path), tuple(PROMPT))
     cfg = EngineConfig.of(**CONFIGS[name], workers=2, quiet=True)
     with open_source(image, cfg, torch.device("cpu"), max_len=MAX_LEN) as (src, plan, handle):
-        rec = Recording(src)
+        rec, asked = Recording(src), demands(src)
         gen = Generator(rec, MAX_LEN)
         tokens = gen.generate(PROMPT, SamplingConfig(NEW)).output_token_ids
         logits = gen.forward(torch.tensor([PROMPT]), 0, gen.new_cache(1))
@@ -135,11 +148,20 @@ def test_only_chosen_experts_are_read(images, name):
     tiers = {"gpu": set(plan.gpu), "dram": set(plan.dram), "disk": set(plan.stream)}
     held = {t: {g for g in experts if g in groups} for t, groups in tiers.items()}
     assert {t for t, g in held.items() if g} == {"stream": {"disk"}, "mixed": {"gpu", "dram", "disk"},
-                                                 "preload": {"dram"}}[name], plan.describe()
+                                                 "mixed0": {"gpu", "dram", "disk"}, "preload": {"dram"}}[name]
     size = {g: image.groups[g].size for g in image.groups}
-    for g in experts:  # a disk-tier expert is read once each time a pass chose it, never else
-        assert reads[g] == (rec.chosen[g] if g in held["disk"] else 1 if g in held["gpu"] | held["dram"] else 0), g
+    for g in experts:  # a disk-tier expert is read once each time a pass chose it, never else ...
+        assert reads[g] == (rec.chosen[g] if g in held["disk"] else 1 if g in held["gpu"] | held["dram"] else 0) or (
+            g in held["disk"] and rec.chosen[g] < reads[g] <= asked[g]), g  # ... but where guessed and not chosen
     assert header["bytes_demand"] == sum(size[g] * reads[g] for g in held["disk"])
+    # acting on the guess (mixed): the disk experts asked for beyond those chosen are the guessed ones not chosen
+    room = {"stream": 0, "mixed": 1, "mixed0": 0, "preload": 0}[name]  # min(--expert-prefetch, D - 1), D = 2
+    assert plan.expert_prefetch == room, plan.describe()
+    assert stats["prefetched"] - stats["prefetch_used"] == sum(asked[g] - rec.chosen[g] for g in held["disk"])
+    assert stats["prefetch_wasted_bytes"] == sum((asked[g] - rec.chosen[g]) * size[g] for g in held["disk"])
+    assert stats["prefetch_bytes"] == stats["prefetch_used_bytes"] + stats["prefetch_wasted_bytes"]
+    assert (stats["prefetch_used"] > 0) == (stats["prefetch_wasted_bytes"] > 0) == bool(room), stats
+    assert stats["prefetch_used"] <= stats["guess_hits"]
     passes, per_layer = rec.passes, image.args.n_experts
     assert sum(rec.chosen.values()) < passes * len(experts)  # decode steps chose 2 of 8: the rest never moved
     for g in plan.cyclic:  # the non-experts stream once a pass (the window may have read one pass ahead)
@@ -152,7 +174,8 @@ def test_only_chosen_experts_are_read(images, name):
     assert stats["expert_h2d_bytes"] == 0  # the CPU computes from the slots
     # the prefetch guess: every layer after the first is guessed where its router lies in the client's memory or
     # the DRAM tier (not where its attention group streams); counted as the pass saw it
-    guessed = {"stream": 0, "mixed": passes * (image.args.n_layers - 1), "preload": passes * (image.args.n_layers - 1)}
+    guessed = {"stream": 0, "mixed": passes * (image.args.n_layers - 1), "mixed0": passes * (image.args.n_layers - 1),
+               "preload": passes * (image.args.n_layers - 1)}
     assert stats["guessed_layers"] == rec.guesses["layers"] == guessed[name]
     assert (stats["guess_chosen"], stats["guess_hits"]) == (rec.guesses["chosen"], rec.guesses["hits"])
     assert stats["guessed"] >= rec.guesses["layers"] * image.args.n_experts_used  # k a token, the prompt's more
@@ -173,26 +196,31 @@ def test_batch_equals_solo_with_experts_on_every_tier(images):
     assert not leftover_names(pool=handle.name)
 
 
-def test_worker_killed_during_an_on_demand_read(images, monkeypatch, capfd):
-    """Reads delayed (0-20 ms each), so that a demanded expert's read is caught in flight: its worker SIGKILLed,
-    replaced, the read issued again; the tokens are --mode full's."""
+@pytest.mark.parametrize("name", ["stream", "mixed"])
+def test_worker_killed_during_an_on_demand_read(images, monkeypatch, capfd, name):
+    """Reads delayed (0-20 ms each), so that a demanded expert's read is caught in flight (mixed: one asked for a
+    layer ahead on the prefetch guess): its worker SIGKILLed, replaced, the read issued again; the tokens are --mode
+    full's."""
     import runtime.engine.source as source_module
     from runtime.ipc.options import WorkerOptions
 
     image = images["mixtral"]
     want, _ = reference(str(image.path), tuple(PROMPT))
     monkeypatch.setattr(source_module, "WorkerOptions", functools.partial(WorkerOptions, max_delay_s=0.02))
-    cfg = EngineConfig.of(mode="stream", prefetch_distance=2, workers=2, quiet=True)
+    cfg = EngineConfig.of(**CONFIGS[name], workers=2, quiet=True)
     killed: list[int] = []
     with open_source(image, cfg, torch.device("cpu"), max_len=MAX_LEN) as (src, plan, handle):
         res, stop = src.res, threading.Event()
-        n_dram = int((res.groups["slot"] >= 0).sum())
-        demand = set(range(n_dram + plan.window_slots, n_dram + plan.window_slots + plan.demand_slots))
+        demand = set(range(len(res.slots) - plan.demand_slots, len(res.slots)))  # one client's: the ring's last
+        names = list(image.groups)
+
+        def guessed(s: int) -> bool:  # a read asked for on the guess (a racy look at the source's state: a hint)
+            return name == "stream" or any(names[int(res.slots[s]["group"])] in a for a in list(src.asked.values()))
 
         def killer() -> None:  # the worker of the first demand slot seen with a read in flight
             while not stop.is_set() and not killed:
                 for s in demand:
-                    if int(res.slots[s]["state"]) == SLOT_QUEUED and int(res.slots[s]["worker"]) >= 0:
+                    if int(res.slots[s]["state"]) == SLOT_QUEUED and int(res.slots[s]["worker"]) >= 0 and guessed(s):
                         pid = int(res.workers[int(res.slots[s]["worker"])]["pid"])
                         os.kill(pid, signal.SIGKILL)
                         killed.append(pid)
@@ -207,6 +235,7 @@ def test_worker_killed_during_an_on_demand_read(images, monkeypatch, capfd):
             stop.set()
             thread.join(5)
         assert killed, "no demanded read was seen in flight"
+        assert name == "stream" or src.expert_stats["prefetched"] > 0
         deadline = time.monotonic() + 10
         while int(res.header["worker_restarts"]) < 1:
             assert time.monotonic() < deadline, "the killed worker was not replaced"
@@ -281,11 +310,17 @@ def test_bench_reports_experts_by_tier(images, tmp_path):
     assert ex["decode_tokens"] == rep["decode_tokens_total"] == 4 and ex["layers_routed"] == 4 * MIXTRAL.n_layers
     assert sum(ex["experts_per_token"].values()) == k * MIXTRAL.n_layers  # batch 1: k experts a layer
     assert abs(sum(ex["hit_rate"].values()) - 1) < 1e-9 and all(ex["hit_rate"].values())
-    assert ex["bytes_per_token"]["disk_read"] == ex["bytes_per_token"]["disk"] > 0
+    gr = ex["prefetch_guess"]  # layers 1 and 2 guessed in each of the 4 decode steps (their routers in memory) ...
+    pf = gr["prefetch"]  # ... at most one disk expert of a layer asked for ahead (of 2 demand slots), where guessed
+    assert 0 < pf["experts"] <= 4 * (MIXTRAL.n_layers - 1) and pf["bytes"] == pf["used_bytes"] + pf["wasted_bytes"]
+    assert 0 <= pf["used"] <= pf["experts"] and "read a layer ahead" in proc.stdout
+    # the disk read on demand: the experts chosen, and the guessed ones not chosen where read before dropped (a
+    # read asked for in the prefill may land in the first decode step)
+    disk, read = ex["bytes_per_token"]["disk"] * 4, rep["decode_io"]["bytes_demand"]
+    assert 0 < disk <= read <= disk + pf["wasted_bytes"] + ex["prefill"]["prefetch_wasted_bytes"]
+    assert ex["bytes_per_token"]["disk_read"] * 4 == read
     assert ex["bytes_per_token"]["h2d"] == 0  # the CPU computes where the experts lie
-    assert rep["decode_io"]["bytes_demand"] == ex["bytes_per_token"]["disk"] * 4
     assert rep["plan"]["experts"]["disk"]["experts"] > 0 and rep["plan"]["routing_from"] == "uniform"
-    gr = ex["prefetch_guess"]  # layers 1 and 2 guessed in each of the 4 decode steps (their routers in memory)
     assert gr["layers"] == 4 * (MIXTRAL.n_layers - 1) and gr["guessed_per_layer"] == gr["chosen_per_layer"] == k
     assert 0 <= gr["hit_rate"] == gr["precision"] <= 1 and "prefetch guess:" in proc.stdout
     mb = ex["bound_moved"]  # the bound from the bytes the decode steps moved: on the CPU, the disk's alone
@@ -293,6 +328,46 @@ def test_bench_reports_experts_by_tier(images, tmp_path):
     assert mb["limited_by"] == "disk" and mb["step_ms"] == mb["bytes_per_step"]["disk"] / 1e9 * 1e3
     assert abs(mb["ratio"] - rep["bound"]["decode_step_ms"] / mb["step_ms"]) < 1e-9
     assert "experts: per token gpu" in proc.stdout and "bound (moved):" in proc.stdout, proc.stdout
+    usage = rep["expert_usage"]  # the measured round's routings: k a token a layer (the prompt's and 4 decoded)
+    assert [sum(row) for row in usage["counts"]] == [(len(PROMPT) + 4) * k] * MIXTRAL.n_layers
+    assert usage["routed"] == (len(PROMPT) + 4) * k * MIXTRAL.n_layers
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert usage["png"] is None and "matplotlib is not installed" in proc.stderr
+    else:
+        assert usage["png"] == str(tmp_path / "bench.experts.png") and (tmp_path / "bench.experts.png").stat().st_size
+
+
+def test_expert_heatmap(tmp_path, monkeypatch, capsys):
+    """The heatmap alone: a PNG of a layers x experts count matrix; without matplotlib one line and no file."""
+    from runtime.measure.heatmap import expert_heatmap, heatmap_path
+
+    out = heatmap_path(str(tmp_path / "r.json"))
+    assert out == str(tmp_path / "r.experts.png")
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # import matplotlib raises ImportError
+    assert expert_heatmap([[1, 2], [3, 4]], out, "t") is None and not os.path.exists(out)
+    assert capsys.readouterr().err.count("matplotlib is not installed") == 1
+    monkeypatch.undo()
+    pytest.importorskip("matplotlib")
+    assert expert_heatmap([[e * i for e in range(8)] for i in range(3)], out, "t") == out
+    with open(out, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_run_verbose_line_reports_the_prefetch():
+    """``run --verbose``'s expert line (bench.experts_line): the tiers' hit rates, the guess's, and what was read on
+    it: experts asked for a layer ahead, used, and their bytes asked for, used and wasted."""
+    from runtime.measure.bench import EXPERT_KEYS, experts_line
+
+    c = dict.fromkeys(EXPERT_KEYS, 0)
+    c.update(routings=6, experts_gpu=2, experts_dram=4, experts_disk=6, guessed_layers=4, guessed=8, guess_chosen=8,
+             guess_hits=6, prefetched=4, prefetch_used=3, prefetch_bytes=4_000_000, prefetch_used_bytes=3_000_000,
+             prefetch_wasted_bytes=1_000_000)
+    line = experts_line(c)
+    assert "disk 6 (50%)" in line and "guess right for 75% of the experts chosen in 4 layers" in line, line
+    assert "4 disk experts read a layer ahead, 3 used (75%): 4.00 MB read ahead, 3.00 MB used, 1.00 MB wasted" in line
+    assert "none read ahead" in experts_line({**c, "prefetched": 0, "prefetch_used": 0})
 
 
 def test_daemon_pool_plan_of_a_mixture(images):
@@ -334,14 +409,14 @@ def test_attached_to_a_daemon_pool_that_holds_part_of_a_mixture(images, tmp_path
     try:
         cfg = EngineConfig.of(quiet=True, attach=name)
         with open_source(image, cfg, torch.device("cpu"), max_len=MAX_LEN) as (src, plan, _):
-            rec = Recording(src)
+            rec, asked = Recording(src), demands(src)
             got = Generator(rec, MAX_LEN).generate(PROMPT, SamplingConfig(NEW)).output_token_ids
             reads = settle(src, image)
     finally:
         subprocess.run([sys.executable, "launch.py", "pool", "stop", name], cwd=ROOT, timeout=60)
     assert plan.demand and plan.demand_slots == 2, plan.describe()
     assert got == want
-    assert all(reads[g] == rec.chosen[g] for g in plan.demand)
+    assert all(rec.chosen[g] <= reads[g] <= asked[g] for g in plan.demand)  # and the guessed ones not chosen
     assert leftover_names(pool=name) == []
 
 
@@ -513,3 +588,42 @@ def test_gpu_only_chosen_experts_move(images, name):
         assert reads[g] == rec.chosen[g], g
     moved = sum(n * size[g] for g, n in rec.chosen.items() if g not in plan.gpu)
     assert stats["expert_h2d_bytes"] == moved > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_disk_experts_read_a_layer_ahead(images):
+    """On CUDA with every router resident (the GPU budget just above the attention groups, KV and activations) and
+    experts in DRAM and on disk: the disk-tier experts guessed a layer ahead are read with the layer before's
+    demand and the chosen ones copied from their slots in pass order; tokens equal --mode full's on the device, the
+    pool read each disk expert at least as often as chosen and at most as often as asked, the bytes add up."""
+    from conftest import gpu_cap_gb
+
+    from runtime.engine.source import planned
+
+    image, dev = images["mixtral"], torch.device("cuda")
+    gen = Generator(InMemoryWeights(image, dev, quiet=True), MAX_LEN)
+    want = gen.generate(PROMPT, SamplingConfig(NEW)).output_token_ids
+    del gen
+    kw = dict(mode="mixed", dram_gb=0.0025, prefetch_distance=2, workers=2, quiet=True)
+    cfg = EngineConfig.of(**kw, gpu_mem_gb=gpu_cap_gb(0.5))
+    b = planned(image, cfg, dev, 1, MAX_LEN, cfg.prefill.chunk, False)[0].budgets
+    need = b.kv_bytes + b.activation_bytes + sum(image.groups[g].size for g in image.groups if "attention" in g)
+    for step in range(16):  # the first budget whose plan guesses and reads experts on demand
+        cfg = EngineConfig.of(**kw, gpu_mem_gb=gpu_cap_gb((need + 600_000 + step * 150_000) / 1e9))
+        plan = planned(image, cfg, dev, 1, MAX_LEN, cfg.prefill.chunk, False)[0]
+        if plan.expert_prefetch and plan.demand:
+            break
+    assert plan.expert_prefetch and plan.demand, plan.describe()
+    with open_source(image, cfg, dev, max_len=MAX_LEN) as (src, plan, handle):
+        rec, asked = Recording(src), demands(src)
+        got = Generator(rec, MAX_LEN).generate(PROMPT, SamplingConfig(NEW)).output_token_ids
+        reads, stats = settle(src, image), dict(src.expert_stats)
+    assert got == want
+    assert not leftover_names(pool=handle.name)
+    size = {g: image.groups[g].size for g in image.groups}
+    assert all(rec.chosen[g] <= reads[g] <= asked[g] for g in plan.demand)
+    assert stats["prefetched"] > 0 and stats["prefetch_bytes"] == stats["prefetch_used_bytes"] + stats[
+        "prefetch_wasted_bytes"]
+    assert stats["prefetch_wasted_bytes"] == sum((asked[g] - rec.chosen[g]) * size[g] for g in plan.demand)
+    assert stats["expert_h2d_bytes"] == sum(n * size[g] for g, n in rec.chosen.items() if g not in plan.gpu)

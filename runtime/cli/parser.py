@@ -112,6 +112,10 @@ def _runtime_args(p) -> None:
         help="a mixture of experts: how often each expert was routed on some text, JSON {\"counts\": [per layer, "
              "per expert]}; the tiers take the most used experts first (default: IMAGE.expert-counts.json beside "
              "the image when present, else every expert alike)")
+    arg(g, "--expert-prefetch", E, type=int, metavar="N",
+        help="a mixture of experts: while a layer computes, read up to N of the next layer's disk-tier experts that "
+             "its router, applied a layer early, guesses (the chosen ones are used, the others dropped); bounded by "
+             "the pool's demand slots less one, no memory of its own; 0: none (default %(default)s)")
     arg(g, "--workers", E, type=int, help="I/O worker processes (default %(default)s; at most 2 per core and what "
                                           "the disk's request queue holds at 16 reads each)")
     arg(g, "--staging-mb", E, type=int,
@@ -309,7 +313,9 @@ def _bench_parser(sub) -> None:
     arg(p, "--h2d-gbps", C, type=float, help="H2D link in GB/s for the bound (default: measured at start)")
     arg(p, "--disk-gbps", C, type=float, help="disk bandwidth in GB/s for the bound (default: measured at start "
                                               "with O_DIRECT reads of the image)")
-    arg(p, "--out-json", C, help="write the JSON report (the original keys plus plan, bytes, links and bound)")
+    arg(p, "--out-json", C, help="write the JSON report (the original keys plus plan, bytes, links and bound); a "
+                                 "mixture of experts also gets its per-layer expert-usage heatmap beside it, "
+                                 "STEM.experts.png (needs matplotlib)")
     arg(p, "--verbose", C, action="store_true", help="also print the placement table, link measurements and "
                                                      "per-step times")
     _device_arg(p, C)

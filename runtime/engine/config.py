@@ -88,11 +88,13 @@ class PlacementConfig(FlagConfig):
     group_prefetch_depth: int = 2  # GPU staging buffers: copies up to this many groups ahead of compute
     expert_counts: str | None = None  # a mixture's routing counts (JSON); None: IMAGE.expert-counts.json if present
     cpu_compute: str = "off"  # "off", "auto" or N: DRAM-tier groups the CPU computes in place (placement.py)
+    expert_prefetch: int = 2  # a mixture: disk-tier experts read a layer ahead on the router's guess (0: none)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"--mode must be one of {MODES}, found {self.mode!r}")
         _at_least("group_prefetch_depth", self.group_prefetch_depth, 1)
+        _at_least("expert_prefetch", self.expert_prefetch, 0)
         for key in ("gpu_cached_layers", "cpu_cache_layers"):
             _at_least(key, getattr(self, key), 0)
         _at_least("prefetch_distance", self.prefetch_distance, 1)

@@ -52,7 +52,10 @@ else k / n for every one. Every other group has use 1. The GPU tier takes the gr
 attention group with its router and the shared expert by ``gpu_rank``, then the head), then the experts, the most
 used first; the DRAM tier the same order; the rest stay on disk. A streamed expert is not in the cyclic stream: the
 pool reads it on demand into D *demand slots* per client (``demand_slots``: min(W, the most disk experts of a
-layer), each as large as the largest such expert), once its layer has routed. The per-pass byte counts are then
+layer), each as large as the largest such expert), once its layer has routed; of them, up to ``expert_prefetch``
+(min(--expert-prefetch, D - 1): one slot always left to the layer's own reads) take the experts the prefetch guess
+names a layer ahead (runtime/engine/streamed.py), so the guess's reads need no memory of their own (none where no
+router after the first layer is within reach a layer early: ``guessed``). The per-pass byte counts are then
 expectations at batch 1 (each group's bytes times its use), which the plan prints with where ``use`` came from.
 
 The CPU compute set (issue 28, the split; ``--cpu-compute off|auto|N``, off by default). On CUDA a decode step
@@ -87,6 +90,7 @@ from model.errors import ConfigError
 from model.groups import (
     group_kind,
     group_names,
+    layer_group,
     layer_groups,
     routed_groups,
     routed_kinds,
@@ -172,6 +176,7 @@ class Plan:
     routing_from: str = ""  # where ``use`` came from: an expert-counts file, or "uniform" (k / n)
     demand_slots: int = 0  # D ring slots per client for the streamed experts, read on demand
     demand_slot_bytes: int = 0  # one demand slot: the largest streamed expert
+    expert_prefetch: int = 0  # of the demand slots, the most a layer's guessed experts take a layer ahead (D - 1)
     cpu: tuple[str, ...] = ()  # DRAM-tier groups the CPU computes in place in passes of <= cpu_tokens_max tokens
     cpu_compute: str = "off"  # the request: "off", "auto" or a count
     cpu_tokens_max: int = CPU_TOKENS_MAX
@@ -308,7 +313,8 @@ class Plan:
                 ("host", f"{', '.join(self.host)} ({host_use})", self.host_bytes),
                 ("stream", self._counts(self.stream), self._sum(self.stream)),
                 ("window", f"{self.window_slots} ring slots x {h(self.slot_bytes)}"
-                 + (f" + {self.demand_slots} demand x {h(self.demand_slot_bytes)}" if self.demand_slots else ""),
+                 + (f" + {self.demand_slots} demand x {h(self.demand_slot_bytes)}" if self.demand_slots else "")
+                 + (f" ({self.expert_prefetch} read a layer ahead)" if self.expert_prefetch else ""),
                  self.window_bytes),
                 ("staging", f"{self.staging_buffers} GPU buffers x {h(self.slot_bytes)}", self.staging_bytes)]
         width = max(len(r[1]) for r in rows)
@@ -416,6 +422,22 @@ def expert_use(args: ModelArgs, counts: Sequence[Sequence[float]] | None = None)
     return {g: min(1.0, counts[i][e] * k / sum(counts[i])) for g, (i, e) in groups.items()}
 
 
+def guessed(args: ModelArgs, gpu: Sequence[str], dram: Sequence[str], cuda: bool) -> bool:
+    """Whether any layer's experts are guessed a layer ahead (runtime/engine/streamed.py ``next_router``): the
+    router (its attention group) of a layer after the first resident, or on the CPU in the DRAM tier."""
+    kinds = [k.name for k in architecture(args).layer_kinds if k.forward == "moe_attention"]
+    near = set(gpu) | (set() if cuda else set(dram))
+    return any(layer_group(i, k) in near for i in range(1, args.n_layers) for k in kinds)
+
+
+def prefetch_room(request: int, demand_slots: int) -> int:
+    """The demand slots the prefetch guess's reads may take: at most ``request`` (--expert-prefetch), and one fewer
+    than the D there are, so that a layer's own reads always have one to cycle through while the guessed experts it
+    chose wait in theirs to be fetched (in pass order: with every slot held by a later one, the first would never
+    be read)."""
+    return max(0, min(request, demand_slots - 1))
+
+
 def _demand_slots(demand: Sequence[str], sizes: Mapping[str, int], w: int,
                   layers: Mapping[str, tuple[int, int]]) -> tuple[int, int]:
     """(D, bytes of one demand slot) for the streamed experts ``demand``: as many slots as the window's W, but no
@@ -434,7 +456,7 @@ def plan_placement(group_bytes: Mapping[str, int], args: ModelArgs, mode: str, b
                    device: str = "cuda", gpu_cached_layers: int | None = None, cpu_cache_layers: int | None = None,
                    prefetch_distance: int | None = None, group_prefetch_depth: int = 2,
                    expert_counts: Sequence[Sequence[float]] | None = None, routing_from: str = "",
-                   cpu_compute: str | int = "off", costs: CostTable | None = None) -> Plan:
+                   cpu_compute: str | int = "off", costs: CostTable | None = None, expert_prefetch: int = 2) -> Plan:
     """Fixed tiers for one run; raises ConfigError for every infeasible or contradictory request.
 
     group_bytes: every group of ``group_names(args)`` -> its size (``layout_group_bytes``: padded extents).
@@ -453,6 +475,7 @@ def plan_placement(group_bytes: Mapping[str, int], args: ModelArgs, mode: str, b
       order its experts in the tiers; ``routing_from`` names their source in the plan.
     cpu_compute: "off", "auto" or N (a count, or its digits): the CPU compute set (module docstring), from
       ``costs`` (required for auto; with N it only prices the pipes for the plan's table).
+    expert_prefetch: the most disk-tier experts a layer reads ahead on the prefetch guess (``prefetch_room``).
     """
     cuda = _check_inputs(group_bytes, args, mode, device, gpu_cached_layers, cpu_cache_layers,
                          prefetch_distance, group_prefetch_depth)
@@ -486,7 +509,8 @@ def plan_placement(group_bytes: Mapping[str, int], args: ModelArgs, mode: str, b
                 window_slots=min(w_req, len(cyclic)), staging_buffers=k if (dram or stream) else 0,
                 slot_bytes=max((sizes[g] for g in through), default=0), group_bytes=sizes, host=(HOST_GROUP,),
                 device=device, budgets=budgets, labels=labels, routed=tuple(layers), use=use,
-                routing_from=(routing_from or "uniform") if layers else "", demand_slots=d, demand_slot_bytes=d_bytes)
+                routing_from=(routing_from or "uniform") if layers else "", demand_slots=d, demand_slot_bytes=d_bytes,
+                expert_prefetch=prefetch_room(expert_prefetch, d) if guessed(args, gpu, dram, cuda) else 0)
     _check_gpu(plan)
     _check_dram(plan)
     return with_cpu_set(plan, args, cpu_compute, costs)

@@ -126,6 +126,7 @@ def plan_ranks(image: Image, cfg: EngineConfig, device: str, n: int, batch: int,
     moved = sum(g.size for g in view.groups.values()) / sum(g.size for g in image.groups.values())
     dram = int(cfg.placement.dram_gb * GB) if cfg.placement.dram_gb else default_dram_bytes()
     rank_cfg = cfg.replace(dram_gb=dram * moved / GB) if cfg.placement.mode != "full" else cfg
+    rank_cfg = rank_cfg.replace(expert_prefetch=0)  # a rank has no prefetch guess (streamed.py next_router)
     return planned(view, rank_cfg, device.split(":")[0], batch, max_len, cfg.prefill.chunk, False)
 
 

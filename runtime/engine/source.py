@@ -41,7 +41,9 @@ from runtime.engine.placement import (
     Budgets,
     Plan,
     expert_counts_path,
+    guessed,
     plan_placement,
+    prefetch_room,
     read_expert_counts,
     with_cpu_set,
 )
@@ -159,7 +161,8 @@ def make_plan(image: Image, cfg: EngineConfig, device, kv_bytes: int, act_bytes:
                               device=_kind(device), gpu_cached_layers=p.gpu_cached_layers,
                               cpu_cache_layers=p.cpu_cache_layers, prefetch_distance=p.prefetch_distance,
                               group_prefetch_depth=p.group_prefetch_depth, expert_counts=counts,
-                              routing_from=counts_file or "", cpu_compute=p.cpu_compute)
+                              routing_from=counts_file or "", cpu_compute=p.cpu_compute,
+                              expert_prefetch=p.expert_prefetch)
         return dataclasses.replace(plan, stored_as=image.format_summary())
     except ConfigError as e:
         if held:
@@ -198,6 +201,8 @@ def plan_for_pool(image: Image, cfg: EngineConfig, device, rec: dict, kv_bytes: 
                                window_slots=window if any(g not in routed for g in stream) else 0,
                                demand_slots=demand if on_demand else 0,
                                demand_slot_bytes=int(rec["slot_bytes"]) if on_demand else 0,
+                               expert_prefetch=prefetch_room(cfg.placement.expert_prefetch, demand if on_demand else 0)
+                               if guessed(image.args, base.gpu, dram, _kind(device) == "cuda") else 0,
                                budgets=dataclasses.replace(base.budgets, dram_bytes=None))
     return with_cpu_set(plan, image.args, cfg.placement.cpu_compute)  # from the DRAM tier the pool holds
 

@@ -16,8 +16,17 @@ known only a layer at a time: ``order`` is that order as far as it is known, wal
 it, up to K groups ahead, as it did along the fixed cycle. ``expert_stats`` counts the experts each tier served,
 those skipped, and the bytes they moved; and the prefetch guess (model/experts.py): ``next_router`` hands the pass
 a layer's router where its attention group is resident (or, on the CPU, in the DRAM tier), ``guess`` keeps the
-experts it picked a layer ahead, and ``route`` counts how many of the layer's chosen experts were guessed (nothing
-is fetched on a guess yet: the count says what starting the copies a layer early would catch).
+experts it picked a layer ahead, and ``route`` counts how many of the layer's chosen experts were guessed.
+Acting on the guess (disk tier): the pass hands over layer L+1's guess just before it routes layer L, and
+``route(L)`` asks the pool for L's chosen disk-tier experts followed by up to ``plan.expert_prefetch`` of L+1's
+guessed ones (the first in pass order) in the same demand, so they are read while layer L computes, into this
+client's own demand slots (no memory of their own; ``prefetch_room`` leaves one slot for the layer's own reads).
+``route(L+1)`` then waits for the ones its layer chose (they were issued: every earlier read of the demand has been
+fetched, and they fit the slots) and keeps their slots in ``demand_hits``, fetched from there in pass order as any
+other; the rest of L+1's disk experts are a new demand, which drops the guessed ones not chosen (their slots
+released by the client when they arrive, their reads dropped if not yet issued). The bytes asked for on the guess,
+used and wasted are counted beside the hit rate. Not yet: the DRAM tier's H2D copies on CUDA (they would need GPU
+buffers of their own, outside the K staging buffers the pipeline cycles through).
 On CUDA the ring is registered once with cudaHostRegister, and DRAM/streamed groups are copied on a
 dedicated copy stream into K staging buffers, up to K groups ahead of compute, with CUDA events between the
 streams (no synchronize in the layer loop); a slot is released once the event recorded after its copy has
@@ -106,11 +115,19 @@ class StreamedWeights:
         self.expert_stats = dict.fromkeys(("routings", "experts_gpu", "experts_dram", "experts_disk",
                                            "experts_skipped", "expert_bytes_gpu", "expert_bytes_dram",
                                            "expert_bytes_disk", "expert_h2d_bytes", "guessed_layers", "guessed",
-                                           "guess_chosen", "guess_hits"), 0)
+                                           "guess_chosen", "guess_hits", "prefetched", "prefetch_used",
+                                           "prefetch_bytes", "prefetch_used_bytes", "prefetch_wasted_bytes"), 0)
         # the prefetch guess: each routed layer's router group, and the experts guessed for a layer not routed yet
         kinds = [k for k in architecture(self.args).layer_kinds if k.forward == "moe_attention"]
         self.router_group = {i: layer_group(i, kinds[0].name) for i in range(self.args.n_layers)} if kinds else {}
         self.guesses: dict[int, frozenset[str]] = {}
+        # acting on it: the most guessed disk experts a layer asks for a layer ahead; layer -> those to ask for with
+        # the layer before; layer -> {guessed disk expert: its position in the current demand}; the ones its layer
+        # chose, read -> (slot, seq) until fetched
+        self.prefetch_max = plan.expert_prefetch if shard is None else 0
+        self.ahead: dict[int, list[str]] = {}
+        self.asked: dict[int, dict[str, int]] = {}
+        self.demand_hits: dict[str, tuple[int, int]] = {}
         self.held: tuple[int, int] | None = None  # CPU: the streamed slot the last group was computed from
         self.dense: dict[str, Weights] = {}  # CPU: quantized DRAM-tier groups, held from their first use
         # CUDA: the plan's CPU compute set; the pass index of each known position, whether each begun pass is small
@@ -346,11 +363,14 @@ class StreamedWeights:
     def guess(self, layer: int, groups) -> None:
         """The experts of ``layer`` its router picks on the previous layer's hidden state (counted at ``route``)."""
         self.guesses[layer] = frozenset(groups)
+        if self.prefetch_max:  # the ones to ask for with the current layer's (route): the first in pass order
+            self.ahead[layer] = [g for g in groups if g in self.on_demand][:self.prefetch_max]
 
     def route(self, layer: int, groups) -> None:
         """The pass's layer ``layer`` has routed: of its experts it fetches ``groups`` only, in this order (model/
-        transformer.py ``forward_groups``). Counts where each comes from; asks the pool for the disk-tier ones
-        (one demand); on CUDA starts the copies that can start."""
+        transformer.py ``forward_groups``). Counts where each comes from; takes the disk-tier ones read on the last
+        layer's guess, asks the pool for the others with the next layer's guessed ones (one demand); on CUDA starts
+        the copies that can start."""
         if layer in self.routes:
             raise RuntimeError(f"layer {layer} routed twice before its experts were fetched")
         if self.demand_pos < self.demand_len:
@@ -368,22 +388,51 @@ class StreamedWeights:
             st["guess_chosen"] += len(chosen)
             st["guess_hits"] += len(chosen & guessed)
         st["experts_skipped"] += self.layer_experts[layer] - len(chosen)
+        self._take_prefetched(layer, chosen)
         disk = []
         for g in groups:
             tier = "gpu" if g in self.on_gpu else "dram" if g in self.in_dram else "disk"
             size = self._extent(g)[1]
             st[f"experts_{tier}"] += 1
             st[f"expert_bytes_{tier}"] += size
-            if tier == "disk":
+            if tier == "disk" and g not in self.demand_hits:
                 disk.append(g)
             if tier != "gpu" and self.cuda:
                 st["expert_h2d_bytes"] += size
-        if disk:
-            self.client.demand([self.gid[g] for g in disk])
+        ahead = self.ahead.pop(layer + 1, [])
+        if disk or ahead:
+            self.client.demand([self.gid[g] for g in disk + ahead])
             self.demand_pos, self.demand_len = 0, len(disk)
+            if ahead:
+                self.asked[layer + 1] = {g: len(disk) + i for i, g in enumerate(ahead)}
+                st["prefetched"] += len(ahead)
+                st["prefetch_bytes"] += sum(self._extent(g)[1] for g in ahead)
         self.routes[layer] = chosen
         if self.cuda:
             self._run_ahead()
+
+    def _take_prefetched(self, layer: int, chosen: frozenset[str]) -> None:
+        """Layer ``layer`` has routed: wait for the disk experts read on its guess that it chose (each was issued:
+        every read before it in the demand has been fetched, and they fit the demand slots, ``prefetch_room``) and
+        keep their slots for their ``get``; count the bytes used and wasted. The ones not chosen are dropped by the
+        next demand."""
+        asked = self.asked.pop(layer, None)
+        if not asked:
+            return
+        st = self.expert_stats
+        for g, pos in asked.items():  # in demand order
+            size = self._extent(g)[1]
+            if g not in chosen:
+                st["prefetch_wasted_bytes"] += size
+                continue
+            if self.cuda:
+                self._free_window_for(lambda at=pos: self.client.demand_waiting(at))
+            t0 = time.monotonic_ns() if self.trace else 0
+            self.demand_hits[g] = self.client.wait_demand(pos)
+            if self.trace:
+                self.trace.wait(g, t0, pos)
+            st["prefetch_used"] += 1
+            st["prefetch_used_bytes"] += size
 
     def _at(self, p: int) -> str | None:
         """The non-resident group at fetch position ``p``; None while it depends on a routing not announced."""
@@ -433,6 +482,8 @@ class StreamedWeights:
         on disk: wait for the next slot of the current demand."""
         if group in self.in_dram:
             return int(self.res.groups[self.gid[group]]["slot"]), -1
+        if group in self.demand_hits:  # read on the guess a layer ahead (route)
+            return self.demand_hits.pop(group)
         if group in self.on_demand:
             pos = self.demand_pos
             self.demand_pos += 1
@@ -568,6 +619,8 @@ class StreamedWeights:
             return False
         if g in self.in_dram:
             return not self.cpu_set or self._on_host(p) is not None  # a CPU-set group: once its pass has begun
+        if g in self.demand_hits:
+            return True
         if g in self.on_demand:
             return self.client.demand_waiting(self.demand_pos)
         return self._window_waiting(self.stream_pos)

@@ -224,19 +224,35 @@ def pool_counters(source: WeightSource) -> dict[str, int] | None:
 EXPERT_TIERS = ("gpu", "dram", "disk")
 EXPERT_KEYS = ("routings", *(f"experts_{t}" for t in (*EXPERT_TIERS, "skipped")),
                *(f"expert_bytes_{t}" for t in EXPERT_TIERS), "expert_h2d_bytes", "bytes_demand", "guessed_layers",
-               "guessed", "guess_chosen", "guess_hits")
+               "guessed", "guess_chosen", "guess_hits", "prefetched", "prefetch_used", "prefetch_bytes",
+               "prefetch_used_bytes", "prefetch_wasted_bytes")
 
 
 def guess_report(c: dict) -> dict[str, Any] | None:
     """The prefetch guess (runtime/engine/streamed.py): of the experts the guessed layers chose, the share guessed a
-    layer ahead (its hit rate), the experts guessed a layer and the share of them chosen; None where no layer was
-    guessed (its router not resident, or a dense model)."""
+    layer ahead (its hit rate), the experts guessed a layer and the share of them chosen; and what was done on it
+    (``prefetch``: the disk-tier experts asked for a layer ahead, those of them chosen and so used, and their bytes:
+    asked for, used, wasted); None where no layer was guessed (its router not resident, or a dense model)."""
     layers = c.get("guessed_layers", 0)
     if not layers:
         return None
+    n = c.get("prefetched", 0)
     return {"layers": layers, "hit_rate": c["guess_hits"] / c["guess_chosen"] if c["guess_chosen"] else None,
             "guessed_per_layer": c["guessed"] / layers, "chosen_per_layer": c["guess_chosen"] / layers,
-            "precision": c["guess_hits"] / c["guessed"] if c["guessed"] else None}
+            "precision": c["guess_hits"] / c["guessed"] if c["guessed"] else None,
+            "prefetch": {"experts": n, "used": c.get("prefetch_used", 0),
+                         "used_share": c.get("prefetch_used", 0) / n if n else None,
+                         "bytes": c.get("prefetch_bytes", 0), "used_bytes": c.get("prefetch_used_bytes", 0),
+                         "wasted_bytes": c.get("prefetch_wasted_bytes", 0)}}
+
+
+def prefetch_text(gr: dict) -> str:
+    """What the guess's reads did, for the summary and ``run --verbose``."""
+    pf = gr["prefetch"]
+    if not pf["experts"]:
+        return "none read ahead on it (--expert-prefetch 0, no demand slot to spare, or no disk-tier expert guessed)"
+    return (f"{pf['experts']} disk experts read a layer ahead, {pf['used']} used ({pf['used_share']:.0%}): "
+            f"{fmt_gb(pf['bytes'])} read ahead, {fmt_gb(pf['used_bytes'])} used, {fmt_gb(pf['wasted_bytes'])} wasted")
 
 
 def expert_report(prefill: dict | None, decode: dict | None, tokens: int) -> dict[str, Any] | None:
@@ -294,8 +310,8 @@ def experts_line(c: dict) -> str:
     tiers = ", ".join(f"{t} {c[f'experts_{t}']} ({c[f'experts_{t}'] / fetched if fetched else 0:.0%})"
                       for t in EXPERT_TIERS)
     gr = guess_report(c)
-    guess = (f"; prefetch guess right for {gr['hit_rate'] or 0:.0%} of the experts chosen in {gr['layers']} layers"
-             if gr else "; no prefetch guess (no router resident a layer ahead)")
+    guess = (f"; prefetch guess right for {gr['hit_rate'] or 0:.0%} of the experts chosen in {gr['layers']} layers, "
+             f"{prefetch_text(gr)}" if gr else "; no prefetch guess (no router resident a layer ahead)")
     return f"experts: {c['routings']} layer routings fetched {fetched}: {tiers}{guess}"
 
 
@@ -463,6 +479,7 @@ class BenchContext:
     cut: list = field(default_factory=list)
     unused: list = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    expert_usage: list[list[int]] | None = None  # a mixture, with --out-json: the measured round's routings
 
 
 def build_report(cfg: BenchConfig, engine: EngineConfig, ctx: BenchContext, r: Round) -> dict[str, Any]:
@@ -505,6 +522,8 @@ def build_report(cfg: BenchConfig, engine: EngineConfig, ctx: BenchContext, r: R
     out["results"] = [{"prompt_token_ids": x.prompt_token_ids, "output_token_ids": x.output_token_ids,
                        "text": tok.answer_text(x.output_token_ids) if tok else None} for x in r.results]
     out["experts"] = expert_report(io["prefill_io"], io["decode_io"], n * steps)
+    if ctx.expert_usage is not None:  # drawn beside the JSON by emit (runtime/measure/heatmap.py)
+        out["expert_usage"] = {"counts": ctx.expert_usage, "routed": sum(map(sum, ctx.expert_usage)), "png": None}
     if out["experts"] is not None:
         out["experts"]["bound_moved"] = moved_bound(plan, lk, io["decode_io"], steps, n, step_ms)
     out.update({"generated_tokens_total": n * len(r.tokens), "warmup_rounds": cfg.warmup_rounds,
@@ -584,7 +603,7 @@ def summary(rep: dict, plan_text: str) -> str:
             ours["prefetch guess"] = (f"{gr['hit_rate'] or 0:.0%} of the experts chosen were guessed a layer ahead "
                                       f"({gr['layers']} layers; {gr['guessed_per_layer']:.1f} guessed and "
                                       f"{gr['chosen_per_layer']:.1f} chosen a layer, {gr['precision'] or 0:.0%} of "
-                                      f"the guessed chosen)")
+                                      f"the guessed chosen); {prefetch_text(gr)}")
         mb = ex.get("bound_moved")
         if mb and mb["step_ms"] is not None:
             per = mb["bytes_per_step"][mb["limited_by"]]
@@ -646,12 +665,19 @@ def run_local(cfg: BenchConfig, engine: EngineConfig, image: Image, prompts: lis
     with open_source(image, engine, device, batch=cfg.batch_size, max_len=max_len, early=early) as (source, plan,
                                                                                                    handle):
         load_ms = (time.perf_counter() - t0) * 1e3
-        gen = run_generator(source, engine, image, max_len)
+        counter = None  # a mixture's routings per layer and expert, for the heatmap beside the JSON
+        if cfg.out_json and image.args.n_experts:
+            from runtime.measure.routing import RoutingCounter
+
+            counter = RoutingCounter(source, image.args.n_layers, image.args.n_experts)
+        gen = run_generator(counter or source, engine, image, max_len)
         first = None
         for i in range(cfg.warmup_rounds):
             first = first or run_round(gen, source, prompts, cfg.sampling)
             print(f"warm-up round {i + 1}/{cfg.warmup_rounds} done", file=sys.stderr)
+        before = [row[:] for row in counter.counts] if counter else None
         r = run_round(gen, source, prompts, cfg.sampling)
+        usage = [[a - b for a, b in zip(x, y)] for x, y in zip(counter.counts, before)] if counter else None
         memory = memory_report(device, source, handle)
         breakdown = source.load_ms
     first = first or r
@@ -661,7 +687,7 @@ def run_local(cfg: BenchConfig, engine: EngineConfig, image: Image, prompts: lis
     notes = [] if device.type == "cuda" else ["no H2D link: the model computes on the CPU from ring memory"]
     ctx = BenchContext(plan, lk, prompts, memory, device, image, source, gen.host_layers, tok, load_ms,
                        {"process_start_to_load": to_open_ms, **breakdown}, to_first_ms,
-                       (first.stamps[0] - t0) * 1e3, cut, cfg.unused_flags(), notes)
+                       (first.stamps[0] - t0) * 1e3, cut, cfg.unused_flags(), notes, usage)
     emit(cfg, build_report(cfg, engine, ctx, r), plan_line(plan), plan.describe() if plan else None)
 
 
@@ -671,5 +697,13 @@ def emit(cfg: BenchConfig, rep: dict, plan_text: str, placement: str | None) -> 
     if cfg.verbose:
         print(verbose_lines(rep, placement))
     if cfg.out_json:
+        usage = rep.get("expert_usage")
+        if usage is not None:
+            from runtime.measure.heatmap import expert_heatmap, heatmap_path
+
+            usage["png"] = expert_heatmap(usage["counts"], heatmap_path(cfg.out_json),
+                                          f"tokens routed per expert, measured round ({usage['routed']} routings)")
+            if usage["png"]:
+                print(f"expert heatmap written to {usage['png']}")
         Path(cfg.out_json).write_text(json.dumps(rep, indent=1))
         print(f"JSON written to {cfg.out_json}")
