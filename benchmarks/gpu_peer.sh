@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Ours against llama.cpp on the same GGUF files, one GPU-machine call (issues 27 and 28, their Acceptance): synthetic
 # Llama-shaped GGUFs (benchmarks/synth_gguf.py) of 32 layers: the 8B shape in bf16 and in Q4_K_M, the 70B shape in
-# Q4_K_M (~17 GB). Ours: each packed with `launch.py pack` (blocks kept), `launch.py bench --mode full` (CUDA graphs
+# Q4_K_M (~17 GB); and ours alone, the 8B bf16 file packed as our int4 (group 64, the output matrix too; against
+# the HBM bound). Ours: each packed with `launch.py pack` (blocks kept), `launch.py bench --mode full` (CUDA graphs
 # on), and for the 70B shape also `--mode preload --gpu-cached-layers 17` (issue 28's split: a 24 GB card's share
 # of an 80-layer 70B). llama.cpp: built from its source package in the background at the start
 # (benchmarks/gpu_llamacpp_build.sh), `llama-bench -ngl 99` and `-ngl 17 -t 16`, `-p 512 -n 64 -r 3`, with
@@ -15,7 +16,7 @@
 # (/tmp/out) at the end. A file and setting whose result is there already is not run again: the same command run
 # a second time on the warm machine does what the first call's budget left out (the build found done), and its
 # table holds both calls' rows. FRESH=1 empties RESULTS first (a new start, or other settings).
-# env: SKIP_BF16 SKIP_8B SKIP_70B (a file), SKIP_SPLIT (the -ngl 17 / preload runs), SKIP_OURS, SKIP_LLAMACPP
+# env: SKIP_BF16 SKIP_INT4 SKIP_8B SKIP_70B (a file), SKIP_SPLIT (the -ngl 17 / preload runs), SKIP_OURS, SKIP_LLAMACPP
 #      (a side), LAYERS (32), GPU_LAYERS (17), THREADS (16, llama.cpp's -t in the split), PROMPT_TOKENS (512),
 #      NEW_TOKENS (64), REPS (3, llama-bench -r), LLAMACPP_FA (0: see gpu_llamacpp_build.sh), BUILD_WAIT (300 s at
 #      most for the build), BUDGET (540 s for the whole call), LLAMA_BENCH (a llama-bench binary to use instead of
@@ -41,7 +42,7 @@ OUT=${OUT:-/tmp/out}; W=${W:-/tmp/peer}; R=${RESULTS:-/tmp/peer-results}
 mkdir -p "$OUT" "$W" "$R"
 DEVICE=${DEVICE:-cuda}; LAYERS=${LAYERS:-32}; NGL=${GPU_LAYERS:-17}; PT=${PROMPT_TOKENS:-512}; NT=${NEW_TOKENS:-64}
 # rough seconds per file on the H100 machine (write, pack, bench; llama.cpp: write again, llama-bench), for left()
-declare -A EST=([ours-8b-bf16]=120 [ours-8b-q4km]=60 [ours-70b-q4km]=150 [ours-split]=60
+declare -A EST=([ours-8b-bf16]=120 [ours-8b-int4]=100 [ours-8b-q4km]=60 [ours-70b-q4km]=150 [ours-split]=60
                 [lcpp-8b-bf16]=45 [lcpp-8b-q4km]=30 [lcpp-70b-q4km]=45 [lcpp-split]=60)
 est() { echo "${EST[$1]:-30}"; }
 source benchmarks/peer_lib.sh
@@ -52,6 +53,7 @@ if [ "$DEVICE" = cuda ]; then python3 benchmarks/peer_compare.py hbm --out "$R/h
 # name preset type: the files, in the table's order
 FILES=()
 [ "${SKIP_8B:-0}" = 1 ] || { [ "${SKIP_BF16:-0}" = 1 ] || FILES+=("8b-bf16 ${PRESET8:-llama3.1-8b} bf16")
+                             [ "${SKIP_INT4:-0}" = 1 ] || FILES+=("8b-int4 ${PRESET8:-llama3.1-8b} bf16")
                              FILES+=("8b-q4km ${PRESET8:-llama3.1-8b} q4_k_m"); }
 [ "${SKIP_70B:-0}" = 1 ] || FILES+=("70b-q4km ${PRESET70:-llama3.1-70b} q4_k_m")
 synth() {  # name preset type: writes $W/name.gguf (seed 0) and its sizes to $R/weights-name.json, or fails
@@ -73,8 +75,11 @@ if [ "${SKIP_OURS:-0}" != 1 ]; then
     left "$(est "ours-$name")" "ours on $name" || continue
     say "ours: $name"
     synth "$name" "$pre" "$ty" || continue
-    timeout 300 python3 launch.py pack --checkpoint "$W/$name.gguf" --out "$W/$name.img" --quiet \
+    q=(); [[ $name == *-int4 ]] && q=(--quantize int4 --group-size 64 --quantize-output)  # ours: no llama.cpp run
+    timeout 300 python3 launch.py pack --checkpoint "$W/$name.gguf" --out "$W/$name.img" --quiet "${q[@]}" \
       > "$R/pack-$name.log" 2>&1 || { say "$name: pack failed:"; tail -5 "$R/pack-$name.log"; }
+    [ ${#q[@]} = 0 ] || python3 benchmarks/peer_compare.py image-weights --image "$W/$name.img" \
+      --out "$R/weights-$name.json"
     rm -f "$W/$name.gguf"
     [ -f "$W/$name.img" ] || continue
     tail -1 "$R/pack-$name.log"
@@ -104,6 +109,7 @@ fi
 if [ "${SKIP_LLAMACPP:-0}" != 1 ] && wait_llamacpp; then
     for f in "${FILES[@]}"; do
       read -r name pre ty <<< "$f"
+      [[ $name == *-int4 ]] && continue  # our format: llama.cpp reads its Q4_K_M file beside it
       ss=$(todo lcpp "$name"); [ -n "$ss" ] || { say "llama.cpp on $name: done by an earlier call ($R)"; continue; }
       left "$(est "lcpp-$name")" "llama.cpp on $name" || continue
       say "llama.cpp: $name"

@@ -24,7 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-NAMES = {"8b-bf16": ("8B-shaped", "bf16"), "8b-q4km": ("8B-shaped", "Q4_K_M"), "70b-q4km": ("70B-shaped", "Q4_K_M")}
+NAMES = {"8b-bf16": ("8B-shaped", "bf16"), "8b-int4": ("8B-shaped", "our int4 g64 (no llama.cpp run)"),
+         "8b-q4km": ("8B-shaped", "Q4_K_M"), "70b-q4km": ("70B-shaped", "Q4_K_M")}
 SETTINGS = {"gpu": "all layers on the GPU: -ngl 99 / --mode full", "split": "first layers on the GPU: -ngl N -t T / "
                                                                             "--mode preload --gpu-cached-layers N"}
 
@@ -120,6 +121,17 @@ def _order(name: str) -> tuple[int, str]:
     return (list(NAMES).index(name) if name in NAMES else len(NAMES), name)
 
 
+def image_weights(image: str) -> dict:
+    """An image's weights as synth_gguf.py's --info-json gives a GGUF's ("bytes", "n_layers", "step_bytes": every
+    tensor but the token embedding table, which a step reads one row of): for a file we quantize at pack."""
+    from runtime.format.image import Image
+
+    img = Image.open(image)
+    sizes = [(t.name, t.nbytes) for g in img.groups.values() for t in g.tensors]
+    return {"bytes": sum(n for _, n in sizes), "n_layers": img.args.n_layers,
+            "step_bytes": sum(n for name, n in sizes if name != "tok_embeddings.weight" or img.args.tie_embeddings)}
+
+
 def table_rows(d: Path) -> list[list[str]]:
     """One row per file, setting and llama.cpp -fa value (ours repeated), for every file with any result."""
     hbm = (_load(d / "hbm.json") or {}).get("gbps")
@@ -173,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--tokenizer", required=True, help="a packed image's tokenizer folder (IMAGE.tokenizer) or a GGUF")
     q.add_argument("--tokens", type=int, default=512)
     q.add_argument("--out", required=True)
+    w = sub.add_parser("image-weights", help="a packed image's bytes as synth_gguf.py --info-json writes a GGUF's")
+    w.add_argument("--image", required=True)
+    w.add_argument("--out", required=True)
     t = sub.add_parser("table", help="the comparison table of a run's JSON files")
     t.add_argument("--dir", required=True)
     a = p.parse_args(argv)
@@ -187,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(a.out).write_text(text + "\n")
         off = "" if n == a.tokens else f" (asked {a.tokens}: this vocabulary allows no closer count with these words)"
         print(f"prompt: {n} tokens{off}")
+    elif a.cmd == "image-weights":
+        Path(a.out).write_text(json.dumps(image_weights(a.image)))
     else:
         print(table(Path(a.dir)))
     return 0
