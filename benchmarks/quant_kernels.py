@@ -223,70 +223,6 @@ def sweep(torch, quant, gemv, do_bench) -> None:
         del raw
         torch.cuda.empty_cache()
 
-# ---- our int8 / int4 at a few rows (model/quant_triton.py int_gemv) --------------------------------------
-
-def int_gemv_launches(qt, n: int, k: int, sms: int) -> list[dict]:
-    """int_gemv's launches --int-gemv --sweep tries: rows of w a program, K step, warps (the split chosen for
-    each), then, around the default, stages and twice / half the split."""
-    tried = [dict(block_n=bn, bk=bk, warps=w) for bn in (8, 16, 32) for bk in (128, 256, 512) for w in (2, 4)
-             if k % bk == 0]
-    split = qt.gemv_split(n, k, sms)
-    tried += [dict(stages=st) for st in (1, 2, 4)]
-    tried += [dict(split=sp) for sp in (split * 2, split // 2, 1) if sp >= 1 and (k // qt.GEMV_BK) % sp == 0]
-    return tried
-
-
-def bench_int_gemv(args) -> int:
-    """--int-gemv: int_gemv (the default launch) against the tensor-core tile kernel it replaced at 1 and 4 rows of
-    bf16 x, on the 8B and 70B shapes, int4 and int8 (group 64): us, GB/s of the matrix's bytes and their share of
-    the device copy's rate; --sweep: the best of other launches (int4, one row)."""
-    import functools
-
-    import torch
-    from triton import testing
-
-    from model import quant
-    from model import quant_triton as qt
-
-    hbm = hbm_rate(torch, testing.do_bench)
-    do_bench = functools.partial(testing.do_bench, warmup=10, rep=40, return_mode="median")
-    P = functools.partial
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    print(f"{torch.cuda.get_device_name()}: device copy {hbm:.0f} GB/s (read + write), {sms} SMs; x bf16, group 64")
-    print(f"{'scheme':6} {'model':5} {'matrix':7} {'rows x cols':>13} {'m':>2} {'MB':>7} {'split':>5} {'gemv us':>8} "
-          f"{'GB/s':>6} {'%copy':>6} {'tiles us':>9} {'speed-up':>8} {'err':>8}" + ("  best of sweep" * args.sweep))
-    for scheme in ("int4", "int8"):
-        for model, name, n, k in GEMV_SHAPES:
-            raw = random_raw(quant, torch, scheme, (n, k), 64, "cuda")
-            parts = [p.contiguous() for p in quant._parts(raw, scheme, (n, k), 64)]
-            for m in (1, 4):
-                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                gemv = do_bench(P(qt.int_gemv, x, scheme, parts, 64, n, k))
-                tiles = do_bench(P(qt.int_matmul, x, scheme, parts, 64, n, k, block_n=64 if n >= 4096 else 32))
-                rows = min(n, 256)
-                ref = torch.nn.functional.linear(x.float(), quant.dequantize_rows(raw, scheme, (n, k), 64,
-                                                                                  torch.arange(rows, device="cuda")))
-                err = ((qt.int_gemv(x, scheme, parts, 64, n, k)[:, :rows].float() - ref).abs().max()
-                       / ref.abs().max()).item()
-                rate = raw.numel() / gemv / 1e6
-                line = (f"{scheme:6} {model:5} {name:7} {f'{n} x {k}':>13} {m:2} {raw.numel() / 1e6:7.1f} "
-                        f"{qt.gemv_split(n, k, sms):5} {gemv * 1e3:8.1f} {rate:6.0f} {100 * rate / hbm:6.1f} "
-                        f"{tiles * 1e3:9.1f} {tiles / gemv:8.2f} {err:8.1e}")
-                if args.sweep and scheme == "int4" and m == 1:
-                    times = {}
-                    for kw in int_gemv_launches(qt, n, k, sms):
-                        try:
-                            times[tuple(kw.items())] = do_bench(P(qt.int_gemv, x, scheme, parts, 64, n, k, **kw))
-                        except Exception as e:  # noqa: BLE001  (a sweep goes on past a launch that does not fit)
-                            print(f"sweep: {kw} failed: {str(e).splitlines()[-1][:160]}", flush=True)
-                    best = min(times, key=times.get)
-                    line += f"  {dict(best)} {times[best] * 1e3:.1f} us"
-                print(line, flush=True)
-            del raw, parts
-            torch.cuda.empty_cache()
-    return 0
-
-
 def interpret_check(args) -> int:
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
     import torch
@@ -347,8 +283,7 @@ def main() -> int:
     ap.add_argument("--schemes", type=lambda s: [x for x in s.split(",") if x],
                     default=["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"],
                     help="--gemv: formats of the table (none: the sweep only)")
-    ap.add_argument("--int-gemv", action="store_true", help="our int4/int8 at 1 and 4 rows of x (CUDA)")
-    ap.add_argument("--sweep", action="store_true", help="--gemv, --int-gemv: also time other launches")
+    ap.add_argument("--sweep", action="store_true", help="--gemv: also time other launches on a few cases")
     ap.add_argument("--quality", action="store_true", help="reconstruction MSE on the embedded SmolLM2")
     ap.add_argument("--every", type=int, default=1, help="--quality: every N-th tensor only")
     args = ap.parse_args()
@@ -356,8 +291,6 @@ def main() -> int:
         return quality(args)
     if args.gemv:
         return bench_gemv(args)
-    if args.int_gemv:
-        return bench_int_gemv(args)
     if args.interpret_check:
         args.shape = args.shape or [64, 512]
         return interpret_check(args)

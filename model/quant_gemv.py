@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from model.quant_triton import EXACT, _add, _sum_splits_kernel, sm_count
+from model.quant_triton import EXACT, _add
 
 # scheme -> (block bytes, values a block, values a chunk, alignment the kernel needs of the blocks' bytes)
 BLOCKS = {"q8_0": (34, 32, 32, 2), "q4_0": (18, 32, 32, 2), "q4_1": (20, 32, 32, 4), "q5_0": (22, 32, 32, 2),
@@ -369,6 +369,18 @@ def _gguf_matmul_kernel(x, raw, y, M, N, n_chunks, stride_xm, stride_ym, row_byt
     tl.store(out, acc.to(y.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
 
 
+@triton.jit(do_not_specialize=["n", "splits"])
+def _sum_splits_kernel(p, y, n, splits, B: tl.constexpr):
+    """y[i] = sum over s of p[s, i], in the order of s (the split-K partial sums; p float32 (splits, n))."""
+    i = tl.program_id(0) * B + tl.arange(0, B)
+    ok = i < n
+    acc = tl.load(p + i, mask=ok, other=0.0)
+    for _ in range(1, splits):
+        p += n
+        acc += tl.load(p + i, mask=ok, other=0.0)
+    tl.store(y + i, acc.to(y.dtype.element_ty), mask=ok)
+
+
 # ---- launching ------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -411,6 +423,11 @@ def launch_config(scheme: str, m: int, n: int, k: int, float32: bool, sms: int) 
     return dataclasses.replace(launch, split=split)
 
 
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def usable(raw: torch.Tensor, scheme: str, dtype: torch.dtype) -> bool:
     """Whether gguf_matmul takes x of ``dtype`` (float32, bf16, fp16) and can read ``raw`` in place (its first
     byte aligned as the format's loads need)."""
@@ -428,7 +445,7 @@ def gguf_matmul(x: torch.Tensor, scheme: str, raw: torch.Tensor, n: int, k: int,
     ts, bs, cv, _ = BLOCKS[scheme]
     float32 = x.dtype == torch.float32
     if launch is None:
-        launch = launch_config(scheme, m, n, k, float32, sm_count(x.device) if x.is_cuda else 4)
+        launch = launch_config(scheme, m, n, k, float32, _sm_count(x.device.index) if x.is_cuda else 4)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return y

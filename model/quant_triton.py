@@ -15,7 +15,6 @@ model/quant.py imports this module only on CUDA, so the project runs without tri
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 
 import torch
@@ -246,10 +245,8 @@ def _k_tile(k: int, group: int) -> int:
 def int_matmul(x: torch.Tensor, scheme: str, parts: list[torch.Tensor], group: int, n: int, k: int,
                block_n: int | None = None, warps: int = 4) -> torch.Tensor:
     """x (M, K), a contiguous 2-D activation of M <= FUSED_MAX_ROWS rows, times the int8 / int4 matrix of ``parts``
-    (N, K) transposed -> (M, N) in x's dtype. Up to GEMV_MAX_ROWS rows: ``int_gemv``; more: tensor-core tiles."""
+    (N, K) transposed -> (M, N) in x's dtype."""
     m = x.shape[0]
-    if m <= GEMV_MAX_ROWS and block_n is None:
-        return int_gemv(x, scheme, parts, group, n, k)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     bm = 16 if m <= 16 else (32 if m <= 32 else 64)
     bn = block_n or (64 if n >= 4096 else 32)
@@ -260,109 +257,3 @@ def int_matmul(x: torch.Tensor, scheme: str, parts: list[torch.Tensor], group: i
                                  INT4=scheme == "int4", GROUP=group, BM=bm, BN=bn, BK=bk,
                                  IEEE=x.dtype == torch.float32, num_warps=warps)
     return y
-
-
-# ---- a few rows of x: one pass over the bytes with FMAs, split along K where the rows of w are few ----------
-# At one row of x a tensor-core tile is 15/16 padding and a program a 64-row tile of w: the 8B shape's wq gave 64
-# programs on 132 SMs (about 1 TB/s of the H100's 3.35). Here a program takes GEMV_ROWS rows of w and every row
-# of x (up to GEMV_MAX_ROWS), factors each group's scale out of its sum (sum_g s_g (q_g . x_g) + m_g sum(x_g):
-# one multiply-add a value), and the row is split along K into partial sums (float32, summed by a second
-# kernel in a fixed order) until there are GEMV_PROGRAMS_PER_SM programs an SM.
-
-GEMV_MAX_ROWS = 4
-GEMV_ROWS = 16  # rows of w a program
-GEMV_BK = 256  # values of a row a step (whole groups: 256 is a multiple of every group size we write)
-GEMV_WARPS = 4
-GEMV_STAGES = 3
-GEMV_PROGRAMS_PER_SM = 4
-
-
-@triton.jit(do_not_specialize=["M", "N", "K", "iters"])
-def _int_gemv_kernel(x, q, scale, minimum, y, M, N, K, stride_xm, iters, INT4: tl.constexpr, GROUP: tl.constexpr,
-                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """y[s, m, n] = sum over split s's K range of x[m, k] * w[n, k], in float32 (y float32 (splits, M, N), or
-    (M, N) of x's dtype with one split). Each split covers ``iters`` whole BK steps (the caller's split divides
-    K // BK)."""
-    pid_n = tl.program_id(0).to(tl.int64)
-    pid_s = tl.program_id(1).to(tl.int64)
-    rn = pid_n * BN + tl.arange(0, BN)
-    n_ok = rn < N
-    rn = tl.minimum(rn, N - 1)  # rows past N read the last row (in bounds); their sums are not stored
-    G: tl.constexpr = BK // GROUP
-    H: tl.constexpr = GROUP // 2
-    n_groups = K // GROUP
-    rows = tl.arange(0, BM)[:, None]
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for i in range(iters):
-        k0 = (pid_s * iters + i) * BK
-        rg = k0 // GROUP + tl.arange(0, G)
-        s = tl.load(scale + rn[:, None] * n_groups + rg[None, :]).to(tl.float32)  # (BN, G)
-        if INT4:
-            rb = k0 // 2 + tl.arange(0, BK // 2)
-            byte = tl.load(q + rn[:, None] * (K // 2) + rb[None, :]).to(tl.int32)  # (BN, BK / 2)
-            lo = tl.reshape((byte & 15).to(tl.float32), (BN, G, H))
-            hi = tl.reshape((byte >> 4).to(tl.float32), (BN, G, H))
-            mn = tl.load(minimum + rn[:, None] * n_groups + rg[None, :]).to(tl.float32)
-        else:
-            v = tl.load(q + rn[:, None] * K + (k0 + tl.arange(0, BK))[None, :]).to(tl.float32)
-            v = tl.reshape(v, (BN, G, GROUP))
-        for m in tl.static_range(BM):
-            xr = tl.load(x + m * stride_xm + k0 + tl.arange(0, BK), mask=tl.full((BK,), m, tl.int32) < M,
-                         other=0.0).to(tl.float32)
-            if INT4:
-                xe, xo = tl.split(tl.reshape(xr, (BK // 2, 2)))  # the values of the low and the high nibbles
-                xe = tl.reshape(xe, (G, H))
-                xo = tl.reshape(xo, (G, H))
-                d = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2)  # (BN, G): q . x a group
-                part = tl.sum(d * s + mn * tl.sum(xe + xo, axis=1)[None, :], axis=1)
-            else:
-                part = tl.sum(tl.sum(v * tl.reshape(xr, (G, GROUP))[None, :, :], axis=2) * s, axis=1)
-            acc += tl.where(rows == m, part[None, :], 0.0)
-    out = y + pid_s * M * N + rows * N + (pid_n * BN + tl.arange(0, BN))[None, :]
-    tl.store(out, acc.to(y.dtype.element_ty), mask=(rows < M) & n_ok[None, :])
-
-
-def gemv_split(n: int, k: int, sms: int, block_n: int = GEMV_ROWS, bk: int = GEMV_BK) -> int:
-    """Splits of each row of w (a divisor of its K // bk steps): the fewest that give GEMV_PROGRAMS_PER_SM programs
-    an SM, else all of them."""
-    steps, programs = k // bk, triton.cdiv(n, block_n)
-    want = triton.cdiv(GEMV_PROGRAMS_PER_SM * sms, programs)
-    return next(d for d in range(1, steps + 1) if steps % d == 0 and (d >= want or d == steps))
-
-
-def int_gemv(x: torch.Tensor, scheme: str, parts: list[torch.Tensor], group: int, n: int, k: int,
-             block_n: int = GEMV_ROWS, bk: int | None = None, split: int | None = None, warps: int = GEMV_WARPS,
-             stages: int = GEMV_STAGES) -> torch.Tensor:
-    """x (M, K), M <= GEMV_MAX_ROWS contiguous rows, times the int8 / int4 matrix of ``parts`` (N, K) transposed ->
-    (M, N) in x's dtype; the keyword arguments override the launch (benchmarks/quant_kernels.py sweeps them)."""
-    m = x.shape[0]
-    bk = bk or next(b for b in (GEMV_BK, 128, 64, 32) if k % b == 0 and b % group == 0)
-    if split is None:
-        split = gemv_split(n, k, sm_count(x.device) if x.is_cuda else 4, block_n, bk)
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    out = y if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
-    bm = 1 if m == 1 else (2 if m == 2 else 4)
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        _int_gemv_kernel[(triton.cdiv(n, block_n), split)](
-            x, parts[0], parts[1], parts[-1], out, m, n, k, x.stride(0), k // bk // split, INT4=scheme == "int4",
-            GROUP=group, BM=bm, BN=block_n, BK=bk, num_warps=warps, num_stages=stages)
-        if split > 1:
-            _sum_splits_kernel[(triton.cdiv(m * n, 1024),)](out, y, m * n, split, B=1024, num_warps=4)
-    return y
-
-
-@functools.cache
-def sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-@triton.jit(do_not_specialize=["n", "splits"])
-def _sum_splits_kernel(p, y, n, splits, B: tl.constexpr):
-    """y[i] = sum over s of p[s, i], in the order of s (the split-K partial sums; p float32 (splits, n))."""
-    i = tl.program_id(0) * B + tl.arange(0, B)
-    ok = i < n
-    acc = tl.load(p + i, mask=ok, other=0.0)
-    for _ in range(1, splits):
-        p += n
-        acc += tl.load(p + i, mask=ok, other=0.0)
-    tl.store(y + i, acc.to(y.dtype.element_ty), mask=ok)

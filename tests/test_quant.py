@@ -439,23 +439,6 @@ def test_triton_fused_matmul_compiles_for_hopper(dtype, ieee):
     assert ("mma" in ptx) == (dtype == "bf16") and "ld.global" in ptx
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-@pytest.mark.parametrize("int4, rows", [(True, 1), (True, 4), (False, 2)])
-def test_triton_gemv_compiles_for_hopper(int4, rows):
-    """The few-rows kernel (``int_gemv``: decode steps) compiles for sm_90 with FMAs only (no tensor-core tile of
-    padding) and vector loads of the bytes of w."""
-    from model import quant_triton as qt
-
-    if not qt.EXACT:
-        pytest.skip("TRITON_INTERPRET is set in this process")
-    ptx = compile_for_hopper(qt._int_gemv_kernel,
-                             {"x": "*bf16", "q": "*u8" if int4 else "*i8", "scale": "*fp16", "minimum": "*fp16",
-                              "y": "*fp32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "iters": "i32"},
-                             {"INT4": int4, "GROUP": 64, "BM": rows, "BN": qt.GEMV_ROWS, "BK": qt.GEMV_BK},
-                             aligned=("x", "q", "scale", "minimum", "y", "K"))
-    assert "mma" not in ptx and "ld.global.v" in ptx
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_fused_matmul_equals_dense_path():
