@@ -13,14 +13,15 @@ contiguous dimension: along K it would need a horizontal sum per row).
                                                                  value g*gs + j in its low nibble and value
                                                                  g*gs + H + j in its high one (H = gs / 2: ggml's
                                                                  order within a block)
-    8-bit (q8_0, int8):        q    int8  (N / TILE, G, gs, TILE)
+    8-bit (q8_0, int8):        q    int32 (N / TILE, G, gs, W)    byte k of word w: row 16k + w, as above
     both:                      s, o scale and offset (N / TILE, G, TILE), value = q * s + o (o: none for 8-bit;
                                     q4_0's -8 * d as float32, the rest fp16 as stored)
 
 G groups of gs values a row (32 for the GGUF blocks, the group for ours). N is padded to whole tiles with zero
 rows, which the results leave out. The bytes are those stored (q4_0: 4 more a block for its float32 offset). The
-4-bit tiles are read as whole int32 vectors, each shift (0, 8, 16, 24, and 4 more for the high nibbles) giving 16
-rows' values: inductor loaded one byte a lane (a 16-byte partial load) and widened it, 25% slower.
+tiles are read as whole int32 vectors, each shift (4-bit: 0, 8, 16, 24, and 4 more for the high nibbles; 8-bit:
+left then arithmetic right, for the sign) giving 16 rows' values: inductor loaded one byte a lane (a 16-byte
+partial load) and widened it, 25% slower.
 
 ``TiledWeight.linear``: for at most ROWS_MAX rows of x (a decode step) the compiled kernel, which computes each
 group's sum of q * x first and scales it once (``acc * s + o * sum(x)``: the values of x times the dequantized
@@ -79,13 +80,20 @@ def _mv_nibble(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, o: torch.Tenso
     return torch.stack(ys, 0)
 
 
+def _bytes(q: torch.Tensor) -> torch.Tensor:
+    """8-bit tiles' words (n, G, gs, W) -> the signed values as float32 (n, G, gs, 4, W): [..., k, w] is row
+    16k + w of the tile."""
+    shl = torch.arange(24, -1, -8, dtype=torch.int32, device=q.device).view(4, 1)  # byte k to the top byte
+    return ((q.unsqueeze(-2) << shl) >> 24).float()
+
+
 def _mv_byte(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """x (m, K) float32 times the 8-bit tiles -> (m, NT * TILE)."""
-    nt, g, gs, t = q.shape
+    nt, g, gs, w = q.shape
     xs = x.view(x.shape[0], g, gs)
-    qf = q.float()
-    return torch.stack([((qf * xs[r, :, :, None]).sum(2) * s.float()).sum(1).view(nt * t)
-                        for r in range(x.shape[0])], 0)
+    qf = _bytes(q)
+    return torch.stack([((qf * xs[r, :, :, None, None]).sum(2).reshape(nt, g, 4 * w) * s.float()).sum(1)
+                        .view(nt * 4 * w) for r in range(x.shape[0])], 0)
 
 
 def _dequant(q: torch.Tensor, s: torch.Tensor, o: torch.Tensor | None) -> torch.Tensor:
@@ -93,6 +101,9 @@ def _dequant(q: torch.Tensor, s: torch.Tensor, o: torch.Tensor | None) -> torch.
     4-bit rows picked out as uint8 bytes) -> float32 (n, K, L), lane l of tile t row t * L + l of the matrix: the
     values of model/quant.py's dequantizers by the same float32 operations (q4_1, int4: q * s + o in two
     roundings; q4_0: exact either way; 8-bit: q * s; inductor does not contract a * b + c), so the same bits."""
+    if q.dtype == torch.int32 and o is None:  # 8-bit tiles
+        n, g, gs, w = q.shape
+        return (_bytes(q) * s.float().view(n, g, 1, 4, w)).reshape(n, g * gs, 4 * w)
     if q.dtype == torch.int32:  # 4-bit tiles
         n, g, h, w = q.shape
         s4, o4 = s.float().view(n, g, 1, 4, w), o.float().view(n, g, 1, 4, w)
@@ -120,8 +131,8 @@ def _dequant_into(q: torch.Tensor, s: torch.Tensor, o: torch.Tensor | None, out:
 # operations as model/transformer.py's (rms_norm, Rope.apply), in inductor's order of roundings.
 
 def _mv(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, o: torch.Tensor | None, n: int) -> torch.Tensor:
-    """x (m, K) times a tiled matrix's planes (4-bit: q int32 words; 8-bit: q int8, o None) -> (m, n): its n rows."""
-    y = _mv_nibble(x, q, s, o) if q.dtype == torch.int32 else _mv_byte(x, q, s)
+    """x (m, K) times a tiled matrix's planes (4-bit; 8-bit: o None) -> (m, n): its n rows."""
+    y = _mv_byte(x, q, s) if o is None else _mv_nibble(x, q, s, o)
     return y if y.shape[1] == n else y[:, :n]
 
 
@@ -386,11 +397,9 @@ class TiledWeight:
         """The embedding lookup: idx (any shape) -> idx.shape + (K,), the reference dequantizer's values."""
         flat = idx.reshape(-1).long()
         t, lane = flat // TILE, flat % TILE
-        if self.nibble:  # row 16k + w of a tile: byte k of word w
-            shift = (lane // (TILE // 4) * 8).to(torch.int32).view(-1, 1, 1)
-            q = ((self.q[t, ..., lane % (TILE // 4)] >> shift) & 255).to(torch.uint8).unsqueeze(-1)  # (n, G, H, 1)
-        else:
-            q = self.q[t, ..., lane].unsqueeze(-1)  # (n, G, gs, 1)
+        shift = (lane // (TILE // 4) * 8).to(torch.int32).view(-1, 1, 1)  # row 16k + w of a tile: byte k of word w
+        q = ((self.q[t, ..., lane % (TILE // 4)] >> shift) & 255).to(torch.uint8)  # (n, G, H|gs)
+        q = (q if self.nibble else q.view(torch.int8)).unsqueeze(-1)
         s = self.s[t, :, lane].unsqueeze(-1)  # (n, G, 1)
         o = None if self.o is None else self.o[t, :, lane].unsqueeze(-1)
         return _dequant(q, s, o)[..., 0].to(dtype).view(*idx.shape, self.shape[1])
@@ -400,9 +409,8 @@ def tile(w: QuantWeight) -> TiledWeight:
     """``w`` (a scheme of SCHEMES) in row tiles."""
     q, s, o, gs = _planes(w)
     n_pad = -(-w.shape[0] // TILE) * TILE
-    q = _tiles(q, n_pad)
-    if w.scheme in NIBBLE:  # (NT, G, H, TILE) bytes -> words: byte k of word j is row 16k + j (TILE = 64)
-        q = q.view(*q.shape[:3], 4, TILE // 4).transpose(-1, -2).contiguous().view(torch.int32).squeeze(-1)
+    q = _tiles(q, n_pad)  # (NT, G, H|gs, TILE) bytes -> words: byte k of word j is row 16k + j
+    q = q.view(*q.shape[:3], 4, TILE // 4).transpose(-1, -2).contiguous().view(torch.int32).squeeze(-1)
     return TiledWeight(q, _tiles(s, n_pad), None if o is None else _tiles(o, n_pad), w.scheme,
                        w.shape, w.group)
 
