@@ -183,9 +183,9 @@ def cpu_rates(d: Path) -> dict[str, dict[str, list[float]]]:
         return int(p.stem.rsplit("-", 1)[1])
 
     for p in sorted(d.glob("lcpp-*.json"), key=round_of):
-        rows = _load(p)
-        if rows:
-            add("llama.cpp", lcpp_rates(rows).get(0, {}))
+        rates = lcpp_rates(_load(p) or [])  # by -fa: one value (-1, auto, in recent llama-bench; 0 before)
+        if rates:
+            add("llama.cpp", rates[min(rates)])
     for p in sorted(d.glob("ours-*-*.json"), key=round_of):
         rep = _load(p)
         if rep:
