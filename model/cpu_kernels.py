@@ -181,8 +181,8 @@ def attention_in(h: torch.Tensor, norm: torch.Tensor, eps: float, ws: tuple, hea
                  cos: torch.Tensor, sin: torch.Tensor) -> tuple | None:
     """A decode step's q, k, v (B, 1, heads, hd) from h (B, 1, dim) by one compiled graph, where q, k and v are
     one fused tiled matrix (``hold``); None otherwise (the eager path)."""
-    whole = fused(ws)
-    if whole is None or not decode_rows(h):
+    whole = fused(ws) if decode_rows(h) else None
+    if whole is None:
         return None
     sizes = tuple(w.shape[0] for w in ws)
     q, k, v = _compiled("attention_in")(h.view(h.shape[0], -1), norm, eps, _planes_of(whole), sizes, heads,
@@ -201,8 +201,8 @@ def residual(h: torch.Tensor, a: torch.Tensor, wo) -> torch.Tensor | None:
 def ffn(h: torch.Tensor, norm: torch.Tensor, eps: float, w1, w3, w2) -> torch.Tensor | None:
     """A decode step's FFN group, h (B, 1, dim) -> h + W2(silu(W1 x) * W3 x), by one compiled graph where W1 and W3
     are one fused tiled matrix and W2 is tiled; None otherwise."""
-    whole = fused((w1, w3))
-    if whole is None or not isinstance(w2, TiledWeight) or not decode_rows(h):
+    whole = fused((w1, w3)) if decode_rows(h) else None
+    if whole is None or not isinstance(w2, TiledWeight):
         return None
     b = h.shape[0]
     return _compiled("ffn")(h.view(b, -1), norm, eps, _planes_of(whole), w1.shape[0], _planes_of(w2),

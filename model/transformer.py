@@ -258,8 +258,8 @@ def _cpu_decode_attention(h: torch.Tensor, w: Weights, p: Pass, layer: int) -> t
     None where that does not apply (other weights, a padded batch, a tree or a continuous batch's queries, Qwen's
     biases or q/k norms, a tensor-parallel rank)."""
     args, qs = p.args, p.queries
-    if p.reduce is not None or args.qkv_bias or args.qk_norm or qs.pad is not None or qs.tree is not None \
-            or qs.rows is not None or qs.start + 1 > p.rope.max_len:
+    if not cpu_kernels.decode_rows(h) or p.reduce is not None or args.qkv_bias or args.qk_norm \
+            or qs.pad is not None or qs.tree is not None or qs.rows is not None or qs.start + 1 > p.rope.max_len:
         return None
     ws = (w["attention.wq.weight"], w["attention.wk.weight"], w["attention.wv.weight"])
     got = cpu_kernels.attention_in(h, w["attention_norm.weight"], args.norm_eps, ws, (args.n_heads, args.n_kv_heads),
@@ -273,7 +273,7 @@ def _cpu_decode_attention(h: torch.Tensor, w: Weights, p: Pass, layer: int) -> t
 
 def ffn_forward(h: torch.Tensor, w: Weights, p: Pass, layer: int) -> torch.Tensor:
     """h (B, S, dim) -> h + W2(silu(W1 x) * W3 x), x = RMSNorm(h)."""
-    if p.reduce is None:  # a CPU decode step over tiled weights: one compiled graph (model/cpu_kernels.py)
+    if p.reduce is None and cpu_kernels.decode_rows(h):  # over tiled weights: one graph (model/cpu_kernels.py)
         y = cpu_kernels.ffn(h, w["ffn_norm.weight"], p.args.norm_eps, w["feed_forward.w1.weight"],
                             w["feed_forward.w3.weight"], w["feed_forward.w2.weight"])
         if y is not None:
