@@ -210,13 +210,14 @@ def ffn(h: torch.Tensor, norm: torch.Tensor, eps: float, w1, w3, w2) -> torch.Te
 
 
 class _Graphs:
-    """``fn`` compiled by inductor (``torch._inductor.compile`` of the graph ``make_fx`` traces), once per argument
-    signature: the arguments' structure (tensors, tuples of them, None, Python numbers, which the graph holds as
-    constants) and every tensor's shape, strides and dtype. Specialised on the shapes, as ``torch.compile(dynamic=
-    False)`` would (a symbolic K or N ran 20x slower), but without Dynamo's frame evaluation and guards: a call costs
-    about 7 us of Python on the 2-core machine against 38 us through ``torch.compile``, 90 calls a decode step of
-    the embedded SmolLM2. The compiled code comes from inductor's on-disk cache after the first process (FX graph
-    cache: a tenth of a second a graph)."""
+    """``fn`` compiled by inductor (``torch._inductor.standalone_compile`` of the graph ``make_fx`` traces, static
+    shapes), once per argument signature: the arguments' structure (tensors, tuples of them, None, Python numbers,
+    which the graph holds as constants) and every tensor's shape, strides and dtype. Specialised on the shapes, as
+    ``torch.compile(dynamic=False)`` would (a symbolic K or N ran 20x slower), but without Dynamo's frame evaluation
+    and guards: a call costs about 7 us of Python on the 2-core machine against 38 us through ``torch.compile``, 90
+    calls a decode step of the embedded SmolLM2. A later process reads the compiled code from inductor's FX graph
+    cache (on disk: ``standalone_compile`` gives the graph the shape environment the cache needs, which
+    ``torch._inductor.compile`` of a real-tensor trace lacks, so every process generated its C++ again)."""
 
     def __init__(self, fn) -> None:
         self.fn, self.graphs = fn, {}
@@ -247,7 +248,8 @@ class _Graphs:
                              else next(it) if isinstance(a, torch.Tensor) else a for a in args))
 
         with torch.no_grad():
-            return torch._inductor.compile(make_fx(rebuilt)(*tensors), tensors)
+            return torch._inductor.standalone_compile(make_fx(rebuilt)(*tensors), tensors,
+                                                      dynamic_shapes="from_example_inputs")
 
 
 @functools.cache
