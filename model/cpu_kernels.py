@@ -1,6 +1,7 @@
 """Quantized matrices that a CPU run holds for the whole run, repacked into row tiles, and their decode-sized
-matmuls compiled by ``torch.compile`` (inductor's C++ code generation), reading the held bytes once a token
-(issue 28 item 1; benchmarks/cpu_kernels.py measured the candidates).
+matmuls compiled by inductor (its C++ code generation), reading the held bytes once a token, a decode step's groups
+each one compiled graph (issue 28 item 1; benchmarks/cpu_kernels.py measured the candidates, benchmarks/cpu_peer.sh
+compares a run with llama.cpp's).
 
 A CPU run used to hold such a matrix dequantized to float32 (``model.quant.dequantized``): 4 bytes a value,
 6.4x the Q4_1 blocks, read in full every decode step. ``TiledWeight`` holds the same stored bytes moved
@@ -26,12 +27,12 @@ partial load) and widened it, 25% slower.
 ``TiledWeight.linear``: for at most ROWS_MAX rows of x (a decode step) the compiled kernel, which computes each
 group's sum of q * x first and scales it once (``acc * s + o * sum(x)``: the values of x times the dequantized
 matrix in another order of float32 roundings; within 1e-6 of the reference's max |y|, tests/test_cpu_kernels.py),
-compiled once per shape and row count, about 1 s each the first time on the 2-core machine and read from
-inductor's cache afterwards. More rows (a prefill): the matrix dequantized exactly as the reference dequantizer
-does (model/quant.py: the same float32 operations, so the same values), DEQUANT_CHUNK values at a time, then
-``F.linear``. The other formats (q5_0, q5_1, the K-quants) are held dequantized, as before.
+compiled once per shape and row count (``_Graphs``), about 1 s each the first time on the 2-core machine and read
+from inductor's cache afterwards (about 0.1 s). More rows (a prefill): the matrix dequantized exactly as the
+reference dequantizer does (model/quant.py: the same float32 operations, so the same values), DEQUANT_CHUNK values
+at a time, then ``F.linear``. The other formats (q5_0, q5_1, the K-quants) are held dequantized, as before.
 
-Runs in the process that computes (the client); torch.compile needs a C++ compiler: where compiling fails, the
+Runs in the process that computes (the client); inductor needs a C++ compiler: where compiling fails, the
 matrices are held dequantized (``available``).
 """
 
@@ -53,7 +54,7 @@ NIBBLE = ("q4_0", "q4_1", "int4")
 BYTE = ("q8_0", "int8")
 SCHEMES = NIBBLE + BYTE
 # The sibling matrices that take the same x, concatenated by ``hold`` so that a decode step calls one kernel
-# for them (each compiled call costs about 20 us of Python on the 2-core machine, as much as a 1536 x 576 matmul).
+# for them (each compiled call costs about 7 us of Python on the 2-core machine besides its kernel).
 SIBLINGS = (("attention.wq.weight", "attention.wk.weight", "attention.wv.weight"),
             ("feed_forward.w1.weight", "feed_forward.w3.weight"))
 
@@ -262,7 +263,7 @@ def _compiled(what: str) -> _Graphs:
 
 @functools.cache
 def available() -> bool:
-    """Whether torch.compile builds and runs the kernels here (a C++ compiler, a working inductor): checked once
+    """Whether inductor builds and runs the kernels here (a C++ compiler, a working inductor): checked once
     per process on a one-tile matrix of each family, against the reference; False (with one line on stderr)
     holds the matrices dequantized instead."""
     try:
@@ -280,7 +281,7 @@ def available() -> bool:
                 raise RuntimeError(f"{scheme}: the compiled kernel is off by {(got - ref).abs().max().item():.3g}")
         return True
     except Exception as e:  # no compiler, an inductor that fails here: the dequantized path still works
-        print(f"CPU kernels: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); quantized "
+        print(f"CPU kernels: compiling failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); quantized "
               f"weights are held dequantized to float32", file=sys.stderr)
         return False
 
