@@ -17,8 +17,8 @@
 #      as the README runs it, and with the compiled CPU kernels of model/cpu_kernels.py),
 #      OUT (/tmp/cpu_peer: the JSON files and logs of the run)
 #
-# Costs on the 2-core dev machine: building llama-bench ~13 min (configure 2 s, build 798 s with -j2: see
-# benchmarks/llamacpp_prepare.sh), once; each round ~1 min (llama-bench ~10 s, each of our variants ~20-40 s with its
+# Costs on the 2-core dev machine: building llama-bench 3-13 min, once (181 s with -j2 at load average 1.5 on
+# 2026-12-07; 798 s under other sessions' load, benchmarks/llamacpp_prepare.sh); each round ~1 min (llama-bench ~10 s, each of our variants ~20-40 s with its
 # load and warm-up round; the kernels variant's first round compiles them, seconds, cached on disk after).
 set -euo pipefail
 [ -f pyproject.toml ] && [ -d benchmarks ] || { echo "run from the repository root" >&2; exit 2; }
@@ -43,7 +43,7 @@ if [ ! -x "$LB" ]; then  # build llama-bench, CPU only, from the trimmed source 
     tarball=$(ls .llamacpp/llama.cpp-*.tar.gz | head -1)
   fi
   src=$(dirname "$(dirname "$(dirname "$LB")")")  # LB = SRC/b/bin/llama-bench
-  say "building llama-bench CPU-only in $src from $tarball (about 13 min on 2 cores)"
+  say "building llama-bench CPU-only in $src from $tarball (3-13 min on 2 cores)"
   rm -rf "$src" && mkdir -p "$src" && tar -xzf "$tarball" -C "$src"
   t0=$(date +%s)
   nice cmake -S "$src/llama.cpp" -B "$src/b" -DGGML_CUDA=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
