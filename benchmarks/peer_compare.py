@@ -4,6 +4,7 @@
     python benchmarks/peer_compare.py hbm --out OUT/hbm.json              # device-to-device copy bandwidth (CUDA)
     python benchmarks/peer_compare.py prompt --tokenizer T --tokens 512 --out P.txt   # a prompt of 512 tokens
     python benchmarks/peer_compare.py table --dir OUT                     # the comparison, as a markdown table
+    python benchmarks/peer_compare.py cpu-table --dir OUT                 # benchmarks/cpu_peer.sh's table
 
 The table joins, per file NAME and setting ("gpu": every layer on the GPU; "split": the first layers on the GPU,
 the rest computed by llama.cpp's CPU / streamed by ours from the DRAM tier), our bench's JSON
@@ -176,6 +177,56 @@ def table(d: Path) -> str:
     return "\n".join(lines + [""] + notes)
 
 
+def _median(xs: list[float]) -> float | None:
+    xs = sorted(x for x in xs if x)
+    return None if not xs else xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+
+
+def cpu_rates(d: Path) -> dict[str, dict[str, list[float]]]:
+    """benchmarks/cpu_peer.sh's rounds: {side: {"tg": [tok/s per round], "pp": [...]}}, sides "llama.cpp" (its
+    lcpp-ROUND.json, each the average of its -r repetitions) and "ours NAME" (ours-NAME-ROUND.json), in round
+    order."""
+    sides: dict[str, dict[str, list[float]]] = {}
+
+    def add(side: str, rates: dict) -> None:
+        for k in ("tg", "pp"):
+            if rates.get(k):
+                sides.setdefault(side, {"tg": [], "pp": []})[k].append(rates[k])
+
+    def round_of(p: Path) -> int:
+        return int(p.stem.rsplit("-", 1)[1])
+
+    for p in sorted(d.glob("lcpp-*.json"), key=round_of):
+        rates = lcpp_rates(_load(p) or [])  # by -fa: one value (-1, auto, in recent llama-bench; 0 before)
+        if rates:
+            add("llama.cpp", rates[min(rates)])
+    for p in sorted(d.glob("ours-*-*.json"), key=round_of):
+        rep = _load(p)
+        if rep:
+            add("ours " + p.stem.split("-", 1)[1].rsplit("-", 1)[0], ours_rates(rep))
+    return sides
+
+
+def cpu_table(d: Path, threads: int | None = None) -> str:
+    """The CPU comparison: each side's median decode (tg) and prompt (pp) tokens/s over the rounds, the rounds'
+    own figures, and ours / llama.cpp's medians."""
+    sides = cpu_rates(d)
+    ref = sides.get("llama.cpp", {})
+    ref_tg, ref_pp = _median(ref.get("tg", [])), _median(ref.get("pp", []))
+    head = ["side", "tg tok/s (median)", "pp tok/s (median)", "tg rounds", "pp rounds", "tg / llama.cpp",
+            "pp / llama.cpp"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for side, r in sorted(sides.items(), key=lambda kv: (kv[0] != "llama.cpp", kv[0])):
+        tg, pp = _median(r["tg"]), _median(r["pp"])
+        lines.append("| " + " | ".join([side, _f(tg), _f(pp), " ".join(_f(x) for x in r["tg"]),
+                                        " ".join(_f(x) for x in r["pp"]), _f(_ratio(tg, ref_tg), ".2f"),
+                                        _f(_ratio(pp, ref_pp), ".2f")]) + " |")
+    notes = [f"{threads or '?'} threads each side; tg: decode tokens/s at batch 1 (llama-bench's tg decodes from an "
+             "empty cache, ours after the prompt); pp: the prompt's tokens/s. Target (issue 28): tg / llama.cpp >= "
+             "1, pp / llama.cpp >= 0.5."]
+    return "\n".join(lines + [""] + notes)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -190,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--out", required=True)
     t = sub.add_parser("table", help="the comparison table of a run's JSON files")
     t.add_argument("--dir", required=True)
+    c = sub.add_parser("cpu-table", help="benchmarks/cpu_peer.sh's table: medians over its rounds")
+    c.add_argument("--dir", required=True)
+    c.add_argument("--threads", type=int, default=None)
     a = p.parse_args(argv)
     if a.cmd == "hbm":
         r = measure_hbm()
@@ -204,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prompt: {n} tokens{off}")
     elif a.cmd == "image-weights":
         Path(a.out).write_text(json.dumps(image_weights(a.image)))
+    elif a.cmd == "cpu-table":
+        print(cpu_table(Path(a.dir), a.threads))
     else:
         print(table(Path(a.dir)))
     return 0

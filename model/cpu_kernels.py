@@ -1,6 +1,7 @@
 """Quantized matrices that a CPU run holds for the whole run, repacked into row tiles, and their decode-sized
-matmuls compiled by ``torch.compile`` (inductor's C++ code generation), reading the held bytes once a token
-(issue 28 item 1; benchmarks/cpu_kernels.py measured the candidates).
+matmuls compiled by inductor (its C++ code generation), reading the held bytes once a token, a decode step's groups
+each one compiled graph (issue 28 item 1; benchmarks/cpu_kernels.py measured the candidates, benchmarks/cpu_peer.sh
+compares a run with llama.cpp's).
 
 A CPU run used to hold such a matrix dequantized to float32 (``model.quant.dequantized``): 4 bytes a value,
 6.4x the Q4_1 blocks, read in full every decode step. ``TiledWeight`` holds the same stored bytes moved
@@ -8,25 +9,30 @@ A CPU run used to hold such a matrix dequantized to float32 (``model.quant.dequa
 the matrix, and the values of x are scalars broadcast to the lanes (inductor vectorises the innermost,
 contiguous dimension: along K it would need a horizontal sum per row).
 
-    4-bit (q4_0, q4_1, int4):  q    uint8 (N / TILE, G, H, TILE)  byte j of group g holds value g*gs + j in its low
-                                                                 nibble and value g*gs + H + j in its high one
-                                                                 (H = gs / 2: ggml's order within a block)
-    8-bit (q8_0, int8):        q    int8  (N / TILE, G, gs, TILE)
+    4-bit (q4_0, q4_1, int4):  q    int32 (N / TILE, G, H, W)     byte k of word w holds row 16k + w of the tile
+                                                                 (W = TILE / 4 words); byte j of group g holds
+                                                                 value g*gs + j in its low nibble and value
+                                                                 g*gs + H + j in its high one (H = gs / 2: ggml's
+                                                                 order within a block)
+    8-bit (q8_0, int8):        q    int32 (N / TILE, G, gs, W)    byte k of word w: row 16k + w, as above
     both:                      s, o scale and offset (N / TILE, G, TILE), value = q * s + o (o: none for 8-bit;
                                     q4_0's -8 * d as float32, the rest fp16 as stored)
 
 G groups of gs values a row (32 for the GGUF blocks, the group for ours). N is padded to whole tiles with zero
-rows, which the results leave out. The bytes are those stored (q4_0: 4 more a block for its float32 offset).
+rows, which the results leave out. The bytes are those stored (q4_0: 4 more a block for its float32 offset). The
+tiles are read as whole int32 vectors, each shift (4-bit: 0, 8, 16, 24, and 4 more for the high nibbles; 8-bit:
+left then arithmetic right, for the sign) giving 16 rows' values: inductor loaded one byte a lane (a 16-byte
+partial load) and widened it, 25% slower.
 
 ``TiledWeight.linear``: for at most ROWS_MAX rows of x (a decode step) the compiled kernel, which computes each
 group's sum of q * x first and scales it once (``acc * s + o * sum(x)``: the values of x times the dequantized
 matrix in another order of float32 roundings; within 1e-6 of the reference's max |y|, tests/test_cpu_kernels.py),
-compiled once per shape and row count, about 1 s each the first time on the 2-core machine and read from
-inductor's cache afterwards. More rows (a prefill): the matrix dequantized exactly as the reference dequantizer
-does (model/quant.py: the same float32 operations, so the same values), DEQUANT_CHUNK values at a time, then
-``F.linear``. The other formats (q5_0, q5_1, the K-quants) are held dequantized, as before.
+compiled once per shape and row count (``_Graphs``), about 1 s each the first time on the 2-core machine and read
+from inductor's cache afterwards (about 0.1 s). More rows (a prefill): the matrix dequantized exactly as the
+reference dequantizer does (model/quant.py: the same float32 operations, so the same values), DEQUANT_CHUNK values
+at a time, then ``F.linear``. The other formats (q5_0, q5_1, the K-quants) are held dequantized, as before.
 
-Runs in the process that computes (the client); torch.compile needs a C++ compiler: where compiling fails, the
+Runs in the process that computes (the client); inductor needs a C++ compiler: where compiling fails, the
 matrices are held dequantized (``available``).
 """
 
@@ -48,39 +54,62 @@ NIBBLE = ("q4_0", "q4_1", "int4")
 BYTE = ("q8_0", "int8")
 SCHEMES = NIBBLE + BYTE
 # The sibling matrices that take the same x, concatenated by ``hold`` so that a decode step calls one kernel
-# for them (each compiled call costs about 20 us of Python on the 2-core machine, as much as a 1536 x 576 matmul).
+# for them (each compiled call costs about 7 us of Python on the 2-core machine besides its kernel).
 SIBLINGS = (("attention.wq.weight", "attention.wk.weight", "attention.wv.weight"),
             ("feed_forward.w1.weight", "feed_forward.w3.weight"))
 
 
 # ---- the kernels ------------------------------------------------------------------------------------------
 
+def _nibbles(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """4-bit tiles' words (n, G, H, W) -> the low and the high nibbles as float32 (n, G, H, 4, W): [..., k, w] is
+    row 16k + w of the tile."""
+    qk = q.unsqueeze(-2) >> torch.arange(0, 32, 8, dtype=torch.int32, device=q.device).view(4, 1)
+    return (qk & 15).float(), ((qk >> 4) & 15).float()
+
+
 def _mv_nibble(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
     """x (m, K) float32 times the 4-bit tiles -> (m, NT * TILE); the rows share one pass over q."""
-    nt, g, h, t = q.shape
+    nt, g, h, w = q.shape
     xs = x.view(x.shape[0], g, 2, h)  # (m, G, 2, H): the low nibbles' values, then the high ones'
-    lo, hi = (q & 15).float(), (q >> 4).float()
+    lo, hi = _nibbles(q)
     ys = []
     for r in range(x.shape[0]):
-        acc = (lo * xs[r, :, 0, :, None]).sum(2) + (hi * xs[r, :, 1, :, None]).sum(2)  # (NT, G, T)
-        ys.append((acc * s.float() + o.float() * xs[r].sum((1, 2))[:, None]).sum(1).view(nt * t))
+        acc = (lo * xs[r, :, 0, :, None, None]).sum(2) + (hi * xs[r, :, 1, :, None, None]).sum(2)  # (NT, G, 4, W)
+        acc = acc.reshape(nt, g, 4 * w)  # rows in order
+        ys.append((acc * s.float() + o.float() * xs[r].sum((1, 2))[:, None]).sum(1).view(nt * 4 * w))
     return torch.stack(ys, 0)
+
+
+def _bytes(q: torch.Tensor) -> torch.Tensor:
+    """8-bit tiles' words (n, G, gs, W) -> the signed values as float32 (n, G, gs, 4, W): [..., k, w] is row
+    16k + w of the tile."""
+    shl = torch.arange(24, -1, -8, dtype=torch.int32, device=q.device).view(4, 1)  # byte k to the top byte
+    return ((q.unsqueeze(-2) << shl) >> 24).float()
 
 
 def _mv_byte(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """x (m, K) float32 times the 8-bit tiles -> (m, NT * TILE)."""
-    nt, g, gs, t = q.shape
+    nt, g, gs, w = q.shape
     xs = x.view(x.shape[0], g, gs)
-    qf = q.float()
-    return torch.stack([((qf * xs[r, :, :, None]).sum(2) * s.float()).sum(1).view(nt * t)
-                        for r in range(x.shape[0])], 0)
+    qf = _bytes(q)
+    return torch.stack([((qf * xs[r, :, :, None, None]).sum(2).reshape(nt, g, 4 * w) * s.float()).sum(1)
+                        .view(nt * 4 * w) for r in range(x.shape[0])], 0)
 
 
 def _dequant(q: torch.Tensor, s: torch.Tensor, o: torch.Tensor | None) -> torch.Tensor:
-    """Tiles' planes (n, G, H|gs, L), (n, G, L) (L lanes: TILE, or 1 for rows picked out) -> float32 (n, K, L), lane
-    l of tile t row t * L + l of the matrix: the values of model/quant.py's dequantizers by the same float32
-    operations (q4_1, int4: q * s + o in two roundings; q4_0: exact either way; 8-bit: q * s; inductor does not
-    contract a * b + c), so the same bits."""
+    """Tiles' planes (n, G, H|gs, L), (n, G, L) (L lanes: TILE, or 1 for rows picked out; 4-bit tiles as their words,
+    4-bit rows picked out as uint8 bytes) -> float32 (n, K, L), lane l of tile t row t * L + l of the matrix: the
+    values of model/quant.py's dequantizers by the same float32 operations (q4_1, int4: q * s + o in two
+    roundings; q4_0: exact either way; 8-bit: q * s; inductor does not contract a * b + c), so the same bits."""
+    if q.dtype == torch.int32 and o is None:  # 8-bit tiles
+        n, g, gs, w = q.shape
+        return (_bytes(q) * s.float().view(n, g, 1, 4, w)).reshape(n, g * gs, 4 * w)
+    if q.dtype == torch.int32:  # 4-bit tiles
+        n, g, h, w = q.shape
+        s4, o4 = s.float().view(n, g, 1, 4, w), o.float().view(n, g, 1, 4, w)
+        lo, hi = _nibbles(q)
+        return torch.stack([lo * s4 + o4, hi * s4 + o4], 2).reshape(n, 2 * g * h, 4 * w)  # (n, G, 2, H, 4, W)
     s = s.float().unsqueeze(2)
     if q.dtype == torch.uint8:  # 4-bit
         v = torch.stack([(q & 15).float() * s, (q >> 4).float() * s], 2)  # (n, G, 2, H, L)
@@ -95,22 +124,146 @@ def _dequant_into(q: torch.Tensor, s: torch.Tensor, o: torch.Tensor | None, out:
     return out.copy_(_dequant(q, s, o))
 
 
-@functools.cache
-def _compiled(what: str):
-    """The compiled function ``what`` ("nibble", "byte": the kernels; "dequant": ``_dequant``): one torch.compile
-    each, whose graphs are specialised on the shapes (a symbolic K or N ran 20x slower)."""
-    import torch._dynamo
+# ---- a decode step's groups, each one compiled graph --------------------------------------------------------
+# An eager decode step of the embedded SmolLM2 ran about 40 torch ops a layer at 3-15 us each, as long as its
+# matmuls; here a group's norm, its fused matrices (whole tiles' kernels), the rotation and the residual adds
+# are one inductor graph (the elementwise work fused into the kernels' loops), called once a group. The KV
+# cache's write and attention stay eager between them (model/transformer.py: the cache's own seam). Same float32
+# operations as model/transformer.py's (rms_norm, Rope.apply), in inductor's order of roundings.
 
-    # every (shape, row count, scale dtype) is a graph of the same function: a model has a few shapes
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 512)
-    fn = {"nibble": _mv_nibble, "byte": _mv_byte, "dequant": _dequant_into}[what]
-    return torch.compile(fn, dynamic=False, fullgraph=True)
+def _mv(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, o: torch.Tensor | None, n: int) -> torch.Tensor:
+    """x (m, K) times a tiled matrix's planes (4-bit; 8-bit: o None) -> (m, n): its n rows."""
+    y = _mv_byte(x, q, s) if o is None else _mv_nibble(x, q, s, o)
+    return y if y.shape[1] == n else y[:, :n]
+
+
+def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w  # model.transformer.rms_norm in float32
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (m, H, hd) of interleaved (re, im) pairs, cos and sin (hd / 2,): model.transformer.Rope.apply."""
+    xf = x.unflatten(-1, (-1, 2))
+    re, im = xf[..., 0], xf[..., 1]
+    return torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1).flatten(-2)
+
+
+def _attention_in(h, norm, eps, qkv, sizes, heads, cos, sin):
+    """h (m, dim) -> q (m, n_heads, hd), k, v (m, n_kv, hd): the norm, the fused q/k/v matrix, the rotation."""
+    y = _mv(_rms(h, norm, eps), *qkv, sum(sizes))
+    q, k, v = y.split(sizes, dim=-1)
+    hd = sizes[0] // heads[0]
+    return (_rotate(q.view(-1, heads[0], hd), cos, sin), _rotate(k.view(-1, heads[1], hd), cos, sin),
+            v.view(-1, heads[1], hd))
+
+
+def _residual(h, a, wo, n):
+    """h + wo a: the attention group's output projection."""
+    return h + _mv(a, *wo, n)
+
+
+def _ffn(h, norm, eps, w13, hidden, w2, n):
+    """h + W2(silu(W1 x) * W3 x), x = RMSNorm(h), W1 and W3 one fused matrix."""
+    gate, up = _mv(_rms(h, norm, eps), *w13, 2 * hidden).split([hidden, hidden], dim=-1)
+    return h + _mv(F.silu(gate) * up, *w2, n)
+
+
+def _planes_of(t: TiledWeight) -> tuple:
+    return (t.q, t.s, t.o if t.nibble else None)
+
+
+def decode_rows(h: torch.Tensor) -> bool:
+    """Whether activations h (B, S, dim) are a decode step the group graphs take: float32 on the CPU, S == 1,
+    B <= ROWS_MAX (the kernels' rows)."""
+    return h.device.type == "cpu" and h.dtype == torch.float32 and h.shape[1] == 1 and h.shape[0] <= ROWS_MAX
+
+
+def attention_in(h: torch.Tensor, norm: torch.Tensor, eps: float, ws: tuple, heads: tuple[int, int],
+                 cos: torch.Tensor, sin: torch.Tensor) -> tuple | None:
+    """A decode step's q, k, v (B, 1, heads, hd) from h (B, 1, dim) by one compiled graph, where q, k and v are
+    one fused tiled matrix (``hold``); None otherwise (the eager path)."""
+    whole = fused(ws) if decode_rows(h) else None
+    if whole is None:
+        return None
+    sizes = tuple(w.shape[0] for w in ws)
+    q, k, v = _compiled("attention_in")(h.view(h.shape[0], -1), norm, eps, _planes_of(whole), sizes, heads,
+                                         cos, sin)
+    return q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
+
+
+def residual(h: torch.Tensor, a: torch.Tensor, wo) -> torch.Tensor | None:
+    """h + wo a (h (B, 1, dim), a (B, 1, K)) by one compiled graph for a tiled wo; None otherwise."""
+    if not isinstance(wo, TiledWeight) or not decode_rows(h) or a.dtype != torch.float32:
+        return None
+    b = h.shape[0]
+    return _compiled("residual")(h.view(b, -1), a.reshape(b, -1), _planes_of(wo), wo.shape[0]).view(h.shape)
+
+
+def ffn(h: torch.Tensor, norm: torch.Tensor, eps: float, w1, w3, w2) -> torch.Tensor | None:
+    """A decode step's FFN group, h (B, 1, dim) -> h + W2(silu(W1 x) * W3 x), by one compiled graph where W1 and W3
+    are one fused tiled matrix and W2 is tiled; None otherwise."""
+    whole = fused((w1, w3)) if decode_rows(h) else None
+    if whole is None or not isinstance(w2, TiledWeight):
+        return None
+    b = h.shape[0]
+    return _compiled("ffn")(h.view(b, -1), norm, eps, _planes_of(whole), w1.shape[0], _planes_of(w2),
+                            w2.shape[0]).view(h.shape)
+
+
+class _Graphs:
+    """``fn`` compiled by inductor (``torch._inductor.standalone_compile`` of the graph ``make_fx`` traces, static
+    shapes), once per argument signature: the arguments' structure (tensors, tuples of them, None, Python numbers,
+    which the graph holds as constants) and every tensor's shape, strides and dtype. Specialised on the shapes, as
+    ``torch.compile(dynamic=False)`` would (a symbolic K or N ran 20x slower), but without Dynamo's frame evaluation
+    and guards: a call costs about 7 us of Python on the 2-core machine against 38 us through ``torch.compile``, 90
+    calls a decode step of the embedded SmolLM2. A later process reads the compiled code from inductor's FX graph
+    cache (on disk: ``standalone_compile`` gives the graph the shape environment the cache needs, which
+    ``torch._inductor.compile`` of a real-tensor trace lacks, so every process generated its C++ again)."""
+
+    def __init__(self, fn) -> None:
+        self.fn, self.graphs = fn, {}
+
+    def __call__(self, *args):
+        tensors, key = [], []
+        for a in args:
+            for v in (a if isinstance(a, tuple) else (a,)):
+                if isinstance(v, torch.Tensor):
+                    tensors.append(v)
+                    key.append((v.shape, v.stride(), v.dtype))
+                else:
+                    key.append(v)
+            key.append(len(a) if isinstance(a, tuple) else -1)
+        key = tuple(key)
+        g = self.graphs.get(key)
+        if g is None:
+            g = self.graphs[key] = self._compile(args, tensors)
+        return g(*tensors)
+
+    def _compile(self, args: tuple, tensors: list[torch.Tensor]):
+        import torch._inductor
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        def rebuilt(*ts):  # args with the traced tensors in place of the given ones, in order
+            it = iter(ts)
+            return self.fn(*(tuple(next(it) if isinstance(v, torch.Tensor) else v for v in a) if isinstance(a, tuple)
+                             else next(it) if isinstance(a, torch.Tensor) else a for a in args))
+
+        with torch.no_grad():
+            return torch._inductor.standalone_compile(make_fx(rebuilt)(*tensors), tensors,
+                                                      dynamic_shapes="from_example_inputs")
+
+
+@functools.cache
+def _compiled(what: str) -> _Graphs:
+    """The compiled function ``what`` ("nibble", "byte": the kernels; "dequant": ``_dequant``; "attention_in",
+    "residual", "ffn": a decode step's groups)."""
+    return _Graphs({"nibble": _mv_nibble, "byte": _mv_byte, "dequant": _dequant_into, "attention_in": _attention_in,
+                    "residual": _residual, "ffn": _ffn}[what])
 
 
 @functools.cache
 def available() -> bool:
-    """Whether torch.compile builds and runs the kernels here (a C++ compiler, a working inductor): checked once
+    """Whether inductor builds and runs the kernels here (a C++ compiler, a working inductor): checked once
     per process on a one-tile matrix of each family, against the reference; False (with one line on stderr)
     holds the matrices dequantized instead."""
     try:
@@ -128,7 +281,7 @@ def available() -> bool:
                 raise RuntimeError(f"{scheme}: the compiled kernel is off by {(got - ref).abs().max().item():.3g}")
         return True
     except Exception as e:  # no compiler, an inductor that fails here: the dequantized path still works
-        print(f"CPU kernels: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); quantized "
+        print(f"CPU kernels: compiling failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); quantized "
               f"weights are held dequantized to float32", file=sys.stderr)
         return False
 
@@ -247,7 +400,9 @@ class TiledWeight:
         """The embedding lookup: idx (any shape) -> idx.shape + (K,), the reference dequantizer's values."""
         flat = idx.reshape(-1).long()
         t, lane = flat // TILE, flat % TILE
-        q = self.q[t, ..., lane].unsqueeze(-1)  # (n, G, H|gs, 1)
+        shift = (lane // (TILE // 4) * 8).to(torch.int32).view(-1, 1, 1)  # row 16k + w of a tile: byte k of word w
+        q = ((self.q[t, ..., lane % (TILE // 4)] >> shift) & 255).to(torch.uint8)  # (n, G, H|gs)
+        q = (q if self.nibble else q.view(torch.int8)).unsqueeze(-1)
         s = self.s[t, :, lane].unsqueeze(-1)  # (n, G, 1)
         o = None if self.o is None else self.o[t, :, lane].unsqueeze(-1)
         return _dequant(q, s, o)[..., 0].to(dtype).view(*idx.shape, self.shape[1])
@@ -257,7 +412,9 @@ def tile(w: QuantWeight) -> TiledWeight:
     """``w`` (a scheme of SCHEMES) in row tiles."""
     q, s, o, gs = _planes(w)
     n_pad = -(-w.shape[0] // TILE) * TILE
-    return TiledWeight(_tiles(q, n_pad), _tiles(s, n_pad), None if o is None else _tiles(o, n_pad), w.scheme,
+    q = _tiles(q, n_pad)  # (NT, G, H|gs, TILE) bytes -> words: byte k of word j is row 16k + j
+    q = q.view(*q.shape[:3], 4, TILE // 4).transpose(-1, -2).contiguous().view(torch.int32).squeeze(-1)
+    return TiledWeight(q, _tiles(s, n_pad), None if o is None else _tiles(o, n_pad), w.scheme,
                        w.shape, w.group)
 
 

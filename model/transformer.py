@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from model import cpu_kernels
 from model.arch import EMBED, HEAD
 from model.args import ModelArgs, RopeScaling
 from model.cpu_kernels import fused
@@ -246,6 +247,9 @@ def attention_forward(h: torch.Tensor, w: Weights, p: Pass, layer: int) -> torch
     Qwen2's q/k/v biases and Qwen3's per-head q/k RMSNorm where the arguments have them."""
     args, qs = p.args, p.queries
     b, s, _ = h.shape
+    fast = _cpu_decode_attention(h, w, p, layer)
+    if fast is not None:
+        return fast
     x = rms_norm(h, w["attention_norm.weight"], args.norm_eps)
     biases = tuple(w[f"attention.{n}.bias"] for n in ("wq", "wk", "wv")) if args.qkv_bias else None
     q, k, v = linears(x, (w["attention.wq.weight"], w["attention.wk.weight"], w["attention.wv.weight"]), biases)
@@ -261,8 +265,32 @@ def attention_forward(h: torch.Tensor, w: Weights, p: Pass, layer: int) -> torch
     return p.out(h, linear(out, w["attention.wo.weight"]))
 
 
+def _cpu_decode_attention(h: torch.Tensor, w: Weights, p: Pass, layer: int) -> torch.Tensor | None:
+    """``attention_forward`` of a CPU decode step over tiled weights (model/cpu_kernels.py: the norm, q/k/v and the
+    rotation one compiled graph, the output projection and residual another, the cache's attention between them);
+    None where that does not apply (other weights, a padded batch, a tree or a continuous batch's queries, Qwen's
+    biases or q/k norms, a tensor-parallel rank)."""
+    args, qs = p.args, p.queries
+    if not cpu_kernels.decode_rows(h) or p.reduce is not None or args.qkv_bias or args.qk_norm \
+            or qs.pad is not None or qs.tree is not None or qs.rows is not None or qs.start + 1 > p.rope.max_len:
+        return None
+    ws = (w["attention.wq.weight"], w["attention.wk.weight"], w["attention.wv.weight"])
+    got = cpu_kernels.attention_in(h, w["attention_norm.weight"], args.norm_eps, ws, (args.n_heads, args.n_kv_heads),
+                                   p.rope.cos[qs.start], p.rope.sin[qs.start])
+    if got is None:
+        return None
+    out = p.cache.attend(layer, *got, qs)  # (B, 1, n_heads * hd)
+    y = cpu_kernels.residual(h, out, w["attention.wo.weight"])
+    return y if y is not None else p.out(h, linear(out, w["attention.wo.weight"]))
+
+
 def ffn_forward(h: torch.Tensor, w: Weights, p: Pass, layer: int) -> torch.Tensor:
     """h (B, S, dim) -> h + W2(silu(W1 x) * W3 x), x = RMSNorm(h)."""
+    if p.reduce is None and cpu_kernels.decode_rows(h):  # over tiled weights: one graph (model/cpu_kernels.py)
+        y = cpu_kernels.ffn(h, w["ffn_norm.weight"], p.args.norm_eps, w["feed_forward.w1.weight"],
+                            w["feed_forward.w3.weight"], w["feed_forward.w2.weight"])
+        if y is not None:
+            return y
     x = rms_norm(h, w["ffn_norm.weight"], p.args.norm_eps)
     gate, up = linears(x, (w["feed_forward.w1.weight"], w["feed_forward.w3.weight"]))
     ops = _fused(gate)

@@ -11,10 +11,11 @@ LLMS_CUDA_MEMORY_HISTORY  set (to anything but 0 or empty): record the Python st
                       (runtime/engine/gpumem.py).
 LLMS_API_KEY          the API key the HTTP server of ``pool serve --http`` / ``serve --http`` demands
                       (``Authorization: Bearer KEY``) when --api-key is not given (runtime/services/http.py).
-LLMS_CPU_KERNELS      1: a CPU run holds its quantized weights in row tiles of their stored bytes with torch.compile's
-                      kernels (model/cpu_kernels.py) instead of dequantized to float32 (the default, 0: compiling
-                      them costs 10-15 s a fresh process, so the README's first run took 19.8 s instead of 3.7, and
-                      decode gains 1.1-1.35x, prefill loses; not a win yet).
+LLMS_CPU_KERNELS      1: a CPU run holds its quantized weights in row tiles of their stored bytes and runs a decode
+                      step's groups as inductor graphs (model/cpu_kernels.py) instead of holding them dequantized to
+                      float32 (the default, 0): decode 1.7x (SmolLM2, 2 cores: 57 against 33 tok/s), prefill 0.75x,
+                      but the README's first run takes 7.1 s instead of 2.8-3.3 with inductor's cache warm (importing
+                      inductor, loading the graphs) and 24 s on a fresh machine (compiling them).
 LLMS_PACK_KILL_AT     tests only: the pack process SIGKILLs itself at a named point, to show that nothing is
                       lost there (runtime/format/pack.py, runtime/format/staged.py): group-N (after writing group N),
                       before-commit, rename-N (before the commit's rename N).

@@ -95,7 +95,18 @@ def test_model_outputs_unchanged(q4_image, monkeypatch):
     monkeypatch.setenv("LLMS_CPU_KERNELS", "0")
     ref_tokens, ref_logits = reference(q4_image, prompt, new)
     monkeypatch.setenv("LLMS_CPU_KERNELS", "1")
+    fused_steps = []  # the decode steps' groups went through the compiled group graphs
+
+    def spy(f):
+        def wrapped(*a, **k):
+            fused_steps.append(f(*a, **k))
+            return fused_steps[-1]
+        return wrapped
+
+    for name in ("attention_in", "ffn"):
+        monkeypatch.setattr(ck, name, spy(getattr(ck, name)))
     tokens, logits = reference(q4_image, prompt, new)
     assert tokens == ref_tokens and (logits - ref_logits).abs().max().item() <= 1e-5
+    assert sum(r is not None for r in fused_steps) == 2 * q4_image.args.n_layers * (new - 1)
     tokens, logits, *_ = run_streamed(q4_image, EngineConfig.of(mode="preload", workers=1, quiet=True), prompt, new)
     assert tokens == ref_tokens and (logits - ref_logits).abs().max().item() <= 1e-5
