@@ -320,7 +320,8 @@ for scheme in quant.SCHEMES:
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_triton_interpreter_equals_torch_path():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(  # ahead of the rest
+        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     proc = subprocess.run([sys.executable, "-W", "ignore", "-c", INTERPRET_SCRIPT.format(tests=str(ROOT / "tests"))],
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -414,7 +415,8 @@ def test_triton_fused_matmul_interpreter():
     """The fused dequantize-and-multiply kernel (decode steps on CUDA), fp32 under Triton's interpreter, equals
     the matmul of the dequantized matrix (to float rounding: the sums run in another order), rows of x from 1
     to FUSED_MAX_ROWS, row lengths that 256 does not divide, partial tiles of N."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(  # ahead of the rest
+        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     proc = subprocess.run([sys.executable, "-W", "ignore", "-c", MATMUL_SCRIPT], capture_output=True, text=True,
                           cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -515,7 +517,8 @@ def test_gguf_matmul_interpreter():
     (plus x's dtype's rounding of the result: fp16 2^-11, bf16 2^-7 as the interpreter truncates); both ways of
     multiplying (FMA: one row of x; DOT: 17 rows, the tensor-core path), rows of w not a multiple of a program's,
     a split row and a partial last step."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(  # ahead of the rest
+        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     proc = subprocess.run([sys.executable, "-W", "ignore", "-c", GEMV_SCRIPT.format(tests=str(ROOT / "tests"))],
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr

@@ -58,7 +58,8 @@ def run(dt, dev, tol):
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_triton_ops_interpreter_float32():
     script = CHECKS + "\nfor name, shape, ok in run(torch.float32, 'cpu', 1e-6):\n    print(name, shape, ok)\n"
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(  # ahead of the rest
+        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     proc = subprocess.run([sys.executable, "-W", "ignore", "-c", script], capture_output=True, text=True, cwd=ROOT,
                           env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
