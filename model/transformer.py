@@ -152,7 +152,18 @@ class Rope:
         self.cos = angles.cos().float().to(device)
         self.sin = angles.sin().float().to(device)
         self.max_len = max_len
-        self._padded: tuple | None = None  # (start, S, pad, cos, sin) of the last padded lookup
+        self._last: tuple | None = None  # (start, S, pad, positions) of the last lookup without positions
+
+    def _positions(self, start: int, s: int, pad: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+        """The rotary positions (1 or B, S) of slots [start, start+S), less a left-padded batch's ``pad``: made once
+        for the q and k of every layer of a pass (the previous call's, where its slots and pad are these)."""
+        if self._last is not None and self._last[:2] == (start, s) and self._last[2] is pad:
+            return self._last[3]
+        pos = torch.arange(start, start + s, device=device).view(1, s)
+        if pad is not None:
+            pos = (pos - pad.view(-1, 1)).clamp_(min=0)
+        self._last = (start, s, pad, pos)
+        return pos
 
     def apply(self, x: torch.Tensor, start: int, pad: torch.Tensor | None = None,
               positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -164,11 +175,8 @@ class Rope:
         if start + s > self.max_len:
             raise ValueError(f"position {start + s} exceeds the rotary table of {self.max_len}")
         if (ops := _fused(x)) is not None:  # one kernel, at each query's position
-            if positions is None:
-                positions = torch.arange(start, start + s, device=x.device).view(1, s)
-                if pad is not None:
-                    positions = (positions - pad.view(b, 1)).clamp_(min=0)
-            return ops.rope(x, self.cos, self.sin, positions.view(-1, s).contiguous())
+            pos = positions if positions is not None else self._positions(start, s, pad, x.device)
+            return ops.rope(x, self.cos, self.sin, pos.view(-1, s).contiguous())
         if positions is not None and positions.dim() == 2:  # (B, S): every row its own
             cos, sin = self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)  # (B, S, 1, hd/2)
         elif positions is not None:
@@ -176,12 +184,9 @@ class Rope:
         elif pad is None:
             cos = self.cos[start:start + s].view(1, s, 1, -1)
             sin = self.sin[start:start + s].view(1, s, 1, -1)
-        elif self._padded is not None and self._padded[:2] == (start, s) and self._padded[2] is pad:
-            cos, sin = self._padded[3:]  # the same slots as the previous call (q and k, every layer of a pass)
         else:
-            pos = (torch.arange(start, start + s, device=pad.device).view(1, s) - pad.view(b, 1)).clamp_(min=0)
+            pos = self._positions(start, s, pad, x.device)
             cos, sin = self.cos[pos].unsqueeze(2), self.sin[pos].unsqueeze(2)  # (B, S, 1, hd/2)
-            self._padded = (start, s, pad, cos, sin)
         xf = x.float().unflatten(-1, (-1, 2))  # (B, S, H, hd/2, 2)
         re, im = xf[..., 0], xf[..., 1]
         out = torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1)
