@@ -13,13 +13,14 @@
 #      LLAMA_BENCH (the binary; default /tmp/llamacpp-cpu/b/bin/llama-bench, built there when missing),
 #      LCPP_ARGS (more llama-bench flags; default "--repack 0": on a CPU that lists AMX, as the 2-core dev VM does,
 #      ggml's repacked AMX kernels fault there, SIGILL), JOBS (build jobs: nproc),
-#      VARIANTS (our settings, each NAME or NAME:VAR=VALUE,VAR=VALUE; default "default kernels:LLMS_CPU_KERNELS=1":
-#      as the README runs it, and with the compiled CPU kernels of model/cpu_kernels.py),
+#      VARIANTS (our settings, each NAME or NAME:VAR=VALUE,VAR=VALUE; default "default inductor:LLMS_CPU_KERNELS=inductor
+#      dequantized:LLMS_CPU_KERNELS=0": as the README runs it (model/cpu_simd.c's kernels where the CPU has
+#      AVX-512F), with inductor's compiled kernels instead, and with the weights held dequantized to float32),
 #      OUT (/tmp/cpu_peer: the JSON files and logs of the run)
 #
 # Costs on the 2-core dev machine: building llama-bench 3-13 min, once (181 s with -j2 at load average 1.5 on
 # 2026-12-07; 798 s under other sessions' load, benchmarks/llamacpp_prepare.sh); each round ~1 min (llama-bench ~10 s, each of our variants ~20-40 s with its
-# load and warm-up round; the kernels variant's first round compiles them, seconds, cached on disk after).
+# load and warm-up round; the inductor variant's first round compiles its kernels, 10-25 s, cached on disk after).
 set -euo pipefail
 [ -f pyproject.toml ] && [ -d benchmarks ] || { echo "run from the repository root" >&2; exit 2; }
 THREADS=${THREADS:-2}
@@ -28,7 +29,7 @@ GEN=${GEN:-64}
 ROUNDS=${ROUNDS:-3}
 LCPP_REPS=${LCPP_REPS:-3}
 LCPP_ARGS=${LCPP_ARGS---repack 0}
-VARIANTS=${VARIANTS:-default kernels:LLMS_CPU_KERNELS=1}
+VARIANTS=${VARIANTS:-default inductor:LLMS_CPU_KERNELS=inductor dequantized:LLMS_CPU_KERNELS=0}
 LB=${LLAMA_BENCH:-/tmp/llamacpp-cpu/b/bin/llama-bench}
 R=${OUT:-/tmp/cpu_peer}
 mkdir -p "$R"

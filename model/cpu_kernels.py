@@ -38,13 +38,16 @@ matrices are held dequantized (``available``).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 import threading
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from model import cpu_simd
 from model.qformats import DEQUANT_CHUNK
 from model.quant import QuantWeight, _parts, _unpack4
 
@@ -186,6 +189,11 @@ def attention_in(h: torch.Tensor, norm: torch.Tensor, eps: float, ws: tuple, hea
     if whole is None:
         return None
     sizes = tuple(w.shape[0] for w in ws)
+    if whole.c is not None:
+        b, hd = h.shape[0], sizes[0] // heads[0]
+        y = cpu_simd.attention_in(whole.lib, whole.c, h.view(b, -1), norm, eps, sizes[0], sizes[1], hd, cos, sin)
+        q, k, v = y[:, :sum(sizes)].split(sizes, dim=-1)
+        return q.view(b, 1, heads[0], hd), k.view(b, 1, heads[1], hd), v.view(b, 1, heads[1], hd)
     q, k, v = _compiled("attention_in")(h.view(h.shape[0], -1), norm, eps, _planes_of(whole), sizes, heads,
                                          cos, sin)
     return q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
@@ -196,6 +204,8 @@ def residual(h: torch.Tensor, a: torch.Tensor, wo) -> torch.Tensor | None:
     if not isinstance(wo, TiledWeight) or not decode_rows(h) or a.dtype != torch.float32:
         return None
     b = h.shape[0]
+    if wo.c is not None:
+        return cpu_simd.residual(wo.lib, wo.c, h.view(b, -1), a.reshape(b, -1).contiguous()).view(h.shape)
     return _compiled("residual")(h.view(b, -1), a.reshape(b, -1), _planes_of(wo), wo.shape[0]).view(h.shape)
 
 
@@ -206,6 +216,8 @@ def ffn(h: torch.Tensor, norm: torch.Tensor, eps: float, w1, w3, w2) -> torch.Te
     if whole is None or not isinstance(w2, TiledWeight):
         return None
     b = h.shape[0]
+    if whole.c is not None and w2.c is not None:
+        return cpu_simd.ffn(whole.lib, whole.c, w2.c, h.view(b, -1), norm, eps, w1.shape[0]).view(h.shape)
     return _compiled("ffn")(h.view(b, -1), norm, eps, _planes_of(whole), w1.shape[0], _planes_of(w2),
                             w2.shape[0]).view(h.shape)
 
@@ -262,10 +274,11 @@ def _compiled(what: str) -> _Graphs:
 
 
 @functools.cache
-def available() -> bool:
-    """Whether inductor builds and runs the kernels here (a C++ compiler, a working inductor): checked once
-    per process on a one-tile matrix of each family, against the reference; False (with one line on stderr)
-    holds the matrices dequantized instead."""
+def available(lib=None) -> bool:
+    """Whether the kernels build and run here (inductor's: a C++ compiler, a working inductor; with ``lib``,
+    model/cpu_simd.c's library): checked once per process on a one-tile matrix of each family, against the
+    reference; False (with one line on stderr) holds the matrices dequantized instead."""
+    what = "inductor" if lib is None else "model/cpu_simd.c"
     try:
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(1, 64, generator=gen)
@@ -273,15 +286,15 @@ def available() -> bool:
             w = QuantWeight(torch.randint(0, 256, (TILE * (40 if scheme == "q4_1" else 68),), generator=gen,
                                           dtype=torch.uint8), scheme, (TILE, 64))
             _fp16_fields(w)
-            ref, t = F.linear(x, w.dense()), tile(w)
+            ref, t = F.linear(x, w.dense()), tile(w, lib)
             if not torch.equal(t.dense(), w.dense()):
-                raise RuntimeError(f"{scheme}: the compiled dequantizer differs from the reference")
+                raise RuntimeError(f"{scheme}: the dequantizer differs from the reference")
             got = t._kernel(x)
             if not torch.allclose(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item()):
-                raise RuntimeError(f"{scheme}: the compiled kernel is off by {(got - ref).abs().max().item():.3g}")
+                raise RuntimeError(f"{scheme}: the kernel is off by {(got - ref).abs().max().item():.3g}")
         return True
     except Exception as e:  # no compiler, an inductor that fails here: the dequantized path still works
-        print(f"CPU kernels: compiling failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); quantized "
+        print(f"CPU kernels: {what}'s failed here ({type(e).__name__}: {str(e).splitlines()[0][:200]}); quantized "
               f"weights are held dequantized to float32", file=sys.stderr)
         return False
 
@@ -341,11 +354,13 @@ class TiledWeight:
 
     def __init__(self, q: torch.Tensor, s: torch.Tensor, o: torch.Tensor | None, scheme: str,
                  shape: tuple[int, int], group: int | None, parent: TiledWeight | None = None,
-                 first: int = 0) -> None:
+                 first: int = 0, lib=None) -> None:
         self.q, self.s, self.o = q, s, o
         self.scheme, self.shape, self.group = scheme, (int(shape[0]), int(shape[1])), group
         self.parent, self.first = parent, first
         self.nibble = scheme in NIBBLE
+        # model/cpu_simd.c's view of the planes where its library is loaded (``hold``), else inductor's kernels
+        self.lib, self.c = lib, None if lib is None else cpu_simd.tiles(q, s, o)
 
     @property
     def device(self) -> torch.device:
@@ -360,11 +375,13 @@ class TiledWeight:
         """Tiles [first, first + n) as a matrix of ``shape`` (a sibling of ``hold``'s concatenation)."""
         sl = slice(first, first + n)
         return TiledWeight(self.q[sl], self.s[sl], None if self.o is None else self.o[sl], self.scheme, shape,
-                           self.group, self, first)
+                           self.group, self, first, self.lib)
 
     def _kernel(self, flat: torch.Tensor) -> torch.Tensor:
         """flat (m <= ROWS_MAX, K) float32 -> (m, N)."""
-        if self.nibble:
+        if self.c is not None:
+            y = cpu_simd.mv(self.lib, self.c, flat)
+        elif self.nibble:
             y = _compiled("nibble")(flat, self.q, self.s, self.o)
         else:
             y = _compiled("byte")(flat, self.q, self.s)
@@ -388,7 +405,10 @@ class TiledWeight:
         scratch (valid until the next call), or in a tensor of its own with ``own``."""
         n = (b - a) * TILE * self.shape[1]
         out = (torch.empty(n) if own else _scratch(n)).view(b - a, self.shape[1], TILE)
-        _compiled("dequant")(self.q[a:b], self.s[a:b], None if self.o is None else self.o[a:b], out)
+        if self.c is not None:
+            cpu_simd.dequant(self.lib, self.c, a, b, out)
+        else:
+            _compiled("dequant")(self.q[a:b], self.s[a:b], None if self.o is None else self.o[a:b], out)
         return out.to(dtype)
 
     def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -408,49 +428,62 @@ class TiledWeight:
         return _dequant(q, s, o)[..., 0].to(dtype).view(*idx.shape, self.shape[1])
 
 
-def tile(w: QuantWeight) -> TiledWeight:
-    """``w`` (a scheme of SCHEMES) in row tiles."""
+def tile(w: QuantWeight, lib=None) -> TiledWeight:
+    """``w`` (a scheme of SCHEMES) in row tiles; ``lib``: model/cpu_simd.c's library, which then multiplies it."""
     q, s, o, gs = _planes(w)
     n_pad = -(-w.shape[0] // TILE) * TILE
     q = _tiles(q, n_pad)  # (NT, G, H|gs, TILE) bytes -> words: byte k of word j is row 16k + j
     q = q.view(*q.shape[:3], 4, TILE // 4).transpose(-1, -2).contiguous().view(torch.int32).squeeze(-1)
     return TiledWeight(q, _tiles(s, n_pad), None if o is None else _tiles(o, n_pad), w.scheme,
-                       w.shape, w.group)
+                       w.shape, w.group, lib=lib)
 
 
-def _concat(ts: list[TiledWeight]) -> TiledWeight:
+def _concat(ts: list[TiledWeight], lib=None) -> TiledWeight:
     """Tiled siblings of one scheme, group and K, each of whole tiles, as one matrix."""
     cat = (lambda xs: None if xs[0] is None else torch.cat(xs))  # noqa: E731
     return TiledWeight(cat([t.q for t in ts]), cat([t.s for t in ts]), cat([t.o for t in ts]), ts[0].scheme,
-                       (sum(t.shape[0] for t in ts), ts[0].shape[1]), ts[0].group)
+                       (sum(t.shape[0] for t in ts), ts[0].shape[1]), ts[0].group, lib=lib)
 
 
 def tileable(w, dtype: torch.dtype) -> bool:
     return isinstance(w, QuantWeight) and w.scheme in SCHEMES and dtype == torch.float32 and w.raw.device.type == "cpu"
 
 
-def hold(weights, dtype: torch.dtype, kernels: bool = True) -> dict:
+@dataclasses.dataclass(frozen=True)
+class Kernels:
+    """Which kernels multiply the quantized matrices a CPU run holds: model/cpu_simd.c, built in ``build`` (None:
+    not those), else, where it does not build here, inductor's (``inductor``; they take 10-25 s to compile in a
+    fresh process and cache); neither: the matrices are held dequantized to float32."""
+    build: Path | None = None
+    inductor: bool = False
+
+
+def hold(weights, dtype: torch.dtype, kernels: Kernels | None = None) -> dict:
     """A group's weights as a CPU run holds them for the whole run: every QuantWeight of SCHEMES in row tiles
-    (``TiledWeight``) where ``kernels`` and the compiled kernels work here (``available``) and the run computes
-    in float32; each other QuantWeight dequantized to ``dtype`` (``model.quant.dequantized``); plain ones as they
-    are. Siblings (SIBLINGS) of one format and whole tiles are tiled together, each a view of the whole
-    (``fused``): one kernel call for all of them."""
+    (``TiledWeight``) where the run computes in float32 and ``kernels`` has kernels that work here (``Kernels``:
+    model/cpu_simd.c, ``cpu_simd.library``; inductor's, ``available``); each other QuantWeight dequantized to
+    ``dtype`` (``model.quant.dequantized``); plain ones as they are. Siblings (SIBLINGS) of one format and whole
+    tiles are tiled together, each a view of the whole (``fused``): one kernel call for all of them."""
     from model.quant import dequantized
 
-    if not kernels or not any(tileable(w, dtype) for w in weights.values()) or not available():
+    if kernels is None or not any(tileable(w, dtype) for w in weights.values()):
+        return dequantized(weights, dtype)
+    lib = cpu_simd.library(kernels.build) if kernels.build is not None else None
+    lib = lib if lib is not None and available(lib) else None
+    if lib is None and not (kernels.inductor and available()):
         return dequantized(weights, dtype)
     out = dict(weights)
     for names in SIBLINGS:
         ws = [weights.get(n) for n in names]
         if all(tileable(w, dtype) for w in ws) and len({(w.scheme, w.group, w.shape[1]) for w in ws}) == 1 \
                 and all(w.shape[0] % TILE == 0 for w in ws):
-            whole, first = _concat([tile(w) for w in ws]), 0
+            whole, first = _concat([tile(w) for w in ws], lib), 0
             for n, w in zip(names, ws):
                 out[n] = whole.view(first, w.shape[0] // TILE, w.shape)
                 first += w.shape[0] // TILE
     for k, w in weights.items():
         if not isinstance(out[k], TiledWeight):
-            out[k] = tile(w) if tileable(w, dtype) else w.dense(dtype) if isinstance(w, QuantWeight) else w
+            out[k] = tile(w, lib) if tileable(w, dtype) else w.dense(dtype) if isinstance(w, QuantWeight) else w
     return out
 
 

@@ -47,8 +47,9 @@ class Cache(Protocol):
     at the queries' slots and returns the attention output."""
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               queries: Queries) -> torch.Tensor:
-        """q (B, S, n_heads, hd), k and v (B, S, n_kv, hd), rotated -> (B, S, n_heads * hd)."""
+               queries: Queries, simd=None) -> torch.Tensor:
+        """q (B, S, n_heads, hd), k and v (B, S, n_kv, hd), rotated -> (B, S, n_heads * hd). ``simd``: the CPU
+        kernels' library (model/cpu_simd.py) the caller's weights use, which may attend a decode step."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,7 +285,8 @@ def _cpu_decode_attention(h: torch.Tensor, w: Weights, p: Pass, layer: int) -> t
                                    p.rope.cos[qs.start], p.rope.sin[qs.start])
     if got is None:
         return None
-    out = p.cache.attend(layer, *got, qs)  # (B, 1, n_heads * hd)
+    lib = getattr(w["attention.wo.weight"], "lib", None)  # model/cpu_simd.c's, where it multiplies the weights
+    out = p.cache.attend(layer, *got, qs, simd=lib)  # (B, 1, n_heads * hd)
     y = cpu_kernels.residual(h, out, w["attention.wo.weight"])
     return y if y is not None else p.out(h, linear(out, w["attention.wo.weight"]))
 

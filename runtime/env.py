@@ -11,11 +11,12 @@ LLMS_CUDA_MEMORY_HISTORY  set (to anything but 0 or empty): record the Python st
                       (runtime/engine/gpumem.py).
 LLMS_API_KEY          the API key the HTTP server of ``pool serve --http`` / ``serve --http`` demands
                       (``Authorization: Bearer KEY``) when --api-key is not given (runtime/services/http.py).
-LLMS_CPU_KERNELS      1: a CPU run holds its quantized weights in row tiles of their stored bytes and runs a decode
-                      step's groups as inductor graphs (model/cpu_kernels.py) instead of holding them dequantized to
-                      float32 (the default, 0): decode 1.7x (SmolLM2, 2 cores: 57 against 33 tok/s), prefill 0.75x,
-                      but the README's first run takes 7.1 s instead of 2.8-3.3 with inductor's cache warm (importing
-                      inductor, loading the graphs) and 24 s on a fresh machine (compiling them).
+LLMS_CPU_KERNELS      how a CPU run multiplies the quantized weights it holds (q4_0, q4_1, q8_0 and our int4/int8:
+                      model/cpu_kernels.py, in row tiles of their stored bytes): auto (the default) by
+                      model/cpu_simd.c, built with the host's C compiler on first use (about a second, kept in
+                      LLMSTREAM_CACHE_DIR's cpu-kernels) where the CPU has AVX-512F, else held dequantized to float32;
+                      1: the same, and inductor's kernels where the C does not build (10-25 s to compile in a fresh
+                      process); inductor: inductor's only; 0: held dequantized to float32 (4 bytes a value).
 LLMS_PACK_KILL_AT     tests only: the pack process SIGKILLs itself at a named point, to show that nothing is
                       lost there (runtime/format/pack.py, runtime/format/staged.py): group-N (after writing group N),
                       before-commit, rename-N (before the commit's rename N).
@@ -63,8 +64,20 @@ def cuda_memory_history() -> bool:
     return os.environ.get("LLMS_CUDA_MEMORY_HISTORY", "") not in ("", "0")
 
 
-def cpu_kernels() -> bool:
-    return os.environ.get("LLMS_CPU_KERNELS", "0") == "1"
+CPU_KERNELS = ("auto", "1", "inductor", "0")
+
+
+def cpu_kernels():
+    """The kernels a CPU run multiplies the quantized weights it holds with (model/cpu_kernels.py ``Kernels``), or
+    None: held dequantized. LLMS_CPU_KERNELS of another value is refused by name."""
+    from model.cpu_kernels import Kernels
+    from model.errors import ConfigError
+
+    v = os.environ.get("LLMS_CPU_KERNELS", "auto")
+    if v not in CPU_KERNELS:
+        raise ConfigError(f"LLMS_CPU_KERNELS={v!r}: expected one of {', '.join(CPU_KERNELS)}")
+    build = cache_dir() / "cpu-kernels"
+    return None if v == "0" else Kernels(None if v == "inductor" else build, inductor=v != "auto")
 
 
 def pack_kill_at() -> str | None:

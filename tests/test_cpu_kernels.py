@@ -15,14 +15,23 @@ from ckpt_writers import tiny_args
 from test_streaming import reference, run_streamed
 
 from model import cpu_kernels as ck
-from model import quant
+from model import cpu_simd, quant
 from model.synthetic import SyntheticCheckpoint
 from model.transformer import linears
 from runtime.engine.config import EngineConfig
+from runtime.env import cache_dir
 from runtime.format.image import Image, WeightFormat
 from runtime.format.pack import pack
 
 SHAPE = (96, 64)  # one and a half tiles: the padded rows are left out
+SIMD = cpu_simd.library(cache_dir() / "cpu-kernels")  # the runtime's: built once per host and source
+# the two kernel families: model/cpu_simd.c (where this host has AVX-512F and a compiler) and inductor's
+BACKENDS = [pytest.param("simd", marks=pytest.mark.skipif(SIMD is None, reason="model/cpu_simd.c needs AVX-512F")),
+            "inductor"]
+
+
+def kernels(backend: str) -> ck.Kernels:
+    return ck.Kernels(cache_dir() / "cpu-kernels") if backend == "simd" else ck.Kernels(inductor=True)
 
 
 def random_weight(scheme: str, shape: tuple[int, int], group: int | None, seed: int) -> quant.QuantWeight:
@@ -44,28 +53,30 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y - ref).abs().max() / ref.abs().max()).item()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("scheme, group", [("q4_0", None), ("q4_1", None), ("int4", 32), ("q8_0", None),
-                                           ("int8", 32)])
-def test_tiles_equal_the_reference(scheme, group):
+                                           ("int8", 32), ("int4", 64), ("int8", 64)])
+def test_tiles_equal_the_reference(scheme, group, backend):
     w = random_weight(scheme, SHAPE, group, seed=1)
-    t = ck.tile(w)
+    t = ck.tile(w, SIMD if backend == "simd" else None)
     dense = w.dense()
     assert torch.equal(t.dense(), dense)
     idx = torch.tensor([[0, 63], [64, 95]])
     assert torch.equal(t.rows(idx), w.rows(idx))
     gen = torch.Generator().manual_seed(2)
-    for m in (1, ck.ROWS_MAX + 1):  # the decode kernel, then a prefill's dequantized chunk
+    for m in (1, 2, 3, ck.ROWS_MAX, ck.ROWS_MAX + 1):  # the decode kernel, then a prefill's dequantized chunk
         x = torch.randn(2, m, SHAPE[1], generator=gen)[:1]  # (1, m, K), as a pass's activations
         y = t.linear(x)
         assert y.shape == (1, m, SHAPE[0]) and rel_err(y, F.linear(x, dense)) < 1e-5, (scheme, m)
 
 
-def test_hold_tiles_siblings_together():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hold_tiles_siblings_together(backend):
     ws = {f"attention.{n}.weight": random_weight("q4_1", (64 if n != "wq" else 128, 64), None, seed=i)
           for i, n in enumerate(("wq", "wk", "wv", "wo"))}
     ws["attention_norm.weight"] = torch.ones(64)
     ws["feed_forward.w1.weight"] = random_weight("q5_0", (64, 64), None, seed=7)  # no kernel: dequantized
-    held = ck.hold(ws, torch.float32)
+    held = ck.hold(ws, torch.float32, kernels(backend))
     q, k, v = (held[f"attention.{n}.weight"] for n in ("wq", "wk", "wv"))
     whole = ck.fused((q, k, v))
     assert whole is not None and whole.shape == (256, 64) and q.nbytes == 0 and whole.nbytes > 0
@@ -76,8 +87,9 @@ def test_hold_tiles_siblings_together():
     for y, name in zip(linears(x, (q, k, v)), ("wq", "wk", "wv")):
         assert rel_err(y, F.linear(x, ws[f"attention.{name}.weight"].dense())) < 1e-5
     # a bf16 run, or no kernels: every quantized matrix dequantized, as before
-    assert all(isinstance(t, torch.Tensor) for t in ck.hold(ws, torch.bfloat16).values())
-    assert all(isinstance(t, torch.Tensor) for t in ck.hold(ws, torch.float32, kernels=False).values())
+    assert (whole.lib is not None) == (backend == "simd")
+    assert all(isinstance(t, torch.Tensor) for t in ck.hold(ws, torch.bfloat16, kernels(backend)).values())
+    assert all(isinstance(t, torch.Tensor) for t in ck.hold(ws, torch.float32, None).values())
 
 
 @pytest.fixture(scope="module")
@@ -88,14 +100,18 @@ def q4_image(tmp_path_factory):
     return Image.open(out)
 
 
-def test_model_outputs_unchanged(q4_image, monkeypatch):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_model_outputs_unchanged(q4_image, monkeypatch, backend):
     """An int4 model (every matrix, the output too): greedy tokens and every prefill logit with the kernels as
-    without, in memory (--mode full) and from a streamed run's DRAM tier (preload)."""
+    without, in memory (--mode full) and from a streamed run's DRAM tier (preload); model/cpu_simd.c's decode
+    steps attend by it too."""
     prompt, new = [3, 17, 42, 7, 99, 5, 23, 250, 1], 4
     monkeypatch.setenv("LLMS_CPU_KERNELS", "0")
     ref_tokens, ref_logits = reference(q4_image, prompt, new)
-    monkeypatch.setenv("LLMS_CPU_KERNELS", "1")
-    fused_steps = []  # the decode steps' groups went through the compiled group graphs
+    monkeypatch.setenv("LLMS_CPU_KERNELS", "auto" if backend == "simd" else "inductor")
+    fused_steps = []  # the decode steps' groups went through the group kernels (C or compiled graphs)
+    attended, real_attention = [], cpu_simd.decode_attention
+    monkeypatch.setattr(cpu_simd, "decode_attention", lambda *a: attended.append(1) or real_attention(*a))
 
     def spy(f):
         def wrapped(*a, **k):
@@ -108,5 +124,21 @@ def test_model_outputs_unchanged(q4_image, monkeypatch):
     tokens, logits = reference(q4_image, prompt, new)
     assert tokens == ref_tokens and (logits - ref_logits).abs().max().item() <= 1e-5
     assert sum(r is not None for r in fused_steps) == 2 * q4_image.args.n_layers * (new - 1)
+    assert len(attended) == (q4_image.args.n_layers * (new - 1) if backend == "simd" else 0)
     tokens, logits, *_ = run_streamed(q4_image, EngineConfig.of(mode="preload", workers=1, quiet=True), prompt, new)
     assert tokens == ref_tokens and (logits - ref_logits).abs().max().item() <= 1e-5
+
+
+@pytest.mark.skipif(SIMD is None, reason="model/cpu_simd.c needs AVX-512F")
+@pytest.mark.parametrize("heads, kv_heads, hd", [(9, 3, 64), (4, 4, 48), (8, 2, 16)])
+def test_simd_decode_attention_equals_sdpa(heads, kv_heads, hd):
+    """model/cpu_simd.c's decode attention (two sequences, the cache's slots [0, end) written, more allocated)
+    against torch's: grouped-query heads, a head size of whole 16-lane vectors or not."""
+    gen = torch.Generator().manual_seed(4)
+    b, slots, end = 2, 40, 29
+    q = torch.randn(b, heads, 1, hd, generator=gen)
+    ck_, cv_ = (torch.randn(b + 1, slots, kv_heads, hd, generator=gen) for _ in range(2))
+    ref = F.scaled_dot_product_attention(q, ck_[:b, :end].transpose(1, 2), cv_[:b, :end].transpose(1, 2),
+                                         enable_gqa=heads != kv_heads)
+    got = cpu_simd.decode_attention(SIMD, q, ck_, cv_, end)
+    assert got.shape == ref.shape and rel_err(got, ref) < 1e-5

@@ -248,7 +248,7 @@ class Generator:
             if last_only:  # the latest chunk's only: B x vocab fp32 a chunk piled up to 0.5 GB (batch 32, 32
                 outs.clear()  # chunks), beyond the plan
             outs.append(out)
-        return outs[-1] if last_only else torch.cat(outs, dim=1)
+        return outs[-1] if last_only or len(outs) == 1 else torch.cat(outs, dim=1)
 
     @torch.inference_mode()
     def forward_by_sequence(self, tokens: torch.Tensor, cache: TieredKVCache, pad: list[int]) -> torch.Tensor:

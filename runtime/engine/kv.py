@@ -21,6 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from model import cpu_simd
 from model.args import ModelArgs
 from model.groups import host_layer_count, spread_layers
 from model.transformer import Queries, RowQueries
@@ -152,11 +153,13 @@ class KVCache:
         """Whether this layer's decode attention runs where the cache lives (TieredKVCache.attend_on_host)."""
         return False
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, queries: Queries) -> torch.Tensor:
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, queries: Queries,
+               simd=None) -> torch.Tensor:
         """The seam model.transformer's attention meets the cache through. q (B, S, n_heads, hd), k and v (B, S, n_kv,
         hd) of the queries laid out as ``queries`` says (plain: at slots [start, start+S)), rotated: writes k and v
         into the cache and returns the attention output (B, S, n_heads x hd), by the path this cache and call
-        choose (module docstring)."""
+        choose (module docstring). ``simd``: model/cpu_simd.c's library, which the caller's weights use (a CPU
+        decode step over tiled weights): a plain float32 decode step's exact attention by it."""
         if isinstance(queries.rows, DecodeStep):
             return self.attend_step(layer, q, k, v, queries.rows)
         b, s = q.shape[:2]
@@ -188,10 +191,14 @@ class KVCache:
             if s == 1 and self.topk_blk is not None:
                 n = b * k.shape[2] * -(-end // self.block_tokens)
                 self.attended_blocks, self.total_blocks = self.attended_blocks + n, self.total_blocks + n
+            simd = simd if s == 1 and q.device.type == "cpu" and q.dtype == ck.dtype == torch.float32 \
+                and pad is None and queries.tree is None and rows is None else None
             keys = ck[:b, :end].transpose(1, 2)  # (B, n_kv, end, hd)
             values = cv[:b, :end].transpose(1, 2)
             mask = self.mask_for(queries, s, self.n_rep)  # None: no padding and a plainly causal chunk or decode
-            if mask is not None and self.n_rep > 1:
+            if simd is not None:  # model/cpu_simd.c's, where the run's CPU kernels are its (every slot seen)
+                out = cpu_simd.decode_attention(simd, qt, ck, cv, end)
+            elif mask is not None and self.n_rep > 1:
                 out = _folded_gqa_attention(qt, keys, values, mask[:b])
             else:  # a first chunk without padding is plainly causal: flash kernels, no S x S mask
                 out = F.scaled_dot_product_attention(qt, keys, values, attn_mask=None if mask is None else mask[:b],

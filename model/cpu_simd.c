@@ -1,0 +1,307 @@
+/* A CPU decode step's matmuls over row tiles (model/cpu_kernels.py's layout), in AVX-512 (model/cpu_simd.py
+   compiles this file with the host's compiler, -O3 -march=native -fopenmp -ffp-contract=off, and loads it with
+   ctypes; a host without AVX-512F fails the #error below and keeps inductor's kernels).
+
+   Tiles, TILE = 64 output rows side by side, row 16k + w of a tile in byte k of int32 word w:
+     4-bit  q int32 (NT, G, H, 16), H = gs / 2: word j of group g holds value g*gs + j in its low nibble and
+            g*gs + H + j in its high one; s, o (NT, G, 64): value = q * s + o.
+     8-bit  q int32 (NT, G, gs, 16): byte k of word j (signed) is value g*gs + j of row 16k + w; s (NT, G, 64).
+   s and o are fp16 or float32 (the *32 flags). Each group's sum of q * x is taken first and scaled once:
+   y = sum_g (acc_g * s_g + o_g * sum_g(x)), x times the dequantized matrix in another order of float32 roundings
+   (tests/test_cpu_kernels.py: within 1e-5 of the reference's largest |y|).
+
+   The 4-bit values become floats by a lookup (vpermps of the word shifted right: the instruction reads only the
+   low 4 bits of each index), the 8-bit ones by a shift pair and a conversion; every value then costs one FMA
+   against x's value broadcast. Threads: OpenMP over tiles, in the libgomp that torch loaded (the same SONAME:
+   one pool of threads), nth of them as the caller's torch.get_num_threads(). */
+#ifndef __AVX512F__
+#error "model/cpu_simd.c needs AVX-512F"
+#endif
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define TILE 64
+#define MAXM 4
+#ifndef PF
+#define PF 2
+#endif
+
+static inline __m512 load16(const void* p, size_t i, int f32) {
+    return f32 ? _mm512_loadu_ps((const float*)p + i)
+               : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)((const uint16_t*)p + i)));
+}
+
+/* One tile's 64 outputs for M rows of x (x row stride K), into y (row stride ldy) at column t * 64. */
+#define NIBBLE_TILE(M)                                                                                            \
+static void nibble_tile_##M(const float* x, const float* sx, int K, const int32_t* q, const void* s, int s32,   \
+                            const void* o, int o32, int t, int G, int gs, float* y, int ldy) {                  \
+    const __m512 lut = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);                      \
+    const int H = gs / 2;                                                                                         \
+    __m512 Y[M][4];                                                                                               \
+    for (int r = 0; r < M; r++)                                                                                   \
+        for (int k = 0; k < 4; k++) Y[r][k] = _mm512_setzero_ps();                                                \
+    for (int g = 0; g < G; g++) {                                                                                 \
+        const int32_t* qg = q + ((size_t)t * G + g) * H * 16;                                                     \
+        for (int l = 0; l < H * 64; l += 64) _mm_prefetch((const char*)(qg + PF * H * 16) + l, _MM_HINT_T0);        \
+        __m512 L[M][4], Hi[M][4];                                                                                 \
+        for (int r = 0; r < M; r++)                                                                               \
+            for (int k = 0; k < 4; k++) L[r][k] = Hi[r][k] = _mm512_setzero_ps();                                 \
+        for (int j = 0; j < H; j++) {                                                                             \
+            __m512i w = _mm512_loadu_si512(qg + 16 * j);                                                          \
+            for (int k = 0; k < 4; k++) {                                                                         \
+                __m512 lo = _mm512_permutexvar_ps(_mm512_srli_epi32(w, 8 * k), lut);                              \
+                __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(w, 8 * k + 4), lut);                          \
+                for (int r = 0; r < M; r++) {                                                                     \
+                    const float* xr = x + (size_t)r * K + (size_t)g * gs;                                         \
+                    L[r][k] = _mm512_fmadd_ps(lo, _mm512_set1_ps(xr[j]), L[r][k]);                                \
+                    Hi[r][k] = _mm512_fmadd_ps(hi, _mm512_set1_ps(xr[H + j]), Hi[r][k]);                          \
+                }                                                                                                 \
+            }                                                                                                     \
+        }                                                                                                         \
+        size_t so = ((size_t)t * G + g) * TILE;                                                                   \
+        for (int k = 0; k < 4; k++) {                                                                             \
+            __m512 S = load16(s, so + 16 * k, s32), O = load16(o, so + 16 * k, o32);                              \
+            for (int r = 0; r < M; r++) {                                                                         \
+                Y[r][k] = _mm512_fmadd_ps(_mm512_add_ps(L[r][k], Hi[r][k]), S, Y[r][k]);                          \
+                Y[r][k] = _mm512_fmadd_ps(O, _mm512_set1_ps(sx[r * G + g]), Y[r][k]);                             \
+            }                                                                                                     \
+        }                                                                                                         \
+    }                                                                                                             \
+    for (int r = 0; r < M; r++)                                                                                   \
+        for (int k = 0; k < 4; k++) _mm512_storeu_ps(y + (size_t)r * ldy + (size_t)t * TILE + 16 * k, Y[r][k]);   \
+}
+
+#define BYTE_TILE(M)                                                                                              \
+static void byte_tile_##M(const float* x, int K, const int32_t* q, const void* s, int s32, int t, int G, int gs, \
+                          float* y, int ldy) {                                                                    \
+    __m512 Y[M][4];                                                                                               \
+    for (int r = 0; r < M; r++)                                                                                   \
+        for (int k = 0; k < 4; k++) Y[r][k] = _mm512_setzero_ps();                                                \
+    for (int g = 0; g < G; g++) {                                                                                 \
+        const int32_t* qg = q + ((size_t)t * G + g) * gs * 16;                                                    \
+        for (int l = 0; l < gs * 64; l += 64) _mm_prefetch((const char*)(qg + PF * gs * 16) + l, _MM_HINT_T0);      \
+        __m512 A[M][4], B[M][4];                                                                                  \
+        for (int r = 0; r < M; r++)                                                                               \
+            for (int k = 0; k < 4; k++) A[r][k] = B[r][k] = _mm512_setzero_ps();                                  \
+        for (int j = 0; j < gs; j += 2) {                                                                         \
+            __m512i w0 = _mm512_loadu_si512(qg + 16 * j), w1 = _mm512_loadu_si512(qg + 16 * j + 16);              \
+            for (int k = 0; k < 4; k++) {                                                                         \
+                __m512 v0 = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(w0, 24 - 8 * k), 24));         \
+                __m512 v1 = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(w1, 24 - 8 * k), 24));         \
+                for (int r = 0; r < M; r++) {                                                                     \
+                    const float* xr = x + (size_t)r * K + (size_t)g * gs;                                         \
+                    A[r][k] = _mm512_fmadd_ps(v0, _mm512_set1_ps(xr[j]), A[r][k]);                                \
+                    B[r][k] = _mm512_fmadd_ps(v1, _mm512_set1_ps(xr[j + 1]), B[r][k]);                            \
+                }                                                                                                 \
+            }                                                                                                     \
+        }                                                                                                         \
+        size_t so = ((size_t)t * G + g) * TILE;                                                                   \
+        for (int k = 0; k < 4; k++) {                                                                             \
+            __m512 S = load16(s, so + 16 * k, s32);                                                               \
+            for (int r = 0; r < M; r++) Y[r][k] = _mm512_fmadd_ps(_mm512_add_ps(A[r][k], B[r][k]), S, Y[r][k]);   \
+        }                                                                                                         \
+    }                                                                                                             \
+    for (int r = 0; r < M; r++)                                                                                   \
+        for (int k = 0; k < 4; k++) _mm512_storeu_ps(y + (size_t)r * ldy + (size_t)t * TILE + 16 * k, Y[r][k]);   \
+}
+
+NIBBLE_TILE(1) NIBBLE_TILE(2) NIBBLE_TILE(3) NIBBLE_TILE(4)
+BYTE_TILE(1) BYTE_TILE(2) BYTE_TILE(3) BYTE_TILE(4)
+
+/* A tiled matrix: its planes and their formats. */
+typedef struct {
+    const int32_t* q;
+    const void* s;
+    const void* o; /* NULL: 8-bit */
+    int s32, o32, nt, groups, gs;
+} tiles_t;
+
+/* y (m, ldy) = x (m, K) times the tiled matrix (all nt * 64 rows, padding included); m in 1..MAXM. */
+static void mv(const tiles_t* w, int m, const float* x, float* y, int ldy, int nth) {
+    const int K = w->groups * w->gs, G = w->groups;
+    float sx[MAXM * 1024];
+    float* sums = G * m <= MAXM * 1024 ? sx : malloc(sizeof(float) * G * m);
+    if (w->o)
+        for (int r = 0; r < m; r++)
+            for (int g = 0; g < G; g++) {
+                float a = 0;
+                for (int j = 0; j < w->gs; j++) a += x[(size_t)r * K + (size_t)g * w->gs + j];
+                sums[r * G + g] = a;
+            }
+#pragma omp parallel for schedule(static) num_threads(nth)
+    for (int t = 0; t < w->nt; t++) {
+        if (w->o) {
+            switch (m) {
+            case 1: nibble_tile_1(x, sums, K, w->q, w->s, w->s32, w->o, w->o32, t, G, w->gs, y, ldy); break;
+            case 2: nibble_tile_2(x, sums, K, w->q, w->s, w->s32, w->o, w->o32, t, G, w->gs, y, ldy); break;
+            case 3: nibble_tile_3(x, sums, K, w->q, w->s, w->s32, w->o, w->o32, t, G, w->gs, y, ldy); break;
+            default: nibble_tile_4(x, sums, K, w->q, w->s, w->s32, w->o, w->o32, t, G, w->gs, y, ldy); break;
+            }
+        } else {
+            switch (m) {
+            case 1: byte_tile_1(x, K, w->q, w->s, w->s32, t, G, w->gs, y, ldy); break;
+            case 2: byte_tile_2(x, K, w->q, w->s, w->s32, t, G, w->gs, y, ldy); break;
+            case 3: byte_tile_3(x, K, w->q, w->s, w->s32, t, G, w->gs, y, ldy); break;
+            default: byte_tile_4(x, K, w->q, w->s, w->s32, t, G, w->gs, y, ldy); break;
+            }
+        }
+    }
+    if (sums != sx) free(sums);
+}
+
+void llms_mv(const tiles_t* w, int m, const float* x, float* y, int ldy, int nth) { mv(w, m, x, y, ldy, nth); }
+
+/* model.transformer.rms_norm in float32: (x * rsqrt(mean(x^2) + eps)) * w, each product rounded. */
+static void rms(int m, int dim, const float* x, const float* w, float eps, float* out) {
+    for (int r = 0; r < m; r++) {
+        const float* xr = x + (size_t)r * dim;
+        float ss = 0;
+        for (int i = 0; i < dim; i++) ss += xr[i] * xr[i];
+        float inv = 1.0f / sqrtf(ss / dim + eps);
+        for (int i = 0; i < dim; i++) {
+            float v = xr[i] * inv;
+            out[(size_t)r * dim + i] = v * w[i];
+        }
+    }
+}
+
+/* (re, im) pairs of n features rotated by cos, sin of their pair index modulo half (model.transformer.Rope.apply). */
+static void rotate(float* v, int n, int half, const float* cos, const float* sin) {
+    for (int i = 0; i < n / 2; i++) {
+        float re = v[2 * i], im = v[2 * i + 1], c = cos[i % half], s = sin[i % half];
+        float a = re * c, b = im * s, e = re * s, f = im * c;
+        v[2 * i] = a - b;
+        v[2 * i + 1] = e + f;
+    }
+}
+
+/* A decode step's attention input: y (m, nt * 64) = the fused q|k|v matrix times RMSNorm(h); q's nq and k's nk
+   features rotated in place (head_dim hd: pairs of each head at cos, sin [0, hd / 2)). */
+void llms_attention_in(const tiles_t* w, int m, int dim, const float* h, const float* norm, float eps, int nq,
+                       int nk, int hd, const float* cos, const float* sin, float* y, int nth) {
+    float* xn = malloc(sizeof(float) * m * dim);
+    rms(m, dim, h, norm, eps, xn);
+    int ldy = w->nt * TILE;
+    mv(w, m, xn, y, ldy, nth);
+    for (int r = 0; r < m; r++) rotate(y + (size_t)r * ldy, nq + nk, hd / 2, cos, sin);
+    free(xn);
+}
+
+/* out (m, n) = h + the tiled matrix times a (m, K). */
+void llms_residual(const tiles_t* w, int m, int n, const float* h, const float* a, float* out, int nth) {
+    int ldy = w->nt * TILE;
+    float* y = malloc(sizeof(float) * m * ldy);
+    mv(w, m, a, y, ldy, nth);
+    for (int r = 0; r < m; r++)
+        for (int i = 0; i < n; i++) out[(size_t)r * n + i] = h[(size_t)r * n + i] + y[(size_t)r * ldy + i];
+    free(y);
+}
+
+/* A decode step's FFN group: out (m, dim) = h + W2 (silu(W1 x) * W3 x), x = RMSNorm(h), W1|W3 one tiled matrix
+   (W1's hidden rows first). silu(g) = g / (1 + exp(-g)). */
+void llms_ffn(const tiles_t* w13, const tiles_t* w2, int m, int dim, int hidden, const float* h, const float* norm,
+              float eps, float* out, int nth) {
+    int ld13 = w13->nt * TILE;
+    float* xn = malloc(sizeof(float) * m * (dim + ld13 + hidden));
+    float *gu = xn + (size_t)m * dim, *act = gu + (size_t)m * ld13;
+    rms(m, dim, h, norm, eps, xn);
+    mv(w13, m, xn, gu, ld13, nth);
+    for (int r = 0; r < m; r++)
+        for (int i = 0; i < hidden; i++) {
+            float g = gu[(size_t)r * ld13 + i], u = gu[(size_t)r * ld13 + hidden + i];
+            float sg = g / (1.0f + expf(-g));
+            act[(size_t)r * hidden + i] = sg * u;
+        }
+    llms_residual(w2, m, dim, h, act, out, nth);
+    free(xn);
+}
+
+/* Tiles [t0, t1) dequantized into out (t1 - t0, K, 64) float32, lane l of tile t = row 64 t + l: q * s + o (4-bit)
+   or q * s (8-bit), each product and sum rounded as model/quant.py's dequantizers round them (no FMA here). */
+void llms_dequant(const tiles_t* w, int t0, int t1, float* out, int nth) {
+    const int G = w->groups, gs = w->gs, K = G * gs;
+    const __m512 lut = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+#pragma omp parallel for schedule(static) num_threads(nth)
+    for (int t = t0; t < t1; t++) {
+        float* ot = out + (size_t)(t - t0) * K * TILE;
+        for (int g = 0; g < G; g++) {
+            size_t so = ((size_t)t * G + g) * TILE;
+            __m512 S[4], O[4];
+            for (int k = 0; k < 4; k++) {
+                S[k] = load16(w->s, so + 16 * k, w->s32);
+                O[k] = w->o ? load16(w->o, so + 16 * k, w->o32) : _mm512_setzero_ps();
+            }
+            if (w->o) {
+                const int H = gs / 2;
+                const int32_t* qg = w->q + ((size_t)t * G + g) * H * 16;
+                for (int j = 0; j < H; j++) {
+                    __m512i v = _mm512_loadu_si512(qg + 16 * j);
+                    float *lo = ot + (size_t)(g * gs + j) * TILE, *hi = ot + (size_t)(g * gs + H + j) * TILE;
+                    for (int k = 0; k < 4; k++) {
+                        __m512 a = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 8 * k), lut);
+                        __m512 b = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 8 * k + 4), lut);
+                        _mm512_storeu_ps(lo + 16 * k, _mm512_add_ps(_mm512_mul_ps(a, S[k]), O[k]));
+                        _mm512_storeu_ps(hi + 16 * k, _mm512_add_ps(_mm512_mul_ps(b, S[k]), O[k]));
+                    }
+                }
+            } else {
+                const int32_t* qg = w->q + ((size_t)t * G + g) * gs * 16;
+                for (int j = 0; j < gs; j++) {
+                    __m512i v = _mm512_loadu_si512(qg + 16 * j);
+                    float* oj = ot + (size_t)(g * gs + j) * TILE;
+                    for (int k = 0; k < 4; k++) {
+                        __m512 a = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 24 - 8 * k), 24));
+                        _mm512_storeu_ps(oj + 16 * k, _mm512_mul_ps(a, S[k]));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* A decode step's attention over a cache written up to slot end (exclusive), every slot seen (no padding):
+   q (b, H, hd) contiguous; k, v (b, L, nkv, hd) with row stride ldkv (values); out (b, H * hd). Query head h reads
+   key head h / (H / nkv) (grouped-query attention); softmax(q k / sqrt(hd)) v. */
+void llms_decode_attention(int b, int H, int nkv, int hd, const float* q, const float* k, const float* v,
+                           long ldkv, int end, float* out, int nth) {
+    const int rep = H / nkv;
+    const float scale = 1.0f / sqrtf((float)hd);
+#pragma omp parallel for schedule(static) num_threads(nth)
+    for (int bh = 0; bh < b * H; bh++) {
+        const int r = bh / H, h = bh % H, kh = h / rep;
+        const float* qh = q + (size_t)bh * hd;
+        const float* kb = k + (size_t)r * ldkv + (size_t)kh * hd;
+        const float* vb = v + (size_t)r * ldkv + (size_t)kh * hd;
+        float* p = malloc(sizeof(float) * end);
+        float* o = out + (size_t)bh * hd;
+        float mx = -INFINITY;
+        for (int t = 0; t < end; t++) {
+            const float* kt = kb + (size_t)t * nkv * hd;
+            float d;
+            if (hd % 16 == 0) {
+                __m512 acc = _mm512_setzero_ps();
+                for (int i = 0; i < hd; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + i), _mm512_loadu_ps(kt + i), acc);
+                d = _mm512_reduce_add_ps(acc);
+            } else {
+                d = 0;
+                for (int i = 0; i < hd; i++) d += qh[i] * kt[i];
+            }
+            p[t] = d * scale;
+            if (p[t] > mx) mx = p[t];
+        }
+        float sum = 0;
+        for (int t = 0; t < end; t++) {
+            p[t] = expf(p[t] - mx);
+            sum += p[t];
+        }
+        for (int i = 0; i < hd; i++) o[i] = 0;
+        for (int t = 0; t < end; t++) {
+            const float* vt = vb + (size_t)t * nkv * hd;
+            for (int i = 0; i < hd; i++) o[i] += p[t] * vt[i];
+        }
+        for (int i = 0; i < hd; i++) o[i] /= sum;
+        free(p);
+    }
+}

@@ -1,0 +1,166 @@
+"""model/cpu_simd.c, built with the host's C compiler and called through ctypes: a CPU decode step's matmuls over
+row tiles (model/cpu_kernels.py's layout) and its groups (the norm, the matmuls, the rotation, silu * up, the
+residual add) as one C call each, where the host has AVX-512F.
+
+Built once per source, compiler and CPU (``-march=native``) into ``cache`` (the runtime's: LLMSTREAM_CACHE_DIR's
+``cpu-kernels``), about a second, then loaded from there; written under a temporary name and renamed, so that runs
+starting together never load half a file (a build killed midway leaves its temporary file, which the next build
+removes once it is an hour old). Where building fails (no compiler, no AVX-512F: the source's #error) ``library``
+says so once on stderr and gives None; model/cpu_kernels.py ``available`` checks what it computes against the
+reference before a run uses it.
+
+The C code reads the tiles in place (their data pointers), never copies them; the results go to fresh tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_simd.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC")
+_P = ctypes.c_void_p
+
+
+class _Tiles(ctypes.Structure):
+    _fields_ = [("q", _P), ("s", _P), ("o", _P), ("s32", ctypes.c_int), ("o32", ctypes.c_int),
+                ("nt", ctypes.c_int), ("groups", ctypes.c_int), ("gs", ctypes.c_int)]
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _key(cc: str) -> str:
+    """The source, the compiler's version and the CPU's flags: what the built file depends on."""
+    h = hashlib.sha256(SOURCE.read_bytes())
+    h.update(" ".join((cc,) + FLAGS).encode())
+    h.update(subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout.encode())
+    try:
+        flags = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = ""
+    h.update(flags.encode())
+    return h.hexdigest()[:16]
+
+
+@functools.cache
+def library(cache: Path) -> ctypes.CDLL | None:
+    """The built library (built into ``cache`` when not there yet), checked; None (one line on stderr) where it
+    cannot be had here."""
+    cc = _compiler()
+    if cc is None:
+        return _none("no C compiler (cc, gcc or $CC)")
+    try:
+        path = Path(cache) / f"cpu_simd-{_key(cc)}.so"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            for old in path.parent.glob("cpu_simd-*.tmp"):  # a build killed midway (the hour: one still going)
+                with contextlib.suppress(FileNotFoundError):
+                    if time.time() - old.stat().st_mtime > 3600:
+                        old.unlink()
+            fd, tmp = tempfile.mkstemp(prefix="cpu_simd-", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            try:
+                got = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
+                                     timeout=300)
+                if got.returncode:
+                    err = next((ln for ln in got.stderr.splitlines() if "error" in ln), got.stderr.strip()[:200])
+                    return _none(f"{cc} failed: {err.strip()}")
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError) as e:
+        return _none(f"{type(e).__name__}: {e}")
+    for name, ret in (("llms_mv", None), ("llms_attention_in", None), ("llms_residual", None), ("llms_ffn", None),
+                      ("llms_dequant", None), ("llms_decode_attention", None)):
+        getattr(lib, name).restype = ret
+    lib.llms_mv.argtypes = [_P, ctypes.c_int, _P, _P, ctypes.c_int, ctypes.c_int]
+    lib.llms_decode_attention.argtypes = [ctypes.c_int] * 4 + [_P] * 3 + [ctypes.c_long, ctypes.c_int, _P, ctypes.c_int]
+    lib.llms_dequant.argtypes = [_P, ctypes.c_int, ctypes.c_int, _P, ctypes.c_int]
+    lib.llms_residual.argtypes = [_P, ctypes.c_int, ctypes.c_int, _P, _P, _P, ctypes.c_int]
+    lib.llms_attention_in.argtypes = [_P, ctypes.c_int, ctypes.c_int, _P, _P, ctypes.c_float, ctypes.c_int,
+                                      ctypes.c_int, ctypes.c_int, _P, _P, _P, ctypes.c_int]
+    lib.llms_ffn.argtypes = [_P, _P, ctypes.c_int, ctypes.c_int, ctypes.c_int, _P, _P, ctypes.c_float, _P,
+                             ctypes.c_int]
+    return lib
+
+
+def _none(why: str) -> None:
+    print(f"CPU kernels: model/cpu_simd.c not used ({why}); inductor's kernels serve", file=sys.stderr)
+    return None
+
+
+def tiles(q: torch.Tensor, s: torch.Tensor, o: torch.Tensor | None) -> _Tiles:
+    """The C view of a tiled matrix's planes, q (NT, G, gs / 2 or gs, 16) int32 (4-bit with o, 8-bit without),
+    s and o (NT, G, 64) fp16 or float32, all contiguous; they must stay alive while it is used (TiledWeight holds
+    both)."""
+    if not all(t is None or t.is_contiguous() for t in (q, s, o)):
+        raise ValueError("tile planes must be contiguous")
+    f32 = lambda t: int(t.dtype == torch.float32)  # noqa: E731
+    return _Tiles(q.data_ptr(), s.data_ptr(), None if o is None else o.data_ptr(), f32(s),
+                  0 if o is None else f32(o), q.shape[0], q.shape[1], q.shape[2] * (1 if o is None else 2))
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def mv(lib: ctypes.CDLL, w: _Tiles, x: torch.Tensor) -> torch.Tensor:
+    """x (m <= 4, K) float32 contiguous -> (m, nt * 64)."""
+    y = torch.empty(x.shape[0], w.nt * 64)
+    lib.llms_mv(ctypes.byref(w), x.shape[0], _ptr(x), _ptr(y), w.nt * 64, torch.get_num_threads())
+    return y
+
+
+def attention_in(lib, w: _Tiles, h: torch.Tensor, norm: torch.Tensor, eps: float, nq: int, nk: int, hd: int,
+                 cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """h (m, dim) -> (m, nt * 64): q|k|v of RMSNorm(h), q's and k's features rotated."""
+    y = torch.empty(h.shape[0], w.nt * 64)
+    lib.llms_attention_in(ctypes.byref(w), h.shape[0], h.shape[1], _ptr(h), _ptr(norm), eps, nq, nk, hd, _ptr(cos),
+                          _ptr(sin), _ptr(y), torch.get_num_threads())
+    return y
+
+
+def residual(lib, w: _Tiles, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """h (m, n) + the matrix times a (m, K)."""
+    out = torch.empty_like(h)
+    lib.llms_residual(ctypes.byref(w), h.shape[0], h.shape[1], _ptr(h), _ptr(a), _ptr(out), torch.get_num_threads())
+    return out
+
+
+def ffn(lib, w13: _Tiles, w2: _Tiles, h: torch.Tensor, norm: torch.Tensor, eps: float, hidden: int) -> torch.Tensor:
+    """h (m, dim) -> h + W2(silu(W1 x) * W3 x), x = RMSNorm(h)."""
+    out = torch.empty_like(h)
+    lib.llms_ffn(ctypes.byref(w13), ctypes.byref(w2), h.shape[0], h.shape[1], hidden, _ptr(h), _ptr(norm), eps,
+                 _ptr(out), torch.get_num_threads())
+    return out
+
+
+def dequant(lib, w: _Tiles, a: int, b: int, out: torch.Tensor) -> torch.Tensor:
+    """Tiles [a, b) dequantized into out (b - a, K, 64) float32 contiguous: the reference dequantizer's values."""
+    lib.llms_dequant(ctypes.byref(w), a, b, _ptr(out), torch.get_num_threads())
+    return out
+
+
+def decode_attention(lib, q: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, end: int) -> torch.Tensor:
+    """q (b, H, 1, hd) float32; the cache's keys and values ck, cv (>= b, L, n_kv, hd) float32, each row contiguous,
+    written up to slot ``end``, every slot seen -> (b, H, 1, hd)."""
+    b, heads, _, hd = q.shape
+    q, out = q.contiguous(), torch.empty(b, heads, 1, hd)
+    lib.llms_decode_attention(b, heads, ck.shape[2], hd, _ptr(q), _ptr(ck), _ptr(cv), ck.stride(0), end,
+                              _ptr(out), torch.get_num_threads())
+    return out
