@@ -261,47 +261,90 @@ void llms_dequant(const tiles_t* w, int t0, int t1, float* out, int nth) {
     }
 }
 
-/* A decode step's attention over a cache written up to slot end (exclusive), every slot seen (no padding):
-   q (b, H, hd) contiguous; k, v (b, L, nkv, hd) with row stride ldkv (values); out (b, H * hd). Query head h reads
-   key head h / (H / nkv) (grouped-query attention); softmax(q k / sqrt(hd)) v. */
-void llms_decode_attention(int b, int H, int nkv, int hd, const float* q, const float* k, const float* v,
-                           long ldkv, int end, float* out, int nth) {
-    const int rep = H / nkv;
+/* exp(x) for 16 lanes, x <= 88.37 (a softmax's x - max <= 0): 2^n * e^r, n = round(x log2 e), r = x - n ln 2 in two
+   parts, e^r by Cephes' polynomial for expf (relative error about 2e-7); below -87.3 the result is 0. */
+static inline __m512 exp16(__m512 x) {
+    const __m512 lo = _mm512_set1_ps(-87.3f);
+    __mmask16 tiny = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+    x = _mm512_max_ps(x, lo);
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 y = _mm512_set1_ps(1.9875691500E-4f);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507E-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073E-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894E-2f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459E-1f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201E-1f));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_maskz_mov_ps(~tiny, _mm512_scalef_ps(y, n));
+}
+
+/* A decode step's attention: the new keys and values kn, vn (b, nkv * hd; row strides ldk, ldv) written to slot
+   end - 1 of the cache k, v (b, L, nkv, hd; row stride ldkv), then every slot [0, end) seen (no padding) by the
+   queries q (b, H * hd; row stride ldq) -> out (b, H * hd). Query head h reads key head h / (H / nkv)
+   (grouped-query attention); softmax(q k / sqrt(hd)) v. */
+void llms_decode_attention(int b, int H, int nkv, int hd, const float* q, long ldq, const float* kn, long ldk,
+                           const float* vn, long ldv, float* k, float* v, long ldkv, int end, float* out, int nth) {
+    const int rep = H / nkv, vec = hd % 16 == 0 && hd <= 256;
     const float scale = 1.0f / sqrtf((float)hd);
+    for (int r = 0; r < b; r++)
+        for (int i = 0; i < nkv * hd; i++) {
+            k[(size_t)r * ldkv + (size_t)(end - 1) * nkv * hd + i] = kn[(size_t)r * ldk + i];
+            v[(size_t)r * ldkv + (size_t)(end - 1) * nkv * hd + i] = vn[(size_t)r * ldv + i];
+        }
 #pragma omp parallel for schedule(static) num_threads(nth)
     for (int bh = 0; bh < b * H; bh++) {
         const int r = bh / H, h = bh % H, kh = h / rep;
-        const float* qh = q + (size_t)bh * hd;
+        const float* qh = q + (size_t)r * ldq + (size_t)h * hd;
         const float* kb = k + (size_t)r * ldkv + (size_t)kh * hd;
         const float* vb = v + (size_t)r * ldkv + (size_t)kh * hd;
-        float* p = malloc(sizeof(float) * end);
+        const size_t step = (size_t)nkv * hd;
+        float* p = malloc(sizeof(float) * (end + 16));
         float* o = out + (size_t)bh * hd;
-        float mx = -INFINITY;
+        float mx = -INFINITY, sum = 0;
         for (int t = 0; t < end; t++) {
-            const float* kt = kb + (size_t)t * nkv * hd;
-            float d;
-            if (hd % 16 == 0) {
+            const float* kt = kb + t * step;
+            float d = 0;
+            if (vec) {
                 __m512 acc = _mm512_setzero_ps();
-                for (int i = 0; i < hd; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + i), _mm512_loadu_ps(kt + i), acc);
+                for (int i = 0; i < hd; i += 16)
+                    acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + i), _mm512_loadu_ps(kt + i), acc);
                 d = _mm512_reduce_add_ps(acc);
             } else {
-                d = 0;
                 for (int i = 0; i < hd; i++) d += qh[i] * kt[i];
             }
             p[t] = d * scale;
-            if (p[t] > mx) mx = p[t];
+            mx = p[t] > mx ? p[t] : mx;
         }
-        float sum = 0;
-        for (int t = 0; t < end; t++) {
-            p[t] = expf(p[t] - mx);
-            sum += p[t];
+        for (int t = end; t < end + 16; t++) p[t] = -INFINITY;  /* whole vectors: the tail's exp is 0 */
+        __m512 sv = _mm512_setzero_ps();
+        for (int t = 0; t < end; t += 16) {
+            __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(p + t), _mm512_set1_ps(mx)));
+            _mm512_storeu_ps(p + t, e);
+            sv = _mm512_add_ps(sv, e);
         }
-        for (int i = 0; i < hd; i++) o[i] = 0;
-        for (int t = 0; t < end; t++) {
-            const float* vt = vb + (size_t)t * nkv * hd;
-            for (int i = 0; i < hd; i++) o[i] += p[t] * vt[i];
+        sum = _mm512_reduce_add_ps(sv);
+        if (vec) {
+            __m512 acc[16];  /* hd <= 256 */
+            const int nv = hd / 16;
+            for (int i = 0; i < nv; i++) acc[i] = _mm512_setzero_ps();
+            for (int t = 0; t < end; t++) {
+                const float* vt = vb + t * step;
+                __m512 pt = _mm512_set1_ps(p[t]);
+                for (int i = 0; i < nv; i++) acc[i] = _mm512_fmadd_ps(pt, _mm512_loadu_ps(vt + 16 * i), acc[i]);
+            }
+            __m512 inv = _mm512_set1_ps(1.0f / sum);
+            for (int i = 0; i < nv; i++) _mm512_storeu_ps(o + 16 * i, _mm512_mul_ps(acc[i], inv));
+        } else {
+            for (int i = 0; i < hd; i++) o[i] = 0;
+            for (int t = 0; t < end; t++) {
+                const float* vt = vb + t * step;
+                for (int i = 0; i < hd; i++) o[i] += p[t] * vt[i];
+            }
+            for (int i = 0; i < hd; i++) o[i] /= sum;
         }
-        for (int i = 0; i < hd; i++) o[i] /= sum;
         free(p);
     }
 }

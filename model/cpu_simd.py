@@ -89,7 +89,8 @@ def library(cache: Path) -> ctypes.CDLL | None:
                       ("llms_dequant", None), ("llms_decode_attention", None)):
         getattr(lib, name).restype = ret
     lib.llms_mv.argtypes = [_P, ctypes.c_int, _P, _P, ctypes.c_int, ctypes.c_int]
-    lib.llms_decode_attention.argtypes = [ctypes.c_int] * 4 + [_P] * 3 + [ctypes.c_long, ctypes.c_int, _P, ctypes.c_int]
+    lib.llms_decode_attention.argtypes = [ctypes.c_int] * 4 + [_P, ctypes.c_long] * 3 + [_P, _P, ctypes.c_long,
+                                                                                     ctypes.c_int, _P, ctypes.c_int]
     lib.llms_dequant.argtypes = [_P, ctypes.c_int, ctypes.c_int, _P, ctypes.c_int]
     lib.llms_residual.argtypes = [_P, ctypes.c_int, ctypes.c_int, _P, _P, _P, ctypes.c_int]
     lib.llms_attention_in.argtypes = [_P, ctypes.c_int, ctypes.c_int, _P, _P, ctypes.c_float, ctypes.c_int,
@@ -156,11 +157,15 @@ def dequant(lib, w: _Tiles, a: int, b: int, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def decode_attention(lib, q: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, end: int) -> torch.Tensor:
-    """q (b, H, 1, hd) float32; the cache's keys and values ck, cv (>= b, L, n_kv, hd) float32, each row contiguous,
-    written up to slot ``end``, every slot seen -> (b, H, 1, hd)."""
-    b, heads, _, hd = q.shape
-    q, out = q.contiguous(), torch.empty(b, heads, 1, hd)
-    lib.llms_decode_attention(b, heads, ck.shape[2], hd, _ptr(q), _ptr(ck), _ptr(cv), ck.stride(0), end,
-                              _ptr(out), torch.get_num_threads())
+def decode_attention(lib, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor,
+                     slot: int) -> torch.Tensor:
+    """A decode step's attention: q (b, 1, H, hd), k and v (b, 1, n_kv, hd), float32, each row's features
+    contiguous; k and v written to ``slot`` of the cache's ck, cv (>= b, L, n_kv, hd) float32 contiguous, then
+    every slot up to it seen -> (b, 1, H * hd)."""
+    b, _, heads, hd = q.shape
+    q, k, v = (t if t.stride(3) == 1 and t.stride(2) == hd else t.contiguous() for t in (q, k, v))
+    out = torch.empty(b, 1, heads * hd)
+    lib.llms_decode_attention(b, heads, k.shape[2], hd, _ptr(q), q.stride(0), _ptr(k), k.stride(0), _ptr(v),
+                              v.stride(0), _ptr(ck), _ptr(cv), ck.stride(0), slot + 1, _ptr(out),
+                              torch.get_num_threads())
     return out

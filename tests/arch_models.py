@@ -261,7 +261,7 @@ def with_image_weights(model, image):
     for g, weights in src.groups.items():
         for local, t in weights.items():
             key, heads = group_prefix(g) + local, rope_heads(tensor_def(args, local), args)
-            t = t.float()
+            t = t.dense() if hasattr(t, "dense") else t.float()  # a CPU run's tiled weights (model/cpu_kernels.py)
             if heads is not None:
                 t = permute_hf(t.reshape(t.shape[0], -1), heads).reshape(t.shape)
             sd[hf_name(key, args)] = t

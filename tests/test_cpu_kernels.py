@@ -130,15 +130,20 @@ def test_model_outputs_unchanged(q4_image, monkeypatch, backend):
 
 
 @pytest.mark.skipif(SIMD is None, reason="model/cpu_simd.c needs AVX-512F")
-@pytest.mark.parametrize("heads, kv_heads, hd", [(9, 3, 64), (4, 4, 48), (8, 2, 16)])
+@pytest.mark.parametrize("heads, kv_heads, hd", [(9, 3, 64), (4, 4, 48), (8, 2, 16), (2, 1, 272)])
 def test_simd_decode_attention_equals_sdpa(heads, kv_heads, hd):
-    """model/cpu_simd.c's decode attention (two sequences, the cache's slots [0, end) written, more allocated)
-    against torch's: grouped-query heads, a head size of whole 16-lane vectors or not."""
+    """model/cpu_simd.c's decode step (two sequences; the new keys and values written to the cache's slot end - 1,
+    more slots allocated, then attention over [0, end)) against torch's: grouped-query heads, head sizes of whole
+    16-lane vectors and not, queries and keys as views into a wider row (a fused q|k|v output)."""
     gen = torch.Generator().manual_seed(4)
     b, slots, end = 2, 40, 29
-    q = torch.randn(b, heads, 1, hd, generator=gen)
+    qkv = torch.randn(b, 1, (heads + 2 * kv_heads) * hd, generator=gen)
+    q, k, v = (t.view(b, 1, -1, hd) for t in qkv.split([heads * hd, kv_heads * hd, kv_heads * hd], dim=-1))
     ck_, cv_ = (torch.randn(b + 1, slots, kv_heads, hd, generator=gen) for _ in range(2))
-    ref = F.scaled_dot_product_attention(q, ck_[:b, :end].transpose(1, 2), cv_[:b, :end].transpose(1, 2),
-                                         enable_gqa=heads != kv_heads)
-    got = cpu_simd.decode_attention(SIMD, q, ck_, cv_, end)
-    assert got.shape == ref.shape and rel_err(got, ref) < 1e-5
+    keys, values = ck_.clone(), cv_.clone()
+    keys[:b, end - 1], values[:b, end - 1] = k[:, 0], v[:, 0]
+    ref = F.scaled_dot_product_attention(q.transpose(1, 2), keys[:b, :end].transpose(1, 2),
+                                         values[:b, :end].transpose(1, 2), enable_gqa=heads != kv_heads)
+    got = cpu_simd.decode_attention(SIMD, q, k, v, ck_, cv_, end - 1)
+    assert torch.equal(ck_, keys) and torch.equal(cv_, values)
+    assert got.shape == (b, 1, heads * hd) and rel_err(got, ref.transpose(1, 2).reshape(b, 1, -1)) < 1e-5

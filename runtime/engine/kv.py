@@ -164,6 +164,14 @@ class KVCache:
             return self.attend_step(layer, q, k, v, queries.rows)
         b, s = q.shape[:2]
         start, pad, rows = queries.start, queries.pad, queries.rows
+        if simd is not None and s == 1 and pad is None and rows is None and queries.tree is None \
+                and self.topk_blk is None and not self.profile and q.device.type == "cpu" and q.dtype == torch.float32 \
+                and not self.attends_on_host(layer):  # a plain CPU decode step: model/cpu_simd.c writes and attends
+            ck, cv = self.acquire(layer)
+            if ck.dtype == torch.float32 and ck.is_contiguous() and cv.is_contiguous():
+                out = cpu_simd.decode_attention(simd, q, k, v, ck, cv, start)
+                self.release(layer, start, s, pad)
+                return out
         on_host = s == 1 and queries.tree is None and rows is None and self.attends_on_host(layer)  # CPU attention
         if rows is not None:  # a continuous batch: every row's keys and values to its own slots
             ck, cv = self.acquire(layer)
@@ -191,14 +199,10 @@ class KVCache:
             if s == 1 and self.topk_blk is not None:
                 n = b * k.shape[2] * -(-end // self.block_tokens)
                 self.attended_blocks, self.total_blocks = self.attended_blocks + n, self.total_blocks + n
-            simd = simd if s == 1 and q.device.type == "cpu" and q.dtype == ck.dtype == torch.float32 \
-                and pad is None and queries.tree is None and rows is None else None
             keys = ck[:b, :end].transpose(1, 2)  # (B, n_kv, end, hd)
             values = cv[:b, :end].transpose(1, 2)
             mask = self.mask_for(queries, s, self.n_rep)  # None: no padding and a plainly causal chunk or decode
-            if simd is not None:  # model/cpu_simd.c's, where the run's CPU kernels are its (every slot seen)
-                out = cpu_simd.decode_attention(simd, qt, ck, cv, end)
-            elif mask is not None and self.n_rep > 1:
+            if mask is not None and self.n_rep > 1:
                 out = _folded_gqa_attention(qt, keys, values, mask[:b])
             else:  # a first chunk without padding is plainly causal: flash kernels, no S x S mask
                 out = F.scaled_dot_product_attention(qt, keys, values, attn_mask=None if mask is None else mask[:b],
