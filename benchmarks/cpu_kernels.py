@@ -36,8 +36,10 @@ Candidates:
   model/quant.py; plain weights as ``(w.float() * x[r]).sum(-1)``. ``compiled-tiles`` (int8, q8_0): the same over a
   layout repacked once so that 64 output rows lie side by side (q int8 (N / 64, K, 64), scales (N / 64, K / group,
   64): the stored bytes, moved), which inductor vectorizes across the rows, each lane a row of w, instead of along K.
-- ``runtime`` (q4_0, q4_1, int4, q8_0, int8): what a CPU run now holds and calls, model/cpu_kernels.py's
-  ``TiledWeight.linear``: its compiled kernel up to 4 rows, the compiled dequantizer and a batched GEMM above.
+- ``runtime`` (q4_0, q4_1, int4, q8_0, int8): what a CPU run now holds and calls by default, model/cpu_kernels.py's
+  ``TiledWeight.linear`` with model/cpu_simd.c (AVX-512, built with the host's compiler; absent where it does not
+  build): its C kernel up to 4 rows, its dequantizer and a batched GEMM above. ``inductor-tiles``: the same tiles
+  with inductor's compiled kernel and dequantizer (``LLMS_CPU_KERNELS=inductor``).
 - numba: timed only where it is installed; it is not a dependency, and is not installed here.
 
 The table goes to stdout (markdown) and, with --json, to a file. Runs on the CPU only.
@@ -58,7 +60,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model import cpu_kernels, quant  # noqa: E402
+from model import cpu_kernels, cpu_simd, quant  # noqa: E402
+from runtime.env import cache_dir  # noqa: E402
 
 PLAIN = {"fp32": torch.float32, "bf16": torch.bfloat16}
 INT4PACK = ("int4", "q4_0", "q4_1", "q4_k")
@@ -252,9 +255,13 @@ def candidates(fmt: str, w, group: int, pool: int, compile_ok: bool) -> list[tup
         args = compiled_args(fmt, w)
         sets = copies(lambda: tuple(a.clone() for a in args), sb, pool)
         out.append(("compiled", [lambda x, s=s, fn=fn: fn(x, *s) for s in sets], "inductor, stored layout"))
+    lib = cpu_simd.library(cache_dir() / "cpu-kernels")
+    if lib is not None and fmt in cpu_kernels.SCHEMES:
+        ts = copies(lambda: cpu_kernels.tile(w, lib), sb, pool)
+        out.append(("runtime", [lambda x, t=t: t.linear(x) for t in ts], "model/cpu_simd.c, what a run holds"))
     if compile_ok and fmt in cpu_kernels.SCHEMES:
         ts = copies(lambda: cpu_kernels.tile(w), sb, pool)
-        out.append(("runtime", [lambda x, t=t: t.linear(x) for t in ts], "model/cpu_kernels.py, what a run holds"))
+        out.append(("inductor-tiles", [lambda x, t=t: t.linear(x) for t in ts], "model/cpu_kernels.py, inductor's"))
     if compile_ok and fmt in ("int8", "q8_0") and w.shape[0] % TILE == 0:
         fn = tiles_fn(w.shape, group if fmt == "int8" else 32)
         q, s = tiles_prepare(w)
@@ -299,7 +306,8 @@ def run_format(fmt: str, shape: tuple[int, int], rows: list[int], group: int, po
 def print_pivot(results: list[dict]) -> None:
     """One line per thread count, format, shape and row count, one column per candidate: GB/s of stored bytes (% of
     DRAM); a result outside the 1e-5 bar is marked *."""
-    order = ("today", "held", "runtime", "compiled", "compiled-tiles", "int4pack", "int4pack-bf16", "int8pack")
+    order = ("today", "held", "runtime", "inductor-tiles", "compiled", "compiled-tiles", "int4pack", "int4pack-bf16",
+             "int8pack")
     names = [n for n in order if any(r["candidate"] == n for r in results)]
     print("\n| threads | format | N x K | rows | " + " | ".join(names) + " |")
     print("|---|---|---|---|" + "---|" * len(names))

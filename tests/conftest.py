@@ -18,9 +18,9 @@ import pytest
 from runtime.env import allocator_defaults
 
 allocator_defaults()  # as launch.py does, before a test module starts CUDA
-# The CPU kernels (model/cpu_kernels.py) compile with torch.compile, seconds in every process that holds a quantized
-# weight: the suite holds them dequantized, as before, except tests/test_cpu_kernels.py (runtime/env.py).
-os.environ.setdefault("LLMS_CPU_KERNELS", "0")  # the default too: tests/test_cpu_kernels.py turns them on
+# The CPU kernels as a run picks them by default (runtime/env.py: model/cpu_simd.c where it builds, else quantized
+# weights held dequantized; never inductor's, which take seconds to compile in every process)
+os.environ.setdefault("LLMS_CPU_KERNELS", "auto")
 # pytest-xdist's workers start with SIGINT ignored, and a child inherits an ignored signal: give the tests'
 # processes Ctrl-C as a shell would (Python turns it into KeyboardInterrupt again once it is not ignored)
 signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -99,9 +99,9 @@ def applies(gen: Generator) -> bool:
 
 def _address(w: Weights | torch.Tensor | QuantWeight) -> int:
     """Where a group's weights (or one matrix) lie: the first tensor's address (the group's views are cut from
-    one buffer, so it names the buffer)."""
+    one buffer, so it names the buffer; a CPU run's tiled matrix, model/cpu_kernels.py, by its tiles)."""
     v = next(iter(w.values())) if isinstance(w, Mapping) else w
-    return (v if isinstance(v, torch.Tensor) else v.raw).data_ptr()
+    return (v if isinstance(v, torch.Tensor) else v.raw if isinstance(v, QuantWeight) else v.q).data_ptr()
 
 
 def batch_bucket(rows: int, most: int) -> int:
