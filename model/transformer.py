@@ -154,6 +154,13 @@ class Rope:
         self.sin = angles.sin().float().to(device)
         self.max_len = max_len
         self._last: tuple | None = None  # (start, S, pad, positions) of the last lookup without positions
+        self._row: tuple | None = None  # (position, cos, sin) of the last ``at``
+
+    def at(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cos and sin rows (hd/2,) of one position: a decode step's, looked up once for every layer."""
+        if self._row is None or self._row[0] != position:
+            self._row = (position, self.cos[position], self.sin[position])
+        return self._row[1], self._row[2]
 
     def _positions(self, start: int, s: int, pad: torch.Tensor | None, device: torch.device) -> torch.Tensor:
         """The rotary positions (1 or B, S) of slots [start, start+S), less a left-padded batch's ``pad``: made once
@@ -282,7 +289,7 @@ def _cpu_decode_attention(h: torch.Tensor, w: Weights, p: Pass, layer: int) -> t
         return None
     ws = (w["attention.wq.weight"], w["attention.wk.weight"], w["attention.wv.weight"])
     got = cpu_kernels.attention_in(h, w["attention_norm.weight"], args.norm_eps, ws, (args.n_heads, args.n_kv_heads),
-                                   p.rope.cos[qs.start], p.rope.sin[qs.start])
+                                   *p.rope.at(qs.start))
     if got is None:
         return None
     lib = getattr(w["attention.wo.weight"], "lib", None)  # model/cpu_simd.c's, where it multiplies the weights

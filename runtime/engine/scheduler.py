@@ -67,6 +67,7 @@ from model.transformer import RowQueries
 from runtime.engine.batching import chunk_per_sequence
 from runtime.engine.config import SamplingConfig
 from runtime.engine.generate import GenerationResult, Generator
+from runtime.engine.generate import greedy as greedy_ids
 from runtime.engine.graphs import StaticDecode, applies
 from runtime.engine.kv import RowTree, TreeRowQueries
 from runtime.engine.prefix import PrefixIndex, block_hashes
@@ -502,7 +503,7 @@ class Scheduler:
                 logits = self.static.step_rows(*p.flat)  # (hi, vocab)
             else:
                 logits = self.gen.forward_rows(p.tokens, self.cache, p.rows, p.select)  # (hi or N, vocab)
-            greedy = logits.argmax(-1).tolist()  # one wait for the device
+            greedy = greedy_ids(logits).tolist()  # one wait for the device
         except Exception as e:
             msg = f"the request failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             for i, r in enumerate(self.rows):

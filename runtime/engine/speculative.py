@@ -34,7 +34,7 @@ from model.errors import ConfigError
 from model.transformer import TreeQueries
 from runtime.engine.config import EngineConfig, SamplingConfig
 from runtime.engine.drafts import open_draft_image
-from runtime.engine.generate import GenerationResult, Generator, generator_for, sample
+from runtime.engine.generate import GenerationResult, Generator, generator_for, greedy, sample
 from runtime.engine.graphs import TREE_ROWS
 from runtime.engine.kv import KVCache
 from runtime.engine.treecosts import PassCosts, interpolate, load_costs, pow2_sizes
@@ -396,7 +396,7 @@ class SpeculativeGenerator:
             t2 = time.perf_counter()
             logits = gen.forward_tree(torch.tensor([tree.tokens], dtype=torch.long, device=dev), start, cache,
                                       tree.queries(range(len(tree)), start, dev) if len(tree) > 1 else None)[0]
-            picks = logits.argmax(-1).tolist() if cfg.temperature == 0 else None  # sample's greedy draw, one read
+            picks = greedy(logits).tolist() if cfg.temperature == 0 else None  # sample's greedy draw, one read
             toks, nodes, stopped = walk(tree, logits, lambda x: int(sample(x, cfg, rng).item()), stop_ids,
                                         cfg.max_new_tokens - len(res.output_token_ids), picks)
             path, emitted = [start] + [start + n for n in nodes], len(toks)
