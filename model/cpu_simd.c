@@ -1,6 +1,7 @@
-/* A CPU decode step's matmuls over row tiles (model/cpu_kernels.py's layout), in AVX-512 (model/cpu_simd.py
-   compiles this file with the host's compiler, -O3 -march=native -fopenmp -ffp-contract=off, and loads it with
-   ctypes; a host without AVX-512F fails the #error below and keeps inductor's kernels).
+/* A CPU decode step's matmuls over row tiles (model/cpu_kernels.py's layout), its groups and its attention, in
+   AVX-512 or AVX2 (model/cpu_simd.py compiles this file with the host's compiler, -O3 -march=native -fopenmp
+   -ffp-contract=off, and loads it with ctypes; a host with neither fails the #error below and keeps the matrices
+   dequantized, or inductor's kernels where asked).
 
    Tiles, TILE = 64 output rows side by side, row 16k + w of a tile in byte k of int32 word w:
      4-bit  q int32 (NT, G, H, 16), H = gs / 2: word j of group g holds value g*gs + j in its low nibble and
@@ -10,13 +11,13 @@
    y = sum_g (acc_g * s_g + o_g * sum_g(x)), x times the dequantized matrix in another order of float32 roundings
    (tests/test_cpu_kernels.py: within 1e-5 of the reference's largest |y|).
 
-   The 4-bit values become floats by a lookup (vpermps of the word shifted right: the instruction reads only the
-   low 4 bits of each index), the 8-bit ones by a shift pair and a conversion; every value then costs one FMA
-   against x's value broadcast. Threads: OpenMP over tiles, in the libgomp that torch loaded (the same SONAME:
-   one pool of threads), nth of them as the caller's torch.get_num_threads(). */
-#ifndef __AVX512F__
-#error "model/cpu_simd.c needs AVX-512F"
-#endif
+   A vector holds V = 16 lanes (AVX-512) or 8 (AVX2): a tile's 64 rows are NV = 64 / V vectors, vector u = rows
+   [u V, u V + V) = byte k = u / NW of the NW = 16 / V word vectors' half u % NW. The 4-bit values become floats by
+   a lookup on AVX-512 (vpermps of the word shifted right: the instruction reads only the low 4 bits of each index),
+   by a mask and a conversion on AVX2; the 8-bit ones by a shift pair and a conversion; every value then costs one
+   FMA against x's value broadcast. The loads run PF groups ahead of a software prefetch. Threads: OpenMP over
+   tiles, in the libgomp that torch loaded (the same SONAME: one pool of threads), nth of them as the caller's
+   torch.get_num_threads(). */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -24,87 +25,153 @@
 
 #define TILE 64
 #define MAXM 4
-#ifndef PF
 #define PF 2
-#endif
 
-static inline __m512 load16(const void* p, size_t i, int f32) {
-    return f32 ? _mm512_loadu_ps((const float*)p + i)
-               : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)((const uint16_t*)p + i)));
+#if defined(__AVX512F__)
+#define V 16
+typedef __m512 vf;
+typedef __m512i vi;
+#define VZERO() _mm512_setzero_ps()
+#define VSET1(a) _mm512_set1_ps(a)
+#define VLOAD(p) _mm512_loadu_ps(p)
+#define VSTORE(p, a) _mm512_storeu_ps(p, a)
+#define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define VFNMA(a, b, c) _mm512_fnmadd_ps(a, b, c)
+#define VADD(a, b) _mm512_add_ps(a, b)
+#define VSUB(a, b) _mm512_sub_ps(a, b)
+#define VMUL(a, b) _mm512_mul_ps(a, b)
+#define VMAX(a, b) _mm512_max_ps(a, b)
+#define VILOAD(p) _mm512_loadu_si512(p)
+#define VBYTE(w, k) _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(w, 24 - 8 * (k)), 24))
+#define VSUM(a) _mm512_reduce_add_ps(a)
+#define VHALF(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p)))
+#define NIBBLE_LUT const vf lut = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
+#define VNIB(w, sh) _mm512_permutexvar_ps(_mm512_srli_epi32(w, sh), lut)
+/* 2^n a: scalef; 0 where x was below the range */
+#define VPOW2(a, n) _mm512_scalef_ps(a, n)
+#define VROUND(a) _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define VZERO_BELOW(y, x, lo) _mm512_maskz_mov_ps(~_mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ), y)
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define V 8
+typedef __m256 vf;
+typedef __m256i vi;
+#define VZERO() _mm256_setzero_ps()
+#define VSET1(a) _mm256_set1_ps(a)
+#define VLOAD(p) _mm256_loadu_ps(p)
+#define VSTORE(p, a) _mm256_storeu_ps(p, a)
+#define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define VFNMA(a, b, c) _mm256_fnmadd_ps(a, b, c)
+#define VADD(a, b) _mm256_add_ps(a, b)
+#define VSUB(a, b) _mm256_sub_ps(a, b)
+#define VMUL(a, b) _mm256_mul_ps(a, b)
+#define VMAX(a, b) _mm256_max_ps(a, b)
+#define VILOAD(p) _mm256_loadu_si256((const __m256i*)(p))
+#define VBYTE(w, k) _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(w, 24 - 8 * (k)), 24))
+static inline float VSUM(__m256 a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#define VHALF(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p)))
+#define NIBBLE_LUT const vi lut = _mm256_set1_epi32(15)
+#define VNIB(w, sh) _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(w, sh), lut))
+#define VPOW2(a, n) _mm256_mul_ps(a, _mm256_castsi256_ps(_mm256_slli_epi32(                                    \
+    _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23)))
+#define VROUND(a) _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define VZERO_BELOW(y, x, lo) _mm256_andnot_ps(_mm256_cmp_ps(x, lo, _CMP_LT_OQ), y)
+#else
+#error "model/cpu_simd.c needs AVX-512F, or AVX2 with FMA and F16C"
+#endif
+#define NV (TILE / V)
+#define NW (16 / V)
+
+static inline vf loadv(const void* p, size_t i, int f32) {
+    return f32 ? VLOAD((const float*)p + i) : VHALF((const uint16_t*)p + i);
 }
 
-/* One tile's 64 outputs for M rows of x (x row stride K), into y (row stride ldy) at column t * 64. */
+/* One tile's 64 outputs for M rows of x (x row stride K), into y (row stride ldy) at column t * 64. On AVX-512 the
+   low and the high nibbles' sums are two sets of accumulators (8 chains of FMAs for one row); on AVX2 one set (8
+   already, and 16 registers). */
+#if V == 16
+#define HI Hi
+#else
+#define HI L
+#endif
 #define NIBBLE_TILE(M)                                                                                            \
 static void nibble_tile_##M(const float* x, const float* sx, int K, const int32_t* q, const void* s, int s32,   \
                             const void* o, int o32, int t, int G, int gs, float* y, int ldy) {                  \
-    const __m512 lut = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);                      \
+    NIBBLE_LUT;                                                                                                   \
     const int H = gs / 2;                                                                                         \
-    __m512 Y[M][4];                                                                                               \
+    vf Y[M][NV];                                                                                                  \
     for (int r = 0; r < M; r++)                                                                                   \
-        for (int k = 0; k < 4; k++) Y[r][k] = _mm512_setzero_ps();                                                \
+        for (int u = 0; u < NV; u++) Y[r][u] = VZERO();                                                           \
     for (int g = 0; g < G; g++) {                                                                                 \
         const int32_t* qg = q + ((size_t)t * G + g) * H * 16;                                                     \
-        for (int l = 0; l < H * 64; l += 64) _mm_prefetch((const char*)(qg + PF * H * 16) + l, _MM_HINT_T0);        \
-        __m512 L[M][4], Hi[M][4];                                                                                 \
+        for (int l = 0; l < H * 64; l += 64) _mm_prefetch((const char*)(qg + PF * H * 16) + l, _MM_HINT_T0);      \
+        vf L[M][NV], Hi[M][NV];                                                                                   \
         for (int r = 0; r < M; r++)                                                                               \
-            for (int k = 0; k < 4; k++) L[r][k] = Hi[r][k] = _mm512_setzero_ps();                                 \
+            for (int u = 0; u < NV; u++) L[r][u] = Hi[r][u] = VZERO();                                            \
         for (int j = 0; j < H; j++) {                                                                             \
-            __m512i w = _mm512_loadu_si512(qg + 16 * j);                                                          \
-            for (int k = 0; k < 4; k++) {                                                                         \
-                __m512 lo = _mm512_permutexvar_ps(_mm512_srli_epi32(w, 8 * k), lut);                              \
-                __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(w, 8 * k + 4), lut);                          \
+            vi w[NW];                                                                                             \
+            for (int c = 0; c < NW; c++) w[c] = VILOAD(qg + 16 * j + V * c);                                      \
+            for (int u = 0; u < NV; u++) {                                                                        \
+                vf lo = VNIB(w[u % NW], 8 * (u / NW)), hi = VNIB(w[u % NW], 8 * (u / NW) + 4);                    \
                 for (int r = 0; r < M; r++) {                                                                     \
                     const float* xr = x + (size_t)r * K + (size_t)g * gs;                                         \
-                    L[r][k] = _mm512_fmadd_ps(lo, _mm512_set1_ps(xr[j]), L[r][k]);                                \
-                    Hi[r][k] = _mm512_fmadd_ps(hi, _mm512_set1_ps(xr[H + j]), Hi[r][k]);                          \
+                    L[r][u] = VFMA(lo, VSET1(xr[j]), L[r][u]);                                                    \
+                    HI[r][u] = VFMA(hi, VSET1(xr[H + j]), HI[r][u]);                                              \
                 }                                                                                                 \
             }                                                                                                     \
         }                                                                                                         \
         size_t so = ((size_t)t * G + g) * TILE;                                                                   \
-        for (int k = 0; k < 4; k++) {                                                                             \
-            __m512 S = load16(s, so + 16 * k, s32), O = load16(o, so + 16 * k, o32);                              \
+        for (int u = 0; u < NV; u++) {                                                                            \
+            vf S = loadv(s, so + V * u, s32), O = loadv(o, so + V * u, o32);                                      \
             for (int r = 0; r < M; r++) {                                                                         \
-                Y[r][k] = _mm512_fmadd_ps(_mm512_add_ps(L[r][k], Hi[r][k]), S, Y[r][k]);                          \
-                Y[r][k] = _mm512_fmadd_ps(O, _mm512_set1_ps(sx[r * G + g]), Y[r][k]);                             \
+                vf a = V == 16 ? VADD(L[r][u], Hi[r][u]) : L[r][u];                                               \
+                Y[r][u] = VFMA(a, S, Y[r][u]);                                                                    \
+                Y[r][u] = VFMA(O, VSET1(sx[r * G + g]), Y[r][u]);                                                 \
             }                                                                                                     \
         }                                                                                                         \
     }                                                                                                             \
     for (int r = 0; r < M; r++)                                                                                   \
-        for (int k = 0; k < 4; k++) _mm512_storeu_ps(y + (size_t)r * ldy + (size_t)t * TILE + 16 * k, Y[r][k]);   \
+        for (int u = 0; u < NV; u++) VSTORE(y + (size_t)r * ldy + (size_t)t * TILE + V * u, Y[r][u]);             \
 }
 
 #define BYTE_TILE(M)                                                                                              \
 static void byte_tile_##M(const float* x, int K, const int32_t* q, const void* s, int s32, int t, int G, int gs, \
                           float* y, int ldy) {                                                                    \
-    __m512 Y[M][4];                                                                                               \
+    vf Y[M][NV];                                                                                                  \
     for (int r = 0; r < M; r++)                                                                                   \
-        for (int k = 0; k < 4; k++) Y[r][k] = _mm512_setzero_ps();                                                \
+        for (int u = 0; u < NV; u++) Y[r][u] = VZERO();                                                           \
     for (int g = 0; g < G; g++) {                                                                                 \
         const int32_t* qg = q + ((size_t)t * G + g) * gs * 16;                                                    \
-        for (int l = 0; l < gs * 64; l += 64) _mm_prefetch((const char*)(qg + PF * gs * 16) + l, _MM_HINT_T0);      \
-        __m512 A[M][4], B[M][4];                                                                                  \
+        for (int l = 0; l < gs * 64; l += 64) _mm_prefetch((const char*)(qg + PF * gs * 16) + l, _MM_HINT_T0);    \
+        vf A[M][NV], B[M][NV];                                                                                    \
         for (int r = 0; r < M; r++)                                                                               \
-            for (int k = 0; k < 4; k++) A[r][k] = B[r][k] = _mm512_setzero_ps();                                  \
+            for (int u = 0; u < NV; u++) A[r][u] = B[r][u] = VZERO();                                             \
         for (int j = 0; j < gs; j += 2) {                                                                         \
-            __m512i w0 = _mm512_loadu_si512(qg + 16 * j), w1 = _mm512_loadu_si512(qg + 16 * j + 16);              \
-            for (int k = 0; k < 4; k++) {                                                                         \
-                __m512 v0 = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(w0, 24 - 8 * k), 24));         \
-                __m512 v1 = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(w1, 24 - 8 * k), 24));         \
+            vi w0[NW], w1[NW];                                                                                    \
+            for (int c = 0; c < NW; c++) {                                                                        \
+                w0[c] = VILOAD(qg + 16 * j + V * c);                                                              \
+                w1[c] = VILOAD(qg + 16 * j + 16 + V * c);                                                         \
+            }                                                                                                     \
+            for (int u = 0; u < NV; u++) {                                                                        \
+                vf v0 = VBYTE(w0[u % NW], u / NW), v1 = VBYTE(w1[u % NW], u / NW);                                \
                 for (int r = 0; r < M; r++) {                                                                     \
                     const float* xr = x + (size_t)r * K + (size_t)g * gs;                                         \
-                    A[r][k] = _mm512_fmadd_ps(v0, _mm512_set1_ps(xr[j]), A[r][k]);                                \
-                    B[r][k] = _mm512_fmadd_ps(v1, _mm512_set1_ps(xr[j + 1]), B[r][k]);                            \
+                    A[r][u] = VFMA(v0, VSET1(xr[j]), A[r][u]);                                                    \
+                    B[r][u] = VFMA(v1, VSET1(xr[j + 1]), B[r][u]);                                                \
                 }                                                                                                 \
             }                                                                                                     \
         }                                                                                                         \
         size_t so = ((size_t)t * G + g) * TILE;                                                                   \
-        for (int k = 0; k < 4; k++) {                                                                             \
-            __m512 S = load16(s, so + 16 * k, s32);                                                               \
-            for (int r = 0; r < M; r++) Y[r][k] = _mm512_fmadd_ps(_mm512_add_ps(A[r][k], B[r][k]), S, Y[r][k]);   \
+        for (int u = 0; u < NV; u++) {                                                                            \
+            vf S = loadv(s, so + V * u, s32);                                                                     \
+            for (int r = 0; r < M; r++) Y[r][u] = VFMA(VADD(A[r][u], B[r][u]), S, Y[r][u]);                       \
         }                                                                                                         \
     }                                                                                                             \
     for (int r = 0; r < M; r++)                                                                                   \
-        for (int k = 0; k < 4; k++) _mm512_storeu_ps(y + (size_t)r * ldy + (size_t)t * TILE + 16 * k, Y[r][k]);   \
+        for (int u = 0; u < NV; u++) VSTORE(y + (size_t)r * ldy + (size_t)t * TILE + V * u, Y[r][u]);             \
 }
 
 NIBBLE_TILE(1) NIBBLE_TILE(2) NIBBLE_TILE(3) NIBBLE_TILE(4)
@@ -222,63 +289,59 @@ void llms_ffn(const tiles_t* w13, const tiles_t* w2, int m, int dim, int hidden,
    or q * s (8-bit), each product and sum rounded as model/quant.py's dequantizers round them (no FMA here). */
 void llms_dequant(const tiles_t* w, int t0, int t1, float* out, int nth) {
     const int G = w->groups, gs = w->gs, K = G * gs;
-    const __m512 lut = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
 #pragma omp parallel for schedule(static) num_threads(nth)
     for (int t = t0; t < t1; t++) {
+        NIBBLE_LUT;
         float* ot = out + (size_t)(t - t0) * K * TILE;
         for (int g = 0; g < G; g++) {
             size_t so = ((size_t)t * G + g) * TILE;
-            __m512 S[4], O[4];
-            for (int k = 0; k < 4; k++) {
-                S[k] = load16(w->s, so + 16 * k, w->s32);
-                O[k] = w->o ? load16(w->o, so + 16 * k, w->o32) : _mm512_setzero_ps();
+            vf S[NV], O[NV];
+            for (int u = 0; u < NV; u++) {
+                S[u] = loadv(w->s, so + V * u, w->s32);
+                O[u] = w->o ? loadv(w->o, so + V * u, w->o32) : VZERO();
             }
             if (w->o) {
                 const int H = gs / 2;
                 const int32_t* qg = w->q + ((size_t)t * G + g) * H * 16;
                 for (int j = 0; j < H; j++) {
-                    __m512i v = _mm512_loadu_si512(qg + 16 * j);
+                    vi v[NW];
+                    for (int c = 0; c < NW; c++) v[c] = VILOAD(qg + 16 * j + V * c);
                     float *lo = ot + (size_t)(g * gs + j) * TILE, *hi = ot + (size_t)(g * gs + H + j) * TILE;
-                    for (int k = 0; k < 4; k++) {
-                        __m512 a = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 8 * k), lut);
-                        __m512 b = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 8 * k + 4), lut);
-                        _mm512_storeu_ps(lo + 16 * k, _mm512_add_ps(_mm512_mul_ps(a, S[k]), O[k]));
-                        _mm512_storeu_ps(hi + 16 * k, _mm512_add_ps(_mm512_mul_ps(b, S[k]), O[k]));
+                    for (int u = 0; u < NV; u++) {
+                        vf a = VNIB(v[u % NW], 8 * (u / NW)), b = VNIB(v[u % NW], 8 * (u / NW) + 4);
+                        VSTORE(lo + V * u, VADD(VMUL(a, S[u]), O[u]));
+                        VSTORE(hi + V * u, VADD(VMUL(b, S[u]), O[u]));
                     }
                 }
             } else {
                 const int32_t* qg = w->q + ((size_t)t * G + g) * gs * 16;
                 for (int j = 0; j < gs; j++) {
-                    __m512i v = _mm512_loadu_si512(qg + 16 * j);
+                    vi v[NW];
+                    for (int c = 0; c < NW; c++) v[c] = VILOAD(qg + 16 * j + V * c);
                     float* oj = ot + (size_t)(g * gs + j) * TILE;
-                    for (int k = 0; k < 4; k++) {
-                        __m512 a = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 24 - 8 * k), 24));
-                        _mm512_storeu_ps(oj + 16 * k, _mm512_mul_ps(a, S[k]));
-                    }
+                    for (int u = 0; u < NV; u++) VSTORE(oj + V * u, VMUL(VBYTE(v[u % NW], u / NW), S[u]));
                 }
             }
         }
     }
 }
 
-/* exp(x) for 16 lanes, x <= 88.37 (a softmax's x - max <= 0): 2^n * e^r, n = round(x log2 e), r = x - n ln 2 in two
+/* exp(x) for a vector, x <= 88.37 (a softmax's x - max <= 0): 2^n e^r, n = round(x log2 e), r = x - n ln 2 in two
    parts, e^r by Cephes' polynomial for expf (relative error about 2e-7); below -87.3 the result is 0. */
-static inline __m512 exp16(__m512 x) {
-    const __m512 lo = _mm512_set1_ps(-87.3f);
-    __mmask16 tiny = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
-    x = _mm512_max_ps(x, lo);
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 y = _mm512_set1_ps(1.9875691500E-4f);
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507E-3f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073E-3f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894E-2f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459E-1f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201E-1f));
-    y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_maskz_mov_ps(~tiny, _mm512_scalef_ps(y, n));
+static inline vf vexp(vf x) {
+    const vf lo = VSET1(-87.3f);
+    vf xc = VMAX(x, lo);
+    vf n = VROUND(VMUL(xc, VSET1(1.44269504088896341f)));
+    vf r = VFNMA(n, VSET1(0.693359375f), xc);
+    r = VFNMA(n, VSET1(-2.12194440e-4f), r);
+    vf y = VSET1(1.9875691500E-4f);
+    y = VFMA(y, r, VSET1(1.3981999507E-3f));
+    y = VFMA(y, r, VSET1(8.3334519073E-3f));
+    y = VFMA(y, r, VSET1(4.1665795894E-2f));
+    y = VFMA(y, r, VSET1(1.6666665459E-1f));
+    y = VFMA(y, r, VSET1(5.0000001201E-1f));
+    y = VFMA(y, VMUL(r, r), VADD(r, VSET1(1.0f)));
+    return VZERO_BELOW(VPOW2(y, n), x, lo);
 }
 
 /* A decode step's attention: the new keys and values kn, vn (b, nkv * hd; row strides ldk, ldv) written to slot
@@ -287,7 +350,7 @@ static inline __m512 exp16(__m512 x) {
    (grouped-query attention); softmax(q k / sqrt(hd)) v. */
 void llms_decode_attention(int b, int H, int nkv, int hd, const float* q, long ldq, const float* kn, long ldk,
                            const float* vn, long ldv, float* k, float* v, long ldkv, int end, float* out, int nth) {
-    const int rep = H / nkv, vec = hd % 16 == 0 && hd <= 256;
+    const int rep = H / nkv, vec = hd % V == 0 && hd <= 256;
     const float scale = 1.0f / sqrtf((float)hd);
     for (int r = 0; r < b; r++)
         for (int i = 0; i < nkv * hd; i++) {
@@ -301,42 +364,41 @@ void llms_decode_attention(int b, int H, int nkv, int hd, const float* q, long l
         const float* kb = k + (size_t)r * ldkv + (size_t)kh * hd;
         const float* vb = v + (size_t)r * ldkv + (size_t)kh * hd;
         const size_t step = (size_t)nkv * hd;
-        float* p = malloc(sizeof(float) * (end + 16));
+        float* p = malloc(sizeof(float) * (end + V));
         float* o = out + (size_t)bh * hd;
-        float mx = -INFINITY, sum = 0;
+        float mx = -INFINITY;
         for (int t = 0; t < end; t++) {
             const float* kt = kb + t * step;
             float d = 0;
             if (vec) {
-                __m512 acc = _mm512_setzero_ps();
-                for (int i = 0; i < hd; i += 16)
-                    acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + i), _mm512_loadu_ps(kt + i), acc);
-                d = _mm512_reduce_add_ps(acc);
+                vf acc = VZERO();
+                for (int i = 0; i < hd; i += V) acc = VFMA(VLOAD(qh + i), VLOAD(kt + i), acc);
+                d = VSUM(acc);
             } else {
                 for (int i = 0; i < hd; i++) d += qh[i] * kt[i];
             }
             p[t] = d * scale;
             mx = p[t] > mx ? p[t] : mx;
         }
-        for (int t = end; t < end + 16; t++) p[t] = -INFINITY;  /* whole vectors: the tail's exp is 0 */
-        __m512 sv = _mm512_setzero_ps();
-        for (int t = 0; t < end; t += 16) {
-            __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(p + t), _mm512_set1_ps(mx)));
-            _mm512_storeu_ps(p + t, e);
-            sv = _mm512_add_ps(sv, e);
+        for (int t = end; t < end + V; t++) p[t] = -INFINITY; /* whole vectors: the tail's exp is 0 */
+        vf sv = VZERO();
+        for (int t = 0; t < end; t += V) {
+            vf e = vexp(VSUB(VLOAD(p + t), VSET1(mx)));
+            VSTORE(p + t, e);
+            sv = VADD(sv, e);
         }
-        sum = _mm512_reduce_add_ps(sv);
+        const float sum = VSUM(sv);
         if (vec) {
-            __m512 acc[16];  /* hd <= 256 */
-            const int nv = hd / 16;
-            for (int i = 0; i < nv; i++) acc[i] = _mm512_setzero_ps();
+            vf acc[256 / V];
+            const int nv = hd / V;
+            for (int i = 0; i < nv; i++) acc[i] = VZERO();
             for (int t = 0; t < end; t++) {
                 const float* vt = vb + t * step;
-                __m512 pt = _mm512_set1_ps(p[t]);
-                for (int i = 0; i < nv; i++) acc[i] = _mm512_fmadd_ps(pt, _mm512_loadu_ps(vt + 16 * i), acc[i]);
+                vf pt = VSET1(p[t]);
+                for (int i = 0; i < nv; i++) acc[i] = VFMA(pt, VLOAD(vt + V * i), acc[i]);
             }
-            __m512 inv = _mm512_set1_ps(1.0f / sum);
-            for (int i = 0; i < nv; i++) _mm512_storeu_ps(o + 16 * i, _mm512_mul_ps(acc[i], inv));
+            vf inv = VSET1(1.0f / sum);
+            for (int i = 0; i < nv; i++) VSTORE(o + V * i, VMUL(acc[i], inv));
         } else {
             for (int i = 0; i < hd; i++) o[i] = 0;
             for (int t = 0; t < end; t++) {

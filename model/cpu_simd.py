@@ -1,11 +1,11 @@
 """model/cpu_simd.c, built with the host's C compiler and called through ctypes: a CPU decode step's matmuls over
 row tiles (model/cpu_kernels.py's layout) and its groups (the norm, the matmuls, the rotation, silu * up, the
-residual add) as one C call each, where the host has AVX-512F.
+residual add) as one C call each, and its attention, where the host has AVX-512F or AVX2 (with FMA and F16C).
 
 Built once per source, compiler and CPU (``-march=native``) into ``cache`` (the runtime's: LLMSTREAM_CACHE_DIR's
 ``cpu-kernels``), about a second, then loaded from there; written under a temporary name and renamed, so that runs
 starting together never load half a file (a build killed midway leaves its temporary file, which the next build
-removes once it is an hour old). Where building fails (no compiler, no AVX-512F: the source's #error) ``library``
+removes once it is an hour old). Where building fails (no compiler, neither ISA: the source's #error) ``library``
 says so once on stderr and gives None; model/cpu_kernels.py ``available`` checks what it computes against the
 reference before a run uses it.
 
@@ -42,10 +42,15 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
-def _key(cc: str) -> str:
+# extra flags of ``library``'s ``isa``: "native", whatever the host has (AVX-512 where it has it), or "avx2", the
+# AVX2 code on a host that also has AVX-512 (the tests run both where they can)
+ISA_FLAGS = {"native": (), "avx2": ("-mno-avx512f",)}
+
+
+def _key(cc: str, flags: tuple[str, ...]) -> str:
     """The source, the compiler's version and the CPU's flags: what the built file depends on."""
     h = hashlib.sha256(SOURCE.read_bytes())
-    h.update(" ".join((cc,) + FLAGS).encode())
+    h.update(" ".join((cc,) + flags).encode())
     h.update(subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout.encode())
     try:
         flags = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags"))
@@ -56,14 +61,15 @@ def _key(cc: str) -> str:
 
 
 @functools.cache
-def library(cache: Path) -> ctypes.CDLL | None:
-    """The built library (built into ``cache`` when not there yet), checked; None (one line on stderr) where it
-    cannot be had here."""
+def library(cache: Path, isa: str = "native") -> ctypes.CDLL | None:
+    """The built library (built into ``cache`` when not there yet); None (one line on stderr) where it cannot be
+    had here. ``isa``: ISA_FLAGS."""
     cc = _compiler()
     if cc is None:
         return _none("no C compiler (cc, gcc or $CC)")
+    flags = FLAGS + ISA_FLAGS[isa]
     try:
-        path = Path(cache) / f"cpu_simd-{_key(cc)}.so"
+        path = Path(cache) / f"cpu_simd-{_key(cc, flags)}.so"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             for old in path.parent.glob("cpu_simd-*.tmp"):  # a build killed midway (the hour: one still going)
@@ -73,7 +79,7 @@ def library(cache: Path) -> ctypes.CDLL | None:
             fd, tmp = tempfile.mkstemp(prefix="cpu_simd-", suffix=".tmp", dir=path.parent)
             os.close(fd)
             try:
-                got = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
+                got = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
                                      timeout=300)
                 if got.returncode:
                     err = next((ln for ln in got.stderr.splitlines() if "error" in ln), got.stderr.strip()[:200])

@@ -24,10 +24,21 @@ from runtime.format.image import Image, WeightFormat
 from runtime.format.pack import pack
 
 SHAPE = (96, 64)  # one and a half tiles: the padded rows are left out
-SIMD = cpu_simd.library(cache_dir() / "cpu-kernels")  # the runtime's: built once per host and source
-# the two kernel families: model/cpu_simd.c (where this host has AVX-512F and a compiler) and inductor's
-BACKENDS = [pytest.param("simd", marks=pytest.mark.skipif(SIMD is None, reason="model/cpu_simd.c needs AVX-512F")),
-            "inductor"]
+# model/cpu_simd.c as the runtime builds it (built once per host and source, into the runtime's cache), and its AVX2
+# code where the host has AVX-512 too
+SIMD = {isa: cpu_simd.library(cache_dir() / "cpu-kernels", isa) for isa in cpu_simd.ISA_FLAGS}
+NEEDS = "model/cpu_simd.c needs AVX-512F or AVX2 (and a C compiler)"
+# the kernel families: model/cpu_simd.c's and inductor's
+BACKENDS = [pytest.param("simd", marks=pytest.mark.skipif(SIMD["native"] is None, reason=NEEDS)),
+            pytest.param("simd-avx2", marks=pytest.mark.skipif(SIMD["avx2"] is None, reason=NEEDS)), "inductor"]
+
+
+def backends(*names: str) -> list:
+    return [b for b in BACKENDS if getattr(b, "values", (b,))[0] in names]
+
+
+def lib(backend: str):
+    return SIMD["avx2" if backend == "simd-avx2" else "native"] if backend.startswith("simd") else None
 
 
 def kernels(backend: str) -> ck.Kernels:
@@ -58,7 +69,7 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
                                            ("int8", 32), ("int4", 64), ("int8", 64)])
 def test_tiles_equal_the_reference(scheme, group, backend):
     w = random_weight(scheme, SHAPE, group, seed=1)
-    t = ck.tile(w, SIMD if backend == "simd" else None)
+    t = ck.tile(w, lib(backend))
     dense = w.dense()
     assert torch.equal(t.dense(), dense)
     idx = torch.tensor([[0, 63], [64, 95]])
@@ -70,7 +81,7 @@ def test_tiles_equal_the_reference(scheme, group, backend):
         assert y.shape == (1, m, SHAPE[0]) and rel_err(y, F.linear(x, dense)) < 1e-5, (scheme, m)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backends("simd", "inductor"))
 def test_hold_tiles_siblings_together(backend):
     ws = {f"attention.{n}.weight": random_weight("q4_1", (64 if n != "wq" else 128, 64), None, seed=i)
           for i, n in enumerate(("wq", "wk", "wv", "wo"))}
@@ -100,7 +111,7 @@ def q4_image(tmp_path_factory):
     return Image.open(out)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backends("simd", "inductor"))
 def test_model_outputs_unchanged(q4_image, monkeypatch, backend):
     """An int4 model (every matrix, the output too): greedy tokens and every prefill logit with the kernels as
     without, in memory (--mode full) and from a streamed run's DRAM tier (preload); model/cpu_simd.c's decode
@@ -129,9 +140,9 @@ def test_model_outputs_unchanged(q4_image, monkeypatch, backend):
     assert tokens == ref_tokens and (logits - ref_logits).abs().max().item() <= 1e-5
 
 
-@pytest.mark.skipif(SIMD is None, reason="model/cpu_simd.c needs AVX-512F")
-@pytest.mark.parametrize("heads, kv_heads, hd", [(9, 3, 64), (4, 4, 48), (8, 2, 16), (2, 1, 272)])
-def test_simd_decode_attention_equals_sdpa(heads, kv_heads, hd):
+@pytest.mark.parametrize("backend", backends("simd", "simd-avx2"))
+@pytest.mark.parametrize("heads, kv_heads, hd", [(9, 3, 64), (4, 4, 44), (8, 2, 16), (2, 1, 272)])
+def test_simd_decode_attention_equals_sdpa(heads, kv_heads, hd, backend):
     """model/cpu_simd.c's decode step (two sequences; the new keys and values written to the cache's slot end - 1,
     more slots allocated, then attention over [0, end)) against torch's: grouped-query heads, head sizes of whole
     16-lane vectors and not, queries and keys as views into a wider row (a fused q|k|v output)."""
@@ -144,6 +155,6 @@ def test_simd_decode_attention_equals_sdpa(heads, kv_heads, hd):
     keys[:b, end - 1], values[:b, end - 1] = k[:, 0], v[:, 0]
     ref = F.scaled_dot_product_attention(q.transpose(1, 2), keys[:b, :end].transpose(1, 2),
                                          values[:b, :end].transpose(1, 2), enable_gqa=heads != kv_heads)
-    got = cpu_simd.decode_attention(SIMD, q, k, v, ck_, cv_, end - 1)
+    got = cpu_simd.decode_attention(lib(backend), q, k, v, ck_, cv_, end - 1)
     assert torch.equal(ck_, keys) and torch.equal(cv_, values)
     assert got.shape == (b, 1, heads * hd) and rel_err(got, ref.transpose(1, 2).reshape(b, 1, -1)) < 1e-5
