@@ -47,15 +47,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from model import cpu_simd
-from model.qformats import DEQUANT_CHUNK
+from model import cpu_simd, quant
+from model.qformats import DEQUANT_CHUNK, GGML_BLOCKS
 from model.quant import QuantWeight, _parts, _unpack4
 
 TILE = 64  # output rows a tile: 4 AVX-512 vectors of float32
 ROWS_MAX = 4  # rows of x the compiled kernel takes (one compile per row count); more are a prefill
-NIBBLE = ("q4_0", "q4_1", "int4")
-BYTE = ("q8_0", "int8")
-SCHEMES = NIBBLE + BYTE
+NIBBLE = ("q4_0", "q4_1", "int4", "q4_k")
+BYTE = ("q8_0", "int8", "q5_0", "q5_1", "q5_k", "q6_k")
+# the formats inductor's kernels take; model/cpu_simd.c takes every one of NIBBLE and BYTE: the K-quants and q5_*
+# as 4-bit (q4_k) or 8-bit values with their sub-blocks' scales and offsets as planes (``_gguf_planes``)
+SCHEMES = ("q4_0", "q4_1", "int4", "q8_0", "int8")
+SIMD_SCHEMES = NIBBLE + BYTE
 # The sibling matrices that take the same x, concatenated by ``hold`` so that a decode step calls one kernel
 # for them (each compiled call costs about 7 us of Python on the 2-core machine besides its kernel).
 SIBLINGS = (("attention.wq.weight", "attention.wk.weight", "attention.wv.weight"),
@@ -119,6 +122,7 @@ def _dequant(q: torch.Tensor, s: torch.Tensor, o: torch.Tensor | None) -> torch.
         v = v + o.float()[:, :, None, None]
     else:
         v = q.float() * s  # (n, G, gs, L)
+        v = v if o is None else v + o.float().unsqueeze(2)
     return v.reshape(q.shape[0], -1, q.shape[-1])
 
 
@@ -328,9 +332,40 @@ def _tiles(a: torch.Tensor, n_pad: int) -> torch.Tensor:
     return a.permute(0, *range(2, a.dim()), 1).contiguous()
 
 
-def _planes(w: QuantWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
-    """(q (N, G, H or gs), s (N, G), o (N, G) or None, gs) of a matrix of SCHEMES, in the tiles' element order."""
+def _gguf_planes(w: QuantWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+    """``_planes`` of q5_0, q5_1 and the K-quants, from model/quant.py's own unpacking, so that q * s + o (q * s)
+    are its dequantizer's float32 operations: q5_0 (q - 16) * d, q5_1 q * d + m (8-bit, fp16 planes); q4_k and
+    q5_k (d * sc) * q - (dmin * m) per 32-value sub-block (q4_k 4-bit, q5_k 8-bit; float32 planes: 4 + 2 and 8 + 2
+    bits a value against the blocks' 4.5 and 5.5); q6_k (d * sc) * (q - 32) per 16 values (8-bit, 10 bits a value
+    against 6.56)."""
     n, k = w.shape
+    b = w.raw.view(-1, GGML_BLOCKS[w.scheme][1])  # blocks in row order
+    half = lambda off: b[:, off:off + 2].contiguous().view(torch.float16)  # noqa: E731  (blocks, 1) as stored
+    if w.scheme in ("q5_0", "q5_1"):
+        qs, hi, o = (b[:, 6:], 2, None) if w.scheme == "q5_0" else (b[:, 8:], 4, half(2))
+        q = (quant._nibbles(qs) | quant._q5_high(b, hi)).to(torch.int8) - (16 if w.scheme == "q5_0" else 0)
+        return q.view(n, k // 32, 32), half(0).view(n, -1), None if o is None else o.view(n, -1), 32
+    if w.scheme == "q6_k":
+        low = quant._bits(b[:, :128].reshape(-1, 2, 64), 2, 4).permute(0, 1, 3, 2).reshape(-1, 8, 32)
+        high = quant._bits(b[:, 128:192].reshape(-1, 2, 32), 4, 2).permute(0, 1, 3, 2).reshape(-1, 8, 32)
+        q = (low | (high << 4)).to(torch.int8) - 32
+        d = quant._f16(b, 208) * b[:, 192:208].view(torch.int8).float()  # (blocks, 16)
+        return q.view(n, k // 16, 16), d.view(n, -1), None, 16
+    sc, mn = quant._k_scales(b)
+    s, o = (quant._f16(b, 0) * sc.float()).view(n, -1), (-(quant._f16(b, 2) * mn.float())).view(n, -1)
+    if w.scheme == "q4_k":
+        v = quant._k_low(b[:, 16:144])  # (blocks, 8, 32) values 0..15: byte j holds values j and 16 + j
+        return (v[..., :16] | (v[..., 16:] << 4)).view(n, k // 32, 16), s, o, 32
+    high = quant._bits(b[:, 16:48], 8, 1).permute(0, 2, 1) << 4
+    return (quant._k_low(b[:, 48:176]) | high).to(torch.int8).view(n, k // 32, 32), s, o, 32
+
+
+def _planes(w: QuantWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+    """(q (N, G, H or gs), s (N, G), o (N, G) or None, gs) of a matrix of SIMD_SCHEMES, in the tiles' element
+    order."""
+    n, k = w.shape
+    if w.scheme in ("q5_0", "q5_1", "q4_k", "q5_k", "q6_k"):
+        return _gguf_planes(w)
     if w.scheme in ("q4_0", "q4_1", "q8_0"):
         b = w.raw.view(n, k // 32, -1)
         d = b[..., 0:2].contiguous().view(torch.float16)[..., 0]
@@ -360,7 +395,7 @@ class TiledWeight:
         self.parent, self.first = parent, first
         self.nibble = scheme in NIBBLE
         # model/cpu_simd.c's view of the planes where its library is loaded (``hold``), else inductor's kernels
-        self.lib, self.c = lib, None if lib is None else cpu_simd.tiles(q, s, o)
+        self.lib, self.c = lib, None if lib is None else cpu_simd.tiles(q, s, o, self.nibble)
 
     @property
     def device(self) -> torch.device:
@@ -445,8 +480,10 @@ def _concat(ts: list[TiledWeight], lib=None) -> TiledWeight:
                        (sum(t.shape[0] for t in ts), ts[0].shape[1]), ts[0].group, lib=lib)
 
 
-def tileable(w, dtype: torch.dtype) -> bool:
-    return isinstance(w, QuantWeight) and w.scheme in SCHEMES and dtype == torch.float32 and w.raw.device.type == "cpu"
+def tileable(w, dtype: torch.dtype, simd: bool = False) -> bool:
+    """Whether ``w`` is held in tiles by a float32 CPU run: by model/cpu_simd.c (``simd``) or inductor's kernels."""
+    return isinstance(w, QuantWeight) and w.scheme in (SIMD_SCHEMES if simd else SCHEMES) \
+        and dtype == torch.float32 and w.raw.device.type == "cpu"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -466,16 +503,17 @@ def hold(weights, dtype: torch.dtype, kernels: Kernels | None = None) -> dict:
     tiles are tiled together, each a view of the whole (``fused``): one kernel call for all of them."""
     from model.quant import dequantized
 
-    if kernels is None or not any(tileable(w, dtype) for w in weights.values()):
+    if kernels is None or not any(tileable(w, dtype, kernels.build is not None) for w in weights.values()):
         return dequantized(weights, dtype)
     lib = cpu_simd.library(kernels.build) if kernels.build is not None else None
     lib = lib if lib is not None and available(lib) else None
     if lib is None and not (kernels.inductor and available()):
         return dequantized(weights, dtype)
+    simd = lib is not None
     out = dict(weights)
     for names in SIBLINGS:
         ws = [weights.get(n) for n in names]
-        if all(tileable(w, dtype) for w in ws) and len({(w.scheme, w.group, w.shape[1]) for w in ws}) == 1 \
+        if all(tileable(w, dtype, simd) for w in ws) and len({(w.scheme, w.group, w.shape[1]) for w in ws}) == 1 \
                 and all(w.shape[0] % TILE == 0 for w in ws):
             whole, first = _concat([tile(w) for w in ws], lib), 0
             for n, w in zip(names, ws):
@@ -483,7 +521,7 @@ def hold(weights, dtype: torch.dtype, kernels: Kernels | None = None) -> dict:
                 first += w.shape[0] // TILE
     for k, w in weights.items():
         if not isinstance(out[k], TiledWeight):
-            out[k] = tile(w, lib) if tileable(w, dtype) else w.dense(dtype) if isinstance(w, QuantWeight) else w
+            out[k] = tile(w, lib) if tileable(w, dtype, simd) else w.dense(dtype) if isinstance(w, QuantWeight) else w
     return out
 
 

@@ -6,7 +6,8 @@
    Tiles, TILE = 64 output rows side by side, row 16k + w of a tile in byte k of int32 word w:
      4-bit  q int32 (NT, G, H, 16), H = gs / 2: word j of group g holds value g*gs + j in its low nibble and
             g*gs + H + j in its high one; s, o (NT, G, 64): value = q * s + o.
-     8-bit  q int32 (NT, G, gs, 16): byte k of word j (signed) is value g*gs + j of row 16k + w; s (NT, G, 64).
+     8-bit  q int32 (NT, G, gs, 16): byte k of word j (signed) is value g*gs + j of row 16k + w; s (NT, G, 64) and,
+            where the format has one, o (NT, G, 64): value = q * s (+ o).
    s and o are fp16 or float32 (the *32 flags). Each group's sum of q * x is taken first and scaled once:
    y = sum_g (acc_g * s_g + o_g * sum_g(x)), x times the dequantized matrix in another order of float32 roundings
    (tests/test_cpu_kernels.py: within 1e-5 of the reference's largest |y|).
@@ -138,8 +139,8 @@ static void nibble_tile_##M(const float* x, const float* sx, int K, const int32_
 }
 
 #define BYTE_TILE(M)                                                                                              \
-static void byte_tile_##M(const float* x, int K, const int32_t* q, const void* s, int s32, int t, int G, int gs, \
-                          float* y, int ldy) {                                                                    \
+static void byte_tile_##M(const float* x, const float* sx, int K, const int32_t* q, const void* s, int s32,     \
+                          const void* o, int o32, int t, int G, int gs, float* y, int ldy) {                    \
     vf Y[M][NV];                                                                                                  \
     for (int r = 0; r < M; r++)                                                                                   \
         for (int u = 0; u < NV; u++) Y[r][u] = VZERO();                                                           \
@@ -168,6 +169,10 @@ static void byte_tile_##M(const float* x, int K, const int32_t* q, const void* s
         for (int u = 0; u < NV; u++) {                                                                            \
             vf S = loadv(s, so + V * u, s32);                                                                     \
             for (int r = 0; r < M; r++) Y[r][u] = VFMA(VADD(A[r][u], B[r][u]), S, Y[r][u]);                       \
+            if (o) {                                                                                              \
+                vf O = loadv(o, so + V * u, o32);                                                                 \
+                for (int r = 0; r < M; r++) Y[r][u] = VFMA(O, VSET1(sx[r * G + g]), Y[r][u]);                     \
+            }                                                                                                     \
         }                                                                                                         \
     }                                                                                                             \
     for (int r = 0; r < M; r++)                                                                                   \
@@ -181,8 +186,8 @@ BYTE_TILE(1) BYTE_TILE(2) BYTE_TILE(3) BYTE_TILE(4)
 typedef struct {
     const int32_t* q;
     const void* s;
-    const void* o; /* NULL: 8-bit */
-    int s32, o32, nt, groups, gs;
+    const void* o; /* NULL: none (8-bit only) */
+    int s32, o32, nt, groups, gs, nibble;
 } tiles_t;
 
 /* y (m, ldy) = x (m, K) times the tiled matrix (all nt * 64 rows, padding included); m in 1..MAXM. */
@@ -199,7 +204,7 @@ static void mv(const tiles_t* w, int m, const float* x, float* y, int ldy, int n
             }
 #pragma omp parallel for schedule(static) num_threads(nth)
     for (int t = 0; t < w->nt; t++) {
-        if (w->o) {
+        if (w->nibble) {
             switch (m) {
             case 1: nibble_tile_1(x, sums, K, w->q, w->s, w->s32, w->o, w->o32, t, G, w->gs, y, ldy); break;
             case 2: nibble_tile_2(x, sums, K, w->q, w->s, w->s32, w->o, w->o32, t, G, w->gs, y, ldy); break;
@@ -208,10 +213,10 @@ static void mv(const tiles_t* w, int m, const float* x, float* y, int ldy, int n
             }
         } else {
             switch (m) {
-            case 1: byte_tile_1(x, K, w->q, w->s, w->s32, t, G, w->gs, y, ldy); break;
-            case 2: byte_tile_2(x, K, w->q, w->s, w->s32, t, G, w->gs, y, ldy); break;
-            case 3: byte_tile_3(x, K, w->q, w->s, w->s32, t, G, w->gs, y, ldy); break;
-            default: byte_tile_4(x, K, w->q, w->s, w->s32, t, G, w->gs, y, ldy); break;
+            case 1: byte_tile_1(x, sums, K, w->q, w->s, w->s32, w->o, w->o32, t, G, w->gs, y, ldy); break;
+            case 2: byte_tile_2(x, sums, K, w->q, w->s, w->s32, w->o, w->o32, t, G, w->gs, y, ldy); break;
+            case 3: byte_tile_3(x, sums, K, w->q, w->s, w->s32, w->o, w->o32, t, G, w->gs, y, ldy); break;
+            default: byte_tile_4(x, sums, K, w->q, w->s, w->s32, w->o, w->o32, t, G, w->gs, y, ldy); break;
             }
         }
     }
@@ -285,8 +290,8 @@ void llms_ffn(const tiles_t* w13, const tiles_t* w2, int m, int dim, int hidden,
     free(xn);
 }
 
-/* Tiles [t0, t1) dequantized into out (t1 - t0, K, 64) float32, lane l of tile t = row 64 t + l: q * s + o (4-bit)
-   or q * s (8-bit), each product and sum rounded as model/quant.py's dequantizers round them (no FMA here). */
+/* Tiles [t0, t1) dequantized into out (t1 - t0, K, 64) float32, lane l of tile t = row 64 t + l: q * s + o, or q * s
+   where there is no o, each product and sum rounded as model/quant.py's dequantizers round them (no FMA here). */
 void llms_dequant(const tiles_t* w, int t0, int t1, float* out, int nth) {
     const int G = w->groups, gs = w->gs, K = G * gs;
 #pragma omp parallel for schedule(static) num_threads(nth)
@@ -300,7 +305,7 @@ void llms_dequant(const tiles_t* w, int t0, int t1, float* out, int nth) {
                 S[u] = loadv(w->s, so + V * u, w->s32);
                 O[u] = w->o ? loadv(w->o, so + V * u, w->o32) : VZERO();
             }
-            if (w->o) {
+            if (w->nibble) {
                 const int H = gs / 2;
                 const int32_t* qg = w->q + ((size_t)t * G + g) * H * 16;
                 for (int j = 0; j < H; j++) {
@@ -319,7 +324,10 @@ void llms_dequant(const tiles_t* w, int t0, int t1, float* out, int nth) {
                     vi v[NW];
                     for (int c = 0; c < NW; c++) v[c] = VILOAD(qg + 16 * j + V * c);
                     float* oj = ot + (size_t)(g * gs + j) * TILE;
-                    for (int u = 0; u < NV; u++) VSTORE(oj + V * u, VMUL(VBYTE(v[u % NW], u / NW), S[u]));
+                    for (int u = 0; u < NV; u++) {
+                        vf a = VMUL(VBYTE(v[u % NW], u / NW), S[u]);
+                        VSTORE(oj + V * u, w->o ? VADD(a, O[u]) : a);
+                    }
                 }
             }
         }

@@ -35,7 +35,7 @@ _P = ctypes.c_void_p
 
 class _Tiles(ctypes.Structure):
     _fields_ = [("q", _P), ("s", _P), ("o", _P), ("s32", ctypes.c_int), ("o32", ctypes.c_int),
-                ("nt", ctypes.c_int), ("groups", ctypes.c_int), ("gs", ctypes.c_int)]
+                ("nt", ctypes.c_int), ("groups", ctypes.c_int), ("gs", ctypes.c_int), ("nibble", ctypes.c_int)]
 
 
 def _compiler() -> str | None:
@@ -111,15 +111,15 @@ def _none(why: str) -> None:
     return None
 
 
-def tiles(q: torch.Tensor, s: torch.Tensor, o: torch.Tensor | None) -> _Tiles:
-    """The C view of a tiled matrix's planes, q (NT, G, gs / 2 or gs, 16) int32 (4-bit with o, 8-bit without),
-    s and o (NT, G, 64) fp16 or float32, all contiguous; they must stay alive while it is used (TiledWeight holds
-    both)."""
+def tiles(q: torch.Tensor, s: torch.Tensor, o: torch.Tensor | None, nibble: bool) -> _Tiles:
+    """The C view of a tiled matrix's planes, q (NT, G, gs / 2 or gs, 16) int32 (4-bit ``nibble``, or 8-bit), s and
+    o (NT, G, 64) fp16 or float32 (o: None, 8-bit only), all contiguous; they must stay alive while it is used
+    (TiledWeight holds both)."""
     if not all(t is None or t.is_contiguous() for t in (q, s, o)):
         raise ValueError("tile planes must be contiguous")
     f32 = lambda t: int(t.dtype == torch.float32)  # noqa: E731
     return _Tiles(q.data_ptr(), s.data_ptr(), None if o is None else o.data_ptr(), f32(s),
-                  0 if o is None else f32(o), q.shape[0], q.shape[1], q.shape[2] * (1 if o is None else 2))
+                  0 if o is None else f32(o), q.shape[0], q.shape[1], q.shape[2] * (2 if nibble else 1), int(nibble))
 
 
 def _ptr(t: torch.Tensor) -> int:
