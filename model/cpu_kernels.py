@@ -1,39 +1,43 @@
 """Quantized matrices that a CPU run holds for the whole run, repacked into row tiles, and their decode-sized
-matmuls compiled by inductor (its C++ code generation), reading the held bytes once a token, a decode step's groups
-each one compiled graph (issue 28 item 1; benchmarks/cpu_kernels.py measured the candidates, benchmarks/cpu_peer.sh
-compares a run with llama.cpp's).
+matmuls, reading the held bytes once a token, a decode step's groups each one call (issue 28 item 1;
+benchmarks/cpu_kernels.py measured the candidates, benchmarks/cpu_peer.sh compares a run with llama.cpp's). Two
+kernel families multiply the tiles: model/cpu_simd.c (C with AVX-512 or AVX2, built with the host's compiler; the
+default, every format below, ``TiledWeight.c``) and inductor's compiled graphs of the torch ops here (q4_0, q4_1,
+int4, q8_0 and int8; ``_Graphs``, 10-25 s to compile in a fresh process and cache; where the C does not build and
+the run asks for them, ``Kernels``).
 
 A CPU run used to hold such a matrix dequantized to float32 (``model.quant.dequantized``): 4 bytes a value,
-6.4x the Q4_1 blocks, read in full every decode step. ``TiledWeight`` holds the same stored bytes moved
+6.4x the Q4_1 blocks, read in full every decode step. ``TiledWeight`` holds the same stored values moved
 (``tile``): TILE output rows side by side, so that a vectorised loop runs across rows, each lane one row of
-the matrix, and the values of x are scalars broadcast to the lanes (inductor vectorises the innermost,
-contiguous dimension: along K it would need a horizontal sum per row).
+the matrix, and the values of x are scalars broadcast to the lanes (along K it would need a horizontal sum per
+row).
 
-    4-bit (q4_0, q4_1, int4):  q    int32 (N / TILE, G, H, W)     byte k of word w holds row 16k + w of the tile
-                                                                 (W = TILE / 4 words); byte j of group g holds
+    4-bit (q4_0, q4_1, int4,   q    int32 (N / TILE, G, H, W)     byte k of word w holds row 16k + w of the tile
+           q4_k)                                                 (W = TILE / 4 words); byte j of group g holds
                                                                  value g*gs + j in its low nibble and value
                                                                  g*gs + H + j in its high one (H = gs / 2: ggml's
                                                                  order within a block)
-    8-bit (q8_0, int8):        q    int32 (N / TILE, G, gs, W)    byte k of word w: row 16k + w, as above
-    both:                      s, o scale and offset (N / TILE, G, TILE), value = q * s + o (o: none for 8-bit;
-                                    q4_0's -8 * d as float32, the rest fp16 as stored)
+    8-bit (q8_0, int8, q5_0,   q    int32 (N / TILE, G, gs, W)    byte k of word w: row 16k + w, as above; signed
+           q5_1, q5_k, q6_k)
+    both:                      s, o scale and offset (N / TILE, G, TILE), value = q * s + o (o: none for q8_0, int8,
+                                    q5_0, q6_k; q4_0's -8 * d as float32; the K-quants' sub-block scales d * sc and
+                                    offsets -(dmin * m) as float32, ``_gguf_planes``; the rest fp16 as stored)
 
-G groups of gs values a row (32 for the GGUF blocks, the group for ours). N is padded to whole tiles with zero
-rows, which the results leave out. The bytes are those stored (q4_0: 4 more a block for its float32 offset). The
-tiles are read as whole int32 vectors, each shift (4-bit: 0, 8, 16, 24, and 4 more for the high nibbles; 8-bit:
-left then arithmetic right, for the sign) giving 16 rows' values: inductor loaded one byte a lane (a 16-byte
-partial load) and widened it, 25% slower.
+G groups of gs values a row (32 for the GGUF blocks, 16 for q6_k, the group for ours). N is padded to whole tiles
+with zero rows, which the results leave out. The bytes are those stored for q4_0, q4_1, q8_0 and ours (q4_0: 4
+more a block for its float32 offset); q5_* take 8.5-9 bits a value against 5.5-6, the K-quants 6 (q4_k), 10
+(q5_k, q6_k) against 4.5-6.6: still a third or less of float32's. The tiles are read as whole int32 vectors, each
+shift (4-bit: 0, 8, 16, 24, and 4 more for the high nibbles; 8-bit: left then arithmetic right, for the sign)
+giving 16 rows' values.
 
-``TiledWeight.linear``: for at most ROWS_MAX rows of x (a decode step) the compiled kernel, which computes each
-group's sum of q * x first and scales it once (``acc * s + o * sum(x)``: the values of x times the dequantized
-matrix in another order of float32 roundings; within 1e-6 of the reference's max |y|, tests/test_cpu_kernels.py),
-compiled once per shape and row count (``_Graphs``), about 1 s each the first time on the 2-core machine and read
-from inductor's cache afterwards (about 0.1 s). More rows (a prefill): the matrix dequantized exactly as the
-reference dequantizer does (model/quant.py: the same float32 operations, so the same values), DEQUANT_CHUNK values
-at a time, then ``F.linear``. The other formats (q5_0, q5_1, the K-quants) are held dequantized, as before.
+``TiledWeight.linear``: for at most ROWS_MAX rows of x (a decode step) the kernel, which computes each group's
+sum of q * x first and scales it once (``acc * s + o * sum(x)``: the values of x times the dequantized matrix in
+another order of float32 roundings; within 1e-6 of the reference's max |y|, tests/test_cpu_kernels.py). More
+rows (a prefill): the matrix dequantized exactly as the reference dequantizer does (model/quant.py: the same
+float32 operations, so the same values), DEQUANT_CHUNK values at a time, then a batched GEMM.
 
-Runs in the process that computes (the client); inductor needs a C++ compiler: where compiling fails, the
-matrices are held dequantized (``available``).
+Runs in the process that computes (the client). Where neither family works here, the matrices are held
+dequantized (``hold``, ``available``).
 """
 
 from __future__ import annotations
@@ -209,7 +213,7 @@ def residual(h: torch.Tensor, a: torch.Tensor, wo) -> torch.Tensor | None:
         return None
     b = h.shape[0]
     if wo.c is not None:
-        return cpu_simd.residual(wo.lib, wo.c, h.view(b, -1), a.reshape(b, -1).contiguous()).view(h.shape)
+        return cpu_simd.residual(wo.lib, wo.c, h.view(b, -1), a.reshape(b, -1)).view(h.shape)
     return _compiled("residual")(h.view(b, -1), a.reshape(b, -1), _planes_of(wo), wo.shape[0]).view(h.shape)
 
 

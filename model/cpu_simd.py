@@ -107,7 +107,8 @@ def library(cache: Path, isa: str = "native") -> ctypes.CDLL | None:
 
 
 def _none(why: str) -> None:
-    print(f"CPU kernels: model/cpu_simd.c not used ({why}); inductor's kernels serve", file=sys.stderr)
+    print(f"CPU kernels: model/cpu_simd.c not built here ({why}); quantized matrices are held another way (model/"
+          f"cpu_kernels.py hold)", file=sys.stderr)
     return None
 
 
@@ -126,8 +127,14 @@ def _ptr(t: torch.Tensor) -> int:
     return t.data_ptr()
 
 
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """t as the C code reads it: float32, contiguous (itself where it is)."""
+    return t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous()
+
+
 def mv(lib: ctypes.CDLL, w: _Tiles, x: torch.Tensor) -> torch.Tensor:
-    """x (m <= 4, K) float32 contiguous -> (m, nt * 64)."""
+    """x (m <= 4, K) float32 -> (m, nt * 64)."""
+    x = _f32(x)
     y = torch.empty(x.shape[0], w.nt * 64)
     lib.llms_mv(ctypes.byref(w), x.shape[0], _ptr(x), _ptr(y), w.nt * 64, torch.get_num_threads())
     return y
@@ -136,6 +143,7 @@ def mv(lib: ctypes.CDLL, w: _Tiles, x: torch.Tensor) -> torch.Tensor:
 def attention_in(lib, w: _Tiles, h: torch.Tensor, norm: torch.Tensor, eps: float, nq: int, nk: int, hd: int,
                  cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """h (m, dim) -> (m, nt * 64): q|k|v of RMSNorm(h), q's and k's features rotated."""
+    h, norm, cos, sin = _f32(h), _f32(norm), _f32(cos), _f32(sin)
     y = torch.empty(h.shape[0], w.nt * 64)
     lib.llms_attention_in(ctypes.byref(w), h.shape[0], h.shape[1], _ptr(h), _ptr(norm), eps, nq, nk, hd, _ptr(cos),
                           _ptr(sin), _ptr(y), torch.get_num_threads())
@@ -144,6 +152,7 @@ def attention_in(lib, w: _Tiles, h: torch.Tensor, norm: torch.Tensor, eps: float
 
 def residual(lib, w: _Tiles, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """h (m, n) + the matrix times a (m, K)."""
+    h, a = _f32(h), _f32(a)
     out = torch.empty_like(h)
     lib.llms_residual(ctypes.byref(w), h.shape[0], h.shape[1], _ptr(h), _ptr(a), _ptr(out), torch.get_num_threads())
     return out
@@ -151,6 +160,7 @@ def residual(lib, w: _Tiles, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 
 def ffn(lib, w13: _Tiles, w2: _Tiles, h: torch.Tensor, norm: torch.Tensor, eps: float, hidden: int) -> torch.Tensor:
     """h (m, dim) -> h + W2(silu(W1 x) * W3 x), x = RMSNorm(h)."""
+    h, norm = _f32(h), _f32(norm)
     out = torch.empty_like(h)
     lib.llms_ffn(ctypes.byref(w13), ctypes.byref(w2), h.shape[0], h.shape[1], hidden, _ptr(h), _ptr(norm), eps,
                  _ptr(out), torch.get_num_threads())
