@@ -256,7 +256,7 @@ def candidates(fmt: str, w, group: int, pool: int, compile_ok: bool) -> list[tup
         sets = copies(lambda: tuple(a.clone() for a in args), sb, pool)
         out.append(("compiled", [lambda x, s=s, fn=fn: fn(x, *s) for s in sets], "inductor, stored layout"))
     lib = cpu_simd.library(cache_dir() / "cpu-kernels")
-    if lib is not None and fmt in cpu_kernels.SCHEMES:
+    if lib is not None and fmt in cpu_kernels.SIMD_SCHEMES:
         ts = copies(lambda: cpu_kernels.tile(w, lib), sb, pool)
         out.append(("runtime", [lambda x, t=t: t.linear(x) for t in ts], "model/cpu_simd.c, what a run holds"))
     if compile_ok and fmt in cpu_kernels.SCHEMES:

