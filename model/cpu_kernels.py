@@ -196,12 +196,10 @@ def attention_in(h: torch.Tensor, norm: torch.Tensor, eps: float, ws: tuple, hea
     whole = fused(ws) if decode_rows(h) else None
     if whole is None:
         return None
-    sizes = tuple(w.shape[0] for w in ws)
     if whole.c is not None:
-        b, hd = h.shape[0], sizes[0] // heads[0]
-        y = cpu_simd.attention_in(whole.lib, whole.c, h.view(b, -1), norm, eps, sizes[0], sizes[1], hd, cos, sin)
-        q, k, v = y[:, :sum(sizes)].split(sizes, dim=-1)
-        return q.view(b, 1, heads[0], hd), k.view(b, 1, heads[1], hd), v.view(b, 1, heads[1], hd)
+        return cpu_simd.attention_in(whole.lib, whole.c, h.view(h.shape[0], -1), norm, eps, heads,
+                                     ws[0].shape[0] // heads[0], cos, sin)
+    sizes = tuple(w.shape[0] for w in ws)
     q, k, v = _compiled("attention_in")(h.view(h.shape[0], -1), norm, eps, _planes_of(whole), sizes, heads,
                                          cos, sin)
     return q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)

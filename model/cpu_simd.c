@@ -23,6 +23,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define TILE 64
 #define MAXM 4
@@ -249,15 +250,23 @@ static void rotate(float* v, int n, int half, const float* cos, const float* sin
     }
 }
 
-/* A decode step's attention input: y (m, nt * 64) = the fused q|k|v matrix times RMSNorm(h); q's nq and k's nk
-   features rotated in place (head_dim hd: pairs of each head at cos, sin [0, hd / 2)). */
+/* A decode step's attention input: the fused q|k|v matrix times RMSNorm(h), q's nq and k's nk features rotated
+   (head_dim hd: pairs of each head at cos, sin [0, hd / 2)), into q (m, nq), k (m, nk), v (m, nv). */
 void llms_attention_in(const tiles_t* w, int m, int dim, const float* h, const float* norm, float eps, int nq,
-                       int nk, int hd, const float* cos, const float* sin, float* y, int nth) {
-    float* xn = malloc(sizeof(float) * m * dim);
+                       int nk, int nv, int hd, const float* cos, const float* sin, float* q, float* k, float* v,
+                       int nth) {
+    const int ldy = w->nt * TILE;
+    float* xn = malloc(sizeof(float) * m * (dim + ldy));
+    float* y = xn + (size_t)m * dim;
     rms(m, dim, h, norm, eps, xn);
-    int ldy = w->nt * TILE;
     mv(w, m, xn, y, ldy, nth);
-    for (int r = 0; r < m; r++) rotate(y + (size_t)r * ldy, nq + nk, hd / 2, cos, sin);
+    for (int r = 0; r < m; r++) {
+        float* yr = y + (size_t)r * ldy;
+        rotate(yr, nq + nk, hd / 2, cos, sin);
+        memcpy(q + (size_t)r * nq, yr, sizeof(float) * nq);
+        memcpy(k + (size_t)r * nk, yr + nq, sizeof(float) * nk);
+        memcpy(v + (size_t)r * nv, yr + nq + nk, sizeof(float) * nv);
+    }
     free(xn);
 }
 
