@@ -166,3 +166,22 @@ def test_simd_decode_attention_equals_sdpa(heads, kv_heads, hd, backend):
     got = cpu_simd.decode_attention(lib(backend), q, k, v, ck_, cv_, end - 1)
     assert torch.equal(ck_, keys) and torch.equal(cv_, values)
     assert got.shape == (b, 1, heads * hd) and rel_err(got, ref.transpose(1, 2).reshape(b, 1, -1)) < 1e-5
+
+
+def test_the_environment_picks_the_kernels(monkeypatch, tmp_path):
+    """LLMS_CPU_KERNELS: auto (the default) the C kernels only, 1 with inductor's where they do not build, inductor
+    inductor's only, 0 none; any other value refused by name before a run holds anything."""
+    from model.errors import ConfigError
+    from runtime.env import cpu_kernels
+
+    monkeypatch.setenv("LLMSTREAM_CACHE_DIR", str(tmp_path))
+    want = {"auto": ck.Kernels(tmp_path / "cpu-kernels"), "1": ck.Kernels(tmp_path / "cpu-kernels", inductor=True),
+            "inductor": ck.Kernels(None, inductor=True), "0": None}
+    for value, kernels in want.items():
+        monkeypatch.setenv("LLMS_CPU_KERNELS", value)
+        assert cpu_kernels() == kernels, value
+    monkeypatch.delenv("LLMS_CPU_KERNELS")
+    assert cpu_kernels() == want["auto"]
+    monkeypatch.setenv("LLMS_CPU_KERNELS", "yes")
+    with pytest.raises(ConfigError, match="LLMS_CPU_KERNELS='yes': expected one of auto, 1, inductor, 0"):
+        cpu_kernels()
