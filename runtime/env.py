@@ -11,12 +11,13 @@ LLMS_CUDA_MEMORY_HISTORY  set (to anything but 0 or empty): record the Python st
                       (runtime/engine/gpumem.py).
 LLMS_API_KEY          the API key the HTTP server of ``pool serve --http`` / ``serve --http`` demands
                       (``Authorization: Bearer KEY``) when --api-key is not given (runtime/services/http.py).
-LLMS_CPU_KERNELS      how a CPU run multiplies the quantized weights it holds (q4_0, q4_1, q8_0 and our int4/int8:
-                      model/cpu_kernels.py, in row tiles of their stored bytes): auto (the default) by
-                      model/cpu_simd.c, built with the host's C compiler on first use (about a second, kept in
-                      LLMSTREAM_CACHE_DIR's cpu-kernels) where the CPU has AVX-512F, else held dequantized to float32;
-                      1: the same, and inductor's kernels where the C does not build (10-25 s to compile in a fresh
-                      process); inductor: inductor's only; 0: held dequantized to float32 (4 bytes a value).
+LLMS_CPU_KERNELS      how a float32 CPU run multiplies the quantized weights it holds (every GGUF format we keep and our
+                      int4/int8, in row tiles: model/cpu_kernels.py): auto (the default) by model/cpu_simd.c, built
+                      with the host's C compiler on first use (about a second, kept in LLMSTREAM_CACHE_DIR's
+                      cpu-kernels) where the CPU has AVX-512F or AVX2, else held dequantized to float32; 1: the same,
+                      and inductor's kernels (q4_0, q4_1, q8_0, int4, int8) where the C does not build (10-25 s to
+                      compile in a fresh process); inductor: inductor's only; 0: held dequantized to float32 (4 bytes
+                      a value, the fastest prefill of a K-quant on a few cores, a third of the decode speed).
 LLMS_PACK_KILL_AT     tests only: the pack process SIGKILLs itself at a named point, to show that nothing is
                       lost there (runtime/format/pack.py, runtime/format/staged.py): group-N (after writing group N),
                       before-commit, rename-N (before the commit's rename N).
@@ -70,7 +71,7 @@ CPU_KERNELS = ("auto", "1", "inductor", "0")
 def cpu_kernels():
     """The kernels a CPU run multiplies the quantized weights it holds with (model/cpu_kernels.py ``Kernels``), or
     None: held dequantized. LLMS_CPU_KERNELS of another value is refused by name."""
-    from model.cpu_kernels import Kernels
+    from model.cpu_kernels import Kernels  # here: launch.py reads this module before torch may start
     from model.errors import ConfigError
 
     v = os.environ.get("LLMS_CPU_KERNELS", "auto")
