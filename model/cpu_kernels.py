@@ -191,18 +191,34 @@ def decode_rows(h: torch.Tensor) -> bool:
 
 def attention_in(h: torch.Tensor, norm: torch.Tensor, eps: float, ws: tuple, heads: tuple[int, int],
                  cos: torch.Tensor, sin: torch.Tensor) -> tuple | None:
-    """A decode step's q, k, v (B, 1, heads, hd) from h (B, 1, dim) by one compiled graph, where q, k and v are
-    one fused tiled matrix (``hold``); None otherwise (the eager path)."""
-    whole = fused(ws) if decode_rows(h) else None
+    """A decode step's q, k, v (B, 1, heads, hd) from h (B, 1, dim) by one C call where model/cpu_simd.c multiplies
+    q, k and v (one fused tiled matrix, or three of any formats), else by one compiled graph where they are one
+    fused tiled matrix (``hold``); None otherwise (the eager path)."""
+    if not decode_rows(h):
+        return None
+    arr = _simd_qkv(ws)
+    if arr is not None:
+        return cpu_simd.attention_in(ws[0].lib, arr, h.view(h.shape[0], -1), norm, eps, heads,
+                                     ws[0].shape[0] // heads[0], cos, sin)
+    whole = fused(ws)
     if whole is None:
         return None
-    if whole.c is not None:
-        return cpu_simd.attention_in(whole.lib, whole.c, h.view(h.shape[0], -1), norm, eps, heads,
-                                     ws[0].shape[0] // heads[0], cos, sin)
     sizes = tuple(w.shape[0] for w in ws)
     q, k, v = _compiled("attention_in")(h.view(h.shape[0], -1), norm, eps, _planes_of(whole), sizes, heads,
                                          cos, sin)
     return q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
+
+
+def _simd_qkv(ws: tuple) -> object | None:
+    """model/cpu_simd.c's matrices of q, k and v (``cpu_simd.matrices``: the fused one, or the three where they are
+    not fused), made once and kept on the first; None where the C does not multiply them all."""
+    if not all(getattr(w, "c", None) is not None for w in ws):
+        return None
+    got = getattr(ws[0], "qkv", None)
+    if got is None or got[0] is not ws[1] or got[1] is not ws[2]:
+        whole = fused(ws)
+        got = ws[0].qkv = (ws[1], ws[2], cpu_simd.matrices([w.c for w in ((whole,) if whole else ws)]))
+    return got[2]
 
 
 def residual(h: torch.Tensor, a: torch.Tensor, wo) -> torch.Tensor | None:

@@ -250,22 +250,29 @@ static void rotate(float* v, int n, int half, const float* cos, const float* sin
     }
 }
 
-/* A decode step's attention input: the fused q|k|v matrix times RMSNorm(h), q's nq and k's nk features rotated
-   (head_dim hd: pairs of each head at cos, sin [0, hd / 2)), into q (m, nq), k (m, nk), v (m, nv). */
-void llms_attention_in(const tiles_t* w, int m, int dim, const float* h, const float* norm, float eps, int nq,
-                       int nk, int nv, int hd, const float* cos, const float* sin, float* q, float* k, float* v,
-                       int nth) {
-    const int ldy = w->nt * TILE;
+/* A decode step's attention input: the q, k and v matrices (nw = 1: one fused q|k|v matrix; 3: each its own, of
+   any formats) times RMSNorm(h), q's nq and k's nk features rotated (head_dim hd: pairs of each head at cos, sin
+   [0, hd / 2)), into q (m, nq), k (m, nk), v (m, nv). */
+void llms_attention_in(const tiles_t* const* ws, int nw, int m, int dim, const float* h, const float* norm,
+                       float eps, int nq, int nk, int nv, int hd, const float* cos, const float* sin, float* q,
+                       float* k, float* v, int nth) {
+    int ldy = 0, col[3];
+    for (int i = 0; i < nw; i++) {
+        col[i] = ldy;
+        ldy += ws[i]->nt * TILE;
+    }
+    const int qo = 0, ko = nw == 1 ? nq : col[1], vo = nw == 1 ? nq + nk : col[2];
     float* xn = malloc(sizeof(float) * m * (dim + ldy));
     float* y = xn + (size_t)m * dim;
     rms(m, dim, h, norm, eps, xn);
-    mv(w, m, xn, y, ldy, nth);
+    for (int i = 0; i < nw; i++) mv(ws[i], m, xn, y + col[i], ldy, nth);
     for (int r = 0; r < m; r++) {
         float* yr = y + (size_t)r * ldy;
-        rotate(yr, nq + nk, hd / 2, cos, sin);
-        memcpy(q + (size_t)r * nq, yr, sizeof(float) * nq);
-        memcpy(k + (size_t)r * nk, yr + nq, sizeof(float) * nk);
-        memcpy(v + (size_t)r * nv, yr + nq + nk, sizeof(float) * nv);
+        rotate(yr + qo, nq, hd / 2, cos, sin);
+        rotate(yr + ko, nk, hd / 2, cos, sin);
+        memcpy(q + (size_t)r * nq, yr + qo, sizeof(float) * nq);
+        memcpy(k + (size_t)r * nk, yr + ko, sizeof(float) * nk);
+        memcpy(v + (size_t)r * nv, yr + vo, sizeof(float) * nv);
     }
     free(xn);
 }

@@ -99,8 +99,8 @@ def library(cache: Path, isa: str = "native") -> ctypes.CDLL | None:
                                                                                      ctypes.c_int, _P, ctypes.c_int]
     lib.llms_dequant.argtypes = [_P, ctypes.c_int, ctypes.c_int, _P, ctypes.c_int]
     lib.llms_residual.argtypes = [_P, ctypes.c_int, ctypes.c_int, _P, _P, _P, ctypes.c_int]
-    lib.llms_attention_in.argtypes = [_P, ctypes.c_int, ctypes.c_int, _P, _P, ctypes.c_float] + [ctypes.c_int] * 4 \
-        + [_P] * 5 + [ctypes.c_int]
+    lib.llms_attention_in.argtypes = [_P, ctypes.c_int, ctypes.c_int, ctypes.c_int, _P, _P, ctypes.c_float] \
+        + [ctypes.c_int] * 4 + [_P] * 5 + [ctypes.c_int]
     lib.llms_ffn.argtypes = [_P, _P, ctypes.c_int, ctypes.c_int, ctypes.c_int, _P, _P, ctypes.c_float, _P,
                              ctypes.c_int]
     return lib
@@ -140,13 +140,21 @@ def mv(lib: ctypes.CDLL, w: _Tiles, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def attention_in(lib, w: _Tiles, h: torch.Tensor, norm: torch.Tensor, eps: float, heads: tuple[int, int],
+def matrices(ws: list[_Tiles]) -> ctypes.Array:
+    """An array of pointers to ``ws`` (``attention_in``'s first argument; it keeps them alive)."""
+    arr = (ctypes.POINTER(_Tiles) * len(ws))(*(ctypes.pointer(w) for w in ws))
+    arr.keep = ws
+    return arr
+
+
+def attention_in(lib, ws: ctypes.Array, h: torch.Tensor, norm: torch.Tensor, eps: float, heads: tuple[int, int],
                  hd: int, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """h (m, dim) -> q (m, 1, heads[0], hd), k and v (m, 1, heads[1], hd): q|k|v of RMSNorm(h), q and k rotated."""
+    """h (m, dim) -> q (m, 1, heads[0], hd), k and v (m, 1, heads[1], hd): RMSNorm(h) times the matrices ``ws``
+    (``matrices``: one fused q|k|v, or q, k and v), q and k rotated."""
     h, norm, cos, sin = _f32(h), _f32(norm), _f32(cos), _f32(sin)
     m = h.shape[0]
     q, k, v = torch.empty(m, 1, heads[0], hd), torch.empty(m, 1, heads[1], hd), torch.empty(m, 1, heads[1], hd)
-    lib.llms_attention_in(ctypes.byref(w), m, h.shape[1], _ptr(h), _ptr(norm), eps, heads[0] * hd, heads[1] * hd,
+    lib.llms_attention_in(ws, len(ws), m, h.shape[1], _ptr(h), _ptr(norm), eps, heads[0] * hd, heads[1] * hd,
                           heads[1] * hd, hd, _ptr(cos), _ptr(sin), _ptr(q), _ptr(k), _ptr(v), torch.get_num_threads())
     return q, k, v
 

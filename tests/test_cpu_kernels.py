@@ -185,3 +185,23 @@ def test_the_environment_picks_the_kernels(monkeypatch, tmp_path):
     monkeypatch.setenv("LLMS_CPU_KERNELS", "yes")
     with pytest.raises(ConfigError, match="LLMS_CPU_KERNELS='yes': expected one of auto, 1, inductor, 0"):
         cpu_kernels()
+
+
+@pytest.mark.parametrize("backend", backends("simd", "simd-avx2"))
+def test_simd_attention_input_of_mixed_formats(backend):
+    """q, k and v of different formats (llama.cpp's Q4_K_M gives some layers' v Q6_K): not fused, still one C call,
+    against the norm, the three matmuls over the reference's matrices and the rotation in torch."""
+    gen = torch.Generator().manual_seed(5)
+    heads, hd, dim = (4, 2), 64, 256
+    ws = [random_weight(s, (n * hd, dim), None, seed=i)
+          for i, (s, n) in enumerate((("q4_k", heads[0]), ("q4_k", heads[1]), ("q6_k", heads[1])))]
+    tiled = [ck.tile(w, lib(backend)) for w in ws]
+    assert ck.fused(tiled) is None
+    h, norm = torch.randn(2, 1, dim, generator=gen), torch.rand(dim, generator=gen) + 0.5
+    cos, sin = torch.rand(hd // 2, generator=gen), torch.rand(hd // 2, generator=gen)
+    got = ck.attention_in(h, norm, 1e-5, tuple(tiled), heads, cos, sin)
+    x = ck._rms(h[:, 0], norm, 1e-5)
+    ref = [F.linear(x, w.dense()).view(2, -1, hd) for w in ws]
+    ref = [ck._rotate(ref[0], cos, sin), ck._rotate(ref[1], cos, sin), ref[2]]
+    for g, r in zip(got, ref):
+        assert g.shape == (2, 1, *r.shape[1:]) and rel_err(g[:, 0], r) < 1e-5
