@@ -350,37 +350,40 @@ def _tiles(a: torch.Tensor, n_pad: int) -> torch.Tensor:
     return a.permute(0, *range(2, a.dim()), 1).contiguous()
 
 
-def _gguf_planes(w: QuantWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+def _gguf_planes(w: QuantWeight) -> tuple:
     """``_planes`` of q5_0, q5_1 and the K-quants, from model/quant.py's own unpacking, so that q * s + o (q * s)
     are its dequantizer's float32 operations: q5_0 (q - 16) * d, q5_1 q * d + m (8-bit, fp16 planes); q4_k and
-    q5_k (d * sc) * q - (dmin * m) per 32-value sub-block (q4_k 4-bit, q5_k 8-bit; float32 planes: 4 + 2 and 8 + 2
-    bits a value against the blocks' 4.5 and 5.5); q6_k (d * sc) * (q - 32) per 16 values (8-bit, 10 bits a value
-    against 6.56)."""
+    q5_k (d * sc) * q - (dmin * m) per 32-value sub-block (q4_k 4-bit, q5_k 8-bit), q6_k (d * sc) * (q - 32) per 16
+    values (8-bit), each K-quant's s and o its 6-bit scales and minimums as bytes and its super-blocks' d and dmin
+    the ``sup`` planes (fp16, a 256-value super-block: 8 or 16 groups), which the kernels multiply as the
+    dequantizer does: q4_k 4.6 bits a value against the blocks' 4.5, q5_k 8.6 against 5.5, q6_k 8.6 against
+    6.6."""
     n, k = w.shape
     b = w.raw.view(-1, GGML_BLOCKS[w.scheme][1])  # blocks in row order
     half = lambda off: b[:, off:off + 2].contiguous().view(torch.float16)  # noqa: E731  (blocks, 1) as stored
     if w.scheme in ("q5_0", "q5_1"):
         qs, hi, o = (b[:, 6:], 2, None) if w.scheme == "q5_0" else (b[:, 8:], 4, half(2))
         q = (quant._nibbles(qs) | quant._q5_high(b, hi)).to(torch.int8) - (16 if w.scheme == "q5_0" else 0)
-        return q.view(n, k // 32, 32), half(0).view(n, -1), None if o is None else o.view(n, -1), 32
+        return q.view(n, k // 32, 32), half(0).view(n, -1), None if o is None else o.view(n, -1), 32, None
     if w.scheme == "q6_k":
         low = quant._bits(b[:, :128].reshape(-1, 2, 64), 2, 4).permute(0, 1, 3, 2).reshape(-1, 8, 32)
         high = quant._bits(b[:, 128:192].reshape(-1, 2, 32), 4, 2).permute(0, 1, 3, 2).reshape(-1, 8, 32)
         q = (low | (high << 4)).to(torch.int8) - 32
-        d = quant._f16(b, 208) * b[:, 192:208].view(torch.int8).float()  # (blocks, 16)
-        return q.view(n, k // 16, 16), d.view(n, -1), None, 16
-    sc, mn = quant._k_scales(b)
-    s, o = (quant._f16(b, 0) * sc.float()).view(n, -1), (-(quant._f16(b, 2) * mn.float())).view(n, -1)
+        sc = b[:, 192:208].contiguous().view(torch.int8)  # (blocks, 16): d * sc scales 16 values
+        return q.view(n, k // 16, 16), sc.view(n, -1), None, 16, (half(208).view(n, -1), None, 16)
+    sc, mn = quant._k_scales(b)  # (blocks, 8) each: d * sc and -(dmin * m) of a 32-value sub-block
+    sup = (half(0).view(n, -1), half(2).view(n, -1), 8)
     if w.scheme == "q4_k":
         v = quant._k_low(b[:, 16:144])  # (blocks, 8, 32) values 0..15: byte j holds values j and 16 + j
-        return (v[..., :16] | (v[..., 16:] << 4)).view(n, k // 32, 16), s, o, 32
+        return (v[..., :16] | (v[..., 16:] << 4)).view(n, k // 32, 16), sc.view(n, -1), mn.view(n, -1), 32, sup
     high = quant._bits(b[:, 16:48], 8, 1).permute(0, 2, 1) << 4
-    return (quant._k_low(b[:, 48:176]) | high).to(torch.int8).view(n, k // 32, 32), s, o, 32
+    q = (quant._k_low(b[:, 48:176]) | high).to(torch.int8)
+    return q.view(n, k // 32, 32), sc.view(n, -1), mn.view(n, -1), 32, sup
 
 
-def _planes(w: QuantWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
-    """(q (N, G, H or gs), s (N, G), o (N, G) or None, gs) of a matrix of SIMD_SCHEMES, in the tiles' element
-    order."""
+def _planes(w: QuantWeight) -> tuple:
+    """(q (N, G, H or gs), s (N, G), o (N, G) or None, gs, sup) of a matrix of SIMD_SCHEMES, in the tiles' element
+    order; sup: a K-quant's (d, dmin or None (N, G / ksub), ksub), else None (``_gguf_planes``)."""
     n, k = w.shape
     if w.scheme in ("q5_0", "q5_1", "q4_k", "q5_k", "q6_k"):
         return _gguf_planes(w)
@@ -388,16 +391,16 @@ def _planes(w: QuantWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | 
         b = w.raw.view(n, k // 32, -1)
         d = b[..., 0:2].contiguous().view(torch.float16)[..., 0]
         if w.scheme == "q8_0":
-            return b[..., 2:].contiguous().view(torch.int8), d, None, 32
+            return b[..., 2:].contiguous().view(torch.int8), d, None, 32, None
         if w.scheme == "q4_0":
-            return b[..., 2:].contiguous(), d, -8 * d.float(), 32  # d * (q - 8) = q * d + (-8 d), both exact
-        return b[..., 4:].contiguous(), d, b[..., 2:4].contiguous().view(torch.float16)[..., 0], 32
+            return b[..., 2:].contiguous(), d, -8 * d.float(), 32, None  # d * (q - 8) = q * d + (-8 d), both exact
+        return b[..., 4:].contiguous(), d, b[..., 2:4].contiguous().view(torch.float16)[..., 0], 32, None
     parts = _parts(w.raw, w.scheme, w.shape, w.group)
     g = w.group
     if w.scheme == "int8":
-        return parts[0].reshape(n, k // g, g), parts[1], None, g
+        return parts[0].reshape(n, k // g, g), parts[1], None, g, None
     v = _unpack4(parts[0]).view(n, k // g, 2, g // 2)  # values 0..15; ours pack the even column low
-    return v[:, :, 0] | (v[:, :, 1] << 4), parts[1], parts[2], g
+    return v[:, :, 0] | (v[:, :, 1] << 4), parts[1], parts[2], g, None
 
 
 class TiledWeight:
@@ -407,13 +410,13 @@ class TiledWeight:
 
     def __init__(self, q: torch.Tensor, s: torch.Tensor, o: torch.Tensor | None, scheme: str,
                  shape: tuple[int, int], group: int | None, parent: TiledWeight | None = None,
-                 first: int = 0, lib=None) -> None:
-        self.q, self.s, self.o = q, s, o
+                 first: int = 0, lib=None, sup: tuple | None = None) -> None:
+        self.q, self.s, self.o, self.sup = q, s, o, sup  # sup: a K-quant's tiled (d, dmin or None, ksub)
         self.scheme, self.shape, self.group = scheme, (int(shape[0]), int(shape[1])), group
         self.parent, self.first = parent, first
         self.nibble = scheme in NIBBLE
         # model/cpu_simd.c's view of the planes where its library is loaded (``hold``), else inductor's kernels
-        self.lib, self.c = lib, None if lib is None else cpu_simd.tiles(q, s, o, self.nibble)
+        self.lib, self.c = lib, None if lib is None else cpu_simd.tiles(q, s, o, self.nibble, sup)
 
     @property
     def device(self) -> torch.device:
@@ -422,13 +425,16 @@ class TiledWeight:
     @property
     def nbytes(self) -> int:
         """Bytes held (a sibling's are its parent's)."""
-        return 0 if self.parent is not None else sum(t.nbytes for t in (self.q, self.s, self.o) if t is not None)
+        planes = (self.q, self.s, self.o) + (self.sup[:2] if self.sup else ())
+        return 0 if self.parent is not None else sum(t.nbytes for t in planes if t is not None)
 
     def view(self, first: int, n: int, shape: tuple[int, int]) -> TiledWeight:
         """Tiles [first, first + n) as a matrix of ``shape`` (a sibling of ``hold``'s concatenation)."""
         sl = slice(first, first + n)
-        return TiledWeight(self.q[sl], self.s[sl], None if self.o is None else self.o[sl], self.scheme, shape,
-                           self.group, self, first, self.lib)
+        cut = lambda t: None if t is None else t[sl]  # noqa: E731
+        sup = None if self.sup is None else (cut(self.sup[0]), cut(self.sup[1]), self.sup[2])
+        return TiledWeight(self.q[sl], self.s[sl], cut(self.o), self.scheme, shape, self.group, self, first,
+                           self.lib, sup)
 
     def _kernel(self, flat: torch.Tensor) -> torch.Tensor:
         """flat (m <= ROWS_MAX, K) float32 -> (m, N)."""
@@ -476,26 +482,33 @@ class TiledWeight:
         shift = (lane // (TILE // 4) * 8).to(torch.int32).view(-1, 1, 1)  # row 16k + w of a tile: byte k of word w
         q = ((self.q[t, ..., lane % (TILE // 4)] >> shift) & 255).to(torch.uint8)  # (n, G, H|gs)
         q = (q if self.nibble else q.view(torch.int8)).unsqueeze(-1)
-        s = self.s[t, :, lane].unsqueeze(-1)  # (n, G, 1)
-        o = None if self.o is None else self.o[t, :, lane].unsqueeze(-1)
+        s = self.s[t, :, lane]  # (n, G)
+        o = None if self.o is None else self.o[t, :, lane]
+        if self.sup is not None:  # a K-quant: d * sc and -(dmin * m), as its dequantizer computes them
+            d, dm, ksub = self.sup
+            s = d[t, :, lane].float().repeat_interleave(ksub, dim=1) * s.float()
+            o = None if o is None else -(dm[t, :, lane].float().repeat_interleave(ksub, dim=1) * o.float())
+        s, o = s.unsqueeze(-1), None if o is None else o.unsqueeze(-1)  # (n, G, 1)
         return _dequant(q, s, o)[..., 0].to(dtype).view(*idx.shape, self.shape[1])
 
 
 def tile(w: QuantWeight, lib=None) -> TiledWeight:
     """``w`` (a scheme of SCHEMES) in row tiles; ``lib``: model/cpu_simd.c's library, which then multiplies it."""
-    q, s, o, gs = _planes(w)
+    q, s, o, gs, sup = _planes(w)
     n_pad = -(-w.shape[0] // TILE) * TILE
     q = _tiles(q, n_pad)  # (NT, G, H|gs, TILE) bytes -> words: byte k of word j is row 16k + j
     q = q.view(*q.shape[:3], 4, TILE // 4).transpose(-1, -2).contiguous().view(torch.int32).squeeze(-1)
-    return TiledWeight(q, _tiles(s, n_pad), None if o is None else _tiles(o, n_pad), w.scheme,
-                       w.shape, w.group, lib=lib)
+    planes = lambda t: None if t is None else _tiles(t, n_pad)  # noqa: E731
+    sup = None if sup is None else (planes(sup[0]), planes(sup[1]), sup[2])
+    return TiledWeight(q, planes(s), planes(o), w.scheme, w.shape, w.group, lib=lib, sup=sup)
 
 
 def _concat(ts: list[TiledWeight], lib=None) -> TiledWeight:
     """Tiled siblings of one scheme, group and K, each of whole tiles, as one matrix."""
     cat = (lambda xs: None if xs[0] is None else torch.cat(xs))  # noqa: E731
+    sup = None if ts[0].sup is None else (cat([t.sup[0] for t in ts]), cat([t.sup[1] for t in ts]), ts[0].sup[2])
     return TiledWeight(cat([t.q for t in ts]), cat([t.s for t in ts]), cat([t.o for t in ts]), ts[0].scheme,
-                       (sum(t.shape[0] for t in ts), ts[0].shape[1]), ts[0].group, lib=lib)
+                       (sum(t.shape[0] for t in ts), ts[0].shape[1]), ts[0].group, lib=lib, sup=sup)
 
 
 def tileable(w, dtype: torch.dtype, simd: bool = False) -> bool:

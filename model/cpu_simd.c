@@ -47,6 +47,9 @@ typedef __m512i vi;
 #define VBYTE(w, k) _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(w, 24 - 8 * (k)), 24))
 #define VSUM(a) _mm512_reduce_add_ps(a)
 #define VHALF(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p)))
+#define VU8(p) _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(p))))
+#define VI8(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(p))))
+#define VNEG(a) _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(a), _mm512_set1_epi32((int)0x80000000)))
 #define NIBBLE_LUT const vf lut = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
 #define VNIB(w, sh) _mm512_permutexvar_ps(_mm512_srli_epi32(w, sh), lut)
 /* 2^n a: scalef; 0 where x was below the range */
@@ -75,6 +78,9 @@ static inline float VSUM(__m256 a) {
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 #define VHALF(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p)))
+#define VU8(p) _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p))))
+#define VI8(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(p))))
+#define VNEG(a) _mm256_xor_ps(a, _mm256_set1_ps(-0.0f))
 #define NIBBLE_LUT const vi lut = _mm256_set1_epi32(15)
 #define VNIB(w, sh) _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(w, sh), lut))
 #define VPOW2(a, n) _mm256_mul_ps(a, _mm256_castsi256_ps(_mm256_slli_epi32(                                    \
@@ -87,8 +93,35 @@ static inline float VSUM(__m256 a) {
 #define NV (TILE / V)
 #define NW (16 / V)
 
-static inline vf loadv(const void* p, size_t i, int f32) {
-    return f32 ? VLOAD((const float*)p + i) : VHALF((const uint16_t*)p + i);
+/* A tiled matrix: its planes and their types (F16, F32, U8, I8). A K-quant's s and o are its sub-blocks' 6-bit
+   scales and minimums (U8; q6_k's scales I8), ksub sub-blocks a super-block, whose d and dm (F16, (NT, G / ksub,
+   64)) they multiply: s = d * sc, o = -(dm * m), as model/quant.py's dequantizers round them. */
+enum { F16, F32, U8, I8 };
+typedef struct {
+    const int32_t* q;
+    const void *s, *o, *d, *dm; /* o NULL: none (8-bit only); d, dm: a K-quant's (ksub > 0) */
+    int st, ot, nt, groups, gs, nibble, ksub;
+} tiles_t;
+
+static inline vf plane(const void* p, size_t i, int type) {
+    switch (type) {
+    case F32: return VLOAD((const float*)p + i);
+    case U8: return VU8((const uint8_t*)p + i);
+    case I8: return VI8((const int8_t*)p + i);
+    default: return VHALF((const uint16_t*)p + i);
+    }
+}
+
+/* Vector u of tile t's group g: its scales and offsets (0 where the format has none). */
+static inline void scale_offset(const tiles_t* w, int t, int g, int u, vf* S, vf* O) {
+    size_t i = ((size_t)t * w->groups + g) * TILE + V * u;
+    *S = plane(w->s, i, w->st);
+    *O = w->o ? plane(w->o, i, w->ot) : VZERO();
+    if (w->ksub) {
+        size_t j = ((size_t)t * (w->groups / w->ksub) + g / w->ksub) * TILE + V * u;
+        *S = VMUL(VHALF((const uint16_t*)w->d + j), *S);
+        if (w->o) *O = VMUL(VNEG(VHALF((const uint16_t*)w->dm + j)), *O);
+    }
 }
 
 /* One tile's 64 outputs for M rows of x (x row stride K), into y (row stride ldy) at column t * 64. On AVX-512 the
@@ -100,9 +133,10 @@ static inline vf loadv(const void* p, size_t i, int f32) {
 #define HI L
 #endif
 #define NIBBLE_TILE(M)                                                                                            \
-static void nibble_tile_##M(const float* x, const float* sx, int K, const int32_t* q, const void* s, int s32,   \
-                            const void* o, int o32, int t, int G, int gs, float* y, int ldy) {                  \
+static void nibble_tile_##M(const float* x, const float* sx, const tiles_t* w, int t, float* y, int ldy) {      \
     NIBBLE_LUT;                                                                                                   \
+    const int G = w->groups, gs = w->gs, K = G * gs;                                                              \
+    const int32_t* q = w->q;                                                                                      \
     const int H = gs / 2;                                                                                         \
     vf Y[M][NV];                                                                                                  \
     for (int r = 0; r < M; r++)                                                                                   \
@@ -114,10 +148,10 @@ static void nibble_tile_##M(const float* x, const float* sx, int K, const int32_
         for (int r = 0; r < M; r++)                                                                               \
             for (int u = 0; u < NV; u++) L[r][u] = Hi[r][u] = VZERO();                                            \
         for (int j = 0; j < H; j++) {                                                                             \
-            vi w[NW];                                                                                             \
-            for (int c = 0; c < NW; c++) w[c] = VILOAD(qg + 16 * j + V * c);                                      \
+            vi wv[NW];                                                                                            \
+            for (int c = 0; c < NW; c++) wv[c] = VILOAD(qg + 16 * j + V * c);                                     \
             for (int u = 0; u < NV; u++) {                                                                        \
-                vf lo = VNIB(w[u % NW], 8 * (u / NW)), hi = VNIB(w[u % NW], 8 * (u / NW) + 4);                    \
+                vf lo = VNIB(wv[u % NW], 8 * (u / NW)), hi = VNIB(wv[u % NW], 8 * (u / NW) + 4);                  \
                 for (int r = 0; r < M; r++) {                                                                     \
                     const float* xr = x + (size_t)r * K + (size_t)g * gs;                                         \
                     L[r][u] = VFMA(lo, VSET1(xr[j]), L[r][u]);                                                    \
@@ -125,9 +159,9 @@ static void nibble_tile_##M(const float* x, const float* sx, int K, const int32_
                 }                                                                                                 \
             }                                                                                                     \
         }                                                                                                         \
-        size_t so = ((size_t)t * G + g) * TILE;                                                                   \
         for (int u = 0; u < NV; u++) {                                                                            \
-            vf S = loadv(s, so + V * u, s32), O = loadv(o, so + V * u, o32);                                      \
+            vf S, O;                                                                                              \
+            scale_offset(w, t, g, u, &S, &O);                                                                     \
             for (int r = 0; r < M; r++) {                                                                         \
                 vf a = V == 16 ? VADD(L[r][u], Hi[r][u]) : L[r][u];                                               \
                 Y[r][u] = VFMA(a, S, Y[r][u]);                                                                    \
@@ -140,8 +174,9 @@ static void nibble_tile_##M(const float* x, const float* sx, int K, const int32_
 }
 
 #define BYTE_TILE(M)                                                                                              \
-static void byte_tile_##M(const float* x, const float* sx, int K, const int32_t* q, const void* s, int s32,     \
-                          const void* o, int o32, int t, int G, int gs, float* y, int ldy) {                    \
+static void byte_tile_##M(const float* x, const float* sx, const tiles_t* w, int t, float* y, int ldy) {        \
+    const int G = w->groups, gs = w->gs, K = G * gs;                                                              \
+    const int32_t* q = w->q;                                                                                      \
     vf Y[M][NV];                                                                                                  \
     for (int r = 0; r < M; r++)                                                                                   \
         for (int u = 0; u < NV; u++) Y[r][u] = VZERO();                                                           \
@@ -166,14 +201,12 @@ static void byte_tile_##M(const float* x, const float* sx, int K, const int32_t*
                 }                                                                                                 \
             }                                                                                                     \
         }                                                                                                         \
-        size_t so = ((size_t)t * G + g) * TILE;                                                                   \
         for (int u = 0; u < NV; u++) {                                                                            \
-            vf S = loadv(s, so + V * u, s32);                                                                     \
+            vf S, O;                                                                                              \
+            scale_offset(w, t, g, u, &S, &O);                                                                     \
             for (int r = 0; r < M; r++) Y[r][u] = VFMA(VADD(A[r][u], B[r][u]), S, Y[r][u]);                       \
-            if (o) {                                                                                              \
-                vf O = loadv(o, so + V * u, o32);                                                                 \
+            if (w->o)                                                                                             \
                 for (int r = 0; r < M; r++) Y[r][u] = VFMA(O, VSET1(sx[r * G + g]), Y[r][u]);                     \
-            }                                                                                                     \
         }                                                                                                         \
     }                                                                                                             \
     for (int r = 0; r < M; r++)                                                                                   \
@@ -183,13 +216,6 @@ static void byte_tile_##M(const float* x, const float* sx, int K, const int32_t*
 NIBBLE_TILE(1) NIBBLE_TILE(2) NIBBLE_TILE(3) NIBBLE_TILE(4)
 BYTE_TILE(1) BYTE_TILE(2) BYTE_TILE(3) BYTE_TILE(4)
 
-/* A tiled matrix: its planes and their formats. */
-typedef struct {
-    const int32_t* q;
-    const void* s;
-    const void* o; /* NULL: none (8-bit only) */
-    int s32, o32, nt, groups, gs, nibble;
-} tiles_t;
 
 /* y (m, ldy) = x (m, K) times the tiled matrix (all nt * 64 rows, padding included); m in 1..MAXM. */
 static void mv(const tiles_t* w, int m, const float* x, float* y, int ldy, int nth) {
@@ -207,17 +233,17 @@ static void mv(const tiles_t* w, int m, const float* x, float* y, int ldy, int n
     for (int t = 0; t < w->nt; t++) {
         if (w->nibble) {
             switch (m) {
-            case 1: nibble_tile_1(x, sums, K, w->q, w->s, w->s32, w->o, w->o32, t, G, w->gs, y, ldy); break;
-            case 2: nibble_tile_2(x, sums, K, w->q, w->s, w->s32, w->o, w->o32, t, G, w->gs, y, ldy); break;
-            case 3: nibble_tile_3(x, sums, K, w->q, w->s, w->s32, w->o, w->o32, t, G, w->gs, y, ldy); break;
-            default: nibble_tile_4(x, sums, K, w->q, w->s, w->s32, w->o, w->o32, t, G, w->gs, y, ldy); break;
+            case 1: nibble_tile_1(x, sums, w, t, y, ldy); break;
+            case 2: nibble_tile_2(x, sums, w, t, y, ldy); break;
+            case 3: nibble_tile_3(x, sums, w, t, y, ldy); break;
+            default: nibble_tile_4(x, sums, w, t, y, ldy); break;
             }
         } else {
             switch (m) {
-            case 1: byte_tile_1(x, sums, K, w->q, w->s, w->s32, w->o, w->o32, t, G, w->gs, y, ldy); break;
-            case 2: byte_tile_2(x, sums, K, w->q, w->s, w->s32, w->o, w->o32, t, G, w->gs, y, ldy); break;
-            case 3: byte_tile_3(x, sums, K, w->q, w->s, w->s32, w->o, w->o32, t, G, w->gs, y, ldy); break;
-            default: byte_tile_4(x, sums, K, w->q, w->s, w->s32, w->o, w->o32, t, G, w->gs, y, ldy); break;
+            case 1: byte_tile_1(x, sums, w, t, y, ldy); break;
+            case 2: byte_tile_2(x, sums, w, t, y, ldy); break;
+            case 3: byte_tile_3(x, sums, w, t, y, ldy); break;
+            default: byte_tile_4(x, sums, w, t, y, ldy); break;
             }
         }
     }
@@ -315,12 +341,8 @@ void llms_dequant(const tiles_t* w, int t0, int t1, float* out, int nth) {
         NIBBLE_LUT;
         float* ot = out + (size_t)(t - t0) * K * TILE;
         for (int g = 0; g < G; g++) {
-            size_t so = ((size_t)t * G + g) * TILE;
             vf S[NV], O[NV];
-            for (int u = 0; u < NV; u++) {
-                S[u] = loadv(w->s, so + V * u, w->s32);
-                O[u] = w->o ? loadv(w->o, so + V * u, w->o32) : VZERO();
-            }
+            for (int u = 0; u < NV; u++) scale_offset(w, t, g, u, &S[u], &O[u]);
             if (w->nibble) {
                 const int H = gs / 2;
                 const int32_t* qg = w->q + ((size_t)t * G + g) * H * 16;

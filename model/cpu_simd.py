@@ -34,8 +34,12 @@ _P = ctypes.c_void_p
 
 
 class _Tiles(ctypes.Structure):
-    _fields_ = [("q", _P), ("s", _P), ("o", _P), ("s32", ctypes.c_int), ("o32", ctypes.c_int),
-                ("nt", ctypes.c_int), ("groups", ctypes.c_int), ("gs", ctypes.c_int), ("nibble", ctypes.c_int)]
+    _fields_ = [("q", _P), ("s", _P), ("o", _P), ("d", _P), ("dm", _P), ("st", ctypes.c_int), ("ot", ctypes.c_int),
+                ("nt", ctypes.c_int), ("groups", ctypes.c_int), ("gs", ctypes.c_int), ("nibble", ctypes.c_int),
+                ("ksub", ctypes.c_int)]
+
+
+_TYPES = {torch.float16: 0, torch.float32: 1, torch.uint8: 2, torch.int8: 3}  # the C's F16, F32, U8, I8
 
 
 def _compiler() -> str | None:
@@ -112,15 +116,18 @@ def _none(why: str) -> None:
     return None
 
 
-def tiles(q: torch.Tensor, s: torch.Tensor, o: torch.Tensor | None, nibble: bool) -> _Tiles:
+def tiles(q: torch.Tensor, s: torch.Tensor, o: torch.Tensor | None, nibble: bool, sup: tuple | None = None) -> _Tiles:
     """The C view of a tiled matrix's planes, q (NT, G, gs / 2 or gs, 16) int32 (4-bit ``nibble``, or 8-bit), s and
-    o (NT, G, 64) fp16 or float32 (o: None, 8-bit only), all contiguous; they must stay alive while it is used
-    (TiledWeight holds both)."""
-    if not all(t is None or t.is_contiguous() for t in (q, s, o)):
+    o (NT, G, 64) fp16 or float32 (o: None, 8-bit only), or a K-quant's 6-bit scales and minimums (uint8; q6_k's
+    scales int8) with ``sup`` = (d, dm or None, ksub): its super-blocks' fp16 (NT, G / ksub, 64); all contiguous.
+    They must stay alive while it is used (TiledWeight holds both)."""
+    d, dm, ksub = sup if sup is not None else (None, None, 0)
+    if not all(t is None or t.is_contiguous() for t in (q, s, o, d, dm)):
         raise ValueError("tile planes must be contiguous")
-    f32 = lambda t: int(t.dtype == torch.float32)  # noqa: E731
-    return _Tiles(q.data_ptr(), s.data_ptr(), None if o is None else o.data_ptr(), f32(s),
-                  0 if o is None else f32(o), q.shape[0], q.shape[1], q.shape[2] * (2 if nibble else 1), int(nibble))
+    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    return _Tiles(q.data_ptr(), s.data_ptr(), ptr(o), ptr(d), ptr(dm), _TYPES[s.dtype],
+                  0 if o is None else _TYPES[o.dtype], q.shape[0], q.shape[1], q.shape[2] * (2 if nibble else 1),
+                  int(nibble), ksub)
 
 
 def _ptr(t: torch.Tensor) -> int:

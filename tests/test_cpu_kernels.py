@@ -70,10 +70,10 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
                                            ("q5_1", None), ("q4_k", None), ("q5_k", None), ("q6_k", None)])
 def test_tiles_equal_the_reference(scheme, group, backend):
     """Dequantized values and an embedding lookup bit for bit, decode rows (1-4) and a prefill's within 1e-5; the
-    K-quants and q5_* by model/cpu_simd.c only (K: a row of one 256-value super-block)."""
+    K-quants and q5_* by model/cpu_simd.c only (K: a row of two 256-value super-blocks)."""
     if backend == "inductor" and scheme not in ck.SCHEMES:
         pytest.skip(f"inductor's kernels do not take {scheme}")
-    shape = (SHAPE[0], 256) if scheme.endswith("_k") else SHAPE
+    shape = (SHAPE[0], 512) if scheme.endswith("_k") else SHAPE  # two super-blocks a row
     w = random_weight(scheme, shape, group, seed=1)
     t = ck.tile(w, lib(backend))
     dense = w.dense()
