@@ -18,7 +18,8 @@ row).
                                                                  g*gs + H + j in its high one (H = gs / 2: ggml's
                                                                  order within a block)
     8-bit (q8_0, int8, q5_0,   q    int32 (N / TILE, G, gs, W)    byte k of word w: row 16k + w, as above; signed
-           q5_1, q5_k, q6_k)
+           q5_1, q5_k, q6_k)        (inductor's); model/cpu_simd.c's int8 (N / TILE, G, gs, TILE), rows in order
+                                    (one sign-extending load a vector)
     both:                      s, o scale and offset (N / TILE, G, TILE), value = q * s + o (o: none for q8_0, int8,
                                     q5_0, q6_k; q4_0's -8 * d as float32; the K-quants' sub-block scales d * sc and
                                     offsets -(dmin * m) as float32, ``_gguf_planes``; the rest fp16 as stored)
@@ -480,8 +481,11 @@ class TiledWeight:
         flat = idx.reshape(-1).long()
         t, lane = flat // TILE, flat % TILE
         shift = (lane // (TILE // 4) * 8).to(torch.int32).view(-1, 1, 1)  # row 16k + w of a tile: byte k of word w
-        q = ((self.q[t, ..., lane % (TILE // 4)] >> shift) & 255).to(torch.uint8)  # (n, G, H|gs)
-        q = (q if self.nibble else q.view(torch.int8)).unsqueeze(-1)
+        if self.q.dtype == torch.int8:  # model/cpu_simd.c's 8-bit tiles: rows in order
+            q = self.q[t, ..., lane].unsqueeze(-1)  # (n, G, gs, 1)
+        else:
+            q = ((self.q[t, ..., lane % (TILE // 4)] >> shift) & 255).to(torch.uint8)  # (n, G, H|gs)
+            q = (q if self.nibble else q.view(torch.int8)).unsqueeze(-1)
         s = self.s[t, :, lane]  # (n, G)
         o = None if self.o is None else self.o[t, :, lane]
         if self.sup is not None:  # a K-quant: d * sc and -(dmin * m), as its dequantizer computes them
@@ -496,8 +500,9 @@ def tile(w: QuantWeight, lib=None) -> TiledWeight:
     """``w`` (a scheme of SCHEMES) in row tiles; ``lib``: model/cpu_simd.c's library, which then multiplies it."""
     q, s, o, gs, sup = _planes(w)
     n_pad = -(-w.shape[0] // TILE) * TILE
-    q = _tiles(q, n_pad)  # (NT, G, H|gs, TILE) bytes -> words: byte k of word j is row 16k + j
-    q = q.view(*q.shape[:3], 4, TILE // 4).transpose(-1, -2).contiguous().view(torch.int32).squeeze(-1)
+    q = _tiles(q, n_pad)  # (NT, G, H|gs, TILE) bytes; model/cpu_simd.c reads 8-bit ones so, rows in order
+    if lib is None or w.scheme in NIBBLE:  # words: byte k of word j is row 16k + j
+        q = q.view(*q.shape[:3], 4, TILE // 4).transpose(-1, -2).contiguous().view(torch.int32).squeeze(-1)
     planes = lambda t: None if t is None else _tiles(t, n_pad)  # noqa: E731
     sup = None if sup is None else (planes(sup[0]), planes(sup[1]), sup[2])
     return TiledWeight(q, planes(s), planes(o), w.scheme, w.shape, w.group, lib=lib, sup=sup)

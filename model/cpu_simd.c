@@ -6,8 +6,9 @@
    Tiles, TILE = 64 output rows side by side, row 16k + w of a tile in byte k of int32 word w:
      4-bit  q int32 (NT, G, H, 16), H = gs / 2: word j of group g holds value g*gs + j in its low nibble and
             g*gs + H + j in its high one; s, o (NT, G, 64): value = q * s + o.
-     8-bit  q int32 (NT, G, gs, 16): byte k of word j (signed) is value g*gs + j of row 16k + w; s (NT, G, 64) and,
-            where the format has one, o (NT, G, 64): value = q * s (+ o).
+     8-bit  q int8 (NT, G, gs, 64): byte r of value j of group g is row r's (inductor's kernels read 8-bit tiles in
+            words as the 4-bit ones, model/cpu_kernels.py); s (NT, G, 64) and, where the format has one,
+            o (NT, G, 64): value = q * s (+ o).
    s and o are fp16 or float32 (the *32 flags). Each group's sum of q * x is taken first and scaled once:
    y = sum_g (acc_g * s_g + o_g * sum_g(x)), x times the dequantized matrix in another order of float32 roundings
    (tests/test_cpu_kernels.py: within 1e-5 of the reference's largest |y|).
@@ -15,8 +16,8 @@
    A vector holds V = 16 lanes (AVX-512) or 8 (AVX2): a tile's 64 rows are NV = 64 / V vectors, vector u = rows
    [u V, u V + V) = byte k = u / NW of the NW = 16 / V word vectors' half u % NW. The 4-bit values become floats by
    a lookup on AVX-512 (vpermps of the word shifted right: the instruction reads only the low 4 bits of each index),
-   by a mask and a conversion on AVX2; the 8-bit ones by a shift pair and a conversion; every value then costs one
-   FMA against x's value broadcast. The loads run PF groups ahead of a software prefetch. Threads: OpenMP over
+   by a mask and a conversion on AVX2; the 8-bit ones by a sign-extending load and a conversion; every value then
+   costs one FMA against x's value broadcast. The loads run PF groups ahead of a software prefetch. Threads: OpenMP over
    tiles, in the libgomp that torch loaded (the same SONAME: one pool of threads), nth of them as the caller's
    torch.get_num_threads(). */
 #include <immintrin.h>
@@ -44,7 +45,6 @@ typedef __m512i vi;
 #define VMUL(a, b) _mm512_mul_ps(a, b)
 #define VMAX(a, b) _mm512_max_ps(a, b)
 #define VILOAD(p) _mm512_loadu_si512(p)
-#define VBYTE(w, k) _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(w, 24 - 8 * (k)), 24))
 #define VSUM(a) _mm512_reduce_add_ps(a)
 #define VHALF(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p)))
 #define VU8(p) _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(p))))
@@ -71,7 +71,6 @@ typedef __m256i vi;
 #define VMUL(a, b) _mm256_mul_ps(a, b)
 #define VMAX(a, b) _mm256_max_ps(a, b)
 #define VILOAD(p) _mm256_loadu_si256((const __m256i*)(p))
-#define VBYTE(w, k) _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(w, 24 - 8 * (k)), 24))
 static inline float VSUM(__m256 a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -98,7 +97,7 @@ static inline float VSUM(__m256 a) {
    64)) they multiply: s = d * sc, o = -(dm * m), as model/quant.py's dequantizers round them. */
 enum { F16, F32, U8, I8 };
 typedef struct {
-    const int32_t* q;
+    const void* q; /* 4-bit: int32 words; 8-bit: int8 bytes (NT, G, gs, 64), rows in order */
     const void *s, *o, *d, *dm; /* o NULL: none (8-bit only); d, dm: a K-quant's (ksub > 0) */
     int st, ot, nt, groups, gs, nibble, ksub;
 } tiles_t;
@@ -136,7 +135,7 @@ static inline void scale_offset(const tiles_t* w, int t, int g, int u, vf* S, vf
 static void nibble_tile_##M(const float* x, const float* sx, const tiles_t* w, int t, float* y, int ldy) {      \
     NIBBLE_LUT;                                                                                                   \
     const int G = w->groups, gs = w->gs, K = G * gs;                                                              \
-    const int32_t* q = w->q;                                                                                      \
+    const int32_t* q = (const int32_t*)w->q;                                                                      \
     const int H = gs / 2;                                                                                         \
     vf Y[M][NV];                                                                                                  \
     for (int r = 0; r < M; r++)                                                                                   \
@@ -176,24 +175,19 @@ static void nibble_tile_##M(const float* x, const float* sx, const tiles_t* w, i
 #define BYTE_TILE(M)                                                                                              \
 static void byte_tile_##M(const float* x, const float* sx, const tiles_t* w, int t, float* y, int ldy) {        \
     const int G = w->groups, gs = w->gs, K = G * gs;                                                              \
-    const int32_t* q = w->q;                                                                                      \
+    const int8_t* q = (const int8_t*)w->q;                                                                        \
     vf Y[M][NV];                                                                                                  \
     for (int r = 0; r < M; r++)                                                                                   \
         for (int u = 0; u < NV; u++) Y[r][u] = VZERO();                                                           \
     for (int g = 0; g < G; g++) {                                                                                 \
-        const int32_t* qg = q + ((size_t)t * G + g) * gs * 16;                                                    \
-        for (int l = 0; l < gs * 64; l += 64) _mm_prefetch((const char*)(qg + PF * gs * 16) + l, _MM_HINT_T0);    \
+        const int8_t* qg = q + ((size_t)t * G + g) * gs * TILE;                                                   \
+        for (int l = 0; l < gs * TILE; l += 64) _mm_prefetch((const char*)(qg + PF * gs * TILE + l), _MM_HINT_T0); \
         vf A[M][NV], B[M][NV];                                                                                    \
         for (int r = 0; r < M; r++)                                                                               \
             for (int u = 0; u < NV; u++) A[r][u] = B[r][u] = VZERO();                                             \
         for (int j = 0; j < gs; j += 2) {                                                                         \
-            vi w0[NW], w1[NW];                                                                                    \
-            for (int c = 0; c < NW; c++) {                                                                        \
-                w0[c] = VILOAD(qg + 16 * j + V * c);                                                              \
-                w1[c] = VILOAD(qg + 16 * j + 16 + V * c);                                                         \
-            }                                                                                                     \
             for (int u = 0; u < NV; u++) {                                                                        \
-                vf v0 = VBYTE(w0[u % NW], u / NW), v1 = VBYTE(w1[u % NW], u / NW);                                \
+                vf v0 = VI8(qg + j * TILE + V * u), v1 = VI8(qg + (j + 1) * TILE + V * u);                        \
                 for (int r = 0; r < M; r++) {                                                                     \
                     const float* xr = x + (size_t)r * K + (size_t)g * gs;                                         \
                     A[r][u] = VFMA(v0, VSET1(xr[j]), A[r][u]);                                                    \
@@ -345,7 +339,7 @@ void llms_dequant(const tiles_t* w, int t0, int t1, float* out, int nth) {
             for (int u = 0; u < NV; u++) scale_offset(w, t, g, u, &S[u], &O[u]);
             if (w->nibble) {
                 const int H = gs / 2;
-                const int32_t* qg = w->q + ((size_t)t * G + g) * H * 16;
+                const int32_t* qg = (const int32_t*)w->q + ((size_t)t * G + g) * H * 16;
                 for (int j = 0; j < H; j++) {
                     vi v[NW];
                     for (int c = 0; c < NW; c++) v[c] = VILOAD(qg + 16 * j + V * c);
@@ -357,13 +351,11 @@ void llms_dequant(const tiles_t* w, int t0, int t1, float* out, int nth) {
                     }
                 }
             } else {
-                const int32_t* qg = w->q + ((size_t)t * G + g) * gs * 16;
+                const int8_t* qg = (const int8_t*)w->q + ((size_t)t * G + g) * gs * TILE;
                 for (int j = 0; j < gs; j++) {
-                    vi v[NW];
-                    for (int c = 0; c < NW; c++) v[c] = VILOAD(qg + 16 * j + V * c);
                     float* oj = ot + (size_t)(g * gs + j) * TILE;
                     for (int u = 0; u < NV; u++) {
-                        vf a = VMUL(VBYTE(v[u % NW], u / NW), S[u]);
+                        vf a = VMUL(VI8(qg + j * TILE + V * u), S[u]);
                         VSTORE(oj + V * u, w->o ? VADD(a, O[u]) : a);
                     }
                 }
