@@ -531,20 +531,22 @@ class Kernels:
     inductor: bool = False
 
 
-def hold(weights, dtype: torch.dtype, kernels: Kernels | None = None) -> dict:
+def hold(weights, dtype: torch.dtype, kernels: Kernels | None = None, dequantize: bool = True) -> dict:
     """A group's weights as a CPU run holds them for the whole run: every QuantWeight of SCHEMES in row tiles
     (``TiledWeight``) where the run computes in float32 and ``kernels`` has kernels that work here (``Kernels``:
     model/cpu_simd.c, ``cpu_simd.library``; inductor's, ``available``); each other QuantWeight dequantized to
     ``dtype`` (``model.quant.dequantized``); plain ones as they are. Siblings (SIBLINGS) of one format and whole
-    tiles are tiled together, each a view of the whole (``fused``): one kernel call for all of them."""
+    tiles are tiled together, each a view of the whole (``fused``): one kernel call for all of them. Not
+    ``dequantize``: where no kernel takes a matrix, it is left as it is (``weights`` itself where none is tiled)."""
     from model.quant import dequantized
 
+    untiled = (lambda: dequantized(weights, dtype)) if dequantize else (lambda: weights)  # noqa: E731
     if kernels is None or not any(tileable(w, dtype, kernels.build is not None) for w in weights.values()):
-        return dequantized(weights, dtype)
+        return untiled()
     lib = cpu_simd.library(kernels.build) if kernels.build is not None else None
     lib = lib if lib is not None and available(lib) else None
     if lib is None and not (kernels.inductor and available()):
-        return dequantized(weights, dtype)
+        return untiled()
     simd = lib is not None
     out = dict(weights)
     for names in SIBLINGS:
@@ -557,7 +559,8 @@ def hold(weights, dtype: torch.dtype, kernels: Kernels | None = None) -> dict:
                 first += w.shape[0] // TILE
     for k, w in weights.items():
         if not isinstance(out[k], TiledWeight):
-            out[k] = tile(w, lib) if tileable(w, dtype, simd) else w.dense(dtype) if isinstance(w, QuantWeight) else w
+            out[k] = tile(w, lib) if tileable(w, dtype, simd) else \
+                w.dense(dtype) if isinstance(w, QuantWeight) and dequantize else w
     return out
 
 

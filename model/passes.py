@@ -12,6 +12,7 @@ import torch
 
 from model.arch import EMBED, HEAD, architecture
 from model.args import ModelArgs
+from model.cpu_kernels import TiledWeight
 from model.experts import (
     Routing,
     expert_forward,
@@ -98,14 +99,15 @@ def on_weights(fwd: Callable, h: torch.Tensor, w: Weights, p: Pass, layer: int) 
     """``fwd(h, w, p, layer)`` where the weights lie, the result where h is. A weight source may hand a CUDA pass a
     stateless group's weights in host memory (runtime/engine/placement.py's CPU compute set: the CPU computes it in
     place from the DRAM tier while the link copies other groups): h (B, S, dim) then crosses to the host and back,
-    a few KB at decode. Only a stateless kind's forward (model/arch/schema.py) may get such weights: it reads
-    nothing of ``p`` that lies on the device."""
+    a few KB at decode, in float32 where the weights are tiled for the CPU kernels. Only a stateless kind's forward
+    (model/arch/schema.py) may get such weights: it reads nothing of ``p`` that lies on the device."""
     if h.device.type == "cpu":
         return fwd(h, w, p, layer)  # everything is on the host
     dev = weights_device(w)
     if dev.type == h.device.type:
         return fwd(h, w, p, layer)
-    return fwd(h.to(dev), w, p, layer).to(h.device)
+    x = h.to(dev, torch.float32) if any(isinstance(v, TiledWeight) for v in w.values()) else h.to(dev)
+    return fwd(x, w, p, layer).to(h.device, h.dtype)  # tiled: the CPU kernels' float32 (model/cpu_kernels.py)
 
 
 def forward_groups(tokens: torch.Tensor, queries: Queries, args: ModelArgs, source, rope: Rope, cache: Cache,

@@ -205,3 +205,17 @@ def test_simd_attention_input_of_mixed_formats(backend):
     ref = [ck._rotate(ref[0], cos, sin), ck._rotate(ref[1], cos, sin), ref[2]]
     for g, r in zip(got, ref):
         assert g.shape == (2, 1, *r.shape[1:]) and rel_err(g[:, 0], r) < 1e-5
+
+
+@pytest.mark.parametrize("backend", backends("simd"))
+def test_hold_without_dequantizing(backend):
+    """The CPU compute set of a CUDA run (runtime/engine/streamed.py) holds its quantized matrices tiled where a
+    kernel takes them and leaves the rest as they are (no float32 copy); a group with nothing to tile is itself."""
+    ws = {"feed_forward.w1.weight": random_weight("q4_1", (64, 64), None, seed=1),
+          "feed_forward.w2.weight": random_weight("q6_k", (64, 256), None, seed=2), "ffn_norm.weight": torch.ones(64)}
+    held = ck.hold(ws, torch.float32, kernels(backend), dequantize=False)
+    assert all(isinstance(held[k], ck.TiledWeight) for k in ("feed_forward.w1.weight", "feed_forward.w2.weight"))
+    assert held["ffn_norm.weight"] is ws["ffn_norm.weight"]
+    plain = {"feed_forward.w1.weight": torch.ones(64, 64, dtype=torch.bfloat16)}
+    assert ck.hold(plain, torch.float32, kernels(backend), dequantize=False) is plain
+    assert ck.hold(ws, torch.float32, None, dequantize=False) is ws

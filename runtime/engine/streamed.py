@@ -37,7 +37,9 @@ quantized groups are dequantized per use, as on the GPU.
 
 The CPU compute set (``plan.cpu``, ``--cpu-compute``, CUDA only, not for a tensor-parallel rank): in a pass of at most
 ``plan.cpu_tokens_max`` tokens, known at its ``embed``, such a DRAM-tier group is not copied: ``get`` returns its
-views in the ring slot and the pass computes it on the CPU (model/passes.py ``on_weights``). It keeps its fetch
+views in the ring slot, its quantized matrices held once in row tiles where the CPU kernels take them
+(model/cpu_kernels.py ``hold``: a copy in this process, in float32's kernels), and the pass computes it on the CPU
+(model/passes.py ``on_weights``). It keeps its fetch
 position, so the order is the same in every pass; ``_issue`` decides per position from its pass's size, and the
 copies run ahead past a CPU-set group only once its pass has begun (a pass of many tokens copies it as before).
 
@@ -600,8 +602,9 @@ class StreamedWeights:
             self._run_ahead()
             self._release_finished()
             views = self.host_views.get(group)
-            if views is None:
-                views = self.host_views[group] = self.dram_views(group)
+            if views is None:  # its quantized matrices tiled once for the CPU's kernels (a copy), else the slot's
+                views = self.host_views[group] = hold(self.dram_views(group), torch.float32, cpu_kernels(),
+                                                      dequantize=False)
             return views
         self._run_ahead()
         self._release_finished()
