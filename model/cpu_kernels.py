@@ -553,7 +553,7 @@ def hold(weights, dtype: torch.dtype, kernels: Kernels | None = None, dequantize
         ws = [weights.get(n) for n in names]
         if all(tileable(w, dtype, simd) for w in ws) and len({(w.scheme, w.group, w.shape[1]) for w in ws}) == 1 \
                 and all(w.shape[0] % TILE == 0 for w in ws):
-            whole, first = _concat([tile(w) for w in ws], lib), 0
+            whole, first = _concat([tile(w, lib) for w in ws], lib), 0
             for n, w in zip(names, ws):
                 out[n] = whole.view(first, w.shape[0] // TILE, w.shape)
                 first += w.shape[0] // TILE

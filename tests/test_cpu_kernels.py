@@ -88,8 +88,10 @@ def test_tiles_equal_the_reference(scheme, group, backend):
 
 
 @pytest.mark.parametrize("backend", backends("simd", "inductor"))
-def test_hold_tiles_siblings_together(backend):
-    ws = {f"attention.{n}.weight": random_weight("q4_1", (64 if n != "wq" else 128, 64), None, seed=i)
+@pytest.mark.parametrize("scheme", ["q4_1", "q8_0"])
+def test_hold_tiles_siblings_together(backend, scheme):
+    """q, k and v tiled as one matrix (4-bit or 8-bit tiles: each family's layout), each a view of it."""
+    ws = {f"attention.{n}.weight": random_weight(scheme, (64 if n != "wq" else 128, 64), None, seed=i)
           for i, n in enumerate(("wq", "wk", "wv", "wo"))}
     ws["attention_norm.weight"] = torch.ones(64)
     ws["feed_forward.w1.weight"] = random_weight("q5_0", (64, 64), None, seed=7)  # inductor's: no kernel
@@ -111,19 +113,20 @@ def test_hold_tiles_siblings_together(backend):
     assert all(isinstance(t, torch.Tensor) for t in ck.hold(ws, torch.float32, None).values())
 
 
-@pytest.fixture(scope="module")
-def q4_image(tmp_path_factory):
+@pytest.fixture(scope="module", params=[("int4", 32), ("int8", 64)])
+def q_image(tmp_path_factory, request):
     out = tmp_path_factory.mktemp("cpuk") / "q.img"
     pack(SyntheticCheckpoint(tiny_args(scaling=None), seed=3), out,
-         dtype=WeightFormat("fp32", "int4", 32, quantize_output=True), quiet=True)
+         dtype=WeightFormat("fp32", *request.param, quantize_output=True), quiet=True)
     return Image.open(out)
 
 
 @pytest.mark.parametrize("backend", backends("simd", "inductor"))
-def test_model_outputs_unchanged(q4_image, monkeypatch, backend):
-    """An int4 model (every matrix, the output too): greedy tokens and every prefill logit with the kernels as
-    without, in memory (--mode full) and from a streamed run's DRAM tier (preload); model/cpu_simd.c's decode
-    steps attend by it too."""
+def test_model_outputs_unchanged(q_image, monkeypatch, backend):
+    """An int4 and an int8 model (every matrix, the output too; 4-bit and 8-bit tiles): greedy tokens and every
+    prefill logit with the kernels as without, in memory (--mode full) and from a streamed run's DRAM tier
+    (preload); model/cpu_simd.c's decode steps attend by it too."""
+    q4_image = q_image
     prompt, new = [3, 17, 42, 7, 99, 5, 23, 250, 1], 4
     monkeypatch.setenv("LLMS_CPU_KERNELS", "0")
     ref_tokens, ref_logits = reference(q4_image, prompt, new)
