@@ -123,6 +123,13 @@ static inline void scale_offset(const tiles_t* w, int t, int g, int u, vf* S, vf
     }
 }
 
+/* A group's sums of q * x (acc) scaled into the outputs y: y + acc * s (+ o * the group's sum of x, *sxg, where
+   the format has offsets). */
+static inline vf group_out(vf y, vf acc, vf S, vf O, const float* sxg) {
+    y = VFMA(acc, S, y);
+    return sxg ? VFMA(O, VSET1(*sxg), y) : y;
+}
+
 /* One tile's 64 outputs for M rows of x (x row stride K), into y (row stride ldy) at column t * 64. On AVX-512 the
    low and the high nibbles' sums are two sets of accumulators (8 chains of FMAs for one row); on AVX2 one set (8
    already, and 16 registers). */
@@ -161,11 +168,8 @@ static void nibble_tile_##M(const float* x, const float* sx, const tiles_t* w, i
         for (int u = 0; u < NV; u++) {                                                                            \
             vf S, O;                                                                                              \
             scale_offset(w, t, g, u, &S, &O);                                                                     \
-            for (int r = 0; r < M; r++) {                                                                         \
-                vf a = V == 16 ? VADD(L[r][u], Hi[r][u]) : L[r][u];                                               \
-                Y[r][u] = VFMA(a, S, Y[r][u]);                                                                    \
-                Y[r][u] = VFMA(O, VSET1(sx[r * G + g]), Y[r][u]);                                                 \
-            }                                                                                                     \
+            for (int r = 0; r < M; r++)                                                                           \
+                Y[r][u] = group_out(Y[r][u], V == 16 ? VADD(L[r][u], Hi[r][u]) : L[r][u], S, O, sx + r * G + g);  \
         }                                                                                                         \
     }                                                                                                             \
     for (int r = 0; r < M; r++)                                                                                   \
@@ -198,9 +202,8 @@ static void byte_tile_##M(const float* x, const float* sx, const tiles_t* w, int
         for (int u = 0; u < NV; u++) {                                                                            \
             vf S, O;                                                                                              \
             scale_offset(w, t, g, u, &S, &O);                                                                     \
-            for (int r = 0; r < M; r++) Y[r][u] = VFMA(VADD(A[r][u], B[r][u]), S, Y[r][u]);                       \
-            if (w->o)                                                                                             \
-                for (int r = 0; r < M; r++) Y[r][u] = VFMA(O, VSET1(sx[r * G + g]), Y[r][u]);                     \
+            for (int r = 0; r < M; r++)                                                                           \
+                Y[r][u] = group_out(Y[r][u], VADD(A[r][u], B[r][u]), S, O, w->o ? sx + r * G + g : NULL);         \
         }                                                                                                         \
     }                                                                                                             \
     for (int r = 0; r < M; r++)                                                                                   \
