@@ -215,7 +215,7 @@ def _simd_qkv(ws: tuple) -> object | None:
     not fused), made once and kept on the first; None where the C does not multiply them all."""
     if not all(getattr(w, "c", None) is not None for w in ws):
         return None
-    got = getattr(ws[0], "qkv", None)
+    got = ws[0].qkv
     if got is None or got[0] is not ws[1] or got[1] is not ws[2]:
         whole = fused(ws)
         got = ws[0].qkv = (ws[1], ws[2], cpu_simd.matrices([w.c for w in ((whole,) if whole else ws)]))
@@ -418,6 +418,7 @@ class TiledWeight:
         self.nibble = scheme in NIBBLE
         # model/cpu_simd.c's view of the planes where its library is loaded (``hold``), else inductor's kernels
         self.lib, self.c = lib, None if lib is None else cpu_simd.tiles(q, s, o, self.nibble, sup)
+        self.qkv: tuple | None = None  # (k, v, the C views of q|k|v) where this is q (``_simd_qkv``)
 
     @property
     def device(self) -> torch.device:
