@@ -4,6 +4,7 @@ dequantize-then-matmul; and the quantizers' reconstruction error against gguf's 
 
     python benchmarks/quant_kernels.py [--shape 8192 28672] [--groups 32,64,128]   # CUDA
     python benchmarks/quant_kernels.py --gemv [--schemes q4_k,q6_k] [--sweep]       # CUDA
+    python benchmarks/quant_kernels.py --gemv-grid [--grid-all]                    # CUDA
     python benchmarks/quant_kernels.py --interpret-check [--shape 64 512]          # CPU, Triton's interpreter
     python benchmarks/quant_kernels.py --quality                                   # CPU, SmolLM2's weights
 
@@ -21,8 +22,11 @@ rate, the launch launch_config chose, the time of dequantize (into a preallocate
 the ratio of the two, and the largest error against float32 F.linear of the dequantized matrix on 256 rows
 relative to the largest value (the tolerance the tests state is exact per value; this is a sanity check).
 ``--sweep`` then times other launches on a few cases (q4_k, q6_k, q8_0; 8B wq/wo and w1/w3, 70B wk/wv and w2) and
-prints the best next to launch_config's choice. ``--quality`` prints the reconstruction MSE of our
-int4/int8 and gguf's Q4_1/Q4_0/Q8_0 on SmolLM2's tensors dequantized to float32.
+prints the best next to launch_config's choice. ``--gemv-grid``: one row of bf16 x on the large Q4_K and Q6_K
+matrices, every launch of rows of w a program (1-8), chunks a step (32-256) and warps (1-8), with the exact
+products and with the factored ones (model/quant_gemv.py FACTOR): the best of each and launch_config's.
+``--quality`` prints the reconstruction MSE of our int4/int8 and gguf's Q4_1/Q4_0/Q8_0 on SmolLM2's tensors
+dequantized to float32.
 """
 
 from __future__ import annotations
@@ -223,6 +227,80 @@ def sweep(torch, quant, gemv, do_bench) -> None:
         del raw
         torch.cuda.empty_cache()
 
+GRID_CASES = [("q4_k", 7), ("q4_k", 8), ("q4_k", 9), ("q4_k", 2), ("q4_k", 3), ("q6_k", 8), ("q6_k", 9), ("q6_k", 3)]
+
+
+def grid_launches(gemv, scheme: str, k: int) -> list:
+    """--gemv-grid's one-row launches: exact and factored products, rows of w a program, chunks a step and warps."""
+    n_chunks = k // gemv.BLOCKS[scheme][2]
+    shapes = [(32, 1), (64, 1), (64, 2), (128, 2), (128, 4), (256, 4), (256, 8)]  # (chunks, warps)
+    return [gemv.Launch(False, bn, 1, nc, w, 1, f) for f in (False, True) for bn in (1, 2, 4, 8)
+            for nc, w in shapes if nc <= n_chunks]
+
+
+def gemv_grid(args) -> int:
+    """One row of bf16 x, the large matrices: GB/s of every launch of grid_launches, the best of each way."""
+    import concurrent.futures
+    import functools
+
+    import torch
+    from triton import testing
+
+    from model import quant
+    from model import quant_gemv as gemv
+
+    hbm = hbm_rate(torch, testing.do_bench)
+    do_bench = functools.partial(testing.do_bench, warmup=10, rep=40)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    print(f"{torch.cuda.get_device_name()}: device copy {hbm:.0f} GB/s; one row of bf16 x; GB/s of blocks", flush=True)
+    t0 = time.perf_counter()
+    todo = {(s, lc) for s, i in GRID_CASES for lc in grid_launches(gemv, s, GEMV_SHAPES[i][3])}
+    small = {s: random_raw(quant, torch, s, (64, 2048), None, "cuda") for s, _ in GRID_CASES}
+    xs = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
+
+    def compile_one(case):  # the sizes are not specialized: a small matrix compiles the launch for every size
+        s, lc = case
+        try:
+            gemv.gguf_matmul(xs, s, small[s], 64, 2048, lc)
+        except Exception as e:  # noqa: BLE001  (a grid goes on past one launch)
+            print(f"grid: {s} {lc} failed: {str(e).splitlines()[-1][:200]}", flush=True)
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:  # ptxas runs as a process: compiles overlap
+        list(pool.map(compile_one, sorted(todo, key=str)))
+    torch.cuda.synchronize()
+    print(f"grid: {len(todo)} launches compiled in {time.perf_counter() - t0:.0f} s", flush=True)
+    for scheme, i in GRID_CASES:
+        model, name, n, k = GEMV_SHAPES[i]
+        raw = random_raw(quant, torch, scheme, (n, k), None, "cuda")
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        ref = torch.nn.functional.linear(x.float(), quant.dequantize_rows(raw, scheme, (n, k), None,
+                                                                           torch.arange(256, device="cuda")))
+        chosen = gemv.launch_config(scheme, 1, n, k, False, sms)
+        launches = grid_launches(gemv, scheme, k)
+        t = time_launches(gemv, do_bench, x, raw, scheme, (n, k), [chosen, *launches])
+        rate = {lc: raw.numel() / ms / 1e6 for lc, ms in t.items()}
+        for f in (False, True):
+            mine = {lc: r for lc, r in rate.items() if lc.factor == f and lc in launches}
+            if not mine:
+                continue
+            best = max(mine, key=mine.get)
+            y = gemv.gguf_matmul(x, scheme, raw, n, k, best)[:, :256].float()
+            err = ((y - ref).abs().max() / ref.abs().max()).item()
+            top = sorted(mine.values(), reverse=True)[:4]
+            print(f"grid: {scheme:5} {model:4} {name:7} {'factored' if f else 'exact':8} best n{best.block_n} "
+                  f"c{best.chunks} w{best.warps}: {mine[best]:6.0f} GB/s ({100 * mine[best] / hbm:4.1f}% copy), "
+                  f"err {err:.1e}; next {' '.join(f'{r:.0f}' for r in top[1:])}", flush=True)
+        print(f"grid: {scheme:5} {model:4} {name:7} chosen  {describe(chosen)} f{int(chosen.factor)}: "
+              f"{rate.get(chosen, 0):6.0f} GB/s", flush=True)
+        if args.grid_all:
+            for lc, r in sorted(rate.items(), key=lambda kv: -kv[1]):
+                print(f"grid-all: {scheme} {model} {name} f{int(lc.factor)} n{lc.block_n} c{lc.chunks} "
+                      f"w{lc.warps} s{lc.split} {r:.0f}")
+        del raw
+        torch.cuda.empty_cache()
+    return 0
+
+
 def interpret_check(args) -> int:
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
     import torch
@@ -283,12 +361,18 @@ def main() -> int:
     ap.add_argument("--schemes", type=lambda s: [x for x in s.split(",") if x],
                     default=["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"],
                     help="--gemv: formats of the table (none: the sweep only)")
+    ap.add_argument("--gemv-grid", action="store_true",
+                    help="CUDA: one-row launches of the GGUF matmul (exact and factored products, rows, chunks, "
+                         "warps) on the large matrices of the 8B and 70B shapes")
+    ap.add_argument("--grid-all", action="store_true", help="--gemv-grid: print every launch's GB/s")
     ap.add_argument("--sweep", action="store_true", help="--gemv: also time other launches on a few cases")
     ap.add_argument("--quality", action="store_true", help="reconstruction MSE on the embedded SmolLM2")
     ap.add_argument("--every", type=int, default=1, help="--quality: every N-th tensor only")
     args = ap.parse_args()
     if args.quality:
         return quality(args)
+    if args.gemv_grid:
+        return gemv_grid(args)
     if args.gemv:
         return bench_gemv(args)
     if args.interpret_check:

@@ -57,13 +57,20 @@ LO4 = tl.constexpr(0x0F0F0F0F)  # the low nibble of each byte
 HI4 = tl.constexpr(-0x0F0F0F10)  # 0xF0F0F0F0 as an int32: the high nibble of each byte
 SIGN8 = tl.constexpr(-0x7F7F7F80)  # 0x80808080: the sign bit of each byte
 BITS45 = tl.constexpr(0x30303030)  # bits 4 and 5 of each byte
+# FACTOR's powers of two (exact float32 factors): x scaled up, the sums of x q 2^-149 and of 2^64 x scaled back
+TWO64 = tl.constexpr(2.0 ** 64)
+TWO85 = tl.constexpr(2.0 ** 85)
+TWO81 = tl.constexpr(2.0 ** 81)
+TWO_64 = tl.constexpr(2.0 ** -64)
+M32TWO_64 = tl.constexpr(-32 * 2.0 ** -64)
 
 
 # ---- values ---------------------------------------------------------------------------------------------
 
 @triton.jit
 def _byte(w, magic, K: tl.constexpr, EXACT: tl.constexpr):
-    """2^23 + byte K of each int32 of w, as float32 (exact): one byte permute, 0x4B0000xx."""
+    """2^23 + byte K of each int32 of w, as float32 (exact): one byte permute, 0x4B0000xx. With magic 0 the byte
+    alone: the subnormal float32 q 2^-149 (FACTOR)."""
     if EXACT:
         m = tl.broadcast_to(magic, w.shape)
         if K == 0:
@@ -79,7 +86,7 @@ def _byte(w, magic, K: tl.constexpr, EXACT: tl.constexpr):
             r = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7653;", "=r,r,r", [w, m], dtype=tl.int32,
                                           is_pure=True, pack=1)
     else:
-        r = ((w >> (8 * K)) & 0xFF) | 0x4B000000
+        r = ((w >> (8 * K)) & 0xFF) | magic
     return r.to(tl.float32, bitcast=True)
 
 
@@ -151,6 +158,36 @@ def _use(acc, w0, w1, w2, w3, xp, DOT: tl.constexpr, XBF16: tl.constexpr, IEEE: 
         acc = acc + w2 * x2[None]
         acc = acc + w3 * x3[None]
     return acc
+
+
+@triton.jit
+def _fma(a, b, c, EXACT: tl.constexpr):
+    """a b + c in one rounding, a subnormal a kept as it is (never flushed to zero)."""
+    if EXACT:
+        r = tl.inline_asm_elementwise("fma.rn.f32 $0, $1, $2, $3;", "=f,f,f,f",
+                                      [a, tl.broadcast_to(b, a.shape), tl.broadcast_to(c, a.shape)],
+                                      dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        r = a * b + c
+    return r
+
+
+@triton.jit
+def _sums(s, xs, q, xp, XBF16: tl.constexpr, EXACT: tl.constexpr):
+    """FACTOR: s + the products of the bytes q (rows, chunks, 2 int32) with 2^64 x at xp + 4 e + k (byte k of word
+    e), each byte taken as the subnormal q 2^-149 (one byte permute a value, no conversion, no scale): the products
+    are x q 2^-85, exact but for their rounding; and xs + those 2^64 x (chunks, 2), for the offsets and minimums."""
+    x0, x1, x2, x3 = _xplanes(xp, XBF16)
+    x0 = x0 * TWO64  # 2^64: exact
+    x1 = x1 * TWO64
+    x2 = x2 * TWO64
+    x3 = x3 * TWO64
+    zero = tl.zeros(q.shape, tl.int32)
+    s = _fma(_byte(q, zero, 0, EXACT), x0[None], s, EXACT)
+    s = _fma(_byte(q, zero, 1, EXACT), x1[None], s, EXACT)
+    s = _fma(_byte(q, zero, 2, EXACT), x2[None], s, EXACT)
+    s = _fma(_byte(q, zero, 3, EXACT), x3[None], s, EXACT)
+    return s, xs + ((x0 + x1) + (x2 + x3))
 
 
 # ---- the formats ----------------------------------------------------------------------------------------
@@ -255,7 +292,7 @@ def _k_scales(s0, s1, s2, c):
 
 @triton.jit
 def _kquant(acc, blk, c, ok, xp, magic, SCHEME: tl.constexpr, DOT: tl.constexpr, XBF16: tl.constexpr,
-            IEEE: tl.constexpr, EXACT: tl.constexpr):
+            IEEE: tl.constexpr, EXACT: tl.constexpr, FACTOR: tl.constexpr):
     """acc + x times chunk c ((chunks,), 0..3: 64 values) of the super-blocks at blk (rows, chunks) u8 pointers;
     ok and xp as _blocks32's (xp: pointers to x at the chunk's first value, Q4_K/Q5_K 64 c, Q6_K 128 (c // 2) +
     16 (c % 2))."""
@@ -268,7 +305,24 @@ def _kquant(acc, blk, c, ok, xp, magic, SCHEME: tl.constexpr, DOT: tl.constexpr,
         D3 = (d * tl.load(sc + 6).to(tl.int8, bitcast=True).to(tl.float32))[:, :, None]
         ql = blk + (c // 2 * 64 + c % 2 * 16)[None, :]
         qhp = blk + (128 + c // 2 * 32 + c % 2 * 16)[None, :]
-        for s in tl.static_range(2):
+        if FACTOR:  # D (q - 32) summed as D (2^85 sum(2^64 x q 2^-149) - 32 2^-64 sum(2^64 x)), a sum a group
+            p0 = tl.zeros(acc.shape, tl.float32)
+            p1, p2, p3 = p0, p0, p0
+            xs0 = tl.zeros((acc.shape[1], 2), tl.float32)
+            xs1, xs2, xs3 = xs0, xs0, xs0
+            for s in tl.static_range(2):
+                qa = _words(ql + 8 * s, 2)
+                qb = _words(ql + 32 + 8 * s, 2)
+                qh = _words(qhp + 8 * s, 2)
+                p0, xs0 = _sums(p0, xs0, (qa & LO4) | ((qh << 4) & BITS45), xp + 8 * s, XBF16, EXACT)
+                p1, xs1 = _sums(p1, xs1, (qb & LO4) | ((qh << 2) & BITS45), xp + 32 + 8 * s, XBF16, EXACT)
+                p2, xs2 = _sums(p2, xs2, ((qa >> 4) & LO4) | (qh & BITS45), xp + 64 + 8 * s, XBF16, EXACT)
+                p3, xs3 = _sums(p3, xs3, ((qb >> 4) & LO4) | ((qh >> 2) & BITS45), xp + 96 + 8 * s, XBF16, EXACT)
+            acc = acc + D0 * _add(p0 * TWO85, xs0[None] * M32TWO_64, EXACT)
+            acc = acc + D1 * _add(p1 * TWO85, xs1[None] * M32TWO_64, EXACT)
+            acc = acc + D2 * _add(p2 * TWO85, xs2[None] * M32TWO_64, EXACT)
+            acc = acc + D3 * _add(p3 * TWO85, xs3[None] * M32TWO_64, EXACT)
+        for s in tl.static_range(0 if FACTOR else 2):
             qa = _words(ql + 8 * s, 2)  # low nibbles: group 0, high: group 2
             qb = _words(ql + 32 + 8 * s, 2)  # low: group 1, high: group 3
             qh = _words(qhp + 8 * s, 2)  # bits 2 g, 2 g + 1: the top two bits of group g
@@ -292,7 +346,19 @@ def _kquant(acc, blk, c, ok, xp, magic, SCHEME: tl.constexpr, DOT: tl.constexpr,
         D1 = (d * sc1)[:, :, None]
         M0 = (-(dmin * mn0))[:, :, None]
         M1 = (-(dmin * mn1))[:, :, None]
-        if SCHEME == "q4_k":
+        if SCHEME == "q4_k" and FACTOR:  # (D q) + A summed as D 2^85 sum(2^64 x q 2^-149) + A 2^-64 sum(2^64 x)
+            qs = blk + (16 + 32 * c)[None, :]
+            p0 = tl.zeros(acc.shape, tl.float32)
+            p1 = p0
+            xs0 = tl.zeros((acc.shape[1], 2), tl.float32)
+            xs1 = xs0
+            for h in tl.static_range(4):
+                q = _words(qs + 8 * h, 8)
+                p0, xs0 = _sums(p0, xs0, q & LO4, xp + 8 * h, XBF16, EXACT)
+                p1, xs1 = _sums(p1, xs1, q & HI4, xp + 32 + 8 * h, XBF16, EXACT)  # 16 q: D 2^81
+            acc = acc + _add(p0 * (D0 * TWO85), M0 * TWO_64 * xs0[None], EXACT)
+            acc = acc + _add(p1 * (D1 * TWO81), M1 * TWO_64 * xs1[None], EXACT)
+        elif SCHEME == "q4_k":
             qs = blk + (16 + 32 * c)[None, :]
             for h in tl.static_range(4):
                 q = _words(qs + 8 * h, 8)
@@ -323,7 +389,7 @@ def _kquant(acc, blk, c, ok, xp, magic, SCHEME: tl.constexpr, DOT: tl.constexpr,
 def _gguf_matmul_kernel(x, raw, y, M, N, n_chunks, stride_xm, stride_ym, row_bytes, iters, magic,
                         SCHEME: tl.constexpr, TS: tl.constexpr, BN: tl.constexpr, NC: tl.constexpr,
                         BM: tl.constexpr, DOT: tl.constexpr, XBF16: tl.constexpr, IEEE: tl.constexpr,
-                        EXACT: tl.constexpr):
+                        EXACT: tl.constexpr, FACTOR: tl.constexpr):
     """y[m, n] = sum over this program's split of the row (``iters`` steps of NC chunks) of x[m, k] w[n, k]: BN rows
     of w (pid 0), BM rows of x (pid 1), split pid 2 (y then holds float32 partial sums, one (M, N) a split).
     Rows and chunks past the end are clamped to the last one (every load stays in bounds) and their products
@@ -360,7 +426,7 @@ def _gguf_matmul_kernel(x, raw, y, M, N, n_chunks, stride_xm, stride_ym, row_byt
         else:
             xp = xrow + xo
         if TS > 34:
-            acc = _kquant(acc, blk, c, ok, xp, magic, SCHEME, DOT, XBF16, IEEE, EXACT)
+            acc = _kquant(acc, blk, c, ok, xp, magic, SCHEME, DOT, XBF16, IEEE, EXACT, FACTOR)
         else:
             acc = _blocks32(acc, blk, ok, xp, magic, SCHEME, DOT, XBF16, IEEE, EXACT)
     if not DOT:
@@ -386,7 +452,7 @@ def _sum_splits_kernel(p, y, n, splits, B: tl.constexpr):
 @dataclasses.dataclass(frozen=True)
 class Launch:
     """How one call runs: DOT or FMA, rows of w and of x a program (block_n, block_m), chunks a step, warps a
-    program, and the number of splits of each row."""
+    program, the number of splits of each row, and (FMA, Q4_K and Q6_K) whether the products are factored."""
 
     dot: bool
     block_n: int
@@ -394,8 +460,10 @@ class Launch:
     chunks: int
     warps: int
     split: int
+    factor: bool = False
 
 
+FACTORED = ("q4_k", "q6_k")  # FMA: the products factored (FACTOR, module docstring)
 FMA_ROWS = (8, 4, 2, 1)  # rows of w a one-warp FMA program, the first that gives enough programs
 FMA_PROGRAMS_PER_SM = 8  # enough warps an SM to hide the latency of the loads and of the dependent arithmetic
 DOT_BLOCK_N = 64  # DOT: 64 rows of w, 16 a warp
@@ -412,7 +480,7 @@ def launch_config(scheme: str, m: int, n: int, k: int, float32: bool, sms: int) 
     n_chunks = k // BLOCKS[scheme][2]
     if m == 1 or float32:
         block_n = next(b for b in FMA_ROWS if triton.cdiv(n, b) * m >= FMA_PROGRAMS_PER_SM * sms or b == 1)
-        launch = Launch(False, block_n, 1, 32, 1, 1)
+        launch = Launch(False, block_n, 1, 32, 1, 1, scheme in FACTORED)
         programs, want = triton.cdiv(n, block_n) * m, SPLIT_PROGRAMS_PER_SM * sms
     else:
         launch = Launch(True, DOT_BLOCK_N, DOT_BLOCK_M, 16, 4, 1)
@@ -457,6 +525,7 @@ def gguf_matmul(x: torch.Tensor, scheme: str, raw: torch.Tensor, n: int, k: int,
         _gguf_matmul_kernel[grid](x, raw, out, m, n, n_chunks, x.stride(0), n, k // bs * ts, iters, MAGIC,
                                   SCHEME=scheme, TS=ts, BN=launch.block_n, NC=launch.chunks, BM=launch.block_m,
                                   DOT=launch.dot, XBF16=x.dtype == torch.bfloat16, IEEE=float32, EXACT=EXACT,
+                                  FACTOR=launch.factor and not launch.dot and scheme in FACTORED,
                                   num_warps=launch.warps, num_stages=1)
         if launch.split > 1:
             _sum_splits_kernel[(triton.cdiv(m * n, 1024),)](out, y, m * n, launch.split, B=1024, num_warps=4)
@@ -472,4 +541,4 @@ def warm_up(scheme: str, dtype: torch.dtype, device: torch.device) -> None:
     raw = torch.zeros(n * k // bs * ts, dtype=torch.uint8, device=device)
     x = torch.zeros((1, k), dtype=dtype, device=device)
     for block_n in FMA_ROWS:
-        gguf_matmul(x, scheme, raw, n, k, Launch(False, block_n, 1, 32, 1, 1))
+        gguf_matmul(x, scheme, raw, n, k, Launch(False, block_n, 1, 32, 1, 1, scheme in FACTORED))

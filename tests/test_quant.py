@@ -490,6 +490,10 @@ for scheme in qg.BLOCKS:
     y = qg.gguf_matmul(x, scheme, raw, n, k, L(False, 8, 1, 32, 1, 1))
     report(scheme, "one-hot rows exact (FMA)", torch.equal(y[:2], w[:, [1, k - 3]].T))
     report(scheme, "fp32 (FMA)", close(y[2:], x[2:], w, 0))
+    if scheme in qg.FACTORED:
+        y = qg.gguf_matmul(x, scheme, raw, n, k, L(False, 8, 1, 32, 1, 1, True))
+        report(scheme, "one-hot rows exact (FMA, factored)", torch.equal(y[:2], w[:, [1, k - 3]].T))
+        report(scheme, "fp32 (FMA, factored)", close(y[2:], x[2:], w, 0))
     small = quant.random_quantized(scheme, (n, k), None, torch.Generator().manual_seed(1)).raw  # fp16-sized values
     xh = torch.randn(17, k).half()
     y = qg.gguf_matmul(xh, scheme, small, n, k)
@@ -506,6 +510,8 @@ for scheme in ("q4_0", "q4_k"):  # what does not depend on the format: 3 steps o
     xb = torch.randn(1, k).bfloat16()
     y = qg.gguf_matmul(xb, scheme, raw, n, k, L(False, 2, 1, 8, 1, 1))
     report(scheme, "bf16 (FMA)", close(y, xb, w, 2.0 ** -7))  # the interpreter truncates to bf16
+    y = qg.gguf_matmul(xb, scheme, raw, n, k, L(False, 2, 1, 8, 1, 1, True))  # factored where the format is
+    report(scheme, "bf16 (FMA, factored)", close(y, xb, w, 2.0 ** -7))
 """
 
 
@@ -523,7 +529,10 @@ def test_gguf_matmul_interpreter():
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert len(lines) == 4 * len(GGML) + 4 and all(line.endswith(" ok") for line in lines), proc.stdout
+    from model import quant_gemv as qg
+
+    assert len(lines) == 4 * len(GGML) + 2 * len(qg.FACTORED) + 6, proc.stdout
+    assert all(line.endswith(" ok") for line in lines), proc.stdout
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
@@ -564,8 +573,9 @@ def test_gguf_matmul_usable():
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 @pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
-@pytest.mark.parametrize("scheme, dot", [("q4_k", False), ("q4_0", True)])
-def test_gguf_matmul_compiles_for_hopper(scheme, dot):
+@pytest.mark.parametrize("scheme, dot, factor", [("q4_k", False, False), ("q4_0", True, False),
+                                                 ("q4_k", False, True), ("q6_k", False, True)])
+def test_gguf_matmul_compiles_for_hopper(scheme, dot, factor):
     """The GGUF kernel compiles for sm_90 both ways (bf16 x): quantized bytes put under 2^23 by byte permutes (the
     few int -> float conversions are of the scales, one for many values), Q4_K's minimum added by add.rn (never
     fused into the multiply before it), its blocks and x read with vector loads; DOT on the tensor cores."""
@@ -578,10 +588,12 @@ def test_gguf_matmul_compiles_for_hopper(scheme, dot):
     ptx = compile_for_hopper(qg._gguf_matmul_kernel, sig,
                              {"SCHEME": scheme, "TS": qg.BLOCKS[scheme][0], "BN": 64 if dot else 8,
                               "NC": 16 if dot else 32, "BM": 16 if dot else 1, "DOT": dot, "XBF16": True,
-                              "IEEE": False, "EXACT": True},
+                              "IEEE": False, "EXACT": True, "FACTOR": factor},
                              aligned=("x", "raw", "y", "stride_xm", "stride_ym", "row_bytes", "magic"))
     assert ptx.count("prmt.b32") >= 8 * ptx.count("cvt.rn.f32.") and "prmt.b32" in ptx
     assert ("mma" in ptx) == dot
+    if factor:  # the subnormal bytes multiplied by fma.rn (no .ftz), the chunk's sums scaled once
+        assert ptx.count("fma.rn.f32") >= ptx.count("prmt.b32") and ".ftz" not in ptx
     if scheme == "q4_k":
         assert "add.rn.f32" in ptx and "ld.global.v2.b32" in ptx and "ld.global.v4.b32" in ptx
 
