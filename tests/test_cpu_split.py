@@ -30,6 +30,9 @@ class FakeCosts:
         self.calls += 1
         return nbytes / (self.cpu_gbps * 1e9)
 
+    def describe(self) -> str:
+        return f"fake: link 25 GB/s, CPU {self.cpu_gbps:g} GB/s"
+
 
 def plan_8b(cpu_compute="off", costs=None, device="cuda", gpu_layers=8):
     """Llama-3.1-8B, layers 0..7 on the GPU, the other 24 layers in the DRAM tier (preload)."""
@@ -163,7 +166,8 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cpu_compute_on_cuda_equals_off(tmp_path, graphs):
     """On CUDA, --cpu-compute 2 (the tiny model's two FFN groups, both in the DRAM tier) computes them on the CPU
     in place in decode steps (batch 3 and 1: at most 8 tokens) and copies them for the prefills: the greedy tokens
-    of off, fp32, eager and with a graph per group."""
+    of off, fp32, eager and with a graph per group; priced by rates measured at the start. auto: whatever it
+    chooses from those rates, the same tokens."""
     image, dev = tiny_image(tmp_path), torch.device("cuda")
     want, off, _ = greedy(image, dev, graphs)
     torch.cuda.empty_cache()
@@ -171,3 +175,44 @@ def test_cpu_compute_on_cuda_equals_off(tmp_path, graphs):
     assert len(plan.cpu) == 2 and plan.h2d_bytes_per_pass == off.h2d_bytes_per_pass - plan.cpu_bytes_per_pass
     assert set(views) == set(plan.cpu)  # the decode steps took their ring views
     assert got == want
+    assert plan.costs_from.startswith("measured: link") and set(plan.pipes_ms) == {"link", "cpu"}
+    got, plan, views = greedy(image, dev, graphs, cpu_compute="auto")
+    assert got == want and plan.cpu_compute == "auto" and set(views) == set(plan.cpu)
+
+
+def test_measured_costs_price_a_group_by_its_formats(monkeypatch):
+    """runtime/engine/costs.py: a group's CPU time is the sum of its matrices' stored bytes over their format's
+    measured rate (norms left out); the link's time its bytes over the link's; auto chooses from that table as
+    from any other, and the plan names where the rates came from."""
+    from runtime.engine import costs
+    from runtime.format.image import plan_layout
+
+    args = preset("llama3.1-8b")
+    groups = {g.name: g.tensors for g in plan_layout(args, "bf16", {"layers.9.feed_forward.w2.weight": ("q6_k", None)})}
+    monkeypatch.setattr(costs, "link_gbps", lambda device: 25.0)
+    rates = {"bf16": 30.0, "q6_k": 15.0}
+    monkeypatch.setattr(costs, "cpu_gbps", lambda fmt, size, k, kernels: rates[fmt])
+    ffn = "layers.9.feed_forward"
+    table = costs.measure({ffn: groups[ffn]}, torch.device("cpu"), None)
+    assert set(table.cpu_gbps) == {"bf16//4096", "q6_k//14336"}
+    want = sum(t.nbytes / rates[t.dtype] / 1e9 for t in groups[ffn] if len(t.shape) == 2)  # w1, w3 bf16; w2 q6_k
+    assert table.cpu_s(ffn, 0) == pytest.approx(want) and table.link_s(25_000_000) == pytest.approx(1e-3)
+    assert "link 25.0 GB/s" in table.describe() and "q6_k//14336 15.0" in table.describe()
+    with pytest.raises(KeyError, match="layers.10.feed_forward"):
+        table.cpu_s("layers.10.feed_forward", 0)
+    flat = costs.MeasuredCosts(25.0, {"bf16//4096": 30.0}, {g: {"bf16//4096": 1} for g in groups})
+    _, plan = plan_8b("auto", flat)
+    assert plan.costs_from == flat.describe() and "costs measured: link 25.0 GB/s" in plan.describe()
+
+
+def test_cpu_rate_of_a_format_is_measured_on_its_held_kernels():
+    """costs.cpu_gbps on this CPU: a positive, finite rate for a quantized format (through model/cpu_kernels.py's
+    kernels) and for a plain one, from a small pool."""
+    import math
+
+    from runtime.engine import costs
+    from runtime.env import cpu_kernels
+
+    for fmt, size in (("q4_k", None), ("int4", 64), ("bf16", None)):
+        r = costs.cpu_gbps(fmt, size, 512, cpu_kernels(), pool_mb=2, reps=1)
+        assert 0 < r < math.inf, (fmt, r)

@@ -117,6 +117,9 @@ class CostTable(Protocol):
     def cpu_s(self, group: str, nbytes: int) -> float:
         """Group ``group`` (``nbytes`` as stored) computed by the CPU in place."""
 
+    def describe(self) -> str:
+        """Where the rates come from, for the plan's table."""
+
 
 @dataclass(frozen=True)
 class Rates:
@@ -135,6 +138,9 @@ class Rates:
 
     def cpu_s(self, group: str, nbytes: int) -> float:
         return nbytes / (self.cpu_gbps * 1e9)
+
+    def describe(self) -> str:
+        return f"given: link {self.link_gbps:g} GB/s, CPU {self.cpu_gbps:g} GB/s"
 
 
 @dataclass(frozen=True)
@@ -181,6 +187,7 @@ class Plan:
     cpu_compute: str = "off"  # the request: "off", "auto" or a count
     cpu_tokens_max: int = CPU_TOKENS_MAX
     pipes_ms: Mapping[str, float] = field(default_factory=dict)  # "link", "cpu": a small pass's ms (with a cost table)
+    costs_from: str = ""  # the cost table's rates (CostTable.describe)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "group_bytes", MappingProxyType(dict(self.group_bytes)))
@@ -300,7 +307,7 @@ class Plan:
                 "labels": dict(self.labels), "demand_slots": self.demand_slots,
                 "demand_slot_bytes": self.demand_slot_bytes, "routing_from": self.routing_from,
                 "experts": self.expert_tiers(), "cpu": list(self.cpu), "cpu_compute": self.cpu_compute,
-                "cpu_tokens_max": self.cpu_tokens_max, "pipes_ms": dict(self.pipes_ms)}
+                "cpu_tokens_max": self.cpu_tokens_max, "pipes_ms": dict(self.pipes_ms), "costs_from": self.costs_from}
 
     def describe(self) -> str:
         """A short table: tier, groups (counts by kind), bytes; then per-pass bytes and the budgets."""
@@ -348,6 +355,7 @@ class Plan:
         cpu = f"CPU {self._counts(self.cpu)} in place {h(c)}" + (f" {ms['cpu']:.2f} ms" if ms else "")
         bound = f", bound max {max(ms.values()):.2f} ms" if ms else ""
         return [f"  cpu compute {self.cpu_compute}, passes of <= {self.cpu_tokens_max} tokens: {link} | {cpu}{bound}",
+                *([f"  costs {self.costs_from}"] if self.costs_from else []),
                 f"  passes of more tokens: every group on the GPU, link {h(self.h2d_bytes_many_tokens)}"]
 
     def _counts(self, names: Sequence[str]) -> str:
@@ -526,7 +534,9 @@ def with_cpu_set(plan: Plan, args: ModelArgs, value: str | int, costs: CostTable
     if not plan.is_cuda:
         return dataclasses.replace(plan, cpu_compute=req)
     kinds = set(stateless_kinds(args))
-    cands = [g for g in plan.sequence if g in set(plan.dram) and group_kind(g) in kinds]
+    cands = cpu_candidates(plan, args)
+    if value == "auto" and not cands:  # nothing to choose from
+        return dataclasses.replace(plan, cpu_compute=req)
     if value == "auto" and costs is None:
         raise ConfigError("--cpu-compute auto needs the link's and the CPU's measured rates (a cost table); give a "
                           "number of groups instead")
@@ -546,7 +556,14 @@ def with_cpu_set(plan: Plan, args: ModelArgs, value: str | int, costs: CostTable
         chosen = min((spread(n) for n in range(len(cands) + 1)), key=lambda c: (max(pipes(c).values()), len(c)))
     else:
         chosen = spread(value)
-    return dataclasses.replace(plan, cpu=chosen, cpu_compute=req, pipes_ms=pipes(chosen) if costs else {})
+    return dataclasses.replace(plan, cpu=chosen, cpu_compute=req, pipes_ms=pipes(chosen) if costs else {},
+                               costs_from=costs.describe() if costs else "")
+
+
+def cpu_candidates(plan: Plan, args: ModelArgs) -> list[str]:
+    """The groups the CPU compute set is chosen from: the DRAM tier's of a stateless kind, in pass order."""
+    kinds = set(stateless_kinds(args))
+    return [g for g in plan.sequence if g in set(plan.dram) and group_kind(g) in kinds]
 
 
 def _check_inputs(group_bytes, args, mode, device, gpu_layers, cpu_layers, distance, depth) -> bool:

@@ -35,11 +35,12 @@ from runtime.engine.batching import (
     kv_cache_bytes,
     kv_device_rows,
 )
-from runtime.engine.config import EngineConfig
+from runtime.engine.config import EngineConfig, cpu_compute_value
 from runtime.engine.drafts import draft_gpu_bytes, open_draft_image
 from runtime.engine.placement import (
     Budgets,
     Plan,
+    cpu_candidates,
     expert_counts_path,
     guessed,
     plan_placement,
@@ -161,8 +162,8 @@ def make_plan(image: Image, cfg: EngineConfig, device, kv_bytes: int, act_bytes:
                               device=_kind(device), gpu_cached_layers=p.gpu_cached_layers,
                               cpu_cache_layers=p.cpu_cache_layers, prefetch_distance=p.prefetch_distance,
                               group_prefetch_depth=p.group_prefetch_depth, expert_counts=counts,
-                              routing_from=counts_file or "", cpu_compute=p.cpu_compute,
-                              expert_prefetch=p.expert_prefetch)
+                              routing_from=counts_file or "", expert_prefetch=p.expert_prefetch)
+        plan = with_measured_cpu_set(plan, image, p.cpu_compute, device)
         return dataclasses.replace(plan, stored_as=image.format_summary())
     except ConfigError as e:
         if held:
@@ -204,7 +205,20 @@ def plan_for_pool(image: Image, cfg: EngineConfig, device, rec: dict, kv_bytes: 
                                expert_prefetch=prefetch_room(cfg.placement.expert_prefetch, demand if on_demand else 0)
                                if guessed(image.args, base.gpu, dram, _kind(device) == "cuda") else 0,
                                budgets=dataclasses.replace(base.budgets, dram_bytes=None))
-    return with_cpu_set(plan, image.args, cfg.placement.cpu_compute)  # from the DRAM tier the pool holds
+    return with_measured_cpu_set(plan, image, cfg.placement.cpu_compute, device)  # of the DRAM tier the pool holds
+
+
+def with_measured_cpu_set(plan: Plan, image: Image, value, device) -> Plan:
+    """``plan`` with its CPU compute set (``--cpu-compute``), priced on CUDA by the link's and the CPU kernels'
+    rates measured here and now (runtime/engine/costs.py): auto chooses from them, N shows both pipes."""
+    if cpu_compute_value(value) == "off" or not plan.is_cuda:
+        return with_cpu_set(plan, image.args, value)
+    from runtime.engine.costs import measure
+    from runtime.env import cpu_kernels
+
+    cands = cpu_candidates(plan, image.args)
+    costs = measure({g: image.groups[g].tensors for g in cands}, device, cpu_kernels()) if cands else None
+    return with_cpu_set(plan, image.args, value, costs)
 
 
 def planned(image: Image, cfg: EngineConfig, device, batch: int, max_len: int, chunk: int, all_logits: bool,
