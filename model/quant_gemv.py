@@ -16,6 +16,14 @@ puts a quantized byte q under 2^23's exponent, which reads as the float 2^23 + q
 A high nibble is taken as 16 q (the byte masked, not shifted) with D / 16 (exact, and no fp16 scale is small
 enough to underflow): the same product, one operation less.
 
+*Factored* products (FACTOR; launch_config's choice for Q4_K and Q6_K at one row): the values are not formed.
+A byte permute with zero puts q alone in an int32, which read as float32 is the subnormal q 2^-149; one fma.rn
+(never flushed to zero) multiplies it by 2^64 x and adds it to the sub-block's sum, exact but for the product's
+rounding (x q 2^-85 is a normal float for |x q| >= 2^-41); the sub-block's sum is then scaled once, D 2^85 s +
+A 2^-64 sum(2^64 x) (Q6_K: D (2^85 s - 32 2^-64 sum(2^64 x))). Two operations a value instead of four, at the
+price of another order of rounding: a one-hot x still gives gguf's values exactly, and any x the products
+within a float32 sum's rounding of the exact ones.
+
 Work split: a program takes BN rows of w and walks the row in steps of NC *chunks*, a chunk being what one set of
 scales covers (a 32-value block; a quarter of a 256-value super-block, 64 values). The NC chunks of a step lie
 across the 32 lanes of a warp, the rows of w (and of x) in each thread's registers, so every load is a lane's own
