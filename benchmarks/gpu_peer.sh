@@ -16,7 +16,8 @@
 # (/tmp/out) at the end. A file and setting whose result is there already is not run again: the same command run
 # a second time on the warm machine does what the first call's budget left out (the build found done), and its
 # table holds both calls' rows. FRESH=1 empties RESULTS first (a new start, or other settings).
-# env: SKIP_BF16 SKIP_INT4 SKIP_8B SKIP_70B (a file), SKIP_SPLIT (the -ngl 17 / preload runs), SKIP_OURS, SKIP_LLAMACPP
+# env: SKIP_BF16 SKIP_INT4 SKIP_8B SKIP_70B (a file), SKIP_SPLIT (the -ngl 17 / preload runs), SKIP_CPU (ours with
+#      --cpu-compute CPU_COMPUTE, auto, beside the split: issue 28), SKIP_OURS, SKIP_LLAMACPP
 #      (a side), LAYERS (32), GPU_LAYERS (17), THREADS (16, llama.cpp's -t in the split), PROMPT_TOKENS (512),
 #      NEW_TOKENS (64), REPS (3, llama-bench -r), LLAMACPP_FA (0: see gpu_llamacpp_build.sh), BUILD_WAIT (300 s at
 #      most for the build), BUDGET (540 s for the whole call), LLAMA_BENCH (a llama-bench binary to use instead of
@@ -42,7 +43,7 @@ OUT=${OUT:-/tmp/out}; W=${W:-/tmp/peer}; R=${RESULTS:-/tmp/peer-results}
 mkdir -p "$OUT" "$W" "$R"
 DEVICE=${DEVICE:-cuda}; LAYERS=${LAYERS:-32}; NGL=${GPU_LAYERS:-17}; PT=${PROMPT_TOKENS:-512}; NT=${NEW_TOKENS:-64}
 # rough seconds per file on the H100 machine (write, pack, bench; llama.cpp: write again, llama-bench), for left()
-declare -A EST=([ours-8b-bf16]=120 [ours-8b-int4]=100 [ours-8b-q4km]=60 [ours-70b-q4km]=150 [ours-split]=60
+declare -A EST=([ours-8b-bf16]=120 [ours-8b-int4]=100 [ours-8b-q4km]=60 [ours-70b-q4km]=150 [ours-split]=60 [ours-cpu]=60
                 [lcpp-8b-bf16]=45 [lcpp-8b-q4km]=30 [lcpp-70b-q4km]=45 [lcpp-split]=60)
 est() { echo "${EST[$1]:-30}"; }
 source benchmarks/peer_lib.sh
@@ -61,11 +62,13 @@ synth() {  # name preset type: writes $W/name.gguf (seed 0) and its sizes to $R/
     --out "$W/$1.gguf" --info-json "$R/weights-$1.json" || { say "$1: writing the GGUF failed"; rm -f "$W/$1.gguf"
                                                                return 1; }
 }
-splits() {  # name: the settings this file runs: every layer on the GPU; the split for the 70B shape
-  echo gpu; [ "${SKIP_SPLIT:-0}" = 1 ] || [[ $1 != 70b* ]] || echo split
+splits() {  # side name: the settings this file runs: every layer on the GPU; for the 70B shape the split, and
+            # (ours) the split with the CPU computing DRAM-tier groups in place (--cpu-compute)
+  echo gpu; [ "${SKIP_SPLIT:-0}" = 1 ] || [[ $2 != 70b* ]] || echo split
+  [ "${SKIP_SPLIT:-0}" = 1 ] || [ "${SKIP_CPU:-0}" = 1 ] || [ "$1" != ours ] || [[ $2 != 70b* ]] || echo cpu
 }
 todo() {  # side name: the settings of file name with no result of side (ours, lcpp) in RESULTS yet
-  local s; for s in $(splits "$2"); do [ -s "$R/$1-$2-$s.json" ] || echo "$s"; done
+  local s; for s in $(splits "$1" "$2"); do [ -s "$R/$1-$2-$s.json" ] || echo "$s"; done
 }
 
 if [ "${SKIP_OURS:-0}" != 1 ]; then
@@ -87,11 +90,12 @@ if [ "${SKIP_OURS:-0}" != 1 ]; then
     [ -f "$W/prompt.txt" ] || python3 benchmarks/peer_compare.py prompt --tokenizer "$W/$name.img.tokenizer" \
       --tokens "$PT" --out "$W/prompt.txt"
     for s in $ss; do
-      [ "$s" = gpu ] || left "$(est ours-split)" "ours on $name, split" || continue
+      [ "$s" = gpu ] || left "$(est "ours-$s")" "ours on $name, $s" || continue
       if [ "$s" = gpu ]; then
         how=(--mode full); [ "$DEVICE" = cuda ] && how+=(--cuda-graphs on)
       else
         how=(--mode preload --gpu-cached-layers "$NGL")
+        [ "$s" = cpu ] && how+=(--cpu-compute "${CPU_COMPUTE:-auto}")
       fi
       js="$R/ours-$name-$s.json"
       timeout 300 python3 launch.py bench --image "$W/$name.img" --prompts "$W/prompt.txt" --device "$DEVICE" \

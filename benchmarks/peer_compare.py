@@ -27,8 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 NAMES = {"8b-bf16": ("8B-shaped", "bf16"), "8b-int4": ("8B-shaped", "our int4 g64 (no llama.cpp run)"),
          "8b-q4km": ("8B-shaped", "Q4_K_M"), "70b-q4km": ("70B-shaped", "Q4_K_M")}
-SETTINGS = {"gpu": "all layers on the GPU: -ngl 99 / --mode full", "split": "first layers on the GPU: -ngl N -t T / "
-                                                                            "--mode preload --gpu-cached-layers N"}
+SETTINGS = {"gpu": "all layers on the GPU: -ngl 99 / --mode full",
+            "split": "first layers on the GPU: -ngl N -t T / --mode preload --gpu-cached-layers N",
+            "cpu": "ours, the split with --cpu-compute (auto unless CPU_COMPUTE said otherwise): the CPU computes "
+                   "DRAM-tier groups in place while the link streams the rest; llama.cpp's row: the split's"}
 
 
 def measure_hbm(nbytes: int = 2 << 30, reps: int = 20) -> dict:
@@ -141,7 +143,10 @@ def table_rows(d: Path) -> list[list[str]]:
                         if p.name.startswith(("ours-", "lcpp-"))}, key=_order):
         w = _load(d / f"weights-{name}.json") or {}
         for setting in SETTINGS:
-            rep, lrows = _load(d / f"ours-{name}-{setting}.json"), _load(d / f"lcpp-{name}-{setting}.json")
+            rep = _load(d / f"ours-{name}-{setting}.json")
+            lrows = _load(d / f"lcpp-{name}-{'split' if setting == 'cpu' else setting}.json")
+            if setting == "cpu" and rep is None:
+                continue
             if rep is None and lrows is None:
                 continue
             o = ours_rates(rep) if rep else {}
