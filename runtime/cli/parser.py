@@ -106,8 +106,8 @@ def _runtime_args(p) -> None:
     arg(g, "--cpu-compute", E, metavar="off|auto|N",
         help="on CUDA, DRAM-tier groups of a stateless kind (a dense model's FFN) that the CPU computes in place "
              "from the ring in passes of a few tokens, instead of copying them over the link: N such groups, or "
-             "auto: as many as make the link and the CPU finish together; spread over the pass; passes of many "
-             "tokens copy them as before (default %(default)s)")
+             "auto: as many as make the link and the CPU finish together, from their rates measured at the start; "
+             "spread over the pass; passes of many tokens copy them as before (default %(default)s)")
     arg(g, "--expert-counts", E, metavar="FILE",
         help="a mixture of experts: how often each expert was routed on some text, JSON {\"counts\": [per layer, "
              "per expert]}; the tiers take the most used experts first (default: IMAGE.expert-counts.json beside "
