@@ -34,6 +34,8 @@ if [ "${1:-}" = --wait ]; then
 fi
 
 set -uo pipefail
+exec 9> /tmp/llamacpp.lock  # one build at a time: a second start while one runs leaves it to finish
+flock -n 9 || { echo "a llama.cpp build is already running here: wait for it with --wait"; exit 0; }
 FA=${LLAMACPP_FA:-0}
 if grep -q "^ok .* fa=$FA\$" "$MARK" 2>/dev/null && [ -x "$D/b/bin/llama-bench" ]; then
   echo "llama.cpp already built here: $(cat "$MARK")"; exit 0

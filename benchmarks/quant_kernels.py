@@ -23,7 +23,7 @@ the ratio of the two, and the largest error against float32 F.linear of the dequ
 relative to the largest value (the tolerance the tests state is exact per value; this is a sanity check).
 ``--sweep`` then times other launches on a few cases (q4_k, q6_k, q8_0; 8B wq/wo and w1/w3, 70B wk/wv and w2) and
 prints the best next to launch_config's choice. ``--gemv-grid``: one row of bf16 x on the large Q4_K and Q6_K
-matrices, every launch of rows of w a program (1-8), chunks a step (32-256) and warps (1-8), with the exact
+matrices, every launch of rows of w a program (2-8), chunks a step (32-128) and warps (1-4), with the exact
 products and with the factored ones (model/quant_gemv.py FACTOR): the best of each and launch_config's.
 ``--quality`` prints the reconstruction MSE of our int4/int8 and gguf's Q4_1/Q4_0/Q8_0 on SmolLM2's tensors
 dequantized to float32.
@@ -227,14 +227,14 @@ def sweep(torch, quant, gemv, do_bench) -> None:
         del raw
         torch.cuda.empty_cache()
 
-GRID_CASES = [("q4_k", 7), ("q4_k", 8), ("q4_k", 9), ("q4_k", 2), ("q4_k", 3), ("q6_k", 8), ("q6_k", 9), ("q6_k", 3)]
+GRID_CASES = [("q4_k", 7), ("q4_k", 8), ("q4_k", 9), ("q4_k", 2), ("q6_k", 8), ("q6_k", 9)]
 
 
 def grid_launches(gemv, scheme: str, k: int) -> list:
     """--gemv-grid's one-row launches: exact and factored products, rows of w a program, chunks a step and warps."""
     n_chunks = k // gemv.BLOCKS[scheme][2]
-    shapes = [(32, 1), (64, 1), (64, 2), (128, 2), (128, 4), (256, 4), (256, 8)]  # (chunks, warps)
-    return [gemv.Launch(False, bn, 1, nc, w, 1, f) for f in (False, True) for bn in (1, 2, 4, 8)
+    shapes = [(32, 1), (64, 1), (64, 2), (128, 4)]  # (chunks, warps)
+    return [gemv.Launch(False, bn, 1, nc, w, 1, f) for f in (False, True) for bn in (2, 4, 8)
             for nc, w in shapes if nc <= n_chunks]
 
 
