@@ -155,3 +155,20 @@ def test_bound_counts_the_offloaded_kv_read_back():
     assert b["limited_by"] == "h2d" and abs(b["step_ms"] - 19_155_828_736 / 54.59e9 * 1e3) < 1e-6
     assert abs(b["ratio"] - 349.9 / b["step_ms"]) < 1e-12 and 0.99 < b["ratio"] < 1.0
     assert bound_report(plan, lk, 349.9)["step_ms"] < 0.6 * b["step_ms"]  # without the KV: weights only
+
+
+def test_bound_line_names_the_limiting_pipe():
+    """The summary's bound line for each limit: a link's bytes and rate; the CPU compute set (--cpu-compute), whose
+    rates were measured when planned and which has no link of its own in the report."""
+    from runtime.measure.bench import bound_line
+
+    rep = {"bytes_per_token": {"h2d": 8e9, "disk": 0}, "kv": {"h2d_bytes_per_step": 0, "host_kv_bytes_per_step": 0},
+           "links": {"h2d": {"gbps": 50.0}}, "plan": {"cpu_bytes_per_pass": 4e9},
+           "bound": {"step_ms": 160.0, "limited_by": "h2d", "terms_ms": {"h2d": 160.0}, "decode_step_ms": 176.0,
+                     "ratio": 1.1}}
+    assert bound_line(rep) == "decode step 176.0 ms, bound 160.0 ms (h2d 8.00 GB @ 50.00 GB/s), achieved/bound 1.10"
+    rep["bound"] = {"step_ms": 90.0, "limited_by": "cpu", "terms_ms": {"h2d": 80.0, "cpu": 90.0},
+                    "decode_step_ms": 99.0, "ratio": 1.1}
+    line = bound_line(rep)
+    assert "bound 90.0 ms (the CPU computes 4.00 GB in place" in line and "link's pipe 80.0 ms" in line, line
+    assert line.endswith("achieved/bound 1.10")

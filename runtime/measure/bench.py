@@ -580,8 +580,14 @@ def bound_line(rep: dict) -> str:
     if b["ratio"] is None:
         return f"bound {b['step_ms']:.1f} ms per decode step; no decode step was measured (--max-new-tokens 1)"
     low = " (below 1: the link figure is low, e.g. a short measurement)" if b["ratio"] < 0.95 else ""
-    return (f"decode step {b['decode_step_ms']:.1f} ms, bound {b['step_ms']:.1f} ms ({lim} {fmt_gb(moved)} @ "
-            f"{rep['links'][lim]['gbps']:.2f} GB/s), achieved/bound {b['ratio']:.2f}{low}")
+    if lim == "cpu":  # --cpu-compute: the CPU set's groups at the rates measured when planned
+        plan = rep.get("plan") or {}
+        how = (f"the CPU computes {fmt_gb(plan.get('cpu_bytes_per_pass') or 0)} in place at the rates measured when "
+               f"planned; the link's pipe {b['terms_ms'].get('h2d', 0):.1f} ms")
+    else:
+        how = f"{lim} {fmt_gb(moved)} @ {rep['links'][lim]['gbps']:.2f} GB/s"
+    return (f"decode step {b['decode_step_ms']:.1f} ms, bound {b['step_ms']:.1f} ms ({how}), "
+            f"achieved/bound {b['ratio']:.2f}{low}")
 
 
 def summary(rep: dict, plan_text: str) -> str:
