@@ -472,7 +472,8 @@ class Launch:
 
 
 FACTORED = ("q4_k", "q6_k")  # FMA: the products factored (FACTOR, module docstring)
-FMA_ROWS = (8, 4, 2, 1)  # rows of w a one-warp FMA program, the first that gives enough programs
+FMA_ROWS = (2, 1)  # rows of w a one-warp FMA program, the first that gives enough programs (H100, one row: 2 beat
+# 4 and 8 on the large Q4_K/Q6_K matrices of the 8B and 70B shapes, quant_kernels.py --gemv-grid)
 FMA_PROGRAMS_PER_SM = 8  # enough warps an SM to hide the latency of the loads and of the dependent arithmetic
 DOT_BLOCK_N = 64  # DOT: 64 rows of w, 16 a warp
 DOT_BLOCK_M = 64  # and 64 rows of x (fewer are padded): sm_90's warpgroup MMA, fewer instructions a value than at 16
