@@ -17,7 +17,8 @@
 # a second time on the warm machine does what the first call's budget left out (the build found done), and its
 # table holds both calls' rows. FRESH=1 empties RESULTS first (a new start, or other settings).
 # env: SKIP_BF16 SKIP_INT4 SKIP_8B SKIP_70B (a file), SKIP_SPLIT (the -ngl 17 / preload runs), SKIP_CPU (ours with
-#      --cpu-compute CPU_COMPUTE, auto, beside the split: issue 28), SKIP_OURS, SKIP_LLAMACPP
+#      --cpu-compute CPU_COMPUTE, auto, beside the split: issue 28), ONLY (settings to run, e.g. "split cpu"),
+#      SKIP_OURS, SKIP_LLAMACPP
 #      (a side), LAYERS (32), GPU_LAYERS (17), THREADS (16, llama.cpp's -t in the split), PROMPT_TOKENS (512),
 #      NEW_TOKENS (64), REPS (3, llama-bench -r), LLAMACPP_FA (0: see gpu_llamacpp_build.sh), BUILD_WAIT (300 s at
 #      most for the build), BUDGET (540 s for the whole call), LLAMA_BENCH (a llama-bench binary to use instead of
@@ -67,8 +68,10 @@ splits() {  # side name: the settings this file runs: every layer on the GPU; fo
   echo gpu; [ "${SKIP_SPLIT:-0}" = 1 ] || [[ $2 != 70b* ]] || echo split
   [ "${SKIP_SPLIT:-0}" = 1 ] || [ "${SKIP_CPU:-0}" = 1 ] || [ "$1" != ours ] || [[ $2 != 70b* ]] || echo cpu
 }
-todo() {  # side name: the settings of file name with no result of side (ours, lcpp) in RESULTS yet
-  local s; for s in $(splits "$1" "$2"); do [ -s "$R/$1-$2-$s.json" ] || echo "$s"; done
+todo() {  # side name: the settings of file name with no result of side (ours, lcpp) in RESULTS yet (and in ONLY)
+  local s; for s in $(splits "$1" "$2"); do
+    [ -s "$R/$1-$2-$s.json" ] || [[ -n ${ONLY:-} && " $ONLY " != *" $s "* ]] || echo "$s"
+  done
 }
 
 if [ "${SKIP_OURS:-0}" != 1 ]; then
