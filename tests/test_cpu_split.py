@@ -216,3 +216,35 @@ def test_cpu_rate_of_a_format_is_measured_on_its_held_kernels():
     for fmt, size in (("q4_k", None), ("int4", 64), ("bf16", None)):
         r = costs.cpu_gbps(fmt, size, 512, cpu_kernels(), pool_mb=2, reps=1)
         assert 0 < r < math.inf, (fmt, r)
+
+
+def test_the_run_measures_its_costs_after_checking_the_request(monkeypatch):
+    """runtime/engine/source.py with_measured_cpu_set, the run's path on CUDA: a count beyond the candidates is
+    refused before anything is measured; auto and N are priced by what costs.measure returns for the candidates
+    (here a fake, as a CPU-only machine has no link to time); off and the CPU measure nothing."""
+    from types import SimpleNamespace
+
+    from runtime.engine import costs
+    from runtime.engine.source import with_measured_cpu_set
+    from runtime.format.image import plan_layout
+
+    args, plan = plan_8b()
+    image = SimpleNamespace(args=args, groups={g.name: g for g in plan_layout(args, "bf16")})
+    asked = []
+
+    def measure(groups, device, kernels):
+        asked.append(sorted(groups))
+        return FakeCosts(30.0)
+
+    monkeypatch.setattr(costs, "measure", measure)
+    with pytest.raises(ConfigError, match="expected 0..24"):
+        with_measured_cpu_set(plan, image, "25", "cuda")
+    assert asked == []
+    auto = with_measured_cpu_set(plan, image, "auto", "cuda")
+    assert asked == [sorted(candidates(args, plan))] and auto.cpu == plan_8b("auto", FakeCosts(30.0))[1].cpu
+    assert auto.costs_from == "fake: link 25 GB/s, CPU 30 GB/s" and set(auto.pipes_ms) == {"link", "cpu"}
+    four = with_measured_cpu_set(plan, image, 4, "cuda")
+    assert len(four.cpu) == 4 and four.cpu_compute == "4" and four.pipes_ms
+    assert with_measured_cpu_set(plan, image, "off", "cuda") is plan and len(asked) == 2
+    _, on_cpu = plan_8b(device="cpu", gpu_layers=None)
+    assert with_measured_cpu_set(on_cpu, image, "auto", "cpu").cpu == () and len(asked) == 2

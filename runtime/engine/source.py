@@ -211,8 +211,11 @@ def plan_for_pool(image: Image, cfg: EngineConfig, device, rec: dict, kv_bytes: 
 def with_measured_cpu_set(plan: Plan, image: Image, value, device) -> Plan:
     """``plan`` with its CPU compute set (``--cpu-compute``), priced on CUDA by the link's and the CPU kernels'
     rates measured here and now (runtime/engine/costs.py): auto chooses from them, N shows both pipes."""
-    if cpu_compute_value(value) == "off" or not plan.is_cuda:
+    value = cpu_compute_value(value)
+    if value == "off" or not plan.is_cuda:
         return with_cpu_set(plan, image.args, value)
+    if isinstance(value, int):
+        with_cpu_set(plan, image.args, value)  # a count beyond the candidates refused before anything is measured
     from runtime.engine.costs import measure
     from runtime.env import cpu_kernels
 
