@@ -87,6 +87,30 @@ def test_tiles_equal_the_reference(scheme, group, backend):
         assert y.shape == (1, m, shape[0]) and rel_err(y, F.linear(x, dense)) < 1e-5, (scheme, m)
 
 
+@pytest.mark.parametrize("backend", backends("simd", "simd-avx2"))
+@pytest.mark.parametrize("scheme, group", [("q4_1", None), ("int4", 64), ("q4_k", None)])
+def test_nibble_tiles_with_subnormals_flushed(scheme, group, backend):
+    """AVX2's nibble tiles take the masked bits as subnormal floats (model/cpu_simd.c SUBNORMAL): with DAZ set in the
+    computing thread (torch.set_flush_denormal: one thread, this one) they convert the values instead, and the
+    products are the same within 1e-5; x of every magnitude a model's activations take."""
+    shape = (SHAPE[0], 512) if scheme.endswith("_k") else SHAPE
+    w = random_weight(scheme, shape, group, seed=3)
+    t, dense = ck.tile(w, lib(backend)), w.dense()
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 3, shape[1], generator=gen) * torch.logspace(-6, 4, 3).view(1, 3, 1)
+    ref = F.linear(x, dense)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        for flush in (False, True):
+            assert torch.set_flush_denormal(flush) or not flush  # False: this CPU cannot (then the first pass only)
+            for r in range(3):
+                assert rel_err(t.linear(x[:, r:r + 1]), ref[:, r:r + 1]) < 1e-5, (scheme, flush, r)
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("backend", backends("simd", "inductor"))
 @pytest.mark.parametrize("scheme", ["q4_1", "q8_0"])
 def test_hold_tiles_siblings_together(backend, scheme):
