@@ -330,18 +330,19 @@ def _kquant(acc, blk, c, ok, xp, magic, SCHEME: tl.constexpr, DOT: tl.constexpr,
             acc = acc + D1 * _add(p1 * TWO85, xs1[None] * M32TWO_64, EXACT)
             acc = acc + D2 * _add(p2 * TWO85, xs2[None] * M32TWO_64, EXACT)
             acc = acc + D3 * _add(p3 * TWO85, xs3[None] * M32TWO_64, EXACT)
-        for s in tl.static_range(0 if FACTOR else 2):
-            qa = _words(ql + 8 * s, 2)  # low nibbles: group 0, high: group 2
-            qb = _words(ql + 32 + 8 * s, 2)  # low: group 1, high: group 3
-            qh = _words(qhp + 8 * s, 2)  # bits 2 g, 2 g + 1: the top two bits of group g
-            w0, w1, w2, w3 = _planes((qa & LO4) | ((qh << 4) & BITS45), D0, 0.0, magic, False, 32, EXACT)
-            acc = _use(acc, w0, w1, w2, w3, xp + 8 * s, DOT, XBF16, IEEE)
-            w0, w1, w2, w3 = _planes((qb & LO4) | ((qh << 2) & BITS45), D1, 0.0, magic, False, 32, EXACT)
-            acc = _use(acc, w0, w1, w2, w3, xp + 32 + 8 * s, DOT, XBF16, IEEE)
-            w0, w1, w2, w3 = _planes(((qa >> 4) & LO4) | (qh & BITS45), D2, 0.0, magic, False, 32, EXACT)
-            acc = _use(acc, w0, w1, w2, w3, xp + 64 + 8 * s, DOT, XBF16, IEEE)
-            w0, w1, w2, w3 = _planes(((qb >> 4) & LO4) | ((qh >> 2) & BITS45), D3, 0.0, magic, False, 32, EXACT)
-            acc = _use(acc, w0, w1, w2, w3, xp + 96 + 8 * s, DOT, XBF16, IEEE)
+        else:
+            for s in tl.static_range(2):
+                qa = _words(ql + 8 * s, 2)  # low nibbles: group 0, high: group 2
+                qb = _words(ql + 32 + 8 * s, 2)  # low: group 1, high: group 3
+                qh = _words(qhp + 8 * s, 2)  # bits 2 g, 2 g + 1: the top two bits of group g
+                w0, w1, w2, w3 = _planes((qa & LO4) | ((qh << 4) & BITS45), D0, 0.0, magic, False, 32, EXACT)
+                acc = _use(acc, w0, w1, w2, w3, xp + 8 * s, DOT, XBF16, IEEE)
+                w0, w1, w2, w3 = _planes((qb & LO4) | ((qh << 2) & BITS45), D1, 0.0, magic, False, 32, EXACT)
+                acc = _use(acc, w0, w1, w2, w3, xp + 32 + 8 * s, DOT, XBF16, IEEE)
+                w0, w1, w2, w3 = _planes(((qa >> 4) & LO4) | (qh & BITS45), D2, 0.0, magic, False, 32, EXACT)
+                acc = _use(acc, w0, w1, w2, w3, xp + 64 + 8 * s, DOT, XBF16, IEEE)
+                w0, w1, w2, w3 = _planes(((qb >> 4) & LO4) | ((qh >> 2) & BITS45), D3, 0.0, magic, False, 32, EXACT)
+                acc = _use(acc, w0, w1, w2, w3, xp + 96 + 8 * s, DOT, XBF16, IEEE)
     else:  # Q4_K/Q5_K: sub-blocks 2 c (low nibbles) and 2 c + 1 (high), (d sc) q - dmin m
         hdr = tl.load(blk.to(tl.pointer_type(tl.int32), bitcast=True)[:, :, None] + tl.arange(0, 4)[None, None, :])
         u, v = tl.split(tl.reshape(hdr, (hdr.shape[0], hdr.shape[1], 2, 2)))

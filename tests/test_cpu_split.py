@@ -194,6 +194,8 @@ def test_measured_costs_price_a_group_by_its_formats(monkeypatch):
     monkeypatch.setattr(costs, "cpu_gbps", lambda fmt, size, k, kernels: rates[fmt])
     ffn = "layers.9.feed_forward"
     table = costs.measure({ffn: groups[ffn]}, torch.device("cpu"), None)
+    monkeypatch.setattr(costs, "cpu_gbps", lambda *a: pytest.fail("measured twice"))  # a second plan of the run
+    assert costs.measure({ffn: groups[ffn]}, torch.device("cpu"), None) is table
     assert set(table.cpu_gbps) == {"bf16//4096", "q6_k//14336"}
     want = sum(t.nbytes / rates[t.dtype] / 1e9 for t in groups[ffn] if len(t.shape) == 2)  # w1, w3 bf16; w2 q6_k
     assert table.cpu_s(ffn, 0) == pytest.approx(want) and table.link_s(25_000_000) == pytest.approx(1e-3)

@@ -72,10 +72,10 @@ def _matrix(fmt: str, group: int | None, k: int, gen: torch.Generator, kernels):
     """A random (ROWS, k) matrix of ``fmt`` as a CPU run holds it (model/cpu_kernels.py ``hold``), and its stored
     bytes."""
     from model.cpu_kernels import hold
+    from runtime.format.image import TORCH_DTYPES
 
-    if fmt in ("bf16", "fp16", "fp32"):
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[fmt]
-        w = (torch.randn(ROWS, k, generator=gen) * 0.02).to(dtype)
+    if fmt in TORCH_DTYPES:
+        w = (torch.randn(ROWS, k, generator=gen) * 0.02).to(TORCH_DTYPES[fmt])
         return w, w.numel() * w.element_size()
     qw = random_quantized(fmt, (ROWS, k), group, gen)
     return hold({"w": qw}, torch.float32, kernels)["w"], qw.raw.numel()
@@ -116,9 +116,20 @@ def group_formats(tensors: Iterable) -> dict[tuple[str, int | None, int], int]:
     return out
 
 
+_MEASURED: dict = {}  # (device, kernels, the groups' matrices) -> the table: a run plans more than once (KV on/off)
+
+
 def measure(groups: Mapping[str, Iterable], device: torch.device, kernels, progress=None) -> MeasuredCosts:
     """The cost table of ``groups`` (name -> its TensorSpecs), the candidates of the CPU compute set, on this
-    machine: the link to ``device`` and each (format, group size, columns) the groups store."""
+    machine: the link to ``device`` and each (format, group size, columns) the groups store; measured once a
+    process for the same groups."""
+    key = (str(device), kernels, tuple((g, tuple(ts)) for g, ts in groups.items()))
+    if key not in _MEASURED:
+        _MEASURED[key] = _measure(groups, device, kernels, progress)
+    return _MEASURED[key]
+
+
+def _measure(groups: Mapping[str, Iterable], device: torch.device, kernels, progress=None) -> MeasuredCosts:
     link = link_gbps(device)
     shapes: dict[str, dict[tuple[str, int | None, int], int]] = {g: group_formats(ts) for g, ts in groups.items()}
     keys = sorted({key for parts in shapes.values() for key in parts}, key=str)
