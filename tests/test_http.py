@@ -24,7 +24,7 @@ and raw HTTP (httpx).
       top_k 1 and min_p 1 sample the greedy tokens; penalties, top-k and min-p together give the tokens of an
       in-process scheduler with the same settings; n = 3 choices are the solo runs of seed + i, the prompt counted
       once; models.retrieve; the batch-size gauge reads 0 when idle.
-  test_json_schema_answers             response_format json_schema: 10 prompts' answers (sent at once, one
+  test_json_schema_answers             response_format json_schema: 6 prompts' answers (sent at once, one
       streamed) validate against the schema (jsonschema); json_object answers are JSON objects.
   test_serve_foreground_stops_with_pool  ``launch.py serve --http 0``: serves, SIGINT stops server and pool, no
       leftovers, the port closed.
@@ -510,8 +510,7 @@ SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength
 def test_json_schema_answers(server):
     jsonschema = pytest.importorskip("jsonschema")
     c, model = server.client, server.model
-    people = ["a baker", "a pilot", "a child", "a painter", "a doctor", "a farmer", "a singer", "a runner",
-              "a chess player", "a sailor"]
+    people = ["a baker", "a pilot", "a child", "a painter", "a chess player", "a sailor"]
     fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA, "strict": True}}
     got: list = [None] * len(people)
 
@@ -537,7 +536,7 @@ def test_json_schema_answers(server):
         assert reason == "stop", text
     print("e.g.", got[1][0])
     r = c.chat.completions.create(model=model, messages=[{"role": "user", "content": "Give me some JSON."}],
-                                  max_tokens=200, temperature=0, response_format={"type": "json_object"})
+                                  max_tokens=48, temperature=0, response_format={"type": "json_object"})
     if r.choices[0].finish_reason == "stop":  # an object may be as long as the model likes: ended, it parses
         assert isinstance(json.loads(r.choices[0].message.content), dict)
     else:
