@@ -40,6 +40,8 @@ Candidates:
   ``TiledWeight.linear`` with model/cpu_simd.c (AVX-512, built with the host's compiler; absent where it does not
   build): its C kernel up to 4 rows, its dequantizer and a batched GEMM above. ``inductor-tiles``: the same tiles
   with inductor's compiled kernel and dequantizer (``LLMS_CPU_KERNELS=inductor``).
+- ``in-place`` (q8_0, q4_k, q6_k, int8, int4): model/cpu_kernels.py's ``BlockWeight``, model/cpu_simd.c reading the
+  stored bytes where they lie, row by row along K (what a split's CPU set and a CPU run's streamed groups use).
 - numba: timed only where it is installed; it is not a dependency, and is not installed here.
 
 The table goes to stdout (markdown) and, with --json, to a file. Runs on the CPU only.
@@ -259,6 +261,10 @@ def candidates(fmt: str, w, group: int, pool: int, compile_ok: bool) -> list[tup
     if lib is not None and fmt in cpu_kernels.SIMD_SCHEMES:
         ts = copies(lambda: cpu_kernels.tile(w, lib), sb, pool)
         out.append(("runtime", [lambda x, t=t: t.linear(x) for t in ts], "model/cpu_simd.c, what a run holds"))
+    if lib is not None and fmt in cpu_simd.BLOCKS:
+        bs = copies(lambda: cpu_kernels.BlockWeight(quant.QuantWeight(w.raw.clone(), w.scheme, w.shape, w.group),
+                                                    lib), sb, pool)
+        out.append(("in-place", [lambda x, b=b: b.linear(x) for b in bs], "model/cpu_simd.c, the stored bytes"))
     if compile_ok and fmt in cpu_kernels.SCHEMES:
         ts = copies(lambda: cpu_kernels.tile(w), sb, pool)
         out.append(("inductor-tiles", [lambda x, t=t: t.linear(x) for t in ts], "model/cpu_kernels.py, inductor's"))
@@ -306,8 +312,8 @@ def run_format(fmt: str, shape: tuple[int, int], rows: list[int], group: int, po
 def print_pivot(results: list[dict]) -> None:
     """One line per thread count, format, shape and row count, one column per candidate: GB/s of stored bytes (% of
     DRAM); a result outside the 1e-5 bar is marked *."""
-    order = ("today", "held", "runtime", "inductor-tiles", "compiled", "compiled-tiles", "int4pack", "int4pack-bf16",
-             "int8pack")
+    order = ("today", "held", "runtime", "in-place", "inductor-tiles", "compiled", "compiled-tiles", "int4pack",
+             "int4pack-bf16", "int8pack")
     names = [n for n in order if any(r["candidate"] == n for r in results)]
     print("\n| threads | format | N x K | rows | " + " | ".join(names) + " |")
     print("|---|---|---|---|" + "---|" * len(names))

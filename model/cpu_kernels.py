@@ -39,6 +39,11 @@ float32 operations, so the same values), DEQUANT_CHUNK values at a time, then a 
 
 Runs in the process that computes (the client). Where neither family works here, the matrices are held
 dequantized (``hold``, ``available``).
+
+``BlockWeight``: a matrix model/cpu_simd.c reads where it lies, in the stored bytes (its BLOCKS: q4_0, q4_1,
+q8_0, q4_k, q6_k, int8, int4), row by row along K with a horizontal sum a row: no copy and no repacking, for bytes
+that are not the run's own to hold (a split's DRAM tier, a ring slot). Its rates against the tiles':
+benchmarks/cpu_kernels.py ``in-place`` and docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -223,8 +228,9 @@ def _simd_qkv(ws: tuple) -> object | None:
 
 
 def residual(h: torch.Tensor, a: torch.Tensor, wo) -> torch.Tensor | None:
-    """h + wo a (h (B, 1, dim), a (B, 1, K)) by one compiled graph for a tiled wo; None otherwise."""
-    if not isinstance(wo, TiledWeight) or not decode_rows(h) or a.dtype != torch.float32:
+    """h + wo a (h (B, 1, dim), a (B, 1, K)) by one C call or compiled graph for a tiled wo (or one read in place);
+    None otherwise."""
+    if not isinstance(wo, (TiledWeight, BlockWeight)) or not decode_rows(h) or a.dtype != torch.float32:
         return None
     b = h.shape[0]
     if wo.c is not None:
@@ -233,14 +239,17 @@ def residual(h: torch.Tensor, a: torch.Tensor, wo) -> torch.Tensor | None:
 
 
 def ffn(h: torch.Tensor, norm: torch.Tensor, eps: float, w1, w3, w2) -> torch.Tensor | None:
-    """A decode step's FFN group, h (B, 1, dim) -> h + W2(silu(W1 x) * W3 x), by one compiled graph where W1 and W3
-    are one fused tiled matrix and W2 is tiled; None otherwise."""
-    whole = fused((w1, w3)) if decode_rows(h) else None
+    """A decode step's FFN group, h (B, 1, dim) -> h + W2(silu(W1 x) * W3 x), by one C call where model/cpu_simd.c
+    multiplies all three (W1 and W3 one fused tiled matrix or two), else one compiled graph where W1 and W3 are one
+    fused tiled matrix and W2 is tiled; None otherwise."""
+    if not decode_rows(h):
+        return None
+    b, whole = h.shape[0], fused((w1, w3))
+    if all(getattr(w, "c", None) is not None for w in (w1, w3, w2)):
+        return cpu_simd.ffn(w2.lib, (whole or w1).c, None if whole else w3.c, w2.c, h.view(b, -1), norm, eps,
+                            w1.shape[0]).view(h.shape)
     if whole is None or not isinstance(w2, TiledWeight):
         return None
-    b = h.shape[0]
-    if whole.c is not None and w2.c is not None:
-        return cpu_simd.ffn(whole.lib, whole.c, w2.c, h.view(b, -1), norm, eps, w1.shape[0]).view(h.shape)
     return _compiled("ffn")(h.view(b, -1), norm, eps, _planes_of(whole), w1.shape[0], _planes_of(w2),
                             w2.shape[0]).view(h.shape)
 
@@ -497,6 +506,42 @@ class TiledWeight:
         return _dequant(q, s, o)[..., 0].to(dtype).view(*idx.shape, self.shape[1])
 
 
+class BlockWeight:
+    """A quantized matrix read where it lies (model/cpu_simd.c's BLOCKS: the image's bytes, no copy): a split's
+    DRAM tier or a ring slot, for as long as its bytes stay there. ``linear`` of at most ROWS_MAX float32 rows by the
+    C kernel; more rows (a prefill) and everything else by the QuantWeight itself (dequantized where it is)."""
+
+    parent = None  # never a sibling's view (``fused``)
+
+    def __init__(self, w: QuantWeight, lib) -> None:
+        self.w, self.lib, self.c = w, lib, cpu_simd.blocks(w.raw, w.scheme, w.shape, w.group)
+        self.scheme, self.shape, self.group = w.scheme, w.shape, w.group
+        self.qkv: tuple | None = None  # as TiledWeight's (``_simd_qkv``)
+
+    device = property(lambda self: self.w.device)
+    nbytes = 0  # nothing held beside the stored bytes
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.shape[1])
+        if flat.shape[0] <= ROWS_MAX and x.dtype == torch.float32:
+            y = cpu_simd.mv(self.lib, self.c, flat)[:, :self.shape[0]]
+            return y.reshape(*x.shape[:-1], self.shape[0])
+        return self.w.linear(x)
+
+    def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.w.dense(dtype)
+
+    def rows(self, idx: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.w.rows(idx, dtype)
+
+
+def reads_in_place(w, lib) -> bool:
+    """Whether ``w`` is read in place by model/cpu_simd.c's library ``lib`` (a QuantWeight of its BLOCKS on the
+    CPU)."""
+    return lib is not None and isinstance(w, QuantWeight) and w.scheme in cpu_simd.BLOCKS \
+        and w.raw.device.type == "cpu" and w.raw.dim() == 1 and w.raw.is_contiguous()
+
+
 def tile(w: QuantWeight, lib=None) -> TiledWeight:
     """``w`` (a scheme of SCHEMES) in row tiles; ``lib``: model/cpu_simd.c's library, which then multiplies it."""
     q, s, o, gs, sup = _planes(w)
@@ -532,13 +577,16 @@ class Kernels:
     inductor: bool = False
 
 
-def hold(weights, dtype: torch.dtype, kernels: Kernels | None = None, dequantize: bool = True) -> dict:
+def hold(weights, dtype: torch.dtype, kernels: Kernels | None = None, dequantize: bool = True,
+         in_place: bool = False) -> dict:
     """A group's weights as a CPU run holds them for the whole run: every QuantWeight of SCHEMES in row tiles
     (``TiledWeight``) where the run computes in float32 and ``kernels`` has kernels that work here (``Kernels``:
     model/cpu_simd.c, ``cpu_simd.library``; inductor's, ``available``); each other QuantWeight dequantized to
     ``dtype`` (``model.quant.dequantized``); plain ones as they are. Siblings (SIBLINGS) of one format and whole
     tiles are tiled together, each a view of the whole (``fused``): one kernel call for all of them. Not
-    ``dequantize``: where no kernel takes a matrix, it is left as it is (``weights`` itself where none is tiled)."""
+    ``dequantize``: where no kernel takes a matrix, it is left as it is (``weights`` itself where none is tiled).
+    ``in_place``: a matrix that model/cpu_simd.c reads where it lies (``reads_in_place``) is not copied but read
+    there (``BlockWeight``; its bytes must stay while the result is used); the others as above."""
     from model.quant import dequantized
 
     untiled = (lambda: dequantized(weights, dtype)) if dequantize else (lambda: weights)  # noqa: E731
@@ -549,9 +597,9 @@ def hold(weights, dtype: torch.dtype, kernels: Kernels | None = None, dequantize
     if lib is None and not (kernels.inductor and available()):
         return untiled()
     simd = lib is not None
-    out = dict(weights)
+    out = read_in_place(weights, dtype, kernels) if in_place else dict(weights)
     for names in SIBLINGS:
-        ws = [weights.get(n) for n in names]
+        ws = [out.get(n) for n in names]
         if all(tileable(w, dtype, simd) for w in ws) and len({(w.scheme, w.group, w.shape[1]) for w in ws}) == 1 \
                 and all(w.shape[0] % TILE == 0 for w in ws):
             whole, first = _concat([tile(w, lib) for w in ws], lib), 0
@@ -559,10 +607,20 @@ def hold(weights, dtype: torch.dtype, kernels: Kernels | None = None, dequantize
                 out[n] = whole.view(first, w.shape[0] // TILE, w.shape)
                 first += w.shape[0] // TILE
     for k, w in weights.items():
-        if not isinstance(out[k], TiledWeight):
+        if not isinstance(out[k], (TiledWeight, BlockWeight)):
             out[k] = tile(w, lib) if tileable(w, dtype, simd) else \
                 w.dense(dtype) if isinstance(w, QuantWeight) and dequantize else w
     return out
+
+
+def read_in_place(weights, dtype: torch.dtype, kernels: Kernels | None) -> dict:
+    """``weights`` with each matrix that model/cpu_simd.c reads where it lies (``reads_in_place``) as a
+    ``BlockWeight`` of the same bytes, where the run computes in float32 and the C builds here; the others as they
+    are."""
+    lib = cpu_simd.library(kernels.build) if kernels is not None and kernels.build is not None \
+        and dtype == torch.float32 else None
+    lib = lib if lib is not None and available(lib) else None
+    return {k: BlockWeight(w, lib) if reads_in_place(w, lib) else w for k, w in weights.items()}
 
 
 def fused(ws) -> TiledWeight | None:

@@ -50,6 +50,16 @@ typedef __m512i vi;
 #define VU8(p) _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(p))))
 #define VI8(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(p))))
 #define VNEG(a) _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(a), _mm512_set1_epi32((int)0x80000000)))
+#define VU8I(p) _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(p)))
+#define VI8I(p) _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(p)))
+#define VANDI(a, b) _mm512_and_si512(a, b)
+#define VORI(a, b) _mm512_or_si512(a, b)
+#define VSUBI(a, b) _mm512_sub_epi32(a, b)
+#define VSRLI(a, n) _mm512_srli_epi32(a, n)
+#define VSLLI(a, n) _mm512_slli_epi32(a, n)
+#define VSET1I(a) _mm512_set1_epi32(a)
+#define VCVT(a) _mm512_cvtepi32_ps(a)
+#define VCASTF(a) _mm512_castsi512_ps(a)
 #define NIBBLE_LUT const vf lut = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
 #define VNIB(w, sh) _mm512_permutexvar_ps(_mm512_srli_epi32(w, sh), lut)
 #define SUBNORMAL 0
@@ -82,6 +92,16 @@ static inline float VSUM(__m256 a) {
 #define VU8(p) _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p))))
 #define VI8(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(p))))
 #define VNEG(a) _mm256_xor_ps(a, _mm256_set1_ps(-0.0f))
+#define VU8I(p) _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p)))
+#define VI8I(p) _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(p)))
+#define VANDI(a, b) _mm256_and_si256(a, b)
+#define VORI(a, b) _mm256_or_si256(a, b)
+#define VSUBI(a, b) _mm256_sub_epi32(a, b)
+#define VSRLI(a, n) _mm256_srli_epi32(a, n)
+#define VSLLI(a, n) _mm256_slli_epi32(a, n)
+#define VSET1I(a) _mm256_set1_epi32(a)
+#define VCVT(a) _mm256_cvtepi32_ps(a)
+#define VCASTF(a) _mm256_castsi256_ps(a)
 #define NIBBLE_LUT const vi lut = _mm256_set1_epi32(15)
 #define VNIB(w, sh) _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(w, sh), lut))
 /* The tile kernels' nibbles without the conversion: the masked bits q read as the subnormal float q 2^-149, times x
@@ -109,6 +129,7 @@ typedef struct {
     const void* q; /* 4-bit: int32 words; 8-bit: int8 bytes (NT, G, gs, 64), rows in order */
     const void *s, *o, *d, *dm; /* o NULL: none (8-bit only); d, dm: a K-quant's (ksub > 0) */
     int st, ot, nt, groups, gs, nibble, ksub;
+    int blocks, rows; /* blocks > 0: not tiles but the stored bytes read in place (BLOCKS below), rows of them */
 } tiles_t;
 
 static inline vf plane(const void* p, size_t i, int type) {
@@ -225,8 +246,278 @@ NIBBLE_TILE(1) NIBBLE_TILE(2) NIBBLE_TILE(3) NIBBLE_TILE(4)
 BYTE_TILE(1) BYTE_TILE(2) BYTE_TILE(3) BYTE_TILE(4)
 
 
+/* BLOCKS: a matrix read where it lies, in the image's bytes (model/quant.py), rows [0, rows) each its own run of
+   bytes: a decode step's matmul with no copy of the weights (the DRAM tier of a split, a ring slot). Each row's
+   groups are summed over lanes along K (x's values loaded as vectors), scaled once a group, and the lanes summed
+   once a row. 4-bit values are read as subnormal floats times 2^64 x (SUBNORMAL above; where the thread's MXCSR
+   has DAZ set they are converted and x is read as it is), the others converted. The products are those of the
+   reference dequantizer's values in another order of float32 roundings (tests/test_cpu_kernels.py).
+     B_Q8_0  34-byte blocks of 32: d fp16, 32 int8 q; value q d
+     B_Q4_K  144-byte super-blocks of 256: d, dmin fp16, 12 bytes of 6-bit scales and minimums, 128 bytes of
+             nibbles (chunk c of 64 values: low nibbles values 64c + j, high 64c + 32 + j); value
+             (d sc) q - (dmin m) per sub-block of 32
+     B_Q6_K  210-byte super-blocks of 256: 128 bytes of low nibbles, 64 of high 2-bit pairs, 16 int8 scales, d fp16;
+             value (d sc) (q - 32) per sub-block of 16
+     B_INT8  q int8 (rows, K), then scales fp16 (rows, K / gs); value q s
+     B_INT4  q (rows, K / 2) two a byte, the even column low, then scales and minimums fp16 (rows, K / gs);
+             value q s + m
+     B_Q4_0  18-byte blocks of 32: d fp16, 16 bytes of nibbles (low: values j, high: 16 + j); value d (q - 8)
+     B_Q4_1  20-byte blocks of 32: d, m fp16, the nibbles as Q4_0's; value d q + m
+   x2 holds x's values as the 4-bit kernels read them: 2^64 x (B_Q4_K, B_Q4_0, B_Q4_1), or the even columns' then the odd
+   columns' (B_INT4: 2^64 x, then x for the DAZ path); sx each group's sum of x (the 4-bit ones). */
+enum { B_TILES, B_Q8_0, B_Q4_K, B_Q6_K, B_INT8, B_INT4, B_Q4_0, B_Q4_1 };
+
+static inline float half(const void* p) {
+    uint16_t h;
+    memcpy(&h, p, 2); /* a section may start at an odd byte */
+    return _cvtsh_ss(h);
+}
+
+/* Q4_K's scale and minimum j of 8 (ggml's get_scale_min_k4). */
+static inline void k4_scale_min(int j, const uint8_t* q, int* sc, int* m) {
+    if (j < 4) {
+        *sc = q[j] & 63;
+        *m = q[j + 4] & 63;
+    } else {
+        *sc = (q[j + 4] & 15) | ((q[j - 4] >> 6) << 4);
+        *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+
+/* Q6_K: 16 values' q - 32 as int8, from their low nibbles (ql: the low ones for f < 2, else the high ones) and
+   their 2-bit pairs f of qh: byte operations on 16 values at once, then widened to V-lane floats (Q6_WIDEN). */
+static inline __m128i q6_bytes(const uint8_t* ql, const uint8_t* qh, int f) {
+    const __m128i m15 = _mm_set1_epi8(15), m3 = _mm_set1_epi8(3);
+    __m128i l = _mm_loadu_si128((const __m128i*)ql), hq = _mm_loadu_si128((const __m128i*)qh);
+    l = _mm_and_si128(f < 2 ? l : _mm_srli_epi16(l, 4), m15);
+    hq = _mm_and_si128(_mm_srl_epi16(hq, _mm_cvtsi32_si128(2 * f)), m3);
+    return _mm_sub_epi8(_mm_or_si128(l, _mm_slli_epi16(hq, 4)), _mm_set1_epi8(32));
+}
+#if V == 16
+#define Q6_WIDEN(q, w0, w1) const vf w0 = VCVT(_mm512_cvtepi8_epi32(q)), w1 = w0
+#else
+#define Q6_WIDEN(q, w0, w1) const vf w0 = VCVT(_mm256_cvtepi8_epi32(q)), w1 = VCVT(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8)))
+#endif
+
+#define NIBS(w) (conv ? VCVT(w) : VCASTF(w))
+#define BLOCK_ROWS(M, D)                                                                                          \
+static void q4k_row_##M##_##D(const uint8_t* b, int K, const float* x, const float* sx, float* y, int ldy) {     \
+    const vi m15 = VSET1I(15);                                                                                    \
+    const int conv = D; /* DAZ: converted, not read as subnormals */                                              \
+    const float f = D ? 1.0f : 0x1p85f;                                                                           \
+    vf Y[M];                                                                                                      \
+    float mins[M];                                                                                                \
+    for (int r = 0; r < M; r++) Y[r] = VZERO(), mins[r] = 0;                                                      \
+    for (int i = 0; i < K / 256; i++, b += 144) {                                                                 \
+        const float d = half(b) * f, dmin = half(b + 2);                                                          \
+        for (int c = 0; c < 4; c++) {                                                                             \
+            int sc0, m0, sc1, m1;                                                                                 \
+            k4_scale_min(2 * c, b + 4, &sc0, &m0);                                                                \
+            k4_scale_min(2 * c + 1, b + 4, &sc1, &m1);                                                            \
+            vf L[M], H[M];                                                                                        \
+            for (int r = 0; r < M; r++) L[r] = H[r] = VZERO();                                                    \
+            for (int k = 0; k < 32; k += V) {                                                                     \
+                const vi w = VU8I(b + 16 + 32 * c + k);                                                           \
+                const vf lo = NIBS(VANDI(w, m15)), hi = NIBS(VSRLI(w, 4));                                        \
+                for (int r = 0; r < M; r++) {                                                                     \
+                    const float* xr = x + (size_t)r * K + 256 * i + 64 * c + k;                                   \
+                    L[r] = VFMA(lo, VLOAD(xr), L[r]);                                                             \
+                    H[r] = VFMA(hi, VLOAD(xr + 32), H[r]);                                                        \
+                }                                                                                                 \
+            }                                                                                                     \
+            const float dm0 = dmin * m0, dm1 = dmin * m1;                                                     \
+            for (int r = 0; r < M; r++) {                                                                         \
+                Y[r] = VFMA(L[r], VSET1(d * sc0), Y[r]);                                                          \
+                Y[r] = VFMA(H[r], VSET1(d * sc1), Y[r]);                                                          \
+                const float* s = sx + (size_t)r * (K / 32) + 8 * i + 2 * c;                                       \
+                mins[r] += dm0 * s[0] + dm1 * s[1];                                                               \
+            }                                                                                                     \
+        }                                                                                                         \
+    }                                                                                                             \
+    for (int r = 0; r < M; r++) y[(size_t)r * ldy] = VSUM(Y[r]) - mins[r];                                        \
+}                                                                                                                 \
+static void q4_row_##M##_##D(const uint8_t* b, int K, int q41, const float* x, const float* sx, float* y,       \
+                             int ldy) {                                                                           \
+    const vi m15 = VSET1I(15);                                                                                    \
+    const int conv = D;                                                                                           \
+    const float f = D ? 1.0f : 0x1p85f;                                                                           \
+    const int bb = q41 ? 20 : 18;                                                                                 \
+    vf Y[M];                                                                                                      \
+    float offs[M];                                                                                                \
+    for (int r = 0; r < M; r++) Y[r] = VZERO(), offs[r] = 0;                                                      \
+    for (int i = 0; i < K / 32; i++, b += bb) {                                                                   \
+        vf A[M];                                                                                                  \
+        for (int r = 0; r < M; r++) A[r] = VZERO();                                                               \
+        for (int k = 0; k < 16; k += V) {                                                                         \
+            const vi w = VU8I(b + bb - 16 + k);                                                                   \
+            const vf lo = NIBS(VANDI(w, m15)), hi = NIBS(VSRLI(w, 4));                                            \
+            for (int r = 0; r < M; r++) {                                                                         \
+                const float* xr = x + (size_t)r * K + 32 * i + k;                                                 \
+                A[r] = VFMA(hi, VLOAD(xr + 16), VFMA(lo, VLOAD(xr), A[r]));                                       \
+            }                                                                                                     \
+        }                                                                                                         \
+        const float d = half(b), o = q41 ? half(b + 2) : -8 * d; /* q4_0: d (q - 8) = q d + (-8 d), exact */      \
+        for (int r = 0; r < M; r++) {                                                                             \
+            Y[r] = VFMA(A[r], VSET1(d * f), Y[r]);                                                                \
+            offs[r] += o * sx[(size_t)r * (K / 32) + i];                                                          \
+        }                                                                                                         \
+    }                                                                                                             \
+    for (int r = 0; r < M; r++) y[(size_t)r * ldy] = VSUM(Y[r]) + offs[r];                                         \
+}                                                                                                                 \
+static void int4_row_##M##_##D(const uint8_t* q, const uint16_t* s, const uint16_t* o, int K, int gs,            \
+                               const float* x, const float* sx, float* y, int ldy) {                              \
+    const vi m15 = VSET1I(15);                                                                                    \
+    const int conv = D; /* DAZ: converted, not read as subnormals */                                              \
+    const float f = D ? 1.0f : 0x1p85f;                                                                           \
+    const int H = K / 2;                                                                                          \
+    vf Y[M];                                                                                                      \
+    float offs[M];                                                                                                \
+    for (int r = 0; r < M; r++) Y[r] = VZERO(), offs[r] = 0;                                                      \
+    for (int g = 0; g < K / gs; g++) {                                                                            \
+        vf A[M];                                                                                                  \
+        for (int r = 0; r < M; r++) A[r] = VZERO();                                                               \
+        for (int k = g * gs / 2; k < (g + 1) * gs / 2; k += V) {                                                  \
+            const vi w = VU8I(q + k);                                                                             \
+            const vf lo = NIBS(VANDI(w, m15)), hi = NIBS(VSRLI(w, 4));                                            \
+            for (int r = 0; r < M; r++) {                                                                         \
+                const float* xr = x + (size_t)r * K + k; /* the even columns, then the odd ones */               \
+                A[r] = VFMA(hi, VLOAD(xr + H), VFMA(lo, VLOAD(xr), A[r]));                                        \
+            }                                                                                                     \
+        }                                                                                                         \
+        const float sg = half(s + g) * f, og = half(o + g);                                                       \
+        for (int r = 0; r < M; r++) {                                                                             \
+            Y[r] = VFMA(A[r], VSET1(sg), Y[r]);                                                                   \
+            offs[r] += og * sx[(size_t)r * (K / gs) + g];                                                         \
+        }                                                                                                         \
+    }                                                                                                             \
+    for (int r = 0; r < M; r++) y[(size_t)r * ldy] = VSUM(Y[r]) + offs[r];                                         \
+}
+#define BYTE_ROWS(M)                                                                                              \
+static void q8_0_row_##M(const uint8_t* b, int K, const float* x, float* y, int ldy) {                           \
+    vf Y[M];                                                                                                      \
+    for (int r = 0; r < M; r++) Y[r] = VZERO();                                                                   \
+    for (int i = 0; i < K / 32; i++, b += 34) {                                                                   \
+        vf A[M];                                                                                                  \
+        for (int r = 0; r < M; r++) A[r] = VZERO();                                                               \
+        for (int k = 0; k < 32; k += V) {                                                                         \
+            const vf w = VCVT(VI8I(b + 2 + k));                                                                   \
+            for (int r = 0; r < M; r++) A[r] = VFMA(w, VLOAD(x + (size_t)r * K + 32 * i + k), A[r]);              \
+        }                                                                                                         \
+        const vf d = VSET1(half(b));                                                                              \
+        for (int r = 0; r < M; r++) Y[r] = VFMA(A[r], d, Y[r]);                                                   \
+    }                                                                                                             \
+    for (int r = 0; r < M; r++) y[(size_t)r * ldy] = VSUM(Y[r]);                                                  \
+}                                                                                                                 \
+static void int8_row_##M(const int8_t* q, const uint16_t* s, int K, int gs, const float* x, float* y, int ldy) { \
+    vf Y[M];                                                                                                      \
+    for (int r = 0; r < M; r++) Y[r] = VZERO();                                                                   \
+    for (int g = 0; g < K / gs; g++) {                                                                            \
+        vf A[M];                                                                                                  \
+        for (int r = 0; r < M; r++) A[r] = VZERO();                                                               \
+        for (int k = g * gs; k < (g + 1) * gs; k += V) {                                                          \
+            const vf w = VCVT(VI8I(q + k));                                                                       \
+            for (int r = 0; r < M; r++) A[r] = VFMA(w, VLOAD(x + (size_t)r * K + k), A[r]);                       \
+        }                                                                                                         \
+        const vf sg = VSET1(half(s + g));                                                                         \
+        for (int r = 0; r < M; r++) Y[r] = VFMA(A[r], sg, Y[r]);                                                  \
+    }                                                                                                             \
+    for (int r = 0; r < M; r++) y[(size_t)r * ldy] = VSUM(Y[r]);                                                  \
+}                                                                                                                 \
+static void q6k_row_##M(const uint8_t* b, int K, const float* x, float* y, int ldy) {                            \
+    vf Y[M];                                                                                                      \
+    for (int r = 0; r < M; r++) Y[r] = VZERO();                                                                   \
+    for (int i = 0; i < K / 256; i++, b += 210) {                                                                 \
+        const float d = half(b + 208);                                                                            \
+        for (int sb = 0; sb < 16; sb++) { /* values 128 h + 32 f + [k0, k0 + 16) */                               \
+            const int h = sb / 8, f = sb % 8 / 2, k0 = sb % 2 * 16;                                               \
+            const __m128i q = q6_bytes(b + 64 * h + 32 * (f % 2) + k0, b + 128 + 32 * h + k0, f);                 \
+            const float* xs = x + 256 * i + 128 * h + 32 * f + k0;                                                \
+            vf A[M];                                                                                              \
+            for (int r = 0; r < M; r++) A[r] = VZERO();                                                           \
+            Q6_WIDEN(q, w0, w1);                                                                                  \
+            for (int r = 0; r < M; r++) A[r] = VFMA(w0, VLOAD(xs + (size_t)r * K), A[r]);                        \
+            if (V == 8)                                                                                           \
+                for (int r = 0; r < M; r++) A[r] = VFMA(w1, VLOAD(xs + (size_t)r * K + 8), A[r]);                 \
+            const vf sc = VSET1(d * (float)(int8_t)b[192 + sb]);                                                  \
+            for (int r = 0; r < M; r++) Y[r] = VFMA(A[r], sc, Y[r]);                                              \
+        }                                                                                                         \
+    }                                                                                                             \
+    for (int r = 0; r < M; r++) y[(size_t)r * ldy] = VSUM(Y[r]);                                                  \
+}
+
+BLOCK_ROWS(1, 0) BLOCK_ROWS(2, 0) BLOCK_ROWS(3, 0) BLOCK_ROWS(4, 0)
+BLOCK_ROWS(1, 1) BLOCK_ROWS(2, 1) BLOCK_ROWS(3, 1) BLOCK_ROWS(4, 1)
+BYTE_ROWS(1) BYTE_ROWS(2) BYTE_ROWS(3) BYTE_ROWS(4)
+
+#define ROWS_CASES(call, D)                                                                                       \
+    switch (m) {                                                                                                  \
+    case 1: call(1, D); break;                                                                                    \
+    case 2: call(2, D); break;                                                                                    \
+    case 3: call(3, D); break;                                                                                    \
+    default: call(4, D); break;                                                                               \
+    }
+
+/* y (m, ldy) = x (m, K) times the rows of a BLOCKS matrix; m in 1..MAXM. */
+static void mv_blocks(const tiles_t* w, int m, const float* x, float* y, int ldy, int nth) {
+    const int K = w->groups * w->gs, gs = w->gs, n = w->rows, fmt = w->blocks;
+    const int q4 = fmt == B_Q4_0 || fmt == B_Q4_1;
+    const int nibble = fmt == B_Q4_K || fmt == B_INT4 || q4, sg = fmt == B_Q4_K || q4 ? 32 : gs, G = K / sg;
+    float *x2 = NULL, *sx = NULL;
+    if (nibble) { /* [0, mK): the SUBNORMAL path's x, [mK, 2mK): the DAZ path's; B_INT4: even columns first */
+        x2 = malloc(sizeof(float) * 2 * m * K);
+        sx = malloc(sizeof(float) * m * G);
+        for (int r = 0; r < m; r++) {
+            const float* xr = x + (size_t)r * K;
+            float *a = x2 + (size_t)r * K, *b = x2 + (size_t)(m + r) * K;
+            for (int j = 0; j < K; j++) {
+                const int to = fmt == B_INT4 ? (j % 2) * (K / 2) + j / 2 : j;
+                a[to] = xr[j] * 0x1p64f;
+                b[to] = xr[j];
+            }
+            for (int g = 0; g < G; g++) {
+                float t = 0;
+                for (int j = 0; j < sg; j++) t += xr[g * sg + j];
+                sx[r * G + g] = t;
+            }
+        }
+    }
+    const size_t rb = fmt == B_Q8_0 ? (size_t)K / 32 * 34 : fmt == B_Q4_K ? (size_t)K / 256 * 144
+                    : fmt == B_Q6_K ? (size_t)K / 256 * 210 : fmt == B_INT8 ? (size_t)K
+                    : fmt == B_INT4 ? (size_t)K / 2 : (size_t)K / 32 * (fmt == B_Q4_1 ? 20 : 18);
+    const uint8_t* q = (const uint8_t*)w->q;
+    const uint16_t *s = (const uint16_t*)w->s, *o = (const uint16_t*)w->o;
+#pragma omp parallel for schedule(static) num_threads(nth)
+    for (int i = 0; i < n; i++) {
+        const int daz = (_mm_getcsr() & 0x0040) != 0;
+        const float* xn = nibble && daz ? x2 + (size_t)m * K : x2;
+        float* yi = y + i;
+        const uint8_t* row = q + rb * i;
+#define Q4K(M, D) q4k_row_##M##_##D(row, K, xn, sx, yi, ldy)
+#define INT4(M, D) int4_row_##M##_##D(row, s + (size_t)i * G, o + (size_t)i * G, K, gs, xn, sx, yi, ldy)
+#define Q8_0(M, D) q8_0_row_##M(row, K, x, yi, ldy)
+#define Q6K(M, D) q6k_row_##M(row, K, x, yi, ldy)
+#define Q4(M, D) q4_row_##M##_##D(row, K, fmt == B_Q4_1, xn, sx, yi, ldy)
+#define INT8(M, D) int8_row_##M((const int8_t*)row, s + (size_t)i * G, K, gs, x, yi, ldy)
+        if (fmt == B_Q4_K) {
+            if (daz) ROWS_CASES(Q4K, 1) else ROWS_CASES(Q4K, 0)
+        } else if (fmt == B_INT4) {
+            if (daz) ROWS_CASES(INT4, 1) else ROWS_CASES(INT4, 0)
+        } else if (q4) {
+            if (daz) ROWS_CASES(Q4, 1) else ROWS_CASES(Q4, 0)
+        } else if (fmt == B_Q8_0) ROWS_CASES(Q8_0, 0)
+        else if (fmt == B_Q6_K) ROWS_CASES(Q6K, 0)
+        else ROWS_CASES(INT8, 0)
+    }
+    free(x2);
+    free(sx);
+}
+
 /* y (m, ldy) = x (m, K) times the tiled matrix (all nt * 64 rows, padding included); m in 1..MAXM. */
 static void mv(const tiles_t* w, int m, const float* x, float* y, int ldy, int nth) {
+    if (w->blocks) {
+        mv_blocks(w, m, x, y, ldy, nth);
+        return;
+    }
     const int K = w->groups * w->gs, G = w->groups;
     float sx[MAXM * 1024];
     float* sums = G * m <= MAXM * 1024 ? sx : malloc(sizeof(float) * G * m);
@@ -328,18 +619,19 @@ void llms_residual(const tiles_t* w, int m, int n, const float* h, const float* 
     free(y);
 }
 
-/* A decode step's FFN group: out (m, dim) = h + W2 (silu(W1 x) * W3 x), x = RMSNorm(h), W1|W3 one tiled matrix
-   (W1's hidden rows first). silu(g) = g / (1 + exp(-g)). */
-void llms_ffn(const tiles_t* w13, const tiles_t* w2, int m, int dim, int hidden, const float* h, const float* norm,
-              float eps, float* out, int nth) {
-    int ld13 = w13->nt * TILE;
+/* A decode step's FFN group: out (m, dim) = h + W2 (silu(W1 x) * W3 x), x = RMSNorm(h), W1|W3 one matrix (w3
+   NULL: W1's hidden rows first) or two. silu(g) = g / (1 + exp(-g)). */
+void llms_ffn(const tiles_t* w13, const tiles_t* w3, const tiles_t* w2, int m, int dim, int hidden, const float* h,
+              const float* norm, float eps, float* out, int nth) {
+    const int off3 = w3 ? w13->nt * TILE : hidden, ld13 = w3 ? off3 + w3->nt * TILE : w13->nt * TILE;
     float* xn = malloc(sizeof(float) * m * (dim + ld13 + hidden));
     float *gu = xn + (size_t)m * dim, *act = gu + (size_t)m * ld13;
     rms(m, dim, h, norm, eps, xn);
     mv(w13, m, xn, gu, ld13, nth);
+    if (w3) mv(w3, m, xn, gu + off3, ld13, nth);
     for (int r = 0; r < m; r++)
         for (int i = 0; i < hidden; i++) {
-            float g = gu[(size_t)r * ld13 + i], u = gu[(size_t)r * ld13 + hidden + i];
+            float g = gu[(size_t)r * ld13 + i], u = gu[(size_t)r * ld13 + off3 + i];
             float sg = g / (1.0f + expf(-g));
             act[(size_t)r * hidden + i] = sg * u;
         }

@@ -36,7 +36,7 @@ _P = ctypes.c_void_p
 class _Tiles(ctypes.Structure):
     _fields_ = [("q", _P), ("s", _P), ("o", _P), ("d", _P), ("dm", _P), ("st", ctypes.c_int), ("ot", ctypes.c_int),
                 ("nt", ctypes.c_int), ("groups", ctypes.c_int), ("gs", ctypes.c_int), ("nibble", ctypes.c_int),
-                ("ksub", ctypes.c_int)]
+                ("ksub", ctypes.c_int), ("blocks", ctypes.c_int), ("rows", ctypes.c_int)]
 
 
 _TYPES = {torch.float16: 0, torch.float32: 1, torch.uint8: 2, torch.int8: 3}  # the C's F16, F32, U8, I8
@@ -105,7 +105,7 @@ def library(cache: Path, isa: str = "native") -> ctypes.CDLL | None:
     lib.llms_residual.argtypes = [_P, ctypes.c_int, ctypes.c_int, _P, _P, _P, ctypes.c_int]
     lib.llms_attention_in.argtypes = [_P, ctypes.c_int, ctypes.c_int, ctypes.c_int, _P, _P, ctypes.c_float] \
         + [ctypes.c_int] * 4 + [_P] * 5 + [ctypes.c_int]
-    lib.llms_ffn.argtypes = [_P, _P, ctypes.c_int, ctypes.c_int, ctypes.c_int, _P, _P, ctypes.c_float, _P,
+    lib.llms_ffn.argtypes = [_P, _P, _P, ctypes.c_int, ctypes.c_int, ctypes.c_int, _P, _P, ctypes.c_float, _P,
                              ctypes.c_int]
     return lib
 
@@ -128,6 +128,26 @@ def tiles(q: torch.Tensor, s: torch.Tensor, o: torch.Tensor | None, nibble: bool
     return _Tiles(q.data_ptr(), s.data_ptr(), ptr(o), ptr(d), ptr(dm), _TYPES[s.dtype],
                   0 if o is None else _TYPES[o.dtype], q.shape[0], q.shape[1], q.shape[2] * (2 if nibble else 1),
                   int(nibble), ksub)
+
+
+# model/cpu_simd.c's BLOCKS: the formats it reads in place, in the image's bytes (model/quant.py)
+BLOCKS = {"q8_0": 1, "q4_k": 2, "q6_k": 3, "int8": 4, "int4": 5, "q4_0": 6, "q4_1": 7}
+_BLOCK_VALUES = {"q8_0": 32, "q4_k": 256, "q6_k": 256, "q4_0": 32, "q4_1": 32}  # GGUF: values a block
+
+
+def blocks(raw: torch.Tensor, scheme: str, shape: tuple[int, int], group: int | None) -> _Tiles:
+    """The C view of a matrix of ``BLOCKS`` read where it lies: ``raw`` its stored bytes (model/quant.py's layout),
+    which must stay alive while the view is used."""
+    n, k = shape
+    gs = _BLOCK_VALUES.get(scheme, group)
+    base = raw.data_ptr()
+    s = o = None
+    if scheme in ("int8", "int4"):  # q, then the scales (then the minimums): sections of the rows
+        qb = n * (k if scheme == "int8" else k // 2)
+        s = base + qb
+        o = s + n * (k // group) * 2 if scheme == "int4" else None
+    return _Tiles(base, s, o, None, None, 0, 0, -(-n // 64), k // gs, gs, int(scheme == "int4"), 0, BLOCKS[scheme],
+                  n)
 
 
 def _ptr(t: torch.Tensor) -> int:
@@ -174,12 +194,13 @@ def residual(lib, w: _Tiles, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def ffn(lib, w13: _Tiles, w2: _Tiles, h: torch.Tensor, norm: torch.Tensor, eps: float, hidden: int) -> torch.Tensor:
-    """h (m, dim) -> h + W2(silu(W1 x) * W3 x), x = RMSNorm(h)."""
+def ffn(lib, w13: _Tiles, w3: _Tiles | None, w2: _Tiles, h: torch.Tensor, norm: torch.Tensor, eps: float,
+        hidden: int) -> torch.Tensor:
+    """h (m, dim) -> h + W2(silu(W1 x) * W3 x), x = RMSNorm(h): W1|W3 one matrix ``w13`` (``w3`` None) or two."""
     h, norm = _f32(h), _f32(norm)
     out = torch.empty_like(h)
-    lib.llms_ffn(ctypes.byref(w13), ctypes.byref(w2), h.shape[0], h.shape[1], hidden, _ptr(h), _ptr(norm), eps,
-                 _ptr(out), torch.get_num_threads())
+    lib.llms_ffn(ctypes.byref(w13), None if w3 is None else ctypes.byref(w3), ctypes.byref(w2), h.shape[0],
+                 h.shape[1], hidden, _ptr(h), _ptr(norm), eps, _ptr(out), torch.get_num_threads())
     return out
 
 

@@ -12,7 +12,7 @@ import torch
 
 from model.arch import EMBED, HEAD, architecture
 from model.args import ModelArgs
-from model.cpu_kernels import TiledWeight
+from model.cpu_kernels import BlockWeight, TiledWeight
 from model.experts import (
     Routing,
     expert_forward,
@@ -106,7 +106,8 @@ def on_weights(fwd: Callable, h: torch.Tensor, w: Weights, p: Pass, layer: int) 
     dev = weights_device(w)
     if dev.type == h.device.type:
         return fwd(h, w, p, layer)
-    x = h.to(dev, torch.float32) if any(isinstance(v, TiledWeight) for v in w.values()) else h.to(dev)
+    x = h.to(dev, torch.float32) if any(isinstance(v, (TiledWeight, BlockWeight)) for v in w.values()) \
+        else h.to(dev)
     return fwd(x, w, p, layer).to(h.device, h.dtype)  # tiled: the CPU kernels' float32 (model/cpu_kernels.py)
 
 

@@ -111,6 +111,47 @@ def test_nibble_tiles_with_subnormals_flushed(scheme, group, backend):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("backend", backends("simd", "simd-avx2"))
+@pytest.mark.parametrize("scheme, group", [("q4_0", None), ("q4_1", None), ("q8_0", None), ("q4_k", None),
+                                           ("q6_k", None), ("int8", 32), ("int8", 64), ("int4", 32), ("int4", 64),
+                                           ("int4", 128)])
+def test_read_in_place_equals_the_reference(scheme, group, backend):
+    """model/cpu_simd.c's BLOCKS read the stored bytes where they lie (``BlockWeight``, no copy): decode rows (1-4)
+    within 1e-5 of the reference, a prefill's rows by the QuantWeight itself; bytes at an odd address (a section's
+    fp16 scales unaligned) give the same; the 4-bit ones with DAZ set in the computing thread too (they read their
+    values as subnormals, else convert them), x of every magnitude a model's activations take."""
+    shape = (SHAPE[0], 512) if scheme.endswith("_k") else (SHAPE[0], 256)
+    w = random_weight(scheme, shape, group, seed=6)
+    buf = torch.empty(w.raw.numel() + 1, dtype=torch.uint8)
+    buf[1:] = w.raw
+    odd = quant.QuantWeight(buf[1:], scheme, shape, group)
+    b, b_odd = ck.BlockWeight(w, lib(backend)), ck.BlockWeight(odd, lib(backend))
+    assert b.nbytes == 0 and b.c.q == w.raw.data_ptr() and torch.equal(b.dense(), w.dense())
+    dense = w.dense()
+    gen = torch.Generator().manual_seed(7)
+    for m in (1, 2, 3, ck.ROWS_MAX, ck.ROWS_MAX + 1):
+        x = torch.randn(1, m, shape[1], generator=gen)
+        y = b.linear(x)
+        assert y.shape == (1, m, shape[0]) and rel_err(y, F.linear(x, dense)) < 1e-5, (scheme, m)
+        assert torch.equal(b_odd.linear(x), y)
+    x = torch.randn(1, 3, shape[1], generator=gen) * torch.logspace(-6, 4, 3).view(1, 3, 1)
+    ref = F.linear(x, dense)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        for flush in (False, True):
+            assert torch.set_flush_denormal(flush) or not flush
+            for r in range(3):
+                assert rel_err(b.linear(x[:, r:r + 1]), ref[:, r:r + 1]) < 1e-5, (scheme, flush, r)
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(threads)
+    held = ck.read_in_place({"w": w, "n": torch.ones(4)}, torch.float32, kernels("simd"))
+    assert isinstance(held["w"], ck.BlockWeight) and held["w"].w is w
+    assert ck.read_in_place({"w": w}, torch.bfloat16, kernels("simd"))["w"] is w  # a bf16 run: as it is
+    assert ck.read_in_place({"w": w}, torch.float32, None)["w"] is w
+
+
 @pytest.mark.parametrize("backend", backends("simd", "inductor"))
 @pytest.mark.parametrize("scheme", ["q4_1", "q8_0"])
 def test_hold_tiles_siblings_together(backend, scheme):
@@ -173,6 +214,15 @@ def test_model_outputs_unchanged(q_image, monkeypatch, backend):
     assert len(attended) == (q4_image.args.n_layers * (new - 1) if backend == "simd" else 0)
     tokens, logits, *_ = run_streamed(q4_image, EngineConfig.of(mode="preload", workers=1, quiet=True), prompt, new)
     assert tokens == ref_tokens and (logits - ref_logits).abs().max().item() <= 1e-5
+    if backend == "simd":  # streamed: each group read in place from its ring slot (BlockWeight), w1 and w3 apart
+        made, real_blocks = [], cpu_simd.blocks
+        monkeypatch.setattr(cpu_simd, "blocks", lambda *a: made.append(a[1]) or real_blocks(*a))
+        fused_steps.clear()
+        tokens, logits, *_ = run_streamed(q4_image, EngineConfig.of(mode="stream", workers=1, quiet=True), prompt,
+                                          new)
+        assert tokens == ref_tokens and (logits - ref_logits).abs().max().item() <= 1e-5
+        assert made and set(made) == {f for f, _ in q4_image.formats().values()}
+        assert sum(r is not None for r in fused_steps) == 2 * q4_image.args.n_layers * (new - 1)
 
 
 @pytest.mark.parametrize("backend", backends("simd", "simd-avx2"))
@@ -237,12 +287,18 @@ def test_simd_attention_input_of_mixed_formats(backend):
 @pytest.mark.parametrize("backend", backends("simd"))
 def test_hold_without_dequantizing(backend):
     """The CPU compute set of a CUDA run (runtime/engine/streamed.py) holds its quantized matrices tiled where a
-    kernel takes them and leaves the rest as they are (no float32 copy); a group with nothing to tile is itself."""
+    kernel takes them and leaves the rest as they are (no float32 copy); a group with nothing to tile is itself; with
+    ``in_place`` (what that set does) the formats model/cpu_simd.c reads in place are not copied."""
     ws = {"feed_forward.w1.weight": random_weight("q4_1", (64, 64), None, seed=1),
           "feed_forward.w2.weight": random_weight("q6_k", (64, 256), None, seed=2), "ffn_norm.weight": torch.ones(64)}
     held = ck.hold(ws, torch.float32, kernels(backend), dequantize=False)
     assert all(isinstance(held[k], ck.TiledWeight) for k in ("feed_forward.w1.weight", "feed_forward.w2.weight"))
     assert held["ffn_norm.weight"] is ws["ffn_norm.weight"]
+    q5 = {**ws, "feed_forward.w3.weight": random_weight("q5_0", (64, 64), None, seed=3)}
+    inplace = ck.hold(q5, torch.float32, kernels(backend), dequantize=False, in_place=True)
+    for k in ("feed_forward.w1.weight", "feed_forward.w2.weight"):  # q4_1, q6_k: read where they lie
+        assert isinstance(inplace[k], ck.BlockWeight) and inplace[k].w is ws[k]
+    assert isinstance(inplace["feed_forward.w3.weight"], ck.TiledWeight)  # q5_0: not, so tiled
     plain = {"feed_forward.w1.weight": torch.ones(64, 64, dtype=torch.bfloat16)}
     assert ck.hold(plain, torch.float32, kernels(backend), dequantize=False) is plain
     assert ck.hold(ws, torch.float32, None, dequantize=False) is ws

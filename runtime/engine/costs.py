@@ -69,8 +69,8 @@ def link_gbps(device: torch.device, mb: int = LINK_MB, reps: int = 5) -> float:
 
 
 def _matrix(fmt: str, group: int | None, k: int, gen: torch.Generator, kernels):
-    """A random (ROWS, k) matrix of ``fmt`` as a CPU run holds it (model/cpu_kernels.py ``hold``), and its stored
-    bytes."""
+    """A random (ROWS, k) matrix of ``fmt`` as a split's CPU set holds it (model/cpu_kernels.py ``hold``: read in
+    place where the C kernels can, else tiled), and its stored bytes."""
     from model.cpu_kernels import hold
     from runtime.format.image import TORCH_DTYPES
 
@@ -78,7 +78,7 @@ def _matrix(fmt: str, group: int | None, k: int, gen: torch.Generator, kernels):
         w = (torch.randn(ROWS, k, generator=gen) * 0.02).to(TORCH_DTYPES[fmt])
         return w, w.numel() * w.element_size()
     qw = random_quantized(fmt, (ROWS, k), group, gen)
-    return hold({"w": qw}, torch.float32, kernels)["w"], qw.raw.numel()
+    return hold({"w": qw}, torch.float32, kernels, in_place=True)["w"], qw.raw.numel()
 
 
 def _linear(w, x: torch.Tensor) -> torch.Tensor:

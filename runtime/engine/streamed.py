@@ -56,7 +56,7 @@ import time
 import torch
 
 from model.arch import EMBED, architecture
-from model.cpu_kernels import hold
+from model.cpu_kernels import hold, read_in_place
 from model.errors import UserError
 from model.groups import layer_group, routed_groups
 from model.transformer import Weights, embed_forward
@@ -532,6 +532,8 @@ class StreamedWeights:
         views = self._views(group, self._slot_extent(slot, group))
         if seq < 0 and spec.quantized:
             views = self.dense[group] = hold(views, self.dtype, cpu_kernels())
+        elif spec.quantized:  # the slot's bytes, read in place where the CPU's kernels can (held until the next get)
+            views = read_in_place(views, self.dtype, cpu_kernels())
         return views
 
     # ---- CUDA pipeline -------------------------------------------------------------------------
@@ -602,9 +604,10 @@ class StreamedWeights:
             self._run_ahead()
             self._release_finished()
             views = self.host_views.get(group)
-            if views is None:  # its quantized matrices tiled once for the CPU's kernels (a copy), else the slot's
+            if views is None:  # its quantized matrices read in place by the CPU's kernels (model/cpu_kernels.py
+                # BlockWeight), or tiled once for them (a copy) in the formats those do not read in place
                 views = self.host_views[group] = hold(self.dram_views(group), torch.float32, cpu_kernels(),
-                                                      dequantize=False)
+                                                      dequantize=False, in_place=True)
             return views
         self._run_ahead()
         self._release_finished()
