@@ -519,6 +519,7 @@ class BlockWeight:
         self.qkv: tuple | None = None  # as TiledWeight's (``_simd_qkv``)
 
     device = property(lambda self: self.w.device)
+    raw = property(lambda self: self.w.raw)  # the stored bytes it reads
     nbytes = 0  # nothing held beside the stored bytes
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:

@@ -99,9 +99,10 @@ def applies(gen: Generator) -> bool:
 
 def _address(w: Weights | torch.Tensor | QuantWeight) -> int:
     """Where a group's weights (or one matrix) lie: the first tensor's address (the group's views are cut from
-    one buffer, so it names the buffer; a CPU run's tiled matrix, model/cpu_kernels.py, by its tiles)."""
+    one buffer, so it names the buffer; a CPU run's tiled matrix, model/cpu_kernels.py, by its tiles, and one it reads
+    in place by its stored bytes)."""
     v = next(iter(w.values())) if isinstance(w, Mapping) else w
-    return (v if isinstance(v, torch.Tensor) else v.raw if isinstance(v, QuantWeight) else v.q).data_ptr()
+    return (v if isinstance(v, torch.Tensor) else v.raw if hasattr(v, "raw") else v.q).data_ptr()
 
 
 def batch_bucket(rows: int, most: int) -> int:
