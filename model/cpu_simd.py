@@ -146,8 +146,7 @@ def blocks(raw: torch.Tensor, scheme: str, shape: tuple[int, int], group: int | 
         qb = n * (k if scheme == "int8" else k // 2)
         s = base + qb
         o = s + n * (k // group) * 2 if scheme == "int4" else None
-    return _Tiles(base, s, o, None, None, 0, 0, -(-n // 64), k // gs, gs, int(scheme == "int4"), 0, BLOCKS[scheme],
-                  n)
+    return _Tiles(base, s, o, None, None, 0, 0, -(-n // 64), k // gs, gs, 0, 0, BLOCKS[scheme], n)
 
 
 def _ptr(t: torch.Tensor) -> int:

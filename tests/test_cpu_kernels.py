@@ -95,9 +95,13 @@ def test_nibble_tiles_with_subnormals_flushed(scheme, group, backend):
     products are the same within 1e-5; x of every magnitude a model's activations take."""
     shape = (SHAPE[0], 512) if scheme.endswith("_k") else SHAPE
     w = random_weight(scheme, shape, group, seed=3)
-    t, dense = ck.tile(w, lib(backend)), w.dense()
-    gen = torch.Generator().manual_seed(4)
-    x = torch.randn(1, 3, shape[1], generator=gen) * torch.logspace(-6, 4, 3).view(1, 3, 1)
+    assert_with_and_without_daz(ck.tile(w, lib(backend)), w.dense(), torch.Generator().manual_seed(4))
+
+
+def assert_with_and_without_daz(t, dense: torch.Tensor, gen: torch.Generator) -> None:
+    """``t.linear`` within 1e-5 of x times ``dense``, x of every magnitude a model's activations take, with DAZ set
+    in the computing thread (torch.set_flush_denormal: one thread, this one) and without."""
+    x = torch.randn(1, 3, dense.shape[1], generator=gen) * torch.logspace(-6, 4, 3).view(1, 3, 1)
     ref = F.linear(x, dense)
     threads = torch.get_num_threads()
     try:
@@ -105,7 +109,7 @@ def test_nibble_tiles_with_subnormals_flushed(scheme, group, backend):
         for flush in (False, True):
             assert torch.set_flush_denormal(flush) or not flush  # False: this CPU cannot (then the first pass only)
             for r in range(3):
-                assert rel_err(t.linear(x[:, r:r + 1]), ref[:, r:r + 1]) < 1e-5, (scheme, flush, r)
+                assert rel_err(t.linear(x[:, r:r + 1]), ref[:, r:r + 1]) < 1e-5, (flush, r)
     finally:
         torch.set_flush_denormal(False)
         torch.set_num_threads(threads)
@@ -134,18 +138,7 @@ def test_read_in_place_equals_the_reference(scheme, group, backend):
         y = b.linear(x)
         assert y.shape == (1, m, shape[0]) and rel_err(y, F.linear(x, dense)) < 1e-5, (scheme, m)
         assert torch.equal(b_odd.linear(x), y)
-    x = torch.randn(1, 3, shape[1], generator=gen) * torch.logspace(-6, 4, 3).view(1, 3, 1)
-    ref = F.linear(x, dense)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        for flush in (False, True):
-            assert torch.set_flush_denormal(flush) or not flush
-            for r in range(3):
-                assert rel_err(b.linear(x[:, r:r + 1]), ref[:, r:r + 1]) < 1e-5, (scheme, flush, r)
-    finally:
-        torch.set_flush_denormal(False)
-        torch.set_num_threads(threads)
+    assert_with_and_without_daz(b, dense, gen)
     held = ck.read_in_place({"w": w, "n": torch.ones(4)}, torch.float32, kernels("simd"))
     assert isinstance(held["w"], ck.BlockWeight) and held["w"].w is w
     assert ck.read_in_place({"w": w}, torch.bfloat16, kernels("simd"))["w"] is w  # a bf16 run: as it is
