@@ -593,8 +593,7 @@ def hold(weights, dtype: torch.dtype, kernels: Kernels | None = None, dequantize
     untiled = (lambda: dequantized(weights, dtype)) if dequantize else (lambda: weights)  # noqa: E731
     if kernels is None or not any(tileable(w, dtype, kernels.build is not None) for w in weights.values()):
         return untiled()
-    lib = cpu_simd.library(kernels.build) if kernels.build is not None else None
-    lib = lib if lib is not None and available(lib) else None
+    lib = _library(kernels)
     if lib is None and not (kernels.inductor and available()):
         return untiled()
     simd = lib is not None
@@ -618,10 +617,14 @@ def read_in_place(weights, dtype: torch.dtype, kernels: Kernels | None) -> dict:
     """``weights`` with each matrix that model/cpu_simd.c reads where it lies (``reads_in_place``) as a
     ``BlockWeight`` of the same bytes, where the run computes in float32 and the C builds here; the others as they
     are."""
-    lib = cpu_simd.library(kernels.build) if kernels is not None and kernels.build is not None \
-        and dtype == torch.float32 else None
-    lib = lib if lib is not None and available(lib) else None
+    lib = _library(kernels) if dtype == torch.float32 else None
     return {k: BlockWeight(w, lib) if reads_in_place(w, lib) else w for k, w in weights.items()}
+
+
+def _library(kernels: Kernels | None):
+    """model/cpu_simd.c's library of ``kernels`` where it builds and checks out here, else None."""
+    lib = cpu_simd.library(kernels.build) if kernels is not None and kernels.build is not None else None
+    return lib if lib is not None and available(lib) else None
 
 
 def fused(ws) -> TiledWeight | None:
